@@ -1,0 +1,578 @@
+//! The `imgpool` command line: argument parsing and output. Each command is a thin call into the
+//! pool core (or the mount daemon); this module only formats what comes back.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::mount::{self, MountConfig};
+use crate::pool::{DiskStatus, ImageInfo, Pool};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "imgpool",
+    version,
+    about = "A node-wide pool of read-only backing images, served through one FUSE mount",
+    after_help = "Exit status: 0 on success, 1 when the command failed (the message says why), 2 on a usage error."
+)]
+pub struct Cli {
+    /// Where the pool's metadata lives.
+    #[arg(
+        long,
+        env = "IMGPOOL_STATE_DIR",
+        default_value = "/var/lib/imgpool",
+        global = true
+    )]
+    pub state_dir: PathBuf,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create an empty pool in the state directory.
+    Init,
+    /// Register and list disks.
+    #[command(subcommand)]
+    Disk(DiskCommand),
+    /// Import, list, show and remove images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Record which holders (replicas) use an image; held images cannot be removed.
+    #[command(subcommand)]
+    Ref(RefCommand),
+    /// Remove images that have had no holder and no open file for longer than the grace period.
+    Gc {
+        /// How long an image must have been unreferenced, e.g. 30s, 10m, 1h, 2d.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        grace: Duration,
+        /// Only list what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Mount the pool at MOUNTPOINT (needs root).
+    Mount(MountArgs),
+    /// Unmount the pool at MOUNTPOINT and the per-disk bind mounts (needs root).
+    Umount {
+        mountpoint: PathBuf,
+        /// Detach even while files are open; readers keep their open files until they close them.
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// The pool's health at a glance.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DiskCommand {
+    /// Register a disk: a directory, normally the mount point of its own filesystem.
+    Add { name: String, path: PathBuf },
+    /// List the disks with their state, capacity, free space and images held.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Import a raw image file (sparse input stays sparse).
+    Add {
+        name: String,
+        file: PathBuf,
+        /// On how many distinct disks to store the image.
+        #[arg(long, default_value_t = 1)]
+        copies: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images in the pool.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one image: uuid, size, sha512, copies and their disks, holders, state.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image; refused while it has holders or open files.
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RefCommand {
+    /// Record that HOLDER uses IMAGE.
+    Add { image: String, holder: String },
+    /// Drop HOLDER's reference to IMAGE.
+    Rm { image: String, holder: String },
+    /// List holders, of all images or of one.
+    List {
+        image: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    pub mountpoint: PathBuf,
+    /// Stay in the foreground instead of returning once the mount is ready.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Do not bind-mount each disk's view at <disk path>/backing-images.
+    #[arg(long)]
+    pub no_bind: bool,
+    /// Threads serving FUSE requests.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Where the background daemon writes its log (default: <state dir>/mount.log).
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    let state_dir = cli.state_dir.as_path();
+    match cli.command {
+        Command::Init => {
+            let pool = Pool::init(state_dir)?;
+            println!(
+                "created pool {} in {}",
+                pool.uuid(),
+                pool.state_dir().display()
+            );
+            Ok(())
+        }
+        Command::Disk(cmd) => disk(state_dir, cmd),
+        Command::Image(cmd) => image(state_dir, cmd),
+        Command::Ref(cmd) => reference(state_dir, cmd),
+        Command::Gc {
+            grace,
+            dry_run,
+            json,
+        } => {
+            let removed = Pool::open(state_dir)?.gc(grace, dry_run)?;
+            if json {
+                print_json(&json!({ "removed": removed, "dry_run": dry_run }));
+            } else if removed.is_empty() {
+                println!("nothing to collect");
+            } else {
+                let verb = if dry_run { "would remove" } else { "removed" };
+                for name in removed {
+                    println!("{verb} {name}");
+                }
+            }
+            Ok(())
+        }
+        Command::Mount(args) => mount::mount(
+            state_dir,
+            &MountConfig {
+                mountpoint: args.mountpoint,
+                bind: !args.no_bind,
+                threads: args.threads.max(1),
+                log_file: args.log_file,
+            },
+            args.foreground,
+        ),
+        Command::Umount { mountpoint, lazy } => mount::umount(state_dir, &mountpoint, lazy),
+        Command::Status { json } => status(state_dir, json),
+    }
+}
+
+fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
+    let pool = Pool::open(state_dir)?;
+    match cmd {
+        DiskCommand::Add { name, path } => {
+            let disk = pool.add_disk(&name, &path)?;
+            println!("added disk {} at {}", disk.name, disk.path.display());
+        }
+        DiskCommand::List { json } => {
+            let disks = pool.disk_status()?;
+            if json {
+                print_json(&Value::Array(disks.iter().map(disk_json).collect()));
+            } else {
+                let rows = disks
+                    .iter()
+                    .map(|d| {
+                        let r = d.resources.as_ref();
+                        vec![
+                            d.disk.name.clone(),
+                            d.disk.path.display().to_string(),
+                            d.health.state().to_string(),
+                            r.map_or("-".into(), |r| bytes(r.capacity)),
+                            r.map_or("-".into(), |r| bytes(r.free)),
+                            r.map_or("-".into(), |r| r.fs_type.clone()),
+                            d.images.to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["NAME", "PATH", "STATE", "CAPACITY", "FREE", "FS", "IMAGES"],
+                    rows,
+                );
+                for d in &disks {
+                    if let Some(problem) = d.health.problem() {
+                        println!("disk {}: {problem}", d.disk.name);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn disk_json(d: &DiskStatus) -> Value {
+    let r = d.resources.as_ref();
+    json!({
+        "name": d.disk.name,
+        "path": d.disk.path,
+        "uuid": d.disk.uuid,
+        "state": d.health.state(),
+        "problem": d.health.problem(),
+        "capacity_bytes": r.map(|r| r.capacity),
+        "free_bytes": r.map(|r| r.free),
+        "filesystem": r.map(|r| r.fs_type.clone()),
+        "images": d.images,
+    })
+}
+
+fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
+    let pool = Pool::open(state_dir)?;
+    match cmd {
+        ImageCommand::Add {
+            name,
+            file,
+            copies,
+            json,
+        } => {
+            let bar = progress_bar();
+            let imported = pool.add_image(&name, &file, copies, &mut |done, total| {
+                if let Some(bar) = &bar {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                }
+            });
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let imported = imported?;
+            if json {
+                print_json(&json!({
+                    "name": imported.name,
+                    "uuid": imported.uuid,
+                    "size": imported.size,
+                    "sha512": imported.sha512,
+                    "disks": imported.disks,
+                }));
+            } else {
+                println!("name:   {}", imported.name);
+                println!("uuid:   {}", imported.uuid);
+                println!("size:   {} ({})", imported.size, bytes(imported.size));
+                println!("sha512: {}", imported.sha512);
+                println!("disks:  {}", imported.disks.join(", "));
+            }
+        }
+        ImageCommand::List { json } => {
+            let images = pool.images()?;
+            if json {
+                print_json(&Value::Array(images.iter().map(image_json).collect()));
+            } else {
+                let rows = images
+                    .iter()
+                    .map(|i| {
+                        vec![
+                            i.image.name.clone(),
+                            i.image.uuid.clone(),
+                            bytes(i.image.size),
+                            format!("{}/{}", i.copies.len(), i.image.copies_wanted),
+                            i.holders.len().to_string(),
+                            i.state().to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &["NAME", "UUID", "SIZE", "COPIES", "HOLDERS", "STATE"],
+                    rows,
+                );
+            }
+        }
+        ImageCommand::Show { name, json } => {
+            let info = pool.image(&name)?;
+            if json {
+                print_json(&image_json(&info));
+            } else {
+                let i = &info.image;
+                println!("name:         {}", i.name);
+                println!("uuid:         {}", i.uuid);
+                println!("size:         {} ({})", i.size, bytes(i.size));
+                println!("stored:       {} per copy", bytes(i.real_size));
+                println!("sha512:       {}", i.sha512);
+                println!("state:        {}", info.state());
+                println!(
+                    "copies:       {} of {} wanted",
+                    info.copies.len(),
+                    i.copies_wanted
+                );
+                for c in &info.copies {
+                    let note = if c.healthy { "" } else { " (disk unhealthy)" };
+                    println!("  {}: {}{note}", c.disk, c.path.display());
+                }
+                println!("holders:      {}", list_or_none(&info.holders));
+                println!("open files:   {}", info.open_handles);
+                println!("imported:     {}", timestamp(i.created));
+                if let Some(source) = &i.source {
+                    println!("source:       {source}");
+                }
+            }
+        }
+        ImageCommand::Rm { name } => {
+            pool.remove_image(&name)?;
+            println!("removed {name}");
+        }
+    }
+    Ok(())
+}
+
+fn image_json(info: &ImageInfo) -> Value {
+    let i = &info.image;
+    json!({
+        "name": i.name,
+        "uuid": i.uuid,
+        "size": i.size,
+        "stored_bytes": i.real_size,
+        "sha512": i.sha512,
+        "state": info.state(),
+        "copies_wanted": i.copies_wanted,
+        "copies": info.copies.iter().map(|c| json!({
+            "disk": c.disk, "path": c.path, "healthy": c.healthy,
+        })).collect::<Vec<_>>(),
+        "holders": info.holders,
+        "open_handles": info.open_handles,
+        "created": timestamp(i.created),
+        "unreferenced_since": i.unreferenced_since.map(timestamp),
+        "source": i.source,
+    })
+}
+
+fn reference(state_dir: &Path, cmd: RefCommand) -> Result<()> {
+    let pool = Pool::open(state_dir)?;
+    match cmd {
+        RefCommand::Add { image, holder } => {
+            if pool.add_ref(&image, &holder)? {
+                println!("{holder} now holds {image}");
+            } else {
+                println!("{holder} already holds {image}");
+            }
+        }
+        RefCommand::Rm { image, holder } => {
+            pool.remove_ref(&image, &holder)?;
+            println!("{holder} no longer holds {image}");
+        }
+        RefCommand::List { image, json } => {
+            let refs = pool.refs(image.as_deref())?;
+            if json {
+                print_json(&Value::Array(
+                    refs.iter()
+                        .map(|r| json!({ "image": r.image, "holder": r.holder, "since": timestamp(r.added) }))
+                        .collect(),
+                ));
+            } else {
+                let rows = refs
+                    .iter()
+                    .map(|r| vec![r.image.clone(), r.holder.clone(), timestamp(r.added)])
+                    .collect();
+                table(&["IMAGE", "HOLDER", "SINCE"], rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn status(state_dir: &Path, json_out: bool) -> Result<()> {
+    let pool = Pool::open(state_dir)?;
+    let disks = pool.disk_status()?;
+    let images = pool.images()?;
+    let mounts = pool.live_mounts()?;
+    let mut problems: Vec<String> = disks
+        .iter()
+        .filter_map(|d| {
+            d.health
+                .problem()
+                .map(|p| format!("disk {}: {p}", d.disk.name))
+        })
+        .collect();
+    problems.extend(
+        images
+            .iter()
+            .filter(|i| i.state() != "ready")
+            .map(|i| format!("image {}: {}", i.image.name, i.state())),
+    );
+    let health = if problems.is_empty() {
+        "ok"
+    } else {
+        "degraded"
+    };
+    let healthy_disks = disks
+        .iter()
+        .filter(|d| d.health.problem().is_none())
+        .count();
+    let logical: u64 = images.iter().map(|i| i.image.size).sum();
+    let stored: u64 = images
+        .iter()
+        .map(|i| i.image.real_size * i.copies.len() as u64)
+        .sum();
+    let holders: usize = images.iter().map(|i| i.holders.len()).sum();
+    if json_out {
+        print_json(&json!({
+            "pool": pool.uuid(),
+            "state_dir": pool.state_dir(),
+            "health": health,
+            "problems": problems,
+            "disks": { "total": disks.len(), "healthy": healthy_disks,
+                       "list": disks.iter().map(disk_json).collect::<Vec<_>>() },
+            "images": { "total": images.len(), "logical_bytes": logical, "stored_bytes": stored,
+                        "holders": holders },
+            "mounts": mounts.iter().map(|m| json!({
+                "mountpoint": m.mountpoint, "pid": m.pid, "since": timestamp(m.started),
+            })).collect::<Vec<_>>(),
+        }));
+    } else {
+        println!("pool:    {} ({})", pool.uuid(), pool.state_dir().display());
+        println!("health:  {health}");
+        for p in &problems {
+            println!("  {p}");
+        }
+        println!(
+            "disks:   {} registered, {healthy_disks} healthy",
+            disks.len()
+        );
+        println!(
+            "images:  {} ({} logical, {} stored), {holders} holder(s)",
+            images.len(),
+            bytes(logical),
+            bytes(stored)
+        );
+        if mounts.is_empty() {
+            println!("mounts:  none");
+        }
+        for m in &mounts {
+            println!(
+                "mount:   {} (daemon pid {}, since {})",
+                m.mountpoint.display(),
+                m.pid,
+                timestamp(m.started)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn progress_bar() -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("static template"),
+    );
+    Some(bar)
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("JSON values serialise")
+    );
+}
+
+fn list_or_none(items: &[String]) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}
+
+pub fn timestamp(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Bytes in binary units, one decimal: "64.0 MiB".
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row);
+    }
+}
+
+/// Refuses commands that need root, with a message that says so.
+pub fn require_root(what: &'static str) -> Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(Error::NotRoot(what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_are_shown_in_binary_units() {
+        assert_eq!(bytes(0), "0 B");
+        assert_eq!(bytes(1023), "1023 B");
+        assert_eq!(bytes(64 << 20), "64.0 MiB");
+        assert_eq!(bytes(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn every_command_has_help() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,240 @@
+//! What the pool keeps on each disk: an identity label and, per copy, the image data next to a
+//! self-describing record. Each disk is the truth about what it holds; the node's metadata store
+//! only indexes it.
+//!
+//! ```text
+//! <disk>/.imgpool/label.json           which pool and which disk this is
+//! <disk>/.imgpool/copies/<uuid>.img    a committed copy (immutable)
+//! <disk>/.imgpool/copies/<uuid>.json   its record: name, uuid, size, sha512
+//! <disk>/.imgpool/tmp/<uuid>.img       a copy being written (never served)
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, IoContext, Result};
+
+pub const POOL_DIR: &str = ".imgpool";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Label {
+    pub pool_uuid: String,
+    pub disk_uuid: String,
+    pub disk_name: String,
+    pub created: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CopyRecord {
+    pub pool_uuid: String,
+    pub name: String,
+    pub uuid: String,
+    pub size: u64,
+    pub sha512: String,
+    pub created: i64,
+}
+
+/// The paths of the pool's files on one disk.
+#[derive(Debug, Clone)]
+pub struct DiskLayout {
+    root: PathBuf,
+}
+
+impl DiskLayout {
+    pub fn new(disk_path: &Path) -> Self {
+        DiskLayout {
+            root: disk_path.join(POOL_DIR),
+        }
+    }
+
+    pub fn label_path(&self) -> PathBuf {
+        self.root.join("label.json")
+    }
+
+    fn copies_dir(&self) -> PathBuf {
+        self.root.join("copies")
+    }
+
+    fn tmp_dir(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+
+    pub fn copy_path(&self, uuid: &str) -> PathBuf {
+        self.copies_dir().join(format!("{uuid}.img"))
+    }
+
+    pub fn record_path(&self, uuid: &str) -> PathBuf {
+        self.copies_dir().join(format!("{uuid}.json"))
+    }
+
+    pub fn tmp_copy_path(&self, uuid: &str) -> PathBuf {
+        self.tmp_dir().join(format!("{uuid}.img"))
+    }
+
+    /// Creates the pool directory tree on the disk (idempotent).
+    pub fn create_dirs(&self) -> Result<()> {
+        for dir in [self.root.clone(), self.copies_dir(), self.tmp_dir()] {
+            fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// The label on the disk, or `None` when the directory carries none.
+    pub fn read_label(&self) -> Result<Option<Label>> {
+        let path = self.label_path();
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::io(
+                    format!("cannot parse disk label {}", path.display()),
+                    io::Error::new(io::ErrorKind::InvalidData, e),
+                )
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+        }
+    }
+
+    pub fn write_label(&self, label: &Label) -> Result<()> {
+        write_durably(&self.label_path(), &to_json(label))
+    }
+
+    pub fn write_record(&self, record: &CopyRecord) -> Result<()> {
+        write_durably(&self.record_path(&record.uuid), &to_json(record))
+    }
+
+    /// Removes every file of a copy, committed or not. Missing files are fine: removal is
+    /// idempotent so that an interrupted removal can simply be run again.
+    pub fn remove_copy(&self, uuid: &str) -> Result<()> {
+        for path in [
+            self.tmp_copy_path(uuid),
+            self.copy_path(uuid),
+            self.record_path(uuid),
+        ] {
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(format!("cannot remove {}", path.display()), e)),
+            }
+        }
+        fsync_dir(&self.copies_dir())
+    }
+
+    /// The uuids of copies that are still being written (or were, when a writer died).
+    pub fn tmp_copies(&self) -> Result<Vec<String>> {
+        uuids_in(&self.tmp_dir(), "img")
+    }
+
+    /// The uuids of committed copies found on the disk.
+    pub fn committed_copies(&self) -> Result<Vec<String>> {
+        uuids_in(&self.copies_dir(), "img")
+    }
+}
+
+fn uuids_in(dir: &Path, extension: &str) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
+    };
+    let mut uuids = Vec::new();
+    for entry in entries {
+        let path = entry
+            .ctx(|| format!("cannot list {}", dir.display()))?
+            .path();
+        if path.extension().and_then(|e| e.to_str()) == Some(extension) {
+            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
+                uuids.push(stem.to_string());
+            }
+        }
+    }
+    Ok(uuids)
+}
+
+fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(value).expect("plain structs serialise");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
+/// temporary name, fsync, rename, fsync of the directory.
+pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .expect("durable writes target a file in a directory");
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    let write = || -> io::Result<()> {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(format!("cannot write {}", path.display()), e));
+    }
+    fsync_dir(dir)
+}
+
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("cannot sync directory {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_round_trips_and_absence_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DiskLayout::new(dir.path());
+        assert_eq!(layout.read_label().unwrap(), None);
+        layout.create_dirs().unwrap();
+        let label = Label {
+            pool_uuid: "p".into(),
+            disk_uuid: "d".into(),
+            disk_name: "disk1".into(),
+            created: 7,
+        };
+        layout.write_label(&label).unwrap();
+        assert_eq!(layout.read_label().unwrap(), Some(label));
+    }
+
+    #[test]
+    fn remove_copy_is_idempotent_and_lists_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = DiskLayout::new(dir.path());
+        layout.create_dirs().unwrap();
+        fs::write(layout.tmp_copy_path("u1"), b"partial").unwrap();
+        fs::write(layout.copy_path("u2"), b"data").unwrap();
+        assert_eq!(layout.tmp_copies().unwrap(), vec!["u1".to_string()]);
+        assert_eq!(layout.committed_copies().unwrap(), vec!["u2".to_string()]);
+        layout.remove_copy("u1").unwrap();
+        layout.remove_copy("u1").unwrap();
+        layout.remove_copy("u2").unwrap();
+        assert!(layout.tmp_copies().unwrap().is_empty());
+        assert!(layout.committed_copies().unwrap().is_empty());
+    }
+
+    #[test]
+    fn durable_write_replaces_content_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.json");
+        write_durably(&path, b"one").unwrap();
+        write_durably(&path, b"two").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"two");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,627 @@
+//! The mount's namespace and file operations in plain Rust, with no FUSE types: `fuse.rs` maps
+//! kernel requests onto these calls and errors onto errnos.
+//!
+//! ```text
+//! /images/<name>                              the image (read-only file)
+//! /disks/<disk>/<name>-<uuid>/backing         the same inode as /images/<name>
+//! /disks/<disk>/<name>-<uuid>/backing.cfg     Longhorn's per-copy config (JSON)
+//! ```
+//!
+//! Inode numbers are computed from the store's ids, which are never reused, so one image is one
+//! inode in every view and no inode table has to be kept.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use serde_json::json;
+
+use crate::disk::DiskLayout;
+use crate::error::Result;
+use crate::pool::{self, DiskHealth, Pool};
+use crate::read::{CopyLocation, ReadPath};
+use crate::resources::{self, Freshness};
+use crate::store::ImageState;
+
+pub const ROOT_INO: u64 = 1;
+const IMAGES_DIR_INO: u64 = 2;
+const DISKS_DIR_INO: u64 = 3;
+const KIND_SHIFT: u32 = 56;
+const DISK_SHIFT: u32 = 32;
+const KIND_BACKING: u64 = 4;
+const KIND_CONFIG: u64 = 5;
+const KIND_DISK_DIR: u64 = 6;
+const KIND_IMAGE_DIR: u64 = 7;
+
+pub const IMAGES_DIR: &str = "images";
+pub const DISKS_DIR: &str = "disks";
+pub const BACKING: &str = "backing";
+pub const BACKING_CFG: &str = "backing.cfg";
+
+pub const XATTR_SHA512: &str = "user.imgpool.sha512";
+pub const XATTR_UUID: &str = "user.imgpool.uuid";
+pub const XATTR_NAME: &str = "user.imgpool.name";
+
+/// What an inode number stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    Root,
+    ImagesDir,
+    DisksDir,
+    DiskDir { disk: i64 },
+    ImageDir { disk: i64, image: i64 },
+    Backing { image: i64 },
+    Config { image: i64 },
+}
+
+impl Node {
+    pub fn ino(self) -> u64 {
+        let id = |kind: u64, disk: i64, image: i64| {
+            (kind << KIND_SHIFT) | ((disk as u64) << DISK_SHIFT) | image as u64
+        };
+        match self {
+            Node::Root => ROOT_INO,
+            Node::ImagesDir => IMAGES_DIR_INO,
+            Node::DisksDir => DISKS_DIR_INO,
+            Node::DiskDir { disk } => id(KIND_DISK_DIR, disk, 0),
+            Node::ImageDir { disk, image } => id(KIND_IMAGE_DIR, disk, image),
+            Node::Backing { image } => id(KIND_BACKING, 0, image),
+            Node::Config { image } => id(KIND_CONFIG, 0, image),
+        }
+    }
+
+    pub fn from_ino(ino: u64) -> Option<Node> {
+        let disk = ((ino >> DISK_SHIFT) & 0xFF_FFFF) as i64;
+        let image = (ino & 0xFFFF_FFFF) as i64;
+        Some(match (ino >> KIND_SHIFT, ino) {
+            (0, ROOT_INO) => Node::Root,
+            (0, IMAGES_DIR_INO) => Node::ImagesDir,
+            (0, DISKS_DIR_INO) => Node::DisksDir,
+            (KIND_DISK_DIR, _) => Node::DiskDir { disk },
+            (KIND_IMAGE_DIR, _) => Node::ImageDir { disk, image },
+            (KIND_BACKING, _) => Node::Backing { image },
+            (KIND_CONFIG, _) => Node::Config { image },
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Directory,
+    File,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub size: u64,
+    pub blocks: u64,
+    pub mtime: SystemTime,
+    pub perm: u16,
+    pub nlink: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub ino: u64,
+    pub kind: Kind,
+    pub name: OsString,
+}
+
+/// A name the kernel may still cache that is gone: `fuse.rs` tells the kernel to forget it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gone {
+    pub parent: u64,
+    pub name: OsString,
+}
+
+pub struct FsStats {
+    pub capacity: u64,
+    pub free: u64,
+    pub files: u64,
+}
+
+/// A ready image as the mount sees it.
+#[derive(Debug)]
+pub struct Image {
+    pub id: i64,
+    pub name: String,
+    pub uuid: String,
+    pub size: u64,
+    pub sha512: String,
+    pub real_size: u64,
+    pub created: SystemTime,
+    pub copies: Vec<CopyLocation>,
+    /// `<name>-<uuid>`: the directory Longhorn expects in each disk's view.
+    pub dir_name: String,
+    pub config: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+struct Disk {
+    id: i64,
+    name: String,
+    path: PathBuf,
+}
+
+/// A snapshot of what the mount shows, rebuilt when the store changes.
+#[derive(Default)]
+struct Catalog {
+    images: BTreeMap<String, Arc<Image>>,
+    by_id: HashMap<i64, Arc<Image>>,
+    disks: BTreeMap<String, Disk>,
+    disk_ids: HashMap<i64, Disk>,
+}
+
+enum Handle {
+    Image(Arc<Image>),
+    Config(Arc<Image>),
+}
+
+pub struct PoolFs {
+    pool: Pool,
+    mount_id: i64,
+    catalog: RwLock<Arc<Catalog>>,
+    seen_version: Mutex<Option<i64>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    reader: ReadPath,
+    mounted_at: SystemTime,
+}
+
+fn longhorn_config(image: &Image) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec(&json!({
+        "name": image.name,
+        "uuid": image.uuid,
+        "size": image.size,
+        "virtualSize": image.size,
+        "realSize": image.real_size,
+        "expectedChecksum": image.sha512,
+        "currentChecksum": image.sha512,
+        "modificationTime": humantime::format_rfc3339_seconds(image.created).to_string(),
+    }))
+    .expect("JSON values serialise");
+    bytes.push(b'\n');
+    bytes
+}
+
+impl PoolFs {
+    /// Serves `pool` as mount `mount_id` (the row the daemon registered).
+    pub fn new(pool: Pool, mount_id: i64) -> Result<PoolFs> {
+        let fs = PoolFs {
+            pool,
+            mount_id,
+            catalog: RwLock::new(Arc::new(Catalog::default())),
+            seen_version: Mutex::new(None),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            reader: ReadPath::default(),
+            mounted_at: SystemTime::now(),
+        };
+        fs.refresh()?;
+        Ok(fs)
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Names and paths of the registered disks, for the daemon's bind mounts.
+    pub fn disks(&self) -> Vec<(String, PathBuf)> {
+        self.catalog
+            .read()
+            .disks
+            .values()
+            .map(|d| (d.name.clone(), d.path.clone()))
+            .collect()
+    }
+
+    /// Reloads the catalog if the store changed since the last call; returns the names that
+    /// disappeared, so that the kernel can be told to drop them.
+    pub fn refresh(&self) -> Result<Vec<Gone>> {
+        let version = self.pool.store().data_version()?;
+        {
+            let mut seen = self.seen_version.lock();
+            if *seen == Some(version) {
+                return Ok(Vec::new());
+            }
+            *seen = Some(version);
+        }
+        let next = Arc::new(self.load()?);
+        let previous = std::mem::replace(&mut *self.catalog.write(), next.clone());
+        let mut gone = Vec::new();
+        for (name, image) in &previous.images {
+            if next.images.get(name).map(|i| i.id) != Some(image.id) {
+                self.reader.forget(image.id);
+                gone.push(Gone {
+                    parent: IMAGES_DIR_INO,
+                    name: name.into(),
+                });
+                for disk in previous.disks.values() {
+                    gone.push(Gone {
+                        parent: Node::DiskDir { disk: disk.id }.ino(),
+                        name: image.dir_name.clone().into(),
+                    });
+                }
+            }
+        }
+        for (name, disk) in &previous.disks {
+            if next.disks.get(name).map(|d| d.id) != Some(disk.id) {
+                gone.push(Gone {
+                    parent: DISKS_DIR_INO,
+                    name: name.into(),
+                });
+            }
+        }
+        Ok(gone)
+    }
+
+    fn load(&self) -> Result<Catalog> {
+        let store = self.pool.store();
+        let disk_rows = store.disks()?;
+        let healthy: HashMap<i64, bool> = disk_rows
+            .iter()
+            .map(|d| {
+                (
+                    d.id,
+                    pool::check_label(self.pool.uuid(), d) == DiskHealth::Healthy,
+                )
+            })
+            .collect();
+        let copies = store.all_copies()?;
+        let mut catalog = Catalog::default();
+        for d in &disk_rows {
+            let disk = Disk {
+                id: d.id,
+                name: d.name.clone(),
+                path: d.path.clone(),
+            };
+            catalog.disk_ids.insert(d.id, disk.clone());
+            catalog.disks.insert(d.name.clone(), disk);
+        }
+        for row in store.images()? {
+            if row.state != ImageState::Ready {
+                continue;
+            }
+            let copies = copies
+                .iter()
+                .filter(|(image, _)| *image == row.id)
+                .filter_map(|(_, disk_id)| disk_rows.iter().find(|d| d.id == *disk_id))
+                .map(|d| CopyLocation {
+                    disk_id: d.id,
+                    path: DiskLayout::new(&d.path).copy_path(&row.uuid),
+                    healthy: healthy[&d.id],
+                })
+                .collect();
+            let mut image = Image {
+                id: row.id,
+                dir_name: format!("{}-{}", row.name, row.uuid),
+                name: row.name,
+                uuid: row.uuid,
+                size: row.size,
+                sha512: row.sha512,
+                real_size: row.real_size,
+                created: UNIX_EPOCH + Duration::from_secs(row.created.max(0) as u64),
+                copies,
+                config: Vec::new(),
+            };
+            image.config = longhorn_config(&image);
+            let image = Arc::new(image);
+            catalog.by_id.insert(image.id, image.clone());
+            catalog.images.insert(image.name.clone(), image);
+        }
+        Ok(catalog)
+    }
+
+    fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.read().clone()
+    }
+
+    fn dir_attr(&self, node: Node, subdirs: usize) -> Attr {
+        Attr {
+            ino: node.ino(),
+            kind: Kind::Directory,
+            size: 0,
+            blocks: 0,
+            mtime: self.mounted_at,
+            perm: 0o555,
+            nlink: 2 + subdirs as u32,
+        }
+    }
+
+    fn attr_of(&self, catalog: &Catalog, node: Node) -> Result<Attr, i32> {
+        let image = |id: i64| catalog.by_id.get(&id).ok_or(libc::ENOENT);
+        let disk = |id: i64| catalog.disk_ids.get(&id).ok_or(libc::ENOENT);
+        Ok(match node {
+            Node::Root => self.dir_attr(node, 2),
+            Node::ImagesDir => self.dir_attr(node, 0),
+            Node::DisksDir => self.dir_attr(node, catalog.disks.len()),
+            Node::DiskDir { disk: d } => {
+                disk(d)?;
+                self.dir_attr(node, catalog.images.len())
+            }
+            Node::ImageDir { disk: d, image: i } => {
+                disk(d)?;
+                image(i)?;
+                self.dir_attr(node, 0)
+            }
+            Node::Backing { image: i } => {
+                let image = image(i)?;
+                Attr {
+                    ino: node.ino(),
+                    kind: Kind::File,
+                    size: image.size,
+                    blocks: image.real_size.div_ceil(512),
+                    mtime: image.created,
+                    perm: 0o444,
+                    // One entry under images/ and one per disk view.
+                    nlink: 1 + catalog.disks.len() as u32,
+                }
+            }
+            Node::Config { image: i } => {
+                let image = image(i)?;
+                Attr {
+                    ino: node.ino(),
+                    kind: Kind::File,
+                    size: image.config.len() as u64,
+                    blocks: (image.config.len() as u64).div_ceil(512),
+                    mtime: image.created,
+                    perm: 0o444,
+                    nlink: catalog.disks.len() as u32,
+                }
+            }
+        })
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr, i32> {
+        let node = Node::from_ino(ino).ok_or(libc::ENOENT)?;
+        self.attr_of(&self.catalog(), node)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<Attr, i32> {
+        let catalog = self.catalog();
+        let name = name.to_str().ok_or(libc::ENOENT)?;
+        let node = match Node::from_ino(parent).ok_or(libc::ENOENT)? {
+            Node::Root => match name {
+                IMAGES_DIR => Node::ImagesDir,
+                DISKS_DIR => Node::DisksDir,
+                _ => return Err(libc::ENOENT),
+            },
+            Node::ImagesDir => Node::Backing {
+                image: catalog.images.get(name).ok_or(libc::ENOENT)?.id,
+            },
+            Node::DisksDir => Node::DiskDir {
+                disk: catalog.disks.get(name).ok_or(libc::ENOENT)?.id,
+            },
+            Node::DiskDir { disk } => {
+                // `<name>-<uuid>`: the uuid is the fixed-length tail.
+                let split = name.len().checked_sub(37).ok_or(libc::ENOENT)?;
+                let (image_name, suffix) = name.split_at(split);
+                let image = catalog.images.get(image_name).ok_or(libc::ENOENT)?;
+                if suffix.get(1..) != Some(image.uuid.as_str()) {
+                    return Err(libc::ENOENT);
+                }
+                Node::ImageDir {
+                    disk,
+                    image: image.id,
+                }
+            }
+            Node::ImageDir { image, .. } => match name {
+                BACKING => Node::Backing { image },
+                BACKING_CFG => Node::Config { image },
+                _ => return Err(libc::ENOENT),
+            },
+            Node::Backing { .. } | Node::Config { .. } => return Err(libc::ENOTDIR),
+        };
+        self.attr_of(&catalog, node)
+    }
+
+    /// The entries of a directory, `.` and `..` first.
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, i32> {
+        let catalog = self.catalog();
+        let node = Node::from_ino(ino).ok_or(libc::ENOENT)?;
+        self.attr_of(&catalog, node)?;
+        let dir = |node: Node, name: &str| DirEntry {
+            ino: node.ino(),
+            kind: Kind::Directory,
+            name: name.into(),
+        };
+        let file = |node: Node, name: &str| DirEntry {
+            ino: node.ino(),
+            kind: Kind::File,
+            name: name.into(),
+        };
+        let (parent, mut children) = match node {
+            Node::Root => (
+                Node::Root,
+                vec![
+                    dir(Node::ImagesDir, IMAGES_DIR),
+                    dir(Node::DisksDir, DISKS_DIR),
+                ],
+            ),
+            Node::ImagesDir => (
+                Node::Root,
+                catalog
+                    .images
+                    .values()
+                    .map(|i| file(Node::Backing { image: i.id }, &i.name))
+                    .collect(),
+            ),
+            Node::DisksDir => (
+                Node::Root,
+                catalog
+                    .disks
+                    .values()
+                    .map(|d| dir(Node::DiskDir { disk: d.id }, &d.name))
+                    .collect(),
+            ),
+            Node::DiskDir { disk } => (
+                Node::DisksDir,
+                catalog
+                    .images
+                    .values()
+                    .map(|i| dir(Node::ImageDir { disk, image: i.id }, &i.dir_name))
+                    .collect(),
+            ),
+            Node::ImageDir { disk, image } => (
+                Node::DiskDir { disk },
+                vec![
+                    file(Node::Backing { image }, BACKING),
+                    file(Node::Config { image }, BACKING_CFG),
+                ],
+            ),
+            Node::Backing { .. } | Node::Config { .. } => return Err(libc::ENOTDIR),
+        };
+        let mut entries = vec![dir(node, "."), dir(parent, "..")];
+        entries.append(&mut children);
+        Ok(entries)
+    }
+
+    /// Opens a file for reading; any write access is EROFS.
+    pub fn open(&self, ino: u64, write: bool) -> Result<u64, i32> {
+        let catalog = self.catalog();
+        let node = Node::from_ino(ino).ok_or(libc::ENOENT)?;
+        let attr = self.attr_of(&catalog, node)?;
+        if write {
+            return Err(libc::EROFS);
+        }
+        if attr.kind == Kind::Directory {
+            return Err(libc::EISDIR);
+        }
+        let handle = match node {
+            Node::Backing { image } => {
+                let image = catalog.by_id[&image].clone();
+                self.reader
+                    .ensure_open(image.id, &image.copies)
+                    .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
+                // Recorded in the store so that `image rm` in another process sees the open.
+                match self.pool.store().open_handle(self.mount_id, image.id) {
+                    Ok(true) => {}
+                    Ok(false) => return Err(libc::ENOENT),
+                    Err(e) => {
+                        tracing::error!("cannot record open of {}: {e}", image.name);
+                        return Err(libc::EIO);
+                    }
+                }
+                Handle::Image(image)
+            }
+            Node::Config { image } => Handle::Config(catalog.by_id[&image].clone()),
+            _ => return Err(libc::EISDIR),
+        };
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, handle);
+        Ok(fh)
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, len: u32) -> Result<Vec<u8>, i32> {
+        let image = match self.handles.lock().get(&fh) {
+            Some(Handle::Image(image)) => image.clone(),
+            Some(Handle::Config(image)) => {
+                let config = &image.config;
+                let start = (offset as usize).min(config.len());
+                let end = start.saturating_add(len as usize).min(config.len());
+                return Ok(config[start..end].to_vec());
+            }
+            None => return Err(libc::EBADF),
+        };
+        self.reader
+            .read(image.id, image.size, &image.copies, offset, len)
+            .map_err(|e| {
+                tracing::error!("read of {} at {offset} failed: {e}", image.name);
+                e.raw_os_error().unwrap_or(libc::EIO)
+            })
+    }
+
+    pub fn release(&self, fh: u64) {
+        if let Some(Handle::Image(image)) = self.handles.lock().remove(&fh) {
+            if let Err(e) = self.pool.store().close_handle(self.mount_id, image.id) {
+                tracing::error!("cannot record close of {}: {e}", image.name);
+            }
+        }
+    }
+
+    fn xattrs(&self, ino: u64) -> Result<Vec<(&'static str, Vec<u8>)>, i32> {
+        let catalog = self.catalog();
+        let node = Node::from_ino(ino).ok_or(libc::ENOENT)?;
+        self.attr_of(&catalog, node)?;
+        Ok(match node {
+            Node::Backing { image } | Node::ImageDir { image, .. } => {
+                let image = &catalog.by_id[&image];
+                vec![
+                    (XATTR_SHA512, image.sha512.clone().into_bytes()),
+                    (XATTR_UUID, image.uuid.clone().into_bytes()),
+                    (XATTR_NAME, image.name.clone().into_bytes()),
+                ]
+            }
+            _ => Vec::new(),
+        })
+    }
+
+    pub fn getxattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>, i32> {
+        self.xattrs(ino)?
+            .into_iter()
+            .find(|(n, _)| OsStr::new(n) == name)
+            .map(|(_, value)| value)
+            .ok_or(libc::ENODATA)
+    }
+
+    pub fn listxattr(&self, ino: u64) -> Result<Vec<&'static str>, i32> {
+        Ok(self.xattrs(ino)?.into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// Capacity and free space of the healthy disks, from the resource cache.
+    pub fn statfs(&self) -> FsStats {
+        let store = self.pool.store();
+        let mut stats = FsStats {
+            capacity: 0,
+            free: 0,
+            files: self.catalog().images.len() as u64,
+        };
+        let mut devices_seen = Vec::new();
+        for disk in store.disks().unwrap_or_default() {
+            let freshness = Freshness::FreeWithin(resources::LISTING_FREE_TTL);
+            if let Ok(r) = resources::disk_resources(store, &disk, freshness, pool::now()) {
+                if !devices_seen.contains(&r.device) {
+                    devices_seen.push(r.device);
+                    stats.capacity += r.capacity;
+                    stats.free += r.free;
+                }
+            }
+        }
+        stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers_round_trip_and_do_not_collide() {
+        let nodes = [
+            Node::Root,
+            Node::ImagesDir,
+            Node::DisksDir,
+            Node::DiskDir { disk: 3 },
+            Node::ImageDir { disk: 3, image: 9 },
+            Node::ImageDir { disk: 4, image: 9 },
+            Node::Backing { image: 9 },
+            Node::Config { image: 9 },
+            Node::Backing { image: 0xFFFF_FFFF },
+        ];
+        let mut inos: Vec<u64> = nodes.iter().map(|n| n.ino()).collect();
+        for (node, ino) in nodes.iter().zip(&inos) {
+            assert_eq!(Node::from_ino(*ino), Some(*node));
+        }
+        inos.sort();
+        inos.dedup();
+        assert_eq!(inos.len(), nodes.len());
+        assert_eq!(Node::from_ino(99), None);
+    }
+}

@@ -1,0 +1,23 @@
+//! imgpool: a node-wide pool of read-only backing images, spread over the node's disks and
+//! served through one FUSE mount at the paths where volume replicas expect them.
+//!
+//! Core (no FUSE): `pool` over `store` (metadata), `disk` (on-disk layout), `placement`,
+//! `resources`, `sparse` (import data path), `owner` (liveness of work in progress).
+//! Serving: `fs` (namespace and file operations), `read` (the read path), `fuse` (the thin
+//! kernel adapter), `mount` (daemon lifecycle and bind mounts). Front end: `cli`.
+
+pub mod cli;
+pub mod disk;
+pub mod error;
+pub mod fs;
+pub mod fuse;
+pub mod mount;
+pub mod mountinfo;
+pub mod names;
+pub mod owner;
+pub mod placement;
+pub mod pool;
+pub mod read;
+pub mod resources;
+pub mod sparse;
+pub mod store;

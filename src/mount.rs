@@ -1,0 +1,465 @@
+//! The mount daemon's lifecycle: start (in the foreground, or detached with a readiness
+//! handshake), the per-disk bind mounts, following changes made by CLI commands, and a clean
+//! stop on `imgpool umount`, SIGTERM or SIGINT.
+
+use std::fs::OpenOptions;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use fuser::{Config, INodeNo, MountOption, Notifier, Session, SessionACL};
+use nix::mount::{umount2, MntFlags, MsFlags};
+use nix::sys::signal::{SigSet, Signal};
+use parking_lot::Mutex;
+
+use crate::cli::require_root;
+use crate::error::{Error, IoContext, Result};
+use crate::fs::{PoolFs, DISKS_DIR};
+use crate::fuse::FuseAdapter;
+use crate::mountinfo;
+use crate::owner::{self, Owner, OwnerLock};
+use crate::pool::{self, Pool};
+
+/// Where each disk's view is bind-mounted, relative to the disk: Longhorn's directory.
+pub const BIND_DIR: &str = "backing-images";
+pub const FS_TYPE: &str = "fuse.imgpool";
+/// How often the daemon looks for changes made by other commands.
+const REFRESH_INTERVAL: Duration = Duration::from_millis(200);
+/// Set in a detached daemon's environment: report readiness on stdout.
+const NOTIFY_ENV: &str = "IMGPOOL_NOTIFY_READY";
+const READY: &str = "ready";
+
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    pub mountpoint: PathBuf,
+    pub bind: bool,
+    pub threads: usize,
+    pub log_file: Option<PathBuf>,
+}
+
+/// `imgpool mount`: in the foreground, serve until stopped; otherwise start a detached daemon
+/// and return once its mount is ready (or with its error).
+pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result<()> {
+    require_root("imgpool mount")?;
+    let mountpoint = check_mountpoint(&config.mountpoint)?;
+    let config = MountConfig {
+        mountpoint,
+        ..config.clone()
+    };
+    if !foreground {
+        // Fail here, with the real message, rather than in a daemon nobody watches.
+        Pool::open(state_dir)?;
+        return spawn_daemon(state_dir, &config);
+    }
+    let notify = std::env::var_os(NOTIFY_ENV).is_some();
+    let result = run_daemon(state_dir, &config, notify);
+    if notify {
+        if let Err(e) = &result {
+            // The parent relays this line as its own error.
+            println!("error: {e}");
+        }
+    }
+    result
+}
+
+fn check_mountpoint(path: &Path) -> Result<PathBuf> {
+    let canonical = std::fs::canonicalize(path).map_err(|e| {
+        Error::Usage(format!(
+            "cannot mount at {}: {e}; create the directory first",
+            path.display()
+        ))
+    })?;
+    if !canonical.is_dir() {
+        return Err(Error::Usage(format!(
+            "cannot mount at {}: not a directory",
+            path.display()
+        )));
+    }
+    if let Some(existing) = mountinfo::mount_at(&mountinfo::read()?, &canonical) {
+        return Err(Error::Usage(format!(
+            "{} is already a mount point ({}): unmount it first, or pick another directory",
+            canonical.display(),
+            existing.fs_type
+        )));
+    }
+    Ok(canonical)
+}
+
+fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
+    let exe = std::env::current_exe().ctx(|| "cannot find the imgpool executable".into())?;
+    let log_path = config
+        .log_file
+        .clone()
+        .unwrap_or_else(|| state_dir.join("mount.log"));
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .ctx(|| format!("cannot open log file {}", log_path.display()))?;
+    let mut command = Command::new(exe);
+    command
+        .arg("--state-dir")
+        .arg(state_dir)
+        .arg("mount")
+        .arg(&config.mountpoint)
+        .arg("--foreground")
+        .arg("--threads")
+        .arg(config.threads.to_string())
+        .env(NOTIFY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log);
+    if !config.bind {
+        command.arg("--no-bind");
+    }
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal and session
+    // so that the shell's Ctrl-C or hangup does not reach it.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command
+        .spawn()
+        .ctx(|| "cannot start the mount daemon".into())?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout is piped"))
+        .read_line(&mut line)
+        .ctx(|| "cannot read from the mount daemon".into())?;
+    let line = line.trim_end();
+    if line == READY {
+        println!(
+            "mounted the pool at {} (daemon pid {}, log {})",
+            config.mountpoint.display(),
+            child.id(),
+            log_path.display()
+        );
+        return Ok(());
+    }
+    let status = child
+        .wait()
+        .ctx(|| "cannot wait for the mount daemon".into())?;
+    Err(match line.strip_prefix("error: ") {
+        Some(message) => Error::Usage(message.to_string()),
+        None => Error::Usage(format!(
+            "the mount daemon stopped ({status}) before the mount was ready: see {}",
+            log_path.display()
+        )),
+    })
+}
+
+enum Event {
+    Signal(Signal),
+    SessionEnded(io::Result<()>),
+}
+
+/// Bind mounts of the disks' views, made and unmade by the daemon.
+struct BindMounts {
+    mountpoint: PathBuf,
+    active: Mutex<Option<Vec<PathBuf>>>,
+}
+
+impl BindMounts {
+    /// Bind-mounts the view of every disk of `fs` that has none yet.
+    fn sync(&self, fs: &PoolFs) -> Result<()> {
+        let mut active = self.active.lock();
+        let Some(active) = active.as_mut() else {
+            return Ok(()); // stopping
+        };
+        for (name, disk_path) in fs.disks() {
+            let target = disk_path.join(BIND_DIR);
+            if active.contains(&target) {
+                continue;
+            }
+            let source = self.mountpoint.join(DISKS_DIR).join(&name);
+            bind(&source, &target).map_err(|e| {
+                Error::Usage(format!(
+                    "cannot bind-mount disk '{name}' view at {}: {e}",
+                    target.display()
+                ))
+            })?;
+            tracing::info!("bound {} at {}", source.display(), target.display());
+            active.push(target);
+        }
+        Ok(())
+    }
+
+    /// Unmounts every bind mount and refuses new ones.
+    fn stop(&self, lazy: bool) {
+        let Some(active) = self.active.lock().take() else {
+            return;
+        };
+        for target in active.iter().rev() {
+            match unmount(target, lazy) {
+                // EINVAL: already unmounted, by `imgpool umount` or by hand.
+                Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
+                    tracing::warn!("cannot unmount {}: {e}", target.display())
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn bind(source: &Path, target: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(target)?;
+    let table = mountinfo::read().map_err(|e| io::Error::other(e.to_string()))?;
+    if let Some(existing) = mountinfo::mount_at(&table, target) {
+        // A bind left by a daemon that was killed: its connection is dead, so stat fails.
+        if existing.fs_type == FS_TYPE && std::fs::metadata(target).is_err() {
+            umount2(target, MntFlags::MNT_DETACH)?;
+        } else {
+            return Err(io::Error::other(format!(
+                "{} is already a mount point ({}); unmount it, or mount with --no-bind",
+                target.display(),
+                existing.fs_type
+            )));
+        }
+    }
+    nix::mount::mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )?;
+    Ok(())
+}
+
+fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
+    let flags = if lazy {
+        MntFlags::MNT_DETACH
+    } else {
+        MntFlags::empty()
+    };
+    umount2(path, flags).map_err(io::Error::from)
+}
+
+fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()> {
+    // Block the stop signals before any thread exists: every thread inherits the mask, and the
+    // signal thread takes them with sigwait.
+    let mut signals = SigSet::empty();
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        signals.add(signal);
+    }
+    signals
+        .thread_block()
+        .map_err(io::Error::from)
+        .ctx(|| "cannot block signals".into())?;
+
+    let pool = Pool::open(state_dir)?;
+    let token = format!("mount-{}", uuid::Uuid::new_v4());
+    let lock = OwnerLock::acquire(state_dir, &token)?;
+    let mount_id =
+        pool.store()
+            .insert_mount(&config.mountpoint, std::process::id(), pool::now(), &token)?;
+    let fs = Arc::new(PoolFs::new(pool, mount_id)?);
+    let result = serve(fs.clone(), config, signals, notify);
+    let _ = fs.pool().store().delete_mount(mount_id);
+    lock.release();
+    result
+}
+
+fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -> Result<()> {
+    let mountpoint = &config.mountpoint;
+    let mut options = Config::default();
+    options.mount_options = vec![
+        MountOption::FSName("imgpool".into()),
+        // fuser passes Subtype only to fusermount; the kernel takes it as a plain option.
+        MountOption::CUSTOM("subtype=imgpool".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    // Replicas run as other users than the daemon.
+    options.acl = SessionACL::All;
+    options.n_threads = Some(config.threads);
+    options.clone_fd = true;
+    let session = Session::new(FuseAdapter::new(fs.clone()), mountpoint, &options)
+        .ctx(|| format!("cannot mount FUSE at {}", mountpoint.display()))?;
+    let notifier = session.notifier();
+
+    let (events, next_event) = mpsc::channel();
+    let session_events = events.clone();
+    let session_thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let _ = session_events.send(Event::SessionEnded(session.run()));
+        })
+        .ctx(|| "cannot start the FUSE session".into())?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            if let Ok(signal) = signals.wait() {
+                if events.send(Event::Signal(signal)).is_err() {
+                    return;
+                }
+            }
+        })
+        .ctx(|| "cannot start the signal thread".into())?;
+
+    let binds = Arc::new(BindMounts {
+        mountpoint: mountpoint.clone(),
+        active: Mutex::new(Some(Vec::new())),
+    });
+    if config.bind {
+        if let Err(e) = binds.sync(&fs) {
+            stop(&binds, mountpoint, false);
+            let _ = session_thread.join();
+            return Err(e);
+        }
+    }
+
+    let stopping = Arc::new(AtomicBool::new(false));
+    let refresher = {
+        let (fs, binds, stopping) = (fs.clone(), binds.clone(), stopping.clone());
+        let bind = config.bind;
+        std::thread::Builder::new()
+            .name("refresh".into())
+            .spawn(move || follow_changes(&fs, &notifier, bind.then_some(&*binds), &stopping))
+            .ctx(|| "cannot start the refresh thread".into())?
+    };
+
+    tracing::info!("serving the pool at {}", mountpoint.display());
+    if notify {
+        println!("{READY}");
+        let _ = io::stdout().flush();
+        // Nobody reads our stdout any more: point it at /dev/null so a late print cannot fail.
+        if let Ok(null) = std::fs::File::open("/dev/null") {
+            use std::os::fd::AsRawFd;
+            // SAFETY: dup2 onto fd 1 with a valid descriptor.
+            unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        }
+    }
+
+    let outcome = loop {
+        match next_event.recv() {
+            Ok(Event::Signal(signal)) => {
+                tracing::info!("{signal}: unmounting {}", mountpoint.display());
+                stopping.store(true, Ordering::Relaxed);
+                stop(&binds, mountpoint, true);
+            }
+            Ok(Event::SessionEnded(result)) => break result,
+            Err(_) => break Ok(()),
+        }
+    };
+    stopping.store(true, Ordering::Relaxed);
+    binds.stop(true);
+    let _ = refresher.join();
+    let _ = session_thread.join();
+    tracing::info!("unmounted {}", mountpoint.display());
+    outcome.ctx(|| format!("FUSE session at {} failed", mountpoint.display()))
+}
+
+/// Unmounts the binds, then the mount. A busy mount is detached: open files keep working until
+/// they are closed, and the session ends then.
+fn stop(binds: &BindMounts, mountpoint: &Path, lazy_if_busy: bool) {
+    binds.stop(lazy_if_busy);
+    match unmount(mountpoint, false) {
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) && lazy_if_busy => {
+            tracing::warn!("{} is busy: detaching it", mountpoint.display());
+            let _ = unmount(mountpoint, true);
+        }
+        Err(e) => tracing::warn!("cannot unmount {}: {e}", mountpoint.display()),
+        Ok(()) => {}
+    }
+}
+
+/// Polls the store for changes by other commands; tells the kernel to forget removed names and
+/// binds the views of new disks.
+fn follow_changes(
+    fs: &PoolFs,
+    notifier: &Notifier,
+    binds: Option<&BindMounts>,
+    stopping: &AtomicBool,
+) {
+    while !stopping.load(Ordering::Relaxed) {
+        std::thread::sleep(REFRESH_INTERVAL);
+        match fs.refresh() {
+            Ok(gone) => {
+                for name in gone {
+                    // ENOENT here only means the kernel had not cached the name.
+                    let _ = notifier.inval_entry(INodeNo(name.parent), &name.name);
+                }
+            }
+            Err(e) => tracing::warn!("cannot refresh the catalog: {e}"),
+        }
+        if let Some(binds) = binds {
+            if let Err(e) = binds.sync(fs) {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+}
+
+/// `imgpool umount`: the bind mounts first (they keep the filesystem alive), then the mount;
+/// then wait for the daemon to finish.
+pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
+    require_root("imgpool umount")?;
+    // A mount whose daemon died cannot be stat'ed, so fall back to the path as given.
+    let mountpoint = std::fs::canonicalize(mountpoint)
+        .or_else(|_| std::path::absolute(mountpoint))
+        .ctx(|| format!("cannot resolve {}", mountpoint.display()))?;
+    let table = mountinfo::read()?;
+    let entry = mountinfo::mount_at(&table, &mountpoint)
+        .filter(|m| m.fs_type == FS_TYPE)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "{} is not an imgpool mount: `imgpool status` lists the pool's mounts",
+                mountpoint.display()
+            ))
+        })?;
+    for bind in table
+        .iter()
+        .rev()
+        .filter(|m| m.device == entry.device && m.mount_point != mountpoint)
+    {
+        unmount(&bind.mount_point, lazy).map_err(|e| busy_error(&bind.mount_point, e))?;
+    }
+    unmount(&mountpoint, lazy).map_err(|e| busy_error(&mountpoint, e))?;
+    wait_for_daemon(state_dir, &mountpoint);
+    println!("unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+fn busy_error(path: &Path, e: io::Error) -> Error {
+    if e.raw_os_error() == Some(libc::EBUSY) {
+        Error::Usage(format!(
+            "{} is busy: files are open through it (`fuser -vm {}` lists them); close them and retry, or use --lazy",
+            path.display(),
+            path.display()
+        ))
+    } else {
+        Error::io(format!("cannot unmount {}", path.display()), e)
+    }
+}
+
+/// Waits (a bounded time) for the daemon serving `mountpoint` to exit, so that when `umount`
+/// returns its state (open handles, the mount row) is settled.
+fn wait_for_daemon(state_dir: &Path, mountpoint: &Path) {
+    let Ok(pool) = Pool::open(state_dir) else {
+        return;
+    };
+    let Ok(mounts) = pool.store().mounts() else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for mount in mounts.iter().filter(|m| m.mountpoint == mountpoint) {
+        while Instant::now() < deadline {
+            match owner::check(state_dir, &mount.owner) {
+                Owner::Alive => std::thread::sleep(Duration::from_millis(20)),
+                dead => {
+                    dead.finish();
+                    break;
+                }
+            }
+        }
+    }
+}

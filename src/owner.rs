@@ -1,0 +1,115 @@
+//! Liveness of the processes that own pool work in progress (an import, a mount daemon).
+//!
+//! The owner holds an exclusive `flock` on `<state dir>/locks/<token>.lock` for as long as it
+//! runs; the kernel drops the lock when the process dies, however it dies (`kill -9` included).
+//! Anyone else can then tell a live owner from a dead one without trusting pids, which are reused.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::error::{IoContext, Result};
+
+const LOCKS_DIR: &str = "locks";
+
+/// A lock held by this process while it owns some work.
+#[derive(Debug)]
+pub struct OwnerLock {
+    path: PathBuf,
+    _file: File,
+}
+
+fn lock_path(state_dir: &Path, token: &str) -> PathBuf {
+    state_dir.join(LOCKS_DIR).join(format!("{token}.lock"))
+}
+
+fn try_flock(file: &File) -> io::Result<bool> {
+    // SAFETY: flock on a valid, owned descriptor has no memory-safety preconditions.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(true);
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(false)
+    } else {
+        Err(err)
+    }
+}
+
+impl OwnerLock {
+    /// Takes the lock named `token` (a fresh uuid, so nobody else holds it).
+    pub fn acquire(state_dir: &Path, token: &str) -> Result<OwnerLock> {
+        let dir = state_dir.join(LOCKS_DIR);
+        fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+        let path = lock_path(state_dir, token);
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .ctx(|| format!("cannot create lock {}", path.display()))?;
+        if !try_flock(&file).ctx(|| format!("cannot lock {}", path.display()))? {
+            return Err(crate::error::Error::io(
+                format!("lock {} is held by another process", path.display()),
+                io::Error::from(io::ErrorKind::WouldBlock),
+            ));
+        }
+        Ok(OwnerLock { path, _file: file })
+    }
+
+    /// Ends ownership: the lock file goes, then the lock with the descriptor.
+    pub fn release(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// What became of the owner of `token`.
+pub enum Owner {
+    Alive,
+    /// The owner is gone. Holding this keeps others from concluding the same at once, so that
+    /// one process cleans up after it; `finish` removes the lock file when the cleanup is done.
+    Dead(Option<OwnerLock>),
+}
+
+impl Owner {
+    pub fn finish(self) {
+        if let Owner::Dead(Some(lock)) = self {
+            lock.release();
+        }
+    }
+}
+
+pub fn check(state_dir: &Path, token: &str) -> Owner {
+    let path = lock_path(state_dir, token);
+    // A lock file disappears only with its owner's work done or cleaned up, and it is created
+    // before the work is recorded; so a missing file means a dead owner.
+    let file = match File::open(&path) {
+        Ok(file) => file,
+        Err(_) => return Owner::Dead(None),
+    };
+    match try_flock(&file) {
+        Ok(true) => Owner::Dead(Some(OwnerLock { path, _file: file })),
+        _ => Owner::Alive,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_held_lock_is_alive_and_a_released_one_is_dead() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = OwnerLock::acquire(dir.path(), "t1").unwrap();
+        assert!(matches!(check(dir.path(), "t1"), Owner::Alive));
+        drop(lock); // as when the process dies: the file stays, the flock goes
+        let owner = check(dir.path(), "t1");
+        assert!(matches!(owner, Owner::Dead(Some(_))));
+        // While one cleaner holds the dead owner's lock, another sees it as busy.
+        assert!(matches!(check(dir.path(), "t1"), Owner::Alive));
+        owner.finish();
+        assert!(matches!(check(dir.path(), "t1"), Owner::Dead(None)));
+        assert!(!lock_path(dir.path(), "t1").exists());
+    }
+}

@@ -1,0 +1,694 @@
+//! The pool core: disks, images, copies, holders and garbage collection, over the metadata store
+//! and the disks' own files. The CLI and the mount daemon both drive the pool through this API;
+//! tests drive it directly.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::disk::{CopyRecord, DiskLayout, Label};
+use crate::error::{Error, IoContext, Result};
+use crate::names;
+use crate::owner::{self, Owner, OwnerLock};
+use crate::placement::{self, Candidate};
+use crate::resources::{self, Freshness, Resources};
+use crate::sparse;
+use crate::store::{DiskRow, HolderRow, ImageRow, ImageState, MountRow, Store};
+
+pub fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Whether a registered disk is the disk it was registered as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskHealth {
+    Healthy,
+    /// The path is gone or unreadable (filesystem not mounted, disk dead).
+    Missing(String),
+    /// Another filesystem, or another pool's disk, is mounted at the path.
+    WrongLabel(String),
+}
+
+impl DiskHealth {
+    pub fn state(&self) -> &'static str {
+        match self {
+            DiskHealth::Healthy => "healthy",
+            DiskHealth::Missing(_) => "missing",
+            DiskHealth::WrongLabel(_) => "wrong-label",
+        }
+    }
+
+    pub fn problem(&self) -> Option<&str> {
+        match self {
+            DiskHealth::Healthy => None,
+            DiskHealth::Missing(why) | DiskHealth::WrongLabel(why) => Some(why),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DiskStatus {
+    pub disk: DiskRow,
+    pub health: DiskHealth,
+    pub resources: Option<Resources>,
+    pub images: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct CopyInfo {
+    pub disk: String,
+    pub path: PathBuf,
+    pub healthy: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ImageInfo {
+    pub image: ImageRow,
+    pub copies: Vec<CopyInfo>,
+    pub holders: Vec<String>,
+    pub open_handles: u64,
+}
+
+impl ImageInfo {
+    /// "ready", or "degraded"/"failed" when healthy copies fall short of the policy.
+    pub fn state(&self) -> &'static str {
+        let healthy = self.copies.iter().filter(|c| c.healthy).count() as u32;
+        if healthy == 0 {
+            "failed"
+        } else if healthy < self.image.copies_wanted {
+            "degraded"
+        } else {
+            "ready"
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Imported {
+    pub name: String,
+    pub uuid: String,
+    pub size: u64,
+    pub sha512: String,
+    pub disks: Vec<String>,
+}
+
+pub struct Pool {
+    state_dir: PathBuf,
+    store: Store,
+    uuid: String,
+}
+
+fn import_token(uuid: &str) -> String {
+    format!("import-{uuid}")
+}
+
+impl Pool {
+    /// Creates a new, empty pool in `state_dir`.
+    pub fn init(state_dir: &Path) -> Result<Pool> {
+        fs::create_dir_all(state_dir)
+            .ctx(|| format!("cannot create state directory {}", state_dir.display()))?;
+        let store = Store::open(state_dir)?;
+        if let Some(uuid) = store.pool_uuid()? {
+            return Err(Error::PoolExists {
+                path: state_dir.to_path_buf(),
+                uuid,
+            });
+        }
+        let uuid = uuid::Uuid::new_v4().to_string();
+        store.create_pool(&uuid, now()).map_err(|e| match e {
+            // Two `init`s at once: the loser sees the winner's pool.
+            Error::Store { .. } => Error::PoolExists {
+                path: state_dir.to_path_buf(),
+                uuid: store.pool_uuid().ok().flatten().unwrap_or_default(),
+            },
+            other => other,
+        })?;
+        Ok(Pool {
+            state_dir: state_dir.to_path_buf(),
+            store,
+            uuid,
+        })
+    }
+
+    /// Opens the pool in `state_dir` and finishes or undoes whatever a dead process left.
+    pub fn open(state_dir: &Path) -> Result<Pool> {
+        if !state_dir.join(crate::store::DB_FILE).exists() {
+            return Err(Error::NoPool(state_dir.to_path_buf()));
+        }
+        let store = Store::open(state_dir)?;
+        let uuid = store
+            .pool_uuid()?
+            .ok_or_else(|| Error::NoPool(state_dir.to_path_buf()))?;
+        let pool = Pool {
+            state_dir: state_dir.to_path_buf(),
+            store,
+            uuid,
+        };
+        pool.recover()?;
+        Ok(pool)
+    }
+
+    pub fn uuid(&self) -> &str {
+        &self.uuid
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    // ---- disks ----
+
+    pub fn add_disk(&self, name: &str, path: &Path) -> Result<DiskRow> {
+        names::check_disk_name(name)?;
+        let path =
+            fs::canonicalize(path).ctx(|| format!("cannot use {} as a disk", path.display()))?;
+        if !path.is_dir() {
+            return Err(Error::Usage(format!(
+                "{} is not a directory: a disk is a directory, normally the mount point of its own filesystem",
+                path.display()
+            )));
+        }
+        if self.store.disks()?.iter().any(|d| d.name == name) {
+            return Err(Error::DiskExists(name.to_string()));
+        }
+        let layout = DiskLayout::new(&path);
+        let disk_uuid = match layout.read_label()? {
+            Some(label) if label.pool_uuid != self.uuid => {
+                return Err(Error::ForeignLabel {
+                    path,
+                    pool: label.pool_uuid,
+                })
+            }
+            Some(label) => {
+                if let Some(d) = self
+                    .store
+                    .disks()?
+                    .into_iter()
+                    .find(|d| d.uuid == label.disk_uuid)
+                {
+                    return Err(Error::DiskPathRegistered { path, disk: d.name });
+                }
+                // This pool's label on an unregistered directory: an earlier `disk add` died
+                // between labelling and registering. Adopt the disk.
+                label.disk_uuid
+            }
+            None => uuid::Uuid::new_v4().to_string(),
+        };
+        layout.create_dirs()?;
+        layout.write_label(&Label {
+            pool_uuid: self.uuid.clone(),
+            disk_uuid: disk_uuid.clone(),
+            disk_name: name.to_string(),
+            created: now(),
+        })?;
+        self.store.insert_disk(name, &path, &disk_uuid, now())
+    }
+
+    /// Checks that the disk at its path is the one registered.
+    pub fn disk_health(&self, disk: &DiskRow) -> DiskHealth {
+        check_label(&self.uuid, disk)
+    }
+
+    pub fn disk_status(&self) -> Result<Vec<DiskStatus>> {
+        let counts = self.store.copies_per_disk()?;
+        let mut out = Vec::new();
+        for disk in self.store.disks()? {
+            let health = self.disk_health(&disk);
+            let resources = match health {
+                DiskHealth::Missing(_) => None,
+                _ => resources::disk_resources(
+                    &self.store,
+                    &disk,
+                    Freshness::FreeWithin(resources::LISTING_FREE_TTL),
+                    now(),
+                )
+                .ok(),
+            };
+            let images = counts
+                .iter()
+                .find(|(id, _)| *id == disk.id)
+                .map_or(0, |(_, n)| *n);
+            out.push(DiskStatus {
+                disk,
+                health,
+                resources,
+                images,
+            });
+        }
+        Ok(out)
+    }
+
+    // ---- images ----
+
+    /// Imports the raw image `file` as `name`, stored on `copies` distinct disks.
+    pub fn add_image(
+        &self,
+        name: &str,
+        file: &Path,
+        copies: u32,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Imported> {
+        names::check_image_name(name)?;
+        if copies == 0 {
+            return Err(Error::Usage("--copies must be at least 1".into()));
+        }
+        let (source, size) = open_source(file)?;
+        let needed: u64 = sparse::data_extents(&source, size)
+            .ctx(|| format!("cannot read {}", file.display()))?
+            .iter()
+            .map(|(start, end)| end - start)
+            .sum();
+        let targets = self.place(name, needed, copies)?;
+
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let lock = OwnerLock::acquire(&self.state_dir, &import_token(&uuid))?;
+        let created = now();
+        let row = ImageRow {
+            id: 0,
+            name: name.to_string(),
+            uuid: uuid.clone(),
+            size,
+            sha512: String::new(),
+            real_size: 0,
+            state: ImageState::Importing,
+            copies_wanted: copies,
+            source: fs::canonicalize(file)
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned()),
+            created,
+            unreferenced_since: Some(created),
+        };
+        let disk_ids: Vec<i64> = targets.iter().map(|d| d.id).collect();
+        let id = match self.store.reserve_image(&row, &disk_ids) {
+            Ok(id) => id,
+            Err(e) => {
+                lock.release();
+                return Err(e);
+            }
+        };
+
+        let record = |sha512: &str| CopyRecord {
+            pool_uuid: self.uuid.clone(),
+            name: name.to_string(),
+            uuid: uuid.clone(),
+            size,
+            sha512: sha512.to_string(),
+            created,
+        };
+        let written = (|| -> Result<(String, u64)> {
+            let first = &targets[0];
+            let outcome = write_copy(first, &uuid, &source, size, None, progress)
+                .map_err(|e| self.write_error(name, first, needed, copies, e))?;
+            DiskLayout::new(&first.path).write_record(&record(&outcome.sha512))?;
+            let first_copy = DiskLayout::new(&first.path).copy_path(&uuid);
+            let real_size = fs::metadata(&first_copy)
+                .ctx(|| format!("cannot stat {}", first_copy.display()))?
+                .blocks()
+                * 512;
+            for disk in &targets[1..] {
+                let from = File::open(&first_copy)
+                    .ctx(|| format!("cannot open {}", first_copy.display()))?;
+                write_copy(disk, &uuid, &from, size, Some(&outcome.sha512), progress)
+                    .map_err(|e| self.write_error(name, disk, needed, copies, e))?;
+                DiskLayout::new(&disk.path).write_record(&record(&outcome.sha512))?;
+            }
+            Ok((outcome.sha512, real_size))
+        })();
+
+        let result = written.and_then(|(sha512, real_size)| {
+            self.store.commit_import(id, &sha512, real_size)?;
+            Ok(sha512)
+        });
+        match result {
+            Ok(sha512) => {
+                lock.release();
+                Ok(Imported {
+                    name: name.to_string(),
+                    uuid,
+                    size,
+                    sha512,
+                    disks: targets.into_iter().map(|d| d.name).collect(),
+                })
+            }
+            Err(e) => {
+                // Undo while still holding the lock, so no other process races the cleanup.
+                for disk in &targets {
+                    let _ = DiskLayout::new(&disk.path).remove_copy(&uuid);
+                }
+                let _ = self.store.delete_image(id);
+                lock.release();
+                Err(e)
+            }
+        }
+    }
+
+    fn write_error(&self, name: &str, disk: &DiskRow, needed: u64, copies: u32, e: Error) -> Error {
+        match &e {
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                Error::NoSpace {
+                    image: name.to_string(),
+                    needed,
+                    copies,
+                    detail: format!(
+                        "disk '{}' ({}) filled up during the import, nothing was kept",
+                        disk.name,
+                        disk.path.display()
+                    ),
+                }
+            }
+            _ => e,
+        }
+    }
+
+    /// Chooses the disks for `copies` copies of `needed` bytes of data, from fresh free space.
+    fn place(&self, name: &str, needed: u64, copies: u32) -> Result<Vec<DiskRow>> {
+        let disks = self.store.disks()?;
+        if disks.is_empty() {
+            return Err(Error::Usage(
+                "the pool has no disks: add one with `imgpool disk add NAME PATH`".into(),
+            ));
+        }
+        let mut candidates = Vec::new();
+        for disk in &disks {
+            if self.disk_health(disk) != DiskHealth::Healthy {
+                continue;
+            }
+            if let Ok(r) = resources::disk_resources(&self.store, disk, Freshness::FreshFree, now())
+            {
+                candidates.push(Candidate {
+                    disk_id: disk.id,
+                    name: disk.name.clone(),
+                    device: r.device,
+                    capacity: r.capacity,
+                    free: r.free,
+                });
+            }
+        }
+        let chosen =
+            placement::choose(&candidates, needed, copies).map_err(|detail| Error::NoSpace {
+                image: name.to_string(),
+                needed,
+                copies,
+                detail,
+            })?;
+        Ok(chosen
+            .into_iter()
+            .map(|id| disks.iter().find(|d| d.id == id).cloned().unwrap())
+            .collect())
+    }
+
+    /// Every ready image, with copies and holders.
+    pub fn images(&self) -> Result<Vec<ImageInfo>> {
+        let live = self.live_mount_ids()?;
+        let holders = self.store.holders(None)?;
+        let disks = self.store.disks()?;
+        let health: Vec<(i64, bool)> = disks
+            .iter()
+            .map(|d| (d.id, self.disk_health(d) == DiskHealth::Healthy))
+            .collect();
+        let mut out = Vec::new();
+        for image in self.store.images()? {
+            if image.state != ImageState::Ready {
+                continue;
+            }
+            out.push(self.info(image, &holders, &health, &live)?);
+        }
+        Ok(out)
+    }
+
+    pub fn image(&self, name: &str) -> Result<ImageInfo> {
+        let image = self
+            .store
+            .image_by_name(name)?
+            .filter(|i| i.state == ImageState::Ready)
+            .ok_or_else(|| Error::UnknownImage(name.to_string()))?;
+        let live = self.live_mount_ids()?;
+        let holders = self.store.holders(Some(name))?;
+        let health: Vec<(i64, bool)> = self
+            .store
+            .disks()?
+            .iter()
+            .map(|d| (d.id, self.disk_health(d) == DiskHealth::Healthy))
+            .collect();
+        self.info(image, &holders, &health, &live)
+    }
+
+    fn info(
+        &self,
+        image: ImageRow,
+        holders: &[HolderRow],
+        health: &[(i64, bool)],
+        live: &[i64],
+    ) -> Result<ImageInfo> {
+        let copies = self
+            .store
+            .copies_of(image.id)?
+            .into_iter()
+            .map(|disk| CopyInfo {
+                path: DiskLayout::new(&disk.path).copy_path(&image.uuid),
+                healthy: health.iter().any(|(id, ok)| *id == disk.id && *ok),
+                disk: disk.name,
+            })
+            .collect();
+        let holders = holders
+            .iter()
+            .filter(|h| h.image == image.name)
+            .map(|h| h.holder.clone())
+            .collect();
+        let open_handles = self.store.open_handles(image.id, live)?;
+        Ok(ImageInfo {
+            image,
+            copies,
+            holders,
+            open_handles,
+        })
+    }
+
+    /// Removes an image that no holder and no open file uses.
+    pub fn remove_image(&self, name: &str) -> Result<()> {
+        let live = self.live_mount_ids()?;
+        let image = self.store.begin_remove(name, &live)?;
+        self.finish_remove(&image)
+    }
+
+    /// Deletes the copies of an image marked for removal, then its rows. Idempotent: a removal
+    /// cut short (a crash, a missing disk) is finished by the next command.
+    fn finish_remove(&self, image: &ImageRow) -> Result<()> {
+        for disk in self.store.copies_of(image.id)? {
+            DiskLayout::new(&disk.path)
+                .remove_copy(&image.uuid)
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "image '{}' is removed from the pool but its copy on disk '{}' could not be deleted ({e}); any later imgpool command retries",
+                        image.name, disk.name
+                    ))
+                })?;
+        }
+        self.store.delete_image(image.id)
+    }
+
+    // ---- holders and gc ----
+
+    pub fn add_ref(&self, image: &str, holder: &str) -> Result<bool> {
+        names::check_holder(holder)?;
+        self.store.add_holder(image, holder, now())
+    }
+
+    pub fn remove_ref(&self, image: &str, holder: &str) -> Result<()> {
+        self.store.remove_holder(image, holder, now())
+    }
+
+    pub fn refs(&self, image: Option<&str>) -> Result<Vec<HolderRow>> {
+        if let Some(name) = image {
+            self.image(name)?;
+        }
+        self.store.holders(image)
+    }
+
+    /// Removes images that have had no holder for longer than `grace` and are not open. Returns
+    /// the names removed (or, with `dry_run`, that would be).
+    pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<Vec<String>> {
+        let cutoff = now() - grace.as_secs() as i64;
+        let mut removed = Vec::new();
+        for info in self.images()? {
+            let idle_since = match info.image.unreferenced_since {
+                Some(t) => t,
+                None => continue,
+            };
+            if !info.holders.is_empty() || info.open_handles > 0 || idle_since > cutoff {
+                continue;
+            }
+            if dry_run {
+                removed.push(info.image.name);
+                continue;
+            }
+            // Re-checked atomically: a holder or an open may have arrived since the listing.
+            match self.remove_image(&info.image.name) {
+                Ok(()) => removed.push(info.image.name),
+                Err(Error::InUse { .. })
+                | Err(Error::UnknownImage(_))
+                | Err(Error::ImageBusy(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(removed)
+    }
+
+    // ---- mounts ----
+
+    /// Mounts whose daemon is alive; rows of dead daemons are dropped on the way.
+    pub fn live_mounts(&self) -> Result<Vec<MountRow>> {
+        let mut live = Vec::new();
+        for mount in self.store.mounts()? {
+            match owner::check(&self.state_dir, &mount.owner) {
+                Owner::Alive => live.push(mount),
+                dead => {
+                    self.store.delete_mount(mount.id)?;
+                    dead.finish();
+                }
+            }
+        }
+        Ok(live)
+    }
+
+    fn live_mount_ids(&self) -> Result<Vec<i64>> {
+        Ok(self.live_mounts()?.iter().map(|m| m.id).collect())
+    }
+
+    // ---- recovery ----
+
+    /// Cleans up after processes that died mid-way: imports whose importer is gone lose their
+    /// reservation and files; removals are finished; stray temporary copies are deleted.
+    pub fn recover(&self) -> Result<()> {
+        self.live_mounts()?;
+        let images = self.store.images()?;
+        for image in &images {
+            match image.state {
+                ImageState::Ready => {}
+                ImageState::Removing => {
+                    if let Err(e) = self.finish_remove(image) {
+                        tracing::warn!("{e}");
+                    }
+                }
+                ImageState::Importing => {
+                    if let dead @ Owner::Dead(_) =
+                        owner::check(&self.state_dir, &import_token(&image.uuid))
+                    {
+                        for disk in self.store.copies_of(image.id)? {
+                            DiskLayout::new(&disk.path).remove_copy(&image.uuid)?;
+                        }
+                        self.store.delete_image(image.id)?;
+                        dead.finish();
+                    }
+                }
+            }
+        }
+        // Temporary copies that no image row explains (the metadata store was reset, say).
+        for disk in self.store.disks()? {
+            let layout = DiskLayout::new(&disk.path);
+            let Ok(tmp) = layout.tmp_copies() else {
+                continue;
+            };
+            for uuid in tmp {
+                if !self.store.images()?.iter().any(|i| i.uuid == uuid) {
+                    layout.remove_copy(&uuid)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn check_label(pool_uuid: &str, disk: &DiskRow) -> DiskHealth {
+    let layout = DiskLayout::new(&disk.path);
+    match layout.read_label() {
+        Ok(Some(label)) if label.pool_uuid != pool_uuid => DiskHealth::WrongLabel(format!(
+            "{} carries the label of another pool ({})",
+            disk.path.display(),
+            label.pool_uuid
+        )),
+        Ok(Some(label)) if label.disk_uuid != disk.uuid => DiskHealth::WrongLabel(format!(
+            "{} carries the label of another disk of this pool ({}); mount the right filesystem there",
+            disk.path.display(),
+            label.disk_uuid
+        )),
+        Ok(Some(_)) => DiskHealth::Healthy,
+        Ok(None) if disk.path.is_dir() => DiskHealth::WrongLabel(format!(
+            "{} carries no imgpool label: is the disk's filesystem mounted there?",
+            disk.path.display()
+        )),
+        Ok(None) => DiskHealth::Missing(format!("{} does not exist", disk.path.display())),
+        Err(e) => DiskHealth::Missing(e.to_string()),
+    }
+}
+
+/// Opens an image source: a regular file or a block device, never empty.
+fn open_source(file: &Path) -> Result<(File, u64)> {
+    let mut source =
+        File::open(file).ctx(|| format!("cannot open image file {}", file.display()))?;
+    let meta = source
+        .metadata()
+        .ctx(|| format!("cannot stat {}", file.display()))?;
+    let kind = meta.file_type();
+    if !(kind.is_file() || kind.is_block_device()) {
+        return Err(Error::Usage(format!(
+            "{} is not a regular file or block device: give the path of a raw image",
+            file.display()
+        )));
+    }
+    let size = source
+        .seek(SeekFrom::End(0))
+        .ctx(|| format!("cannot read the size of {}", file.display()))?;
+    if size == 0 {
+        return Err(Error::Usage(format!(
+            "{} is empty: an image needs at least one byte",
+            file.display()
+        )));
+    }
+    Ok((source, size))
+}
+
+/// Writes one copy on `disk`: temporary name, data, fsync, rename, fsync of the directory.
+/// With `expect`, the copy's digest must match it (a copy made from another copy).
+fn write_copy(
+    disk: &DiskRow,
+    uuid: &str,
+    from: &File,
+    size: u64,
+    expect: Option<&str>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<sparse::CopyOutcome> {
+    let layout = DiskLayout::new(&disk.path);
+    layout.create_dirs()?;
+    let tmp = layout.tmp_copy_path(uuid);
+    let dst = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o444)
+        .open(&tmp)
+        .ctx(|| format!("cannot create {}", tmp.display()))?;
+    let outcome = sparse::copy_sparse(from, &dst, size, &mut |done| progress(done, size))
+        .and_then(|o| dst.sync_all().map(|()| o))
+        .ctx(|| format!("cannot write {}", tmp.display()))?;
+    if let Some(expected) = expect {
+        if outcome.sha512 != expected {
+            return Err(Error::io(
+                format!("copy on disk '{}' does not match its source", disk.name),
+                io::Error::new(io::ErrorKind::InvalidData, "SHA-512 mismatch"),
+            ));
+        }
+    }
+    let target = layout.copy_path(uuid);
+    fs::rename(&tmp, &target).ctx(|| format!("cannot rename {}", tmp.display()))?;
+    crate::disk::fsync_dir(target.parent().unwrap())?;
+    Ok(outcome)
+}

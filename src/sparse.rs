@@ -1,0 +1,224 @@
+//! Sparse-aware copying with a running SHA-512: the data path of import (and, later, of copy
+//! redistribution). Holes in the source are found with SEEK_DATA/SEEK_HOLE and skipped; all-zero
+//! blocks inside data are not written either. The digest covers the whole logical content,
+//! holes included, so it equals `sha512sum` of the file.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+
+use sha2::{Digest, Sha512};
+
+/// The unit of hole detection inside data extents: a filesystem block.
+pub const BLOCK: usize = 4096;
+const BUF: usize = 1 << 20;
+static ZEROS: [u8; BUF] = [0; BUF];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyOutcome {
+    /// Hex SHA-512 of the whole logical content.
+    pub sha512: String,
+    /// Bytes actually written to the destination.
+    pub written: u64,
+}
+
+/// The data extents of `file` below `size`, as (start, end) byte ranges. Filesystems without
+/// SEEK_DATA support report the whole file as one extent.
+pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let fd = file.as_raw_fd();
+    let mut extents = Vec::new();
+    let mut pos = 0u64;
+    while pos < size {
+        // SAFETY: lseek on an owned descriptor; no memory is passed.
+        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
+        if data < 0 {
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ENXIO) => break, // only a hole is left
+                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if pos == 0 => {
+                    return Ok(vec![(0, size)]);
+                }
+                _ => return Err(err),
+            }
+        }
+        let data = data as u64;
+        if data >= size {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let end = (hole as u64).min(size);
+        extents.push((data, end));
+        pos = end;
+    }
+    Ok(extents)
+}
+
+/// Copies the first `size` bytes of `src` into `dst` (which must be empty), leaving holes where
+/// the source has holes or all-zero blocks. `progress` is told how many logical bytes are done.
+pub fn copy_sparse(
+    src: &File,
+    dst: &File,
+    size: u64,
+    progress: &mut dyn FnMut(u64),
+) -> io::Result<CopyOutcome> {
+    let mut hasher = Sha512::new();
+    let mut buf = vec![0u8; BUF];
+    let mut written = 0u64;
+    let mut hashed = 0u64;
+
+    let hash_zeros_to = |hasher: &mut Sha512, hashed: &mut u64, to: u64| {
+        while *hashed < to {
+            let n = (to - *hashed).min(BUF as u64) as usize;
+            hasher.update(&ZEROS[..n]);
+            *hashed += n as u64;
+        }
+    };
+
+    for (start, end) in data_extents(src, size)? {
+        hash_zeros_to(&mut hasher, &mut hashed, start);
+        let mut pos = start;
+        while pos < end {
+            let want = (end - pos).min(BUF as u64) as usize;
+            let n = read_full_at(src, &mut buf[..want], pos)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("source ended at byte {pos}, expected {size} bytes"),
+                ));
+            }
+            let chunk = &buf[..n];
+            hasher.update(chunk);
+            written += write_nonzero_blocks(dst, chunk, pos)?;
+            pos += n as u64;
+            hashed = pos;
+            progress(pos);
+        }
+    }
+    hash_zeros_to(&mut hasher, &mut hashed, size);
+    dst.set_len(size)?;
+    progress(size);
+    Ok(CopyOutcome {
+        sha512: hex::encode(hasher.finalize()),
+        written,
+    })
+}
+
+/// Writes the runs of non-zero blocks of `chunk` (which sits at `offset`); returns bytes written.
+fn write_nonzero_blocks(dst: &File, chunk: &[u8], offset: u64) -> io::Result<u64> {
+    let mut written = 0;
+    let mut run_start: Option<usize> = None;
+    let mut at = 0;
+    while at <= chunk.len() {
+        let block = &chunk[at..(at + BLOCK).min(chunk.len())];
+        let zero = block.is_empty() || block.iter().all(|&b| b == 0);
+        match (zero, run_start) {
+            (false, None) => run_start = Some(at),
+            (true, Some(start)) => {
+                dst.write_all_at(&chunk[start..at], offset + start as u64)?;
+                written += (at - start) as u64;
+                run_start = None;
+            }
+            _ => {}
+        }
+        if block.is_empty() {
+            break;
+        }
+        at += block.len();
+    }
+    Ok(written)
+}
+
+/// `pread` until `buf` is full or the file ends; returns the bytes read.
+pub fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn sha512_hex(bytes: &[u8]) -> String {
+        hex::encode(Sha512::digest(bytes))
+    }
+
+    #[test]
+    fn copies_bytes_and_skips_holes_and_zero_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let size: u64 = 64 << 20;
+        let src_path = dir.path().join("src");
+        let src = File::create(&src_path).unwrap();
+        src.set_len(size).unwrap();
+        let data: Vec<u8> = (0..3 * BLOCK).map(|i| (i % 251 + 1) as u8).collect();
+        src.write_all_at(&data, 8 << 20).unwrap();
+        // An explicitly written zero block: data on disk, but nothing to copy.
+        src.write_all_at(&[0u8; BLOCK], 20 << 20).unwrap();
+        src.write_all_at(b"tail", size - 4).unwrap();
+        src.sync_all().unwrap();
+
+        let dst_path = dir.path().join("dst");
+        let dst = File::create(&dst_path).unwrap();
+        let mut last = 0;
+        let outcome = copy_sparse(&File::open(&src_path).unwrap(), &dst, size, &mut |p| {
+            last = p
+        })
+        .unwrap();
+        dst.sync_all().unwrap();
+
+        let copied = std::fs::read(&dst_path).unwrap();
+        let original = std::fs::read(&src_path).unwrap();
+        assert!(copied == original, "copy differs from source");
+        assert_eq!(outcome.sha512, sha512_hex(&original));
+        // Three data blocks plus the last block, which holds "tail".
+        assert_eq!(outcome.written, (4 * BLOCK) as u64);
+        assert_eq!(last, size);
+        let allocated = std::fs::metadata(&dst_path).unwrap().blocks() * 512;
+        assert!(
+            allocated <= 64 * 1024,
+            "destination not sparse: {allocated} bytes"
+        );
+    }
+
+    #[test]
+    fn extents_of_a_dense_and_an_empty_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let dense = dir.path().join("dense");
+        std::fs::write(&dense, vec![1u8; 10_000]).unwrap();
+        let extents = data_extents(&File::open(&dense).unwrap(), 10_000).unwrap();
+        assert_eq!(extents.first().unwrap().0, 0);
+        assert_eq!(extents.last().unwrap().1, 10_000);
+
+        let empty = dir.path().join("empty");
+        let f = File::create(&empty).unwrap();
+        f.set_len(1 << 20).unwrap();
+        assert!(data_extents(&f, 1 << 20).unwrap().is_empty());
+    }
+
+    #[test]
+    fn only_nonzero_blocks_are_written_including_a_short_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst_path = dir.path().join("dst");
+        let dst = File::create(&dst_path).unwrap();
+        let mut chunk = vec![0u8; 3 * BLOCK + 10];
+        chunk[0] = 1; // block 0
+        chunk[2 * BLOCK + 5] = 2; // block 2
+        chunk[3 * BLOCK + 9] = 3; // the 10-byte tail
+        let written = write_nonzero_blocks(&dst, &chunk, 0).unwrap();
+        assert_eq!(written, (BLOCK + BLOCK + 10) as u64);
+        assert_eq!(std::fs::read(&dst_path).unwrap(), chunk);
+    }
+}

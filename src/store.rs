@@ -1,0 +1,686 @@
+//! The node's metadata store: disks, images, copies, holders, mounts and open handles, in SQLite
+//! (WAL) under the state directory. Every change that must be atomic is one IMMEDIATE
+//! transaction, so concurrent CLI commands and the mount daemon serialise on the database rather
+//! than on files.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use crate::error::{Error, Result};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS pool (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    uuid TEXT NOT NULL,
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS disks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL UNIQUE,
+    uuid TEXT NOT NULL UNIQUE,
+    added INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS disk_resources (
+    disk_id INTEGER PRIMARY KEY REFERENCES disks(id) ON DELETE CASCADE,
+    fs_type TEXT NOT NULL,
+    device INTEGER NOT NULL,
+    capacity INTEGER NOT NULL,
+    static_at INTEGER NOT NULL,
+    free INTEGER NOT NULL,
+    free_at INTEGER NOT NULL
+);
+-- Ids are AUTOINCREMENT so that they are never reused: the mount derives inode numbers from them.
+CREATE TABLE IF NOT EXISTS images (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    uuid TEXT NOT NULL UNIQUE,
+    size INTEGER NOT NULL,
+    sha512 TEXT NOT NULL DEFAULT '',
+    real_size INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL CHECK (state IN ('importing', 'ready', 'removing')),
+    copies_wanted INTEGER NOT NULL,
+    source TEXT,
+    created INTEGER NOT NULL,
+    unreferenced_since INTEGER
+);
+CREATE TABLE IF NOT EXISTS copies (
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    disk_id INTEGER NOT NULL REFERENCES disks(id),
+    PRIMARY KEY (image_id, disk_id)
+);
+CREATE TABLE IF NOT EXISTS holders (
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    holder TEXT NOT NULL,
+    added INTEGER NOT NULL,
+    PRIMARY KEY (image_id, holder)
+);
+CREATE TABLE IF NOT EXISTS mounts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    mountpoint TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    started INTEGER NOT NULL,
+    owner TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS open_handles (
+    mount_id INTEGER NOT NULL REFERENCES mounts(id) ON DELETE CASCADE,
+    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (mount_id, image_id)
+);
+"#;
+
+pub const DB_FILE: &str = "pool.db";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageState {
+    /// Reserved by an import that has not committed: never visible in the mount.
+    Importing,
+    Ready,
+    /// Being removed: invisible, and any command may finish the removal.
+    Removing,
+}
+
+impl ImageState {
+    fn parse(s: &str) -> Self {
+        match s {
+            "importing" => ImageState::Importing,
+            "ready" => ImageState::Ready,
+            _ => ImageState::Removing,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRow {
+    pub id: i64,
+    pub name: String,
+    pub path: PathBuf,
+    pub uuid: String,
+    pub added: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRow {
+    pub id: i64,
+    pub name: String,
+    pub uuid: String,
+    pub size: u64,
+    pub sha512: String,
+    pub real_size: u64,
+    pub state: ImageState,
+    pub copies_wanted: u32,
+    pub source: Option<String>,
+    pub created: i64,
+    pub unreferenced_since: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HolderRow {
+    pub image: String,
+    pub holder: String,
+    pub added: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountRow {
+    pub id: i64,
+    pub mountpoint: PathBuf,
+    pub pid: u32,
+    pub started: i64,
+    /// The liveness lock the daemon holds while it runs (see `owner`).
+    pub owner: String,
+}
+
+/// Cached facts about a disk's filesystem, with the time each part was read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceRow {
+    pub fs_type: String,
+    pub device: u64,
+    pub capacity: u64,
+    pub static_at: i64,
+    pub free: u64,
+    pub free_at: i64,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+const IMAGE_COLUMNS: &str = "id, name, uuid, size, sha512, real_size, state, copies_wanted, source, created, unreferenced_since";
+
+fn image_from_row(row: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        uuid: row.get(2)?,
+        size: row.get::<_, i64>(3)? as u64,
+        sha512: row.get(4)?,
+        real_size: row.get::<_, i64>(5)? as u64,
+        state: ImageState::parse(&row.get::<_, String>(6)?),
+        copies_wanted: row.get(7)?,
+        source: row.get(8)?,
+        created: row.get(9)?,
+        unreferenced_since: row.get(10)?,
+    })
+}
+
+fn disk_from_row(row: &rusqlite::Row) -> rusqlite::Result<DiskRow> {
+    Ok(DiskRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        path: PathBuf::from(row.get::<_, String>(2)?),
+        uuid: row.get(3)?,
+        added: row.get(4)?,
+    })
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
+impl Store {
+    /// Opens the store in `state_dir`; `create` makes a new one (refusing an existing one is the
+    /// caller's business: it knows whether a pool row exists).
+    pub fn open(state_dir: &Path) -> Result<Store> {
+        let path = state_dir.join(DB_FILE);
+        let conn = Connection::open(&path).map_err(|source| Error::Store {
+            path: path.clone(),
+            source,
+        })?;
+        let store = Store {
+            conn: Mutex::new(conn),
+            path,
+        };
+        store.run(|c| {
+            c.busy_timeout(Duration::from_secs(30))?;
+            c.pragma_update(None, "journal_mode", "WAL")?;
+            c.pragma_update(None, "synchronous", "FULL")?;
+            c.pragma_update(None, "foreign_keys", "ON")?;
+            c.execute_batch(SCHEMA)
+        })?;
+        Ok(store)
+    }
+
+    fn err(&self, source: rusqlite::Error) -> Error {
+        Error::Store {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn run<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
+        f(&self.conn.lock()).map_err(|e| self.err(e))
+    }
+
+    /// Runs `f` in one IMMEDIATE transaction: it takes the write lock up front, so a
+    /// check-then-change inside `f` cannot race another process.
+    fn write<T>(&self, f: impl FnOnce(&rusqlite::Transaction) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn.lock();
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
+        let value = f(&tx)?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(value)
+    }
+
+    /// A counter that changes whenever another connection commits: a cheap way for the mount
+    /// daemon to notice CLI changes.
+    pub fn data_version(&self) -> Result<i64> {
+        self.run(|c| c.query_row("PRAGMA data_version", [], |r| r.get(0)))
+    }
+
+    // ---- pool ----
+
+    pub fn pool_uuid(&self) -> Result<Option<String>> {
+        self.run(|c| {
+            c.query_row("SELECT uuid FROM pool WHERE id = 1", [], |r| r.get(0))
+                .optional()
+        })
+    }
+
+    pub fn create_pool(&self, uuid: &str, now: i64) -> Result<()> {
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO pool (id, uuid, created) VALUES (1, ?1, ?2)",
+                params![uuid, now],
+            )
+            .map(|_| ())
+        })
+    }
+
+    // ---- disks ----
+
+    pub fn insert_disk(&self, name: &str, path: &Path, uuid: &str, now: i64) -> Result<DiskRow> {
+        self.write(|tx| {
+            if let Some(existing) = tx
+                .query_row(
+                    "SELECT name FROM disks WHERE path = ?1",
+                    [path.to_string_lossy()],
+                    |r| r.get::<_, String>(0),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?
+            {
+                return Err(Error::DiskPathRegistered {
+                    path: path.to_path_buf(),
+                    disk: existing,
+                });
+            }
+            tx.execute(
+                "INSERT INTO disks (name, path, uuid, added) VALUES (?1, ?2, ?3, ?4)",
+                params![name, path.to_string_lossy(), uuid, now],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    Error::DiskExists(name.to_string())
+                } else {
+                    self.err(e)
+                }
+            })?;
+            Ok(DiskRow {
+                id: tx.last_insert_rowid(),
+                name: name.to_string(),
+                path: path.to_path_buf(),
+                uuid: uuid.to_string(),
+                added: now,
+            })
+        })
+    }
+
+    pub fn disks(&self) -> Result<Vec<DiskRow>> {
+        self.run(|c| {
+            let mut stmt =
+                c.prepare("SELECT id, name, path, uuid, added FROM disks ORDER BY name")?;
+            let rows = stmt.query_map([], disk_from_row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn disk_by_name(&self, name: &str) -> Result<DiskRow> {
+        self.run(|c| {
+            c.query_row(
+                "SELECT id, name, path, uuid, added FROM disks WHERE name = ?1",
+                [name],
+                disk_from_row,
+            )
+            .optional()
+        })?
+        .ok_or_else(|| Error::UnknownDisk(name.to_string()))
+    }
+
+    /// Number of committed copies on each disk, by disk id.
+    pub fn copies_per_disk(&self) -> Result<Vec<(i64, u64)>> {
+        self.run(|c| {
+            let mut stmt = c.prepare(
+                "SELECT c.disk_id, COUNT(*) FROM copies c JOIN images i ON i.id = c.image_id
+                 WHERE i.state = 'ready' GROUP BY c.disk_id",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+            rows.collect()
+        })
+    }
+
+    pub fn resources(&self, disk_id: i64) -> Result<Option<ResourceRow>> {
+        self.run(|c| {
+            c.query_row(
+                "SELECT fs_type, device, capacity, static_at, free, free_at
+                 FROM disk_resources WHERE disk_id = ?1",
+                [disk_id],
+                |r| {
+                    Ok(ResourceRow {
+                        fs_type: r.get(0)?,
+                        device: r.get::<_, i64>(1)? as u64,
+                        capacity: r.get::<_, i64>(2)? as u64,
+                        static_at: r.get(3)?,
+                        free: r.get::<_, i64>(4)? as u64,
+                        free_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    pub fn save_resources(&self, disk_id: i64, r: &ResourceRow) -> Result<()> {
+        self.run(|c| {
+            c.execute(
+                "INSERT OR REPLACE INTO disk_resources
+                 (disk_id, fs_type, device, capacity, static_at, free, free_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    disk_id,
+                    r.fs_type,
+                    r.device as i64,
+                    r.capacity as i64,
+                    r.static_at,
+                    r.free as i64,
+                    r.free_at
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    // ---- images ----
+
+    /// Reserves `name` for an import: the row is invisible until `commit_import`.
+    pub fn reserve_image(&self, image: &ImageRow, disk_ids: &[i64]) -> Result<i64> {
+        self.write(|tx| {
+            let existing: Option<String> = tx
+                .query_row(
+                    "SELECT state FROM images WHERE name = ?1",
+                    [&image.name],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?;
+            match existing.as_deref().map(ImageState::parse) {
+                Some(ImageState::Ready) => return Err(Error::ImageExists(image.name.clone())),
+                Some(_) => return Err(Error::ImageBusy(image.name.clone())),
+                None => {}
+            }
+            tx.execute(
+                "INSERT INTO images (name, uuid, size, state, copies_wanted, source, created, unreferenced_since)
+                 VALUES (?1, ?2, ?3, 'importing', ?4, ?5, ?6, ?6)",
+                params![
+                    image.name,
+                    image.uuid,
+                    image.size as i64,
+                    image.copies_wanted,
+                    image.source,
+                    image.created
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+            let id = tx.last_insert_rowid();
+            for disk_id in disk_ids {
+                tx.execute(
+                    "INSERT INTO copies (image_id, disk_id) VALUES (?1, ?2)",
+                    params![id, disk_id],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+            Ok(id)
+        })
+    }
+
+    /// Makes an import visible: the last step, after every copy is durable on its disk.
+    pub fn commit_import(&self, id: i64, sha512: &str, real_size: u64) -> Result<()> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE images SET state = 'ready', sha512 = ?2, real_size = ?3 WHERE id = ?1",
+                params![id, sha512, real_size as i64],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageRow>> {
+        self.run(|c| {
+            let mut stmt =
+                c.prepare(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"))?;
+            let rows = stmt.query_map([], image_from_row)?;
+            rows.collect()
+        })
+    }
+
+    pub fn image_by_name(&self, name: &str) -> Result<Option<ImageRow>> {
+        self.run(|c| {
+            c.query_row(
+                &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1"),
+                [name],
+                image_from_row,
+            )
+            .optional()
+        })
+    }
+
+    /// The disks holding copies of an image, in the order they were placed.
+    pub fn copies_of(&self, image_id: i64) -> Result<Vec<DiskRow>> {
+        self.run(|c| {
+            let mut stmt = c.prepare(
+                "SELECT d.id, d.name, d.path, d.uuid, d.added FROM copies c
+                 JOIN disks d ON d.id = c.disk_id WHERE c.image_id = ?1 ORDER BY c.rowid",
+            )?;
+            let rows = stmt.query_map([image_id], disk_from_row)?;
+            rows.collect()
+        })
+    }
+
+    /// All (image id, disk id) copy pairs, for building the mount's catalog in one query.
+    pub fn all_copies(&self) -> Result<Vec<(i64, i64)>> {
+        self.run(|c| {
+            let mut stmt = c.prepare("SELECT image_id, disk_id FROM copies ORDER BY rowid")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
+    /// Marks a ready image for removal if nothing uses it. `live_mounts` are the mounts whose
+    /// daemons are alive: handles of dead daemons do not count.
+    pub fn begin_remove(&self, name: &str, live_mounts: &[i64]) -> Result<ImageRow> {
+        self.write(|tx| {
+            let image = tx
+                .query_row(
+                    &format!("SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1"),
+                    [name],
+                    image_from_row,
+                )
+                .optional()
+                .map_err(|e| self.err(e))?;
+            let image = match image {
+                Some(image) if image.state == ImageState::Ready => image,
+                Some(_) => return Err(Error::ImageBusy(name.to_string())),
+                None => return Err(Error::UnknownImage(name.to_string())),
+            };
+            let holders = holders_in(tx, image.id).map_err(|e| self.err(e))?;
+            let open_handles =
+                open_handles_in(tx, image.id, live_mounts).map_err(|e| self.err(e))?;
+            if !holders.is_empty() || open_handles > 0 {
+                return Err(Error::InUse {
+                    name: name.to_string(),
+                    holders,
+                    open_handles,
+                });
+            }
+            tx.execute(
+                "UPDATE images SET state = 'removing' WHERE id = ?1",
+                [image.id],
+            )
+            .map_err(|e| self.err(e))?;
+            Ok(image)
+        })
+    }
+
+    /// Deletes an image's rows (its copies, holders and handles go with it).
+    pub fn delete_image(&self, id: i64) -> Result<()> {
+        self.run(|c| {
+            c.execute("DELETE FROM images WHERE id = ?1", [id])
+                .map(|_| ())
+        })
+    }
+
+    // ---- holders ----
+
+    pub fn add_holder(&self, image: &str, holder: &str, now: i64) -> Result<bool> {
+        self.write(|tx| {
+            let id = ready_image_id(tx, image).map_err(|e| self.err(e))?;
+            let id = id.ok_or_else(|| Error::UnknownImage(image.to_string()))?;
+            let inserted = tx
+                .execute(
+                    "INSERT OR IGNORE INTO holders (image_id, holder, added) VALUES (?1, ?2, ?3)",
+                    params![id, holder, now],
+                )
+                .map_err(|e| self.err(e))?;
+            tx.execute(
+                "UPDATE images SET unreferenced_since = NULL WHERE id = ?1",
+                [id],
+            )
+            .map_err(|e| self.err(e))?;
+            Ok(inserted > 0)
+        })
+    }
+
+    pub fn remove_holder(&self, image: &str, holder: &str, now: i64) -> Result<()> {
+        self.write(|tx| {
+            let id = ready_image_id(tx, image).map_err(|e| self.err(e))?;
+            let id = id.ok_or_else(|| Error::UnknownImage(image.to_string()))?;
+            let removed = tx
+                .execute(
+                    "DELETE FROM holders WHERE image_id = ?1 AND holder = ?2",
+                    params![id, holder],
+                )
+                .map_err(|e| self.err(e))?;
+            if removed == 0 {
+                return Err(Error::UnknownHolder {
+                    image: image.to_string(),
+                    holder: holder.to_string(),
+                });
+            }
+            // The grace period of `gc` starts when the last holder lets go.
+            tx.execute(
+                "UPDATE images SET unreferenced_since = ?2 WHERE id = ?1
+                 AND NOT EXISTS (SELECT 1 FROM holders WHERE image_id = ?1)",
+                params![id, now],
+            )
+            .map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+
+    pub fn holders(&self, image: Option<&str>) -> Result<Vec<HolderRow>> {
+        self.run(|c| {
+            let mut stmt = c.prepare(
+                "SELECT i.name, h.holder, h.added FROM holders h JOIN images i ON i.id = h.image_id
+                 WHERE i.state = 'ready' AND (?1 IS NULL OR i.name = ?1) ORDER BY i.name, h.holder",
+            )?;
+            let rows = stmt.query_map([image], |r| {
+                Ok(HolderRow {
+                    image: r.get(0)?,
+                    holder: r.get(1)?,
+                    added: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn open_handles(&self, image_id: i64, live_mounts: &[i64]) -> Result<u64> {
+        self.run(|c| open_handles_in(c, image_id, live_mounts))
+    }
+
+    // ---- mounts and their open handles ----
+
+    pub fn insert_mount(&self, mountpoint: &Path, pid: u32, now: i64, owner: &str) -> Result<i64> {
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO mounts (mountpoint, pid, started, owner) VALUES (?1, ?2, ?3, ?4)",
+                params![mountpoint.to_string_lossy(), pid, now, owner],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    pub fn delete_mount(&self, id: i64) -> Result<()> {
+        self.run(|c| {
+            c.execute("DELETE FROM mounts WHERE id = ?1", [id])
+                .map(|_| ())
+        })
+    }
+
+    pub fn mounts(&self) -> Result<Vec<MountRow>> {
+        self.run(|c| {
+            let mut stmt =
+                c.prepare("SELECT id, mountpoint, pid, started, owner FROM mounts ORDER BY id")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(MountRow {
+                    id: r.get(0)?,
+                    mountpoint: PathBuf::from(r.get::<_, String>(1)?),
+                    pid: r.get(2)?,
+                    started: r.get(3)?,
+                    owner: r.get(4)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Records one more open file of a ready image through a mount; `false` when the image is
+    /// gone or going (the open must then fail).
+    pub fn open_handle(&self, mount_id: i64, image_id: i64) -> Result<bool> {
+        self.write(|tx| {
+            let ready: bool = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM images WHERE id = ?1 AND state = 'ready'",
+                    [image_id],
+                    |r| r.get::<_, i64>(0),
+                )
+                .map_err(|e| self.err(e))?
+                > 0;
+            if ready {
+                tx.execute(
+                    "INSERT INTO open_handles (mount_id, image_id, count) VALUES (?1, ?2, 1)
+                     ON CONFLICT (mount_id, image_id) DO UPDATE SET count = count + 1",
+                    params![mount_id, image_id],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+            Ok(ready)
+        })
+    }
+
+    pub fn close_handle(&self, mount_id: i64, image_id: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE open_handles SET count = count - 1 WHERE mount_id = ?1 AND image_id = ?2",
+                params![mount_id, image_id],
+            )
+            .and_then(|_| {
+                tx.execute(
+                    "DELETE FROM open_handles WHERE count <= 0 AND mount_id = ?1",
+                    [mount_id],
+                )
+            })
+            .map_err(|e| self.err(e))?;
+            Ok(())
+        })
+    }
+}
+
+fn ready_image_id(c: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
+    c.query_row(
+        "SELECT id FROM images WHERE name = ?1 AND state = 'ready'",
+        [name],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+fn holders_in(c: &Connection, image_id: i64) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = c.prepare("SELECT holder FROM holders WHERE image_id = ?1 ORDER BY holder")?;
+    let rows = stmt.query_map([image_id], |r| r.get(0))?;
+    rows.collect()
+}
+
+fn open_handles_in(c: &Connection, image_id: i64, live_mounts: &[i64]) -> rusqlite::Result<u64> {
+    let mut stmt = c.prepare("SELECT mount_id, count FROM open_handles WHERE image_id = ?1")?;
+    let rows = stmt.query_map([image_id], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+    })?;
+    let mut total = 0;
+    for row in rows {
+        let (mount_id, count) = row?;
+        if live_mounts.contains(&mount_id) {
+            total += count.max(0) as u64;
+        }
+    }
+    Ok(total)
+}
