@@ -38,23 +38,27 @@ fn try_flock(file: &File) -> io::Result<bool> {
 }
 
 impl OwnerLock {
-    /// Takes the lock named `token` (a fresh uuid, so nobody else holds it).
+    /// Takes the lock named `token` (a fresh uuid, so nobody else holds it). The file is locked
+    /// under a temporary name and renamed into place, so a lock file is never seen unlocked
+    /// while its owner lives.
     pub fn acquire(state_dir: &Path, token: &str) -> Result<OwnerLock> {
         let dir = state_dir.join(LOCKS_DIR);
         fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
         let path = lock_path(state_dir, token);
+        let staging = dir.join(format!(".{token}.new"));
         let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
-            .open(&path)
-            .ctx(|| format!("cannot create lock {}", path.display()))?;
-        if !try_flock(&file).ctx(|| format!("cannot lock {}", path.display()))? {
+            .open(&staging)
+            .ctx(|| format!("cannot create lock {}", staging.display()))?;
+        if !try_flock(&file).ctx(|| format!("cannot lock {}", staging.display()))? {
             return Err(crate::error::Error::io(
-                format!("lock {} is held by another process", path.display()),
+                format!("lock {} is held by another process", staging.display()),
                 io::Error::from(io::ErrorKind::WouldBlock),
             ));
         }
+        fs::rename(&staging, &path).ctx(|| format!("cannot create lock {}", path.display()))?;
         Ok(OwnerLock { path, _file: file })
     }
 
@@ -94,6 +98,24 @@ pub fn check(state_dir: &Path, token: &str) -> Owner {
     }
 }
 
+/// Removes the lock files of dead owners that no record refers to (an owner that died after
+/// taking its lock but before recording its work). `referenced` tells which tokens are recorded;
+/// those are left to whoever cleans up the recorded work.
+pub fn sweep(state_dir: &Path, referenced: impl Fn(&str) -> bool) {
+    let Ok(entries) = fs::read_dir(state_dir.join(LOCKS_DIR)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(token) = name.to_str().and_then(|n| n.strip_suffix(".lock")) else {
+            continue;
+        };
+        if !referenced(token) {
+            check(state_dir, token).finish();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,5 +133,19 @@ mod tests {
         owner.finish();
         assert!(matches!(check(dir.path(), "t1"), Owner::Dead(None)));
         assert!(!lock_path(dir.path(), "t1").exists());
+    }
+
+    #[test]
+    fn sweep_removes_only_dead_unreferenced_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = OwnerLock::acquire(dir.path(), "live").unwrap();
+        drop(OwnerLock::acquire(dir.path(), "dead").unwrap());
+        drop(OwnerLock::acquire(dir.path(), "recorded").unwrap());
+        sweep(dir.path(), |token| token == "recorded");
+        assert!(matches!(check(dir.path(), "live"), Owner::Alive));
+        assert!(!lock_path(dir.path(), "dead").exists());
+        assert!(lock_path(dir.path(), "recorded").exists());
+        live.release();
+        assert!(!lock_path(dir.path(), "live").exists());
     }
 }

@@ -583,15 +583,28 @@ impl Pool {
                     if let dead @ Owner::Dead(_) =
                         owner::check(&self.state_dir, &import_token(&image.uuid))
                     {
+                        // A disk that cannot be cleaned now keeps the reservation for later.
+                        let mut cleaned = true;
                         for disk in self.store.copies_of(image.id)? {
-                            DiskLayout::new(&disk.path).remove_copy(&image.uuid)?;
+                            if let Err(e) = DiskLayout::new(&disk.path).remove_copy(&image.uuid) {
+                                tracing::warn!("cannot clean up import of '{}': {e}", image.name);
+                                cleaned = false;
+                            }
                         }
-                        self.store.delete_image(image.id)?;
-                        dead.finish();
+                        if cleaned {
+                            self.store.delete_image(image.id)?;
+                            dead.finish();
+                        }
                     }
                 }
             }
         }
+        let images = self.store.images()?;
+        let mounts = self.store.mounts()?;
+        owner::sweep(&self.state_dir, |token| {
+            images.iter().any(|i| import_token(&i.uuid) == token)
+                || mounts.iter().any(|m| m.owner == token)
+        });
         // Temporary copies that no image row explains (the metadata store was reset, say).
         for disk in self.store.disks()? {
             let layout = DiskLayout::new(&disk.path);
@@ -599,8 +612,11 @@ impl Pool {
                 continue;
             };
             for uuid in tmp {
+                // Asked afresh: an import reserves its row before it creates its file.
                 if !self.store.images()?.iter().any(|i| i.uuid == uuid) {
-                    layout.remove_copy(&uuid)?;
+                    if let Err(e) = layout.remove_copy(&uuid) {
+                        tracing::warn!("cannot remove stray copy {uuid} on '{}': {e}", disk.name);
+                    }
                 }
             }
         }

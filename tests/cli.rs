@@ -1,0 +1,431 @@
+//! The command line as an operator meets it: errors, disk labels, a full disk, `kill -9` in the
+//! middle of an import, and several commands at once.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Files the pool keeps for copies on a disk, committed or temporary.
+fn pool_files(disk: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    for sub in ["copies", "tmp"] {
+        if let Ok(entries) = fs::read_dir(disk.join(".imgpool").join(sub)) {
+            files.extend(entries.map(|e| e.unwrap().path().display().to_string()));
+        }
+    }
+    files.sort();
+    files
+}
+
+#[test]
+fn init_twice_is_refused_and_commands_need_a_pool() {
+    let pool = TestPool::empty();
+    let line = pool.fails(&["init"]);
+    assert!(line.contains("already exists"), "{line}");
+
+    let elsewhere = pool.path("no-pool");
+    let out = Command::new(BIN)
+        .args(["--state-dir", elsewhere.to_str().unwrap(), "image", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("imgpool init"), "{stderr}");
+}
+
+#[test]
+fn bad_names_are_refused_with_one_line() {
+    let pool = TestPool::new(1);
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 3);
+    let long = "x".repeat(256);
+    for name in ["a/b", "..", "x..y", "", long.as_str()] {
+        let line = pool.fails(&["image", "add", name, source.to_str().unwrap()]);
+        assert!(line.contains("invalid image name"), "{line}");
+        let dir = pool.path("another");
+        fs::create_dir_all(&dir).unwrap();
+        let line = pool.fails(&["disk", "add", name, dir.to_str().unwrap()]);
+        assert!(line.contains("invalid disk name"), "{line}");
+    }
+    let line = pool.fails(&["ref", "add", "nope", ""]);
+    assert!(line.contains("holder"), "{line}");
+    assert!(pool.json(&["image", "list"]).as_array().unwrap().is_empty());
+    assert_eq!(pool.json(&["disk", "list"]).as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn unknown_images_disks_holders_and_sources_are_named() {
+    let pool = TestPool::new(1);
+    for args in [
+        &["image", "show", "ghost"][..],
+        &["image", "rm", "ghost"],
+        &["ref", "add", "ghost", "r1"],
+        &["ref", "rm", "ghost", "r1"],
+        &["ref", "list", "ghost"],
+    ] {
+        let line = pool.fails(args);
+        assert!(line.contains("no image named 'ghost'"), "{args:?}: {line}");
+    }
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 4);
+    pool.add_image("img", &source, 1);
+    let line = pool.fails(&["ref", "rm", "img", "stranger"]);
+    assert!(
+        line.contains("'stranger' does not hold image 'img'"),
+        "{line}"
+    );
+
+    let line = pool.fails(&[
+        "image",
+        "add",
+        "x",
+        pool.path("missing.img").to_str().unwrap(),
+    ]);
+    assert!(
+        line.contains("missing.img") && line.contains("No such file"),
+        "{line}"
+    );
+    let line = pool.fails(&["image", "add", "x", pool.dir.path().to_str().unwrap()]);
+    assert!(line.contains("not a regular file"), "{line}");
+    let empty = pool.path("empty.img");
+    fs::write(&empty, b"").unwrap();
+    let line = pool.fails(&["image", "add", "x", empty.to_str().unwrap()]);
+    assert!(line.contains("empty"), "{line}");
+    let line = pool.fails(&["image", "add", "img", source.to_str().unwrap()]);
+    assert!(line.contains("already exists"), "{line}");
+    let line = pool.fails(&[
+        "image",
+        "add",
+        "y",
+        source.to_str().unwrap(),
+        "--copies",
+        "2",
+    ]);
+    assert!(line.contains("2 copies need 2 usable disks"), "{line}");
+
+    let line = pool.fails(&["disk", "add", "d9", pool.path("nowhere").to_str().unwrap()]);
+    assert!(line.contains("nowhere"), "{line}");
+    let line = pool.fails(&["disk", "add", "d1", pool.path("src.img").to_str().unwrap()]);
+    assert!(
+        line.contains("already registered") || line.contains("not a directory"),
+        "{line}"
+    );
+
+    // Nothing half done: one image, on one disk, with its record.
+    let images = pool.json(&["image", "list"]);
+    assert_eq!(images.as_array().unwrap().len(), 1);
+    assert_eq!(pool_files(&pool.disks[0]).len(), 2);
+}
+
+#[test]
+fn disk_labels_guard_against_the_wrong_filesystem() {
+    let mut pool = TestPool::new(1);
+    let other = TestPool::new(1);
+    // A directory labelled by another pool.
+    let line = pool.fails(&["disk", "add", "theirs", other.disks[0].to_str().unwrap()]);
+    assert!(line.contains("another imgpool pool"), "{line}");
+    // The same directory twice.
+    let line = pool.fails(&["disk", "add", "again", pool.disks[0].to_str().unwrap()]);
+    assert!(line.contains("already registered as disk 'd1'"), "{line}");
+
+    // Another filesystem appears at a registered disk's path: the disk is no longer trusted.
+    let d2 = pool.path("d2");
+    fs::create_dir(&d2).unwrap();
+    pool.add_disk("d2", &d2);
+    fs::rename(&d2, pool.path("d2-real")).unwrap();
+    fs::create_dir(&d2).unwrap();
+    let disks = pool.json(&["disk", "list"]);
+    let d2_state = disks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "d2")
+        .unwrap()["state"]
+        .clone();
+    assert_eq!(d2_state, "wrong-label");
+    assert_eq!(pool.json(&["status"])["health"], "degraded");
+
+    // Placement skips it: two copies cannot be made, one goes to the healthy disk.
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 5);
+    let line = pool.fails(&[
+        "image",
+        "add",
+        "two",
+        source.to_str().unwrap(),
+        "--copies",
+        "2",
+    ]);
+    assert!(line.contains("usable disks"), "{line}");
+    pool.add_image("one", &source, 1);
+    let shown = pool.json(&["image", "show", "one"]);
+    assert_eq!(shown["copies"][0]["disk"], "d1");
+    assert!(pool_files(&d2).is_empty());
+}
+
+#[test]
+fn import_prints_identity_and_stores_one_copy_per_requested_disk() {
+    let pool = TestPool::new(3);
+    let source = pool.path("src.img");
+    random_file(&source, 3 * MIB + 17, 6);
+    let out = pool.ok(&[
+        "image",
+        "add",
+        "img",
+        source.to_str().unwrap(),
+        "--copies",
+        "2",
+    ]);
+    let expected = sha512sum(&source);
+    for field in ["name:", "uuid:", "size:", "sha512:"] {
+        assert!(out.contains(field), "{out}");
+    }
+    assert!(out.contains(&expected), "{out}");
+    let shown = pool.json(&["image", "show", "img"]);
+    assert_eq!(shown["sha512"], expected.as_str());
+    assert_eq!(shown["size"], 3 * MIB + 17);
+    let copies = shown["copies"].as_array().unwrap();
+    assert_eq!(copies.len(), 2);
+    assert_ne!(copies[0]["disk"], copies[1]["disk"]);
+    let uuid = shown["uuid"].as_str().unwrap();
+    for copy in copies {
+        let path = Path::new(copy["path"].as_str().unwrap());
+        assert_eq!(sha512sum(path), expected);
+        let record: serde_json::Value =
+            serde_json::from_slice(&fs::read(path.with_extension("json")).unwrap()).unwrap();
+        assert_eq!(record["uuid"], uuid);
+        assert_eq!(record["sha512"], expected.as_str());
+        assert_eq!(record["name"], "img");
+    }
+    let held: u64 = pool
+        .json(&["disk", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["images"].as_u64().unwrap())
+        .sum();
+    assert_eq!(held, 2);
+}
+
+#[test]
+fn a_disk_that_fills_up_during_import_gives_a_clean_error_and_keeps_nothing() {
+    if !can_mount("a_disk_that_fills_up_during_import_gives_a_clean_error_and_keeps_nothing") {
+        return;
+    }
+    let mut pool = TestPool::empty();
+    let disk = LoopDisk::new(pool.dir.path(), "small", 256 * MIB, "ext4");
+    pool.add_disk("small", &disk.mountpoint);
+    let source = pool.path("src.img");
+    random_file(&source, 160 * MIB, 7);
+
+    // Too big from the start: refused before anything is written.
+    let huge = pool.path("huge.img");
+    random_file(&huge, 300 * MIB, 8);
+    let line = pool.fails(&["image", "add", "huge", huge.to_str().unwrap()]);
+    assert!(line.contains("not enough room"), "{line}");
+
+    // Another tenant takes the free space while the import writes: a real ENOSPC mid-copy.
+    let import = pool
+        .command(&["image", "add", "img", source.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tmp = disk.mountpoint.join(".imgpool/tmp");
+    assert!(
+        wait_until(Duration::from_secs(20), || fs::read_dir(&tmp)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false)),
+        "the import never started writing"
+    );
+    let filler = disk.mountpoint.join("filler");
+    let fill = Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "status=none"])
+        .arg(format!("of={}", filler.display()))
+        .status()
+        .unwrap();
+    assert!(!fill.success(), "dd should fill the disk");
+    let output = import.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("filled up during the import"), "{stderr}");
+
+    fs::remove_file(&filler).unwrap();
+    assert!(pool_files(&disk.mountpoint).is_empty());
+    assert!(pool.json(&["image", "list"]).as_array().unwrap().is_empty());
+    // The name is free again and the import works once there is room.
+    pool.add_image("img", &source, 1);
+}
+
+#[test]
+fn kill_9_during_import_leaves_nothing_visible_and_the_next_command_cleans_up() {
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, 256 * MIB, 9);
+    let expected = sha512sum(&source);
+    // Instants spread over the whole import: before the reservation, mid-copy, around commit.
+    let delays_ms = [0u64, 5, 30, 80, 150, 250, 400, 700, 1000, 1500];
+    let mut interrupted = 0;
+    for (round, delay) in delays_ms.iter().enumerate() {
+        let name = format!("img{round}");
+        let mut child = pool
+            .command(&[
+                "image",
+                "add",
+                &name,
+                source.to_str().unwrap(),
+                "--copies",
+                "2",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(*delay));
+        let _ = child.kill(); // SIGKILL
+        let finished = child.wait().unwrap().success();
+        interrupted += usize::from(!finished);
+
+        // The next command cleans up; what is left is all or nothing.
+        let images = pool.json(&["image", "list"]);
+        let listed = images
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == name.as_str());
+        if listed {
+            let shown = pool.json(&["image", "show", &name]);
+            assert_eq!(shown["sha512"], expected.as_str());
+            for copy in shown["copies"].as_array().unwrap() {
+                assert_eq!(
+                    sha512sum(Path::new(copy["path"].as_str().unwrap())),
+                    expected
+                );
+            }
+            pool.ok(&["image", "rm", &name]);
+        } else {
+            assert!(
+                !finished,
+                "round {round}: import succeeded but the image is missing"
+            );
+        }
+        for disk in &pool.disks {
+            assert!(
+                pool_files(disk).is_empty(),
+                "round {round} (kill after {delay} ms): leftovers {:?}",
+                pool_files(disk)
+            );
+        }
+        let locks: Vec<_> = fs::read_dir(pool.state.join("locks"))
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default();
+        assert!(locks.is_empty(), "round {round}: lock files left {locks:?}");
+    }
+    assert!(
+        interrupted > 0,
+        "no round was killed before the import finished"
+    );
+    pool.add_image("final", &source, 2);
+}
+
+#[test]
+fn concurrent_commands_corrupt_nothing() {
+    let pool = TestPool::new(3);
+    let source = pool.path("src.img");
+    random_file(&source, 4 * MIB, 10);
+    let spawn = |args: Vec<String>| {
+        pool.command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let src = source.to_str().unwrap().to_string();
+    let mut children = Vec::new();
+    for i in 0..8 {
+        children.push((
+            format!("add img{i}"),
+            spawn(vec![
+                "image".into(),
+                "add".into(),
+                format!("img{i}"),
+                src.clone(),
+                "--copies".into(),
+                "2".into(),
+            ]),
+        ));
+        children.push((
+            format!("list {i}"),
+            spawn(vec!["disk".into(), "list".into()]),
+        ));
+    }
+    // Two imports racing for one name: exactly one wins, the other says why.
+    let racers: Vec<_> = (0..2)
+        .map(|_| {
+            spawn(vec![
+                "image".into(),
+                "add".into(),
+                "contested".into(),
+                src.clone(),
+            ])
+        })
+        .collect();
+    for (what, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let outcomes: Vec<_> = racers
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    assert_eq!(outcomes.iter().filter(|o| o.status.success()).count(), 1);
+    let loser = outcomes.iter().find(|o| !o.status.success()).unwrap();
+    let message = String::from_utf8_lossy(&loser.stderr);
+    assert!(
+        message.contains("already exists") || message.contains("being imported"),
+        "{message}"
+    );
+
+    // Holders added concurrently are all kept.
+    let refs: Vec<_> = (0..8)
+        .map(|i| {
+            spawn(vec![
+                "ref".into(),
+                "add".into(),
+                "img0".into(),
+                format!("replica-{i}"),
+            ])
+        })
+        .collect();
+    for child in refs {
+        assert!(child.wait_with_output().unwrap().status.success());
+    }
+    assert_eq!(
+        pool.json(&["ref", "list", "img0"])
+            .as_array()
+            .unwrap()
+            .len(),
+        8
+    );
+
+    let images = pool.json(&["image", "list"]);
+    assert_eq!(images.as_array().unwrap().len(), 9);
+    let expected = sha512sum(&source);
+    for image in images.as_array().unwrap() {
+        assert_eq!(image["sha512"], expected.as_str());
+    }
+    let copies: usize = pool.disks.iter().map(|d| pool_files(d).len()).sum();
+    assert_eq!(copies, (8 * 2 + 1) * 2, "an .img and a .json per copy");
+}
