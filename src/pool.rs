@@ -708,3 +708,213 @@ fn write_copy(
     crate::disk::fsync_dir(target.parent().unwrap())?;
     Ok(outcome)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        pool: Pool,
+        disks: Vec<PathBuf>,
+    }
+
+    fn fixture(disks: usize) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = Pool::init(&dir.path().join("state")).unwrap();
+        let mut paths = Vec::new();
+        for i in 1..=disks {
+            let path = dir.path().join(format!("d{i}"));
+            fs::create_dir(&path).unwrap();
+            pool.add_disk(&format!("d{i}"), &path).unwrap();
+            paths.push(path);
+        }
+        Fixture {
+            dir,
+            pool,
+            disks: paths,
+        }
+    }
+
+    fn source(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+        let path = dir.join(name);
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    fn files_on(disk: &Path) -> usize {
+        ["copies", "tmp"]
+            .iter()
+            .filter_map(|sub| fs::read_dir(disk.join(crate::disk::POOL_DIR).join(sub)).ok())
+            .map(|d| d.count())
+            .sum()
+    }
+
+    #[test]
+    fn import_stores_verified_copies_on_distinct_disks() {
+        let f = fixture(3);
+        let src = source(f.dir.path(), "a.img", &[7u8; 10_000]);
+        let imported = f.pool.add_image("a", &src, 2, &mut |_, _| {}).unwrap();
+        assert_eq!(imported.disks.len(), 2);
+        assert_ne!(imported.disks[0], imported.disks[1]);
+        let info = f.pool.image("a").unwrap();
+        assert_eq!(info.state(), "ready");
+        for copy in &info.copies {
+            assert_eq!(fs::read(&copy.path).unwrap(), vec![7u8; 10_000]);
+        }
+        let record: CopyRecord =
+            serde_json::from_slice(&fs::read(info.copies[0].path.with_extension("json")).unwrap())
+                .unwrap();
+        assert_eq!(record.sha512, imported.sha512);
+        assert_eq!(record.pool_uuid, f.pool.uuid());
+        assert!(matches!(
+            f.pool.add_image("a", &src, 1, &mut |_, _| {}),
+            Err(Error::ImageExists(_))
+        ));
+    }
+
+    #[test]
+    fn holders_block_removal_and_gc_waits_for_the_grace_period() {
+        let f = fixture(1);
+        let src = source(f.dir.path(), "a.img", b"image");
+        f.pool.add_image("a", &src, 1, &mut |_, _| {}).unwrap();
+        f.pool.add_ref("a", "r1").unwrap();
+        match f.pool.remove_image("a") {
+            Err(Error::InUse { holders, .. }) => assert_eq!(holders, vec!["r1".to_string()]),
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        assert!(f.pool.gc(Duration::ZERO, false).unwrap().is_empty());
+        f.pool.remove_ref("a", "r1").unwrap();
+        assert!(f
+            .pool
+            .gc(Duration::from_secs(3600), false)
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            f.pool.gc(Duration::ZERO, true).unwrap(),
+            vec!["a".to_string()]
+        );
+        assert!(f.pool.image("a").is_ok(), "a dry run removed the image");
+        assert_eq!(
+            f.pool.gc(Duration::ZERO, false).unwrap(),
+            vec!["a".to_string()]
+        );
+        assert!(matches!(f.pool.image("a"), Err(Error::UnknownImage(_))));
+        assert_eq!(files_on(&f.disks[0]), 0);
+    }
+
+    #[test]
+    fn open_files_of_live_mounts_block_removal_and_dead_ones_do_not() {
+        let f = fixture(1);
+        let src = source(f.dir.path(), "a.img", b"image");
+        f.pool.add_image("a", &src, 1, &mut |_, _| {}).unwrap();
+        let image_id = f.pool.image("a").unwrap().image.id;
+        let state = f.pool.state_dir().to_path_buf();
+        let lock = OwnerLock::acquire(&state, "mount-test").unwrap();
+        let mount = f
+            .pool
+            .store()
+            .insert_mount(Path::new("/mnt"), 1, now(), "mount-test")
+            .unwrap();
+        assert!(f.pool.store().open_handle(mount, image_id).unwrap());
+        assert!(matches!(
+            f.pool.remove_image("a"),
+            Err(Error::InUse {
+                open_handles: 1,
+                ..
+            })
+        ));
+        // The daemon dies without closing: its handles no longer count.
+        drop(lock);
+        f.pool.remove_image("a").unwrap();
+        assert!(f.pool.store().mounts().unwrap().is_empty());
+    }
+
+    #[test]
+    fn recovery_undoes_dead_imports_and_finishes_interrupted_removals() {
+        let f = fixture(2);
+        let state = f.pool.state_dir().to_path_buf();
+        let src = source(f.dir.path(), "a.img", b"keep me");
+        f.pool.add_image("kept", &src, 2, &mut |_, _| {}).unwrap();
+        f.pool.add_image("going", &src, 2, &mut |_, _| {}).unwrap();
+
+        // An import that died after writing a temporary copy: its lock is free.
+        let disks = f.pool.store().disks().unwrap();
+        let uuid = "00000000-0000-0000-0000-000000000001";
+        drop(OwnerLock::acquire(&state, &import_token(uuid)).unwrap());
+        let row = ImageRow {
+            id: 0,
+            name: "half".into(),
+            uuid: uuid.into(),
+            size: 7,
+            sha512: String::new(),
+            real_size: 0,
+            state: ImageState::Importing,
+            copies_wanted: 1,
+            source: None,
+            created: now(),
+            unreferenced_since: None,
+        };
+        f.pool.store().reserve_image(&row, &[disks[0].id]).unwrap();
+        fs::write(
+            DiskLayout::new(&disks[0].path).tmp_copy_path(uuid),
+            b"partial",
+        )
+        .unwrap();
+        // A stray temporary copy that no row explains.
+        fs::write(DiskLayout::new(&disks[1].path).tmp_copy_path("stray"), b"x").unwrap();
+        // A removal that died after marking the image.
+        f.pool.store().begin_remove("going", &[]).unwrap();
+
+        let reopened = Pool::open(&state).unwrap();
+        let names: Vec<String> = reopened
+            .store()
+            .images()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.name)
+            .collect();
+        assert_eq!(names, vec!["kept".to_string()]);
+        for disk in &f.disks {
+            assert_eq!(files_on(disk), 2, "only kept's copy and record on {disk:?}");
+        }
+        assert_eq!(fs::read_dir(state.join("locks")).unwrap().count(), 0);
+        // The name of the dead import is free again.
+        reopened.add_image("half", &src, 1, &mut |_, _| {}).unwrap();
+    }
+
+    #[test]
+    fn a_live_import_is_not_cleaned_up_by_another_process() {
+        let f = fixture(1);
+        let state = f.pool.state_dir().to_path_buf();
+        let uuid = "00000000-0000-0000-0000-000000000002";
+        let _importer = OwnerLock::acquire(&state, &import_token(uuid)).unwrap();
+        let row = ImageRow {
+            id: 0,
+            name: "busy".into(),
+            uuid: uuid.into(),
+            size: 7,
+            sha512: String::new(),
+            real_size: 0,
+            state: ImageState::Importing,
+            copies_wanted: 1,
+            source: None,
+            created: now(),
+            unreferenced_since: None,
+        };
+        let disk = f.pool.store().disks().unwrap().remove(0);
+        f.pool.store().reserve_image(&row, &[disk.id]).unwrap();
+        let tmp = DiskLayout::new(&disk.path).tmp_copy_path(uuid);
+        fs::write(&tmp, b"in progress").unwrap();
+        let other = Pool::open(&state).unwrap();
+        assert!(tmp.exists());
+        assert!(matches!(
+            other.add_image("busy", &tmp, 1, &mut |_, _| {}),
+            Err(Error::ImageBusy(_))
+        ));
+        assert!(
+            other.image("busy").is_err(),
+            "an import in progress is visible"
+        );
+    }
+}
