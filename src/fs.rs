@@ -148,6 +148,7 @@ struct Disk {
     id: i64,
     name: String,
     path: PathBuf,
+    healthy: bool,
 }
 
 /// A snapshot of what the mount shows, rebuilt when the store changes.
@@ -212,12 +213,14 @@ impl PoolFs {
         &self.pool
     }
 
-    /// Names and paths of the registered disks, for the daemon's bind mounts.
-    pub fn disks(&self) -> Vec<(String, PathBuf)> {
+    /// Names and paths of the registered disks that are present and carry their label: the
+    /// ones whose view the daemon bind-mounts.
+    pub fn healthy_disks(&self) -> Vec<(String, PathBuf)> {
         self.catalog
             .read()
             .disks
             .values()
+            .filter(|d| d.healthy)
             .map(|d| (d.name.clone(), d.path.clone()))
             .collect()
     }
@@ -281,6 +284,7 @@ impl PoolFs {
                 id: d.id,
                 name: d.name.clone(),
                 path: d.path.clone(),
+                healthy: healthy[&d.id],
             };
             catalog.disk_ids.insert(d.id, disk.clone());
             catalog.disks.insert(d.name.clone(), disk);

@@ -67,17 +67,20 @@ pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf> {
-    let canonical = std::fs::canonicalize(path).map_err(|e| {
-        Error::Usage(format!(
-            "cannot mount at {}: {e}; create the directory first",
-            path.display()
-        ))
-    })?;
-    if !canonical.is_dir() {
-        return Err(Error::Usage(format!(
-            "cannot mount at {}: not a directory",
-            path.display()
-        )));
+    let cannot = |why: String| Error::Usage(format!("cannot mount at {}: {why}", path.display()));
+    let canonical = std::fs::canonicalize(path)
+        .map_err(|e| cannot(format!("{e}; create the directory first")))?;
+    match std::fs::metadata(&canonical) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            return Err(Error::Usage(format!(
+                "{} is a mount whose daemon died: run `imgpool umount {}` first",
+                path.display(),
+                path.display()
+            )))
+        }
+        Err(e) => return Err(cannot(e.to_string())),
+        Ok(meta) if !meta.is_dir() => return Err(cannot("not a directory".into())),
+        Ok(_) => {}
     }
     if let Some(existing) = mountinfo::mount_at(&mountinfo::read()?, &canonical) {
         return Err(Error::Usage(format!(
@@ -162,29 +165,41 @@ enum Event {
 struct BindMounts {
     mountpoint: PathBuf,
     active: Mutex<Option<Vec<PathBuf>>>,
+    /// Targets that could not be bound, so that a retry every refresh logs the reason once.
+    failed: Mutex<Vec<PathBuf>>,
 }
 
 impl BindMounts {
-    /// Bind-mounts the view of every disk of `fs` that has none yet.
+    /// Bind-mounts the view of every healthy disk of `fs` that has none yet. A disk that is
+    /// missing or not what it claims is skipped: the other disks' replicas must not wait for it.
     fn sync(&self, fs: &PoolFs) -> Result<()> {
         let mut active = self.active.lock();
         let Some(active) = active.as_mut() else {
             return Ok(()); // stopping
         };
-        for (name, disk_path) in fs.disks() {
+        for (name, disk_path) in fs.healthy_disks() {
             let target = disk_path.join(BIND_DIR);
             if active.contains(&target) {
                 continue;
             }
             let source = self.mountpoint.join(DISKS_DIR).join(&name);
-            bind(&source, &target).map_err(|e| {
-                Error::Usage(format!(
-                    "cannot bind-mount disk '{name}' view at {}: {e}",
-                    target.display()
-                ))
-            })?;
-            tracing::info!("bound {} at {}", source.display(), target.display());
-            active.push(target);
+            match bind(&source, &target) {
+                Ok(()) => {
+                    tracing::info!("bound {} at {}", source.display(), target.display());
+                    self.failed.lock().retain(|t| t != &target);
+                    active.push(target);
+                }
+                Err(e) => {
+                    let mut failed = self.failed.lock();
+                    if !failed.contains(&target) {
+                        failed.push(target.clone());
+                        return Err(Error::Usage(format!(
+                            "cannot bind-mount disk '{name}' view at {}: {e}",
+                            target.display()
+                        )));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -308,6 +323,7 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
     let binds = Arc::new(BindMounts {
         mountpoint: mountpoint.clone(),
         active: Mutex::new(Some(Vec::new())),
+        failed: Mutex::new(Vec::new()),
     });
     if config.bind {
         if let Err(e) = binds.sync(&fs) {

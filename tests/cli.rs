@@ -429,3 +429,64 @@ fn concurrent_commands_corrupt_nothing() {
     let copies: usize = pool.disks.iter().map(|d| pool_files(d).len()).sum();
     assert_eq!(copies, (8 * 2 + 1) * 2, "an .img and a .json per copy");
 }
+
+#[test]
+fn a_killed_daemon_is_cleaned_up_and_holders_survive_it() {
+    if !can_mount("a_killed_daemon_is_cleaned_up_and_holders_survive_it") {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, 2 * MIB, 11);
+    pool.add_image("img", &source, 1);
+    pool.ok(&["ref", "add", "img", "replica-a"]);
+    let mount = pool.mount();
+    let mountpoint = mount.mountpoint.to_str().unwrap().to_string();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(mount.pid.unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(5), || !mount.daemon_alive()));
+
+    let line = pool.fails(&["mount", &mountpoint]);
+    assert!(
+        line.contains("daemon died") && line.contains("imgpool umount"),
+        "{line}"
+    );
+    assert!(pool.json(&["status"])["mounts"]
+        .as_array()
+        .unwrap()
+        .is_empty());
+    pool.ok(&["umount", &mountpoint]);
+    assert!(!is_mount_point(&mount.mountpoint));
+    for disk in &pool.disks {
+        assert!(!is_mount_point(&disk.join("backing-images")));
+    }
+
+    let line = pool.fails(&["image", "rm", "img"]);
+    assert!(line.contains("replica-a"), "{line}");
+    let remount = pool.mount();
+    assert_eq!(sha512sum(&remount.image("img")), sha512sum(&source));
+    remount.unmount();
+    drop(mount);
+}
+
+#[test]
+fn a_missing_disk_does_not_keep_the_others_from_being_served() {
+    if !can_mount("a_missing_disk_does_not_keep_the_others_from_being_served") {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, 2 * MIB, 12);
+    let uuid = pool.add_image("img", &source, 1);
+    let d2 = &pool.disks[1];
+    fs::rename(d2, pool.path("d2-gone")).unwrap();
+    let mount = pool.mount();
+    let served = mount.bound_view(&pool.disks[0], "img", &uuid);
+    assert_eq!(sha512sum(&served), sha512sum(&source));
+    assert!(!is_mount_point(&d2.join("backing-images")));
+    assert_eq!(pool.json(&["status"])["health"], "degraded");
+    mount.unmount();
+}
