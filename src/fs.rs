@@ -15,7 +15,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
@@ -36,6 +36,9 @@ const KIND_BACKING: u64 = 4;
 const KIND_CONFIG: u64 = 5;
 const KIND_DISK_DIR: u64 = 6;
 const KIND_IMAGE_DIR: u64 = 7;
+
+/// How often disk health is re-read even when the store has not changed.
+const HEALTH_RECHECK: Duration = Duration::from_secs(5);
 
 pub const IMAGES_DIR: &str = "images";
 pub const DISKS_DIR: &str = "disks";
@@ -169,7 +172,8 @@ pub struct PoolFs {
     pool: Pool,
     mount_id: i64,
     catalog: RwLock<Arc<Catalog>>,
-    seen_version: Mutex<Option<i64>>,
+    /// Store version and time of the last catalog load.
+    last_load: Mutex<Option<(i64, Instant)>>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     reader: ReadPath,
@@ -199,7 +203,7 @@ impl PoolFs {
             pool,
             mount_id,
             catalog: RwLock::new(Arc::new(Catalog::default())),
-            seen_version: Mutex::new(None),
+            last_load: Mutex::new(None),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             reader: ReadPath::default(),
@@ -225,18 +229,19 @@ impl PoolFs {
             .collect()
     }
 
-    /// Reloads the catalog if the store changed since the last call; returns the names that
-    /// disappeared, so that the kernel can be told to drop them.
+    /// Reloads the catalog if the store changed since the last load, or if the last load is
+    /// older than `HEALTH_RECHECK` (disk health changes without any store write); returns the
+    /// names that disappeared, so that the kernel can be told to drop them.
     pub fn refresh(&self) -> Result<Vec<Gone>> {
         let version = self.pool.store().data_version()?;
-        {
-            let mut seen = self.seen_version.lock();
-            if *seen == Some(version) {
-                return Ok(Vec::new());
-            }
-            *seen = Some(version);
+        let mut last = self.last_load.lock();
+        if last.is_some_and(|(seen, at)| seen == version && at.elapsed() < HEALTH_RECHECK) {
+            return Ok(Vec::new());
         }
         let next = Arc::new(self.load()?);
+        // Recorded only once the load worked: a failed load is retried on the next call.
+        *last = Some((version, Instant::now()));
+        drop(last);
         let previous = std::mem::replace(&mut *self.catalog.write(), next.clone());
         let mut gone = Vec::new();
         for (name, image) in &previous.images {
@@ -404,11 +409,15 @@ impl PoolFs {
                 disk: catalog.disks.get(name).ok_or(libc::ENOENT)?.id,
             },
             Node::DiskDir { disk } => {
-                // `<name>-<uuid>`: the uuid is the fixed-length tail.
+                // `<name>-<uuid>`: the uuid is the fixed-length tail. Any name may arrive here,
+                // so the split must not assume a character boundary.
                 let split = name.len().checked_sub(37).ok_or(libc::ENOENT)?;
-                let (image_name, suffix) = name.split_at(split);
+                let (image_name, suffix) = (name.get(..split), name.get(split..));
+                let (Some(image_name), Some(suffix)) = (image_name, suffix) else {
+                    return Err(libc::ENOENT);
+                };
                 let image = catalog.images.get(image_name).ok_or(libc::ENOENT)?;
-                if suffix.get(1..) != Some(image.uuid.as_str()) {
+                if suffix.strip_prefix('-') != Some(image.uuid.as_str()) {
                     return Err(libc::ENOENT);
                 }
                 Node::ImageDir {
@@ -579,16 +588,21 @@ impl PoolFs {
         Ok(self.xattrs(ino)?.into_iter().map(|(n, _)| n).collect())
     }
 
-    /// Capacity and free space of the healthy disks, from the resource cache.
+    /// Capacity and free space of the healthy disks, from the resource cache; disks sharing a
+    /// filesystem count it once.
     pub fn statfs(&self) -> FsStats {
         let store = self.pool.store();
+        let catalog = self.catalog();
         let mut stats = FsStats {
             capacity: 0,
             free: 0,
-            files: self.catalog().images.len() as u64,
+            files: catalog.images.len() as u64,
         };
         let mut devices_seen = Vec::new();
         for disk in store.disks().unwrap_or_default() {
+            if !catalog.disk_ids.get(&disk.id).is_some_and(|d| d.healthy) {
+                continue;
+            }
             let freshness = Freshness::FreeWithin(resources::LISTING_FREE_TTL);
             if let Ok(r) = resources::disk_resources(store, &disk, freshness, pool::now()) {
                 if !devices_seen.contains(&r.device) {
@@ -627,5 +641,104 @@ mod tests {
         inos.dedup();
         assert_eq!(inos.len(), nodes.len());
         assert_eq!(Node::from_ino(99), None);
+    }
+
+    fn pool_with_image(dir: &std::path::Path, bytes: &[u8]) -> (PoolFs, String) {
+        let pool = Pool::init(&dir.join("state")).unwrap();
+        for disk in ["d1", "d2"] {
+            std::fs::create_dir(dir.join(disk)).unwrap();
+            pool.add_disk(disk, &dir.join(disk)).unwrap();
+        }
+        std::fs::write(dir.join("src"), bytes).unwrap();
+        let uuid = pool
+            .add_image("img", &dir.join("src"), 1, &mut |_, _| {})
+            .unwrap()
+            .uuid;
+        let mount = pool
+            .store()
+            .insert_mount(&dir.join("mnt"), 1, 0, "test")
+            .unwrap();
+        (PoolFs::new(pool, mount).unwrap(), uuid)
+    }
+
+    fn walk(fs: &PoolFs, path: &[&str]) -> Result<Attr, i32> {
+        let mut attr = fs.getattr(ROOT_INO)?;
+        for name in path {
+            attr = fs.lookup(attr.ino, OsStr::new(name))?;
+        }
+        Ok(attr)
+    }
+
+    #[test]
+    fn every_view_resolves_to_one_inode_and_odd_names_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, uuid) = pool_with_image(dir.path(), b"hello image");
+        let dir_name = format!("img-{uuid}");
+        let direct = walk(&fs, &["images", "img"]).unwrap();
+        for disk in ["d1", "d2"] {
+            let via_disk = walk(&fs, &["disks", disk, &dir_name, BACKING]).unwrap();
+            assert_eq!(via_disk, direct);
+        }
+        assert_eq!(direct.size, 11);
+        assert_eq!(direct.nlink, 3);
+        let cfg = walk(&fs, &["disks", "d1", &dir_name, BACKING_CFG]).unwrap();
+        assert_ne!(cfg.ino, direct.ino);
+
+        let disk_dir = walk(&fs, &["disks", "d1"]).unwrap().ino;
+        let multibyte = format!("\u{e9}{}", "a".repeat(36));
+        for name in [
+            multibyte.as_str(),
+            &format!("imgX{uuid}"),
+            &format!("other-{uuid}"),
+            "img",
+            "",
+        ] {
+            assert_eq!(
+                fs.lookup(disk_dir, OsStr::new(name)),
+                Err(libc::ENOENT),
+                "{name:?}"
+            );
+        }
+        assert_eq!(walk(&fs, &["images", "img", "x"]), Err(libc::ENOTDIR));
+        let names: Vec<OsString> = fs
+            .readdir(disk_dir)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(
+            names,
+            vec![OsString::from("."), "..".into(), dir_name.into()]
+        );
+    }
+
+    #[test]
+    fn opens_for_writing_fail_and_reads_stop_at_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, uuid) = pool_with_image(dir.path(), b"0123456789");
+        let image = walk(&fs, &["images", "img"]).unwrap();
+        assert_eq!(fs.open(image.ino, true), Err(libc::EROFS));
+        assert_eq!(fs.open(ROOT_INO, false), Err(libc::EISDIR));
+        let fh = fs.open(image.ino, false).unwrap();
+        assert_eq!(fs.read(fh, 7, 100).unwrap(), b"789");
+        assert!(fs.read(fh, 10, 100).unwrap().is_empty());
+        fs.release(fh);
+        assert_eq!(fs.read(fh, 0, 1), Err(libc::EBADF));
+
+        let cfg = walk(&fs, &["disks", "d2", &format!("img-{uuid}"), BACKING_CFG]).unwrap();
+        let fh = fs.open(cfg.ino, false).unwrap();
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs.read(fh, 0, 4096).unwrap()).unwrap();
+        assert_eq!(json["uuid"], uuid.as_str());
+        assert_eq!(json["size"], 10);
+        assert_eq!(json["expectedChecksum"], json["currentChecksum"]);
+        assert_eq!(
+            fs.getxattr(image.ino, OsStr::new(XATTR_UUID)).unwrap(),
+            uuid.as_bytes()
+        );
+        assert_eq!(
+            fs.getxattr(image.ino, OsStr::new("user.nope")),
+            Err(libc::ENODATA)
+        );
     }
 }
