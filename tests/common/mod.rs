@@ -3,10 +3,13 @@
 //! when a test fails), and the checks that decide whether a test needing root and FUSE runs.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::ffi::CString;
 use std::fs::{self, File};
-use std::io::Write;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_imgpool");
@@ -109,25 +112,7 @@ impl TestPool {
     /// Runs a command that must fail cleanly: exit code 1, one line on stderr, no panic.
     /// Returns that line.
     pub fn fails(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "imgpool {args:?} should fail with exit code 1; stderr: {stderr}"
-        );
-        assert!(
-            !stderr.contains("panicked"),
-            "imgpool {args:?} panicked: {stderr}"
-        );
-        let lines: Vec<&str> = stderr.lines().collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "imgpool {args:?}: expected one line, got: {stderr}"
-        );
-        assert!(lines[0].starts_with("imgpool: "), "{stderr}");
-        lines[0].to_string()
+        failed_cleanly(&format!("imgpool {args:?}"), &self.run(args))
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -213,8 +198,18 @@ impl MountGuard {
     }
 
     pub fn daemon_alive(&self) -> bool {
-        self.pid
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists())
+        self.pid.is_some_and(process_alive)
+    }
+
+    /// The bind mount of every disk the guard knows, then the mount itself.
+    pub fn targets(&self) -> Vec<PathBuf> {
+        let mut targets: Vec<PathBuf> = self
+            .disks
+            .iter()
+            .map(|d| d.join("backing-images"))
+            .collect();
+        targets.push(self.mountpoint.clone());
+        targets
     }
 
     /// Unmounts with `imgpool umount`, asserting that it works; the guard then has nothing left.
@@ -240,12 +235,7 @@ impl MountGuard {
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        let mut targets: Vec<PathBuf> = self
-            .disks
-            .iter()
-            .map(|d| d.join("backing-images"))
-            .collect();
-        targets.push(self.mountpoint.clone());
+        let targets = self.targets();
         if targets.iter().any(|t| is_mount_point(t)) {
             let _ = Command::new(BIN)
                 .env("IMGPOOL_STATE_DIR", &self.state)
@@ -266,6 +256,163 @@ impl Drop for MountGuard {
             }
         }
     }
+}
+
+/// Checks that a command failed cleanly: exit code 1, one line on stderr starting with
+/// `imgpool: `, no panic. Returns that line. `what` names the command in messages.
+pub fn failed_cleanly(what: &str, out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what} should fail with exit code 1; stderr: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{what} panicked: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{what}: expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("imgpool: "), "{stderr}");
+    lines[0].to_string()
+}
+
+/// Whether process `pid` is running: it exists and is not a zombie waiting to be reaped.
+pub fn process_alive(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // `pid (comm) state ...`: comm may hold spaces and parentheses, the state follows the
+        // last `)`.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// A child process that is killed (SIGKILL) and reaped on drop unless the test took it back
+/// with `take`.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    pub fn pid(&self) -> i32 {
+        self.0.as_ref().unwrap().id() as i32
+    }
+
+    /// Waits up to `timeout` for the child to exit; returns its status, or `None` if it still
+    /// runs.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.0.as_mut().unwrap();
+        let mut status = None;
+        wait_until(timeout, || {
+            status = child.try_wait().unwrap();
+            status.is_some()
+        });
+        if status.is_some() {
+            self.0 = None;
+        }
+        status
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One `pread(2)`: up to `len` bytes at `offset`, as many as that single call returned.
+pub fn pread(file: &File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    let n = file.read_at(&mut buf, offset)?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+/// `getxattr(2)` of `name` on `path`, with a buffer of `size` bytes.
+pub fn getxattr_sized(path: &Path, name: &str, size: usize) -> io::Result<Vec<u8>> {
+    let (path, name) = (c_path(path), CString::new(name).unwrap());
+    let mut buf = vec![0u8; size];
+    // SAFETY: valid NUL-terminated strings and a buffer of `size` bytes.
+    let n = unsafe {
+        libc::getxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// `getxattr(2)`: asks for the size first, then reads the value.
+pub fn getxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let (cpath, cname) = (c_path(path), CString::new(name).unwrap());
+    // SAFETY: valid NUL-terminated strings; a null buffer of size 0 asks for the length.
+    let n = unsafe { libc::getxattr(cpath.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    getxattr_sized(path, name, n as usize)
+}
+
+/// `listxattr(2)`: the names of the extended attributes of `path`.
+pub fn listxattr(path: &Path) -> io::Result<Vec<String>> {
+    let cpath = c_path(path);
+    // SAFETY: a valid NUL-terminated path; a null buffer of size 0 asks for the length.
+    let n = unsafe { libc::listxattr(cpath.as_ptr(), std::ptr::null_mut(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; n as usize];
+    // SAFETY: as above, with a buffer of `buf.len()` bytes.
+    let n = unsafe { libc::listxattr(cpath.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok(buf
+        .split(|b| *b == 0)
+        .filter(|name| !name.is_empty())
+        .map(|name| String::from_utf8_lossy(name).into_owned())
+        .collect())
+}
+
+/// `setxattr(2)` of `name` to `value` on `path`.
+pub fn setxattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
+    let (cpath, cname) = (c_path(path), CString::new(name).unwrap());
+    // SAFETY: valid NUL-terminated strings and a value of `value.len()` bytes.
+    let rc = unsafe {
+        libc::setxattr(
+            cpath.as_ptr(),
+            cname.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `removexattr(2)` of `name` on `path`.
+pub fn removexattr(path: &Path, name: &str) -> io::Result<()> {
+    let (cpath, cname) = (c_path(path), CString::new(name).unwrap());
+    // SAFETY: valid NUL-terminated strings.
+    if unsafe { libc::removexattr(cpath.as_ptr(), cname.as_ptr()) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 pub fn is_mount_point(path: &Path) -> bool {
@@ -323,6 +470,36 @@ pub fn sha512sum(path: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()[..128].to_string()
+}
+
+/// A small tmpfs mounted at `path` (created if missing): a mount point that is not imgpool's.
+/// Dropping it unmounts it.
+pub struct TmpfsMount {
+    pub path: PathBuf,
+}
+
+impl TmpfsMount {
+    pub fn new(path: &Path) -> TmpfsMount {
+        fs::create_dir_all(path).unwrap();
+        let mount = TmpfsMount {
+            path: path.to_path_buf(),
+        };
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1m", "imgpool-test"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs at {path:?} failed");
+        mount
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        if is_mount_point(&self.path) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
 }
 
 /// A filesystem on a loop device, mounted under `dir`. Dropping it unmounts and detaches.
