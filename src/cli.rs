@@ -46,7 +46,8 @@ pub enum Command {
     /// Record which holders (replicas) use an image; held images cannot be removed.
     #[command(subcommand)]
     Ref(RefCommand),
-    /// Remove images that have had no holder and no open file for longer than the grace period.
+    /// Remove images that are not open and have had no holder for longer than the grace period
+    /// (counted from the last holder's release, or from the import).
     Gc {
         /// How long an image must have been unreferenced, e.g. 30s, 10m, 1h, 2d.
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]

@@ -126,11 +126,6 @@ impl DiskLayout {
     pub fn tmp_copies(&self) -> Result<Vec<String>> {
         uuids_in(&self.tmp_dir(), "img")
     }
-
-    /// The uuids of committed copies found on the disk.
-    pub fn committed_copies(&self) -> Result<Vec<String>> {
-        uuids_in(&self.copies_dir(), "img")
-    }
 }
 
 fn uuids_in(dir: &Path, extension: &str) -> Result<Vec<String>> {
@@ -219,13 +214,14 @@ mod tests {
         layout.create_dirs().unwrap();
         fs::write(layout.tmp_copy_path("u1"), b"partial").unwrap();
         fs::write(layout.copy_path("u2"), b"data").unwrap();
+        fs::write(layout.record_path("u2"), b"{}").unwrap();
         assert_eq!(layout.tmp_copies().unwrap(), vec!["u1".to_string()]);
-        assert_eq!(layout.committed_copies().unwrap(), vec!["u2".to_string()]);
         layout.remove_copy("u1").unwrap();
         layout.remove_copy("u1").unwrap();
         layout.remove_copy("u2").unwrap();
         assert!(layout.tmp_copies().unwrap().is_empty());
-        assert!(layout.committed_copies().unwrap().is_empty());
+        assert!(!layout.copy_path("u2").exists());
+        assert!(!layout.record_path("u2").exists());
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub enum Error {
     #[error("an image named '{0}' is being imported by another command: wait for it, or pick another name")]
     ImageBusy(String),
 
+    #[error("image '{0}' is being removed; a copy on a disk that is not available now is deleted when the disk is back (any imgpool command retries)")]
+    ImageRemoving(String),
+
     #[error("a disk named '{0}' is already registered: pick another name")]
     DiskExists(String),
 
@@ -43,17 +46,6 @@ pub enum Error {
 
     #[error("{path} carries the label of another imgpool pool (uuid {pool}): pick another directory, or remove {path}/.imgpool if that pool is gone for good")]
     ForeignLabel { path: PathBuf, pool: String },
-
-    #[error("{path} carries this pool's label for disk uuid {found}, not disk '{disk}' (uuid {expected}): another disk is mounted there; mount the right filesystem at {path}")]
-    LabelChanged {
-        disk: String,
-        path: PathBuf,
-        expected: String,
-        found: String,
-    },
-
-    #[error("disk '{disk}' is not usable: {reason}")]
-    DiskUnusable { disk: String, reason: String },
 
     #[error("image '{name}' is in use ({}): release it first (`imgpool ref rm {name} HOLDER`, close open files)", describe_use(.holders, *.open_handles))]
     InUse {
@@ -112,17 +104,6 @@ impl Error {
         Error::Io {
             context: context.into(),
             source,
-        }
-    }
-
-    /// The errno this error stands for when it surfaces through the mount.
-    pub fn errno(&self) -> i32 {
-        match self {
-            Error::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-            Error::UnknownImage(_) | Error::UnknownDisk(_) => libc::ENOENT,
-            Error::NoSpace { .. } => libc::ENOSPC,
-            Error::InUse { .. } | Error::ImageBusy(_) => libc::EBUSY,
-            _ => libc::EIO,
         }
     }
 }

@@ -303,7 +303,6 @@ impl PoolFs {
                 .filter(|(image, _)| *image == row.id)
                 .filter_map(|(_, disk_id)| disk_rows.iter().find(|d| d.id == *disk_id))
                 .map(|d| CopyLocation {
-                    disk_id: d.id,
                     path: DiskLayout::new(&d.path).copy_path(&row.uuid),
                     healthy: healthy[&d.id],
                 })

@@ -45,6 +45,8 @@ pub struct MountConfig {
 /// and return once its mount is ready (or with its error).
 pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result<()> {
     require_root("imgpool mount")?;
+    let state_dir = &std::path::absolute(state_dir)
+        .ctx(|| format!("cannot resolve {}", state_dir.display()))?;
     let mountpoint = check_mountpoint(&config.mountpoint)?;
     let config = MountConfig {
         mountpoint,
@@ -113,6 +115,8 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
         .arg("--threads")
         .arg(config.threads.to_string())
         .env(NOTIFY_ENV, "1")
+        // A daemon must not keep the caller's working directory (and its filesystem) busy.
+        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -327,7 +331,7 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
     });
     if config.bind {
         if let Err(e) = binds.sync(&fs) {
-            stop(&binds, mountpoint, false);
+            stop(&binds, mountpoint, true);
             let _ = session_thread.join();
             return Err(e);
         }
@@ -432,14 +436,36 @@ pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
                 mountpoint.display()
             ))
         })?;
-    for bind in table
+    let binds: Vec<&mountinfo::MountEntry> = table
         .iter()
         .rev()
         .filter(|m| m.device == entry.device && m.mount_point != mountpoint)
-    {
-        unmount(&bind.mount_point, lazy).map_err(|e| busy_error(&bind.mount_point, e))?;
+        .collect();
+    let mut unmounted = Vec::new();
+    let result = binds
+        .iter()
+        .try_for_each(|bind| {
+            unmount(&bind.mount_point, lazy).map_err(|e| busy_error(&bind.mount_point, e))?;
+            unmounted.push(*bind);
+            Ok(())
+        })
+        .and_then(|()| unmount(&mountpoint, lazy).map_err(|e| busy_error(&mountpoint, e)));
+    if let Err(e) = result {
+        // Leave the mount as it was: replicas on the disks already unbound keep their path.
+        for bind in unmounted {
+            let source = mountpoint.join(bind.root.strip_prefix("/").unwrap_or(&bind.root));
+            if let Err(err) = nix::mount::mount(
+                Some(&source),
+                &bind.mount_point,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            ) {
+                tracing::error!("cannot restore {}: {err}", bind.mount_point.display());
+            }
+        }
+        return Err(e);
     }
-    unmount(&mountpoint, lazy).map_err(|e| busy_error(&mountpoint, e))?;
     wait_for_daemon(state_dir, &mountpoint);
     println!("unmounted {}", mountpoint.display());
     Ok(())

@@ -9,9 +9,10 @@ use crate::error::{IoContext, Result};
 pub struct MountEntry {
     /// `major:minor` of the mounted filesystem; bind mounts of one filesystem share it.
     pub device: String,
+    /// The directory of the filesystem that is mounted here (`/disks/d1` for a bind of a view).
+    pub root: PathBuf,
     pub mount_point: PathBuf,
     pub fs_type: String,
-    pub source: String,
 }
 
 pub fn read() -> Result<Vec<MountEntry>> {
@@ -29,9 +30,9 @@ pub fn parse(text: &str) -> Vec<MountEntry> {
             let dash = fields.iter().position(|f| *f == "-")?;
             Some(MountEntry {
                 device: fields.get(2)?.to_string(),
+                root: PathBuf::from(unescape(fields.get(3)?)),
                 mount_point: PathBuf::from(unescape(fields.get(4)?)),
                 fs_type: fields.get(dash + 1)?.to_string(),
-                source: unescape(fields.get(dash + 2)?),
             })
         })
         .collect()
@@ -80,8 +81,8 @@ mod tests {
         assert_eq!(table.len(), 3);
         assert_eq!(table[1].mount_point, PathBuf::from("/tmp/a b/mnt"));
         assert_eq!(table[1].fs_type, "fuse.imgpool");
-        assert_eq!(table[1].source, "imgpool");
         assert_eq!(table[2].device, table[1].device);
+        assert_eq!(table[2].root, PathBuf::from("/disks/d1"));
         assert_eq!(
             mount_at(&table, Path::new("/data/d1/backing-images"))
                 .unwrap()

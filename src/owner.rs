@@ -7,6 +7,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::error::{IoContext, Result};
@@ -43,13 +44,19 @@ impl OwnerLock {
     /// while its owner lives.
     pub fn acquire(state_dir: &Path, token: &str) -> Result<OwnerLock> {
         let dir = state_dir.join(LOCKS_DIR);
-        fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+        // Only root may open (and so flock) a lock: anyone else could fake a live owner.
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .ctx(|| format!("cannot create {}", dir.display()))?;
         let path = lock_path(state_dir, token);
         let staging = dir.join(format!(".{token}.new"));
         let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&staging)
             .ctx(|| format!("cannot create lock {}", staging.display()))?;
         if !try_flock(&file).ctx(|| format!("cannot lock {}", staging.display()))? {

@@ -1,6 +1,7 @@
 //! Which disks get the copies of a new image: distinct disks, most free space first, each with
-//! room for the image's data plus a reserve. Disks that share one filesystem share its free
-//! space, so a choice is charged against the filesystem, not the directory.
+//! room for the image's data plus a reserve, on distinct filesystems when the pool has enough of
+//! them. Disks that share one filesystem share its free space, so a choice is charged against
+//! the filesystem, not the directory.
 
 use std::collections::HashMap;
 
@@ -33,15 +34,26 @@ pub fn choose(candidates: &[Candidate], needed: u64, copies: u32) -> Result<Vec<
     let mut by_free: Vec<&Candidate> = candidates.iter().collect();
     by_free.sort_by(|a, b| b.free.cmp(&a.free).then(a.name.cmp(&b.name)));
 
+    // First a copy per filesystem (copies on one filesystem die together), then, if the pool
+    // has fewer filesystems than copies, disks that share one.
     let mut left_on_device: HashMap<u64, u64> = HashMap::new();
-    let mut chosen = Vec::with_capacity(copies);
-    for disk in by_free {
-        let left = left_on_device.entry(disk.device).or_insert(disk.free);
-        if *left >= needed.saturating_add(reserve(disk.capacity)) {
-            *left -= needed;
-            chosen.push(disk.disk_id);
-            if chosen.len() == copies {
-                return Ok(chosen);
+    let mut chosen: Vec<i64> = Vec::with_capacity(copies);
+    for share_filesystems in [false, true] {
+        for disk in &by_free {
+            if chosen.contains(&disk.disk_id) {
+                continue;
+            }
+            let used = left_on_device.contains_key(&disk.device);
+            if used && !share_filesystems {
+                continue;
+            }
+            let left = left_on_device.entry(disk.device).or_insert(disk.free);
+            if *left >= needed.saturating_add(reserve(disk.capacity)) {
+                *left -= needed;
+                chosen.push(disk.disk_id);
+                if chosen.len() == copies {
+                    return Ok(chosen);
+                }
             }
         }
     }
@@ -106,6 +118,9 @@ mod tests {
         ];
         let err = choose(&disks, 6 * GIB, 2).unwrap_err();
         assert!(err.contains("only 1 of 2"), "{err}");
-        assert_eq!(choose(&disks, 3 * GIB, 2).unwrap(), vec![1, 2]);
+        // Two copies go to two filesystems, although d2 has more room than d3.
+        assert_eq!(choose(&disks, 3 * GIB, 2).unwrap(), vec![1, 3]);
+        // Three copies on two filesystems: one filesystem takes two.
+        assert_eq!(choose(&disks, GIB, 3).unwrap(), vec![1, 3, 2]);
     }
 }

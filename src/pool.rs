@@ -120,14 +120,13 @@ impl Pool {
             });
         }
         let uuid = uuid::Uuid::new_v4().to_string();
-        store.create_pool(&uuid, now()).map_err(|e| match e {
+        if !store.create_pool(&uuid, now())? {
             // Two `init`s at once: the loser sees the winner's pool.
-            Error::Store { .. } => Error::PoolExists {
+            return Err(Error::PoolExists {
                 path: state_dir.to_path_buf(),
-                uuid: store.pool_uuid().ok().flatten().unwrap_or_default(),
-            },
-            other => other,
-        })?;
+                uuid: store.pool_uuid()?.unwrap_or_default(),
+            });
+        }
         Ok(Pool {
             state_dir: state_dir.to_path_buf(),
             store,
@@ -177,8 +176,18 @@ impl Pool {
                 path.display()
             )));
         }
-        if self.store.disks()?.iter().any(|d| d.name == name) {
-            return Err(Error::DiskExists(name.to_string()));
+        // Checked before anything is written to the directory: a registered disk whose
+        // filesystem is not mounted must not get a label on the empty mount point.
+        for disk in self.store.disks()? {
+            if disk.path == path {
+                return Err(Error::DiskPathRegistered {
+                    path,
+                    disk: disk.name,
+                });
+            }
+            if disk.name == name {
+                return Err(Error::DiskExists(name.to_string()));
+            }
         }
         let layout = DiskLayout::new(&path);
         let disk_uuid = match layout.read_label()? {
@@ -706,6 +715,7 @@ fn write_copy(
     let target = layout.copy_path(uuid);
     fs::rename(&tmp, &target).ctx(|| format!("cannot rename {}", tmp.display()))?;
     crate::disk::fsync_dir(target.parent().unwrap())?;
+    crate::disk::fsync_dir(tmp.parent().unwrap())?;
     Ok(outcome)
 }
 

@@ -16,7 +16,6 @@ use crate::sparse::read_full_at;
 /// Where one copy of an image lives.
 #[derive(Debug, Clone)]
 pub struct CopyLocation {
-    pub disk_id: i64,
     pub path: PathBuf,
     pub healthy: bool,
 }
@@ -93,11 +92,7 @@ mod tests {
     use super::*;
 
     fn copy(path: PathBuf, healthy: bool) -> CopyLocation {
-        CopyLocation {
-            disk_id: 1,
-            path,
-            healthy,
-        }
+        CopyLocation { path, healthy }
     }
 
     #[test]

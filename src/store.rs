@@ -186,8 +186,8 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 }
 
 impl Store {
-    /// Opens the store in `state_dir`; `create` makes a new one (refusing an existing one is the
-    /// caller's business: it knows whether a pool row exists).
+    /// Opens (creating if needed) the store in `state_dir`. Whether a pool exists in it is the
+    /// caller's question (`pool_uuid`).
     pub fn open(state_dir: &Path) -> Result<Store> {
         let path = state_dir.join(DB_FILE);
         let conn = Connection::open(&path).map_err(|source| Error::Store {
@@ -246,13 +246,14 @@ impl Store {
         })
     }
 
-    pub fn create_pool(&self, uuid: &str, now: i64) -> Result<()> {
+    /// Records the pool; a store that already has one refuses with `Ok(false)`.
+    pub fn create_pool(&self, uuid: &str, now: i64) -> Result<bool> {
         self.run(|c| {
             c.execute(
-                "INSERT INTO pool (id, uuid, created) VALUES (1, ?1, ?2)",
+                "INSERT OR IGNORE INTO pool (id, uuid, created) VALUES (1, ?1, ?2)",
                 params![uuid, now],
             )
-            .map(|_| ())
+            .map(|inserted| inserted == 1)
         })
     }
 
@@ -302,18 +303,6 @@ impl Store {
             let rows = stmt.query_map([], disk_from_row)?;
             rows.collect()
         })
-    }
-
-    pub fn disk_by_name(&self, name: &str) -> Result<DiskRow> {
-        self.run(|c| {
-            c.query_row(
-                "SELECT id, name, path, uuid, added FROM disks WHERE name = ?1",
-                [name],
-                disk_from_row,
-            )
-            .optional()
-        })?
-        .ok_or_else(|| Error::UnknownDisk(name.to_string()))
     }
 
     /// Number of committed copies on each disk, by disk id.
@@ -384,7 +373,10 @@ impl Store {
                 .map_err(|e| self.err(e))?;
             match existing.as_deref().map(ImageState::parse) {
                 Some(ImageState::Ready) => return Err(Error::ImageExists(image.name.clone())),
-                Some(_) => return Err(Error::ImageBusy(image.name.clone())),
+                Some(ImageState::Importing) => return Err(Error::ImageBusy(image.name.clone())),
+                Some(ImageState::Removing) => {
+                    return Err(Error::ImageRemoving(image.name.clone()))
+                }
                 None => {}
             }
             tx.execute(
@@ -478,6 +470,9 @@ impl Store {
                 .map_err(|e| self.err(e))?;
             let image = match image {
                 Some(image) if image.state == ImageState::Ready => image,
+                Some(image) if image.state == ImageState::Removing => {
+                    return Err(Error::ImageRemoving(name.to_string()))
+                }
                 Some(_) => return Err(Error::ImageBusy(name.to_string())),
                 None => return Err(Error::UnknownImage(name.to_string())),
             };

@@ -1086,8 +1086,6 @@ fn mount_and_umount_errors() {
 
 /// A refused `umount` must change nothing: the bind mounts are the paths replicas open.
 #[test]
-#[ignore = "bug: mount::umount unmounts bind mounts one by one and returns on the first EBUSY \
-            without restoring those already unmounted, and the daemon never re-binds them"]
 fn failed_umount_leaves_every_bind_mount_in_place() {
     if !can_mount("failed_umount_leaves_every_bind_mount_in_place") {
         return;
