@@ -56,7 +56,11 @@ cargo build "${locked[@]}" --all-targets
 
 echo "== cargo test =="
 test_rc=0
-cargo test "${locked[@]}" -- --test-threads=2 "$@" || test_rc=$?
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test "${locked[@]}" -- --test-threads=2 "$@" 2>&1 | tee "$log" || test_rc=$?
+# One total over all test binaries, as the last line a reader (or CI) sees.
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
 
 if ((test_rc != 0)); then
     echo "FAIL: tests failed (exit $test_rc)${lint_failed[*]:+; also failed: ${lint_failed[*]}}" >&2
@@ -66,4 +70,3 @@ if ((${#lint_failed[@]})); then
     echo "FAIL: tests passed, but ${lint_failed[*]} failed" >&2
     exit 1
 fi
-echo "OK: all checks and tests passed"
