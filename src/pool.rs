@@ -752,6 +752,23 @@ mod tests {
         path
     }
 
+    /// The row an import reserves before it writes anything.
+    fn importing_row(name: &str, uuid: &str) -> ImageRow {
+        ImageRow {
+            id: 0,
+            name: name.into(),
+            uuid: uuid.into(),
+            size: 7,
+            sha512: String::new(),
+            real_size: 0,
+            state: ImageState::Importing,
+            copies_wanted: 1,
+            source: None,
+            created: now(),
+            unreferenced_since: None,
+        }
+    }
+
     fn files_on(disk: &Path) -> usize {
         ["copies", "tmp"]
             .iter()
@@ -852,19 +869,7 @@ mod tests {
         let disks = f.pool.store().disks().unwrap();
         let uuid = "00000000-0000-0000-0000-000000000001";
         drop(OwnerLock::acquire(&state, &import_token(uuid)).unwrap());
-        let row = ImageRow {
-            id: 0,
-            name: "half".into(),
-            uuid: uuid.into(),
-            size: 7,
-            sha512: String::new(),
-            real_size: 0,
-            state: ImageState::Importing,
-            copies_wanted: 1,
-            source: None,
-            created: now(),
-            unreferenced_since: None,
-        };
+        let row = importing_row("half", uuid);
         f.pool.store().reserve_image(&row, &[disks[0].id]).unwrap();
         fs::write(
             DiskLayout::new(&disks[0].path).tmp_copy_path(uuid),
@@ -899,19 +904,7 @@ mod tests {
         let state = f.pool.state_dir().to_path_buf();
         let uuid = "00000000-0000-0000-0000-000000000002";
         let _importer = OwnerLock::acquire(&state, &import_token(uuid)).unwrap();
-        let row = ImageRow {
-            id: 0,
-            name: "busy".into(),
-            uuid: uuid.into(),
-            size: 7,
-            sha512: String::new(),
-            real_size: 0,
-            state: ImageState::Importing,
-            copies_wanted: 1,
-            source: None,
-            created: now(),
-            unreferenced_since: None,
-        };
+        let row = importing_row("busy", uuid);
         let disk = f.pool.store().disks().unwrap().remove(0);
         f.pool.store().reserve_image(&row, &[disk.id]).unwrap();
         let tmp = DiskLayout::new(&disk.path).tmp_copy_path(uuid);
