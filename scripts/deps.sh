@@ -85,9 +85,13 @@ fi
 
 # Rust: rustup installs into ~/.cargo/bin, which a non-login shell (CI, sudo)
 # may not have on PATH.
-if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME:-/root}/.cargo/bin/cargo" ]]; then
-    PATH="${HOME:-/root}/.cargo/bin:$PATH"
-fi
+# Under sudo, HOME is root's while rustup may be the invoking user's.
+for home in "${HOME:-/root}" "$(getent passwd "${SUDO_USER:-root}" | cut -d: -f6)"; do
+    if ! command -v cargo >/dev/null 2>&1 && [[ -x "$home/.cargo/bin/cargo" ]]; then
+        PATH="$home/.cargo/bin:$PATH"
+        export RUSTUP_HOME="${RUSTUP_HOME:-$home/.rustup}"
+    fi
+done
 if ((need_cargo)) && ! command -v cargo >/dev/null 2>&1; then
     echo "deps: cargo not found; Rust is needed: install it with rustup (https://rustup.rs)" >&2
     exit 1

@@ -14,9 +14,13 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # rustup installs into ~/.cargo/bin, which a non-login shell may not have on PATH.
-if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME:-/root}/.cargo/bin/cargo" ]]; then
-    PATH="${HOME:-/root}/.cargo/bin:$PATH"
-fi
+# Under sudo, HOME is root's while rustup may be the invoking user's.
+for home in "${HOME:-/root}" "$(getent passwd "${SUDO_USER:-root}" | cut -d: -f6)"; do
+    if ! command -v cargo >/dev/null 2>&1 && [[ -x "$home/.cargo/bin/cargo" ]]; then
+        PATH="$home/.cargo/bin:$PATH"
+        export RUSTUP_HOME="${RUSTUP_HOME:-$home/.rustup}"
+    fi
+done
 
 bash scripts/deps.sh
 
