@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use crate::error::{IoContext, Result};
 
 const LOCKS_DIR: &str = "locks";
+/// Age after which a lock still under its staging name is known to be abandoned.
+const STAGING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A lock held by this process while it owns some work.
 #[derive(Debug)]
@@ -114,7 +116,22 @@ pub fn sweep(state_dir: &Path, referenced: impl Fn(&str) -> bool) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(token) = name.to_str().and_then(|n| n.strip_suffix(".lock")) else {
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if name.ends_with(".new") {
+            // Left by an owner killed between creating and renaming its lock; a live one
+            // renames within microseconds.
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().unwrap_or_default() > STAGING_MAX_AGE);
+            if stale {
+                let _ = fs::remove_file(entry.path());
+            }
+            continue;
+        }
+        let Some(token) = name.strip_suffix(".lock") else {
             continue;
         };
         if !referenced(token) {
@@ -148,7 +165,15 @@ mod tests {
         let live = OwnerLock::acquire(dir.path(), "live").unwrap();
         drop(OwnerLock::acquire(dir.path(), "dead").unwrap());
         drop(OwnerLock::acquire(dir.path(), "recorded").unwrap());
+        // Staging files: a fresh one may belong to an owner about to rename it, an old one not.
+        let locks = dir.path().join(LOCKS_DIR);
+        fs::write(locks.join(".fresh.new"), b"").unwrap();
+        let old = fs::File::create(locks.join(".old.new")).unwrap();
+        old.set_modified(std::time::SystemTime::now() - 2 * STAGING_MAX_AGE)
+            .unwrap();
         sweep(dir.path(), |token| token == "recorded");
+        assert!(locks.join(".fresh.new").exists());
+        assert!(!locks.join(".old.new").exists());
         assert!(matches!(check(dir.path(), "live"), Owner::Alive));
         assert!(!lock_path(dir.path(), "dead").exists());
         assert!(lock_path(dir.path(), "recorded").exists());
