@@ -272,6 +272,7 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         .ctx(|| "cannot block signals".into())?;
 
     let pool = Pool::open(state_dir)?;
+    pool.store().relax_durability()?;
     let token = format!("mount-{}", uuid::Uuid::new_v4());
     let lock = OwnerLock::acquire(state_dir, &token)?;
     let mount_id =

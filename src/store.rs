@@ -231,6 +231,13 @@ impl Store {
         Ok(value)
     }
 
+    /// Commits stop waiting for fsync (WAL stays consistent; a power loss may drop the last
+    /// commits). For the mount daemon, whose writes are open-file counts that die with it anyway,
+    /// so that an open never waits for the state directory's disk.
+    pub fn relax_durability(&self) -> Result<()> {
+        self.run(|c| c.pragma_update(None, "synchronous", "NORMAL"))
+    }
+
     /// A counter that changes whenever another connection commits: a cheap way for the mount
     /// daemon to notice CLI changes.
     pub fn data_version(&self) -> Result<i64> {
