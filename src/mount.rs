@@ -32,6 +32,9 @@ const REFRESH_INTERVAL: Duration = Duration::from_millis(200);
 /// Set in a detached daemon's environment: report readiness on stdout.
 const NOTIFY_ENV: &str = "IMGPOOL_NOTIFY_READY";
 const READY: &str = "ready";
+/// How long `imgpool mount` waits for the daemon; its slowest honest step is a store busy with
+/// other commands (30 s timeout).
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 #[derive(Debug, Clone)]
 pub struct MountConfig {
@@ -134,10 +137,28 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
     let mut child = command
         .spawn()
         .ctx(|| "cannot start the mount daemon".into())?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout is piped"))
-        .read_line(&mut line)
-        .ctx(|| "cannot read from the mount daemon".into())?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line).map(|_| line);
+        let _ = tx.send(read);
+    });
+    let line = match rx.recv_timeout(READY_TIMEOUT) {
+        Ok(read) => read.ctx(|| "cannot read from the mount daemon".into())?,
+        Err(_) => {
+            // Our own child: stop it rather than leave a half-started daemon behind.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Usage(format!(
+                "the mount daemon did not report ready within {} s and was stopped: see {}; if {} is still mounted, run `imgpool umount --lazy {}`",
+                READY_TIMEOUT.as_secs(),
+                log_path.display(),
+                config.mountpoint.display(),
+                config.mountpoint.display()
+            )));
+        }
+    };
     let line = line.trim_end();
     if line == READY {
         println!(
