@@ -115,6 +115,9 @@ pub struct DirEntry {
     pub ino: u64,
     pub kind: Kind,
     pub name: OsString,
+    /// Where a listing resumes after this entry. Derived from the never-reused inode number, so
+    /// a listing that spans a change of the directory neither skips nor repeats an entry.
+    pub cookie: u64,
 }
 
 /// A name the kernel may still cache that is gone: `fuse.rs` tells the kernel to forget it.
@@ -434,21 +437,21 @@ impl PoolFs {
         self.attr_of(&catalog, node)
     }
 
-    /// The entries of a directory, `.` and `..` first.
-    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, i32> {
+    /// The entries of a directory after the one whose cookie is `after` (0: from the start):
+    /// `.` and `..` first, then the children in inode order.
+    pub fn readdir(&self, ino: u64, after: u64) -> Result<Vec<DirEntry>, i32> {
         let catalog = self.catalog();
         let node = Node::from_ino(ino).ok_or(libc::ENOENT)?;
         self.attr_of(&catalog, node)?;
-        let dir = |node: Node, name: &str| DirEntry {
+        // Cookies 1 and 2 are `.` and `..`; children follow above them.
+        let entry = |node: Node, kind: Kind, name: &str| DirEntry {
             ino: node.ino(),
-            kind: Kind::Directory,
+            kind,
             name: name.into(),
+            cookie: node.ino() + 3,
         };
-        let file = |node: Node, name: &str| DirEntry {
-            ino: node.ino(),
-            kind: Kind::File,
-            name: name.into(),
-        };
+        let dir = |node: Node, name: &str| entry(node, Kind::Directory, name);
+        let file = |node: Node, name: &str| entry(node, Kind::File, name);
         let (parent, mut children) = match node {
             Node::Root => (
                 Node::Root,
@@ -490,8 +493,19 @@ impl PoolFs {
             ),
             Node::Backing { .. } | Node::Config { .. } => return Err(libc::ENOTDIR),
         };
-        let mut entries = vec![dir(node, "."), dir(parent, "..")];
+        children.sort_by_key(|e| e.cookie);
+        let mut entries = vec![
+            DirEntry {
+                cookie: 1,
+                ..dir(node, ".")
+            },
+            DirEntry {
+                cookie: 2,
+                ..dir(parent, "..")
+            },
+        ];
         entries.append(&mut children);
+        entries.retain(|e| e.cookie > after);
         Ok(entries)
     }
 
@@ -700,7 +714,7 @@ mod tests {
         }
         assert_eq!(walk(&fs, &["images", "img", "x"]), Err(libc::ENOTDIR));
         let names: Vec<OsString> = fs
-            .readdir(disk_dir)
+            .readdir(disk_dir, 0)
             .unwrap()
             .into_iter()
             .map(|e| e.name)
@@ -739,5 +753,37 @@ mod tests {
             fs.getxattr(image.ino, OsStr::new("user.nope")),
             Err(libc::ENODATA)
         );
+    }
+
+    #[test]
+    fn a_listing_resumes_after_its_cookie_even_when_the_directory_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, _) = pool_with_image(dir.path(), b"a");
+        // Changes come from another connection, as from a CLI command.
+        let cli = Pool::open(&dir.path().join("state")).unwrap();
+        for name in ["b", "c"] {
+            let src = dir.path().join(name);
+            std::fs::write(&src, name).unwrap();
+            cli.add_image(name, &src, 1, &mut |_, _| {}).unwrap();
+        }
+        fs.refresh().unwrap();
+        let images = walk(&fs, &["images"]).unwrap().ino;
+        let names = |after| -> Vec<String> {
+            fs.readdir(images, after)
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name.into_string().unwrap())
+                .collect()
+        };
+        let all = fs.readdir(images, 0).unwrap();
+        assert_eq!(names(0), [".", "..", "img", "b", "c"]);
+        let after_b = all[3].cookie;
+        assert_eq!(names(after_b), ["c"]);
+        // The first image goes away between two calls: the listing neither repeats nor skips.
+        cli.remove_image("img").unwrap();
+        let gone = fs.refresh().unwrap();
+        assert!(gone.iter().any(|g| g.name == "img" && g.parent == images));
+        assert_eq!(names(all[2].cookie), ["b", "c"]);
+        assert_eq!(names(after_b), ["c"]);
     }
 }

@@ -150,15 +150,14 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.fs.readdir(ino.0) {
+        let entries = match self.fs.readdir(ino.0, offset) {
             Ok(entries) => entries,
             Err(e) => return reply.error(errno(e)),
         };
-        for (index, entry) in entries.iter().enumerate().skip(offset as usize) {
-            // The offset handed back is where the next readdir call resumes.
+        for entry in &entries {
             if reply.add(
                 INodeNo(entry.ino),
-                index as u64 + 1,
+                entry.cookie,
                 file_type(entry.kind),
                 &entry.name,
             ) {
