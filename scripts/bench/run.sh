@@ -321,7 +321,7 @@ json_str_list() { local s="" x; for x in "$@"; do s+="${s:+,}\"$x\""; done; prin
 read_files() {
     local f pids=() p rc=0
     if (($# == 1)); then cat "$1" >/dev/null; return; fi
-    for f in "$@"; do cat "$f" >/dev/null & pids+=($!); BG_PIDS[$!]=cat; done
+    for f in "$@"; do cat "$f" >/dev/null & pids+=($!); BG_PIDS[$!]="cat"; done
     for p in "${pids[@]}"; do wait "$p" || rc=1; unset "BG_PIDS[$p]"; done
     return "$rc"
 }
@@ -373,7 +373,7 @@ run_fio() { # path job mode rep
             timeout --kill-after=10 $((RUNTIME + 120)) \
             fio --readonly --output-format=json --output="$tag.json" "$BENCH/jobs/$job.fio" 2>"$tag.err" &
         pids+=($!)
-        BG_PIDS[$!]=timeout
+        BG_PIDS[$!]="timeout"
     done
     for k in "${!pids[@]}"; do
         if wait "${pids[$k]}"; then rcs+=(0); else rcs+=($?); rc=1; fi
