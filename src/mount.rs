@@ -73,16 +73,22 @@ pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf> {
     let cannot = |why: String| Error::Usage(format!("cannot mount at {}: {why}", path.display()));
-    let canonical = std::fs::canonicalize(path)
-        .map_err(|e| cannot(format!("{e}; create the directory first")))?;
-    match std::fs::metadata(&canonical) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            return Err(Error::Usage(format!(
-                "{} is a mount whose daemon died: run `imgpool umount {}` first",
-                path.display(),
-                path.display()
-            )))
+    let daemon_died = || {
+        Error::Usage(format!(
+            "{} is a mount whose daemon died: run `imgpool umount {}` first",
+            path.display(),
+            path.display()
+        ))
+    };
+    let canonical = std::fs::canonicalize(path).map_err(|e| {
+        if is_dead_fuse_mount(&e) {
+            daemon_died()
+        } else {
+            cannot(format!("{e}; create the directory first"))
         }
+    })?;
+    match std::fs::metadata(&canonical) {
+        Err(e) if is_dead_fuse_mount(&e) => return Err(daemon_died()),
         Err(e) => return Err(cannot(e.to_string())),
         Ok(meta) if !meta.is_dir() => return Err(cannot("not a directory".into())),
         Ok(_) => {}
@@ -95,6 +101,15 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf> {
         )));
     }
     Ok(canonical)
+}
+
+/// A FUSE mount whose daemon is gone answers ENOTCONN; a request that was in flight when the
+/// kernel aborted the connection answers ECONNABORTED instead.
+fn is_dead_fuse_mount(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::ENOTCONN) | Some(libc::ECONNABORTED)
+    )
 }
 
 fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
