@@ -8,9 +8,12 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
+use crate::cache::MIN_CACHE_SIZE;
 use crate::error::{Error, Result};
+use crate::fuse::IoMode;
 use crate::mount::{self, MountConfig};
 use crate::pool::{DiskStatus, ImageInfo, Pool};
+use crate::stats::{self, MountStats};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -141,6 +144,51 @@ pub struct MountArgs {
     /// Where the background daemon writes its log (default: <state dir>/mount.log).
     #[arg(long)]
     pub log_file: Option<PathBuf>,
+    /// Memory for the chunk cache, e.g. 256MiB or 2G (binary units; at least 4 MiB).
+    #[arg(long, default_value = "256MiB", value_parser = parse_cache_size)]
+    pub cache_size: u64,
+    /// cached: reads go through the daemon's cache; passthrough: the kernel reads the copy
+    /// files itself (Linux >= 6.9; falls back to cached when the kernel refuses).
+    #[arg(long, value_enum, default_value = "cached")]
+    pub io_mode: IoMode,
+    /// The kernel's readahead window on the mount, e.g. 1MiB.
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    pub read_ahead: u64,
+}
+
+/// A size in bytes: a number with an optional binary unit (K, M, G, T; `KiB`, `MB`, ... are
+/// read as the same binary units).
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let text = text.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: write e.g. 512MiB or 2G"))?;
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("{text:?} has an unknown unit: use K, M, G or T")),
+    };
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn parse_cache_size(text: &str) -> std::result::Result<u64, String> {
+    let size = parse_size(text)?;
+    if size < MIN_CACHE_SIZE {
+        return Err(format!(
+            "{text} is below the smallest cache, {}",
+            bytes(MIN_CACHE_SIZE)
+        ));
+    }
+    Ok(size)
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -183,6 +231,9 @@ pub fn run(cli: Cli) -> Result<()> {
                 bind: !args.no_bind,
                 threads: args.threads.max(1),
                 log_file: args.log_file,
+                cache_size: args.cache_size,
+                io_mode: args.io_mode,
+                read_ahead: args.read_ahead,
             },
             args.foreground,
         ),
@@ -446,6 +497,7 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
                         "holders": holders },
             "mounts": mounts.iter().map(|m| json!({
                 "mountpoint": m.mountpoint, "pid": m.pid, "since": timestamp(m.started),
+                "stats": stats::load(pool.state_dir(), m.id),
             })).collect::<Vec<_>>(),
         }));
     } else {
@@ -474,6 +526,9 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
                 m.pid,
                 timestamp(m.started)
             );
+            if let Some(stats) = stats::load(pool.state_dir(), m.id) {
+                print_mount_stats(&stats);
+            }
         }
     }
     Ok(())
@@ -514,6 +569,61 @@ pub fn timestamp(secs: i64) -> String {
 }
 
 /// Bytes in binary units, one decimal: "64.0 MiB".
+fn print_mount_stats(stats: &MountStats) {
+    let mode = match (stats.io_mode, stats.io_mode_requested) {
+        (IoMode::Cached, IoMode::Passthrough) => "cached (passthrough refused: see the log)",
+        (IoMode::Cached, _) => "cached",
+        (IoMode::Passthrough, _) => "passthrough (reads bypass the daemon)",
+    };
+    let read = &stats.read;
+    let cache = &read.cache;
+    let lookups = cache.hits + cache.misses;
+    let percent = |n: u64| {
+        if lookups == 0 {
+            0.0
+        } else {
+            n as f64 * 100.0 / lookups as f64
+        }
+    };
+    println!("  io mode: {mode}");
+    println!(
+        "  cache:   {} of {} in {} chunk(s) of {}",
+        bytes(cache.bytes_cached),
+        bytes(cache.capacity_bytes),
+        cache.chunks_cached,
+        bytes(cache.chunk_size)
+    );
+    println!(
+        "           hits {} ({:.1}%, {} from readahead), misses {} ({} waited on another read)",
+        cache.hits,
+        percent(cache.hits),
+        cache.readahead_hits,
+        cache.misses,
+        cache.joined
+    );
+    println!(
+        "           evictions {}, handed to the page cache {}, read ahead {}",
+        cache.evictions,
+        cache.handed_to_page_cache,
+        bytes(read.readahead_bytes)
+    );
+    let disks: Vec<String> = read
+        .disk_read_bytes
+        .iter()
+        .map(|(disk, n)| format!("{disk} {}", bytes(*n)))
+        .collect();
+    println!(
+        "  reads:   {} request(s), {} served; from disks: {}",
+        read.requests,
+        bytes(read.bytes_served),
+        if disks.is_empty() {
+            "none".to_string()
+        } else {
+            disks.join(", ")
+        }
+    );
+}
+
 pub fn bytes(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
     let mut value = n as f64;
@@ -562,6 +672,25 @@ pub fn require_root(what: &'static str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_in_binary_units_and_bad_ones_say_why() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("1 kb"), Ok(1024));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("5 parsecs")
+            .unwrap_err()
+            .contains("unknown unit"));
+        assert!(parse_size("99999999999T")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(parse_cache_size("1M")
+            .unwrap_err()
+            .contains("smallest cache"));
+        assert_eq!(parse_cache_size("4MiB"), Ok(MIN_CACHE_SIZE));
+    }
 
     #[test]
     fn bytes_are_shown_in_binary_units() {

@@ -20,10 +20,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 
+use crate::cache::ReadData;
 use crate::disk::DiskLayout;
 use crate::error::Result;
 use crate::pool::{self, DiskHealth, Pool};
-use crate::read::{CopyLocation, ReadPath};
+use crate::read::{CopyLocation, ImageRef, ReadPath, ReadStats, Stream};
 use crate::resources::{self, Freshness};
 use crate::store::ImageState;
 
@@ -149,6 +150,16 @@ pub struct Image {
     pub config: Vec<u8>,
 }
 
+impl Image {
+    fn as_ref_for_read(&self) -> ImageRef<'_> {
+        ImageRef {
+            id: self.id,
+            size: self.size,
+            copies: &self.copies,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Disk {
     id: i64,
@@ -167,7 +178,7 @@ struct Catalog {
 }
 
 enum Handle {
-    Image(Arc<Image>),
+    Image { image: Arc<Image>, stream: Stream },
     Config(Arc<Image>),
 }
 
@@ -177,7 +188,7 @@ pub struct PoolFs {
     catalog: RwLock<Arc<Catalog>>,
     /// Store version and time of the last catalog load.
     last_load: Mutex<Option<(i64, Instant)>>,
-    handles: Mutex<HashMap<u64, Handle>>,
+    handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_handle: AtomicU64,
     reader: ReadPath,
     mounted_at: SystemTime,
@@ -200,16 +211,17 @@ fn longhorn_config(image: &Image) -> Vec<u8> {
 }
 
 impl PoolFs {
-    /// Serves `pool` as mount `mount_id` (the row the daemon registered).
-    pub fn new(pool: Pool, mount_id: i64) -> Result<PoolFs> {
+    /// Serves `pool` as mount `mount_id` (the row the daemon registered), reading through
+    /// `reader`.
+    pub fn new(pool: Pool, mount_id: i64, reader: ReadPath) -> Result<PoolFs> {
         let fs = PoolFs {
             pool,
             mount_id,
             catalog: RwLock::new(Arc::new(Catalog::default())),
             last_load: Mutex::new(None),
-            handles: Mutex::new(HashMap::new()),
+            handles: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            reader: ReadPath::default(),
+            reader,
             mounted_at: SystemTime::now(),
         };
         fs.refresh()?;
@@ -218,6 +230,10 @@ impl PoolFs {
 
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    pub fn mount_id(&self) -> i64 {
+        self.mount_id
     }
 
     /// Names and paths of the registered disks that are present and carry their label: the
@@ -307,6 +323,7 @@ impl PoolFs {
                 .filter_map(|(_, disk_id)| disk_rows.iter().find(|d| d.id == *disk_id))
                 .map(|d| CopyLocation {
                     path: DiskLayout::new(&d.path).copy_path(&row.uuid),
+                    disk: d.name.clone(),
                     healthy: healthy[&d.id],
                 })
                 .collect();
@@ -524,7 +541,7 @@ impl PoolFs {
             Node::Backing { image } => {
                 let image = catalog.by_id[&image].clone();
                 self.reader
-                    .ensure_open(image.id, &image.copies)
+                    .ensure_open(image.as_ref_for_read())
                     .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
                 // Recorded in the store so that `image rm` in another process sees the open.
                 match self.pool.store().open_handle(self.mount_id, image.id) {
@@ -535,41 +552,66 @@ impl PoolFs {
                         return Err(libc::EIO);
                     }
                 }
-                Handle::Image(image)
+                Handle::Image {
+                    image,
+                    stream: Stream::default(),
+                }
             }
             Node::Config { image } => Handle::Config(catalog.by_id[&image].clone()),
             _ => return Err(libc::EISDIR),
         };
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, handle);
+        self.handles.write().insert(fh, Arc::new(handle));
         Ok(fh)
     }
 
-    pub fn read(&self, fh: u64, offset: u64, len: u32) -> Result<Vec<u8>, i32> {
-        let image = match self.handles.lock().get(&fh) {
-            Some(Handle::Image(image)) => image.clone(),
-            Some(Handle::Config(image)) => {
+    /// Reads an open file. `to_page_cache`: the kernel keeps what it gets (not O_DIRECT).
+    pub fn read(
+        &self,
+        fh: u64,
+        offset: u64,
+        len: u32,
+        to_page_cache: bool,
+    ) -> Result<ReadData, i32> {
+        let handle = self.handles.read().get(&fh).cloned().ok_or(libc::EBADF)?;
+        match &*handle {
+            Handle::Image { image, stream } => self
+                .reader
+                .read(image.as_ref_for_read(), stream, offset, len, to_page_cache)
+                .map_err(|e| {
+                    tracing::error!("read of {} at {offset} failed: {e}", image.name);
+                    e.raw_os_error().unwrap_or(libc::EIO)
+                }),
+            Handle::Config(image) => {
                 let config = &image.config;
                 let start = (offset as usize).min(config.len());
                 let end = start.saturating_add(len as usize).min(config.len());
-                return Ok(config[start..end].to_vec());
+                Ok(ReadData::Owned(config[start..end].to_vec()))
             }
-            None => return Err(libc::EBADF),
-        };
-        self.reader
-            .read(image.id, image.size, &image.copies, offset, len)
-            .map_err(|e| {
-                tracing::error!("read of {} at {offset} failed: {e}", image.name);
-                e.raw_os_error().unwrap_or(libc::EIO)
-            })
+        }
+    }
+
+    /// A descriptor of the copy file behind an open image, for kernel passthrough; `None`
+    /// for other files (`backing.cfg`), which the daemon serves itself.
+    pub fn backing_file(&self, fh: u64) -> Option<std::io::Result<std::fs::File>> {
+        let handle = self.handles.read().get(&fh).cloned()?;
+        match &*handle {
+            Handle::Image { image, .. } => Some(self.reader.backing_file(image.as_ref_for_read())),
+            Handle::Config(_) => None,
+        }
     }
 
     pub fn release(&self, fh: u64) {
-        if let Some(Handle::Image(image)) = self.handles.lock().remove(&fh) {
+        let handle = self.handles.write().remove(&fh);
+        if let Some(Handle::Image { image, .. }) = handle.as_deref() {
             if let Err(e) = self.pool.store().close_handle(self.mount_id, image.id) {
                 tracing::error!("cannot record close of {}: {e}", image.name);
             }
         }
+    }
+
+    pub fn read_stats(&self) -> ReadStats {
+        self.reader.stats()
     }
 
     fn xattrs(&self, ino: u64) -> Result<Vec<(&'static str, Vec<u8>)>, i32> {
@@ -671,7 +713,7 @@ mod tests {
             .store()
             .insert_mount(&dir.join("mnt"), 1, 0, "test")
             .unwrap();
-        (PoolFs::new(pool, mount).unwrap(), uuid)
+        (PoolFs::new(pool, mount, ReadPath::default()).unwrap(), uuid)
     }
 
     fn walk(fs: &PoolFs, path: &[&str]) -> Result<Attr, i32> {
@@ -733,15 +775,15 @@ mod tests {
         assert_eq!(fs.open(image.ino, true), Err(libc::EROFS));
         assert_eq!(fs.open(ROOT_INO, false), Err(libc::EISDIR));
         let fh = fs.open(image.ino, false).unwrap();
-        assert_eq!(fs.read(fh, 7, 100).unwrap(), b"789");
-        assert!(fs.read(fh, 10, 100).unwrap().is_empty());
+        assert_eq!(&*fs.read(fh, 7, 100, true).unwrap(), b"789");
+        assert!(fs.read(fh, 10, 100, true).unwrap().is_empty());
         fs.release(fh);
-        assert_eq!(fs.read(fh, 0, 1), Err(libc::EBADF));
+        assert_eq!(fs.read(fh, 0, 1, true).err(), Some(libc::EBADF));
 
         let cfg = walk(&fs, &["disks", "d2", &format!("img-{uuid}"), BACKING_CFG]).unwrap();
         let fh = fs.open(cfg.ino, false).unwrap();
         let json: serde_json::Value =
-            serde_json::from_slice(&fs.read(fh, 0, 4096).unwrap()).unwrap();
+            serde_json::from_slice(&fs.read(fh, 0, 4096, true).unwrap()).unwrap();
         assert_eq!(json["uuid"], uuid.as_str());
         assert_eq!(json["size"], 10);
         assert_eq!(json["expectedChecksum"], json["currentChecksum"]);

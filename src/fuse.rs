@@ -1,17 +1,22 @@
 //! The FUSE adapter: maps kernel requests onto `PoolFs` calls and results onto replies. No pool
 //! logic lives here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
+use std::fs::File;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
 
 use crate::fs::{Attr, Kind, PoolFs};
 
@@ -19,15 +24,106 @@ use crate::fs::{Attr, Kind, PoolFs};
 /// (see `mount.rs`), so this bounds only how late a change made behind our back shows.
 const TTL: Duration = Duration::from_secs(1);
 const BLOCK_SIZE: u32 = 4096;
+/// Background requests (readahead, async O_DIRECT) the kernel may have in flight: enough for
+/// an engine reading at queue depth 32 plus readahead.
+const MAX_BACKGROUND: u16 = 64;
+
+/// How image bytes reach readers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum IoMode {
+    /// Every read comes to the daemon: chunk cache, readahead, and (later) failover.
+    Cached,
+    /// The kernel reads the copy file itself (Linux >= 6.9); the daemon sees opens only.
+    Passthrough,
+}
+
+/// Kernel passthrough state: one backing id per image inode, shared by all its open files
+/// (the kernel refuses two different backing files for one inode).
+#[derive(Default)]
+struct Backing {
+    by_ino: HashMap<u64, Weak<BackingId>>,
+    by_handle: HashMap<u64, Arc<BackingId>>,
+}
 
 pub struct FuseAdapter {
     fs: Arc<PoolFs>,
+    requested: IoMode,
+    /// Whether the kernel agreed to passthrough; decided at init.
+    passthrough: Arc<AtomicBool>,
+    /// Set when the kernel refused a backing file: later opens are served cached, quietly.
+    backing_refused: AtomicBool,
+    backing: Mutex<Backing>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<PoolFs>) -> Self {
-        FuseAdapter { fs }
+    /// `passthrough` reports the mode the kernel agreed to, once the session has started.
+    pub fn new(fs: Arc<PoolFs>, requested: IoMode, passthrough: Arc<AtomicBool>) -> Self {
+        FuseAdapter {
+            fs,
+            requested,
+            passthrough,
+            backing_refused: AtomicBool::new(false),
+            backing: Mutex::default(),
+        }
     }
+
+    /// The backing id of `ino`'s open files, registered with the kernel on first use.
+    fn backing_id(
+        &self,
+        ino: u64,
+        reply: &ReplyOpen,
+        file: &File,
+    ) -> std::io::Result<Arc<BackingId>> {
+        let mut backing = self.backing.lock();
+        if let Some(id) = backing.by_ino.get(&ino).and_then(Weak::upgrade) {
+            return Ok(id);
+        }
+        let id = Arc::new(reply.open_backing(file)?);
+        backing.by_ino.insert(ino, Arc::downgrade(&id));
+        Ok(id)
+    }
+
+    /// Answers an open of an image in passthrough mode; falls back to cached for this open
+    /// when the kernel refuses the backing file.
+    fn open_passthrough(&self, ino: u64, fh: u64, file: File, reply: ReplyOpen) {
+        let refused = self.backing_refused.load(Ordering::Relaxed);
+        let has_backing = self
+            .backing
+            .lock()
+            .by_ino
+            .get(&ino)
+            .is_some_and(|id| id.strong_count() > 0);
+        if refused && !has_backing {
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+        }
+        match self.backing_id(ino, &reply, &file) {
+            Ok(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
+                self.backing.lock().by_handle.insert(fh, id);
+            }
+            Err(e) => {
+                if !self.backing_refused.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "kernel refused a passthrough backing file ({e}): serving reads in cached mode"
+                    );
+                }
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+        }
+    }
+}
+
+/// Asks the kernel for passthrough; the reason when it cannot have it.
+fn enable_passthrough(config: &mut KernelConfig) -> Result<(), String> {
+    config
+        .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+        .map_err(|_| "the kernel does not offer FUSE passthrough (needs Linux 6.9 or later)")?;
+    // Copies sit on plain filesystems (depth 0); depth 1 still lets overlayfs stack on us.
+    config
+        .set_max_stack_depth(1)
+        .map_err(|max| format!("the kernel's stacking limit is {max}"))?;
+    Ok(())
 }
 
 fn file_attr(attr: &Attr) -> FileAttr {
@@ -73,6 +169,15 @@ impl Filesystem for FuseAdapter {
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO) {
             tracing::info!("kernel lacks {missing:?}: O_DIRECT reads are served one at a time");
         }
+        if let Err(nearest) = config.set_max_background(MAX_BACKGROUND) {
+            tracing::info!("kernel limits background requests to {nearest}");
+        }
+        if self.requested == IoMode::Passthrough {
+            match enable_passthrough(config) {
+                Ok(()) => self.passthrough.store(true, Ordering::Relaxed),
+                Err(why) => tracing::warn!("{why}: serving reads in cached mode"),
+            }
+        }
         Ok(())
     }
 
@@ -91,11 +196,22 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.open(ino.0, wants_write(flags)) {
-            // Images never change, so the kernel may keep their pages across opens.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(e)),
+        let fh = match self.fs.open(ino.0, wants_write(flags)) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(errno(e)),
+        };
+        if self.passthrough.load(Ordering::Relaxed) {
+            match self.fs.backing_file(fh) {
+                Some(Ok(file)) => return self.open_passthrough(ino.0, fh, file, reply),
+                Some(Err(e)) => {
+                    self.fs.release(fh);
+                    return reply.error(errno(e.raw_os_error().unwrap_or(libc::EIO)));
+                }
+                None => {}
+            }
         }
+        // Images never change, so the kernel may keep their pages across opens.
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn read(
@@ -105,11 +221,13 @@ impl Filesystem for FuseAdapter {
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(fh.0, offset, size) {
+        // The kernel keeps what it reads for anything but an O_DIRECT file.
+        let to_page_cache = flags.0 & libc::O_DIRECT == 0;
+        match self.fs.read(fh.0, offset, size, to_page_cache) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
         }
@@ -118,7 +236,7 @@ impl Filesystem for FuseAdapter {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
@@ -126,6 +244,14 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.fs.release(fh.0);
+        let mut backing = self.backing.lock();
+        if let Some(id) = backing.by_handle.remove(&fh.0) {
+            // The inode's last open file: the kernel no longer needs the backing id.
+            if Arc::strong_count(&id) == 1 {
+                backing.by_ino.remove(&ino.0);
+            }
+        }
+        drop(backing);
         reply.ok();
     }
 

@@ -6,6 +6,7 @@
 //! Serving: `fs` (namespace and file operations), `read` (the read path), `fuse` (the thin
 //! kernel adapter), `mount` (daemon lifecycle and bind mounts). Front end: `cli`.
 
+pub mod cache;
 pub mod cli;
 pub mod disk;
 pub mod error;
@@ -20,4 +21,5 @@ pub mod pool;
 pub mod read;
 pub mod resources;
 pub mod sparse;
+pub mod stats;
 pub mod store;

@@ -19,16 +19,20 @@ use parking_lot::Mutex;
 use crate::cli::require_root;
 use crate::error::{Error, IoContext, Result};
 use crate::fs::{PoolFs, DISKS_DIR};
-use crate::fuse::FuseAdapter;
+use crate::fuse::{FuseAdapter, IoMode};
 use crate::mountinfo;
 use crate::owner::{self, Owner, OwnerLock};
 use crate::pool::{self, Pool};
+use crate::read::ReadPath;
+use crate::stats::{self, MountStats};
 
 /// Where each disk's view is bind-mounted, relative to the disk: Longhorn's directory.
 pub const BIND_DIR: &str = "backing-images";
 pub const FS_TYPE: &str = "fuse.imgpool";
 /// How often the daemon looks for changes made by other commands.
 const REFRESH_INTERVAL: Duration = Duration::from_millis(200);
+/// How often the daemon publishes its statistics.
+const STATS_INTERVAL: Duration = Duration::from_secs(1);
 /// Set in a detached daemon's environment: report readiness on stdout.
 const NOTIFY_ENV: &str = "IMGPOOL_NOTIFY_READY";
 const READY: &str = "ready";
@@ -42,6 +46,10 @@ pub struct MountConfig {
     pub bind: bool,
     pub threads: usize,
     pub log_file: Option<PathBuf>,
+    pub cache_size: u64,
+    pub io_mode: IoMode,
+    /// The kernel's readahead window on the mount, in bytes.
+    pub read_ahead: u64,
 }
 
 /// `imgpool mount`: in the foreground, serve until stopped; otherwise start a detached daemon
@@ -132,6 +140,15 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
         .arg("--foreground")
         .arg("--threads")
         .arg(config.threads.to_string())
+        .arg("--cache-size")
+        .arg(config.cache_size.to_string())
+        .arg("--io-mode")
+        .arg(match config.io_mode {
+            IoMode::Cached => "cached",
+            IoMode::Passthrough => "passthrough",
+        })
+        .arg("--read-ahead")
+        .arg(config.read_ahead.to_string())
         .env(NOTIFY_ENV, "1")
         // A daemon must not keep the caller's working directory (and its filesystem) busy.
         .current_dir("/")
@@ -314,8 +331,17 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     let mount_id =
         pool.store()
             .insert_mount(&config.mountpoint, std::process::id(), pool::now(), &token)?;
-    let fs = Arc::new(PoolFs::new(pool, mount_id)?);
+    if let Ok(mounts) = pool.live_mounts() {
+        let live: Vec<i64> = mounts.iter().map(|m| m.id).collect();
+        stats::sweep(state_dir, &live);
+    }
+    let fs = Arc::new(PoolFs::new(
+        pool,
+        mount_id,
+        ReadPath::new(config.cache_size),
+    )?);
     let result = serve(fs.clone(), config, signals, notify);
+    stats::remove(state_dir, mount_id);
     let _ = fs.pool().store().delete_mount(mount_id);
     lock.release();
     result
@@ -338,9 +364,14 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
     options.acl = SessionACL::All;
     options.n_threads = Some(config.threads);
     options.clone_fd = true;
-    let session = Session::new(FuseAdapter::new(fs.clone()), mountpoint, &options)
+    let passthrough = Arc::new(AtomicBool::new(false));
+    let adapter = FuseAdapter::new(fs.clone(), config.io_mode, passthrough.clone());
+    let session = Session::new(adapter, mountpoint, &options)
         .ctx(|| format!("cannot mount FUSE at {}", mountpoint.display()))?;
     let notifier = session.notifier();
+    if let Err(e) = set_read_ahead(mountpoint, config.read_ahead) {
+        tracing::warn!("cannot set the mount's readahead: {e}");
+    }
 
     let (events, next_event) = mpsc::channel();
     let session_events = events.clone();
@@ -378,9 +409,31 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
     let refresher = {
         let (fs, binds, stopping) = (fs.clone(), binds.clone(), stopping.clone());
         let bind = config.bind;
+        let requested = config.io_mode;
+        let published_fs = fs.clone();
+        let publish = move || {
+            let fs = &published_fs;
+            let io_mode = if passthrough.load(Ordering::Relaxed) {
+                IoMode::Passthrough
+            } else {
+                IoMode::Cached
+            };
+            let stats = MountStats {
+                mount_id: fs.mount_id(),
+                updated: stats::now(),
+                io_mode_requested: requested,
+                io_mode,
+                read: fs.read_stats(),
+            };
+            if let Err(e) = stats::publish(fs.pool().state_dir(), &stats) {
+                tracing::debug!("cannot publish statistics: {e}");
+            }
+        };
         std::thread::Builder::new()
             .name("refresh".into())
-            .spawn(move || follow_changes(&fs, &notifier, bind.then_some(&*binds), &stopping))
+            .spawn(move || {
+                follow_changes(&fs, &notifier, bind.then_some(&*binds), &stopping, publish)
+            })
             .ctx(|| "cannot start the refresh thread".into())?
     };
 
@@ -415,6 +468,18 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
     outcome.ctx(|| format!("FUSE session at {} failed", mountpoint.display()))
 }
 
+/// Sets the kernel's readahead window for the mount: its own backing device, named by the
+/// mount's device number, read from the mount table (a stat would wait on our own session).
+/// The kernel starts FUSE mounts at 128 KiB whatever the daemon asks at init.
+fn set_read_ahead(mountpoint: &Path, bytes: u64) -> Result<()> {
+    let table = mountinfo::read()?;
+    let Some(entry) = mountinfo::mount_at(&table, mountpoint) else {
+        return Err(Error::Usage(format!("{} is not mounted", mountpoint.display())));
+    };
+    let path = format!("/sys/class/bdi/{}/read_ahead_kb", entry.device);
+    std::fs::write(&path, format!("{}\n", bytes / 1024)).ctx(|| format!("cannot write {path}"))
+}
+
 /// Unmounts the binds, then the mount. A busy mount is detached: open files keep working until
 /// they are closed, and the session ends then.
 fn stop(binds: &BindMounts, mountpoint: &Path, lazy_if_busy: bool) {
@@ -436,9 +501,16 @@ fn follow_changes(
     notifier: &Notifier,
     binds: Option<&BindMounts>,
     stopping: &AtomicBool,
+    publish_stats: impl Fn(),
 ) {
+    let mut published = Instant::now();
+    publish_stats();
     while !stopping.load(Ordering::Relaxed) {
         std::thread::sleep(REFRESH_INTERVAL);
+        if published.elapsed() >= STATS_INTERVAL {
+            publish_stats();
+            published = Instant::now();
+        }
         match fs.refresh() {
             Ok(gone) => {
                 for name in gone {

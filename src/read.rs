@@ -1,84 +1,407 @@
-//! The read path: every byte served through the mount comes through `ReadPath::read`. This is
-//! the one place where the chunk cache sits (issue: fast reads) and where a read that fails on
-//! one copy will fail over to another (issue: disk failure). Today it reads the first healthy
-//! copy that opens.
+//! The read path: every byte served through the mount comes through `ReadPath::read`, from the
+//! chunk cache or from one copy on disk. This is where a read that fails on one copy will fail
+//! over to another (issue: disk failure).
+//!
+//! Copies are read with O_DIRECT into the cache's page-aligned buffers, so a copy's bytes do
+//! not also sit in the page cache of the copy file (where the filesystem does not take
+//! O_DIRECT, the read is buffered and its pages are dropped right after). Sequential readers
+//! get the next chunks read ahead, in batches of one large read, by a few background threads.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io;
+use std::io::{self, IoSliceMut};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
+use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
 
-use crate::sparse::read_full_at;
+use crate::cache::{CacheStats, ChunkCache, ChunkKey, ReadData, CHUNK_SIZE, PAGE_SIZE};
+
+/// The cache size when `imgpool mount` is not given one.
+pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
+/// How far ahead of a sequential reader chunks are read.
+const READAHEAD_BYTES: u64 = 4 << 20;
+/// Chunks per readahead disk read (1 MiB).
+const READAHEAD_BATCH: u64 = 16;
+/// With several requests in flight (async readahead, several FUSE threads), a sequential
+/// reader's requests arrive slightly out of order.
+const SEQUENTIAL_SLACK: u64 = 1 << 20;
+/// Consecutive sequential requests before readahead starts: a random reader's one lucky
+/// neighbour does not trigger it.
+const SEQUENTIAL_RUN: u32 = 2;
+const READAHEAD_THREADS: usize = 4;
+/// Readahead is best effort: when this many batches wait, new ones are dropped.
+const READAHEAD_QUEUE: usize = 64;
 
 /// Where one copy of an image lives.
 #[derive(Debug, Clone)]
 pub struct CopyLocation {
     pub path: PathBuf,
+    pub disk: String,
     pub healthy: bool,
 }
 
+/// The image a read is for.
+#[derive(Clone, Copy)]
+pub struct ImageRef<'a> {
+    pub id: i64,
+    pub size: u64,
+    pub copies: &'a [CopyLocation],
+}
+
+/// One reader's position (one open file): tells sequential reading from random.
 #[derive(Default)]
+pub struct Stream {
+    next: AtomicU64,
+    run: AtomicU32,
+    /// Where readahead for this reader has been queued up to.
+    ahead_to: AtomicU64,
+}
+
+impl Stream {
+    /// Records a request; true once the reader has read sequentially for a while.
+    fn observe(&self, offset: u64, end: u64) -> bool {
+        let previous = self.next.swap(end, Ordering::Relaxed);
+        if offset.abs_diff(previous) <= SEQUENTIAL_SLACK && end > previous {
+            self.run.fetch_add(1, Ordering::Relaxed) + 1 >= SEQUENTIAL_RUN
+        } else {
+            self.run.store(0, Ordering::Relaxed);
+            false
+        }
+    }
+}
+
+/// What the read path has done since the mount started. Units and definitions:
+/// `docs/statistics.md`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReadStats {
+    pub requests: u64,
+    pub bytes_served: u64,
+    pub readahead_bytes: u64,
+    pub cache: CacheStats,
+    /// Bytes read from copies, by disk name.
+    pub disk_read_bytes: BTreeMap<String, u64>,
+}
+
+/// An open copy file: an O_DIRECT descriptor for chunk reads, and a buffered one (kernel
+/// passthrough, and filesystems without O_DIRECT).
+struct OpenCopy {
+    path: PathBuf,
+    direct: Option<File>,
+    buffered: File,
+    use_direct: AtomicBool,
+    read_bytes: Arc<AtomicU64>,
+}
+
+impl OpenCopy {
+    fn open(location: &CopyLocation, read_bytes: Arc<AtomicU64>) -> io::Result<OpenCopy> {
+        let buffered = File::open(&location.path)?;
+        let direct = File::options()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&location.path)
+            .ok();
+        Ok(OpenCopy {
+            path: location.path.clone(),
+            use_direct: AtomicBool::new(direct.is_some()),
+            direct,
+            buffered,
+            read_bytes,
+        })
+    }
+
+    /// Reads chunks `first..first + bufs.len()` of an image of `size` bytes, in one disk read
+    /// where possible; returns each chunk's length.
+    fn read_chunks(&self, size: u64, first: u64, bufs: &mut [&mut [u8]]) -> io::Result<Vec<usize>> {
+        let start = first * CHUNK_SIZE as u64;
+        let lens: Vec<usize> = (0..bufs.len() as u64)
+            .map(|i| {
+                let chunk_start = start + i * CHUNK_SIZE as u64;
+                size.saturating_sub(chunk_start).min(CHUNK_SIZE as u64) as usize
+            })
+            .collect();
+        let want: usize = lens.iter().sum();
+        if want == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        if self.use_direct.load(Ordering::Relaxed) {
+            match self.read_span(self.direct.as_ref().expect("direct fd"), start, bufs, &lens) {
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::info!(
+                        "{}: O_DIRECT reads refused ({e}); reading it buffered",
+                        self.path.display()
+                    );
+                    self.use_direct.store(false, Ordering::Relaxed);
+                }
+                result => return result.map(|()| lens),
+            }
+        }
+        self.read_span(&self.buffered, start, bufs, &lens)?;
+        // The chunk cache holds these bytes now; the copy file's pages would hold them twice.
+        let _ = posix_fadvise(
+            &self.buffered,
+            start as i64,
+            want as i64,
+            PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        );
+        Ok(lens)
+    }
+
+    fn read_span(
+        &self,
+        file: &File,
+        start: u64,
+        bufs: &mut [&mut [u8]],
+        lens: &[usize],
+    ) -> io::Result<()> {
+        // O_DIRECT needs whole pages: the last chunk of an image is read up to a page end.
+        let mut iov: Vec<IoSliceMut> = bufs
+            .iter_mut()
+            .zip(lens)
+            .map(|(buf, len)| IoSliceMut::new(&mut buf[..len.next_multiple_of(PAGE_SIZE)]))
+            .collect();
+        let want: usize = lens.iter().sum();
+        let got = nix::sys::uio::preadv(file, &mut iov, start as i64).map_err(io::Error::from)?;
+        self.read_bytes.fetch_add(got as u64, Ordering::Relaxed);
+        if got >= want {
+            return Ok(());
+        }
+        // A short read (rare on local filesystems): finish chunk by chunk from chunk starts,
+        // which keeps O_DIRECT alignment.
+        let mut chunk_start = 0usize;
+        for (buf, len) in bufs.iter_mut().zip(lens) {
+            if got < chunk_start + len {
+                let offset = start + chunk_start as u64;
+                let mut done = 0;
+                while done < *len {
+                    let n = nix::sys::uio::pread(
+                        file,
+                        &mut buf[done..len.next_multiple_of(PAGE_SIZE)],
+                        (offset + done as u64) as i64,
+                    )
+                    .map_err(io::Error::from)?;
+                    self.read_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    if n == 0 || (n % PAGE_SIZE != 0 && done + n < *len) {
+                        // The copy is shorter than the image: never pad with invented zeros.
+                        return Err(io::Error::from_raw_os_error(libc::EIO));
+                    }
+                    done += n;
+                }
+            }
+            chunk_start += len;
+        }
+        Ok(())
+    }
+}
+
+struct ReadaheadJob {
+    copy: Arc<OpenCopy>,
+    image: i64,
+    size: u64,
+    first: u64,
+    count: u64,
+}
+
 pub struct ReadPath {
-    /// One open descriptor per image, shared by every open file of every view.
-    open_copies: Mutex<HashMap<i64, Arc<File>>>,
+    cache: Arc<ChunkCache>,
+    /// One open copy per image, shared by every open file of every view.
+    open_copies: RwLock<HashMap<i64, Arc<OpenCopy>>>,
+    disk_read_bytes: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
+    readahead: SyncSender<ReadaheadJob>,
+    readahead_bytes: Arc<AtomicU64>,
+    requests: AtomicU64,
+    bytes_served: AtomicU64,
+}
+
+impl Default for ReadPath {
+    fn default() -> Self {
+        ReadPath::new(DEFAULT_CACHE_SIZE)
+    }
 }
 
 impl ReadPath {
-    /// Reads up to `len` bytes at `offset` of image `image_id` (of `size` bytes); short only at
-    /// the end of the image.
+    /// A read path whose chunk cache holds at most `cache_size` bytes.
+    pub fn new(cache_size: u64) -> ReadPath {
+        let cache = Arc::new(ChunkCache::new(cache_size));
+        let readahead_bytes = Arc::new(AtomicU64::new(0));
+        let (readahead, jobs) = sync_channel(READAHEAD_QUEUE);
+        let jobs = Arc::new(Mutex::new(jobs));
+        for n in 0..READAHEAD_THREADS {
+            let (cache, jobs, bytes) = (cache.clone(), jobs.clone(), readahead_bytes.clone());
+            // Without readahead threads reads are still right, only slower.
+            let _ = std::thread::Builder::new()
+                .name(format!("readahead-{n}"))
+                .spawn(move || run_readahead(&cache, &jobs, &bytes));
+        }
+        ReadPath {
+            cache,
+            open_copies: RwLock::default(),
+            disk_read_bytes: Mutex::default(),
+            readahead,
+            readahead_bytes,
+            requests: AtomicU64::new(0),
+            bytes_served: AtomicU64::new(0),
+        }
+    }
+
+    /// Reads up to `len` bytes at `offset` of `image`; short only at the end of the image.
+    /// `to_page_cache`: the kernel keeps what it gets (a buffered or mmap reader, not O_DIRECT).
     pub fn read(
         &self,
-        image_id: i64,
-        size: u64,
-        copies: &[CopyLocation],
+        image: ImageRef,
+        stream: &Stream,
         offset: u64,
         len: u32,
-    ) -> io::Result<Vec<u8>> {
-        if offset >= size {
-            return Ok(Vec::new());
+        to_page_cache: bool,
+    ) -> io::Result<ReadData> {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if offset >= image.size || len == 0 {
+            return Ok(ReadData::Owned(Vec::new()));
         }
-        let len = (len as u64).min(size - offset) as usize;
-        let file = self.copy_file(image_id, copies)?;
-        let mut buf = vec![0u8; len];
-        let n = read_full_at(&file, &mut buf, offset)?;
-        if n < len {
-            // The copy is shorter than the image: never pad with invented zeros.
-            return Err(io::Error::from_raw_os_error(libc::EIO));
+        let end = (offset + len as u64).min(image.size);
+        let copy = self.copy(image)?;
+        if stream.observe(offset, end) {
+            self.read_ahead(image, &copy, stream, end);
         }
-        Ok(buf)
+        let chunk_size = CHUNK_SIZE as u64;
+        let (first, last) = (offset / chunk_size, (end - 1) / chunk_size);
+        let mut parts = Vec::with_capacity((last - first + 1) as usize);
+        for index in first..=last {
+            let key = ChunkKey {
+                image: image.id,
+                index,
+            };
+            let (chunk, _) = self.cache.get(key, |buf| {
+                copy.read_chunks(image.size, index, &mut [buf])
+                    .map(|lens| lens[0])
+            })?;
+            let chunk_start = index * chunk_size;
+            let range = (offset.max(chunk_start) - chunk_start) as usize
+                ..(end.min(chunk_start + chunk_size) - chunk_start) as usize;
+            if chunk.bytes().len() < range.end {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            parts.push((key, chunk, range));
+        }
+        let data = if parts.len() == 1 {
+            let (_, chunk, range) = &parts[0];
+            ReadData::Slice(chunk.clone(), range.clone())
+        } else {
+            let mut bytes = Vec::with_capacity((end - offset) as usize);
+            for (_, chunk, range) in &parts {
+                bytes.extend_from_slice(&chunk.bytes()[range.clone()]);
+            }
+            ReadData::Owned(bytes)
+        };
+        if to_page_cache {
+            for (key, chunk, range) in parts {
+                self.cache.handed_to_page_cache(key, &chunk, range);
+            }
+        }
+        self.bytes_served
+            .fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(data)
+    }
+
+    /// Queues readahead so that the chunks up to `READAHEAD_BYTES` past `end` are loaded or
+    /// loading; queued in half-window steps, so a reader does not queue on every request.
+    fn read_ahead(&self, image: ImageRef, copy: &Arc<OpenCopy>, stream: &Stream, end: u64) {
+        let target = (end + READAHEAD_BYTES).min(image.size);
+        let from = stream.ahead_to.load(Ordering::Relaxed).max(end);
+        if target <= from || target - from < READAHEAD_BYTES / 2 {
+            return;
+        }
+        if stream
+            .ahead_to
+            .compare_exchange(
+                stream.ahead_to.load(Ordering::Relaxed),
+                target,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            return;
+        }
+        let chunk_size = CHUNK_SIZE as u64;
+        let (mut first, last) = (from / chunk_size, (target - 1) / chunk_size);
+        while first <= last {
+            let count = (last - first + 1).min(READAHEAD_BATCH);
+            let job = ReadaheadJob {
+                copy: copy.clone(),
+                image: image.id,
+                size: image.size,
+                first,
+                count,
+            };
+            if let Err(TrySendError::Full(_)) = self.readahead.try_send(job) {
+                return;
+            }
+            first += count;
+        }
     }
 
     /// Checks that some copy of the image can be opened (done at open time, so that a missing
     /// copy fails the open rather than the first read).
-    pub fn ensure_open(&self, image_id: i64, copies: &[CopyLocation]) -> io::Result<()> {
-        self.copy_file(image_id, copies).map(|_| ())
+    pub fn ensure_open(&self, image: ImageRef) -> io::Result<()> {
+        self.copy(image).map(|_| ())
     }
 
-    /// Drops the descriptor of an image that left the pool.
+    /// A buffered descriptor of the copy that serves `image`, for kernel passthrough.
+    pub fn backing_file(&self, image: ImageRef) -> io::Result<File> {
+        self.copy(image)?.buffered.try_clone()
+    }
+
+    /// Drops the descriptor and the cached chunks of an image that left the pool.
     pub fn forget(&self, image_id: i64) {
-        self.open_copies.lock().remove(&image_id);
+        self.open_copies.write().remove(&image_id);
+        self.cache.forget_image(image_id);
     }
 
-    fn copy_file(&self, image_id: i64, copies: &[CopyLocation]) -> io::Result<Arc<File>> {
-        if let Some(file) = self.open_copies.lock().get(&image_id) {
-            return Ok(file.clone());
+    pub fn stats(&self) -> ReadStats {
+        ReadStats {
+            requests: self.requests.load(Ordering::Relaxed),
+            bytes_served: self.bytes_served.load(Ordering::Relaxed),
+            readahead_bytes: self.readahead_bytes.load(Ordering::Relaxed),
+            cache: self.cache.stats(),
+            disk_read_bytes: self
+                .disk_read_bytes
+                .lock()
+                .iter()
+                .map(|(disk, bytes)| (disk.clone(), bytes.load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+
+    fn copy(&self, image: ImageRef) -> io::Result<Arc<OpenCopy>> {
+        if let Some(copy) = self.open_copies.read().get(&image.id) {
+            return Ok(copy.clone());
         }
         let mut last_error = io::Error::from_raw_os_error(libc::EIO);
-        for copy in copies.iter().filter(|c| c.healthy) {
-            match File::open(&copy.path) {
-                Ok(file) => {
-                    let file = Arc::new(file);
-                    self.open_copies
-                        .lock()
-                        .entry(image_id)
-                        .or_insert_with(|| file.clone());
-                    return Ok(file);
+        for location in image.copies.iter().filter(|c| c.healthy) {
+            let counter = self
+                .disk_read_bytes
+                .lock()
+                .entry(location.disk.clone())
+                .or_default()
+                .clone();
+            match OpenCopy::open(location, counter) {
+                Ok(copy) => {
+                    let copy = Arc::new(copy);
+                    return Ok(self
+                        .open_copies
+                        .write()
+                        .entry(image.id)
+                        .or_insert(copy)
+                        .clone());
                 }
                 Err(e) => {
-                    tracing::warn!("cannot open copy {}: {e}", copy.path.display());
+                    tracing::warn!("cannot open copy {}: {e}", location.path.display());
                     last_error = e;
                 }
             }
@@ -87,12 +410,80 @@ impl ReadPath {
     }
 }
 
+fn run_readahead(cache: &ChunkCache, jobs: &Mutex<Receiver<ReadaheadJob>>, bytes: &AtomicU64) {
+    loop {
+        // The lock is held only while waiting: one idle thread waits, the others queue behind.
+        let Ok(job) = jobs.lock().recv() else {
+            return;
+        };
+        let mut claims = Vec::new();
+        for index in job.first..job.first + job.count {
+            let claim = cache.claim(ChunkKey {
+                image: job.image,
+                index,
+            });
+            // Reads cover runs of consecutive chunks that are neither cached nor loading.
+            match claim {
+                Some(claim) => claims.push(claim),
+                None => load_run(cache, &job, std::mem::take(&mut claims), bytes),
+            }
+        }
+        load_run(cache, &job, claims, bytes);
+    }
+}
+
+fn load_run(
+    cache: &ChunkCache,
+    job: &ReadaheadJob,
+    claims: Vec<crate::cache::Claim>,
+    bytes: &AtomicU64,
+) {
+    let Some(first) = claims.first().map(|c| c.key().index) else {
+        return;
+    };
+    let buffers: io::Result<Vec<_>> = claims.iter().map(|_| cache.buffer()).collect();
+    let Ok(mut buffers) = buffers else {
+        return; // Dropped claims release their waiters.
+    };
+    let mut slices: Vec<&mut [u8]> = buffers.iter_mut().map(|b| b.as_mut_slice()).collect();
+    match job.copy.read_chunks(job.size, first, &mut slices) {
+        Ok(lens) => {
+            bytes.fetch_add(lens.iter().sum::<usize>() as u64, Ordering::Relaxed);
+            for ((claim, buf), len) in claims.into_iter().zip(buffers).zip(lens) {
+                claim.fill(buf, len, true);
+            }
+        }
+        Err(e) => {
+            tracing::debug!("readahead of {} failed: {e}", job.copy.path.display());
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            for claim in claims {
+                claim.fail(errno);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn copy(path: PathBuf, healthy: bool) -> CopyLocation {
-        CopyLocation { path, healthy }
+        CopyLocation {
+            path,
+            disk: "d1".into(),
+            healthy,
+        }
+    }
+
+    fn image(id: i64, size: u64, copies: &[CopyLocation]) -> ImageRef<'_> {
+        ImageRef { id, size, copies }
+    }
+
+    fn read(reader: &ReadPath, image: ImageRef, offset: u64, len: u32) -> Vec<u8> {
+        reader
+            .read(image, &Stream::default(), offset, len, false)
+            .unwrap()
+            .to_vec()
     }
 
     #[test]
@@ -102,10 +493,11 @@ mod tests {
         std::fs::write(&path, b"0123456789").unwrap();
         let reader = ReadPath::default();
         let copies = [copy(path, true)];
-        assert_eq!(reader.read(1, 10, &copies, 2, 4).unwrap(), b"2345");
-        assert_eq!(reader.read(1, 10, &copies, 8, 100).unwrap(), b"89");
-        assert!(reader.read(1, 10, &copies, 10, 4).unwrap().is_empty());
-        assert!(reader.read(1, 10, &copies, 50, 4).unwrap().is_empty());
+        let img = image(1, 10, &copies);
+        assert_eq!(read(&reader, img, 2, 4), b"2345");
+        assert_eq!(read(&reader, img, 8, 100), b"89");
+        assert!(read(&reader, img, 10, 4).is_empty());
+        assert!(read(&reader, img, 50, 4).is_empty());
     }
 
     #[test]
@@ -121,11 +513,82 @@ mod tests {
             copy(dir.path().join("missing"), true),
             copy(good.clone(), true),
         ];
-        assert_eq!(reader.read(1, 6, &copies, 0, 6).unwrap(), b"abcdef");
+        assert_eq!(read(&reader, image(1, 6, &copies), 0, 6), b"abcdef");
 
         let short = [copy(good, true)];
-        let err = reader.read(2, 100, &short, 0, 50).unwrap_err();
+        let err = reader
+            .read(image(2, 100, &short), &Stream::default(), 0, 50, false)
+            .err()
+            .unwrap();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
-        assert!(reader.read(3, 6, &[], 0, 1).is_err());
+        assert!(reader
+            .read(image(3, 6, &[]), &Stream::default(), 0, 1, false)
+            .is_err());
+    }
+
+    /// A file of `size` bytes whose every 8-byte word holds its own offset.
+    fn patterned_file(path: &std::path::Path, size: u64) -> Vec<u8> {
+        let bytes: Vec<u8> = (0..size / 8).flat_map(|i| (i * 8).to_le_bytes()).collect();
+        std::fs::write(path, &bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn reads_across_chunks_match_the_file_and_count_disk_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let size = 3 * CHUNK_SIZE as u64 + 4096 + 8;
+        let expected = patterned_file(&path, size);
+        let copies = [copy(path, true)];
+        let img = image(1, size, &copies);
+        let reader = ReadPath::default();
+        for (offset, len) in [
+            (0, 100),
+            (CHUNK_SIZE as u64 - 10, 20),
+            (5, 200_000),
+            (size - 9, 50),
+        ] {
+            let got = read(&reader, img, offset, len);
+            let end = (offset + len as u64).min(size) as usize;
+            assert_eq!(got, &expected[offset as usize..end], "at {offset}+{len}");
+        }
+        let stats = reader.stats();
+        assert_eq!(stats.cache.misses, 4, "each chunk read from disk once");
+        assert!(stats.cache.hits >= 3);
+        assert!(stats.disk_read_bytes["d1"] >= size);
+        assert_eq!(
+            stats.cache.chunks_cached, 4,
+            "O_DIRECT readers' chunks stay"
+        );
+    }
+
+    #[test]
+    fn sequential_readers_get_readahead_and_page_cache_readers_leave_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c");
+        let size = 8 << 20;
+        let expected = patterned_file(&path, size);
+        let copies = [copy(path, true)];
+        let img = image(1, size, &copies);
+        let reader = ReadPath::default();
+        let stream = Stream::default();
+        let request = 128 << 10;
+        for offset in (0..size).step_by(request) {
+            let got = reader
+                .read(img, &stream, offset, request as u32, true)
+                .unwrap();
+            assert_eq!(&*got, &expected[offset as usize..offset as usize + request]);
+            // Give the readahead threads a moment, as a real reader's processing would.
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let stats = reader.stats();
+        assert!(stats.cache.readahead_hits > 0, "{stats:?}");
+        assert!(stats.readahead_bytes > 0, "{stats:?}");
+        assert_eq!(
+            stats.cache.chunks_cached, 0,
+            "every chunk went to the page cache: {stats:?}"
+        );
+        assert_eq!(stats.cache.handed_to_page_cache, size / CHUNK_SIZE as u64);
+        assert_eq!(stats.bytes_served, size);
     }
 }
