@@ -328,6 +328,7 @@ impl Pool {
                     .ctx(|| format!("cannot open {}", first_copy.display()))?;
                 write_copy(disk, &uuid, &from, size, Some(&outcome.sha512), progress)
                     .map_err(|e| self.write_error(name, disk, needed, copies, e))?;
+                drop_cached_pages(&from);
                 DiskLayout::new(&disk.path).write_record(&record(&outcome.sha512))?;
             }
             Ok((outcome.sha512, real_size))
@@ -682,6 +683,17 @@ fn open_source(file: &Path) -> Result<(File, u64)> {
     Ok((source, size))
 }
 
+/// Drops a synced copy's pages from the page cache: readers go through the mount, which
+/// caches what it serves, so the copy's own pages would only hold the image a second time.
+fn drop_cached_pages(copy: &File) {
+    let _ = nix::fcntl::posix_fadvise(
+        copy,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    );
+}
+
 /// Writes one copy on `disk`: temporary name, data, fsync, rename, fsync of the directory.
 /// With `expect`, the copy's digest must match it (a copy made from another copy).
 fn write_copy(
@@ -712,6 +724,7 @@ fn write_copy(
             ));
         }
     }
+    drop_cached_pages(&dst);
     let target = layout.copy_path(uuid);
     fs::rename(&tmp, &target).ctx(|| format!("cannot rename {}", tmp.display()))?;
     crate::disk::fsync_dir(target.parent().unwrap())?;
