@@ -433,13 +433,22 @@ impl ChunkCache {
 
     /// Drops every chunk of an image that left the pool.
     pub fn forget_image(&self, image: i64) {
+        self.remove_where(|key| key.image == image);
+    }
+
+    /// Empties the cache (as `drop_caches` empties the kernel's), for cold measurements.
+    pub fn clear(&self) {
+        self.remove_where(|_| true);
+    }
+
+    fn remove_where(&self, doomed: impl Fn(&ChunkKey) -> bool) {
         for shard in self.shards.iter() {
             let mut shard = shard.lock();
             let keys: Vec<ChunkKey> = shard
                 .chunks
                 .iter()
                 .map(|(key, _)| *key)
-                .filter(|key| key.image == image)
+                .filter(|key| doomed(key))
                 .collect();
             for key in keys {
                 if let Some(chunk) = shard.chunks.pop(&key) {
@@ -653,7 +662,7 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_an_image_drops_only_its_chunks() {
+    fn forgetting_an_image_drops_only_its_chunks_and_clear_drops_all() {
         let cache = ChunkCache::new(MIN_CACHE_SIZE * 4);
         for index in 0..10 {
             cache.get(key(index), load_index(index)).unwrap();
@@ -665,5 +674,7 @@ mod tests {
         assert!((0..10).all(|i| !cache.contains(key(i))));
         assert!((0..10).all(|index| cache.contains(ChunkKey { image: 2, index })));
         assert_eq!(cache.stats().chunks_cached, 10);
+        cache.clear();
+        assert_eq!((cache.stats().chunks_cached, cache.stats().bytes_cached), (0, 0));
     }
 }

@@ -610,6 +610,10 @@ impl PoolFs {
         }
     }
 
+    pub fn drop_cache(&self) {
+        self.reader.drop_cache();
+    }
+
     pub fn read_stats(&self) -> ReadStats {
         self.reader.stats()
     }

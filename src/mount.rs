@@ -316,7 +316,8 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     // Block the stop signals before any thread exists: every thread inherits the mask, and the
     // signal thread takes them with sigwait.
     let mut signals = SigSet::empty();
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    // SIGUSR1 empties the chunk cache.
+    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR1] {
         signals.add(signal);
     }
     signals
@@ -451,6 +452,10 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
 
     let outcome = loop {
         match next_event.recv() {
+            Ok(Event::Signal(Signal::SIGUSR1)) => {
+                fs.drop_cache();
+                tracing::info!("SIGUSR1: emptied the chunk cache");
+            }
             Ok(Event::Signal(signal)) => {
                 tracing::info!("{signal}: unmounting {}", mountpoint.display());
                 stopping.store(true, Ordering::Relaxed);

@@ -363,6 +363,11 @@ impl ReadPath {
         self.cache.forget_image(image_id);
     }
 
+    /// Empties the chunk cache.
+    pub fn drop_cache(&self) {
+        self.cache.clear();
+    }
+
     pub fn stats(&self) -> ReadStats {
         ReadStats {
             requests: self.requests.load(Ordering::Relaxed),

@@ -291,6 +291,16 @@ fn cache_statistics_move_as_reads_happen_and_the_image_is_held_once() {
     let text = pool.ok(&["status"]);
     assert!(text.contains("io mode: cached"), "{text}");
     assert!(text.contains("hits") && text.contains(&format!("{holder} ")), "{text}");
+
+    // SIGUSR1 empties the cache (what the benchmark does before a cold run).
+    direct.read_at(&mut buf[..], offset).unwrap();
+    mount_stats(&pool, |s| counter(s, &["read", "cache", "chunks_cached"]) >= 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(mount.pid.unwrap()),
+        nix::sys::signal::Signal::SIGUSR1,
+    )
+    .unwrap();
+    mount_stats(&pool, |s| counter(s, &["read", "cache", "chunks_cached"]) == 0);
     drop(direct);
     mount.unmount();
 }

@@ -12,15 +12,16 @@
 #   --runtime SEC      seconds per fio job (default 8)
 #   --jobs A,B,...     job files from scripts/bench/jobs/ (default: all six)
 #   --json-out FILE    results as JSON (default target/bench/results.json)
+#   --cache-size SIZE  the cached mount's chunk cache (default: imgpool's default)
 #   --quick            --size 256M --runtime 3 --repeat 1 (later options still override)
 #
 # Paths measured, each with every job warm (file read once first, fio invalidate=0)
-# and cold (sync + drop_caches first, fio invalidate=1):
+# and cold (sync + drop_caches + imgpool chunk caches emptied first, fio invalidate=1):
 #   direct        the copy file on its disk (<disk>/.imgpool/copies/<uuid>.img)
 #   bind          a read-only bind mount of the copies directory
 #   bindfs        bindfs -r of the copies directory (bindfs defaults otherwise)
-#   imgpool       MOUNT/images/<name> through the imgpool FUSE mount
-#   imgpool-<m>   one more mount per --io-mode, when `imgpool mount --help` offers it
+#   imgpool-cached       MOUNT/images/<name>, the mount in cached mode (the default)
+#   imgpool-passthrough  the same through a second mount in passthrough mode
 #   imgpool-10x   ten fio processes at once, one per disk, each on that disk's
 #                 <disk>/backing-images/<name>-<uuid>/backing (aggregate reported)
 # Reported per path and job: median MiB/s and IOPS, the ratio to direct (same job, same
@@ -44,6 +45,7 @@ SIZE_ARG=2G
 REPEAT=3
 RUNTIME=8
 JOBS_ARG=""
+CACHE_ARGS=()
 JSON_OUT=$ROOT/target/bench/results.json
 REPLICAS=10
 ORIG_ARGS=("$@")
@@ -56,6 +58,7 @@ while (($#)); do
     case "$1" in
         --quick) SIZE_ARG=256M; RUNTIME=3; REPEAT=1 ;;
         --size) need_val "$@"; SIZE_ARG=$2; shift ;;
+        --cache-size) need_val "$@"; CACHE_ARGS=(--cache-size "$2"); shift ;;
         --repeat) need_val "$@"; REPEAT=$2; shift ;;
         --runtime) need_val "$@"; RUNTIME=$2; shift ;;
         --jobs) need_val "$@"; JOBS_ARG=$2; shift ;;
@@ -233,7 +236,6 @@ BINDFS_PID=$!
 for ((i = 0; i < 100; i++)); do is_mounted "$W/bindfs" && break; alive "$BINDFS_PID" || break; sleep 0.1; done
 is_mounted "$W/bindfs" || die "bindfs did not mount $W/bindfs: $(cat "$W/bindfs.log")"
 
-# (d) imgpool, with its bind mounts at <disk>/backing-images for (e)
 daemon_pid_of() {
     ip status --json | python3 -c '
 import json, sys
@@ -252,35 +254,35 @@ mount_imgpool() { # mountpoint [mount options...]; sets MOUNTED_PID
     [[ -n $MOUNTED_PID ]] || die "no daemon pid for $mp in 'imgpool status --json'"
     DAEMON_PIDS+=("$MOUNTED_PID")
 }
-mount_imgpool "$W/mnt"
+# (d) imgpool in its default (cached) mode, with every disk's view bind-mounted
+mount_imgpool "$W/mnt" --io-mode cached "${CACHE_ARGS[@]}"
 IMG_PID=$MOUNTED_PID
 
 # Paths: name -> files (space separated) and the pid whose CPU and RSS are measured.
-PATHS=(direct bind bindfs imgpool)
+PATHS=(direct bind bindfs imgpool-cached)
 declare -A FILES=(
     [direct]=$COPY
     [bind]=$W/bind/$COPYBASE
     [bindfs]=$W/bindfs/$COPYBASE
-    [imgpool]=$W/mnt/images/$NAME
+    [imgpool-cached]=$W/mnt/images/$NAME
 )
-declare -A PID_OF=([direct]="" [bind]="" [bindfs]=$BINDFS_PID [imgpool]=$IMG_PID)
-declare -A DAEMON_OF=([direct]="" [bind]="" [bindfs]=bindfs [imgpool]=imgpool)
+declare -A PID_OF=([direct]="" [bind]="" [bindfs]=$BINDFS_PID [imgpool-cached]=$IMG_PID)
+declare -A DAEMON_OF=([direct]="" [bind]="" [bindfs]=bindfs [imgpool-cached]=imgpool)
 
-IO_MODES=()
-if ip mount --help | grep -q -- '--io-mode'; then
-    IO_MODES=(cached passthrough)
-    for m in "${IO_MODES[@]}"; do
-        mount_imgpool "$W/mnt-$m" --no-bind --io-mode "$m"
-        PATHS+=("imgpool-$m")
-        FILES[imgpool-$m]=$W/mnt-$m/images/$NAME
-        PID_OF[imgpool-$m]=$MOUNTED_PID
-        DAEMON_OF[imgpool-$m]=imgpool
-    done
-else
-    log "imgpool mount has no --io-mode: measuring its only mode"
-fi
+# (e) imgpool in passthrough mode: a second mount of the same pool
+mount_imgpool "$W/mnt-passthrough" --no-bind --io-mode passthrough
+PATHS+=(imgpool-passthrough)
+FILES[imgpool-passthrough]=$W/mnt-passthrough/images/$NAME
+PID_OF[imgpool-passthrough]=$MOUNTED_PID
+DAEMON_OF[imgpool-passthrough]=imgpool
+mode=$(ip status --json | python3 -c '
+import json, sys
+for m in json.load(sys.stdin)["mounts"]:
+    if m["mountpoint"] == sys.argv[1] and m["stats"]:
+        print(m["stats"]["io_mode"])' "$W/mnt-passthrough")
+[[ $mode == passthrough ]] || log "bench: WARNING: the passthrough mount runs in '${mode:-unknown}' mode (see $STATE/mount.log)"
 
-# (e) ten replicas: one bind-mounted path per disk
+# (f) ten replicas: one bind-mounted path per disk
 ten=()
 for ((i = 1; i <= REPLICAS; i++)); do
     d=$(printf 'd%02d' "$i")
@@ -299,7 +301,7 @@ for p in "${PATHS[@]}"; do
         [[ $(stat -c %s "$f") -eq $SIZE ]] || die "$p: $f is not $SIZE bytes"
     done
 done
-inodes=$(stat -c %i "${ten[@]}" "${FILES[imgpool]}" | sort -u | wc -l)
+inodes=$(stat -c %i "${ten[@]}" "${FILES[imgpool-cached]}" | sort -u | wc -l)
 ((inodes == 1)) || log "bench: WARNING: the imgpool paths have $inodes different inode numbers (expected 1)"
 
 # --- measurement helpers ------------------------------------------------------------
@@ -313,7 +315,14 @@ cpu_ticks() { # utime + stime of a whole process (all threads), in clock ticks
 }
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 meminfo_kb() { awk -v k="$1:" '$1 == k { print $2 }' /proc/meminfo; }
-drop_caches() { sync; echo 3 >/proc/sys/vm/drop_caches; }
+# Cold means nothing cached anywhere: the kernel's caches and the imgpool daemons' chunk caches
+# (SIGUSR1 empties one; the statistics are rewritten within a second).
+drop_caches() {
+    local pid
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+    for pid in "${DAEMON_PIDS[@]}"; do kill -USR1 "$pid" 2>/dev/null || true; done
+}
 now() { date +%s.%N; }
 json_str_list() { local s="" x; for x in "$@"; do s+="${s:+,}\"$x\""; done; printf '[%s]' "$s"; }
 
