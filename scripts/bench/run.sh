@@ -16,7 +16,8 @@
 #   --quick            --size 256M --runtime 3 --repeat 1 (later options still override)
 #
 # Paths measured, each with every job warm (file read once first, fio invalidate=0)
-# and cold (sync + drop_caches + imgpool chunk caches emptied first, fio invalidate=1):
+# for the whole runtime, and cold (sync + drop_caches + imgpool chunk caches emptied first,
+# fio invalidate=1, one pass over the image at most, within the runtime):
 #   direct        the copy file on its disk (<disk>/.imgpool/copies/<uuid>.img)
 #   bind          a read-only bind mount of the copies directory
 #   bindfs        bindfs -r of the copies directory (bindfs defaults otherwise)
@@ -357,7 +358,7 @@ mem_probe() { # path rep
 RUN_NO=0
 TOTAL_RUNS=$((REPEAT * ${#JOBS[@]} * 2 * ${#PATHS[@]}))
 run_fio() { # path job mode rep
-    local path=$1 job=$2 mode=$3 rep=$4 pid=${PID_OF[$1]} inval k tag
+    local path=$1 job=$2 mode=$3 rep=$4 pid=${PID_OF[$1]} inval io_size k tag
     local -a files outs=() pids=() rcs=()
     local cpu0="" cpu1="" hwm="null" t0 t1 rc=0 cpu="null" summary
     read -r -a files <<<"${FILES[$path]}"
@@ -365,9 +366,11 @@ run_fio() { # path job mode rep
     if [[ $mode == warm ]]; then
         read_files "${files[@]}" || die "warm-up read of $path failed"
         inval=0
+        io_size=$((SIZE * 1000))
     else
         drop_caches
         inval=1
+        io_size=$SIZE
     fi
     if [[ -n $pid ]]; then
         alive "$pid" || die "the ${DAEMON_OF[$path]} daemon of $path (pid $pid) is gone; its log is kept in $LOGS"
@@ -378,7 +381,7 @@ run_fio() { # path job mode rep
     for ((k = 0; k < ${#files[@]}; k++)); do
         tag=$W/out/$job.$mode.$path.$rep.$k
         outs+=("$tag.json")
-        FILE=${files[$k]} SIZE=$SIZE RUNTIME=$RUNTIME INVALIDATE=$inval \
+        FILE=${files[$k]} SIZE=$SIZE IO_SIZE=$io_size RUNTIME=$RUNTIME INVALIDATE=$inval \
             timeout --kill-after=10 $((RUNTIME + 120)) \
             fio --readonly --output-format=json --output="$tag.json" "$BENCH/jobs/$job.fio" 2>"$tag.err" &
         pids+=($!)
