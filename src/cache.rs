@@ -675,6 +675,9 @@ mod tests {
         assert!((0..10).all(|index| cache.contains(ChunkKey { image: 2, index })));
         assert_eq!(cache.stats().chunks_cached, 10);
         cache.clear();
-        assert_eq!((cache.stats().chunks_cached, cache.stats().bytes_cached), (0, 0));
+        assert_eq!(
+            (cache.stats().chunks_cached, cache.stats().bytes_cached),
+            (0, 0)
+        );
     }
 }

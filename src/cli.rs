@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::fuse::IoMode;
 use crate::mount::{self, MountConfig};
 use crate::pool::{DiskStatus, ImageInfo, Pool};
+use crate::read::default_cache_size;
 use crate::stats::{self, MountStats};
 
 #[derive(Parser, Debug)]
@@ -144,9 +145,10 @@ pub struct MountArgs {
     /// Where the background daemon writes its log (default: <state dir>/mount.log).
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Memory for the chunk cache, e.g. 256MiB or 2G (binary units; at least 4 MiB).
-    #[arg(long, default_value = "256MiB", value_parser = parse_cache_size)]
-    pub cache_size: u64,
+    /// Memory for the chunk cache, e.g. 512MiB or 2G (binary units; at least 4 MiB). Default:
+    /// an eighth of the machine's memory, between 256 MiB and 4 GiB.
+    #[arg(long, value_parser = parse_cache_size)]
+    pub cache_size: Option<u64>,
     /// cached: reads go through the daemon's cache; passthrough: the kernel reads the copy
     /// files itself (Linux >= 6.9; falls back to cached when the kernel refuses).
     #[arg(long, value_enum, default_value = "cached")]
@@ -231,7 +233,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 bind: !args.no_bind,
                 threads: args.threads.max(1),
                 log_file: args.log_file,
-                cache_size: args.cache_size,
+                cache_size: args.cache_size.unwrap_or_else(default_cache_size),
                 io_mode: args.io_mode,
                 read_ahead: args.read_ahead,
             },

@@ -317,7 +317,12 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     // signal thread takes them with sigwait.
     let mut signals = SigSet::empty();
     // SIGUSR1 empties the chunk cache.
-    for signal in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR1] {
+    for signal in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGUSR1,
+    ] {
         signals.add(signal);
     }
     signals
@@ -479,7 +484,10 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
 fn set_read_ahead(mountpoint: &Path, bytes: u64) -> Result<()> {
     let table = mountinfo::read()?;
     let Some(entry) = mountinfo::mount_at(&table, mountpoint) else {
-        return Err(Error::Usage(format!("{} is not mounted", mountpoint.display())));
+        return Err(Error::Usage(format!(
+            "{} is not mounted",
+            mountpoint.display()
+        )));
     };
     let path = format!("/sys/class/bdi/{}/read_ahead_kb", entry.device);
     std::fs::write(&path, format!("{}\n", bytes / 1024)).ctx(|| format!("cannot write {path}"))

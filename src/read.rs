@@ -22,8 +22,24 @@ use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheStats, ChunkCache, ChunkKey, ReadData, CHUNK_SIZE, PAGE_SIZE};
 
-/// The cache size when `imgpool mount` is not given one.
-pub const DEFAULT_CACHE_SIZE: u64 = 256 << 20;
+/// Bounds of the default cache size (an eighth of the machine's memory).
+const DEFAULT_CACHE_MIN: u64 = 256 << 20;
+const DEFAULT_CACHE_MAX: u64 = 4 << 30;
+
+/// The cache size when `imgpool mount` is not given one: an eighth of physical memory, between
+/// 256 MiB and 4 GiB. O_DIRECT readers (volume engines) get no page cache, so this cache is the
+/// only memory that serves their repeated reads; it fills only as chunks are read.
+pub fn default_cache_size() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let memory = (pages.max(0) as u64).saturating_mul(page_size.max(0) as u64);
+    (memory / 8).clamp(DEFAULT_CACHE_MIN, DEFAULT_CACHE_MAX)
+}
 /// How far ahead of a sequential reader chunks are read.
 const READAHEAD_BYTES: u64 = 4 << 20;
 /// Chunks per readahead disk read (1 MiB).
@@ -220,7 +236,7 @@ pub struct ReadPath {
 
 impl Default for ReadPath {
     fn default() -> Self {
-        ReadPath::new(DEFAULT_CACHE_SIZE)
+        ReadPath::new(default_cache_size())
     }
 }
 

@@ -188,8 +188,14 @@ fn many_threads_read_random_ranges_byte_for_byte_in_cached_mode() {
 
     let stats = mount_stats(&pool, |s| counter(s, &["read", "requests"]) > 0);
     assert_eq!(stats["io_mode"], "cached");
-    assert!(counter(&stats, &["read", "cache", "bytes_cached"]) <= cache, "{stats}");
-    assert!(counter(&stats, &["read", "cache", "evictions"]) > 0, "{stats}");
+    assert!(
+        counter(&stats, &["read", "cache", "bytes_cached"]) <= cache,
+        "{stats}"
+    );
+    assert!(
+        counter(&stats, &["read", "cache", "evictions"]) > 0,
+        "{stats}"
+    );
     assert!(counter(&stats, &["read", "cache", "hits"]) > 0, "{stats}");
     mount.unmount();
 }
@@ -226,7 +232,9 @@ fn many_threads_read_random_ranges_byte_for_byte_in_passthrough_mode() {
     assert_eq!(sha512sum(&paths[1]), sha512sum(&source));
 
     // The kernel read the copy itself: no read reached the daemon.
-    let stats = mount_stats(&pool, |s| counter(s, &["updated"]) > counter(&stats, &["updated"]));
+    let stats = mount_stats(&pool, |s| {
+        counter(s, &["updated"]) > counter(&stats, &["updated"])
+    });
     assert_eq!(counter(&stats, &["read", "requests"]), 0, "{stats}");
     mount.unmount();
 }
@@ -267,7 +275,10 @@ fn cache_statistics_move_as_reads_happen_and_the_image_is_held_once() {
     assert_eq!(counter(cache, &["hits"]), 1, "{stats}");
     assert_eq!(counter(cache, &["chunks_cached"]), 1, "{stats}");
     assert_eq!(counter(cache, &["bytes_cached"]), 64 * 1024, "{stats}");
-    assert_eq!(counter(&stats, &["read", "disk_read_bytes", &holder]), 64 * 1024);
+    assert_eq!(
+        counter(&stats, &["read", "disk_read_bytes", &holder]),
+        64 * 1024
+    );
     assert!(stats["read"]["disk_read_bytes"][other].is_null(), "{stats}");
 
     // A sequential reader through the page cache: readahead runs ahead of it, and every
@@ -285,22 +296,33 @@ fn cache_statistics_move_as_reads_happen_and_the_image_is_held_once() {
     // Held once: the page cache has the mount's pages, not the copy file's.
     let copies = copy_files(&pool);
     assert_eq!(copies.len(), 1);
-    assert_eq!(resident_pages(&copies[0]), 0, "the copy file's pages are cached too");
+    assert_eq!(
+        resident_pages(&copies[0]),
+        0,
+        "the copy file's pages are cached too"
+    );
     assert_eq!(resident_pages(&image) as u64, 16 * MIB / PAGE);
 
     let text = pool.ok(&["status"]);
     assert!(text.contains("io mode: cached"), "{text}");
-    assert!(text.contains("hits") && text.contains(&format!("{holder} ")), "{text}");
+    assert!(
+        text.contains("hits") && text.contains(&format!("{holder} ")),
+        "{text}"
+    );
 
     // SIGUSR1 empties the cache (what the benchmark does before a cold run).
     direct.read_at(&mut buf[..], offset).unwrap();
-    mount_stats(&pool, |s| counter(s, &["read", "cache", "chunks_cached"]) >= 1);
+    mount_stats(&pool, |s| {
+        counter(s, &["read", "cache", "chunks_cached"]) >= 1
+    });
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(mount.pid.unwrap()),
         nix::sys::signal::Signal::SIGUSR1,
     )
     .unwrap();
-    mount_stats(&pool, |s| counter(s, &["read", "cache", "chunks_cached"]) == 0);
+    mount_stats(&pool, |s| {
+        counter(s, &["read", "cache", "chunks_cached"]) == 0
+    });
     drop(direct);
     mount.unmount();
 }

@@ -15,7 +15,8 @@
 #   --cache-size SIZE  the cached mount's chunk cache (default: imgpool's default)
 #   --quick            --size 256M --runtime 3 --repeat 1 (later options still override)
 #
-# Paths measured, each with every job warm (file read once first, fio invalidate=0)
+# Paths measured, each with every job warm (file read once first, with O_DIRECT for the
+# *_direct jobs; fio invalidate=0)
 # for the whole runtime, and cold (sync + drop_caches + imgpool chunk caches emptied first,
 # fio invalidate=1, one pass over the image at most, within the runtime):
 #   direct        the copy file on its disk (<disk>/.imgpool/copies/<uuid>.img)
@@ -327,11 +328,30 @@ drop_caches() {
 now() { date +%s.%N; }
 json_str_list() { local s="" x; for x in "$@"; do s+="${s:+,}\"$x\""; done; printf '[%s]' "$s"; }
 
-# Read files to the end, several at once when more than one.
+# Read files to the end, several at once when more than one; with READ_DIRECT=1, with
+# O_DIRECT (what fills imgpool's chunk cache for O_DIRECT readers: the page cache holds
+# nothing for them).
+read_one() {
+    if [[ ${READ_DIRECT:-0} == 1 ]]; then
+        dd if="$1" of=/dev/null bs=1M iflag=direct status=none
+    else
+        cat "$1" >/dev/null
+    fi
+}
 read_files() {
     local f pids=() p rc=0
-    if (($# == 1)); then cat "$1" >/dev/null; return; fi
-    for f in "$@"; do cat "$f" >/dev/null & pids+=($!); BG_PIDS[$!]="cat"; done
+    if (($# == 1)); then read_one "$1"; return; fi
+    for f in "$@"; do
+        # Simple commands, so that each pid runs the command its name says (see stop_pid).
+        if [[ ${READ_DIRECT:-0} == 1 ]]; then
+            dd if="$f" of=/dev/null bs=1M iflag=direct status=none &
+            BG_PIDS[$!]="dd"
+        else
+            cat "$f" >/dev/null &
+            BG_PIDS[$!]="cat"
+        fi
+        pids+=($!)
+    done
     for p in "${pids[@]}"; do wait "$p" || rc=1; unset "BG_PIDS[$p]"; done
     return "$rc"
 }
@@ -364,7 +384,9 @@ run_fio() { # path job mode rep
     read -r -a files <<<"${FILES[$path]}"
     RUN_NO=$((RUN_NO + 1))
     if [[ $mode == warm ]]; then
-        read_files "${files[@]}" || die "warm-up read of $path failed"
+        # Warm: the same kind of read (buffered or O_DIRECT) has read the whole image once.
+        READ_DIRECT=$([[ $job == *_direct ]] && echo 1 || echo 0) read_files "${files[@]}" ||
+            die "warm-up read of $path failed"
         inval=0
         io_size=$((SIZE * 1000))
     else
