@@ -178,7 +178,10 @@ struct Catalog {
 }
 
 enum Handle {
-    Image { image: Arc<Image>, stream: Stream },
+    Image {
+        image: Arc<Image>,
+        stream: Arc<Stream>,
+    },
     Config(Arc<Image>),
 }
 
@@ -554,7 +557,7 @@ impl PoolFs {
                 }
                 Handle::Image {
                     image,
-                    stream: Stream::default(),
+                    stream: Arc::default(),
                 }
             }
             Node::Config { image } => Handle::Config(catalog.by_id[&image].clone()),

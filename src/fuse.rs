@@ -68,48 +68,46 @@ impl FuseAdapter {
         }
     }
 
-    /// The backing id of `ino`'s open files, registered with the kernel on first use.
-    fn backing_id(
+    /// The backing id for a new open file `fh` of `ino`: the inode's live one, or a new one
+    /// registered with the kernel; `None` when this open must be served cached (the kernel
+    /// refused a backing file, now or before, and the inode has none). Decided and recorded
+    /// under one lock, so that concurrent opens of an inode agree and a release racing the
+    /// reply finds the handle.
+    fn backing_for(
         &self,
         ino: u64,
+        fh: u64,
         reply: &ReplyOpen,
         file: &File,
-    ) -> std::io::Result<Arc<BackingId>> {
+    ) -> Option<Arc<BackingId>> {
         let mut backing = self.backing.lock();
-        if let Some(id) = backing.by_ino.get(&ino).and_then(Weak::upgrade) {
-            return Ok(id);
-        }
-        let id = Arc::new(reply.open_backing(file)?);
-        backing.by_ino.insert(ino, Arc::downgrade(&id));
-        Ok(id)
+        let id = match backing.by_ino.get(&ino).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None if self.backing_refused.load(Ordering::Relaxed) => return None,
+            None => match reply.open_backing(file) {
+                Ok(id) => {
+                    let id = Arc::new(id);
+                    backing.by_ino.insert(ino, Arc::downgrade(&id));
+                    id
+                }
+                Err(e) => {
+                    self.backing_refused.store(true, Ordering::Relaxed);
+                    tracing::warn!(
+                        "kernel refused a passthrough backing file ({e}): images opened from now on are served in cached mode"
+                    );
+                    return None;
+                }
+            },
+        };
+        backing.by_handle.insert(fh, id.clone());
+        Some(id)
     }
 
-    /// Answers an open of an image in passthrough mode; falls back to cached for this open
-    /// when the kernel refuses the backing file.
+    /// Answers an open of an image in passthrough mode.
     fn open_passthrough(&self, ino: u64, fh: u64, file: File, reply: ReplyOpen) {
-        let refused = self.backing_refused.load(Ordering::Relaxed);
-        let has_backing = self
-            .backing
-            .lock()
-            .by_ino
-            .get(&ino)
-            .is_some_and(|id| id.strong_count() > 0);
-        if refused && !has_backing {
-            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-        }
-        match self.backing_id(ino, &reply, &file) {
-            Ok(id) => {
-                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id);
-                self.backing.lock().by_handle.insert(fh, id);
-            }
-            Err(e) => {
-                if !self.backing_refused.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "kernel refused a passthrough backing file ({e}): serving reads in cached mode"
-                    );
-                }
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-            }
+        match self.backing_for(ino, fh, &reply, &file) {
+            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
 }

@@ -80,15 +80,30 @@ pub struct Stream {
 }
 
 impl Stream {
-    /// Records a request; true once the reader has read sequentially for a while.
+    /// Records a request; true once the reader has read sequentially for a while. Requests
+    /// that arrive slightly out of order neither move the position back nor break the run.
     fn observe(&self, offset: u64, end: u64) -> bool {
-        let previous = self.next.swap(end, Ordering::Relaxed);
-        if offset.abs_diff(previous) <= SEQUENTIAL_SLACK && end > previous {
-            self.run.fetch_add(1, Ordering::Relaxed) + 1 >= SEQUENTIAL_RUN
+        let previous = self.next.fetch_max(end, Ordering::Relaxed);
+        if offset.abs_diff(previous) <= SEQUENTIAL_SLACK {
+            let run = self
+                .run
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                    Some(r.saturating_add(1))
+                })
+                .unwrap_or(u32::MAX);
+            run.saturating_add(1) >= SEQUENTIAL_RUN
         } else {
+            // A jump: a random reader, or a seek. Readahead starts over from here.
+            self.next.store(end, Ordering::Relaxed);
             self.run.store(0, Ordering::Relaxed);
+            self.ahead_to.store(0, Ordering::Relaxed);
             false
         }
+    }
+
+    /// Where the reader has got to.
+    fn position(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
     }
 }
 
@@ -217,6 +232,10 @@ impl OpenCopy {
 
 struct ReadaheadJob {
     copy: Arc<OpenCopy>,
+    stream: Arc<Stream>,
+    /// The cache's generation when queued: a job queued before the cache was emptied is
+    /// dropped.
+    generation: u64,
     image: i64,
     size: u64,
     first: u64,
@@ -270,7 +289,7 @@ impl ReadPath {
     pub fn read(
         &self,
         image: ImageRef,
-        stream: &Stream,
+        stream: &Arc<Stream>,
         offset: u64,
         len: u32,
         to_page_cache: bool,
@@ -326,36 +345,43 @@ impl ReadPath {
 
     /// Queues readahead so that the chunks up to `READAHEAD_BYTES` past `end` are loaded or
     /// loading; queued in half-window steps, so a reader does not queue on every request.
-    fn read_ahead(&self, image: ImageRef, copy: &Arc<OpenCopy>, stream: &Stream, end: u64) {
+    fn read_ahead(&self, image: ImageRef, copy: &Arc<OpenCopy>, stream: &Arc<Stream>, end: u64) {
         let target = (end + READAHEAD_BYTES).min(image.size);
-        let from = stream.ahead_to.load(Ordering::Relaxed).max(end);
+        let ahead = stream.ahead_to.load(Ordering::Relaxed);
+        let from = ahead.max(end);
         if target <= from || target - from < READAHEAD_BYTES / 2 {
             return;
         }
+        // One thread queues a given window; the others see it moved.
         if stream
             .ahead_to
-            .compare_exchange(
-                stream.ahead_to.load(Ordering::Relaxed),
-                target,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            )
+            .compare_exchange(ahead, target, Ordering::Relaxed, Ordering::Relaxed)
             .is_err()
         {
             return;
         }
         let chunk_size = CHUNK_SIZE as u64;
         let (mut first, last) = (from / chunk_size, (target - 1) / chunk_size);
+        let generation = self.cache.generation();
         while first <= last {
             let count = (last - first + 1).min(READAHEAD_BATCH);
             let job = ReadaheadJob {
                 copy: copy.clone(),
+                stream: stream.clone(),
+                generation,
                 image: image.id,
                 size: image.size,
                 first,
                 count,
             };
             if let Err(TrySendError::Full(_)) = self.readahead.try_send(job) {
+                // What was not queued is tried again on the reader's next request.
+                let _ = stream.ahead_to.compare_exchange(
+                    target,
+                    first * chunk_size,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                );
                 return;
             }
             first += count;
@@ -437,8 +463,13 @@ fn run_readahead(cache: &ChunkCache, jobs: &Mutex<Receiver<ReadaheadJob>>, bytes
         let Ok(job) = jobs.lock().recv() else {
             return;
         };
+        if job.generation != cache.generation() {
+            continue;
+        }
+        // Chunks the reader has already passed are not worth a disk read any more.
+        let passed = job.stream.position() / CHUNK_SIZE as u64;
         let mut claims = Vec::new();
-        for index in job.first..job.first + job.count {
+        for index in job.first.max(passed)..job.first + job.count {
             let claim = cache.claim(ChunkKey {
                 image: job.image,
                 index,
@@ -502,7 +533,7 @@ mod tests {
 
     fn read(reader: &ReadPath, image: ImageRef, offset: u64, len: u32) -> Vec<u8> {
         reader
-            .read(image, &Stream::default(), offset, len, false)
+            .read(image, &Arc::default(), offset, len, false)
             .unwrap()
             .to_vec()
     }
@@ -538,12 +569,12 @@ mod tests {
 
         let short = [copy(good, true)];
         let err = reader
-            .read(image(2, 100, &short), &Stream::default(), 0, 50, false)
+            .read(image(2, 100, &short), &Arc::default(), 0, 50, false)
             .err()
             .unwrap();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
         assert!(reader
-            .read(image(3, 6, &[]), &Stream::default(), 0, 1, false)
+            .read(image(3, 6, &[]), &Arc::default(), 0, 1, false)
             .is_err());
     }
 
@@ -592,7 +623,7 @@ mod tests {
         let copies = [copy(path, true)];
         let img = image(1, size, &copies);
         let reader = ReadPath::default();
-        let stream = Stream::default();
+        let stream = Arc::new(Stream::default());
         let request = 128 << 10;
         for offset in (0..size).step_by(request) {
             let got = reader

