@@ -440,10 +440,14 @@ run_fio() { # path job mode rep
 heading "running: ${JOBS[*]} x warm,cold x ${PATHS[*]}, $REPEAT repeat(s), ${RUNTIME}s each"
 START=$(now)
 for ((rep = 1; rep <= REPEAT; rep++)); do
-    for p in "${PATHS[@]}"; do mem_probe "$p" "$rep"; done
+    # Each repeat starts one path later, so that no path always runs right after the same
+    # one (a virtual disk can be slower right after another path's burst).
+    shift_by=$(((rep - 1) % ${#PATHS[@]}))
+    ORDER=("${PATHS[@]:shift_by}" "${PATHS[@]:0:shift_by}")
+    for p in "${ORDER[@]}"; do mem_probe "$p" "$rep"; done
     for job in "${JOBS[@]}"; do
         for mode in warm cold; do
-            for p in "${PATHS[@]}"; do run_fio "$p" "$job" "$mode" "$rep"; done
+            for p in "${ORDER[@]}"; do run_fio "$p" "$job" "$mode" "$rep"; done
         done
     done
 done
@@ -465,7 +469,7 @@ python3 "$BENCH/report.py" report --raw "$RAW" --json-out "$JSON_OUT" \
     --meta git_commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --meta size_bytes="$SIZE" --meta runtime_s="$RUNTIME" --meta repeat="$REPEAT" \
     --meta replicas="$REPLICAS" --meta imgpool_threads=4 \
-    --meta io_modes="${IO_MODES[*]:-none}" \
+    --meta io_modes="cached passthrough" \
     --meta elapsed_s="$(python3 -c "print(round($END-$START))")" \
     --meta date="$(date -u +%Y-%m-%dT%H:%M:%SZ)" || report_rc=$?
 log "results written to $JSON_OUT"
