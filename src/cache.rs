@@ -150,7 +150,6 @@ pub struct CacheStats {
 #[derive(Default)]
 struct Counters {
     bytes_cached: AtomicU64,
-    chunks_cached: AtomicU64,
     hits: AtomicU64,
     readahead_hits: AtomicU64,
     misses: AtomicU64,
@@ -184,15 +183,15 @@ impl Loading {
 }
 
 struct Shard {
+    /// Each chunk occupies a whole `CHUNK_SIZE` buffer, so the count bounds the memory.
     chunks: LruCache<ChunkKey, Arc<Chunk>>,
-    /// Bytes of memory the shard's chunks occupy (whole buffers).
-    bytes: usize,
     loading: HashMap<ChunkKey, Arc<Loading>>,
 }
 
 pub struct ChunkCache {
     shards: Box<[Mutex<Shard>]>,
-    shard_capacity: usize,
+    /// Chunks per shard: the shard's equal share of the capacity.
+    shard_chunks: usize,
     spares: Arc<Mutex<Vec<MmapMut>>>,
     counters: Counters,
     /// Bumped when chunks are dropped wholesale (`clear`, `forget_image`): loads that started
@@ -252,21 +251,18 @@ impl Drop for Claim<'_> {
 impl ChunkCache {
     /// A cache of at most `capacity` bytes (at least `MIN_CACHE_SIZE`).
     pub fn new(capacity: u64) -> ChunkCache {
-        let shard_capacity = (capacity.max(MIN_CACHE_SIZE) as usize / SHARDS).max(CHUNK_SIZE)
-            / CHUNK_SIZE
-            * CHUNK_SIZE;
+        let shard_chunks = capacity.max(MIN_CACHE_SIZE) as usize / SHARDS / CHUNK_SIZE;
         let shards = (0..SHARDS)
             .map(|_| {
                 Mutex::new(Shard {
                     chunks: LruCache::unbounded(),
-                    bytes: 0,
                     loading: HashMap::new(),
                 })
             })
             .collect();
         ChunkCache {
             shards,
-            shard_capacity,
+            shard_chunks,
             spares: Arc::default(),
             counters: Counters::default(),
             generation: AtomicU64::new(0),
@@ -278,7 +274,7 @@ impl ChunkCache {
     }
 
     pub fn capacity(&self) -> u64 {
-        (self.shard_capacity * SHARDS) as u64
+        (self.shard_chunks * SHARDS * CHUNK_SIZE) as u64
     }
 
     /// A buffer to load a chunk into.
@@ -383,23 +379,19 @@ impl ChunkCache {
             }
             let current = generation == self.generation();
             if let (Ok(chunk), true) = (&result, current) {
-                if let Some(old) = shard.chunks.push(key, chunk.clone()) {
+                if let Some((old_key, old)) = shard.chunks.push(key, chunk.clone()) {
                     // Only a forced load can race a published chunk; keep the accounting right.
-                    if old.0 == key {
-                        shard.bytes -= CHUNK_SIZE;
-                        self.uncount(&old.1);
+                    if old_key == key {
+                        self.uncount(&old);
                     }
                 }
-                shard.bytes += CHUNK_SIZE;
                 self.counters
                     .bytes_cached
                     .fetch_add(chunk.len as u64, Ordering::Relaxed);
-                bump(&self.counters.chunks_cached);
-                while shard.bytes > self.shard_capacity {
+                while shard.chunks.len() > self.shard_chunks {
                     let Some((_, victim)) = shard.chunks.pop_lru() else {
                         break;
                     };
-                    shard.bytes -= CHUNK_SIZE;
                     self.uncount(&victim);
                     bump(&self.counters.evictions);
                     // Freed outside the lock.
@@ -416,7 +408,6 @@ impl ChunkCache {
         self.counters
             .bytes_cached
             .fetch_sub(chunk.len as u64, Ordering::Relaxed);
-        self.counters.chunks_cached.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Records that `range` (bytes of the chunk) went to the kernel's page cache; once all of
@@ -438,7 +429,6 @@ impl ChunkCache {
             .is_some_and(|cached| Arc::ptr_eq(cached, chunk))
         {
             shard.chunks.pop(&key);
-            shard.bytes -= CHUNK_SIZE;
             self.uncount(chunk);
             bump(&self.counters.handed_to_page_cache);
         }
@@ -466,14 +456,14 @@ impl ChunkCache {
                 .collect();
             for key in keys {
                 if let Some(chunk) = shard.chunks.pop(&key) {
-                    shard.bytes -= CHUNK_SIZE;
                     self.uncount(&chunk);
                 }
             }
         }
     }
 
-    pub fn contains(&self, key: ChunkKey) -> bool {
+    #[cfg(test)]
+    fn contains(&self, key: ChunkKey) -> bool {
         self.shards[key.shard()].lock().chunks.contains(&key)
     }
 
@@ -484,7 +474,11 @@ impl ChunkCache {
             capacity_bytes: self.capacity(),
             chunk_size: CHUNK_SIZE as u64,
             bytes_cached: load(&c.bytes_cached),
-            chunks_cached: load(&c.chunks_cached),
+            chunks_cached: self
+                .shards
+                .iter()
+                .map(|s| s.lock().chunks.len() as u64)
+                .sum(),
             hits: load(&c.hits),
             readahead_hits: load(&c.readahead_hits),
             misses: load(&c.misses),
