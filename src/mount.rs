@@ -426,7 +426,7 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
             };
             let stats = MountStats {
                 mount_id: fs.mount_id(),
-                updated: stats::now(),
+                updated: pool::now(),
                 io_mode_requested: requested,
                 io_mode,
                 read: fs.read_stats(),

@@ -5,7 +5,6 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,7 +17,7 @@ const STATS_DIR: &str = "stats";
 pub struct MountStats {
     pub mount_id: i64,
     /// Seconds since the epoch when the daemon wrote this.
-    pub updated: u64,
+    pub updated: i64,
     pub io_mode_requested: IoMode,
     /// What the kernel agreed to: passthrough falls back to cached when refused.
     pub io_mode: IoMode,
@@ -68,13 +67,6 @@ pub fn sweep(state_dir: &Path, live_mounts: &[i64]) {
     }
 }
 
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,7 +76,7 @@ mod tests {
         read.cache.hits = hits;
         MountStats {
             mount_id,
-            updated: now(),
+            updated: crate::pool::now(),
             io_mode_requested: IoMode::Passthrough,
             io_mode: IoMode::Cached,
             read,
