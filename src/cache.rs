@@ -67,6 +67,10 @@ impl ChunkBuf {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         self.map.as_mut().expect("live buffer")
     }
+
+    pub fn as_slice(&self) -> &[u8] {
+        self.map.as_ref().expect("live buffer")
+    }
 }
 
 impl Drop for ChunkBuf {

@@ -3,6 +3,7 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -10,11 +11,17 @@ use serde_json::{json, Value};
 
 use crate::cache::MIN_CACHE_SIZE;
 use crate::error::{Error, Result};
+use crate::fsck;
 use crate::fuse::IoMode;
+use crate::health::Monitor;
 use crate::mount::{self, MountConfig};
-use crate::pool::{DiskStatus, ImageInfo, Pool};
+use crate::owner::WorkLock;
+use crate::pool::{CopyInfo, DiskStatus, ImageInfo, Pool};
 use crate::read::default_cache_size;
+use crate::repair;
+use crate::settings::{self, Settings};
 use crate::stats::{self, MountStats};
+use crate::store::CopyState;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -59,6 +66,10 @@ pub enum Command {
         /// Only list what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// Allow gc again after `fsck --repair` rebuilt the store, once every holder has been
+        /// registered again with `imgpool ref add`.
+        #[arg(long)]
+        release_hold: bool,
         #[arg(long)]
         json: bool,
     },
@@ -76,6 +87,49 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Restore every image's copies to its policy now: verify returning copies, replace failed
+    /// ones, move copies off evicting disks (a running mount daemon does this in the background).
+    Repair {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read every copy (of IMAGE, or of all images) and check it against the image's SHA-512
+    /// and chunk digests; bad copies are replaced.
+    Scrub {
+        image: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the metadata store against the disks and report every difference.
+    Fsck(FsckArgs),
+    /// Show or change the pool's settings.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct FsckArgs {
+    /// Fix what can be fixed: remove leftovers, re-verify or replace copies; with no metadata
+    /// store, rebuild it from the disks' labels and copy records.
+    #[arg(long)]
+    pub repair: bool,
+    /// A disk directory to rebuild from (repeatable; by default every mounted filesystem whose
+    /// root carries an imgpool label is found).
+    #[arg(long = "disk", value_name = "PATH")]
+    pub disks: Vec<PathBuf>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigCommand {
+    /// List the settings and their values.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a setting: copies, repair-jobs, repair-bandwidth, probe-interval.
+    Set { key: String, value: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -87,6 +141,19 @@ pub enum DiskCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Take a disk out of service: its copies stop serving and are re-created on other disks.
+    Fail {
+        name: String,
+        /// Why, for `status` and the log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Return a failed or evicting disk to service; its copies are verified before they serve.
+    Online { name: String },
+    /// Move every copy off a disk (it keeps serving meanwhile), so that it can be removed.
+    Evict { name: String },
+    /// Forget a disk; refused while it holds the only good copy of an image.
+    Rm { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,9 +162,10 @@ pub enum ImageCommand {
     Add {
         name: String,
         file: PathBuf,
-        /// On how many distinct disks to store the image.
-        #[arg(long, default_value_t = 1)]
-        copies: u32,
+        /// On how many distinct disks to store the image (default: the pool's `copies`
+        /// setting, 1 unless changed with `imgpool config set copies N`).
+        #[arg(long)]
+        copies: Option<u32>,
         #[arg(long)]
         json: bool,
     },
@@ -114,6 +182,12 @@ pub enum ImageCommand {
     },
     /// Remove an image; refused while it has holders or open files.
     Rm { name: String },
+    /// Change an image's copy policy; the repair adds or removes copies to match.
+    Set {
+        name: String,
+        #[arg(long)]
+        copies: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -211,9 +285,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Gc {
             grace,
             dry_run,
+            release_hold,
             json,
         } => {
-            let removed = Pool::open(state_dir)?.gc(grace, dry_run)?;
+            let pool = Pool::open(state_dir)?;
+            if release_hold {
+                pool.release_gc_hold()?;
+                println!("gc is allowed again");
+            }
+            let removed = pool.gc(grace, dry_run)?;
             if json {
                 print_json(&json!({ "removed": removed, "dry_run": dry_run }));
             } else if removed.is_empty() {
@@ -241,6 +321,10 @@ pub fn run(cli: Cli) -> Result<()> {
         ),
         Command::Umount { mountpoint, lazy } => mount::umount(state_dir, &mountpoint, lazy),
         Command::Status { json } => status(state_dir, json),
+        Command::Repair { json } => repair_cmd(state_dir, json),
+        Command::Scrub { image, json } => scrub_cmd(state_dir, image.as_deref(), json),
+        Command::Fsck(args) => fsck_cmd(state_dir, args),
+        Command::Config(cmd) => config_cmd(state_dir, cmd),
     }
 }
 
@@ -263,7 +347,7 @@ fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
                         vec![
                             d.disk.name.clone(),
                             d.disk.path.display().to_string(),
-                            d.health.state().to_string(),
+                            d.state().to_string(),
                             r.map_or("-".into(), |r| bytes(r.capacity)),
                             r.map_or("-".into(), |r| bytes(r.free)),
                             r.map_or("-".into(), |r| r.fs_type.clone()),
@@ -276,11 +360,27 @@ fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
                     rows,
                 );
                 for d in &disks {
-                    if let Some(problem) = d.health.problem() {
+                    if let Some(problem) = d.problem() {
                         println!("disk {}: {problem}", d.disk.name);
                     }
                 }
             }
+        }
+        DiskCommand::Fail { name, reason } => {
+            pool.fail_disk(&name, reason.as_deref())?;
+            println!("disk {name} is failed: its copies no longer serve and are re-created on other disks by the mount daemon, or now with `imgpool repair`");
+        }
+        DiskCommand::Online { name } => {
+            let unverified = pool.online_disk(&name)?;
+            println!("disk {name} is back in service; {unverified} copies on it are verified before they serve (by the mount daemon, or now with `imgpool repair`)");
+        }
+        DiskCommand::Evict { name } => {
+            let copies = pool.evict_disk(&name)?;
+            println!("disk {name} is evicting: {copies} copies move to other disks (by the mount daemon, or now with `imgpool repair`); then `imgpool disk rm {name}`");
+        }
+        DiskCommand::Rm { name } => {
+            pool.remove_disk(&name)?;
+            println!("removed disk {name}");
         }
     }
     Ok(())
@@ -292,8 +392,8 @@ fn disk_json(d: &DiskStatus) -> Value {
         "name": d.disk.name,
         "path": d.disk.path,
         "uuid": d.disk.uuid,
-        "state": d.health.state(),
-        "problem": d.health.problem(),
+        "state": d.state(),
+        "problem": d.problem(),
         "capacity_bytes": r.map(|r| r.capacity),
         "free_bytes": r.map(|r| r.free),
         "filesystem": r.map(|r| r.fs_type.clone()),
@@ -349,7 +449,7 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                             i.image.name.clone(),
                             i.image.uuid.clone(),
                             bytes(i.image.size),
-                            format!("{}/{}", i.copies.len(), i.image.copies_wanted),
+                            format!("{}/{}", i.healthy_copies(), i.image.copies_wanted),
                             i.holders.len().to_string(),
                             i.state().to_string(),
                         ]
@@ -373,14 +473,20 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                 println!("stored:       {} per copy", bytes(i.real_size));
                 println!("sha512:       {}", i.sha512);
                 println!("state:        {}", info.state());
+                if let Some(problem) = info.problem() {
+                    println!("problem:      {problem}");
+                }
                 println!(
-                    "copies:       {} of {} wanted",
-                    info.copies.len(),
+                    "copies:       {} healthy of {} wanted",
+                    info.healthy_copies(),
                     i.copies_wanted
                 );
                 for c in &info.copies {
-                    let note = if c.healthy { "" } else { " (disk unhealthy)" };
-                    println!("  {}: {}{note}", c.disk, c.path.display());
+                    let mut note = copy_note(c).to_string();
+                    if let Some(reason) = &c.reason {
+                        note = format!("{note}: {reason}");
+                    }
+                    println!("  {}: {} ({note})", c.disk, c.path.display());
                 }
                 println!("holders:      {}", list_or_none(&info.holders));
                 println!("open files:   {}", info.open_handles);
@@ -394,8 +500,25 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
             pool.remove_image(&name)?;
             println!("removed {name}");
         }
+        ImageCommand::Set { name, copies } => {
+            let info = pool.set_copies(&name, copies)?;
+            println!(
+                "{name} wants {copies} copies and has {} healthy; the mount daemon adds or removes copies to match, or run `imgpool repair`",
+                info.healthy_copies()
+            );
+        }
     }
     Ok(())
+}
+
+/// How `image show` describes a copy.
+fn copy_note(c: &CopyInfo) -> &'static str {
+    match (c.state, c.serving, c.counts) {
+        (_, true, true) => "serving",
+        (_, true, false) => "serving, on an evicting disk",
+        (CopyState::Ready, false, _) => "not serving: its disk is out of service",
+        (state, false, _) => state.as_str(),
+    }
 }
 
 fn image_json(info: &ImageInfo) -> Value {
@@ -408,8 +531,11 @@ fn image_json(info: &ImageInfo) -> Value {
         "sha512": i.sha512,
         "state": info.state(),
         "copies_wanted": i.copies_wanted,
+        "problem": info.problem(),
+        "healthy_copies": info.healthy_copies(),
         "copies": info.copies.iter().map(|c| json!({
-            "disk": c.disk, "path": c.path, "healthy": c.healthy,
+            "disk": c.disk, "path": c.path, "state": c.state.as_str(), "serving": c.serving,
+            "counts": c.counts, "reason": c.reason,
         })).collect::<Vec<_>>(),
         "holders": info.holders,
         "open_handles": info.open_handles,
@@ -460,31 +586,25 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
     let mounts = pool.live_mounts()?;
     let mut problems: Vec<String> = disks
         .iter()
-        .filter_map(|d| {
-            d.health
-                .problem()
-                .map(|p| format!("disk {}: {p}", d.disk.name))
-        })
+        .filter_map(|d| d.problem().map(|p| format!("disk {}: {p}", d.disk.name)))
         .collect();
-    problems.extend(
-        images
-            .iter()
-            .filter(|i| i.state() != "ready")
-            .map(|i| format!("image {}: {}", i.image.name, i.state())),
-    );
+    problems.extend(images.iter().filter_map(|i| {
+        i.problem()
+            .map(|p| format!("image {} {}: {p}", i.image.name, i.state()))
+    }));
+    if let Some(hold) = pool.gc_hold()? {
+        problems.push(format!("gc: {hold}"));
+    }
     let health = if problems.is_empty() {
         "ok"
     } else {
         "degraded"
     };
-    let healthy_disks = disks
-        .iter()
-        .filter(|d| d.health.problem().is_none())
-        .count();
+    let healthy_disks = disks.iter().filter(|d| d.problem().is_none()).count();
     let logical: u64 = images.iter().map(|i| i.image.size).sum();
     let stored: u64 = images
         .iter()
-        .map(|i| i.image.real_size * i.copies.len() as u64)
+        .map(|i| i.image.real_size * i.healthy_copies() as u64)
         .sum();
     let holders: usize = images.iter().map(|i| i.holders.len()).sum();
     if json_out {
@@ -531,6 +651,199 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
             if let Some(stats) = stats::load(pool.state_dir(), m.id) {
                 print_mount_stats(&stats);
             }
+        }
+    }
+    Ok(())
+}
+
+/// Progress bars for the repair's copies and verifications, when stderr is a terminal.
+struct Bars(indicatif::MultiProgress);
+
+impl repair::Reporter for Bars {
+    fn task(&self, label: String, total: u64) -> Box<dyn Fn(u64) + Send + '_> {
+        let bar = self.0.add(
+            indicatif::ProgressBar::new(total)
+                .with_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{msg:30} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+                    )
+                    .expect("static template"),
+                )
+                .with_message(label)
+                .with_finish(indicatif::ProgressFinish::AndClear),
+        );
+        Box::new(move |done| bar.set_position(done))
+    }
+}
+
+fn reporter() -> Box<dyn repair::Reporter> {
+    if std::io::stderr().is_terminal() {
+        Box::new(Bars(indicatif::MultiProgress::new()))
+    } else {
+        Box::new(repair::Quiet)
+    }
+}
+
+/// Takes the repair lock, telling the operator when another process (a mount daemon's repair)
+/// has it.
+fn repair_lock(pool: &Pool) -> Result<WorkLock> {
+    let path = pool.repair_lock_path();
+    if let Some(lock) = WorkLock::try_acquire(&path)? {
+        return Ok(lock);
+    }
+    eprintln!(
+        "waiting for the repair running in another process (a mount daemon) to finish its round"
+    );
+    WorkLock::acquire(&path)
+}
+
+/// Probes every disk, then repairs; prints what was done.
+fn run_repair(state_dir: &Path, pool: &Pool, json_out: bool) -> Result<repair::Report> {
+    let _lock = repair_lock(pool)?;
+    Monitor::new(Pool::open(state_dir)?).probe_all()?;
+    let report = repair::repair(pool, &*reporter(), &AtomicBool::new(false))?;
+    if !json_out {
+        for line in &report.done {
+            println!("{line}");
+        }
+    }
+    Ok(report)
+}
+
+fn repair_cmd(state_dir: &Path, json_out: bool) -> Result<()> {
+    let pool = Pool::open(state_dir)?;
+    let report = run_repair(state_dir, &pool, json_out)?;
+    if json_out {
+        print_json(&json!({ "done": report.done, "problems": report.problems }));
+    } else if report.done.is_empty() && report.problems.is_empty() {
+        println!("nothing to repair: every image has its copies");
+    }
+    unrepaired(&report)
+}
+
+/// A repair that left images short of their policy fails the command, each reason printed.
+fn unrepaired(report: &repair::Report) -> Result<()> {
+    match report.problems.len() {
+        0 => Ok(()),
+        1 => Err(Error::Usage(report.problems[0].clone())),
+        n => {
+            for problem in &report.problems {
+                eprintln!("{problem}");
+            }
+            Err(Error::Usage(format!(
+                "{n} images could not be restored (reasons above); `imgpool status` tracks them"
+            )))
+        }
+    }
+}
+
+fn scrub_cmd(state_dir: &Path, image: Option<&str>, json_out: bool) -> Result<()> {
+    let pool = Pool::open(state_dir)?;
+    let scrubbed = {
+        let _lock = repair_lock(&pool)?;
+        repair::scrub(&pool, image, &*reporter())?
+    };
+    if !json_out {
+        for line in &scrubbed.verified {
+            println!("good: {line}");
+        }
+        for line in &scrubbed.bad {
+            println!("BAD:  {line}");
+        }
+        for line in &scrubbed.skipped {
+            println!("skipped: {line}");
+        }
+    }
+    let repaired = if scrubbed.bad.is_empty() {
+        repair::Report::default()
+    } else {
+        run_repair(state_dir, &pool, json_out)?
+    };
+    if json_out {
+        print_json(&json!({
+            "verified": scrubbed.verified, "bad": scrubbed.bad, "skipped": scrubbed.skipped,
+            "repaired": repaired.done, "problems": repaired.problems,
+        }));
+    } else {
+        println!(
+            "scrub: {} good, {} bad, {} skipped",
+            scrubbed.verified.len(),
+            scrubbed.bad.len(),
+            scrubbed.skipped.len()
+        );
+    }
+    unrepaired(&repaired)
+}
+
+fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
+    if !state_dir.join(crate::store::DB_FILE).exists() {
+        if !args.repair {
+            return Err(Error::Usage(format!(
+                "no metadata store in {}: `imgpool fsck --repair` rebuilds it from the disks",
+                state_dir.display()
+            )));
+        }
+        for line in fsck::rebuild(state_dir, &args.disks)? {
+            println!("rebuilt: {line}");
+        }
+        let pool = Pool::open(state_dir)?;
+        let report = run_repair(state_dir, &pool, args.json)?;
+        println!("gc is held until the holders are registered again (`imgpool ref add`), then `imgpool gc --release-hold`");
+        return unrepaired(&report);
+    }
+    let pool = Pool::open(state_dir)?;
+    let findings = fsck::check(&pool, args.repair)?;
+    if args.json {
+        print_json(&json!({
+            "clean": findings.is_empty(),
+            "repaired": args.repair,
+            "findings": findings.iter().map(|f| json!({"problem": f.problem, "fix": f.fix})).collect::<Vec<_>>(),
+        }));
+    } else {
+        for f in &findings {
+            let verb = if args.repair { "fixed" } else { "fix" };
+            println!("{}\n  {verb}: {}", f.problem, f.fix);
+        }
+    }
+    if findings.is_empty() {
+        if !args.json {
+            println!("clean: the store and the disks agree");
+        }
+        return Ok(());
+    }
+    if args.repair {
+        let report = run_repair(state_dir, &pool, args.json)?;
+        return unrepaired(&report);
+    }
+    Err(Error::Usage(format!(
+        "{} difference(s) between the store and the disks: `imgpool fsck --repair` fixes them",
+        findings.len()
+    )))
+}
+
+fn config_cmd(state_dir: &Path, cmd: ConfigCommand) -> Result<()> {
+    let pool = Pool::open(state_dir)?;
+    match cmd {
+        ConfigCommand::List { json: json_out } => {
+            let values = pool.settings()?.values();
+            if json_out {
+                let map: serde_json::Map<String, Value> = values
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), Value::String(v)))
+                    .collect();
+                print_json(&Value::Object(map));
+            } else {
+                let rows = values
+                    .into_iter()
+                    .zip(settings::KEYS.iter())
+                    .map(|((k, v), key)| vec![k.to_string(), v, key.help.to_string()])
+                    .collect();
+                table(&["KEY", "VALUE", "MEANING"], rows);
+            }
+        }
+        ConfigCommand::Set { key, value } => {
+            Settings::set(pool.store(), &key, &value)?;
+            println!("{key} = {}", value.trim());
         }
     }
     Ok(())

@@ -5,8 +5,10 @@
 //! ```text
 //! <disk>/.imgpool/label.json           which pool and which disk this is
 //! <disk>/.imgpool/copies/<uuid>.img    a committed copy (immutable)
-//! <disk>/.imgpool/copies/<uuid>.json   its record: name, uuid, size, sha512
+//! <disk>/.imgpool/copies/<uuid>.json   its record: name, uuid, size, sha512, policy
+//! <disk>/.imgpool/copies/<uuid>.digests  BLAKE3 of each chunk, in chunk order
 //! <disk>/.imgpool/tmp/<uuid>.img       a copy being written (never served)
+//! <disk>/.imgpool/probe                rewritten by the health monitor's probes
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -15,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::digests::ChunkDigests;
 use crate::error::{Error, IoContext, Result};
 
 pub const POOL_DIR: &str = ".imgpool";
@@ -35,6 +38,13 @@ pub struct CopyRecord {
     pub size: u64,
     pub sha512: String,
     pub created: i64,
+    /// Chunk size of the digest file and the BLAKE3 of its bytes.
+    pub chunk_size: u64,
+    pub digests_hash: String,
+    /// The image's copy policy and source when this copy was written: what `fsck --repair`
+    /// restores when the metadata store is lost.
+    pub copies_wanted: u32,
+    pub source: Option<String>,
 }
 
 /// The paths of the pool's files on one disk.
@@ -70,8 +80,16 @@ impl DiskLayout {
         self.copies_dir().join(format!("{uuid}.json"))
     }
 
+    pub fn digests_path(&self, uuid: &str) -> PathBuf {
+        self.copies_dir().join(format!("{uuid}.digests"))
+    }
+
     pub fn tmp_copy_path(&self, uuid: &str) -> PathBuf {
         self.tmp_dir().join(format!("{uuid}.img"))
+    }
+
+    pub fn probe_path(&self) -> PathBuf {
+        self.root.join("probe")
     }
 
     /// Creates the pool directory tree on the disk (idempotent).
@@ -105,13 +123,79 @@ impl DiskLayout {
         write_durably(&self.record_path(&record.uuid), &to_json(record))
     }
 
+    pub fn read_record(&self, uuid: &str) -> Result<CopyRecord> {
+        let path = self.record_path(uuid);
+        let bytes = fs::read(&path).ctx(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_slice(&bytes).map_err(|e| {
+            Error::io(
+                format!("cannot parse copy record {}", path.display()),
+                io::Error::new(io::ErrorKind::InvalidData, e),
+            )
+        })
+    }
+
+    pub fn write_digests(&self, uuid: &str, digests: &ChunkDigests) -> Result<()> {
+        write_durably(&self.digests_path(uuid), &digests.to_bytes())
+    }
+
+    /// The copy's digest file, if it is the list the image was imported with (`list_hash`).
+    pub fn read_digests(
+        &self,
+        uuid: &str,
+        chunk_size: u64,
+        size: u64,
+        list_hash: &str,
+    ) -> Result<ChunkDigests> {
+        let path = self.digests_path(uuid);
+        let bytes = fs::read(&path).ctx(|| format!("cannot read {}", path.display()))?;
+        ChunkDigests::from_bytes(chunk_size, size, &bytes)
+            .filter(|d| d.list_hash() == list_hash)
+            .ok_or_else(|| {
+                Error::io(
+                    format!("{} is damaged", path.display()),
+                    io::Error::new(io::ErrorKind::InvalidData, "digest list hash mismatch"),
+                )
+            })
+    }
+
+    /// The uuids of committed copies on this disk.
+    pub fn copies(&self) -> Result<Vec<String>> {
+        uuids_in(&self.copies_dir(), "img")
+    }
+
+    /// Every file in the copies directory, by name.
+    pub fn copies_dir_files(&self) -> Result<Vec<String>> {
+        let dir = self.copies_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.ctx(|| format!("cannot list {}", dir.display()))?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    pub fn copies_dir_path(&self, file: &str) -> PathBuf {
+        self.copies_dir().join(file)
+    }
+
     /// Removes every file of a copy, committed or not. Missing files are fine: removal is
     /// idempotent so that an interrupted removal can simply be run again.
     pub fn remove_copy(&self, uuid: &str) -> Result<()> {
+        // The data first: a copy is committed by its data file, so a removal cut short leaves
+        // at worst a record without data, which nothing serves.
         for path in [
             self.tmp_copy_path(uuid),
             self.copy_path(uuid),
             self.record_path(uuid),
+            self.digests_path(uuid),
+            durable_tmp(&self.record_path(uuid)),
+            durable_tmp(&self.digests_path(uuid)),
         ] {
             match fs::remove_file(&path) {
                 Ok(()) => {}
@@ -156,14 +240,19 @@ fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Replaces `path` with `bytes` so that a crash leaves either the old or the new content:
 /// temporary name, fsync, rename, fsync of the directory.
+/// The temporary name `write_durably` writes `path` under.
+fn durable_tmp(path: &Path) -> PathBuf {
+    path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ))
+}
+
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
         .expect("durable writes target a file in a directory");
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().unwrap().to_string_lossy()
-    ));
+    let tmp = durable_tmp(path);
     let write = || -> io::Result<()> {
         let mut file = OpenOptions::new()
             .write(true)

@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::cache::ReadData;
 use crate::disk::DiskLayout;
 use crate::error::Result;
-use crate::pool::{self, DiskHealth, Pool};
+use crate::pool::{self, Pool};
 use crate::read::{CopyLocation, ImageRef, ReadPath, ReadStats, Stream};
 use crate::resources::{self, Freshness};
 use crate::store::ImageState;
@@ -144,6 +144,8 @@ pub struct Image {
     pub sha512: String,
     pub real_size: u64,
     pub created: SystemTime,
+    pub chunk_size: u64,
+    pub digests_hash: String,
     pub copies: Vec<CopyLocation>,
     /// `<name>-<uuid>`: the directory Longhorn expects in each disk's view.
     pub dir_name: String,
@@ -156,6 +158,8 @@ impl Image {
             id: self.id,
             size: self.size,
             copies: &self.copies,
+            chunk_size: self.chunk_size,
+            digests_hash: &self.digests_hash,
         }
     }
 }
@@ -294,24 +298,15 @@ impl PoolFs {
 
     fn load(&self) -> Result<Catalog> {
         let store = self.pool.store();
-        let disk_rows = store.disks()?;
-        let healthy: HashMap<i64, bool> = disk_rows
-            .iter()
-            .map(|d| {
-                (
-                    d.id,
-                    pool::check_label(self.pool.uuid(), d) == DiskHealth::Healthy,
-                )
-            })
-            .collect();
+        let disks = self.pool.disks_in_service()?;
         let copies = store.all_copies()?;
         let mut catalog = Catalog::default();
-        for d in &disk_rows {
+        for (d, serving) in &disks {
             let disk = Disk {
                 id: d.id,
                 name: d.name.clone(),
                 path: d.path.clone(),
-                healthy: healthy[&d.id],
+                healthy: *serving,
             };
             catalog.disk_ids.insert(d.id, disk.clone());
             catalog.disks.insert(d.name.clone(), disk);
@@ -322,12 +317,16 @@ impl PoolFs {
             }
             let copies = copies
                 .iter()
-                .filter(|(image, _)| *image == row.id)
-                .filter_map(|(_, disk_id)| disk_rows.iter().find(|d| d.id == *disk_id))
-                .map(|d| CopyLocation {
-                    path: DiskLayout::new(&d.path).copy_path(&row.uuid),
-                    disk: d.name.clone(),
-                    healthy: healthy[&d.id],
+                .filter(|c| c.image_id == row.id)
+                .map(|c| {
+                    let info = pool::copy_info(&row, c.clone(), &disks);
+                    CopyLocation {
+                        digests: DiskLayout::new(&c.disk.path).digests_path(&row.uuid),
+                        path: info.path,
+                        disk: info.disk,
+                        disk_id: c.disk.id,
+                        serving: info.serving,
+                    }
                 })
                 .collect();
             let mut image = Image {
@@ -339,6 +338,8 @@ impl PoolFs {
                 sha512: row.sha512,
                 real_size: row.real_size,
                 created: UNIX_EPOCH + Duration::from_secs(row.created.max(0) as u64),
+                chunk_size: row.chunk_size,
+                digests_hash: row.digests_hash,
                 copies,
                 config: Vec::new(),
             };
@@ -580,7 +581,13 @@ impl PoolFs {
         match &*handle {
             Handle::Image { image, stream } => self
                 .reader
-                .read(image.as_ref_for_read(), stream, offset, len, to_page_cache)
+                .read(
+                    self.current(image).as_ref_for_read(),
+                    stream,
+                    offset,
+                    len,
+                    to_page_cache,
+                )
                 .map_err(|e| {
                     tracing::error!("read of {} at {offset} failed: {e}", image.name);
                     e.raw_os_error().unwrap_or(libc::EIO)
@@ -599,9 +606,27 @@ impl PoolFs {
     pub fn backing_file(&self, fh: u64) -> Option<std::io::Result<std::fs::File>> {
         let handle = self.handles.read().get(&fh).cloned()?;
         match &*handle {
-            Handle::Image { image, .. } => Some(self.reader.backing_file(image.as_ref_for_read())),
+            Handle::Image { image, .. } => Some(
+                self.reader
+                    .backing_file(self.current(image).as_ref_for_read()),
+            ),
             Handle::Config(_) => None,
         }
+    }
+
+    /// The image as the catalog has it now: an open file reads the copies that serve now, not
+    /// the ones that served when it was opened.
+    fn current(&self, opened: &Arc<Image>) -> Arc<Image> {
+        self.catalog()
+            .by_id
+            .get(&opened.id)
+            .cloned()
+            .unwrap_or_else(|| opened.clone())
+    }
+
+    /// Sends copy faults seen on the read path to `sink` (the health monitor).
+    pub fn report_faults_to(&self, sink: std::sync::mpsc::Sender<crate::read::CopyFault>) {
+        self.reader.report_faults_to(sink);
     }
 
     pub fn release(&self, fh: u64) {
@@ -713,7 +738,7 @@ mod tests {
         }
         std::fs::write(dir.join("src"), bytes).unwrap();
         let uuid = pool
-            .add_image("img", &dir.join("src"), 1, &mut |_, _| {})
+            .add_image("img", &dir.join("src"), Some(1), &mut |_, _| {})
             .unwrap()
             .uuid;
         let mount = pool
@@ -813,7 +838,7 @@ mod tests {
         for name in ["b", "c"] {
             let src = dir.path().join(name);
             std::fs::write(&src, name).unwrap();
-            cli.add_image(name, &src, 1, &mut |_, _| {}).unwrap();
+            cli.add_image(name, &src, Some(1), &mut |_, _| {}).unwrap();
         }
         fs.refresh().unwrap();
         let images = walk(&fs, &["images"]).unwrap().ino;

@@ -8,10 +8,13 @@
 
 pub mod cache;
 pub mod cli;
+pub mod digests;
 pub mod disk;
 pub mod error;
 pub mod fs;
+pub mod fsck;
 pub mod fuse;
+pub mod health;
 pub mod mount;
 pub mod mountinfo;
 pub mod names;
@@ -19,7 +22,9 @@ pub mod owner;
 pub mod placement;
 pub mod pool;
 pub mod read;
+pub mod repair;
 pub mod resources;
+pub mod settings;
 pub mod sparse;
 pub mod stats;
 pub mod store;

@@ -25,6 +25,7 @@ use crate::owner::{self, Owner, OwnerLock};
 use crate::pool::{self, Pool};
 use crate::read::ReadPath;
 use crate::stats::{self, MountStats};
+use crate::{health, repair};
 
 /// Where each disk's view is bind-mounted, relative to the disk: Longhorn's directory.
 pub const BIND_DIR: &str = "backing-images";
@@ -346,11 +347,36 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         mount_id,
         ReadPath::new(config.cache_size),
     )?);
+    let background = Arc::new(AtomicBool::new(false));
+    start_health_and_repair(state_dir, &fs, &background)?;
     let result = serve(fs.clone(), config, signals, notify);
+    // A copy the repair is writing is abandoned; the next start cleans it up and redoes it.
+    background.store(true, Ordering::Relaxed);
     stats::remove(state_dir, mount_id);
     let _ = fs.pool().store().delete_mount(mount_id);
     lock.release();
     result
+}
+
+/// The health monitor (probes, and faults from the read path) and the repair, each in its own
+/// thread with its own connection to the store.
+fn start_health_and_repair(state_dir: &Path, fs: &PoolFs, stop: &Arc<AtomicBool>) -> Result<()> {
+    let (faults, fault_events) = mpsc::channel();
+    fs.report_faults_to(faults);
+    let (wake_repair, wake_events) = mpsc::channel();
+    let monitor_pool = Pool::open(state_dir)?;
+    let repair_pool = Pool::open(state_dir)?;
+    let monitor_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("health".into())
+        .spawn(move || health::watch(monitor_pool, &fault_events, &wake_repair, &monitor_stop))
+        .ctx(|| "cannot start the health monitor".into())?;
+    let repair_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("repair".into())
+        .spawn(move || repair::run_in_background(repair_pool, &wake_events, &repair_stop))
+        .ctx(|| "cannot start the repair thread".into())?;
+    Ok(())
 }
 
 fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -> Result<()> {

@@ -77,6 +77,47 @@ impl OwnerLock {
     }
 }
 
+/// An exclusive lock on a fixed file that is never deleted, for work only one process may do at
+/// a time (the repair). Unlike an `OwnerLock` it is contended, so it must not be renamed or
+/// removed: a process could otherwise lock a file that another has just replaced.
+#[derive(Debug)]
+pub struct WorkLock {
+    _file: File,
+}
+
+impl WorkLock {
+    fn open(path: &Path) -> Result<File> {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .ctx(|| format!("cannot open lock {}", path.display()))
+    }
+
+    /// The lock if nobody holds it.
+    pub fn try_acquire(path: &Path) -> Result<Option<WorkLock>> {
+        let file = Self::open(path)?;
+        Ok(try_flock(&file)
+            .ctx(|| format!("cannot lock {}", path.display()))?
+            .then_some(WorkLock { _file: file }))
+    }
+
+    /// The lock, waiting for the holder to let go.
+    pub fn acquire(path: &Path) -> Result<WorkLock> {
+        let file = Self::open(path)?;
+        // SAFETY: flock on a valid, owned descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(crate::error::Error::io(
+                format!("cannot lock {}", path.display()),
+                io::Error::last_os_error(),
+            ));
+        }
+        Ok(WorkLock { _file: file })
+    }
+}
+
 /// What became of the owner of `token`.
 pub enum Owner {
     Alive,

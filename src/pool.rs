@@ -11,11 +11,19 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::disk::{CopyRecord, DiskLayout, Label};
 use crate::error::{Error, IoContext, Result};
 use crate::names;
-use crate::owner::{self, Owner, OwnerLock};
+use crate::owner::{self, Owner, OwnerLock, WorkLock};
 use crate::placement::{self, Candidate};
 use crate::resources::{self, Freshness, Resources};
-use crate::sparse;
-use crate::store::{DiskRow, HolderRow, ImageRow, ImageState, MountRow, Store};
+use crate::settings::Settings;
+use crate::sparse::{self, CopyOutcome};
+use crate::store::{
+    CopyRow, CopyState, DiskRow, DiskState, FailedBy, HolderRow, ImageRow, ImageState, MountRow,
+    Store,
+};
+
+/// The chunk size of new images' digests: the read cache's chunk, so that a chunk read from a
+/// disk is checked against exactly one digest.
+pub const CHUNK_SIZE: u64 = crate::cache::CHUNK_SIZE as u64;
 
 pub fn now() -> i64 {
     SystemTime::now()
@@ -59,11 +67,55 @@ pub struct DiskStatus {
     pub images: u64,
 }
 
+impl DiskStatus {
+    /// The state to show: the pool's decision (failed, evicting) first, then what the label
+    /// check sees right now (missing, wrong-label), else healthy.
+    pub fn state(&self) -> &'static str {
+        match (self.disk.state, &self.health) {
+            (DiskState::Failed, _) => "failed",
+            (_, DiskHealth::Missing(_) | DiskHealth::WrongLabel(_)) => self.health.state(),
+            (state, DiskHealth::Healthy) => state.as_str(),
+        }
+    }
+
+    /// Why the disk is not healthy, and what to do, in one line.
+    pub fn problem(&self) -> Option<String> {
+        if self.disk.state == DiskState::Failed {
+            let why = self.disk.reason.as_deref().unwrap_or("no reason recorded");
+            return Some(match self.disk.failed_by {
+                Some(FailedBy::Operator) => format!(
+                    "failed by the operator ({why}); `imgpool disk online {}` returns it to service, `imgpool disk rm {}` forgets it",
+                    self.disk.name, self.disk.name
+                ),
+                _ => format!(
+                    "failed: {why}; it returns to service by itself once its probes pass (its copies are verified first), or replace it and `imgpool disk rm {}`",
+                    self.disk.name
+                ),
+            });
+        }
+        if let Some(problem) = self.health.problem() {
+            return Some(problem.to_string());
+        }
+        (self.disk.state == DiskState::Evicting).then(|| {
+            format!(
+                "evicting: its copies move to other disks (`imgpool repair` does it now); `imgpool disk rm {}` once it holds none",
+                self.disk.name
+            )
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CopyInfo {
     pub disk: String,
     pub path: PathBuf,
-    pub healthy: bool,
+    pub state: CopyState,
+    pub reason: Option<String>,
+    /// Whether this copy serves reads now: ready, on a disk in service that carries its label.
+    pub serving: bool,
+    /// Whether it counts toward the image's copy policy: serving, and not on a disk being
+    /// evicted.
+    pub counts: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -77,14 +129,41 @@ pub struct ImageInfo {
 impl ImageInfo {
     /// "ready", or "degraded"/"failed" when healthy copies fall short of the policy.
     pub fn state(&self) -> &'static str {
-        let healthy = self.copies.iter().filter(|c| c.healthy).count() as u32;
-        if healthy == 0 {
+        let counting = self.copies.iter().filter(|c| c.counts).count() as u32;
+        if !self.copies.iter().any(|c| c.serving) {
             "failed"
-        } else if healthy < self.image.copies_wanted {
+        } else if counting < self.image.copies_wanted {
             "degraded"
         } else {
             "ready"
         }
+    }
+
+    /// Copies that count toward the policy.
+    pub fn healthy_copies(&self) -> usize {
+        self.copies.iter().filter(|c| c.counts).count()
+    }
+
+    /// For an image that is not ready: what happened and what to do, in one line.
+    pub fn problem(&self) -> Option<String> {
+        let state = self.state();
+        if state == "ready" {
+            return None;
+        }
+        if let Some(problem) = &self.image.problem {
+            return Some(problem.clone());
+        }
+        let name = &self.image.name;
+        Some(match state {
+            "failed" => format!(
+                "no healthy copy of '{name}': reads return EIO; bring back a disk that held one (it is verified first) and run `imgpool repair`, or re-import the image"
+            ),
+            _ => format!(
+                "'{name}' has {} of {} healthy copies; the mount daemon restores them, or run `imgpool repair`",
+                self.healthy_copies(),
+                self.image.copies_wanted
+            ),
+        })
     }
 }
 
@@ -102,6 +181,9 @@ pub struct Pool {
     store: Store,
     uuid: String,
 }
+
+/// The setting that holds gc, and why.
+const GC_HOLD: &str = "gc-hold";
 
 fn import_token(uuid: &str) -> String {
     format!("import-{uuid}")
@@ -256,17 +338,137 @@ impl Pool {
         Ok(out)
     }
 
+    pub fn settings(&self) -> Result<Settings> {
+        Settings::load(&self.store)
+    }
+
+    /// The lock the one running repair holds; copies being written belong to it.
+    pub fn repair_lock_path(&self) -> PathBuf {
+        self.state_dir.join("repair.lock")
+    }
+
+    /// `disk fail`: takes a disk out of service by hand. Its copies stop serving at once and
+    /// the repair re-creates them elsewhere; it stays out until `disk online`.
+    pub fn fail_disk(&self, name: &str, reason: Option<&str>) -> Result<DiskRow> {
+        let disk = self.store.disk_by_name(name)?;
+        let reason = reason.unwrap_or("marked failed by the operator");
+        self.store.set_disk_state(
+            disk.id,
+            DiskState::Failed,
+            Some(FailedBy::Operator),
+            Some(reason),
+            now(),
+        )?;
+        self.store.disk_by_name(name)
+    }
+
+    /// `disk online`: returns a failed or evicting disk to service. Its copies are verified
+    /// before they serve again. Returns how many copies wait for verification.
+    pub fn online_disk(&self, name: &str) -> Result<usize> {
+        let disk = self.store.disk_by_name(name)?;
+        if disk.state == DiskState::Healthy {
+            return Err(Error::Usage(format!("disk '{name}' is already in service")));
+        }
+        if let Some(problem) = self.disk_health(&disk).problem() {
+            return Err(Error::Usage(format!(
+                "disk '{name}' cannot return to service: {problem}"
+            )));
+        }
+        self.store
+            .set_disk_state(disk.id, DiskState::Healthy, None, None, now())?;
+        Ok(self
+            .store
+            .all_copies()?
+            .iter()
+            .filter(|c| c.disk.id == disk.id && c.state == CopyState::Unverified)
+            .count())
+    }
+
+    /// `disk evict`: the disk keeps serving while the repair moves each of its copies to other
+    /// disks; once it holds none, `disk rm` forgets it. Returns how many copies must move.
+    pub fn evict_disk(&self, name: &str) -> Result<usize> {
+        let disk = self.store.disk_by_name(name)?;
+        if disk.state == DiskState::Failed {
+            return Err(Error::Usage(format!(
+                "disk '{name}' is failed: its copies are re-created from other disks already; `imgpool disk rm {name}` once `imgpool status` shows no image needing it"
+            )));
+        }
+        self.store
+            .set_disk_state(disk.id, DiskState::Evicting, None, None, now())?;
+        Ok(self
+            .store
+            .all_copies()?
+            .iter()
+            .filter(|c| c.disk.id == disk.id)
+            .count())
+    }
+
+    /// `disk rm`: forgets a disk, deleting the copies it still holds when it is reachable.
+    /// Refused while any of those copies is the last good one of its image.
+    pub fn remove_disk(&self, name: &str) -> Result<()> {
+        let disk = self.store.disk_by_name(name)?;
+        let copies = self.store.all_copies()?;
+        let images = self.store.images()?;
+        let disks = self.disks_in_service()?;
+        let mut only_copy = Vec::new();
+        for copy in copies.iter().filter(|c| c.disk.id == disk.id) {
+            let Some(image) = images.iter().find(|i| i.id == copy.image_id) else {
+                continue;
+            };
+            if image.state == ImageState::Importing || copy.state == CopyState::Copying {
+                return Err(Error::Usage(format!(
+                    "a copy of '{}' is being written to disk '{name}': wait for it to finish, then retry",
+                    image.name
+                )));
+            }
+            let elsewhere = copies.iter().any(|other| {
+                other.image_id == image.id
+                    && other.disk.id != disk.id
+                    && copy_info(image, other.clone(), &disks).serving
+            });
+            if image.state == ImageState::Ready && !elsewhere {
+                only_copy.push(image.name.clone());
+            }
+        }
+        if !only_copy.is_empty() {
+            return Err(Error::Usage(format!(
+                "disk '{name}' holds the only good copy of {}: `imgpool disk evict {name}` moves them off first (or bring the disk back if it failed)",
+                only_copy.join(", ")
+            )));
+        }
+        let layout = DiskLayout::new(&disk.path);
+        let reachable = self.disk_health(&disk) == DiskHealth::Healthy;
+        for copy in copies.iter().filter(|c| c.disk.id == disk.id) {
+            if let Some(image) = images.iter().find(|i| i.id == copy.image_id) {
+                if reachable {
+                    layout.remove_copy(&image.uuid)?;
+                }
+            }
+        }
+        self.store.delete_disk(disk.id)?;
+        if reachable {
+            // The directory is no longer this pool's: a later `disk add` starts afresh.
+            let _ = fs::remove_file(layout.label_path());
+        }
+        Ok(())
+    }
+
     // ---- images ----
 
-    /// Imports the raw image `file` as `name`, stored on `copies` distinct disks.
+    /// Imports the raw image `file` as `name`, stored on `copies` distinct disks (the pool's
+    /// default when `None`).
     pub fn add_image(
         &self,
         name: &str,
         file: &Path,
-        copies: u32,
+        copies: Option<u32>,
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Imported> {
         names::check_image_name(name)?;
+        let copies = match copies {
+            Some(n) => n,
+            None => self.settings()?.copies,
+        };
         if copies == 0 {
             return Err(Error::Usage("--copies must be at least 1".into()));
         }
@@ -276,7 +478,7 @@ impl Pool {
             .iter()
             .map(|(start, end)| end - start)
             .sum();
-        let targets = self.place(name, needed, copies)?;
+        let targets = self.place(name, needed, copies, &[])?;
 
         let uuid = uuid::Uuid::new_v4().to_string();
         let lock = OwnerLock::acquire(&self.state_dir, &import_token(&uuid))?;
@@ -295,6 +497,9 @@ impl Pool {
                 .map(|p| p.to_string_lossy().into_owned()),
             created,
             unreferenced_since: Some(created),
+            chunk_size: CHUNK_SIZE,
+            digests_hash: String::new(),
+            problem: None,
         };
         let disk_ids: Vec<i64> = targets.iter().map(|d| d.id).collect();
         let id = match self.store.reserve_image(&row, &disk_ids) {
@@ -305,38 +510,45 @@ impl Pool {
             }
         };
 
-        let record = |sha512: &str| CopyRecord {
-            pool_uuid: self.uuid.clone(),
-            name: name.to_string(),
-            uuid: uuid.clone(),
-            size,
-            sha512: sha512.to_string(),
-            created,
-        };
-        let written = (|| -> Result<(String, u64)> {
+        let written = (|| -> Result<(CopyOutcome, u64)> {
             let first = &targets[0];
-            let outcome = write_copy(first, &uuid, &source, size, None, progress)
+            let mut report = |done, _| {
+                progress(done, size);
+                Ok(())
+            };
+            let outcome = write_copy(first, &self.record_of(&row), &source, None, &mut report)
                 .map_err(|e| self.write_error(name, first, needed, copies, e))?;
-            DiskLayout::new(&first.path).write_record(&record(&outcome.sha512))?;
             let first_copy = DiskLayout::new(&first.path).copy_path(&uuid);
             let real_size = fs::metadata(&first_copy)
                 .ctx(|| format!("cannot stat {}", first_copy.display()))?
                 .blocks()
                 * 512;
+            let verified = ImageRow {
+                sha512: outcome.sha512.clone(),
+                digests_hash: outcome.chunks.list_hash(),
+                ..row.clone()
+            };
             for disk in &targets[1..] {
                 let from = File::open(&first_copy)
                     .ctx(|| format!("cannot open {}", first_copy.display()))?;
-                write_copy(disk, &uuid, &from, size, Some(&outcome.sha512), progress)
-                    .map_err(|e| self.write_error(name, disk, needed, copies, e))?;
+                write_copy(
+                    disk,
+                    &self.record_of(&verified),
+                    &from,
+                    Some(&verified),
+                    &mut report,
+                )
+                .map_err(|e| self.write_error(name, disk, needed, copies, e))?;
                 drop_cached_pages(&from);
-                DiskLayout::new(&disk.path).write_record(&record(&outcome.sha512))?;
             }
-            Ok((outcome.sha512, real_size))
+            Ok((outcome, real_size))
         })();
 
-        let result = written.and_then(|(sha512, real_size)| {
-            self.store.commit_import(id, &sha512, real_size)?;
-            Ok(sha512)
+        let result = written.and_then(|(outcome, real_size)| {
+            let digests_hash = outcome.chunks.list_hash();
+            self.store
+                .commit_import(id, &outcome.sha512, real_size, CHUNK_SIZE, &digests_hash)?;
+            Ok(outcome.sha512)
         });
         match result {
             Ok(sha512) => {
@@ -361,6 +573,22 @@ impl Pool {
         }
     }
 
+    /// The self-describing record written next to each copy of `image`.
+    pub fn record_of(&self, image: &ImageRow) -> CopyRecord {
+        CopyRecord {
+            pool_uuid: self.uuid.clone(),
+            name: image.name.clone(),
+            uuid: image.uuid.clone(),
+            size: image.size,
+            sha512: image.sha512.clone(),
+            created: image.created,
+            chunk_size: image.chunk_size,
+            digests_hash: image.digests_hash.clone(),
+            copies_wanted: image.copies_wanted,
+            source: image.source.clone(),
+        }
+    }
+
     fn write_error(&self, name: &str, disk: &DiskRow, needed: u64, copies: u32, e: Error) -> Error {
         match &e {
             Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
@@ -379,8 +607,15 @@ impl Pool {
         }
     }
 
-    /// Chooses the disks for `copies` copies of `needed` bytes of data, from fresh free space.
-    fn place(&self, name: &str, needed: u64, copies: u32) -> Result<Vec<DiskRow>> {
+    /// Chooses the disks for `copies` copies of `needed` bytes of data, from fresh free space,
+    /// among the healthy disks not in `exclude`.
+    pub fn place(
+        &self,
+        name: &str,
+        needed: u64,
+        copies: u32,
+        exclude: &[i64],
+    ) -> Result<Vec<DiskRow>> {
         let disks = self.store.disks()?;
         if disks.is_empty() {
             return Err(Error::Usage(
@@ -389,7 +624,10 @@ impl Pool {
         }
         let mut candidates = Vec::new();
         for disk in &disks {
-            if self.disk_health(disk) != DiskHealth::Healthy {
+            if exclude.contains(&disk.id)
+                || disk.state != DiskState::Healthy
+                || self.disk_health(disk) != DiskHealth::Healthy
+            {
                 continue;
             }
             if let Ok(r) = resources::disk_resources(&self.store, disk, Freshness::FreshFree, now())
@@ -416,21 +654,32 @@ impl Pool {
             .collect())
     }
 
+    /// Which disks may serve reads now: not failed, and carrying their label. Evicting disks
+    /// serve until their copies have moved.
+    pub fn disks_in_service(&self) -> Result<Vec<(DiskRow, bool)>> {
+        Ok(self
+            .store
+            .disks()?
+            .into_iter()
+            .map(|d| {
+                let serving =
+                    d.state != DiskState::Failed && self.disk_health(&d) == DiskHealth::Healthy;
+                (d, serving)
+            })
+            .collect())
+    }
+
     /// Every ready image, with copies and holders.
     pub fn images(&self) -> Result<Vec<ImageInfo>> {
         let live = self.live_mount_ids()?;
         let holders = self.store.holders(None)?;
-        let disks = self.store.disks()?;
-        let health: Vec<(i64, bool)> = disks
-            .iter()
-            .map(|d| (d.id, self.disk_health(d) == DiskHealth::Healthy))
-            .collect();
+        let disks = self.disks_in_service()?;
         let mut out = Vec::new();
         for image in self.store.images()? {
             if image.state != ImageState::Ready {
                 continue;
             }
-            out.push(self.info(image, &holders, &health, &live)?);
+            out.push(self.info(image, &holders, &disks, &live)?);
         }
         Ok(out)
     }
@@ -443,31 +692,22 @@ impl Pool {
             .ok_or_else(|| Error::UnknownImage(name.to_string()))?;
         let live = self.live_mount_ids()?;
         let holders = self.store.holders(Some(name))?;
-        let health: Vec<(i64, bool)> = self
-            .store
-            .disks()?
-            .iter()
-            .map(|d| (d.id, self.disk_health(d) == DiskHealth::Healthy))
-            .collect();
-        self.info(image, &holders, &health, &live)
+        let disks = self.disks_in_service()?;
+        self.info(image, &holders, &disks, &live)
     }
 
     fn info(
         &self,
         image: ImageRow,
         holders: &[HolderRow],
-        health: &[(i64, bool)],
+        disks: &[(DiskRow, bool)],
         live: &[i64],
     ) -> Result<ImageInfo> {
         let copies = self
             .store
             .copies_of(image.id)?
             .into_iter()
-            .map(|disk| CopyInfo {
-                path: DiskLayout::new(&disk.path).copy_path(&image.uuid),
-                healthy: health.iter().any(|(id, ok)| *id == disk.id && *ok),
-                disk: disk.name,
-            })
+            .map(|copy| copy_info(&image, copy, disks))
             .collect();
         let holders = holders
             .iter()
@@ -483,6 +723,26 @@ impl Pool {
         })
     }
 
+    /// Changes an image's copy policy; the repair adds or removes copies to match.
+    pub fn set_copies(&self, name: &str, copies: u32) -> Result<ImageInfo> {
+        if copies == 0 {
+            return Err(Error::Usage("--copies must be at least 1".into()));
+        }
+        let image = self.image(name)?;
+        let usable = self
+            .disks_in_service()?
+            .iter()
+            .filter(|(d, ok)| *ok && d.state == DiskState::Healthy)
+            .count();
+        if copies as usize > usable {
+            return Err(Error::Usage(format!(
+                "{copies} copies need {copies} healthy disks, the pool has {usable}: add disks with `imgpool disk add` first"
+            )));
+        }
+        self.store.set_copies_wanted(image.image.id, copies)?;
+        self.image(name)
+    }
+
     /// Removes an image that no holder and no open file uses.
     pub fn remove_image(&self, name: &str) -> Result<()> {
         let live = self.live_mount_ids()?;
@@ -493,7 +753,8 @@ impl Pool {
     /// Deletes the copies of an image marked for removal, then its rows. Idempotent: a removal
     /// cut short (a crash, a missing disk) is finished by the next command.
     fn finish_remove(&self, image: &ImageRow) -> Result<()> {
-        for disk in self.store.copies_of(image.id)? {
+        for copy in self.store.copies_of(image.id)? {
+            let disk = copy.disk;
             DiskLayout::new(&disk.path)
                 .remove_copy(&image.uuid)
                 .map_err(|e| {
@@ -524,9 +785,28 @@ impl Pool {
         self.store.holders(image)
     }
 
+    /// Why gc is held, if it is: after the store was rebuilt from the disks, the holders are
+    /// unknown, and every image would look unreferenced.
+    pub fn gc_hold(&self) -> Result<Option<String>> {
+        self.store.setting(GC_HOLD)
+    }
+
+    pub fn hold_gc(&self, why: &str) -> Result<()> {
+        self.store.set_setting(GC_HOLD, Some(why))
+    }
+
+    pub fn release_gc_hold(&self) -> Result<()> {
+        self.store.set_setting(GC_HOLD, None)
+    }
+
     /// Removes images that have had no holder for longer than `grace` and are not open. Returns
     /// the names removed (or, with `dry_run`, that would be).
     pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<Vec<String>> {
+        if let Some(hold) = self.gc_hold()? {
+            return Err(Error::Usage(format!(
+                "gc is held: {hold}; once every holder is registered again with `imgpool ref add`, run `imgpool gc --release-hold`"
+            )));
+        }
         let cutoff = now() - grace.as_secs() as i64;
         let mut removed = Vec::new();
         for info in self.images()? {
@@ -576,6 +856,42 @@ impl Pool {
 
     // ---- recovery ----
 
+    /// Finishes copy removals cut short, and drops copies a dead repair was writing (only when
+    /// no repair runs: a live one owns them).
+    fn recover_copies(&self) -> Result<()> {
+        let copies = self.store.all_copies()?;
+        if !copies
+            .iter()
+            .any(|c| matches!(c.state, CopyState::Removing | CopyState::Copying))
+        {
+            return Ok(());
+        }
+        let Some(_repair) = WorkLock::try_acquire(&self.repair_lock_path())? else {
+            return Ok(());
+        };
+        let images = self.store.images()?;
+        for copy in copies {
+            if !matches!(copy.state, CopyState::Removing | CopyState::Copying) {
+                continue;
+            }
+            let Some(image) = images.iter().find(|i| i.id == copy.image_id) else {
+                continue;
+            };
+            // A `copying` row never served, so whatever its writer left goes, even a file it
+            // had already renamed into place.
+            let removed = DiskLayout::new(&copy.disk.path).remove_copy(&image.uuid);
+            match removed {
+                Ok(()) => self.store.delete_copy(image.id, copy.disk.id)?,
+                Err(e) => tracing::warn!(
+                    "cannot clean up the copy of '{}' on '{}': {e}",
+                    image.name,
+                    copy.disk.name
+                ),
+            }
+        }
+        Ok(())
+    }
+
     /// Cleans up after processes that died mid-way: imports whose importer is gone lose their
     /// reservation and files; removals are finished; stray temporary copies are deleted.
     pub fn recover(&self) -> Result<()> {
@@ -595,8 +911,10 @@ impl Pool {
                     {
                         // A disk that cannot be cleaned now keeps the reservation for later.
                         let mut cleaned = true;
-                        for disk in self.store.copies_of(image.id)? {
-                            if let Err(e) = DiskLayout::new(&disk.path).remove_copy(&image.uuid) {
+                        for copy in self.store.copies_of(image.id)? {
+                            if let Err(e) =
+                                DiskLayout::new(&copy.disk.path).remove_copy(&image.uuid)
+                            {
                                 tracing::warn!("cannot clean up import of '{}': {e}", image.name);
                                 cleaned = false;
                             }
@@ -609,6 +927,7 @@ impl Pool {
                 }
             }
         }
+        self.recover_copies()?;
         let images = self.store.images()?;
         let mounts = self.store.mounts()?;
         owner::sweep(&self.state_dir, |token| {
@@ -631,6 +950,23 @@ impl Pool {
             }
         }
         Ok(())
+    }
+}
+
+/// A copy as `image show` and the read path see it, given which disks are in service.
+pub fn copy_info(image: &ImageRow, copy: CopyRow, disks: &[(DiskRow, bool)]) -> CopyInfo {
+    let (disk, in_service) = disks
+        .iter()
+        .find(|(d, _)| d.id == copy.disk.id)
+        .map_or((&copy.disk, false), |(d, ok)| (d, *ok));
+    let serving = copy.state == CopyState::Ready && in_service;
+    CopyInfo {
+        path: DiskLayout::new(&disk.path).copy_path(&image.uuid),
+        state: copy.state,
+        reason: copy.reason.clone(),
+        serving,
+        counts: serving && disk.state == DiskState::Healthy,
+        disk: disk.name.clone(),
     }
 }
 
@@ -685,7 +1021,7 @@ fn open_source(file: &Path) -> Result<(File, u64)> {
 
 /// Drops a synced copy's pages from the page cache: readers go through the mount, which
 /// caches what it serves, so the copy's own pages would only hold the image a second time.
-fn drop_cached_pages(copy: &File) {
+pub fn drop_cached_pages(copy: &File) {
     let _ = nix::fcntl::posix_fadvise(
         copy,
         0,
@@ -694,18 +1030,20 @@ fn drop_cached_pages(copy: &File) {
     );
 }
 
-/// Writes one copy on `disk`: temporary name, data, fsync, rename, fsync of the directory.
-/// With `expect`, the copy's digest must match it (a copy made from another copy).
-fn write_copy(
+/// Writes one copy on `disk`: the data under a temporary name and fsync; then its digest file
+/// and record; then the rename that commits it, and fsync of the directories. With `expect`
+/// (the image as imported), the data must hash to its SHA-512 and chunk digests, or nothing is
+/// committed. `record` is completed with the hashes of what was written.
+pub fn write_copy(
     disk: &DiskRow,
-    uuid: &str,
+    record: &CopyRecord,
     from: &File,
-    size: u64,
-    expect: Option<&str>,
-    progress: &mut dyn FnMut(u64, u64),
-) -> Result<sparse::CopyOutcome> {
+    expect: Option<&ImageRow>,
+    progress: &mut dyn FnMut(u64, usize) -> io::Result<()>,
+) -> Result<CopyOutcome> {
     let layout = DiskLayout::new(&disk.path);
     layout.create_dirs()?;
+    let (uuid, size) = (record.uuid.as_str(), record.size);
     let tmp = layout.tmp_copy_path(uuid);
     let dst = OpenOptions::new()
         .write(true)
@@ -713,18 +1051,27 @@ fn write_copy(
         .mode(0o444)
         .open(&tmp)
         .ctx(|| format!("cannot create {}", tmp.display()))?;
-    let outcome = sparse::copy_sparse(from, &dst, size, &mut |done| progress(done, size))
+    let outcome = sparse::copy_sparse(from, Some(&dst), size, CHUNK_SIZE, progress)
         .and_then(|o| dst.sync_all().map(|()| o))
         .ctx(|| format!("cannot write {}", tmp.display()))?;
-    if let Some(expected) = expect {
-        if outcome.sha512 != expected {
+    if let Some(image) = expect {
+        if outcome.sha512 != image.sha512 || outcome.chunks.list_hash() != image.digests_hash {
             return Err(Error::io(
-                format!("copy on disk '{}' does not match its source", disk.name),
-                io::Error::new(io::ErrorKind::InvalidData, "SHA-512 mismatch"),
+                format!(
+                    "the data written to disk '{}' does not match image '{}' as imported",
+                    disk.name, image.name
+                ),
+                io::Error::new(io::ErrorKind::InvalidData, "checksum mismatch"),
             ));
         }
     }
     drop_cached_pages(&dst);
+    layout.write_digests(uuid, &outcome.chunks)?;
+    layout.write_record(&CopyRecord {
+        sha512: outcome.sha512.clone(),
+        digests_hash: outcome.chunks.list_hash(),
+        ..record.clone()
+    })?;
     let target = layout.copy_path(uuid);
     fs::rename(&tmp, &target).ctx(|| format!("cannot rename {}", tmp.display()))?;
     crate::disk::fsync_dir(target.parent().unwrap())?;
@@ -779,6 +1126,9 @@ mod tests {
             source: None,
             created: now(),
             unreferenced_since: None,
+            chunk_size: CHUNK_SIZE,
+            digests_hash: String::new(),
+            problem: None,
         }
     }
 
@@ -794,7 +1144,10 @@ mod tests {
     fn import_stores_verified_copies_on_distinct_disks() {
         let f = fixture(3);
         let src = source(f.dir.path(), "a.img", &[7u8; 10_000]);
-        let imported = f.pool.add_image("a", &src, 2, &mut |_, _| {}).unwrap();
+        let imported = f
+            .pool
+            .add_image("a", &src, Some(2), &mut |_, _| {})
+            .unwrap();
         assert_eq!(imported.disks.len(), 2);
         assert_ne!(imported.disks[0], imported.disks[1]);
         let info = f.pool.image("a").unwrap();
@@ -808,7 +1161,7 @@ mod tests {
         assert_eq!(record.sha512, imported.sha512);
         assert_eq!(record.pool_uuid, f.pool.uuid());
         assert!(matches!(
-            f.pool.add_image("a", &src, 1, &mut |_, _| {}),
+            f.pool.add_image("a", &src, Some(1), &mut |_, _| {}),
             Err(Error::ImageExists(_))
         ));
     }
@@ -817,7 +1170,9 @@ mod tests {
     fn holders_block_removal_and_gc_waits_for_the_grace_period() {
         let f = fixture(1);
         let src = source(f.dir.path(), "a.img", b"image");
-        f.pool.add_image("a", &src, 1, &mut |_, _| {}).unwrap();
+        f.pool
+            .add_image("a", &src, Some(1), &mut |_, _| {})
+            .unwrap();
         f.pool.add_ref("a", "r1").unwrap();
         match f.pool.remove_image("a") {
             Err(Error::InUse { holders, .. }) => assert_eq!(holders, vec!["r1".to_string()]),
@@ -847,7 +1202,9 @@ mod tests {
     fn open_files_of_live_mounts_block_removal_and_dead_ones_do_not() {
         let f = fixture(1);
         let src = source(f.dir.path(), "a.img", b"image");
-        f.pool.add_image("a", &src, 1, &mut |_, _| {}).unwrap();
+        f.pool
+            .add_image("a", &src, Some(1), &mut |_, _| {})
+            .unwrap();
         let image_id = f.pool.image("a").unwrap().image.id;
         let state = f.pool.state_dir().to_path_buf();
         let lock = OwnerLock::acquire(&state, "mount-test").unwrap();
@@ -875,8 +1232,12 @@ mod tests {
         let f = fixture(2);
         let state = f.pool.state_dir().to_path_buf();
         let src = source(f.dir.path(), "a.img", b"keep me");
-        f.pool.add_image("kept", &src, 2, &mut |_, _| {}).unwrap();
-        f.pool.add_image("going", &src, 2, &mut |_, _| {}).unwrap();
+        f.pool
+            .add_image("kept", &src, Some(2), &mut |_, _| {})
+            .unwrap();
+        f.pool
+            .add_image("going", &src, Some(2), &mut |_, _| {})
+            .unwrap();
 
         // An import that died after writing a temporary copy: its lock is free.
         let disks = f.pool.store().disks().unwrap();
@@ -904,11 +1265,17 @@ mod tests {
             .collect();
         assert_eq!(names, vec!["kept".to_string()]);
         for disk in &f.disks {
-            assert_eq!(files_on(disk), 2, "only kept's copy and record on {disk:?}");
+            assert_eq!(
+                files_on(disk),
+                3,
+                "only kept's copy, record and digests on {disk:?}"
+            );
         }
         assert_eq!(fs::read_dir(state.join("locks")).unwrap().count(), 0);
         // The name of the dead import is free again.
-        reopened.add_image("half", &src, 1, &mut |_, _| {}).unwrap();
+        reopened
+            .add_image("half", &src, Some(1), &mut |_, _| {})
+            .unwrap();
     }
 
     #[test]
@@ -925,7 +1292,7 @@ mod tests {
         let other = Pool::open(&state).unwrap();
         assert!(tmp.exists());
         assert!(matches!(
-            other.add_image("busy", &tmp, 1, &mut |_, _| {}),
+            other.add_image("busy", &tmp, Some(1), &mut |_, _| {}),
             Err(Error::ImageBusy(_))
         ));
         assert!(

@@ -1,6 +1,9 @@
 //! The read path: every byte served through the mount comes through `ReadPath::read`, from the
-//! chunk cache or from one copy on disk. This is where a read that fails on one copy will fail
-//! over to another (issue: disk failure).
+//! chunk cache or from a copy on disk. A chunk read from a disk is checked against its digest
+//! before anyone sees it; a chunk that cannot be read, or does not match, is read from the next
+//! copy instead (failover), and the fault is reported so that the health monitor can probe the
+//! disk and the repair can replace the copy. A reader sees an error only when no copy has the
+//! chunk right.
 //!
 //! Copies are read with O_DIRECT into the cache's page-aligned buffers, so a copy's bytes do
 //! not also sit in the page cache of the copy file (where the filesystem does not take
@@ -13,7 +16,7 @@ use std::io::{self, IoSliceMut};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, Sender, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
@@ -21,6 +24,7 @@ use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{CacheStats, ChunkCache, ChunkKey, ReadData, CHUNK_SIZE, PAGE_SIZE};
+use crate::digests::ChunkDigests;
 
 /// Bounds of the default cache size (an eighth of the machine's memory).
 const DEFAULT_CACHE_MIN: u64 = 256 << 20;
@@ -55,11 +59,15 @@ const READAHEAD_THREADS: usize = 4;
 const READAHEAD_QUEUE: usize = 64;
 
 /// Where one copy of an image lives.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyLocation {
     pub path: PathBuf,
+    /// The copy's chunk digest file.
+    pub digests: PathBuf,
     pub disk: String,
-    pub healthy: bool,
+    pub disk_id: i64,
+    /// Ready, on a disk in service: only such copies are read.
+    pub serving: bool,
 }
 
 /// The image a read is for.
@@ -68,6 +76,45 @@ pub struct ImageRef<'a> {
     pub id: i64,
     pub size: u64,
     pub copies: &'a [CopyLocation],
+    pub chunk_size: u64,
+    /// The identity of the image's digest list (see `digests`).
+    pub digests_hash: &'a str,
+}
+
+/// Something wrong with one copy, seen on the read path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyFault {
+    pub image_id: i64,
+    pub disk_id: i64,
+    pub disk: String,
+    pub path: PathBuf,
+    pub kind: FaultKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The read failed with this errno.
+    Io(i32),
+    /// The chunk read does not match its digest.
+    Corrupt { chunk: u64 },
+}
+
+impl std::fmt::Display for CopyFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            FaultKind::Io(errno) => write!(
+                f,
+                "read error on {} ({})",
+                self.path.display(),
+                io::Error::from_raw_os_error(errno)
+            ),
+            FaultKind::Corrupt { chunk } => write!(
+                f,
+                "chunk {chunk} of {} does not match its digest",
+                self.path.display()
+            ),
+        }
+    }
 }
 
 /// One reader's position (one open file): tells sequential reading from random.
@@ -117,16 +164,29 @@ pub struct ReadStats {
     pub cache: CacheStats,
     /// Bytes read from copies, by disk name.
     pub disk_read_bytes: BTreeMap<String, u64>,
+    /// Chunk reads that failed on a copy (I/O error).
+    #[serde(default)]
+    pub copy_read_errors: u64,
+    /// Chunks read from a copy that did not match their digest (never served).
+    #[serde(default)]
+    pub corrupt_chunks: u64,
+    /// Chunks served from another copy after a failed or corrupt read.
+    #[serde(default)]
+    pub failovers: u64,
 }
 
 /// An open copy file: an O_DIRECT descriptor for chunk reads, and a buffered one (kernel
 /// passthrough, and filesystems without O_DIRECT).
 struct OpenCopy {
+    location: CopyLocation,
     path: PathBuf,
     direct: Option<File>,
     buffered: File,
     use_direct: AtomicBool,
     read_bytes: Arc<AtomicU64>,
+    /// A read failed or returned wrong bytes: other copies are tried first until the pool
+    /// decides (the copy or its disk is failed, and the copy leaves the image's set).
+    suspect: AtomicBool,
 }
 
 impl OpenCopy {
@@ -138,11 +198,13 @@ impl OpenCopy {
             .open(&location.path)
             .ok();
         Ok(OpenCopy {
+            location: location.clone(),
             path: location.path.clone(),
             use_direct: AtomicBool::new(direct.is_some()),
             direct,
             buffered,
             read_bytes,
+            suspect: AtomicBool::new(false),
         })
     }
 
@@ -230,25 +292,123 @@ impl OpenCopy {
     }
 }
 
+/// The serving copies of an image, opened, with the image's chunk digests.
+struct OpenImage {
+    size: u64,
+    copies: Vec<Arc<OpenCopy>>,
+    digests: Arc<ChunkDigests>,
+    digests_hash: String,
+}
+
+impl OpenImage {
+    /// Whether this is still the image's set of serving copies.
+    fn is_current(&self, image: &ImageRef) -> bool {
+        self.digests_hash == image.digests_hash
+            && self
+                .copies
+                .iter()
+                .map(|c| &c.location)
+                .eq(image.copies.iter().filter(|c| c.serving))
+    }
+
+    /// The copies in the order to try them: trusted ones first, each group in placement order.
+    /// A snapshot: a copy that turns suspect while they are tried is not tried twice.
+    fn candidates(&self) -> Vec<&Arc<OpenCopy>> {
+        let (trusted, suspect): (Vec<_>, Vec<_>) =
+            self.copies.iter().partition(|c| !c.is_suspect());
+        trusted.into_iter().chain(suspect).collect()
+    }
+}
+
+impl OpenCopy {
+    fn is_suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
+    }
+}
+
+/// Where copy faults go: counted, and each copy's first fault sent to whoever watches (the
+/// daemon's health monitor).
+#[derive(Default)]
+struct Faults {
+    sink: Mutex<Option<Sender<CopyFault>>>,
+    copy_read_errors: AtomicU64,
+    corrupt_chunks: AtomicU64,
+    failovers: AtomicU64,
+}
+
+impl Faults {
+    fn report(&self, image_id: i64, copy: &OpenCopy, kind: FaultKind) {
+        match kind {
+            FaultKind::Io(_) => &self.copy_read_errors,
+            FaultKind::Corrupt { .. } => &self.corrupt_chunks,
+        }
+        .fetch_add(1, Ordering::Relaxed);
+        if copy.suspect.swap(true, Ordering::Relaxed) {
+            return; // already reported
+        }
+        let fault = CopyFault {
+            image_id,
+            disk_id: copy.location.disk_id,
+            disk: copy.location.disk.clone(),
+            path: copy.path.clone(),
+            kind,
+        };
+        tracing::warn!("{fault}; reading other copies");
+        if let Some(sink) = &*self.sink.lock() {
+            let _ = sink.send(fault);
+        }
+    }
+}
+
+/// Reads chunk `index` into `buf` from the first copy that has it right: a copy that fails
+/// or returns bytes that do not match the digest is reported and the next one is tried.
+fn load_chunk(
+    image_id: i64,
+    open: &OpenImage,
+    index: u64,
+    buf: &mut [u8],
+    faults: &Faults,
+) -> io::Result<usize> {
+    let mut failed_over = false;
+    for copy in open.candidates() {
+        match copy.read_chunks(open.size, index, &mut [&mut *buf]) {
+            Ok(lens) if open.digests.matches(index, &buf[..lens[0]]) => {
+                if failed_over {
+                    faults.failovers.fetch_add(1, Ordering::Relaxed);
+                }
+                return Ok(lens[0]);
+            }
+            Ok(_) => faults.report(image_id, copy, FaultKind::Corrupt { chunk: index }),
+            Err(e) => faults.report(image_id, copy, FaultKind::Io(errno_of(&e))),
+        }
+        failed_over = true;
+    }
+    Err(io::Error::from_raw_os_error(libc::EIO))
+}
+
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
 struct ReadaheadJob {
-    copy: Arc<OpenCopy>,
+    image_id: i64,
+    open: Arc<OpenImage>,
     stream: Arc<Stream>,
     /// The cache's generation when queued: a job queued before the cache was emptied is
     /// dropped.
     generation: u64,
-    image: i64,
-    size: u64,
     first: u64,
     count: u64,
 }
 
 pub struct ReadPath {
     cache: Arc<ChunkCache>,
-    /// One open copy per image, shared by every open file of every view.
-    open_copies: RwLock<HashMap<i64, Arc<OpenCopy>>>,
+    /// The open copies of each image being read, shared by every open file of every view.
+    images: RwLock<HashMap<i64, Arc<OpenImage>>>,
     disk_read_bytes: Mutex<BTreeMap<String, Arc<AtomicU64>>>,
     readahead: SyncSender<ReadaheadJob>,
     readahead_bytes: Arc<AtomicU64>,
+    faults: Arc<Faults>,
     requests: AtomicU64,
     bytes_served: AtomicU64,
 }
@@ -264,24 +424,36 @@ impl ReadPath {
     pub fn new(cache_size: u64) -> ReadPath {
         let cache = Arc::new(ChunkCache::new(cache_size));
         let readahead_bytes = Arc::new(AtomicU64::new(0));
+        let faults = Arc::new(Faults::default());
         let (readahead, jobs) = sync_channel(READAHEAD_QUEUE);
         let jobs = Arc::new(Mutex::new(jobs));
         for n in 0..READAHEAD_THREADS {
-            let (cache, jobs, bytes) = (cache.clone(), jobs.clone(), readahead_bytes.clone());
+            let (cache, jobs, bytes, faults) = (
+                cache.clone(),
+                jobs.clone(),
+                readahead_bytes.clone(),
+                faults.clone(),
+            );
             // Without readahead threads reads are still right, only slower.
             let _ = std::thread::Builder::new()
                 .name(format!("readahead-{n}"))
-                .spawn(move || run_readahead(&cache, &jobs, &bytes));
+                .spawn(move || run_readahead(&cache, &jobs, &bytes, &faults));
         }
         ReadPath {
             cache,
-            open_copies: RwLock::default(),
+            images: RwLock::default(),
             disk_read_bytes: Mutex::default(),
             readahead,
             readahead_bytes,
+            faults,
             requests: AtomicU64::new(0),
             bytes_served: AtomicU64::new(0),
         }
+    }
+
+    /// Sends each copy's first fault to `sink`.
+    pub fn report_faults_to(&self, sink: Sender<CopyFault>) {
+        *self.faults.sink.lock() = Some(sink);
     }
 
     /// Reads up to `len` bytes at `offset` of `image`; short only at the end of the image.
@@ -299,9 +471,10 @@ impl ReadPath {
             return Ok(ReadData::Owned(Vec::new()));
         }
         let end = (offset + len as u64).min(image.size);
-        let copy = self.copy(image)?;
         if stream.observe(offset, end) {
-            self.read_ahead(image, &copy, stream, end);
+            if let Ok(open) = self.open_image(image) {
+                self.read_ahead(image, &open, stream, end);
+            }
         }
         let chunk_size = CHUNK_SIZE as u64;
         let (first, last) = (offset / chunk_size, (end - 1) / chunk_size);
@@ -312,8 +485,8 @@ impl ReadPath {
                 index,
             };
             let (chunk, _) = self.cache.get(key, |buf| {
-                copy.read_chunks(image.size, index, &mut [buf])
-                    .map(|lens| lens[0])
+                let open = self.open_image(image)?;
+                load_chunk(image.id, &open, index, buf, &self.faults)
             })?;
             let chunk_start = index * chunk_size;
             let range = (offset.max(chunk_start) - chunk_start) as usize
@@ -345,7 +518,7 @@ impl ReadPath {
 
     /// Queues readahead so that the chunks up to `READAHEAD_BYTES` past `end` are loaded or
     /// loading; queued in half-window steps, so a reader does not queue on every request.
-    fn read_ahead(&self, image: ImageRef, copy: &Arc<OpenCopy>, stream: &Arc<Stream>, end: u64) {
+    fn read_ahead(&self, image: ImageRef, open: &Arc<OpenImage>, stream: &Arc<Stream>, end: u64) {
         let target = (end + READAHEAD_BYTES).min(image.size);
         let ahead = stream.ahead_to.load(Ordering::Relaxed);
         let from = ahead.max(end);
@@ -366,11 +539,10 @@ impl ReadPath {
         while first <= last {
             let count = (last - first + 1).min(READAHEAD_BATCH);
             let job = ReadaheadJob {
-                copy: copy.clone(),
+                image_id: image.id,
+                open: open.clone(),
                 stream: stream.clone(),
                 generation,
-                image: image.id,
-                size: image.size,
                 first,
                 count,
             };
@@ -388,20 +560,23 @@ impl ReadPath {
         }
     }
 
-    /// Checks that some copy of the image can be opened (done at open time, so that a missing
-    /// copy fails the open rather than the first read).
+    /// Checks that some copy of the image can be opened and its digests loaded (done at open
+    /// time, so that an image without a usable copy fails the open rather than the first read).
     pub fn ensure_open(&self, image: ImageRef) -> io::Result<()> {
-        self.copy(image).map(|_| ())
+        self.open_image(image).map(|_| ())
     }
 
-    /// A buffered descriptor of the copy that serves `image`, for kernel passthrough.
+    /// A buffered descriptor of the copy that serves `image`, for kernel passthrough: the first
+    /// serving copy that has not faulted.
     pub fn backing_file(&self, image: ImageRef) -> io::Result<File> {
-        self.copy(image)?.buffered.try_clone()
+        let open = self.open_image(image)?;
+        let copy = open.candidates()[0];
+        copy.buffered.try_clone()
     }
 
-    /// Drops the descriptor and the cached chunks of an image that left the pool.
+    /// Drops the descriptors and the cached chunks of an image that left the pool.
     pub fn forget(&self, image_id: i64) {
-        self.open_copies.write().remove(&image_id);
+        self.images.write().remove(&image_id);
         self.cache.forget_image(image_id);
     }
 
@@ -422,15 +597,31 @@ impl ReadPath {
                 .iter()
                 .map(|(disk, bytes)| (disk.clone(), bytes.load(Ordering::Relaxed)))
                 .collect(),
+            copy_read_errors: self.faults.copy_read_errors.load(Ordering::Relaxed),
+            corrupt_chunks: self.faults.corrupt_chunks.load(Ordering::Relaxed),
+            failovers: self.faults.failovers.load(Ordering::Relaxed),
         }
     }
 
-    fn copy(&self, image: ImageRef) -> io::Result<Arc<OpenCopy>> {
-        if let Some(copy) = self.open_copies.read().get(&image.id) {
-            return Ok(copy.clone());
+    /// The image's serving copies, opened, and its digests: reused while the set of serving
+    /// copies is unchanged, rebuilt (keeping the descriptors still in the set) when it changes.
+    fn open_image(&self, image: ImageRef) -> io::Result<Arc<OpenImage>> {
+        let previous = self.images.read().get(&image.id).cloned();
+        if let Some(open) = &previous {
+            if open.is_current(&image) {
+                return Ok(open.clone());
+            }
         }
+        let mut copies = Vec::new();
         let mut last_error = io::Error::from_raw_os_error(libc::EIO);
-        for location in image.copies.iter().filter(|c| c.healthy) {
+        for location in image.copies.iter().filter(|c| c.serving) {
+            let reused = previous
+                .as_ref()
+                .and_then(|p| p.copies.iter().find(|c| c.location == *location));
+            if let Some(copy) = reused {
+                copies.push(copy.clone());
+                continue;
+            }
             let counter = self
                 .disk_read_bytes
                 .lock()
@@ -438,26 +629,65 @@ impl ReadPath {
                 .or_default()
                 .clone();
             match OpenCopy::open(location, counter) {
-                Ok(copy) => {
-                    let copy = Arc::new(copy);
-                    return Ok(self
-                        .open_copies
-                        .write()
-                        .entry(image.id)
-                        .or_insert(copy)
-                        .clone());
-                }
+                Ok(copy) => copies.push(Arc::new(copy)),
                 Err(e) => {
                     tracing::warn!("cannot open copy {}: {e}", location.path.display());
                     last_error = e;
                 }
             }
         }
-        Err(last_error)
+        if copies.is_empty() {
+            return Err(last_error);
+        }
+        let digests = match previous
+            .as_ref()
+            .filter(|p| p.digests_hash == image.digests_hash)
+        {
+            Some(p) => p.digests.clone(),
+            None => Arc::new(load_digests(&image, &copies)?),
+        };
+        let open = Arc::new(OpenImage {
+            size: image.size,
+            copies,
+            digests,
+            digests_hash: image.digests_hash.to_string(),
+        });
+        self.images.write().insert(image.id, open.clone());
+        Ok(open)
     }
 }
 
-fn run_readahead(cache: &ChunkCache, jobs: &Mutex<Receiver<ReadaheadJob>>, bytes: &AtomicU64) {
+/// The image's chunk digests, from the first copy whose digest file is intact.
+fn load_digests(image: &ImageRef, copies: &[Arc<OpenCopy>]) -> io::Result<ChunkDigests> {
+    for copy in copies {
+        let path = &copy.location.digests;
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                match ChunkDigests::from_bytes(image.chunk_size, image.size, &bytes)
+                    .filter(|d| d.list_hash() == image.digests_hash)
+                {
+                    Some(digests) if digests.chunk_size() == CHUNK_SIZE as u64 => {
+                        return Ok(digests)
+                    }
+                    _ => tracing::warn!("{} is damaged; trying another copy's", path.display()),
+                }
+            }
+            Err(e) => tracing::warn!("cannot read {}: {e}", path.display()),
+        }
+    }
+    tracing::error!(
+        "image {}: no copy has an intact digest list; its reads fail until `imgpool scrub` repairs it",
+        image.id
+    );
+    Err(io::Error::from_raw_os_error(libc::EIO))
+}
+
+fn run_readahead(
+    cache: &ChunkCache,
+    jobs: &Mutex<Receiver<ReadaheadJob>>,
+    bytes: &AtomicU64,
+    faults: &Faults,
+) {
     loop {
         // The lock is held only while waiting: one idle thread waits, the others queue behind.
         let Ok(job) = jobs.lock().recv() else {
@@ -471,26 +701,32 @@ fn run_readahead(cache: &ChunkCache, jobs: &Mutex<Receiver<ReadaheadJob>>, bytes
         let mut claims = Vec::new();
         for index in job.first.max(passed)..job.first + job.count {
             let claim = cache.claim(ChunkKey {
-                image: job.image,
+                image: job.image_id,
                 index,
             });
             // Reads cover runs of consecutive chunks that are neither cached nor loading.
             match claim {
                 Some(claim) => claims.push(claim),
-                None => load_run(cache, &job, std::mem::take(&mut claims), bytes),
+                None => load_run(cache, &job, std::mem::take(&mut claims), bytes, faults),
             }
         }
-        load_run(cache, &job, claims, bytes);
+        load_run(cache, &job, claims, bytes, faults);
     }
 }
 
+/// Reads a run of claimed chunks from the image's first trusted copy in one disk read. Chunks
+/// that fail or do not match are left to the readers, whose own loads fail over.
 fn load_run(
     cache: &ChunkCache,
     job: &ReadaheadJob,
     claims: Vec<crate::cache::Claim>,
     bytes: &AtomicU64,
+    faults: &Faults,
 ) {
     let Some(first) = claims.first().map(|c| c.key().index) else {
+        return;
+    };
+    let Some(&copy) = job.open.candidates().first() else {
         return;
     };
     let buffers: io::Result<Vec<_>> = claims.iter().map(|_| cache.buffer()).collect();
@@ -498,18 +734,23 @@ fn load_run(
         return; // Dropped claims release their waiters.
     };
     let mut slices: Vec<&mut [u8]> = buffers.iter_mut().map(|b| b.as_mut_slice()).collect();
-    match job.copy.read_chunks(job.size, first, &mut slices) {
+    match copy.read_chunks(job.open.size, first, &mut slices) {
         Ok(lens) => {
             bytes.fetch_add(lens.iter().sum::<usize>() as u64, Ordering::Relaxed);
             for ((claim, buf), len) in claims.into_iter().zip(buffers).zip(lens) {
-                claim.fill(buf, len, true);
+                let index = claim.key().index;
+                if job.open.digests.matches(index, &buf.as_slice()[..len]) {
+                    claim.fill(buf, len, true);
+                } else {
+                    faults.report(job.image_id, copy, FaultKind::Corrupt { chunk: index });
+                    claim.fail(libc::EIO);
+                }
             }
         }
         Err(e) => {
-            tracing::debug!("readahead of {} failed: {e}", job.copy.path.display());
-            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            faults.report(job.image_id, copy, FaultKind::Io(errno_of(&e)));
             for claim in claims {
-                claim.fail(errno);
+                claim.fail(errno_of(&e));
             }
         }
     }
@@ -518,17 +759,59 @@ fn load_run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digests::ChunkHasher;
+    use std::path::Path;
 
-    fn copy(path: PathBuf, healthy: bool) -> CopyLocation {
-        CopyLocation {
-            path,
-            disk: "d1".into(),
-            healthy,
-        }
+    /// An image whose true content is `content`, with a copy per `(file bytes, serving)`:
+    /// each copy file holds the given bytes (`None`: no file), next to the true digests.
+    struct TestImage {
+        id: i64,
+        size: u64,
+        copies: Vec<CopyLocation>,
+        hash: String,
     }
 
-    fn image(id: i64, size: u64, copies: &[CopyLocation]) -> ImageRef<'_> {
-        ImageRef { id, size, copies }
+    impl TestImage {
+        fn new(dir: &Path, id: i64, content: &[u8], copies: &[(Option<&[u8]>, bool)]) -> Self {
+            let mut hasher = ChunkHasher::new(CHUNK_SIZE as u64);
+            hasher.update(content);
+            let digests = hasher.finish();
+            let copies = copies
+                .iter()
+                .enumerate()
+                .map(|(n, (bytes, serving))| {
+                    let path = dir.join(format!("image{id}-copy{n}"));
+                    if let Some(bytes) = bytes {
+                        std::fs::write(&path, bytes).unwrap();
+                    }
+                    let digests_path = path.with_extension("digests");
+                    std::fs::write(&digests_path, digests.to_bytes()).unwrap();
+                    CopyLocation {
+                        path,
+                        digests: digests_path,
+                        disk: format!("d{n}"),
+                        disk_id: n as i64,
+                        serving: *serving,
+                    }
+                })
+                .collect();
+            TestImage {
+                id,
+                size: content.len() as u64,
+                copies,
+                hash: digests.list_hash(),
+            }
+        }
+
+        fn image(&self) -> ImageRef<'_> {
+            ImageRef {
+                id: self.id,
+                size: self.size,
+                copies: &self.copies,
+                chunk_size: CHUNK_SIZE as u64,
+                digests_hash: &self.hash,
+            }
+        }
     }
 
     fn read(reader: &ReadPath, image: ImageRef, offset: u64, len: u32) -> Vec<u8> {
@@ -541,11 +824,10 @@ mod tests {
     #[test]
     fn reads_are_clipped_at_the_end_of_the_image() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c");
-        std::fs::write(&path, b"0123456789").unwrap();
+        let content = b"0123456789";
+        let test = TestImage::new(dir.path(), 1, content, &[(Some(content), true)]);
         let reader = ReadPath::default();
-        let copies = [copy(path, true)];
-        let img = image(1, 10, &copies);
+        let img = test.image();
         assert_eq!(read(&reader, img, 2, 4), b"2345");
         assert_eq!(read(&reader, img, 8, 100), b"89");
         assert!(read(&reader, img, 10, 4).is_empty());
@@ -553,29 +835,95 @@ mod tests {
     }
 
     #[test]
-    fn unhealthy_or_missing_copies_are_skipped_and_short_copies_are_errors() {
+    fn copies_that_do_not_serve_or_are_missing_are_skipped_and_short_copies_are_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let good = dir.path().join("good");
-        std::fs::write(&good, b"abcdef").unwrap();
-        let wrong = dir.path().join("wrong");
-        std::fs::write(&wrong, b"XXXXXX").unwrap();
+        let content = b"abcdef";
+        let test = TestImage::new(
+            dir.path(),
+            1,
+            content,
+            &[
+                (Some(b"XXXXXX"), false),
+                (None, true),
+                (Some(content), true),
+            ],
+        );
         let reader = ReadPath::default();
-        let copies = [
-            copy(wrong, false),
-            copy(dir.path().join("missing"), true),
-            copy(good.clone(), true),
-        ];
-        assert_eq!(read(&reader, image(1, 6, &copies), 0, 6), b"abcdef");
+        assert_eq!(read(&reader, test.image(), 0, 6), b"abcdef");
 
-        let short = [copy(good, true)];
+        let long = vec![7u8; 100];
+        let short = TestImage::new(dir.path(), 2, &long, &[(Some(&long[..50]), true)]);
         let err = reader
-            .read(image(2, 100, &short), &Arc::default(), 0, 50, false)
+            .read(short.image(), &Arc::default(), 0, 50, false)
             .err()
             .unwrap();
         assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        let none = TestImage::new(dir.path(), 3, content, &[]);
         assert!(reader
-            .read(image(3, 6, &[]), &Arc::default(), 0, 1, false)
+            .read(none.image(), &Arc::default(), 0, 1, false)
             .is_err());
+    }
+
+    #[test]
+    fn a_corrupt_or_unreadable_chunk_is_read_from_another_copy_and_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 4 * CHUNK_SIZE;
+        let content: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut flipped = content.clone();
+        flipped[2 * CHUNK_SIZE + 17] ^= 0x40;
+        let truncated = &content[..CHUNK_SIZE + 10];
+        let test = TestImage::new(
+            dir.path(),
+            1,
+            &content,
+            &[
+                (Some(&flipped), true),
+                (Some(truncated), true),
+                (Some(&content), true),
+            ],
+        );
+        let reader = ReadPath::default();
+        let (faults, seen) = std::sync::mpsc::channel();
+        reader.report_faults_to(faults);
+        assert_eq!(read(&reader, test.image(), 0, size as u32), content);
+        let seen: Vec<CopyFault> = seen.try_iter().collect();
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen[0].kind, FaultKind::Corrupt { chunk: 2 });
+        assert_eq!(seen[0].disk_id, 0);
+        assert_eq!(seen[1].kind, FaultKind::Io(libc::EIO));
+        assert_eq!(seen[1].disk_id, 1);
+        let stats = reader.stats();
+        assert_eq!(stats.corrupt_chunks, 1);
+        assert_eq!(stats.copy_read_errors, 1);
+        assert_eq!(stats.failovers, 1);
+        // Chunks 0 and 1 came from the first copy; chunk 2 from the third after the others
+        // failed it; chunk 3 from the third, the only one still trusted.
+        let chunk = CHUNK_SIZE as u64;
+        assert_eq!(stats.disk_read_bytes["d0"], 3 * chunk);
+        assert_eq!(stats.disk_read_bytes["d2"], 2 * chunk);
+    }
+
+    #[test]
+    fn when_no_copy_has_a_chunk_right_the_read_fails_and_serves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let content = vec![5u8; 2 * CHUNK_SIZE];
+        let mut flipped = content.clone();
+        flipped[CHUNK_SIZE + 1] = 6;
+        let test = TestImage::new(
+            dir.path(),
+            1,
+            &content,
+            &[(Some(&flipped), true), (Some(&flipped), true)],
+        );
+        let reader = ReadPath::default();
+        assert_eq!(read(&reader, test.image(), 0, 100), vec![5u8; 100]);
+        let err = reader
+            .read(test.image(), &Arc::default(), CHUNK_SIZE as u64, 100, false)
+            .err()
+            .unwrap();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        let stats = reader.stats();
+        assert_eq!(stats.corrupt_chunks, 2, "{stats:?}");
     }
 
     /// A file of `size` bytes whose every 8-byte word holds its own offset.
@@ -591,8 +939,8 @@ mod tests {
         let path = dir.path().join("c");
         let size = 3 * CHUNK_SIZE as u64 + 4096 + 8;
         let expected = patterned_file(&path, size);
-        let copies = [copy(path, true)];
-        let img = image(1, size, &copies);
+        let test = TestImage::new(dir.path(), 1, &expected, &[(Some(&expected), true)]);
+        let img = test.image();
         let reader = ReadPath::default();
         for (offset, len) in [
             (0, 100),
@@ -607,7 +955,7 @@ mod tests {
         let stats = reader.stats();
         assert_eq!(stats.cache.misses, 4, "each chunk read from disk once");
         assert!(stats.cache.hits >= 3);
-        assert!(stats.disk_read_bytes["d1"] >= size);
+        assert!(stats.disk_read_bytes["d0"] >= size);
         assert_eq!(
             stats.cache.chunks_cached, 4,
             "O_DIRECT readers' chunks stay"
@@ -620,8 +968,8 @@ mod tests {
         let path = dir.path().join("c");
         let size = 8 << 20;
         let expected = patterned_file(&path, size);
-        let copies = [copy(path, true)];
-        let img = image(1, size, &copies);
+        let test = TestImage::new(dir.path(), 1, &expected, &[(Some(&expected), true)]);
+        let img = test.image();
         let reader = ReadPath::default();
         let stream = Arc::new(Stream::default());
         let request = 128 << 10;

@@ -1,5 +1,5 @@
-//! Sparse-aware copying with a running SHA-512: the data path of import (and, later, of copy
-//! redistribution). Holes in the source are found with SEEK_DATA/SEEK_HOLE and skipped; all-zero
+//! Sparse-aware copying with a running SHA-512 and chunk digests: the data path of import, of
+//! copy redistribution and of verification (which only hashes). Holes in the source are found with SEEK_DATA/SEEK_HOLE and skipped; all-zero
 //! blocks inside data are not written either. The digest covers the whole logical content,
 //! holes included, so it equals `sha512sum` of the file.
 
@@ -10,6 +10,8 @@ use std::os::unix::fs::FileExt;
 
 use sha2::{Digest, Sha512};
 
+use crate::digests::{ChunkDigests, ChunkHasher};
+
 /// The unit of hole detection inside data extents: a filesystem block.
 pub const BLOCK: usize = 4096;
 const BUF: usize = 1 << 20;
@@ -19,6 +21,8 @@ static ZEROS: [u8; BUF] = [0; BUF];
 pub struct CopyOutcome {
     /// Hex SHA-512 of the whole logical content.
     pub sha512: String,
+    /// The digest of each chunk of the logical content.
+    pub chunks: ChunkDigests,
 }
 
 /// The data extents of `file` below `size`, as (start, end) byte ranges. Filesystems without
@@ -57,27 +61,33 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
 }
 
 /// Copies the first `size` bytes of `src` into `dst` (which must be empty), leaving holes where
-/// the source has holes or all-zero blocks. `progress` is told how many logical bytes are done.
+/// the source has holes or all-zero blocks; without `dst`, only hashes. After each read,
+/// `progress` is told how many logical bytes are done and how many were just read; an error it
+/// returns ends the copy (a stop, or a rate limit that gave up).
 pub fn copy_sparse(
     src: &File,
-    dst: &File,
+    dst: Option<&File>,
     size: u64,
-    progress: &mut dyn FnMut(u64),
+    chunk_size: u64,
+    progress: &mut dyn FnMut(u64, usize) -> io::Result<()>,
 ) -> io::Result<CopyOutcome> {
     let mut hasher = Sha512::new();
+    let mut chunks = ChunkHasher::new(chunk_size);
     let mut buf = vec![0u8; BUF];
     let mut hashed = 0u64;
 
-    let hash_zeros_to = |hasher: &mut Sha512, hashed: &mut u64, to: u64| {
-        while *hashed < to {
-            let n = (to - *hashed).min(BUF as u64) as usize;
-            hasher.update(&ZEROS[..n]);
-            *hashed += n as u64;
-        }
-    };
+    let hash_zeros_to =
+        |hasher: &mut Sha512, chunks: &mut ChunkHasher, hashed: &mut u64, to: u64| {
+            chunks.update_zeros(to - *hashed);
+            while *hashed < to {
+                let n = (to - *hashed).min(BUF as u64) as usize;
+                hasher.update(&ZEROS[..n]);
+                *hashed += n as u64;
+            }
+        };
 
     for (start, end) in data_extents(src, size)? {
-        hash_zeros_to(&mut hasher, &mut hashed, start);
+        hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, start);
         let mut pos = start;
         while pos < end {
             let want = (end - pos).min(BUF as u64) as usize;
@@ -88,19 +98,25 @@ pub fn copy_sparse(
                     format!("source ended at byte {pos}, expected {size} bytes"),
                 ));
             }
-            let chunk = &buf[..n];
-            hasher.update(chunk);
-            write_nonzero_blocks(dst, chunk, pos)?;
+            let data = &buf[..n];
+            hasher.update(data);
+            chunks.update(data);
+            if let Some(dst) = dst {
+                write_nonzero_blocks(dst, data, pos)?;
+            }
             pos += n as u64;
             hashed = pos;
-            progress(pos);
+            progress(pos, n)?;
         }
     }
-    hash_zeros_to(&mut hasher, &mut hashed, size);
-    dst.set_len(size)?;
-    progress(size);
+    hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, size);
+    if let Some(dst) = dst {
+        dst.set_len(size)?;
+    }
+    progress(size, 0)?;
     Ok(CopyOutcome {
         sha512: hex::encode(hasher.finalize()),
+        chunks: chunks.finish(),
     })
 }
 
@@ -169,9 +185,16 @@ mod tests {
         let dst_path = dir.path().join("dst");
         let dst = File::create(&dst_path).unwrap();
         let mut last = 0;
-        let outcome = copy_sparse(&File::open(&src_path).unwrap(), &dst, size, &mut |p| {
-            last = p
-        })
+        let outcome = copy_sparse(
+            &File::open(&src_path).unwrap(),
+            Some(&dst),
+            size,
+            64 << 10,
+            &mut |p, _| {
+                last = p;
+                Ok(())
+            },
+        )
         .unwrap();
         dst.sync_all().unwrap();
 
@@ -179,6 +202,9 @@ mod tests {
         let original = std::fs::read(&src_path).unwrap();
         assert!(copied == original, "copy differs from source");
         assert_eq!(outcome.sha512, sha512_hex(&original));
+        let mut chunks = ChunkHasher::new(64 << 10);
+        chunks.update(&original);
+        assert_eq!(outcome.chunks, chunks.finish());
         assert_eq!(last, size);
         let allocated = std::fs::metadata(&dst_path).unwrap().blocks() * 512;
         assert!(

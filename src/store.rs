@@ -22,7 +22,13 @@ CREATE TABLE IF NOT EXISTS disks (
     name TEXT NOT NULL UNIQUE,
     path TEXT NOT NULL UNIQUE,
     uuid TEXT NOT NULL UNIQUE,
-    added INTEGER NOT NULL
+    added INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'healthy' CHECK (state IN ('healthy', 'failed', 'evicting')),
+    -- Who failed the disk: 'probe' (it comes back by itself once its probes pass again) or
+    -- 'operator' (it stays failed until `disk online`).
+    failed_by TEXT,
+    reason TEXT,
+    state_since INTEGER
 );
 CREATE TABLE IF NOT EXISTS disk_resources (
     disk_id INTEGER PRIMARY KEY REFERENCES disks(id) ON DELETE CASCADE,
@@ -45,12 +51,24 @@ CREATE TABLE IF NOT EXISTS images (
     copies_wanted INTEGER NOT NULL,
     source TEXT,
     created INTEGER NOT NULL,
-    unreferenced_since INTEGER
+    unreferenced_since INTEGER,
+    chunk_size INTEGER NOT NULL DEFAULT 0,
+    digests_hash TEXT NOT NULL DEFAULT '',
+    -- Why the repair could not restore the image, when it could not.
+    problem TEXT
 );
 CREATE TABLE IF NOT EXISTS copies (
     image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
     disk_id INTEGER NOT NULL REFERENCES disks(id),
+    state TEXT NOT NULL DEFAULT 'ready'
+        CHECK (state IN ('copying', 'ready', 'unverified', 'failed', 'removing')),
+    reason TEXT,
+    since INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (image_id, disk_id)
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS holders (
     image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
@@ -74,6 +92,100 @@ CREATE TABLE IF NOT EXISTS open_handles (
 "#;
 
 pub const DB_FILE: &str = "pool.db";
+/// `PRAGMA user_version` of the schema above. Version 1 (no disk, copy or digest state) was
+/// never released; a store of that version is refused rather than half-understood.
+const SCHEMA_VERSION: i64 = 2;
+
+/// A disk's state as the pool decided it (the label check is a separate, live observation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskState {
+    Healthy,
+    /// Out of service: its copies neither serve reads nor count toward any image's policy.
+    Failed,
+    /// Still serving, while its copies are moved to other disks; then it can be removed.
+    Evicting,
+}
+
+impl DiskState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskState::Healthy => "healthy",
+            DiskState::Failed => "failed",
+            DiskState::Evicting => "evicting",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "healthy" => DiskState::Healthy,
+            "evicting" => DiskState::Evicting,
+            _ => DiskState::Failed,
+        }
+    }
+}
+
+/// Who took a disk out of service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedBy {
+    /// The health monitor: the disk returns to service when its probes pass again.
+    Probe,
+    /// `imgpool disk fail`: it stays out until `imgpool disk online`.
+    Operator,
+}
+
+impl FailedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailedBy::Probe => "probe",
+            FailedBy::Operator => "operator",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "probe" => FailedBy::Probe,
+            _ => FailedBy::Operator,
+        }
+    }
+}
+
+/// The state of one copy of an image on one disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyState {
+    /// Being written by the repair: a temporary file, never served.
+    Copying,
+    /// Verified; serves reads while its disk is in service.
+    Ready,
+    /// Present but not trusted (its disk came back, or the index was rebuilt): verified before
+    /// it serves again.
+    Unverified,
+    /// Unreadable or corrupt: never served; deleted and replaced by the repair.
+    Failed,
+    /// Being deleted; any command finishes the deletion.
+    Removing,
+}
+
+impl CopyState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CopyState::Copying => "copying",
+            CopyState::Ready => "ready",
+            CopyState::Unverified => "unverified",
+            CopyState::Failed => "failed",
+            CopyState::Removing => "removing",
+        }
+    }
+
+    fn parse(s: &str) -> Self {
+        match s {
+            "copying" => CopyState::Copying,
+            "ready" => CopyState::Ready,
+            "unverified" => CopyState::Unverified,
+            "removing" => CopyState::Removing,
+            _ => CopyState::Failed,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ImageState {
@@ -101,6 +213,20 @@ pub struct DiskRow {
     pub path: PathBuf,
     pub uuid: String,
     pub added: i64,
+    pub state: DiskState,
+    pub failed_by: Option<FailedBy>,
+    pub reason: Option<String>,
+    pub state_since: Option<i64>,
+}
+
+/// One copy of an image, with the disk that holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyRow {
+    pub image_id: i64,
+    pub disk: DiskRow,
+    pub state: CopyState,
+    pub reason: Option<String>,
+    pub since: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,6 +242,10 @@ pub struct ImageRow {
     pub source: Option<String>,
     pub created: i64,
     pub unreferenced_since: Option<i64>,
+    /// The chunk size of the per-chunk digests, and the BLAKE3 of the digest list.
+    pub chunk_size: u64,
+    pub digests_hash: String,
+    pub problem: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -151,7 +281,9 @@ pub struct Store {
     path: PathBuf,
 }
 
-const IMAGE_COLUMNS: &str = "id, name, uuid, size, sha512, real_size, state, copies_wanted, source, created, unreferenced_since";
+const IMAGE_COLUMNS: &str = "id, name, uuid, size, sha512, real_size, state, copies_wanted, source, created, unreferenced_since, chunk_size, digests_hash, problem";
+const DISK_COLUMNS: &str =
+    "d.id, d.name, d.path, d.uuid, d.added, d.state, d.failed_by, d.reason, d.state_since";
 
 fn image_from_row(row: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
     Ok(ImageRow {
@@ -166,6 +298,9 @@ fn image_from_row(row: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
         source: row.get(8)?,
         created: row.get(9)?,
         unreferenced_since: row.get(10)?,
+        chunk_size: row.get::<_, i64>(11)? as u64,
+        digests_hash: row.get(12)?,
+        problem: row.get(13)?,
     })
 }
 
@@ -176,6 +311,23 @@ fn disk_from_row(row: &rusqlite::Row) -> rusqlite::Result<DiskRow> {
         path: PathBuf::from(row.get::<_, String>(2)?),
         uuid: row.get(3)?,
         added: row.get(4)?,
+        state: DiskState::parse(&row.get::<_, String>(5)?),
+        failed_by: row
+            .get::<_, Option<String>>(6)?
+            .map(|s| FailedBy::parse(&s)),
+        reason: row.get(7)?,
+        state_since: row.get(8)?,
+    })
+}
+
+/// A copy row selected with `DISK_COLUMNS` followed by image id, state, reason, since.
+fn copy_from_row(row: &rusqlite::Row) -> rusqlite::Result<CopyRow> {
+    Ok(CopyRow {
+        disk: disk_from_row(row)?,
+        image_id: row.get(9)?,
+        state: CopyState::parse(&row.get::<_, String>(10)?),
+        reason: row.get(11)?,
+        since: row.get(12)?,
     })
 }
 
@@ -203,7 +355,25 @@ impl Store {
             c.pragma_update(None, "journal_mode", "WAL")?;
             c.pragma_update(None, "synchronous", "FULL")?;
             c.pragma_update(None, "foreign_keys", "ON")?;
-            c.execute_batch(SCHEMA)
+            let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            let tables: i64 =
+                c.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| {
+                    r.get(0)
+                })?;
+            if tables > 0 && version != SCHEMA_VERSION {
+                return Ok(Some(version));
+            }
+            c.execute_batch(SCHEMA)?;
+            c.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            Ok(None)
+        })
+        .and_then(|old| match old {
+            Some(version) => Err(Error::Usage(format!(
+                "the metadata store {} has schema version {version}, this imgpool reads version {SCHEMA_VERSION}: use the imgpool that created it, or rebuild the index from the disks with `imgpool fsck --repair` after moving {} aside",
+                store.path.display(),
+                store.path.display()
+            ))),
+            None => Ok(()),
         })?;
         Ok(store)
     }
@@ -299,6 +469,10 @@ impl Store {
                 path: path.to_path_buf(),
                 uuid: uuid.to_string(),
                 added: now,
+                state: DiskState::Healthy,
+                failed_by: None,
+                reason: None,
+                state_since: None,
             })
         })
     }
@@ -306,9 +480,63 @@ impl Store {
     pub fn disks(&self) -> Result<Vec<DiskRow>> {
         self.run(|c| {
             let mut stmt =
-                c.prepare("SELECT id, name, path, uuid, added FROM disks ORDER BY name")?;
+                c.prepare(&format!("SELECT {DISK_COLUMNS} FROM disks d ORDER BY name"))?;
             let rows = stmt.query_map([], disk_from_row)?;
             rows.collect()
+        })
+    }
+
+    pub fn disk_by_name(&self, name: &str) -> Result<DiskRow> {
+        self.run(|c| {
+            c.query_row(
+                &format!("SELECT {DISK_COLUMNS} FROM disks d WHERE name = ?1"),
+                [name],
+                disk_from_row,
+            )
+            .optional()
+        })?
+        .ok_or_else(|| Error::UnknownDisk(name.to_string()))
+    }
+
+    /// Changes a disk's state. Taking a disk out of service records who did it and why;
+    /// returning it to service clears both. When a failed disk returns, the copies it holds are
+    /// no longer trusted: they become unverified, in the same transaction.
+    pub fn set_disk_state(
+        &self,
+        id: i64,
+        state: DiskState,
+        failed_by: Option<FailedBy>,
+        reason: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        self.write(|tx| {
+            let was: String = tx
+                .query_row("SELECT state FROM disks WHERE id = ?1", [id], |r| r.get(0))
+                .map_err(|e| self.err(e))?;
+            tx.execute(
+                "UPDATE disks SET state = ?2, failed_by = ?3, reason = ?4, state_since = ?5 WHERE id = ?1",
+                params![id, state.as_str(), failed_by.map(FailedBy::as_str), reason, now],
+            )
+            .map_err(|e| self.err(e))?;
+            if DiskState::parse(&was) == DiskState::Failed && state != DiskState::Failed {
+                tx.execute(
+                    "UPDATE copies SET state = 'unverified', reason = 'its disk was out of service', since = ?2
+                     WHERE disk_id = ?1 AND state = 'ready'",
+                    params![id, now],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Forgets a disk that holds no copy any more.
+    pub fn delete_disk(&self, id: i64) -> Result<()> {
+        self.write(|tx| {
+            tx.execute("DELETE FROM copies WHERE disk_id = ?1", [id])
+                .and_then(|_| tx.execute("DELETE FROM disks WHERE id = ?1", [id]))
+                .map_err(|e| self.err(e))?;
+            Ok(())
         })
     }
 
@@ -412,11 +640,129 @@ impl Store {
     }
 
     /// Makes an import visible: the last step, after every copy is durable on its disk.
-    pub fn commit_import(&self, id: i64, sha512: &str, real_size: u64) -> Result<()> {
+    pub fn commit_import(
+        &self,
+        id: i64,
+        sha512: &str,
+        real_size: u64,
+        chunk_size: u64,
+        digests_hash: &str,
+    ) -> Result<()> {
         self.run(|c| {
             c.execute(
-                "UPDATE images SET state = 'ready', sha512 = ?2, real_size = ?3 WHERE id = ?1",
-                params![id, sha512, real_size as i64],
+                "UPDATE images SET state = 'ready', sha512 = ?2, real_size = ?3, chunk_size = ?4,
+                 digests_hash = ?5 WHERE id = ?1",
+                params![
+                    id,
+                    sha512,
+                    real_size as i64,
+                    chunk_size as i64,
+                    digests_hash
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn set_copies_wanted(&self, id: i64, copies: u32) -> Result<()> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE images SET copies_wanted = ?2 WHERE id = ?1",
+                params![id, copies],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Records why the repair cannot restore an image (`None`: it can, or did).
+    pub fn set_image_problem(&self, id: i64, problem: Option<&str>) -> Result<()> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE images SET problem = ?2 WHERE id = ?1",
+                params![id, problem],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Inserts a ready image found on the disks (`fsck --repair` rebuilding a lost index).
+    pub fn insert_found_image(&self, image: &ImageRow) -> Result<i64> {
+        self.run(|c| {
+            c.execute(
+                "INSERT INTO images (name, uuid, size, sha512, real_size, state, copies_wanted,
+                 source, created, unreferenced_since, chunk_size, digests_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'ready', ?6, ?7, ?8, ?9, ?10, ?11)",
+                params![
+                    image.name,
+                    image.uuid,
+                    image.size as i64,
+                    image.sha512,
+                    image.real_size as i64,
+                    image.copies_wanted,
+                    image.source,
+                    image.created,
+                    image.unreferenced_since,
+                    image.chunk_size as i64,
+                    image.digests_hash
+                ],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    // ---- copies ----
+
+    /// Adds a copy row; `false` when the disk already has a row for the image.
+    pub fn insert_copy(
+        &self,
+        image_id: i64,
+        disk_id: i64,
+        state: CopyState,
+        now: i64,
+    ) -> Result<bool> {
+        self.run(|c| {
+            c.execute(
+                "INSERT OR IGNORE INTO copies (image_id, disk_id, state, since) VALUES (?1, ?2, ?3, ?4)",
+                params![image_id, disk_id, state.as_str(), now],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    pub fn set_copy_state(
+        &self,
+        image_id: i64,
+        disk_id: i64,
+        state: CopyState,
+        reason: Option<&str>,
+        now: i64,
+    ) -> Result<()> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE copies SET state = ?3, reason = ?4, since = ?5 WHERE image_id = ?1 AND disk_id = ?2",
+                params![image_id, disk_id, state.as_str(), reason, now],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Marks a copy failed unless it is already failed or on its way out; `true` if it changed.
+    pub fn fail_copy(&self, image_id: i64, disk_id: i64, reason: &str, now: i64) -> Result<bool> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE copies SET state = 'failed', reason = ?3, since = ?4
+                 WHERE image_id = ?1 AND disk_id = ?2 AND state IN ('ready', 'unverified')",
+                params![image_id, disk_id, reason, now],
+            )
+            .map(|n| n > 0)
+        })
+    }
+
+    pub fn delete_copy(&self, image_id: i64, disk_id: i64) -> Result<()> {
+        self.run(|c| {
+            c.execute(
+                "DELETE FROM copies WHERE image_id = ?1 AND disk_id = ?2",
+                params![image_id, disk_id],
             )
             .map(|_| ())
         })
@@ -442,24 +788,51 @@ impl Store {
         })
     }
 
-    /// The disks holding copies of an image, in the order they were placed.
-    pub fn copies_of(&self, image_id: i64) -> Result<Vec<DiskRow>> {
+    /// The copies of an image, whatever their state, in the order they were placed.
+    pub fn copies_of(&self, image_id: i64) -> Result<Vec<CopyRow>> {
         self.run(|c| {
-            let mut stmt = c.prepare(
-                "SELECT d.id, d.name, d.path, d.uuid, d.added FROM copies c
-                 JOIN disks d ON d.id = c.disk_id WHERE c.image_id = ?1 ORDER BY c.rowid",
-            )?;
-            let rows = stmt.query_map([image_id], disk_from_row)?;
+            let mut stmt = c.prepare(&format!(
+                "SELECT {DISK_COLUMNS}, c.image_id, c.state, c.reason, c.since FROM copies c
+                 JOIN disks d ON d.id = c.disk_id WHERE c.image_id = ?1 ORDER BY c.rowid"
+            ))?;
+            let rows = stmt.query_map([image_id], copy_from_row)?;
             rows.collect()
         })
     }
 
-    /// All (image id, disk id) copy pairs, for building the mount's catalog in one query.
-    pub fn all_copies(&self) -> Result<Vec<(i64, i64)>> {
+    /// Every copy of every image, for building the mount's catalog in one query.
+    pub fn all_copies(&self) -> Result<Vec<CopyRow>> {
         self.run(|c| {
-            let mut stmt = c.prepare("SELECT image_id, disk_id FROM copies ORDER BY rowid")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let mut stmt = c.prepare(&format!(
+                "SELECT {DISK_COLUMNS}, c.image_id, c.state, c.reason, c.since FROM copies c
+                 JOIN disks d ON d.id = c.disk_id ORDER BY c.rowid"
+            ))?;
+            let rows = stmt.query_map([], copy_from_row)?;
             rows.collect()
+        })
+    }
+
+    // ---- settings ----
+
+    pub fn setting(&self, key: &str) -> Result<Option<String>> {
+        self.run(|c| {
+            c.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+                r.get(0)
+            })
+            .optional()
+        })
+    }
+
+    pub fn set_setting(&self, key: &str, value: Option<&str>) -> Result<()> {
+        self.run(|c| {
+            match value {
+                Some(value) => c.execute(
+                    "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+                    params![key, value],
+                ),
+                None => c.execute("DELETE FROM settings WHERE key = ?1", [key]),
+            }
+            .map(|_| ())
         })
     }
 

@@ -1,0 +1,395 @@
+//! `imgpool fsck`: the metadata store checked against the disks, every difference reported and,
+//! with `--repair`, fixed; and the store rebuilt from the disks' labels and copy records when it
+//! is lost. Fixes never delete image data that the store does not explain: such a copy is
+//! adopted (as unverified) rather than removed.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::disk::{CopyRecord, DiskLayout, Label};
+use crate::error::{Error, Result};
+use crate::owner::WorkLock;
+use crate::pool::{self, DiskHealth, Pool};
+use crate::store::{CopyState, ImageRow, ImageState, Store, DB_FILE};
+
+/// One difference between the store and the disks.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub problem: String,
+    /// What `--repair` did about it (or would do).
+    pub fix: String,
+}
+
+enum Fix<'a> {
+    FailCopy(&'a ImageRow, i64),
+    Unverify(&'a ImageRow, i64),
+    RewriteRecord(&'a ImageRow, &'a DiskLayout),
+    RemoveFile(PathBuf),
+    Adopt(&'a ImageRow, i64),
+    AdoptUnknown(CopyRecord, i64, PathBuf),
+    Nothing,
+}
+
+/// Checks every disk in service against the store; with `repair`, fixes what it finds. The
+/// pool was opened, so what dead processes left was cleaned up already.
+pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
+    let store = pool.store();
+    // Leftover files are judged only while nothing writes copies.
+    let quiet = WorkLock::try_acquire(&pool.repair_lock_path())?;
+    let images = store.images()?;
+    let copies = store.all_copies()?;
+    let mut findings = Vec::new();
+    let mut record = |problem: String, fix: Fix| -> Result<()> {
+        let (description, apply) = describe(&fix);
+        if repair {
+            apply_fix(pool, fix)?;
+        }
+        findings.push(Finding {
+            problem,
+            fix: description.to_string() + if apply { "" } else { " (nothing to do)" },
+        });
+        Ok(())
+    };
+    for (disk, _) in pool.disks_in_service()? {
+        if let Some(problem) = pool.disk_health(&disk).problem() {
+            record(format!("disk '{}': {problem}", disk.name), Fix::Nothing)?;
+            continue;
+        }
+        let layout = DiskLayout::new(&disk.path);
+        for copy in copies.iter().filter(|c| c.disk.id == disk.id) {
+            let Some(image) = images.iter().find(|i| i.id == copy.image_id) else {
+                continue;
+            };
+            if image.state != ImageState::Ready
+                || !matches!(copy.state, CopyState::Ready | CopyState::Unverified)
+            {
+                continue;
+            }
+            let what = format!("copy of '{}' on '{}'", image.name, disk.name);
+            let data = layout.copy_path(&image.uuid);
+            match fs::metadata(&data) {
+                Err(e) => {
+                    record(
+                        format!("{what}: data file {} ({e})", data.display()),
+                        Fix::FailCopy(image, disk.id),
+                    )?;
+                    continue;
+                }
+                Ok(meta) if meta.len() != image.size => {
+                    record(
+                        format!("{what}: {} bytes, the image has {}", meta.len(), image.size),
+                        Fix::FailCopy(image, disk.id),
+                    )?;
+                    continue;
+                }
+                Ok(_) => {}
+            }
+            let expected = pool.record_of(image);
+            match layout.read_record(&image.uuid) {
+                Ok(found) if same_identity(&found, &expected) => {}
+                Ok(_) => record(
+                    format!("{what}: its record does not describe the image"),
+                    Fix::RewriteRecord(image, &layout),
+                )?,
+                Err(e) => record(format!("{what}: {e}"), Fix::RewriteRecord(image, &layout))?,
+            }
+            if let Err(e) = layout.read_digests(
+                &image.uuid,
+                image.chunk_size,
+                image.size,
+                &image.digests_hash,
+            ) {
+                if copy.state == CopyState::Ready {
+                    record(format!("{what}: {e}"), Fix::Unverify(image, disk.id))?;
+                }
+            }
+        }
+        let listed: Vec<&str> = copies
+            .iter()
+            .filter(|c| c.disk.id == disk.id)
+            .filter_map(|c| images.iter().find(|i| i.id == c.image_id))
+            .map(|i| i.uuid.as_str())
+            .collect();
+        for uuid in layout.copies()? {
+            if listed.contains(&uuid.as_str()) {
+                continue;
+            }
+            let path = layout.copy_path(&uuid);
+            match images.iter().find(|i| i.uuid == uuid) {
+                Some(image) if image.state == ImageState::Ready => record(
+                    format!(
+                        "disk '{}' holds a copy of '{}' that the store does not list",
+                        disk.name, image.name
+                    ),
+                    Fix::Adopt(image, disk.id),
+                )?,
+                Some(_) => {}
+                None => match layout.read_record(&uuid) {
+                    Ok(found) if found.pool_uuid == pool.uuid() => record(
+                        format!(
+                            "disk '{}' holds a copy of an image the store does not know ('{}', {uuid})",
+                            disk.name, found.name
+                        ),
+                        Fix::AdoptUnknown(found, disk.id, path),
+                    )?,
+                    _ => record(
+                        format!(
+                            "{} has no valid record of this pool; it is left alone",
+                            path.display()
+                        ),
+                        Fix::Nothing,
+                    )?,
+                },
+            }
+        }
+        if quiet.is_some() {
+            for name in layout.copies_dir_files()? {
+                let leftover = name.ends_with(".tmp")
+                    || ((name.ends_with(".json") || name.ends_with(".digests"))
+                        && !layout
+                            .copy_path(name.split('.').next().unwrap_or_default())
+                            .exists());
+                if leftover {
+                    record(
+                        format!("disk '{}': leftover file {name}", disk.name),
+                        Fix::RemoveFile(layout.copies_dir_path(&name)),
+                    )?;
+                }
+            }
+            for uuid in layout.tmp_copies()? {
+                let importing = images
+                    .iter()
+                    .any(|i| i.uuid == uuid && i.state == ImageState::Importing);
+                if !importing {
+                    record(
+                        format!("disk '{}': leftover temporary copy {uuid}", disk.name),
+                        Fix::RemoveFile(layout.tmp_copy_path(&uuid)),
+                    )?;
+                }
+            }
+        }
+    }
+    for image in images.iter().filter(|i| i.state == ImageState::Ready) {
+        if !copies.iter().any(|c| c.image_id == image.id) {
+            record(
+                format!("image '{}' has no copy on any disk", image.name),
+                Fix::Nothing,
+            )?;
+        }
+    }
+    Ok(findings)
+}
+
+fn same_identity(a: &CopyRecord, b: &CopyRecord) -> bool {
+    (
+        &a.pool_uuid,
+        &a.uuid,
+        &a.name,
+        a.size,
+        &a.sha512,
+        &a.digests_hash,
+    ) == (
+        &b.pool_uuid,
+        &b.uuid,
+        &b.name,
+        b.size,
+        &b.sha512,
+        &b.digests_hash,
+    )
+}
+
+/// What a fix does, and whether it changes anything.
+fn describe(fix: &Fix) -> (&'static str, bool) {
+    match fix {
+        Fix::FailCopy(..) => ("the copy is failed and replaced by the repair", true),
+        Fix::Unverify(..) => (
+            "the copy is verified again (its digest file is rewritten)",
+            true,
+        ),
+        Fix::RewriteRecord(..) => ("the record is rewritten from the store", true),
+        Fix::RemoveFile(_) => ("the file is removed", true),
+        Fix::Adopt(..) => (
+            "the copy is listed as unverified; the repair verifies it",
+            true,
+        ),
+        Fix::AdoptUnknown(..) => (
+            "the image is listed again from the record, its copy unverified",
+            true,
+        ),
+        Fix::Nothing => ("", false),
+    }
+}
+
+fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
+    let store = pool.store();
+    let now = pool::now();
+    match fix {
+        Fix::FailCopy(image, disk) => {
+            store.fail_copy(image.id, disk, "fsck: its data file is wrong", now)?;
+        }
+        Fix::Unverify(image, disk) => {
+            store.set_copy_state(image.id, disk, CopyState::Unverified, Some("fsck"), now)?
+        }
+        Fix::RewriteRecord(image, layout) => layout.write_record(&pool.record_of(image))?,
+        Fix::RemoveFile(path) => match fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(format!("cannot remove {}", path.display()), e))
+            }
+            _ => {}
+        },
+        Fix::Adopt(image, disk) => {
+            store.insert_copy(image.id, disk, CopyState::Unverified, now)?;
+        }
+        Fix::AdoptUnknown(found, disk, path) => {
+            let id = match store.image_by_name(&found.name)? {
+                Some(existing) if existing.uuid == found.uuid => existing.id,
+                Some(_) => {
+                    tracing::warn!(
+                        "cannot list the copy {} again: another image is named '{}'",
+                        path.display(),
+                        found.name
+                    );
+                    return Ok(());
+                }
+                None => store.insert_found_image(&image_from_record(&found, &path, now))?,
+            };
+            store.insert_copy(id, disk, CopyState::Unverified, now)?;
+        }
+        Fix::Nothing => {}
+    }
+    Ok(())
+}
+
+fn image_from_record(record: &CopyRecord, data: &Path, now: i64) -> ImageRow {
+    ImageRow {
+        id: 0,
+        name: record.name.clone(),
+        uuid: record.uuid.clone(),
+        size: record.size,
+        sha512: record.sha512.clone(),
+        real_size: fs::metadata(data).map_or(0, |m| m.blocks() * 512),
+        state: ImageState::Ready,
+        copies_wanted: record.copies_wanted.max(1),
+        source: record.source.clone(),
+        created: record.created,
+        unreferenced_since: Some(now),
+        chunk_size: record.chunk_size,
+        digests_hash: record.digests_hash.clone(),
+        problem: None,
+    }
+}
+
+/// Directories that may be disks: the given ones, or every mount point whose root carries an
+/// imgpool label.
+fn find_disks(given: &[PathBuf]) -> Result<Vec<(PathBuf, Label)>> {
+    let candidates: Vec<PathBuf> = if given.is_empty() {
+        crate::mountinfo::read()?
+            .into_iter()
+            .map(|m| m.mount_point)
+            .collect()
+    } else {
+        given.to_vec()
+    };
+    let mut found = Vec::new();
+    for dir in candidates {
+        if let Ok(Some(label)) = DiskLayout::new(&dir).read_label() {
+            let dir = fs::canonicalize(&dir).unwrap_or(dir);
+            if !found.iter().any(|(d, _): &(PathBuf, Label)| *d == dir) {
+                found.push((dir, label));
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// Rebuilds a lost metadata store in `state_dir` from the disks: the pool, its disks, and every
+/// image with a copy record, each copy unverified (the repair verifies them before they serve).
+/// gc is held until the operator has registered the holders again. Returns what was found.
+pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
+    if state_dir.join(DB_FILE).exists() {
+        return Err(Error::Usage(format!(
+            "{} exists: rebuilding is for a lost store; move it aside first",
+            state_dir.join(DB_FILE).display()
+        )));
+    }
+    let disks = find_disks(given)?;
+    let mut pools: Vec<&str> = disks.iter().map(|(_, l)| l.pool_uuid.as_str()).collect();
+    pools.sort();
+    pools.dedup();
+    let pool_uuid = match pools.as_slice() {
+        [one] => one.to_string(),
+        [] => {
+            return Err(Error::Usage(
+                "no imgpool disk found: pass each disk directory with --disk PATH".into(),
+            ))
+        }
+        many => return Err(Error::Usage(format!(
+            "the disks found belong to {} pools ({}): pass the disks of one pool with --disk PATH",
+            many.len(),
+            many.join(", ")
+        ))),
+    };
+    fs::create_dir_all(state_dir)
+        .map_err(|e| Error::io(format!("cannot create {}", state_dir.display()), e))?;
+    let store = Store::open(state_dir)?;
+    let now = pool::now();
+    store.create_pool(&pool_uuid, now)?;
+    let mut done = Vec::new();
+    let mut images: BTreeMap<String, (CopyRecord, PathBuf, Vec<i64>)> = BTreeMap::new();
+    for (path, label) in &disks {
+        let disk = store.insert_disk(&label.disk_name, path, &label.disk_uuid, label.created)?;
+        done.push(format!("disk '{}' at {}", disk.name, path.display()));
+        let layout = DiskLayout::new(path);
+        for uuid in layout.copies()? {
+            let Ok(record) = layout.read_record(&uuid) else {
+                done.push(format!(
+                    "skipped {}: no readable record",
+                    layout.copy_path(&uuid).display()
+                ));
+                continue;
+            };
+            if record.pool_uuid != pool_uuid {
+                continue;
+            }
+            let entry = images
+                .entry(uuid.clone())
+                .or_insert_with(|| (record.clone(), layout.copy_path(&uuid), Vec::new()));
+            entry.0.copies_wanted = entry.0.copies_wanted.max(record.copies_wanted);
+            entry.2.push(disk.id);
+        }
+    }
+    for (record, data, disk_ids) in images.values() {
+        let id = match store.insert_found_image(&image_from_record(record, data, now)) {
+            Ok(id) => id,
+            Err(e) => {
+                done.push(format!(
+                    "skipped image '{}' ({}): {e}",
+                    record.name, record.uuid
+                ));
+                continue;
+            }
+        };
+        for disk in disk_ids {
+            store.insert_copy(id, *disk, CopyState::Unverified, now)?;
+        }
+        done.push(format!(
+            "image '{}' with {} copies (unverified)",
+            record.name,
+            disk_ids.len()
+        ));
+    }
+    let pool = Pool::open(state_dir)?;
+    pool.hold_gc(&format!(
+        "the store was rebuilt from the disks at {}; holders are unknown until registered again",
+        crate::cli::timestamp(now)
+    ))?;
+    // Disks found are registered healthy only if their label checks out now.
+    for disk in pool.store().disks()? {
+        if pool.disk_health(&disk) != DiskHealth::Healthy {
+            done.push(format!("disk '{}' is not reachable", disk.name));
+        }
+    }
+    Ok(done)
+}

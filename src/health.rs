@@ -1,0 +1,235 @@
+//! Disk health: the probe (label present and unchanged, a small write, fsync and read back in the
+//! pool directory, statfs) and the monitor that turns probe results and read-path faults into
+//! disk and copy states in the store.
+//!
+//! A disk whose probe fails is failed "by probe": it returns to service by itself once its probes
+//! pass again, and its copies are verified before they serve. A read fault on a copy triggers an
+//! immediate probe of its disk: if the disk fails it, the disk is failed; if the disk passes, the
+//! fault is the copy's own (a bad sector, a corrupt chunk) and the copy is failed, to be replaced.
+
+use std::collections::HashSet;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::sync::mpsc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::disk::DiskLayout;
+use crate::error::Result;
+use crate::pool::{self, Pool};
+use crate::read::CopyFault;
+use crate::store::{DiskRow, DiskState, FailedBy};
+
+/// A probe that has not finished by then counts as failed: a hung disk must not look healthy.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Probes one disk; `Err` says what is wrong with it.
+pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String> {
+    if let Some(problem) = pool::check_label(pool_uuid, disk).problem() {
+        return Err(problem.to_string());
+    }
+    let path = DiskLayout::new(&disk.path).probe_path();
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let token = format!("{} {stamp}\n", std::process::id());
+    let written = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .and_then(|mut f| {
+            f.write_all(token.as_bytes())?;
+            f.sync_all()
+        });
+    if let Err(e) = written {
+        return Err(format!("cannot write {}: {e}", path.display()));
+    }
+    match fs::read(&path) {
+        Ok(bytes) if bytes == token.as_bytes() => {}
+        Ok(_) => return Err(format!("{} reads back other bytes", path.display())),
+        Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+    }
+    crate::resources::probe(&disk.path)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// `probe` in its own thread, failed after `PROBE_TIMEOUT`. The thread of a hung probe is left
+/// behind (nothing can interrupt it); `None` while an earlier probe of the disk still hangs.
+fn probe_in_time(
+    pool_uuid: &str,
+    disk: &DiskRow,
+    hung: &mut HashSet<i64>,
+) -> Option<std::result::Result<(), String>> {
+    if hung.contains(&disk.id) {
+        return None;
+    }
+    let (tx, rx) = mpsc::channel();
+    let (uuid, row) = (pool_uuid.to_string(), disk.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("probe-{}", disk.name))
+        .spawn(move || {
+            let _ = tx.send(probe(&uuid, &row));
+        });
+    if let Err(e) = spawned {
+        return Some(Err(format!("cannot start a probe: {e}")));
+    }
+    match rx.recv_timeout(PROBE_TIMEOUT) {
+        Ok(result) => Some(result),
+        Err(_) => {
+            hung.insert(disk.id);
+            Some(Err(format!(
+                "a probe did not finish within {} s",
+                PROBE_TIMEOUT.as_secs()
+            )))
+        }
+    }
+}
+
+/// Applies the probe health checks and read-path faults to the store.
+pub struct Monitor {
+    pool: Pool,
+    hung: HashSet<i64>,
+}
+
+impl Monitor {
+    pub fn new(pool: Pool) -> Monitor {
+        Monitor {
+            pool,
+            hung: HashSet::new(),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Probes every disk; returns whether any disk changed state.
+    pub fn probe_all(&mut self) -> Result<bool> {
+        // A hung probe that finished since is tried again: its disk may be back.
+        self.hung.clear();
+        let mut changed = false;
+        for disk in self.pool.store().disks()? {
+            changed |= self.probe_disk(&disk)?;
+        }
+        Ok(changed)
+    }
+
+    /// Probes one disk and records the outcome; returns whether its state changed.
+    pub fn probe_disk(&mut self, disk: &DiskRow) -> Result<bool> {
+        let Some(result) = probe_in_time(self.pool.uuid(), disk, &mut self.hung) else {
+            return Ok(false);
+        };
+        apply_probe(&self.pool, disk, result)
+    }
+
+    /// A fault seen on the read path: the disk is probed now; a disk that passes keeps serving
+    /// and the copy is failed.
+    pub fn handle_fault(&mut self, fault: &CopyFault) -> Result<()> {
+        let Some(disk) = self
+            .pool
+            .store()
+            .disks()?
+            .into_iter()
+            .find(|d| d.id == fault.disk_id)
+        else {
+            return Ok(());
+        };
+        self.probe_disk(&disk)?;
+        let disk = self.pool.store().disk_by_name(&disk.name)?;
+        if disk.state != DiskState::Failed
+            && self.pool.store().fail_copy(
+                fault.image_id,
+                disk.id,
+                &fault.to_string(),
+                pool::now(),
+            )?
+        {
+            tracing::warn!(
+                "copy on disk '{}' failed ({fault}); the repair replaces it",
+                disk.name
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Records a probe's outcome: a failing disk in service is failed; a disk failed by an earlier
+/// probe that passes again returns, its copies unverified. Returns whether the state changed.
+pub fn apply_probe(
+    pool: &Pool,
+    disk: &DiskRow,
+    result: std::result::Result<(), String>,
+) -> Result<bool> {
+    let now = pool::now();
+    match (result, disk.state) {
+        (Err(why), DiskState::Healthy | DiskState::Evicting) => {
+            tracing::error!("disk '{}' failed its probe: {why}", disk.name);
+            pool.store().set_disk_state(
+                disk.id,
+                DiskState::Failed,
+                Some(FailedBy::Probe),
+                Some(&why),
+                now,
+            )?;
+            Ok(true)
+        }
+        (Ok(()), DiskState::Failed) if disk.failed_by == Some(FailedBy::Probe) => {
+            tracing::warn!(
+                "disk '{}' passes its probes again; its copies are verified before they serve",
+                disk.name
+            );
+            pool.store()
+                .set_disk_state(disk.id, DiskState::Healthy, None, None, now)?;
+            Ok(true)
+        }
+        _ => Ok(false),
+    }
+}
+
+/// The mount daemon's monitor: probes every disk each `probe-interval`, and a disk at once when
+/// the read path reports a fault on one of its copies; `changed` is told when a disk or copy
+/// changed state (the repair then has work). Returns when `faults` closes or `stop` is set.
+pub fn watch(
+    pool: Pool,
+    faults: &mpsc::Receiver<CopyFault>,
+    changed: &mpsc::Sender<()>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    use std::time::Instant;
+    let mut monitor = Monitor::new(pool);
+    let mut next_probe = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        // Woken at least every second to notice `stop`.
+        let wait = next_probe
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(1));
+        match faults.recv_timeout(wait) {
+            Ok(fault) => {
+                if let Err(e) = monitor.handle_fault(&fault) {
+                    tracing::error!("cannot record the fault ({fault}): {e}");
+                }
+                let _ = changed.send(());
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() >= next_probe => {
+                match monitor.probe_all() {
+                    Ok(true) => {
+                        let _ = changed.send(());
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::error!("cannot record disk health: {e}"),
+                }
+                let interval = monitor
+                    .pool()
+                    .settings()
+                    .map(|s| s.probe_interval)
+                    .unwrap_or(Duration::from_secs(10));
+                next_probe = Instant::now() + interval;
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        }
+    }
+}
