@@ -601,9 +601,9 @@ impl PoolFs {
         }
     }
 
-    /// A descriptor of the copy file behind an open image, for kernel passthrough; `None`
-    /// for other files (`backing.cfg`), which the daemon serves itself.
-    pub fn backing_file(&self, fh: u64) -> Option<std::io::Result<std::fs::File>> {
+    /// A descriptor of the copy file behind an open image, and its path, for kernel
+    /// passthrough; `None` for other files (`backing.cfg`), which the daemon serves itself.
+    pub fn backing_file(&self, fh: u64) -> Option<std::io::Result<(std::fs::File, PathBuf)>> {
         let handle = self.handles.read().get(&fh).cloned()?;
         match &*handle {
             Handle::Image { image, .. } => Some(

@@ -325,11 +325,13 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
                 "no imgpool disk found: pass each disk directory with --disk PATH".into(),
             ))
         }
-        many => return Err(Error::Usage(format!(
+        many => {
+            return Err(Error::Usage(format!(
             "the disks found belong to {} pools ({}): pass the disks of one pool with --disk PATH",
             many.len(),
             many.join(", ")
-        ))),
+        )))
+        }
     };
     fs::create_dir_all(state_dir)
         .map_err(|e| Error::io(format!("cannot create {}", state_dir.display()), e))?;

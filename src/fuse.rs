@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime};
@@ -39,11 +39,21 @@ pub enum IoMode {
 }
 
 /// Kernel passthrough state: one backing id per image inode, shared by all its open files
-/// (the kernel refuses two different backing files for one inode).
+/// (the kernel refuses two different backing files for one inode), with the copy it reads.
 #[derive(Default)]
 struct Backing {
-    by_ino: HashMap<u64, Weak<BackingId>>,
+    by_ino: HashMap<u64, (PathBuf, Weak<BackingId>)>,
     by_handle: HashMap<u64, Arc<BackingId>>,
+}
+
+/// How one open file of an image is served in passthrough mode.
+enum PassthroughOpen {
+    Kernel(Arc<BackingId>),
+    /// The inode's open files read a copy that no longer serves, and the kernel takes no
+    /// second backing file for the inode: this file is served by the daemon, which fails over.
+    Daemon,
+    /// The kernel refused a backing file: served cached.
+    Cached,
 }
 
 pub struct FuseAdapter {
@@ -68,26 +78,31 @@ impl FuseAdapter {
         }
     }
 
-    /// The backing id for a new open file `fh` of `ino`: the inode's live one, or a new one
-    /// registered with the kernel; `None` when this open must be served cached (the kernel
-    /// refused a backing file, now or before, and the inode has none). Decided and recorded
-    /// under one lock, so that concurrent opens of an inode agree and a release racing the
-    /// reply finds the handle.
+    /// How to serve a new open file `fh` of `ino`, whose serving copy is `path`: with the
+    /// inode's live backing id if it reads that copy, or a new one registered with the kernel.
+    /// Decided and recorded under one lock, so that concurrent opens of an inode agree and a
+    /// release racing the reply finds the handle.
     fn backing_for(
         &self,
         ino: u64,
         fh: u64,
         reply: &ReplyOpen,
         file: &File,
-    ) -> Option<Arc<BackingId>> {
+        path: PathBuf,
+    ) -> PassthroughOpen {
         let mut backing = self.backing.lock();
-        let id = match backing.by_ino.get(&ino).and_then(Weak::upgrade) {
-            Some(id) => id,
-            None if self.backing_refused.load(Ordering::Relaxed) => return None,
+        let live = backing
+            .by_ino
+            .get(&ino)
+            .and_then(|(copy, id)| Some((copy.clone(), id.upgrade()?)));
+        let id = match live {
+            Some((copy, id)) if copy == path => id,
+            Some(_) => return PassthroughOpen::Daemon,
+            None if self.backing_refused.load(Ordering::Relaxed) => return PassthroughOpen::Cached,
             None => match reply.open_backing(file) {
                 Ok(id) => {
                     let id = Arc::new(id);
-                    backing.by_ino.insert(ino, Arc::downgrade(&id));
+                    backing.by_ino.insert(ino, (path, Arc::downgrade(&id)));
                     id
                 }
                 Err(e) => {
@@ -95,19 +110,23 @@ impl FuseAdapter {
                     tracing::warn!(
                         "kernel refused a passthrough backing file ({e}): images opened from now on are served in cached mode"
                     );
-                    return None;
+                    return PassthroughOpen::Cached;
                 }
             },
         };
         backing.by_handle.insert(fh, id.clone());
-        Some(id)
+        PassthroughOpen::Kernel(id)
     }
 
     /// Answers an open of an image in passthrough mode.
-    fn open_passthrough(&self, ino: u64, fh: u64, file: File, reply: ReplyOpen) {
-        match self.backing_for(ino, fh, &reply, &file) {
-            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
-            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+    fn open_passthrough(&self, ino: u64, fh: u64, file: File, path: PathBuf, reply: ReplyOpen) {
+        match self.backing_for(ino, fh, &reply, &file, path) {
+            PassthroughOpen::Kernel(id) => {
+                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
+            }
+            // No page cache: the inode is in passthrough mode, which excludes cached opens.
+            PassthroughOpen::Daemon => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            PassthroughOpen::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
 }
@@ -200,7 +219,9 @@ impl Filesystem for FuseAdapter {
         };
         if self.passthrough.load(Ordering::Relaxed) {
             match self.fs.backing_file(fh) {
-                Some(Ok(file)) => return self.open_passthrough(ino.0, fh, file, reply),
+                Some(Ok((file, path))) => {
+                    return self.open_passthrough(ino.0, fh, file, path, reply)
+                }
                 Some(Err(e)) => {
                     self.fs.release(fh);
                     return reply.error(errno(e.raw_os_error().unwrap_or(libc::EIO)));

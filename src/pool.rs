@@ -1079,32 +1079,58 @@ pub fn write_copy(
     Ok(outcome)
 }
 
+/// A pool with plain-directory disks `d1`..`dn` in a temporary directory, for core tests.
+#[cfg(test)]
+pub(crate) struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub pool: Pool,
+    pub disks: Vec<PathBuf>,
+}
+
+#[cfg(test)]
+impl Fixture {
+    /// Imports `bytes` as `name` with `copies` copies; returns the source file's path.
+    pub fn image(&self, name: &str, bytes: &[u8], copies: u32) -> PathBuf {
+        let src = self.dir.path().join(format!("{name}.src"));
+        fs::write(&src, bytes).unwrap();
+        self.pool
+            .add_image(name, &src, Some(copies), &mut |_, _| {})
+            .unwrap();
+        src
+    }
+
+    /// The disks (names) holding a serving copy of `name`, in placement order.
+    pub fn serving(&self, name: &str) -> Vec<String> {
+        let info = self.pool.image(name).unwrap();
+        info.copies
+            .into_iter()
+            .filter(|c| c.serving)
+            .map(|c| c.disk)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn fixture(disks: usize) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let pool = Pool::init(&dir.path().join("state")).unwrap();
+    let mut paths = Vec::new();
+    for i in 1..=disks {
+        let path = dir.path().join(format!("d{i}"));
+        fs::create_dir(&path).unwrap();
+        pool.add_disk(&format!("d{i}"), &path).unwrap();
+        paths.push(path);
+    }
+    Fixture {
+        dir,
+        pool,
+        disks: paths,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    struct Fixture {
-        dir: tempfile::TempDir,
-        pool: Pool,
-        disks: Vec<PathBuf>,
-    }
-
-    fn fixture(disks: usize) -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let pool = Pool::init(&dir.path().join("state")).unwrap();
-        let mut paths = Vec::new();
-        for i in 1..=disks {
-            let path = dir.path().join(format!("d{i}"));
-            fs::create_dir(&path).unwrap();
-            pool.add_disk(&format!("d{i}"), &path).unwrap();
-            paths.push(path);
-        }
-        Fixture {
-            dir,
-            pool,
-            disks: paths,
-        }
-    }
 
     fn source(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
         let path = dir.join(name);

@@ -566,12 +566,12 @@ impl ReadPath {
         self.open_image(image).map(|_| ())
     }
 
-    /// A buffered descriptor of the copy that serves `image`, for kernel passthrough: the first
-    /// serving copy that has not faulted.
-    pub fn backing_file(&self, image: ImageRef) -> io::Result<File> {
+    /// A buffered descriptor of the copy that serves `image`, and its path, for kernel
+    /// passthrough: the first serving copy that has not faulted.
+    pub fn backing_file(&self, image: ImageRef) -> io::Result<(File, PathBuf)> {
         let open = self.open_image(image)?;
         let copy = open.candidates()[0];
-        copy.buffered.try_clone()
+        Ok((copy.buffered.try_clone()?, copy.path.clone()))
     }
 
     /// Drops the descriptors and the cached chunks of an image that left the pool.

@@ -11,7 +11,7 @@
 //! from the store each round, so a restarted daemon resumes where the dead one stopped (a copy
 //! that was being written starts over).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -119,11 +119,13 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
     let mut report = Report::default();
     // Disks that failed a copy of an image in this repair (full, say): not chosen again for it.
     let mut refused: HashMap<i64, Vec<i64>> = HashMap::new();
+    // Images whose source file no longer has their checksum.
+    let changed_sources = Mutex::new(HashSet::new());
     loop {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let (actions, problems) = plan(pool, &refused)?;
+        let (actions, problems) = plan(pool, &refused, &changed_sources.lock())?;
         report.problems = problems;
         if actions.is_empty() {
             break;
@@ -133,7 +135,7 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
             .into_iter()
             .partition(|a| matches!(a, Action::Create { .. }));
         for action in others {
-            match run_action(pool, &action, &throttle, reporter, stop) {
+            match run_action(pool, &action, &throttle, reporter, stop, &changed_sources) {
                 Ok(done) => {
                     progressed = true;
                     report.done.push(done);
@@ -142,7 +144,7 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
             }
         }
         let results = run_parallel(creates, settings.repair_jobs.max(1) as usize, |action| {
-            run_action(pool, action, &throttle, reporter, stop)
+            run_action(pool, action, &throttle, reporter, stop, &changed_sources)
         });
         for (action, result) in results {
             match result {
@@ -192,7 +194,11 @@ fn run_parallel<T: Send + Sync, R: Send>(
 
 /// Decides the next round of work from the store; also records, per image, why it cannot be
 /// restored (or clears that), and returns those reasons.
-fn plan(pool: &Pool, refused: &HashMap<i64, Vec<i64>>) -> Result<(Vec<Action>, Vec<String>)> {
+fn plan(
+    pool: &Pool,
+    refused: &HashMap<i64, Vec<i64>>,
+    changed_sources: &HashSet<i64>,
+) -> Result<(Vec<Action>, Vec<String>)> {
     let store = pool.store();
     let disks = pool.disks_in_service()?;
     let all_copies = store.all_copies()?;
@@ -255,6 +261,14 @@ fn plan(pool: &Pool, refused: &HashMap<i64, Vec<i64>>) -> Result<(Vec<Action>, V
             let source = match serving.first() {
                 Some(disk) => Some(Source::Copy((*disk).clone())),
                 None if to_verify > 0 => None, // a copy being verified may serve as the source
+                None if changed_sources.contains(&image.id) => {
+                    problem = Some(format!(
+                        "no healthy copy of '{}' is left and its source {} no longer has its checksum: its reads return EIO; bring back a disk that held a copy (it is verified first) or import the image again",
+                        image.name,
+                        image.source.as_deref().unwrap_or("?")
+                    ));
+                    None
+                }
                 None => match source_file(&image) {
                     Ok(path) => Some(Source::File(path)),
                     Err(why) => {
@@ -341,7 +355,7 @@ fn source_file(image: &ImageRow) -> std::result::Result<std::path::PathBuf, Stri
     };
     let path = std::path::PathBuf::from(source);
     match std::fs::metadata(&path) {
-        Ok(meta) if meta.len() == image.size || meta.file_type().is_file() => Ok(path),
+        Ok(meta) if meta.len() == image.size => Ok(path),
         Ok(_) => Err(format!("its source {source} has another size")),
         Err(e) => Err(format!("its source {source} cannot be read ({e})")),
     }
@@ -353,6 +367,7 @@ fn run_action(
     throttle: &Throttle,
     reporter: &dyn Reporter,
     stop: &AtomicBool,
+    changed_sources: &Mutex<HashSet<i64>>,
 ) -> Result<String> {
     match action {
         Action::Verify { image, disk } => {
@@ -393,7 +408,13 @@ fn run_action(
             source,
         } => {
             let started = Instant::now();
-            create_copy(pool, image, target, source, throttle, reporter, stop)?;
+            let created = create_copy(pool, image, target, source, throttle, reporter, stop);
+            if let (Err(Error::Io { source: e, .. }), Source::File(_)) = (&created, source) {
+                if e.kind() == io::ErrorKind::InvalidData {
+                    changed_sources.lock().insert(image.id);
+                }
+            }
+            created.map_err(|e| describe_copy_error(image, target, e))?;
             let from = match source {
                 Source::Copy(disk) => format!("from '{}'", disk.name),
                 Source::File(path) => format!("from its source {}", path.display()),
@@ -489,7 +510,7 @@ fn create_copy(
             let target_now = store.disk_by_name(&target.name)?;
             let result = health::probe(pool.uuid(), &target_now);
             health::apply_probe(pool, &target_now, result)?;
-            Err(describe_copy_error(image, target, e))
+            Err(e)
         }
     }
 }
@@ -711,5 +732,205 @@ pub fn run_in_background(pool: Pool, wake: &std::sync::mpsc::Receiver<()>, stop:
         }
         // The round's own writes do not count as a change.
         last_round = Some((Instant::now(), pool.store().data_version().unwrap_or(0)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::fixture;
+    use std::fs;
+
+    fn run(pool: &Pool) -> Report {
+        repair(pool, &Quiet, &AtomicBool::new(false)).unwrap()
+    }
+
+    fn content(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 % 253) as u8).collect()
+    }
+
+    fn copy_file(f: &crate::pool::Fixture, name: &str, disk: &str) -> std::path::PathBuf {
+        let info = f.pool.image(name).unwrap();
+        info.copies
+            .iter()
+            .find(|c| c.disk == disk)
+            .map(|c| c.path.clone())
+            .unwrap()
+    }
+
+    /// Flips one byte of a copy file, as a rotting disk would.
+    fn flip(path: &std::path::Path, at: usize) {
+        let mut bytes = fs::read(path).unwrap();
+        bytes[at] ^= 0x01;
+        let mut perms = fs::metadata(path).unwrap().permissions();
+        #[allow(clippy::permissions_set_readonly_false)]
+        perms.set_readonly(false);
+        fs::set_permissions(path, perms).unwrap();
+        fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_failed_disk_s_copies_are_recreated_on_another_disk() {
+        let f = fixture(3);
+        let bytes = content(300_000);
+        f.image("a", &bytes, 2);
+        let before = f.serving("a");
+        f.pool.fail_disk(&before[0], None).unwrap();
+        assert_eq!(f.pool.image("a").unwrap().state(), "degraded");
+        let report = run(&f.pool);
+        assert!(report.problems.is_empty(), "{report:?}");
+        let after = f.serving("a");
+        assert_eq!(after.len(), 2, "{report:?}");
+        assert!(!after.contains(&before[0]));
+        assert_eq!(f.pool.image("a").unwrap().state(), "ready");
+        for disk in &after {
+            assert_eq!(fs::read(copy_file(&f, "a", disk)).unwrap(), bytes);
+        }
+        // Nothing left to do: a second repair does nothing.
+        assert!(run(&f.pool).done.is_empty());
+    }
+
+    #[test]
+    fn eviction_moves_every_copy_and_only_then_the_disk_can_go() {
+        let f = fixture(2);
+        f.image("a", &content(10_000), 1);
+        let home = f.serving("a")[0].clone();
+        let refused = f.pool.remove_disk(&home).unwrap_err().to_string();
+        assert!(refused.contains("only good copy of a"), "{refused}");
+        f.pool.evict_disk(&home).unwrap();
+        // An evicting disk still serves, but does not count toward the policy.
+        assert_eq!(f.serving("a"), vec![home.clone()]);
+        assert_eq!(f.pool.image("a").unwrap().state(), "degraded");
+        run(&f.pool);
+        let now = f.serving("a");
+        assert_eq!(now.len(), 1);
+        assert_ne!(now[0], home);
+        f.pool.remove_disk(&home).unwrap();
+        assert_eq!(f.pool.store().disks().unwrap().len(), 1);
+        assert_eq!(f.pool.image("a").unwrap().state(), "ready");
+    }
+
+    #[test]
+    fn the_copy_count_can_be_raised_and_lowered() {
+        let f = fixture(3);
+        f.image("a", &content(50_000), 1);
+        f.pool.set_copies("a", 3).unwrap();
+        run(&f.pool);
+        assert_eq!(f.serving("a").len(), 3);
+        f.pool.set_copies("a", 1).unwrap();
+        run(&f.pool);
+        assert_eq!(f.serving("a").len(), 1);
+        let on_disk: usize = f
+            .disks
+            .iter()
+            .filter(|d| d.join(".imgpool/copies").read_dir().unwrap().count() > 0)
+            .count();
+        assert_eq!(on_disk, 1, "removed copies leave no files");
+        assert!(
+            f.pool.set_copies("a", 4).is_err(),
+            "3 disks cannot hold 4 copies"
+        );
+    }
+
+    #[test]
+    fn a_copy_that_comes_back_is_verified_before_it_serves() {
+        let f = fixture(2);
+        let bytes = content(200_000);
+        f.image("a", &bytes, 2);
+        f.image("b", &content(1000), 2);
+        let d1 = f.pool.store().disk_by_name("d1").unwrap();
+        crate::health::apply_probe(&f.pool, &d1, Err("gone".into())).unwrap();
+        assert_eq!(f.serving("a"), vec!["d2".to_string()]);
+        // While away, a's copy on d1 rots.
+        flip(&copy_file(&f, "a", "d1"), 100_000);
+        let d1 = f.pool.store().disk_by_name("d1").unwrap();
+        crate::health::apply_probe(&f.pool, &d1, Ok(())).unwrap();
+        assert_eq!(
+            f.serving("a"),
+            vec!["d2".to_string()],
+            "unverified copies do not serve"
+        );
+        let report = run(&f.pool);
+        assert!(
+            report.done.iter().any(|l| l.contains("is bad")),
+            "{report:?}"
+        );
+        assert_eq!(f.serving("b").len(), 2, "b's copy verified: {report:?}");
+        // a's bad copy was failed, deleted and copied again from d2.
+        assert_eq!(f.serving("a").len(), 2, "{report:?}");
+        assert_eq!(fs::read(copy_file(&f, "a", "d1")).unwrap(), bytes);
+    }
+
+    #[test]
+    fn with_no_good_copy_left_an_image_comes_back_from_its_source_or_is_failed() {
+        let f = fixture(2);
+        let bytes = content(100_000);
+        let src = f.image("a", &bytes, 1);
+        let home = f.serving("a")[0].clone();
+        flip(&copy_file(&f, "a", &home), 5);
+        let scrubbed = scrub(&f.pool, Some("a"), &Quiet).unwrap();
+        assert_eq!(scrubbed.bad.len(), 1, "{scrubbed:?}");
+        assert_eq!(f.pool.image("a").unwrap().state(), "failed");
+        let report = run(&f.pool);
+        assert!(report.problems.is_empty(), "{report:?}");
+        assert_eq!(f.pool.image("a").unwrap().state(), "ready");
+        let home = f.serving("a")[0].clone();
+        assert_eq!(fs::read(copy_file(&f, "a", &home)).unwrap(), bytes);
+
+        // Now the source changes and the copy rots again: nothing can restore it.
+        fs::write(&src, vec![9u8; 100_000]).unwrap();
+        flip(&copy_file(&f, "a", &home), 5);
+        scrub(&f.pool, Some("a"), &Quiet).unwrap();
+        let report = run(&f.pool);
+        assert_eq!(report.problems.len(), 1, "{report:?}");
+        assert!(report.problems[0].contains("no healthy copy"), "{report:?}");
+        let info = f.pool.image("a").unwrap();
+        assert_eq!(info.state(), "failed");
+        assert!(info.problem().unwrap().contains("EIO"));
+    }
+
+    #[test]
+    fn a_repair_killed_mid_copy_is_cleaned_up_by_the_next_command() {
+        let f = fixture(2);
+        f.image("a", &content(10_000), 1);
+        let uuid = f.pool.image("a").unwrap().image.uuid;
+        let empty = f
+            .pool
+            .store()
+            .disks()
+            .unwrap()
+            .into_iter()
+            .find(|d| f.serving("a")[0] != d.name)
+            .unwrap();
+        let id = f.pool.image("a").unwrap().image.id;
+        // What a repair leaves when killed after its record and before the commit.
+        f.pool
+            .store()
+            .insert_copy(id, empty.id, CopyState::Copying, 0)
+            .unwrap();
+        let layout = DiskLayout::new(&empty.path);
+        layout.create_dirs().unwrap();
+        fs::write(layout.tmp_copy_path(&uuid), b"partial").unwrap();
+        fs::write(layout.record_path(&uuid), b"{}").unwrap();
+        let reopened = Pool::open(f.pool.state_dir()).unwrap();
+        assert_eq!(reopened.image("a").unwrap().copies.len(), 1);
+        assert!(!layout.tmp_copy_path(&uuid).exists());
+        assert!(!layout.record_path(&uuid).exists());
+        assert!(crate::fsck::check(&reopened, false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_throttle_holds_work_to_its_rate() {
+        let throttle = Throttle::new(10 << 20);
+        let started = Instant::now();
+        for _ in 0..20 {
+            throttle.consume(100 << 10);
+        }
+        // 2 MB at 10 MB/s cannot take less than 0.2 s (the first 100 KiB is free).
+        assert!(started.elapsed() >= Duration::from_millis(180));
+        let unlimited = Throttle::new(0);
+        let started = Instant::now();
+        unlimited.consume(1 << 40);
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }

@@ -118,10 +118,10 @@ fn unknown_images_disks_holders_and_sources_are_named() {
         "{line}"
     );
 
-    // Nothing half done: one image, on one disk, with its record.
+    // Nothing half done: one image, on one disk, with its record and digests.
     let images = pool.json(&["image", "list"]);
     assert_eq!(images.as_array().unwrap().len(), 1);
-    assert_eq!(pool_files(&pool.disks[0]).len(), 2);
+    assert_eq!(pool_files(&pool.disks[0]).len(), 3);
 }
 
 #[test]
@@ -427,7 +427,11 @@ fn concurrent_commands_corrupt_nothing() {
         assert_eq!(image["sha512"], expected.as_str());
     }
     let copies: usize = pool.disks.iter().map(|d| pool_files(d).len()).sum();
-    assert_eq!(copies, (8 * 2 + 1) * 2, "an .img and a .json per copy");
+    assert_eq!(
+        copies,
+        (8 * 2 + 1) * 3,
+        "an .img, a .json and a .digests per copy"
+    );
 }
 
 #[test]
