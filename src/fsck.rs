@@ -395,3 +395,96 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
     }
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::fixture;
+
+    #[test]
+    fn differences_are_found_then_fixed() {
+        let f = fixture(2);
+        f.image("a", &vec![3u8; 70_000], 2);
+        f.image("b", &vec![4u8; 1000], 1);
+        assert!(check(&f.pool, false).unwrap().is_empty());
+        let a = f.pool.image("a").unwrap();
+        let d1 = DiskLayout::new(&f.disks[0]);
+        // A lost record, a damaged digest file, a leftover temporary, a copy nobody lists.
+        fs::remove_file(d1.record_path(&a.image.uuid)).unwrap();
+        fs::write(d1.digests_path(&a.image.uuid), b"junk").unwrap();
+        fs::write(d1.tmp_copy_path("dead-beef"), b"x").unwrap();
+        let b = f.pool.image("b").unwrap();
+        let b_home = &b.copies[0].disk;
+        let other = if b_home == "d1" { 1 } else { 0 };
+        let b_src = b.copies[0].path.clone();
+        let stray = DiskLayout::new(&f.disks[other]).copy_path(&b.image.uuid);
+        fs::copy(&b_src, &stray).unwrap();
+
+        let found = check(&f.pool, false).unwrap();
+        assert_eq!(found.len(), 4, "{found:#?}");
+        assert!(found.iter().any(|x| x.problem.contains("does not list")));
+        // Nothing changed without --repair.
+        assert_eq!(check(&f.pool, false).unwrap().len(), 4);
+
+        check(&f.pool, true).unwrap();
+        crate::repair::repair(
+            &f.pool,
+            &crate::repair::Quiet,
+            &std::sync::atomic::AtomicBool::new(false),
+        )
+        .unwrap();
+        let left = check(&f.pool, false).unwrap();
+        assert!(left.is_empty(), "{left:#?}");
+        assert_eq!(f.pool.image("a").unwrap().healthy_copies(), 2);
+        // The adopted copy of b was verified, then trimmed back to b's policy of one.
+        assert_eq!(f.pool.image("b").unwrap().healthy_copies(), 1);
+    }
+
+    #[test]
+    fn a_lost_store_is_rebuilt_from_the_disks_and_gc_waits_for_the_holders() {
+        let f = fixture(3);
+        let bytes = vec![7u8; 200_000];
+        f.image("a", &bytes, 2);
+        f.image("b", &vec![8u8; 5000], 1);
+        f.pool.add_ref("a", "replica-1").unwrap();
+        let state = f.pool.state_dir().to_path_buf();
+        let before: Vec<_> = f.pool.images().unwrap();
+        for file in ["pool.db", "pool.db-wal", "pool.db-shm"] {
+            let _ = fs::remove_file(state.join(file));
+        }
+        assert!(Pool::open(&state).is_err());
+
+        let found = rebuild(&state, &f.disks).unwrap();
+        assert!(
+            found.iter().any(|l| l.contains("image 'a' with 2 copies")),
+            "{found:?}"
+        );
+        let pool = Pool::open(&state).unwrap();
+        assert_eq!(pool.uuid(), f.pool.uuid());
+        let a = pool.image("a").unwrap();
+        assert_eq!(a.state(), "failed", "unverified copies do not serve yet");
+        crate::repair::repair(
+            &pool,
+            &crate::repair::Quiet,
+            &std::sync::atomic::AtomicBool::new(false),
+        )
+        .unwrap();
+        for old in before {
+            let now = pool.image(&old.image.name).unwrap();
+            assert_eq!(now.image.uuid, old.image.uuid);
+            assert_eq!(now.image.sha512, old.image.sha512);
+            assert_eq!(now.image.copies_wanted, old.image.copies_wanted);
+            assert_eq!(now.state(), "ready");
+        }
+        // The holder was lost with the store: gc must not take the image meanwhile.
+        let held = pool.gc(std::time::Duration::ZERO, false).unwrap_err();
+        assert!(held.to_string().contains("--release-hold"), "{held}");
+        pool.add_ref("a", "replica-1").unwrap();
+        pool.release_gc_hold().unwrap();
+        assert_eq!(
+            pool.gc(std::time::Duration::ZERO, false).unwrap(),
+            vec!["b".to_string()]
+        );
+        assert!(check(&pool, false).unwrap().is_empty());
+    }
+}

@@ -233,3 +233,73 @@ pub fn watch(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::fixture;
+
+    #[test]
+    fn a_disk_that_fails_its_probe_is_failed_and_returns_when_it_passes() {
+        let f = fixture(2);
+        f.image("a", &[1u8; 5000], 2);
+        let label = DiskLayout::new(&f.disks[0]).label_path();
+        let mut monitor = Monitor::new(Pool::open(f.pool.state_dir()).unwrap());
+        assert!(
+            !monitor.probe_all().unwrap(),
+            "healthy disks change nothing"
+        );
+
+        // The filesystem goes away from under the disk's path.
+        fs::rename(&label, label.with_extension("away")).unwrap();
+        assert!(monitor.probe_all().unwrap());
+        let d1 = f.pool.store().disk_by_name("d1").unwrap();
+        assert_eq!(d1.state, DiskState::Failed);
+        assert_eq!(d1.failed_by, Some(FailedBy::Probe));
+        assert_eq!(f.serving("a"), vec!["d2".to_string()]);
+
+        fs::rename(label.with_extension("away"), &label).unwrap();
+        assert!(monitor.probe_all().unwrap());
+        assert_eq!(
+            f.pool.store().disk_by_name("d1").unwrap().state,
+            DiskState::Healthy
+        );
+        let info = f.pool.image("a").unwrap();
+        assert_eq!(info.copies[0].state, crate::store::CopyState::Unverified);
+
+        // A disk the operator failed stays failed whatever its probes say.
+        f.pool.fail_disk("d2", Some("replacing it")).unwrap();
+        assert!(!monitor.probe_all().unwrap());
+        assert_eq!(
+            f.pool.store().disk_by_name("d2").unwrap().state,
+            DiskState::Failed
+        );
+    }
+
+    #[test]
+    fn a_read_fault_on_a_healthy_disk_fails_the_copy_only() {
+        let f = fixture(2);
+        f.image("a", &[1u8; 5000], 2);
+        let info = f.pool.image("a").unwrap();
+        let d1 = f.pool.store().disk_by_name("d1").unwrap();
+        let mut monitor = Monitor::new(Pool::open(f.pool.state_dir()).unwrap());
+        monitor
+            .handle_fault(&CopyFault {
+                image_id: info.image.id,
+                disk_id: d1.id,
+                disk: "d1".into(),
+                path: info.copies[0].path.clone(),
+                kind: crate::read::FaultKind::Corrupt { chunk: 0 },
+            })
+            .unwrap();
+        assert_eq!(
+            f.pool.store().disk_by_name("d1").unwrap().state,
+            DiskState::Healthy
+        );
+        let info = f.pool.image("a").unwrap();
+        let d1_copy = info.copies.iter().find(|c| c.disk == "d1").unwrap();
+        assert_eq!(d1_copy.state, crate::store::CopyState::Failed);
+        assert!(d1_copy.reason.as_deref().unwrap().contains("digest"));
+        assert_eq!(info.state(), "degraded");
+    }
+}

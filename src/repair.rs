@@ -559,8 +559,8 @@ fn describe_copy_error(image: &ImageRow, target: &DiskRow, e: Error) -> Error {
 }
 
 /// Reads a whole copy and checks it against the image's SHA-512 and chunk digests. `Ok(Err)`
-/// is a bad copy (with the reason); `Err` is a problem of the pool itself. A damaged digest file
-/// next to good data is rewritten.
+/// is a bad copy (with the reason); `Err` is a problem of the pool itself. A damaged or missing
+/// digest file or record next to good data is rewritten.
 pub fn verify_copy(
     pool: &Pool,
     image: &ImageRow,
@@ -620,6 +620,10 @@ pub fn verify_copy(
             disk.name
         );
         layout.write_digests(&image.uuid, &outcome.chunks)?;
+    }
+    let record = pool.record_of(image);
+    if layout.read_record(&image.uuid).ok().as_ref() != Some(&record) {
+        layout.write_record(&record)?;
     }
     Ok(Ok(()))
 }
