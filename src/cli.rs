@@ -595,6 +595,15 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
     if let Some(hold) = pool.gc_hold()? {
         problems.push(format!("gc: {hold}"));
     }
+    let copying: Vec<String> = images
+        .iter()
+        .flat_map(|i| {
+            i.copies
+                .iter()
+                .filter(|c| c.state == CopyState::Copying)
+                .map(move |c| format!("copying '{}' to '{}'", i.image.name, c.disk))
+        })
+        .collect();
     let health = if problems.is_empty() {
         "ok"
     } else {
@@ -613,6 +622,7 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
             "state_dir": pool.state_dir(),
             "health": health,
             "problems": problems,
+            "repairing": copying,
             "disks": { "total": disks.len(), "healthy": healthy_disks,
                        "list": disks.iter().map(disk_json).collect::<Vec<_>>() },
             "images": { "total": images.len(), "logical_bytes": logical, "stored_bytes": stored,
@@ -627,6 +637,9 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
         println!("health:  {health}");
         for p in &problems {
             println!("  {p}");
+        }
+        for c in &copying {
+            println!("repair:  {c}");
         }
         println!(
             "disks:   {} registered, {healthy_disks} healthy",
@@ -936,6 +949,10 @@ fn print_mount_stats(stats: &MountStats) {
         } else {
             disks.join(", ")
         }
+    );
+    println!(
+        "  faults:  {} read error(s), {} corrupt chunk(s), {} chunk(s) served from another copy",
+        read.copy_read_errors, read.corrupt_chunks, read.failovers
     );
 }
 
