@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -56,10 +56,23 @@ pub enum Node {
     Root,
     ImagesDir,
     DisksDir,
-    DiskDir { disk: i64 },
-    ImageDir { disk: i64, image: i64 },
-    Backing { image: i64 },
-    Config { image: i64 },
+    DiskDir {
+        disk: i64,
+    },
+    ImageDir {
+        disk: i64,
+        image: i64,
+    },
+    /// `copy`: in passthrough mode, the disk id of the copy the kernel reads (each change of
+    /// serving copy is a new inode, because the kernel binds one backing file to an inode);
+    /// 0 in cached mode.
+    Backing {
+        image: i64,
+        copy: i64,
+    },
+    Config {
+        image: i64,
+    },
 }
 
 impl Node {
@@ -73,7 +86,7 @@ impl Node {
             Node::DisksDir => DISKS_DIR_INO,
             Node::DiskDir { disk } => id(KIND_DISK_DIR, disk, 0),
             Node::ImageDir { disk, image } => id(KIND_IMAGE_DIR, disk, image),
-            Node::Backing { image } => id(KIND_BACKING, 0, image),
+            Node::Backing { image, copy } => id(KIND_BACKING, copy, image),
             Node::Config { image } => id(KIND_CONFIG, 0, image),
         }
     }
@@ -87,7 +100,7 @@ impl Node {
             (0, DISKS_DIR_INO) => Node::DisksDir,
             (KIND_DISK_DIR, _) => Node::DiskDir { disk },
             (KIND_IMAGE_DIR, _) => Node::ImageDir { disk, image },
-            (KIND_BACKING, _) => Node::Backing { image },
+            (KIND_BACKING, _) => Node::Backing { image, copy: disk },
             (KIND_CONFIG, _) => Node::Config { image },
             _ => return None,
         })
@@ -147,6 +160,8 @@ pub struct Image {
     pub chunk_size: u64,
     pub digests_hash: String,
     pub copies: Vec<CopyLocation>,
+    /// The disk of the first serving copy (0: none).
+    pub serving_disk: i64,
     /// `<name>-<uuid>`: the directory Longhorn expects in each disk's view.
     pub dir_name: String,
     pub config: Vec<u8>,
@@ -199,6 +214,8 @@ pub struct PoolFs {
     next_handle: AtomicU64,
     reader: ReadPath,
     mounted_at: SystemTime,
+    /// Passthrough mode: an image's inode changes with its serving copy (see `Node::Backing`).
+    inode_per_copy: AtomicBool,
 }
 
 fn longhorn_config(image: &Image) -> Vec<u8> {
@@ -230,6 +247,7 @@ impl PoolFs {
             next_handle: AtomicU64::new(1),
             reader,
             mounted_at: SystemTime::now(),
+            inode_per_copy: AtomicBool::new(false),
         };
         fs.refresh()?;
         Ok(fs)
@@ -241,6 +259,26 @@ impl PoolFs {
 
     pub fn mount_id(&self) -> i64 {
         self.mount_id
+    }
+
+    /// Called once the kernel agreed to passthrough: from then on an image's inode names its
+    /// serving copy, so that new opens after a failover get a new inode with a healthy backing
+    /// file while files open on the old copy keep the old inode.
+    pub fn use_inode_per_copy(&self) {
+        self.inode_per_copy.store(true, Ordering::Relaxed);
+    }
+
+    /// The inode an image's `backing` file has now.
+    fn backing_node(&self, image: &Image) -> Node {
+        let copy = if self.inode_per_copy.load(Ordering::Relaxed) {
+            image.serving_disk
+        } else {
+            0
+        };
+        Node::Backing {
+            image: image.id,
+            copy,
+        }
     }
 
     /// Names and paths of the registered disks that are present and carry their label: the
@@ -285,6 +323,31 @@ impl PoolFs {
                 }
             }
         }
+        if self.inode_per_copy.load(Ordering::Relaxed) {
+            for image in previous.images.values() {
+                let moved = next
+                    .by_id
+                    .get(&image.id)
+                    .is_some_and(|n| n.serving_disk != image.serving_disk);
+                if moved {
+                    // The names now lead to a new inode: the kernel must look them up again.
+                    gone.push(Gone {
+                        parent: IMAGES_DIR_INO,
+                        name: image.name.clone().into(),
+                    });
+                    for disk in previous.disks.values() {
+                        gone.push(Gone {
+                            parent: Node::ImageDir {
+                                disk: disk.id,
+                                image: image.id,
+                            }
+                            .ino(),
+                            name: BACKING.into(),
+                        });
+                    }
+                }
+            }
+        }
         for (name, disk) in &previous.disks {
             if next.disks.get(name).map(|d| d.id) != Some(disk.id) {
                 gone.push(Gone {
@@ -315,7 +378,7 @@ impl PoolFs {
             if row.state != ImageState::Ready {
                 continue;
             }
-            let copies = copies
+            let copies: Vec<CopyLocation> = copies
                 .iter()
                 .filter(|c| c.image_id == row.id)
                 .map(|c| {
@@ -340,6 +403,7 @@ impl PoolFs {
                 created: UNIX_EPOCH + Duration::from_secs(row.created.max(0) as u64),
                 chunk_size: row.chunk_size,
                 digests_hash: row.digests_hash,
+                serving_disk: copies.iter().find(|c| c.serving).map_or(0, |c| c.disk_id),
                 copies,
                 config: Vec::new(),
             };
@@ -383,7 +447,7 @@ impl PoolFs {
                 image(i)?;
                 self.dir_attr(node, 0)
             }
-            Node::Backing { image: i } => {
+            Node::Backing { image: i, .. } => {
                 let image = image(i)?;
                 Attr {
                     ino: node.ino(),
@@ -425,9 +489,7 @@ impl PoolFs {
                 DISKS_DIR => Node::DisksDir,
                 _ => return Err(libc::ENOENT),
             },
-            Node::ImagesDir => Node::Backing {
-                image: catalog.images.get(name).ok_or(libc::ENOENT)?.id,
-            },
+            Node::ImagesDir => self.backing_node(catalog.images.get(name).ok_or(libc::ENOENT)?),
             Node::DisksDir => Node::DiskDir {
                 disk: catalog.disks.get(name).ok_or(libc::ENOENT)?.id,
             },
@@ -449,7 +511,7 @@ impl PoolFs {
                 }
             }
             Node::ImageDir { image, .. } => match name {
-                BACKING => Node::Backing { image },
+                BACKING => self.backing_node(&catalog.by_id[&image]),
                 BACKING_CFG => Node::Config { image },
                 _ => return Err(libc::ENOENT),
             },
@@ -486,7 +548,7 @@ impl PoolFs {
                 catalog
                     .images
                     .values()
-                    .map(|i| file(Node::Backing { image: i.id }, &i.name))
+                    .map(|i| file(self.backing_node(i), &i.name))
                     .collect(),
             ),
             Node::DisksDir => (
@@ -508,7 +570,7 @@ impl PoolFs {
             Node::ImageDir { disk, image } => (
                 Node::DiskDir { disk },
                 vec![
-                    file(Node::Backing { image }, BACKING),
+                    file(self.backing_node(&catalog.by_id[&image]), BACKING),
                     file(Node::Config { image }, BACKING_CFG),
                 ],
             ),
@@ -542,8 +604,19 @@ impl PoolFs {
             return Err(libc::EISDIR);
         }
         let handle = match node {
-            Node::Backing { image } => {
+            Node::Backing { image, copy } => {
                 let image = catalog.by_id[&image].clone();
+                if self.backing_node(&image).ino()
+                    != (Node::Backing {
+                        image: image.id,
+                        copy,
+                    })
+                    .ino()
+                {
+                    // An inode of a copy that no longer serves: the kernel looks the name up
+                    // again (it retries an open that gets ESTALE) and finds the current one.
+                    return Err(libc::ESTALE);
+                }
                 self.reader
                     .ensure_open(image.as_ref_for_read())
                     .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
@@ -651,7 +724,7 @@ impl PoolFs {
         let node = Node::from_ino(ino).ok_or(libc::ENOENT)?;
         self.attr_of(&catalog, node)?;
         Ok(match node {
-            Node::Backing { image } | Node::ImageDir { image, .. } => {
+            Node::Backing { image, .. } | Node::ImageDir { image, .. } => {
                 let image = &catalog.by_id[&image];
                 vec![
                     (XATTR_SHA512, image.sha512.clone().into_bytes()),
@@ -716,9 +789,13 @@ mod tests {
             Node::DiskDir { disk: 3 },
             Node::ImageDir { disk: 3, image: 9 },
             Node::ImageDir { disk: 4, image: 9 },
-            Node::Backing { image: 9 },
+            Node::Backing { image: 9, copy: 0 },
+            Node::Backing { image: 9, copy: 3 },
             Node::Config { image: 9 },
-            Node::Backing { image: 0xFFFF_FFFF },
+            Node::Backing {
+                image: 0xFFFF_FFFF,
+                copy: 0xFF_FFFF,
+            },
         ];
         let mut inos: Vec<u64> = nodes.iter().map(|n| n.ino()).collect();
         for (node, ino) in nodes.iter().zip(&inos) {

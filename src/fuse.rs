@@ -49,9 +49,10 @@ struct Backing {
 /// How one open file of an image is served in passthrough mode.
 enum PassthroughOpen {
     Kernel(Arc<BackingId>),
-    /// The inode's open files read a copy that no longer serves, and the kernel takes no
-    /// second backing file for the inode: this file is served by the daemon, which fails over.
-    Daemon,
+    /// The inode's backing is a copy that stopped serving between the open's check and now:
+    /// the kernel takes no second backing file for an inode, so the open is refused with
+    /// ESTALE and the kernel looks the name up again (a new inode, see `Node::Backing`).
+    Stale,
     /// The kernel refused a backing file: served cached.
     Cached,
 }
@@ -97,7 +98,7 @@ impl FuseAdapter {
             .and_then(|(copy, id)| Some((copy.clone(), id.upgrade()?)));
         let id = match live {
             Some((copy, id)) if copy == path => id,
-            Some(_) => return PassthroughOpen::Daemon,
+            Some(_) => return PassthroughOpen::Stale,
             None if self.backing_refused.load(Ordering::Relaxed) => return PassthroughOpen::Cached,
             None => match reply.open_backing(file) {
                 Ok(id) => {
@@ -124,8 +125,10 @@ impl FuseAdapter {
             PassthroughOpen::Kernel(id) => {
                 reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id)
             }
-            // No page cache: the inode is in passthrough mode, which excludes cached opens.
-            PassthroughOpen::Daemon => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
+            PassthroughOpen::Stale => {
+                self.fs.release(fh);
+                reply.error(Errno::from_i32(libc::ESTALE))
+            }
             PassthroughOpen::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
@@ -191,7 +194,10 @@ impl Filesystem for FuseAdapter {
         }
         if self.requested == IoMode::Passthrough {
             match enable_passthrough(config) {
-                Ok(()) => self.passthrough.store(true, Ordering::Relaxed),
+                Ok(()) => {
+                    self.passthrough.store(true, Ordering::Relaxed);
+                    self.fs.use_inode_per_copy();
+                }
                 Err(why) => tracing::warn!("{why}: serving reads in cached mode"),
             }
         }

@@ -369,11 +369,11 @@ fn load_chunk(
     buf: &mut [u8],
     faults: &Faults,
 ) -> io::Result<usize> {
-    let mut failed_over = false;
     for copy in open.candidates() {
         match copy.read_chunks(open.size, index, &mut [&mut *buf]) {
             Ok(lens) if open.digests.matches(index, &buf[..lens[0]]) => {
-                if failed_over {
+                // Not the preferred copy: it failed this chunk just now, or an earlier one.
+                if !Arc::ptr_eq(copy, &open.copies[0]) {
                     faults.failovers.fetch_add(1, Ordering::Relaxed);
                 }
                 return Ok(lens[0]);
@@ -381,7 +381,6 @@ fn load_chunk(
             Ok(_) => faults.report(image_id, copy, FaultKind::Corrupt { chunk: index }),
             Err(e) => faults.report(image_id, copy, FaultKind::Io(errno_of(&e))),
         }
-        failed_over = true;
     }
     Err(io::Error::from_raw_os_error(libc::EIO))
 }
@@ -895,7 +894,10 @@ mod tests {
         let stats = reader.stats();
         assert_eq!(stats.corrupt_chunks, 1);
         assert_eq!(stats.copy_read_errors, 1);
-        assert_eq!(stats.failovers, 1);
+        assert_eq!(
+            stats.failovers, 2,
+            "chunk 2 and chunk 3 came from the third copy"
+        );
         // Chunks 0 and 1 came from the first copy; chunk 2 from the third after the others
         // failed it; chunk 3 from the third, the only one still trusted.
         let chunk = CHUNK_SIZE as u64;
