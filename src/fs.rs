@@ -511,7 +511,7 @@ impl PoolFs {
                 }
             }
             Node::ImageDir { image, .. } => match name {
-                BACKING => self.backing_node(&catalog.by_id[&image]),
+                BACKING => self.backing_node(catalog.by_id.get(&image).ok_or(libc::ENOENT)?),
                 BACKING_CFG => Node::Config { image },
                 _ => return Err(libc::ENOENT),
             },
@@ -570,7 +570,10 @@ impl PoolFs {
             Node::ImageDir { disk, image } => (
                 Node::DiskDir { disk },
                 vec![
-                    file(self.backing_node(&catalog.by_id[&image]), BACKING),
+                    file(
+                        self.backing_node(catalog.by_id.get(&image).ok_or(libc::ENOENT)?),
+                        BACKING,
+                    ),
                     file(Node::Config { image }, BACKING_CFG),
                 ],
             ),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::disk::{CopyRecord, DiskLayout, Label};
 use crate::error::{Error, Result};
 use crate::owner::WorkLock;
-use crate::pool::{self, DiskHealth, Pool};
+use crate::pool::{self, DiskHealth, Pool, GC_HOLD};
 use crate::store::{CopyState, ImageRow, ImageState, Store, DB_FILE};
 
 /// One difference between the store and the disks.
@@ -36,9 +36,11 @@ enum Fix<'a> {
 /// pool was opened, so what dead processes left was cleaned up already.
 pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
     let store = pool.store();
-    // Leftover files are judged only while nothing writes copies.
-    let quiet = WorkLock::try_acquire(&pool.repair_lock_path())?;
+    // Leftover files are judged only while nothing writes copies: no repair (its lock) and no
+    // import (an `importing` row exists before its first file).
+    let repair_lock = WorkLock::try_acquire(&pool.repair_lock_path())?;
     let images = store.images()?;
+    let quiet = repair_lock.is_some() && !images.iter().any(|i| i.state == ImageState::Importing);
     let copies = store.all_copies()?;
     let mut findings = Vec::new();
     let mut record = |problem: String, fix: Fix| -> Result<()> {
@@ -127,7 +129,7 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
                 )?,
                 Some(_) => {}
                 None => match layout.read_record(&uuid) {
-                    Ok(found) if found.pool_uuid == pool.uuid() => record(
+                    Ok(found) if found.pool_uuid == pool.uuid() && found.chunk_size > 0 => record(
                         format!(
                             "disk '{}' holds a copy of an image the store does not know ('{}', {uuid})",
                             disk.name, found.name
@@ -144,7 +146,7 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
                 },
             }
         }
-        if quiet.is_some() {
+        if quiet {
             for name in layout.copies_dir_files()? {
                 let leftover = name.ends_with(".tmp")
                     || ((name.ends_with(".json") || name.ends_with(".digests"))
@@ -338,6 +340,14 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
     let store = Store::open(state_dir)?;
     let now = pool::now();
     store.create_pool(&pool_uuid, now)?;
+    // Held first: a rebuild cut short must not leave a store whose gc sees no holders.
+    store.set_setting(
+        GC_HOLD,
+        Some(&format!(
+            "the store was rebuilt from the disks at {}; holders are unknown until registered again",
+            crate::cli::timestamp(now)
+        )),
+    )?;
     let mut done = Vec::new();
     let mut images: BTreeMap<String, (CopyRecord, PathBuf, Vec<i64>)> = BTreeMap::new();
     for (path, label) in &disks {
@@ -352,7 +362,7 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
                 ));
                 continue;
             };
-            if record.pool_uuid != pool_uuid {
+            if record.pool_uuid != pool_uuid || record.chunk_size == 0 || record.size == 0 {
                 continue;
             }
             let entry = images
@@ -383,10 +393,6 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
         ));
     }
     let pool = Pool::open(state_dir)?;
-    pool.hold_gc(&format!(
-        "the store was rebuilt from the disks at {}; holders are unknown until registered again",
-        crate::cli::timestamp(now)
-    ))?;
     // Disks found are registered healthy only if their label checks out now.
     for disk in pool.store().disks()? {
         if pool.disk_health(&disk) != DiskHealth::Healthy {

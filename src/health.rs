@@ -17,7 +17,7 @@ use crate::disk::DiskLayout;
 use crate::error::Result;
 use crate::pool::{self, Pool};
 use crate::read::CopyFault;
-use crate::store::{DiskRow, DiskState, FailedBy};
+use crate::store::{DiskRow, DiskState, FailOutcome, FailedBy};
 
 /// A probe that has not finished by then counts as failed: a hung disk must not look healthy.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -138,18 +138,24 @@ impl Monitor {
         };
         self.probe_disk(&disk)?;
         let disk = self.pool.store().disk_by_name(&disk.name)?;
-        if disk.state != DiskState::Failed
-            && self.pool.store().fail_copy(
-                fault.image_id,
-                disk.id,
-                &fault.to_string(),
-                pool::now(),
-            )?
+        if disk.state == DiskState::Failed {
+            return Ok(());
+        }
+        let reason = fault.to_string();
+        match self
+            .pool
+            .store()
+            .fail_copy(fault.image_id, disk.id, &reason, pool::now())?
         {
-            tracing::warn!(
-                "copy on disk '{}' failed ({fault}); the repair replaces it",
+            FailOutcome::Failed => tracing::warn!(
+                "copy on disk '{}' failed ({reason}); the repair replaces it",
                 disk.name
-            );
+            ),
+            FailOutcome::KeptDamaged => tracing::error!(
+                "copy on disk '{}' is damaged ({reason}) and is the image's last good copy: it keeps serving its good chunks",
+                disk.name
+            ),
+            FailOutcome::Unchanged => {}
         }
         Ok(())
     }
@@ -163,26 +169,39 @@ pub fn apply_probe(
     result: std::result::Result<(), String>,
 ) -> Result<bool> {
     let now = pool::now();
+    // Applied only if nobody changed the disk since it was read (an operator's `disk fail`).
+    let expected = Some((disk.state, disk.failed_by));
     match (result, disk.state) {
         (Err(why), DiskState::Healthy | DiskState::Evicting) => {
-            tracing::error!("disk '{}' failed its probe: {why}", disk.name);
-            pool.store().set_disk_state(
+            let changed = pool.store().set_disk_state_if(
                 disk.id,
+                expected,
                 DiskState::Failed,
                 Some(FailedBy::Probe),
                 Some(&why),
                 now,
             )?;
-            Ok(true)
+            if changed {
+                tracing::error!("disk '{}' failed its probe: {why}", disk.name);
+            }
+            Ok(changed)
         }
         (Ok(()), DiskState::Failed) if disk.failed_by == Some(FailedBy::Probe) => {
-            tracing::warn!(
-                "disk '{}' passes its probes again; its copies are verified before they serve",
-                disk.name
-            );
-            pool.store()
-                .set_disk_state(disk.id, DiskState::Healthy, None, None, now)?;
-            Ok(true)
+            let changed = pool.store().set_disk_state_if(
+                disk.id,
+                expected,
+                DiskState::Healthy,
+                None,
+                None,
+                now,
+            )?;
+            if changed {
+                tracing::warn!(
+                    "disk '{}' passes its probes again; its copies are verified before they serve",
+                    disk.name
+                );
+            }
+            Ok(changed)
         }
         _ => Ok(false),
     }

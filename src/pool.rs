@@ -183,7 +183,7 @@ pub struct Pool {
 }
 
 /// The setting that holds gc, and why.
-const GC_HOLD: &str = "gc-hold";
+pub const GC_HOLD: &str = "gc-hold";
 
 fn import_token(uuid: &str) -> String {
     format!("import-{uuid}")
@@ -406,6 +406,8 @@ impl Pool {
     /// `disk rm`: forgets a disk, deleting the copies it still holds when it is reachable.
     /// Refused while any of those copies is the last good one of its image.
     pub fn remove_disk(&self, name: &str) -> Result<()> {
+        // No repair may copy to or from the disk meanwhile.
+        let _repair = WorkLock::acquire(&self.repair_lock_path())?;
         let disk = self.store.disk_by_name(name)?;
         let copies = self.store.all_copies()?;
         let images = self.store.images()?;
@@ -440,6 +442,9 @@ impl Pool {
         let reachable = self.disk_health(&disk) == DiskHealth::Healthy;
         for copy in copies.iter().filter(|c| c.disk.id == disk.id) {
             if let Some(image) = images.iter().find(|i| i.id == copy.image_id) {
+                // Marked first: a removal cut short is finished by the next command.
+                self.store
+                    .set_copy_state(image.id, disk.id, CopyState::Removing, None, now())?;
                 if reachable {
                     layout.remove_copy(&image.uuid)?;
                 }
@@ -791,10 +796,6 @@ impl Pool {
         self.store.setting(GC_HOLD)
     }
 
-    pub fn hold_gc(&self, why: &str) -> Result<()> {
-        self.store.set_setting(GC_HOLD, Some(why))
-    }
-
     pub fn release_gc_hold(&self) -> Result<()> {
         self.store.set_setting(GC_HOLD, None)
     }
@@ -869,6 +870,13 @@ impl Pool {
         let Some(_repair) = WorkLock::try_acquire(&self.repair_lock_path())? else {
             return Ok(());
         };
+        self.clean_abandoned_copies()
+    }
+
+    /// Deletes copies left `copying` or `removing` (with their files). Only for the holder of
+    /// the repair lock, or with it free: then no process is writing them.
+    pub fn clean_abandoned_copies(&self) -> Result<()> {
+        let copies = self.store.all_copies()?;
         let images = self.store.images()?;
         for copy in copies {
             if !matches!(copy.state, CopyState::Removing | CopyState::Copying) {
@@ -965,7 +973,8 @@ pub fn copy_info(image: &ImageRow, copy: CopyRow, disks: &[(DiskRow, bool)]) -> 
         state: copy.state,
         reason: copy.reason.clone(),
         serving,
-        counts: serving && disk.state == DiskState::Healthy,
+        // A damaged copy (the last good one, kept serving) does not count toward the policy.
+        counts: serving && disk.state == DiskState::Healthy && copy.reason.is_none(),
         disk: disk.name.clone(),
     }
 }

@@ -337,6 +337,20 @@ struct Faults {
 }
 
 impl Faults {
+    fn report_location(&self, image_id: i64, location: &CopyLocation, kind: FaultKind) {
+        let fault = CopyFault {
+            image_id,
+            disk_id: location.disk_id,
+            disk: location.disk.clone(),
+            path: location.path.clone(),
+            kind,
+        };
+        tracing::warn!("{fault}; reading other copies");
+        if let Some(sink) = &*self.sink.lock() {
+            let _ = sink.send(fault);
+        }
+    }
+
     fn report(&self, image_id: i64, copy: &OpenCopy, kind: FaultKind) {
         match kind {
             FaultKind::Io(_) => &self.copy_read_errors,
@@ -346,17 +360,7 @@ impl Faults {
         if copy.suspect.swap(true, Ordering::Relaxed) {
             return; // already reported
         }
-        let fault = CopyFault {
-            image_id,
-            disk_id: copy.location.disk_id,
-            disk: copy.location.disk.clone(),
-            path: copy.path.clone(),
-            kind,
-        };
-        tracing::warn!("{fault}; reading other copies");
-        if let Some(sink) = &*self.sink.lock() {
-            let _ = sink.send(fault);
-        }
+        self.report_location(image_id, &copy.location, kind);
     }
 }
 
@@ -630,7 +634,10 @@ impl ReadPath {
             match OpenCopy::open(location, counter) {
                 Ok(copy) => copies.push(Arc::new(copy)),
                 Err(e) => {
-                    tracing::warn!("cannot open copy {}: {e}", location.path.display());
+                    // A copy that does not open is a fault like a failed read: its disk is
+                    // probed. Reported on each attempt, which is at most once per refresh.
+                    self.faults
+                        .report_location(image.id, location, FaultKind::Io(errno_of(&e)));
                     last_error = e;
                 }
             }

@@ -24,7 +24,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::health;
 use crate::pool::{self, copy_info, CopyInfo, Pool};
 use crate::sparse;
-use crate::store::{CopyState, DiskRow, DiskState, ImageRow, ImageState};
+use crate::store::{CopyState, DiskRow, DiskState, FailOutcome, ImageRow, ImageState};
 
 /// Progress of long work (copies, verifications), for a progress bar or nothing.
 pub trait Reporter: Sync {
@@ -92,10 +92,14 @@ enum Action {
         image: ImageRow,
         disk: DiskRow,
     },
+    /// Deleted only if `keep` good copies remain without it (evicting disks' copies counting
+    /// with `count_evicting`), checked when it runs.
     Remove {
         image: ImageRow,
         disk: DiskRow,
         why: &'static str,
+        keep: u32,
+        count_evicting: bool,
     },
     Create {
         image: ImageRow,
@@ -114,6 +118,8 @@ enum Source {
 /// Runs repair rounds until nothing is left to do or nothing more can be done. The caller holds
 /// the repair lock. `stop` interrupts a copy in progress (it is undone).
 pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result<Report> {
+    // Whatever a dead repairer left is ours to clean: we hold the lock.
+    pool.clean_abandoned_copies()?;
     let settings = pool.settings()?;
     let throttle = Throttle::new(settings.repair_bandwidth);
     let mut report = Report::default();
@@ -247,6 +253,8 @@ fn plan(
                         image: image.clone(),
                         disk: disk.clone(),
                         why: "failed",
+                        keep: 1,
+                        count_evicting: true,
                     })
                 }
                 _ => {}
@@ -258,24 +266,30 @@ fn plan(
             let missing = wanted - counting - copying;
             let mut exclude: Vec<i64> = rows.iter().map(|c| c.disk.id).collect();
             exclude.extend(refused.get(&image.id).into_iter().flatten());
-            let source = match serving.first() {
-                Some(disk) => Some(Source::Copy((*disk).clone())),
-                None if to_verify > 0 => None, // a copy being verified may serve as the source
+            // A damaged copy (the last good one, kept serving) is no source: its bad chunks
+            // would fail the copy's checksum.
+            let undamaged = infos
+                .iter()
+                .find(|(_, i)| i.serving && i.reason.is_none())
+                .map(|(d, _)| d);
+            let source = match undamaged {
+                Some(disk) => Some(Source::Copy(disk.clone())),
+                None if to_verify > 0 && serving.is_empty() => None, // may serve once verified
                 None if changed_sources.contains(&image.id) => {
-                    problem = Some(format!(
-                        "no healthy copy of '{}' is left and its source {} no longer has its checksum: its reads return EIO; bring back a disk that held a copy (it is verified first) or import the image again",
-                        image.name,
-                        image.source.as_deref().unwrap_or("?")
+                    problem = Some(no_good_copy(
+                        &image,
+                        !serving.is_empty(),
+                        &format!(
+                            "its source {} no longer has its checksum",
+                            image.source.as_deref().unwrap_or("?")
+                        ),
                     ));
                     None
                 }
                 None => match source_file(&image) {
                     Ok(path) => Some(Source::File(path)),
                     Err(why) => {
-                        problem = Some(format!(
-                            "no healthy copy of '{}' is left and {why}: its reads return EIO; bring back a disk that held a copy (it is verified first) or import the image again",
-                            image.name
-                        ));
+                        problem = Some(no_good_copy(&image, !serving.is_empty(), &why));
                         None
                     }
                 },
@@ -310,10 +324,17 @@ fn plan(
             let mut surplus = counting - wanted;
             for (disk, info) in &infos {
                 if info.serving && !info.counts && copying == 0 {
+                    let why = if info.reason.is_some() {
+                        "damaged, and replaced"
+                    } else {
+                        "evicted"
+                    };
                     actions.push(Action::Remove {
                         image: image.clone(),
                         disk: disk.clone(),
-                        why: "evicted",
+                        why,
+                        keep: wanted,
+                        count_evicting: false,
                     });
                 }
             }
@@ -337,6 +358,8 @@ fn plan(
                     image: image.clone(),
                     disk: disk.clone(),
                     why: "above the copy policy",
+                    keep: wanted,
+                    count_evicting: false,
                 });
             }
         }
@@ -346,6 +369,21 @@ fn plan(
         problems.extend(problem);
     }
     Ok((actions, problems))
+}
+
+/// What to tell the operator about an image with no good copy to copy from: none at all (its
+/// reads fail), or only a damaged one (the chunks that do not match fail).
+fn no_good_copy(image: &ImageRow, damaged_serves: bool, why: &str) -> String {
+    let name = &image.name;
+    if damaged_serves {
+        format!(
+            "the only copy of '{name}' is damaged and {why}: its damaged chunks return EIO, the others are served; `imgpool scrub {name}` checks it again, or import the image again"
+        )
+    } else {
+        format!(
+            "no healthy copy of '{name}' is left and {why}: its reads return EIO; bring back a disk that held a copy (it is verified first) or import the image again"
+        )
+    }
 }
 
 /// The image's source file, if it still exists (its content is checked while copying).
@@ -386,17 +424,40 @@ fn run_action(
                     ))
                 }
                 Err(why) => {
-                    pool.store()
-                        .fail_copy(image.id, disk.id, &why, pool::now())?;
+                    let kept = pool
+                        .store()
+                        .fail_copy(image.id, disk.id, &why, pool::now())?
+                        == FailOutcome::KeptDamaged;
+                    let fate = if kept {
+                        "it is the last good copy and keeps serving its good chunks"
+                    } else {
+                        "it is replaced"
+                    };
                     Ok(format!(
-                        "the copy of '{}' on '{}' is bad ({why}); it is replaced",
+                        "the copy of '{}' on '{}' is bad ({why}); {fate}",
                         image.name, disk.name
                     ))
                 }
             }
         }
-        Action::Remove { image, disk, why } => {
-            remove_copy(pool, image, disk)?;
+        Action::Remove {
+            image,
+            disk,
+            why,
+            keep,
+            count_evicting,
+        } => {
+            if !pool
+                .store()
+                .begin_remove_copy(image.id, disk.id, *keep, *count_evicting)?
+            {
+                return Ok(format!(
+                    "kept the copy of '{}' on '{}': fewer good copies than planned remain without it",
+                    image.name, disk.name
+                ));
+            }
+            DiskLayout::new(&disk.path).remove_copy(&image.uuid)?;
+            pool.store().delete_copy(image.id, disk.id)?;
             Ok(format!(
                 "removed the copy of '{}' on '{}' ({why})",
                 image.name, disk.name
@@ -428,14 +489,6 @@ fn run_action(
             ))
         }
     }
-}
-
-/// Deletes a copy: marked first, so that a removal cut short is finished by the next command.
-fn remove_copy(pool: &Pool, image: &ImageRow, disk: &DiskRow) -> Result<()> {
-    let store = pool.store();
-    store.set_copy_state(image.id, disk.id, CopyState::Removing, None, pool::now())?;
-    DiskLayout::new(&disk.path).remove_copy(&image.uuid)?;
-    store.delete_copy(image.id, disk.id)
 }
 
 /// Writes a new copy of `image` on `target`. The row exists (as `copying`, never served) from
@@ -501,7 +554,11 @@ fn create_copy(
             store.set_copy_state(image.id, target.id, CopyState::Ready, None, pool::now())
         }
         Err(e) => {
-            DiskLayout::new(&target.path).remove_copy(&image.uuid)?;
+            // The row goes even if the files cannot (a dying target): a `copying` row would
+            // count as a copy on its way; fsck reports the files.
+            if let Err(cleanup) = DiskLayout::new(&target.path).remove_copy(&image.uuid) {
+                tracing::warn!("{cleanup}");
+            }
             store.delete_copy(image.id, target.id)?;
             if let Source::Copy(disk) = source {
                 blame_source(pool, image, disk, &e)?;
@@ -661,7 +718,8 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
             }
             match verify_copy(pool, &image, &copy.disk, &throttle, reporter)? {
                 Ok(()) => {
-                    if copy.state == CopyState::Unverified {
+                    // A good verdict also clears an earlier damage note.
+                    if copy.state == CopyState::Unverified || copy.reason.is_some() {
                         pool.store().set_copy_state(
                             image.id,
                             copy.disk.id,
@@ -673,9 +731,16 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
                     report.verified.push(label);
                 }
                 Err(why) => {
-                    pool.store()
-                        .fail_copy(image.id, copy.disk.id, &why, pool::now())?;
-                    report.bad.push(format!("{label}: {why}"));
+                    let kept = pool
+                        .store()
+                        .fail_copy(image.id, copy.disk.id, &why, pool::now())?
+                        == FailOutcome::KeptDamaged;
+                    let note = if kept {
+                        " (the last good copy: it keeps serving its good chunks)"
+                    } else {
+                        ""
+                    };
+                    report.bad.push(format!("{label}: {why}{note}"));
                 }
             }
         }
@@ -874,10 +939,15 @@ mod tests {
         flip(&copy_file(&f, "a", &home), 5);
         let scrubbed = scrub(&f.pool, Some("a"), &Quiet).unwrap();
         assert_eq!(scrubbed.bad.len(), 1, "{scrubbed:?}");
-        assert_eq!(f.pool.image("a").unwrap().state(), "failed");
+        // The last copy keeps serving its good chunks, but no longer counts.
+        let info = f.pool.image("a").unwrap();
+        assert_eq!(info.state(), "degraded");
+        assert!(info.copies[0].serving && info.copies[0].reason.is_some());
         let report = run(&f.pool);
         assert!(report.problems.is_empty(), "{report:?}");
-        assert_eq!(f.pool.image("a").unwrap().state(), "ready");
+        let info = f.pool.image("a").unwrap();
+        assert_eq!(info.state(), "ready", "{report:?}");
+        assert_eq!(info.copies.len(), 1, "the damaged copy went: {report:?}");
         let home = f.serving("a")[0].clone();
         assert_eq!(fs::read(copy_file(&f, "a", &home)).unwrap(), bytes);
 
@@ -887,10 +957,14 @@ mod tests {
         scrub(&f.pool, Some("a"), &Quiet).unwrap();
         let report = run(&f.pool);
         assert_eq!(report.problems.len(), 1, "{report:?}");
-        assert!(report.problems[0].contains("no healthy copy"), "{report:?}");
+        assert!(report.problems[0].contains("damaged"), "{report:?}");
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.state(), "failed");
+        assert_eq!(info.state(), "degraded");
         assert!(info.problem().unwrap().contains("EIO"));
+
+        // With its only copy on a failed disk, the image is failed.
+        f.pool.fail_disk(&home, None).unwrap();
+        assert_eq!(f.pool.image("a").unwrap().state(), "failed");
     }
 
     #[test]
@@ -921,6 +995,24 @@ mod tests {
         assert!(!layout.tmp_copy_path(&uuid).exists());
         assert!(!layout.record_path(&uuid).exists());
         assert!(crate::fsck::check(&reopened, false).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_removal_is_refused_when_it_would_leave_too_few_good_copies() {
+        let f = fixture(2);
+        f.image("a", &content(1000), 2);
+        let store = f.pool.store();
+        let id = f.pool.image("a").unwrap().image.id;
+        let d1 = store.disk_by_name("d1").unwrap();
+        f.pool.fail_disk("d2", None).unwrap();
+        assert!(!store.begin_remove_copy(id, d1.id, 1, true).unwrap());
+        f.pool.online_disk("d2").unwrap();
+        assert!(
+            !store.begin_remove_copy(id, d1.id, 1, true).unwrap(),
+            "an unverified copy is not a good one"
+        );
+        run(&f.pool);
+        assert!(store.begin_remove_copy(id, d1.id, 1, true).unwrap());
     }
 
     #[test]

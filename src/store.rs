@@ -219,6 +219,15 @@ pub struct DiskRow {
     pub state_since: Option<i64>,
 }
 
+/// What `fail_copy` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOutcome {
+    Failed,
+    /// The image's last good copy: kept serving, with the damage noted.
+    KeptDamaged,
+    Unchanged,
+}
+
 /// One copy of an image, with the disk that holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyRow {
@@ -509,10 +518,37 @@ impl Store {
         reason: Option<&str>,
         now: i64,
     ) -> Result<()> {
+        self.set_disk_state_if(id, None, state, failed_by, reason, now)
+            .map(|_| ())
+    }
+
+    /// `set_disk_state` only if the disk is still in the state `expect` (with the same
+    /// `failed_by`) when the transaction runs: a probe's verdict must not undo what the operator
+    /// did meanwhile. Returns whether it changed the disk.
+    pub fn set_disk_state_if(
+        &self,
+        id: i64,
+        expect: Option<(DiskState, Option<FailedBy>)>,
+        state: DiskState,
+        failed_by: Option<FailedBy>,
+        reason: Option<&str>,
+        now: i64,
+    ) -> Result<bool> {
         self.write(|tx| {
-            let was: String = tx
-                .query_row("SELECT state FROM disks WHERE id = ?1", [id], |r| r.get(0))
+            let (was, was_by): (String, Option<String>) = tx
+                .query_row(
+                    "SELECT state, failed_by FROM disks WHERE id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
                 .map_err(|e| self.err(e))?;
+            let current = (
+                DiskState::parse(&was),
+                was_by.as_deref().map(FailedBy::parse),
+            );
+            if expect.is_some_and(|e| e != current) {
+                return Ok(false);
+            }
             tx.execute(
                 "UPDATE disks SET state = ?2, failed_by = ?3, reason = ?4, state_since = ?5 WHERE id = ?1",
                 params![id, state.as_str(), failed_by.map(FailedBy::as_str), reason, now],
@@ -526,7 +562,7 @@ impl Store {
                 )
                 .map_err(|e| self.err(e))?;
             }
-            Ok(())
+            Ok(true)
         })
     }
 
@@ -746,15 +782,76 @@ impl Store {
         })
     }
 
-    /// Marks a copy failed unless it is already failed or on its way out; `true` if it changed.
-    pub fn fail_copy(&self, image_id: i64, disk_id: i64, reason: &str, now: i64) -> Result<bool> {
-        self.run(|c| {
-            c.execute(
-                "UPDATE copies SET state = 'failed', reason = ?3, since = ?4
-                 WHERE image_id = ?1 AND disk_id = ?2 AND state IN ('ready', 'unverified')",
-                params![image_id, disk_id, reason, now],
+    /// Marks a copy failed, unless it is the image's last good copy: that one keeps serving
+    /// (every chunk is checked as it is read, so its good chunks are still right) and carries
+    /// `reason` as a damage note. Copies already failed or on their way out are left alone.
+    pub fn fail_copy(
+        &self,
+        image_id: i64,
+        disk_id: i64,
+        reason: &str,
+        now: i64,
+    ) -> Result<FailOutcome> {
+        self.write(|tx| {
+            let others: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM copies c JOIN disks d ON d.id = c.disk_id
+                     WHERE c.image_id = ?1 AND c.disk_id != ?2 AND c.state = 'ready'
+                     AND c.reason IS NULL AND d.state != 'failed'",
+                    params![image_id, disk_id],
+                    |r| r.get(0),
+                )
+                .map_err(|e| self.err(e))?;
+            let (state, outcome) = if others > 0 {
+                ("failed", FailOutcome::Failed)
+            } else {
+                ("ready", FailOutcome::KeptDamaged)
+            };
+            let changed = tx
+                .execute(
+                    "UPDATE copies SET state = ?3, reason = ?4, since = ?5
+                     WHERE image_id = ?1 AND disk_id = ?2 AND state IN ('ready', 'unverified')",
+                    params![image_id, disk_id, state, reason, now],
+                )
+                .map_err(|e| self.err(e))?;
+            Ok(if changed == 0 {
+                FailOutcome::Unchanged
+            } else {
+                outcome
+            })
+        })
+    }
+
+    /// Marks a copy `removing` if, without it, at least `keep` good copies of the image remain
+    /// (ready, undamaged, on healthy disks, or also evicting ones with `count_evicting`).
+    /// Checked and marked in one transaction, so no other change can slip in between.
+    pub fn begin_remove_copy(
+        &self,
+        image_id: i64,
+        disk_id: i64,
+        keep: u32,
+        count_evicting: bool,
+    ) -> Result<bool> {
+        self.write(|tx| {
+            let others: i64 = tx
+                .query_row(
+                    "SELECT COUNT(*) FROM copies c JOIN disks d ON d.id = c.disk_id
+                     WHERE c.image_id = ?1 AND c.disk_id != ?2 AND c.state = 'ready'
+                     AND c.reason IS NULL
+                     AND (d.state = 'healthy' OR (?3 AND d.state = 'evicting'))",
+                    params![image_id, disk_id, count_evicting],
+                    |r| r.get(0),
+                )
+                .map_err(|e| self.err(e))?;
+            if others < keep as i64 {
+                return Ok(false);
+            }
+            tx.execute(
+                "UPDATE copies SET state = 'removing', since = ?3 WHERE image_id = ?1 AND disk_id = ?2",
+                params![image_id, disk_id, crate::pool::now()],
             )
-            .map(|n| n > 0)
+            .map_err(|e| self.err(e))?;
+            Ok(true)
         })
     }
 
