@@ -65,20 +65,6 @@ fn shut_down(disk: &LoopDisk) {
     );
 }
 
-/// Polls `condition` every `every` until it holds or `timeout` passes.
-fn poll(timeout: Duration, every: Duration, mut condition: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if condition() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(every);
-    }
-}
-
 fn show(pool: &TestPool, name: &str) -> Value {
     pool.json(&["image", "show", name])
 }
@@ -445,15 +431,6 @@ fn a_reader_sees_no_error_when_the_disk_of_its_copy_dies() {
     assert_copies_match(&info, &img.sha512);
     assert_eq!(disk_state(&pool, &img.first), "failed");
     mount.unmount();
-}
-
-/// Linux 6.9 brought FUSE passthrough.
-fn kernel_has_passthrough() -> bool {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    (major, minor) >= (6, 9)
 }
 
 #[test]

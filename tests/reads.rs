@@ -169,15 +169,6 @@ fn copy_files(pool: &TestPool) -> Vec<PathBuf> {
         .collect()
 }
 
-/// Linux 6.9 brought FUSE passthrough.
-fn kernel_has_passthrough() -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    let mut parts = release.split(|c: char| !c.is_ascii_digit());
-    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-    (major, minor) >= (6, 9)
-}
-
 #[test]
 fn many_threads_read_random_ranges_byte_for_byte_in_cached_mode() {
     if !can_mount("many_threads_read_random_ranges_byte_for_byte_in_cached_mode") {

@@ -425,7 +425,12 @@ pub fn is_mount_point(path: &Path) -> bool {
         .any(|line| line.split(' ').nth(4) == Some(path))
 }
 
-pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, condition: impl FnMut() -> bool) -> bool {
+    poll(timeout, Duration::from_millis(20), condition)
+}
+
+/// Checks `condition` every `every` until it holds (true) or `timeout` passes (false).
+pub fn poll(timeout: Duration, every: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if condition() {
@@ -434,8 +439,17 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(every);
     }
+}
+
+/// Linux 6.9 brought FUSE passthrough.
+pub fn kernel_has_passthrough() -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 9)
 }
 
 /// Writes `size` bytes of pseudo-random data (a fixed seed per call site is enough: the
