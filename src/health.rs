@@ -284,7 +284,8 @@ mod tests {
             DiskState::Healthy
         );
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.copies[0].state, crate::store::CopyState::Unverified);
+        let on_d1 = info.copies.iter().find(|c| c.disk == "d1").unwrap();
+        assert_eq!(on_d1.state, crate::store::CopyState::Unverified);
 
         // A disk the operator failed stays failed whatever its probes say.
         f.pool.fail_disk("d2", Some("replacing it")).unwrap();
