@@ -91,9 +91,10 @@ VIEW=$W/d3/backing-images/img-$uuid/backing
 # Reads the image over and over for $1 seconds with O_DIRECT, 128 KiB per read, checking
 # every block's crc32c header; fio JSON to $2.
 verify() {
-    fio --name=image --filename="$VIEW" --rw=read --bs=128k --size="$SIZE" --verify=crc32c \
+    # From the work directory: fio may leave a verify state file where it runs.
+    (cd "$W" && fio --name=image --filename="$VIEW" --rw=read --bs=128k --size="$SIZE" --verify=crc32c \
         --verify_state_save=0 --direct=1 --ioengine=psync --time_based --runtime="$1" --continue_on_error=all \
-        --output-format=json --output="$2" || true
+        --output-format=json --output="$2") || true
 }
 summary() {
     python3 - "$1" <<'EOF'
