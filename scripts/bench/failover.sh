@@ -75,7 +75,7 @@ done
 # view the reader uses.
 "$BIN" disk add d1 "$W/d1" >/dev/null
 "$BIN" disk add d2 "$W/d2" >/dev/null
-FIO_IMAGE=(--name=image --bs=128k --size="$SIZE" --verify=crc32c --ioengine=psync)
+FIO_IMAGE=(--name=image --bs=128k --size="$SIZE" --verify=crc32c --verify_state_save=0 --ioengine=psync)
 fio "${FIO_IMAGE[@]}" --filename="$W/image" --rw=write --do_verify=0 --output=/dev/null
 uuid=$("$BIN" image add img "$W/image" --copies 2 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["uuid"])')
 rm -f "$W/image"
