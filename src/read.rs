@@ -295,6 +295,9 @@ impl OpenCopy {
 /// The serving copies of an image, opened, with the image's chunk digests.
 struct OpenImage {
     size: u64,
+    /// The serving copies it was built from, including any that would not open: a copy that
+    /// cannot be opened is tried again when the set changes, not on every chunk read.
+    locations: Vec<CopyLocation>,
     copies: Vec<Arc<OpenCopy>>,
     digests: Arc<ChunkDigests>,
     digests_hash: String,
@@ -305,9 +308,8 @@ impl OpenImage {
     fn is_current(&self, image: &ImageRef) -> bool {
         self.digests_hash == image.digests_hash
             && self
-                .copies
+                .locations
                 .iter()
-                .map(|c| &c.location)
                 .eq(image.copies.iter().filter(|c| c.serving))
     }
 
@@ -635,7 +637,7 @@ impl ReadPath {
                 Ok(copy) => copies.push(Arc::new(copy)),
                 Err(e) => {
                     // A copy that does not open is a fault like a failed read: its disk is
-                    // probed. Reported on each attempt, which is at most once per refresh.
+                    // probed. Tried (and reported) once per change of the serving set.
                     self.faults
                         .report_location(image.id, location, FaultKind::Io(errno_of(&e)));
                     last_error = e;
@@ -654,6 +656,7 @@ impl ReadPath {
         };
         let open = Arc::new(OpenImage {
             size: image.size,
+            locations: image.copies.iter().filter(|c| c.serving).cloned().collect(),
             copies,
             digests,
             digests_hash: image.digests_hash.to_string(),

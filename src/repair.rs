@@ -321,7 +321,7 @@ fn plan(
             }
         } else if counting >= wanted {
             // Policy met: copies on evicting disks go, then copies above the policy.
-            let mut surplus = counting - wanted;
+            let surplus = counting - wanted;
             for (disk, info) in &infos {
                 if info.serving && !info.counts && copying == 0 {
                     let why = if info.reason.is_some() {
@@ -338,29 +338,27 @@ fn plan(
                     });
                 }
             }
-            let mut extra: Vec<&DiskRow> = infos
-                .iter()
-                .filter(|(_, i)| i.counts)
-                .map(|(d, _)| d)
-                .collect();
-            // The disks with the least room give up their copies first.
-            extra.sort_by_key(|d| {
-                crate::resources::probe(&d.path)
-                    .map(|r| r.free)
-                    .unwrap_or(0)
-            });
-            for disk in extra {
-                if surplus == 0 || copying > 0 {
-                    break;
-                }
-                surplus -= 1;
-                actions.push(Action::Remove {
-                    image: image.clone(),
-                    disk: disk.clone(),
-                    why: "above the copy policy",
-                    keep: wanted,
-                    count_evicting: false,
+            if surplus > 0 && copying == 0 {
+                let mut extra: Vec<&DiskRow> = infos
+                    .iter()
+                    .filter(|(_, i)| i.counts)
+                    .map(|(d, _)| d)
+                    .collect();
+                // The disks with the least room give up their copies first.
+                extra.sort_by_key(|d| {
+                    crate::resources::probe(&d.path)
+                        .map(|r| r.free)
+                        .unwrap_or(0)
                 });
+                for disk in extra.into_iter().take(surplus as usize) {
+                    actions.push(Action::Remove {
+                        image: image.clone(),
+                        disk: disk.clone(),
+                        why: "above the copy policy",
+                        keep: wanted,
+                        count_evicting: false,
+                    });
+                }
             }
         }
         if problem.as_deref() != image.problem.as_deref() {
