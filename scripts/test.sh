@@ -41,6 +41,9 @@ echo "== toolchain: $(cargo --version); kernel $(uname -r) =="
 # everything. They still fail the script at the end.
 lint_failed=()
 
+echo "== layers: no import cycle, no upward import (scripts/check-layers.py) =="
+python3 scripts/check-layers.py || lint_failed+=(layers)
+
 if cargo fmt --version >/dev/null 2>&1; then
     echo "== cargo fmt --check =="
     cargo fmt --check || lint_failed+=(fmt)

@@ -1,30 +1,23 @@
 //! imgpool: a node-wide pool of read-only backing images, spread over the node's disks and
 //! served through one FUSE mount at the paths where volume replicas expect them.
 //!
-//! Core (no FUSE): `pool` over `store` (metadata), `disk` (on-disk layout), `placement`,
-//! `resources`, `sparse` (import data path), `owner` (liveness of work in progress).
-//! Serving: `fs` (namespace and file operations), `read` (the read path), `fuse` (the thin
-//! kernel adapter), `mount` (daemon lifecycle and bind mounts). Front end: `cli`.
+//! The crate is layered; each layer uses only the layers above it in this list, and
+//! `scripts/check-layers.py` (run by `scripts/test.sh`) fails the build when an import goes the
+//! other way or modules form a cycle:
+//!
+//! - `error`: the error type every layer returns.
+//! - `format`: what lies on a disk or comes from the kernel, and plain helpers (clock, units,
+//!   names): no metadata store, no policy.
+//! - `core`: the pool's rules over the metadata store and the disks: disks, images, copies,
+//!   holders, placement, health, repair, fsck. No FUSE, no printing, no argument parsing.
+//! - `fs`: serving the pool: the namespace, the read path with its chunk cache, and the thin FUSE
+//!   adapter.
+//! - `daemon`: the mount daemon's lifecycle: mounting, bind mounts, signals, background workers.
+//! - `cli`: the command line, the only layer that prints, parses arguments or checks for root.
 
-pub mod cache;
 pub mod cli;
-pub mod digests;
-pub mod disk;
-pub mod error;
-pub mod fs;
-pub mod fsck;
-pub mod fuse;
-pub mod health;
-pub mod mount;
-pub mod mountinfo;
-pub mod names;
-pub mod owner;
-pub mod placement;
-pub mod pool;
-pub mod read;
-pub mod repair;
-pub mod resources;
-pub mod settings;
-pub mod sparse;
-pub mod stats;
-pub mod store;
+pub(crate) mod core;
+pub(crate) mod daemon;
+pub(crate) mod error;
+pub(crate) mod format;
+pub(crate) mod fs;

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fuse::IoMode;
-use crate::read::ReadStats;
+use crate::fs::read::ReadStats;
+use crate::fs::IoMode;
 
 const STATS_DIR: &str = "stats";
 
@@ -76,7 +76,7 @@ mod tests {
         read.cache.hits = hits;
         MountStats {
             mount_id,
-            updated: crate::pool::now(),
+            updated: crate::format::clock::now(),
             io_mode_requested: IoMode::Passthrough,
             io_mode: IoMode::Cached,
             read,

@@ -19,12 +19,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::disk::DiskLayout;
+use crate::core::health;
+use crate::core::pool::{self, copy_info, CopyInfo, Pool};
+use crate::core::store::{CopyState, DiskRow, DiskState, FailOutcome, ImageRow, ImageState};
 use crate::error::{Error, IoContext, Result};
-use crate::health;
-use crate::pool::{self, copy_info, CopyInfo, Pool};
-use crate::sparse;
-use crate::store::{CopyState, DiskRow, DiskState, FailOutcome, ImageRow, ImageState};
+use crate::format::clock;
+use crate::format::layout::DiskLayout;
+use crate::format::sparse;
 
 /// Progress of long work (copies, verifications), for a progress bar or nothing.
 pub trait Reporter: Sync {
@@ -346,7 +347,7 @@ fn plan(
                     .collect();
                 // The disks with the least room give up their copies first.
                 extra.sort_by_key(|d| {
-                    crate::resources::probe(&d.path)
+                    crate::core::resources::probe(&d.path)
                         .map(|r| r.free)
                         .unwrap_or(0)
                 });
@@ -414,7 +415,7 @@ fn run_action(
                         disk.id,
                         CopyState::Ready,
                         None,
-                        pool::now(),
+                        clock::now(),
                     )?;
                     Ok(format!(
                         "verified the copy of '{}' on '{}'",
@@ -424,7 +425,7 @@ fn run_action(
                 Err(why) => {
                     let kept = pool
                         .store()
-                        .fail_copy(image.id, disk.id, &why, pool::now())?
+                        .fail_copy(image.id, disk.id, &why, clock::now())?
                         == FailOutcome::KeptDamaged;
                     let fate = if kept {
                         "it is the last good copy and keeps serving its good chunks"
@@ -482,7 +483,7 @@ fn run_action(
                 "copied '{}' to '{}' {from} ({} in {:.1} s)",
                 image.name,
                 target.name,
-                crate::cli::bytes(image.real_size),
+                crate::format::units::bytes(image.real_size),
                 started.elapsed().as_secs_f64()
             ))
         }
@@ -501,7 +502,7 @@ fn create_copy(
     stop: &AtomicBool,
 ) -> Result<()> {
     let store = pool.store();
-    if !store.insert_copy(image.id, target.id, CopyState::Copying, pool::now())? {
+    if !store.insert_copy(image.id, target.id, CopyState::Copying, clock::now())? {
         return Err(Error::Usage(format!(
             "disk '{}' already has a copy of '{}'",
             target.name, image.name
@@ -549,7 +550,7 @@ fn create_copy(
                 DiskLayout::new(&target.path).remove_copy(&image.uuid)?;
                 return Err(Error::UnknownImage(image.name.clone()));
             }
-            store.set_copy_state(image.id, target.id, CopyState::Ready, None, pool::now())
+            store.set_copy_state(image.id, target.id, CopyState::Ready, None, clock::now())
         }
         Err(e) => {
             // The row goes even if the files cannot (a dying target): a `copying` row would
@@ -594,7 +595,7 @@ fn blame_source(pool: &Pool, image: &ImageRow, disk: &DiskRow, e: &Error) -> Res
         disk.id,
         state,
         Some(&format!("a copy from it failed: {e}")),
-        pool::now(),
+        clock::now(),
     )
 }
 
@@ -723,16 +724,16 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
                             copy.disk.id,
                             CopyState::Ready,
                             None,
-                            pool::now(),
+                            clock::now(),
                         )?;
                     }
                     report.verified.push(label);
                 }
                 Err(why) => {
-                    let kept = pool
-                        .store()
-                        .fail_copy(image.id, copy.disk.id, &why, pool::now())?
-                        == FailOutcome::KeptDamaged;
+                    let kept =
+                        pool.store()
+                            .fail_copy(image.id, copy.disk.id, &why, clock::now())?
+                            == FailOutcome::KeptDamaged;
                     let note = if kept {
                         " (the last good copy: it keeps serving its good chunks)"
                     } else {
@@ -780,7 +781,8 @@ pub fn run_in_background(pool: Pool, wake: &std::sync::mpsc::Receiver<()>, stop:
         if !due {
             continue;
         }
-        let Ok(Some(_lock)) = crate::owner::WorkLock::try_acquire(&pool.repair_lock_path()) else {
+        let Ok(Some(_lock)) = crate::core::owner::WorkLock::try_acquire(&pool.repair_lock_path())
+        else {
             continue;
         };
         match repair(&pool, &Quiet, stop) {
@@ -805,7 +807,7 @@ pub fn run_in_background(pool: Pool, wake: &std::sync::mpsc::Receiver<()>, stop:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::fixture;
+    use crate::core::pool::fixture;
     use std::fs;
 
     fn run(pool: &Pool) -> Report {
@@ -816,7 +818,7 @@ mod tests {
         (0..n).map(|i| (i * 7 % 253) as u8).collect()
     }
 
-    fn copy_file(f: &crate::pool::Fixture, name: &str, disk: &str) -> std::path::PathBuf {
+    fn copy_file(f: &crate::core::pool::Fixture, name: &str, disk: &str) -> std::path::PathBuf {
         let info = f.pool.image(name).unwrap();
         info.copies
             .iter()
@@ -906,12 +908,12 @@ mod tests {
         f.image("a", &bytes, 2);
         f.image("b", &content(1000), 2);
         let d1 = f.pool.store().disk_by_name("d1").unwrap();
-        crate::health::apply_probe(&f.pool, &d1, Err("gone".into())).unwrap();
+        crate::core::health::apply_probe(&f.pool, &d1, Err("gone".into())).unwrap();
         assert_eq!(f.serving("a"), vec!["d2".to_string()]);
         // While away, a's copy on d1 rots.
         flip(&copy_file(&f, "a", "d1"), 100_000);
         let d1 = f.pool.store().disk_by_name("d1").unwrap();
-        crate::health::apply_probe(&f.pool, &d1, Ok(())).unwrap();
+        crate::core::health::apply_probe(&f.pool, &d1, Ok(())).unwrap();
         assert_eq!(
             f.serving("a"),
             vec!["d2".to_string()],
@@ -992,7 +994,9 @@ mod tests {
         assert_eq!(reopened.image("a").unwrap().copies.len(), 1);
         assert!(!layout.tmp_copy_path(&uuid).exists());
         assert!(!layout.record_path(&uuid).exists());
-        assert!(crate::fsck::check(&reopened, false).unwrap().is_empty());
+        assert!(crate::core::fsck::check(&reopened, false)
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

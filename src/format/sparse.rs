@@ -10,7 +10,7 @@ use std::os::unix::fs::FileExt;
 
 use sha2::{Digest, Sha512};
 
-use crate::digests::{ChunkDigests, ChunkHasher};
+use crate::format::digests::{ChunkDigests, ChunkHasher};
 
 /// The unit of hole detection inside data extents: a filesystem block.
 pub const BLOCK: usize = 4096;

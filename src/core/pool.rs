@@ -6,31 +6,22 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use crate::disk::{CopyRecord, DiskLayout, Label};
-use crate::error::{Error, IoContext, Result};
-use crate::names;
-use crate::owner::{self, Owner, OwnerLock, WorkLock};
-use crate::placement::{self, Candidate};
-use crate::resources::{self, Freshness, Resources};
-use crate::settings::Settings;
-use crate::sparse::{self, CopyOutcome};
-use crate::store::{
+use crate::core::owner::{self, Owner, OwnerLock, WorkLock};
+use crate::core::placement::{self, Candidate};
+use crate::core::resources::{self, Freshness, Resources};
+use crate::core::settings::Settings;
+use crate::core::store::{
     CopyRow, CopyState, DiskRow, DiskState, FailedBy, HolderRow, ImageRow, ImageState, MountRow,
     Store,
 };
-
-/// The chunk size of new images' digests: the read cache's chunk, so that a chunk read from a
-/// disk is checked against exactly one digest.
-pub const CHUNK_SIZE: u64 = crate::cache::CHUNK_SIZE as u64;
-
-pub fn now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
-}
+use crate::error::{Error, IoContext, Result};
+use crate::format::clock::now;
+use crate::format::digests::CHUNK_SIZE;
+use crate::format::layout::{CopyRecord, DiskLayout, Label};
+use crate::format::names;
+use crate::format::sparse::{self, CopyOutcome};
 
 /// Whether a registered disk is the disk it was registered as.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,7 +209,7 @@ impl Pool {
 
     /// Opens the pool in `state_dir` and finishes or undoes whatever a dead process left.
     pub fn open(state_dir: &Path) -> Result<Pool> {
-        if !state_dir.join(crate::store::DB_FILE).exists() {
+        if !state_dir.join(crate::core::store::DB_FILE).exists() {
             return Err(Error::NoPool(state_dir.to_path_buf()));
         }
         let store = Store::open(state_dir)?;
@@ -1083,8 +1074,8 @@ pub fn write_copy(
     })?;
     let target = layout.copy_path(uuid);
     fs::rename(&tmp, &target).ctx(|| format!("cannot rename {}", tmp.display()))?;
-    crate::disk::fsync_dir(target.parent().unwrap())?;
-    crate::disk::fsync_dir(tmp.parent().unwrap())?;
+    crate::format::layout::fsync_dir(target.parent().unwrap())?;
+    crate::format::layout::fsync_dir(tmp.parent().unwrap())?;
     Ok(outcome)
 }
 
@@ -1170,7 +1161,9 @@ mod tests {
     fn files_on(disk: &Path) -> usize {
         ["copies", "tmp"]
             .iter()
-            .filter_map(|sub| fs::read_dir(disk.join(crate::disk::POOL_DIR).join(sub)).ok())
+            .filter_map(|sub| {
+                fs::read_dir(disk.join(crate::format::layout::POOL_DIR).join(sub)).ok()
+            })
             .map(|d| d.count())
             .sum()
     }

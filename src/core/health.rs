@@ -9,15 +9,52 @@
 
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::disk::DiskLayout;
+use crate::core::pool::{self, Pool};
+use crate::core::store::{DiskRow, DiskState, FailOutcome, FailedBy};
 use crate::error::Result;
-use crate::pool::{self, Pool};
-use crate::read::CopyFault;
-use crate::store::{DiskRow, DiskState, FailOutcome, FailedBy};
+use crate::format::clock;
+use crate::format::layout::DiskLayout;
+
+/// Something wrong with one copy, seen on the read path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CopyFault {
+    pub image_id: i64,
+    pub disk_id: i64,
+    pub disk: String,
+    pub path: PathBuf,
+    pub kind: FaultKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FaultKind {
+    /// The read failed with this errno.
+    Io(i32),
+    /// The chunk read does not match its digest.
+    Corrupt { chunk: u64 },
+}
+
+impl std::fmt::Display for CopyFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            FaultKind::Io(errno) => write!(
+                f,
+                "read error on {} ({})",
+                self.path.display(),
+                io::Error::from_raw_os_error(errno)
+            ),
+            FaultKind::Corrupt { chunk } => write!(
+                f,
+                "chunk {chunk} of {} does not match its digest",
+                self.path.display()
+            ),
+        }
+    }
+}
 
 /// A probe that has not finished by then counts as failed: a hung disk must not look healthy.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -50,7 +87,7 @@ pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String>
         Ok(_) => return Err(format!("{} reads back other bytes", path.display())),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     }
-    crate::resources::probe(&disk.path)
+    crate::core::resources::probe(&disk.path)
         .map(|_| ())
         .map_err(|e| e.to_string())
 }
@@ -145,7 +182,7 @@ impl Monitor {
         match self
             .pool
             .store()
-            .fail_copy(fault.image_id, disk.id, &reason, pool::now())?
+            .fail_copy(fault.image_id, disk.id, &reason, clock::now())?
         {
             FailOutcome::Failed => tracing::warn!(
                 "copy on disk '{}' failed ({reason}); the repair replaces it",
@@ -168,7 +205,7 @@ pub fn apply_probe(
     disk: &DiskRow,
     result: std::result::Result<(), String>,
 ) -> Result<bool> {
-    let now = pool::now();
+    let now = clock::now();
     // Applied only if nobody changed the disk since it was read (an operator's `disk fail`).
     let expected = Some((disk.state, disk.failed_by));
     match (result, disk.state) {
@@ -256,7 +293,7 @@ pub fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::fixture;
+    use crate::core::pool::fixture;
 
     #[test]
     fn a_disk_that_fails_its_probe_is_failed_and_returns_when_it_passes() {
@@ -285,7 +322,7 @@ mod tests {
         );
         let info = f.pool.image("a").unwrap();
         let on_d1 = info.copies.iter().find(|c| c.disk == "d1").unwrap();
-        assert_eq!(on_d1.state, crate::store::CopyState::Unverified);
+        assert_eq!(on_d1.state, crate::core::store::CopyState::Unverified);
 
         // A disk the operator failed stays failed whatever its probes say.
         f.pool.fail_disk("d2", Some("replacing it")).unwrap();
@@ -309,7 +346,7 @@ mod tests {
                 disk_id: d1.id,
                 disk: "d1".into(),
                 path: info.copies[0].path.clone(),
-                kind: crate::read::FaultKind::Corrupt { chunk: 0 },
+                kind: FaultKind::Corrupt { chunk: 0 },
             })
             .unwrap();
         assert_eq!(
@@ -318,7 +355,7 @@ mod tests {
         );
         let info = f.pool.image("a").unwrap();
         let d1_copy = info.copies.iter().find(|c| c.disk == "d1").unwrap();
-        assert_eq!(d1_copy.state, crate::store::CopyState::Failed);
+        assert_eq!(d1_copy.state, crate::core::store::CopyState::Failed);
         assert!(d1_copy.reason.as_deref().unwrap().contains("digest"));
         assert_eq!(info.state(), "degraded");
     }

@@ -23,8 +23,9 @@ use nix::fcntl::{posix_fadvise, PosixFadviseAdvice};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{CacheStats, ChunkCache, ChunkKey, ReadData, CHUNK_SIZE, PAGE_SIZE};
-use crate::digests::ChunkDigests;
+use crate::core::health::{CopyFault, FaultKind};
+use crate::format::digests::ChunkDigests;
+use crate::fs::cache::{CacheStats, ChunkCache, ChunkKey, ReadData, CHUNK_SIZE, PAGE_SIZE};
 
 /// Bounds of the default cache size (an eighth of the machine's memory).
 const DEFAULT_CACHE_MIN: u64 = 256 << 20;
@@ -79,42 +80,6 @@ pub struct ImageRef<'a> {
     pub chunk_size: u64,
     /// The identity of the image's digest list (see `digests`).
     pub digests_hash: &'a str,
-}
-
-/// Something wrong with one copy, seen on the read path.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CopyFault {
-    pub image_id: i64,
-    pub disk_id: i64,
-    pub disk: String,
-    pub path: PathBuf,
-    pub kind: FaultKind,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FaultKind {
-    /// The read failed with this errno.
-    Io(i32),
-    /// The chunk read does not match its digest.
-    Corrupt { chunk: u64 },
-}
-
-impl std::fmt::Display for CopyFault {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.kind {
-            FaultKind::Io(errno) => write!(
-                f,
-                "read error on {} ({})",
-                self.path.display(),
-                io::Error::from_raw_os_error(errno)
-            ),
-            FaultKind::Corrupt { chunk } => write!(
-                f,
-                "chunk {chunk} of {} does not match its digest",
-                self.path.display()
-            ),
-        }
-    }
 }
 
 /// One reader's position (one open file): tells sequential reading from random.
@@ -728,7 +693,7 @@ fn run_readahead(
 fn load_run(
     cache: &ChunkCache,
     job: &ReadaheadJob,
-    claims: Vec<crate::cache::Claim>,
+    claims: Vec<crate::fs::cache::Claim>,
     bytes: &AtomicU64,
     faults: &Faults,
 ) {
@@ -768,7 +733,7 @@ fn load_run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::digests::ChunkHasher;
+    use crate::format::digests::ChunkHasher;
     use std::path::Path;
 
     /// An image whose true content is `content`, with a copy per `(file bytes, serving)`:

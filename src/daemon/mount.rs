@@ -16,16 +16,17 @@ use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sys::signal::{SigSet, Signal};
 use parking_lot::Mutex;
 
-use crate::cli::require_root;
+use crate::core::owner::{self, Owner, OwnerLock};
+use crate::core::pool::Pool;
+use crate::core::{health, repair};
 use crate::error::{Error, IoContext, Result};
-use crate::fs::{PoolFs, DISKS_DIR};
-use crate::fuse::{FuseAdapter, IoMode};
-use crate::mountinfo;
-use crate::owner::{self, Owner, OwnerLock};
-use crate::pool::{self, Pool};
-use crate::read::ReadPath;
-use crate::stats::{self, MountStats};
-use crate::{health, repair};
+use crate::format::clock;
+use crate::format::mountinfo;
+use crate::fs::fuse::FuseAdapter;
+use crate::fs::namespace::{PoolFs, DISKS_DIR};
+use crate::fs::read::ReadPath;
+use crate::fs::stats::{self, MountStats};
+use crate::fs::IoMode;
 
 /// Where each disk's view is bind-mounted, relative to the disk: Longhorn's directory.
 pub const BIND_DIR: &str = "backing-images";
@@ -56,7 +57,6 @@ pub struct MountConfig {
 /// `imgpool mount`: in the foreground, serve until stopped; otherwise start a detached daemon
 /// and return once its mount is ready (or with its error).
 pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result<()> {
-    require_root("imgpool mount")?;
     let state_dir = &std::path::absolute(state_dir)
         .ctx(|| format!("cannot resolve {}", state_dir.display()))?;
     let mountpoint = check_mountpoint(&config.mountpoint)?;
@@ -337,7 +337,7 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     let lock = OwnerLock::acquire(state_dir, &token)?;
     let mount_id =
         pool.store()
-            .insert_mount(&config.mountpoint, std::process::id(), pool::now(), &token)?;
+            .insert_mount(&config.mountpoint, std::process::id(), clock::now(), &token)?;
     if let Ok(mounts) = pool.live_mounts() {
         let live: Vec<i64> = mounts.iter().map(|m| m.id).collect();
         stats::sweep(state_dir, &live);
@@ -452,7 +452,7 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
             };
             let stats = MountStats {
                 mount_id: fs.mount_id(),
-                updated: pool::now(),
+                updated: clock::now(),
                 io_mode_requested: requested,
                 io_mode,
                 read: fs.read_stats(),
@@ -570,7 +570,6 @@ fn follow_changes(
 /// `imgpool umount`: the bind mounts first (they keep the filesystem alive), then the mount;
 /// then wait for the daemon to finish.
 pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
-    require_root("imgpool umount")?;
     // A mount whose daemon died cannot be stat'ed, so fall back to the path as given.
     let mountpoint = std::fs::canonicalize(mountpoint)
         .or_else(|_| std::path::absolute(mountpoint))

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use crate::core::store::Store;
 use crate::error::{Error, Result};
-use crate::store::Store;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -103,7 +103,8 @@ impl Settings {
             }
             "repair-bandwidth" => {
                 self.repair_bandwidth =
-                    crate::cli::parse_size(value.trim_end_matches("/s")).map_err(|e| bad(&e))?
+                    crate::format::units::parse_size(value.trim_end_matches("/s"))
+                        .map_err(|e| bad(&e))?
             }
             "probe-interval" => {
                 self.probe_interval = humantime::parse_duration(value)
@@ -125,7 +126,7 @@ impl Settings {
                 "repair-bandwidth",
                 match self.repair_bandwidth {
                     0 => "0".to_string(),
-                    n => format!("{}/s", crate::cli::bytes(n)),
+                    n => format!("{}/s", crate::format::units::bytes(n)),
                 },
             ),
             (

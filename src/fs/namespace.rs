@@ -20,13 +20,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 
-use crate::cache::ReadData;
-use crate::disk::DiskLayout;
+use crate::core::pool::{self, Pool};
+use crate::core::resources::{self, Freshness};
+use crate::core::store::ImageState;
 use crate::error::Result;
-use crate::pool::{self, Pool};
-use crate::read::{CopyLocation, ImageRef, ReadPath, ReadStats, Stream};
-use crate::resources::{self, Freshness};
-use crate::store::ImageState;
+use crate::format::clock;
+use crate::format::layout::DiskLayout;
+use crate::fs::cache::ReadData;
+use crate::fs::read::{CopyLocation, ImageRef, ReadPath, ReadStats, Stream};
 
 pub const ROOT_INO: u64 = 1;
 const IMAGES_DIR_INO: u64 = 2;
@@ -701,7 +702,7 @@ impl PoolFs {
     }
 
     /// Sends copy faults seen on the read path to `sink` (the health monitor).
-    pub fn report_faults_to(&self, sink: std::sync::mpsc::Sender<crate::read::CopyFault>) {
+    pub fn report_faults_to(&self, sink: std::sync::mpsc::Sender<crate::core::health::CopyFault>) {
         self.reader.report_faults_to(sink);
     }
 
@@ -767,7 +768,7 @@ impl PoolFs {
                 continue;
             }
             let freshness = Freshness::FreeWithin(resources::LISTING_FREE_TTL);
-            if let Ok(r) = resources::disk_resources(store, &disk, freshness, pool::now()) {
+            if let Ok(r) = resources::disk_resources(store, &disk, freshness, clock::now()) {
                 if !devices_seen.contains(&r.device) {
                     devices_seen.push(r.device);
                     stats.capacity += r.capacity;

@@ -8,11 +8,12 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use crate::disk::{CopyRecord, DiskLayout, Label};
+use crate::core::owner::WorkLock;
+use crate::core::pool::{DiskHealth, Pool, GC_HOLD};
+use crate::core::store::{CopyState, ImageRow, ImageState, Store, DB_FILE};
 use crate::error::{Error, Result};
-use crate::owner::WorkLock;
-use crate::pool::{self, DiskHealth, Pool, GC_HOLD};
-use crate::store::{CopyState, ImageRow, ImageState, Store, DB_FILE};
+use crate::format::clock;
+use crate::format::layout::{CopyRecord, DiskLayout, Label};
 
 /// One difference between the store and the disks.
 #[derive(Debug, Clone)]
@@ -226,7 +227,7 @@ fn describe(fix: &Fix) -> (&'static str, bool) {
 
 fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
     let store = pool.store();
-    let now = pool::now();
+    let now = clock::now();
     match fix {
         Fix::FailCopy(image, disk) => {
             store.fail_copy(image.id, disk, "fsck: its data file is wrong", now)?;
@@ -287,7 +288,7 @@ fn image_from_record(record: &CopyRecord, data: &Path, now: i64) -> ImageRow {
 /// imgpool label.
 fn find_disks(given: &[PathBuf]) -> Result<Vec<(PathBuf, Label)>> {
     let candidates: Vec<PathBuf> = if given.is_empty() {
-        crate::mountinfo::read()?
+        crate::format::mountinfo::read()?
             .into_iter()
             .map(|m| m.mount_point)
             .collect()
@@ -338,14 +339,14 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
     fs::create_dir_all(state_dir)
         .map_err(|e| Error::io(format!("cannot create {}", state_dir.display()), e))?;
     let store = Store::open(state_dir)?;
-    let now = pool::now();
+    let now = clock::now();
     store.create_pool(&pool_uuid, now)?;
     // Held first: a rebuild cut short must not leave a store whose gc sees no holders.
     store.set_setting(
         GC_HOLD,
         Some(&format!(
             "the store was rebuilt from the disks at {}; holders are unknown until registered again",
-            crate::cli::timestamp(now)
+            crate::format::clock::timestamp(now)
         )),
     )?;
     let mut done = Vec::new();
@@ -405,7 +406,7 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pool::fixture;
+    use crate::core::pool::fixture;
 
     #[test]
     fn differences_are_found_then_fixed() {
@@ -433,9 +434,9 @@ mod tests {
         assert_eq!(check(&f.pool, false).unwrap().len(), 4);
 
         check(&f.pool, true).unwrap();
-        crate::repair::repair(
+        crate::core::repair::repair(
             &f.pool,
-            &crate::repair::Quiet,
+            &crate::core::repair::Quiet,
             &std::sync::atomic::AtomicBool::new(false),
         )
         .unwrap();
@@ -469,9 +470,9 @@ mod tests {
         assert_eq!(pool.uuid(), f.pool.uuid());
         let a = pool.image("a").unwrap();
         assert_eq!(a.state(), "failed", "unverified copies do not serve yet");
-        crate::repair::repair(
+        crate::core::repair::repair(
             &pool,
-            &crate::repair::Quiet,
+            &crate::core::repair::Quiet,
             &std::sync::atomic::AtomicBool::new(false),
         )
         .unwrap();

@@ -7,8 +7,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
+use crate::core::store::{DiskRow, ResourceRow, Store};
 use crate::error::{IoContext, Result};
-use crate::store::{DiskRow, ResourceRow, Store};
 
 pub const STATIC_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How old a free-space figure may be in a listing.

@@ -16,9 +16,9 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use parking_lot::Mutex;
-use serde::{Deserialize, Serialize};
 
-use crate::fs::{Attr, Kind, PoolFs};
+use crate::fs::namespace::{Attr, Kind, PoolFs};
+use crate::fs::IoMode;
 
 /// How long the kernel may trust a name or attribute. Removals are also pushed to the kernel
 /// (see `mount.rs`), so this bounds only how late a change made behind our back shows.
@@ -27,16 +27,6 @@ const BLOCK_SIZE: u32 = 4096;
 /// Background requests (readahead, async O_DIRECT) the kernel may have in flight: enough for
 /// an engine reading at queue depth 32 plus readahead.
 const MAX_BACKGROUND: u16 = 64;
-
-/// How image bytes reach readers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum IoMode {
-    /// Every read comes to the daemon: chunk cache, readahead, and (later) failover.
-    Cached,
-    /// The kernel reads the copy file itself (Linux >= 6.9); the daemon sees opens only.
-    Passthrough,
-}
 
 /// Kernel passthrough state: one backing id per image inode, shared by all its open files
 /// (the kernel refuses two different backing files for one inode), with the copy it reads.

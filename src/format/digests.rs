@@ -7,6 +7,12 @@
 //! the metadata store and in each copy's record: a damaged digest file is recognised as such and
 //! another copy's file is used.
 
+/// The chunk size of new images' digests. The read path reads, checks and caches in the same
+/// chunks, so that a chunk read from a disk is checked against exactly one digest; 64 KiB keeps a
+/// random 4 KiB miss close to the cost of a 4 KiB disk read (measured: 106 µs against 59 µs,
+/// where a 1 MiB read takes 870 µs) while sequential readers get large reads from readahead.
+pub const CHUNK_SIZE: u64 = 64 * 1024;
+
 pub const DIGEST_LEN: usize = 32;
 
 pub type Digest = [u8; DIGEST_LEN];
@@ -52,12 +58,9 @@ impl ChunkDigests {
         self.chunk_size
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.digests.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
     }
 
     /// Whether `data` is chunk `index` as imported.
@@ -65,14 +68,6 @@ impl ChunkDigests {
         self.digests
             .get(index as usize)
             .is_some_and(|expected| digest(data) == *expected)
-    }
-
-    /// The chunks where `self` and `other` differ (both lists describe the same image).
-    pub fn mismatches(&self, other: &ChunkDigests) -> Vec<u64> {
-        (0..self.digests.len().max(other.digests.len()))
-            .filter(|&i| self.digests.get(i) != other.digests.get(i))
-            .map(|i| i as u64)
-            .collect()
     }
 }
 

@@ -9,19 +9,21 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
-use crate::cache::MIN_CACHE_SIZE;
+use crate::core::fsck;
+use crate::core::health::Monitor;
+use crate::core::owner::WorkLock;
+use crate::core::pool::{CopyInfo, DiskStatus, ImageInfo, Pool};
+use crate::core::repair;
+use crate::core::settings::{self, Settings};
+use crate::core::store::CopyState;
+use crate::daemon::mount::{self, MountConfig};
 use crate::error::{Error, Result};
-use crate::fsck;
-use crate::fuse::IoMode;
-use crate::health::Monitor;
-use crate::mount::{self, MountConfig};
-use crate::owner::WorkLock;
-use crate::pool::{CopyInfo, DiskStatus, ImageInfo, Pool};
-use crate::read::default_cache_size;
-use crate::repair;
-use crate::settings::{self, Settings};
-use crate::stats::{self, MountStats};
-use crate::store::CopyState;
+use crate::format::clock::timestamp;
+use crate::format::units::{bytes, parse_size};
+use crate::fs::cache::MIN_CACHE_SIZE;
+use crate::fs::read::default_cache_size;
+use crate::fs::stats::{self, MountStats};
+use crate::fs::IoMode;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -226,34 +228,26 @@ pub struct MountArgs {
     /// cached: reads go through the daemon's cache; passthrough: the kernel reads the copy
     /// files itself (Linux >= 6.9; falls back to cached when the kernel refuses).
     #[arg(long, value_enum, default_value = "cached")]
-    pub io_mode: IoMode,
+    pub io_mode: IoModeArg,
     /// The kernel's readahead window on the mount, e.g. 1MiB.
     #[arg(long, default_value = "1MiB", value_parser = parse_size)]
     pub read_ahead: u64,
 }
 
-/// A size in bytes: a number with an optional binary unit (K, M, G, T; `KiB`, `MB`, ... are
-/// read as the same binary units).
-pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let text = text.trim();
-    let digits = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits);
-    let number: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size: write e.g. 512MiB or 2G"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        "t" | "tb" | "tib" => 40,
-        _ => return Err(format!("{text:?} has an unknown unit: use K, M, G or T")),
-    };
-    number
-        .checked_mul(1 << shift)
-        .ok_or_else(|| format!("{text:?} is too large"))
+/// `--io-mode`: the command line's name for each `IoMode`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum IoModeArg {
+    Cached,
+    Passthrough,
+}
+
+impl From<IoModeArg> for IoMode {
+    fn from(arg: IoModeArg) -> IoMode {
+        match arg {
+            IoModeArg::Cached => IoMode::Cached,
+            IoModeArg::Passthrough => IoMode::Passthrough,
+        }
+    }
 }
 
 fn parse_cache_size(text: &str) -> std::result::Result<u64, String> {
@@ -306,20 +300,26 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Mount(args) => mount::mount(
-            state_dir,
-            &MountConfig {
-                mountpoint: args.mountpoint,
-                bind: !args.no_bind,
-                threads: args.threads.max(1),
-                log_file: args.log_file,
-                cache_size: args.cache_size.unwrap_or_else(default_cache_size),
-                io_mode: args.io_mode,
-                read_ahead: args.read_ahead,
-            },
-            args.foreground,
-        ),
-        Command::Umount { mountpoint, lazy } => mount::umount(state_dir, &mountpoint, lazy),
+        Command::Mount(args) => {
+            require_root("imgpool mount")?;
+            mount::mount(
+                state_dir,
+                &MountConfig {
+                    mountpoint: args.mountpoint,
+                    bind: !args.no_bind,
+                    threads: args.threads.max(1),
+                    log_file: args.log_file,
+                    cache_size: args.cache_size.unwrap_or_else(default_cache_size),
+                    io_mode: args.io_mode.into(),
+                    read_ahead: args.read_ahead,
+                },
+                args.foreground,
+            )
+        }
+        Command::Umount { mountpoint, lazy } => {
+            require_root("imgpool umount")?;
+            mount::umount(state_dir, &mountpoint, lazy)
+        }
         Command::Status { json } => status(state_dir, json),
         Command::Repair { json } => repair_cmd(state_dir, json),
         Command::Scrub { image, json } => scrub_cmd(state_dir, image.as_deref(), json),
@@ -789,7 +789,7 @@ fn scrub_cmd(state_dir: &Path, image: Option<&str>, json_out: bool) -> Result<()
 }
 
 fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
-    if !state_dir.join(crate::store::DB_FILE).exists() {
+    if !state_dir.join(crate::core::store::DB_FILE).exists() {
         if !args.repair {
             return Err(Error::Usage(format!(
                 "no metadata store in {}: `imgpool fsck --repair` rebuilds it from the disks",
@@ -891,12 +891,6 @@ fn list_or_none(items: &[String]) -> String {
     }
 }
 
-pub fn timestamp(secs: i64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// Bytes in binary units, one decimal: "64.0 MiB".
 fn print_mount_stats(stats: &MountStats) {
     let mode = match (stats.io_mode, stats.io_mode_requested) {
         (IoMode::Cached, IoMode::Passthrough) => "cached (passthrough refused: see the log)",
@@ -956,21 +950,6 @@ fn print_mount_stats(stats: &MountStats) {
     );
 }
 
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
 fn table(headers: &[&str], rows: Vec<Vec<String>>) {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for row in &rows {
@@ -1006,30 +985,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_in_binary_units_and_bad_ones_say_why() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("1 kb"), Ok(1024));
-        assert!(parse_size("lots").unwrap_err().contains("not a size"));
-        assert!(parse_size("5 parsecs")
-            .unwrap_err()
-            .contains("unknown unit"));
-        assert!(parse_size("99999999999T")
-            .unwrap_err()
-            .contains("too large"));
+    fn the_cache_size_has_a_floor() {
         assert!(parse_cache_size("1M")
             .unwrap_err()
             .contains("smallest cache"));
         assert_eq!(parse_cache_size("4MiB"), Ok(MIN_CACHE_SIZE));
-    }
-
-    #[test]
-    fn bytes_are_shown_in_binary_units() {
-        assert_eq!(bytes(0), "0 B");
-        assert_eq!(bytes(1023), "1023 B");
-        assert_eq!(bytes(64 << 20), "64.0 MiB");
-        assert_eq!(bytes(3 << 29), "1.5 GiB");
     }
 
     #[test]

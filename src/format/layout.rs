@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::digests::ChunkDigests;
 use crate::error::{Error, IoContext, Result};
+use crate::format::digests::ChunkDigests;
 
 pub const POOL_DIR: &str = ".imgpool";
 

@@ -848,7 +848,7 @@ impl Store {
             }
             tx.execute(
                 "UPDATE copies SET state = 'removing', since = ?3 WHERE image_id = ?1 AND disk_id = ?2",
-                params![image_id, disk_id, crate::pool::now()],
+                params![image_id, disk_id, crate::format::clock::now()],
             )
             .map_err(|e| self.err(e))?;
             Ok(true)

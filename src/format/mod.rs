@@ -1,0 +1,10 @@
+//! What lies on a disk or comes from the kernel, and the plain helpers every layer shares. Nothing
+//! here knows the metadata store or any policy.
+
+pub mod clock;
+pub mod digests;
+pub mod layout;
+pub mod mountinfo;
+pub mod names;
+pub mod sparse;
+pub mod units;
