@@ -1,10 +1,178 @@
 //! The errors the pool core reports. Each message is one line that says what is wrong and, where
 //! the operator can act, what to do; `main` prints it as is and exits non-zero.
+//!
+//! Every error also has a kind (`Error::kind`), for code that must act on what happened rather
+//! than on the text: the repair, a control socket, exit codes. Copy failures carry a
+//! `CopyError`, which says which side of the copy failed.
 
 use std::io;
 use std::path::PathBuf;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What kind of failure an error is. Every `Error` has exactly one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The named pool, disk, image, holder, setting or mount does not exist.
+    NotFound,
+    /// The name or path is taken already.
+    AlreadyExists,
+    /// Holders or open files use it: release them first.
+    InUse,
+    /// Another process is working on it right now: wait, then retry.
+    Busy,
+    /// The arguments are wrong: a bad name, value, path or file.
+    InvalidInput,
+    /// Not enough room, or not enough disks, for the data.
+    NoSpace,
+    /// An I/O error on a disk or a file.
+    DiskIo,
+    /// Data or metadata that does not match what it should be (checksums, records, labels).
+    Corrupt,
+    /// The system refused access.
+    Permission,
+    /// The command needs root.
+    NotRoot,
+    /// The pool's state does not allow it now; the message says what to change first.
+    Conflict,
+    /// The work was stopped before it finished (a shutdown); running it again starts over.
+    Interrupted,
+    /// A failure of imgpool itself or of its metadata store.
+    Internal,
+}
+
+impl ErrorKind {
+    pub const ALL: [ErrorKind; 13] = [
+        ErrorKind::NotFound,
+        ErrorKind::AlreadyExists,
+        ErrorKind::InUse,
+        ErrorKind::Busy,
+        ErrorKind::InvalidInput,
+        ErrorKind::NoSpace,
+        ErrorKind::DiskIo,
+        ErrorKind::Corrupt,
+        ErrorKind::Permission,
+        ErrorKind::NotRoot,
+        ErrorKind::Conflict,
+        ErrorKind::Interrupted,
+        ErrorKind::Internal,
+    ];
+
+    /// The kind's name in JSON and on the wire: `not-found`, `no-space`, ...
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not-found",
+            ErrorKind::AlreadyExists => "already-exists",
+            ErrorKind::InUse => "in-use",
+            ErrorKind::Busy => "busy",
+            ErrorKind::InvalidInput => "invalid-input",
+            ErrorKind::NoSpace => "no-space",
+            ErrorKind::DiskIo => "disk-io",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Permission => "permission",
+            ErrorKind::NotRoot => "not-root",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Interrupted => "interrupted",
+            ErrorKind::Internal => "internal",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<ErrorKind> {
+        ErrorKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// The kind of an I/O error, from its errno where it has one.
+    pub fn of_io(e: &io::Error) -> ErrorKind {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => return ErrorKind::NoSpace,
+            Some(libc::EACCES) | Some(libc::EPERM) | Some(libc::EROFS) => {
+                return ErrorKind::Permission
+            }
+            Some(libc::EBUSY) => return ErrorKind::Busy,
+            _ => {}
+        }
+        match e.kind() {
+            io::ErrorKind::NotFound => ErrorKind::NotFound,
+            io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+            io::ErrorKind::PermissionDenied => ErrorKind::Permission,
+            io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => ErrorKind::Corrupt,
+            io::ErrorKind::Interrupted => ErrorKind::Interrupted,
+            _ => ErrorKind::DiskIo,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a copy of an image's data (import, repair) failed, by the side that failed. Its display
+/// is the cause only; `Error::Copy` names the image, the disk and the file.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Opening or reading the source failed, or it ended early.
+    #[error("{0}")]
+    SourceRead(#[source] io::Error),
+    /// Creating, writing or syncing the new copy failed (but not for lack of room).
+    #[error("{0}")]
+    TargetWrite(#[source] io::Error),
+    /// The data read does not hash to the image's SHA-512 and chunk digests.
+    #[error("the data read does not match the image's checksums")]
+    Mismatch,
+    /// The target's filesystem filled up (ENOSPC, EDQUOT).
+    #[error("no space left on the disk")]
+    NoSpace,
+    /// The copy was stopped (the repair is shutting down).
+    #[error("the copy was stopped")]
+    Stopped,
+}
+
+/// Which side of a failed copy is at fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Blame {
+    /// The source: its copy (or its disk) is checked, another source is used.
+    Source,
+    /// The target: its disk is checked, and another disk takes the copy.
+    Target,
+    /// Neither (the copy was stopped).
+    Neither,
+}
+
+impl CopyError {
+    /// A failure on the target's side: ENOSPC and EDQUOT are `NoSpace`, everything else a
+    /// write error. The one place where a full disk is recognised.
+    pub fn target(e: io::Error) -> CopyError {
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => CopyError::NoSpace,
+            _ => CopyError::TargetWrite(e),
+        }
+    }
+
+    /// Who is at fault: a read error or a mismatch is the source's (the bytes are hashed as
+    /// they are read, before they are written); a write error or a full disk is the target's.
+    pub fn blame(&self) -> Blame {
+        match self {
+            CopyError::SourceRead(_) | CopyError::Mismatch => Blame::Source,
+            CopyError::TargetWrite(_) | CopyError::NoSpace => Blame::Target,
+            CopyError::Stopped => Blame::Neither,
+        }
+    }
+
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CopyError::SourceRead(e) | CopyError::TargetWrite(e) => match ErrorKind::of_io(e) {
+                // A copy file that is not there is a disk's problem, not an unknown name.
+                ErrorKind::NotFound => ErrorKind::DiskIo,
+                kind => kind,
+            },
+            CopyError::Mismatch => ErrorKind::Corrupt,
+            CopyError::NoSpace => ErrorKind::NoSpace,
+            CopyError::Stopped => ErrorKind::Interrupted,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -70,8 +238,69 @@ pub enum Error {
     #[error("{0} needs root: run it as root (e.g. with sudo)")]
     NotRoot(&'static str),
 
-    #[error("{0}")]
-    Usage(String),
+    #[error("{} is not a directory: a disk is a directory, normally the mount point of its own filesystem", .0.display())]
+    NotADirectory(PathBuf),
+
+    #[error("{} is not a regular file or block device: give the path of a raw image", .0.display())]
+    NotAnImage(PathBuf),
+
+    #[error("{} is empty: an image needs at least one byte", .0.display())]
+    EmptyImage(PathBuf),
+
+    #[error("--copies must be at least 1")]
+    ZeroCopies,
+
+    #[error("{copies} copies need {copies} healthy disks, the pool has {usable}: add disks with `imgpool disk add` first")]
+    NotEnoughDisks { copies: u32, usable: usize },
+
+    #[error("the pool has no disks: add one with `imgpool disk add NAME PATH`")]
+    NoDisks,
+
+    #[error("disk '{disk}' holds the only good copy of {}: `imgpool disk evict {disk}` moves them off first (or bring the disk back if it failed)", .images.join(", "))]
+    OnlyGoodCopy { disk: String, images: Vec<String> },
+
+    #[error(
+        "a copy of '{image}' is being written to disk '{disk}': wait for it to finish, then retry"
+    )]
+    CopyBeingWritten { disk: String, image: String },
+
+    #[error("image '{image}' is removed from the pool but its copy on disk '{disk}' could not be deleted ({source}); any later imgpool command retries")]
+    CopyLeftBehind {
+        image: String,
+        disk: String,
+        source: Box<Error>,
+    },
+
+    #[error("gc is held: {0}; once every holder is registered again with `imgpool ref add`, run `imgpool gc --release-hold`")]
+    GcHeld(String),
+
+    #[error("cannot bind-mount disk '{disk}' view at {}: {source}", .target.display())]
+    BindMount {
+        disk: String,
+        target: PathBuf,
+        source: io::Error,
+    },
+
+    /// Images a repair could not bring back to their policy, each with what happened and what
+    /// to do.
+    #[error("{}", describe_unrestored(.0))]
+    Unrestored(Vec<String>),
+
+    /// A copy of an image's data to `disk` failed: `error` says which side and why.
+    #[error("{}", describe_copy(.image, .disk, .from, .to, .error))]
+    Copy {
+        image: String,
+        disk: String,
+        /// What was read: a copy file, or the file the image was imported from.
+        from: PathBuf,
+        /// The new copy being written (a temporary file).
+        to: PathBuf,
+        error: CopyError,
+    },
+
+    /// A refusal or failure that happens in one place only: its kind, and its one line.
+    #[error("{message}")]
+    Refused { kind: ErrorKind, message: String },
 
     #[error("{context}: {source}")]
     Io {
@@ -99,11 +328,109 @@ fn describe_use(holders: &[String], open_handles: u64) -> String {
     parts.join("; ")
 }
 
+fn describe_unrestored(problems: &[String]) -> String {
+    match problems {
+        [one] => one.clone(),
+        _ => format!(
+            "{} images could not be restored (reasons above); `imgpool status` tracks them",
+            problems.len()
+        ),
+    }
+}
+
+fn describe_copy(
+    image: &str,
+    disk: &str,
+    from: &std::path::Path,
+    to: &std::path::Path,
+    error: &CopyError,
+) -> String {
+    let cannot = format!("cannot copy '{image}' to disk '{disk}'");
+    match error {
+        CopyError::SourceRead(e) => format!("{cannot}: cannot read {}: {e}", from.display()),
+        CopyError::TargetWrite(e) => format!("{cannot}: cannot write {}: {e}", to.display()),
+        CopyError::Mismatch => format!(
+            "{cannot}: the data read from {} does not match the image's checksums",
+            from.display()
+        ),
+        CopyError::NoSpace => format!(
+            "disk '{disk}' filled up while copying '{image}'; the partial copy was removed and another disk is tried"
+        ),
+        CopyError::Stopped => format!("{cannot}: the copy was stopped"),
+    }
+}
+
+fn store_kind(e: &rusqlite::Error) -> ErrorKind {
+    use rusqlite::ErrorCode;
+    match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => ErrorKind::Busy,
+        Some(ErrorCode::DiskFull) => ErrorKind::NoSpace,
+        Some(ErrorCode::SystemIoFailure) => ErrorKind::DiskIo,
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => ErrorKind::Corrupt,
+        Some(ErrorCode::PermissionDenied | ErrorCode::ReadOnly | ErrorCode::CannotOpen) => {
+            ErrorKind::Permission
+        }
+        _ => ErrorKind::Internal,
+    }
+}
+
 impl Error {
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
         Error::Io {
             context: context.into(),
             source,
+        }
+    }
+
+    /// A one-off refusal or failure, with its kind; `message` is the line the operator reads.
+    pub fn refused(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error::Refused {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::NoPool(_)
+            | Error::UnknownImage(_)
+            | Error::UnknownDisk(_)
+            | Error::UnknownHolder { .. } => ErrorKind::NotFound,
+            Error::PoolExists { .. }
+            | Error::ImageExists(_)
+            | Error::DiskExists(_)
+            | Error::DiskPathRegistered { .. } => ErrorKind::AlreadyExists,
+            Error::ImageBusy(_) | Error::ImageRemoving(_) | Error::CopyBeingWritten { .. } => {
+                ErrorKind::Busy
+            }
+            Error::InUse { .. } => ErrorKind::InUse,
+            Error::InvalidName { .. }
+            | Error::NotADirectory(_)
+            | Error::NotAnImage(_)
+            | Error::EmptyImage(_)
+            | Error::ZeroCopies => ErrorKind::InvalidInput,
+            Error::NoSpace { .. } | Error::NotEnoughDisks { .. } | Error::NoDisks => {
+                ErrorKind::NoSpace
+            }
+            Error::NotRoot(_) => ErrorKind::NotRoot,
+            Error::ForeignLabel { .. }
+            | Error::OnlyGoodCopy { .. }
+            | Error::GcHeld(_)
+            | Error::Unrestored(_) => ErrorKind::Conflict,
+            Error::CopyLeftBehind { source, .. } => source.kind(),
+            Error::BindMount { source, .. } | Error::Io { source, .. } => ErrorKind::of_io(source),
+            Error::Copy { error, .. } => error.kind(),
+            Error::Refused { kind, .. } => *kind,
+            Error::Store { source, .. } => store_kind(source),
+        }
+    }
+
+    /// For a failed copy, which side is at fault; `None` for any other error.
+    pub fn copy_blame(&self) -> Option<Blame> {
+        match self {
+            Error::Copy { error, .. } => Some(error.blame()),
+            _ => None,
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::core::repair;
 use crate::core::settings::{self, Settings};
 use crate::core::store::CopyState;
 use crate::daemon::mount::{self, MountConfig};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::clock::timestamp;
 use crate::format::units::{bytes, parse_size};
 use crate::fs::cache::MIN_CACHE_SIZE;
@@ -738,14 +738,14 @@ fn repair_cmd(state_dir: &Path, json_out: bool) -> Result<()> {
 fn unrepaired(report: &repair::Report) -> Result<()> {
     match report.problems.len() {
         0 => Ok(()),
-        1 => Err(Error::Usage(report.problems[0].clone())),
         n => {
-            for problem in &report.problems {
-                eprintln!("{problem}");
+            // One reason is the error's own line; several are printed above it.
+            if n > 1 {
+                for problem in &report.problems {
+                    eprintln!("{problem}");
+                }
             }
-            Err(Error::Usage(format!(
-                "{n} images could not be restored (reasons above); `imgpool status` tracks them"
-            )))
+            Err(Error::Unrestored(report.problems.clone()))
         }
     }
 }
@@ -791,10 +791,13 @@ fn scrub_cmd(state_dir: &Path, image: Option<&str>, json_out: bool) -> Result<()
 fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
     if !state_dir.join(crate::core::store::DB_FILE).exists() {
         if !args.repair {
-            return Err(Error::Usage(format!(
-                "no metadata store in {}: `imgpool fsck --repair` rebuilds it from the disks",
-                state_dir.display()
-            )));
+            return Err(Error::refused(
+                ErrorKind::NotFound,
+                format!(
+                    "no metadata store in {}: `imgpool fsck --repair` rebuilds it from the disks",
+                    state_dir.display()
+                ),
+            ));
         }
         for line in fsck::rebuild(state_dir, &args.disks)? {
             println!("rebuilt: {line}");
@@ -828,10 +831,13 @@ fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
         let report = run_repair(state_dir, &pool, args.json)?;
         return unrepaired(&report);
     }
-    Err(Error::Usage(format!(
-        "{} difference(s) between the store and the disks: `imgpool fsck --repair` fixes them",
-        findings.len()
-    )))
+    Err(Error::refused(
+        ErrorKind::Corrupt,
+        format!(
+            "{} difference(s) between the store and the disks: `imgpool fsck --repair` fixes them",
+            findings.len()
+        ),
+    ))
 }
 
 fn config_cmd(state_dir: &Path, cmd: ConfigCommand) -> Result<()> {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::core::owner::WorkLock;
 use crate::core::pool::{DiskHealth, Pool, GC_HOLD};
 use crate::core::store::{CopyState, ImageRow, ImageState, Store, DB_FILE};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::format::clock;
 use crate::format::layout::{CopyRecord, DiskLayout, Label};
 
@@ -312,10 +312,13 @@ fn find_disks(given: &[PathBuf]) -> Result<Vec<(PathBuf, Label)>> {
 /// gc is held until the operator has registered the holders again. Returns what was found.
 pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
     if state_dir.join(DB_FILE).exists() {
-        return Err(Error::Usage(format!(
-            "{} exists: rebuilding is for a lost store; move it aside first",
-            state_dir.join(DB_FILE).display()
-        )));
+        return Err(Error::refused(
+            ErrorKind::AlreadyExists,
+            format!(
+                "{} exists: rebuilding is for a lost store; move it aside first",
+                state_dir.join(DB_FILE).display()
+            ),
+        ));
     }
     let disks = find_disks(given)?;
     let mut pools: Vec<&str> = disks.iter().map(|(_, l)| l.pool_uuid.as_str()).collect();
@@ -324,16 +327,20 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
     let pool_uuid = match pools.as_slice() {
         [one] => one.to_string(),
         [] => {
-            return Err(Error::Usage(
-                "no imgpool disk found: pass each disk directory with --disk PATH".into(),
+            return Err(Error::refused(
+                ErrorKind::NotFound,
+                "no imgpool disk found: pass each disk directory with --disk PATH",
             ))
         }
         many => {
-            return Err(Error::Usage(format!(
-            "the disks found belong to {} pools ({}): pass the disks of one pool with --disk PATH",
-            many.len(),
-            many.join(", ")
-        )))
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!(
+                    "the disks found belong to {} pools ({}): pass the disks of one pool with --disk PATH",
+                    many.len(),
+                    many.join(", ")
+                ),
+            ))
         }
     };
     fs::create_dir_all(state_dir)

@@ -3,7 +3,7 @@
 //! tests drive it directly.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use crate::core::store::{
     CopyRow, CopyState, DiskRow, DiskState, FailedBy, HolderRow, ImageRow, ImageState, MountRow,
     Store,
 };
-use crate::error::{Error, IoContext, Result};
+use crate::error::{CopyError, Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 use crate::format::digests::CHUNK_SIZE;
 use crate::format::layout::{CopyRecord, DiskLayout, Label};
@@ -244,10 +244,7 @@ impl Pool {
         let path =
             fs::canonicalize(path).ctx(|| format!("cannot use {} as a disk", path.display()))?;
         if !path.is_dir() {
-            return Err(Error::Usage(format!(
-                "{} is not a directory: a disk is a directory, normally the mount point of its own filesystem",
-                path.display()
-            )));
+            return Err(Error::NotADirectory(path));
         }
         // Checked before anything is written to the directory: a registered disk whose
         // filesystem is not mounted must not get a label on the empty mount point.
@@ -358,12 +355,16 @@ impl Pool {
     pub fn online_disk(&self, name: &str) -> Result<usize> {
         let disk = self.store.disk_by_name(name)?;
         if disk.state == DiskState::Healthy {
-            return Err(Error::Usage(format!("disk '{name}' is already in service")));
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!("disk '{name}' is already in service"),
+            ));
         }
         if let Some(problem) = self.disk_health(&disk).problem() {
-            return Err(Error::Usage(format!(
-                "disk '{name}' cannot return to service: {problem}"
-            )));
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!("disk '{name}' cannot return to service: {problem}"),
+            ));
         }
         self.store
             .set_disk_state(disk.id, DiskState::Healthy, None, None, now())?;
@@ -380,7 +381,7 @@ impl Pool {
     pub fn evict_disk(&self, name: &str) -> Result<usize> {
         let disk = self.store.disk_by_name(name)?;
         if disk.state == DiskState::Failed {
-            return Err(Error::Usage(format!(
+            return Err(Error::refused(ErrorKind::Conflict, format!(
                 "disk '{name}' is failed: its copies are re-created from other disks already; `imgpool disk rm {name}` once `imgpool status` shows no image needing it"
             )));
         }
@@ -409,10 +410,10 @@ impl Pool {
                 continue;
             };
             if image.state == ImageState::Importing || copy.state == CopyState::Copying {
-                return Err(Error::Usage(format!(
-                    "a copy of '{}' is being written to disk '{name}': wait for it to finish, then retry",
-                    image.name
-                )));
+                return Err(Error::CopyBeingWritten {
+                    disk: name.to_string(),
+                    image: image.name.clone(),
+                });
             }
             let elsewhere = copies.iter().any(|other| {
                 other.image_id == image.id
@@ -424,10 +425,10 @@ impl Pool {
             }
         }
         if !only_copy.is_empty() {
-            return Err(Error::Usage(format!(
-                "disk '{name}' holds the only good copy of {}: `imgpool disk evict {name}` moves them off first (or bring the disk back if it failed)",
-                only_copy.join(", ")
-            )));
+            return Err(Error::OnlyGoodCopy {
+                disk: name.to_string(),
+                images: only_copy,
+            });
         }
         let layout = DiskLayout::new(&disk.path);
         let reachable = self.disk_health(&disk) == DiskHealth::Healthy;
@@ -466,7 +467,7 @@ impl Pool {
             None => self.settings()?.copies,
         };
         if copies == 0 {
-            return Err(Error::Usage("--copies must be at least 1".into()));
+            return Err(Error::ZeroCopies);
         }
         let (source, size) = open_source(file)?;
         let needed: u64 = sparse::data_extents(&source, size)
@@ -512,8 +513,15 @@ impl Pool {
                 progress(done, size);
                 Ok(())
             };
-            let outcome = write_copy(first, &self.record_of(&row), &source, None, &mut report)
-                .map_err(|e| self.write_error(name, first, needed, copies, e))?;
+            let outcome = write_copy(
+                first,
+                &self.record_of(&row),
+                &source,
+                file,
+                None,
+                &mut report,
+            )
+            .map_err(|e| self.write_error(name, first, needed, copies, e))?;
             let first_copy = DiskLayout::new(&first.path).copy_path(&uuid);
             let real_size = fs::metadata(&first_copy)
                 .ctx(|| format!("cannot stat {}", first_copy.display()))?
@@ -531,6 +539,7 @@ impl Pool {
                     disk,
                     &self.record_of(&verified),
                     &from,
+                    &first_copy,
                     Some(&verified),
                     &mut report,
                 )
@@ -586,19 +595,17 @@ impl Pool {
     }
 
     fn write_error(&self, name: &str, disk: &DiskRow, needed: u64, copies: u32, e: Error) -> Error {
-        match &e {
-            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-                Error::NoSpace {
-                    image: name.to_string(),
-                    needed,
-                    copies,
-                    detail: format!(
-                        "disk '{}' ({}) filled up during the import, nothing was kept",
-                        disk.name,
-                        disk.path.display()
-                    ),
-                }
-            }
+        match e.kind() {
+            ErrorKind::NoSpace => Error::NoSpace {
+                image: name.to_string(),
+                needed,
+                copies,
+                detail: format!(
+                    "disk '{}' ({}) filled up during the import, nothing was kept",
+                    disk.name,
+                    disk.path.display()
+                ),
+            },
             _ => e,
         }
     }
@@ -614,9 +621,7 @@ impl Pool {
     ) -> Result<Vec<DiskRow>> {
         let disks = self.store.disks()?;
         if disks.is_empty() {
-            return Err(Error::Usage(
-                "the pool has no disks: add one with `imgpool disk add NAME PATH`".into(),
-            ));
+            return Err(Error::NoDisks);
         }
         let mut candidates = Vec::new();
         for disk in &disks {
@@ -722,7 +727,7 @@ impl Pool {
     /// Changes an image's copy policy; the repair adds or removes copies to match.
     pub fn set_copies(&self, name: &str, copies: u32) -> Result<ImageInfo> {
         if copies == 0 {
-            return Err(Error::Usage("--copies must be at least 1".into()));
+            return Err(Error::ZeroCopies);
         }
         let image = self.image(name)?;
         let usable = self
@@ -731,9 +736,7 @@ impl Pool {
             .filter(|(d, ok)| *ok && d.state == DiskState::Healthy)
             .count();
         if copies as usize > usable {
-            return Err(Error::Usage(format!(
-                "{copies} copies need {copies} healthy disks, the pool has {usable}: add disks with `imgpool disk add` first"
-            )));
+            return Err(Error::NotEnoughDisks { copies, usable });
         }
         self.store.set_copies_wanted(image.image.id, copies)?;
         self.image(name)
@@ -753,11 +756,10 @@ impl Pool {
             let disk = copy.disk;
             DiskLayout::new(&disk.path)
                 .remove_copy(&image.uuid)
-                .map_err(|e| {
-                    Error::Usage(format!(
-                        "image '{}' is removed from the pool but its copy on disk '{}' could not be deleted ({e}); any later imgpool command retries",
-                        image.name, disk.name
-                    ))
+                .map_err(|e| Error::CopyLeftBehind {
+                    image: image.name.clone(),
+                    disk: disk.name.clone(),
+                    source: Box::new(e),
                 })?;
         }
         self.store.delete_image(image.id)
@@ -795,9 +797,7 @@ impl Pool {
     /// the names removed (or, with `dry_run`, that would be).
     pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<Vec<String>> {
         if let Some(hold) = self.gc_hold()? {
-            return Err(Error::Usage(format!(
-                "gc is held: {hold}; once every holder is registered again with `imgpool ref add`, run `imgpool gc --release-hold`"
-            )));
+            return Err(Error::GcHeld(hold));
         }
         let cutoff = now() - grace.as_secs() as i64;
         let mut removed = Vec::new();
@@ -1002,19 +1002,13 @@ fn open_source(file: &Path) -> Result<(File, u64)> {
         .ctx(|| format!("cannot stat {}", file.display()))?;
     let kind = meta.file_type();
     if !(kind.is_file() || kind.is_block_device()) {
-        return Err(Error::Usage(format!(
-            "{} is not a regular file or block device: give the path of a raw image",
-            file.display()
-        )));
+        return Err(Error::NotAnImage(file.to_path_buf()));
     }
     let size = source
         .seek(SeekFrom::End(0))
         .ctx(|| format!("cannot read the size of {}", file.display()))?;
     if size == 0 {
-        return Err(Error::Usage(format!(
-            "{} is empty: an image needs at least one byte",
-            file.display()
-        )));
+        return Err(Error::EmptyImage(file.to_path_buf()));
     }
     Ok((source, size))
 }
@@ -1033,36 +1027,41 @@ pub fn drop_cached_pages(copy: &File) {
 /// Writes one copy on `disk`: the data under a temporary name and fsync; then its digest file
 /// and record; then the rename that commits it, and fsync of the directories. With `expect`
 /// (the image as imported), the data must hash to its SHA-512 and chunk digests, or nothing is
-/// committed. `record` is completed with the hashes of what was written.
+/// committed. `record` is completed with the hashes of what was written. A failure of the copy
+/// itself is an `Error::Copy` that says which side failed (`from`, read from `from_path`, or
+/// the new copy); the other failures (the disk's directories, digest file, record, rename) are
+/// the target's.
 pub fn write_copy(
     disk: &DiskRow,
     record: &CopyRecord,
     from: &File,
+    from_path: &Path,
     expect: Option<&ImageRow>,
-    progress: &mut dyn FnMut(u64, usize) -> io::Result<()>,
+    progress: &mut dyn FnMut(u64, usize) -> std::result::Result<(), CopyError>,
 ) -> Result<CopyOutcome> {
     let layout = DiskLayout::new(&disk.path);
     layout.create_dirs()?;
     let (uuid, size) = (record.uuid.as_str(), record.size);
     let tmp = layout.tmp_copy_path(uuid);
+    let failed = |error| Error::Copy {
+        image: record.name.clone(),
+        disk: disk.name.clone(),
+        from: from_path.to_path_buf(),
+        to: tmp.clone(),
+        error,
+    };
     let dst = OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o444)
         .open(&tmp)
-        .ctx(|| format!("cannot create {}", tmp.display()))?;
+        .map_err(|e| failed(CopyError::target(e)))?;
     let outcome = sparse::copy_sparse(from, Some(&dst), size, CHUNK_SIZE, progress)
-        .and_then(|o| dst.sync_all().map(|()| o))
-        .ctx(|| format!("cannot write {}", tmp.display()))?;
+        .and_then(|o| dst.sync_all().map(|()| o).map_err(CopyError::target))
+        .map_err(failed)?;
     if let Some(image) = expect {
         if outcome.sha512 != image.sha512 || outcome.chunks.list_hash() != image.digests_hash {
-            return Err(Error::io(
-                format!(
-                    "the data written to disk '{}' does not match image '{}' as imported",
-                    disk.name, image.name
-                ),
-                io::Error::new(io::ErrorKind::InvalidData, "checksum mismatch"),
-            ));
+            return Err(failed(CopyError::Mismatch));
         }
     }
     drop_cached_pages(&dst);

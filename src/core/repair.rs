@@ -13,7 +13,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use parking_lot::Mutex;
 use crate::core::health;
 use crate::core::pool::{self, copy_info, CopyInfo, Pool};
 use crate::core::store::{CopyState, DiskRow, DiskState, FailOutcome, ImageRow, ImageState};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Blame, CopyError, Error, ErrorKind, Result};
 use crate::format::clock;
 use crate::format::layout::DiskLayout;
 use crate::format::sparse;
@@ -161,8 +160,13 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
                 }
                 Err(e) => {
                     if let Action::Create { image, target, .. } = &action {
-                        refused.entry(image.id).or_default().push(target.id);
-                        // Another target may exist: trying again is progress.
+                        // Only a target at fault is not chosen again for the image. A source at
+                        // fault was failed or sent to verification, so the next round copies
+                        // from another source; a stopped copy blames nobody.
+                        if e.copy_blame().unwrap_or(Blame::Target) == Blame::Target {
+                            refused.entry(image.id).or_default().push(target.id);
+                        }
+                        // Another target or source may exist: trying again is progress.
                         progressed = true;
                     }
                     tracing::warn!("{e}");
@@ -469,12 +473,14 @@ fn run_action(
         } => {
             let started = Instant::now();
             let created = create_copy(pool, image, target, source, throttle, reporter, stop);
-            if let (Err(Error::Io { source: e, .. }), Source::File(_)) = (&created, source) {
-                if e.kind() == io::ErrorKind::InvalidData {
+            if let (Err(e), Source::File(_)) = (&created, source) {
+                // A source file that does not read, or no longer hashes to the image: not
+                // used again in this repair.
+                if e.copy_blame() == Some(Blame::Source) {
                     changed_sources.lock().insert(image.id);
                 }
             }
-            created.map_err(|e| describe_copy_error(image, target, e))?;
+            created?;
             let from = match source {
                 Source::Copy(disk) => format!("from '{}'", disk.name),
                 Source::File(path) => format!("from its source {}", path.display()),
@@ -503,10 +509,13 @@ fn create_copy(
 ) -> Result<()> {
     let store = pool.store();
     if !store.insert_copy(image.id, target.id, CopyState::Copying, clock::now())? {
-        return Err(Error::Usage(format!(
-            "disk '{}' already has a copy of '{}'",
-            target.name, image.name
-        )));
+        return Err(Error::refused(
+            ErrorKind::AlreadyExists,
+            format!(
+                "disk '{}' already has a copy of '{}'",
+                target.name, image.name
+            ),
+        ));
     }
     let source_path = match source {
         Source::Copy(disk) => DiskLayout::new(&disk.path).copy_path(&image.uuid),
@@ -517,21 +526,25 @@ fn create_copy(
         image.size,
     );
     let written = File::open(&source_path)
-        .ctx(|| format!("cannot open {}", source_path.display()))
+        .map_err(|e| Error::Copy {
+            image: image.name.clone(),
+            disk: target.name.clone(),
+            from: source_path.clone(),
+            to: DiskLayout::new(&target.path).tmp_copy_path(&image.uuid),
+            error: CopyError::SourceRead(e),
+        })
         .and_then(|from| {
             let outcome = pool::write_copy(
                 target,
                 &pool.record_of(image),
                 &from,
+                &source_path,
                 Some(image),
                 &mut |done, data| {
                     progress(done);
                     throttle.consume(data as u64);
                     if stop.load(Ordering::Relaxed) {
-                        Err(io::Error::new(
-                            io::ErrorKind::Interrupted,
-                            "the repair was stopped",
-                        ))
+                        Err(CopyError::Stopped)
                     } else {
                         Ok(())
                     }
@@ -559,59 +572,61 @@ fn create_copy(
                 tracing::warn!("{cleanup}");
             }
             store.delete_copy(image.id, target.id)?;
-            if let Source::Copy(disk) = source {
-                blame_source(pool, image, disk, &e)?;
+            // Any failure other than a copy's own (the target's digest file, record or rename)
+            // is the target's.
+            match e.copy_blame().unwrap_or(Blame::Target) {
+                Blame::Source => {
+                    if let Source::Copy(disk) = source {
+                        blame_source(pool, image, disk, &e)?;
+                    }
+                }
+                Blame::Target => {
+                    // A target that cannot take writes is probed now, not at the next round.
+                    let target_now = store.disk_by_name(&target.name)?;
+                    let result = health::probe(pool.uuid(), &target_now);
+                    health::apply_probe(pool, &target_now, result)?;
+                }
+                Blame::Neither => {}
             }
-            // A target that cannot take writes is probed now, not at the next round.
-            let target_now = store.disk_by_name(&target.name)?;
-            let result = health::probe(pool.uuid(), &target_now);
-            health::apply_probe(pool, &target_now, result)?;
             Err(e)
         }
     }
 }
 
-/// A copy from `disk` failed: if the source is at fault, its disk is probed and, if the disk is
-/// fine, the copy is sent to verification (a mismatch) or failed (a read error).
+/// A copy from `disk` failed on the source's side: its disk is probed and, if the disk is fine,
+/// the fault is the copy's own: a read error fails it (the image's last good copy keeps serving
+/// with the damage noted, as on the read path), a mismatch sends it to verification.
 fn blame_source(pool: &Pool, image: &ImageRow, disk: &DiskRow, e: &Error) -> Result<()> {
-    let Error::Io { source, context } = e else {
+    let Error::Copy { error, .. } = e else {
         return Ok(());
     };
-    let from_source = source.kind() == io::ErrorKind::InvalidData || context.contains("read");
-    if !from_source {
-        return Ok(());
-    }
     let result = health::probe(pool.uuid(), disk);
     if health::apply_probe(pool, disk, result)? {
         return Ok(());
     }
-    let state = if source.kind() == io::ErrorKind::InvalidData {
-        CopyState::Unverified
-    } else {
-        CopyState::Failed
-    };
-    pool.store().set_copy_state(
-        image.id,
-        disk.id,
-        state,
-        Some(&format!("a copy from it failed: {e}")),
-        clock::now(),
-    )
-}
-
-fn describe_copy_error(image: &ImageRow, target: &DiskRow, e: Error) -> Error {
-    match &e {
-        Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
-            Error::Usage(format!(
-                "disk '{}' filled up while copying '{}'; the partial copy was removed and another disk is tried",
-                target.name, image.name
-            ))
-        }
-        _ => Error::Usage(format!(
-            "cannot copy '{}' to disk '{}': {e}",
-            image.name, target.name
-        )),
+    let reason = format!("a copy from it failed: {e}");
+    if matches!(error, CopyError::Mismatch) {
+        return pool.store().set_copy_state(
+            image.id,
+            disk.id,
+            CopyState::Unverified,
+            Some(&reason),
+            clock::now(),
+        );
     }
+    let outcome = pool
+        .store()
+        .fail_copy(image.id, disk.id, &reason, clock::now())?;
+    tracing::warn!(
+        "the copy of '{}' on '{}' does not read and is {}: {reason}",
+        image.name,
+        disk.name,
+        match outcome {
+            FailOutcome::KeptDamaged => "kept serving its good chunks (the last good copy)",
+            _ => "failed; another copy is the source",
+        }
+    );
+    Ok(())
 }
 
 /// Reads a whole copy and checks it against the image's SHA-512 and chunk digests. `Ok(Err)`
@@ -630,21 +645,23 @@ pub fn verify_copy(
         format!("verify {} on {}", image.name, disk.name),
         image.size,
     );
-    let hashed = File::open(&path).and_then(|file| {
-        let outcome = sparse::copy_sparse(
-            &file,
-            None,
-            image.size,
-            image.chunk_size,
-            &mut |done, data| {
-                progress(done);
-                throttle.consume(data as u64);
-                Ok(())
-            },
-        );
-        pool::drop_cached_pages(&file);
-        outcome
-    });
+    let hashed = File::open(&path)
+        .map_err(CopyError::SourceRead)
+        .and_then(|file| {
+            let outcome = sparse::copy_sparse(
+                &file,
+                None,
+                image.size,
+                image.chunk_size,
+                &mut |done, data| {
+                    progress(done);
+                    throttle.consume(data as u64);
+                    Ok(())
+                },
+            );
+            pool::drop_cached_pages(&file);
+            outcome
+        });
     let outcome = match hashed {
         Ok(outcome) => outcome,
         Err(e) => {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use crate::core::store::Store;
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -55,10 +55,13 @@ pub const KEYS: [Key; 4] = [
 
 fn unknown(key: &str) -> Error {
     let keys: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
-    Error::Usage(format!(
-        "no setting named '{key}': the settings are {}",
-        keys.join(", ")
-    ))
+    Error::refused(
+        ErrorKind::InvalidInput,
+        format!(
+            "no setting named '{key}': the settings are {}",
+            keys.join(", ")
+        ),
+    )
 }
 
 impl Settings {
@@ -85,7 +88,12 @@ impl Settings {
 
     fn apply(&mut self, key: &str, value: &str) -> Result<()> {
         let value = value.trim();
-        let bad = |why: &str| Error::Usage(format!("invalid value {value:?} for {key}: {why}"));
+        let bad = |why: &str| {
+            Error::refused(
+                ErrorKind::InvalidInput,
+                format!("invalid value {value:?} for {key}: {why}"),
+            )
+        };
         match key {
             "copies" => {
                 self.copies = value

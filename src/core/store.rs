@@ -9,7 +9,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS pool (
@@ -377,11 +377,14 @@ impl Store {
             Ok(None)
         })
         .and_then(|old| match old {
-            Some(version) => Err(Error::Usage(format!(
-                "the metadata store {} has schema version {version}, this imgpool reads version {SCHEMA_VERSION}: use the imgpool that created it, or rebuild the index from the disks with `imgpool fsck --repair` after moving {} aside",
-                store.path.display(),
-                store.path.display()
-            ))),
+            Some(version) => Err(Error::refused(
+                ErrorKind::Conflict,
+                format!(
+                    "the metadata store {} has schema version {version}, this imgpool reads version {SCHEMA_VERSION}: use the imgpool that created it, or rebuild the index from the disks with `imgpool fsck --repair` after moving {} aside",
+                    store.path.display(),
+                    store.path.display()
+                ),
+            )),
             None => Ok(()),
         })?;
         Ok(store)

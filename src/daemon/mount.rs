@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use crate::core::owner::{self, Owner, OwnerLock};
 use crate::core::pool::Pool;
 use crate::core::{health, repair};
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock;
 use crate::format::mountinfo;
 use crate::fs::fuse::FuseAdapter;
@@ -73,21 +73,29 @@ pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result
     let result = run_daemon(state_dir, &config, notify);
     if notify {
         if let Err(e) = &result {
-            // The parent relays this line as its own error.
-            println!("error: {e}");
+            // The parent relays this line, with its kind, as its own error.
+            println!("error: [{}] {e}", e.kind());
         }
     }
     result
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf> {
-    let cannot = |why: String| Error::Usage(format!("cannot mount at {}: {why}", path.display()));
+    let cannot = |why: String| {
+        Error::refused(
+            ErrorKind::InvalidInput,
+            format!("cannot mount at {}: {why}", path.display()),
+        )
+    };
     let daemon_died = || {
-        Error::Usage(format!(
-            "{} is a mount whose daemon died: run `imgpool umount {}` first",
-            path.display(),
-            path.display()
-        ))
+        Error::refused(
+            ErrorKind::Conflict,
+            format!(
+                "{} is a mount whose daemon died: run `imgpool umount {}` first",
+                path.display(),
+                path.display()
+            ),
+        )
     };
     let canonical = std::fs::canonicalize(path).map_err(|e| {
         if is_dead_fuse_mount(&e) {
@@ -103,11 +111,14 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf> {
         Ok(_) => {}
     }
     if let Some(existing) = mountinfo::mount_at(&mountinfo::read()?, &canonical) {
-        return Err(Error::Usage(format!(
-            "{} is already a mount point ({}): unmount it first, or pick another directory",
-            canonical.display(),
-            existing.fs_type
-        )));
+        return Err(Error::refused(
+            ErrorKind::Conflict,
+            format!(
+                "{} is already a mount point ({}): unmount it first, or pick another directory",
+                canonical.display(),
+                existing.fs_type
+            ),
+        ));
     }
     Ok(canonical)
 }
@@ -183,13 +194,16 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
             // Our own child: stop it rather than leave a half-started daemon behind.
             let _ = child.kill();
             let _ = child.wait();
-            return Err(Error::Usage(format!(
-                "the mount daemon did not report ready within {} s and was stopped: see {}; if {} is still mounted, run `imgpool umount --lazy {}`",
-                READY_TIMEOUT.as_secs(),
-                log_path.display(),
-                config.mountpoint.display(),
-                config.mountpoint.display()
-            )));
+            return Err(Error::refused(
+                ErrorKind::Internal,
+                format!(
+                    "the mount daemon did not report ready within {} s and was stopped: see {}; if {} is still mounted, run `imgpool umount --lazy {}`",
+                    READY_TIMEOUT.as_secs(),
+                    log_path.display(),
+                    config.mountpoint.display(),
+                    config.mountpoint.display()
+                ),
+            ));
         }
     };
     let line = line.trim_end();
@@ -206,12 +220,28 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
         .wait()
         .ctx(|| "cannot wait for the mount daemon".into())?;
     Err(match line.strip_prefix("error: ") {
-        Some(message) => Error::Usage(message.to_string()),
-        None => Error::Usage(format!(
-            "the mount daemon stopped ({status}) before the mount was ready: see {}",
-            log_path.display()
-        )),
+        Some(message) => relayed_error(message),
+        None => Error::refused(
+            ErrorKind::Internal,
+            format!(
+                "the mount daemon stopped ({status}) before the mount was ready: see {}",
+                log_path.display()
+            ),
+        ),
     })
+}
+
+/// The daemon's `error: [kind] message` line as an error of that kind (`internal` if the line
+/// names none).
+fn relayed_error(line: &str) -> Error {
+    let kind = line
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("] "))
+        .and_then(|(kind, message)| Some((ErrorKind::parse(kind)?, message)));
+    match kind {
+        Some((kind, message)) => Error::refused(kind, message),
+        None => Error::refused(ErrorKind::Internal, line),
+    }
 }
 
 enum Event {
@@ -251,10 +281,11 @@ impl BindMounts {
                     let mut failed = self.failed.lock();
                     if !failed.contains(&target) {
                         failed.push(target.clone());
-                        return Err(Error::Usage(format!(
-                            "cannot bind-mount disk '{name}' view at {}: {e}",
-                            target.display()
-                        )));
+                        return Err(Error::BindMount {
+                            disk: name,
+                            target,
+                            source: e,
+                        });
                     }
                 }
             }
@@ -510,10 +541,10 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
 fn set_read_ahead(mountpoint: &Path, bytes: u64) -> Result<()> {
     let table = mountinfo::read()?;
     let Some(entry) = mountinfo::mount_at(&table, mountpoint) else {
-        return Err(Error::Usage(format!(
-            "{} is not mounted",
-            mountpoint.display()
-        )));
+        return Err(Error::refused(
+            ErrorKind::NotFound,
+            format!("{} is not mounted", mountpoint.display()),
+        ));
     };
     let path = format!("/sys/class/bdi/{}/read_ahead_kb", entry.device);
     std::fs::write(&path, format!("{}\n", bytes / 1024)).ctx(|| format!("cannot write {path}"))
@@ -578,10 +609,13 @@ pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
     let entry = mountinfo::mount_at(&table, &mountpoint)
         .filter(|m| m.fs_type == FS_TYPE)
         .ok_or_else(|| {
-            Error::Usage(format!(
-                "{} is not an imgpool mount: `imgpool status` lists the pool's mounts",
-                mountpoint.display()
-            ))
+            Error::refused(
+                ErrorKind::NotFound,
+                format!(
+                    "{} is not an imgpool mount: `imgpool status` lists the pool's mounts",
+                    mountpoint.display()
+                ),
+            )
         })?;
     let binds: Vec<&mountinfo::MountEntry> = table
         .iter()
@@ -620,11 +654,14 @@ pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
 
 fn busy_error(path: &Path, e: io::Error) -> Error {
     if e.raw_os_error() == Some(libc::EBUSY) {
-        Error::Usage(format!(
-            "{} is busy: files are open through it (`fuser -vm {}` lists them); close them and retry, or use --lazy",
-            path.display(),
-            path.display()
-        ))
+        Error::refused(
+            ErrorKind::InUse,
+            format!(
+                "{} is busy: files are open through it (`fuser -vm {}` lists them); close them and retry, or use --lazy",
+                path.display(),
+                path.display()
+            ),
+        )
     } else {
         Error::io(format!("cannot unmount {}", path.display()), e)
     }

@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 
 use sha2::{Digest, Sha512};
 
+use crate::error::CopyError;
 use crate::format::digests::{ChunkDigests, ChunkHasher};
 
 /// The unit of hole detection inside data extents: a filesystem block.
@@ -63,14 +64,15 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
 /// Copies the first `size` bytes of `src` into `dst` (which must be empty), leaving holes where
 /// the source has holes or all-zero blocks; without `dst`, only hashes. After each read,
 /// `progress` is told how many logical bytes are done and how many were just read; an error it
-/// returns ends the copy (a stop, or a rate limit that gave up).
+/// returns ends the copy (a stop). A failure says its side: reading `src` (`SourceRead`) or
+/// writing `dst` (`TargetWrite`, or `NoSpace`).
 pub fn copy_sparse(
     src: &File,
     dst: Option<&File>,
     size: u64,
     chunk_size: u64,
-    progress: &mut dyn FnMut(u64, usize) -> io::Result<()>,
-) -> io::Result<CopyOutcome> {
+    progress: &mut dyn FnMut(u64, usize) -> Result<(), CopyError>,
+) -> Result<CopyOutcome, CopyError> {
     let mut hasher = Sha512::new();
     let mut chunks = ChunkHasher::new(chunk_size);
     let mut buf = vec![0u8; BUF];
@@ -86,23 +88,23 @@ pub fn copy_sparse(
             }
         };
 
-    for (start, end) in data_extents(src, size)? {
+    for (start, end) in data_extents(src, size).map_err(CopyError::SourceRead)? {
         hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, start);
         let mut pos = start;
         while pos < end {
             let want = (end - pos).min(BUF as u64) as usize;
-            let n = read_full_at(src, &mut buf[..want], pos)?;
+            let n = read_full_at(src, &mut buf[..want], pos).map_err(CopyError::SourceRead)?;
             if n == 0 {
-                return Err(io::Error::new(
+                return Err(CopyError::SourceRead(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!("source ended at byte {pos}, expected {size} bytes"),
-                ));
+                )));
             }
             let data = &buf[..n];
             hasher.update(data);
             chunks.update(data);
             if let Some(dst) = dst {
-                write_nonzero_blocks(dst, data, pos)?;
+                write_nonzero_blocks(dst, data, pos).map_err(CopyError::target)?;
             }
             pos += n as u64;
             hashed = pos;
@@ -111,7 +113,7 @@ pub fn copy_sparse(
     }
     hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, size);
     if let Some(dst) = dst {
-        dst.set_len(size)?;
+        dst.set_len(size).map_err(CopyError::target)?;
     }
     progress(size, 0)?;
     Ok(CopyOutcome {
