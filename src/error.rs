@@ -445,3 +445,102 @@ impl<T> IoContext<T> for io::Result<T> {
         self.map_err(|e| Error::io(context(), e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_name_that_parses_back() {
+        for kind in ErrorKind::ALL {
+            assert_eq!(ErrorKind::parse(kind.as_str()), Some(kind));
+        }
+        assert_eq!(ErrorKind::parse("usage"), None);
+    }
+
+    #[test]
+    fn a_full_disk_is_recognised_once_and_blamed_on_the_target() {
+        let full = CopyError::target(io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(matches!(full, CopyError::NoSpace), "{full:?}");
+        assert_eq!(full.blame(), Blame::Target);
+        assert_eq!(full.kind(), ErrorKind::NoSpace);
+        let eio = CopyError::target(io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(eio, CopyError::TargetWrite(_)), "{eio:?}");
+        assert_eq!(eio.blame(), Blame::Target);
+        assert_eq!(eio.kind(), ErrorKind::DiskIo);
+    }
+
+    #[test]
+    fn a_copy_failure_is_blamed_on_the_side_that_failed() {
+        let read = CopyError::SourceRead(io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(read.blame(), Blame::Source);
+        assert_eq!(read.kind(), ErrorKind::DiskIo);
+        assert_eq!(CopyError::Mismatch.blame(), Blame::Source);
+        assert_eq!(CopyError::Mismatch.kind(), ErrorKind::Corrupt);
+        assert_eq!(CopyError::Stopped.blame(), Blame::Neither);
+        assert_eq!(CopyError::Stopped.kind(), ErrorKind::Interrupted);
+
+        let copy = |error| Error::Copy {
+            image: "a".into(),
+            disk: "d3".into(),
+            from: "/d1/.imgpool/copies/u.img".into(),
+            to: "/d3/.imgpool/tmp/u.img".into(),
+            error,
+        };
+        let read = copy(CopyError::SourceRead(io::Error::from_raw_os_error(
+            libc::EIO,
+        )));
+        assert_eq!(read.copy_blame(), Some(Blame::Source));
+        assert!(
+            read.to_string().starts_with(
+                "cannot copy 'a' to disk 'd3': cannot read /d1/.imgpool/copies/u.img: "
+            ),
+            "{read}"
+        );
+        let write = copy(CopyError::TargetWrite(io::Error::from_raw_os_error(
+            libc::EIO,
+        )));
+        assert!(
+            write
+                .to_string()
+                .contains("cannot write /d3/.imgpool/tmp/u.img"),
+            "{write}"
+        );
+        assert_eq!(
+            copy(CopyError::NoSpace).to_string(),
+            "disk 'd3' filled up while copying 'a'; the partial copy was removed and another disk is tried"
+        );
+        assert_eq!(Error::NoDisks.copy_blame(), None);
+    }
+
+    #[test]
+    fn errors_carry_their_kind() {
+        assert_eq!(Error::UnknownImage("a".into()).kind(), ErrorKind::NotFound);
+        assert_eq!(Error::ZeroCopies.kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            Error::OnlyGoodCopy {
+                disk: "d1".into(),
+                images: vec!["a".into()]
+            }
+            .kind(),
+            ErrorKind::Conflict
+        );
+        assert_eq!(
+            Error::io("x", io::Error::from_raw_os_error(libc::EACCES)).kind(),
+            ErrorKind::Permission
+        );
+        assert_eq!(
+            Error::io("x", io::Error::new(io::ErrorKind::InvalidData, "bad json")).kind(),
+            ErrorKind::Corrupt
+        );
+        let left = Error::CopyLeftBehind {
+            image: "a".into(),
+            disk: "d1".into(),
+            source: Box::new(Error::io("x", io::Error::from_raw_os_error(libc::EIO))),
+        };
+        assert_eq!(left.kind(), ErrorKind::DiskIo);
+        let refused = Error::refused(ErrorKind::InUse, "busy: close the files");
+        assert_eq!(refused.kind(), ErrorKind::InUse);
+        assert_eq!(refused.to_string(), "busy: close the files");
+    }
+}

@@ -1017,6 +1017,100 @@ mod tests {
     }
 
     #[test]
+    fn a_source_copy_that_does_not_read_is_failed_and_no_target_is_blamed() {
+        let f = fixture(4);
+        let bytes = content(300_000);
+        f.image("a", &bytes, 2);
+        let serving = f.serving("a");
+        // The planner copies from the first serving copy: make it unreadable. A directory in
+        // its place opens, and every read of it fails (EISDIR); its disk stays healthy.
+        let (bad, good) = (serving[0].clone(), serving[1].clone());
+        let bad_path = copy_file(&f, "a", &bad);
+        fs::remove_file(&bad_path).unwrap();
+        fs::create_dir(&bad_path).unwrap();
+        let store = f.pool.store();
+        let disk = |name: &str| store.disk_by_name(name).unwrap();
+        let image = f.pool.image("a").unwrap().image;
+
+        // One copy from the bad source: the error is the source's, the source copy is failed
+        // with the read error as its reason, and the target is neither failed nor left with a
+        // copy.
+        let target = ["d1", "d2", "d3", "d4"]
+            .into_iter()
+            .find(|d| !serving.iter().any(|s| s == d))
+            .unwrap();
+        let err = create_copy(
+            &f.pool,
+            &image,
+            &disk(target),
+            &Source::Copy(disk(&bad)),
+            &Throttle::new(0),
+            &Quiet,
+            &AtomicBool::new(false),
+        )
+        .unwrap_err();
+        assert_eq!(err.copy_blame(), Some(Blame::Source), "{err}");
+        assert!(
+            err.to_string()
+                .contains(&format!("cannot read {}", bad_path.display())),
+            "{err}"
+        );
+        let info = f.pool.image("a").unwrap();
+        let bad_copy = info.copies.iter().find(|c| c.disk == bad).unwrap();
+        assert_eq!(bad_copy.state, CopyState::Failed);
+        assert!(
+            bad_copy.reason.as_deref().unwrap().contains("cannot read"),
+            "{bad_copy:?}"
+        );
+        assert!(info.copies.iter().all(|c| c.disk != target), "{info:?}");
+        assert_eq!(f.serving("a"), vec![good.clone()]);
+        for d in store.disks().unwrap() {
+            assert_eq!(d.state, DiskState::Healthy, "{d:?}");
+        }
+
+        // A whole repair to 3 copies, the bad copy ready again as the first source: it is
+        // failed, and the copies come from the good one, onto every other disk (so no target
+        // was refused).
+        store
+            .set_copy_state(image.id, disk(&bad).id, CopyState::Ready, None, 0)
+            .unwrap();
+        assert_eq!(f.serving("a")[0], bad);
+        f.pool.set_copies("a", 3).unwrap();
+        let report = run(&f.pool);
+        assert!(report.problems.is_empty(), "{report:?}");
+        assert!(
+            report
+                .done
+                .iter()
+                .any(|l| l.starts_with("failed: cannot copy 'a'")
+                    && l.contains(&format!("cannot read {}", bad_path.display()))),
+            "{report:?}"
+        );
+        assert_eq!(f.pool.image("a").unwrap().state(), "ready", "{report:?}");
+        let mut holders = f.serving("a");
+        holders.sort();
+        let others: Vec<String> = ["d1", "d2", "d3", "d4"]
+            .into_iter()
+            .filter(|d| *d != bad)
+            .map(String::from)
+            .collect();
+        assert_eq!(holders, others, "{report:?}");
+        for disk in &holders {
+            if *disk != good {
+                let from_good = format!("copied 'a' to '{disk}' from '{good}'");
+                assert!(
+                    report.done.iter().any(|l| l.starts_with(&from_good)),
+                    "{report:?}"
+                );
+            }
+            assert_eq!(fs::read(copy_file(&f, "a", disk)).unwrap(), bytes);
+        }
+        for d in store.disks().unwrap() {
+            assert_eq!(d.state, DiskState::Healthy, "{d:?}");
+        }
+    }
+
+    #[test]
     fn a_removal_is_refused_when_it_would_leave_too_few_good_copies() {
         let f = fixture(2);
         f.image("a", &content(1000), 2);

@@ -216,6 +216,44 @@ mod tests {
     }
 
     #[test]
+    fn a_source_that_does_not_read_and_a_target_that_does_not_write_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = dir.path().join("src");
+        std::fs::write(&src_path, vec![7u8; 100_000]).unwrap();
+        let dst_path = dir.path().join("dst");
+        File::create(&dst_path).unwrap();
+        let mut go_on = |_, _| Ok(());
+
+        // A source whose reads fail (a descriptor open for writing only: EBADF).
+        let unreadable = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&src_path)
+            .unwrap();
+        let dst = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&dst_path)
+            .unwrap();
+        match copy_sparse(&unreadable, Some(&dst), 100_000, 64 << 10, &mut go_on) {
+            Err(CopyError::SourceRead(e)) => assert_eq!(e.raw_os_error(), Some(libc::EBADF)),
+            other => panic!("expected a source read error, got {other:?}"),
+        }
+
+        // A target whose writes fail (a descriptor open for reading only: EBADF).
+        let unwritable = File::open(&dst_path).unwrap();
+        let src = File::open(&src_path).unwrap();
+        match copy_sparse(&src, Some(&unwritable), 100_000, 64 << 10, &mut go_on) {
+            Err(CopyError::TargetWrite(e)) => assert_eq!(e.raw_os_error(), Some(libc::EBADF)),
+            other => panic!("expected a target write error, got {other:?}"),
+        }
+
+        // A stop asked for by the progress callback ends the copy as `Stopped`.
+        let stopped = copy_sparse(&src, None, 100_000, 64 << 10, &mut |_, _| {
+            Err(CopyError::Stopped)
+        });
+        assert!(matches!(stopped, Err(CopyError::Stopped)), "{stopped:?}");
+    }
+
+    #[test]
     fn extents_of_a_dense_and_an_empty_file() {
         let dir = tempfile::tempdir().unwrap();
         let dense = dir.path().join("dense");
