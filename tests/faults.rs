@@ -748,6 +748,98 @@ fn a_disk_that_fills_up_during_a_repair_sends_the_copy_elsewhere() {
     assert_fsck_clean(&pool, "a repair that filled a disk");
 }
 
+// ---- a source copy with bad sectors ----
+
+#[test]
+fn a_source_copy_that_does_not_read_is_failed_and_the_repair_copies_from_another() {
+    if !can_mount("a_source_copy_that_does_not_read_is_failed_and_the_repair_copies_from_another") {
+        return;
+    }
+    let mut pool = TestPool::empty();
+    // d1: ext4 on a device whose sectors can fail; the image's first copy goes there, so it is
+    // the first in placement order, the one the repair copies from.
+    let bad = FaultyDisk::new(pool.dir.path(), "d1", 256 * MIB);
+    pool.add_disk("d1", &bad.mountpoint);
+    let source = pool.path("source.img");
+    random_file(&source, 16 * MIB, 109);
+    let sha512 = sha512sum(&source);
+    pool.add_image("img", &source, 1);
+    // d2 (a plain directory) gets the second copy, read from d1 while d1 still reads.
+    for name in ["d2", "d3", "d4"] {
+        fs::create_dir(pool.path(name)).unwrap();
+    }
+    pool.add_disk("d2", &pool.path("d2"));
+    pool.ok(&["image", "set", "img", "--copies", "2"]);
+    pool.ok(&["repair"]);
+    let info = show(&pool, "img");
+    assert!(has_copies_on(&info, 2, &["d1", "d2"]), "{info}");
+    assert_eq!(serving_disks(&info)[0], "d1", "{info}");
+
+    // Bad sectors under d1's copy, and only there: the disk's label and probe file still read
+    // and write.
+    let bad_copy = copy_path(&info, "d1");
+    let ranges = bad.fail_reads_of(&bad_copy);
+    eprintln!("failing reads of {bad_copy:?}: device bytes {ranges:?}");
+    let read = fs::read(&bad_copy);
+    assert!(
+        read.as_ref()
+            .is_err_and(|e| e.raw_os_error() == Some(libc::EIO)),
+        "the copy on d1 should not read: {:?}",
+        read.map(|b| b.len())
+    );
+
+    // Two empty disks, and a third copy wanted: the repair first copies from d1.
+    pool.add_disk("d3", &pool.path("d3"));
+    pool.add_disk("d4", &pool.path("d4"));
+    pool.ok(&["image", "set", "img", "--copies", "3"]);
+    let out = pool.run(&["repair", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("repair said:\n{stdout}{stderr}");
+    assert!(out.status.success(), "repair failed: {stdout}{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    let done: Vec<&str> = report["done"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l.as_str().unwrap())
+        .collect();
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    // The copy from d1 failed on its read, and says so...
+    let read_error = format!("cannot read {}: ", bad_copy.display());
+    let failed: Vec<&&str> = done
+        .iter()
+        .filter(|l| l.starts_with("failed: cannot copy 'img' to disk"))
+        .collect();
+    assert_eq!(failed.len(), 1, "{done:?}");
+    assert!(failed[0].contains(&read_error), "{done:?}");
+    // ...so d1's copy was failed (and, a good copy existing, deleted)...
+    assert!(
+        done.contains(&"removed the copy of 'img' on 'd1' (failed)"),
+        "{done:?}"
+    );
+    // ...and the copies came from d2, to both empty disks: the target of the failed copy was
+    // not blamed for d1's sectors.
+    for target in ["d3", "d4"] {
+        let from_d2 = format!("copied 'img' to '{target}' from 'd2'");
+        assert!(done.iter().any(|l| l.starts_with(&from_d2)), "{done:?}");
+    }
+    assert!(bad.failed_reads() > 0, "the device never failed a read");
+
+    let info = show(&pool, "img");
+    assert!(has_copies_on(&info, 3, &["d2", "d3", "d4"]), "{info}");
+    assert_eq!(info["state"], "ready", "{info}");
+    assert_copies_match(&info, &sha512);
+    for disk in ["d1", "d2", "d3", "d4"] {
+        assert_eq!(
+            disk_state(&pool, disk),
+            "healthy",
+            "d1 passes its probe (the fault is its copy's), and no target is to blame"
+        );
+    }
+    assert_fsck_clean(&pool, "a repair around a source copy with bad sectors");
+}
+
 // ---- SIGKILL at arbitrary instants ----
 
 /// xorshift64: the kill instants come from a fixed seed, printed, so a failure can be replayed.

@@ -585,3 +585,307 @@ impl Drop for LoopDisk {
         let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
     }
 }
+
+/// An ext4 filesystem on a block device whose sectors can be made to fail reads, as a disk with
+/// bad sectors does: a loop device over a file that a small FUSE filesystem in this process
+/// serves from a sparse file, answering `EIO` to every read that touches a range it was told to
+/// fail (dm-error's job, done without device-mapper, which not every test kernel has). Writes
+/// always succeed. Dropping it unmounts the filesystem, detaches the loop device and ends the
+/// FUSE session, also when a test fails.
+pub struct FaultyDisk {
+    pub mountpoint: PathBuf,
+    pub device: String,
+    /// The FUSE mount: a regular file, the loop device's backing file.
+    node: PathBuf,
+    bad: std::sync::Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    failed_reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    session: Option<fuser::BackgroundSession>,
+    loop_attached: bool,
+}
+
+/// The FUSE side of a `FaultyDisk`: one regular file, the root inode.
+struct BadSectors {
+    backing: File,
+    size: u64,
+    bad: std::sync::Arc<std::sync::Mutex<Vec<(u64, u64)>>>,
+    failed_reads: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl BadSectors {
+    fn attr(&self) -> fuser::FileAttr {
+        let now = std::time::SystemTime::now();
+        fuser::FileAttr {
+            ino: fuser::INodeNo(1),
+            size: self.size,
+            blocks: self.size / 512,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            crtime: now,
+            kind: fuser::FileType::RegularFile,
+            perm: 0o600,
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+}
+
+impl fuser::Filesystem for BadSectors {
+    fn getattr(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _fh: Option<fuser::FileHandle>,
+        reply: fuser::ReplyAttr,
+    ) {
+        reply.attr(&Duration::from_secs(1), &self.attr());
+    }
+
+    fn open(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _flags: fuser::OpenFlags,
+        reply: fuser::ReplyOpen,
+    ) {
+        // Direct I/O: no page cache of this file stands between the loop device and the faults.
+        reply.opened(fuser::FileHandle(0), fuser::FopenFlags::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _fh: fuser::FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: fuser::OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyData,
+    ) {
+        let end = offset + size as u64;
+        let bad = self
+            .bad
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&(start, stop)| offset < stop && start < end);
+        if bad {
+            self.failed_reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return reply.error(fuser::Errno::EIO);
+        }
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match self.backing.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(_) => return reply.error(fuser::Errno::EIO),
+            }
+        }
+        reply.data(&buf[..done]);
+    }
+
+    fn write(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _fh: fuser::FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: fuser::OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        match self.backing.write_all_at(data, offset) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(_) => reply.error(fuser::Errno::EIO),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _fh: fuser::FileHandle,
+        _lock_owner: fuser::LockOwner,
+        reply: fuser::ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &fuser::Request,
+        _ino: fuser::INodeNo,
+        _fh: fuser::FileHandle,
+        _datasync: bool,
+        reply: fuser::ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+}
+
+impl FaultyDisk {
+    /// A fresh ext4 filesystem of `size` bytes, mounted at `dir/name`.
+    pub fn new(dir: &Path, name: &str, size: u64) -> FaultyDisk {
+        let backing_path = dir.join(format!("{name}.sectors"));
+        let backing = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&backing_path)
+            .unwrap();
+        backing.set_len(size).unwrap();
+        let node = dir.join(format!("{name}.dev"));
+        File::create(&node).unwrap();
+        let bad = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failed_reads = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let sectors = BadSectors {
+            backing,
+            size,
+            bad: bad.clone(),
+            failed_reads: failed_reads.clone(),
+        };
+        let mut config = fuser::Config::default();
+        config.mount_options = vec![fuser::MountOption::FSName("imgpool-test-sectors".into())];
+        config.acl = fuser::SessionACL::All;
+        config.n_threads = Some(2);
+        let session = fuser::spawn_mount(sectors, &node, &config)
+            .unwrap_or_else(|e| panic!("FUSE mount of {node:?}: {e}"));
+        let mut disk = FaultyDisk {
+            mountpoint: dir.join(name),
+            device: String::new(),
+            node,
+            bad,
+            failed_reads,
+            session: Some(session),
+            loop_attached: false,
+        };
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&disk.node)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup {:?}: {}",
+            disk.node,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        disk.device = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        disk.loop_attached = true;
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "nodiscard"])
+            .arg(&disk.device)
+            .output()
+            .unwrap();
+        assert!(
+            mkfs.status.success(),
+            "mkfs.ext4 {}: {}",
+            disk.device,
+            String::from_utf8_lossy(&mkfs.stderr)
+        );
+        fs::create_dir_all(&disk.mountpoint).unwrap();
+        let status = Command::new("mount")
+            .arg(&disk.device)
+            .arg(&disk.mountpoint)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount {} failed", disk.device);
+        disk
+    }
+
+    /// Makes every read of the blocks under `file` (a file on this disk) fail with EIO, and
+    /// drops the file's cached pages so that its next reads reach the device. Returns the
+    /// byte ranges of the device that now fail.
+    pub fn fail_reads_of(&self, file: &Path) -> Vec<(u64, u64)> {
+        let ranges = physical_extents(file);
+        assert!(!ranges.is_empty(), "{file:?} has no blocks on the device");
+        self.bad.lock().unwrap().extend(&ranges);
+        let opened = File::open(file).unwrap();
+        nix::fcntl::posix_fadvise(
+            &opened,
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+        ranges
+    }
+
+    /// How many reads the device has failed so far.
+    pub fn failed_reads(&self) -> u64 {
+        self.failed_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The byte ranges `file` occupies on its block device, from `filefrag -e -v` (FIEMAP).
+pub fn physical_extents(file: &Path) -> Vec<(u64, u64)> {
+    let out = Command::new("filefrag")
+        .args(["-e", "-v"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "filefrag {file:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    // "File size of F is N (M blocks of 4096 bytes)", then one line per extent:
+    // "   0:        0..    4095:      34816..     38911:   4096:             last,eof".
+    let block: u64 = text
+        .split("blocks of ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no block size in filefrag's output: {text}"));
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(':').map(str::trim).collect();
+            if fields.len() < 4 || fields[0].parse::<u64>().is_err() {
+                return None;
+            }
+            let (start, end) = fields[2].split_once("..")?;
+            let start: u64 = start.trim().parse().ok()?;
+            let end: u64 = end.trim().parse().ok()?;
+            Some((start * block, (end + 1) * block))
+        })
+        .collect()
+}
+
+impl Drop for FaultyDisk {
+    fn drop(&mut self) {
+        let bind = self.mountpoint.join("backing-images");
+        if is_mount_point(&bind) {
+            let _ = Command::new("umount").arg("-l").arg(&bind).status();
+        }
+        if is_mount_point(&self.mountpoint) {
+            let unmounted = Command::new("umount")
+                .arg(&self.mountpoint)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !unmounted {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(&self.mountpoint)
+                    .status();
+            }
+        }
+        if self.loop_attached {
+            let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        }
+        // Unmounts the FUSE file; its thread ends with the session.
+        drop(self.session.take());
+        if is_mount_point(&self.node) {
+            let _ = Command::new("umount").arg("-l").arg(&self.node).status();
+        }
+    }
+}
