@@ -22,6 +22,7 @@ declare -A pkg_of=(
     [fio]=fio
     [xfs_io]=xfsprogs
     [mkfs.ext4]=e2fsprogs
+    [filefrag]=e2fsprogs      # a copy's sectors on its disk, for the bad-sector test
     [losetup]=mount           # losetup ships in "mount" (util-linux source)
     [bindfs]=bindfs
     [sha512sum]=coreutils

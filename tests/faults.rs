@@ -1,7 +1,8 @@
 //! Fault injection on real disks (ext4 on loop devices): a disk that dies under a reader
-//! (`xfs_io -x -c shutdown`, after which every I/O on the filesystem fails with EIO), a byte
-//! flipped in a copy, a disk that fills up while the repair writes to it, a repair and a mount
-//! daemon killed with SIGKILL at arbitrary instants; and, on plain directories, eviction.
+//! (`xfs_io -x -c shutdown`, after which every I/O on the filesystem fails with EIO), bad sectors
+//! under one copy (`FaultyDisk`), a byte flipped in a copy, a disk that fills up while the repair
+//! writes to it, a repair and a mount daemon killed with SIGKILL at arbitrary instants; and, on
+//! plain directories, eviction.
 //!
 //! Every test asserts what a reader and an operator see: the bytes read, the errors returned,
 //! and the pool's own account (`disk list`, `image show`, `status`, `fsck`).

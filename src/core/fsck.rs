@@ -492,6 +492,7 @@ mod tests {
         }
         // The holder was lost with the store: gc must not take the image meanwhile.
         let held = pool.gc(std::time::Duration::ZERO, false).unwrap_err();
+        assert!(matches!(held, Error::GcHeld(_)), "{held}");
         assert!(held.to_string().contains("--release-hold"), "{held}");
         pool.add_ref("a", "replica-1").unwrap();
         pool.release_gc_hold().unwrap();

@@ -881,8 +881,12 @@ mod tests {
         let f = fixture(2);
         f.image("a", &content(10_000), 1);
         let home = f.serving("a")[0].clone();
-        let refused = f.pool.remove_disk(&home).unwrap_err().to_string();
-        assert!(refused.contains("only good copy of a"), "{refused}");
+        match f.pool.remove_disk(&home) {
+            Err(Error::OnlyGoodCopy { disk, images }) => {
+                assert_eq!((disk, images), (home.clone(), vec!["a".to_string()]))
+            }
+            other => panic!("expected OnlyGoodCopy, got {other:?}"),
+        }
         f.pool.evict_disk(&home).unwrap();
         // An evicting disk still serves, but does not count toward the policy.
         assert_eq!(f.serving("a"), vec![home.clone()]);
