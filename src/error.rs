@@ -426,6 +426,24 @@ impl Error {
         }
     }
 
+    /// The error as one line for another process (the mount daemon tells its parent why it
+    /// could not start): `[kind] message`.
+    pub fn to_relay(&self) -> String {
+        format!("[{}] {self}", self.kind())
+    }
+
+    /// An error relayed by `to_relay`, with its kind (`internal` when the line names none).
+    pub fn from_relay(line: &str) -> Error {
+        let parsed = line
+            .strip_prefix('[')
+            .and_then(|rest| rest.split_once("] "))
+            .and_then(|(kind, message)| Some((ErrorKind::parse(kind)?, message)));
+        match parsed {
+            Some((kind, message)) => Error::refused(kind, message),
+            None => Error::refused(ErrorKind::Internal, line),
+        }
+    }
+
     /// For a failed copy, which side is at fault; `None` for any other error.
     pub fn copy_blame(&self) -> Option<Blame> {
         match self {
@@ -511,6 +529,17 @@ mod tests {
             "disk 'd3' filled up while copying 'a'; the partial copy was removed and another disk is tried"
         );
         assert_eq!(Error::NoDisks.copy_blame(), None);
+    }
+
+    #[test]
+    fn a_relayed_error_keeps_its_kind_and_its_line() {
+        let original = Error::ImageBusy("a".into());
+        let relayed = Error::from_relay(&original.to_relay());
+        assert_eq!(relayed.kind(), ErrorKind::Busy);
+        assert_eq!(relayed.to_string(), original.to_string());
+        let plain = Error::from_relay("something went wrong");
+        assert_eq!(plain.kind(), ErrorKind::Internal);
+        assert_eq!(plain.to_string(), "something went wrong");
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result
     if notify {
         if let Err(e) = &result {
             // The parent relays this line, with its kind, as its own error.
-            println!("error: [{}] {e}", e.kind());
+            println!("error: {}", e.to_relay());
         }
     }
     result
@@ -220,7 +220,7 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
         .wait()
         .ctx(|| "cannot wait for the mount daemon".into())?;
     Err(match line.strip_prefix("error: ") {
-        Some(message) => relayed_error(message),
+        Some(message) => Error::from_relay(message),
         None => Error::refused(
             ErrorKind::Internal,
             format!(
@@ -229,19 +229,6 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
             ),
         ),
     })
-}
-
-/// The daemon's `error: [kind] message` line as an error of that kind (`internal` if the line
-/// names none).
-fn relayed_error(line: &str) -> Error {
-    let kind = line
-        .strip_prefix('[')
-        .and_then(|rest| rest.split_once("] "))
-        .and_then(|(kind, message)| Some((ErrorKind::parse(kind)?, message)));
-    match kind {
-        Some((kind, message)) => Error::refused(kind, message),
-        None => Error::refused(ErrorKind::Internal, line),
-    }
 }
 
 enum Event {
