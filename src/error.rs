@@ -73,6 +73,16 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    #[error("the metadata store {path} has schema version {version}, newer than this imgpool reads ({latest}): run the imgpool that wrote it, or a newer one")]
+    StoreTooNew {
+        path: PathBuf,
+        version: usize,
+        latest: usize,
+    },
+
+    #[error("cannot read the metadata store {path}: {detail}; rebuild the index from the disks with `imgpool fsck --repair` after moving it aside")]
+    StoreUnreadable { path: PathBuf, detail: String },
+
     #[error("{context}: {source}")]
     Io {
         context: String,

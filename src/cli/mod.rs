@@ -515,8 +515,11 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
 fn copy_note(c: &CopyInfo) -> &'static str {
     match (c.state, c.serving, c.counts) {
         (_, true, true) => "serving",
+        (CopyState::Damaged, true, _) => "damaged: serving its good chunks until it is replaced",
         (_, true, false) => "serving, on an evicting disk",
-        (CopyState::Ready, false, _) => "not serving: its disk is out of service",
+        (CopyState::Ready | CopyState::Damaged, false, _) => {
+            "not serving: its disk is out of service"
+        }
         (state, false, _) => state.as_str(),
     }
 }

@@ -8,6 +8,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::core::copies::Event;
 use crate::core::owner::WorkLock;
 use crate::core::pool::{DiskHealth, Pool, GC_HOLD};
 use crate::core::store::{CopyState, ImageRow, ImageState, Store, DB_FILE};
@@ -66,7 +67,10 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
                 continue;
             };
             if image.state != ImageState::Ready
-                || !matches!(copy.state, CopyState::Ready | CopyState::Unverified)
+                || !matches!(
+                    copy.state,
+                    CopyState::Ready | CopyState::Damaged | CopyState::Unverified
+                )
             {
                 continue;
             }
@@ -104,7 +108,7 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
                 image.size,
                 &image.digests_hash,
             ) {
-                if copy.state == CopyState::Ready {
+                if matches!(copy.state, CopyState::Ready | CopyState::Damaged) {
                     record(format!("{what}: {e}"), Fix::Unverify(image, disk.id))?;
                 }
             }
@@ -230,10 +234,20 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
     let now = clock::now();
     match fix {
         Fix::FailCopy(image, disk) => {
-            store.fail_copy(image.id, disk, "fsck: its data file is wrong", now)?;
+            store.copy_event(
+                image.id,
+                disk,
+                Event::Faulted("fsck: its data file is wrong"),
+                now,
+            )?;
         }
         Fix::Unverify(image, disk) => {
-            store.set_copy_state(image.id, disk, CopyState::Unverified, Some("fsck"), now)?
+            store.copy_event(
+                image.id,
+                disk,
+                Event::Suspect("fsck: its digest file is damaged"),
+                now,
+            )?;
         }
         Fix::RewriteRecord(image, layout) => layout.write_record(&pool.record_of(image))?,
         Fix::RemoveFile(path) => match fs::remove_file(&path) {
@@ -243,7 +257,7 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
             _ => {}
         },
         Fix::Adopt(image, disk) => {
-            store.insert_copy(image.id, disk, CopyState::Unverified, now)?;
+            store.copy_event(image.id, disk, Event::Found, now)?;
         }
         Fix::AdoptUnknown(found, disk, path) => {
             let id = match store.image_by_name(&found.name)? {
@@ -258,7 +272,7 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
                 }
                 None => store.insert_found_image(&image_from_record(&found, &path, now))?,
             };
-            store.insert_copy(id, disk, CopyState::Unverified, now)?;
+            store.copy_event(id, disk, Event::Found, now)?;
         }
         Fix::Nothing => {}
     }
@@ -385,7 +399,7 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
             }
         };
         for disk in disk_ids {
-            store.insert_copy(id, *disk, CopyState::Unverified, now)?;
+            store.copy_event(id, *disk, Event::Found, now)?;
         }
         done.push(format!(
             "image '{}' with {} copies (unverified)",

@@ -14,8 +14,9 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::core::copies::{Event, Outcome};
 use crate::core::pool::{self, Pool};
-use crate::core::store::{DiskRow, DiskState, FailOutcome, FailedBy};
+use crate::core::store::{CopyState, DiskRow, DiskState, FailedBy};
 use crate::error::Result;
 use crate::format::clock;
 use crate::format::layout::DiskLayout;
@@ -182,17 +183,21 @@ impl Monitor {
         match self
             .pool
             .store()
-            .fail_copy(fault.image_id, disk.id, &reason, clock::now())?
-        {
-            FailOutcome::Failed => tracing::warn!(
+            .copy_event(
+                fault.image_id,
+                disk.id,
+                Event::Faulted(&reason),
+                clock::now(),
+            )? {
+            Outcome::Now(CopyState::Failed) => tracing::warn!(
                 "copy on disk '{}' failed ({reason}); the repair replaces it",
                 disk.name
             ),
-            FailOutcome::KeptDamaged => tracing::error!(
+            Outcome::Now(CopyState::Damaged) => tracing::error!(
                 "copy on disk '{}' is damaged ({reason}) and is the image's last good copy: it keeps serving its good chunks",
                 disk.name
             ),
-            FailOutcome::Unchanged => {}
+            _ => {}
         }
         Ok(())
     }

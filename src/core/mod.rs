@@ -2,6 +2,7 @@
 //! images, copies and their states, holders, placement, health, repair and fsck. The CLI and the
 //! mount daemon drive the pool through this layer; tests drive it directly, without FUSE.
 
+pub mod copies;
 pub mod fsck;
 pub mod health;
 pub mod owner;
@@ -10,4 +11,5 @@ pub mod pool;
 pub mod repair;
 pub mod resources;
 pub mod settings;
+pub mod state;
 pub mod store;

@@ -8,6 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::core::copies::{CopyView, Event};
 use crate::core::owner::{self, Owner, OwnerLock, WorkLock};
 use crate::core::placement::{self, Candidate};
 use crate::core::resources::{self, Freshness, Resources};
@@ -102,10 +103,11 @@ pub struct CopyInfo {
     pub path: PathBuf,
     pub state: CopyState,
     pub reason: Option<String>,
-    /// Whether this copy serves reads now: ready, on a disk in service that carries its label.
+    /// The rules of `core::copies::CopyView`, for this copy now: whether it serves reads, is
+    /// good (a source, and what keeps an image's last-good-copy guarantee), and counts toward
+    /// the image's copy policy.
     pub serving: bool,
-    /// Whether it counts toward the image's copy policy: serving, and not on a disk being
-    /// evicted.
+    pub good: bool,
     pub counts: bool,
 }
 
@@ -417,7 +419,7 @@ impl Pool {
             let elsewhere = copies.iter().any(|other| {
                 other.image_id == image.id
                     && other.disk.id != disk.id
-                    && copy_info(image, other.clone(), &disks).serving
+                    && copy_info(image, other.clone(), &disks).good
             });
             if image.state == ImageState::Ready && !elsewhere {
                 only_copy.push(image.name.clone());
@@ -435,7 +437,7 @@ impl Pool {
             if let Some(image) = images.iter().find(|i| i.id == copy.image_id) {
                 // Marked first: a removal cut short is finished by the next command.
                 self.store
-                    .set_copy_state(image.id, disk.id, CopyState::Removing, None, now())?;
+                    .copy_event(image.id, disk.id, Event::Forget, now())?;
                 if reachable {
                     layout.remove_copy(&image.uuid)?;
                 }
@@ -880,7 +882,10 @@ impl Pool {
             // had already renamed into place.
             let removed = DiskLayout::new(&copy.disk.path).remove_copy(&image.uuid);
             match removed {
-                Ok(()) => self.store.delete_copy(image.id, copy.disk.id)?,
+                Ok(()) => {
+                    self.store
+                        .copy_event(image.id, copy.disk.id, Event::Deleted, now())?;
+                }
                 Err(e) => tracing::warn!(
                     "cannot clean up the copy of '{}' on '{}': {e}",
                     image.name,
@@ -958,14 +963,18 @@ pub fn copy_info(image: &ImageRow, copy: CopyRow, disks: &[(DiskRow, bool)]) -> 
         .iter()
         .find(|(d, _)| d.id == copy.disk.id)
         .map_or((&copy.disk, false), |(d, ok)| (d, *ok));
-    let serving = copy.state == CopyState::Ready && in_service;
+    let view = CopyView {
+        state: copy.state,
+        disk: disk.state,
+        reachable: in_service,
+    };
     CopyInfo {
         path: DiskLayout::new(&disk.path).copy_path(&image.uuid),
         state: copy.state,
         reason: copy.reason.clone(),
-        serving,
-        // A damaged copy (the last good one, kept serving) does not count toward the policy.
-        counts: serving && disk.state == DiskState::Healthy && copy.reason.is_none(),
+        serving: view.serves(),
+        good: view.is_good(),
+        counts: view.counts(),
         disk: disk.name.clone(),
     }
 }

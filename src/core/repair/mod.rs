@@ -19,13 +19,22 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::core::copies::{Event, Outcome};
 use crate::core::health;
-use crate::core::pool::{self, copy_info, CopyInfo, Pool};
-use crate::core::store::{CopyState, DiskRow, DiskState, FailOutcome, ImageRow, ImageState};
+use crate::core::pool::{self, DiskHealth, Pool};
+use crate::core::resources::{self, Freshness};
+use crate::core::store::{CopyState, DiskRow, DiskState, ImageRow, ImageState};
 use crate::error::{Error, IoContext, Result};
 use crate::format::clock;
 use crate::format::layout::DiskLayout;
 use crate::format::sparse;
+
+mod plan;
+mod throttle;
+
+pub use plan::{Action, Source};
+use plan::{DiskView, ImageView, Plan, PoolState, SourceFile, Space};
+pub use throttle::Throttle;
 
 /// Progress of long work (copies, verifications), for a progress bar or nothing.
 pub trait Reporter: Sync {
@@ -42,78 +51,12 @@ impl Reporter for Quiet {
     }
 }
 
-/// A shared limit on the bytes per second the repair reads.
-pub struct Throttle {
-    rate: u64,
-    state: Mutex<(Instant, u64)>,
-}
-
-impl Throttle {
-    /// `rate` bytes per second; 0 for no limit.
-    pub fn new(rate: u64) -> Throttle {
-        Throttle {
-            rate,
-            state: Mutex::new((Instant::now(), 0)),
-        }
-    }
-
-    /// Accounts for `bytes` and sleeps as long as the work is ahead of the rate.
-    pub fn consume(&self, bytes: u64) {
-        if self.rate == 0 || bytes == 0 {
-            return;
-        }
-        let due = {
-            let mut state = self.state.lock();
-            // An idle spell does not earn a burst: the budget restarts after a second of rest.
-            let earned = state.0 + Duration::from_secs_f64(state.1 as f64 / self.rate as f64);
-            if earned + Duration::from_secs(1) < Instant::now() {
-                *state = (Instant::now(), 0);
-            }
-            state.1 += bytes;
-            state.0 + Duration::from_secs_f64(state.1 as f64 / self.rate as f64)
-        };
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-    }
-}
-
 /// What one repair did, and what it could not do.
 #[derive(Debug, Default)]
 pub struct Report {
     pub done: Vec<String>,
     /// Images still short of their policy, each with what happened and what to do.
     pub problems: Vec<String>,
-}
-
-#[derive(Debug, Clone)]
-enum Action {
-    Verify {
-        image: ImageRow,
-        disk: DiskRow,
-    },
-    /// Deleted only if `keep` good copies remain without it (evicting disks' copies counting
-    /// with `count_evicting`), checked when it runs.
-    Remove {
-        image: ImageRow,
-        disk: DiskRow,
-        why: &'static str,
-        keep: u32,
-        count_evicting: bool,
-    },
-    Create {
-        image: ImageRow,
-        target: DiskRow,
-        source: Source,
-    },
-}
-
-#[derive(Debug, Clone)]
-enum Source {
-    Copy(DiskRow),
-    /// The file the image was imported from, to be checked against the image's checksums.
-    File(std::path::PathBuf),
 }
 
 /// Runs repair rounds until nothing is left to do or nothing more can be done. The caller holds
@@ -132,8 +75,9 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let (actions, problems) = plan(pool, &refused, &changed_sources.lock())?;
-        report.problems = problems;
+        let state = snapshot(pool, &refused, &changed_sources.lock())?;
+        let Plan { actions, problems } = plan::plan(&state);
+        report.problems = record_problems(pool, &state, &problems)?;
         if actions.is_empty() {
             break;
         }
@@ -177,6 +121,99 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
     Ok(report)
 }
 
+/// Reads what the planner needs: the disks (with their labels checked and their free space read
+/// now), the ready images with their copies, and whether each image's source file could serve.
+fn snapshot(
+    pool: &Pool,
+    refused: &HashMap<i64, Vec<i64>>,
+    changed_sources: &HashSet<i64>,
+) -> Result<PoolState> {
+    let store = pool.store();
+    let now = clock::now();
+    let mut disks = Vec::new();
+    for (row, in_service) in pool.disks_in_service()? {
+        let reachable = in_service || pool.disk_health(&row) == DiskHealth::Healthy;
+        let space = (row.state == DiskState::Healthy && reachable)
+            .then(|| resources::disk_resources(store, &row, Freshness::FreshFree, now).ok())
+            .flatten()
+            .map(|r| Space {
+                device: r.device,
+                capacity: r.capacity,
+                free: r.free,
+            });
+        disks.push(DiskView {
+            row,
+            reachable,
+            space,
+        });
+    }
+    let all_copies = store.all_copies()?;
+    let images = store
+        .images()?
+        .into_iter()
+        .filter(|i| i.state == ImageState::Ready)
+        .map(|row| {
+            let source = if changed_sources.contains(&row.id) {
+                SourceFile::Unusable(format!(
+                    "its source {} no longer has its checksum",
+                    row.source.as_deref().unwrap_or("?")
+                ))
+            } else {
+                source_file(&row)
+            };
+            ImageView {
+                copies: all_copies
+                    .iter()
+                    .filter(|c| c.image_id == row.id)
+                    .cloned()
+                    .collect(),
+                row,
+                source,
+            }
+        })
+        .collect();
+    Ok(PoolState {
+        disks,
+        images,
+        refused: refused.clone(),
+    })
+}
+
+/// Records, per image, why the repair cannot restore it (or clears that); returns the reasons.
+fn record_problems(
+    pool: &Pool,
+    state: &PoolState,
+    problems: &[(i64, Option<String>)],
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (id, problem) in problems {
+        let known = state
+            .images
+            .iter()
+            .find(|i| i.row.id == *id)
+            .and_then(|i| i.row.problem.as_deref());
+        if problem.as_deref() != known {
+            pool.store().set_image_problem(*id, problem.as_deref())?;
+        }
+        out.extend(problem.clone());
+    }
+    Ok(out)
+}
+
+/// The image's source file, if it still exists with the image's size (its content is checked
+/// while copying).
+fn source_file(image: &ImageRow) -> SourceFile {
+    let Some(source) = &image.source else {
+        return SourceFile::Unusable("its source file is unknown".into());
+    };
+    let path = std::path::PathBuf::from(source);
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.len() == image.size => SourceFile::Usable(path),
+        Ok(_) => SourceFile::Unusable(format!("its source {source} has another size")),
+        Err(e) => SourceFile::Unusable(format!("its source {source} cannot be read ({e})")),
+    }
+}
+
 /// Runs `work` on each item with at most `jobs` at once, returning each item's result.
 fn run_parallel<T: Send + Sync, R: Send>(
     items: Vec<T>,
@@ -199,205 +236,6 @@ fn run_parallel<T: Send + Sync, R: Send>(
     results.into_inner()
 }
 
-/// Decides the next round of work from the store; also records, per image, why it cannot be
-/// restored (or clears that), and returns those reasons.
-fn plan(
-    pool: &Pool,
-    refused: &HashMap<i64, Vec<i64>>,
-    changed_sources: &HashSet<i64>,
-) -> Result<(Vec<Action>, Vec<String>)> {
-    let store = pool.store();
-    let disks = pool.disks_in_service()?;
-    let all_copies = store.all_copies()?;
-    let mut actions = Vec::new();
-    let mut problems = Vec::new();
-    for image in store.images()? {
-        if image.state != ImageState::Ready {
-            continue;
-        }
-        let rows: Vec<_> = all_copies
-            .iter()
-            .filter(|c| c.image_id == image.id)
-            .cloned()
-            .collect();
-        let infos: Vec<(DiskRow, CopyInfo)> = rows
-            .iter()
-            .map(|c| (c.disk.clone(), copy_info(&image, c.clone(), &disks)))
-            .collect();
-        let reachable = |d: &DiskRow| {
-            disks
-                .iter()
-                .any(|(disk, serving)| disk.id == d.id && *serving)
-        };
-        let serving: Vec<&DiskRow> = infos
-            .iter()
-            .filter(|(_, i)| i.serving)
-            .map(|(d, _)| d)
-            .collect();
-        let counting = infos.iter().filter(|(_, i)| i.counts).count() as u32;
-        let copying = rows
-            .iter()
-            .filter(|c| c.state == CopyState::Copying)
-            .count() as u32;
-        let mut to_verify = 0;
-        for (disk, info) in &infos {
-            match info.state {
-                CopyState::Unverified if reachable(disk) => {
-                    to_verify += 1;
-                    actions.push(Action::Verify {
-                        image: image.clone(),
-                        disk: disk.clone(),
-                    });
-                }
-                CopyState::Failed if reachable(disk) && !serving.is_empty() => {
-                    actions.push(Action::Remove {
-                        image: image.clone(),
-                        disk: disk.clone(),
-                        why: "failed",
-                        keep: 1,
-                        count_evicting: true,
-                    })
-                }
-                _ => {}
-            }
-        }
-        let wanted = image.copies_wanted;
-        let mut problem = None;
-        if counting + copying < wanted {
-            let missing = wanted - counting - copying;
-            let mut exclude: Vec<i64> = rows.iter().map(|c| c.disk.id).collect();
-            exclude.extend(refused.get(&image.id).into_iter().flatten());
-            // A damaged copy (the last good one, kept serving) is no source: its bad chunks
-            // would fail the copy's checksum.
-            let undamaged = infos
-                .iter()
-                .find(|(_, i)| i.serving && i.reason.is_none())
-                .map(|(d, _)| d);
-            let source = match undamaged {
-                Some(disk) => Some(Source::Copy(disk.clone())),
-                None if to_verify > 0 && serving.is_empty() => None, // may serve once verified
-                None if changed_sources.contains(&image.id) => {
-                    problem = Some(no_good_copy(
-                        &image,
-                        !serving.is_empty(),
-                        &format!(
-                            "its source {} no longer has its checksum",
-                            image.source.as_deref().unwrap_or("?")
-                        ),
-                    ));
-                    None
-                }
-                None => match source_file(&image) {
-                    Ok(path) => Some(Source::File(path)),
-                    Err(why) => {
-                        problem = Some(no_good_copy(&image, !serving.is_empty(), &why));
-                        None
-                    }
-                },
-            };
-            if let Some(source) = source {
-                // From the source file, one copy first; the others are made from it.
-                let count = if matches!(source, Source::File(_)) {
-                    1
-                } else {
-                    missing
-                };
-                match pool.place(&image.name, image.real_size.max(1), count, &exclude) {
-                    Ok(targets) => {
-                        for target in targets {
-                            actions.push(Action::Create {
-                                image: image.clone(),
-                                target,
-                                source: source.clone(),
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        problem = Some(format!(
-                            "'{}' has {counting} of {wanted} healthy copies and no disk can take another: {e}",
-                            image.name
-                        ))
-                    }
-                }
-            }
-        } else if counting >= wanted {
-            // Policy met: copies on evicting disks go, then copies above the policy.
-            let surplus = counting - wanted;
-            for (disk, info) in &infos {
-                if info.serving && !info.counts && copying == 0 {
-                    let why = if info.reason.is_some() {
-                        "damaged, and replaced"
-                    } else {
-                        "evicted"
-                    };
-                    actions.push(Action::Remove {
-                        image: image.clone(),
-                        disk: disk.clone(),
-                        why,
-                        keep: wanted,
-                        count_evicting: false,
-                    });
-                }
-            }
-            if surplus > 0 && copying == 0 {
-                let mut extra: Vec<&DiskRow> = infos
-                    .iter()
-                    .filter(|(_, i)| i.counts)
-                    .map(|(d, _)| d)
-                    .collect();
-                // The disks with the least room give up their copies first.
-                extra.sort_by_key(|d| {
-                    crate::core::resources::probe(&d.path)
-                        .map(|r| r.free)
-                        .unwrap_or(0)
-                });
-                for disk in extra.into_iter().take(surplus as usize) {
-                    actions.push(Action::Remove {
-                        image: image.clone(),
-                        disk: disk.clone(),
-                        why: "above the copy policy",
-                        keep: wanted,
-                        count_evicting: false,
-                    });
-                }
-            }
-        }
-        if problem.as_deref() != image.problem.as_deref() {
-            store.set_image_problem(image.id, problem.as_deref())?;
-        }
-        problems.extend(problem);
-    }
-    Ok((actions, problems))
-}
-
-/// What to tell the operator about an image with no good copy to copy from: none at all (its
-/// reads fail), or only a damaged one (the chunks that do not match fail).
-fn no_good_copy(image: &ImageRow, damaged_serves: bool, why: &str) -> String {
-    let name = &image.name;
-    if damaged_serves {
-        format!(
-            "the only copy of '{name}' is damaged and {why}: its damaged chunks return EIO, the others are served; `imgpool scrub {name}` checks it again, or import the image again"
-        )
-    } else {
-        format!(
-            "no healthy copy of '{name}' is left and {why}: its reads return EIO; bring back a disk that held a copy (it is verified first) or import the image again"
-        )
-    }
-}
-
-/// The image's source file, if it still exists (its content is checked while copying).
-fn source_file(image: &ImageRow) -> std::result::Result<std::path::PathBuf, String> {
-    let Some(source) = &image.source else {
-        return Err("its source file is unknown".into());
-    };
-    let path = std::path::PathBuf::from(source);
-    match std::fs::metadata(&path) {
-        Ok(meta) if meta.len() == image.size => Ok(path),
-        Ok(_) => Err(format!("its source {source} has another size")),
-        Err(e) => Err(format!("its source {source} cannot be read ({e})")),
-    }
-}
-
 fn run_action(
     pool: &Pool,
     action: &Action,
@@ -410,23 +248,20 @@ fn run_action(
         Action::Verify { image, disk } => {
             match verify_copy(pool, image, disk, throttle, reporter)? {
                 Ok(()) => {
-                    pool.store().set_copy_state(
-                        image.id,
-                        disk.id,
-                        CopyState::Ready,
-                        None,
-                        clock::now(),
-                    )?;
+                    pool.store()
+                        .copy_event(image.id, disk.id, Event::Verified, clock::now())?;
                     Ok(format!(
                         "verified the copy of '{}' on '{}'",
                         image.name, disk.name
                     ))
                 }
                 Err(why) => {
-                    let kept = pool
-                        .store()
-                        .fail_copy(image.id, disk.id, &why, clock::now())?
-                        == FailOutcome::KeptDamaged;
+                    let kept = pool.store().copy_event(
+                        image.id,
+                        disk.id,
+                        Event::Faulted(&why),
+                        clock::now(),
+                    )? == Outcome::Now(CopyState::Damaged);
                     let fate = if kept {
                         "it is the last good copy and keeps serving its good chunks"
                     } else {
@@ -446,17 +281,24 @@ fn run_action(
             keep,
             count_evicting,
         } => {
-            if !pool
-                .store()
-                .begin_remove_copy(image.id, disk.id, *keep, *count_evicting)?
-            {
+            let marked = pool.store().copy_event(
+                image.id,
+                disk.id,
+                Event::Remove {
+                    keep: *keep,
+                    count_evicting: *count_evicting,
+                },
+                clock::now(),
+            )?;
+            if marked != Outcome::Now(CopyState::Removing) {
                 return Ok(format!(
                     "kept the copy of '{}' on '{}': fewer good copies than planned remain without it",
                     image.name, disk.name
                 ));
             }
             DiskLayout::new(&disk.path).remove_copy(&image.uuid)?;
-            pool.store().delete_copy(image.id, disk.id)?;
+            pool.store()
+                .copy_event(image.id, disk.id, Event::Deleted, clock::now())?;
             Ok(format!(
                 "removed the copy of '{}' on '{}' ({why})",
                 image.name, disk.name
@@ -502,7 +344,8 @@ fn create_copy(
     stop: &AtomicBool,
 ) -> Result<()> {
     let store = pool.store();
-    if !store.insert_copy(image.id, target.id, CopyState::Copying, clock::now())? {
+    let started = store.copy_event(image.id, target.id, Event::StartCopy, clock::now())?;
+    if started != Outcome::Now(CopyState::Copying) {
         return Err(Error::Usage(format!(
             "disk '{}' already has a copy of '{}'",
             target.name, image.name
@@ -550,7 +393,8 @@ fn create_copy(
                 DiskLayout::new(&target.path).remove_copy(&image.uuid)?;
                 return Err(Error::UnknownImage(image.name.clone()));
             }
-            store.set_copy_state(image.id, target.id, CopyState::Ready, None, clock::now())
+            store.copy_event(image.id, target.id, Event::Committed, clock::now())?;
+            Ok(())
         }
         Err(e) => {
             // The row goes even if the files cannot (a dying target): a `copying` row would
@@ -558,7 +402,7 @@ fn create_copy(
             if let Err(cleanup) = DiskLayout::new(&target.path).remove_copy(&image.uuid) {
                 tracing::warn!("{cleanup}");
             }
-            store.delete_copy(image.id, target.id)?;
+            store.copy_event(image.id, target.id, Event::Deleted, clock::now())?;
             if let Source::Copy(disk) = source {
                 blame_source(pool, image, disk, &e)?;
             }
@@ -585,18 +429,15 @@ fn blame_source(pool: &Pool, image: &ImageRow, disk: &DiskRow, e: &Error) -> Res
     if health::apply_probe(pool, disk, result)? {
         return Ok(());
     }
-    let state = if source.kind() == io::ErrorKind::InvalidData {
-        CopyState::Unverified
+    let reason = format!("a copy from it failed: {e}");
+    let event = if source.kind() == io::ErrorKind::InvalidData {
+        Event::Suspect(&reason)
     } else {
-        CopyState::Failed
+        Event::Faulted(&reason)
     };
-    pool.store().set_copy_state(
-        image.id,
-        disk.id,
-        state,
-        Some(&format!("a copy from it failed: {e}")),
-        clock::now(),
-    )
+    pool.store()
+        .copy_event(image.id, disk.id, event, clock::now())?;
+    Ok(())
 }
 
 fn describe_copy_error(image: &ImageRow, target: &DiskRow, e: Error) -> Error {
@@ -708,7 +549,11 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
         for copy in pool.store().copies_of(image.id)? {
             let label = format!("'{}' on '{}'", image.name, copy.disk.name);
             let in_service = disks.iter().any(|(d, ok)| d.id == copy.disk.id && *ok);
-            if !in_service || !matches!(copy.state, CopyState::Ready | CopyState::Unverified) {
+            let checkable = matches!(
+                copy.state,
+                CopyState::Ready | CopyState::Damaged | CopyState::Unverified
+            );
+            if !in_service || !checkable {
                 report.skipped.push(format!(
                     "{label}: {}",
                     copy_state_note(&copy.disk, copy.state)
@@ -718,22 +563,23 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
             match verify_copy(pool, &image, &copy.disk, &throttle, reporter)? {
                 Ok(()) => {
                     // A good verdict also clears an earlier damage note.
-                    if copy.state == CopyState::Unverified || copy.reason.is_some() {
-                        pool.store().set_copy_state(
+                    if copy.state != CopyState::Ready || copy.reason.is_some() {
+                        pool.store().copy_event(
                             image.id,
                             copy.disk.id,
-                            CopyState::Ready,
-                            None,
+                            Event::Verified,
                             clock::now(),
                         )?;
                     }
                     report.verified.push(label);
                 }
                 Err(why) => {
-                    let kept =
-                        pool.store()
-                            .fail_copy(image.id, copy.disk.id, &why, clock::now())?
-                            == FailOutcome::KeptDamaged;
+                    let kept = pool.store().copy_event(
+                        image.id,
+                        copy.disk.id,
+                        Event::Faulted(&why),
+                        clock::now(),
+                    )? == Outcome::Now(CopyState::Damaged);
                     let note = if kept {
                         " (the last good copy: it keeps serving its good chunks)"
                     } else {
@@ -750,7 +596,10 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
 fn copy_state_note(disk: &DiskRow, state: CopyState) -> String {
     if disk.state == DiskState::Failed {
         format!("disk '{}' is failed", disk.name)
-    } else if state != CopyState::Ready && state != CopyState::Unverified {
+    } else if !matches!(
+        state,
+        CopyState::Ready | CopyState::Damaged | CopyState::Unverified
+    ) {
         format!("the copy is {}", state.as_str())
     } else {
         format!("disk '{}' is not reachable", disk.name)
@@ -984,7 +833,7 @@ mod tests {
         // What a repair leaves when killed after its record and before the commit.
         f.pool
             .store()
-            .insert_copy(id, empty.id, CopyState::Copying, 0)
+            .copy_event(id, empty.id, Event::StartCopy, 0)
             .unwrap();
         let layout = DiskLayout::new(&empty.path);
         layout.create_dirs().unwrap();
@@ -1007,28 +856,17 @@ mod tests {
         let id = f.pool.image("a").unwrap().image.id;
         let d1 = store.disk_by_name("d1").unwrap();
         f.pool.fail_disk("d2", None).unwrap();
-        assert!(!store.begin_remove_copy(id, d1.id, 1, true).unwrap());
+        let remove = || {
+            let event = Event::Remove {
+                keep: 1,
+                count_evicting: true,
+            };
+            store.copy_event(id, d1.id, event, 0).unwrap() == Outcome::Now(CopyState::Removing)
+        };
+        assert!(!remove());
         f.pool.online_disk("d2").unwrap();
-        assert!(
-            !store.begin_remove_copy(id, d1.id, 1, true).unwrap(),
-            "an unverified copy is not a good one"
-        );
+        assert!(!remove(), "an unverified copy is not a good one");
         run(&f.pool);
-        assert!(store.begin_remove_copy(id, d1.id, 1, true).unwrap());
-    }
-
-    #[test]
-    fn the_throttle_holds_work_to_its_rate() {
-        let throttle = Throttle::new(10 << 20);
-        let started = Instant::now();
-        for _ in 0..20 {
-            throttle.consume(100 << 10);
-        }
-        // 2 MB at 10 MB/s cannot take less than 0.2 s (the first 100 KiB is free).
-        assert!(started.elapsed() >= Duration::from_millis(180));
-        let unlimited = Throttle::new(0);
-        let started = Instant::now();
-        unlimited.consume(1 << 40);
-        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(remove());
     }
 }
