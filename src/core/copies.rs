@@ -144,13 +144,16 @@ pub fn decide(from: Option<CopyState>, event: Event, others: Others) -> Outcome 
 }
 
 /// Applies `event` to the copy of `image_id` on `disk_id`. Call it inside a write transaction:
-/// the copy's state and the image's other copies are read and changed in it.
+/// the copy's state and the image's other copies are read and changed in it. Copies on the
+/// `unreachable` disks (found without their label just now) do not count as the image's other
+/// good copies, whatever the store says of their disks.
 pub(crate) fn apply(
     tx: &Connection,
     image_id: i64,
     disk_id: i64,
     event: Event,
     now: i64,
+    unreachable: &[i64],
 ) -> rusqlite::Result<Outcome> {
     let from: Option<CopyState> = tx
         .query_row(
@@ -159,7 +162,7 @@ pub(crate) fn apply(
             |r| r.get(0),
         )
         .optional()?;
-    let others = others(tx, image_id, disk_id)?;
+    let others = others(tx, image_id, disk_id, unreachable)?;
     let outcome = decide(from, event, others);
     let reason = match event {
         Event::Suspect(reason) | Event::Faulted(reason) => Some(reason),
@@ -204,6 +207,7 @@ pub(crate) fn disk_returned(tx: &Connection, disk_id: i64, now: i64) -> rusqlite
             disk_id,
             Event::Suspect("its disk was out of service"),
             now,
+            &[],
         )?;
     }
     Ok(())
@@ -218,21 +222,32 @@ pub(crate) fn delete_on_disk(tx: &Connection, disk_id: i64) -> rusqlite::Result<
     Ok(())
 }
 
-fn others(tx: &Connection, image_id: i64, disk_id: i64) -> rusqlite::Result<Others> {
-    let count = |rule: &str| -> rusqlite::Result<u32> {
-        tx.query_row(
-            &format!(
-                "SELECT COUNT(*) FROM copies c JOIN disks d ON d.id = c.disk_id
-                 WHERE c.image_id = ?1 AND c.disk_id != ?2 AND {rule}"
-            ),
-            params![image_id, disk_id],
-            |r| r.get(0),
-        )
-    };
-    Ok(Others {
-        good: count(GOOD_SQL)?,
-        counting: count(COUNTING_SQL)?,
-    })
+fn others(
+    tx: &Connection,
+    image_id: i64,
+    disk_id: i64,
+    unreachable: &[i64],
+) -> rusqlite::Result<Others> {
+    let mut stmt = tx.prepare(&format!(
+        "SELECT c.disk_id, {GOOD_SQL}, {COUNTING_SQL} FROM copies c JOIN disks d ON d.id = c.disk_id
+         WHERE c.image_id = ?1 AND c.disk_id != ?2"
+    ))?;
+    let rows = stmt.query_map(params![image_id, disk_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, bool>(1)?,
+            r.get::<_, bool>(2)?,
+        ))
+    })?;
+    let mut others = Others::default();
+    for row in rows {
+        let (disk, good, counting) = row?;
+        if !unreachable.contains(&disk) {
+            others.good += good as u32;
+            others.counting += counting as u32;
+        }
+    }
+    Ok(others)
 }
 
 #[cfg(test)]

@@ -234,19 +234,17 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
     let now = clock::now();
     match fix {
         Fix::FailCopy(image, disk) => {
-            store.copy_event(
+            pool.copy_event(
                 image.id,
                 disk,
                 Event::Faulted("fsck: its data file is wrong"),
-                now,
             )?;
         }
         Fix::Unverify(image, disk) => {
-            store.copy_event(
+            pool.copy_event(
                 image.id,
                 disk,
                 Event::Suspect("fsck: its digest file is damaged"),
-                now,
             )?;
         }
         Fix::RewriteRecord(image, layout) => layout.write_record(&pool.record_of(image))?,
@@ -257,7 +255,7 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
             _ => {}
         },
         Fix::Adopt(image, disk) => {
-            store.copy_event(image.id, disk, Event::Found, now)?;
+            pool.copy_event(image.id, disk, Event::Found)?;
         }
         Fix::AdoptUnknown(found, disk, path) => {
             let id = match store.image_by_name(&found.name)? {
@@ -272,7 +270,7 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
                 }
                 None => store.insert_found_image(&image_from_record(&found, &path, now))?,
             };
-            store.copy_event(id, disk, Event::Found, now)?;
+            pool.copy_event(id, disk, Event::Found)?;
         }
         Fix::Nothing => {}
     }
@@ -399,7 +397,9 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
             }
         };
         for disk in disk_ids {
-            store.copy_event(id, *disk, Event::Found, now)?;
+            // A rebuilt store has no pool yet to check labels with: every disk was just found
+            // by its label.
+            store.copy_event(id, *disk, Event::Found, now, &[])?;
         }
         done.push(format!(
             "image '{}' with {} copies (unverified)",

@@ -181,14 +181,10 @@ impl Monitor {
         }
         let reason = fault.to_string();
         match self
-            .pool
-            .store()
-            .copy_event(
+            .pool.copy_event(
                 fault.image_id,
                 disk.id,
-                Event::Faulted(&reason),
-                clock::now(),
-            )? {
+                Event::Faulted(&reason))? {
             Outcome::Now(CopyState::Failed) => tracing::warn!(
                 "copy on disk '{}' failed ({reason}); the repair replaces it",
                 disk.name

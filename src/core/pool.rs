@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::core::copies::{CopyView, Event};
+use crate::core::copies::{CopyView, Event, Outcome};
 use crate::core::owner::{self, Owner, OwnerLock, WorkLock};
 use crate::core::placement::{self, Candidate};
 use crate::core::resources::{self, Freshness, Resources};
@@ -436,8 +436,7 @@ impl Pool {
         for copy in copies.iter().filter(|c| c.disk.id == disk.id) {
             if let Some(image) = images.iter().find(|i| i.id == copy.image_id) {
                 // Marked first: a removal cut short is finished by the next command.
-                self.store
-                    .copy_event(image.id, disk.id, Event::Forget, now())?;
+                self.copy_event(image.id, disk.id, Event::Forget)?;
                 if reachable {
                     layout.remove_copy(&image.uuid)?;
                 }
@@ -650,6 +649,20 @@ impl Pool {
             .into_iter()
             .map(|id| disks.iter().find(|d| d.id == id).cloned().unwrap())
             .collect())
+    }
+
+    /// Applies `event` to a copy (see `core::copies`): the one way the pool changes a copy's
+    /// state. Disks found without their label now do not count toward the image's good copies.
+    pub fn copy_event(&self, image_id: i64, disk_id: i64, event: Event) -> Result<Outcome> {
+        let unreachable: Vec<i64> = self
+            .store
+            .disks()?
+            .iter()
+            .filter(|d| self.disk_health(d) != DiskHealth::Healthy)
+            .map(|d| d.id)
+            .collect();
+        self.store
+            .copy_event(image_id, disk_id, event, now(), &unreachable)
     }
 
     /// Which disks may serve reads now: not failed, and carrying their label. Evicting disks
@@ -883,8 +896,7 @@ impl Pool {
             let removed = DiskLayout::new(&copy.disk.path).remove_copy(&image.uuid);
             match removed {
                 Ok(()) => {
-                    self.store
-                        .copy_event(image.id, copy.disk.id, Event::Deleted, now())?;
+                    self.copy_event(image.id, copy.disk.id, Event::Deleted)?;
                 }
                 Err(e) => tracing::warn!(
                     "cannot clean up the copy of '{}' on '{}': {e}",

@@ -32,6 +32,9 @@ use crate::format::sparse;
 mod plan;
 mod throttle;
 
+#[cfg(test)]
+mod plan_model_tests;
+
 pub use plan::{Action, Source};
 use plan::{DiskView, ImageView, Plan, PoolState, SourceFile, Space};
 pub use throttle::Throttle;
@@ -248,20 +251,15 @@ fn run_action(
         Action::Verify { image, disk } => {
             match verify_copy(pool, image, disk, throttle, reporter)? {
                 Ok(()) => {
-                    pool.store()
-                        .copy_event(image.id, disk.id, Event::Verified, clock::now())?;
+                    pool.copy_event(image.id, disk.id, Event::Verified)?;
                     Ok(format!(
                         "verified the copy of '{}' on '{}'",
                         image.name, disk.name
                     ))
                 }
                 Err(why) => {
-                    let kept = pool.store().copy_event(
-                        image.id,
-                        disk.id,
-                        Event::Faulted(&why),
-                        clock::now(),
-                    )? == Outcome::Now(CopyState::Damaged);
+                    let kept = pool.copy_event(image.id, disk.id, Event::Faulted(&why))?
+                        == Outcome::Now(CopyState::Damaged);
                     let fate = if kept {
                         "it is the last good copy and keeps serving its good chunks"
                     } else {
@@ -281,14 +279,13 @@ fn run_action(
             keep,
             count_evicting,
         } => {
-            let marked = pool.store().copy_event(
+            let marked = pool.copy_event(
                 image.id,
                 disk.id,
                 Event::Remove {
                     keep: *keep,
                     count_evicting: *count_evicting,
                 },
-                clock::now(),
             )?;
             if marked != Outcome::Now(CopyState::Removing) {
                 return Ok(format!(
@@ -297,8 +294,7 @@ fn run_action(
                 ));
             }
             DiskLayout::new(&disk.path).remove_copy(&image.uuid)?;
-            pool.store()
-                .copy_event(image.id, disk.id, Event::Deleted, clock::now())?;
+            pool.copy_event(image.id, disk.id, Event::Deleted)?;
             Ok(format!(
                 "removed the copy of '{}' on '{}' ({why})",
                 image.name, disk.name
@@ -344,7 +340,7 @@ fn create_copy(
     stop: &AtomicBool,
 ) -> Result<()> {
     let store = pool.store();
-    let started = store.copy_event(image.id, target.id, Event::StartCopy, clock::now())?;
+    let started = pool.copy_event(image.id, target.id, Event::StartCopy)?;
     if started != Outcome::Now(CopyState::Copying) {
         return Err(Error::Usage(format!(
             "disk '{}' already has a copy of '{}'",
@@ -393,7 +389,7 @@ fn create_copy(
                 DiskLayout::new(&target.path).remove_copy(&image.uuid)?;
                 return Err(Error::UnknownImage(image.name.clone()));
             }
-            store.copy_event(image.id, target.id, Event::Committed, clock::now())?;
+            pool.copy_event(image.id, target.id, Event::Committed)?;
             Ok(())
         }
         Err(e) => {
@@ -402,7 +398,7 @@ fn create_copy(
             if let Err(cleanup) = DiskLayout::new(&target.path).remove_copy(&image.uuid) {
                 tracing::warn!("{cleanup}");
             }
-            store.copy_event(image.id, target.id, Event::Deleted, clock::now())?;
+            pool.copy_event(image.id, target.id, Event::Deleted)?;
             if let Source::Copy(disk) = source {
                 blame_source(pool, image, disk, &e)?;
             }
@@ -435,8 +431,7 @@ fn blame_source(pool: &Pool, image: &ImageRow, disk: &DiskRow, e: &Error) -> Res
     } else {
         Event::Faulted(&reason)
     };
-    pool.store()
-        .copy_event(image.id, disk.id, event, clock::now())?;
+    pool.copy_event(image.id, disk.id, event)?;
     Ok(())
 }
 
@@ -564,22 +559,13 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
                 Ok(()) => {
                     // A good verdict also clears an earlier damage note.
                     if copy.state != CopyState::Ready || copy.reason.is_some() {
-                        pool.store().copy_event(
-                            image.id,
-                            copy.disk.id,
-                            Event::Verified,
-                            clock::now(),
-                        )?;
+                        pool.copy_event(image.id, copy.disk.id, Event::Verified)?;
                     }
                     report.verified.push(label);
                 }
                 Err(why) => {
-                    let kept = pool.store().copy_event(
-                        image.id,
-                        copy.disk.id,
-                        Event::Faulted(&why),
-                        clock::now(),
-                    )? == Outcome::Now(CopyState::Damaged);
+                    let kept = pool.copy_event(image.id, copy.disk.id, Event::Faulted(&why))?
+                        == Outcome::Now(CopyState::Damaged);
                     let note = if kept {
                         " (the last good copy: it keeps serving its good chunks)"
                     } else {
@@ -831,10 +817,7 @@ mod tests {
             .unwrap();
         let id = f.pool.image("a").unwrap().image.id;
         // What a repair leaves when killed after its record and before the commit.
-        f.pool
-            .store()
-            .copy_event(id, empty.id, Event::StartCopy, 0)
-            .unwrap();
+        f.pool.copy_event(id, empty.id, Event::StartCopy).unwrap();
         let layout = DiskLayout::new(&empty.path);
         layout.create_dirs().unwrap();
         fs::write(layout.tmp_copy_path(&uuid), b"partial").unwrap();
@@ -861,7 +844,7 @@ mod tests {
                 keep: 1,
                 count_evicting: true,
             };
-            store.copy_event(id, d1.id, event, 0).unwrap() == Outcome::Now(CopyState::Removing)
+            f.pool.copy_event(id, d1.id, event).unwrap() == Outcome::Now(CopyState::Removing)
         };
         assert!(!remove());
         f.pool.online_disk("d2").unwrap();

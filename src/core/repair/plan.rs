@@ -158,15 +158,20 @@ fn plan_image(
                     disk: copy.disk.clone(),
                 });
             }
-            CopyState::Failed if view.reachable && !good.is_empty() => {
-                actions.push(Action::Remove {
+            // Once a good copy exists, a failed or damaged copy is of no use (no source, not
+            // counted) and its disk may be wanted for a good one.
+            CopyState::Failed | CopyState::Damaged if view.reachable && !good.is_empty() => actions
+                .push(Action::Remove {
                     image: row.clone(),
                     disk: copy.disk.clone(),
-                    why: "failed",
+                    why: if copy.state == CopyState::Failed {
+                        "failed"
+                    } else {
+                        "damaged, and replaced"
+                    },
                     keep: 1,
                     count_evicting: true,
-                })
-            }
+                }),
             _ => {}
         }
     }
@@ -202,27 +207,49 @@ fn plan_image(
                 }
                 None
             }
-            Err(why) => Some(format!(
-                "'{}' has {counting} of {wanted} healthy copies and no disk can take another: not enough room for '{}' ({needed} bytes, {count} copies): {why}; free space or add a disk with `imgpool disk add`",
-                row.name, row.name
-            )),
+            Err(why) => {
+                // With no good copy, a disk that holds a failed copy, or a damaged one while
+                // another damaged copy still serves, is made free for the new copy: the
+                // image's last serving copy is never given up for one that may not come.
+                let in_the_way = views
+                    .iter()
+                    .filter(|(c, v)| {
+                        v.reachable && v.disk == DiskState::Healthy && c.state == CopyState::Failed
+                    })
+                    .chain(views.iter().filter(|(c, v)| {
+                        serving > 1 && v.serves() && c.state == CopyState::Damaged
+                    }))
+                    .map(|(c, _)| *c)
+                    .next();
+                match (good.is_empty(), in_the_way) {
+                    (true, Some(copy)) => {
+                        actions.push(Action::Remove {
+                            image: row.clone(),
+                            disk: copy.disk.clone(),
+                            why: "unusable, and its disk is wanted for a new copy",
+                            keep: 0,
+                            count_evicting: true,
+                        });
+                        None
+                    }
+                    _ => Some(format!(
+                        "'{}' has {counting} of {wanted} healthy copies and no disk can take another: not enough room for '{}' ({needed} bytes, {count} copies): {why}; free space or add a disk with `imgpool disk add`",
+                        row.name, row.name
+                    )),
+                }
+            }
         }
     } else {
         if copying > 0 {
             return None;
         }
-        // Policy met: copies on evicting disks and damaged copies go, then copies above it.
+        // Policy met: copies on evicting disks go, then copies above the policy.
         for (copy, view) in &views {
-            if view.serves() && !view.counts() {
-                let why = if copy.state == CopyState::Damaged {
-                    "damaged, and replaced"
-                } else {
-                    "evicted"
-                };
+            if view.is_good() && !view.counts() {
                 actions.push(Action::Remove {
                     image: row.clone(),
                     disk: copy.disk.clone(),
-                    why,
+                    why: "evicted",
                     keep: wanted,
                     count_evicting: false,
                 });

@@ -442,7 +442,7 @@ impl Store {
             .map_err(|e| self.err(e))?;
             let id = tx.last_insert_rowid();
             for disk_id in disk_ids {
-                copies::apply(tx, id, *disk_id, Event::Reserved, image.created)
+                copies::apply(tx, id, *disk_id, Event::Reserved, image.created, &[])
                     .map_err(|e| self.err(e))?;
             }
             Ok(id)
@@ -523,15 +523,19 @@ impl Store {
     // ---- copies ----
 
     /// Applies `event` to the copy of `image_id` on `disk_id` (see `core::copies`), in one
-    /// transaction with the checks the event needs.
+    /// transaction with the checks the event needs; copies on the `unreachable` disks do not
+    /// count as good. `Pool::copy_event` finds those disks; call that.
     pub fn copy_event(
         &self,
         image_id: i64,
         disk_id: i64,
         event: Event,
         now: i64,
+        unreachable: &[i64],
     ) -> Result<Outcome> {
-        self.write(|tx| copies::apply(tx, image_id, disk_id, event, now).map_err(|e| self.err(e)))
+        self.write(|tx| {
+            copies::apply(tx, image_id, disk_id, event, now, unreachable).map_err(|e| self.err(e))
+        })
     }
 
     pub fn images(&self) -> Result<Vec<ImageRow>> {
