@@ -532,7 +532,7 @@ fn image_json(info: &ImageInfo) -> Value {
         "size": i.size,
         "stored_bytes": i.real_size,
         "sha512": i.sha512,
-        "state": info.state(),
+        "state": info.state().as_str(),
         "copies_wanted": i.copies_wanted,
         "problem": info.problem(),
         "healthy_copies": info.healthy_copies(),

@@ -483,7 +483,11 @@ mod tests {
         let pool = Pool::open(&state).unwrap();
         assert_eq!(pool.uuid(), f.pool.uuid());
         let a = pool.image("a").unwrap();
-        assert_eq!(a.state(), "failed", "unverified copies do not serve yet");
+        assert_eq!(
+            a.state(),
+            crate::core::pool::ImageHealth::Failed,
+            "unverified copies do not serve yet"
+        );
         crate::core::repair::repair(
             &pool,
             &crate::core::repair::Quiet,
@@ -495,7 +499,7 @@ mod tests {
             assert_eq!(now.image.uuid, old.image.uuid);
             assert_eq!(now.image.sha512, old.image.sha512);
             assert_eq!(now.image.copies_wanted, old.image.copies_wanted);
-            assert_eq!(now.state(), "ready");
+            assert_eq!(now.state(), crate::core::pool::ImageHealth::Ready);
         }
         // The holder was lost with the store: gc must not take the image meanwhile.
         let held = pool.gc(std::time::Duration::ZERO, false).unwrap_err();

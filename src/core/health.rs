@@ -358,6 +358,6 @@ mod tests {
         let d1_copy = info.copies.iter().find(|c| c.disk == "d1").unwrap();
         assert_eq!(d1_copy.state, crate::core::store::CopyState::Failed);
         assert!(d1_copy.reason.as_deref().unwrap().contains("digest"));
-        assert_eq!(info.state(), "degraded");
+        assert_eq!(info.state(), crate::core::pool::ImageHealth::Degraded);
     }
 }

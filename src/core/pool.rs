@@ -119,16 +119,42 @@ pub struct ImageInfo {
     pub open_handles: u64,
 }
 
+/// An image's health as listings show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageHealth {
+    /// Its copies that count meet its policy.
+    Ready,
+    /// Some copy serves, but fewer count than its policy wants.
+    Degraded,
+    /// No copy serves: its reads return EIO.
+    Failed,
+}
+
+impl ImageHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageHealth::Ready => "ready",
+            ImageHealth::Degraded => "degraded",
+            ImageHealth::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl ImageInfo {
-    /// "ready", or "degraded"/"failed" when healthy copies fall short of the policy.
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> ImageHealth {
         let counting = self.copies.iter().filter(|c| c.counts).count() as u32;
         if !self.copies.iter().any(|c| c.serving) {
-            "failed"
+            ImageHealth::Failed
         } else if counting < self.image.copies_wanted {
-            "degraded"
+            ImageHealth::Degraded
         } else {
-            "ready"
+            ImageHealth::Ready
         }
     }
 
@@ -140,7 +166,7 @@ impl ImageInfo {
     /// For an image that is not ready: what happened and what to do, in one line.
     pub fn problem(&self) -> Option<String> {
         let state = self.state();
-        if state == "ready" {
+        if state == ImageHealth::Ready {
             return None;
         }
         if let Some(problem) = &self.image.problem {
@@ -148,7 +174,7 @@ impl ImageInfo {
         }
         let name = &self.image.name;
         Some(match state {
-            "failed" => format!(
+            ImageHealth::Failed => format!(
                 "no healthy copy of '{name}': reads return EIO; bring back a disk that held one (it is verified first) and run `imgpool repair`, or re-import the image"
             ),
             _ => format!(
@@ -1200,7 +1226,7 @@ mod tests {
         assert_eq!(imported.disks.len(), 2);
         assert_ne!(imported.disks[0], imported.disks[1]);
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.state(), "ready");
+        assert_eq!(info.state(), crate::core::pool::ImageHealth::Ready);
         for copy in &info.copies {
             assert_eq!(fs::read(&copy.path).unwrap(), vec![7u8; 10_000]);
         }

@@ -680,13 +680,19 @@ mod tests {
         f.image("a", &bytes, 2);
         let before = f.serving("a");
         f.pool.fail_disk(&before[0], None).unwrap();
-        assert_eq!(f.pool.image("a").unwrap().state(), "degraded");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Degraded
+        );
         let report = run(&f.pool);
         assert!(report.problems.is_empty(), "{report:?}");
         let after = f.serving("a");
         assert_eq!(after.len(), 2, "{report:?}");
         assert!(!after.contains(&before[0]));
-        assert_eq!(f.pool.image("a").unwrap().state(), "ready");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Ready
+        );
         for disk in &after {
             assert_eq!(fs::read(copy_file(&f, "a", disk)).unwrap(), bytes);
         }
@@ -704,14 +710,20 @@ mod tests {
         f.pool.evict_disk(&home).unwrap();
         // An evicting disk still serves, but does not count toward the policy.
         assert_eq!(f.serving("a"), vec![home.clone()]);
-        assert_eq!(f.pool.image("a").unwrap().state(), "degraded");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Degraded
+        );
         run(&f.pool);
         let now = f.serving("a");
         assert_eq!(now.len(), 1);
         assert_ne!(now[0], home);
         f.pool.remove_disk(&home).unwrap();
         assert_eq!(f.pool.store().disks().unwrap().len(), 1);
-        assert_eq!(f.pool.image("a").unwrap().state(), "ready");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Ready
+        );
     }
 
     #[test]
@@ -776,12 +788,16 @@ mod tests {
         assert_eq!(scrubbed.bad.len(), 1, "{scrubbed:?}");
         // The last copy keeps serving its good chunks, but no longer counts.
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.state(), "degraded");
+        assert_eq!(info.state(), crate::core::pool::ImageHealth::Degraded);
         assert!(info.copies[0].serving && info.copies[0].reason.is_some());
         let report = run(&f.pool);
         assert!(report.problems.is_empty(), "{report:?}");
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.state(), "ready", "{report:?}");
+        assert_eq!(
+            info.state(),
+            crate::core::pool::ImageHealth::Ready,
+            "{report:?}"
+        );
         assert_eq!(info.copies.len(), 1, "the damaged copy went: {report:?}");
         let home = f.serving("a")[0].clone();
         assert_eq!(fs::read(copy_file(&f, "a", &home)).unwrap(), bytes);
@@ -794,12 +810,15 @@ mod tests {
         assert_eq!(report.problems.len(), 1, "{report:?}");
         assert!(report.problems[0].contains("damaged"), "{report:?}");
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.state(), "degraded");
+        assert_eq!(info.state(), crate::core::pool::ImageHealth::Degraded);
         assert!(info.problem().unwrap().contains("EIO"));
 
         // With its only copy on a failed disk, the image is failed.
         f.pool.fail_disk(&home, None).unwrap();
-        assert_eq!(f.pool.image("a").unwrap().state(), "failed");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Failed
+        );
     }
 
     #[test]
