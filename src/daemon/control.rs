@@ -38,7 +38,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more are answered 503 at once.
 const MAX_CONNECTIONS: usize = 16;
 /// How long `POST /v1/wake` waits for the catalog reload before answering.
-const WAKE_WAIT: Duration = Duration::from_secs(3);
+const WAKE_WAIT: Duration = Duration::from_secs(1);
 /// The longest path a Unix socket address holds (`sun_path` less its NUL).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -308,10 +308,12 @@ impl Drop for ControlServer {
 fn private_dir(dir: &Path) -> Result<()> {
     let what = || format!("cannot prepare the control directory {}", dir.display());
     match std::fs::symlink_metadata(dir) {
-        Ok(meta) if !meta.is_dir() => return Err(Error::Usage(format!(
+        Ok(meta) if !meta.is_dir() => {
+            return Err(Error::Usage(format!(
             "{} is not a directory: remove it, the mount daemon makes its control directory there",
             dir.display()
-        ))),
+        )))
+        }
         Ok(meta) => {
             let (uid, gid) = (nix::unistd::geteuid(), nix::unistd::getegid());
             if meta.uid() != uid.as_raw() || meta.gid() != gid.as_raw() {
