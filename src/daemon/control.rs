@@ -521,6 +521,17 @@ mod tests {
     }
 
     #[test]
+    fn a_state_directory_too_deep_for_a_socket_address_is_refused_with_the_reason() {
+        let base = tempfile::tempdir().unwrap();
+        let deep = base.path().join("d".repeat(60)).join("e".repeat(60));
+        std::fs::create_dir_all(&deep).unwrap();
+        let Err(e) = ControlSocket::bind(&deep, 1) else {
+            panic!("a socket path over 107 bytes was accepted");
+        };
+        assert!(e.to_string().contains("shorter --state-dir"), "{e}");
+    }
+
+    #[test]
     fn a_stale_socket_of_the_same_name_is_replaced() {
         let state = tempfile::tempdir().unwrap();
         let first = ControlSocket::bind(state.path(), 7).unwrap();
