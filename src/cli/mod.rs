@@ -1,5 +1,9 @@
 //! The `imgpool` command line: argument parsing and output. Each command is a thin call into the
-//! pool core (or the mount daemon); this module only formats what comes back.
+//! pool core (or the mount daemon); this module only formats what comes back. What concerns a
+//! running daemon (its statistics, its cache, waking it after a change) goes through its control
+//! socket (`client`).
+
+mod client;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -16,13 +20,14 @@ use crate::core::pool::{CopyInfo, DiskStatus, ImageInfo, Pool};
 use crate::core::repair;
 use crate::core::settings::{self, Settings};
 use crate::core::store::CopyState;
+use crate::daemon::control;
 use crate::daemon::mount::{self, MountConfig};
 use crate::error::{Error, Result};
 use crate::format::clock::timestamp;
 use crate::format::units::{bytes, parse_size};
 use crate::fs::cache::MIN_CACHE_SIZE;
 use crate::fs::read::default_cache_size;
-use crate::fs::stats::{self, MountStats};
+use crate::fs::stats::MountStats;
 use crate::fs::IoMode;
 
 #[derive(Parser, Debug)]
@@ -104,6 +109,9 @@ pub enum Command {
     },
     /// Check the metadata store against the disks and report every difference.
     Fsck(FsckArgs),
+    /// Act on the chunk caches of the running mount daemons.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Show or change the pool's settings.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -121,6 +129,19 @@ pub struct FsckArgs {
     pub disks: Vec<PathBuf>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Empty the chunk cache of every running mount of the pool, or of one (needs root: it goes
+    /// through the daemons' control sockets). Counters are not reset.
+    Drop {
+        /// Only the mount at this path.
+        #[arg(long)]
+        mountpoint: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -261,9 +282,42 @@ fn parse_cache_size(text: &str) -> std::result::Result<u64, String> {
     Ok(size)
 }
 
+impl Command {
+    /// Whether the command changes the pool, so that running daemons are woken after it.
+    fn changes_pool(&self) -> bool {
+        match self {
+            Command::Disk(cmd) => !matches!(cmd, DiskCommand::List { .. }),
+            Command::Image(cmd) => matches!(
+                cmd,
+                ImageCommand::Add { .. } | ImageCommand::Rm { .. } | ImageCommand::Set { .. }
+            ),
+            Command::Ref(cmd) => !matches!(cmd, RefCommand::List { .. }),
+            Command::Gc { dry_run, .. } => !dry_run,
+            Command::Repair { .. } | Command::Scrub { .. } => true,
+            Command::Fsck(args) => args.repair,
+            Command::Config(cmd) => matches!(cmd, ConfigCommand::Set { .. }),
+            Command::Init
+            | Command::Mount(_)
+            | Command::Umount { .. }
+            | Command::Status { .. }
+            | Command::Cache(_) => false,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     let state_dir = cli.state_dir.as_path();
-    match cli.command {
+    let changes_pool = cli.command.changes_pool();
+    let result = dispatch(state_dir, cli.command);
+    // Also after a failure: a repair that could not restore everything may have done a part.
+    if changes_pool {
+        client::wake_all(state_dir);
+    }
+    result
+}
+
+fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
+    match command {
         Command::Init => {
             let pool = Pool::init(state_dir)?;
             println!(
@@ -324,6 +378,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Repair { json } => repair_cmd(state_dir, json),
         Command::Scrub { image, json } => scrub_cmd(state_dir, image.as_deref(), json),
         Command::Fsck(args) => fsck_cmd(state_dir, args),
+        Command::Cache(cmd) => cache_cmd(state_dir, cmd),
         Command::Config(cmd) => config_cmd(state_dir, cmd),
     }
 }
@@ -619,6 +674,11 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
         .map(|i| i.image.real_size * i.healthy_copies() as u64)
         .sum();
     let holders: usize = images.iter().map(|i| i.holders.len()).sum();
+    // Each running daemon's statistics, asked on its control socket.
+    let stats: Vec<std::result::Result<MountStats, client::CallError>> = mounts
+        .iter()
+        .map(|m| client::stats(pool.state_dir(), m.id))
+        .collect();
     if json_out {
         print_json(&json!({
             "pool": pool.uuid(),
@@ -630,9 +690,12 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
                        "list": disks.iter().map(disk_json).collect::<Vec<_>>() },
             "images": { "total": images.len(), "logical_bytes": logical, "stored_bytes": stored,
                         "holders": holders },
-            "mounts": mounts.iter().map(|m| json!({
-                "mountpoint": m.mountpoint, "pid": m.pid, "since": timestamp(m.started),
-                "stats": stats::load(pool.state_dir(), m.id),
+            "mounts": mounts.iter().zip(&stats).map(|(m, stats)| json!({
+                "id": m.id, "mountpoint": m.mountpoint, "pid": m.pid,
+                "since": timestamp(m.started),
+                "control_socket": control::socket_path(pool.state_dir(), m.id),
+                "stats": stats.as_ref().ok(),
+                "stats_error": stats.as_ref().err().map(|e| e.to_string()),
             })).collect::<Vec<_>>(),
         }));
     } else {
@@ -657,15 +720,16 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
         if mounts.is_empty() {
             println!("mounts:  none");
         }
-        for m in &mounts {
+        for (m, stats) in mounts.iter().zip(&stats) {
             println!(
                 "mount:   {} (daemon pid {}, since {})",
                 m.mountpoint.display(),
                 m.pid,
                 timestamp(m.started)
             );
-            if let Some(stats) = stats::load(pool.state_dir(), m.id) {
-                print_mount_stats(&stats);
+            match stats {
+                Ok(stats) => print_mount_stats(stats),
+                Err(e) => println!("  stats:   not answering: {e}"),
             }
         }
     }
@@ -835,6 +899,93 @@ fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
         "{} difference(s) between the store and the disks: `imgpool fsck --repair` fixes them",
         findings.len()
     )))
+}
+
+/// `imgpool cache drop`: asks each running daemon (or the one serving `--mountpoint`) on its
+/// control socket to empty its chunk cache.
+fn cache_cmd(state_dir: &Path, cmd: CacheCommand) -> Result<()> {
+    let CacheCommand::Drop { mountpoint, json } = cmd;
+    let sockets = match control::sockets(state_dir) {
+        Ok(sockets) => sockets,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !state_dir.join(crate::core::store::DB_FILE).exists() {
+                return Err(Error::NoPool(state_dir.to_path_buf()));
+            }
+            Vec::new()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Error::Usage(format!(
+                "permission denied: only root may use the mount daemons' control sockets in {}",
+                control::dir(state_dir).display()
+            )))
+        }
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot list {}", control::dir(state_dir).display()),
+                e,
+            ))
+        }
+    };
+    // A dead mount cannot be resolved: take the path as given then.
+    let wanted = mountpoint.map(|p| {
+        std::fs::canonicalize(&p)
+            .or_else(|_| std::path::absolute(&p))
+            .unwrap_or(p)
+    });
+    let mut dropped = Vec::new();
+    let mut failures = Vec::new();
+    for (_, socket) in &sockets {
+        let answer = wanted
+            .as_ref()
+            .map_or(Ok(true), |wanted| {
+                client::call(socket, "GET", "/v1/health")
+                    .map(|health| health["mountpoint"].as_str() == wanted.to_str())
+            })
+            .and_then(|serves_it| match serves_it {
+                true => client::call(socket, "POST", "/v1/cache/drop").map(Some),
+                false => Ok(None),
+            });
+        match answer {
+            Ok(Some(done)) => dropped.push(done),
+            Ok(None) | Err(client::CallError::NotRunning) => {}
+            Err(client::CallError::Denied(message)) => return Err(Error::Usage(message)),
+            Err(client::CallError::Failed(message)) => failures.push(message),
+        }
+    }
+    if json {
+        print_json(&json!({ "dropped": dropped, "failed": failures }));
+    } else {
+        for done in &dropped {
+            println!(
+                "emptied the chunk cache of {}: {} chunk(s), {}",
+                done["mountpoint"].as_str().unwrap_or("?"),
+                done["dropped_chunks"],
+                bytes(done["dropped_bytes"].as_u64().unwrap_or(0))
+            );
+        }
+    }
+    match (failures.len(), &wanted) {
+        (0, Some(wanted)) if dropped.is_empty() => Err(Error::Usage(format!(
+            "no running mount of this pool at {}: `imgpool status` lists the pool's mounts",
+            wanted.display()
+        ))),
+        (0, None) if dropped.is_empty() => {
+            if !json {
+                println!("no running mount of the pool: no cache to empty");
+            }
+            Ok(())
+        }
+        (0, _) => Ok(()),
+        (1, _) => Err(Error::Usage(failures.remove(0))),
+        (n, _) => {
+            for failure in &failures {
+                eprintln!("{failure}");
+            }
+            Err(Error::Usage(format!(
+                "{n} mount daemons did not empty their cache (reasons above)"
+            )))
+        }
+    }
 }
 
 fn config_cmd(state_dir: &Path, cmd: ConfigCommand) -> Result<()> {
