@@ -494,3 +494,191 @@ fn a_missing_disk_does_not_keep_the_others_from_being_served() {
     assert_eq!(pool.json(&["status"])["health"], "degraded");
     mount.unmount();
 }
+
+/// SHA-512 of a whole file, in hex, read with plain `read`s (through the mount, the kernel's
+/// FUSE client).
+fn sha512_of(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha512};
+    Ok(hex::encode(Sha512::digest(fs::read(path)?)))
+}
+
+/// Many imports at once, interleaved with removals, holder changes, listings and a mount reading
+/// images: every import that exited 0 is in the pool afterwards and reads right. (Recovery in
+/// one command used to delete another command's import that had just committed.)
+#[test]
+fn concurrent_imports_lose_no_committed_image() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    if !can_mount("concurrent_imports_lose_no_committed_image") {
+        return;
+    }
+    const WORKERS: usize = 4;
+    const IMPORTS: usize = 50;
+    const VICTIMS: usize = 5;
+    let pool = TestPool::new(3);
+    let sources = pool.path("sources");
+    fs::create_dir(&sources).unwrap();
+    let small = |name: &str, seed: u64| {
+        let path = sources.join(format!("{name}.img"));
+        // 16 KiB to 400 KiB, not always a whole number of 64 KiB chunks.
+        random_file(&path, 16 * 1024 + (seed * 7919) % (384 * 1024), seed);
+        path
+    };
+    // Read through the mount all along; and images each worker removes while the others import.
+    let steady = small("steady", 1);
+    let steady_sha = sha512_of(&steady).unwrap();
+    pool.add_image("steady", &steady, 2);
+    for w in 0..WORKERS {
+        for k in 0..VICTIMS {
+            let name = format!("victim-{w}-{k}");
+            pool.add_image(&name, &small(&name, 1000 + (w * VICTIMS + k) as u64), 1);
+        }
+    }
+    let mount = pool.mount();
+
+    // (name, uuid, sha512) of every import that exited 0.
+    let committed: Mutex<Vec<(String, String, String)>> = Mutex::new(Vec::new());
+    let problems: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match sha512_of(&mount.image("steady")) {
+                    Ok(sha) if sha == steady_sha => {}
+                    other => problems
+                        .lock()
+                        .unwrap()
+                        .push(format!("steady through the mount: {other:?}")),
+                }
+                // The newest images, once the mount has them (it follows within 200 ms).
+                let newest: Vec<_> = committed
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .take(4)
+                    .cloned()
+                    .collect();
+                for (name, _, sha) in newest {
+                    match sha512_of(&mount.image(&name)) {
+                        Ok(read) if read == sha => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        other => problems
+                            .lock()
+                            .unwrap()
+                            .push(format!("{name} through the mount: {other:?}")),
+                    }
+                }
+                reads += 1;
+            }
+            reads
+        });
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let (pool, committed, problems, small) = (&pool, &committed, &problems, &small);
+                s.spawn(move || {
+                    let mut run = |args: &[&str]| {
+                        let out = pool.run(args);
+                        if !out.status.success() {
+                            problems.lock().unwrap().push(format!(
+                                "imgpool {args:?}: {}",
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            ));
+                        }
+                        out
+                    };
+                    for i in 0..IMPORTS {
+                        let name = format!("w{w}-{i}");
+                        let source = small(&name, (w * 1000 + i + 7) as u64);
+                        let sha = sha512_of(&source).unwrap();
+                        let copies = (1 + i % 2).to_string();
+                        let src = source.to_str().unwrap();
+                        let out = run(&["image", "add", &name, src, "--copies", &copies, "--json"]);
+                        if out.status.success() {
+                            let printed: serde_json::Value =
+                                serde_json::from_slice(&out.stdout).unwrap();
+                            assert_eq!(printed["sha512"], sha.as_str(), "{name}");
+                            let uuid = printed["uuid"].as_str().unwrap().to_string();
+                            committed.lock().unwrap().push((name.clone(), uuid, sha));
+                        }
+                        match i % 10 {
+                            3 => {
+                                run(&["image", "rm", &format!("victim-{w}-{}", i / 10)]);
+                            }
+                            4 => {
+                                run(&["ref", "add", &format!("w{w}-{}", i - 1), "holder"]);
+                            }
+                            6 => {
+                                run(&["ref", "rm", &format!("w{w}-{}", i - 3), "holder"]);
+                            }
+                            8 => {
+                                run(&["image", "list", "--json"]);
+                                run(&["status", "--json"]);
+                            }
+                            9 => {
+                                run(&["disk", "list"]);
+                                run(&["ref", "list", "--json"]);
+                            }
+                            _ => {}
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let reads = reader.join().unwrap();
+        eprintln!(
+            "{} imports and the other commands took {:.1} s; the reader went {reads} rounds",
+            WORKERS * IMPORTS,
+            started.elapsed().as_secs_f64()
+        );
+    });
+
+    let committed = committed.into_inner().unwrap();
+    let listed = pool.json(&["image", "list"]);
+    let listed = listed.as_array().unwrap();
+    let mut missing = Vec::new();
+    for (name, uuid, sha) in &committed {
+        match listed.iter().find(|i| i["name"] == name.as_str()) {
+            Some(image) => {
+                assert_eq!(image["uuid"], uuid.as_str(), "{name}");
+                assert_eq!(image["sha512"], sha.as_str(), "{name}");
+                assert_eq!(image["state"], "ready", "{name}: {image}");
+                for copy in image["copies"].as_array().unwrap() {
+                    let path = Path::new(copy["path"].as_str().unwrap());
+                    assert_eq!(&sha512_of(path).unwrap(), sha, "{name}: {path:?}");
+                }
+            }
+            None => missing.push(name.clone()),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} imports that exited 0 are missing: {missing:?}",
+        missing.len(),
+        committed.len()
+    );
+    let problems = problems.into_inner().unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(committed.len(), WORKERS * IMPORTS);
+    assert_eq!(listed.len(), 1 + WORKERS * IMPORTS, "no victim is left");
+    // Every image reads right through the mount, once it has caught up with the last import.
+    assert!(wait_until(Duration::from_secs(5), || committed
+        .iter()
+        .all(|(name, _, _)| mount.image(name).exists())));
+    for (name, _, sha) in &committed {
+        assert_eq!(&sha512_of(&mount.image(name)).unwrap(), sha, "{name}");
+    }
+    mount.unmount();
+    let out = pool.run(&["fsck"]);
+    assert!(
+        out.status.success(),
+        "fsck: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
