@@ -4,9 +4,8 @@
 //! runs; the kernel drops the lock when the process dies, however it dies (`kill -9` included).
 //! Anyone else can then tell a live owner from a dead one without trusting pids, which are reused.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -27,16 +26,12 @@ fn lock_path(state_dir: &Path, token: &str) -> PathBuf {
     state_dir.join(LOCKS_DIR).join(format!("{token}.lock"))
 }
 
+/// Takes the exclusive `flock` on `file` if nobody holds it.
 fn try_flock(file: &File) -> io::Result<bool> {
-    // SAFETY: flock on a valid, owned descriptor has no memory-safety preconditions.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(err)
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(e),
     }
 }
 
@@ -107,13 +102,8 @@ impl WorkLock {
     /// The lock, waiting for the holder to let go.
     pub fn acquire(path: &Path) -> Result<WorkLock> {
         let file = Self::open(path)?;
-        // SAFETY: flock on a valid, owned descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(crate::error::Error::io(
-                format!("cannot lock {}", path.display()),
-                io::Error::last_os_error(),
-            ));
-        }
+        file.lock()
+            .ctx(|| format!("cannot lock {}", path.display()))?;
         Ok(WorkLock { _file: file })
     }
 }
