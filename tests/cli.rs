@@ -266,7 +266,7 @@ fn a_disk_that_fills_up_during_import_gives_a_clean_error_and_keeps_nothing() {
 }
 
 #[test]
-fn kill_9_during_import_leaves_nothing_visible_and_the_next_command_cleans_up() {
+fn kill_9_during_import_leaves_nothing_visible_and_the_next_change_cleans_up() {
     let pool = TestPool::new(2);
     let source = pool.path("src.img");
     random_file(&source, 256 * MIB, 9);
@@ -294,8 +294,10 @@ fn kill_9_during_import_leaves_nothing_visible_and_the_next_command_cleans_up() 
         let finished = child.wait().unwrap().success();
         interrupted += usize::from(!finished);
 
-        // The next command cleans up; what is left is all or nothing.
+        // Listings only read; the next command that changes the pool (here `repair`, the
+        // explicit one) cleans up. What is left is all or nothing.
         let images = pool.json(&["image", "list"]);
+        pool.ok(&["repair"]);
         let listed = images
             .as_array()
             .unwrap()
@@ -579,7 +581,7 @@ fn concurrent_imports_lose_no_committed_image() {
             .map(|w| {
                 let (pool, committed, problems, small) = (&pool, &committed, &problems, &small);
                 s.spawn(move || {
-                    let mut run = |args: &[&str]| {
+                    let run = |args: &[&str]| {
                         let out = pool.run(args);
                         if !out.status.success() {
                             problems.lock().unwrap().push(format!(

@@ -333,6 +333,9 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         .ctx(|| "cannot block signals".into())?;
 
     let pool = Pool::open(state_dir)?;
+    // What dead processes left (a killed daemon's mount row among them) is cleaned up at start;
+    // then each round of the repair thread does it again.
+    crate::core::recover::recover(&pool)?;
     pool.store().relax_durability()?;
     let token = format!("mount-{}", uuid::Uuid::new_v4());
     let lock = OwnerLock::acquire(state_dir, &token)?;
