@@ -684,3 +684,207 @@ fn concurrent_imports_lose_no_committed_image() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Every row of every table of the pool's store, as text.
+fn store_rows(state: &Path) -> String {
+    let db = rusqlite::Connection::open(state.join("pool.db")).unwrap();
+    let mut out = String::new();
+    for table in [
+        "pool",
+        "disks",
+        "disk_resources",
+        "images",
+        "copies",
+        "settings",
+        "holders",
+        "mounts",
+        "open_handles",
+    ] {
+        let mut stmt = db
+            .prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2"))
+            .unwrap();
+        let columns = stmt.column_count();
+        let rows = stmt
+            .query_map([], |row| {
+                (0..columns)
+                    .map(|i| row.get_ref(i).map(|v| format!("{v:?}")))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap();
+        for row in rows {
+            out += &format!("{table}: {}\n", row.unwrap().join(", "));
+        }
+    }
+    out
+}
+
+/// Every file (and directory) under `dirs`, recursively, sorted.
+fn files_under(dirs: &[std::path::PathBuf]) -> Vec<String> {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        for entry in fs::read_dir(dir).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            out.push(path.display().to_string());
+            if path.is_dir() {
+                walk(&path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for dir in dirs {
+        walk(dir, &mut out);
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn listings_change_nothing_and_the_next_change_cleans_up() {
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 20);
+    pool.add_image("kept", &source, 2);
+    pool.add_image("going", &source, 1);
+    // What dead processes leave: a removal cut short; an import whose importer died after
+    // writing a temporary copy (its lock file left, unlocked); a stray temporary copy; the row
+    // of a killed mount daemon, with a file it had open.
+    let dead_import = "00000000-0000-0000-0000-00000000dead";
+    let tmp = |disk: usize, uuid: &str| {
+        pool.disks[disk]
+            .join(".imgpool/tmp")
+            .join(format!("{uuid}.img"))
+    };
+    let db = rusqlite::Connection::open(pool.state.join("pool.db")).unwrap();
+    db.execute_batch(&format!(
+        "UPDATE images SET state = 'removing' WHERE name = 'going';
+         INSERT INTO images (name, uuid, size, state, copies_wanted, created)
+             VALUES ('half', '{dead_import}', 1048576, 'importing', 1, 0);
+         INSERT INTO copies (image_id, disk_id)
+             SELECT i.id, d.id FROM images i, disks d WHERE i.name = 'half' AND d.name = 'd1';
+         INSERT INTO mounts (mountpoint, pid, started, owner)
+             VALUES ('/nowhere', 1, 0, 'mount-dead');
+         INSERT INTO open_handles (mount_id, image_id, count)
+             SELECT m.id, i.id, 1 FROM mounts m, images i WHERE i.name = 'kept';"
+    ))
+    .unwrap();
+    drop(db);
+    fs::write(tmp(0, dead_import), b"partial").unwrap();
+    fs::write(tmp(1, "stray"), b"x").unwrap();
+    fs::write(
+        pool.state.join(format!("locks/import-{dead_import}.lock")),
+        b"",
+    )
+    .unwrap();
+    let mut watched: Vec<_> = pool.disks.iter().map(|d| d.join(".imgpool")).collect();
+    watched.push(pool.state.join("locks"));
+    let (rows, files) = (store_rows(&pool.state), files_under(&watched));
+
+    for listing in [
+        &["status"][..],
+        &["image", "list"],
+        &["image", "show", "kept"],
+        &["disk", "list"],
+        &["ref", "list"],
+        &["ref", "list", "kept"],
+        &["config", "list"],
+        &["gc", "--dry-run", "--grace", "0s"],
+        &["gc", "--dry-run", "--release-hold"],
+        &["fsck"],
+    ] {
+        let mut json = listing.to_vec();
+        json.push("--json");
+        for args in [listing, &json[..]] {
+            pool.ok(args);
+            assert_eq!(
+                store_rows(&pool.state),
+                rows,
+                "imgpool {args:?} changed the store"
+            );
+            assert_eq!(
+                files_under(&watched),
+                files,
+                "imgpool {args:?} changed files"
+            );
+        }
+    }
+    // The dead daemon is not counted, nor its open file; the partial import is not shown.
+    let status = pool.json(&["status"]);
+    assert!(status["mounts"].as_array().unwrap().is_empty(), "{status}");
+    assert_eq!(pool.json(&["image", "show", "kept"])["open_handles"], 0);
+    let names: Vec<_> = pool
+        .json(&["image", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["kept"]);
+    assert!(pool
+        .fails(&["image", "show", "half"])
+        .contains("no image named"));
+
+    // A command that changes the pool cleans up first.
+    pool.ok(&["ref", "add", "kept", "replica-a"]);
+    let rows = store_rows(&pool.state);
+    for gone in ["going", "half", "/nowhere", "open_handles:"] {
+        assert!(!rows.contains(gone), "{gone} is left:\n{rows}");
+    }
+    let files = files_under(&watched);
+    for gone in [dead_import, "stray", ".lock"] {
+        assert!(
+            !files.iter().any(|f| f.contains(gone)),
+            "{gone} is left: {files:#?}"
+        );
+    }
+    // kept's copy, record and digests on each disk, and nothing else under copies/ or tmp/.
+    let left: Vec<_> = files
+        .iter()
+        .filter(|f| f.contains(".imgpool/copies/") || f.contains(".imgpool/tmp/"))
+        .collect();
+    assert_eq!(left.len(), 6, "{left:#?}");
+    assert!(pool.ok(&["fsck"]).contains("clean"));
+}
+
+#[test]
+fn a_dry_run_of_gc_keeps_the_hold_it_would_release() {
+    let pool = TestPool::new(1);
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 21);
+    pool.add_image("a", &source, 1);
+    // The store is lost and rebuilt from the disk: the holders are unknown, so gc is held.
+    for file in ["pool.db", "pool.db-wal", "pool.db-shm"] {
+        let _ = fs::remove_file(pool.state.join(file));
+    }
+    pool.ok(&[
+        "fsck",
+        "--repair",
+        "--disk",
+        pool.disks[0].to_str().unwrap(),
+    ]);
+    let held = |pool: &TestPool| {
+        pool.json(&["status"])["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("gc: "))
+    };
+    assert!(held(&pool));
+
+    let out = pool.ok(&["gc", "--grace", "0s", "--dry-run", "--release-hold"]);
+    assert!(out.contains("would allow gc again"), "{out}");
+    assert!(out.contains("would remove a"), "{out}");
+    let out = pool.json(&["gc", "--grace", "0s", "--dry-run", "--release-hold"]);
+    assert_eq!(out["dry_run"], true, "{out}");
+    assert_eq!(out["released_hold"], true, "{out}");
+    assert_eq!(out["removed"], serde_json::json!(["a"]), "{out}");
+    assert!(held(&pool), "a dry run released the hold");
+    assert!(pool.fails(&["gc", "--grace", "0s"]).contains("gc is held"));
+    pool.ok(&["image", "show", "a"]);
+
+    let out = pool.ok(&["gc", "--grace", "0s", "--release-hold"]);
+    assert!(
+        out.contains("gc is allowed again") && out.contains("removed a"),
+        "{out}"
+    );
+    assert!(!held(&pool));
+    assert!(pool.json(&["image", "list"]).as_array().unwrap().is_empty());
+}
