@@ -762,7 +762,8 @@ fn run_repair(state_dir: &Path, pool: &Pool, json_out: bool) -> Result<repair::R
 }
 
 fn repair_cmd(state_dir: &Path, json_out: bool) -> Result<()> {
-    let pool = open_to_change(state_dir)?;
+    // The repair round starts with recovery, and reports what it cleaned up.
+    let pool = Pool::open(state_dir)?;
     let report = run_repair(state_dir, &pool, json_out)?;
     if json_out {
         print_json(&json!({ "done": report.done, "problems": report.problems }));

@@ -1,6 +1,7 @@
 //! The pool's rules, over the metadata store (`store`) and the disks (`format::layout`): disks,
-//! images, copies and their states, holders, placement, health, repair, fsck and recovery. The CLI and the
-//! mount daemon drive the pool through this layer; tests drive it directly, without FUSE.
+//! images, copies and their states, holders, placement, health, repair, fsck and recovery. The
+//! CLI and the mount daemon drive the pool through this layer; tests drive it directly, without
+//! FUSE.
 
 pub mod fsck;
 pub mod health;

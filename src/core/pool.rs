@@ -434,7 +434,7 @@ impl Pool {
         let reachable = self.disk_health(&disk) == DiskHealth::Healthy;
         for copy in copies.iter().filter(|c| c.disk.id == disk.id) {
             if let Some(image) = images.iter().find(|i| i.id == copy.image_id) {
-                // Marked first: a removal cut short is finished by the next command.
+                // Marked first: a removal cut short is finished by recovery.
                 self.store
                     .set_copy_state(image.id, disk.id, CopyState::Removing, None, now())?;
                 if reachable {

@@ -7,9 +7,9 @@
 //! the image is failed and the reason recorded for `status`.
 //!
 //! One process repairs at a time (the repair lock); copies it is writing belong to it, and a
-//! dead repairer's are cleaned up by recovery (`recover`), which each round starts with. Everything the repair decides comes
-//! from the store each round, so a restarted daemon resumes where the dead one stopped (a copy
-//! that was being written starts over).
+//! dead repairer's are cleaned up by recovery (`recover`), which each round starts with.
+//! Everything the repair decides comes from the store each round, so a restarted daemon resumes
+//! where the dead one stopped (a copy that was being written starts over).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;

@@ -161,7 +161,7 @@ pub enum CopyState {
     Unverified,
     /// Unreadable or corrupt: never served; deleted and replaced by the repair.
     Failed,
-    /// Being deleted; any command finishes the deletion.
+    /// Being deleted; recovery finishes the deletion.
     Removing,
 }
 
@@ -192,7 +192,7 @@ pub enum ImageState {
     /// Reserved by an import that has not committed: never visible in the mount.
     Importing,
     Ready,
-    /// Being removed: invisible, and any command may finish the removal.
+    /// Being removed: invisible, and recovery finishes the removal.
     Removing,
 }
 
