@@ -480,8 +480,8 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
         // Nobody reads our stdout any more: point it at /dev/null so a late print cannot fail.
         if let Ok(null) = std::fs::File::open("/dev/null") {
             use std::os::fd::AsRawFd;
-            // SAFETY: dup2 onto fd 1 with a valid descriptor. (Left for the engineer replacing
-            // it with `nix::unistd::dup2_stdout`.)
+            // SAFETY: dup2 onto fd 1 with a valid descriptor. (`nix::unistd::dup2_stdout` is
+            // the safe form this should become.)
             #[allow(unsafe_code)]
             unsafe {
                 libc::dup2(null.as_raw_fd(), 1)
