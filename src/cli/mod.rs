@@ -17,6 +17,7 @@ use crate::core::fsck;
 use crate::core::health::Monitor;
 use crate::core::owner::WorkLock;
 use crate::core::pool::{CopyInfo, DiskStatus, ImageInfo, Pool};
+use crate::core::recover;
 use crate::core::repair;
 use crate::core::settings::{self, Settings};
 use crate::core::store::CopyState;
@@ -336,15 +337,35 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
             release_hold,
             json,
         } => {
-            let pool = Pool::open(state_dir)?;
-            if release_hold {
-                pool.release_gc_hold()?;
-                println!("gc is allowed again");
-            }
-            let removed = pool.gc(grace, dry_run)?;
+            let pool = if dry_run {
+                Pool::open(state_dir)?
+            } else {
+                open_to_change(state_dir)?
+            };
+            let release = release_hold && pool.gc_hold()?.is_some();
+            let removed = if release && dry_run {
+                // A dry run changes nothing: the hold stays, and what gc would remove once it
+                // is released is listed.
+                pool.collectable(grace)?
+            } else {
+                if release {
+                    pool.release_gc_hold()?;
+                }
+                pool.gc(grace, dry_run)?
+            };
             if json {
-                print_json(&json!({ "removed": removed, "dry_run": dry_run }));
-            } else if removed.is_empty() {
+                print_json(&json!({
+                    "removed": removed, "dry_run": dry_run, "released_hold": release,
+                }));
+                return Ok(());
+            }
+            match (release, dry_run) {
+                (true, true) => println!("would allow gc again (a dry run: gc stays held)"),
+                (true, false) => println!("gc is allowed again"),
+                (false, _) if release_hold => println!("gc is not held"),
+                (false, _) => {}
+            }
+            if removed.is_empty() {
                 println!("nothing to collect");
             } else {
                 let verb = if dry_run { "would remove" } else { "removed" };
@@ -383,8 +404,19 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
     }
 }
 
-fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
+/// Opens the pool for a command that changes it, after cleaning up whatever dead processes
+/// left (`recover`). Listings open it with `Pool::open` alone: they only read.
+fn open_to_change(state_dir: &Path) -> Result<Pool> {
     let pool = Pool::open(state_dir)?;
+    recover::recover(&pool)?;
+    Ok(pool)
+}
+
+fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
+    let pool = match cmd {
+        DiskCommand::List { .. } => Pool::open(state_dir)?,
+        _ => open_to_change(state_dir)?,
+    };
     match cmd {
         DiskCommand::Add { name, path } => {
             let disk = pool.add_disk(&name, &path)?;
@@ -457,7 +489,10 @@ fn disk_json(d: &DiskStatus) -> Value {
 }
 
 fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
-    let pool = Pool::open(state_dir)?;
+    let pool = match cmd {
+        ImageCommand::List { .. } | ImageCommand::Show { .. } => Pool::open(state_dir)?,
+        _ => open_to_change(state_dir)?,
+    };
     match cmd {
         ImageCommand::Add {
             name,
@@ -604,7 +639,10 @@ fn image_json(info: &ImageInfo) -> Value {
 }
 
 fn reference(state_dir: &Path, cmd: RefCommand) -> Result<()> {
-    let pool = Pool::open(state_dir)?;
+    let pool = match cmd {
+        RefCommand::List { .. } => Pool::open(state_dir)?,
+        _ => open_to_change(state_dir)?,
+    };
     match cmd {
         RefCommand::Add { image, holder } => {
             if pool.add_ref(&image, &holder)? {
@@ -791,6 +829,7 @@ fn run_repair(state_dir: &Path, pool: &Pool, json_out: bool) -> Result<repair::R
 }
 
 fn repair_cmd(state_dir: &Path, json_out: bool) -> Result<()> {
+    // The repair round starts with recovery, and reports what it cleaned up.
     let pool = Pool::open(state_dir)?;
     let report = run_repair(state_dir, &pool, json_out)?;
     if json_out {
@@ -818,7 +857,7 @@ fn unrepaired(report: &repair::Report) -> Result<()> {
 }
 
 fn scrub_cmd(state_dir: &Path, image: Option<&str>, json_out: bool) -> Result<()> {
-    let pool = Pool::open(state_dir)?;
+    let pool = open_to_change(state_dir)?;
     let scrubbed = {
         let _lock = repair_lock(&pool)?;
         repair::scrub(&pool, image, &*reporter())?
@@ -871,7 +910,11 @@ fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
         println!("gc is held until the holders are registered again (`imgpool ref add`), then `imgpool gc --release-hold`");
         return unrepaired(&report);
     }
-    let pool = Pool::open(state_dir)?;
+    let pool = if args.repair {
+        open_to_change(state_dir)?
+    } else {
+        Pool::open(state_dir)?
+    };
     let findings = fsck::check(&pool, args.repair)?;
     if args.json {
         print_json(&json!({
@@ -989,7 +1032,10 @@ fn cache_cmd(state_dir: &Path, cmd: CacheCommand) -> Result<()> {
 }
 
 fn config_cmd(state_dir: &Path, cmd: ConfigCommand) -> Result<()> {
-    let pool = Pool::open(state_dir)?;
+    let pool = match cmd {
+        ConfigCommand::List { .. } => Pool::open(state_dir)?,
+        ConfigCommand::Set { .. } => open_to_change(state_dir)?,
+    };
     match cmd {
         ConfigCommand::List { json: json_out } => {
             let values = pool.settings()?.values();

@@ -10,6 +10,7 @@
 //!   (no row) --Found------> unverified                ready, damaged --Suspect--> unverified
 //!   ready, unverified, damaged --Faulted--> failed, or damaged when no other good copy exists
 //!   any but copying --Remove--> removing (only while enough good copies remain without it)
+//!   copying, removing --Abandoned--> removing (its writer is gone)
 //!   removing, copying --Deleted--> (no row)
 //! ```
 
@@ -80,6 +81,9 @@ pub enum Event<'a> {
     Remove { keep: u32, count_evicting: bool },
     /// `disk rm`: the caller checked that none of the disk's copies is an image's last good one.
     Forget,
+    /// Recovery takes over a copy that a repair no longer running was writing or removing (the
+    /// caller holds the repair lock).
+    Abandoned,
     /// The copy's files are gone (or never finished): the row goes.
     Deleted,
 }
@@ -138,6 +142,7 @@ pub fn decide(from: Option<CopyState>, event: Event, others: Others) -> Outcome 
             }
         }
         (Some(_), Event::Forget) => Outcome::Now(Removing),
+        (Some(Copying | Removing), Event::Abandoned) => Outcome::Now(Removing),
         (Some(Removing | Copying), Event::Deleted) => Outcome::Deleted,
         _ => Outcome::Unchanged,
     }
@@ -376,6 +381,7 @@ mod tests {
                 count_evicting: true,
             },
             Event::Forget,
+            Event::Abandoned,
             Event::Deleted,
         ];
         let from_states = std::iter::once(None).chain(CopyState::ALL.iter().copied().map(Some));

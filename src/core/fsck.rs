@@ -28,14 +28,21 @@ enum Fix<'a> {
     FailCopy(&'a ImageRow, i64),
     Unverify(&'a ImageRow, i64),
     RewriteRecord(&'a ImageRow, &'a DiskLayout),
-    RemoveFile(PathBuf),
+    /// A leftover file on a disk, named after `uuid`: removed if, when it is removed, no row
+    /// explains it.
+    RemoveLeftover {
+        uuid: String,
+        disk: i64,
+        path: PathBuf,
+    },
     Adopt(&'a ImageRow, i64),
     AdoptUnknown(CopyRecord, i64, PathBuf),
     Nothing,
 }
 
-/// Checks every disk in service against the store; with `repair`, fixes what it finds. The
-/// pool was opened, so what dead processes left was cleaned up already.
+/// Checks every disk in service against the store; with `repair`, fixes what it finds (the
+/// caller runs recovery first). What a dead process left for recovery, and work in progress,
+/// is explained by its rows and is not a difference: a check only reads.
 pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
     let store = pool.store();
     // Leftover files are judged only while nothing writes copies: no repair (its lock) and no
@@ -151,28 +158,44 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
                 },
             }
         }
+        // Files of work in progress, or of work a dead process left for recovery: an image that
+        // is not ready, or a copy row on this disk (the same rule `Store::unless_explained`
+        // applies when a fix removes a file).
+        let explained = |uuid: &str| {
+            images.iter().any(|i| {
+                i.uuid == uuid
+                    && (i.state != ImageState::Ready
+                        || copies
+                            .iter()
+                            .any(|c| c.image_id == i.id && c.disk.id == disk.id))
+            })
+        };
         if quiet {
             for name in layout.copies_dir_files()? {
+                let uuid = name.split('.').next().unwrap_or_default();
                 let leftover = name.ends_with(".tmp")
                     || ((name.ends_with(".json") || name.ends_with(".digests"))
-                        && !layout
-                            .copy_path(name.split('.').next().unwrap_or_default())
-                            .exists());
-                if leftover {
+                        && !layout.copy_path(uuid).exists());
+                if leftover && !explained(uuid) {
                     record(
                         format!("disk '{}': leftover file {name}", disk.name),
-                        Fix::RemoveFile(layout.copies_dir_path(&name)),
+                        Fix::RemoveLeftover {
+                            uuid: uuid.to_string(),
+                            disk: disk.id,
+                            path: layout.copies_dir_path(&name),
+                        },
                     )?;
                 }
             }
             for uuid in layout.tmp_copies()? {
-                let importing = images
-                    .iter()
-                    .any(|i| i.uuid == uuid && i.state == ImageState::Importing);
-                if !importing {
+                if !explained(&uuid) {
                     record(
                         format!("disk '{}': leftover temporary copy {uuid}", disk.name),
-                        Fix::RemoveFile(layout.tmp_copy_path(&uuid)),
+                        Fix::RemoveLeftover {
+                            path: layout.tmp_copy_path(&uuid),
+                            uuid,
+                            disk: disk.id,
+                        },
                     )?;
                 }
             }
@@ -216,7 +239,7 @@ fn describe(fix: &Fix) -> (&'static str, bool) {
             true,
         ),
         Fix::RewriteRecord(..) => ("the record is rewritten from the store", true),
-        Fix::RemoveFile(_) => ("the file is removed", true),
+        Fix::RemoveLeftover { .. } => ("the file is removed", true),
         Fix::Adopt(..) => (
             "the copy is listed as unverified; the repair verifies it",
             true,
@@ -248,12 +271,15 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
             )?;
         }
         Fix::RewriteRecord(image, layout) => layout.write_record(&pool.record_of(image))?,
-        Fix::RemoveFile(path) => match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Error::io(format!("cannot remove {}", path.display()), e))
-            }
-            _ => {}
-        },
+        // Decided again when removed: an import or repair may have started meanwhile.
+        Fix::RemoveLeftover { uuid, disk, path } => {
+            store.unless_explained(&uuid, disk, || match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io(format!("cannot remove {}", path.display()), e))
+                }
+                _ => Ok(()),
+            })?;
+        }
         Fix::Adopt(image, disk) => {
             pool.copy_event(image.id, disk, Event::Found)?;
         }

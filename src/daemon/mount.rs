@@ -162,7 +162,8 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
         command.arg("--no-bind");
     }
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal and session
-    // so that the shell's Ctrl-C or hangup does not reach it.
+    // so that the shell's Ctrl-C or hangup does not reach it. (`pre_exec` has no safe form.)
+    #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(|| {
             libc::setsid();
@@ -335,6 +336,9 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         .ctx(|| "cannot block signals".into())?;
 
     let pool = Pool::open(state_dir)?;
+    // What dead processes left (a killed daemon's mount row among them) is cleaned up at start;
+    // then each round of the repair thread does it again.
+    crate::core::recover::recover(&pool)?;
     pool.store().relax_durability()?;
     let token = format!("mount-{}", uuid::Uuid::new_v4());
     let lock = OwnerLock::acquire(state_dir, &token)?;

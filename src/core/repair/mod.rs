@@ -7,9 +7,9 @@
 //! the image is failed and the reason recorded for `status`.
 //!
 //! One process repairs at a time (the repair lock); copies it is writing belong to it, and a
-//! dead repairer's are cleaned up by the next `Pool::open`. Everything the repair decides comes
-//! from the store each round, so a restarted daemon resumes where the dead one stopped (a copy
-//! that was being written starts over).
+//! dead repairer's are cleaned up by recovery (`recover`), which each round starts with.
+//! Everything the repair decides comes from the store each round, so a restarted daemon resumes
+//! where the dead one stopped (a copy that was being written starts over).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -65,11 +65,15 @@ pub struct Report {
 /// Runs repair rounds until nothing is left to do or nothing more can be done. The caller holds
 /// the repair lock. `stop` interrupts a copy in progress (it is undone).
 pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result<Report> {
-    // Whatever a dead repairer left is ours to clean: we hold the lock.
-    pool.clean_abandoned_copies()?;
+    // Whatever dead processes left is cleaned up first, a dead repairer's copies included: we
+    // hold the lock.
+    let recovered = crate::core::recover::recover_holding_repair_lock(pool)?;
     let settings = pool.settings()?;
     let throttle = Throttle::new(settings.repair_bandwidth);
-    let mut report = Report::default();
+    let mut report = Report {
+        done: recovered,
+        ..Report::default()
+    };
     // Disks that failed a copy of an image in this repair (full, say): not chosen again for it.
     let mut refused: HashMap<i64, Vec<i64>> = HashMap::new();
     // Images whose source file no longer has their checksum.
@@ -842,6 +846,7 @@ mod tests {
         fs::write(layout.tmp_copy_path(&uuid), b"partial").unwrap();
         fs::write(layout.record_path(&uuid), b"{}").unwrap();
         let reopened = Pool::open(f.pool.state_dir()).unwrap();
+        crate::core::recover::recover(&reopened).unwrap();
         assert_eq!(reopened.image("a").unwrap().copies.len(), 1);
         assert!(!layout.tmp_copy_path(&uuid).exists());
         assert!(!layout.record_path(&uuid).exists());

@@ -450,6 +450,8 @@ impl Store {
     }
 
     /// Makes an import visible: the last step, after every copy is durable on its disk.
+    /// `false` when the reservation is no longer this import's (nothing was committed): the
+    /// import must then fail, not report an image that is not there.
     pub fn commit_import(
         &self,
         id: i64,
@@ -457,11 +459,11 @@ impl Store {
         real_size: u64,
         chunk_size: u64,
         digests_hash: &str,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.run(|c| {
             c.execute(
                 "UPDATE images SET state = 'ready', sha512 = ?2, real_size = ?3, chunk_size = ?4,
-                 digests_hash = ?5 WHERE id = ?1",
+                 digests_hash = ?5 WHERE id = ?1 AND state = 'importing'",
                 params![
                     id,
                     sha512,
@@ -470,7 +472,7 @@ impl Store {
                     digests_hash
                 ],
             )
-            .map(|_| ())
+            .map(|n| n == 1)
         })
     }
 
@@ -650,6 +652,83 @@ impl Store {
         self.run(|c| {
             c.execute("DELETE FROM images WHERE id = ?1", [id])
                 .map(|_| ())
+        })
+    }
+
+    // ---- taking over work a dead process left ----
+    //
+    // Each of these re-reads, inside the transaction that changes it, that the row is still in
+    // the state that made it look abandoned; the caller has made sure beforehand that its owner
+    // is dead and stays so (it holds the owner's lock, or the repair lock).
+
+    /// Turns the reservation of an import whose importer is dead into a removal, if the row is
+    /// still that import (`importing`, with `uuid`): an importer that committed or undid its
+    /// work before it died keeps what it did. Returns whether the row was taken over; its files
+    /// and rows are then deleted like any removal's, and a crash meanwhile is finished later.
+    pub fn abandon_import(&self, id: i64, uuid: &str) -> Result<bool> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE images SET state = 'removing' WHERE id = ?1 AND uuid = ?2 AND state = 'importing'",
+                params![id, uuid],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+        })
+    }
+
+    /// Deletes the rows of an image being removed (its copies, holders and handles go with
+    /// it), if it is still `removing`. Returns whether it did.
+    pub fn delete_removed_image(&self, id: i64) -> Result<bool> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM images WHERE id = ?1 AND state = 'removing'",
+                [id],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+        })
+    }
+
+    /// Deletes the row of a mount whose daemon is dead (its open handles go with it), if it is
+    /// still that daemon's. Returns whether it did.
+    pub fn delete_dead_mount(&self, id: i64, owner: &str) -> Result<bool> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM mounts WHERE id = ?1 AND owner = ?2",
+                params![id, owner],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+        })
+    }
+
+    /// Runs `delete` (of a file named after `uuid` on disk `disk_id`) only if no row explains
+    /// the file: no image has the uuid, or the image is ready and has no copy on that disk.
+    /// Checked and done inside one IMMEDIATE transaction, so that no import or repair can record
+    /// the file's owner in between (each records it before it creates a file). Returns whether
+    /// it ran.
+    pub fn unless_explained(
+        &self,
+        uuid: &str,
+        disk_id: i64,
+        delete: impl FnOnce() -> Result<()>,
+    ) -> Result<bool> {
+        self.write(|tx| {
+            let owner: Option<(String, bool)> = tx
+                .query_row(
+                    "SELECT i.state, EXISTS (SELECT 1 FROM copies c
+                         WHERE c.image_id = i.id AND c.disk_id = ?2)
+                     FROM images i WHERE i.uuid = ?1",
+                    params![uuid, disk_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?;
+            if owner.is_some_and(|(state, copy)| state != "ready" || copy) {
+                return Ok(false);
+            }
+            delete()?;
+            Ok(true)
         })
     }
 
