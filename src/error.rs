@@ -264,7 +264,7 @@ pub enum Error {
     )]
     CopyBeingWritten { disk: String, image: String },
 
-    #[error("image '{image}' is removed from the pool but its copy on disk '{disk}' could not be deleted ({source}); any later imgpool command retries")]
+    #[error("image '{image}' is removed from the pool but its copy on disk '{disk}' could not be deleted ({source}); the mount daemon, or any later imgpool command that changes the pool, retries")]
     CopyLeftBehind {
         image: String,
         disk: String,
@@ -301,6 +301,16 @@ pub enum Error {
     /// A refusal or failure that happens in one place only: its kind, and its one line.
     #[error("{message}")]
     Refused { kind: ErrorKind, message: String },
+
+    #[error("the metadata store {path} has schema version {version}, newer than this imgpool reads ({latest}): run the imgpool that wrote it, or a newer one")]
+    StoreTooNew {
+        path: PathBuf,
+        version: usize,
+        latest: usize,
+    },
+
+    #[error("cannot read the metadata store {path}: {detail}; rebuild the index from the disks with `imgpool fsck --repair` after moving it aside")]
+    StoreUnreadable { path: PathBuf, detail: String },
 
     #[error("{context}: {source}")]
     Io {
@@ -414,7 +424,9 @@ impl Error {
                 ErrorKind::NoSpace
             }
             Error::NotRoot(_) => ErrorKind::NotRoot,
+            Error::StoreUnreadable { .. } => ErrorKind::Corrupt,
             Error::ForeignLabel { .. }
+            | Error::StoreTooNew { .. }
             | Error::OnlyGoodCopy { .. }
             | Error::GcHeld(_)
             | Error::Unrestored(_) => ErrorKind::Conflict,

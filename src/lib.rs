@@ -14,6 +14,10 @@
 //!   adapter.
 //! - `daemon`: the mount daemon's lifecycle: mounting, bind mounts, signals, background workers.
 //! - `cli`: the command line, the only layer that prints, parses arguments or checks for root.
+//!
+//! `unsafe` is denied: every system call used has a safe wrapper in `nix` or std. The few items
+//! that still need it carry `#[allow(unsafe_code)]` and a `SAFETY:` comment.
+#![deny(unsafe_code)]
 
 pub mod cli;
 pub(crate) mod core;

@@ -266,7 +266,7 @@ fn a_disk_that_fills_up_during_import_gives_a_clean_error_and_keeps_nothing() {
 }
 
 #[test]
-fn kill_9_during_import_leaves_nothing_visible_and_the_next_command_cleans_up() {
+fn kill_9_during_import_leaves_nothing_visible_and_the_next_change_cleans_up() {
     let pool = TestPool::new(2);
     let source = pool.path("src.img");
     random_file(&source, 256 * MIB, 9);
@@ -294,8 +294,10 @@ fn kill_9_during_import_leaves_nothing_visible_and_the_next_command_cleans_up() 
         let finished = child.wait().unwrap().success();
         interrupted += usize::from(!finished);
 
-        // The next command cleans up; what is left is all or nothing.
+        // Listings only read; the next command that changes the pool (here `repair`, the
+        // explicit one) cleans up. What is left is all or nothing.
         let images = pool.json(&["image", "list"]);
+        pool.ok(&["repair"]);
         let listed = images
             .as_array()
             .unwrap()
@@ -493,4 +495,396 @@ fn a_missing_disk_does_not_keep_the_others_from_being_served() {
     assert!(!is_mount_point(&d2.join("backing-images")));
     assert_eq!(pool.json(&["status"])["health"], "degraded");
     mount.unmount();
+}
+
+/// SHA-512 of a whole file, in hex, read with plain `read`s (through the mount, the kernel's
+/// FUSE client).
+fn sha512_of(path: &Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha512};
+    Ok(hex::encode(Sha512::digest(fs::read(path)?)))
+}
+
+/// Many imports at once, interleaved with removals, holder changes, listings and a mount reading
+/// images: every import that exited 0 is in the pool afterwards and reads right. (Recovery in
+/// one command used to delete another command's import that had just committed.)
+#[test]
+fn concurrent_imports_lose_no_committed_image() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    if !can_mount("concurrent_imports_lose_no_committed_image") {
+        return;
+    }
+    const WORKERS: usize = 4;
+    const IMPORTS: usize = 50;
+    const VICTIMS: usize = 5;
+    let pool = TestPool::new(3);
+    let sources = pool.path("sources");
+    fs::create_dir(&sources).unwrap();
+    let small = |name: &str, seed: u64| {
+        let path = sources.join(format!("{name}.img"));
+        // 16 KiB to 400 KiB, not always a whole number of 64 KiB chunks.
+        random_file(&path, 16 * 1024 + (seed * 7919) % (384 * 1024), seed);
+        path
+    };
+    // Read through the mount all along; and images each worker removes while the others import.
+    let steady = small("steady", 1);
+    let steady_sha = sha512_of(&steady).unwrap();
+    pool.add_image("steady", &steady, 2);
+    for w in 0..WORKERS {
+        for k in 0..VICTIMS {
+            let name = format!("victim-{w}-{k}");
+            pool.add_image(&name, &small(&name, 1000 + (w * VICTIMS + k) as u64), 1);
+        }
+    }
+    let mount = pool.mount();
+
+    // (name, uuid, sha512) of every import that exited 0.
+    let committed: Mutex<Vec<(String, String, String)>> = Mutex::new(Vec::new());
+    let problems: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let started = std::time::Instant::now();
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let mut reads = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                match sha512_of(&mount.image("steady")) {
+                    Ok(sha) if sha == steady_sha => {}
+                    other => problems
+                        .lock()
+                        .unwrap()
+                        .push(format!("steady through the mount: {other:?}")),
+                }
+                // The newest images, once the mount has them (it follows within 200 ms).
+                let newest: Vec<_> = committed
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .rev()
+                    .take(4)
+                    .cloned()
+                    .collect();
+                for (name, _, sha) in newest {
+                    match sha512_of(&mount.image(&name)) {
+                        Ok(read) if read == sha => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        other => problems
+                            .lock()
+                            .unwrap()
+                            .push(format!("{name} through the mount: {other:?}")),
+                    }
+                }
+                reads += 1;
+            }
+            reads
+        });
+        let workers: Vec<_> = (0..WORKERS)
+            .map(|w| {
+                let (pool, committed, problems, small) = (&pool, &committed, &problems, &small);
+                s.spawn(move || {
+                    let run = |args: &[&str]| {
+                        let out = pool.run(args);
+                        if !out.status.success() {
+                            problems.lock().unwrap().push(format!(
+                                "imgpool {args:?}: {}",
+                                String::from_utf8_lossy(&out.stderr).trim()
+                            ));
+                        }
+                        out
+                    };
+                    for i in 0..IMPORTS {
+                        let name = format!("w{w}-{i}");
+                        let source = small(&name, (w * 1000 + i + 7) as u64);
+                        let sha = sha512_of(&source).unwrap();
+                        let copies = (1 + i % 2).to_string();
+                        let src = source.to_str().unwrap();
+                        let out = run(&["image", "add", &name, src, "--copies", &copies, "--json"]);
+                        if out.status.success() {
+                            let printed: serde_json::Value =
+                                serde_json::from_slice(&out.stdout).unwrap();
+                            assert_eq!(printed["sha512"], sha.as_str(), "{name}");
+                            let uuid = printed["uuid"].as_str().unwrap().to_string();
+                            committed.lock().unwrap().push((name.clone(), uuid, sha));
+                        }
+                        match i % 10 {
+                            3 => {
+                                run(&["image", "rm", &format!("victim-{w}-{}", i / 10)]);
+                            }
+                            4 => {
+                                run(&["ref", "add", &format!("w{w}-{}", i - 1), "holder"]);
+                            }
+                            6 => {
+                                run(&["ref", "rm", &format!("w{w}-{}", i - 3), "holder"]);
+                            }
+                            8 => {
+                                run(&["image", "list", "--json"]);
+                                run(&["status", "--json"]);
+                            }
+                            9 => {
+                                run(&["disk", "list"]);
+                                run(&["ref", "list", "--json"]);
+                            }
+                            _ => {}
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let reads = reader.join().unwrap();
+        eprintln!(
+            "{} imports and the other commands took {:.1} s; the reader went {reads} rounds",
+            WORKERS * IMPORTS,
+            started.elapsed().as_secs_f64()
+        );
+    });
+
+    let committed = committed.into_inner().unwrap();
+    let listed = pool.json(&["image", "list"]);
+    let listed = listed.as_array().unwrap();
+    let mut missing = Vec::new();
+    for (name, uuid, sha) in &committed {
+        match listed.iter().find(|i| i["name"] == name.as_str()) {
+            Some(image) => {
+                assert_eq!(image["uuid"], uuid.as_str(), "{name}");
+                assert_eq!(image["sha512"], sha.as_str(), "{name}");
+                assert_eq!(image["state"], "ready", "{name}: {image}");
+                for copy in image["copies"].as_array().unwrap() {
+                    let path = Path::new(copy["path"].as_str().unwrap());
+                    assert_eq!(&sha512_of(path).unwrap(), sha, "{name}: {path:?}");
+                }
+            }
+            None => missing.push(name.clone()),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} of {} imports that exited 0 are missing: {missing:?}",
+        missing.len(),
+        committed.len()
+    );
+    let problems = problems.into_inner().unwrap();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(committed.len(), WORKERS * IMPORTS);
+    assert_eq!(listed.len(), 1 + WORKERS * IMPORTS, "no victim is left");
+    // Every image reads right through the mount, once it has caught up with the last import.
+    assert!(wait_until(Duration::from_secs(5), || committed
+        .iter()
+        .all(|(name, _, _)| mount.image(name).exists())));
+    for (name, _, sha) in &committed {
+        assert_eq!(&sha512_of(&mount.image(name)).unwrap(), sha, "{name}");
+    }
+    mount.unmount();
+    let out = pool.run(&["fsck"]);
+    assert!(
+        out.status.success(),
+        "fsck: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Every row of every table of the pool's store, as text.
+fn store_rows(state: &Path) -> String {
+    let db = rusqlite::Connection::open(state.join("pool.db")).unwrap();
+    let mut out = String::new();
+    for table in [
+        "pool",
+        "disks",
+        "disk_resources",
+        "images",
+        "copies",
+        "settings",
+        "holders",
+        "mounts",
+        "open_handles",
+    ] {
+        let mut stmt = db
+            .prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2"))
+            .unwrap();
+        let columns = stmt.column_count();
+        let rows = stmt
+            .query_map([], |row| {
+                (0..columns)
+                    .map(|i| row.get_ref(i).map(|v| format!("{v:?}")))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .unwrap();
+        for row in rows {
+            out += &format!("{table}: {}\n", row.unwrap().join(", "));
+        }
+    }
+    out
+}
+
+/// Every file (and directory) under `dirs`, recursively, sorted.
+fn files_under(dirs: &[std::path::PathBuf]) -> Vec<String> {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        for entry in fs::read_dir(dir).into_iter().flatten() {
+            let path = entry.unwrap().path();
+            out.push(path.display().to_string());
+            if path.is_dir() {
+                walk(&path, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for dir in dirs {
+        walk(dir, &mut out);
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn listings_change_nothing_and_the_next_change_cleans_up() {
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 20);
+    pool.add_image("kept", &source, 2);
+    pool.add_image("going", &source, 1);
+    // What dead processes leave: a removal cut short; an import whose importer died after
+    // writing a temporary copy (its lock file left, unlocked); a stray temporary copy; the row
+    // of a killed mount daemon, with a file it had open.
+    let dead_import = "00000000-0000-0000-0000-00000000dead";
+    let tmp = |disk: usize, uuid: &str| {
+        pool.disks[disk]
+            .join(".imgpool/tmp")
+            .join(format!("{uuid}.img"))
+    };
+    let db = rusqlite::Connection::open(pool.state.join("pool.db")).unwrap();
+    db.execute_batch(&format!(
+        "UPDATE images SET state = 'removing' WHERE name = 'going';
+         INSERT INTO images (name, uuid, size, state, copies_wanted, created)
+             VALUES ('half', '{dead_import}', 1048576, 'importing', 1, 0);
+         INSERT INTO copies (image_id, disk_id)
+             SELECT i.id, d.id FROM images i, disks d WHERE i.name = 'half' AND d.name = 'd1';
+         INSERT INTO mounts (mountpoint, pid, started, owner)
+             VALUES ('/nowhere', 1, 0, 'mount-dead');
+         INSERT INTO open_handles (mount_id, image_id, count)
+             SELECT m.id, i.id, 1 FROM mounts m, images i WHERE i.name = 'kept';"
+    ))
+    .unwrap();
+    drop(db);
+    fs::write(tmp(0, dead_import), b"partial").unwrap();
+    fs::write(tmp(1, "stray"), b"x").unwrap();
+    fs::write(
+        pool.state.join(format!("locks/import-{dead_import}.lock")),
+        b"",
+    )
+    .unwrap();
+    let mut watched: Vec<_> = pool.disks.iter().map(|d| d.join(".imgpool")).collect();
+    watched.push(pool.state.join("locks"));
+    let (rows, files) = (store_rows(&pool.state), files_under(&watched));
+
+    for listing in [
+        &["status"][..],
+        &["image", "list"],
+        &["image", "show", "kept"],
+        &["disk", "list"],
+        &["ref", "list"],
+        &["ref", "list", "kept"],
+        &["config", "list"],
+        &["gc", "--dry-run", "--grace", "0s"],
+        &["gc", "--dry-run", "--release-hold"],
+        &["fsck"],
+    ] {
+        let mut json = listing.to_vec();
+        json.push("--json");
+        for args in [listing, &json[..]] {
+            pool.ok(args);
+            assert_eq!(
+                store_rows(&pool.state),
+                rows,
+                "imgpool {args:?} changed the store"
+            );
+            assert_eq!(
+                files_under(&watched),
+                files,
+                "imgpool {args:?} changed files"
+            );
+        }
+    }
+    // The dead daemon is not counted, nor its open file; the partial import is not shown.
+    let status = pool.json(&["status"]);
+    assert!(status["mounts"].as_array().unwrap().is_empty(), "{status}");
+    assert_eq!(pool.json(&["image", "show", "kept"])["open_handles"], 0);
+    let names: Vec<_> = pool
+        .json(&["image", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["kept"]);
+    assert!(pool
+        .fails(&["image", "show", "half"])
+        .contains("no image named"));
+
+    // A command that changes the pool cleans up first.
+    pool.ok(&["ref", "add", "kept", "replica-a"]);
+    let rows = store_rows(&pool.state);
+    for gone in ["going", "half", "/nowhere", "open_handles:"] {
+        assert!(!rows.contains(gone), "{gone} is left:\n{rows}");
+    }
+    let files = files_under(&watched);
+    for gone in [dead_import, "stray", ".lock"] {
+        assert!(
+            !files.iter().any(|f| f.contains(gone)),
+            "{gone} is left: {files:#?}"
+        );
+    }
+    // kept's copy, record and digests on each disk, and nothing else under copies/ or tmp/.
+    let left: Vec<_> = files
+        .iter()
+        .filter(|f| f.contains(".imgpool/copies/") || f.contains(".imgpool/tmp/"))
+        .collect();
+    assert_eq!(left.len(), 6, "{left:#?}");
+    assert!(pool.ok(&["fsck"]).contains("clean"));
+}
+
+#[test]
+fn a_dry_run_of_gc_keeps_the_hold_it_would_release() {
+    let pool = TestPool::new(1);
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 21);
+    pool.add_image("a", &source, 1);
+    // The store is lost and rebuilt from the disk: the holders are unknown, so gc is held.
+    for file in ["pool.db", "pool.db-wal", "pool.db-shm"] {
+        let _ = fs::remove_file(pool.state.join(file));
+    }
+    pool.ok(&[
+        "fsck",
+        "--repair",
+        "--disk",
+        pool.disks[0].to_str().unwrap(),
+    ]);
+    let held = |pool: &TestPool| {
+        pool.json(&["status"])["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("gc: "))
+    };
+    assert!(held(&pool));
+
+    let out = pool.ok(&["gc", "--grace", "0s", "--dry-run", "--release-hold"]);
+    assert!(out.contains("would allow gc again"), "{out}");
+    assert!(out.contains("would remove a"), "{out}");
+    let out = pool.json(&["gc", "--grace", "0s", "--dry-run", "--release-hold"]);
+    assert_eq!(out["dry_run"], true, "{out}");
+    assert_eq!(out["released_hold"], true, "{out}");
+    assert_eq!(out["removed"], serde_json::json!(["a"]), "{out}");
+    assert!(held(&pool), "a dry run released the hold");
+    assert!(pool.fails(&["gc", "--grace", "0s"]).contains("gc is held"));
+    pool.ok(&["image", "show", "a"]);
+
+    let out = pool.ok(&["gc", "--grace", "0s", "--release-hold"]);
+    assert!(
+        out.contains("gc is allowed again") && out.contains("removed a"),
+        "{out}"
+    );
+    assert!(!held(&pool));
+    assert!(pool.json(&["image", "list"]).as_array().unwrap().is_empty());
 }

@@ -318,12 +318,11 @@ cpu_ticks() { # utime + stime of a whole process (all threads), in clock ticks
 status_kb() { awk -v k="$2:" '$1 == k { print $2 }' "/proc/$1/status"; }
 meminfo_kb() { awk -v k="$1:" '$1 == k { print $2 }' /proc/meminfo; }
 # Cold means nothing cached anywhere: the kernel's caches and the imgpool daemons' chunk caches
-# (SIGUSR1 empties one; the statistics are rewritten within a second).
+# (`imgpool cache drop` empties those of every running mount of the pool).
 drop_caches() {
-    local pid
     sync
     echo 3 >/proc/sys/vm/drop_caches
-    for pid in "${DAEMON_PIDS[@]}"; do kill -USR1 "$pid" 2>/dev/null || true; done
+    ip cache drop >/dev/null
 }
 now() { date +%s.%N; }
 json_str_list() { local s="" x; for x in "$@"; do s+="${s:+,}\"$x\""; done; printf '[%s]' "$s"; }

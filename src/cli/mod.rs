@@ -1,5 +1,9 @@
 //! The `imgpool` command line: argument parsing and output. Each command is a thin call into the
-//! pool core (or the mount daemon); this module only formats what comes back.
+//! pool core (or the mount daemon); this module only formats what comes back. What concerns a
+//! running daemon (its statistics, its cache, waking it after a change) goes through its control
+//! socket (`client`).
+
+mod client;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -13,16 +17,18 @@ use crate::core::fsck;
 use crate::core::health::Monitor;
 use crate::core::owner::WorkLock;
 use crate::core::pool::{CopyInfo, DiskStatus, ImageInfo, Pool};
+use crate::core::recover;
 use crate::core::repair;
 use crate::core::settings::{self, Settings};
 use crate::core::store::CopyState;
+use crate::daemon::control;
 use crate::daemon::mount::{self, MountConfig};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::clock::timestamp;
 use crate::format::units::{bytes, parse_size};
 use crate::fs::cache::MIN_CACHE_SIZE;
 use crate::fs::read::default_cache_size;
-use crate::fs::stats::{self, MountStats};
+use crate::fs::stats::MountStats;
 use crate::fs::IoMode;
 
 #[derive(Parser, Debug)]
@@ -104,6 +110,9 @@ pub enum Command {
     },
     /// Check the metadata store against the disks and report every difference.
     Fsck(FsckArgs),
+    /// Act on the chunk caches of the running mount daemons.
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Show or change the pool's settings.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -121,6 +130,19 @@ pub struct FsckArgs {
     pub disks: Vec<PathBuf>,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CacheCommand {
+    /// Empty the chunk cache of every running mount of the pool, or of one (needs root: it goes
+    /// through the daemons' control sockets). Counters are not reset.
+    Drop {
+        /// Only the mount at this path.
+        #[arg(long)]
+        mountpoint: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -261,9 +283,42 @@ fn parse_cache_size(text: &str) -> std::result::Result<u64, String> {
     Ok(size)
 }
 
+impl Command {
+    /// Whether the command changes the pool, so that running daemons are woken after it.
+    fn changes_pool(&self) -> bool {
+        match self {
+            Command::Disk(cmd) => !matches!(cmd, DiskCommand::List { .. }),
+            Command::Image(cmd) => matches!(
+                cmd,
+                ImageCommand::Add { .. } | ImageCommand::Rm { .. } | ImageCommand::Set { .. }
+            ),
+            Command::Ref(cmd) => !matches!(cmd, RefCommand::List { .. }),
+            Command::Gc { dry_run, .. } => !dry_run,
+            Command::Repair { .. } | Command::Scrub { .. } => true,
+            Command::Fsck(args) => args.repair,
+            Command::Config(cmd) => matches!(cmd, ConfigCommand::Set { .. }),
+            Command::Init
+            | Command::Mount(_)
+            | Command::Umount { .. }
+            | Command::Status { .. }
+            | Command::Cache(_) => false,
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     let state_dir = cli.state_dir.as_path();
-    match cli.command {
+    let changes_pool = cli.command.changes_pool();
+    let result = dispatch(state_dir, cli.command);
+    // Also after a failure: a repair that could not restore everything may have done a part.
+    if changes_pool {
+        client::wake_all(state_dir);
+    }
+    result
+}
+
+fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
+    match command {
         Command::Init => {
             let pool = Pool::init(state_dir)?;
             println!(
@@ -282,15 +337,35 @@ pub fn run(cli: Cli) -> Result<()> {
             release_hold,
             json,
         } => {
-            let pool = Pool::open(state_dir)?;
-            if release_hold {
-                pool.release_gc_hold()?;
-                println!("gc is allowed again");
-            }
-            let removed = pool.gc(grace, dry_run)?;
+            let pool = if dry_run {
+                Pool::open(state_dir)?
+            } else {
+                open_to_change(state_dir)?
+            };
+            let release = release_hold && pool.gc_hold()?.is_some();
+            let removed = if release && dry_run {
+                // A dry run changes nothing: the hold stays, and what gc would remove once it
+                // is released is listed.
+                pool.collectable(grace)?
+            } else {
+                if release {
+                    pool.release_gc_hold()?;
+                }
+                pool.gc(grace, dry_run)?
+            };
             if json {
-                print_json(&json!({ "removed": removed, "dry_run": dry_run }));
-            } else if removed.is_empty() {
+                print_json(&json!({
+                    "removed": removed, "dry_run": dry_run, "released_hold": release,
+                }));
+                return Ok(());
+            }
+            match (release, dry_run) {
+                (true, true) => println!("would allow gc again (a dry run: gc stays held)"),
+                (true, false) => println!("gc is allowed again"),
+                (false, _) if release_hold => println!("gc is not held"),
+                (false, _) => {}
+            }
+            if removed.is_empty() {
                 println!("nothing to collect");
             } else {
                 let verb = if dry_run { "would remove" } else { "removed" };
@@ -324,12 +399,24 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Repair { json } => repair_cmd(state_dir, json),
         Command::Scrub { image, json } => scrub_cmd(state_dir, image.as_deref(), json),
         Command::Fsck(args) => fsck_cmd(state_dir, args),
+        Command::Cache(cmd) => cache_cmd(state_dir, cmd),
         Command::Config(cmd) => config_cmd(state_dir, cmd),
     }
 }
 
-fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
+/// Opens the pool for a command that changes it, after cleaning up whatever dead processes
+/// left (`recover`). Listings open it with `Pool::open` alone: they only read.
+fn open_to_change(state_dir: &Path) -> Result<Pool> {
     let pool = Pool::open(state_dir)?;
+    recover::recover(&pool)?;
+    Ok(pool)
+}
+
+fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
+    let pool = match cmd {
+        DiskCommand::List { .. } => Pool::open(state_dir)?,
+        _ => open_to_change(state_dir)?,
+    };
     match cmd {
         DiskCommand::Add { name, path } => {
             let disk = pool.add_disk(&name, &path)?;
@@ -402,7 +489,10 @@ fn disk_json(d: &DiskStatus) -> Value {
 }
 
 fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
-    let pool = Pool::open(state_dir)?;
+    let pool = match cmd {
+        ImageCommand::List { .. } | ImageCommand::Show { .. } => Pool::open(state_dir)?,
+        _ => open_to_change(state_dir)?,
+    };
     match cmd {
         ImageCommand::Add {
             name,
@@ -515,8 +605,11 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
 fn copy_note(c: &CopyInfo) -> &'static str {
     match (c.state, c.serving, c.counts) {
         (_, true, true) => "serving",
+        (CopyState::Damaged, true, _) => "damaged: serving its good chunks until it is replaced",
         (_, true, false) => "serving, on an evicting disk",
-        (CopyState::Ready, false, _) => "not serving: its disk is out of service",
+        (CopyState::Ready | CopyState::Damaged, false, _) => {
+            "not serving: its disk is out of service"
+        }
         (state, false, _) => state.as_str(),
     }
 }
@@ -529,7 +622,7 @@ fn image_json(info: &ImageInfo) -> Value {
         "size": i.size,
         "stored_bytes": i.real_size,
         "sha512": i.sha512,
-        "state": info.state(),
+        "state": info.state().as_str(),
         "copies_wanted": i.copies_wanted,
         "problem": info.problem(),
         "healthy_copies": info.healthy_copies(),
@@ -546,7 +639,10 @@ fn image_json(info: &ImageInfo) -> Value {
 }
 
 fn reference(state_dir: &Path, cmd: RefCommand) -> Result<()> {
-    let pool = Pool::open(state_dir)?;
+    let pool = match cmd {
+        RefCommand::List { .. } => Pool::open(state_dir)?,
+        _ => open_to_change(state_dir)?,
+    };
     match cmd {
         RefCommand::Add { image, holder } => {
             if pool.add_ref(&image, &holder)? {
@@ -616,6 +712,11 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
         .map(|i| i.image.real_size * i.healthy_copies() as u64)
         .sum();
     let holders: usize = images.iter().map(|i| i.holders.len()).sum();
+    // Each running daemon's statistics, asked on its control socket.
+    let stats: Vec<std::result::Result<MountStats, client::CallError>> = mounts
+        .iter()
+        .map(|m| client::stats(pool.state_dir(), m.id))
+        .collect();
     if json_out {
         print_json(&json!({
             "pool": pool.uuid(),
@@ -627,9 +728,12 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
                        "list": disks.iter().map(disk_json).collect::<Vec<_>>() },
             "images": { "total": images.len(), "logical_bytes": logical, "stored_bytes": stored,
                         "holders": holders },
-            "mounts": mounts.iter().map(|m| json!({
-                "mountpoint": m.mountpoint, "pid": m.pid, "since": timestamp(m.started),
-                "stats": stats::load(pool.state_dir(), m.id),
+            "mounts": mounts.iter().zip(&stats).map(|(m, stats)| json!({
+                "id": m.id, "mountpoint": m.mountpoint, "pid": m.pid,
+                "since": timestamp(m.started),
+                "control_socket": control::socket_path(pool.state_dir(), m.id),
+                "stats": stats.as_ref().ok(),
+                "stats_error": stats.as_ref().err().map(|e| e.to_string()),
             })).collect::<Vec<_>>(),
         }));
     } else {
@@ -654,15 +758,16 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
         if mounts.is_empty() {
             println!("mounts:  none");
         }
-        for m in &mounts {
+        for (m, stats) in mounts.iter().zip(&stats) {
             println!(
                 "mount:   {} (daemon pid {}, since {})",
                 m.mountpoint.display(),
                 m.pid,
                 timestamp(m.started)
             );
-            if let Some(stats) = stats::load(pool.state_dir(), m.id) {
-                print_mount_stats(&stats);
+            match stats {
+                Ok(stats) => print_mount_stats(stats),
+                Err(e) => println!("  stats:   not answering: {e}"),
             }
         }
     }
@@ -724,6 +829,7 @@ fn run_repair(state_dir: &Path, pool: &Pool, json_out: bool) -> Result<repair::R
 }
 
 fn repair_cmd(state_dir: &Path, json_out: bool) -> Result<()> {
+    // The repair round starts with recovery, and reports what it cleaned up.
     let pool = Pool::open(state_dir)?;
     let report = run_repair(state_dir, &pool, json_out)?;
     if json_out {
@@ -751,7 +857,7 @@ fn unrepaired(report: &repair::Report) -> Result<()> {
 }
 
 fn scrub_cmd(state_dir: &Path, image: Option<&str>, json_out: bool) -> Result<()> {
-    let pool = Pool::open(state_dir)?;
+    let pool = open_to_change(state_dir)?;
     let scrubbed = {
         let _lock = repair_lock(&pool)?;
         repair::scrub(&pool, image, &*reporter())?
@@ -807,7 +913,11 @@ fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
         println!("gc is held until the holders are registered again (`imgpool ref add`), then `imgpool gc --release-hold`");
         return unrepaired(&report);
     }
-    let pool = Pool::open(state_dir)?;
+    let pool = if args.repair {
+        open_to_change(state_dir)?
+    } else {
+        Pool::open(state_dir)?
+    };
     let findings = fsck::check(&pool, args.repair)?;
     if args.json {
         print_json(&json!({
@@ -840,8 +950,108 @@ fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
     ))
 }
 
+/// `imgpool cache drop`: asks each running daemon (or the one serving `--mountpoint`) on its
+/// control socket to empty its chunk cache.
+fn cache_cmd(state_dir: &Path, cmd: CacheCommand) -> Result<()> {
+    let CacheCommand::Drop { mountpoint, json } = cmd;
+    let sockets = match control::sockets(state_dir) {
+        Ok(sockets) => sockets,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !state_dir.join(crate::core::store::DB_FILE).exists() {
+                return Err(Error::NoPool(state_dir.to_path_buf()));
+            }
+            Vec::new()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            return Err(Error::refused(
+                ErrorKind::Permission,
+                format!(
+                    "permission denied: only root may use the mount daemons' control sockets in {}",
+                    control::dir(state_dir).display()
+                ),
+            ))
+        }
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot list {}", control::dir(state_dir).display()),
+                e,
+            ))
+        }
+    };
+    // A dead mount cannot be resolved: take the path as given then.
+    let wanted = mountpoint.map(|p| {
+        std::fs::canonicalize(&p)
+            .or_else(|_| std::path::absolute(&p))
+            .unwrap_or(p)
+    });
+    let mut dropped = Vec::new();
+    let mut failures = Vec::new();
+    for (_, socket) in &sockets {
+        let answer = wanted
+            .as_ref()
+            .map_or(Ok(true), |wanted| {
+                client::call(socket, "GET", "/v1/health")
+                    .map(|health| health["mountpoint"].as_str() == wanted.to_str())
+            })
+            .and_then(|serves_it| match serves_it {
+                true => client::call(socket, "POST", "/v1/cache/drop").map(Some),
+                false => Ok(None),
+            });
+        match answer {
+            Ok(Some(done)) => dropped.push(done),
+            Ok(None) | Err(client::CallError::NotRunning) => {}
+            Err(client::CallError::Denied(message)) => {
+                return Err(Error::refused(ErrorKind::Permission, message))
+            }
+            Err(client::CallError::Failed(message)) => failures.push(message),
+        }
+    }
+    if json {
+        print_json(&json!({ "dropped": dropped, "failed": failures }));
+    } else {
+        for done in &dropped {
+            println!(
+                "emptied the chunk cache of {}: {} chunk(s), {}",
+                done["mountpoint"].as_str().unwrap_or("?"),
+                done["dropped_chunks"],
+                bytes(done["dropped_bytes"].as_u64().unwrap_or(0))
+            );
+        }
+    }
+    match (failures.len(), &wanted) {
+        (0, Some(wanted)) if dropped.is_empty() => Err(Error::refused(
+            ErrorKind::NotFound,
+            format!(
+                "no running mount of this pool at {}: `imgpool status` lists the pool's mounts",
+                wanted.display()
+            ),
+        )),
+        (0, None) if dropped.is_empty() => {
+            if !json {
+                println!("no running mount of the pool: no cache to empty");
+            }
+            Ok(())
+        }
+        (0, _) => Ok(()),
+        // A daemon that did not answer in time, or answered an error.
+        (1, _) => Err(Error::refused(ErrorKind::Internal, failures.remove(0))),
+        (n, _) => {
+            for failure in &failures {
+                eprintln!("{failure}");
+            }
+            Err(Error::refused(
+                ErrorKind::Internal,
+                format!("{n} mount daemons did not empty their cache (reasons above)"),
+            ))
+        }
+    }
+}
+
 fn config_cmd(state_dir: &Path, cmd: ConfigCommand) -> Result<()> {
-    let pool = Pool::open(state_dir)?;
+    let pool = match cmd {
+        ConfigCommand::List { .. } => Pool::open(state_dir)?,
+        ConfigCommand::Set { .. } => open_to_change(state_dir)?,
+    };
     match cmd {
         ConfigCommand::List { json: json_out } => {
             let values = pool.settings()?.values();

@@ -8,6 +8,7 @@ use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use crate::core::copies::Event;
 use crate::core::owner::WorkLock;
 use crate::core::pool::{DiskHealth, Pool, GC_HOLD};
 use crate::core::store::{CopyState, ImageRow, ImageState, Store, DB_FILE};
@@ -27,14 +28,21 @@ enum Fix<'a> {
     FailCopy(&'a ImageRow, i64),
     Unverify(&'a ImageRow, i64),
     RewriteRecord(&'a ImageRow, &'a DiskLayout),
-    RemoveFile(PathBuf),
+    /// A leftover file on a disk, named after `uuid`: removed if, when it is removed, no row
+    /// explains it.
+    RemoveLeftover {
+        uuid: String,
+        disk: i64,
+        path: PathBuf,
+    },
     Adopt(&'a ImageRow, i64),
     AdoptUnknown(CopyRecord, i64, PathBuf),
     Nothing,
 }
 
-/// Checks every disk in service against the store; with `repair`, fixes what it finds. The
-/// pool was opened, so what dead processes left was cleaned up already.
+/// Checks every disk in service against the store; with `repair`, fixes what it finds (the
+/// caller runs recovery first). What a dead process left for recovery, and work in progress,
+/// is explained by its rows and is not a difference: a check only reads.
 pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
     let store = pool.store();
     // Leftover files are judged only while nothing writes copies: no repair (its lock) and no
@@ -66,7 +74,10 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
                 continue;
             };
             if image.state != ImageState::Ready
-                || !matches!(copy.state, CopyState::Ready | CopyState::Unverified)
+                || !matches!(
+                    copy.state,
+                    CopyState::Ready | CopyState::Damaged | CopyState::Unverified
+                )
             {
                 continue;
             }
@@ -104,7 +115,7 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
                 image.size,
                 &image.digests_hash,
             ) {
-                if copy.state == CopyState::Ready {
+                if matches!(copy.state, CopyState::Ready | CopyState::Damaged) {
                     record(format!("{what}: {e}"), Fix::Unverify(image, disk.id))?;
                 }
             }
@@ -147,28 +158,44 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
                 },
             }
         }
+        // Files of work in progress, or of work a dead process left for recovery: an image that
+        // is not ready, or a copy row on this disk (the same rule `Store::unless_explained`
+        // applies when a fix removes a file).
+        let explained = |uuid: &str| {
+            images.iter().any(|i| {
+                i.uuid == uuid
+                    && (i.state != ImageState::Ready
+                        || copies
+                            .iter()
+                            .any(|c| c.image_id == i.id && c.disk.id == disk.id))
+            })
+        };
         if quiet {
             for name in layout.copies_dir_files()? {
+                let uuid = name.split('.').next().unwrap_or_default();
                 let leftover = name.ends_with(".tmp")
                     || ((name.ends_with(".json") || name.ends_with(".digests"))
-                        && !layout
-                            .copy_path(name.split('.').next().unwrap_or_default())
-                            .exists());
-                if leftover {
+                        && !layout.copy_path(uuid).exists());
+                if leftover && !explained(uuid) {
                     record(
                         format!("disk '{}': leftover file {name}", disk.name),
-                        Fix::RemoveFile(layout.copies_dir_path(&name)),
+                        Fix::RemoveLeftover {
+                            uuid: uuid.to_string(),
+                            disk: disk.id,
+                            path: layout.copies_dir_path(&name),
+                        },
                     )?;
                 }
             }
             for uuid in layout.tmp_copies()? {
-                let importing = images
-                    .iter()
-                    .any(|i| i.uuid == uuid && i.state == ImageState::Importing);
-                if !importing {
+                if !explained(&uuid) {
                     record(
                         format!("disk '{}': leftover temporary copy {uuid}", disk.name),
-                        Fix::RemoveFile(layout.tmp_copy_path(&uuid)),
+                        Fix::RemoveLeftover {
+                            path: layout.tmp_copy_path(&uuid),
+                            uuid,
+                            disk: disk.id,
+                        },
                     )?;
                 }
             }
@@ -212,7 +239,7 @@ fn describe(fix: &Fix) -> (&'static str, bool) {
             true,
         ),
         Fix::RewriteRecord(..) => ("the record is rewritten from the store", true),
-        Fix::RemoveFile(_) => ("the file is removed", true),
+        Fix::RemoveLeftover { .. } => ("the file is removed", true),
         Fix::Adopt(..) => (
             "the copy is listed as unverified; the repair verifies it",
             true,
@@ -230,20 +257,31 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
     let now = clock::now();
     match fix {
         Fix::FailCopy(image, disk) => {
-            store.fail_copy(image.id, disk, "fsck: its data file is wrong", now)?;
+            pool.copy_event(
+                image.id,
+                disk,
+                Event::Faulted("fsck: its data file is wrong"),
+            )?;
         }
         Fix::Unverify(image, disk) => {
-            store.set_copy_state(image.id, disk, CopyState::Unverified, Some("fsck"), now)?
+            pool.copy_event(
+                image.id,
+                disk,
+                Event::Suspect("fsck: its digest file is damaged"),
+            )?;
         }
         Fix::RewriteRecord(image, layout) => layout.write_record(&pool.record_of(image))?,
-        Fix::RemoveFile(path) => match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(Error::io(format!("cannot remove {}", path.display()), e))
-            }
-            _ => {}
-        },
+        // Decided again when removed: an import or repair may have started meanwhile.
+        Fix::RemoveLeftover { uuid, disk, path } => {
+            store.unless_explained(&uuid, disk, || match fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io(format!("cannot remove {}", path.display()), e))
+                }
+                _ => Ok(()),
+            })?;
+        }
         Fix::Adopt(image, disk) => {
-            store.insert_copy(image.id, disk, CopyState::Unverified, now)?;
+            pool.copy_event(image.id, disk, Event::Found)?;
         }
         Fix::AdoptUnknown(found, disk, path) => {
             let id = match store.image_by_name(&found.name)? {
@@ -258,7 +296,7 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
                 }
                 None => store.insert_found_image(&image_from_record(&found, &path, now))?,
             };
-            store.insert_copy(id, disk, CopyState::Unverified, now)?;
+            pool.copy_event(id, disk, Event::Found)?;
         }
         Fix::Nothing => {}
     }
@@ -392,7 +430,9 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
             }
         };
         for disk in disk_ids {
-            store.insert_copy(id, *disk, CopyState::Unverified, now)?;
+            // A rebuilt store has no pool yet to check labels with: every disk was just found
+            // by its label.
+            store.copy_event(id, *disk, Event::Found, now, &[])?;
         }
         done.push(format!(
             "image '{}' with {} copies (unverified)",
@@ -476,7 +516,11 @@ mod tests {
         let pool = Pool::open(&state).unwrap();
         assert_eq!(pool.uuid(), f.pool.uuid());
         let a = pool.image("a").unwrap();
-        assert_eq!(a.state(), "failed", "unverified copies do not serve yet");
+        assert_eq!(
+            a.state(),
+            crate::core::pool::ImageHealth::Failed,
+            "unverified copies do not serve yet"
+        );
         crate::core::repair::repair(
             &pool,
             &crate::core::repair::Quiet,
@@ -488,7 +532,7 @@ mod tests {
             assert_eq!(now.image.uuid, old.image.uuid);
             assert_eq!(now.image.sha512, old.image.sha512);
             assert_eq!(now.image.copies_wanted, old.image.copies_wanted);
-            assert_eq!(now.state(), "ready");
+            assert_eq!(now.state(), crate::core::pool::ImageHealth::Ready);
         }
         // The holder was lost with the store: gc must not take the image meanwhile.
         let held = pool.gc(std::time::Duration::ZERO, false).unwrap_err();

@@ -14,8 +14,9 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::core::copies::{Event, Outcome};
 use crate::core::pool::{self, Pool};
-use crate::core::store::{DiskRow, DiskState, FailOutcome, FailedBy};
+use crate::core::store::{CopyState, DiskRow, DiskState, FailedBy};
 use crate::error::Result;
 use crate::format::clock;
 use crate::format::layout::DiskLayout;
@@ -180,19 +181,19 @@ impl Monitor {
         }
         let reason = fault.to_string();
         match self
-            .pool
-            .store()
-            .fail_copy(fault.image_id, disk.id, &reason, clock::now())?
-        {
-            FailOutcome::Failed => tracing::warn!(
+            .pool.copy_event(
+                fault.image_id,
+                disk.id,
+                Event::Faulted(&reason))? {
+            Outcome::Now(CopyState::Failed) => tracing::warn!(
                 "copy on disk '{}' failed ({reason}); the repair replaces it",
                 disk.name
             ),
-            FailOutcome::KeptDamaged => tracing::error!(
+            Outcome::Now(CopyState::Damaged) => tracing::error!(
                 "copy on disk '{}' is damaged ({reason}) and is the image's last good copy: it keeps serving its good chunks",
                 disk.name
             ),
-            FailOutcome::Unchanged => {}
+            _ => {}
         }
         Ok(())
     }
@@ -357,6 +358,6 @@ mod tests {
         let d1_copy = info.copies.iter().find(|c| c.disk == "d1").unwrap();
         assert_eq!(d1_copy.state, crate::core::store::CopyState::Failed);
         assert!(d1_copy.reason.as_deref().unwrap().contains("digest"));
-        assert_eq!(info.state(), "degraded");
+        assert_eq!(info.state(), crate::core::pool::ImageHealth::Degraded);
     }
 }

@@ -1,13 +1,17 @@
 //! The pool's rules, over the metadata store (`store`) and the disks (`format::layout`): disks,
-//! images, copies and their states, holders, placement, health, repair and fsck. The CLI and the
-//! mount daemon drive the pool through this layer; tests drive it directly, without FUSE.
+//! images, copies and their states, holders, placement, health, repair, fsck and recovery. The
+//! CLI and the mount daemon drive the pool through this layer; tests drive it directly, without
+//! FUSE.
 
+pub mod copies;
 pub mod fsck;
 pub mod health;
 pub mod owner;
 pub mod placement;
 pub mod pool;
+pub mod recover;
 pub mod repair;
 pub mod resources;
 pub mod settings;
+pub mod state;
 pub mod store;

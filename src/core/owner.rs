@@ -4,9 +4,8 @@
 //! runs; the kernel drops the lock when the process dies, however it dies (`kill -9` included).
 //! Anyone else can then tell a live owner from a dead one without trusting pids, which are reused.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -27,16 +26,12 @@ fn lock_path(state_dir: &Path, token: &str) -> PathBuf {
     state_dir.join(LOCKS_DIR).join(format!("{token}.lock"))
 }
 
+/// Takes the exclusive `flock` on `file` if nobody holds it.
 fn try_flock(file: &File) -> io::Result<bool> {
-    // SAFETY: flock on a valid, owned descriptor has no memory-safety preconditions.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(true);
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        Ok(false)
-    } else {
-        Err(err)
+    match file.try_lock() {
+        Ok(()) => Ok(true),
+        Err(TryLockError::WouldBlock) => Ok(false),
+        Err(TryLockError::Error(e)) => Err(e),
     }
 }
 
@@ -107,13 +102,8 @@ impl WorkLock {
     /// The lock, waiting for the holder to let go.
     pub fn acquire(path: &Path) -> Result<WorkLock> {
         let file = Self::open(path)?;
-        // SAFETY: flock on a valid, owned descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(crate::error::Error::io(
-                format!("cannot lock {}", path.display()),
-                io::Error::last_os_error(),
-            ));
-        }
+        file.lock()
+            .ctx(|| format!("cannot lock {}", path.display()))?;
         Ok(WorkLock { _file: file })
     }
 }
@@ -134,13 +124,19 @@ impl Owner {
     }
 }
 
+/// Whether the owner of `token` is alive, for a cleaner: when it is dead, the caller gets its
+/// lock, so that no other process concludes the same until the caller is done. An owner releases
+/// its lock only after its last change to the store is committed, so whatever the caller reads
+/// from the store after this call is final for a dead owner.
 pub fn check(state_dir: &Path, token: &str) -> Owner {
     let path = lock_path(state_dir, token);
     // A lock file disappears only with its owner's work done or cleaned up, and it is created
     // before the work is recorded; so a missing file means a dead owner.
     let file = match File::open(&path) {
         Ok(file) => file,
-        Err(_) => return Owner::Dead(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Owner::Dead(None),
+        // Unreadable: nothing can be concluded, and only a dead owner's work may be touched.
+        Err(_) => return Owner::Alive,
     };
     match try_flock(&file) {
         Ok(true) => Owner::Dead(Some(OwnerLock { path, _file: file })),
@@ -148,9 +144,23 @@ pub fn check(state_dir: &Path, token: &str) -> Owner {
     }
 }
 
+/// Whether the owner of `token` is alive, for a reader (a listing) that must change nothing: a
+/// shared lock taken for the instant of the test, which does not keep other readers from the
+/// same answer, and is never kept. A cleaner holding a dead owner's lock makes the owner look
+/// alive here until it is done.
+pub fn is_alive(state_dir: &Path, token: &str) -> bool {
+    let file = match File::open(lock_path(state_dir, token)) {
+        Ok(file) => file,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
+        Err(_) => return true,
+    };
+    !matches!(file.try_lock_shared(), Ok(()))
+}
+
 /// Removes the lock files of dead owners that no record refers to (an owner that died after
-/// taking its lock but before recording its work). `referenced` tells which tokens are recorded;
-/// those are left to whoever cleans up the recorded work.
+/// taking its lock but before recording its work). `referenced` tells whether a token is
+/// recorded; it is asked while the dead owner's lock is held, so a record it does not see cannot
+/// appear. Recorded tokens are left to whoever cleans up the recorded work.
 pub fn sweep(state_dir: &Path, referenced: impl Fn(&str) -> bool) {
     let Ok(entries) = fs::read_dir(state_dir.join(LOCKS_DIR)) else {
         return;
@@ -175,8 +185,10 @@ pub fn sweep(state_dir: &Path, referenced: impl Fn(&str) -> bool) {
         let Some(token) = name.strip_suffix(".lock") else {
             continue;
         };
-        if !referenced(token) {
-            check(state_dir, token).finish();
+        if let dead @ Owner::Dead(_) = check(state_dir, token) {
+            if !referenced(token) {
+                dead.finish();
+            }
         }
     }
 }
@@ -198,6 +210,20 @@ mod tests {
         owner.finish();
         assert!(matches!(check(dir.path(), "t1"), Owner::Dead(None)));
         assert!(!lock_path(dir.path(), "t1").exists());
+    }
+
+    #[test]
+    fn is_alive_answers_without_taking_or_removing_anything() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_alive(dir.path(), "t1"));
+        let lock = OwnerLock::acquire(dir.path(), "t1").unwrap();
+        assert!(is_alive(dir.path(), "t1"));
+        drop(lock); // the owner dies
+        assert!(!is_alive(dir.path(), "t1"));
+        assert!(!is_alive(dir.path(), "t1"));
+        // Nothing was kept or removed: a cleaner still finds the dead owner and its file.
+        assert!(lock_path(dir.path(), "t1").exists());
+        assert!(matches!(check(dir.path(), "t1"), Owner::Dead(Some(_))));
     }
 
     #[test]

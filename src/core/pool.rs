@@ -8,7 +8,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::core::owner::{self, Owner, OwnerLock, WorkLock};
+use crate::core::copies::{CopyView, Event, Outcome};
+use crate::core::owner::{self, OwnerLock, WorkLock};
 use crate::core::placement::{self, Candidate};
 use crate::core::resources::{self, Freshness, Resources};
 use crate::core::settings::Settings;
@@ -102,10 +103,11 @@ pub struct CopyInfo {
     pub path: PathBuf,
     pub state: CopyState,
     pub reason: Option<String>,
-    /// Whether this copy serves reads now: ready, on a disk in service that carries its label.
+    /// The rules of `core::copies::CopyView`, for this copy now: whether it serves reads, is
+    /// good (a source, and what keeps an image's last-good-copy guarantee), and counts toward
+    /// the image's copy policy.
     pub serving: bool,
-    /// Whether it counts toward the image's copy policy: serving, and not on a disk being
-    /// evicted.
+    pub good: bool,
     pub counts: bool,
 }
 
@@ -117,16 +119,42 @@ pub struct ImageInfo {
     pub open_handles: u64,
 }
 
+/// An image's health as listings show it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageHealth {
+    /// Its copies that count meet its policy.
+    Ready,
+    /// Some copy serves, but fewer count than its policy wants.
+    Degraded,
+    /// No copy serves: its reads return EIO.
+    Failed,
+}
+
+impl ImageHealth {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageHealth::Ready => "ready",
+            ImageHealth::Degraded => "degraded",
+            ImageHealth::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for ImageHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 impl ImageInfo {
-    /// "ready", or "degraded"/"failed" when healthy copies fall short of the policy.
-    pub fn state(&self) -> &'static str {
+    pub fn state(&self) -> ImageHealth {
         let counting = self.copies.iter().filter(|c| c.counts).count() as u32;
         if !self.copies.iter().any(|c| c.serving) {
-            "failed"
+            ImageHealth::Failed
         } else if counting < self.image.copies_wanted {
-            "degraded"
+            ImageHealth::Degraded
         } else {
-            "ready"
+            ImageHealth::Ready
         }
     }
 
@@ -138,7 +166,7 @@ impl ImageInfo {
     /// For an image that is not ready: what happened and what to do, in one line.
     pub fn problem(&self) -> Option<String> {
         let state = self.state();
-        if state == "ready" {
+        if state == ImageHealth::Ready {
             return None;
         }
         if let Some(problem) = &self.image.problem {
@@ -146,7 +174,7 @@ impl ImageInfo {
         }
         let name = &self.image.name;
         Some(match state {
-            "failed" => format!(
+            ImageHealth::Failed => format!(
                 "no healthy copy of '{name}': reads return EIO; bring back a disk that held one (it is verified first) and run `imgpool repair`, or re-import the image"
             ),
             _ => format!(
@@ -176,7 +204,8 @@ pub struct Pool {
 /// The setting that holds gc, and why.
 pub const GC_HOLD: &str = "gc-hold";
 
-fn import_token(uuid: &str) -> String {
+/// The owner-lock token of the import of the image with `uuid`.
+pub(crate) fn import_token(uuid: &str) -> String {
     format!("import-{uuid}")
 }
 
@@ -207,7 +236,8 @@ impl Pool {
         })
     }
 
-    /// Opens the pool in `state_dir` and finishes or undoes whatever a dead process left.
+    /// Opens the pool in `state_dir`. Opening only reads: what dead processes left is cleaned
+    /// up by `recover::recover`, which commands that change the pool call.
     pub fn open(state_dir: &Path) -> Result<Pool> {
         if !state_dir.join(crate::core::store::DB_FILE).exists() {
             return Err(Error::NoPool(state_dir.to_path_buf()));
@@ -216,13 +246,11 @@ impl Pool {
         let uuid = store
             .pool_uuid()?
             .ok_or_else(|| Error::NoPool(state_dir.to_path_buf()))?;
-        let pool = Pool {
+        Ok(Pool {
             state_dir: state_dir.to_path_buf(),
             store,
             uuid,
-        };
-        pool.recover()?;
-        Ok(pool)
+        })
     }
 
     pub fn uuid(&self) -> &str {
@@ -297,6 +325,7 @@ impl Pool {
         check_label(&self.uuid, disk)
     }
 
+    /// Every disk with its health, resources and image count, for listings: only reads.
     pub fn disk_status(&self) -> Result<Vec<DiskStatus>> {
         let counts = self.store.copies_per_disk()?;
         let mut out = Vec::new();
@@ -307,7 +336,7 @@ impl Pool {
                 _ => resources::disk_resources(
                     &self.store,
                     &disk,
-                    Freshness::FreeWithin(resources::LISTING_FREE_TTL),
+                    Freshness::ListingWithin(resources::LISTING_FREE_TTL),
                     now(),
                 )
                 .ok(),
@@ -418,7 +447,7 @@ impl Pool {
             let elsewhere = copies.iter().any(|other| {
                 other.image_id == image.id
                     && other.disk.id != disk.id
-                    && copy_info(image, other.clone(), &disks).serving
+                    && copy_info(image, other.clone(), &disks).good
             });
             if image.state == ImageState::Ready && !elsewhere {
                 only_copy.push(image.name.clone());
@@ -434,9 +463,8 @@ impl Pool {
         let reachable = self.disk_health(&disk) == DiskHealth::Healthy;
         for copy in copies.iter().filter(|c| c.disk.id == disk.id) {
             if let Some(image) = images.iter().find(|i| i.id == copy.image_id) {
-                // Marked first: a removal cut short is finished by the next command.
-                self.store
-                    .set_copy_state(image.id, disk.id, CopyState::Removing, None, now())?;
+                // Marked first: a removal cut short is finished by recovery.
+                self.copy_event(image.id, disk.id, Event::Forget)?;
                 if reachable {
                     layout.remove_copy(&image.uuid)?;
                 }
@@ -551,8 +579,17 @@ impl Pool {
 
         let result = written.and_then(|(outcome, real_size)| {
             let digests_hash = outcome.chunks.list_hash();
-            self.store
-                .commit_import(id, &outcome.sha512, real_size, CHUNK_SIZE, &digests_hash)?;
+            if !self.store.commit_import(
+                id,
+                &outcome.sha512,
+                real_size,
+                CHUNK_SIZE,
+                &digests_hash,
+            )? {
+                return Err(Error::refused(ErrorKind::Interrupted, format!(
+                    "the reservation of '{name}' was taken from this import before it committed (another process judged it abandoned): nothing was kept; run the import again"
+                )));
+            }
             Ok(outcome.sha512)
         });
         match result {
@@ -655,6 +692,20 @@ impl Pool {
             .collect())
     }
 
+    /// Applies `event` to a copy (see `core::copies`): the one way the pool changes a copy's
+    /// state. Disks found without their label now do not count toward the image's good copies.
+    pub fn copy_event(&self, image_id: i64, disk_id: i64, event: Event) -> Result<Outcome> {
+        let unreachable: Vec<i64> = self
+            .store
+            .disks()?
+            .iter()
+            .filter(|d| self.disk_health(d) != DiskHealth::Healthy)
+            .map(|d| d.id)
+            .collect();
+        self.store
+            .copy_event(image_id, disk_id, event, now(), &unreachable)
+    }
+
     /// Which disks may serve reads now: not failed, and carrying their label. Evicting disks
     /// serve until their copies have moved.
     pub fn disks_in_service(&self) -> Result<Vec<(DiskRow, bool)>> {
@@ -749,9 +800,10 @@ impl Pool {
         self.finish_remove(&image)
     }
 
-    /// Deletes the copies of an image marked for removal, then its rows. Idempotent: a removal
-    /// cut short (a crash, a missing disk) is finished by the next command.
-    fn finish_remove(&self, image: &ImageRow) -> Result<()> {
+    /// Deletes the copies of an image marked for removal, then its rows (if it is still
+    /// `removing`). Idempotent: a removal cut short (a crash, a missing disk) is finished by the
+    /// next command that changes the pool, or by the mount daemon.
+    pub(crate) fn finish_remove(&self, image: &ImageRow) -> Result<()> {
         for copy in self.store.copies_of(image.id)? {
             let disk = copy.disk;
             DiskLayout::new(&disk.path)
@@ -762,7 +814,7 @@ impl Pool {
                     source: Box::new(e),
                 })?;
         }
-        self.store.delete_image(image.id)
+        self.store.delete_removed_image(image.id).map(|_| ())
     }
 
     // ---- holders and gc ----
@@ -793,29 +845,37 @@ impl Pool {
         self.store.set_setting(GC_HOLD, None)
     }
 
+    /// The images that have had no holder for longer than `grace` and are not open: what gc
+    /// would remove now, whether or not it is held.
+    pub fn collectable(&self, grace: Duration) -> Result<Vec<String>> {
+        let cutoff = now() - grace.as_secs() as i64;
+        Ok(self
+            .images()?
+            .into_iter()
+            .filter(|info| {
+                info.image.unreferenced_since.is_some_and(|t| t <= cutoff)
+                    && info.holders.is_empty()
+                    && info.open_handles == 0
+            })
+            .map(|info| info.image.name)
+            .collect())
+    }
+
     /// Removes images that have had no holder for longer than `grace` and are not open. Returns
     /// the names removed (or, with `dry_run`, that would be).
     pub fn gc(&self, grace: Duration, dry_run: bool) -> Result<Vec<String>> {
         if let Some(hold) = self.gc_hold()? {
             return Err(Error::GcHeld(hold));
         }
-        let cutoff = now() - grace.as_secs() as i64;
+        let candidates = self.collectable(grace)?;
+        if dry_run {
+            return Ok(candidates);
+        }
         let mut removed = Vec::new();
-        for info in self.images()? {
-            let idle_since = match info.image.unreferenced_since {
-                Some(t) => t,
-                None => continue,
-            };
-            if !info.holders.is_empty() || info.open_handles > 0 || idle_since > cutoff {
-                continue;
-            }
-            if dry_run {
-                removed.push(info.image.name);
-                continue;
-            }
+        for name in candidates {
             // Re-checked atomically: a holder or an open may have arrived since the listing.
-            match self.remove_image(&info.image.name) {
-                Ok(()) => removed.push(info.image.name),
+            match self.remove_image(&name) {
+                Ok(()) => removed.push(name),
                 Err(Error::InUse { .. })
                 | Err(Error::UnknownImage(_))
                 | Err(Error::ImageBusy(_)) => {}
@@ -827,128 +887,19 @@ impl Pool {
 
     // ---- mounts ----
 
-    /// Mounts whose daemon is alive; rows of dead daemons are dropped on the way.
+    /// Mounts whose daemon is alive. Rows of dead daemons are only left out here; recovery
+    /// deletes them.
     pub fn live_mounts(&self) -> Result<Vec<MountRow>> {
-        let mut live = Vec::new();
-        for mount in self.store.mounts()? {
-            match owner::check(&self.state_dir, &mount.owner) {
-                Owner::Alive => live.push(mount),
-                dead => {
-                    self.store.delete_mount(mount.id)?;
-                    dead.finish();
-                }
-            }
-        }
-        Ok(live)
+        Ok(self
+            .store
+            .mounts()?
+            .into_iter()
+            .filter(|m| owner::is_alive(&self.state_dir, &m.owner))
+            .collect())
     }
 
     fn live_mount_ids(&self) -> Result<Vec<i64>> {
         Ok(self.live_mounts()?.iter().map(|m| m.id).collect())
-    }
-
-    // ---- recovery ----
-
-    /// Finishes copy removals cut short, and drops copies a dead repair was writing (only when
-    /// no repair runs: a live one owns them).
-    fn recover_copies(&self) -> Result<()> {
-        let copies = self.store.all_copies()?;
-        if !copies
-            .iter()
-            .any(|c| matches!(c.state, CopyState::Removing | CopyState::Copying))
-        {
-            return Ok(());
-        }
-        let Some(_repair) = WorkLock::try_acquire(&self.repair_lock_path())? else {
-            return Ok(());
-        };
-        self.clean_abandoned_copies()
-    }
-
-    /// Deletes copies left `copying` or `removing` (with their files). Only for the holder of
-    /// the repair lock, or with it free: then no process is writing them.
-    pub fn clean_abandoned_copies(&self) -> Result<()> {
-        let copies = self.store.all_copies()?;
-        let images = self.store.images()?;
-        for copy in copies {
-            if !matches!(copy.state, CopyState::Removing | CopyState::Copying) {
-                continue;
-            }
-            let Some(image) = images.iter().find(|i| i.id == copy.image_id) else {
-                continue;
-            };
-            // A `copying` row never served, so whatever its writer left goes, even a file it
-            // had already renamed into place.
-            let removed = DiskLayout::new(&copy.disk.path).remove_copy(&image.uuid);
-            match removed {
-                Ok(()) => self.store.delete_copy(image.id, copy.disk.id)?,
-                Err(e) => tracing::warn!(
-                    "cannot clean up the copy of '{}' on '{}': {e}",
-                    image.name,
-                    copy.disk.name
-                ),
-            }
-        }
-        Ok(())
-    }
-
-    /// Cleans up after processes that died mid-way: imports whose importer is gone lose their
-    /// reservation and files; removals are finished; stray temporary copies are deleted.
-    pub fn recover(&self) -> Result<()> {
-        self.live_mounts()?;
-        let images = self.store.images()?;
-        for image in &images {
-            match image.state {
-                ImageState::Ready => {}
-                ImageState::Removing => {
-                    if let Err(e) = self.finish_remove(image) {
-                        tracing::warn!("{e}");
-                    }
-                }
-                ImageState::Importing => {
-                    if let dead @ Owner::Dead(_) =
-                        owner::check(&self.state_dir, &import_token(&image.uuid))
-                    {
-                        // A disk that cannot be cleaned now keeps the reservation for later.
-                        let mut cleaned = true;
-                        for copy in self.store.copies_of(image.id)? {
-                            if let Err(e) =
-                                DiskLayout::new(&copy.disk.path).remove_copy(&image.uuid)
-                            {
-                                tracing::warn!("cannot clean up import of '{}': {e}", image.name);
-                                cleaned = false;
-                            }
-                        }
-                        if cleaned {
-                            self.store.delete_image(image.id)?;
-                            dead.finish();
-                        }
-                    }
-                }
-            }
-        }
-        self.recover_copies()?;
-        let images = self.store.images()?;
-        let mounts = self.store.mounts()?;
-        owner::sweep(&self.state_dir, |token| {
-            images.iter().any(|i| import_token(&i.uuid) == token)
-                || mounts.iter().any(|m| m.owner == token)
-        });
-        // Temporary copies that no image row explains (the metadata store was reset, say).
-        for disk in self.store.disks()? {
-            let layout = DiskLayout::new(&disk.path);
-            let Ok(tmp) = layout.tmp_copies() else {
-                continue;
-            };
-            for uuid in tmp {
-                // Asked afresh: an import reserves its row before it creates its file.
-                if !self.store.images()?.iter().any(|i| i.uuid == uuid) {
-                    if let Err(e) = layout.remove_copy(&uuid) {
-                        tracing::warn!("cannot remove stray copy {uuid} on '{}': {e}", disk.name);
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 }
 
@@ -958,14 +909,18 @@ pub fn copy_info(image: &ImageRow, copy: CopyRow, disks: &[(DiskRow, bool)]) -> 
         .iter()
         .find(|(d, _)| d.id == copy.disk.id)
         .map_or((&copy.disk, false), |(d, ok)| (d, *ok));
-    let serving = copy.state == CopyState::Ready && in_service;
+    let view = CopyView {
+        state: copy.state,
+        disk: disk.state,
+        reachable: in_service,
+    };
     CopyInfo {
         path: DiskLayout::new(&disk.path).copy_path(&image.uuid),
         state: copy.state,
         reason: copy.reason.clone(),
-        serving,
-        // A damaged copy (the last good one, kept serving) does not count toward the policy.
-        counts: serving && disk.state == DiskState::Healthy && copy.reason.is_none(),
+        serving: view.serves(),
+        good: view.is_good(),
+        counts: view.counts(),
         disk: disk.name.clone(),
     }
 }
@@ -1137,26 +1092,6 @@ mod tests {
         path
     }
 
-    /// The row an import reserves before it writes anything.
-    fn importing_row(name: &str, uuid: &str) -> ImageRow {
-        ImageRow {
-            id: 0,
-            name: name.into(),
-            uuid: uuid.into(),
-            size: 7,
-            sha512: String::new(),
-            real_size: 0,
-            state: ImageState::Importing,
-            copies_wanted: 1,
-            source: None,
-            created: now(),
-            unreferenced_since: None,
-            chunk_size: CHUNK_SIZE,
-            digests_hash: String::new(),
-            problem: None,
-        }
-    }
-
     fn files_on(disk: &Path) -> usize {
         ["copies", "tmp"]
             .iter()
@@ -1178,7 +1113,7 @@ mod tests {
         assert_eq!(imported.disks.len(), 2);
         assert_ne!(imported.disks[0], imported.disks[1]);
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.state(), "ready");
+        assert_eq!(info.state(), crate::core::pool::ImageHealth::Ready);
         for copy in &info.copies {
             assert_eq!(fs::read(&copy.path).unwrap(), vec![7u8; 10_000]);
         }
@@ -1248,83 +1183,13 @@ mod tests {
                 ..
             })
         ));
-        // The daemon dies without closing: its handles no longer count.
+        // The daemon dies without closing: its handles no longer count, and listings leave
+        // its row to recovery.
         drop(lock);
+        assert!(f.pool.live_mounts().unwrap().is_empty());
         f.pool.remove_image("a").unwrap();
+        assert_eq!(f.pool.store().mounts().unwrap().len(), 1);
+        crate::core::recover::recover(&f.pool).unwrap();
         assert!(f.pool.store().mounts().unwrap().is_empty());
-    }
-
-    #[test]
-    fn recovery_undoes_dead_imports_and_finishes_interrupted_removals() {
-        let f = fixture(2);
-        let state = f.pool.state_dir().to_path_buf();
-        let src = source(f.dir.path(), "a.img", b"keep me");
-        f.pool
-            .add_image("kept", &src, Some(2), &mut |_, _| {})
-            .unwrap();
-        f.pool
-            .add_image("going", &src, Some(2), &mut |_, _| {})
-            .unwrap();
-
-        // An import that died after writing a temporary copy: its lock is free.
-        let disks = f.pool.store().disks().unwrap();
-        let uuid = "00000000-0000-0000-0000-000000000001";
-        drop(OwnerLock::acquire(&state, &import_token(uuid)).unwrap());
-        let row = importing_row("half", uuid);
-        f.pool.store().reserve_image(&row, &[disks[0].id]).unwrap();
-        fs::write(
-            DiskLayout::new(&disks[0].path).tmp_copy_path(uuid),
-            b"partial",
-        )
-        .unwrap();
-        // A stray temporary copy that no row explains.
-        fs::write(DiskLayout::new(&disks[1].path).tmp_copy_path("stray"), b"x").unwrap();
-        // A removal that died after marking the image.
-        f.pool.store().begin_remove("going", &[]).unwrap();
-
-        let reopened = Pool::open(&state).unwrap();
-        let names: Vec<String> = reopened
-            .store()
-            .images()
-            .unwrap()
-            .into_iter()
-            .map(|i| i.name)
-            .collect();
-        assert_eq!(names, vec!["kept".to_string()]);
-        for disk in &f.disks {
-            assert_eq!(
-                files_on(disk),
-                3,
-                "only kept's copy, record and digests on {disk:?}"
-            );
-        }
-        assert_eq!(fs::read_dir(state.join("locks")).unwrap().count(), 0);
-        // The name of the dead import is free again.
-        reopened
-            .add_image("half", &src, Some(1), &mut |_, _| {})
-            .unwrap();
-    }
-
-    #[test]
-    fn a_live_import_is_not_cleaned_up_by_another_process() {
-        let f = fixture(1);
-        let state = f.pool.state_dir().to_path_buf();
-        let uuid = "00000000-0000-0000-0000-000000000002";
-        let _importer = OwnerLock::acquire(&state, &import_token(uuid)).unwrap();
-        let row = importing_row("busy", uuid);
-        let disk = f.pool.store().disks().unwrap().remove(0);
-        f.pool.store().reserve_image(&row, &[disk.id]).unwrap();
-        let tmp = DiskLayout::new(&disk.path).tmp_copy_path(uuid);
-        fs::write(&tmp, b"in progress").unwrap();
-        let other = Pool::open(&state).unwrap();
-        assert!(tmp.exists());
-        assert!(matches!(
-            other.add_image("busy", &tmp, Some(1), &mut |_, _| {}),
-            Err(Error::ImageBusy(_))
-        ));
-        assert!(
-            other.image("busy").is_err(),
-            "an import in progress is visible"
-        );
     }
 }

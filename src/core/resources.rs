@@ -20,6 +20,8 @@ pub enum Freshness {
     FreshFree,
     /// Free space at most this old.
     FreeWithin(Duration),
+    /// As `FreeWithin`, for a listing, which only reads: figures read afresh are not saved.
+    ListingWithin(Duration),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +45,9 @@ pub fn disk_resources(
         .is_some_and(|c| age(c.static_at, now) < STATIC_TTL);
     let free_fresh = match freshness {
         Freshness::FreshFree => false,
-        Freshness::FreeWithin(ttl) => cached.as_ref().is_some_and(|c| age(c.free_at, now) < ttl),
+        Freshness::FreeWithin(ttl) | Freshness::ListingWithin(ttl) => {
+            cached.as_ref().is_some_and(|c| age(c.free_at, now) < ttl)
+        }
     };
     let row = match cached {
         Some(row) if static_fresh && free_fresh => row,
@@ -64,7 +68,9 @@ pub fn disk_resources(
                     free_at: now,
                 },
             };
-            store.save_resources(disk.id, &row)?;
+            if !matches!(freshness, Freshness::ListingWithin(_)) {
+                store.save_resources(disk.id, &row)?;
+            }
             row
         }
     };

@@ -1,4 +1,7 @@
 //! The mount daemon: mounting the pool, the per-disk bind mounts, following changes made by other
-//! commands, the background workers (health, repair) and a clean stop.
+//! commands, the background workers (health, repair), the control socket that commands use to
+//! reach it (`control`, over the HTTP framing in `http`) and a clean stop.
 
+pub mod control;
+pub mod http;
 pub mod mount;

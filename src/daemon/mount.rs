@@ -1,6 +1,6 @@
 //! The mount daemon's lifecycle: start (in the foreground, or detached with a readiness
-//! handshake), the per-disk bind mounts, following changes made by CLI commands, and a clean
-//! stop on `imgpool umount`, SIGTERM or SIGINT.
+//! handshake), the per-disk bind mounts, following changes made by CLI commands, the control
+//! socket (`control`), and a clean stop on `imgpool umount`, SIGTERM or SIGINT.
 
 use std::fs::OpenOptions;
 use std::io::{self, BufRead, BufReader, Write};
@@ -8,7 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fuser::{Config, INodeNo, MountOption, Notifier, Session, SessionACL};
@@ -19,22 +20,23 @@ use parking_lot::Mutex;
 use crate::core::owner::{self, Owner, OwnerLock};
 use crate::core::pool::Pool;
 use crate::core::{health, repair};
+use crate::daemon::control::{self, ControlSocket, Wake};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock;
 use crate::format::mountinfo;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::namespace::{PoolFs, DISKS_DIR};
 use crate::fs::read::ReadPath;
-use crate::fs::stats::{self, MountStats};
 use crate::fs::IoMode;
 
 /// Where each disk's view is bind-mounted, relative to the disk: Longhorn's directory.
 pub const BIND_DIR: &str = "backing-images";
 pub const FS_TYPE: &str = "fuse.imgpool";
-/// How often the daemon looks for changes made by other commands.
+/// How often the daemon looks for changes made by other commands (a command that changed the
+/// pool also wakes it through the control socket).
 const REFRESH_INTERVAL: Duration = Duration::from_millis(200);
-/// How often the daemon publishes its statistics.
-const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// Where daemons before the control socket published their statistics; removed at start.
+const OLD_STATS_DIR: &str = "stats";
 /// Set in a detached daemon's environment: report readiness on stdout.
 const NOTIFY_ENV: &str = "IMGPOOL_NOTIFY_READY";
 const READY: &str = "ready";
@@ -171,7 +173,8 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
         command.arg("--no-bind");
     }
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal and session
-    // so that the shell's Ctrl-C or hangup does not reach it.
+    // so that the shell's Ctrl-C or hangup does not reach it. (`pre_exec` has no safe form.)
+    #[allow(unsafe_code)]
     unsafe {
         command.pre_exec(|| {
             libc::setsid();
@@ -335,7 +338,8 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     // Block the stop signals before any thread exists: every thread inherits the mask, and the
     // signal thread takes them with sigwait.
     let mut signals = SigSet::empty();
-    // SIGUSR1 empties the chunk cache.
+    // SIGUSR1 emptied the chunk cache before `imgpool cache drop`: it is taken (and only logged)
+    // so that an old script sending it does not kill the daemon.
     for signal in [
         Signal::SIGTERM,
         Signal::SIGINT,
@@ -350,54 +354,76 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         .ctx(|| "cannot block signals".into())?;
 
     let pool = Pool::open(state_dir)?;
+    // What dead processes left (a killed daemon's mount row among them) is cleaned up at start;
+    // then each round of the repair thread does it again.
+    crate::core::recover::recover(&pool)?;
     pool.store().relax_durability()?;
     let token = format!("mount-{}", uuid::Uuid::new_v4());
     let lock = OwnerLock::acquire(state_dir, &token)?;
     let mount_id =
         pool.store()
             .insert_mount(&config.mountpoint, std::process::id(), clock::now(), &token)?;
-    if let Ok(mounts) = pool.live_mounts() {
-        let live: Vec<i64> = mounts.iter().map(|m| m.id).collect();
-        stats::sweep(state_dir, &live);
-    }
+    let socket = ControlSocket::bind(state_dir, mount_id)?;
+    control::sweep(state_dir, || {
+        Ok(pool.live_mounts()?.iter().map(|m| m.id).collect())
+    });
+    let _ = std::fs::remove_dir_all(state_dir.join(OLD_STATS_DIR));
     let fs = Arc::new(PoolFs::new(
         pool,
         mount_id,
         ReadPath::new(config.cache_size),
     )?);
     let background = Arc::new(AtomicBool::new(false));
-    start_health_and_repair(state_dir, &fs, &background)?;
-    let result = serve(fs.clone(), config, signals, notify);
+    let wake_repair = start_health_and_repair(state_dir, &fs, &background)?;
+    let result = serve(fs.clone(), config, signals, notify, socket, wake_repair);
     // A copy the repair is writing is abandoned; the next start cleans it up and redoes it.
     background.store(true, Ordering::Relaxed);
-    stats::remove(state_dir, mount_id);
     let _ = fs.pool().store().delete_mount(mount_id);
     lock.release();
     result
 }
 
 /// The health monitor (probes, and faults from the read path) and the repair, each in its own
-/// thread with its own connection to the store.
-fn start_health_and_repair(state_dir: &Path, fs: &PoolFs, stop: &Arc<AtomicBool>) -> Result<()> {
+/// thread with its own connection to the store. Returns a way to wake the repair.
+fn start_health_and_repair(
+    state_dir: &Path,
+    fs: &PoolFs,
+    stop: &Arc<AtomicBool>,
+) -> Result<mpsc::Sender<()>> {
     let (faults, fault_events) = mpsc::channel();
     fs.report_faults_to(faults);
     let (wake_repair, wake_events) = mpsc::channel();
     let monitor_pool = Pool::open(state_dir)?;
     let repair_pool = Pool::open(state_dir)?;
     let monitor_stop = stop.clone();
+    let monitor_wakes_repair = wake_repair.clone();
     std::thread::Builder::new()
         .name("health".into())
-        .spawn(move || health::watch(monitor_pool, &fault_events, &wake_repair, &monitor_stop))
+        .spawn(move || {
+            health::watch(
+                monitor_pool,
+                &fault_events,
+                &monitor_wakes_repair,
+                &monitor_stop,
+            )
+        })
         .ctx(|| "cannot start the health monitor".into())?;
     let repair_stop = stop.clone();
     std::thread::Builder::new()
         .name("repair".into())
         .spawn(move || repair::run_in_background(repair_pool, &wake_events, &repair_stop))
         .ctx(|| "cannot start the repair thread".into())?;
-    Ok(())
+    Ok(wake_repair)
 }
 
-fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -> Result<()> {
+fn serve(
+    fs: Arc<PoolFs>,
+    config: &MountConfig,
+    signals: SigSet,
+    notify: bool,
+    socket: ControlSocket,
+    wake_repair: mpsc::Sender<()>,
+) -> Result<()> {
     let mountpoint = &config.mountpoint;
     let mut options = Config::default();
     options.mount_options = vec![
@@ -456,54 +482,58 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
     }
 
     let stopping = Arc::new(AtomicBool::new(false));
+    let (wake_refresh, wakes) = mpsc::channel::<Wake>();
     let refresher = {
         let (fs, binds, stopping) = (fs.clone(), binds.clone(), stopping.clone());
         let bind = config.bind;
-        let requested = config.io_mode;
-        let published_fs = fs.clone();
-        let publish = move || {
-            let fs = &published_fs;
-            let io_mode = if passthrough.load(Ordering::Relaxed) {
-                IoMode::Passthrough
-            } else {
-                IoMode::Cached
-            };
-            let stats = MountStats {
-                mount_id: fs.mount_id(),
-                updated: clock::now(),
-                io_mode_requested: requested,
-                io_mode,
-                read: fs.read_stats(),
-            };
-            if let Err(e) = stats::publish(fs.pool().state_dir(), &stats) {
-                tracing::debug!("cannot publish statistics: {e}");
-            }
-        };
         std::thread::Builder::new()
             .name("refresh".into())
             .spawn(move || {
-                follow_changes(&fs, &notifier, bind.then_some(&*binds), &stopping, publish)
+                follow_changes(&fs, &notifier, bind.then_some(&*binds), &stopping, &wakes)
             })
             .ctx(|| "cannot start the refresh thread".into())?
     };
+    let socket_path = socket.path().to_path_buf();
+    let control = match socket.serve(control::Context {
+        fs: fs.clone(),
+        mountpoint: mountpoint.clone(),
+        io_mode_requested: config.io_mode,
+        passthrough,
+        refresh: wake_refresh,
+        repair: wake_repair,
+    }) {
+        Ok(control) => control,
+        Err(e) => {
+            stopping.store(true, Ordering::Relaxed);
+            stop(&binds, mountpoint, true);
+            let _ = refresher.join();
+            let _ = session_thread.join();
+            return Err(e);
+        }
+    };
 
-    tracing::info!("serving the pool at {}", mountpoint.display());
+    tracing::info!(
+        "serving the pool at {} (control socket {})",
+        mountpoint.display(),
+        socket_path.display()
+    );
     if notify {
         println!("{READY}");
         let _ = io::stdout().flush();
         // Nobody reads our stdout any more: point it at /dev/null so a late print cannot fail.
         if let Ok(null) = std::fs::File::open("/dev/null") {
-            use std::os::fd::AsRawFd;
-            // SAFETY: dup2 onto fd 1 with a valid descriptor.
-            unsafe { libc::dup2(null.as_raw_fd(), 1) };
+            if let Err(e) = nix::unistd::dup2_stdout(&null) {
+                tracing::debug!("cannot point stdout at /dev/null: {e}");
+            }
         }
     }
 
     let outcome = loop {
         match next_event.recv() {
             Ok(Event::Signal(Signal::SIGUSR1)) => {
-                fs.drop_cache();
-                tracing::info!("SIGUSR1: emptied the chunk cache");
+                tracing::warn!(
+                    "SIGUSR1 no longer empties the chunk cache: use `imgpool cache drop`"
+                );
             }
             Ok(Event::Signal(signal)) => {
                 tracing::info!("{signal}: unmounting {}", mountpoint.display());
@@ -515,6 +545,7 @@ fn serve(fs: Arc<PoolFs>, config: &MountConfig, signals: SigSet, notify: bool) -
         }
     };
     stopping.store(true, Ordering::Relaxed);
+    drop(control);
     binds.stop(true);
     let _ = refresher.join();
     let _ = session_thread.join();
@@ -551,23 +582,24 @@ fn stop(binds: &BindMounts, mountpoint: &Path, lazy_if_busy: bool) {
     }
 }
 
-/// Polls the store for changes by other commands; tells the kernel to forget removed names and
-/// binds the views of new disks.
+/// Polls the store for changes by other commands, and looks at once when woken through the
+/// control socket; tells the kernel to forget removed names and binds the views of new disks.
 fn follow_changes(
     fs: &PoolFs,
     notifier: &Notifier,
     binds: Option<&BindMounts>,
     stopping: &AtomicBool,
-    publish_stats: impl Fn(),
+    wakes: &mpsc::Receiver<Wake>,
 ) {
-    let mut published = Instant::now();
-    publish_stats();
     while !stopping.load(Ordering::Relaxed) {
-        std::thread::sleep(REFRESH_INTERVAL);
-        if published.elapsed() >= STATS_INTERVAL {
-            publish_stats();
-            published = Instant::now();
+        let mut woken = Vec::new();
+        match wakes.recv_timeout(REFRESH_INTERVAL) {
+            Ok(wake) => woken.push(wake),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => std::thread::sleep(REFRESH_INTERVAL),
         }
+        // Wakes that came together are answered by one reload.
+        woken.extend(wakes.try_iter());
         match fs.refresh() {
             Ok(gone) => {
                 for name in gone {
@@ -581,6 +613,9 @@ fn follow_changes(
             if let Err(e) = binds.sync(fs) {
                 tracing::warn!("{e}");
             }
+        }
+        for wake in woken {
+            let _ = wake.try_send(());
         }
     }
 }

@@ -5,7 +5,6 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
 use sha2::{Digest, Sha512};
@@ -29,31 +28,21 @@ pub struct CopyOutcome {
 /// The data extents of `file` below `size`, as (start, end) byte ranges. Filesystems without
 /// SEEK_DATA support report the whole file as one extent.
 pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
-    let fd = file.as_raw_fd();
+    use nix::errno::Errno;
+    use nix::unistd::{lseek, Whence};
     let mut extents = Vec::new();
     let mut pos = 0u64;
     while pos < size {
-        // SAFETY: lseek on an owned descriptor; no memory is passed.
-        let data = unsafe { libc::lseek(fd, pos as i64, libc::SEEK_DATA) };
-        if data < 0 {
-            let err = io::Error::last_os_error();
-            match err.raw_os_error() {
-                Some(libc::ENXIO) => break, // only a hole is left
-                Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if pos == 0 => {
-                    return Ok(vec![(0, size)]);
-                }
-                _ => return Err(err),
-            }
-        }
-        let data = data as u64;
+        let data = match lseek(file, pos as i64, Whence::SeekData) {
+            Ok(data) => data as u64,
+            Err(Errno::ENXIO) => break, // only a hole is left
+            Err(Errno::EINVAL | Errno::EOPNOTSUPP) if pos == 0 => return Ok(vec![(0, size)]),
+            Err(e) => return Err(e.into()),
+        };
         if data >= size {
             break;
         }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(fd, data as i64, libc::SEEK_HOLE) };
-        if hole < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let hole = lseek(file, data as i64, Whence::SeekHole)?;
         let end = (hole as u64).min(size);
         extents.push((data, end));
         pos = end;

@@ -35,14 +35,9 @@ const DEFAULT_CACHE_MAX: u64 = 4 << 30;
 /// 256 MiB and 4 GiB. O_DIRECT readers (volume engines) get no page cache, so this cache is the
 /// only memory that serves their repeated reads; it fills only as chunks are read.
 pub fn default_cache_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let (pages, page_size) = unsafe {
-        (
-            libc::sysconf(libc::_SC_PHYS_PAGES),
-            libc::sysconf(libc::_SC_PAGESIZE),
-        )
-    };
-    let memory = (pages.max(0) as u64).saturating_mul(page_size.max(0) as u64);
+    use nix::unistd::{sysconf, SysconfVar};
+    let get = |var| sysconf(var).ok().flatten().unwrap_or(0).max(0) as u64;
+    let memory = get(SysconfVar::_PHYS_PAGES).saturating_mul(get(SysconfVar::PAGE_SIZE));
     (memory / 8).clamp(DEFAULT_CACHE_MIN, DEFAULT_CACHE_MAX)
 }
 /// How far ahead of a sequential reader chunks are read.

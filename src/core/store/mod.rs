@@ -9,202 +9,14 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use crate::error::{Error, ErrorKind, Result};
+use crate::core::copies::{self, Event, Outcome};
+use crate::error::{Error, Result};
 
-const SCHEMA: &str = r#"
-CREATE TABLE IF NOT EXISTS pool (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    uuid TEXT NOT NULL,
-    created INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS disks (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    path TEXT NOT NULL UNIQUE,
-    uuid TEXT NOT NULL UNIQUE,
-    added INTEGER NOT NULL,
-    state TEXT NOT NULL DEFAULT 'healthy' CHECK (state IN ('healthy', 'failed', 'evicting')),
-    -- Who failed the disk: 'probe' (it comes back by itself once its probes pass again) or
-    -- 'operator' (it stays failed until `disk online`).
-    failed_by TEXT,
-    reason TEXT,
-    state_since INTEGER
-);
-CREATE TABLE IF NOT EXISTS disk_resources (
-    disk_id INTEGER PRIMARY KEY REFERENCES disks(id) ON DELETE CASCADE,
-    fs_type TEXT NOT NULL,
-    device INTEGER NOT NULL,
-    capacity INTEGER NOT NULL,
-    static_at INTEGER NOT NULL,
-    free INTEGER NOT NULL,
-    free_at INTEGER NOT NULL
-);
--- Ids are AUTOINCREMENT so that they are never reused: the mount derives inode numbers from them.
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL UNIQUE,
-    uuid TEXT NOT NULL UNIQUE,
-    size INTEGER NOT NULL,
-    sha512 TEXT NOT NULL DEFAULT '',
-    real_size INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL CHECK (state IN ('importing', 'ready', 'removing')),
-    copies_wanted INTEGER NOT NULL,
-    source TEXT,
-    created INTEGER NOT NULL,
-    unreferenced_since INTEGER,
-    chunk_size INTEGER NOT NULL DEFAULT 0,
-    digests_hash TEXT NOT NULL DEFAULT '',
-    -- Why the repair could not restore the image, when it could not.
-    problem TEXT
-);
-CREATE TABLE IF NOT EXISTS copies (
-    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    disk_id INTEGER NOT NULL REFERENCES disks(id),
-    state TEXT NOT NULL DEFAULT 'ready'
-        CHECK (state IN ('copying', 'ready', 'unverified', 'failed', 'removing')),
-    reason TEXT,
-    since INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (image_id, disk_id)
-);
-CREATE TABLE IF NOT EXISTS settings (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS holders (
-    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    holder TEXT NOT NULL,
-    added INTEGER NOT NULL,
-    PRIMARY KEY (image_id, holder)
-);
-CREATE TABLE IF NOT EXISTS mounts (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    mountpoint TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    started INTEGER NOT NULL,
-    owner TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS open_handles (
-    mount_id INTEGER NOT NULL REFERENCES mounts(id) ON DELETE CASCADE,
-    image_id INTEGER NOT NULL REFERENCES images(id) ON DELETE CASCADE,
-    count INTEGER NOT NULL,
-    PRIMARY KEY (mount_id, image_id)
-);
-"#;
+pub use crate::core::state::{CopyState, DiskState, FailedBy, ImageState};
+
+mod migrations;
 
 pub const DB_FILE: &str = "pool.db";
-/// `PRAGMA user_version` of the schema above. Version 1 (no disk, copy or digest state) was
-/// never released; a store of that version is refused rather than half-understood.
-const SCHEMA_VERSION: i64 = 2;
-
-/// A disk's state as the pool decided it (the label check is a separate, live observation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DiskState {
-    Healthy,
-    /// Out of service: its copies neither serve reads nor count toward any image's policy.
-    Failed,
-    /// Still serving, while its copies are moved to other disks; then it can be removed.
-    Evicting,
-}
-
-impl DiskState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DiskState::Healthy => "healthy",
-            DiskState::Failed => "failed",
-            DiskState::Evicting => "evicting",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "healthy" => DiskState::Healthy,
-            "evicting" => DiskState::Evicting,
-            _ => DiskState::Failed,
-        }
-    }
-}
-
-/// Who took a disk out of service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailedBy {
-    /// The health monitor: the disk returns to service when its probes pass again.
-    Probe,
-    /// `imgpool disk fail`: it stays out until `imgpool disk online`.
-    Operator,
-}
-
-impl FailedBy {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FailedBy::Probe => "probe",
-            FailedBy::Operator => "operator",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "probe" => FailedBy::Probe,
-            _ => FailedBy::Operator,
-        }
-    }
-}
-
-/// The state of one copy of an image on one disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CopyState {
-    /// Being written by the repair: a temporary file, never served.
-    Copying,
-    /// Verified; serves reads while its disk is in service.
-    Ready,
-    /// Present but not trusted (its disk came back, or the index was rebuilt): verified before
-    /// it serves again.
-    Unverified,
-    /// Unreadable or corrupt: never served; deleted and replaced by the repair.
-    Failed,
-    /// Being deleted; any command finishes the deletion.
-    Removing,
-}
-
-impl CopyState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CopyState::Copying => "copying",
-            CopyState::Ready => "ready",
-            CopyState::Unverified => "unverified",
-            CopyState::Failed => "failed",
-            CopyState::Removing => "removing",
-        }
-    }
-
-    fn parse(s: &str) -> Self {
-        match s {
-            "copying" => CopyState::Copying,
-            "ready" => CopyState::Ready,
-            "unverified" => CopyState::Unverified,
-            "removing" => CopyState::Removing,
-            _ => CopyState::Failed,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageState {
-    /// Reserved by an import that has not committed: never visible in the mount.
-    Importing,
-    Ready,
-    /// Being removed: invisible, and any command may finish the removal.
-    Removing,
-}
-
-impl ImageState {
-    fn parse(s: &str) -> Self {
-        match s {
-            "importing" => ImageState::Importing,
-            "ready" => ImageState::Ready,
-            _ => ImageState::Removing,
-        }
-    }
-}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskRow {
@@ -217,15 +29,6 @@ pub struct DiskRow {
     pub failed_by: Option<FailedBy>,
     pub reason: Option<String>,
     pub state_since: Option<i64>,
-}
-
-/// What `fail_copy` did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailOutcome {
-    Failed,
-    /// The image's last good copy: kept serving, with the damage noted.
-    KeptDamaged,
-    Unchanged,
 }
 
 /// One copy of an image, with the disk that holds it.
@@ -302,7 +105,7 @@ fn image_from_row(row: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
         size: row.get::<_, i64>(3)? as u64,
         sha512: row.get(4)?,
         real_size: row.get::<_, i64>(5)? as u64,
-        state: ImageState::parse(&row.get::<_, String>(6)?),
+        state: row.get(6)?,
         copies_wanted: row.get(7)?,
         source: row.get(8)?,
         created: row.get(9)?,
@@ -320,10 +123,8 @@ fn disk_from_row(row: &rusqlite::Row) -> rusqlite::Result<DiskRow> {
         path: PathBuf::from(row.get::<_, String>(2)?),
         uuid: row.get(3)?,
         added: row.get(4)?,
-        state: DiskState::parse(&row.get::<_, String>(5)?),
-        failed_by: row
-            .get::<_, Option<String>>(6)?
-            .map(|s| FailedBy::parse(&s)),
+        state: row.get(5)?,
+        failed_by: row.get(6)?,
         reason: row.get(7)?,
         state_since: row.get(8)?,
     })
@@ -334,7 +135,7 @@ fn copy_from_row(row: &rusqlite::Row) -> rusqlite::Result<CopyRow> {
     Ok(CopyRow {
         disk: disk_from_row(row)?,
         image_id: row.get(9)?,
-        state: CopyState::parse(&row.get::<_, String>(10)?),
+        state: row.get(10)?,
         reason: row.get(11)?,
         since: row.get(12)?,
     })
@@ -351,43 +152,25 @@ impl Store {
     /// caller's question (`pool_uuid`).
     pub fn open(state_dir: &Path) -> Result<Store> {
         let path = state_dir.join(DB_FILE);
-        let conn = Connection::open(&path).map_err(|source| Error::Store {
+        let mut conn = Connection::open(&path).map_err(|source| Error::Store {
             path: path.clone(),
             source,
         })?;
-        let store = Store {
-            conn: Mutex::new(conn),
-            path,
-        };
-        store.run(|c| {
+        let setup = |c: &Connection| -> rusqlite::Result<()> {
             c.busy_timeout(Duration::from_secs(30))?;
             c.pragma_update(None, "journal_mode", "WAL")?;
             c.pragma_update(None, "synchronous", "FULL")?;
-            c.pragma_update(None, "foreign_keys", "ON")?;
-            let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-            let tables: i64 =
-                c.query_row("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'", [], |r| {
-                    r.get(0)
-                })?;
-            if tables > 0 && version != SCHEMA_VERSION {
-                return Ok(Some(version));
-            }
-            c.execute_batch(SCHEMA)?;
-            c.pragma_update(None, "user_version", SCHEMA_VERSION)?;
-            Ok(None)
-        })
-        .and_then(|old| match old {
-            Some(version) => Err(Error::refused(
-                ErrorKind::Conflict,
-                format!(
-                    "the metadata store {} has schema version {version}, this imgpool reads version {SCHEMA_VERSION}: use the imgpool that created it, or rebuild the index from the disks with `imgpool fsck --repair` after moving {} aside",
-                    store.path.display(),
-                    store.path.display()
-                ),
-            )),
-            None => Ok(()),
+            c.pragma_update(None, "foreign_keys", "ON")
+        };
+        setup(&conn).map_err(|source| Error::Store {
+            path: path.clone(),
+            source,
         })?;
-        Ok(store)
+        migrations::upgrade(state_dir, &path, &mut conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            path,
+        })
     }
 
     fn err(&self, source: rusqlite::Error) -> Error {
@@ -538,42 +321,33 @@ impl Store {
         now: i64,
     ) -> Result<bool> {
         self.write(|tx| {
-            let (was, was_by): (String, Option<String>) = tx
+            let current: (DiskState, Option<FailedBy>) = tx
                 .query_row(
                     "SELECT state, failed_by FROM disks WHERE id = ?1",
                     [id],
                     |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .map_err(|e| self.err(e))?;
-            let current = (
-                DiskState::parse(&was),
-                was_by.as_deref().map(FailedBy::parse),
-            );
             if expect.is_some_and(|e| e != current) {
                 return Ok(false);
             }
             tx.execute(
                 "UPDATE disks SET state = ?2, failed_by = ?3, reason = ?4, state_since = ?5 WHERE id = ?1",
-                params![id, state.as_str(), failed_by.map(FailedBy::as_str), reason, now],
+                params![id, state, failed_by, reason, now],
             )
             .map_err(|e| self.err(e))?;
-            if DiskState::parse(&was) == DiskState::Failed && state != DiskState::Failed {
-                tx.execute(
-                    "UPDATE copies SET state = 'unverified', reason = 'its disk was out of service', since = ?2
-                     WHERE disk_id = ?1 AND state = 'ready'",
-                    params![id, now],
-                )
-                .map_err(|e| self.err(e))?;
+            if current.0 == DiskState::Failed && state != DiskState::Failed {
+                copies::disk_returned(tx, id, now).map_err(|e| self.err(e))?;
             }
             Ok(true)
         })
     }
 
-    /// Forgets a disk that holds no copy any more.
+    /// Forgets a disk whose copies were all forgotten (`Event::Forget`) first.
     pub fn delete_disk(&self, id: i64) -> Result<()> {
         self.write(|tx| {
-            tx.execute("DELETE FROM copies WHERE disk_id = ?1", [id])
-                .and_then(|_| tx.execute("DELETE FROM disks WHERE id = ?1", [id]))
+            copies::delete_on_disk(tx, id)
+                .and_then(|()| tx.execute("DELETE FROM disks WHERE id = ?1", [id]))
                 .map_err(|e| self.err(e))?;
             Ok(())
         })
@@ -637,7 +411,7 @@ impl Store {
     /// Reserves `name` for an import: the row is invisible until `commit_import`.
     pub fn reserve_image(&self, image: &ImageRow, disk_ids: &[i64]) -> Result<i64> {
         self.write(|tx| {
-            let existing: Option<String> = tx
+            let existing: Option<ImageState> = tx
                 .query_row(
                     "SELECT state FROM images WHERE name = ?1",
                     [&image.name],
@@ -645,7 +419,7 @@ impl Store {
                 )
                 .optional()
                 .map_err(|e| self.err(e))?;
-            match existing.as_deref().map(ImageState::parse) {
+            match existing {
                 Some(ImageState::Ready) => return Err(Error::ImageExists(image.name.clone())),
                 Some(ImageState::Importing) => return Err(Error::ImageBusy(image.name.clone())),
                 Some(ImageState::Removing) => {
@@ -668,17 +442,16 @@ impl Store {
             .map_err(|e| self.err(e))?;
             let id = tx.last_insert_rowid();
             for disk_id in disk_ids {
-                tx.execute(
-                    "INSERT INTO copies (image_id, disk_id) VALUES (?1, ?2)",
-                    params![id, disk_id],
-                )
-                .map_err(|e| self.err(e))?;
+                copies::apply(tx, id, *disk_id, Event::Reserved, image.created, &[])
+                    .map_err(|e| self.err(e))?;
             }
             Ok(id)
         })
     }
 
     /// Makes an import visible: the last step, after every copy is durable on its disk.
+    /// `false` when the reservation is no longer this import's (nothing was committed): the
+    /// import must then fail, not report an image that is not there.
     pub fn commit_import(
         &self,
         id: i64,
@@ -686,11 +459,11 @@ impl Store {
         real_size: u64,
         chunk_size: u64,
         digests_hash: &str,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.run(|c| {
             c.execute(
                 "UPDATE images SET state = 'ready', sha512 = ?2, real_size = ?3, chunk_size = ?4,
-                 digests_hash = ?5 WHERE id = ?1",
+                 digests_hash = ?5 WHERE id = ?1 AND state = 'importing'",
                 params![
                     id,
                     sha512,
@@ -699,7 +472,7 @@ impl Store {
                     digests_hash
                 ],
             )
-            .map(|_| ())
+            .map(|n| n == 1)
         })
     }
 
@@ -751,120 +524,19 @@ impl Store {
 
     // ---- copies ----
 
-    /// Adds a copy row; `false` when the disk already has a row for the image.
-    pub fn insert_copy(
+    /// Applies `event` to the copy of `image_id` on `disk_id` (see `core::copies`), in one
+    /// transaction with the checks the event needs; copies on the `unreachable` disks do not
+    /// count as good. `Pool::copy_event` finds those disks; call that.
+    pub fn copy_event(
         &self,
         image_id: i64,
         disk_id: i64,
-        state: CopyState,
+        event: Event,
         now: i64,
-    ) -> Result<bool> {
-        self.run(|c| {
-            c.execute(
-                "INSERT OR IGNORE INTO copies (image_id, disk_id, state, since) VALUES (?1, ?2, ?3, ?4)",
-                params![image_id, disk_id, state.as_str(), now],
-            )
-            .map(|n| n == 1)
-        })
-    }
-
-    pub fn set_copy_state(
-        &self,
-        image_id: i64,
-        disk_id: i64,
-        state: CopyState,
-        reason: Option<&str>,
-        now: i64,
-    ) -> Result<()> {
-        self.run(|c| {
-            c.execute(
-                "UPDATE copies SET state = ?3, reason = ?4, since = ?5 WHERE image_id = ?1 AND disk_id = ?2",
-                params![image_id, disk_id, state.as_str(), reason, now],
-            )
-            .map(|_| ())
-        })
-    }
-
-    /// Marks a copy failed, unless it is the image's last good copy: that one keeps serving
-    /// (every chunk is checked as it is read, so its good chunks are still right) and carries
-    /// `reason` as a damage note. Copies already failed or on their way out are left alone.
-    pub fn fail_copy(
-        &self,
-        image_id: i64,
-        disk_id: i64,
-        reason: &str,
-        now: i64,
-    ) -> Result<FailOutcome> {
+        unreachable: &[i64],
+    ) -> Result<Outcome> {
         self.write(|tx| {
-            let others: i64 = tx
-                .query_row(
-                    "SELECT COUNT(*) FROM copies c JOIN disks d ON d.id = c.disk_id
-                     WHERE c.image_id = ?1 AND c.disk_id != ?2 AND c.state = 'ready'
-                     AND c.reason IS NULL AND d.state != 'failed'",
-                    params![image_id, disk_id],
-                    |r| r.get(0),
-                )
-                .map_err(|e| self.err(e))?;
-            let (state, outcome) = if others > 0 {
-                ("failed", FailOutcome::Failed)
-            } else {
-                ("ready", FailOutcome::KeptDamaged)
-            };
-            let changed = tx
-                .execute(
-                    "UPDATE copies SET state = ?3, reason = ?4, since = ?5
-                     WHERE image_id = ?1 AND disk_id = ?2 AND state IN ('ready', 'unverified')",
-                    params![image_id, disk_id, state, reason, now],
-                )
-                .map_err(|e| self.err(e))?;
-            Ok(if changed == 0 {
-                FailOutcome::Unchanged
-            } else {
-                outcome
-            })
-        })
-    }
-
-    /// Marks a copy `removing` if, without it, at least `keep` good copies of the image remain
-    /// (ready, undamaged, on healthy disks, or also evicting ones with `count_evicting`).
-    /// Checked and marked in one transaction, so no other change can slip in between.
-    pub fn begin_remove_copy(
-        &self,
-        image_id: i64,
-        disk_id: i64,
-        keep: u32,
-        count_evicting: bool,
-    ) -> Result<bool> {
-        self.write(|tx| {
-            let others: i64 = tx
-                .query_row(
-                    "SELECT COUNT(*) FROM copies c JOIN disks d ON d.id = c.disk_id
-                     WHERE c.image_id = ?1 AND c.disk_id != ?2 AND c.state = 'ready'
-                     AND c.reason IS NULL
-                     AND (d.state = 'healthy' OR (?3 AND d.state = 'evicting'))",
-                    params![image_id, disk_id, count_evicting],
-                    |r| r.get(0),
-                )
-                .map_err(|e| self.err(e))?;
-            if others < keep as i64 {
-                return Ok(false);
-            }
-            tx.execute(
-                "UPDATE copies SET state = 'removing', since = ?3 WHERE image_id = ?1 AND disk_id = ?2",
-                params![image_id, disk_id, crate::format::clock::now()],
-            )
-            .map_err(|e| self.err(e))?;
-            Ok(true)
-        })
-    }
-
-    pub fn delete_copy(&self, image_id: i64, disk_id: i64) -> Result<()> {
-        self.run(|c| {
-            c.execute(
-                "DELETE FROM copies WHERE image_id = ?1 AND disk_id = ?2",
-                params![image_id, disk_id],
-            )
-            .map(|_| ())
+            copies::apply(tx, image_id, disk_id, event, now, unreachable).map_err(|e| self.err(e))
         })
     }
 
@@ -980,6 +652,83 @@ impl Store {
         self.run(|c| {
             c.execute("DELETE FROM images WHERE id = ?1", [id])
                 .map(|_| ())
+        })
+    }
+
+    // ---- taking over work a dead process left ----
+    //
+    // Each of these re-reads, inside the transaction that changes it, that the row is still in
+    // the state that made it look abandoned; the caller has made sure beforehand that its owner
+    // is dead and stays so (it holds the owner's lock, or the repair lock).
+
+    /// Turns the reservation of an import whose importer is dead into a removal, if the row is
+    /// still that import (`importing`, with `uuid`): an importer that committed or undid its
+    /// work before it died keeps what it did. Returns whether the row was taken over; its files
+    /// and rows are then deleted like any removal's, and a crash meanwhile is finished later.
+    pub fn abandon_import(&self, id: i64, uuid: &str) -> Result<bool> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE images SET state = 'removing' WHERE id = ?1 AND uuid = ?2 AND state = 'importing'",
+                params![id, uuid],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+        })
+    }
+
+    /// Deletes the rows of an image being removed (its copies, holders and handles go with
+    /// it), if it is still `removing`. Returns whether it did.
+    pub fn delete_removed_image(&self, id: i64) -> Result<bool> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM images WHERE id = ?1 AND state = 'removing'",
+                [id],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+        })
+    }
+
+    /// Deletes the row of a mount whose daemon is dead (its open handles go with it), if it is
+    /// still that daemon's. Returns whether it did.
+    pub fn delete_dead_mount(&self, id: i64, owner: &str) -> Result<bool> {
+        self.write(|tx| {
+            tx.execute(
+                "DELETE FROM mounts WHERE id = ?1 AND owner = ?2",
+                params![id, owner],
+            )
+            .map(|n| n == 1)
+            .map_err(|e| self.err(e))
+        })
+    }
+
+    /// Runs `delete` (of a file named after `uuid` on disk `disk_id`) only if no row explains
+    /// the file: no image has the uuid, or the image is ready and has no copy on that disk.
+    /// Checked and done inside one IMMEDIATE transaction, so that no import or repair can record
+    /// the file's owner in between (each records it before it creates a file). Returns whether
+    /// it ran.
+    pub fn unless_explained(
+        &self,
+        uuid: &str,
+        disk_id: i64,
+        delete: impl FnOnce() -> Result<()>,
+    ) -> Result<bool> {
+        self.write(|tx| {
+            let owner: Option<(String, bool)> = tx
+                .query_row(
+                    "SELECT i.state, EXISTS (SELECT 1 FROM copies c
+                         WHERE c.image_id = i.id AND c.disk_id = ?2)
+                     FROM images i WHERE i.uuid = ?1",
+                    params![uuid, disk_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?;
+            if owner.is_some_and(|(state, copy)| state != "ready" || copy) {
+                return Ok(false);
+            }
+            delete()?;
+            Ok(true)
         })
     }
 

@@ -7,9 +7,9 @@
 //! the image is failed and the reason recorded for `status`.
 //!
 //! One process repairs at a time (the repair lock); copies it is writing belong to it, and a
-//! dead repairer's are cleaned up by the next `Pool::open`. Everything the repair decides comes
-//! from the store each round, so a restarted daemon resumes where the dead one stopped (a copy
-//! that was being written starts over).
+//! dead repairer's are cleaned up by recovery (`recover`), which each round starts with.
+//! Everything the repair decides comes from the store each round, so a restarted daemon resumes
+//! where the dead one stopped (a copy that was being written starts over).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
@@ -18,13 +18,25 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::core::copies::{Event, Outcome};
 use crate::core::health;
-use crate::core::pool::{self, copy_info, CopyInfo, Pool};
-use crate::core::store::{CopyState, DiskRow, DiskState, FailOutcome, ImageRow, ImageState};
+use crate::core::pool::{self, DiskHealth, Pool};
+use crate::core::resources::{self, Freshness};
+use crate::core::store::{CopyState, DiskRow, DiskState, ImageRow, ImageState};
 use crate::error::{Blame, CopyError, Error, ErrorKind, Result};
 use crate::format::clock;
 use crate::format::layout::DiskLayout;
 use crate::format::sparse;
+
+mod plan;
+mod throttle;
+
+#[cfg(test)]
+mod plan_model_tests;
+
+pub use plan::{Action, Source};
+use plan::{DiskView, ImageView, Plan, PoolState, SourceFile, Space};
+pub use throttle::Throttle;
 
 /// Progress of long work (copies, verifications), for a progress bar or nothing.
 pub trait Reporter: Sync {
@@ -41,43 +53,6 @@ impl Reporter for Quiet {
     }
 }
 
-/// A shared limit on the bytes per second the repair reads.
-pub struct Throttle {
-    rate: u64,
-    state: Mutex<(Instant, u64)>,
-}
-
-impl Throttle {
-    /// `rate` bytes per second; 0 for no limit.
-    pub fn new(rate: u64) -> Throttle {
-        Throttle {
-            rate,
-            state: Mutex::new((Instant::now(), 0)),
-        }
-    }
-
-    /// Accounts for `bytes` and sleeps as long as the work is ahead of the rate.
-    pub fn consume(&self, bytes: u64) {
-        if self.rate == 0 || bytes == 0 {
-            return;
-        }
-        let due = {
-            let mut state = self.state.lock();
-            // An idle spell does not earn a burst: the budget restarts after a second of rest.
-            let earned = state.0 + Duration::from_secs_f64(state.1 as f64 / self.rate as f64);
-            if earned + Duration::from_secs(1) < Instant::now() {
-                *state = (Instant::now(), 0);
-            }
-            state.1 += bytes;
-            state.0 + Duration::from_secs_f64(state.1 as f64 / self.rate as f64)
-        };
-        let now = Instant::now();
-        if due > now {
-            std::thread::sleep(due - now);
-        }
-    }
-}
-
 /// What one repair did, and what it could not do.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -86,43 +61,18 @@ pub struct Report {
     pub problems: Vec<String>,
 }
 
-#[derive(Debug, Clone)]
-enum Action {
-    Verify {
-        image: ImageRow,
-        disk: DiskRow,
-    },
-    /// Deleted only if `keep` good copies remain without it (evicting disks' copies counting
-    /// with `count_evicting`), checked when it runs.
-    Remove {
-        image: ImageRow,
-        disk: DiskRow,
-        why: &'static str,
-        keep: u32,
-        count_evicting: bool,
-    },
-    Create {
-        image: ImageRow,
-        target: DiskRow,
-        source: Source,
-    },
-}
-
-#[derive(Debug, Clone)]
-enum Source {
-    Copy(DiskRow),
-    /// The file the image was imported from, to be checked against the image's checksums.
-    File(std::path::PathBuf),
-}
-
 /// Runs repair rounds until nothing is left to do or nothing more can be done. The caller holds
 /// the repair lock. `stop` interrupts a copy in progress (it is undone).
 pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result<Report> {
-    // Whatever a dead repairer left is ours to clean: we hold the lock.
-    pool.clean_abandoned_copies()?;
+    // Whatever dead processes left is cleaned up first, a dead repairer's copies included: we
+    // hold the lock.
+    let recovered = crate::core::recover::recover_holding_repair_lock(pool)?;
     let settings = pool.settings()?;
     let throttle = Throttle::new(settings.repair_bandwidth);
-    let mut report = Report::default();
+    let mut report = Report {
+        done: recovered,
+        ..Report::default()
+    };
     // Disks that failed a copy of an image in this repair (full, say): not chosen again for it.
     let mut refused: HashMap<i64, Vec<i64>> = HashMap::new();
     // Images whose source file no longer has their checksum.
@@ -131,8 +81,9 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let (actions, problems) = plan(pool, &refused, &changed_sources.lock())?;
-        report.problems = problems;
+        let state = snapshot(pool, &refused, &changed_sources.lock())?;
+        let Plan { actions, problems } = plan::plan(&state);
+        report.problems = record_problems(pool, &state, &problems)?;
         if actions.is_empty() {
             break;
         }
@@ -181,6 +132,99 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
     Ok(report)
 }
 
+/// Reads what the planner needs: the disks (with their labels checked and their free space read
+/// now), the ready images with their copies, and whether each image's source file could serve.
+fn snapshot(
+    pool: &Pool,
+    refused: &HashMap<i64, Vec<i64>>,
+    changed_sources: &HashSet<i64>,
+) -> Result<PoolState> {
+    let store = pool.store();
+    let now = clock::now();
+    let mut disks = Vec::new();
+    for (row, in_service) in pool.disks_in_service()? {
+        let reachable = in_service || pool.disk_health(&row) == DiskHealth::Healthy;
+        let space = (row.state == DiskState::Healthy && reachable)
+            .then(|| resources::disk_resources(store, &row, Freshness::FreshFree, now).ok())
+            .flatten()
+            .map(|r| Space {
+                device: r.device,
+                capacity: r.capacity,
+                free: r.free,
+            });
+        disks.push(DiskView {
+            row,
+            reachable,
+            space,
+        });
+    }
+    let all_copies = store.all_copies()?;
+    let images = store
+        .images()?
+        .into_iter()
+        .filter(|i| i.state == ImageState::Ready)
+        .map(|row| {
+            let source = if changed_sources.contains(&row.id) {
+                SourceFile::Unusable(format!(
+                    "its source {} no longer has its checksum",
+                    row.source.as_deref().unwrap_or("?")
+                ))
+            } else {
+                source_file(&row)
+            };
+            ImageView {
+                copies: all_copies
+                    .iter()
+                    .filter(|c| c.image_id == row.id)
+                    .cloned()
+                    .collect(),
+                row,
+                source,
+            }
+        })
+        .collect();
+    Ok(PoolState {
+        disks,
+        images,
+        refused: refused.clone(),
+    })
+}
+
+/// Records, per image, why the repair cannot restore it (or clears that); returns the reasons.
+fn record_problems(
+    pool: &Pool,
+    state: &PoolState,
+    problems: &[(i64, Option<String>)],
+) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (id, problem) in problems {
+        let known = state
+            .images
+            .iter()
+            .find(|i| i.row.id == *id)
+            .and_then(|i| i.row.problem.as_deref());
+        if problem.as_deref() != known {
+            pool.store().set_image_problem(*id, problem.as_deref())?;
+        }
+        out.extend(problem.clone());
+    }
+    Ok(out)
+}
+
+/// The image's source file, if it still exists with the image's size (its content is checked
+/// while copying).
+fn source_file(image: &ImageRow) -> SourceFile {
+    let Some(source) = &image.source else {
+        return SourceFile::Unusable("its source file is unknown".into());
+    };
+    let path = std::path::PathBuf::from(source);
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.len() == image.size => SourceFile::Usable(path),
+        Ok(_) => SourceFile::Unusable(format!("its source {source} has another size")),
+        Err(e) => SourceFile::Unusable(format!("its source {source} cannot be read ({e})")),
+    }
+}
+
 /// Runs `work` on each item with at most `jobs` at once, returning each item's result.
 fn run_parallel<T: Send + Sync, R: Send>(
     items: Vec<T>,
@@ -203,205 +247,6 @@ fn run_parallel<T: Send + Sync, R: Send>(
     results.into_inner()
 }
 
-/// Decides the next round of work from the store; also records, per image, why it cannot be
-/// restored (or clears that), and returns those reasons.
-fn plan(
-    pool: &Pool,
-    refused: &HashMap<i64, Vec<i64>>,
-    changed_sources: &HashSet<i64>,
-) -> Result<(Vec<Action>, Vec<String>)> {
-    let store = pool.store();
-    let disks = pool.disks_in_service()?;
-    let all_copies = store.all_copies()?;
-    let mut actions = Vec::new();
-    let mut problems = Vec::new();
-    for image in store.images()? {
-        if image.state != ImageState::Ready {
-            continue;
-        }
-        let rows: Vec<_> = all_copies
-            .iter()
-            .filter(|c| c.image_id == image.id)
-            .cloned()
-            .collect();
-        let infos: Vec<(DiskRow, CopyInfo)> = rows
-            .iter()
-            .map(|c| (c.disk.clone(), copy_info(&image, c.clone(), &disks)))
-            .collect();
-        let reachable = |d: &DiskRow| {
-            disks
-                .iter()
-                .any(|(disk, serving)| disk.id == d.id && *serving)
-        };
-        let serving: Vec<&DiskRow> = infos
-            .iter()
-            .filter(|(_, i)| i.serving)
-            .map(|(d, _)| d)
-            .collect();
-        let counting = infos.iter().filter(|(_, i)| i.counts).count() as u32;
-        let copying = rows
-            .iter()
-            .filter(|c| c.state == CopyState::Copying)
-            .count() as u32;
-        let mut to_verify = 0;
-        for (disk, info) in &infos {
-            match info.state {
-                CopyState::Unverified if reachable(disk) => {
-                    to_verify += 1;
-                    actions.push(Action::Verify {
-                        image: image.clone(),
-                        disk: disk.clone(),
-                    });
-                }
-                CopyState::Failed if reachable(disk) && !serving.is_empty() => {
-                    actions.push(Action::Remove {
-                        image: image.clone(),
-                        disk: disk.clone(),
-                        why: "failed",
-                        keep: 1,
-                        count_evicting: true,
-                    })
-                }
-                _ => {}
-            }
-        }
-        let wanted = image.copies_wanted;
-        let mut problem = None;
-        if counting + copying < wanted {
-            let missing = wanted - counting - copying;
-            let mut exclude: Vec<i64> = rows.iter().map(|c| c.disk.id).collect();
-            exclude.extend(refused.get(&image.id).into_iter().flatten());
-            // A damaged copy (the last good one, kept serving) is no source: its bad chunks
-            // would fail the copy's checksum.
-            let undamaged = infos
-                .iter()
-                .find(|(_, i)| i.serving && i.reason.is_none())
-                .map(|(d, _)| d);
-            let source = match undamaged {
-                Some(disk) => Some(Source::Copy(disk.clone())),
-                None if to_verify > 0 && serving.is_empty() => None, // may serve once verified
-                None if changed_sources.contains(&image.id) => {
-                    problem = Some(no_good_copy(
-                        &image,
-                        !serving.is_empty(),
-                        &format!(
-                            "its source {} no longer has its checksum",
-                            image.source.as_deref().unwrap_or("?")
-                        ),
-                    ));
-                    None
-                }
-                None => match source_file(&image) {
-                    Ok(path) => Some(Source::File(path)),
-                    Err(why) => {
-                        problem = Some(no_good_copy(&image, !serving.is_empty(), &why));
-                        None
-                    }
-                },
-            };
-            if let Some(source) = source {
-                // From the source file, one copy first; the others are made from it.
-                let count = if matches!(source, Source::File(_)) {
-                    1
-                } else {
-                    missing
-                };
-                match pool.place(&image.name, image.real_size.max(1), count, &exclude) {
-                    Ok(targets) => {
-                        for target in targets {
-                            actions.push(Action::Create {
-                                image: image.clone(),
-                                target,
-                                source: source.clone(),
-                            });
-                        }
-                    }
-                    Err(e) => {
-                        problem = Some(format!(
-                            "'{}' has {counting} of {wanted} healthy copies and no disk can take another: {e}",
-                            image.name
-                        ))
-                    }
-                }
-            }
-        } else if counting >= wanted {
-            // Policy met: copies on evicting disks go, then copies above the policy.
-            let surplus = counting - wanted;
-            for (disk, info) in &infos {
-                if info.serving && !info.counts && copying == 0 {
-                    let why = if info.reason.is_some() {
-                        "damaged, and replaced"
-                    } else {
-                        "evicted"
-                    };
-                    actions.push(Action::Remove {
-                        image: image.clone(),
-                        disk: disk.clone(),
-                        why,
-                        keep: wanted,
-                        count_evicting: false,
-                    });
-                }
-            }
-            if surplus > 0 && copying == 0 {
-                let mut extra: Vec<&DiskRow> = infos
-                    .iter()
-                    .filter(|(_, i)| i.counts)
-                    .map(|(d, _)| d)
-                    .collect();
-                // The disks with the least room give up their copies first.
-                extra.sort_by_key(|d| {
-                    crate::core::resources::probe(&d.path)
-                        .map(|r| r.free)
-                        .unwrap_or(0)
-                });
-                for disk in extra.into_iter().take(surplus as usize) {
-                    actions.push(Action::Remove {
-                        image: image.clone(),
-                        disk: disk.clone(),
-                        why: "above the copy policy",
-                        keep: wanted,
-                        count_evicting: false,
-                    });
-                }
-            }
-        }
-        if problem.as_deref() != image.problem.as_deref() {
-            store.set_image_problem(image.id, problem.as_deref())?;
-        }
-        problems.extend(problem);
-    }
-    Ok((actions, problems))
-}
-
-/// What to tell the operator about an image with no good copy to copy from: none at all (its
-/// reads fail), or only a damaged one (the chunks that do not match fail).
-fn no_good_copy(image: &ImageRow, damaged_serves: bool, why: &str) -> String {
-    let name = &image.name;
-    if damaged_serves {
-        format!(
-            "the only copy of '{name}' is damaged and {why}: its damaged chunks return EIO, the others are served; `imgpool scrub {name}` checks it again, or import the image again"
-        )
-    } else {
-        format!(
-            "no healthy copy of '{name}' is left and {why}: its reads return EIO; bring back a disk that held a copy (it is verified first) or import the image again"
-        )
-    }
-}
-
-/// The image's source file, if it still exists (its content is checked while copying).
-fn source_file(image: &ImageRow) -> std::result::Result<std::path::PathBuf, String> {
-    let Some(source) = &image.source else {
-        return Err("its source file is unknown".into());
-    };
-    let path = std::path::PathBuf::from(source);
-    match std::fs::metadata(&path) {
-        Ok(meta) if meta.len() == image.size => Ok(path),
-        Ok(_) => Err(format!("its source {source} has another size")),
-        Err(e) => Err(format!("its source {source} cannot be read ({e})")),
-    }
-}
-
 fn run_action(
     pool: &Pool,
     action: &Action,
@@ -414,23 +259,15 @@ fn run_action(
         Action::Verify { image, disk } => {
             match verify_copy(pool, image, disk, throttle, reporter)? {
                 Ok(()) => {
-                    pool.store().set_copy_state(
-                        image.id,
-                        disk.id,
-                        CopyState::Ready,
-                        None,
-                        clock::now(),
-                    )?;
+                    pool.copy_event(image.id, disk.id, Event::Verified)?;
                     Ok(format!(
                         "verified the copy of '{}' on '{}'",
                         image.name, disk.name
                     ))
                 }
                 Err(why) => {
-                    let kept = pool
-                        .store()
-                        .fail_copy(image.id, disk.id, &why, clock::now())?
-                        == FailOutcome::KeptDamaged;
+                    let kept = pool.copy_event(image.id, disk.id, Event::Faulted(&why))?
+                        == Outcome::Now(CopyState::Damaged);
                     let fate = if kept {
                         "it is the last good copy and keeps serving its good chunks"
                     } else {
@@ -450,17 +287,22 @@ fn run_action(
             keep,
             count_evicting,
         } => {
-            if !pool
-                .store()
-                .begin_remove_copy(image.id, disk.id, *keep, *count_evicting)?
-            {
+            let marked = pool.copy_event(
+                image.id,
+                disk.id,
+                Event::Remove {
+                    keep: *keep,
+                    count_evicting: *count_evicting,
+                },
+            )?;
+            if marked != Outcome::Now(CopyState::Removing) {
                 return Ok(format!(
                     "kept the copy of '{}' on '{}': fewer good copies than planned remain without it",
                     image.name, disk.name
                 ));
             }
             DiskLayout::new(&disk.path).remove_copy(&image.uuid)?;
-            pool.store().delete_copy(image.id, disk.id)?;
+            pool.copy_event(image.id, disk.id, Event::Deleted)?;
             Ok(format!(
                 "removed the copy of '{}' on '{}' ({why})",
                 image.name, disk.name
@@ -508,7 +350,8 @@ fn create_copy(
     stop: &AtomicBool,
 ) -> Result<()> {
     let store = pool.store();
-    if !store.insert_copy(image.id, target.id, CopyState::Copying, clock::now())? {
+    let started = pool.copy_event(image.id, target.id, Event::StartCopy)?;
+    if started != Outcome::Now(CopyState::Copying) {
         return Err(Error::refused(
             ErrorKind::AlreadyExists,
             format!(
@@ -563,7 +406,8 @@ fn create_copy(
                 DiskLayout::new(&target.path).remove_copy(&image.uuid)?;
                 return Err(Error::UnknownImage(image.name.clone()));
             }
-            store.set_copy_state(image.id, target.id, CopyState::Ready, None, clock::now())
+            pool.copy_event(image.id, target.id, Event::Committed)?;
+            Ok(())
         }
         Err(e) => {
             // The row goes even if the files cannot (a dying target): a `copying` row would
@@ -571,7 +415,7 @@ fn create_copy(
             if let Err(cleanup) = DiskLayout::new(&target.path).remove_copy(&image.uuid) {
                 tracing::warn!("{cleanup}");
             }
-            store.delete_copy(image.id, target.id)?;
+            pool.copy_event(image.id, target.id, Event::Deleted)?;
             // Any failure other than a copy's own (the target's digest file, record or rename)
             // is the target's.
             match e.copy_blame().unwrap_or(Blame::Target) {
@@ -605,25 +449,25 @@ fn blame_source(pool: &Pool, image: &ImageRow, disk: &DiskRow, e: &Error) -> Res
         return Ok(());
     }
     let reason = format!("a copy from it failed: {e}");
-    if matches!(error, CopyError::Mismatch) {
-        return pool.store().set_copy_state(
-            image.id,
-            disk.id,
-            CopyState::Unverified,
-            Some(&reason),
-            clock::now(),
-        );
-    }
-    let outcome = pool
-        .store()
-        .fail_copy(image.id, disk.id, &reason, clock::now())?;
+    // The copy state machine decides: a mismatch makes the copy `unverified` (verified again
+    // before it serves or is copied), a read error fails it, or marks it damaged when it is the
+    // image's last good copy.
+    let event = if matches!(error, CopyError::Mismatch) {
+        Event::Suspect(&reason)
+    } else {
+        Event::Faulted(&reason)
+    };
+    let outcome = pool.copy_event(image.id, disk.id, event)?;
     tracing::warn!(
-        "the copy of '{}' on '{}' does not read and is {}: {reason}",
+        "the copy of '{}' on '{}' is {}: {reason}",
         image.name,
         disk.name,
         match outcome {
-            FailOutcome::KeptDamaged => "kept serving its good chunks (the last good copy)",
-            _ => "failed; another copy is the source",
+            Outcome::Now(CopyState::Unverified) => "verified again before it serves",
+            Outcome::Now(CopyState::Damaged) =>
+                "damaged, and kept serving its good chunks (the last good copy)",
+            Outcome::Now(CopyState::Failed) => "failed; another copy is the source",
+            _ => "left as it is",
         }
     );
     Ok(())
@@ -725,7 +569,11 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
         for copy in pool.store().copies_of(image.id)? {
             let label = format!("'{}' on '{}'", image.name, copy.disk.name);
             let in_service = disks.iter().any(|(d, ok)| d.id == copy.disk.id && *ok);
-            if !in_service || !matches!(copy.state, CopyState::Ready | CopyState::Unverified) {
+            let checkable = matches!(
+                copy.state,
+                CopyState::Ready | CopyState::Damaged | CopyState::Unverified
+            );
+            if !in_service || !checkable {
                 report.skipped.push(format!(
                     "{label}: {}",
                     copy_state_note(&copy.disk, copy.state)
@@ -735,22 +583,14 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
             match verify_copy(pool, &image, &copy.disk, &throttle, reporter)? {
                 Ok(()) => {
                     // A good verdict also clears an earlier damage note.
-                    if copy.state == CopyState::Unverified || copy.reason.is_some() {
-                        pool.store().set_copy_state(
-                            image.id,
-                            copy.disk.id,
-                            CopyState::Ready,
-                            None,
-                            clock::now(),
-                        )?;
+                    if copy.state != CopyState::Ready || copy.reason.is_some() {
+                        pool.copy_event(image.id, copy.disk.id, Event::Verified)?;
                     }
                     report.verified.push(label);
                 }
                 Err(why) => {
-                    let kept =
-                        pool.store()
-                            .fail_copy(image.id, copy.disk.id, &why, clock::now())?
-                            == FailOutcome::KeptDamaged;
+                    let kept = pool.copy_event(image.id, copy.disk.id, Event::Faulted(&why))?
+                        == Outcome::Now(CopyState::Damaged);
                     let note = if kept {
                         " (the last good copy: it keeps serving its good chunks)"
                     } else {
@@ -767,7 +607,10 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
 fn copy_state_note(disk: &DiskRow, state: CopyState) -> String {
     if disk.state == DiskState::Failed {
         format!("disk '{}' is failed", disk.name)
-    } else if state != CopyState::Ready && state != CopyState::Unverified {
+    } else if !matches!(
+        state,
+        CopyState::Ready | CopyState::Damaged | CopyState::Unverified
+    ) {
         format!("the copy is {}", state.as_str())
     } else {
         format!("disk '{}' is not reachable", disk.name)
@@ -862,13 +705,19 @@ mod tests {
         f.image("a", &bytes, 2);
         let before = f.serving("a");
         f.pool.fail_disk(&before[0], None).unwrap();
-        assert_eq!(f.pool.image("a").unwrap().state(), "degraded");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Degraded
+        );
         let report = run(&f.pool);
         assert!(report.problems.is_empty(), "{report:?}");
         let after = f.serving("a");
         assert_eq!(after.len(), 2, "{report:?}");
         assert!(!after.contains(&before[0]));
-        assert_eq!(f.pool.image("a").unwrap().state(), "ready");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Ready
+        );
         for disk in &after {
             assert_eq!(fs::read(copy_file(&f, "a", disk)).unwrap(), bytes);
         }
@@ -890,14 +739,20 @@ mod tests {
         f.pool.evict_disk(&home).unwrap();
         // An evicting disk still serves, but does not count toward the policy.
         assert_eq!(f.serving("a"), vec![home.clone()]);
-        assert_eq!(f.pool.image("a").unwrap().state(), "degraded");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Degraded
+        );
         run(&f.pool);
         let now = f.serving("a");
         assert_eq!(now.len(), 1);
         assert_ne!(now[0], home);
         f.pool.remove_disk(&home).unwrap();
         assert_eq!(f.pool.store().disks().unwrap().len(), 1);
-        assert_eq!(f.pool.image("a").unwrap().state(), "ready");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Ready
+        );
     }
 
     #[test]
@@ -962,12 +817,16 @@ mod tests {
         assert_eq!(scrubbed.bad.len(), 1, "{scrubbed:?}");
         // The last copy keeps serving its good chunks, but no longer counts.
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.state(), "degraded");
+        assert_eq!(info.state(), crate::core::pool::ImageHealth::Degraded);
         assert!(info.copies[0].serving && info.copies[0].reason.is_some());
         let report = run(&f.pool);
         assert!(report.problems.is_empty(), "{report:?}");
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.state(), "ready", "{report:?}");
+        assert_eq!(
+            info.state(),
+            crate::core::pool::ImageHealth::Ready,
+            "{report:?}"
+        );
         assert_eq!(info.copies.len(), 1, "the damaged copy went: {report:?}");
         let home = f.serving("a")[0].clone();
         assert_eq!(fs::read(copy_file(&f, "a", &home)).unwrap(), bytes);
@@ -980,12 +839,15 @@ mod tests {
         assert_eq!(report.problems.len(), 1, "{report:?}");
         assert!(report.problems[0].contains("damaged"), "{report:?}");
         let info = f.pool.image("a").unwrap();
-        assert_eq!(info.state(), "degraded");
+        assert_eq!(info.state(), crate::core::pool::ImageHealth::Degraded);
         assert!(info.problem().unwrap().contains("EIO"));
 
         // With its only copy on a failed disk, the image is failed.
         f.pool.fail_disk(&home, None).unwrap();
-        assert_eq!(f.pool.image("a").unwrap().state(), "failed");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Failed
+        );
     }
 
     #[test]
@@ -1003,15 +865,13 @@ mod tests {
             .unwrap();
         let id = f.pool.image("a").unwrap().image.id;
         // What a repair leaves when killed after its record and before the commit.
-        f.pool
-            .store()
-            .insert_copy(id, empty.id, CopyState::Copying, 0)
-            .unwrap();
+        f.pool.copy_event(id, empty.id, Event::StartCopy).unwrap();
         let layout = DiskLayout::new(&empty.path);
         layout.create_dirs().unwrap();
         fs::write(layout.tmp_copy_path(&uuid), b"partial").unwrap();
         fs::write(layout.record_path(&uuid), b"{}").unwrap();
         let reopened = Pool::open(f.pool.state_dir()).unwrap();
+        crate::core::recover::recover(&reopened).unwrap();
         assert_eq!(reopened.image("a").unwrap().copies.len(), 1);
         assert!(!layout.tmp_copy_path(&uuid).exists());
         assert!(!layout.record_path(&uuid).exists());
@@ -1020,29 +880,41 @@ mod tests {
             .is_empty());
     }
 
-    #[test]
-    fn a_source_copy_that_does_not_read_is_failed_and_no_target_is_blamed() {
+    /// Four disks and image `a` with two copies, the first in placement order (the one the
+    /// repair copies from) made unreadable: a directory in its place opens, and every read of it
+    /// fails (EISDIR), while its disk passes its probe. Returns the fixture, the bad and the
+    /// good copy's disks, the bad copy's path and the image's bytes.
+    fn unreadable_first_copy() -> (
+        crate::core::pool::Fixture,
+        String,
+        String,
+        std::path::PathBuf,
+        Vec<u8>,
+    ) {
         let f = fixture(4);
         let bytes = content(300_000);
         f.image("a", &bytes, 2);
         let serving = f.serving("a");
-        // The planner copies from the first serving copy: make it unreadable. A directory in
-        // its place opens, and every read of it fails (EISDIR); its disk stays healthy.
         let (bad, good) = (serving[0].clone(), serving[1].clone());
         let bad_path = copy_file(&f, "a", &bad);
         fs::remove_file(&bad_path).unwrap();
         fs::create_dir(&bad_path).unwrap();
+        (f, bad, good, bad_path, bytes)
+    }
+
+    #[test]
+    fn a_source_copy_that_does_not_read_is_failed_and_no_target_is_blamed() {
+        let (f, bad, good, bad_path, _) = unreadable_first_copy();
         let store = f.pool.store();
         let disk = |name: &str| store.disk_by_name(name).unwrap();
         let image = f.pool.image("a").unwrap().image;
-
+        let target = ["d1", "d2", "d3", "d4"]
+            .into_iter()
+            .find(|d| *d != bad && *d != good)
+            .unwrap();
         // One copy from the bad source: the error is the source's, the source copy is failed
         // with the read error as its reason, and the target is neither failed nor left with a
         // copy.
-        let target = ["d1", "d2", "d3", "d4"]
-            .into_iter()
-            .find(|d| !serving.iter().any(|s| s == d))
-            .unwrap();
         let err = create_copy(
             &f.pool,
             &image,
@@ -1071,14 +943,13 @@ mod tests {
         for d in store.disks().unwrap() {
             assert_eq!(d.state, DiskState::Healthy, "{d:?}");
         }
+    }
 
-        // A whole repair to 3 copies, the bad copy ready again as the first source: it is
-        // failed, and the copies come from the good one, onto every other disk (so no target
-        // was refused).
-        store
-            .set_copy_state(image.id, disk(&bad).id, CopyState::Ready, None, 0)
-            .unwrap();
-        assert_eq!(f.serving("a")[0], bad);
+    #[test]
+    fn a_repair_copies_from_another_copy_when_its_source_does_not_read() {
+        let (f, bad, good, bad_path, bytes) = unreadable_first_copy();
+        // Three copies wanted: the first copy is tried from the bad one, which is failed; the
+        // copies then come from the good one, onto both other disks (so no target was refused).
         f.pool.set_copies("a", 3).unwrap();
         let report = run(&f.pool);
         assert!(report.problems.is_empty(), "{report:?}");
@@ -1090,7 +961,11 @@ mod tests {
                     && l.contains(&format!("cannot read {}", bad_path.display()))),
             "{report:?}"
         );
-        assert_eq!(f.pool.image("a").unwrap().state(), "ready", "{report:?}");
+        assert_eq!(
+            f.pool.image("a").unwrap().state(),
+            crate::core::pool::ImageHealth::Ready,
+            "{report:?}"
+        );
         let mut holders = f.serving("a");
         holders.sort();
         let others: Vec<String> = ["d1", "d2", "d3", "d4"]
@@ -1109,7 +984,7 @@ mod tests {
             }
             assert_eq!(fs::read(copy_file(&f, "a", disk)).unwrap(), bytes);
         }
-        for d in store.disks().unwrap() {
+        for d in f.pool.store().disks().unwrap() {
             assert_eq!(d.state, DiskState::Healthy, "{d:?}");
         }
     }
@@ -1122,28 +997,17 @@ mod tests {
         let id = f.pool.image("a").unwrap().image.id;
         let d1 = store.disk_by_name("d1").unwrap();
         f.pool.fail_disk("d2", None).unwrap();
-        assert!(!store.begin_remove_copy(id, d1.id, 1, true).unwrap());
+        let remove = || {
+            let event = Event::Remove {
+                keep: 1,
+                count_evicting: true,
+            };
+            f.pool.copy_event(id, d1.id, event).unwrap() == Outcome::Now(CopyState::Removing)
+        };
+        assert!(!remove());
         f.pool.online_disk("d2").unwrap();
-        assert!(
-            !store.begin_remove_copy(id, d1.id, 1, true).unwrap(),
-            "an unverified copy is not a good one"
-        );
+        assert!(!remove(), "an unverified copy is not a good one");
         run(&f.pool);
-        assert!(store.begin_remove_copy(id, d1.id, 1, true).unwrap());
-    }
-
-    #[test]
-    fn the_throttle_holds_work_to_its_rate() {
-        let throttle = Throttle::new(10 << 20);
-        let started = Instant::now();
-        for _ in 0..20 {
-            throttle.consume(100 << 10);
-        }
-        // 2 MB at 10 MB/s cannot take less than 0.2 s (the first 100 KiB is free).
-        assert!(started.elapsed() >= Duration::from_millis(180));
-        let unlimited = Throttle::new(0);
-        let started = Instant::now();
-        unlimited.consume(1 << 40);
-        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(remove());
     }
 }

@@ -1,0 +1,400 @@
+//! Copies of images on disks: the one rule for which copy is good, and every change of a copy's
+//! state. This module is the only code that inserts, changes or deletes a copy row; the store
+//! runs its statements inside the store's write transactions, so that a check and the change it
+//! allows cannot be separated by another process's change.
+//!
+//! The state machine (`decide`) is a pure function, shared with the repair planner's model test:
+//!
+//! ```text
+//!   (no row) --StartCopy--> copying --Committed--> ready <--Verified-- unverified, damaged
+//!   (no row) --Found------> unverified                ready, damaged --Suspect--> unverified
+//!   ready, unverified, damaged --Faulted--> failed, or damaged when no other good copy exists
+//!   any but copying --Remove--> removing (only while enough good copies remain without it)
+//!   copying, removing --Abandoned--> removing (its writer is gone)
+//!   removing, copying --Deleted--> (no row)
+//! ```
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::core::state::{CopyState, DiskState};
+
+/// A copy as the rule sees it: its state, its disk's state, and whether the disk carries its
+/// label now (a live observation the store does not hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyView {
+    pub state: CopyState,
+    pub disk: DiskState,
+    pub reachable: bool,
+}
+
+impl CopyView {
+    /// Whether the copy serves reads: ready, or damaged (the last good copy: every chunk read is
+    /// checked, so its good chunks are still served), on a reachable disk in service.
+    pub fn serves(self) -> bool {
+        matches!(self.state, CopyState::Ready | CopyState::Damaged)
+            && self.disk != DiskState::Failed
+            && self.reachable
+    }
+
+    /// Whether the copy is good: verified and undamaged, on a reachable disk in service. Good
+    /// copies are the sources of new copies, and no change leaves an image without one that had
+    /// one. `GOOD_SQL` is the same rule in the store (without the reachability, which only a
+    /// look at the disk can tell).
+    pub fn is_good(self) -> bool {
+        self.state == CopyState::Ready && self.disk != DiskState::Failed && self.reachable
+    }
+
+    /// Whether the copy counts toward the image's copy policy: good, on a disk that is not being
+    /// evicted. `COUNTING_SQL` is the same rule in the store.
+    pub fn counts(self) -> bool {
+        self.is_good() && self.disk == DiskState::Healthy
+    }
+}
+
+/// `CopyView::is_good` over `copies c JOIN disks d`.
+pub const GOOD_SQL: &str = "c.state = 'ready' AND d.state != 'failed'";
+/// `CopyView::counts` over `copies c JOIN disks d`.
+pub const COUNTING_SQL: &str = "c.state = 'ready' AND d.state = 'healthy'";
+
+/// Something that happens to a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event<'a> {
+    /// An import reserves a copy of its image: the image row is `importing`, so nothing serves
+    /// the copy until the import commits, after every copy was written and checked.
+    Reserved,
+    /// The repair starts writing a copy: never served until `Committed`.
+    StartCopy,
+    /// The copy's data is durable and matched the image's checksums while it was written.
+    Committed,
+    /// `fsck` found a copy on a disk that the store did not list.
+    Found,
+    /// A whole read of the copy matched the image's SHA-512 and chunk digests.
+    Verified,
+    /// The copy is no longer trusted (its disk was out of service, fsck found it changed, a copy
+    /// from it did not match): verified before it serves again.
+    Suspect(&'a str),
+    /// A read error or a chunk that does not match its digest, on a disk that passed its probe.
+    Faulted(&'a str),
+    /// Removal, allowed only while at least `keep` good copies remain without this one
+    /// (counting copies on evicting disks with `count_evicting`). A copy being written is left
+    /// to its writer.
+    Remove { keep: u32, count_evicting: bool },
+    /// `disk rm`: the caller checked that none of the disk's copies is an image's last good one.
+    Forget,
+    /// Recovery takes over a copy that a repair no longer running was writing or removing (the
+    /// caller holds the repair lock).
+    Abandoned,
+    /// The copy's files are gone (or never finished): the row goes.
+    Deleted,
+}
+
+/// What an event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Now(CopyState),
+    Deleted,
+    /// The event does not apply to the copy's state (or the copy is gone, or it would leave too
+    /// few good copies): nothing changed.
+    Unchanged,
+}
+
+/// The image's other copies (on other disks) that are good and that count, as the rule sees
+/// them when the event is applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Others {
+    pub good: u32,
+    pub counting: u32,
+}
+
+/// The state machine: what `event` does to a copy now in state `from` (`None`: no row).
+pub fn decide(from: Option<CopyState>, event: Event, others: Others) -> Outcome {
+    use CopyState::*;
+    match (from, event) {
+        (None, Event::Reserved) => Outcome::Now(Ready),
+        (None, Event::StartCopy) => Outcome::Now(Copying),
+        (None, Event::Found) => Outcome::Now(Unverified),
+        (Some(Copying), Event::Committed) => Outcome::Now(Ready),
+        (Some(Ready | Unverified | Damaged), Event::Verified) => Outcome::Now(Ready),
+        (Some(Ready | Damaged), Event::Suspect(_)) => Outcome::Now(Unverified),
+        (Some(Ready | Unverified | Damaged), Event::Faulted(_)) => {
+            if others.good > 0 {
+                Outcome::Now(Failed)
+            } else {
+                Outcome::Now(Damaged)
+            }
+        }
+        (
+            Some(Ready | Damaged | Unverified | Failed),
+            Event::Remove {
+                keep,
+                count_evicting,
+            },
+        ) => {
+            let remaining = if count_evicting {
+                others.good
+            } else {
+                others.counting
+            };
+            if remaining >= keep {
+                Outcome::Now(Removing)
+            } else {
+                Outcome::Unchanged
+            }
+        }
+        (Some(_), Event::Forget) => Outcome::Now(Removing),
+        (Some(Copying | Removing), Event::Abandoned) => Outcome::Now(Removing),
+        (Some(Removing | Copying), Event::Deleted) => Outcome::Deleted,
+        _ => Outcome::Unchanged,
+    }
+}
+
+/// Applies `event` to the copy of `image_id` on `disk_id`. Call it inside a write transaction:
+/// the copy's state and the image's other copies are read and changed in it. Copies on the
+/// `unreachable` disks (found without their label just now) do not count as the image's other
+/// good copies, whatever the store says of their disks.
+pub(crate) fn apply(
+    tx: &Connection,
+    image_id: i64,
+    disk_id: i64,
+    event: Event,
+    now: i64,
+    unreachable: &[i64],
+) -> rusqlite::Result<Outcome> {
+    let from: Option<CopyState> = tx
+        .query_row(
+            "SELECT state FROM copies WHERE image_id = ?1 AND disk_id = ?2",
+            params![image_id, disk_id],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let others = others(tx, image_id, disk_id, unreachable)?;
+    let outcome = decide(from, event, others);
+    let reason = match event {
+        Event::Suspect(reason) | Event::Faulted(reason) => Some(reason),
+        _ => None,
+    };
+    match (from, outcome) {
+        (_, Outcome::Unchanged) => {}
+        (None, Outcome::Now(state)) => {
+            tx.execute(
+                "INSERT INTO copies (image_id, disk_id, state, reason, since)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![image_id, disk_id, state, reason, now],
+            )?;
+        }
+        (Some(_), Outcome::Now(state)) => {
+            tx.execute(
+                "UPDATE copies SET state = ?3, reason = ?4, since = ?5
+                 WHERE image_id = ?1 AND disk_id = ?2",
+                params![image_id, disk_id, state, reason, now],
+            )?;
+        }
+        (_, Outcome::Deleted) => {
+            tx.execute(
+                "DELETE FROM copies WHERE image_id = ?1 AND disk_id = ?2",
+                params![image_id, disk_id],
+            )?;
+        }
+    }
+    Ok(outcome)
+}
+
+/// A failed disk returns to service: its copies that served are no longer trusted.
+pub(crate) fn disk_returned(tx: &Connection, disk_id: i64, now: i64) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare("SELECT image_id FROM copies WHERE disk_id = ?1")?;
+    let images: Vec<i64> = stmt
+        .query_map([disk_id], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    for image_id in images {
+        apply(
+            tx,
+            image_id,
+            disk_id,
+            Event::Suspect("its disk was out of service"),
+            now,
+            &[],
+        )?;
+    }
+    Ok(())
+}
+
+/// Deletes the rows of a disk that is forgotten (each was `Forget`-ed first).
+pub(crate) fn delete_on_disk(tx: &Connection, disk_id: i64) -> rusqlite::Result<()> {
+    tx.execute(
+        "DELETE FROM copies WHERE disk_id = ?1 AND state = 'removing'",
+        [disk_id],
+    )?;
+    Ok(())
+}
+
+fn others(
+    tx: &Connection,
+    image_id: i64,
+    disk_id: i64,
+    unreachable: &[i64],
+) -> rusqlite::Result<Others> {
+    let mut stmt = tx.prepare(&format!(
+        "SELECT c.disk_id, {GOOD_SQL}, {COUNTING_SQL} FROM copies c JOIN disks d ON d.id = c.disk_id
+         WHERE c.image_id = ?1 AND c.disk_id != ?2"
+    ))?;
+    let rows = stmt.query_map(params![image_id, disk_id], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, bool>(1)?,
+            r.get::<_, bool>(2)?,
+        ))
+    })?;
+    let mut others = Others::default();
+    for row in rows {
+        let (disk, good, counting) = row?;
+        if !unreachable.contains(&disk) {
+            others.good += good as u32;
+            others.counting += counting as u32;
+        }
+    }
+    Ok(others)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SQL rules and the Rust predicates agree on every state of a copy and its disk (on a
+    /// reachable disk: reachability is not the store's to know).
+    #[test]
+    fn the_sql_rules_say_what_the_predicates_say() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch(
+            "CREATE TABLE disks (id INTEGER PRIMARY KEY, state TEXT NOT NULL);
+             CREATE TABLE copies (image_id INTEGER, disk_id INTEGER, state TEXT, reason TEXT,
+                                  since INTEGER, PRIMARY KEY (image_id, disk_id));",
+        )
+        .unwrap();
+        let mut id = 0;
+        for disk in DiskState::ALL {
+            for copy in CopyState::ALL {
+                id += 1;
+                conn.execute("INSERT INTO disks VALUES (?1, ?2)", params![id, disk])
+                    .unwrap();
+                conn.execute(
+                    "INSERT INTO copies VALUES (?1, ?1, ?2, NULL, 0)",
+                    params![id, copy],
+                )
+                .unwrap();
+                let view = CopyView {
+                    state: *copy,
+                    disk: *disk,
+                    reachable: true,
+                };
+                for (rule, expected) in [(GOOD_SQL, view.is_good()), (COUNTING_SQL, view.counts())]
+                {
+                    let matched: bool = conn
+                        .query_row(
+                            &format!(
+                                "SELECT COUNT(*) > 0 FROM copies c JOIN disks d ON d.id = c.disk_id
+                                 WHERE c.image_id = ?1 AND {rule}"
+                            ),
+                            [id],
+                            |r| r.get(0),
+                        )
+                        .unwrap();
+                    assert_eq!(matched, expected, "{rule} for {copy} on a {disk} disk");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_fault_fails_a_copy_unless_it_is_the_last_good_one() {
+        let lone = Others::default();
+        let backed = Others {
+            good: 1,
+            counting: 1,
+        };
+        let fault = Event::Faulted("bad chunk");
+        assert_eq!(
+            decide(Some(CopyState::Ready), fault, backed),
+            Outcome::Now(CopyState::Failed)
+        );
+        assert_eq!(
+            decide(Some(CopyState::Ready), fault, lone),
+            Outcome::Now(CopyState::Damaged)
+        );
+        assert_eq!(
+            decide(Some(CopyState::Damaged), fault, backed),
+            Outcome::Now(CopyState::Failed)
+        );
+        for settled in [CopyState::Failed, CopyState::Removing, CopyState::Copying] {
+            assert_eq!(decide(Some(settled), fault, lone), Outcome::Unchanged);
+        }
+        assert_eq!(decide(None, fault, lone), Outcome::Unchanged);
+    }
+
+    #[test]
+    fn a_removal_keeps_the_copies_it_was_told_to_keep() {
+        let remove = |keep, count_evicting| Event::Remove {
+            keep,
+            count_evicting,
+        };
+        let others = Others {
+            good: 2,
+            counting: 1,
+        };
+        let ready = Some(CopyState::Ready);
+        assert_eq!(
+            decide(ready, remove(2, true), others),
+            Outcome::Now(CopyState::Removing)
+        );
+        assert_eq!(decide(ready, remove(2, false), others), Outcome::Unchanged);
+        assert_eq!(
+            decide(Some(CopyState::Copying), remove(0, true), others),
+            Outcome::Unchanged,
+            "a copy being written belongs to its writer"
+        );
+        assert_eq!(
+            decide(Some(CopyState::Copying), Event::Deleted, others),
+            Outcome::Deleted
+        );
+        assert_eq!(
+            decide(ready, Event::Deleted, others),
+            Outcome::Unchanged,
+            "a serving copy is removed through `removing`, never deleted at once"
+        );
+    }
+
+    #[test]
+    fn only_verification_or_a_checked_write_makes_a_copy_ready() {
+        let any = Others {
+            good: 1,
+            counting: 1,
+        };
+        let events = [
+            Event::Reserved,
+            Event::StartCopy,
+            Event::Committed,
+            Event::Found,
+            Event::Verified,
+            Event::Suspect("x"),
+            Event::Faulted("x"),
+            Event::Remove {
+                keep: 0,
+                count_evicting: true,
+            },
+            Event::Forget,
+            Event::Abandoned,
+            Event::Deleted,
+        ];
+        let from_states = std::iter::once(None).chain(CopyState::ALL.iter().copied().map(Some));
+        for from in from_states {
+            for event in events {
+                let to = decide(from, event, any);
+                if to == Outcome::Now(CopyState::Ready) && from != Some(CopyState::Ready) {
+                    assert!(
+                        matches!(event, Event::Verified | Event::Committed | Event::Reserved),
+                        "{event:?} made a {from:?} copy ready"
+                    );
+                }
+            }
+        }
+    }
+}
