@@ -377,7 +377,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
         }
         Command::Mount(args) => {
             require_root("imgpool mount")?;
-            mount::mount(
+            let started = mount::mount(
                 state_dir,
                 &MountConfig {
                     mountpoint: args.mountpoint,
@@ -389,11 +389,22 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
                     read_ahead: args.read_ahead,
                 },
                 args.foreground,
-            )
+            )?;
+            if let Some(daemon) = started {
+                println!(
+                    "mounted the pool at {} (daemon pid {}, log {})",
+                    daemon.mountpoint.display(),
+                    daemon.pid,
+                    daemon.log.display()
+                );
+            }
+            Ok(())
         }
         Command::Umount { mountpoint, lazy } => {
             require_root("imgpool umount")?;
-            mount::umount(state_dir, &mountpoint, lazy)
+            let unmounted = mount::umount(state_dir, &mountpoint, lazy)?;
+            println!("unmounted {}", unmounted.display());
+            Ok(())
         }
         Command::Status { json } => status(state_dir, json),
         Command::Repair { json } => repair_cmd(state_dir, json),

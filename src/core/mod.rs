@@ -2,16 +2,19 @@
 //! images, copies and their states, holders, placement, health, repair, fsck and recovery. The
 //! CLI and the mount daemon drive the pool through this layer; tests drive it directly, without
 //! FUSE.
+//!
+//! `copies` (the copy state machine), `state` and `placement` are private to this layer: the
+//! layers above change copies only through `Pool`, and see the states through `store`.
 
-pub mod copies;
+mod copies;
 pub mod fsck;
 pub mod health;
 pub mod owner;
-pub mod placement;
+mod placement;
 pub mod pool;
 pub mod recover;
 pub mod repair;
 pub mod resources;
 pub mod settings;
-pub mod state;
+mod state;
 pub mod store;

@@ -56,9 +56,17 @@ pub struct MountConfig {
     pub read_ahead: u64,
 }
 
-/// `imgpool mount`: in the foreground, serve until stopped; otherwise start a detached daemon
-/// and return once its mount is ready (or with its error).
-pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result<()> {
+/// A detached daemon whose mount is ready.
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub mountpoint: PathBuf,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+/// `imgpool mount`: in the foreground, serve until stopped (`None`); otherwise start a detached
+/// daemon and return once its mount is ready (or with its error).
+pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result<Option<Started>> {
     let state_dir = &std::path::absolute(state_dir)
         .ctx(|| format!("cannot resolve {}", state_dir.display()))?;
     let mountpoint = check_mountpoint(&config.mountpoint)?;
@@ -69,17 +77,24 @@ pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result
     if !foreground {
         // Fail here, with the real message, rather than in a daemon nobody watches.
         Pool::open(state_dir)?;
-        return spawn_daemon(state_dir, &config);
+        return spawn_daemon(state_dir, &config).map(Some);
     }
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
     let result = run_daemon(state_dir, &config, notify);
     if notify {
         if let Err(e) = &result {
             // The parent relays this line, with its kind, as its own error.
-            println!("error: {}", e.to_relay());
+            tell_parent(&format!("error: {}", e.to_relay()));
         }
     }
-    result
+    result.map(|()| None)
+}
+
+/// One line of the readiness handshake to the `imgpool mount` that started this daemon: its
+/// stdout is a pipe that process reads (not a terminal: the daemon prints nothing to a user).
+fn tell_parent(line: &str) {
+    let mut pipe = io::stdout().lock();
+    let _ = writeln!(pipe, "{line}").and_then(|()| pipe.flush());
 }
 
 fn check_mountpoint(path: &Path) -> Result<PathBuf> {
@@ -134,7 +149,7 @@ fn is_dead_fuse_mount(error: &std::io::Error) -> bool {
     )
 }
 
-fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
+fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<Started> {
     let exe = std::env::current_exe().ctx(|| "cannot find the imgpool executable".into())?;
     let log_path = config
         .log_file
@@ -211,13 +226,11 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<()> {
     };
     let line = line.trim_end();
     if line == READY {
-        println!(
-            "mounted the pool at {} (daemon pid {}, log {})",
-            config.mountpoint.display(),
-            child.id(),
-            log_path.display()
-        );
-        return Ok(());
+        return Ok(Started {
+            mountpoint: config.mountpoint.clone(),
+            pid: child.id(),
+            log: log_path,
+        });
     }
     let status = child
         .wait()
@@ -518,8 +531,7 @@ fn serve(
         socket_path.display()
     );
     if notify {
-        println!("{READY}");
-        let _ = io::stdout().flush();
+        tell_parent(READY);
         // Nobody reads our stdout any more: point it at /dev/null so a late print cannot fail.
         if let Ok(null) = std::fs::File::open("/dev/null") {
             if let Err(e) = nix::unistd::dup2_stdout(&null) {
@@ -621,8 +633,8 @@ fn follow_changes(
 }
 
 /// `imgpool umount`: the bind mounts first (they keep the filesystem alive), then the mount;
-/// then wait for the daemon to finish.
-pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
+/// then wait for the daemon to finish. Returns the mount point unmounted.
+pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<PathBuf> {
     // A mount whose daemon died cannot be stat'ed, so fall back to the path as given.
     let mountpoint = std::fs::canonicalize(mountpoint)
         .or_else(|_| std::path::absolute(mountpoint))
@@ -670,8 +682,7 @@ pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<()> {
         return Err(e);
     }
     wait_for_daemon(state_dir, &mountpoint);
-    println!("unmounted {}", mountpoint.display());
-    Ok(())
+    Ok(mountpoint)
 }
 
 fn busy_error(path: &Path, e: io::Error) -> Error {
