@@ -11,7 +11,7 @@
 //! Everything the repair decides comes from the store each round, so a restarted daemon resumes
 //! where the dead one stopped (a copy that was being written starts over).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -75,13 +75,13 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
     };
     // Disks that failed a copy of an image in this repair (full, say): not chosen again for it.
     let mut refused: HashMap<i64, Vec<i64>> = HashMap::new();
-    // Images whose source file no longer has their checksum.
-    let changed_sources = Mutex::new(HashSet::new());
+    // Images whose source file did not read or no longer has their checksum, with why.
+    let unusable_sources = Mutex::new(HashMap::new());
     loop {
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let state = snapshot(pool, &refused, &changed_sources.lock())?;
+        let state = snapshot(pool, &refused, &unusable_sources.lock())?;
         let Plan { actions, problems } = plan::plan(&state);
         report.problems = record_problems(pool, &state, &problems)?;
         if actions.is_empty() {
@@ -92,7 +92,7 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
             .into_iter()
             .partition(|a| matches!(a, Action::Create { .. }));
         for action in others {
-            match run_action(pool, &action, &throttle, reporter, stop, &changed_sources) {
+            match run_action(pool, &action, &throttle, reporter, stop, &unusable_sources) {
                 Ok(done) => {
                     progressed = true;
                     report.done.push(done);
@@ -101,7 +101,7 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
             }
         }
         let results = run_parallel(creates, settings.repair_jobs.max(1) as usize, |action| {
-            run_action(pool, action, &throttle, reporter, stop, &changed_sources)
+            run_action(pool, action, &throttle, reporter, stop, &unusable_sources)
         });
         for (action, result) in results {
             match result {
@@ -137,7 +137,7 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
 fn snapshot(
     pool: &Pool,
     refused: &HashMap<i64, Vec<i64>>,
-    changed_sources: &HashSet<i64>,
+    unusable_sources: &HashMap<i64, String>,
 ) -> Result<PoolState> {
     let store = pool.store();
     let now = clock::now();
@@ -164,13 +164,9 @@ fn snapshot(
         .into_iter()
         .filter(|i| i.state == ImageState::Ready)
         .map(|row| {
-            let source = if changed_sources.contains(&row.id) {
-                SourceFile::Unusable(format!(
-                    "its source {} no longer has its checksum",
-                    row.source.as_deref().unwrap_or("?")
-                ))
-            } else {
-                source_file(&row)
+            let source = match unusable_sources.get(&row.id) {
+                Some(why) => SourceFile::Unusable(why.clone()),
+                None => source_file(&row),
             };
             ImageView {
                 copies: all_copies
@@ -253,7 +249,7 @@ fn run_action(
     throttle: &Throttle,
     reporter: &dyn Reporter,
     stop: &AtomicBool,
-    changed_sources: &Mutex<HashSet<i64>>,
+    unusable_sources: &Mutex<HashMap<i64, String>>,
 ) -> Result<String> {
     match action {
         Action::Verify { image, disk } => {
@@ -315,11 +311,18 @@ fn run_action(
         } => {
             let started = Instant::now();
             let created = create_copy(pool, image, target, source, throttle, reporter, stop);
-            if let (Err(e), Source::File(_)) = (&created, source) {
+            if let (Err(e), Source::File(path)) = (&created, source) {
                 // A source file that does not read, or no longer hashes to the image: not
                 // used again in this repair.
                 if e.copy_blame() == Some(Blame::Source) {
-                    changed_sources.lock().insert(image.id);
+                    let why = match e {
+                        Error::Copy {
+                            error: CopyError::Mismatch,
+                            ..
+                        } => format!("its source {} no longer has its checksum", path.display()),
+                        _ => format!("its source {} cannot be read ({e})", path.display()),
+                    };
+                    unusable_sources.lock().insert(image.id, why);
                 }
             }
             created?;
