@@ -9,6 +9,7 @@
 mod copies;
 pub mod fsck;
 pub mod health;
+pub mod ingest;
 pub mod owner;
 mod placement;
 pub mod pool;

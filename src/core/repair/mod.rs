@@ -20,7 +20,8 @@ use parking_lot::Mutex;
 
 use crate::core::copies::{Event, Outcome};
 use crate::core::health;
-use crate::core::pool::{self, DiskHealth, Pool};
+use crate::core::ingest;
+use crate::core::pool::{DiskHealth, Pool};
 use crate::core::resources::{self, Freshness};
 use crate::core::store::{CopyState, DiskRow, DiskState, ImageRow, ImageState};
 use crate::error::{Blame, CopyError, Error, ErrorKind, Result};
@@ -380,7 +381,7 @@ fn create_copy(
             error: CopyError::SourceRead(e),
         })
         .and_then(|from| {
-            let outcome = pool::write_copy(
+            let outcome = ingest::write_copy(
                 target,
                 &pool.record_of(image),
                 &from,
@@ -396,7 +397,7 @@ fn create_copy(
                     }
                 },
             );
-            pool::drop_cached_pages(&from);
+            ingest::drop_cached_pages(&from);
             outcome
         });
     match written {
@@ -506,7 +507,7 @@ pub fn verify_copy(
                     Ok(())
                 },
             );
-            pool::drop_cached_pages(&file);
+            ingest::drop_cached_pages(&file);
             outcome
         });
     let outcome = match hashed {
