@@ -1,7 +1,7 @@
 //! Disks: registering them, their health as the label check sees it, taking them out of service
 //! and back, eviction and removal, and choosing disks for new copies.
 
-use std::fs::{self};
+use std::fs;
 use std::path::Path;
 
 use super::*;
