@@ -7,16 +7,19 @@
 //!
 //! ```text
 //!   (no row) --StartCopy--> copying --Committed--> ready <--Verified-- unverified, damaged
-//!   (no row) --Found------> unverified                ready, damaged --Suspect--> unverified
+//!   (no row) --Found------> unverified     ready, damaged --Suspect, DiskReturned--> unverified
 //!   ready, unverified, damaged --Faulted--> failed, or damaged when no other good copy exists
-//!   any but copying --Remove--> removing (only while enough good copies remain without it)
+//!   (Suspect of the last good copy: damaged, so that the image stays readable)
+//!   any but copying --Remove--> removing (only while enough good copies remain without it,
+//!                               and never the last serving copy)
+//!   any --Forget--> removing (`disk rm`; not a copy that may hold the last good data)
 //!   copying, removing --Abandoned--> removing (its writer is gone)
 //!   removing, copying --Deleted--> (no row)
 //! ```
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::core::state::{CopyState, DiskState};
+use crate::core::state::{CopyState, DiskState, ImageState};
 
 /// A copy as the rule sees it: its state, its disk's state, and whether the disk carries its
 /// label now (a live observation the store does not hold).
@@ -55,6 +58,8 @@ impl CopyView {
 pub const GOOD_SQL: &str = "c.state = 'ready' AND d.state != 'failed'";
 /// `CopyView::counts` over `copies c JOIN disks d`.
 pub const COUNTING_SQL: &str = "c.state = 'ready' AND d.state = 'healthy'";
+/// `CopyView::serves` over `copies c JOIN disks d`.
+pub const SERVING_SQL: &str = "c.state IN ('ready', 'damaged') AND d.state != 'failed'";
 
 /// Something that happens to a copy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,17 +75,22 @@ pub enum Event<'a> {
     Found,
     /// A whole read of the copy matched the image's SHA-512 and chunk digests.
     Verified,
-    /// The copy is no longer trusted (its disk was out of service, fsck found it changed, a copy
-    /// from it did not match): verified before it serves again.
+    /// The copy is no longer trusted (fsck found its digest file damaged): verified before it
+    /// serves again, unless it is the image's last good copy, which keeps serving as `damaged`
+    /// (every chunk is checked as it is read) until a scrub or the repair settles it.
     Suspect(&'a str),
+    /// Its disk returns from being out of service: whatever it holds is verified before it
+    /// serves (the copy did not serve while the disk was out).
+    DiskReturned,
     /// A read error or a chunk that does not match its digest, on a disk that passed its probe.
     Faulted(&'a str),
     /// Removal, allowed only while at least `keep` good copies remain without this one
     /// (counting copies on evicting disks with `count_evicting`). A copy being written is left
     /// to its writer.
     Remove { keep: u32, count_evicting: bool },
-    /// `disk rm`: the caller checked that none of the disk's copies is an image's last good one.
-    Forget,
+    /// `disk rm`: the copy goes with its disk, unless it may hold the last good data of a ready
+    /// image (ready, damaged or unverified, with no other good copy).
+    Forget { image_ready: bool },
     /// Recovery takes over a copy that a repair no longer running was writing or removing (the
     /// caller holds the repair lock).
     Abandoned,
@@ -104,6 +114,8 @@ pub enum Outcome {
 pub struct Others {
     pub good: u32,
     pub counting: u32,
+    /// Serving (ready or damaged, on a disk in service): what keeps the image readable.
+    pub serving: u32,
 }
 
 /// The state machine: what `event` does to a copy now in state `from` (`None`: no row).
@@ -115,7 +127,9 @@ pub fn decide(from: Option<CopyState>, event: Event, others: Others) -> Outcome 
         (None, Event::Found) => Outcome::Now(Unverified),
         (Some(Copying), Event::Committed) => Outcome::Now(Ready),
         (Some(Ready | Unverified | Damaged), Event::Verified) => Outcome::Now(Ready),
-        (Some(Ready | Damaged), Event::Suspect(_)) => Outcome::Now(Unverified),
+        (Some(Ready | Damaged), Event::Suspect(_)) if others.good > 0 => Outcome::Now(Unverified),
+        (Some(Ready), Event::Suspect(_)) => Outcome::Now(Damaged),
+        (Some(Ready | Damaged), Event::DiskReturned) => Outcome::Now(Unverified),
         (Some(Ready | Unverified | Damaged), Event::Faulted(_)) => {
             if others.good > 0 {
                 Outcome::Now(Failed)
@@ -135,13 +149,20 @@ pub fn decide(from: Option<CopyState>, event: Event, others: Others) -> Outcome 
             } else {
                 others.counting
             };
-            if remaining >= keep {
+            // Never the copy that keeps the image readable, whatever the plan said.
+            let last_serving = matches!(from, Some(Ready | Damaged)) && others.serving == 0;
+            if remaining >= keep && !last_serving {
                 Outcome::Now(Removing)
             } else {
                 Outcome::Unchanged
             }
         }
-        (Some(_), Event::Forget) => Outcome::Now(Removing),
+        (Some(Ready | Damaged | Unverified), Event::Forget { image_ready: true })
+            if others.good == 0 =>
+        {
+            Outcome::Unchanged
+        }
+        (Some(_), Event::Forget { .. }) => Outcome::Now(Removing),
         (Some(Copying | Removing), Event::Abandoned) => Outcome::Now(Removing),
         (Some(Removing | Copying), Event::Deleted) => Outcome::Deleted,
         _ => Outcome::Unchanged,
@@ -171,6 +192,7 @@ pub(crate) fn apply(
     let outcome = decide(from, event, others);
     let reason = match event {
         Event::Suspect(reason) | Event::Faulted(reason) => Some(reason),
+        Event::DiskReturned => Some("its disk was out of service"),
         _ => None,
     };
     match (from, outcome) {
@@ -206,16 +228,37 @@ pub(crate) fn disk_returned(tx: &Connection, disk_id: i64, now: i64) -> rusqlite
         .query_map([disk_id], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     for image_id in images {
-        apply(
-            tx,
-            image_id,
-            disk_id,
-            Event::Suspect("its disk was out of service"),
-            now,
-            &[],
-        )?;
+        apply(tx, image_id, disk_id, Event::DiskReturned, now, &[])?;
     }
     Ok(())
+}
+
+/// `disk rm`: every copy on the disk is forgotten, in the caller's transaction; returns the
+/// names of the ready images whose last good data the disk may hold (then nothing may change:
+/// the caller rolls back).
+pub(crate) fn forget_disk(
+    tx: &Connection,
+    disk_id: i64,
+    now: i64,
+    unreachable: &[i64],
+) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = tx.prepare(
+        "SELECT i.id, i.name, i.state FROM copies c JOIN images i ON i.id = c.image_id
+         WHERE c.disk_id = ?1 ORDER BY i.name",
+    )?;
+    let copies: Vec<(i64, String, ImageState)> = stmt
+        .query_map([disk_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut kept = Vec::new();
+    for (image_id, name, state) in copies {
+        let event = Event::Forget {
+            image_ready: state == ImageState::Ready,
+        };
+        if apply(tx, image_id, disk_id, event, now, unreachable)? == Outcome::Unchanged {
+            kept.push(name);
+        }
+    }
+    Ok(kept)
 }
 
 /// Deletes the rows of a disk that is forgotten (each was `Forget`-ed first).
@@ -234,7 +277,8 @@ fn others(
     unreachable: &[i64],
 ) -> rusqlite::Result<Others> {
     let mut stmt = tx.prepare(&format!(
-        "SELECT c.disk_id, {GOOD_SQL}, {COUNTING_SQL} FROM copies c JOIN disks d ON d.id = c.disk_id
+        "SELECT c.disk_id, {GOOD_SQL}, {COUNTING_SQL}, {SERVING_SQL}
+         FROM copies c JOIN disks d ON d.id = c.disk_id
          WHERE c.image_id = ?1 AND c.disk_id != ?2"
     ))?;
     let rows = stmt.query_map(params![image_id, disk_id], |r| {
@@ -242,14 +286,16 @@ fn others(
             r.get::<_, i64>(0)?,
             r.get::<_, bool>(1)?,
             r.get::<_, bool>(2)?,
+            r.get::<_, bool>(3)?,
         ))
     })?;
     let mut others = Others::default();
     for row in rows {
-        let (disk, good, counting) = row?;
+        let (disk, good, counting, serving) = row?;
         if !unreachable.contains(&disk) {
             others.good += good as u32;
             others.counting += counting as u32;
+            others.serving += serving as u32;
         }
     }
     Ok(others)
@@ -286,8 +332,11 @@ mod tests {
                     disk: *disk,
                     reachable: true,
                 };
-                for (rule, expected) in [(GOOD_SQL, view.is_good()), (COUNTING_SQL, view.counts())]
-                {
+                for (rule, expected) in [
+                    (GOOD_SQL, view.is_good()),
+                    (COUNTING_SQL, view.counts()),
+                    (SERVING_SQL, view.serves()),
+                ] {
                     let matched: bool = conn
                         .query_row(
                             &format!(
@@ -310,6 +359,7 @@ mod tests {
         let backed = Others {
             good: 1,
             counting: 1,
+            serving: 1,
         };
         let fault = Event::Faulted("bad chunk");
         assert_eq!(
@@ -339,6 +389,7 @@ mod tests {
         let others = Others {
             good: 2,
             counting: 1,
+            serving: 2,
         };
         let ready = Some(CopyState::Ready);
         assert_eq!(
@@ -363,10 +414,59 @@ mod tests {
     }
 
     #[test]
+    fn the_last_copy_that_serves_or_may_hold_good_data_is_never_given_up() {
+        let lone = Others::default();
+        let damaged_elsewhere = Others {
+            good: 0,
+            counting: 0,
+            serving: 1,
+        };
+        let remove_anyway = Event::Remove {
+            keep: 0,
+            count_evicting: true,
+        };
+        for state in [CopyState::Ready, CopyState::Damaged] {
+            assert_eq!(decide(Some(state), remove_anyway, lone), Outcome::Unchanged);
+            assert_eq!(
+                decide(Some(state), remove_anyway, damaged_elsewhere),
+                Outcome::Now(CopyState::Removing)
+            );
+        }
+        let forget = Event::Forget { image_ready: true };
+        for state in [CopyState::Ready, CopyState::Damaged, CopyState::Unverified] {
+            assert_eq!(decide(Some(state), forget, lone), Outcome::Unchanged);
+        }
+        assert_eq!(
+            decide(Some(CopyState::Failed), forget, lone),
+            Outcome::Now(CopyState::Removing)
+        );
+        assert_eq!(
+            decide(
+                Some(CopyState::Ready),
+                Event::Forget { image_ready: false },
+                lone
+            ),
+            Outcome::Now(CopyState::Removing),
+            "an image being removed keeps nothing"
+        );
+        assert_eq!(
+            decide(Some(CopyState::Ready), Event::Suspect("digests"), lone),
+            Outcome::Now(CopyState::Damaged),
+            "the last good copy keeps serving while it is not trusted"
+        );
+        assert_eq!(
+            decide(Some(CopyState::Ready), Event::DiskReturned, lone),
+            Outcome::Now(CopyState::Unverified),
+            "a copy whose disk was out never serves unverified"
+        );
+    }
+
+    #[test]
     fn only_verification_or_a_checked_write_makes_a_copy_ready() {
         let any = Others {
             good: 1,
             counting: 1,
+            serving: 1,
         };
         let events = [
             Event::Reserved,
@@ -375,12 +475,13 @@ mod tests {
             Event::Found,
             Event::Verified,
             Event::Suspect("x"),
+            Event::DiskReturned,
             Event::Faulted("x"),
             Event::Remove {
                 keep: 0,
                 count_evicting: true,
             },
-            Event::Forget,
+            Event::Forget { image_ready: true },
             Event::Abandoned,
             Event::Deleted,
         ];

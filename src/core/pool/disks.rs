@@ -5,7 +5,6 @@ use std::fs;
 use std::path::Path;
 
 use super::*;
-use crate::core::copies::Event;
 use crate::core::owner::WorkLock;
 use crate::core::placement::{self, Candidate};
 use crate::core::resources::{self, Freshness, Resources};
@@ -272,13 +271,15 @@ impl Pool {
                 images: only_copy,
             });
         }
+        // Checked again, and marked, in one transaction: a copy elsewhere may have failed since
+        // the listing above. Marked first: a removal cut short is finished by recovery.
+        self.store
+            .forget_disk_copies(&disk, now(), &self.unreachable_disks()?)?;
         let layout = DiskLayout::new(&disk.path);
         let reachable = self.disk_health(&disk) == DiskHealth::Healthy;
-        for copy in copies.iter().filter(|c| c.disk.id == disk.id) {
-            if let Some(image) = images.iter().find(|i| i.id == copy.image_id) {
-                // Marked first: a removal cut short is finished by recovery.
-                self.copy_event(image.id, disk.id, Event::Forget)?;
-                if reachable {
+        if reachable {
+            for copy in copies.iter().filter(|c| c.disk.id == disk.id) {
+                if let Some(image) = images.iter().find(|i| i.id == copy.image_id) {
                     layout.remove_copy(&image.uuid)?;
                 }
             }

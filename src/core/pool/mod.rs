@@ -104,15 +104,19 @@ impl Pool {
     /// Applies `event` to a copy (see `core::copies`): the one way the pool changes a copy's
     /// state. Disks found without their label now do not count toward the image's good copies.
     pub fn copy_event(&self, image_id: i64, disk_id: i64, event: Event) -> Result<Outcome> {
-        let unreachable: Vec<i64> = self
+        self.store
+            .copy_event(image_id, disk_id, event, now(), &self.unreachable_disks()?)
+    }
+
+    /// The disks found without their label just now: their copies are no image's good copies.
+    fn unreachable_disks(&self) -> Result<Vec<i64>> {
+        Ok(self
             .store
             .disks()?
             .iter()
             .filter(|d| self.disk_health(d) != DiskHealth::Healthy)
             .map(|d| d.id)
-            .collect();
-        self.store
-            .copy_event(image_id, disk_id, event, now(), &unreachable)
+            .collect())
     }
 }
 

@@ -442,26 +442,19 @@ fn create_copy(
 }
 
 /// A copy from `disk` failed on the source's side: its disk is probed and, if the disk is fine,
-/// the fault is the copy's own: a read error fails it (the image's last good copy keeps serving
-/// with the damage noted, as on the read path), a mismatch sends it to verification.
+/// the fault is the copy's own. A read error, or bytes that do not hash to the image, fail it;
+/// the image's last good copy keeps serving as `damaged` instead, as on the read path, where
+/// every chunk is checked.
 fn blame_source(pool: &Pool, image: &ImageRow, disk: &DiskRow, e: &Error) -> Result<()> {
-    let Error::Copy { error, .. } = e else {
+    if !matches!(e, Error::Copy { .. }) {
         return Ok(());
-    };
+    }
     let result = health::probe(pool.uuid(), disk);
     if health::apply_probe(pool, disk, result)? {
         return Ok(());
     }
     let reason = format!("a copy from it failed: {e}");
-    // The copy state machine decides: a mismatch makes the copy `unverified` (verified again
-    // before it serves or is copied), a read error fails it, or marks it damaged when it is the
-    // image's last good copy.
-    let event = if matches!(error, CopyError::Mismatch) {
-        Event::Suspect(&reason)
-    } else {
-        Event::Faulted(&reason)
-    };
-    let outcome = pool.copy_event(image.id, disk.id, event)?;
+    let outcome = pool.copy_event(image.id, disk.id, Event::Faulted(&reason))?;
     tracing::warn!(
         "the copy of '{}' on '{}' is {}: {reason}",
         image.name,
@@ -727,6 +720,34 @@ mod tests {
         }
         // Nothing left to do: a second repair does nothing.
         assert!(run(&f.pool).done.is_empty());
+    }
+
+    /// `disk rm` checks and marks in one transaction: a copy elsewhere that failed after the
+    /// command's first look does not let the disk take the last good copy with it.
+    #[test]
+    fn a_disk_is_not_forgotten_with_the_last_good_copy_even_if_the_other_failed_meanwhile() {
+        let f = fixture(2);
+        f.image("a", &content(10_000), 2);
+        let id = f.pool.image("a").unwrap().image.id;
+        let d1 = f.pool.store().disk_by_name("d1").unwrap();
+        let d2 = f.pool.store().disk_by_name("d2").unwrap();
+        assert_eq!(
+            f.pool
+                .copy_event(id, d2.id, Event::Faulted("bad sector"))
+                .unwrap(),
+            Outcome::Now(CopyState::Failed)
+        );
+        let refused = f.pool.store().forget_disk_copies(&d1, 0, &[]).unwrap_err();
+        assert!(matches!(refused, Error::OnlyGoodCopy { .. }), "{refused}");
+        let info = f.pool.image("a").unwrap();
+        let on_d1 = info.copies.iter().find(|c| c.disk == "d1").unwrap();
+        assert_eq!(on_d1.state, CopyState::Ready, "nothing was marked");
+        assert!(on_d1.good);
+        assert!(matches!(
+            f.pool.remove_disk("d1"),
+            Err(Error::OnlyGoodCopy { .. })
+        ));
+        f.pool.remove_disk("d2").unwrap();
     }
 
     #[test]

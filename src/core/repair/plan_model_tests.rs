@@ -76,6 +76,8 @@ struct Model {
     copies: Vec<Copy>,
     rng: Rng,
     log: Vec<String>,
+    /// Whether other processes act between a plan and its actions (not once faults stop).
+    concurrent_faults: bool,
 }
 
 impl Model {
@@ -107,6 +109,7 @@ impl Model {
             copies: Vec::new(),
             rng,
             log: Vec::new(),
+            concurrent_faults: true,
         };
         // Each image imported on distinct disks, as `image add` places it.
         for image in model.images.clone() {
@@ -165,6 +168,7 @@ impl Model {
             let view = self.view(copy);
             others.good += view.is_good() as u32;
             others.counting += view.counts() as u32;
+            others.serving += view.serves() as u32;
         }
         others
     }
@@ -244,15 +248,17 @@ impl Model {
             .count()
     }
 
-    /// One `repair`: rounds until the plan is empty or a round makes no progress.
-    fn repair(&mut self) {
+    /// One `repair`: rounds until the plan is empty or a round makes no progress. Returns
+    /// whether another process failed a disk meanwhile.
+    fn repair(&mut self) -> bool {
+        let mut disturbed = false;
         let mut refused: HashMap<i64, Vec<i64>> = HashMap::new();
         for _ in 0..20 {
             let state = self.state(&refused);
             let planned = plan(&state);
             self.check_plan(&state, &planned.actions);
             if planned.actions.is_empty() {
-                return;
+                return disturbed;
             }
             let mut progressed = false;
             let (creates, others): (Vec<_>, Vec<_>) = planned
@@ -260,10 +266,43 @@ impl Model {
                 .into_iter()
                 .partition(|a| matches!(a, Action::Create { .. }));
             for action in others.into_iter().chain(creates) {
+                // Another process (the health monitor, an operator) acts between the snapshot
+                // and this action: the action must still not cost the last serving copy.
+                if self.concurrent_faults && self.rng.chance(3) {
+                    let pick = self.rng.below(self.disks.len());
+                    self.log
+                        .push(format!("  meanwhile: fail disk {}", self.disks[pick].id));
+                    self.disks[pick].state = DiskState::Failed;
+                    disturbed = true;
+                }
+                let serving = self.serving_images();
+                let ready_before: Vec<(i64, i64)> = self
+                    .copies
+                    .iter()
+                    .filter(|c| c.state == CopyState::Ready)
+                    .map(|c| (c.image, c.disk))
+                    .collect();
                 progressed |= self.execute(&action, &mut refused);
+                for image in &serving {
+                    assert!(
+                        self.count(*image, CopyView::serves) > 0,
+                        "{} took the last serving copy of image {image}\n{}",
+                        describe(&action),
+                        self.log.join("\n")
+                    );
+                }
+                for copy in &self.copies {
+                    let new = !ready_before.contains(&(copy.image, copy.disk));
+                    assert!(
+                        !(new && copy.state == CopyState::Ready && copy.corrupt),
+                        "{} made a corrupt copy good: {copy:?}\n{}",
+                        describe(&action),
+                        self.log.join("\n")
+                    );
+                }
             }
             if !progressed {
-                return;
+                return disturbed;
             }
         }
         panic!(
@@ -328,9 +367,9 @@ impl Model {
                     Source::File(_) => Some((false, CopyState::Ready)),
                 };
                 if let (Some((true, _)), Source::Copy(from)) = (source_good, source) {
-                    // The new copy does not match the image: the source is suspect, the target
+                    // The new copy does not match the image: the source is at fault, the target
                     // is not to blame.
-                    self.event(image.id, from.id, Event::Suspect("a copy from it failed"));
+                    self.event(image.id, from.id, Event::Faulted("a copy from it failed"));
                     return true;
                 }
                 if !room {
@@ -460,7 +499,7 @@ impl Model {
                             .iter()
                             .any(|c| c.image == image.id && c.disk == disk_id);
                         if on_disk {
-                            self.event(image.id, disk_id, Event::Suspect("disk returned"));
+                            self.event(image.id, disk_id, Event::DiskReturned);
                             if let Some(c) = self
                                 .copies
                                 .iter_mut()
@@ -523,8 +562,7 @@ impl Model {
             }
             _ => {
                 self.log.push("repair".into());
-                self.repair();
-                false
+                self.repair()
             }
         }
     }
@@ -533,6 +571,7 @@ impl Model {
     /// image that still has a good copy, an intact copy to verify or its source file reaches its
     /// policy exactly (the disks are large enough for every image on every disk).
     fn settle(&mut self) {
+        self.concurrent_faults = false;
         for disk in &mut self.disks {
             disk.reachable = true;
         }
@@ -541,7 +580,7 @@ impl Model {
                 let id = self.disks[i].id;
                 self.disks[i].state = DiskState::Healthy;
                 for image in self.images.clone() {
-                    self.event(image.id, id, Event::Suspect("disk returned"));
+                    self.event(image.id, id, Event::DiskReturned);
                 }
                 for copy in self.copies.iter_mut().filter(|c| c.disk == id) {
                     if copy.state == CopyState::Unverified {

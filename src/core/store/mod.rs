@@ -343,7 +343,25 @@ impl Store {
         })
     }
 
-    /// Forgets a disk whose copies were all forgotten (`Event::Forget`) first.
+    /// `disk rm`'s first step: marks every copy on the disk `removing` in one transaction, or
+    /// none when the disk may hold the last good data of a ready image (`OnlyGoodCopy`).
+    pub fn forget_disk_copies(&self, disk: &DiskRow, now: i64, unreachable: &[i64]) -> Result<()> {
+        self.write(|tx| {
+            let kept =
+                copies::forget_disk(tx, disk.id, now, unreachable).map_err(|e| self.err(e))?;
+            if kept.is_empty() {
+                Ok(())
+            } else {
+                // Returning the error rolls the transaction back: no copy was marked.
+                Err(Error::OnlyGoodCopy {
+                    disk: disk.name.clone(),
+                    images: kept,
+                })
+            }
+        })
+    }
+
+    /// Forgets a disk whose copies were all forgotten (`forget_disk_copies`) first.
     pub fn delete_disk(&self, id: i64) -> Result<()> {
         self.write(|tx| {
             copies::delete_on_disk(tx, id)
