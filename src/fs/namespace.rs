@@ -390,6 +390,7 @@ impl PoolFs {
                         disk: info.disk,
                         disk_id: c.disk.id,
                         serving: info.serving,
+                        damaged: info.serving && !info.good,
                     }
                 })
                 .collect();
@@ -404,7 +405,10 @@ impl PoolFs {
                 created: UNIX_EPOCH + Duration::from_secs(row.created.max(0) as u64),
                 chunk_size: row.chunk_size,
                 digests_hash: row.digests_hash,
-                serving_disk: copies.iter().find(|c| c.serving).map_or(0, |c| c.disk_id),
+                serving_disk: copies
+                    .iter()
+                    .find(|c| c.serving && !c.damaged)
+                    .map_or(0, |c| c.disk_id),
                 copies,
                 config: Vec::new(),
             };
@@ -679,14 +683,18 @@ impl PoolFs {
     }
 
     /// A descriptor of the copy file behind an open image, and its path, for kernel
-    /// passthrough; `None` for other files (`backing.cfg`), which the daemon serves itself.
+    /// passthrough; `None` for what the daemon serves itself: other files (`backing.cfg`), and
+    /// an image whose only serving copies are damaged (the kernel would check no chunk).
     pub fn backing_file(&self, fh: u64) -> Option<std::io::Result<(std::fs::File, PathBuf)>> {
         let handle = self.handles.read().get(&fh).cloned()?;
         match &*handle {
-            Handle::Image { image, .. } => Some(
-                self.reader
-                    .backing_file(self.current(image).as_ref_for_read()),
-            ),
+            Handle::Image { image, .. } => {
+                let image = self.current(image);
+                if !image.copies.iter().any(|c| c.serving && !c.damaged) {
+                    return None;
+                }
+                Some(self.reader.backing_file(image.as_ref_for_read()))
+            }
             Handle::Config(_) => None,
         }
     }

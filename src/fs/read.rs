@@ -62,8 +62,11 @@ pub struct CopyLocation {
     pub digests: PathBuf,
     pub disk: String,
     pub disk_id: i64,
-    /// Ready, on a disk in service: only such copies are read.
+    /// Ready or damaged, on a disk in service: only such copies are read.
     pub serving: bool,
+    /// The image's last good copy after a fault: read after every other copy, and only here,
+    /// where each chunk is checked; never handed to the kernel for passthrough.
+    pub damaged: bool,
 }
 
 /// The image a read is for.
@@ -276,9 +279,10 @@ impl OpenImage {
     /// The copies in the order to try them: trusted ones first, each group in placement order.
     /// A snapshot: a copy that turns suspect while they are tried is not tried twice.
     fn candidates(&self) -> Vec<&Arc<OpenCopy>> {
-        let (trusted, suspect): (Vec<_>, Vec<_>) =
-            self.copies.iter().partition(|c| !c.is_suspect());
-        trusted.into_iter().chain(suspect).collect()
+        let mut copies: Vec<&Arc<OpenCopy>> = self.copies.iter().collect();
+        // Trusted before suspect, undamaged before damaged, otherwise in placement order.
+        copies.sort_by_key(|c| (c.is_suspect(), c.location.damaged));
+        copies
     }
 }
 
@@ -535,7 +539,12 @@ impl ReadPath {
     /// passthrough: the first serving copy that has not faulted.
     pub fn backing_file(&self, image: ImageRef) -> io::Result<(File, PathBuf)> {
         let open = self.open_image(image)?;
-        let copy = open.candidates()[0];
+        // The kernel checks no digest: a damaged copy is never handed to it.
+        let copy = open
+            .candidates()
+            .into_iter()
+            .find(|c| !c.location.damaged)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EIO))?;
         Ok((copy.buffered.try_clone()?, copy.path.clone()))
     }
 
@@ -761,6 +770,7 @@ mod tests {
                         disk: format!("d{n}"),
                         disk_id: n as i64,
                         serving: *serving,
+                        damaged: false,
                     }
                 })
                 .collect();
@@ -830,6 +840,50 @@ mod tests {
         let none = TestImage::new(dir.path(), 3, content, &[]);
         assert!(reader
             .read(none.image(), &Arc::default(), 0, 1, false)
+            .is_err());
+    }
+
+    #[test]
+    fn a_damaged_copy_is_read_last_and_never_handed_to_the_kernel() {
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..2 * CHUNK_SIZE).map(|i| (i % 249) as u8).collect();
+        let mut rotten = content.clone();
+        rotten[CHUNK_SIZE + 3] ^= 0x01;
+        let mut test = TestImage::new(
+            dir.path(),
+            1,
+            &content,
+            &[(Some(&rotten), true), (Some(&content), true)],
+        );
+        test.copies[0].damaged = true;
+        let reader = ReadPath::default();
+        let (_, path) = reader.backing_file(test.image()).unwrap();
+        assert_eq!(
+            path, test.copies[1].path,
+            "the kernel gets the undamaged copy"
+        );
+        assert_eq!(
+            read(&reader, test.image(), 0, content.len() as u32),
+            content
+        );
+        assert_eq!(
+            reader.stats().corrupt_chunks,
+            0,
+            "the damaged copy was not even tried while a good one serves"
+        );
+
+        let alone = TestImage::new(dir.path(), 2, &content, &[(Some(&rotten), true)]);
+        let mut alone = alone;
+        alone.copies[0].damaged = true;
+        let refused = reader.backing_file(alone.image()).unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::EIO));
+        // Served by the daemon, chunk by chunk: the good chunk reads, the bad one is an error.
+        assert_eq!(
+            read(&reader, alone.image(), 0, CHUNK_SIZE as u32),
+            content[..CHUNK_SIZE]
+        );
+        assert!(reader
+            .read(alone.image(), &Arc::default(), CHUNK_SIZE as u64, 16, false)
             .is_err());
     }
 
