@@ -132,3 +132,30 @@ fn a_store_newer_than_this_imgpool_is_refused_and_left_as_it_is() {
     assert_eq!(user_version(&pool), upgraded + 5);
     assert_eq!(fs::read(pool.state.join("pool.db")).unwrap(), before);
 }
+
+#[test]
+fn commands_opening_a_version_2_pool_at_once_upgrade_it_once() {
+    let pool = version_2_pool();
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            pool.command(&["image", "list", "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let images: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(images.as_array().unwrap().len(), 2);
+    }
+    assert!(user_version(&pool) > 2);
+    let alpine = pool.json(&["image", "show", "alpine"]);
+    assert_eq!(alpine["holders"], serde_json::json!(["replica-1"]));
+}

@@ -3,13 +3,15 @@
 //! upgraded in place when it is opened, after a backup copy is taken; a store newer than this
 //! binary is refused, since it may hold states this code would misread.
 
+use std::fs::{self, File};
 use std::path::Path;
 
 use rusqlite::Connection;
 use rusqlite_migration::{Migrations, M};
 
-use crate::core::owner::WorkLock;
-use crate::error::{Error, Result};
+use crate::core::owner::{self, WorkLock};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::layout::fsync_dir;
 
 /// Version 2: disks, images, copies with their states, holders, mounts, open handles, settings.
 const V2_SCHEMA: &str = r#"
@@ -161,17 +163,8 @@ pub(super) fn upgrade(state_dir: &Path, db: &Path, conn: &mut Connection) -> Res
         return Ok(());
     }
     if tables > 0 {
-        let backup = db.with_extension(format!("db.v{version}-backup"));
-        if !backup.exists() {
-            conn.execute("VACUUM INTO ?1", [backup.to_string_lossy()])
-                .map_err(store_error)?;
-            tracing::info!(
-                "upgrading the metadata store {} from schema version {version} to {}; the old store is kept at {}",
-                db.display(),
-                latest(),
-                backup.display()
-            );
-        }
+        refuse_while_old_daemons_run(state_dir, db, version, conn)?;
+        backup(db, version, conn)?;
     }
     migrations().to_latest(conn).map_err(|e| match e {
         rusqlite_migration::Error::RusqliteError { err, .. } => store_error(err),
@@ -180,6 +173,76 @@ pub(super) fn upgrade(state_dir: &Path, db: &Path, conn: &mut Connection) -> Res
             detail: other.to_string(),
         },
     })
+}
+
+/// A mount daemon of the older imgpool still serving the pool would go on writing the old
+/// schema's values into the new one (a damaged copy as `ready`, say): the upgrade waits until it
+/// is stopped.
+fn refuse_while_old_daemons_run(
+    state_dir: &Path,
+    db: &Path,
+    version: usize,
+    conn: &Connection,
+) -> Result<()> {
+    let mounts: Vec<(u32, String, String)> = conn
+        .prepare("SELECT pid, mountpoint, owner FROM mounts ORDER BY id")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                .collect()
+        })
+        .map_err(|source| Error::Store {
+            path: db.to_path_buf(),
+            source,
+        })?;
+    let running: Vec<String> = mounts
+        .into_iter()
+        .filter(|(_, _, owner)| owner::is_alive(state_dir, owner))
+        .map(|(pid, mountpoint, _)| format!("{mountpoint} (pid {pid})"))
+        .collect();
+    if running.is_empty() {
+        return Ok(());
+    }
+    Err(Error::refused(
+        ErrorKind::Busy,
+        format!(
+            "the metadata store {} must be upgraded from schema version {version} to {}, but the older imgpool's mount daemon still serves it at {}: unmount with that imgpool (`imgpool umount`), then run this command again",
+            db.display(),
+            latest(),
+            running.join(", ")
+        ),
+    ))
+}
+
+/// Keeps the store as it was before its first upgrade from `version`, beside it: written under a
+/// temporary name, synced, then renamed, so a backup that exists is whole.
+fn backup(db: &Path, version: usize, conn: &Connection) -> Result<()> {
+    let backup = db.with_extension(format!("db.v{version}-backup"));
+    if backup.exists() {
+        return Ok(());
+    }
+    let tmp = db.with_extension(format!("db.v{version}-backup.tmp"));
+    let io_error = |what: &str, e| Error::io(format!("cannot {what} {}", tmp.display()), e);
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error("remove", e)),
+        _ => {}
+    }
+    conn.execute("VACUUM INTO ?1", [tmp.to_string_lossy()])
+        .map_err(|source| Error::Store {
+            path: db.to_path_buf(),
+            source,
+        })?;
+    File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_error("sync", e))?;
+    fs::rename(&tmp, &backup).map_err(|e| io_error("rename", e))?;
+    fsync_dir(db.parent().unwrap_or(Path::new(".")))?;
+    tracing::info!(
+        "upgrading the metadata store {} from schema version {version} to {}; the old store is kept at {}",
+        db.display(),
+        latest(),
+        backup.display()
+    );
+    Ok(())
 }
 
 fn check_readable(db: &Path, version: usize, tables: i64) -> Result<()> {
@@ -271,6 +334,35 @@ mod tests {
             ]
         );
         assert!(dir.path().join("pool.db.v2-backup").exists());
+    }
+
+    #[test]
+    fn a_version_2_store_is_not_upgraded_while_an_older_daemon_serves_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("pool.db");
+        let mut conn = Connection::open(&db).unwrap();
+        migrations().to_version(&mut conn, 2).unwrap();
+        conn.execute(
+            "INSERT INTO mounts (mountpoint, pid, started, owner) VALUES ('/mnt/pool', 42, 0, 'mount-old')",
+            [],
+        )
+        .unwrap();
+        let daemon = owner::OwnerLock::acquire(dir.path(), "mount-old").unwrap();
+        let refused = upgrade(dir.path(), &db, &mut conn).unwrap_err();
+        assert_eq!(refused.kind(), ErrorKind::Busy, "{refused}");
+        assert!(
+            refused.to_string().contains("/mnt/pool (pid 42)"),
+            "{refused}"
+        );
+        let version: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2, "nothing was upgraded");
+        assert!(!dir.path().join("pool.db.v2-backup").exists());
+        drop(daemon);
+        upgrade(dir.path(), &db, &mut conn).unwrap();
+        assert!(dir.path().join("pool.db.v2-backup").exists());
+        assert!(!dir.path().join("pool.db.v2-backup.tmp").exists());
     }
 
     #[test]
