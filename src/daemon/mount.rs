@@ -365,6 +365,14 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         .thread_block()
         .map_err(io::Error::from)
         .ctx(|| "cannot block signals".into())?;
+    // `main` restores SIGPIPE's default for the CLI, where it ends `imgpool ... | head` quietly.
+    // The daemon must not die of it: the `imgpool mount` reading its readiness line may be gone,
+    // and a write to its pipe then fails with EPIPE instead.
+    let mut pipe = SigSet::empty();
+    pipe.add(Signal::SIGPIPE);
+    pipe.thread_block()
+        .map_err(io::Error::from)
+        .ctx(|| "cannot block SIGPIPE".into())?;
 
     let pool = Pool::open(state_dir)?;
     // What dead processes left (a killed daemon's mount row among them) is cleaned up at start;

@@ -207,8 +207,18 @@ impl Pool {
                 format!("disk '{name}' cannot return to service: {problem}"),
             ));
         }
-        self.store
-            .set_disk_state(disk.id, DiskState::Healthy, None, None, now())?;
+        // Only from the state checked above: a probe that failed the disk meanwhile wins.
+        let expected = Some((disk.state, disk.failed_by));
+        if !self.store.set_disk_state_if(
+            disk.id,
+            expected,
+            DiskState::Healthy,
+            None,
+            None,
+            now(),
+        )? {
+            return Err(changed_meanwhile(name));
+        }
         Ok(self
             .store
             .all_copies()?
@@ -226,8 +236,17 @@ impl Pool {
                 "disk '{name}' is failed: its copies are re-created from other disks already; `imgpool disk rm {name}` once `imgpool status` shows no image needing it"
             )));
         }
-        self.store
-            .set_disk_state(disk.id, DiskState::Evicting, None, None, now())?;
+        let expected = Some((disk.state, disk.failed_by));
+        if !self.store.set_disk_state_if(
+            disk.id,
+            expected,
+            DiskState::Evicting,
+            None,
+            None,
+            now(),
+        )? {
+            return Err(changed_meanwhile(name));
+        }
         Ok(self
             .store
             .all_copies()?
@@ -374,4 +393,15 @@ pub fn check_label(pool_uuid: &str, disk: &DiskRow) -> DiskHealth {
         Ok(None) => DiskHealth::Missing(format!("{} does not exist", disk.path.display())),
         Err(e) => DiskHealth::Missing(e.to_string()),
     }
+}
+
+/// A disk whose state another process (the health monitor, another command) changed between a
+/// command's check and its change.
+fn changed_meanwhile(name: &str) -> Error {
+    Error::refused(
+        ErrorKind::Busy,
+        format!(
+            "disk '{name}' changed state while this command ran (a probe, or another command): `imgpool disk list` shows it now; run the command again if it still applies"
+        ),
+    )
 }

@@ -104,8 +104,17 @@ impl Pool {
     /// Applies `event` to a copy (see `core::copies`): the one way the pool changes a copy's
     /// state. Disks found without their label now do not count toward the image's good copies.
     pub fn copy_event(&self, image_id: i64, disk_id: i64, event: Event) -> Result<Outcome> {
+        // Only the disks of the image's other copies are looked at: a hung disk elsewhere does
+        // not hold up a change to this image.
+        let unreachable: Vec<i64> = self
+            .store
+            .copies_of(image_id)?
+            .iter()
+            .filter(|c| c.disk.id != disk_id && self.disk_health(&c.disk) != DiskHealth::Healthy)
+            .map(|c| c.disk.id)
+            .collect();
         self.store
-            .copy_event(image_id, disk_id, event, now(), &self.unreachable_disks()?)
+            .copy_event(image_id, disk_id, event, now(), &unreachable)
     }
 
     /// The disks found without their label just now: their copies are no image's good copies.

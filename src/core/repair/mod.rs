@@ -255,14 +255,18 @@ fn run_action(
     match action {
         Action::Verify { image, disk } => {
             match verify_copy(pool, image, disk, throttle, reporter)? {
-                Ok(()) => {
+                Verdict::Good => {
                     pool.copy_event(image.id, disk.id, Event::Verified)?;
                     Ok(format!(
                         "verified the copy of '{}' on '{}'",
                         image.name, disk.name
                     ))
                 }
-                Err(why) => {
+                Verdict::DiskFailed(why) => Ok(format!(
+                    "could not verify the copy of '{}' on '{}' ({why}); it is verified when the disk returns",
+                    image.name, disk.name
+                )),
+                Verdict::Bad(why) => {
                     let kept = pool.copy_event(image.id, disk.id, Event::Faulted(&why))?
                         == Outcome::Now(CopyState::Damaged);
                     let fate = if kept {
@@ -470,16 +474,27 @@ fn blame_source(pool: &Pool, image: &ImageRow, disk: &DiskRow, e: &Error) -> Res
     Ok(())
 }
 
-/// Reads a whole copy and checks it against the image's SHA-512 and chunk digests. `Ok(Err)`
-/// is a bad copy (with the reason); `Err` is a problem of the pool itself. A damaged or missing
-/// digest file or record next to good data is rewritten.
+/// What reading a whole copy found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Good,
+    /// The copy's own fault: it does not read, or its bytes are not the image's.
+    Bad(String),
+    /// Its disk failed the probe that followed a read error: the disk is out of service and
+    /// the copy is left as it is, to be verified when the disk returns.
+    DiskFailed(String),
+}
+
+/// Reads a whole copy and checks it against the image's SHA-512 and chunk digests; `Err` is a
+/// problem of the pool itself. A damaged or missing digest file or record next to good data is
+/// rewritten.
 pub fn verify_copy(
     pool: &Pool,
     image: &ImageRow,
     disk: &DiskRow,
     throttle: &Throttle,
     reporter: &dyn Reporter,
-) -> Result<std::result::Result<(), String>> {
+) -> Result<Verdict> {
     let layout = DiskLayout::new(&disk.path);
     let path = layout.copy_path(&image.uuid);
     let progress = reporter.task(
@@ -508,16 +523,20 @@ pub fn verify_copy(
         Err(e) => {
             let result = health::probe(pool.uuid(), disk);
             if health::apply_probe(pool, disk, result)? {
-                return Ok(Err(format!("its disk failed: {e}")));
+                return Ok(Verdict::DiskFailed(format!("its disk failed: {e}")));
             }
-            return Ok(Err(format!("cannot read {}: {e}", path.display())));
+            return Ok(Verdict::Bad(format!("cannot read {}: {e}", path.display())));
         }
     };
     if outcome.sha512 != image.sha512 {
-        return Ok(Err("its SHA-512 does not match the image's".into()));
+        return Ok(Verdict::Bad(
+            "its SHA-512 does not match the image's".into(),
+        ));
     }
     if outcome.chunks.list_hash() != image.digests_hash {
-        return Ok(Err("its chunk digests do not match the image's".into()));
+        return Ok(Verdict::Bad(
+            "its chunk digests do not match the image's".into(),
+        ));
     }
     if layout
         .read_digests(
@@ -539,7 +558,7 @@ pub fn verify_copy(
     if layout.read_record(&image.uuid).ok().as_ref() != Some(&record) {
         layout.write_record(&record)?;
     }
-    Ok(Ok(()))
+    Ok(Verdict::Good)
 }
 
 /// What `scrub` found.
@@ -578,14 +597,17 @@ pub fn scrub(pool: &Pool, only: Option<&str>, reporter: &dyn Reporter) -> Result
                 continue;
             }
             match verify_copy(pool, &image, &copy.disk, &throttle, reporter)? {
-                Ok(()) => {
+                Verdict::DiskFailed(why) => {
+                    report.skipped.push(format!("{label}: {why}"));
+                }
+                Verdict::Good => {
                     // A good verdict also clears an earlier damage note.
                     if copy.state != CopyState::Ready || copy.reason.is_some() {
                         pool.copy_event(image.id, copy.disk.id, Event::Verified)?;
                     }
                     report.verified.push(label);
                 }
-                Err(why) => {
+                Verdict::Bad(why) => {
                     let kept = pool.copy_event(image.id, copy.disk.id, Event::Faulted(&why))?
                         == Outcome::Now(CopyState::Damaged);
                     let note = if kept {
