@@ -88,7 +88,15 @@ impl Pool {
             .collect())
     }
 
-    pub(super) fn live_mount_ids(&self) -> Result<Vec<i64>> {
-        Ok(self.live_mounts()?.iter().map(|m| m.id).collect())
+    /// Mounts whose daemon was found dead: their open files count for nothing. (Asked this
+    /// way round so that a mount that starts after the question counts.)
+    pub(super) fn dead_mount_ids(&self) -> Result<Vec<i64>> {
+        Ok(self
+            .store
+            .mounts()?
+            .into_iter()
+            .filter(|m| !owner::is_alive(&self.state_dir, &m.owner))
+            .map(|m| m.id)
+            .collect())
     }
 }

@@ -285,7 +285,7 @@ impl Pool {
 
     /// Every ready image, with copies and holders.
     pub fn images(&self) -> Result<Vec<ImageInfo>> {
-        let live = self.live_mount_ids()?;
+        let dead = self.dead_mount_ids()?;
         let holders = self.store.holders(None)?;
         let disks = self.disks_in_service()?;
         let mut out = Vec::new();
@@ -293,7 +293,7 @@ impl Pool {
             if image.state != ImageState::Ready {
                 continue;
             }
-            out.push(self.info(image, &holders, &disks, &live)?);
+            out.push(self.info(image, &holders, &disks, &dead)?);
         }
         Ok(out)
     }
@@ -304,10 +304,10 @@ impl Pool {
             .image_by_name(name)?
             .filter(|i| i.state == ImageState::Ready)
             .ok_or_else(|| Error::UnknownImage(name.to_string()))?;
-        let live = self.live_mount_ids()?;
+        let dead = self.dead_mount_ids()?;
         let holders = self.store.holders(Some(name))?;
         let disks = self.disks_in_service()?;
-        self.info(image, &holders, &disks, &live)
+        self.info(image, &holders, &disks, &dead)
     }
 
     fn info(
@@ -315,7 +315,7 @@ impl Pool {
         image: ImageRow,
         holders: &[HolderRow],
         disks: &[(DiskRow, bool)],
-        live: &[i64],
+        dead_mounts: &[i64],
     ) -> Result<ImageInfo> {
         let copies = self
             .store
@@ -328,7 +328,7 @@ impl Pool {
             .filter(|h| h.image == image.name)
             .map(|h| h.holder.clone())
             .collect();
-        let open_handles = self.store.open_handles(image.id, live)?;
+        let open_handles = self.store.open_handles(image.id, dead_mounts)?;
         Ok(ImageInfo {
             image,
             copies,
@@ -357,8 +357,8 @@ impl Pool {
 
     /// Removes an image that no holder and no open file uses.
     pub fn remove_image(&self, name: &str) -> Result<()> {
-        let live = self.live_mount_ids()?;
-        let image = self.store.begin_remove(name, &live)?;
+        let dead = self.dead_mount_ids()?;
+        let image = self.store.begin_remove(name, &dead)?;
         self.finish_remove(&image)
     }
 

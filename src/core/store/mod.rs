@@ -626,9 +626,9 @@ impl Store {
         })
     }
 
-    /// Marks a ready image for removal if nothing uses it. `live_mounts` are the mounts whose
-    /// daemons are alive: handles of dead daemons do not count.
-    pub fn begin_remove(&self, name: &str, live_mounts: &[i64]) -> Result<ImageRow> {
+    /// Marks a ready image for removal if nothing uses it: no holder, and no file open through
+    /// a mount other than the `dead_mounts` (so that a mount started meanwhile counts).
+    pub fn begin_remove(&self, name: &str, dead_mounts: &[i64]) -> Result<ImageRow> {
         self.write(|tx| {
             let image = tx
                 .query_row(
@@ -648,7 +648,7 @@ impl Store {
             };
             let holders = holders_in(tx, image.id).map_err(|e| self.err(e))?;
             let open_handles =
-                open_handles_in(tx, image.id, live_mounts).map_err(|e| self.err(e))?;
+                open_handles_in(tx, image.id, dead_mounts).map_err(|e| self.err(e))?;
             if !holders.is_empty() || open_handles > 0 {
                 return Err(Error::InUse {
                     name: name.to_string(),
@@ -815,8 +815,8 @@ impl Store {
         })
     }
 
-    pub fn open_handles(&self, image_id: i64, live_mounts: &[i64]) -> Result<u64> {
-        self.run(|c| open_handles_in(c, image_id, live_mounts))
+    pub fn open_handles(&self, image_id: i64, dead_mounts: &[i64]) -> Result<u64> {
+        self.run(|c| open_handles_in(c, image_id, dead_mounts))
     }
 
     // ---- mounts and their open handles ----
@@ -912,7 +912,9 @@ fn holders_in(c: &Connection, image_id: i64) -> rusqlite::Result<Vec<String>> {
     rows.collect()
 }
 
-fn open_handles_in(c: &Connection, image_id: i64, live_mounts: &[i64]) -> rusqlite::Result<u64> {
+/// Files open through every mount but the `dead_mounts` (whose daemons were found dead): a mount
+/// that started after the caller looked counts.
+fn open_handles_in(c: &Connection, image_id: i64, dead_mounts: &[i64]) -> rusqlite::Result<u64> {
     let mut stmt = c.prepare("SELECT mount_id, count FROM open_handles WHERE image_id = ?1")?;
     let rows = stmt.query_map([image_id], |r| {
         Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
@@ -920,7 +922,7 @@ fn open_handles_in(c: &Connection, image_id: i64, live_mounts: &[i64]) -> rusqli
     let mut total = 0;
     for row in rows {
         let (mount_id, count) = row?;
-        if live_mounts.contains(&mount_id) {
+        if !dead_mounts.contains(&mount_id) {
             total += count.max(0) as u64;
         }
     }
