@@ -19,7 +19,7 @@ use crate::core::owner::WorkLock;
 use crate::core::pool::{CopyInfo, DiskStatus, ImageInfo, Pool};
 use crate::core::recover;
 use crate::core::repair;
-use crate::core::settings::{self, Settings};
+use crate::core::settings;
 use crate::core::store::CopyState;
 use crate::daemon::control;
 use crate::daemon::mount::{self, MountConfig};
@@ -1082,7 +1082,7 @@ fn config_cmd(state_dir: &Path, cmd: ConfigCommand) -> Result<()> {
             }
         }
         ConfigCommand::Set { key, value } => {
-            Settings::set(pool.store(), &key, &value)?;
+            pool.set_setting(&key, &value)?;
             println!("{key} = {}", value.trim());
         }
     }

@@ -33,7 +33,7 @@ pub struct Resources {
 }
 
 /// The one function every caller uses to learn a disk's resources.
-pub fn disk_resources(
+pub(in crate::core) fn disk_resources(
     store: &Store,
     disk: &DiskRow,
     freshness: Freshness,

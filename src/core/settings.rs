@@ -65,7 +65,7 @@ fn unknown(key: &str) -> Error {
 }
 
 impl Settings {
-    pub fn load(store: &Store) -> Result<Settings> {
+    pub(in crate::core) fn load(store: &Store) -> Result<Settings> {
         let mut settings = Settings::default();
         for key in &KEYS {
             if let Some(value) = store.setting(key.name)? {
@@ -79,7 +79,7 @@ impl Settings {
     }
 
     /// Checks and records `key = value`.
-    pub fn set(store: &Store, key: &str, value: &str) -> Result<Settings> {
+    pub(in crate::core) fn set(store: &Store, key: &str, value: &str) -> Result<Settings> {
         let mut settings = Settings::load(store)?;
         settings.apply(key, value)?;
         store.set_setting(key, Some(value.trim()))?;

@@ -22,7 +22,6 @@ use crate::core::pool::Pool;
 use crate::core::{health, repair};
 use crate::daemon::control::{self, ControlSocket, Wake};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::format::clock;
 use crate::format::mountinfo;
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::namespace::{PoolFs, DISKS_DIR};
@@ -378,12 +377,10 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     // What dead processes left (a killed daemon's mount row among them) is cleaned up at start;
     // then each round of the repair thread does it again.
     crate::core::recover::recover(&pool)?;
-    pool.store().relax_durability()?;
+    pool.relax_durability()?;
     let token = format!("mount-{}", uuid::Uuid::new_v4());
     let lock = OwnerLock::acquire(state_dir, &token)?;
-    let mount_id =
-        pool.store()
-            .insert_mount(&config.mountpoint, std::process::id(), clock::now(), &token)?;
+    let mount_id = pool.register_mount(&config.mountpoint, std::process::id(), &token)?;
     let socket = ControlSocket::bind(state_dir, mount_id)?;
     control::sweep(state_dir, || {
         Ok(pool.live_mounts()?.iter().map(|m| m.id).collect())
@@ -399,7 +396,7 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     let result = serve(fs.clone(), config, signals, notify, socket, wake_repair);
     // A copy the repair is writing is abandoned; the next start cleans it up and redoes it.
     background.store(true, Ordering::Relaxed);
-    let _ = fs.pool().store().delete_mount(mount_id);
+    let _ = fs.pool().unregister_mount(mount_id);
     lock.release();
     result
 }
@@ -714,7 +711,7 @@ fn wait_for_daemon(state_dir: &Path, mountpoint: &Path) {
     let Ok(pool) = Pool::open(state_dir) else {
         return;
     };
-    let Ok(mounts) = pool.store().mounts() else {
+    let Ok(mounts) = pool.mounts() else {
         return;
     };
     let deadline = Instant::now() + Duration::from_secs(10);

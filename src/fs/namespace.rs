@@ -21,10 +21,7 @@ use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 
 use crate::core::pool::{self, Pool};
-use crate::core::resources::{self, Freshness};
-use crate::core::store::ImageState;
 use crate::error::Result;
-use crate::format::clock;
 use crate::format::layout::DiskLayout;
 use crate::fs::cache::ReadData;
 use crate::fs::read::{CopyLocation, ImageRef, ReadPath, ReadStats, Stream};
@@ -298,7 +295,7 @@ impl PoolFs {
     /// older than `HEALTH_RECHECK` (disk health changes without any store write); returns the
     /// names that disappeared, so that the kernel can be told to drop them.
     pub fn refresh(&self) -> Result<Vec<Gone>> {
-        let version = self.pool.store().data_version()?;
+        let version = self.pool.data_version()?;
         let mut last = self.last_load.lock();
         if last.is_some_and(|(seen, at)| seen == version && at.elapsed() < HEALTH_RECHECK) {
             return Ok(Vec::new());
@@ -361,9 +358,8 @@ impl PoolFs {
     }
 
     fn load(&self) -> Result<Catalog> {
-        let store = self.pool.store();
         let disks = self.pool.disks_in_service()?;
-        let copies = store.all_copies()?;
+        let (images, copies) = self.pool.catalog_rows()?;
         let mut catalog = Catalog::default();
         for (d, serving) in &disks {
             let disk = Disk {
@@ -375,10 +371,7 @@ impl PoolFs {
             catalog.disk_ids.insert(d.id, disk.clone());
             catalog.disks.insert(d.name.clone(), disk);
         }
-        for row in store.images()? {
-            if row.state != ImageState::Ready {
-                continue;
-            }
+        for row in images {
             let copies: Vec<CopyLocation> = copies
                 .iter()
                 .filter(|c| c.image_id == row.id)
@@ -629,7 +622,7 @@ impl PoolFs {
                     .ensure_open(image.as_ref_for_read())
                     .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO))?;
                 // Recorded in the store so that `image rm` in another process sees the open.
-                match self.pool.store().open_handle(self.mount_id, image.id) {
+                match self.pool.open_handle(self.mount_id, image.id) {
                     Ok(true) => {}
                     Ok(false) => return Err(libc::ENOENT),
                     Err(e) => {
@@ -717,7 +710,7 @@ impl PoolFs {
     pub fn release(&self, fh: u64) {
         let handle = self.handles.write().remove(&fh);
         if let Some(Handle::Image { image, .. }) = handle.as_deref() {
-            if let Err(e) = self.pool.store().close_handle(self.mount_id, image.id) {
+            if let Err(e) = self.pool.close_handle(self.mount_id, image.id) {
                 tracing::error!("cannot record close of {}: {e}", image.name);
             }
         }
@@ -763,7 +756,6 @@ impl PoolFs {
     /// Capacity and free space of the healthy disks, from the resource cache; disks sharing a
     /// filesystem count it once.
     pub fn statfs(&self) -> FsStats {
-        let store = self.pool.store();
         let catalog = self.catalog();
         let mut stats = FsStats {
             capacity: 0,
@@ -771,12 +763,11 @@ impl PoolFs {
             files: catalog.images.len() as u64,
         };
         let mut devices_seen = Vec::new();
-        for disk in store.disks().unwrap_or_default() {
+        for (disk, _) in self.pool.disks_in_service().unwrap_or_default() {
             if !catalog.disk_ids.get(&disk.id).is_some_and(|d| d.healthy) {
                 continue;
             }
-            let freshness = Freshness::FreeWithin(resources::LISTING_FREE_TTL);
-            if let Ok(r) = resources::disk_resources(store, &disk, freshness, clock::now()) {
+            if let Ok(r) = self.pool.listed_resources(&disk) {
                 if !devices_seen.contains(&r.device) {
                     devices_seen.push(r.device);
                     stats.capacity += r.capacity;
@@ -830,10 +821,7 @@ mod tests {
             .add_image("img", &dir.join("src"), Some(1), &mut |_, _| {})
             .unwrap()
             .uuid;
-        let mount = pool
-            .store()
-            .insert_mount(&dir.join("mnt"), 1, 0, "test")
-            .unwrap();
+        let mount = pool.register_mount(&dir.join("mnt"), 1, "test").unwrap();
         (PoolFs::new(pool, mount, ReadPath::default()).unwrap(), uuid)
     }
 

@@ -16,6 +16,7 @@ use crate::format::clock::now;
 mod disks;
 mod holders;
 mod images;
+mod mounts;
 
 pub use disks::{check_label, DiskHealth, DiskStatus};
 #[cfg(test)]
@@ -88,8 +89,14 @@ impl Pool {
         &self.state_dir
     }
 
-    pub fn store(&self) -> &Store {
+    /// The metadata store, for the rest of the core; the layers above go through `Pool`.
+    pub(in crate::core) fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// `config set`: changes one setting.
+    pub fn set_setting(&self, key: &str, value: &str) -> Result<Settings> {
+        Settings::set(&self.store, key, value)
     }
 
     pub fn settings(&self) -> Result<Settings> {

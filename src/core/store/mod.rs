@@ -88,7 +88,7 @@ pub struct ResourceRow {
     pub free_at: i64,
 }
 
-pub struct Store {
+pub(in crate::core) struct Store {
     conn: Mutex<Connection>,
     path: PathBuf,
 }
