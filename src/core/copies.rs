@@ -3,6 +3,10 @@
 //! runs its statements inside the store's write transactions, so that a check and the change it
 //! allows cannot be separated by another process's change.
 //!
+//! One deletion happens elsewhere, by design: deleting an image's row deletes its copy rows with
+//! it (`ON DELETE CASCADE`), which the image's removal does only after the copies' files are
+//! gone, and an import does when it undoes its own reservation.
+//!
 //! The state machine (`decide`) is a pure function, shared with the repair planner's model test:
 //!
 //! ```text

@@ -732,7 +732,7 @@ impl Store {
         delete: impl FnOnce() -> Result<()>,
     ) -> Result<bool> {
         self.write(|tx| {
-            let owner: Option<(String, bool)> = tx
+            let owner: Option<(ImageState, bool)> = tx
                 .query_row(
                     "SELECT i.state, EXISTS (SELECT 1 FROM copies c
                          WHERE c.image_id = i.id AND c.disk_id = ?2)
@@ -742,7 +742,7 @@ impl Store {
                 )
                 .optional()
                 .map_err(|e| self.err(e))?;
-            if owner.is_some_and(|(state, copy)| state != "ready" || copy) {
+            if owner.is_some_and(|(state, copy)| state != ImageState::Ready || copy) {
                 return Ok(false);
             }
             delete()?;
