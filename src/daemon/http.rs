@@ -96,18 +96,24 @@ pub fn read_response(stream: &UnixStream, deadline: Instant) -> Result<Response,
 
 /// The body's length from `Content-Length` (none: no body). Chunked bodies are not spoken here.
 fn body_length(headers: &[httparse::Header]) -> Result<usize, String> {
-    let mut length = 0;
+    let mut length = None;
     for header in headers {
         if header.name.eq_ignore_ascii_case("transfer-encoding") {
             return Err("Transfer-Encoding is not supported: send a Content-Length".into());
         }
         if header.name.eq_ignore_ascii_case("content-length") {
-            length = std::str::from_utf8(header.value)
+            let this = std::str::from_utf8(header.value)
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok())
                 .ok_or_else(|| "invalid Content-Length".to_string())?;
+            // Two lengths that disagree make the message's end ambiguous (RFC 9112, 6.3).
+            if length.is_some_and(|earlier| earlier != this) {
+                return Err("conflicting Content-Length headers".into());
+            }
+            length = Some(this);
         }
     }
+    let length = length.unwrap_or(0);
     if length > MAX_BODY {
         return Err(format!(
             "a body of {length} bytes is over the {MAX_BODY} allowed"
@@ -328,6 +334,17 @@ mod tests {
         let (mut client, server) = UnixStream::pair().unwrap();
         client
             .write_all(b"POST /v1/wake HTTP/1.1\r\nContent-Length: 99999999\r\n\r\n")
+            .unwrap();
+        assert!(matches!(
+            read_request(&server, soon()),
+            Err(ReadError::Malformed(_))
+        ));
+
+        let (mut client, server) = UnixStream::pair().unwrap();
+        client
+            .write_all(
+                b"POST /v1/wake HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 0\r\n\r\nab",
+            )
             .unwrap();
         assert!(matches!(
             read_request(&server, soon()),
