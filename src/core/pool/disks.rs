@@ -207,18 +207,7 @@ impl Pool {
                 format!("disk '{name}' cannot return to service: {problem}"),
             ));
         }
-        // Only from the state checked above: a probe that failed the disk meanwhile wins.
-        let expected = Some((disk.state, disk.failed_by));
-        if !self.store.set_disk_state_if(
-            disk.id,
-            expected,
-            DiskState::Healthy,
-            None,
-            None,
-            now(),
-        )? {
-            return Err(changed_meanwhile(name));
-        }
+        self.change_checked_state(&disk, DiskState::Healthy)?;
         Ok(self
             .store
             .all_copies()?
@@ -236,23 +225,33 @@ impl Pool {
                 "disk '{name}' is failed: its copies are re-created from other disks already; `imgpool disk rm {name}` once `imgpool status` shows no image needing it"
             )));
         }
-        let expected = Some((disk.state, disk.failed_by));
-        if !self.store.set_disk_state_if(
-            disk.id,
-            expected,
-            DiskState::Evicting,
-            None,
-            None,
-            now(),
-        )? {
-            return Err(changed_meanwhile(name));
-        }
+        self.change_checked_state(&disk, DiskState::Evicting)?;
         Ok(self
             .store
             .all_copies()?
             .iter()
             .filter(|c| c.disk.id == disk.id)
             .count())
+    }
+
+    /// Changes a disk's state only from the state `disk` was read in: a probe or another command
+    /// that changed it meanwhile wins, and the operator is told.
+    fn change_checked_state(&self, disk: &DiskRow, to: DiskState) -> Result<()> {
+        let expected = Some((disk.state, disk.failed_by));
+        if self
+            .store
+            .set_disk_state_if(disk.id, expected, to, None, None, now())?
+        {
+            Ok(())
+        } else {
+            Err(Error::refused(
+                ErrorKind::Busy,
+                format!(
+                    "disk '{}' changed state while this command ran (a probe, or another command): `imgpool disk list` shows it now; run the command again if it still applies",
+                    disk.name
+                ),
+            ))
+        }
     }
 
     /// `disk rm`: forgets a disk, deleting the copies it still holds when it is reachable.
@@ -393,15 +392,4 @@ pub fn check_label(pool_uuid: &str, disk: &DiskRow) -> DiskHealth {
         Ok(None) => DiskHealth::Missing(format!("{} does not exist", disk.path.display())),
         Err(e) => DiskHealth::Missing(e.to_string()),
     }
-}
-
-/// A disk whose state another process (the health monitor, another command) changed between a
-/// command's check and its change.
-fn changed_meanwhile(name: &str) -> Error {
-    Error::refused(
-        ErrorKind::Busy,
-        format!(
-            "disk '{name}' changed state while this command ran (a probe, or another command): `imgpool disk list` shows it now; run the command again if it still applies"
-        ),
-    )
 }
