@@ -71,18 +71,26 @@ pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String>
         .unwrap_or_default()
         .as_nanos();
     let token = format!("{} {stamp}\n", std::process::id());
+    // Every mount daemon of the pool probes this one file: the write and the read back happen
+    // under an exclusive flock, or one daemon reads another's token and fails a good disk.
     let written = OpenOptions::new()
+        .read(true)
         .write(true)
         .create(true)
-        .truncate(true)
+        .truncate(false)
         .open(&path)
         .and_then(|mut f| {
+            // Released when `f` is closed, after the read back.
+            f.lock()?;
+            f.set_len(0)?;
             f.write_all(token.as_bytes())?;
-            f.sync_all()
+            f.sync_all()?;
+            Ok(f)
         });
-    if let Err(e) = written {
-        return Err(format!("cannot write {}: {e}", path.display()));
-    }
+    let _locked = match written {
+        Ok(f) => f,
+        Err(e) => return Err(format!("cannot write {}: {e}", path.display())),
+    };
     match fs::read(&path) {
         Ok(bytes) if bytes == token.as_bytes() => {}
         Ok(_) => return Err(format!("{} reads back other bytes", path.display())),

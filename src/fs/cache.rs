@@ -352,6 +352,14 @@ impl ChunkCache {
         self.claim_inner(key, false)
     }
 
+    /// `claim` for a reader's request, which counts as a miss: a request claims the chunks that
+    /// nobody has or is reading, so that it can read a run of them in one disk read.
+    pub fn claim_miss(&self, key: ChunkKey) -> Option<Claim<'_>> {
+        let claim = self.claim_inner(key, false)?;
+        bump(&self.counters.misses);
+        Some(claim)
+    }
+
     /// `force`: take over even if another load is registered (after repeated failed joins).
     fn claim_inner(&self, key: ChunkKey, force: bool) -> Option<Claim<'_>> {
         let mut shard = self.shards[key.shard()].lock();
