@@ -420,8 +420,11 @@ fn load_claims(
                     }
                     Ok(lens[i])
                 }
-                Ok(_) => {
-                    faults.report(image_id, &copy, FaultKind::Corrupt { chunk: index });
+                // A wrong chunk, or a run that did not read: this chunk alone, from the others.
+                other => {
+                    if other.is_ok() {
+                        faults.report(image_id, &copy, FaultKind::Corrupt { chunk: index });
+                    }
                     load_chunk(
                         image_id,
                         open,
@@ -431,14 +434,6 @@ fn load_claims(
                         Some(&copy),
                     )
                 }
-                Err(_) => load_chunk(
-                    image_id,
-                    open,
-                    index,
-                    buf.as_mut_slice(),
-                    faults,
-                    Some(&copy),
-                ),
             };
             match len {
                 Ok(len) => Ok(claim.fill(buf, len, false)),

@@ -516,6 +516,28 @@ impl Drop for TmpfsMount {
     }
 }
 
+/// Makes a `fs_type` filesystem on `device` (with `options` for mkfs) and mounts it at
+/// `mountpoint`, which is created.
+fn make_fs_and_mount(device: &str, mountpoint: &Path, fs_type: &str, options: &[&str]) {
+    let mkfs = Command::new(format!("mkfs.{fs_type}"))
+        .args(options)
+        .arg(device)
+        .output()
+        .unwrap();
+    assert!(
+        mkfs.status.success(),
+        "mkfs.{fs_type} {device}: {}",
+        String::from_utf8_lossy(&mkfs.stderr)
+    );
+    fs::create_dir_all(mountpoint).unwrap();
+    let status = Command::new("mount")
+        .arg(device)
+        .arg(mountpoint)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount {device} failed");
+}
+
 /// A filesystem on a loop device, mounted under `dir`. Dropping it unmounts and detaches.
 pub struct LoopDisk {
     pub image: PathBuf,
@@ -545,27 +567,12 @@ impl LoopDisk {
             device,
             mountpoint,
         };
-        let mkfs = Command::new(format!("mkfs.{fs_type}"))
-            .args(if fs_type == "ext4" {
-                &["-q", "-F"][..]
-            } else {
-                &["-q", "-f"][..]
-            })
-            .arg(&disk.device)
-            .output()
-            .unwrap();
-        assert!(
-            mkfs.status.success(),
-            "mkfs.{fs_type}: {}",
-            String::from_utf8_lossy(&mkfs.stderr)
-        );
-        fs::create_dir_all(&disk.mountpoint).unwrap();
-        let status = Command::new("mount")
-            .arg(&disk.device)
-            .arg(&disk.mountpoint)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount {} failed", disk.device);
+        let options: &[&str] = if fs_type == "ext4" {
+            &["-q", "-F"]
+        } else {
+            &["-q", "-f"]
+        };
+        make_fs_and_mount(&disk.device, &disk.mountpoint, fs_type, options);
         disk
     }
 }
@@ -781,24 +788,12 @@ impl FaultyDisk {
         );
         disk.device = String::from_utf8(out.stdout).unwrap().trim().to_string();
         disk.loop_attached = true;
-        let mkfs = Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-E", "nodiscard"])
-            .arg(&disk.device)
-            .output()
-            .unwrap();
-        assert!(
-            mkfs.status.success(),
-            "mkfs.ext4 {}: {}",
-            disk.device,
-            String::from_utf8_lossy(&mkfs.stderr)
+        make_fs_and_mount(
+            &disk.device,
+            &disk.mountpoint,
+            "ext4",
+            &["-q", "-F", "-E", "nodiscard"],
         );
-        fs::create_dir_all(&disk.mountpoint).unwrap();
-        let status = Command::new("mount")
-            .arg(&disk.device)
-            .arg(&disk.mountpoint)
-            .status()
-            .unwrap();
-        assert!(status.success(), "mount {} failed", disk.device);
         disk
     }
 
