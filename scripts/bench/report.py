@@ -83,6 +83,14 @@ def ordered(seq):
     return seen
 
 
+# The runner shuffles the order of the paths; the table keeps one.
+PATH_ORDER = ["direct", "bind", "bindfs", "imgpool-cached", "imgpool-cached-baseline", "imgpool-passthrough"]
+
+
+def path_rank(path):
+    return PATH_ORDER.index(path) if path in PATH_ORDER else len(PATH_ORDER)
+
+
 def cmd_report(args):
     meta = {}
     for kv in args.meta:
@@ -114,7 +122,7 @@ def cmd_report(args):
             r["mib_s"] = r["iops"] = None
 
     jobs = ordered(r["job"] for r in fio_recs)
-    paths = ordered(r["path"] for r in fio_recs)
+    paths = sorted(ordered(r["path"] for r in fio_recs), key=path_rank)
     modes = [m for m in ("warm", "cold") if any(r["mode"] == m for r in fio_recs)]
 
     results = []
@@ -161,7 +169,7 @@ def cmd_report(args):
             row["ratio_to_direct"] = None
 
     memory = []
-    for path in ordered(r["path"] for r in mem_recs):
+    for path in sorted(ordered(r["path"] for r in mem_recs), key=path_rank):
         recs = sorted((r for r in mem_recs if r["path"] == path), key=lambda r: r["rep"])
         deltas = [(r["cached_after_kb"] - r["cached_before_kb"]) / 1024 for r in recs]
         rss = median(r["daemon_rss_kb"] for r in recs)

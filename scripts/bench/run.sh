@@ -14,6 +14,11 @@
 #   --json-out FILE    results as JSON (default target/bench/results.json)
 #   --cache-size SIZE  the cached mount's chunk cache (default: imgpool's default)
 #   --quick            --size 256M --runtime 3 --repeat 1 (later options still override)
+#   --baseline-bin BIN another imgpool binary (e.g. an older commit's release build) to
+#                      measure beside this one: it gets its own pool (state directory and one
+#                      disk directory on the same filesystem), imports the same image and mounts
+#                      it in cached mode with its own defaults; path imgpool-cached-baseline
+#   --seed N           seed of the random path order (default: from the clock; printed)
 #
 # Paths measured, each with every job warm (file read once first, with O_DIRECT for the
 # *_direct jobs; fio invalidate=0)
@@ -26,6 +31,9 @@
 #   imgpool-passthrough  the same through a second mount in passthrough mode
 #   imgpool-10x   ten fio processes at once, one per disk, each on that disk's
 #                 <disk>/backing-images/<name>-<uuid>/backing (aggregate reported)
+# For every repeat, job and cache state the paths run in a new random order, back to back:
+# a virtual disk is faster for whoever reads first after a pause and slower right after a
+# heavy reader, and a fixed order hands that luck to the same path every time.
 # Reported per path and job: median MiB/s and IOPS, the ratio to direct (same job, same
 # cache state, same run; for imgpool-10x the ten readers' sum over one direct reader),
 # and for FUSE paths the daemon's CPU (utime+stime over the job, % of one core) and its
@@ -50,6 +58,8 @@ JOBS_ARG=""
 CACHE_ARGS=()
 JSON_OUT=$ROOT/target/bench/results.json
 REPLICAS=10
+BASELINE_BIN=""
+SEED=""
 ORIG_ARGS=("$@")
 
 usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; }
@@ -65,6 +75,8 @@ while (($#)); do
         --runtime) need_val "$@"; RUNTIME=$2; shift ;;
         --jobs) need_val "$@"; JOBS_ARG=$2; shift ;;
         --json-out) need_val "$@"; JSON_OUT=$2; shift ;;
+        --baseline-bin) need_val "$@"; BASELINE_BIN=$2; shift ;;
+        --seed) need_val "$@"; SEED=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -72,6 +84,8 @@ while (($#)); do
 done
 
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || { echo "bench: --repeat must be a positive integer" >&2; exit 2; }
+[[ -z $SEED || $SEED =~ ^[0-9]+$ ]] || { echo "bench: --seed must be a non-negative integer" >&2; exit 2; }
+[[ -z $BASELINE_BIN || -x $BASELINE_BIN ]] || { echo "bench: --baseline-bin $BASELINE_BIN is not an executable file" >&2; exit 2; }
 [[ $RUNTIME =~ ^[1-9][0-9]*$ ]] || { echo "bench: --runtime must be a positive number of seconds" >&2; exit 2; }
 SIZE=$(numfmt --from=iec "$SIZE_ARG" 2>/dev/null) || { echo "bench: --size '$SIZE_ARG' is not a size like 256M or 2G" >&2; exit 2; }
 ((SIZE >= 1048576 && SIZE % 4096 == 0)) || { echo "bench: --size must be at least 1M and a multiple of 4 KiB (O_DIRECT jobs)" >&2; exit 2; }
@@ -100,6 +114,8 @@ declare -A BG_PIDS=()  # pid -> command name, of fio (via timeout) and cat proce
 BINDFS_PID=""
 DAEMON_PIDS=()  # imgpool daemons of the mounts this run made
 IMG_MOUNTS=()   # imgpool mount points this run made
+declare -A MOUNT_BIN=() MOUNT_STATE=()  # mount point -> the binary and state directory that mounted it
+BASE_STATE=""
 MOUNTINFO_BEFORE=$(grep -E 'fuse|backing-images|bench' /proc/self/mountinfo || true)
 
 # Mount points at or under a directory, deepest first, from the kernel's table (stat
@@ -133,6 +149,7 @@ cleanup() {
     if [[ -n $W && -d $W ]]; then
         # Keep the daemons' logs next to the results, for a look after a failure.
         mkdir -p "$LOGS" && cp -f "$STATE/mount.log" "$W/bindfs.log" "$LOGS/" 2>/dev/null
+        [[ -n $BASE_STATE ]] && cp -f "$BASE_STATE/mount.log" "$LOGS/mount-baseline.log" 2>/dev/null
         if is_mounted "$W/bind"; then umount "$W/bind" || log "bench: umount $W/bind failed"; fi
         if is_mounted "$W/bindfs"; then
             fusermount3 -u "$W/bindfs" 2>/dev/null || umount "$W/bindfs" || log "bench: umount $W/bindfs failed"
@@ -140,7 +157,7 @@ cleanup() {
         stop_pid "$BINDFS_PID" bindfs
         for m in "${IMG_MOUNTS[@]}"; do
             if is_mounted "$m"; then
-                timeout 60 "$BIN" --state-dir "$STATE" umount "$m" >/dev/null ||
+                timeout 60 "${MOUNT_BIN[$m]}" --state-dir "${MOUNT_STATE[$m]}" umount "$m" >/dev/null ||
                     log "bench: imgpool umount $m failed"
             fi
         done
@@ -220,6 +237,14 @@ NAME=benchimg
 log "generating a $SIZE_ARG random image ($SIZE bytes)"
 head -c "$SIZE" /dev/urandom >"$W/src.img"
 ip image add "$NAME" "$W/src.img" >&2
+if [[ -n $BASELINE_BIN ]]; then
+    # The baseline's own pool: an older binary may not open this one's store.
+    BASE_STATE=$W/state-baseline
+    mkdir -p "$BASE_STATE" "$W/disks-baseline/b01"
+    "$BASELINE_BIN" --state-dir "$BASE_STATE" init >&2
+    "$BASELINE_BIN" --state-dir "$BASE_STATE" disk add b01 "$W/disks-baseline/b01" >&2
+    "$BASELINE_BIN" --state-dir "$BASE_STATE" image add "$NAME" "$W/src.img" >&2
+fi
 rm -f "$W/src.img"
 SHOW=$(ip image show "$NAME" --json)
 read -r UUID COPY < <(python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["uuid"], d["copies"][0]["path"])' <<<"$SHOW")
@@ -238,26 +263,28 @@ BINDFS_PID=$!
 for ((i = 0; i < 100; i++)); do is_mounted "$W/bindfs" && break; alive "$BINDFS_PID" || break; sleep 0.1; done
 is_mounted "$W/bindfs" || die "bindfs did not mount $W/bindfs: $(cat "$W/bindfs.log")"
 
-daemon_pid_of() {
-    ip status --json | python3 -c '
+daemon_pid_of() { # binary state mountpoint
+    "$1" --state-dir "$2" status --json | python3 -c '
 import json, sys
 for m in json.load(sys.stdin)["mounts"]:
     if m["mountpoint"] == sys.argv[1]:
-        print(m["pid"])' "$1"
+        print(m["pid"])' "$3"
 }
 MOUNTED_PID=""
-mount_imgpool() { # mountpoint [mount options...]; sets MOUNTED_PID
-    local mp=$1
-    shift
+mount_imgpool() { # binary state mountpoint [mount options...]; sets MOUNTED_PID
+    local bin=$1 state=$2 mp=$3
+    shift 3
     mkdir -p "$mp"
     IMG_MOUNTS+=("$mp")
-    ip mount "$mp" "$@" >&2
-    MOUNTED_PID=$(daemon_pid_of "$mp")
+    MOUNT_BIN[$mp]=$bin
+    MOUNT_STATE[$mp]=$state
+    "$bin" --state-dir "$state" mount "$mp" "$@" >&2
+    MOUNTED_PID=$(daemon_pid_of "$bin" "$state" "$mp")
     [[ -n $MOUNTED_PID ]] || die "no daemon pid for $mp in 'imgpool status --json'"
     DAEMON_PIDS+=("$MOUNTED_PID")
 }
 # (d) imgpool in its default (cached) mode, with every disk's view bind-mounted
-mount_imgpool "$W/mnt" --io-mode cached "${CACHE_ARGS[@]}"
+mount_imgpool "$BIN" "$STATE" "$W/mnt" --io-mode cached "${CACHE_ARGS[@]}"
 IMG_PID=$MOUNTED_PID
 
 # Paths: name -> files (space separated) and the pid whose CPU and RSS are measured.
@@ -272,7 +299,7 @@ declare -A PID_OF=([direct]="" [bind]="" [bindfs]=$BINDFS_PID [imgpool-cached]=$
 declare -A DAEMON_OF=([direct]="" [bind]="" [bindfs]=bindfs [imgpool-cached]=imgpool)
 
 # (e) imgpool in passthrough mode: a second mount of the same pool
-mount_imgpool "$W/mnt-passthrough" --no-bind --io-mode passthrough
+mount_imgpool "$BIN" "$STATE" "$W/mnt-passthrough" --no-bind --io-mode passthrough
 PATHS+=(imgpool-passthrough)
 FILES[imgpool-passthrough]=$W/mnt-passthrough/images/$NAME
 PID_OF[imgpool-passthrough]=$MOUNTED_PID
@@ -283,6 +310,17 @@ for m in json.load(sys.stdin)["mounts"]:
     if m["mountpoint"] == sys.argv[1] and m["stats"]:
         print(m["stats"]["io_mode"])' "$W/mnt-passthrough")
 [[ $mode == passthrough ]] || log "bench: WARNING: the passthrough mount runs in '${mode:-unknown}' mode (see $STATE/mount.log)"
+
+# (e2) the baseline binary's cached mount of its own pool, with its own defaults
+if [[ -n $BASELINE_BIN ]]; then
+    mount_imgpool "$BASELINE_BIN" "$BASE_STATE" "$W/mnt-baseline" --no-bind
+    PATHS+=(imgpool-cached-baseline)
+    FILES[imgpool-cached-baseline]=$W/mnt-baseline/images/$NAME
+    PID_OF[imgpool-cached-baseline]=$MOUNTED_PID
+    BASE_HAS_CACHE_DROP=0
+    "$BASELINE_BIN" cache drop --help >/dev/null 2>&1 && BASE_HAS_CACHE_DROP=1
+    DAEMON_OF[imgpool-cached-baseline]=imgpool
+fi
 
 # (f) ten replicas: one bind-mounted path per disk
 ten=()
@@ -323,6 +361,15 @@ drop_caches() {
     sync
     echo 3 >/proc/sys/vm/drop_caches
     ip cache drop >/dev/null
+    if [[ -n $BASE_STATE ]]; then
+        # Binaries from before the control socket empty their chunk cache on SIGUSR1.
+        if ((BASE_HAS_CACHE_DROP)); then
+            "$BASELINE_BIN" --state-dir "$BASE_STATE" cache drop >/dev/null
+        else
+            kill -USR1 "${PID_OF[imgpool-cached-baseline]}"
+            sleep 0.2
+        fi
+    fi
 }
 now() { date +%s.%N; }
 json_str_list() { local s="" x; for x in "$@"; do s+="${s:+,}\"$x\""; done; printf '[%s]' "$s"; }
@@ -436,16 +483,25 @@ run_fio() { # path job mode rep
 }
 
 # --- the run ------------------------------------------------------------------------
-heading "running: ${JOBS[*]} x warm,cold x ${PATHS[*]}, $REPEAT repeat(s), ${RUNTIME}s each"
+# A new random order of the paths in ORDER (Fisher-Yates, bash's RANDOM seeded once).
+shuffle_paths() {
+    local i j t
+    ORDER=("${PATHS[@]}")
+    for ((i = ${#ORDER[@]} - 1; i > 0; i--)); do
+        j=$((RANDOM % (i + 1)))
+        t=${ORDER[i]}; ORDER[i]=${ORDER[j]}; ORDER[j]=$t
+    done
+}
+[[ -n $SEED ]] || SEED=$(($(date +%s) % 32768))
+RANDOM=$SEED
+heading "running: ${JOBS[*]} x warm,cold x ${PATHS[*]}, $REPEAT repeat(s), ${RUNTIME}s each, path order seed $SEED"
 START=$(now)
 for ((rep = 1; rep <= REPEAT; rep++)); do
-    # Each repeat starts one path later, so that no path always runs right after the same
-    # one (a virtual disk can be slower right after another path's burst).
-    shift_by=$(((rep - 1) % ${#PATHS[@]}))
-    ORDER=("${PATHS[@]:shift_by}" "${PATHS[@]:0:shift_by}")
+    shuffle_paths
     for p in "${ORDER[@]}"; do mem_probe "$p" "$rep"; done
     for job in "${JOBS[@]}"; do
         for mode in warm cold; do
+            shuffle_paths
             for p in "${ORDER[@]}"; do run_fio "$p" "$job" "$mode" "$rep"; done
         done
     done
@@ -467,7 +523,8 @@ python3 "$BENCH/report.py" report --raw "$RAW" --json-out "$JSON_OUT" \
     --meta imgpool="$("$BIN" --version)" \
     --meta git_commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)" \
     --meta size_bytes="$SIZE" --meta runtime_s="$RUNTIME" --meta repeat="$REPEAT" \
-    --meta replicas="$REPLICAS" --meta imgpool_threads=4 \
+    --meta replicas="$REPLICAS" --meta imgpool_threads=4 --meta path_order_seed="$SEED" \
+    --meta baseline="$([[ -n $BASELINE_BIN ]] && "$BASELINE_BIN" --version || echo none)" \
     --meta io_modes="cached passthrough" \
     --meta elapsed_s="$(python3 -c "print(round($END-$START))")" \
     --meta date="$(date -u +%Y-%m-%dT%H:%M:%SZ)" || report_rc=$?
