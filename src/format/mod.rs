@@ -8,3 +8,5 @@ pub mod mountinfo;
 pub mod names;
 pub mod sparse;
 pub mod units;
+#[allow(dead_code)]
+pub mod volume;

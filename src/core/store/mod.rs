@@ -371,6 +371,11 @@ impl Store {
         })
     }
 
+    /// The ready images whose only good copy is on this disk.
+    pub fn sole_good_copies_on(&self, disk_id: i64) -> Result<Vec<String>> {
+        self.run(|c| copies::sole_good_on(c, disk_id))
+    }
+
     /// Number of committed copies on each disk, by disk id.
     pub fn copies_per_disk(&self) -> Result<Vec<(i64, u64)>> {
         self.run(|c| {
