@@ -17,7 +17,9 @@
 #   --baseline-bin BIN another imgpool binary (e.g. an older commit's release build) to
 #                      measure beside this one: it gets its own pool (state directory and one
 #                      disk directory on the same filesystem), imports the same image and mounts
-#                      it in cached mode with its own defaults; path imgpool-cached-baseline
+#                      it in cached and in passthrough mode with its own defaults; paths
+#                      imgpool-cached-baseline and imgpool-passthrough-baseline
+#   --paths A,B,...    measure only these paths (direct is always measured: the ratios need it)
 #   --seed N           seed of the random path order (default: from the clock; printed)
 #
 # Paths measured, each with every job warm (file read once first, with O_DIRECT for the
@@ -59,6 +61,7 @@ CACHE_ARGS=()
 JSON_OUT=$ROOT/target/bench/results.json
 REPLICAS=10
 BASELINE_BIN=""
+PATHS_ARG=""
 SEED=""
 ORIG_ARGS=("$@")
 
@@ -77,6 +80,7 @@ while (($#)); do
         --json-out) need_val "$@"; JSON_OUT=$2; shift ;;
         --baseline-bin) need_val "$@"; BASELINE_BIN=$2; shift ;;
         --seed) need_val "$@"; SEED=$2; shift ;;
+        --paths) need_val "$@"; PATHS_ARG=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -320,6 +324,11 @@ if [[ -n $BASELINE_BIN ]]; then
     BASE_HAS_CACHE_DROP=0
     "$BASELINE_BIN" cache drop --help >/dev/null 2>&1 && BASE_HAS_CACHE_DROP=1
     DAEMON_OF[imgpool-cached-baseline]=imgpool
+    mount_imgpool "$BASELINE_BIN" "$BASE_STATE" "$W/mnt-baseline-passthrough" --no-bind --io-mode passthrough
+    PATHS+=(imgpool-passthrough-baseline)
+    FILES[imgpool-passthrough-baseline]=$W/mnt-baseline-passthrough/images/$NAME
+    PID_OF[imgpool-passthrough-baseline]=$MOUNTED_PID
+    DAEMON_OF[imgpool-passthrough-baseline]=imgpool
 fi
 
 # (f) ten replicas: one bind-mounted path per disk
@@ -335,6 +344,16 @@ PATHS+=("imgpool-${REPLICAS}x")
 FILES[imgpool-${REPLICAS}x]="${ten[*]}"
 PID_OF[imgpool-${REPLICAS}x]=$IMG_PID
 DAEMON_OF[imgpool-${REPLICAS}x]=imgpool
+
+if [[ -n $PATHS_ARG ]]; then
+    IFS=, read -r -a wanted <<<"$PATHS_ARG"
+    chosen=(direct)
+    for p in "${wanted[@]}"; do
+        [[ -n ${FILES[$p]:-} ]] || die "--paths: no path '$p' (paths: ${PATHS[*]})"
+        [[ $p == direct ]] || chosen+=("$p")
+    done
+    PATHS=("${chosen[@]}")
+fi
 
 for p in "${PATHS[@]}"; do
     for f in ${FILES[$p]}; do
