@@ -88,6 +88,15 @@ impl DiskLayout {
         self.tmp_dir().join(format!("{uuid}.img"))
     }
 
+    fn volumes_dir(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    /// The files of the volume with `uuid` on this disk.
+    pub fn volume_files(&self, uuid: &str) -> crate::format::volume::VolumeFiles {
+        crate::format::volume::VolumeFiles::new(&self.volumes_dir().join(uuid))
+    }
+
     pub fn probe_path(&self) -> PathBuf {
         self.root.join("probe")
     }
@@ -246,6 +255,14 @@ fn durable_tmp(path: &Path) -> PathBuf {
         ".{}.tmp",
         path.file_name().unwrap().to_string_lossy()
     ))
+}
+
+/// Writes a volume's record durably.
+pub fn write_volume_record(
+    files: &crate::format::volume::VolumeFiles,
+    record: &crate::format::volume::VolumeRecord,
+) -> Result<()> {
+    write_durably(&files.record(), &to_json(record))
 }
 
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {

@@ -8,5 +8,4 @@ pub mod mountinfo;
 pub mod names;
 pub mod sparse;
 pub mod units;
-#[allow(dead_code)]
 pub mod volume;
