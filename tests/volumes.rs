@@ -189,3 +189,353 @@ fn concurrent_creates_of_one_name_make_one_volume() {
         .sum();
     assert_eq!(dirs, 1);
 }
+
+fn pwrite(path: &Path, offset: u64, data: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(path)?;
+    file.write_all_at(data, offset)
+}
+
+fn read_whole(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+/// A volume through a real mount: it appears when created, reads its image and then zeros,
+/// takes buffered, O_DIRECT and mmap writes, discards, refuses what would change its size,
+/// keeps everything else read-only, and keeps its data across a remount.
+#[test]
+fn a_volume_is_a_read_write_file_of_the_mount() {
+    let test = "a_volume_is_a_read_write_file_of_the_mount";
+    if !can_mount(test) {
+        return;
+    }
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, 3 * MIB + 1000, 11);
+    pool.add_image("base", &source, 1);
+    let mount = pool.mount();
+    // Created while mounted: it appears within a second.
+    pool.ok(&[
+        "volume", "create", "vm1", "--image", "base", "--size", "8MiB",
+    ]);
+    let path = mount.mountpoint.join("volumes/vm1");
+    assert!(
+        poll(
+            std::time::Duration::from_secs(1),
+            std::time::Duration::from_millis(20),
+            || { path.exists() }
+        ),
+        "the new volume did not appear within a second"
+    );
+    let mut model = vec![0u8; 8 * MIB as usize];
+    let base = std::fs::read(&source).unwrap();
+    model[..base.len()].copy_from_slice(&base);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB);
+    assert!(
+        read_whole(&path) == model,
+        "a new volume reads its image, then zeros"
+    );
+
+    // Buffered writes, unaligned, across the end of the image and across granules.
+    for (offset, len, seed) in [
+        (5u64, 100usize, 1u8),
+        (3 * MIB - 7, 70_000, 2),
+        (65_530, 20, 3),
+    ] {
+        let data: Vec<u8> = (0..len)
+            .map(|i| (i as u8).wrapping_mul(31) ^ seed)
+            .collect();
+        pwrite(&path, offset, &data).unwrap();
+        model[offset as usize..offset as usize + len].copy_from_slice(&data);
+    }
+    // O_DIRECT, 4 KiB aligned.
+    {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&path)
+            .unwrap();
+        let mut buf = memmap2::MmapMut::map_anon(64 * 1024).unwrap();
+        buf.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i % 251) as u8);
+        file.write_all_at(&buf, MIB).unwrap();
+        model[MIB as usize..MIB as usize + buf.len()].copy_from_slice(&buf);
+        let mut back = memmap2::MmapMut::map_anon(64 * 1024).unwrap();
+        file.read_exact_at(&mut back, MIB).unwrap();
+        assert!(back[..] == buf[..], "O_DIRECT read after O_DIRECT write");
+        file.sync_all().unwrap();
+    }
+    // A shared writable mapping.
+    {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap();
+        map[6 * MIB as usize..6 * MIB as usize + 5000].fill(0xAB);
+        map.flush().unwrap();
+        model[6 * MIB as usize..6 * MIB as usize + 5000].fill(0xAB);
+    }
+    // A discard reads as zeros, also where the image has data.
+    let status = std::process::Command::new("fallocate")
+        .args(["-p", "-o", "8192", "-l", "100000"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    model[8192..108_192].fill(0);
+    assert!(
+        read_whole(&path) == model,
+        "the volume reads back what was written"
+    );
+
+    // Past the end: a write across it is short, as on a disk, and one beyond it is EFBIG; the
+    // volume never grows. Truncation is refused; the rest of the mount stays read-only.
+    {
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        assert_eq!(file.write_at(&[1u8; 20], 8 * MIB - 10).unwrap(), 10);
+        model[8 * MIB as usize - 10..].fill(1);
+        let err = file.write_at(&[1u8; 20], 8 * MIB).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EFBIG), "{err}");
+    }
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    assert_eq!(
+        file.set_len(4 * MIB).unwrap_err().raw_os_error(),
+        Some(libc::EPERM)
+    );
+    drop(file);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 8 * MIB);
+    let err = pwrite(&mount.image("base"), 0, b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let view = pool.disks[0].join("backing-images");
+    let err = std::fs::File::create(view.join("new")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+
+    // Another user reads the image and the volume, and writes neither.
+    let as_nobody = |script: &str| {
+        std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+            ])
+            .output()
+            .unwrap()
+    };
+    let image_path = mount.image("base");
+    let read = as_nobody(&format!(
+        "head -c 4096 {} >/dev/null && head -c 4096 {} >/dev/null",
+        image_path.display(),
+        path.display()
+    ));
+    assert!(
+        read.status.success(),
+        "{}",
+        String::from_utf8_lossy(&read.stderr)
+    );
+    let write = as_nobody(&format!(
+        "printf x | dd of={} conv=notrunc status=none",
+        path.display()
+    ));
+    assert!(!write.status.success(), "another user wrote a volume");
+    assert!(
+        String::from_utf8_lossy(&write.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&write.stderr)
+    );
+
+    // Open through the mount: commands that would write it behind the daemon refuse.
+    let held = std::fs::File::open(&path).unwrap();
+    let line = failed_cleanly(
+        "volume rm of an open volume",
+        &pool.run(&["volume", "rm", "vm1"]),
+    );
+    assert!(line.contains("open through a mount"), "{line}");
+    drop(held);
+
+    mount.unmount();
+    let mount = pool.mount();
+    let after = read_whole(&mount.mountpoint.join("volumes/vm1"));
+    let differs = after.iter().zip(&model).position(|(a, b)| a != b);
+    assert!(
+        differs.is_none(),
+        "the volume keeps its data across a remount; first difference at {differs:?}; log: {}",
+        std::fs::read_to_string(pool.state.join("mount.log")).unwrap_or_default()
+    );
+    mount.unmount();
+}
+
+/// Real clients: fio writes with verification, buffered and O_DIRECT, several jobs; an ext4
+/// filesystem on the volume (through a loop device) survives a check and a remount.
+#[test]
+fn fio_and_ext4_on_a_volume() {
+    let test = "fio_and_ext4_on_a_volume";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(1);
+    let source = pool.path("src.img");
+    random_file(&source, 2 * MIB, 12);
+    pool.add_image("base", &source, 1);
+    pool.ok(&[
+        "volume", "create", "fio", "--image", "base", "--size", "32MiB",
+    ]);
+    pool.ok(&["volume", "create", "fs", "--size", "64MiB"]);
+    let mount = pool.mount();
+    let fio_path = mount.mountpoint.join("volumes/fio");
+    for direct in ["0", "1"] {
+        let out = std::process::Command::new("fio")
+            .args([
+                "--name=verify",
+                "--rw=randwrite",
+                "--bs=4k",
+                "--size=32M",
+                "--io_size=8M",
+                "--numjobs=1",
+                "--ioengine=psync",
+                "--verify=crc32c",
+                "--do_verify=1",
+                "--verify_fatal=1",
+                &format!("--direct={direct}"),
+            ])
+            .arg(format!("--filename={}", fio_path.display()))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fio direct={direct}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = std::process::Command::new("fio")
+        .args([
+            "--name=jobs",
+            "--rw=randwrite",
+            "--bs=16k",
+            "--size=8M",
+            "--numjobs=4",
+            "--offset_increment=8M",
+            "--ioengine=libaio",
+            "--iodepth=8",
+            "--direct=1",
+            "--verify=crc32c",
+            "--verify_fatal=1",
+        ])
+        .arg(format!("--filename={}", fio_path.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "fio 4 jobs: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // ext4 on the volume.
+    let fs_path = mount.mountpoint.join("volumes/fs");
+    let loopdev = LoopFile::attach(&fs_path);
+    run_ok(
+        std::process::Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&loopdev.device),
+    );
+    let fs_mnt = pool.path("fsmnt");
+    std::fs::create_dir_all(&fs_mnt).unwrap();
+    {
+        let _mounted = Mounted::new(&loopdev.device, &fs_mnt);
+        for i in 0..20 {
+            let dir = fs_mnt.join(format!("d{}", i % 4));
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join(format!("f{i}")), vec![i as u8; 1000 + i * 3000]).unwrap();
+        }
+    }
+    run_ok(
+        std::process::Command::new("e2fsck")
+            .args(["-fn"])
+            .arg(&loopdev.device),
+    );
+    {
+        let _mounted = Mounted::new(&loopdev.device, &fs_mnt);
+        for i in 0..20 {
+            let file = fs_mnt.join(format!("d{}", i % 4)).join(format!("f{i}"));
+            assert_eq!(
+                std::fs::read(&file).unwrap(),
+                vec![i as u8; 1000 + i * 3000]
+            );
+        }
+    }
+    drop(loopdev);
+    mount.unmount();
+}
+
+fn run_ok(cmd: &mut std::process::Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A loop device over a file, detached on drop.
+struct LoopFile {
+    device: std::path::PathBuf,
+}
+
+impl LoopFile {
+    fn attach(file: &Path) -> LoopFile {
+        let out = std::process::Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopFile {
+            device: String::from_utf8(out.stdout).unwrap().trim().into(),
+        }
+    }
+}
+
+impl Drop for LoopFile {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .arg("-d")
+            .arg(&self.device)
+            .status();
+    }
+}
+
+/// A filesystem mounted by the test, unmounted on drop.
+struct Mounted {
+    target: std::path::PathBuf,
+}
+
+impl Mounted {
+    fn new(device: &Path, target: &Path) -> Mounted {
+        run_ok(std::process::Command::new("mount").arg(device).arg(target));
+        Mounted {
+            target: target.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.target)
+            .status();
+    }
+}

@@ -5,6 +5,7 @@
 //! <disk>/.imgpool/volumes/<uuid>/index.db      the block map with its versions, the snapshots,
 //!                                             the free slots and the reclaim still to do (SQLite)
 //! <disk>/.imgpool/volumes/<uuid>/data          the written blocks, in 64 KiB slots (sparse)
+//! <disk>/.imgpool/volumes/<uuid>/writer.lock   flock of the one process that writes it
 //! ```
 //!
 //! The volume's logical address space is cut into granules of `GRANULE` bytes; each granule's
@@ -73,5 +74,10 @@ impl VolumeFiles {
 
     pub fn data(&self) -> PathBuf {
         self.dir.join("data")
+    }
+
+    /// Locked (flock) by the one process that may write the volume.
+    pub fn writer_lock(&self) -> PathBuf {
+        self.dir.join("writer.lock")
     }
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::Pool;
 use crate::core::owner::OwnerLock;
 use crate::core::store::{DiskRow, DiskState, VolumeRow, VolumeState};
-use crate::core::volume::{Base, Volume};
+use crate::core::volume::{Base, Volume, WriterLock};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 use crate::format::layout::{fsync_dir, write_volume_record, DiskLayout};
@@ -239,6 +239,36 @@ impl Pool {
         Volume::open(files, Box::new(NotRead))
     }
 
+    /// The right to change a volume from this process: refused while a mount serves it open.
+    fn lock_volume(&self, name: &str, files: &VolumeFiles) -> Result<WriterLock> {
+        WriterLock::try_acquire(files)
+            .ctx(|| format!("cannot lock volume '{name}'"))?
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::InUse,
+                    format!("volume '{name}' is open through a mount: close it there first"),
+                )
+            })
+    }
+
+    /// The ready volumes a mount serves: each with its disk's path, and whether that disk is in
+    /// service (a volume on a failed disk answers EIO).
+    pub fn volumes_to_serve(&self) -> Result<Vec<(VolumeRow, PathBuf, bool)>> {
+        let disks = self.store.disks()?;
+        let mut out = Vec::new();
+        for volume in self.store.volumes()? {
+            if volume.state != VolumeState::Ready {
+                continue;
+            }
+            if let Some(disk) = disks.iter().find(|d| d.id == volume.disk_id) {
+                let serving = disk.state != DiskState::Failed
+                    && self.disk_health(disk) == super::DiskHealth::Healthy;
+                out.push((volume, disk.path.clone(), serving));
+            }
+        }
+        Ok(out)
+    }
+
     /// Grows a volume to `size` bytes.
     pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
         let info = self.volume(name)?;
@@ -253,6 +283,7 @@ impl Pool {
         }
         check_size(size, None)?;
         let files = VolumeFiles::new(&info.dir);
+        let _writer = self.lock_volume(name, &files)?;
         let volume = self
             .open_volume(&files)
             .ctx(|| format!("cannot open volume '{name}'"))?;
@@ -278,6 +309,7 @@ impl Pool {
                 ),
             ));
         }
+        let _writer = self.lock_volume(name, &VolumeFiles::new(&info.dir))?;
         if !self.store.set_volume_state(
             info.volume.id,
             VolumeState::Ready,

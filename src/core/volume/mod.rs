@@ -56,6 +56,29 @@ impl Base for NoBase {
     }
 }
 
+/// The right to write a volume: an exclusive `flock` on its `writer.lock`, held by the mount
+/// daemon while the volume is open through it, or by a command that changes the volume. The
+/// kernel drops it when its holder dies.
+pub struct WriterLock {
+    _file: std::fs::File,
+}
+
+impl WriterLock {
+    /// The lock, or `None` while another process holds it.
+    pub fn try_acquire(files: &VolumeFiles) -> io::Result<Option<WriterLock>> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(files.writer_lock())?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(WriterLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
 /// Reclaims of this many versions per transaction: small enough not to hold writers up.
 const RECLAIM_BATCH: usize = 1024;
 
@@ -159,6 +182,11 @@ impl Volume {
 
     /// Flushes and records a clean close: the next open skips the space scan a crash needs.
     pub fn close(self) -> io::Result<()> {
+        self.shutdown()
+    }
+
+    /// `close` for a volume shared with others, who must not write it any more.
+    pub fn shutdown(&self) -> io::Result<()> {
         let mut state = self.state.lock();
         self.commit_locked(&mut state)?;
         state.index.set_closed_cleanly(true).map_err(index_error)?;
