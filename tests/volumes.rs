@@ -539,3 +539,92 @@ impl Drop for Mounted {
             .status();
     }
 }
+
+/// `kill -9` of the daemon while a writer writes and fsyncs: after a new mount, every write
+/// whose fsync returned is there (or a later write to the same block), and fsck is clean.
+#[test]
+fn a_crash_loses_no_write_that_an_fsync_covered() {
+    let test = "a_crash_loses_no_write_that_an_fsync_covered";
+    if !can_mount(test) {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const BLOCKS: u64 = 2048; // 8 MiB
+    let pool = TestPool::new(1);
+    pool.ok(&["volume", "create", "crash", "--size", "8MiB"]);
+    let mount = pool.mount();
+    let path = mount.mountpoint.join("volumes/crash");
+    let block = |write: u64| -> Vec<u8> {
+        let mut data = vec![0u8; 4096];
+        for (i, chunk) in data.chunks_mut(8).enumerate() {
+            chunk.copy_from_slice(&(write * 1_000_003 + i as u64).to_le_bytes());
+        }
+        data
+    };
+    // Write n goes to block (n * 7919) % BLOCKS; after each fsync that returns, n is durable.
+    let target = |n: u64| (n * 7919) % BLOCKS;
+    let stop = AtomicBool::new(false);
+    let acked = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            let mut acked = None;
+            for n in 0.. {
+                if stop.load(Ordering::Relaxed)
+                    || file.write_all_at(&block(n), target(n) * 4096).is_err()
+                {
+                    break;
+                }
+                // Every fourth write is fsynced, so that unsynced writes are in flight too.
+                if n % 4 == 3 {
+                    if file.sync_data().is_err() {
+                        break;
+                    }
+                    acked = Some(n);
+                }
+            }
+            acked
+        });
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(mount.pid.unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        stop.store(true, Ordering::Relaxed);
+        writer.join().unwrap()
+    });
+    let acked = acked.expect("some fsync returned before the kill");
+    assert!(acked > 100, "too few writes before the kill: {acked}");
+    drop(mount); // lazily unmounts what the dead daemon left
+
+    let mount = pool.mount();
+    let file = std::fs::File::open(mount.mountpoint.join("volumes/crash")).unwrap();
+    // For each block, the last write to it that an fsync covered, and the writes after it.
+    let mut last_acked: Vec<Option<u64>> = vec![None; BLOCKS as usize];
+    for n in 0..=acked {
+        last_acked[target(n) as usize] = Some(n);
+    }
+    let mut buf = vec![0u8; 4096];
+    for b in 0..BLOCKS {
+        file.read_exact_at(&mut buf, b * 4096).unwrap();
+        let Some(durable) = last_acked[b as usize] else {
+            continue;
+        };
+        // A later write to the block (not covered by an fsync) may be there instead.
+        let ok = (durable..durable + 4 * BLOCKS).any(|n| target(n) == b && buf == block(n));
+        assert!(
+            ok,
+            "block {b}: the write {durable}, covered by an fsync, is lost"
+        );
+    }
+    drop(file);
+    mount.unmount();
+    let fsck = pool.run(&["fsck"]);
+    assert!(
+        fsck.status.success(),
+        "fsck after the crash: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+}
