@@ -628,3 +628,68 @@ fn a_crash_loses_no_write_that_an_fsync_covered() {
         String::from_utf8_lossy(&fsck.stdout)
     );
 }
+
+/// The disks alone rebuild the volumes' rows; fsck finds a volume the store does not list and
+/// lists it again, and reports a damaged record, deleting nothing.
+#[test]
+fn fsck_checks_volumes_and_rebuilds_them_from_the_disks() {
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 13);
+    pool.add_image("base", &source, 1);
+    pool.ok(&[
+        "volume", "create", "vm1", "--image", "base", "--size", "4MiB", "--disk", "d1",
+    ]);
+    pool.ok(&[
+        "volume", "create", "blank", "--size", "2MiB", "--disk", "d2",
+    ]);
+    pool.ok(&["volume", "resize", "blank", "3MiB"]);
+    let before = pool.ok(&["volume", "list", "--json"]);
+    assert!(pool.run(&["fsck"]).status.success(), "fsck of a clean pool");
+
+    // The store is lost: fsck --repair rebuilds it from the disks, volumes included.
+    for file in ["pool.db", "pool.db-wal", "pool.db-shm"] {
+        let _ = std::fs::remove_file(pool.state.join(file));
+    }
+    let mut args = vec!["fsck", "--repair"];
+    for disk in &pool.disks {
+        args.extend(["--disk", disk.to_str().unwrap()]);
+    }
+    let out = pool.ok(&args);
+    assert!(
+        out.contains("volume 'vm1'") && out.contains("volume 'blank'"),
+        "{out}"
+    );
+    assert_eq!(pool.ok(&["volume", "list", "--json"]), before);
+    // The base image is held by its volume again.
+    let line = failed_cleanly(
+        "image rm after the rebuild",
+        &pool.run(&["image", "rm", "base"]),
+    );
+    assert!(line.contains("volume vm1"), "{line}");
+
+    // A volume directory the store does not list is found and listed again.
+    {
+        let db = rusqlite::Connection::open(pool.state.join("pool.db")).unwrap();
+        db.execute("DELETE FROM volumes WHERE name = 'vm1'", []).unwrap();
+    }
+    let out = pool.run(&["fsck"]);
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success() && report.contains("holds volume 'vm1'"), "{report}");
+    pool.ok(&["fsck", "--repair"]);
+    assert_eq!(pool.ok(&["volume", "list", "--json"]), before);
+
+    // A damaged record is reported, and nothing is deleted.
+    let uuid = pool.json(&["volume", "show", "blank"])["uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = pool.disks[1].join(".imgpool/volumes").join(&uuid);
+    std::fs::write(dir.join("volume.json"), b"{").unwrap();
+    let out = pool.run(&["fsck"]);
+    assert!(!out.status.success());
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(report.contains("volume 'blank'"), "{report}");
+    pool.run(&["fsck", "--repair"]);
+    assert!(dir.join("data").exists() && dir.join("index.db").exists());
+}

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::Pool;
 use crate::core::owner::OwnerLock;
 use crate::core::store::{DiskRow, DiskState, VolumeRow, VolumeState};
-use crate::core::volume::{Base, Volume, WriterLock};
+use crate::core::volume::{self, Base, Volume, WriterLock};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 use crate::format::layout::{fsync_dir, write_volume_record, DiskLayout};
@@ -213,14 +213,9 @@ impl Pool {
         } else {
             0
         };
+        // Read only: the daemon serving the volume may be writing it.
         let snapshots = if reachable {
-            self.open_volume(&files)
-                .and_then(|v| {
-                    let n = v.snapshots().map(|s| s.len());
-                    v.close()?;
-                    n
-                })
-                .unwrap_or(0)
+            volume::summary(&files).map_or(0, |s| s.snapshots)
         } else {
             0
         };

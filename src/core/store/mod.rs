@@ -849,6 +849,32 @@ impl Store {
         })
     }
 
+    /// Lists a volume found on a disk (fsck), ready, if its name is free.
+    pub fn insert_found_volume(&self, volume: &VolumeRow) -> Result<i64> {
+        self.write(|tx| {
+            if let Some(by) = name_taken(tx, &volume.name).map_err(|e| self.err(e))? {
+                return Err(Error::NameTaken {
+                    name: volume.name.clone(),
+                    by,
+                });
+            }
+            tx.execute(
+                "INSERT INTO volumes (name, uuid, disk_id, image_id, size, state, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'ready', ?6)",
+                params![
+                    volume.name,
+                    volume.uuid,
+                    volume.disk_id,
+                    volume.image_id,
+                    volume.size as i64,
+                    volume.created
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
     pub fn volumes(&self) -> Result<Vec<VolumeRow>> {
         self.run(|c| {
             let mut stmt = c.prepare(&format!(

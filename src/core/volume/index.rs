@@ -13,7 +13,7 @@
 
 use std::path::Path;
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 
 /// One version of one granule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,7 +103,13 @@ pub struct Index {
 impl Index {
     /// Opens the index, creating its tables when `size` is given (a new volume).
     pub fn open(path: &Path, new_size: Option<u64>) -> rusqlite::Result<Index> {
-        let conn = Connection::open(path)?;
+        // Only a new volume creates its index: a missing one is an error, never a new empty
+        // volume.
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if new_size.is_some() {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let conn = Connection::open_with_flags(path, flags)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;

@@ -79,6 +79,23 @@ impl WriterLock {
     }
 }
 
+/// A volume as its index describes it, read without opening it for writing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub size: u64,
+    pub snapshots: usize,
+}
+
+/// Reads a volume's size and snapshot count; changes nothing (a mount daemon may be writing it:
+/// SQLite's WAL lets a reader look meanwhile).
+pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
+    let index = Index::open(&files.index(), None).map_err(index_error)?;
+    Ok(Summary {
+        size: index.size().map_err(index_error)?,
+        snapshots: index.snapshots().map_err(index_error)?.len(),
+    })
+}
+
 /// Reclaims of this many versions per transaction: small enough not to hold writers up.
 const RECLAIM_BATCH: usize = 1024;
 
