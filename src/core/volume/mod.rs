@@ -511,12 +511,11 @@ impl Volume {
         }
     }
 
-    /// A slot for a new version. Punched first: after a crash, a slot that a lost transaction
-    /// had written is free (or past the high-water mark) again with those blocks still taken.
+    /// A slot for a new version. It holds no data: free slots are punched when freed, slots
+    /// past the high-water mark were never written, and after a crash `open` punched the free
+    /// slots and cut the file at the mark before anything was allocated.
     fn new_slot(&self, state: &mut State) -> io::Result<u64> {
-        let slot = state.index.allocate_slot().map_err(index_error)?;
-        self.data.punch(slot, 0, BLOCKS_PER_GRANULE)?;
-        Ok(slot)
+        state.index.allocate_slot().map_err(index_error)
     }
 
     fn copy_blocks(&self, from: u64, to: u64, blocks: u16) -> io::Result<()> {
