@@ -25,11 +25,17 @@ fn mounts_at(path: &Path) -> usize {
         .count()
 }
 
-/// A guard for a mount the test is about to make at `<pool dir>/<name>` (created); its pid is
-/// filled in once the mount is up.
+/// A guard for a mount the test is about to make at `<pool dir>/<name>` (created unless it is
+/// there, maybe as a dead mount); its pid is filled in once the mount is up.
 fn guard_for(pool: &TestPool, name: &str) -> MountGuard {
     let mountpoint = pool.path(name);
-    fs::create_dir_all(&mountpoint).unwrap();
+    if let Err(e) = fs::create_dir(&mountpoint) {
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::AlreadyExists,
+            "{mountpoint:?}"
+        );
+    }
     MountGuard {
         state: pool.state.clone(),
         mountpoint,
@@ -62,8 +68,7 @@ fn mount_in(pool: &TestPool, name: &str, extra: &[&str]) -> MountGuard {
 
 /// Whether `path` is a FUSE mount whose daemon is gone.
 fn is_dead(path: &Path) -> bool {
-    fs::metadata(path).err().and_then(|e| e.raw_os_error())
-        == Some(libc::ENOTCONN)
+    fs::metadata(path).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN)
 }
 
 fn kill_9(mount: &mut MountGuard) {
@@ -87,7 +92,11 @@ fn pool_with_image(seed: u64) -> (TestPool, String, String) {
 
 /// The pool at `mount` serves the image through the mount and through every disk's bind.
 fn assert_serves(mount: &MountGuard, uuid: &str, sha: &str, after: &str) {
-    assert_eq!(sha512sum(&mount.image("golden")), sha, "{after}: images/golden");
+    assert_eq!(
+        sha512sum(&mount.image("golden")),
+        sha,
+        "{after}: images/golden"
+    );
     for disk in &mount.disks {
         assert_eq!(
             sha512sum(&mount.bound_view(disk, "golden", uuid)),
@@ -226,7 +235,10 @@ fn umount_unmounts_only_a_whole_mount_of_its_own_pool() {
             vec!["umount", bind.to_str().unwrap()],
             "another pool's umount of a bind",
         ),
-        (vec!["umount", "--lazy", &mnt], "another pool's umount --lazy"),
+        (
+            vec!["umount", "--lazy", &mnt],
+            "another pool's umount --lazy",
+        ),
     ] {
         let message = other.fails(&args);
         assert!(message.contains("another pool"), "{what}: {message}");
@@ -297,7 +309,11 @@ fn a_killed_daemon_is_reported_and_cleaned_up_by_the_next_mount() {
         assert_eq!(mounts_at(&target), 1, "{target:?}");
     }
     assert_serves(&second, &uuid, &sha, "a mount elsewhere after kill -9");
-    assert_status_true(&pool, &[&second.mountpoint], "a mount elsewhere after kill -9");
+    assert_status_true(
+        &pool,
+        &[&second.mountpoint],
+        "a mount elsewhere after kill -9",
+    );
     assert!(
         is_dead(&other_mount.mountpoint),
         "another pool's dead mount was touched"
@@ -317,7 +333,12 @@ fn a_killed_daemon_is_reported_and_cleaned_up_by_the_next_mount() {
     for target in third.targets() {
         assert_eq!(mounts_at(&target), 1, "{target:?}");
     }
-    assert_serves(&third, &uuid, &sha, "a mount at the same place after kill -9");
+    assert_serves(
+        &third,
+        &uuid,
+        &sha,
+        "a mount at the same place after kill -9",
+    );
     assert_status_true(&pool, &[&third.mountpoint], "the same place after kill -9");
     third.unmount();
 
@@ -361,11 +382,21 @@ fn numeric_mount_options_are_bounded_and_their_bounds_work() {
         std::io::Read::read_to_string(&mut stderr_pipe, &mut stderr).unwrap();
         assert_eq!(exit.code(), Some(2), "mount {option} {value}: {stderr}");
         assert!(stderr.contains(range), "mount {option} {value}: {stderr}");
-        assert!(!is_mount_point(&mountpoint), "mount {option} {value} mounted");
+        assert!(
+            !is_mount_point(&mountpoint),
+            "mount {option} {value} mounted"
+        );
     }
     for extra in [
         &["--threads", "256", "--read-ahead", "256MiB"][..],
-        &["--threads", "1", "--read-ahead", "0", "--cache-size", "4MiB"][..],
+        &[
+            "--threads",
+            "1",
+            "--read-ahead",
+            "0",
+            "--cache-size",
+            "4MiB",
+        ][..],
     ] {
         let mount = pool.mount_with(extra);
         assert_serves(&mount, &uuid, &sha, &format!("mount {extra:?}"));
