@@ -324,6 +324,12 @@ fn a_killed_daemon_is_reported_and_cleaned_up_by_the_next_mount() {
             .map(Vec::len),
         Some(1)
     );
+    let message = pool.fails(&["mount", other_mount.mountpoint.to_str().unwrap()]);
+    assert!(
+        message.contains("daemon died") && message.contains("imgpool umount"),
+        "a mount at another pool's dead mount: {message}"
+    );
+    assert!(is_dead(&other_mount.mountpoint));
 
     // At the same place.
     kill_9(&mut second);
