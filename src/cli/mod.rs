@@ -22,12 +22,12 @@ use crate::core::repair;
 use crate::core::settings;
 use crate::core::store::CopyState;
 use crate::daemon::control;
-use crate::daemon::mount::{self, MountConfig};
+use crate::daemon::mount::{self, MountConfig, MAX_READ_AHEAD, MAX_THREADS};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::clock::timestamp;
 use crate::format::units::{bytes, parse_size};
 use crate::fs::cache::MIN_CACHE_SIZE;
-use crate::fs::read::default_cache_size;
+use crate::fs::read::{default_cache_size, physical_memory};
 use crate::fs::stats::MountStats;
 use crate::fs::IoMode;
 
@@ -284,23 +284,23 @@ pub struct MountArgs {
     /// Do not bind-mount each disk's view at <disk path>/backing-images.
     #[arg(long)]
     pub no_bind: bool,
-    /// Threads serving FUSE requests.
-    #[arg(long, default_value_t = 4)]
+    /// Threads serving FUSE requests (1 to 256).
+    #[arg(long, default_value_t = 4, value_parser = parse_threads)]
     pub threads: usize,
     /// Where the background daemon writes its log (default: <state dir>/mount.log).
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// Memory for the chunk cache, e.g. 512MiB or 2G (binary units; at least 4 MiB). Default:
-    /// an eighth of the machine's memory, between 256 MiB and 4 GiB.
+    /// Memory for the chunk cache, e.g. 512MiB or 2G (binary units; at least 4 MiB, at most the
+    /// machine's memory). Default: an eighth of the machine's memory, between 256 MiB and 4 GiB.
     #[arg(long, value_parser = parse_cache_size)]
     pub cache_size: Option<u64>,
     /// cached: reads go through the daemon's cache; passthrough: the kernel reads the copy
     /// files itself (Linux >= 6.9; falls back to cached when the kernel refuses).
     #[arg(long, value_enum, default_value = "cached")]
     pub io_mode: IoModeArg,
-    /// The kernel's readahead window on the mount, e.g. 8MiB. 8 MiB keeps eight 1 MiB requests
-    /// of a sequential reader in flight, served by the FUSE threads side by side.
-    #[arg(long, default_value = "8MiB", value_parser = parse_size)]
+    /// The kernel's readahead window on the mount, e.g. 8MiB (0 to 256 MiB). 8 MiB keeps eight
+    /// 1 MiB requests of a sequential reader in flight, served by the FUSE threads side by side.
+    #[arg(long, default_value = "8MiB", value_parser = parse_read_ahead)]
     pub read_ahead: u64,
 }
 
@@ -322,10 +322,38 @@ impl From<IoModeArg> for IoMode {
 
 fn parse_cache_size(text: &str) -> std::result::Result<u64, String> {
     let size = parse_size(text)?;
+    let memory = physical_memory();
     if size < MIN_CACHE_SIZE {
         return Err(format!(
             "{text} is below the smallest cache, {}",
             bytes(MIN_CACHE_SIZE)
+        ));
+    }
+    if size > memory {
+        return Err(format!(
+            "{text} is more than this machine's memory: give from {} to {}",
+            bytes(MIN_CACHE_SIZE),
+            bytes(memory)
+        ));
+    }
+    Ok(size)
+}
+
+fn parse_threads(text: &str) -> std::result::Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(n) if (1..=MAX_THREADS).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{text} is not a number of threads from 1 to {MAX_THREADS}"
+        )),
+    }
+}
+
+fn parse_read_ahead(text: &str) -> std::result::Result<u64, String> {
+    let size = parse_size(text)?;
+    if size > MAX_READ_AHEAD {
+        return Err(format!(
+            "{text} is more than the largest readahead window: give from 0 to {}",
+            bytes(MAX_READ_AHEAD)
         ));
     }
     Ok(size)
@@ -434,7 +462,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
                 &MountConfig {
                     mountpoint: args.mountpoint,
                     bind: !args.no_bind,
-                    threads: args.threads.max(1),
+                    threads: args.threads,
                     log_file: args.log_file,
                     cache_size: args.cache_size.unwrap_or_else(default_cache_size),
                     io_mode: args.io_mode.into(),
@@ -846,10 +874,19 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
     let disks = pool.disk_status()?;
     let images = pool.images()?;
     let mounts = pool.live_mounts()?;
+    let dead_mounts = pool.dead_mounts()?;
     let mut problems: Vec<String> = disks
         .iter()
         .filter_map(|d| d.problem().map(|p| format!("disk {}: {p}", d.disk.name)))
         .collect();
+    problems.extend(dead_mounts.iter().map(|m| {
+        let path = m.mount_point.display();
+        if m.is_bind() {
+            format!("bind {path}: its mount daemon died, so every read of it fails ('Transport endpoint is not connected'): `imgpool mount` cleans it up as it mounts the pool again")
+        } else {
+            format!("mount {path}: its daemon died, so every read of it and of its binds fails ('Transport endpoint is not connected'): `imgpool mount {path}` cleans it up and mounts the pool again (or `imgpool umount {path}`)")
+        }
+    }));
     problems.extend(images.iter().filter_map(|i| {
         i.problem()
             .map(|p| format!("image {} {}: {p}", i.image.name, i.state()))
@@ -894,6 +931,9 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
                        "list": disks.iter().map(disk_json).collect::<Vec<_>>() },
             "images": { "total": images.len(), "logical_bytes": logical, "stored_bytes": stored,
                         "holders": holders },
+            "dead_mounts": dead_mounts.iter().map(|m| json!({
+                "path": m.mount_point, "bind": m.is_bind(),
+            })).collect::<Vec<_>>(),
             "mounts": mounts.iter().zip(&stats).map(|(m, stats)| json!({
                 "id": m.id, "mountpoint": m.mountpoint, "pid": m.pid,
                 "since": timestamp(m.started),
@@ -1372,6 +1412,24 @@ mod tests {
             .unwrap_err()
             .contains("smallest cache"));
         assert_eq!(parse_cache_size("4MiB"), Ok(MIN_CACHE_SIZE));
+    }
+
+    #[test]
+    fn numeric_mount_options_are_bounded() {
+        assert_eq!(parse_threads("1"), Ok(1));
+        assert_eq!(parse_threads("256"), Ok(MAX_THREADS));
+        for bad in ["0", "257", "100000", "-1", "four"] {
+            assert!(
+                parse_threads(bad).unwrap_err().contains("1 to 256"),
+                "{bad}"
+            );
+        }
+        assert!(parse_cache_size("1024T").unwrap_err().contains("memory"));
+        assert_eq!(parse_read_ahead("0"), Ok(0));
+        assert_eq!(parse_read_ahead("256MiB"), Ok(MAX_READ_AHEAD));
+        assert!(parse_read_ahead("257MiB")
+            .unwrap_err()
+            .contains("from 0 to"));
     }
 
     #[test]

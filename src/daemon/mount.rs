@@ -12,17 +12,17 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fuser::{Config, INodeNo, MountOption, Notifier, Session, SessionACL};
+use fuser::{Config, INodeNo, Notifier, Session, SessionACL};
 use nix::mount::{umount2, MntFlags, MsFlags};
 use nix::sys::signal::{SigSet, Signal};
 use parking_lot::Mutex;
 
-use crate::core::owner::{self, Owner, OwnerLock};
+use crate::core::owner::{self, Owner, OwnerLock, WorkLock};
 use crate::core::pool::Pool;
 use crate::core::{health, repair};
 use crate::daemon::control::{self, ControlSocket, Wake};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::format::mountinfo;
+use crate::format::mountinfo::{self, MountEntry, MountSource};
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::namespace::{PoolFs, DISKS_DIR};
 use crate::fs::read::ReadPath;
@@ -42,6 +42,13 @@ const READY: &str = "ready";
 /// How long `imgpool mount` waits for the daemon; its slowest honest step is a store busy with
 /// other commands (30 s timeout).
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
+/// The most FUSE threads a mount may have (`--threads`). Each thread holds its own `/dev/fuse`
+/// descriptor and a request buffer; 256 is far more than a node's cores can keep busy and is
+/// tested to mount and serve, while 100000 hung the mount until kill -9.
+pub const MAX_THREADS: usize = 256;
+/// The largest kernel readahead window (`--read-ahead`): the kernel splits it into requests of
+/// at most 1 MiB anyway, and a larger window only reads data nobody asked for.
+pub const MAX_READ_AHEAD: u64 = 256 << 20;
 
 #[derive(Debug, Clone)]
 pub struct MountConfig {
@@ -68,18 +75,18 @@ pub struct Started {
 pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result<Option<Started>> {
     let state_dir = &std::path::absolute(state_dir)
         .ctx(|| format!("cannot resolve {}", state_dir.display()))?;
-    let mountpoint = check_mountpoint(&config.mountpoint)?;
-    let config = MountConfig {
-        mountpoint,
-        ..config.clone()
-    };
     if !foreground {
-        // Fail here, with the real message, rather than in a daemon nobody watches.
-        Pool::open(state_dir)?;
+        // Fail here, with the real message, rather than in a daemon nobody watches. The daemon
+        // checks again, under the pool's mount lock: two mounts started at once both pass here.
+        let pool = Pool::open(state_dir)?;
+        let config = MountConfig {
+            mountpoint: check_mountpoint(&config.mountpoint, &pool.dead_mounts()?)?,
+            ..config.clone()
+        };
         return spawn_daemon(state_dir, &config).map(Some);
     }
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
-    let result = run_daemon(state_dir, &config, notify);
+    let result = run_daemon(state_dir, config, notify);
     if notify {
         if let Err(e) = &result {
             // The parent relays this line, with its kind, as its own error.
@@ -96,7 +103,10 @@ fn tell_parent(line: &str) {
     let _ = writeln!(pipe, "{line}").and_then(|()| pipe.flush());
 }
 
-fn check_mountpoint(path: &Path) -> Result<PathBuf> {
+/// The mount point as an absolute path, once it is known to be a directory where nothing is
+/// mounted, or where only one of `dead` (this pool's mounts whose daemon died, which the daemon
+/// unmounts before it mounts) is.
+fn check_mountpoint(path: &Path, dead: &[MountEntry]) -> Result<PathBuf> {
     let cannot = |why: String| {
         Error::refused(
             ErrorKind::InvalidInput,
@@ -113,20 +123,25 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf> {
             ),
         )
     };
-    let canonical = std::fs::canonicalize(path).map_err(|e| {
-        if is_dead_fuse_mount(&e) {
-            daemon_died()
-        } else {
-            cannot(format!("{e}; create the directory first"))
-        }
-    })?;
+    let absolute =
+        std::path::absolute(path).ctx(|| format!("cannot resolve {}", path.display()))?;
+    let ours_and_dead =
+        |e: &io::Error| is_dead_fuse_mount(e) && dead.iter().any(|m| m.mount_point == absolute);
+    let canonical = match std::fs::canonicalize(path) {
+        Ok(canonical) => canonical,
+        Err(e) if ours_and_dead(&e) => return Ok(absolute),
+        Err(e) if is_dead_fuse_mount(&e) => return Err(daemon_died()),
+        Err(e) => return Err(cannot(format!("{e}; create the directory first"))),
+    };
     match std::fs::metadata(&canonical) {
+        Err(e) if ours_and_dead(&e) => return Ok(canonical),
         Err(e) if is_dead_fuse_mount(&e) => return Err(daemon_died()),
         Err(e) => return Err(cannot(e.to_string())),
         Ok(meta) if !meta.is_dir() => return Err(cannot("not a directory".into())),
         Ok(_) => {}
     }
-    if let Some(existing) = mountinfo::mount_at(&mountinfo::read()?, &canonical) {
+    let table = mountinfo::read()?;
+    if let Some(existing) = mountinfo::mount_at(&table, &canonical).filter(|m| !dead.contains(m)) {
         return Err(Error::refused(
             ErrorKind::Conflict,
             format!(
@@ -254,6 +269,9 @@ enum Event {
 /// Bind mounts of the disks' views, made and unmade by the daemon.
 struct BindMounts {
     mountpoint: PathBuf,
+    /// The source of our mount, which our binds carry too: what tells them from other mounts
+    /// at the same paths.
+    source: String,
     active: Mutex<Option<Vec<PathBuf>>>,
     /// Targets that could not be bound, so that a retry every refresh logs the reason once.
     failed: Mutex<Vec<PathBuf>>,
@@ -301,12 +319,9 @@ impl BindMounts {
             return;
         };
         for target in active.iter().rev() {
-            match unmount(target, lazy) {
-                // EINVAL: already unmounted, by `imgpool umount` or by hand.
-                Err(e) if e.raw_os_error() != Some(libc::EINVAL) => {
-                    tracing::warn!("cannot unmount {}: {e}", target.display())
-                }
-                _ => {}
+            // Not ours any more: unmounted already, by `imgpool umount` or by hand.
+            if let Err(e) = unmount_if(target, lazy, |top| top.source == self.source) {
+                tracing::warn!("cannot unmount {}: {e}", target.display())
             }
         }
     }
@@ -352,6 +367,17 @@ fn bind_read_only(source: &Path, target: &Path) -> nix::Result<()> {
     })
 }
 
+/// Unmounts the topmost mount at `path` if `meant` says it is the one meant to go; whatever else
+/// is mounted there (a mount of another pool, or of another daemon of this one) is left alone.
+/// `Ok(false)`: the mount meant is not there.
+fn unmount_if(path: &Path, lazy: bool, meant: impl Fn(&MountEntry) -> bool) -> io::Result<bool> {
+    let table = mountinfo::read().map_err(|e| io::Error::other(e.to_string()))?;
+    match mountinfo::mount_at(&table, path) {
+        Some(top) if meant(top) => unmount(path, lazy).map(|()| true),
+        _ => Ok(false),
+    }
+}
+
 fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
     let flags = if lazy {
         MntFlags::MNT_DETACH
@@ -393,9 +419,18 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     // then each round of the repair thread does it again.
     crate::core::recover::recover(&pool)?;
     pool.relax_durability()?;
+    // Held until the mount and its binds are in place (see `serve`): the mount point checked
+    // free stays free until this daemon has mounted there.
+    let mounting = WorkLock::acquire(&pool.mount_lock_path())?;
+    unmount_dead_mounts(&pool);
+    let config = &MountConfig {
+        mountpoint: check_mountpoint(&config.mountpoint, &[])?,
+        ..config.clone()
+    };
     let token = format!("mount-{}", uuid::Uuid::new_v4());
     let lock = OwnerLock::acquire(state_dir, &token)?;
     let mount_id = pool.register_mount(&config.mountpoint, std::process::id(), &token)?;
+    let source = pool.mount_source(mount_id).to_string();
     let socket = ControlSocket::bind(state_dir, mount_id)?;
     control::sweep(state_dir, || {
         Ok(pool.live_mounts()?.iter().map(|m| m.id).collect())
@@ -408,12 +443,56 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     )?);
     let background = Arc::new(AtomicBool::new(false));
     let wake_repair = start_health_and_repair(state_dir, &fs, &background)?;
-    let result = serve(fs.clone(), config, signals, notify, socket, wake_repair);
+    let result = serve(
+        fs.clone(),
+        config,
+        Mounting {
+            lock: mounting,
+            source,
+        },
+        signals,
+        notify,
+        socket,
+        wake_repair,
+    );
     // A copy the repair is writing is abandoned; the next start cleans it up and redoes it.
     background.store(true, Ordering::Relaxed);
     let _ = fs.pool().unregister_mount(mount_id);
     lock.release();
     result
+}
+
+/// Unmounts what daemons of this pool that died left mounted (their mounts and binds answer
+/// ENOTCONN to everyone), so that this daemon can mount and bind where they were. Detached: a
+/// replica may still hold a file open there, which no longer reads anyway.
+fn unmount_dead_mounts(pool: &Pool) {
+    let dead = match pool.dead_mounts() {
+        Ok(dead) => dead,
+        Err(e) => {
+            tracing::warn!("cannot look for mounts left by dead daemons: {e}");
+            return;
+        }
+    };
+    for entry in dead {
+        let path = &entry.mount_point;
+        match unmount_if(path, true, |top| top == &entry) {
+            Ok(true) => tracing::info!(
+                "unmounted {}, left by a mount daemon that died",
+                path.display()
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                "cannot unmount {}, left by a mount daemon that died: {e}",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// The pool's mount lock and the source our mount will carry, while the mount is being made.
+struct Mounting {
+    lock: WorkLock,
+    source: String,
 }
 
 /// The health monitor (probes, and faults from the read path) and the repair, each in its own
@@ -449,9 +528,11 @@ fn start_health_and_repair(
     Ok(wake_repair)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve(
     fs: Arc<PoolFs>,
     config: &MountConfig,
+    mounting: Mounting,
     signals: SigSet,
     notify: bool,
     socket: ControlSocket,
@@ -459,26 +540,20 @@ fn serve(
 ) -> Result<()> {
     let mountpoint = &config.mountpoint;
     let mut options = Config::default();
-    options.mount_options = vec![
-        MountOption::FSName("imgpool".into()),
-        // fuser passes Subtype only to fusermount; the kernel takes it as a plain option.
-        MountOption::CUSTOM("subtype=imgpool".into()),
-        // Writable for volumes/; everything else answers EROFS (`fs::fuse`).
-        MountOption::RW,
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::NoAtime,
-        // No `default_permissions`: on a writable mount the kernel would let root pass
-        // access(W_OK) on the read-only images; the adapter decides access instead (`fs::fuse`).
-    ];
-    // Replicas run as other users than the daemon.
-    options.acl = SessionACL::All;
     options.n_threads = Some(config.threads);
     options.clone_fd = true;
     let passthrough = Arc::new(AtomicBool::new(false));
     let adapter = FuseAdapter::new(fs.clone(), config.io_mode, passthrough.clone());
-    let session = Session::new(adapter, mountpoint, &options)
+    let device = mount_fuse(mountpoint, &mounting.source)
         .ctx(|| format!("cannot mount FUSE at {}", mountpoint.display()))?;
+    // Replicas run as other users than the daemon.
+    let session = match Session::from_fd(adapter, device, SessionACL::All, options) {
+        Ok(session) => session,
+        Err(e) => {
+            let _ = unmount_if(mountpoint, true, |top| top.source == mounting.source);
+            return Err(e).ctx(|| format!("cannot start FUSE at {}", mountpoint.display()));
+        }
+    };
     let notifier = session.notifier();
     if let Err(e) = set_read_ahead(mountpoint, config.read_ahead) {
         tracing::warn!("cannot set the mount's readahead: {e}");
@@ -505,6 +580,7 @@ fn serve(
 
     let binds = Arc::new(BindMounts {
         mountpoint: mountpoint.clone(),
+        source: mounting.source.clone(),
         active: Mutex::new(Some(Vec::new())),
         failed: Mutex::new(Vec::new()),
     });
@@ -515,6 +591,7 @@ fn serve(
             return Err(e);
         }
     }
+    drop(mounting.lock);
 
     let stopping = Arc::new(AtomicBool::new(false));
     let (wake_refresh, wakes) = mpsc::channel::<Wake>();
@@ -587,6 +664,40 @@ fn serve(
     outcome.ctx(|| format!("FUSE session at {} failed", mountpoint.display()))
 }
 
+/// Mounts a FUSE filesystem at `mountpoint` with `source`, for a session on the returned
+/// `/dev/fuse` descriptor. Made here rather than by fuser's `Session::new`, which unmounts its
+/// mount point by path when the session ends: by then that path is unmounted already (a warning
+/// in the log at every clean stop) or, worse, holds another mount.
+///
+/// Options: `nodev,nosuid,noatime`; read-write for the volumes (every other write answers
+/// `EROFS` in `fs::fuse`); no `default_permissions`, since on a writable mount the kernel would
+/// let root pass `access(W_OK)` on the read-only images, so the adapter decides access;
+/// `allow_other` (replicas run as other users than the daemon); the subtype makes the type
+/// `fuse.imgpool` in the mount table.
+fn mount_fuse(mountpoint: &Path, source: &str) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let device = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let root_mode = std::fs::metadata(mountpoint)?.mode();
+    let data = format!(
+        "fd={},rootmode={root_mode:o},user_id={},group_id={},allow_other,subtype=imgpool",
+        device.as_raw_fd(),
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    nix::mount::mount(
+        Some(source),
+        mountpoint,
+        Some("fuse"),
+        MsFlags::MS_NODEV | MsFlags::MS_NOSUID | MsFlags::MS_NOATIME,
+        Some(data.as_str()),
+    )?;
+    Ok(device.into())
+}
+
 /// Sets the kernel's readahead window for the mount: its own backing device, named by the
 /// mount's device number, read from the mount table (a stat would wait on our own session).
 /// The kernel starts FUSE mounts at 128 KiB whatever the daemon asks at init.
@@ -606,13 +717,14 @@ fn set_read_ahead(mountpoint: &Path, bytes: u64) -> Result<()> {
 /// they are closed, and the session ends then.
 fn stop(binds: &BindMounts, mountpoint: &Path, lazy_if_busy: bool) {
     binds.stop(lazy_if_busy);
-    match unmount(mountpoint, false) {
+    let ours = |top: &MountEntry| top.source == binds.source;
+    match unmount_if(mountpoint, false, ours) {
         Err(e) if e.raw_os_error() == Some(libc::EBUSY) && lazy_if_busy => {
             tracing::warn!("{} is busy: detaching it", mountpoint.display());
-            let _ = unmount(mountpoint, true);
+            let _ = unmount_if(mountpoint, true, ours);
         }
         Err(e) => tracing::warn!("cannot unmount {}: {e}", mountpoint.display()),
-        Ok(()) => {}
+        Ok(_) => {}
     }
 }
 
@@ -655,8 +767,10 @@ fn follow_changes(
 }
 
 /// `imgpool umount`: the bind mounts first (they keep the filesystem alive), then the mount;
-/// then wait for the daemon to finish. Returns the mount point unmounted.
+/// then wait for the daemon to finish. Returns the mount point unmounted. Only a mount of this
+/// pool, and only a whole mount: a bind is unmounted alone only when its mount is gone.
 pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<PathBuf> {
+    let pool = Pool::open(state_dir)?;
     // A mount whose daemon died cannot be stat'ed, so fall back to the path as given.
     let mountpoint = std::fs::canonicalize(mountpoint)
         .or_else(|_| std::path::absolute(mountpoint))
@@ -673,20 +787,59 @@ pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<PathBuf
                 ),
             )
         })?;
-    let binds: Vec<&mountinfo::MountEntry> = table
-        .iter()
-        .rev()
-        .filter(|m| m.device == entry.device && m.mount_point != mountpoint)
-        .collect();
+    if pool.owns_mount(entry) == Some(false) {
+        let owner = MountSource::parse(&entry.source).map(|s| s.pool);
+        return Err(Error::refused(
+            ErrorKind::InvalidInput,
+            format!(
+                "{} is a mount of another pool ({}), not of the pool in {}: run `imgpool --state-dir <that pool's state directory> umount {}`",
+                mountpoint.display(),
+                owner.unwrap_or_default(),
+                pool.state_dir().display(),
+                mountpoint.display()
+            ),
+        ));
+    }
+    let same_mount = |m: &&MountEntry| m.device == entry.device && m.source == entry.source;
+    if entry.is_bind() {
+        if let Some(whole) = table.iter().filter(same_mount).find(|m| !m.is_bind()) {
+            let disk = entry.root.file_name().unwrap_or_default().to_string_lossy();
+            return Err(Error::refused(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{} is the bind mount of disk '{disk}' of the pool mounted at {}, and goes with it: `imgpool umount {}` unmounts the pool and every bind",
+                    mountpoint.display(),
+                    whole.mount_point.display(),
+                    whole.mount_point.display()
+                ),
+            ));
+        }
+    }
+    // A bind whose mount is gone (its daemon died) goes alone; a mount takes its binds first.
+    let binds: Vec<&MountEntry> = if entry.is_bind() {
+        Vec::new()
+    } else {
+        table
+            .iter()
+            .rev()
+            .filter(same_mount)
+            .filter(|m| m.id != entry.id)
+            .collect()
+    };
+    let unmount_meant = |meant: &MountEntry| {
+        unmount_if(&meant.mount_point, lazy, |top| top.id == meant.id)
+            .map_err(|e| busy_error(&meant.mount_point, e))
+    };
     let mut unmounted = Vec::new();
     let result = binds
         .iter()
         .try_for_each(|bind| {
-            unmount(&bind.mount_point, lazy).map_err(|e| busy_error(&bind.mount_point, e))?;
-            unmounted.push(*bind);
+            if unmount_meant(bind)? {
+                unmounted.push(*bind);
+            }
             Ok(())
         })
-        .and_then(|()| unmount(&mountpoint, lazy).map_err(|e| busy_error(&mountpoint, e)));
+        .and_then(|()| unmount_meant(entry).map(drop));
     if let Err(e) = result {
         // Leave the mount as it was: replicas on the disks already unbound keep their path.
         for bind in unmounted {
@@ -697,7 +850,11 @@ pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<PathBuf
         }
         return Err(e);
     }
-    wait_for_daemon(state_dir, &mountpoint);
+    // The daemon ends with the last of its mount and binds.
+    if table.iter().filter(same_mount).count() == binds.len() + 1 {
+        let mount_id = MountSource::parse(&entry.source).map(|s| s.mount_id);
+        wait_for_daemon(&pool, mount_id, &mountpoint);
+    }
     Ok(mountpoint)
 }
 
@@ -716,17 +873,20 @@ fn busy_error(path: &Path, e: io::Error) -> Error {
     }
 }
 
-/// Waits (a bounded time) for the daemon serving `mountpoint` to exit, so that when `umount`
-/// returns its state (open handles, the mount row) is settled.
-fn wait_for_daemon(state_dir: &Path, mountpoint: &Path) {
-    let Ok(pool) = Pool::open(state_dir) else {
-        return;
-    };
+/// Waits (a bounded time) for the daemon serving the mount recorded as `mount_id` to exit (the
+/// one at `mountpoint`, for a mount that does not name its row), so that when `umount` returns
+/// its state (open handles, the mount row) is settled.
+fn wait_for_daemon(pool: &Pool, mount_id: Option<i64>, mountpoint: &Path) {
+    let state_dir = pool.state_dir();
     let Ok(mounts) = pool.mounts() else {
         return;
     };
     let deadline = Instant::now() + Duration::from_secs(10);
-    for mount in mounts.iter().filter(|m| m.mountpoint == mountpoint) {
+    let served = mounts.iter().filter(|m| match mount_id {
+        Some(id) => m.id == id,
+        None => m.mountpoint == mountpoint,
+    });
+    for mount in served {
         while Instant::now() < deadline {
             match owner::check(state_dir, &mount.owner) {
                 Owner::Alive => std::thread::sleep(Duration::from_millis(20)),

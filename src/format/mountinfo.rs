@@ -1,5 +1,6 @@
 //! Reading the kernel's mount table (`/proc/self/mountinfo`): which directories are mount points,
-//! and which bind mounts share a filesystem with a given mount.
+//! which bind mounts share a filesystem with a given mount, and which pool and daemon an imgpool
+//! mount belongs to (its source, `MountSource`).
 
 use std::path::{Path, PathBuf};
 
@@ -7,12 +8,52 @@ use crate::error::{IoContext, Result};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountEntry {
+    /// The kernel's id of this mount (of this bind, for a bind mount); freed ids are reused.
+    pub id: u64,
     /// `major:minor` of the mounted filesystem; bind mounts of one filesystem share it.
     pub device: String,
     /// The directory of the filesystem that is mounted here (`/disks/d1` for a bind of a view).
     pub root: PathBuf,
     pub mount_point: PathBuf,
     pub fs_type: String,
+    /// What was mounted (the `mount` command's first argument); bind mounts keep their
+    /// filesystem's.
+    pub source: String,
+}
+
+impl MountEntry {
+    /// Whether this is a bind of a directory inside a filesystem rather than its root.
+    pub fn is_bind(&self) -> bool {
+        self.root != Path::new("/")
+    }
+}
+
+/// The source an imgpool mount carries in the mount table, and every bind of it with it:
+/// `imgpool:<pool uuid>:<mount row id>`. It tells which pool a mount belongs to and which daemon
+/// made it, without asking the mount itself (which hangs or fails when its daemon is gone).
+/// Mounts made before it existed carry plain `imgpool`, which names neither.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSource {
+    pub pool: String,
+    pub mount_id: i64,
+}
+
+const SOURCE_PREFIX: &str = "imgpool:";
+
+impl MountSource {
+    pub fn parse(source: &str) -> Option<MountSource> {
+        let (pool, mount_id) = source.strip_prefix(SOURCE_PREFIX)?.rsplit_once(':')?;
+        Some(MountSource {
+            pool: pool.to_string(),
+            mount_id: mount_id.parse().ok()?,
+        })
+    }
+}
+
+impl std::fmt::Display for MountSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{SOURCE_PREFIX}{}:{}", self.pool, self.mount_id)
+    }
 }
 
 pub fn read() -> Result<Vec<MountEntry>> {
@@ -29,10 +70,12 @@ pub fn parse(text: &str) -> Vec<MountEntry> {
             let fields: Vec<&str> = line.split(' ').collect();
             let dash = fields.iter().position(|f| *f == "-")?;
             Some(MountEntry {
+                id: fields.first()?.parse().ok()?,
                 device: fields.get(2)?.to_string(),
                 root: PathBuf::from(unescape(fields.get(3)?)),
                 mount_point: PathBuf::from(unescape(fields.get(4)?)),
                 fs_type: fields.get(dash + 1)?.to_string(),
+                source: unescape(fields.get(dash + 2)?),
             })
         })
         .collect()
@@ -71,8 +114,8 @@ mod tests {
 
     const SAMPLE: &str = "\
 22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
-98 22 0:52 / /tmp/a\\040b/mnt ro,nosuid,nodev,relatime shared:60 - fuse.imgpool imgpool ro,user_id=0
-99 22 0:52 /disks/d1 /data/d1/backing-images ro,nosuid shared:60 - fuse.imgpool imgpool ro,user_id=0
+98 22 0:52 / /tmp/a\\040b/mnt ro,nosuid,nodev,relatime shared:60 - fuse.imgpool imgpool:5f0c-4e:7 ro,user_id=0
+99 22 0:52 /disks/d1 /data/d1/backing-images ro,nosuid shared:60 - fuse.imgpool imgpool:5f0c-4e:7 ro,user_id=0
 ";
 
     #[test]
@@ -83,6 +126,10 @@ mod tests {
         assert_eq!(table[1].fs_type, "fuse.imgpool");
         assert_eq!(table[2].device, table[1].device);
         assert_eq!(table[2].root, PathBuf::from("/disks/d1"));
+        assert_eq!(table[2].id, 99);
+        assert!(table[2].is_bind() && !table[1].is_bind());
+        assert_eq!(table[0].source, "/dev/vda");
+        assert_eq!(table[2].source, table[1].source);
         assert_eq!(
             mount_at(&table, Path::new("/data/d1/backing-images"))
                 .unwrap()
@@ -90,6 +137,25 @@ mod tests {
             "0:52"
         );
         assert!(mount_at(&table, Path::new("/data/d1")).is_none());
+    }
+
+    #[test]
+    fn a_mount_source_names_its_pool_and_mount() {
+        let source = MountSource {
+            pool: "5f0c-4e".into(),
+            mount_id: 7,
+        };
+        assert_eq!(source.to_string(), "imgpool:5f0c-4e:7");
+        assert_eq!(MountSource::parse("imgpool:5f0c-4e:7"), Some(source));
+        for other in [
+            "imgpool",
+            "imgpool:5f0c",
+            "imgpool:5f0c:x",
+            "/dev/vda",
+            "tmpfs",
+        ] {
+            assert_eq!(MountSource::parse(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -37,10 +37,14 @@ const DEFAULT_CACHE_MAX: u64 = 4 << 30;
 /// 256 MiB and 4 GiB. O_DIRECT readers (volume engines) get no page cache, so this cache is the
 /// only memory that serves their repeated reads; it fills only as chunks are read.
 pub fn default_cache_size() -> u64 {
+    (physical_memory() / 8).clamp(DEFAULT_CACHE_MIN, DEFAULT_CACHE_MAX)
+}
+
+/// The machine's memory in bytes; also the largest cache a mount may be given.
+pub fn physical_memory() -> u64 {
     use nix::unistd::{sysconf, SysconfVar};
     let get = |var| sysconf(var).ok().flatten().unwrap_or(0).max(0) as u64;
-    let memory = get(SysconfVar::_PHYS_PAGES).saturating_mul(get(SysconfVar::PAGE_SIZE));
-    (memory / 8).clamp(DEFAULT_CACHE_MIN, DEFAULT_CACHE_MAX)
+    get(SysconfVar::_PHYS_PAGES).saturating_mul(get(SysconfVar::PAGE_SIZE))
 }
 /// How far ahead of a sequential reader chunks are read. Queued in half-window steps, so each
 /// step gives every readahead thread a batch: 8 MiB of disk reads in flight at once, which a
