@@ -69,6 +69,7 @@ pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result
     let state_dir = &std::path::absolute(state_dir)
         .ctx(|| format!("cannot resolve {}", state_dir.display()))?;
     let mountpoint = check_mountpoint(&config.mountpoint)?;
+    Pool::open(state_dir)?.check_mount_point(&mountpoint)?;
     let config = MountConfig {
         mountpoint,
         ..config.clone()
