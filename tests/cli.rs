@@ -1115,8 +1115,16 @@ fn a_source_rewritten_during_the_import_is_refused_and_nothing_is_kept() {
     let source = pool.path("src.img");
     random_file(&source, 64 * MIB, 30);
     let stop = AtomicBool::new(false);
+    /// Stops the writer when the test ends, also by a failed assertion (the scope waits for it).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     std::thread::scope(|scope| {
         let writer = scope.spawn(|| keep_rewriting(&source, &stop));
+        let _stop = StopOnDrop(&stop);
         // The writer runs through every import: each one reads the file while it changes.
         for round in 0..3 {
             let line = pool.fails(&[
