@@ -1011,6 +1011,13 @@ fn a_mount_inside_a_disk_or_the_state_dir_is_refused() {
         (state_sub.clone(), "is inside the state directory"),
         (pool.dir.path().to_path_buf(), "contains"),
     ] {
+        // Should the mount be made after all, the guard unmounts it (and its bind mounts).
+        let _unmount = MountGuard {
+            state: pool.state.clone(),
+            mountpoint: path.clone(),
+            disks: pool.disks.clone(),
+            pid: None,
+        };
         let line = pool.fails(&["mount", path.to_str().unwrap()]);
         assert!(line.contains(conflict), "{path:?}: {line}");
         assert!(!is_mount_point(&path), "{path:?} was mounted");
