@@ -176,8 +176,22 @@ impl CopyError {
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("no pool in {0}: run `imgpool init` first, or pass the right --state-dir")]
+    #[error("no pool in {0}: `imgpool init` creates one (or pass the right --state-dir); if this node had a pool whose store was lost, `imgpool fsck --repair` rebuilds it from the disks instead")]
     NoPool(PathBuf),
+
+    /// The store file is gone from a state directory that a pool has used.
+    #[error("the metadata store {} is missing, but a pool used {} ({} is there): `imgpool fsck --repair` rebuilds the store from the disks, which hold every image (`imgpool init` would start a new, empty pool instead)", .path.display(), .path.parent().unwrap_or(std::path::Path::new("/")).display(), .trace.display())]
+    StoreLost { path: PathBuf, trace: PathBuf },
+
+    #[error("cannot reach the metadata store {}: {source}; the store itself may be intact: check the state directory's filesystem and permissions (imgpool runs as root), then `imgpool fsck --repair` checks it against the disks", .path.display())]
+    StoreUnreachable {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    #[error("the metadata store {} cannot be written: its filesystem is read-only (ext4 remounts read-only after an error); the store is not lost: repair the filesystem and mount it read-write, then run `imgpool fsck --repair`", .0.display())]
+    StoreReadOnly(PathBuf),
 
     #[error("a pool already exists in {path} (uuid {uuid}): use it, or pick another --state-dir")]
     PoolExists { path: PathBuf, uuid: String },
@@ -218,7 +232,7 @@ pub enum Error {
     #[error("{path} is already registered as disk '{disk}'")]
     DiskPathRegistered { path: PathBuf, disk: String },
 
-    #[error("{path} carries the label of another imgpool pool (uuid {pool}): pick another directory, or remove {path}/.imgpool if that pool is gone for good")]
+    #[error("{} carries the label of another imgpool pool ({pool}), whose images it may hold: pick another directory; if that pool's store was lost and `imgpool init` made this one, `imgpool fsck --repair --disk {}` rebuilds that pool's store from its disks", .path.display(), .path.display())]
     ForeignLabel { path: PathBuf, pool: String },
 
     #[error("image '{name}' is in use ({}): release it first (`imgpool ref rm {name} HOLDER`, close open files)", describe_use(.holders, *.open_handles))]
@@ -252,6 +266,9 @@ pub enum Error {
 
     #[error("{} is empty: an image needs at least one byte", .0.display())]
     EmptyImage(PathBuf),
+
+    #[error("{} changed while it was imported (its size or times differ from when the import began), so what was read may be no version of it: nothing was kept; import it again once nothing writes to it", .0.display())]
+    SourceChanged(PathBuf),
 
     #[error("--copies must be at least 1")]
     ZeroCopies,
@@ -315,7 +332,7 @@ pub enum Error {
         latest: usize,
     },
 
-    #[error("cannot read the metadata store {path}: {detail}; rebuild the index from the disks with `imgpool fsck --repair` after moving it aside")]
+    #[error("the metadata store {} is damaged ({detail}): `imgpool fsck --repair` sets it aside and rebuilds the store from the disks, which hold every image", .path.display())]
     StoreUnreadable { path: PathBuf, detail: String },
 
     #[error("{context}: {source}")]
@@ -410,6 +427,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::NoPool(_)
+            | Error::StoreLost { .. }
             | Error::UnknownImage(_)
             | Error::UnknownDisk(_)
             | Error::UnknownHolder { .. } => ErrorKind::NotFound,
@@ -417,9 +435,10 @@ impl Error {
             | Error::ImageExists(_)
             | Error::DiskExists(_)
             | Error::DiskPathRegistered { .. } => ErrorKind::AlreadyExists,
-            Error::ImageBusy(_) | Error::ImageRemoving(_) | Error::CopyBeingWritten { .. } => {
-                ErrorKind::Busy
-            }
+            Error::ImageBusy(_)
+            | Error::ImageRemoving(_)
+            | Error::CopyBeingWritten { .. }
+            | Error::SourceChanged(_) => ErrorKind::Busy,
             Error::InUse { .. } => ErrorKind::InUse,
             Error::NameTaken { .. } => ErrorKind::AlreadyExists,
             Error::UnknownVolume(_) => ErrorKind::NotFound,
@@ -432,6 +451,8 @@ impl Error {
                 ErrorKind::NoSpace
             }
             Error::NotRoot(_) => ErrorKind::NotRoot,
+            Error::StoreReadOnly(_) => ErrorKind::Permission,
+            Error::StoreUnreachable { source, .. } => ErrorKind::of_io(source),
             Error::StoreUnreadable { .. } => ErrorKind::Corrupt,
             Error::ForeignLabel { .. }
             | Error::StoreTooNew { .. }

@@ -888,3 +888,726 @@ fn a_dry_run_of_gc_keeps_the_hold_it_would_release() {
     assert!(!held(&pool));
     assert!(pool.json(&["image", "list"]).as_array().unwrap().is_empty());
 }
+
+// ---- hardening (issue 9): bad input, lost stores, last copies ----
+
+/// Whether `dir` carries an imgpool label.
+fn labelled(dir: &Path) -> bool {
+    dir.join(".imgpool/label.json").exists()
+}
+
+#[test]
+fn nested_disk_paths_are_refused_naming_the_conflict() {
+    let pool = TestPool::new(1);
+    let d1 = pool.disks[0].clone();
+    let inside = d1.join("sub");
+    fs::create_dir(&inside).unwrap();
+    let state_sub = pool.state.join("sub");
+    fs::create_dir(&state_sub).unwrap();
+    let link = pool.path("link-into-d1");
+    std::os::unix::fs::symlink(&inside, &link).unwrap();
+    let dir = pool.dir.path().to_path_buf();
+    for (path, conflict) in [
+        (d1.join(".imgpool"), "is inside disk 'd1'"),
+        (inside.clone(), "is inside disk 'd1'"),
+        (link.clone(), "is inside disk 'd1'"),
+        (dir.clone(), "contains the state directory"),
+        (Path::new("/").to_path_buf(), "contains the state directory"),
+        (pool.state.clone(), "is the state directory"),
+        (state_sub.clone(), "is inside the state directory"),
+    ] {
+        let line = pool.fails(&["disk", "add", "nested", path.to_str().unwrap()]);
+        assert!(
+            line.contains(conflict) && line.contains("cannot be a disk"),
+            "{path:?}: {line}"
+        );
+    }
+    // A directory that holds a disk, beside the state directory.
+    let outer = pool.path("outer");
+    let inner = outer.join("inner");
+    fs::create_dir_all(&inner).unwrap();
+    let mut pool = pool;
+    pool.add_disk("inner", &inner);
+    let line = pool.fails(&["disk", "add", "outer", outer.to_str().unwrap()]);
+    assert!(line.contains("contains disk 'inner'"), "{line}");
+
+    // Nothing was labelled, and `--copies 2` cannot land twice in one tree.
+    for path in [&inside, &state_sub, &outer, &dir] {
+        assert!(!labelled(path), "{path:?} was labelled");
+    }
+    assert_eq!(pool.json(&["disk", "list"]).as_array().unwrap().len(), 2);
+}
+
+/// Two `disk add` of nested (or equal) paths at once: one wins, the other is refused, and the
+/// winner's label is its own.
+#[test]
+fn concurrent_adds_of_nested_disks_register_one() {
+    let pool = TestPool::empty();
+    for round in 0..6 {
+        let outer = pool.path(&format!("outer{round}"));
+        let inner = if round % 2 == 0 {
+            outer.join("inner")
+        } else {
+            outer.clone()
+        };
+        fs::create_dir_all(&inner).unwrap();
+        let spawn = |name: String, path: &Path| {
+            pool.command(&["disk", "add", &name, path.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let a = spawn(format!("a{round}"), &outer);
+        let b = spawn(format!("b{round}"), &inner);
+        let outcomes = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+        let won: Vec<bool> = outcomes.iter().map(|o| o.status.success()).collect();
+        assert_eq!(
+            won.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {:?}",
+            outcomes
+                .iter()
+                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                .collect::<Vec<_>>()
+        );
+        let loser = outcomes.iter().find(|o| !o.status.success()).unwrap();
+        failed_cleanly(&format!("round {round}"), loser);
+    }
+    let disks = pool.json(&["disk", "list"]);
+    let disks = disks.as_array().unwrap();
+    assert_eq!(disks.len(), 6, "{disks:?}");
+    for disk in disks {
+        assert_eq!(disk["state"], "healthy", "{disk}");
+    }
+    // Of two nested directories, only the one registered carries a label.
+    for round in (0..6).step_by(2) {
+        let outer = pool.path(&format!("outer{round}"));
+        for dir in [outer.join("inner"), outer] {
+            let registered = disks.iter().any(|d| d["path"].as_str() == dir.to_str());
+            assert_eq!(labelled(&dir), registered, "round {round}: {dir:?}");
+        }
+    }
+}
+
+#[test]
+fn a_mount_inside_a_disk_or_the_state_dir_is_refused() {
+    if !can_mount("a_mount_inside_a_disk_or_the_state_dir_is_refused") {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let d1 = pool.disks[0].clone();
+    let inside = d1.join("sub");
+    fs::create_dir(&inside).unwrap();
+    let around = pool.path("around");
+    fs::create_dir(&around).unwrap();
+    let state_sub = pool.state.join("sub");
+    fs::create_dir(&state_sub).unwrap();
+    for (path, conflict) in [
+        (d1.join(".imgpool"), "is inside disk 'd1'"),
+        (inside.clone(), "is inside disk 'd1'"),
+        (d1.clone(), "is disk 'd1'"),
+        (pool.state.clone(), "is the state directory"),
+        (state_sub.clone(), "is inside the state directory"),
+        (pool.dir.path().to_path_buf(), "contains"),
+    ] {
+        // Should the mount be made after all, the guard unmounts it (and its bind mounts).
+        let _unmount = MountGuard {
+            state: pool.state.clone(),
+            mountpoint: path.clone(),
+            disks: pool.disks.clone(),
+            pid: None,
+        };
+        let line = pool.fails(&["mount", path.to_str().unwrap()]);
+        assert!(line.contains(conflict), "{path:?}: {line}");
+        assert!(!is_mount_point(&path), "{path:?} was mounted");
+    }
+    for disk in pool.json(&["disk", "list"]).as_array().unwrap() {
+        assert_eq!(disk["state"], "healthy", "{disk}");
+    }
+
+    // A disk reached through a bind mount (another path to the same directory) is recognised.
+    let alias = pool.path("alias");
+    fs::create_dir(&alias).unwrap();
+    let bind = Command::new("mount")
+        .arg("--bind")
+        .arg(&d1)
+        .arg(&alias)
+        .status()
+        .unwrap();
+    assert!(bind.success());
+    // Dropping it unmounts whatever is mounted there, the bind mount here.
+    let alias_mount = TmpfsMount {
+        path: alias.clone(),
+    };
+    let line = pool.fails(&["disk", "add", "x", alias.join("sub").to_str().unwrap()]);
+    assert!(line.contains("is inside disk 'd1'"), "{line}");
+    let line = pool.fails(&["disk", "add", "x", alias.to_str().unwrap()]);
+    assert!(line.contains("is disk 'd1'"), "{line}");
+
+    drop(alias_mount);
+
+    // A disk around the running mount would hold the mount in its tree.
+    let mountpoint = around.join("mnt");
+    fs::create_dir(&mountpoint).unwrap();
+    let mut mount = MountGuard {
+        state: pool.state.clone(),
+        mountpoint: mountpoint.clone(),
+        disks: Vec::new(),
+        pid: None,
+    };
+    pool.ok(&["mount", mountpoint.to_str().unwrap(), "--no-bind"]);
+    mount.pid = pool.json(&["status"])["mounts"][0]["pid"]
+        .as_u64()
+        .map(|pid| pid as i32);
+    let line = pool.fails(&["disk", "add", "x", around.to_str().unwrap()]);
+    assert!(line.contains("contains the pool's mount"), "{line}");
+    assert!(!labelled(&around));
+    mount.unmount();
+}
+
+#[test]
+fn a_fifo_or_a_character_device_is_refused_without_waiting() {
+    let pool = TestPool::new(1);
+    let fifo = pool.path("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for source in [
+        fifo.as_path(),
+        Path::new("/dev/null"),
+        Path::new("/dev/zero"),
+    ] {
+        let err = pool.path("add.err");
+        let mut import = ChildGuard(Some(
+            pool.command(&["image", "add", "x", source.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(fs::File::create(&err).unwrap())
+                .spawn()
+                .unwrap(),
+        ));
+        let status = import
+            .wait_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("image add {source:?} hangs"));
+        let out = std::process::Output {
+            status,
+            stdout: Vec::new(),
+            stderr: fs::read(&err).unwrap(),
+        };
+        let line = failed_cleanly(&format!("image add {source:?}"), &out);
+        assert!(line.contains("not a regular file"), "{source:?}: {line}");
+    }
+    assert!(pool.json(&["image", "list"]).as_array().unwrap().is_empty());
+    assert!(pool_files(&pool.disks[0]).is_empty());
+}
+
+/// Rewrites 4 KiB of `path` at a moving offset every few milliseconds until `stop`.
+fn keep_rewriting(path: &Path, stop: &std::sync::atomic::AtomicBool) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let file = fs::OpenOptions::new().write(true).open(path).unwrap();
+    let size = file.metadata().unwrap().len();
+    let mut writes = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let block = [(writes % 251) as u8 + 1; 4096];
+        let offset = (writes * 7919 * 4096) % (size - 4096);
+        file.write_all_at(&block, offset).unwrap();
+        writes += 1;
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    writes
+}
+
+#[test]
+fn a_source_rewritten_during_the_import_is_refused_and_nothing_is_kept() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, 64 * MIB, 30);
+    let stop = AtomicBool::new(false);
+    /// Stops the writer when the test ends, also by a failed assertion (the scope waits for it).
+    struct StopOnDrop<'a>(&'a AtomicBool);
+    impl Drop for StopOnDrop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| keep_rewriting(&source, &stop));
+        let _stop = StopOnDrop(&stop);
+        // The writer runs through every import: each one reads the file while it changes.
+        for round in 0..3 {
+            let line = pool.fails(&[
+                "image",
+                "add",
+                &format!("img{round}"),
+                source.to_str().unwrap(),
+                "--copies",
+                "2",
+            ]);
+            assert!(
+                line.contains("changed while it was imported") && line.contains("nothing was kept"),
+                "round {round}: {line}"
+            );
+            for disk in &pool.disks {
+                assert!(pool_files(disk).is_empty(), "{:?}", pool_files(disk));
+            }
+            assert!(pool.json(&["image", "list"]).as_array().unwrap().is_empty());
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(writer.join().unwrap() > 0);
+    });
+    // Once nothing writes to it, the file imports whole, as it is now.
+    pool.add_image("img", &source, 2);
+    assert_eq!(
+        pool.json(&["image", "show", "img"])["sha512"],
+        sha512sum(&source).as_str()
+    );
+}
+
+#[test]
+fn settings_are_range_checked_and_listed_as_numbers() {
+    let pool = TestPool::new(3);
+    for (key, value, range) in [
+        ("copies", "99", "from 1 to 3"),
+        ("copies", "4", "from 1 to 3"),
+        ("repair-bandwidth", "1", "at least 1MiB/s"),
+        ("probe-interval", "1d", "from 1s to 10m"),
+        ("probe-interval", "0s", "from 1s to 10m"),
+        ("repair-jobs", "1000", "from 1 to 64"),
+    ] {
+        let line = pool.fails(&["config", "set", key, value]);
+        assert!(line.contains(range), "{key} {value}: {line}");
+    }
+    let listed = pool.json(&["config", "list"]);
+    assert_eq!(
+        listed,
+        serde_json::json!({"copies": 1, "repair-jobs": 2, "repair-bandwidth": 0, "probe-interval": 10})
+    );
+    pool.ok(&["config", "set", "copies", "3"]);
+    pool.ok(&["config", "set", "repair-bandwidth", "200MiB"]);
+    pool.ok(&["config", "set", "probe-interval", "90s"]);
+    let listed = pool.json(&["config", "list"]);
+    assert_eq!(
+        listed,
+        serde_json::json!({"copies": 3, "repair-jobs": 2, "repair-bandwidth": 200 * MIB, "probe-interval": 90})
+    );
+    // The plain listing keeps its display strings.
+    let table = pool.ok(&["config", "list"]);
+    assert!(
+        table.contains("200.0 MiB/s") && table.contains("1m 30s"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_slow_repair_reports_progress_off_a_terminal() {
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, 4 * MIB, 31);
+    pool.add_image("img", &source, 1);
+    pool.ok(&["config", "set", "repair-bandwidth", "1MiB"]);
+    pool.ok(&["image", "set", "img", "--copies", "2"]);
+    let err = pool.path("repair.err");
+    let mut repair = ChildGuard(Some(
+        pool.command(&["repair"])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    // The copy takes about 4 s at 1 MiB/s: its first line comes at once.
+    assert!(
+        wait_until(Duration::from_secs(2), || fs::read_to_string(&err)
+            .unwrap()
+            .contains("copy img to d")),
+        "no progress line: {}",
+        fs::read_to_string(&err).unwrap()
+    );
+    assert!(repair.0.as_mut().unwrap().try_wait().unwrap().is_none());
+    let status = repair.wait_timeout(Duration::from_secs(60)).unwrap();
+    let lines = fs::read_to_string(&err).unwrap();
+    assert!(status.success(), "{lines}");
+    assert!(lines.contains("4.0 MiB of 4.0 MiB (100%)"), "{lines}");
+    assert_eq!(pool.json(&["image", "show", "img"])["healthy_copies"], 2);
+}
+
+/// Removes the store and its WAL, as a lost state directory disk would.
+fn lose_store(pool: &TestPool) {
+    for file in ["pool.db", "pool.db-wal", "pool.db-shm"] {
+        let _ = fs::remove_file(pool.state.join(file));
+    }
+}
+
+/// Two images (one with two copies, one with one) and a holder.
+fn pool_with_images(seed: u64) -> (TestPool, Vec<(String, String)>) {
+    let pool = TestPool::new(2);
+    let mut images = Vec::new();
+    for (name, copies) in [("a", 2), ("b", 1)] {
+        let source = pool.path(&format!("{name}.img"));
+        random_file(&source, 2 * MIB + 5, seed + copies as u64);
+        pool.add_image(name, &source, copies);
+        images.push((name.to_string(), sha512sum(&source)));
+    }
+    pool.ok(&["ref", "add", "a", "replica-1"]);
+    (pool, images)
+}
+
+/// Every image is back, ready, with its copies holding the right bytes.
+fn assert_recovered(pool: &TestPool, images: &[(String, String)]) {
+    for (name, sha512) in images {
+        let shown = pool.json(&["image", "show", name]);
+        assert_eq!(shown["state"], "ready", "{shown}");
+        assert_eq!(shown["sha512"], sha512.as_str());
+        for copy in shown["copies"].as_array().unwrap() {
+            assert_eq!(
+                sha512sum(Path::new(copy["path"].as_str().unwrap())),
+                *sha512
+            );
+        }
+    }
+    assert!(pool.ok(&["fsck"]).contains("clean"));
+}
+
+/// Advice that could lead an operator to delete the disks' data, or to make a new pool.
+fn assert_safe_advice(line: &str) {
+    assert!(line.contains("fsck --repair"), "{line}");
+    for bad in ["remove", "delete", "rm -", "run `imgpool init`"] {
+        assert!(!line.contains(bad), "advice to {bad}: {line}");
+    }
+}
+
+#[test]
+fn a_lost_store_leads_to_fsck_repair_which_recovers_every_image() {
+    let (pool, images) = pool_with_images(40);
+    lose_store(&pool);
+    for args in [
+        &["status"][..],
+        &["image", "list"],
+        &["ref", "add", "a", "r2"],
+    ] {
+        let line = pool.fails(args);
+        assert!(line.contains("is missing"), "{args:?}: {line}");
+        assert_safe_advice(&line);
+    }
+    let line = pool.fails(&["fsck"]);
+    assert_safe_advice(&line);
+    pool.ok(&[
+        "fsck",
+        "--repair",
+        "--disk",
+        pool.disks[0].to_str().unwrap(),
+        "--disk",
+        pool.disks[1].to_str().unwrap(),
+    ]);
+    assert_recovered(&pool, &images);
+}
+
+#[test]
+fn init_after_a_lost_store_is_undone_by_fsck_repair() {
+    let (pool, images) = pool_with_images(41);
+    lose_store(&pool);
+    pool.ok(&["init"]);
+    assert!(pool.json(&["image", "list"]).as_array().unwrap().is_empty());
+    let disk_args = [
+        "--disk",
+        pool.disks[0].to_str().unwrap(),
+        "--disk",
+        pool.disks[1].to_str().unwrap(),
+    ];
+    // The old disks are another pool's now: the advice leads to the rebuild, never to
+    // deleting their labels.
+    let line = pool.fails(&["disk", "add", "d1", pool.disks[0].to_str().unwrap()]);
+    assert!(line.contains("another imgpool pool"), "{line}");
+    assert_safe_advice(&line);
+    let mut check = vec!["fsck"];
+    check.extend_from_slice(&disk_args);
+    let line = pool.fails(&check);
+    assert!(line.contains("this pool is empty"), "{line}");
+    assert_safe_advice(&line);
+    let mut repair = vec!["fsck", "--repair"];
+    repair.extend_from_slice(&disk_args);
+    let out = pool.ok(&repair);
+    assert!(out.contains("set the old store aside"), "{out}");
+    assert_recovered(&pool, &images);
+    let aside: Vec<_> = fs::read_dir(&pool.state)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("pool.db.empty-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "{aside:?}");
+    // gc stays held until the holders are back.
+    assert!(pool.fails(&["gc", "--grace", "0s"]).contains("gc is held"));
+}
+
+#[test]
+fn a_damaged_store_leads_to_fsck_repair_which_sets_it_aside_and_recovers() {
+    use std::os::unix::fs::FileExt;
+    for damage in ["empty", "not a database", "damaged pages"] {
+        let (pool, images) = pool_with_images(42);
+        // Checkpointed, so that the damage is to the whole store.
+        let db = pool.state.join("pool.db");
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .unwrap();
+        let file = fs::OpenOptions::new().write(true).open(&db).unwrap();
+        match damage {
+            "empty" => file.set_len(0).unwrap(),
+            "not a database" => file.write_all_at(&[0x5a; 100], 0).unwrap(),
+            _ => {
+                let len = file.metadata().unwrap().len();
+                file.write_all_at(&vec![0xff; (len - 4096) as usize], 4096)
+                    .unwrap()
+            }
+        }
+        drop(file);
+        for args in [&["status"][..], &["init"], &["fsck"]] {
+            let line = pool.fails(args);
+            assert!(line.contains("damaged"), "{damage}: {args:?}: {line}");
+            assert_safe_advice(&line);
+        }
+        let out = pool.ok(&[
+            "fsck",
+            "--repair",
+            "--disk",
+            pool.disks[0].to_str().unwrap(),
+            "--disk",
+            pool.disks[1].to_str().unwrap(),
+        ]);
+        assert!(out.contains("set the old store aside"), "{damage}: {out}");
+        assert_recovered(&pool, &images);
+        let aside = fs::read_dir(&pool.state)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("pool.db.damaged-")
+            })
+            .count();
+        assert!(aside >= 1, "{damage}: the damaged store was not kept");
+    }
+}
+
+#[test]
+fn an_unreachable_state_directory_is_not_taken_for_a_lost_store() {
+    let (pool, _) = pool_with_images(43);
+    let before = store_rows(&pool.state);
+    let mode = |m| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&pool.state, fs::Permissions::from_mode(m)).unwrap()
+    };
+    mode(0o000);
+    // Root reads everything: take away its right to bypass file modes.
+    let run = |args: &[&str]| {
+        let mut command = if nix::unistd::geteuid().is_root() {
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--inh-caps=-all",
+                "--bounding-set=-dac_override,-dac_read_search,-fowner",
+                "--",
+                BIN,
+            ]);
+            c
+        } else {
+            Command::new(BIN)
+        };
+        command
+            .env("IMGPOOL_STATE_DIR", &pool.state)
+            .env_remove("IMGPOOL_LOG")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for args in [&["status"][..], &["fsck", "--repair"], &["init"]] {
+        let line = failed_cleanly(&format!("{args:?}"), &run(args));
+        if args[0] != "init" {
+            assert!(
+                line.contains("cannot reach the metadata store"),
+                "{args:?}: {line}"
+            );
+            assert!(line.contains("may be intact"), "{line}");
+            assert_safe_advice(&line);
+        }
+    }
+    mode(0o700);
+    assert_eq!(store_rows(&pool.state), before, "the store was changed");
+    pool.ok(&["status"]);
+}
+
+#[test]
+fn a_read_only_state_filesystem_says_so_and_loses_nothing() {
+    if !can_mount("a_read_only_state_filesystem_says_so_and_loses_nothing") {
+        return;
+    }
+    let mut pool = TestPool::empty();
+    let state_disk = LoopDisk::new(pool.dir.path(), "statefs", 64 * MIB, "ext4");
+    let state = state_disk.mountpoint.join("state");
+    pool.state = state.clone();
+    pool.ok(&["init"]);
+    let d1 = pool.path("d1");
+    fs::create_dir(&d1).unwrap();
+    pool.add_disk("d1", &d1);
+    let source = pool.path("a.img");
+    random_file(&source, MIB, 44);
+    pool.add_image("a", &source, 1);
+    let remount = |how: &str| {
+        let status = Command::new("mount")
+            .args(["-o", &format!("remount,{how}")])
+            .arg(&state_disk.mountpoint)
+            .status()
+            .unwrap();
+        assert!(status.success(), "remount {how}");
+    };
+    remount("ro");
+    let line = pool.fails(&["ref", "add", "a", "r1"]);
+    assert!(line.contains("read-only"), "{line}");
+    assert_safe_advice(&line);
+    let status = pool.run(&["status"]);
+    if !status.status.success() {
+        let line = failed_cleanly("status", &status);
+        assert!(line.contains("read-only"), "{line}");
+        assert_safe_advice(&line);
+    }
+    remount("rw");
+    pool.ok(&["fsck", "--repair"]);
+    assert_eq!(
+        pool.json(&["image", "show", "a"])["sha512"],
+        sha512sum(&source).as_str()
+    );
+}
+
+#[test]
+fn failing_or_evicting_the_last_copy_asks_for_force() {
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 45);
+    pool.add_image("both", &source, 2);
+    pool.add_image("one", &source, 1);
+    let holder = pool.json(&["image", "show", "one"])["copies"][0]["disk"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let other = if holder == "d1" { "d2" } else { "d1" };
+    let line = pool.fails(&["disk", "fail", &holder]);
+    assert!(
+        line.contains("last serving copy of one") && line.contains("--force"),
+        "{line}"
+    );
+    let state = |name: &str| {
+        pool.json(&["disk", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == name)
+            .unwrap()["state"]
+            .clone()
+    };
+    assert_eq!(state(&holder), "healthy");
+    // Evicting is how to move it off while another disk has room.
+    pool.ok(&["disk", "evict", &holder]);
+    pool.ok(&["disk", "online", &holder]);
+    // The other disk holds no last copy: no question asked.
+    pool.ok(&["disk", "fail", other]);
+    pool.ok(&["disk", "online", other]);
+    pool.ok(&["disk", "fail", &holder, "--force"]);
+    assert_eq!(state(&holder), "failed");
+    assert_eq!(pool.json(&["image", "show", "one"])["state"], "failed");
+    pool.ok(&["disk", "online", &holder]);
+
+    // With nowhere for the copy to go, eviction could never finish.
+    let single = TestPool::new(1);
+    single.add_image("one", &source, 1);
+    let line = single.fails(&["disk", "evict", "d1"]);
+    assert!(
+        line.contains("no other disk can take it") && line.contains("--force"),
+        "{line}"
+    );
+    single.ok(&["disk", "evict", "d1", "--force"]);
+}
+
+#[test]
+fn a_full_disk_is_flagged_in_status() {
+    if !can_mount("a_full_disk_is_flagged_in_status") {
+        return;
+    }
+    let mut pool = TestPool::new(1);
+    let small = TmpfsMount::new(&pool.path("small"));
+    pool.add_disk("small", &small.path);
+    assert_eq!(pool.json(&["status"])["health"], "ok");
+    let fill = Command::new("dd")
+        .args(["if=/dev/zero", "bs=64k", "status=none"])
+        .arg(format!("of={}", small.path.join("hog").display()))
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(!fill.success(), "dd should fill the disk");
+    let status = pool.json(&["status"]);
+    assert_eq!(status["health"], "degraded", "{status}");
+    let problems = status["problems"].to_string();
+    assert!(problems.contains("disk small: full"), "{problems}");
+    assert_eq!(status["disks"]["healthy"], 2, "a full disk still serves");
+    let small_disk = pool
+        .json(&["disk", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "small")
+        .unwrap()
+        .clone();
+    assert_eq!(small_disk["full"], true, "{small_disk}");
+    assert_eq!(small_disk["state"], "healthy", "{small_disk}");
+    fs::remove_file(small.path.join("hog")).unwrap();
+    drop(small);
+}
+
+#[test]
+fn holders_with_control_characters_are_refused() {
+    let pool = TestPool::new(1);
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 46);
+    pool.add_image("img", &source, 1);
+    for holder in ["replica\nforged line", "tab\there", "esc\u{1b}[31mred"] {
+        let line = pool.fails(&["ref", "add", "img", holder]);
+        assert!(line.contains("control character"), "{line}");
+    }
+    assert!(pool.json(&["ref", "list"]).as_array().unwrap().is_empty());
+}
+
+/// `disk fail` of the two disks holding an image's two copies, at once: the check for the last
+/// serving copy is made in the transaction that fails the disk, so one of them is refused.
+#[test]
+fn two_disk_fails_at_once_leave_the_last_copy_serving() {
+    let pool = TestPool::new(2);
+    let source = pool.path("src.img");
+    random_file(&source, MIB, 47);
+    pool.add_image("img", &source, 2);
+    for round in 0..5 {
+        let spawn = |disk: &str| {
+            pool.command(&["disk", "fail", disk])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn("d1"), spawn("d2"));
+        let outcomes = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+        assert_eq!(
+            outcomes.iter().filter(|o| o.status.success()).count(),
+            1,
+            "round {round}"
+        );
+        let refused = outcomes.iter().find(|o| !o.status.success()).unwrap();
+        let line = failed_cleanly(&format!("round {round}"), refused);
+        assert!(line.contains("last serving copy of img"), "{line}");
+        let shown = pool.json(&["image", "show", "img"]);
+        assert_eq!(shown["state"], "degraded", "round {round}: {shown}");
+        let failed = if outcomes[0].status.success() {
+            "d1"
+        } else {
+            "d2"
+        };
+        pool.ok(&["disk", "online", failed]);
+        pool.ok(&["repair"]);
+        assert_eq!(pool.json(&["image", "show", "img"])["state"], "ready");
+    }
+}

@@ -101,7 +101,7 @@ fn a_version_2_pool_is_upgraded_in_place_with_everything_in_it() {
             .contains("fixture: failed by hand"),
         "{d2}"
     );
-    assert_eq!(pool.json(&["config", "list"])["repair-jobs"], "3");
+    assert_eq!(pool.json(&["config", "list"])["repair-jobs"], 3);
 
     // The upgraded pool works: d2 comes back, its copy is verified, the policy is met.
     pool.ok(&["disk", "online", "d2"]);

@@ -174,11 +174,20 @@ pub enum DiskCommand {
         /// Why, for `status` and the log.
         #[arg(long)]
         reason: Option<String>,
+        /// Fail it even when it holds an image's last serving copy (that image's reads then
+        /// fail until the disk returns).
+        #[arg(long)]
+        force: bool,
     },
     /// Return a failed or evicting disk to service; its copies are verified before they serve.
     Online { name: String },
     /// Move every copy off a disk (it keeps serving meanwhile), so that it can be removed.
-    Evict { name: String },
+    Evict {
+        name: String,
+        /// Evict it even when an image's last copy on it has no other disk to go to now.
+        #[arg(long)]
+        force: bool,
+    },
     /// Forget a disk; refused while it holds the only good copy of an image.
     Rm { name: String },
 }
@@ -641,22 +650,26 @@ fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
                     rows,
                 );
                 for d in &disks {
-                    if let Some(problem) = d.problem() {
-                        println!("disk {}: {problem}", d.disk.name);
+                    for note in d.problem().into_iter().chain(d.full_note()) {
+                        println!("disk {}: {note}", d.disk.name);
                     }
                 }
             }
         }
-        DiskCommand::Fail { name, reason } => {
-            pool.fail_disk(&name, reason.as_deref())?;
+        DiskCommand::Fail {
+            name,
+            reason,
+            force,
+        } => {
+            pool.fail_disk(&name, reason.as_deref(), force)?;
             println!("disk {name} is failed: its copies no longer serve and are re-created on other disks by the mount daemon, or now with `imgpool repair`");
         }
         DiskCommand::Online { name } => {
             let unverified = pool.online_disk(&name)?;
             println!("disk {name} is back in service; {unverified} copies on it are verified before they serve (by the mount daemon, or now with `imgpool repair`)");
         }
-        DiskCommand::Evict { name } => {
-            let copies = pool.evict_disk(&name)?;
+        DiskCommand::Evict { name, force } => {
+            let copies = pool.evict_disk(&name, force)?;
             println!("disk {name} is evicting: {copies} copies move to other disks (by the mount daemon, or now with `imgpool repair`); then `imgpool disk rm {name}`");
         }
         DiskCommand::Rm { name } => {
@@ -677,6 +690,7 @@ fn disk_json(d: &DiskStatus) -> Value {
         "problem": d.problem(),
         "capacity_bytes": r.map(|r| r.capacity),
         "free_bytes": r.map(|r| r.free),
+        "full": d.is_full(),
         "filesystem": r.map(|r| r.fs_type.clone()),
         "images": d.images,
     })
@@ -877,7 +891,12 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
     let dead_mounts = pool.dead_mounts()?;
     let mut problems: Vec<String> = disks
         .iter()
-        .filter_map(|d| d.problem().map(|p| format!("disk {}: {p}", d.disk.name)))
+        .flat_map(|d| {
+            d.problem()
+                .into_iter()
+                .chain(d.full_note())
+                .map(|p| format!("disk {}: {p}", d.disk.name))
+        })
         .collect();
     problems.extend(dead_mounts.iter().map(|m| {
         let path = m.mount_point.display();
@@ -1000,11 +1019,44 @@ impl repair::Reporter for Bars {
     }
 }
 
+/// How often `Lines` reports a task in progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// Progress of the repair's copies and verifications when stderr is not a terminal (a service,
+/// a log, a pipe): a line as each task starts, then every `PROGRESS_EVERY`, then when its bytes
+/// are all through, so that a slow repair (a low `repair-bandwidth`) never looks hung.
+struct Lines;
+
+impl repair::Reporter for Lines {
+    fn task(&self, label: String, total: u64) -> Box<dyn Fn(u64) + Send + '_> {
+        let line = move |done: u64| {
+            let percent = (done as f64 * 100.0 / total.max(1) as f64).min(100.0);
+            eprintln!(
+                "{label}: {} of {} ({percent:.0}%)",
+                bytes(done),
+                bytes(total)
+            );
+        };
+        line(0);
+        // When the last line was printed, and whether the end was.
+        let last = std::sync::Mutex::new((std::time::Instant::now(), false));
+        Box::new(move |done| {
+            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+            let end = done >= total;
+            if last.1 || (!end && last.0.elapsed() < PROGRESS_EVERY) {
+                return;
+            }
+            *last = (std::time::Instant::now(), end);
+            line(done);
+        })
+    }
+}
+
 fn reporter() -> Box<dyn repair::Reporter> {
     if std::io::stderr().is_terminal() {
         Box::new(Bars(indicatif::MultiProgress::new()))
     } else {
-        Box::new(repair::Quiet)
+        Box::new(Lines)
     }
 }
 
@@ -1101,29 +1153,50 @@ fn scrub_cmd(state_dir: &Path, image: Option<&str>, json_out: bool) -> Result<()
 }
 
 fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
-    if !state_dir.join(crate::core::store::DB_FILE).exists() {
-        if !args.repair {
+    let pool = match fsck::examine(state_dir)? {
+        fsck::StoreCondition::Missing if args.repair => {
+            let found = fsck::rebuild(state_dir, &args.disks)?;
+            return rebuilt(state_dir, None, found, args.json);
+        }
+        fsck::StoreCondition::Missing => {
             return Err(Error::refused(
                 ErrorKind::NotFound,
                 format!(
                     "no metadata store in {}: `imgpool fsck --repair` rebuilds it from the disks",
                     state_dir.display()
                 ),
-            ));
+            ))
         }
-        for line in fsck::rebuild(state_dir, &args.disks)? {
-            println!("rebuilt: {line}");
+        fsck::StoreCondition::Damaged(_) if args.repair => {
+            let (aside, found) =
+                fsck::replace_store(state_dir, fsck::SetAside::Damaged, &args.disks)?;
+            return rebuilt(state_dir, Some(aside), found, args.json);
         }
-        let pool = Pool::open(state_dir)?;
-        let report = run_repair(state_dir, &pool, args.json)?;
-        println!("gc is held until the holders are registered again (`imgpool ref add`), then `imgpool gc --release-hold`");
-        return unrepaired(&report);
-    }
-    let pool = if args.repair {
-        open_to_change(state_dir)?
-    } else {
-        Pool::open(state_dir)?
+        fsck::StoreCondition::Damaged(e) => return Err(e),
+        fsck::StoreCondition::Usable(pool) => pool,
     };
+    if let Some(lost) = fsck::lost_pool(&pool, &args.disks)? {
+        let disks: Vec<String> = lost.disks.iter().map(|d| d.display().to_string()).collect();
+        if args.repair && !args.disks.is_empty() {
+            drop(pool);
+            let (aside, found) =
+                fsck::replace_store(state_dir, fsck::SetAside::Empty, &args.disks)?;
+            return rebuilt(state_dir, Some(aside), found, args.json);
+        }
+        // Found by looking at every mount: the pool may live on with a store elsewhere, so
+        // only disks named by the operator are taken over.
+        return Err(Error::refused(
+            ErrorKind::Corrupt,
+            format!(
+                "this pool is empty, and {} carries the label of pool {}: if that pool's store was lost (and `imgpool init` made this one), `imgpool fsck --repair --disk PATH` (each of its disks) sets this empty store aside and rebuilds that pool's store from its disks",
+                disks.join(", "),
+                lost.pool_uuid
+            ),
+        ));
+    }
+    if args.repair {
+        recover::recover(&pool)?;
+    }
     let findings = fsck::check(&pool, args.repair)?;
     if args.json {
         print_json(&json!({
@@ -1154,6 +1227,26 @@ fn fsck_cmd(state_dir: &Path, args: FsckArgs) -> Result<()> {
             findings.len()
         ),
     ))
+}
+
+/// After `fsck --repair` rebuilt the store from the disks: what it found, then the repair that
+/// verifies every copy found.
+fn rebuilt(
+    state_dir: &Path,
+    aside: Option<PathBuf>,
+    found: Vec<String>,
+    json_out: bool,
+) -> Result<()> {
+    if let Some(aside) = &aside {
+        println!("set the old store aside as {}", aside.display());
+    }
+    for line in found {
+        println!("rebuilt: {line}");
+    }
+    let pool = Pool::open(state_dir)?;
+    let report = run_repair(state_dir, &pool, json_out)?;
+    println!("gc is held until the holders are registered again (`imgpool ref add`), then `imgpool gc --release-hold`");
+    unrepaired(&report)
 }
 
 /// `imgpool cache drop`: asks each running daemon (or the one serving `--mountpoint`) on its
@@ -1260,14 +1353,23 @@ fn config_cmd(state_dir: &Path, cmd: ConfigCommand) -> Result<()> {
     };
     match cmd {
         ConfigCommand::List { json: json_out } => {
-            let values = pool.settings()?.values();
+            let settings = pool.settings()?;
             if json_out {
-                let map: serde_json::Map<String, Value> = values
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), Value::String(v)))
-                    .collect();
-                print_json(&Value::Object(map));
+                // Numbers in base units, for scripts: bytes per second and seconds.
+                let interval = settings.probe_interval;
+                let seconds = if interval.subsec_nanos() == 0 {
+                    json!(interval.as_secs())
+                } else {
+                    json!(interval.as_secs_f64())
+                };
+                print_json(&json!({
+                    "copies": settings.copies,
+                    "repair-jobs": settings.repair_jobs,
+                    "repair-bandwidth": settings.repair_bandwidth,
+                    "probe-interval": seconds,
+                }));
             } else {
+                let values = settings.values();
                 let rows = values
                     .into_iter()
                     .zip(settings::KEYS.iter())

@@ -10,12 +10,12 @@ use std::path::{Path, PathBuf};
 
 use crate::core::copies::Event;
 use crate::core::owner::WorkLock;
-use crate::core::pool::{DiskHealth, Pool, GC_HOLD};
+use crate::core::pool::{check_store_file, DiskHealth, Pool, GC_HOLD};
 use crate::core::store::{CopyState, ImageRow, ImageState, Store, VolumeRow, VolumeState, DB_FILE};
 use crate::core::volume;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::clock;
-use crate::format::layout::{read_volume_record, CopyRecord, DiskLayout, Label};
+use crate::format::layout::{fsync_dir, read_volume_record, CopyRecord, DiskLayout, Label};
 use crate::format::volume::VolumeFiles;
 
 /// One difference between the store and the disks.
@@ -457,15 +457,164 @@ fn find_disks(given: &[PathBuf]) -> Result<Vec<(PathBuf, Label)>> {
     Ok(found)
 }
 
+/// The store as fsck finds it.
+pub enum StoreCondition {
+    /// No store file in the state directory: lost, or never made.
+    Missing,
+    /// A store file that cannot serve as it is (empty, not a database, damaged inside, holding
+    /// no pool): the error that says so.
+    Damaged(Error),
+    Usable(Pool),
+}
+
+/// Opens the store for fsck, telling a missing or damaged store (which `fsck --repair` rebuilds
+/// from the disks) from one that cannot be reached now (which it must not touch).
+pub fn examine(state_dir: &Path) -> Result<StoreCondition> {
+    let db = state_dir.join(DB_FILE);
+    let pool = match Pool::open(state_dir) {
+        Ok(pool) => pool,
+        Err(Error::NoPool(_) | Error::StoreLost { .. }) if !check_store_file(state_dir)? => {
+            return Ok(StoreCondition::Missing)
+        }
+        Err(Error::NoPool(_)) => {
+            return Ok(StoreCondition::Damaged(Error::StoreUnreadable {
+                path: db,
+                detail: "it holds no pool".into(),
+            }))
+        }
+        Err(e @ Error::StoreUnreadable { .. }) => return Ok(StoreCondition::Damaged(e)),
+        Err(e) => return Err(e),
+    };
+    match pool.store().quick_check() {
+        Ok(None) => Ok(StoreCondition::Usable(pool)),
+        Ok(Some(problem)) => Ok(StoreCondition::Damaged(Error::StoreUnreadable {
+            path: db,
+            detail: problem,
+        })),
+        Err(e @ Error::StoreUnreadable { .. }) => Ok(StoreCondition::Damaged(e)),
+        Err(e) => Err(e),
+    }
+}
+
+/// A pool whose store was lost, found on disks while the store in the state directory is an
+/// empty one (what `imgpool init` makes, run after the loss).
+#[derive(Debug)]
+pub struct LostPool {
+    pub pool_uuid: String,
+    pub disks: Vec<PathBuf>,
+}
+
+/// When `pool` has no disk and no image, the one other pool whose labels the disks found carry
+/// (`given`, or the labelled mount points): its store was probably lost, and this one made after.
+pub fn lost_pool(pool: &Pool, given: &[PathBuf]) -> Result<Option<LostPool>> {
+    if !pool.store().disks()?.is_empty() || !pool.store().images()?.is_empty() {
+        return Ok(None);
+    }
+    let found: Vec<(PathBuf, Label)> = find_disks(given)?
+        .into_iter()
+        .filter(|(_, label)| label.pool_uuid != pool.uuid())
+        .collect();
+    let mut pools: Vec<&str> = found.iter().map(|(_, l)| l.pool_uuid.as_str()).collect();
+    pools.sort();
+    pools.dedup();
+    match pools.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(LostPool {
+            pool_uuid: one.to_string(),
+            disks: found.iter().map(|(path, _)| path.clone()).collect(),
+        })),
+        many => Err(Error::refused(
+            ErrorKind::Conflict,
+            format!(
+                "this pool is empty, and disks of {} other pools are here ({}): pass the disks of the pool whose store was lost with --disk PATH",
+                many.len(),
+                many.join(", ")
+            ),
+        )),
+    }
+}
+
+/// What `replace_store` sets aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetAside {
+    /// A store that cannot serve (`StoreCondition::Damaged`).
+    Damaged,
+    /// An empty store made after the pool's own was lost (`lost_pool`); checked again to be
+    /// empty before it is set aside.
+    Empty,
+}
+
+/// `fsck --repair` of a store that cannot serve as it is: its files are set aside (renamed,
+/// never deleted) and the store is rebuilt from the disks. Returns where the old store went and
+/// what the rebuild found.
+pub fn replace_store(
+    state_dir: &Path,
+    what: SetAside,
+    given: &[PathBuf],
+) -> Result<(PathBuf, Vec<String>)> {
+    let _rebuilding = WorkLock::acquire(&state_dir.join(REBUILD_LOCK))?;
+    if what == SetAside::Empty {
+        let pool = Pool::open(state_dir)?;
+        if !pool.store().disks()?.is_empty() || !pool.store().images()?.is_empty() {
+            return Err(Error::refused(
+                ErrorKind::Busy,
+                "the pool got a disk or an image while fsck ran: it is not set aside; run `imgpool fsck` again",
+            ));
+        }
+    }
+    let name = match what {
+        SetAside::Damaged => "damaged",
+        SetAside::Empty => "empty",
+    };
+    let aside = set_aside(state_dir, name)?;
+    let found = rebuild_locked(state_dir, given)?;
+    Ok((aside, found))
+}
+
+/// Held while a store is rebuilt (and set aside first): one rebuild at a time.
+const REBUILD_LOCK: &str = "rebuild.lock";
+
+/// Renames the store's files to `pool.db.<why>-<time>` (its WAL and shared memory first: a WAL
+/// left behind would be replayed into the new store).
+fn set_aside(state_dir: &Path, why: &str) -> Result<PathBuf> {
+    let db = state_dir.join(DB_FILE);
+    let stamp = clock::now();
+    let aside = (0..)
+        .map(|n| match n {
+            0 => state_dir.join(format!("{DB_FILE}.{why}-{stamp}")),
+            n => state_dir.join(format!("{DB_FILE}.{why}-{stamp}.{n}")),
+        })
+        .find(|path| path.symlink_metadata().is_err())
+        .expect("some name is free");
+    for suffix in ["-wal", "-shm", ""] {
+        let from = PathBuf::from(format!("{}{suffix}", db.display()));
+        let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+        match fs::rename(&from, &to) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("cannot set {} aside", from.display()), e)),
+            Ok(()) => {}
+        }
+    }
+    fsync_dir(state_dir)?;
+    Ok(aside)
+}
+
 /// Rebuilds a lost metadata store in `state_dir` from the disks: the pool, its disks, and every
 /// image with a copy record, each copy unverified (the repair verifies them before they serve).
 /// gc is held until the operator has registered the holders again. Returns what was found.
 pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
+    fs::create_dir_all(state_dir)
+        .map_err(|e| Error::io(format!("cannot create {}", state_dir.display()), e))?;
+    let _rebuilding = WorkLock::acquire(&state_dir.join(REBUILD_LOCK))?;
+    rebuild_locked(state_dir, given)
+}
+
+fn rebuild_locked(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
     if state_dir.join(DB_FILE).exists() {
         return Err(Error::refused(
             ErrorKind::AlreadyExists,
             format!(
-                "{} exists: rebuilding is for a lost store; move it aside first",
+                "{} exists (another `imgpool fsck --repair` made it meanwhile?): `imgpool fsck` checks it",
                 state_dir.join(DB_FILE).display()
             ),
         ));

@@ -366,7 +366,7 @@ mod tests {
         assert_eq!(on_d1.state, crate::core::store::CopyState::Unverified);
 
         // A disk the operator failed stays failed whatever its probes say.
-        f.pool.fail_disk("d2", Some("replacing it")).unwrap();
+        f.pool.fail_disk("d2", Some("replacing it"), true).unwrap();
         assert!(!monitor.probe_all().unwrap());
         assert_eq!(
             f.pool.store().disk_by_name("d2").unwrap().state,

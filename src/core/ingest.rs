@@ -2,8 +2,9 @@
 //! that export and receive will): data under a temporary name, hashed as it is written, fsync;
 //! digest file and record; the rename that commits it; fsync of the directories.
 
-use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::core::store::{DiskRow, ImageRow};
@@ -11,6 +12,92 @@ use crate::error::{CopyError, Error, IoContext, Result};
 use crate::format::digests::CHUNK_SIZE;
 use crate::format::layout::{CopyRecord, DiskLayout};
 use crate::format::sparse::{self, CopyOutcome};
+
+/// A file being imported: a regular file or a block device, not empty, with what its metadata
+/// said when it was opened.
+pub struct Source {
+    pub file: File,
+    pub size: u64,
+    opened: Stamp,
+}
+
+/// What a write to a file changes: its size, its mtime and its ctime (which, unlike the mtime,
+/// nobody can set back).
+#[derive(Debug, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &Metadata) -> Stamp {
+        Stamp {
+            size: meta.len(),
+            mtime: (meta.mtime(), meta.mtime_nsec()),
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+}
+
+/// Opens an image source for reading. Its type is checked before the open (opening a device
+/// can have effects of its own) and again on the descriptor (the path may have been swapped
+/// meanwhile). The open does not block: opening a FIFO for reading waits for a writer, forever
+/// if none comes.
+pub fn open_source(path: &Path) -> Result<Source> {
+    let is_image = |meta: &Metadata| {
+        let kind = meta.file_type();
+        kind.is_file() || kind.is_block_device()
+    };
+    let meta = fs::metadata(path).ctx(|| format!("cannot open image file {}", path.display()))?;
+    if !is_image(&meta) {
+        return Err(Error::NotAnImage(path.to_path_buf()));
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .ctx(|| format!("cannot open image file {}", path.display()))?;
+    let meta = file
+        .metadata()
+        .ctx(|| format!("cannot stat {}", path.display()))?;
+    if !is_image(&meta) {
+        return Err(Error::NotAnImage(path.to_path_buf()));
+    }
+    nix::fcntl::fcntl(
+        &file,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::empty()),
+    )
+    .map_err(|e| Error::io(format!("cannot read {}", path.display()), e.into()))?;
+    let size = file
+        .seek(SeekFrom::End(0))
+        .ctx(|| format!("cannot read the size of {}", path.display()))?;
+    if size == 0 {
+        return Err(Error::EmptyImage(path.to_path_buf()));
+    }
+    Ok(Source {
+        file,
+        size,
+        opened: Stamp::of(&meta),
+    })
+}
+
+impl Source {
+    /// Fails when the file was written since it was opened: its bytes were read while they
+    /// changed, so what was read may be no version of the file at all. (A block device's node
+    /// keeps its times when the device is written: only its size is checked.)
+    pub fn check_unchanged(&self, path: &Path) -> Result<()> {
+        let now = self
+            .file
+            .metadata()
+            .ctx(|| format!("cannot stat {}", path.display()))?;
+        if Stamp::of(&now) == self.opened {
+            Ok(())
+        } else {
+            Err(Error::SourceChanged(path.to_path_buf()))
+        }
+    }
+}
 
 /// Drops a synced copy's pages from the page cache: readers go through the mount, which
 /// caches what it serves, so the copy's own pages would only hold the image a second time.
@@ -75,4 +162,44 @@ pub fn write_copy(
     crate::format::layout::fsync_dir(target.parent().unwrap())?;
     crate::format::layout::fsync_dir(tmp.parent().unwrap())?;
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(matches!(open_source(&fifo), Err(Error::NotAnImage(_))));
+        assert!(matches!(
+            open_source(Path::new("/dev/zero")),
+            Err(Error::NotAnImage(_))
+        ));
+    }
+
+    #[test]
+    fn a_source_written_after_it_was_opened_is_told() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("src");
+        fs::write(&path, vec![1u8; 10_000]).unwrap();
+        let source = open_source(&path).unwrap();
+        assert_eq!(source.size, 10_000);
+        source.check_unchanged(&path).unwrap();
+        // Same size, new bytes.
+        let writer = OpenOptions::new().write(true).open(&path).unwrap();
+        writer.write_all_at(&[2u8; 100], 5000).unwrap();
+        assert!(matches!(
+            source.check_unchanged(&path),
+            Err(Error::SourceChanged(_))
+        ));
+        // A new size.
+        let source = open_source(&path).unwrap();
+        writer.set_len(20_000).unwrap();
+        let changed = source.check_unchanged(&path).unwrap_err();
+        assert_eq!(changed.kind(), crate::error::ErrorKind::Busy);
+    }
 }

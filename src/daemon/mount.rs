@@ -75,6 +75,14 @@ pub struct Started {
 pub fn mount(state_dir: &Path, config: &MountConfig, foreground: bool) -> Result<Option<Started>> {
     let state_dir = &std::path::absolute(state_dir)
         .ctx(|| format!("cannot resolve {}", state_dir.display()))?;
+    {
+        // Inside or around a disk or the state directory, the mount would hide them. A dead
+        // mount point cannot be resolved; its absolute path is checked then.
+        let absolute = std::path::absolute(&config.mountpoint)
+            .ctx(|| format!("cannot resolve {}", config.mountpoint.display()))?;
+        let resolved = std::fs::canonicalize(&absolute).unwrap_or(absolute);
+        Pool::open(state_dir)?.check_mount_point(&resolved)?;
+    }
     if !foreground {
         // Fail here, with the real message, rather than in a daemon nobody watches. The daemon
         // checks again, under the pool's mount lock: two mounts started at once both pass here.

@@ -27,6 +27,10 @@ pub fn check_holder(holder: &str) -> Result<()> {
         Some("it is empty".to_string())
     } else if holder.contains('\0') {
         Some("it contains a NUL byte".to_string())
+    } else if holder.chars().any(char::is_control) {
+        // A newline or an escape sequence in a holder would forge lines or colours in every
+        // listing that shows it.
+        Some("it contains a control character".to_string())
     } else if holder.len() > HOLDER_MAX {
         Some(format!(
             "it is {} bytes long, the limit is {HOLDER_MAX}",
@@ -129,6 +133,16 @@ mod tests {
         check_holder("pvc-1234/replica-a:disk 3").unwrap();
         assert!(check_holder("").is_err());
         assert!(check_holder("a\0b").is_err());
+        for control in [
+            "a\nb",
+            "tab\there",
+            "esc\u{1b}[31m",
+            "del\u{7f}",
+            "c1\u{85}",
+        ] {
+            let refused = check_holder(control).unwrap_err().to_string();
+            assert!(refused.contains("control character"), "{refused}");
+        }
         assert!(check_holder(&"h".repeat(HOLDER_MAX + 1)).is_err());
     }
 }

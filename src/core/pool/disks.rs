@@ -2,7 +2,8 @@
 //! and back, eviction and removal, and choosing disks for new copies.
 
 use std::fs;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::core::owner::WorkLock;
@@ -85,6 +86,24 @@ impl DiskStatus {
             )
         })
     }
+
+    /// Whether the disk has no room left for any copy: its free space is within the reserve
+    /// that placement leaves on every disk. It still serves; it only takes no new copies.
+    pub fn is_full(&self) -> bool {
+        self.resources
+            .as_ref()
+            .is_some_and(|r| r.free <= placement::reserve(r.capacity))
+    }
+
+    /// For a full disk, what that means and what to do, in one line.
+    pub fn full_note(&self) -> Option<String> {
+        let r = self.resources.as_ref().filter(|_| self.is_full())?;
+        Some(format!(
+            "full: {} free of {}: it takes no new copies (imports and repairs go to other disks); free space on it, or add a disk with `imgpool disk add`",
+            crate::format::units::bytes(r.free),
+            crate::format::units::bytes(r.capacity)
+        ))
+    }
 }
 
 impl Pool {
@@ -107,6 +126,18 @@ impl Pool {
             if disk.name == name {
                 return Err(Error::DiskExists(name.to_string()));
             }
+        }
+        // One `disk add` at a time: the checks below read the registered disks, and two adds of
+        // nested (or equal) paths at once would each pass them and both label their directory.
+        let _adding = WorkLock::acquire(&self.state_dir.join("disks.lock"))?;
+        if let Some(conflict) = self.nesting(&path, true)? {
+            return Err(Error::refused(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{} cannot be a disk: it {conflict}; give each disk a directory tree of its own (normally the mount point of its own filesystem), apart from the other disks and the state directory: copies on nested disks share one tree, so their redundancy would be an illusion",
+                    path.display()
+                ),
+            ));
         }
         let layout = DiskLayout::new(&path);
         let disk_uuid = match layout.read_label()? {
@@ -139,6 +170,52 @@ impl Pool {
             created: now(),
         })?;
         self.store.insert_disk(name, &path, &disk_uuid, now())
+    }
+
+    /// Refuses a mount point inside, or around, a disk or the state directory: the mount would
+    /// hide what the pool keeps there (a disk's label, its copies, the store).
+    pub fn check_mount_point(&self, mountpoint: &Path) -> Result<()> {
+        match self.nesting(mountpoint, false)? {
+            None => Ok(()),
+            Some(conflict) => Err(Error::refused(
+                ErrorKind::InvalidInput,
+                format!(
+                    "cannot mount at {}: it {conflict}, which the mount would hide; mount the pool outside every disk and the state directory, e.g. at /run/imgpool",
+                    mountpoint.display()
+                ),
+            )),
+        }
+    }
+
+    /// How `path` nests with what the pool keeps (the state directory, every registered disk
+    /// and, for a new disk, every live mount of the pool), as a phrase: "is inside disk 'd1'
+    /// (/mnt/d1)". `None` when it is apart from all of them. Paths are compared canonical, and
+    /// also by directory identity (device and inode), so that a symlink or a bind mount that
+    /// reaches a disk by another path is recognised.
+    fn nesting(&self, path: &Path, with_mounts: bool) -> Result<Option<String>> {
+        let mut kept = vec![("the state directory".to_string(), self.state_dir.clone())];
+        for disk in self.store.disks()? {
+            kept.push((format!("disk '{}'", disk.name), disk.path));
+        }
+        if with_mounts {
+            for mount in self.live_mounts()? {
+                kept.push(("the pool's mount".to_string(), mount.mountpoint));
+            }
+        }
+        let path = canonical(path);
+        Ok(kept.into_iter().find_map(|(what, other)| {
+            let other = canonical(&other);
+            let relation = if path == other || same_directory(&path, &other) {
+                "is"
+            } else if lies_under(&path, &other) {
+                "is inside"
+            } else if lies_under(&other, &path) {
+                "contains"
+            } else {
+                return None;
+            };
+            Some(format!("{relation} {what} ({})", other.display()))
+        }))
     }
 
     /// Checks that the disk at its path is the one registered.
@@ -177,17 +254,27 @@ impl Pool {
     }
 
     /// `disk fail`: takes a disk out of service by hand. Its copies stop serving at once and
-    /// the repair re-creates them elsewhere; it stays out until `disk online`.
-    pub fn fail_disk(&self, name: &str, reason: Option<&str>) -> Result<DiskRow> {
+    /// the repair re-creates them elsewhere; it stays out until `disk online`. Refused, unless
+    /// `force`, while the disk holds an image's last serving copy: its reads would fail.
+    pub fn fail_disk(&self, name: &str, reason: Option<&str>, force: bool) -> Result<DiskRow> {
         let disk = self.store.disk_by_name(name)?;
         let reason = reason.unwrap_or("marked failed by the operator");
-        self.store.set_disk_state(
+        let last = self.store.fail_disk_unless_last(
             disk.id,
-            DiskState::Failed,
-            Some(FailedBy::Operator),
-            Some(reason),
+            reason,
             now(),
+            &self.unreachable_disks()?,
+            force,
         )?;
+        if !last.is_empty() && !force {
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!(
+                    "disk '{name}' holds the last serving copy of {}: failing it makes their reads fail (EIO) until it returns; `imgpool disk evict {name}` moves them off first, or pass --force to fail it anyway",
+                    last.join(", ")
+                ),
+            ));
+        }
         self.store.disk_by_name(name)
     }
 
@@ -218,12 +305,27 @@ impl Pool {
 
     /// `disk evict`: the disk keeps serving while the repair moves each of its copies to other
     /// disks; once it holds none, `disk rm` forgets it. Returns how many copies must move.
-    pub fn evict_disk(&self, name: &str) -> Result<usize> {
+    /// Refused, unless `force`, while it holds an image's last serving copy that no other disk
+    /// can take now: the eviction could not finish, and the image would count as degraded.
+    pub fn evict_disk(&self, name: &str, force: bool) -> Result<usize> {
         let disk = self.store.disk_by_name(name)?;
         if disk.state == DiskState::Failed {
             return Err(Error::refused(ErrorKind::Conflict, format!(
                 "disk '{name}' is failed: its copies are re-created from other disks already; `imgpool disk rm {name}` once `imgpool status` shows no image needing it"
             )));
+        }
+        if !force {
+            let stuck = self.copies_with_nowhere_to_go(&disk)?;
+            if !stuck.is_empty() {
+                return Err(Error::refused(
+                    ErrorKind::Conflict,
+                    format!(
+                        "disk '{name}' holds the last serving copy of {}, and no other disk can take it now ({}): add a disk with room first, or pass --force to mark it evicting anyway",
+                        stuck.iter().map(|(image, _)| image.as_str()).collect::<Vec<_>>().join(", "),
+                        stuck[0].1
+                    ),
+                ));
+            }
         }
         self.change_checked_state(&disk, DiskState::Evicting)?;
         Ok(self
@@ -232,6 +334,33 @@ impl Pool {
             .iter()
             .filter(|c| c.disk.id == disk.id)
             .count())
+    }
+
+    /// The images whose last serving copy is on `disk` and that placement finds no other disk
+    /// for now, each with the reason.
+    fn copies_with_nowhere_to_go(&self, disk: &DiskRow) -> Result<Vec<(String, String)>> {
+        let mut stuck = Vec::new();
+        let copies = self.store.all_copies()?;
+        for name in self
+            .store
+            .last_serving_copies_on(disk.id, &self.unreachable_disks()?)?
+        {
+            let Some(image) = self.store.image_by_name(&name)? else {
+                continue;
+            };
+            let holding: Vec<i64> = copies
+                .iter()
+                .filter(|c| c.image_id == image.id)
+                .map(|c| c.disk.id)
+                .collect();
+            match self.place(&name, image.real_size, 1, &holding) {
+                Ok(_) => {}
+                Err(Error::NoSpace { detail, .. }) => stuck.push((name, detail)),
+                Err(Error::NoDisks) => stuck.push((name, "the pool has no other disk".into())),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(stuck)
     }
 
     /// Changes a disk's state only from the state `disk` was read in: a probe or another command
@@ -392,4 +521,33 @@ pub fn check_label(pool_uuid: &str, disk: &DiskRow) -> DiskHealth {
         Ok(None) => DiskHealth::Missing(format!("{} does not exist", disk.path.display())),
         Err(e) => DiskHealth::Missing(e.to_string()),
     }
+}
+
+/// `path` with symlinks resolved where it exists (a missing disk keeps its registered path).
+fn canonical(path: &Path) -> PathBuf {
+    fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// The device and inode of an existing directory: its identity, whatever path reaches it.
+fn identity(path: &Path) -> Option<(u64, u64)> {
+    fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+}
+
+fn same_directory(a: &Path, b: &Path) -> bool {
+    identity(a).is_some_and(|a| Some(a) == identity(b))
+}
+
+/// Whether `inner` lies strictly under `outer`: by its path, or because one of its ancestors is
+/// `outer`'s directory reached by another path.
+fn lies_under(inner: &Path, outer: &Path) -> bool {
+    if inner != outer && inner.starts_with(outer) {
+        return true;
+    }
+    let Some(outer) = identity(outer) else {
+        return false;
+    };
+    inner
+        .ancestors()
+        .skip(1)
+        .any(|ancestor| identity(ancestor) == Some(outer))
 }

@@ -1,13 +1,12 @@
 //! Images: import, listing, the copy policy and removal.
 
 use std::fs::{self, File};
-use std::io::{Seek, SeekFrom};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::core::copies::CopyView;
-use crate::core::ingest::{drop_cached_pages, write_copy};
+use crate::core::ingest::{drop_cached_pages, open_source, write_copy};
 use crate::core::owner::OwnerLock;
 use crate::core::store::{CopyRow, CopyState, DiskRow, DiskState, HolderRow, ImageRow, ImageState};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -133,8 +132,9 @@ impl Pool {
         if copies == 0 {
             return Err(Error::ZeroCopies);
         }
-        let (source, size) = open_source(file)?;
-        let needed: u64 = sparse::data_extents(&source, size)
+        let opened = open_source(file)?;
+        let (source, size) = (&opened.file, opened.size);
+        let needed: u64 = sparse::data_extents(source, size)
             .ctx(|| format!("cannot read {}", file.display()))?
             .iter()
             .map(|(start, end)| end - start)
@@ -180,12 +180,14 @@ impl Pool {
             let outcome = write_copy(
                 first,
                 &self.record_of(&row),
-                &source,
+                source,
                 file,
                 None,
                 &mut report,
             )
             .map_err(|e| self.write_error(name, first, needed, copies, e))?;
+            // Further copies are made from the first one: the source is read no more.
+            opened.check_unchanged(file)?;
             let first_copy = DiskLayout::new(&first.path).copy_path(&uuid);
             let real_size = fs::metadata(&first_copy)
                 .ctx(|| format!("cannot stat {}", first_copy.display()))?
@@ -400,24 +402,4 @@ pub fn copy_info(image: &ImageRow, copy: CopyRow, disks: &[(DiskRow, bool)]) -> 
         counts: view.counts(),
         disk: disk.name.clone(),
     }
-}
-
-/// Opens an image source: a regular file or a block device, never empty.
-fn open_source(file: &Path) -> Result<(File, u64)> {
-    let mut source =
-        File::open(file).ctx(|| format!("cannot open image file {}", file.display()))?;
-    let meta = source
-        .metadata()
-        .ctx(|| format!("cannot stat {}", file.display()))?;
-    let kind = meta.file_type();
-    if !(kind.is_file() || kind.is_block_device()) {
-        return Err(Error::NotAnImage(file.to_path_buf()));
-    }
-    let size = source
-        .seek(SeekFrom::End(0))
-        .ctx(|| format!("cannot read the size of {}", file.display()))?;
-    if size == 0 {
-        return Err(Error::EmptyImage(file.to_path_buf()));
-    }
-    Ok((source, size))
 }

@@ -45,6 +45,8 @@ impl Pool {
     pub fn init(state_dir: &Path) -> Result<Pool> {
         fs::create_dir_all(state_dir)
             .ctx(|| format!("cannot create state directory {}", state_dir.display()))?;
+        // A damaged store is not taken for a missing one: a new pool would be made over it.
+        check_store_file(state_dir)?;
         let store = Store::open(state_dir)?;
         if let Some(uuid) = store.pool_uuid()? {
             return Err(Error::PoolExists {
@@ -70,8 +72,14 @@ impl Pool {
     /// Opens the pool in `state_dir`. Opening only reads: what dead processes left is cleaned
     /// up by `recover::recover`, which commands that change the pool call.
     pub fn open(state_dir: &Path) -> Result<Pool> {
-        if !state_dir.join(crate::core::store::DB_FILE).exists() {
-            return Err(Error::NoPool(state_dir.to_path_buf()));
+        if !check_store_file(state_dir)? {
+            return Err(match pool_trace(state_dir) {
+                Some(trace) => Error::StoreLost {
+                    path: state_dir.join(crate::core::store::DB_FILE),
+                    trace,
+                },
+                None => Error::NoPool(state_dir.to_path_buf()),
+            });
         }
         let store = Store::open(state_dir)?;
         let uuid = store
@@ -99,7 +107,12 @@ impl Pool {
 
     /// `config set`: changes one setting.
     pub fn set_setting(&self, key: &str, value: &str) -> Result<Settings> {
-        Settings::set(&self.store, key, value)
+        let usable = self
+            .disks_in_service()?
+            .iter()
+            .filter(|(d, ok)| *ok && d.state == crate::core::store::DiskState::Healthy)
+            .count();
+        Settings::set(&self.store, key, value, usable as u32)
     }
 
     pub fn settings(&self) -> Result<Settings> {
@@ -137,6 +150,30 @@ impl Pool {
             .map(|d| d.id)
             .collect())
     }
+}
+
+/// Whether the store file exists, refusing one that cannot be reached or is empty (SQLite
+/// would take an empty file for a new store, and the pool's index would silently be gone).
+pub(crate) fn check_store_file(state_dir: &Path) -> Result<bool> {
+    let db = state_dir.join(crate::core::store::DB_FILE);
+    match fs::metadata(&db) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(source) => Err(Error::StoreUnreachable { path: db, source }),
+        Ok(meta) if meta.len() == 0 => Err(Error::StoreUnreadable {
+            path: db,
+            detail: "the file is empty".into(),
+        }),
+        Ok(_) => Ok(true),
+    }
+}
+
+/// What a pool leaves in its state directory besides the store, if any is there: the sign that
+/// a missing store was lost rather than never made.
+fn pool_trace(state_dir: &Path) -> Option<PathBuf> {
+    ["locks", "control", "repair.lock", "disks.lock", "mount.log"]
+        .iter()
+        .map(|name| state_dir.join(name))
+        .find(|path| path.symlink_metadata().is_ok())
 }
 
 /// A pool with plain-directory disks `d1`..`dn` in a temporary directory, for core tests.

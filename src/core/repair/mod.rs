@@ -723,7 +723,7 @@ mod tests {
         let bytes = content(300_000);
         f.image("a", &bytes, 2);
         let before = f.serving("a");
-        f.pool.fail_disk(&before[0], None).unwrap();
+        f.pool.fail_disk(&before[0], None, true).unwrap();
         assert_eq!(
             f.pool.image("a").unwrap().state(),
             crate::core::pool::ImageHealth::Degraded
@@ -783,7 +783,7 @@ mod tests {
             }
             other => panic!("expected OnlyGoodCopy, got {other:?}"),
         }
-        f.pool.evict_disk(&home).unwrap();
+        f.pool.evict_disk(&home, true).unwrap();
         // An evicting disk still serves, but does not count toward the policy.
         assert_eq!(f.serving("a"), vec![home.clone()]);
         assert_eq!(
@@ -890,7 +890,7 @@ mod tests {
         assert!(info.problem().unwrap().contains("EIO"));
 
         // With its only copy on a failed disk, the image is failed.
-        f.pool.fail_disk(&home, None).unwrap();
+        f.pool.fail_disk(&home, None, true).unwrap();
         assert_eq!(
             f.pool.image("a").unwrap().state(),
             crate::core::pool::ImageHealth::Failed
@@ -1043,7 +1043,7 @@ mod tests {
         let store = f.pool.store();
         let id = f.pool.image("a").unwrap().image.id;
         let d1 = store.disk_by_name("d1").unwrap();
-        f.pool.fail_disk("d2", None).unwrap();
+        f.pool.fail_disk("d2", None, true).unwrap();
         let remove = || {
             let event = Event::Remove {
                 keep: 1,

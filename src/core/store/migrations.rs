@@ -154,10 +154,7 @@ pub(super) fn latest() -> usize {
 /// older one in place (after `VACUUM INTO` a backup next to it), refuses one it cannot read.
 /// An up-to-date store is only read.
 pub(super) fn upgrade(state_dir: &Path, db: &Path, conn: &mut Connection) -> Result<()> {
-    let store_error = |source| Error::Store {
-        path: db.to_path_buf(),
-        source,
-    };
+    let store_error = |source| super::store_error(db, source);
     let read_version = |c: &Connection| -> rusqlite::Result<(usize, i64)> {
         let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let tables: i64 = c.query_row(

@@ -187,6 +187,56 @@ fn copy_from_row(row: &rusqlite::Row) -> rusqlite::Result<CopyRow> {
     })
 }
 
+/// See `Store::last_serving_copies_on`.
+fn last_serving_on(
+    conn: &Connection,
+    disk_id: i64,
+    unreachable: &[i64],
+) -> rusqlite::Result<Vec<String>> {
+    let unreachable: Vec<String> = unreachable.iter().map(i64::to_string).collect();
+    let mut stmt = conn.prepare(&format!(
+        "SELECT i.name FROM copies c JOIN disks d ON d.id = c.disk_id
+         JOIN images i ON i.id = c.image_id
+         WHERE i.state = 'ready' AND {} AND c.disk_id NOT IN ({})
+         GROUP BY c.image_id HAVING SUM(c.disk_id != ?1) = 0 AND SUM(c.disk_id = ?1) > 0
+         ORDER BY i.name",
+        copies::SERVING_SQL,
+        unreachable.join(", ")
+    ))?;
+    let names = stmt.query_map([disk_id], |r| r.get(0))?;
+    names.collect()
+}
+
+/// A store error as the operator should read it: a damaged store file, or one on a filesystem
+/// that no longer takes writes, says so and what to do; SQLite's own words alone ("file is not
+/// a database") do not.
+pub(super) fn store_error(path: &Path, source: rusqlite::Error) -> Error {
+    use rusqlite::ErrorCode;
+    match source.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase | ErrorCode::DatabaseCorrupt) => Error::StoreUnreadable {
+            path: path.to_path_buf(),
+            detail: source.to_string(),
+        },
+        // A store in WAL mode on a read-only filesystem fails in several ways ("attempt to
+        // write a readonly database", or "unable to open database file" for want of its
+        // shared-memory file): the filesystem says which it is.
+        Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::SystemIoFailure)
+            if on_read_only_filesystem(path) =>
+        {
+            Error::StoreReadOnly(path.to_path_buf())
+        }
+        _ => Error::Store {
+            path: path.to_path_buf(),
+            source,
+        },
+    }
+}
+
+fn on_read_only_filesystem(db: &Path) -> bool {
+    nix::sys::statvfs::statvfs(db.parent().unwrap_or(Path::new("/")))
+        .is_ok_and(|fs| fs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+}
+
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
     matches!(e, rusqlite::Error::SqliteFailure(f, _)
         if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
@@ -198,20 +248,14 @@ impl Store {
     /// caller's question (`pool_uuid`).
     pub fn open(state_dir: &Path) -> Result<Store> {
         let path = state_dir.join(DB_FILE);
-        let mut conn = Connection::open(&path).map_err(|source| Error::Store {
-            path: path.clone(),
-            source,
-        })?;
+        let mut conn = Connection::open(&path).map_err(|source| store_error(&path, source))?;
         let setup = |c: &Connection| -> rusqlite::Result<()> {
             c.busy_timeout(Duration::from_secs(30))?;
             c.pragma_update(None, "journal_mode", "WAL")?;
             c.pragma_update(None, "synchronous", "FULL")?;
             c.pragma_update(None, "foreign_keys", "ON")
         };
-        setup(&conn).map_err(|source| Error::Store {
-            path: path.clone(),
-            source,
-        })?;
+        setup(&conn).map_err(|source| store_error(&path, source))?;
         migrations::upgrade(state_dir, &path, &mut conn)?;
         Ok(Store {
             conn: Mutex::new(conn),
@@ -219,11 +263,19 @@ impl Store {
         })
     }
 
+    /// SQLite's check of the store file's structure: `None` when sound, else what is wrong.
+    pub fn quick_check(&self) -> Result<Option<String>> {
+        self.run(|c| {
+            let mut stmt = c.prepare("PRAGMA quick_check")?;
+            let rows: Vec<String> = stmt
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok((rows != ["ok"]).then(|| rows.join("; ")))
+        })
+    }
+
     fn err(&self, source: rusqlite::Error) -> Error {
-        Error::Store {
-            path: self.path.clone(),
-            source,
-        }
+        store_error(&self.path, source)
     }
 
     fn run<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
@@ -339,24 +391,12 @@ impl Store {
         .ok_or_else(|| Error::UnknownDisk(name.to_string()))
     }
 
-    /// Changes a disk's state. Taking a disk out of service records who did it and why;
-    /// returning it to service clears both. When a failed disk returns, the copies it holds are
-    /// no longer trusted: they become unverified, in the same transaction.
-    pub fn set_disk_state(
-        &self,
-        id: i64,
-        state: DiskState,
-        failed_by: Option<FailedBy>,
-        reason: Option<&str>,
-        now: i64,
-    ) -> Result<()> {
-        self.set_disk_state_if(id, None, state, failed_by, reason, now)
-            .map(|_| ())
-    }
-
-    /// `set_disk_state` only if the disk is still in the state `expect` (with the same
+    /// Changes a disk's state; with `expect`, only if the disk is still in that state (and
     /// `failed_by`) when the transaction runs: a probe's verdict must not undo what the operator
-    /// did meanwhile. Returns whether it changed the disk.
+    /// did meanwhile. Taking a disk out of service records who did it and why; returning it to
+    /// service clears both. When a failed disk returns, the copies it holds are no longer
+    /// trusted: they become unverified, in the same transaction. Returns whether it changed the
+    /// disk.
     pub fn set_disk_state_if(
         &self,
         id: i64,
@@ -386,6 +426,36 @@ impl Store {
                 copies::disk_returned(tx, id, now).map_err(|e| self.err(e))?;
             }
             Ok(true)
+        })
+    }
+
+    /// The ready images whose every serving copy is on disk `disk_id` (disks in `unreachable`
+    /// serve nothing): taking the disk out of service leaves them without one.
+    pub fn last_serving_copies_on(&self, disk_id: i64, unreachable: &[i64]) -> Result<Vec<String>> {
+        self.run(|c| last_serving_on(c, disk_id, unreachable))
+    }
+
+    /// `disk fail` by the operator, in one transaction with the check that the disk holds no
+    /// image's last serving copy (unless `force`). Returns those images; when there are some
+    /// and `force` is not given, the disk was left as it was.
+    pub fn fail_disk_unless_last(
+        &self,
+        id: i64,
+        reason: &str,
+        now: i64,
+        unreachable: &[i64],
+        force: bool,
+    ) -> Result<Vec<String>> {
+        self.write(|tx| {
+            let last = last_serving_on(tx, id, unreachable).map_err(|e| self.err(e))?;
+            if last.is_empty() || force {
+                tx.execute(
+                    "UPDATE disks SET state = ?2, failed_by = ?3, reason = ?4, state_since = ?5 WHERE id = ?1",
+                    params![id, DiskState::Failed, FailedBy::Operator, reason, now],
+                )
+                .map_err(|e| self.err(e))?;
+            }
+            Ok(last)
         })
     }
 
