@@ -351,8 +351,22 @@ fn a_volume_is_a_read_write_file_of_the_mount() {
         String::from_utf8_lossy(&write.stderr)
     );
 
-    // Open through the mount: commands that would write it behind the daemon refuse.
+    // Open through the mount: `volume show` says by whom, and commands that would write it
+    // behind the daemon refuse.
+    // The kernel releases a closed file a moment after close() returns.
+    assert!(
+        poll(
+            std::time::Duration::from_secs(5),
+            std::time::Duration::from_millis(20),
+            || { pool.json(&["volume", "show", "vm1"])["open_by_pid"].is_null() }
+        ),
+        "the volume stays open after its files were closed"
+    );
     let held = std::fs::File::open(&path).unwrap();
+    assert_eq!(
+        pool.json(&["volume", "show", "vm1"])["open_by_pid"],
+        mount.pid.unwrap()
+    );
     let line = failed_cleanly(
         "volume rm of an open volume",
         &pool.run(&["volume", "rm", "vm1"]),

@@ -522,6 +522,7 @@ fn volume_json(v: &VolumeInfo) -> Value {
         "state": v.state(),
         "allocated_bytes": v.allocated,
         "snapshots": v.snapshots,
+        "open_by_pid": v.open_by,
         "created": timestamp(v.volume.created),
     })
 }
@@ -535,6 +536,10 @@ fn print_volume(v: &VolumeInfo) {
     println!("state:     {}", v.state());
     println!("allocated: {}", bytes(v.allocated));
     println!("snapshots: {}", v.snapshots);
+    match v.open_by {
+        Some(pid) => println!("open:      yes, by the mount daemon (pid {pid})"),
+        None => println!("open:      no"),
+    }
     println!("created:   {}", timestamp(v.volume.created));
 }
 

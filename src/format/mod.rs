@@ -4,6 +4,7 @@
 pub mod clock;
 pub mod digests;
 pub mod layout;
+pub mod locks;
 pub mod mountinfo;
 pub mod names;
 pub mod sparse;

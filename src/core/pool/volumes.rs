@@ -12,6 +12,7 @@ use crate::core::volume::{self, Base, Volume, WriterLock};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 use crate::format::layout::{fsync_dir, write_volume_record, DiskLayout};
+use crate::format::locks;
 use crate::format::names;
 use crate::format::volume::{BaseImageRef, VolumeFiles, VolumeRecord, BLOCK, FORMAT_VERSION};
 
@@ -30,6 +31,8 @@ pub struct VolumeInfo {
     /// Bytes the volume's data file takes on its disk.
     pub allocated: u64,
     pub snapshots: usize,
+    /// The process writing it now (a mount daemon with the volume's file open), if any.
+    pub open_by: Option<u32>,
     pub dir: PathBuf,
 }
 
@@ -219,7 +222,13 @@ impl Pool {
         } else {
             0
         };
+        let open_by = if reachable {
+            locks::exclusive_flock_holder(&files.writer_lock()).unwrap_or(None)
+        } else {
+            None
+        };
         Ok(VolumeInfo {
+            open_by,
             disk: disk.name,
             disk_state: disk.state,
             image,
