@@ -10,12 +10,13 @@
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::core::copies::{Event, Outcome};
 use crate::core::pool::{self, Pool};
+use crate::core::resources;
 use crate::core::store::{CopyState, DiskRow, DiskState, FailedBy};
 use crate::error::Result;
 use crate::format::clock;
@@ -37,6 +38,8 @@ pub enum FaultKind {
     Io(i32),
     /// The chunk read does not match its digest.
     Corrupt { chunk: u64 },
+    /// The copy's file is not there (deleted behind the pool's back).
+    Missing,
 }
 
 impl std::fmt::Display for CopyFault {
@@ -53,6 +56,7 @@ impl std::fmt::Display for CopyFault {
                 "chunk {chunk} of {} does not match its digest",
                 self.path.display()
             ),
+            FaultKind::Missing => f.write_str(&missing_file(&self.path)),
         }
     }
 }
@@ -60,10 +64,29 @@ impl std::fmt::Display for CopyFault {
 /// A probe that has not finished by then counts as failed: a hung disk must not look healthy.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Why a copy whose file is gone failed: what the copy's state and `image show` say.
+fn missing_file(path: &Path) -> String {
+    format!(
+        "its file {} is missing (deleted outside imgpool)",
+        path.display()
+    )
+}
+
 /// Probes one disk; `Err` says what is wrong with it.
 pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String> {
     if let Some(problem) = pool::check_label(pool_uuid, disk).problem() {
         return Err(problem.to_string());
+    }
+    let statfs = || {
+        resources::probe(&disk.path)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    // A filesystem mounted read-only (ext4 remounts itself so after errors) still serves its
+    // copies: it answered the label read; only the write is skipped. It takes no new copy
+    // (placement and the repair look at it themselves).
+    if resources::read_only(&disk.path) {
+        return statfs();
     }
     let path = DiskLayout::new(&disk.path).probe_path();
     let stamp = SystemTime::now()
@@ -89,6 +112,8 @@ pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String>
         });
     let _locked = match written {
         Ok(f) => f,
+        // Turned read-only since the check above.
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => return statfs(),
         Err(e) => return Err(format!("cannot write {}: {e}", path.display())),
     };
     match fs::read(&path) {
@@ -96,9 +121,7 @@ pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String>
         Ok(_) => return Err(format!("{} reads back other bytes", path.display())),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     }
-    crate::core::resources::probe(&disk.path)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    statfs()
 }
 
 /// `probe` in its own thread, failed after `PROBE_TIMEOUT`. The thread of a hung probe is left
@@ -137,6 +160,8 @@ fn probe_in_time(
 pub struct Monitor {
     pool: Pool,
     hung: HashSet<i64>,
+    /// Disks seen read-only at the last look, so that a change is logged once.
+    read_only: HashSet<i64>,
 }
 
 impl Monitor {
@@ -144,6 +169,7 @@ impl Monitor {
         Monitor {
             pool,
             hung: HashSet::new(),
+            read_only: HashSet::new(),
         }
     }
 
@@ -158,6 +184,68 @@ impl Monitor {
         let mut changed = false;
         for disk in self.pool.store().disks()? {
             changed |= self.probe_disk(&disk)?;
+        }
+        changed |= self.look_at_disks_in_service()?;
+        Ok(changed)
+    }
+
+    /// After the probes, on each disk still in service whose probe did not hang: logs a change
+    /// to or from read-only, and fails the copies whose file is gone (deleted behind the
+    /// pool's back: a reader would otherwise be served from a descriptor of the deleted file
+    /// until the daemon restarts, and the copy listed as serving until a scrub). One stat per
+    /// copy per round. Returns whether a copy changed state.
+    fn look_at_disks_in_service(&mut self) -> Result<bool> {
+        let disks: Vec<DiskRow> = self
+            .pool
+            .store()
+            .disks()?
+            .into_iter()
+            .filter(|d| d.state != DiskState::Failed && !self.hung.contains(&d.id))
+            .collect();
+        for disk in &disks {
+            let read_only = resources::read_only(&disk.path);
+            if read_only && self.read_only.insert(disk.id) {
+                tracing::error!(
+                    "disk '{}': its filesystem is read-only; it serves its copies but takes no new ones until it is mounted read-write again",
+                    disk.name
+                );
+            } else if !read_only && self.read_only.remove(&disk.id) {
+                tracing::warn!("disk '{}' is writable again", disk.name);
+            }
+        }
+        let (images, copies) = self.pool.catalog_rows()?;
+        let mut changed = false;
+        for copy in copies.iter().filter(|c| {
+            matches!(
+                c.state,
+                CopyState::Ready | CopyState::Damaged | CopyState::Unverified
+            )
+        }) {
+            let (Some(disk), Some(image)) = (
+                disks.iter().find(|d| d.id == copy.disk.id),
+                images.iter().find(|i| i.id == copy.image_id),
+            ) else {
+                continue;
+            };
+            let path = DiskLayout::new(&disk.path).copy_path(&image.uuid);
+            let gone = matches!(fs::symlink_metadata(&path), Err(e) if e.kind() == io::ErrorKind::NotFound);
+            // Checked after the stat: a filesystem unmounted meanwhile hides every file.
+            if !gone || self.pool.disk_health(disk) != pool::DiskHealth::Healthy {
+                continue;
+            }
+            let reason = missing_file(&path);
+            if self
+                .pool
+                .copy_event(image.id, disk.id, Event::Missing(&reason))?
+                == Outcome::Now(CopyState::Failed)
+            {
+                tracing::error!(
+                    "copy of '{}' on disk '{}' failed: {reason}; the repair replaces it from another copy or the image's source",
+                    image.name,
+                    disk.name
+                );
+                changed = true;
+            }
         }
         Ok(changed)
     }
@@ -188,11 +276,11 @@ impl Monitor {
             return Ok(());
         }
         let reason = fault.to_string();
-        match self
-            .pool.copy_event(
-                fault.image_id,
-                disk.id,
-                Event::Faulted(&reason))? {
+        let event = match fault.kind {
+            FaultKind::Missing => Event::Missing(&reason),
+            _ => Event::Faulted(&reason),
+        };
+        match self.pool.copy_event(fault.image_id, disk.id, event)? {
             Outcome::Now(CopyState::Failed) => tracing::warn!(
                 "copy on disk '{}' failed ({reason}); the repair replaces it",
                 disk.name
@@ -340,6 +428,40 @@ mod tests {
             f.pool.store().disk_by_name("d2").unwrap().state,
             DiskState::Failed
         );
+    }
+
+    #[test]
+    fn a_copy_whose_file_was_deleted_is_failed_by_the_next_probe_round() {
+        let f = fixture(2);
+        f.image("two", &[2u8; 5000], 2);
+        f.image("one", &[1u8; 5000], 1);
+        let mut monitor = Monitor::new(Pool::open(f.pool.state_dir()).unwrap());
+        assert!(!monitor.probe_all().unwrap(), "every file is there");
+
+        let two = f.pool.image("two").unwrap();
+        fs::remove_file(&two.copies[0].path).unwrap();
+        let one = f.pool.image("one").unwrap();
+        fs::remove_file(&one.copies[0].path).unwrap();
+        assert!(monitor.probe_all().unwrap());
+
+        let two = f.pool.image("two").unwrap();
+        assert_eq!(two.copies[0].state, CopyState::Failed);
+        assert!(
+            two.copies[0].reason.as_deref().unwrap().contains("missing"),
+            "{:?}",
+            two.copies[0]
+        );
+        assert_eq!(two.state(), crate::core::pool::ImageHealth::Degraded);
+        // The last copy too: nothing of it is left to serve.
+        let one = f.pool.image("one").unwrap();
+        assert_eq!(one.copies[0].state, CopyState::Failed);
+        assert_eq!(one.state(), crate::core::pool::ImageHealth::Failed);
+        assert!(
+            one.problem().unwrap().contains("missing"),
+            "{:?}",
+            one.problem()
+        );
+        assert!(!monitor.probe_all().unwrap(), "reported once");
     }
 
     #[test]
