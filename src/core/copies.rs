@@ -91,7 +91,8 @@ pub enum Event<'a> {
     Faulted(&'a str),
     /// The copy's data file is gone from a disk that carries its label (deleted behind the
     /// pool's back). Unlike a fault, even the last good copy fails: no chunk of it is left to
-    /// serve, and the image's state must say so.
+    /// serve, and the image's state must say so. Ignored for an image that is not `ready`
+    /// (checked in the transaction): a removal deletes the files before the rows.
     Missing(&'a str),
     /// Removal, allowed only while at least `keep` good copies remain without this one
     /// (counting copies on evicting disks with `count_evicting`). A copy being written is left
@@ -198,6 +199,10 @@ pub(crate) fn apply(
             |r| r.get(0),
         )
         .optional()?;
+    if matches!(event, Event::Missing(_)) && !image_is_ready(tx, image_id)? {
+        // An image being removed loses its files on purpose, before its copy rows go.
+        return Ok(Outcome::Unchanged);
+    }
     let others = others(tx, image_id, disk_id, unreachable)?;
     let outcome = decide(from, event, others);
     let reason = match event {
@@ -278,6 +283,15 @@ pub(crate) fn delete_on_disk(tx: &Connection, disk_id: i64) -> rusqlite::Result<
         [disk_id],
     )?;
     Ok(())
+}
+
+fn image_is_ready(tx: &Connection, image_id: i64) -> rusqlite::Result<bool> {
+    let state: Option<ImageState> = tx
+        .query_row("SELECT state FROM images WHERE id = ?1", [image_id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(state == Some(ImageState::Ready))
 }
 
 fn others(

@@ -465,6 +465,66 @@ mod tests {
     }
 
     #[test]
+    fn copies_the_pool_removes_while_the_monitor_looks_are_never_taken_for_missing() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let f = fixture(2);
+        // An image being removed: its files go before its rows, and the monitor may have
+        // listed it just before.
+        f.image("going", &[3u8; 5000], 1);
+        let going = f.pool.image("going").unwrap();
+        f.pool.store().begin_remove("going", &[]).unwrap();
+        fs::remove_file(&going.copies[0].path).unwrap();
+        let d = f.pool.store().disk_by_name(&going.copies[0].disk).unwrap();
+        assert_eq!(
+            f.pool
+                .copy_event(going.image.id, d.id, Event::Missing("gone"))
+                .unwrap(),
+            Outcome::Unchanged
+        );
+
+        // The same at once, with real removals: images removed, and surplus copies deleted by
+        // the repair, while a monitor probes in a loop. No round may change a copy.
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let mut monitor = Monitor::new(Pool::open(f.pool.state_dir()).unwrap());
+                let (mut rounds, mut changes) = (0, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    changes += monitor.probe_all().unwrap() as u32;
+                    rounds += 1;
+                }
+                (rounds, changes)
+            });
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                for i in 0..30u8 {
+                    let name = format!("i{i}");
+                    f.image(&name, &[i + 1; 70_000], 2);
+                    f.pool.set_copies(&name, 1).unwrap();
+                    let _lock =
+                        crate::core::owner::WorkLock::acquire(&f.pool.repair_lock_path()).unwrap();
+                    let report = crate::core::repair::repair(
+                        &f.pool,
+                        &crate::core::repair::Quiet,
+                        &AtomicBool::new(false),
+                    )
+                    .unwrap();
+                    assert!(report.problems.is_empty(), "{report:?}");
+                    drop(_lock);
+                    f.pool.remove_image(&name).unwrap();
+                }
+            }));
+            stop.store(true, Ordering::Relaxed);
+            let (rounds, changes) = watcher.join().unwrap();
+            result.unwrap();
+            assert!(rounds > 0);
+            assert_eq!(
+                changes, 0,
+                "a monitor round failed a copy the pool was removing"
+            );
+        });
+    }
+
+    #[test]
     fn a_read_fault_on_a_healthy_disk_fails_the_copy_only() {
         let f = fixture(2);
         f.image("a", &[1u8; 5000], 2);
