@@ -206,6 +206,12 @@ pub enum Error {
     #[error("image '{0}' is being removed; a copy on a disk that is not available now is deleted when the disk is back (any imgpool command retries)")]
     ImageRemoving(String),
 
+    #[error("'{name}' is the name of {by} already: pick another name")]
+    NameTaken { name: String, by: &'static str },
+
+    #[error("no volume named '{0}': `imgpool volume list` shows the volumes")]
+    UnknownVolume(String),
+
     #[error("a disk named '{0}' is already registered: pick another name")]
     DiskExists(String),
 
@@ -415,6 +421,8 @@ impl Error {
                 ErrorKind::Busy
             }
             Error::InUse { .. } => ErrorKind::InUse,
+            Error::NameTaken { .. } => ErrorKind::AlreadyExists,
+            Error::UnknownVolume(_) => ErrorKind::NotFound,
             Error::InvalidName { .. }
             | Error::NotADirectory(_)
             | Error::NotAnImage(_)

@@ -341,6 +341,63 @@ fn cache_statistics_move_as_reads_happen_and_the_image_is_held_once() {
     mount.unmount();
 }
 
+/// Two mounts of one pool (as the benchmark makes them) each probe every disk every second;
+/// when their probes overlapped, one read the other's token and failed the disk holding an
+/// image's only copy.
+#[test]
+fn two_mounts_of_one_pool_probing_every_second_serve_a_minute_of_reads_without_an_error() {
+    let test =
+        "two_mounts_of_one_pool_probing_every_second_serve_a_minute_of_reads_without_an_error";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(2);
+    pool.ok(&["config", "set", "probe-interval", "1s"]);
+    let source = pool.path("src.img");
+    random_file(&source, 8 * MIB + 4321, 23);
+    let uuid = pool.add_image("img", &source, 1);
+    let expected = std::fs::read(&source).unwrap();
+    let first = pool.mount_with(&["--cache-size", "4MiB"]);
+    let second = pool.mount_at("mnt2", &["--no-bind", "--cache-size", "4MiB"]);
+    let paths = [
+        first.image("img"),
+        second.image("img"),
+        first.bound_view(&pool.disks[0], "img", &uuid),
+        second.disk_view("d2", "img", &uuid),
+    ];
+    // O_DIRECT readers and small caches: the reads keep reaching both daemons and the disk.
+    let until = std::time::Instant::now() + Duration::from_secs(60);
+    std::thread::scope(|s| {
+        for (i, path) in paths.iter().enumerate() {
+            let expected = &expected;
+            s.spawn(move || {
+                let mut round = 0;
+                while std::time::Instant::now() < until {
+                    let reader = if i % 2 == 0 {
+                        Reader::Direct
+                    } else {
+                        Reader::Buffered
+                    };
+                    read_randomly(path, expected, reader, (i * 1000 + round) as u64, 50);
+                    round += 1;
+                }
+            });
+        }
+    });
+
+    let disks = pool.json(&["disk", "list"]);
+    for disk in disks.as_array().unwrap() {
+        assert_eq!(disk["state"], "healthy", "{disks}");
+    }
+    let log = std::fs::read_to_string(pool.state.join("mount.log")).unwrap();
+    assert!(
+        !log.contains("failed a probe") && !log.contains("failed its probe"),
+        "a probe failed: {log}"
+    );
+    second.unmount();
+    first.unmount();
+}
+
 #[test]
 fn bad_mount_options_are_refused_with_one_line() {
     let pool = TestPool::new(1);

@@ -17,7 +17,9 @@
 #   --baseline-bin BIN another imgpool binary (e.g. an older commit's release build) to
 #                      measure beside this one: it gets its own pool (state directory and one
 #                      disk directory on the same filesystem), imports the same image and mounts
-#                      it in cached mode with its own defaults; path imgpool-cached-baseline
+#                      it in cached and in passthrough mode with its own defaults; paths
+#                      imgpool-cached-baseline and imgpool-passthrough-baseline
+#   --paths A,B,...    measure only these paths (direct is always measured: the ratios need it)
 #   --seed N           seed of the random path order (default: from the clock; printed)
 #
 # Paths measured, each with every job warm (file read once first, with O_DIRECT for the
@@ -59,6 +61,7 @@ CACHE_ARGS=()
 JSON_OUT=$ROOT/target/bench/results.json
 REPLICAS=10
 BASELINE_BIN=""
+PATHS_ARG=""
 SEED=""
 ORIG_ARGS=("$@")
 
@@ -77,6 +80,7 @@ while (($#)); do
         --json-out) need_val "$@"; JSON_OUT=$2; shift ;;
         --baseline-bin) need_val "$@"; BASELINE_BIN=$2; shift ;;
         --seed) need_val "$@"; SEED=$2; shift ;;
+        --paths) need_val "$@"; PATHS_ARG=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "bench: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -116,6 +120,7 @@ DAEMON_PIDS=()  # imgpool daemons of the mounts this run made
 IMG_MOUNTS=()   # imgpool mount points this run made
 declare -A MOUNT_BIN=() MOUNT_STATE=()  # mount point -> the binary and state directory that mounted it
 BASE_STATE=""
+BASE_PT_STATE=""
 MOUNTINFO_BEFORE=$(grep -E 'fuse|backing-images|bench' /proc/self/mountinfo || true)
 
 # Mount points at or under a directory, deepest first, from the kernel's table (stat
@@ -150,6 +155,7 @@ cleanup() {
         # Keep the daemons' logs next to the results, for a look after a failure.
         mkdir -p "$LOGS" && cp -f "$STATE/mount.log" "$W/bindfs.log" "$LOGS/" 2>/dev/null
         [[ -n $BASE_STATE ]] && cp -f "$BASE_STATE/mount.log" "$LOGS/mount-baseline.log" 2>/dev/null
+        [[ -n $BASE_PT_STATE ]] && cp -f "$BASE_PT_STATE/mount.log" "$LOGS/mount-baseline-passthrough.log" 2>/dev/null
         if is_mounted "$W/bind"; then umount "$W/bind" || log "bench: umount $W/bind failed"; fi
         if is_mounted "$W/bindfs"; then
             fusermount3 -u "$W/bindfs" 2>/dev/null || umount "$W/bindfs" || log "bench: umount $W/bindfs failed"
@@ -238,12 +244,16 @@ log "generating a $SIZE_ARG random image ($SIZE bytes)"
 head -c "$SIZE" /dev/urandom >"$W/src.img"
 ip image add "$NAME" "$W/src.img" >&2
 if [[ -n $BASELINE_BIN ]]; then
-    # The baseline's own pool: an older binary may not open this one's store.
+    # The baseline's own pools, one per mount: an older binary may not open this one's store,
+    # and binaries before 6e9b902 fail a disk when two mounts of one pool probe it at once.
     BASE_STATE=$W/state-baseline
-    mkdir -p "$BASE_STATE" "$W/disks-baseline/b01"
-    "$BASELINE_BIN" --state-dir "$BASE_STATE" init >&2
-    "$BASELINE_BIN" --state-dir "$BASE_STATE" disk add b01 "$W/disks-baseline/b01" >&2
-    "$BASELINE_BIN" --state-dir "$BASE_STATE" image add "$NAME" "$W/src.img" >&2
+    BASE_PT_STATE=$W/state-baseline-passthrough
+    for st in "$BASE_STATE" "$BASE_PT_STATE"; do
+        mkdir -p "$st" "$st-disk"
+        "$BASELINE_BIN" --state-dir "$st" init >&2
+        "$BASELINE_BIN" --state-dir "$st" disk add b01 "$st-disk" >&2
+        "$BASELINE_BIN" --state-dir "$st" image add "$NAME" "$W/src.img" >&2
+    done
 fi
 rm -f "$W/src.img"
 SHOW=$(ip image show "$NAME" --json)
@@ -320,6 +330,11 @@ if [[ -n $BASELINE_BIN ]]; then
     BASE_HAS_CACHE_DROP=0
     "$BASELINE_BIN" cache drop --help >/dev/null 2>&1 && BASE_HAS_CACHE_DROP=1
     DAEMON_OF[imgpool-cached-baseline]=imgpool
+    mount_imgpool "$BASELINE_BIN" "$BASE_PT_STATE" "$W/mnt-baseline-passthrough" --no-bind --io-mode passthrough
+    PATHS+=(imgpool-passthrough-baseline)
+    FILES[imgpool-passthrough-baseline]=$W/mnt-baseline-passthrough/images/$NAME
+    PID_OF[imgpool-passthrough-baseline]=$MOUNTED_PID
+    DAEMON_OF[imgpool-passthrough-baseline]=imgpool
 fi
 
 # (f) ten replicas: one bind-mounted path per disk
@@ -335,6 +350,16 @@ PATHS+=("imgpool-${REPLICAS}x")
 FILES[imgpool-${REPLICAS}x]="${ten[*]}"
 PID_OF[imgpool-${REPLICAS}x]=$IMG_PID
 DAEMON_OF[imgpool-${REPLICAS}x]=imgpool
+
+if [[ -n $PATHS_ARG ]]; then
+    IFS=, read -r -a wanted <<<"$PATHS_ARG"
+    chosen=(direct)
+    for p in "${wanted[@]}"; do
+        [[ -n ${FILES[$p]:-} ]] || die "--paths: no path '$p' (paths: ${PATHS[*]})"
+        [[ $p == direct ]] || chosen+=("$p")
+    done
+    PATHS=("${chosen[@]}")
+fi
 
 for p in "${PATHS[@]}"; do
     for f in ${FILES[$p]}; do

@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use crate::core::fsck;
 use crate::core::health::Monitor;
 use crate::core::owner::WorkLock;
-use crate::core::pool::{CopyInfo, DiskStatus, ImageInfo, Pool};
+use crate::core::pool::{CopyInfo, DiskStatus, ImageInfo, Pool, VolumeInfo};
 use crate::core::recover;
 use crate::core::repair;
 use crate::core::settings;
@@ -62,6 +62,9 @@ pub enum Command {
     /// Import, list, show and remove images.
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Create, list, grow and remove thin writable volumes over images.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
     /// Record which holders (replicas) use an image; held images cannot be removed.
     #[command(subcommand)]
     Ref(RefCommand),
@@ -215,6 +218,50 @@ pub enum ImageCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum VolumeCommand {
+    /// Create a thin volume: blocks it never wrote read from IMAGE (or as zeros).
+    Create {
+        name: String,
+        /// The base image (the volume is one of its holders).
+        #[arg(long)]
+        image: Option<String>,
+        /// Size in bytes or with a unit (10GiB); a multiple of 4096, at least the image's size
+        /// (the default).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// The disk to keep it on (default: the healthy disk with the most free space).
+        #[arg(long)]
+        disk: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the volumes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one volume: uuid, size, base image, disk, state, bytes written, snapshots.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow a volume to SIZE (a volume never shrinks).
+    Resize {
+        name: String,
+        #[arg(value_parser = parse_size)]
+        size: u64,
+    },
+    /// Remove a volume and its data; with snapshots only with --recursive.
+    Rm {
+        name: String,
+        /// Remove its snapshots with it.
+        #[arg(long)]
+        recursive: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum RefCommand {
     /// Record that HOLDER uses IMAGE.
     Add { image: String, holder: String },
@@ -293,6 +340,9 @@ impl Command {
                 cmd,
                 ImageCommand::Add { .. } | ImageCommand::Rm { .. } | ImageCommand::Set { .. }
             ),
+            Command::Volume(cmd) => {
+                !matches!(cmd, VolumeCommand::List { .. } | VolumeCommand::Show { .. })
+            }
             Command::Ref(cmd) => !matches!(cmd, RefCommand::List { .. }),
             Command::Gc { dry_run, .. } => !dry_run,
             Command::Repair { .. } | Command::Scrub { .. } => true,
@@ -331,6 +381,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
         }
         Command::Disk(cmd) => disk(state_dir, cmd),
         Command::Image(cmd) => image(state_dir, cmd),
+        Command::Volume(cmd) => volume(state_dir, cmd),
         Command::Ref(cmd) => reference(state_dir, cmd),
         Command::Gc {
             grace,
@@ -422,6 +473,109 @@ fn open_to_change(state_dir: &Path) -> Result<Pool> {
     let pool = Pool::open(state_dir)?;
     recover::recover(&pool)?;
     Ok(pool)
+}
+
+fn volume_json(v: &VolumeInfo) -> Value {
+    json!({
+        "name": v.volume.name,
+        "uuid": v.volume.uuid,
+        "size": v.volume.size,
+        "image": v.image,
+        "disk": v.disk,
+        "state": v.state(),
+        "allocated_bytes": v.allocated,
+        "snapshots": v.snapshots,
+        "created": timestamp(v.volume.created),
+    })
+}
+
+fn print_volume(v: &VolumeInfo) {
+    println!("name:      {}", v.volume.name);
+    println!("uuid:      {}", v.volume.uuid);
+    println!("size:      {} ({})", v.volume.size, bytes(v.volume.size));
+    println!("image:     {}", v.image.as_deref().unwrap_or("-"));
+    println!("disk:      {}", v.disk);
+    println!("state:     {}", v.state());
+    println!("allocated: {}", bytes(v.allocated));
+    println!("snapshots: {}", v.snapshots);
+    println!("created:   {}", timestamp(v.volume.created));
+}
+
+fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
+    let pool = match cmd {
+        VolumeCommand::List { .. } | VolumeCommand::Show { .. } => Pool::open(state_dir)?,
+        _ => open_to_change(state_dir)?,
+    };
+    match cmd {
+        VolumeCommand::Create {
+            name,
+            image,
+            size,
+            disk,
+            json,
+        } => {
+            let created = pool.create_volume(&name, image.as_deref(), size, disk.as_deref())?;
+            if json {
+                print_json(&volume_json(&created));
+            } else {
+                print_volume(&created);
+            }
+        }
+        VolumeCommand::List { json } => {
+            let volumes = pool.volumes()?;
+            if json {
+                print_json(&Value::Array(volumes.iter().map(volume_json).collect()));
+            } else {
+                let rows = volumes
+                    .iter()
+                    .map(|v| {
+                        vec![
+                            v.volume.name.clone(),
+                            bytes(v.volume.size),
+                            v.image.clone().unwrap_or_else(|| "-".into()),
+                            v.disk.clone(),
+                            bytes(v.allocated),
+                            v.snapshots.to_string(),
+                            v.state().to_string(),
+                        ]
+                    })
+                    .collect();
+                table(
+                    &[
+                        "NAME",
+                        "SIZE",
+                        "IMAGE",
+                        "DISK",
+                        "ALLOCATED",
+                        "SNAPSHOTS",
+                        "STATE",
+                    ],
+                    rows,
+                );
+            }
+        }
+        VolumeCommand::Show { name, json } => {
+            let info = pool.volume(&name)?;
+            if json {
+                print_json(&volume_json(&info));
+            } else {
+                print_volume(&info);
+            }
+        }
+        VolumeCommand::Resize { name, size } => {
+            let info = pool.resize_volume(&name, size)?;
+            println!(
+                "volume '{name}' is now {} ({})",
+                info.volume.size,
+                bytes(info.volume.size)
+            );
+        }
+        VolumeCommand::Rm { name, recursive } => {
+            pool.remove_volume(&name, recursive)?;
+            println!("removed volume '{name}'");
+        }
+    }
+    Ok(())
 }
 
 fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {

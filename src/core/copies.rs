@@ -276,6 +276,20 @@ pub(crate) fn forget_disk(
     Ok(kept)
 }
 
+/// Names of the ready images whose only good copy is on this disk: failing the disk would leave
+/// them with none.
+pub(crate) fn sole_good_on(conn: &Connection, disk_id: i64) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT i.name FROM copies c JOIN disks d ON d.id = c.disk_id
+         JOIN images i ON i.id = c.image_id
+         WHERE i.state = 'ready' AND {GOOD_SQL}
+         GROUP BY c.image_id HAVING COUNT(*) = 1 AND SUM(c.disk_id = ?1) = 1
+         ORDER BY i.name"
+    ))?;
+    let names = stmt.query_map([disk_id], |r| r.get(0))?;
+    names.collect()
+}
+
 /// Deletes the rows of a disk that is forgotten (each was `Forget`-ed first).
 pub(crate) fn delete_on_disk(tx: &Connection, disk_id: i64) -> rusqlite::Result<()> {
     tx.execute(

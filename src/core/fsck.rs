@@ -11,10 +11,12 @@ use std::path::{Path, PathBuf};
 use crate::core::copies::Event;
 use crate::core::owner::WorkLock;
 use crate::core::pool::{DiskHealth, Pool, GC_HOLD};
-use crate::core::store::{CopyState, ImageRow, ImageState, Store, DB_FILE};
+use crate::core::store::{CopyState, ImageRow, ImageState, Store, VolumeRow, VolumeState, DB_FILE};
+use crate::core::volume;
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::clock;
-use crate::format::layout::{CopyRecord, DiskLayout, Label};
+use crate::format::layout::{read_volume_record, CopyRecord, DiskLayout, Label};
+use crate::format::volume::VolumeFiles;
 
 /// One difference between the store and the disks.
 #[derive(Debug, Clone)]
@@ -37,6 +39,8 @@ enum Fix<'a> {
     },
     Adopt(&'a ImageRow, i64),
     AdoptUnknown(CopyRecord, i64, PathBuf),
+    /// A volume directory on a disk that the store does not list: listed again.
+    AdoptVolume(VolumeRow),
     Nothing,
 }
 
@@ -201,6 +205,7 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
             }
         }
     }
+    check_volumes(pool, &mut record)?;
     for image in images.iter().filter(|i| i.state == ImageState::Ready) {
         if !copies.iter().any(|c| c.image_id == image.id) {
             record(
@@ -248,6 +253,7 @@ fn describe(fix: &Fix) -> (&'static str, bool) {
             "the image is listed again from the record, its copy unverified",
             true,
         ),
+        Fix::AdoptVolume(..) => ("the volume is listed again from its record", true),
         Fix::Nothing => ("", false),
     }
 }
@@ -298,7 +304,113 @@ fn apply_fix(pool: &Pool, fix: Fix) -> Result<()> {
             };
             pool.copy_event(id, disk, Event::Found)?;
         }
+        Fix::AdoptVolume(volume) => {
+            store.insert_found_volume(&volume)?;
+        }
         Fix::Nothing => {}
+    }
+    Ok(())
+}
+
+/// A volume found on a disk, as a row: its record says what it is, its index how big it is,
+/// and its base image must be in the pool (a volume must not read zeros where its image was).
+fn found_volume(
+    store: &Store,
+    pool_uuid: &str,
+    disk_id: i64,
+    files: &VolumeFiles,
+) -> std::result::Result<VolumeRow, String> {
+    let record = read_volume_record(files).map_err(|e| e.to_string())?;
+    if record.pool_uuid != pool_uuid {
+        return Err(format!("its record belongs to pool {}", record.pool_uuid));
+    }
+    let summary = volume::summary(files).map_err(|e| format!("its index: {e}"))?;
+    let image_id = match &record.base {
+        None => None,
+        Some(base) => Some(
+            store
+                .images()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .find(|i| i.uuid == base.uuid && i.state == ImageState::Ready)
+                .ok_or_else(|| {
+                    format!(
+                        "its base image '{}' ({}) is not in the pool: import it again first",
+                        base.name, base.uuid
+                    )
+                })?
+                .id,
+        ),
+    };
+    Ok(VolumeRow {
+        id: 0,
+        name: record.name,
+        uuid: record.uuid,
+        disk_id,
+        image_id,
+        size: summary.size,
+        state: VolumeState::Ready,
+        created: record.created,
+    })
+}
+
+/// Each ready volume against its directory, each volume directory against the rows. Data is
+/// never deleted here: a directory the store does not know is listed again when its record
+/// allows, and left alone otherwise.
+fn check_volumes(pool: &Pool, record: &mut impl FnMut(String, Fix) -> Result<()>) -> Result<()> {
+    let store = pool.store();
+    let volumes = store.volumes()?;
+    for (disk, serving) in pool.disks_in_service()? {
+        if !serving {
+            continue;
+        }
+        let layout = DiskLayout::new(&disk.path);
+        for volume in volumes
+            .iter()
+            .filter(|v| v.disk_id == disk.id && v.state == VolumeState::Ready)
+        {
+            let files = layout.volume_files(&volume.uuid);
+            let problem = match read_volume_record(&files) {
+                Err(e) => Some(e.to_string()),
+                Ok(r) if r.uuid != volume.uuid || r.name != volume.name => {
+                    Some("its record describes another volume".to_string())
+                }
+                Ok(_) => volume::summary(&files)
+                    .err()
+                    .map(|e| format!("its index: {e}")),
+            };
+            if let Some(problem) = problem {
+                record(
+                    format!(
+                        "volume '{}' on disk '{}': {problem}",
+                        volume.name, disk.name
+                    ),
+                    Fix::Nothing,
+                )?;
+            }
+        }
+        for uuid in layout.volume_uuids()? {
+            if volumes.iter().any(|v| v.uuid == uuid) {
+                continue;
+            }
+            let files = layout.volume_files(&uuid);
+            match found_volume(store, pool.uuid(), disk.id, &files) {
+                Ok(volume) => record(
+                    format!(
+                        "disk '{}' holds volume '{}' ({uuid}), which the store does not list",
+                        disk.name, volume.name
+                    ),
+                    Fix::AdoptVolume(volume),
+                )?,
+                Err(why) => record(
+                    format!(
+                        "{} is not a volume of this pool that can be listed ({why}); it is left alone",
+                        files.dir().display()
+                    ),
+                    Fix::Nothing,
+                )?,
+            }
+        }
     }
     Ok(())
 }
@@ -439,6 +551,22 @@ pub fn rebuild(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
             record.name,
             disk_ids.len()
         ));
+    }
+    for disk in store.disks()? {
+        let layout = DiskLayout::new(&disk.path);
+        for uuid in layout.volume_uuids()? {
+            let files = layout.volume_files(&uuid);
+            let found = found_volume(&store, &pool_uuid, disk.id, &files).and_then(|v| {
+                store
+                    .insert_found_volume(&v)
+                    .map(|_| v)
+                    .map_err(|e| e.to_string())
+            });
+            done.push(match found {
+                Ok(v) => format!("volume '{}' on disk '{}'", v.name, disk.name),
+                Err(why) => format!("skipped volume {}: {why}", files.dir().display()),
+            });
+        }
     }
     let pool = Pool::open(state_dir)?;
     // Disks found are registered healthy only if their label checks out now.

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::core::copies::{Event, Outcome};
@@ -72,6 +72,13 @@ fn missing_file(path: &Path) -> String {
     )
 }
 
+/// How long a disk that holds some image's last good copy is given before a failed probe is
+/// tried again: failing it takes the image offline, so one probe's word is not enough.
+const PROBE_CONFIRM_DELAY: Duration = Duration::from_millis(500);
+
+/// What probes a disk: `probe` itself, or a test's stand-in.
+type ProbeFn = Arc<dyn Fn(&str, &DiskRow) -> std::result::Result<(), String> + Send + Sync>;
+
 /// Probes one disk; `Err` says what is wrong with it.
 pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String> {
     if let Some(problem) = pool::check_label(pool_uuid, disk).problem() {
@@ -127,6 +134,7 @@ pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String>
 /// `probe` in its own thread, failed after `PROBE_TIMEOUT`. The thread of a hung probe is left
 /// behind (nothing can interrupt it); `None` while an earlier probe of the disk still hangs.
 fn probe_in_time(
+    probe: &ProbeFn,
     pool_uuid: &str,
     disk: &DiskRow,
     hung: &mut HashSet<i64>,
@@ -135,7 +143,7 @@ fn probe_in_time(
         return None;
     }
     let (tx, rx) = mpsc::channel();
-    let (uuid, row) = (pool_uuid.to_string(), disk.clone());
+    let (uuid, row, probe) = (pool_uuid.to_string(), disk.clone(), probe.clone());
     let spawned = std::thread::Builder::new()
         .name(format!("probe-{}", disk.name))
         .spawn(move || {
@@ -162,14 +170,20 @@ pub struct Monitor {
     hung: HashSet<i64>,
     /// Disks seen read-only at the last look, so that a change is logged once.
     read_only: HashSet<i64>,
+    probe: ProbeFn,
 }
 
 impl Monitor {
     pub fn new(pool: Pool) -> Monitor {
+        Monitor::with_probe(pool, Arc::new(probe))
+    }
+
+    fn with_probe(pool: Pool, probe: ProbeFn) -> Monitor {
         Monitor {
             pool,
             hung: HashSet::new(),
             read_only: HashSet::new(),
+            probe,
         }
     }
 
@@ -252,9 +266,27 @@ impl Monitor {
 
     /// Probes one disk and records the outcome; returns whether its state changed.
     pub fn probe_disk(&mut self, disk: &DiskRow) -> Result<bool> {
-        let Some(result) = probe_in_time(self.pool.uuid(), disk, &mut self.hung) else {
+        let Some(mut result) = probe_in_time(&self.probe, self.pool.uuid(), disk, &mut self.hung)
+        else {
             return Ok(false);
         };
+        if let Err(why) = &result {
+            let sole = self.pool.store().sole_good_copies_on(disk.id)?;
+            if disk.state != DiskState::Failed && !sole.is_empty() {
+                tracing::warn!(
+                    "disk '{}' failed a probe ({why}) but holds the last good copy of {}: probing it again before failing it",
+                    disk.name,
+                    sole.join(", ")
+                );
+                std::thread::sleep(PROBE_CONFIRM_DELAY);
+                // A probe that hung is not waited for twice: the disk is failed now.
+                if let Some(again) =
+                    probe_in_time(&self.probe, self.pool.uuid(), disk, &mut self.hung)
+                {
+                    result = again;
+                }
+            }
+        }
         apply_probe(&self.pool, disk, result)
     }
 
@@ -428,6 +460,57 @@ mod tests {
             f.pool.store().disk_by_name("d2").unwrap().state,
             DiskState::Failed
         );
+    }
+
+    /// A probe that fails the first `failures` times it is called, then passes.
+    fn failing_probe(failures: usize) -> (ProbeFn, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let probe: ProbeFn = Arc::new(move |_: &str, _: &DiskRow| {
+            if counter.fetch_add(1, Ordering::SeqCst) < failures {
+                Err("reads back other bytes".to_string())
+            } else {
+                Ok(())
+            }
+        });
+        (probe, calls)
+    }
+
+    #[test]
+    fn one_failed_probe_of_the_disk_with_the_last_good_copy_is_confirmed_first() {
+        use std::sync::atomic::Ordering;
+        let f = fixture(2);
+        f.image("only-on-d1", &[1u8; 5000], 1);
+        let holder = f.serving("only-on-d1");
+        let other = if holder == ["d1"] { "d2" } else { "d1" };
+        let holder = f.pool.store().disk_by_name(&holder[0]).unwrap();
+        let other = f.pool.store().disk_by_name(other).unwrap();
+        let pool = || Pool::open(f.pool.state_dir()).unwrap();
+
+        // A one-off failure of the disk holding the only copy: probed again, still in service.
+        let (probe, calls) = failing_probe(1);
+        let mut monitor = Monitor::with_probe(pool(), probe);
+        assert!(!monitor.probe_disk(&holder).unwrap());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let row = f.pool.store().disk_by_name(&holder.name).unwrap();
+        assert_eq!(row.state, DiskState::Healthy);
+
+        // A disk that keeps failing is failed after the second probe.
+        let (probe, calls) = failing_probe(usize::MAX);
+        let mut monitor = Monitor::with_probe(pool(), probe);
+        assert!(monitor.probe_disk(&holder).unwrap());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        let row = f.pool.store().disk_by_name(&holder.name).unwrap();
+        assert_eq!(row.state, DiskState::Failed);
+
+        // A disk with no last good copy is failed on its first failed probe.
+        let (probe, calls) = failing_probe(1);
+        let mut monitor = Monitor::with_probe(pool(), probe);
+        assert!(monitor.probe_disk(&other).unwrap());
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let row = f.pool.store().disk_by_name(&other.name).unwrap();
+        assert_eq!(row.state, DiskState::Failed);
     }
 
     #[test]

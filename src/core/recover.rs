@@ -20,8 +20,8 @@
 
 use crate::core::copies::{Event, Outcome};
 use crate::core::owner::{self, Owner, WorkLock};
-use crate::core::pool::{import_token, Pool};
-use crate::core::store::{CopyState, ImageRow, ImageState, Store};
+use crate::core::pool::{import_token, volume_token, Pool};
+use crate::core::store::{CopyState, ImageRow, ImageState, Store, VolumeState};
 use crate::error::Result;
 use crate::format::layout::DiskLayout;
 
@@ -43,6 +43,7 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     let mut done = Vec::new();
     dead_mounts(pool, &mut done)?;
     dead_imports_and_removals(pool, &mut done)?;
+    dead_volume_work(pool, &mut done)?;
     if holding_repair_lock {
         abandoned_copies(pool, &mut done)?;
     } else if pool
@@ -101,6 +102,39 @@ fn dead_imports_and_removals(pool: &Pool, done: &mut Vec<String>) -> Result<()> 
                 }
                 owner.finish();
             }
+        }
+    }
+    Ok(())
+}
+
+/// Volumes whose creator died before they were ready, and removals cut short: their files and
+/// rows go.
+fn dead_volume_work(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
+    for volume in pool.store().volumes()? {
+        let what = match volume.state {
+            VolumeState::Ready => continue,
+            VolumeState::Removing => "a volume removal cut short",
+            VolumeState::Creating => {
+                let owner = owner::check(pool.state_dir(), &volume_token(&volume.uuid));
+                if let Owner::Alive = owner {
+                    continue;
+                }
+                // Re-checked in the transaction: only a row still `creating` is abandoned.
+                let abandoned = pool.store().set_volume_state(
+                    volume.id,
+                    VolumeState::Creating,
+                    VolumeState::Removing,
+                )?;
+                owner.finish();
+                if !abandoned {
+                    continue;
+                }
+                "a volume whose creator died"
+            }
+        };
+        match pool.finish_volume_removal(&volume) {
+            Ok(()) => done.push(format!("removed {what}: '{}'", volume.name)),
+            Err(e) => tracing::warn!("cannot finish {what} ('{}'): {e}", volume.name),
         }
     }
     Ok(())
@@ -167,7 +201,12 @@ fn referenced(store: &Store, token: &str) -> bool {
         .images()
         .map(|images| images.iter().any(|i| import_token(&i.uuid) == token))
         .unwrap_or(true);
+    let volumes = store
+        .volumes()
+        .map(|volumes| volumes.iter().any(|v| volume_token(&v.uuid) == token))
+        .unwrap_or(true);
     images
+        || volumes
         || store
             .mounts()
             .map(|mounts| mounts.iter().any(|m| m.owner == token))

@@ -94,6 +94,21 @@ stored_enum!(ImageState, "image state", {
     Removing => "removing",
 });
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VolumeState {
+    /// Being created: its files are being written; invisible until it is ready.
+    Creating,
+    Ready,
+    /// Being removed: invisible, and any command may finish the removal.
+    Removing,
+}
+
+stored_enum!(VolumeState, "volume state", {
+    Creating => "creating",
+    Ready => "ready",
+    Removing => "removing",
+});
+
 /// The state of one copy of an image on one disk. `core::copies` owns the transitions between
 /// them and the rule for which copies are good.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -142,6 +157,10 @@ mod tests {
         }
         for state in ImageState::ALL {
             let back: ImageState = conn.query_row("SELECT ?1", [state], |r| r.get(0)).unwrap();
+            assert_eq!(back, *state);
+        }
+        for state in VolumeState::ALL {
+            let back: VolumeState = conn.query_row("SELECT ?1", [state], |r| r.get(0)).unwrap();
             assert_eq!(back, *state);
         }
         for by in FailedBy::ALL {

@@ -438,6 +438,12 @@ fn bind(source: &Path, target: &Path) -> io::Result<()> {
             )));
         }
     }
+    bind_read_only(source, target).map_err(io::Error::from)
+}
+
+/// Binds `source` at `target`, read-only: a disk's view holds only images, while the mount
+/// itself is writable for its volumes.
+fn bind_read_only(source: &Path, target: &Path) -> nix::Result<()> {
     nix::mount::mount(
         Some(source),
         target,
@@ -445,7 +451,16 @@ fn bind(source: &Path, target: &Path) -> io::Result<()> {
         MsFlags::MS_BIND,
         None::<&str>,
     )?;
-    Ok(())
+    nix::mount::mount(
+        None::<&str>,
+        target,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+        None::<&str>,
+    )
+    .inspect_err(|_| {
+        let _ = umount2(target, MntFlags::MNT_DETACH);
+    })
 }
 
 fn unmount(path: &Path, lazy: bool) -> io::Result<()> {
@@ -559,11 +574,13 @@ fn serve(
         MountOption::FSName("imgpool".into()),
         // fuser passes Subtype only to fusermount; the kernel takes it as a plain option.
         MountOption::CUSTOM("subtype=imgpool".into()),
-        MountOption::RO,
+        // Writable for volumes/; everything else answers EROFS (`fs::fuse`).
+        MountOption::RW,
         MountOption::NoDev,
         MountOption::NoSuid,
         MountOption::NoAtime,
-        MountOption::DefaultPermissions,
+        // No `default_permissions`: on a writable mount the kernel would let root pass
+        // access(W_OK) on the read-only images; the adapter decides access instead (`fs::fuse`).
     ];
     // Replicas run as other users than the daemon.
     options.acl = SessionACL::All;
@@ -787,13 +804,7 @@ pub fn umount(state_dir: &Path, mountpoint: &Path, lazy: bool) -> Result<PathBuf
         // Leave the mount as it was: replicas on the disks already unbound keep their path.
         for bind in unmounted {
             let source = mountpoint.join(bind.root.strip_prefix("/").unwrap_or(&bind.root));
-            if let Err(err) = nix::mount::mount(
-                Some(&source),
-                &bind.mount_point,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            ) {
+            if let Err(err) = bind_read_only(&source, &bind.mount_point) {
                 tracing::error!("cannot restore {}: {err}", bind.mount_point.display());
             }
         }

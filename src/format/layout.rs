@@ -88,6 +88,34 @@ impl DiskLayout {
         self.tmp_dir().join(format!("{uuid}.img"))
     }
 
+    fn volumes_dir(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    /// The uuids of the volume directories on this disk.
+    pub fn volume_uuids(&self) -> Result<Vec<String>> {
+        let dir = self.volumes_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
+        };
+        let mut uuids = Vec::new();
+        for entry in entries {
+            let entry = entry.ctx(|| format!("cannot list {}", dir.display()))?;
+            if entry.path().is_dir() {
+                uuids.push(entry.file_name().to_string_lossy().into_owned());
+            }
+        }
+        uuids.sort();
+        Ok(uuids)
+    }
+
+    /// The files of the volume with `uuid` on this disk.
+    pub fn volume_files(&self, uuid: &str) -> crate::format::volume::VolumeFiles {
+        crate::format::volume::VolumeFiles::new(&self.volumes_dir().join(uuid))
+    }
+
     pub fn probe_path(&self) -> PathBuf {
         self.root.join("probe")
     }
@@ -246,6 +274,28 @@ fn durable_tmp(path: &Path) -> PathBuf {
         ".{}.tmp",
         path.file_name().unwrap().to_string_lossy()
     ))
+}
+
+/// Reads a volume's record.
+pub fn read_volume_record(
+    files: &crate::format::volume::VolumeFiles,
+) -> Result<crate::format::volume::VolumeRecord> {
+    let path = files.record();
+    let bytes = fs::read(&path).ctx(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        Error::io(
+            format!("cannot parse volume record {}", path.display()),
+            io::Error::new(io::ErrorKind::InvalidData, e),
+        )
+    })
+}
+
+/// Writes a volume's record durably.
+pub fn write_volume_record(
+    files: &crate::format::volume::VolumeFiles,
+    record: &crate::format::volume::VolumeRecord,
+) -> Result<()> {
+    write_durably(&files.record(), &to_json(record))
 }
 
 pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {

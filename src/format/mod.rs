@@ -8,3 +8,4 @@ pub mod mountinfo;
 pub mod names;
 pub mod sparse;
 pub mod units;
+pub mod volume;

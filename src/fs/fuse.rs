@@ -167,6 +167,18 @@ fn errno(code: i32) -> Errno {
     Errno::from_i32(code)
 }
 
+/// Why `req` may not write `ino`, if it may not: only volumes are writable, and only by root
+/// (they are root's, mode 0644). The mount has no `default_permissions`: this is the check.
+fn write_denied(req: &Request, fs: &PoolFs, ino: u64) -> Option<Errno> {
+    if !fs.writable(ino) {
+        Some(Errno::EROFS)
+    } else if req.uid() != 0 {
+        Some(Errno::EACCES)
+    } else {
+        None
+    }
+}
+
 /// Opens that could modify the file: write access, or truncation.
 fn wants_write(flags: OpenFlags) -> bool {
     flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0
@@ -208,8 +220,14 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let fh = match self.fs.open(ino.0, wants_write(flags)) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = wants_write(flags);
+        if write && self.fs.writable(ino.0) {
+            if let Some(e) = write_denied(req, &self.fs, ino.0) {
+                return reply.error(e);
+            }
+        }
+        let fh = match self.fs.open(ino.0, write) {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(e)),
         };
@@ -224,6 +242,10 @@ impl Filesystem for FuseAdapter {
                 }
                 None => {}
             }
+        }
+        if self.fs.writable(ino.0) {
+            // A volume's pages are dropped at each open: a rollback may have changed it.
+            return reply.opened(FileHandle(fh), FopenFlags::empty());
         }
         // Images never change, so the kernel may keep their pages across opens.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
@@ -310,11 +332,14 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        match self.fs.fsync(fh.0) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn readdir(
@@ -378,25 +403,29 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         match self.fs.getattr(ino.0) {
-            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
+            Ok(_) if mask.contains(AccessFlags::W_OK) => match write_denied(req, &self.fs, ino.0) {
+                Some(e) => reply.error(e),
+                None => reply.ok(),
+            },
+            // Everything is readable by all, every directory searchable.
             Ok(_) => reply.ok(),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     // Everything that would change the pool through the mount is refused: images change only
-    // through `imgpool image add/rm`.
+    // through `imgpool image add/rm`, and only the content of volumes is written here.
 
     fn setattr(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        _size: Option<u64>,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
         _atime: Option<TimeOrNow>,
         _mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
@@ -407,7 +436,21 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        reply.error(Errno::EROFS);
+        if mode.is_some() || uid.is_some() || gid.is_some() {
+            return reply.error(Errno::EROFS);
+        }
+        if let Some(e) = write_denied(req, &self.fs, ino.0) {
+            return reply.error(e);
+        }
+        // Times are not kept; a size change is refused unless it changes nothing.
+        let attr = match size {
+            Some(size) => self.fs.set_size(ino.0, size),
+            None => self.fs.getattr(ino.0),
+        };
+        match attr {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn mknod(
@@ -482,15 +525,18 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _data: &[u8],
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
         _write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        reply.error(Errno::EROFS);
+        match self.fs.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn create(
@@ -527,13 +573,20 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        _fh: FileHandle,
-        _offset: u64,
-        _length: u64,
-        _mode: i32,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        match self.fs.fallocate(fh.0, offset, length, mode) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn destroy(&mut self) {
+        self.fs.shutdown();
     }
 }
 

@@ -5,6 +5,7 @@
 //! /images/<name>                              the image (read-only file)
 //! /disks/<disk>/<name>-<uuid>/backing         the same inode as /images/<name>
 //! /disks/<disk>/<name>-<uuid>/backing.cfg     Longhorn's per-copy config (JSON)
+//! /volumes/<name>                             a volume (read-write file, see `volumes`)
 //! ```
 //!
 //! Inode numbers are computed from the store's ids, which are never reused, so one image is one
@@ -22,20 +23,24 @@ use serde_json::json;
 
 use crate::core::pool::{self, Pool};
 use crate::core::store::{DiskRow, FailedBy};
+use crate::core::volume::{Base, NoBase, Volume};
 use crate::error::Result;
 use crate::format::layout::DiskLayout;
 use crate::fs::cache::ReadData;
 use crate::fs::read::{CopyLocation, ImageRef, ReadPath, ReadStats, Stream};
+use crate::fs::volumes::{errno_of, OpenVolumes, VolumeEntry};
 
 pub const ROOT_INO: u64 = 1;
 const IMAGES_DIR_INO: u64 = 2;
 const DISKS_DIR_INO: u64 = 3;
+const VOLUMES_DIR_INO: u64 = 4;
 const KIND_SHIFT: u32 = 56;
 const DISK_SHIFT: u32 = 32;
 const KIND_BACKING: u64 = 4;
 const KIND_CONFIG: u64 = 5;
 const KIND_DISK_DIR: u64 = 6;
 const KIND_IMAGE_DIR: u64 = 7;
+const KIND_VOLUME: u64 = 8;
 
 /// How often disk health is re-read even when the store has not changed.
 const HEALTH_RECHECK: Duration = Duration::from_secs(5);
@@ -46,6 +51,7 @@ const READ_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 pub const IMAGES_DIR: &str = "images";
 pub const DISKS_DIR: &str = "disks";
+pub const VOLUMES_DIR: &str = "volumes";
 pub const BACKING: &str = "backing";
 pub const BACKING_CFG: &str = "backing.cfg";
 
@@ -76,6 +82,10 @@ pub enum Node {
     Config {
         image: i64,
     },
+    VolumesDir,
+    Volume {
+        volume: i64,
+    },
 }
 
 impl Node {
@@ -91,6 +101,8 @@ impl Node {
             Node::ImageDir { disk, image } => id(KIND_IMAGE_DIR, disk, image),
             Node::Backing { image, copy } => id(KIND_BACKING, copy, image),
             Node::Config { image } => id(KIND_CONFIG, 0, image),
+            Node::VolumesDir => VOLUMES_DIR_INO,
+            Node::Volume { volume } => id(KIND_VOLUME, 0, volume),
         }
     }
 
@@ -101,6 +113,8 @@ impl Node {
             (0, ROOT_INO) => Node::Root,
             (0, IMAGES_DIR_INO) => Node::ImagesDir,
             (0, DISKS_DIR_INO) => Node::DisksDir,
+            (0, VOLUMES_DIR_INO) => Node::VolumesDir,
+            (KIND_VOLUME, _) => Node::Volume { volume: image },
             (KIND_DISK_DIR, _) => Node::DiskDir { disk },
             (KIND_IMAGE_DIR, _) => Node::ImageDir { disk, image },
             (KIND_BACKING, _) => Node::Backing { image, copy: disk },
@@ -224,6 +238,8 @@ struct Catalog {
     by_id: HashMap<i64, Arc<Image>>,
     disks: BTreeMap<String, Disk>,
     disk_ids: HashMap<i64, Disk>,
+    volumes: BTreeMap<String, Arc<VolumeEntry>>,
+    volume_ids: HashMap<i64, Arc<VolumeEntry>>,
 }
 
 enum Handle {
@@ -232,17 +248,64 @@ enum Handle {
         stream: Arc<Stream>,
     },
     Config(Arc<Image>),
+    Volume {
+        entry: Arc<VolumeEntry>,
+        volume: Arc<Volume>,
+    },
+}
+
+/// A volume's base image, read through the mount's read path (checked chunks, failover).
+struct ImageBase {
+    reader: Arc<ReadPath>,
+    catalog: Arc<RwLock<Arc<Catalog>>>,
+    image: i64,
+    size: u64,
+    stream: Arc<Stream>,
+}
+
+impl Base for ImageBase {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        let image = self
+            .catalog
+            .read()
+            .by_id
+            .get(&self.image)
+            .cloned()
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))?;
+        let mut done = 0;
+        while done < buf.len() {
+            let want = (buf.len() - done).min(1 << 20) as u32;
+            let data = self.reader.read(
+                image.as_ref_for_read(),
+                &self.stream,
+                offset + done as u64,
+                want,
+                false,
+            )?;
+            if data.is_empty() {
+                return Err(std::io::Error::from_raw_os_error(libc::EIO));
+            }
+            buf[done..done + data.len()].copy_from_slice(&data);
+            done += data.len();
+        }
+        Ok(())
+    }
 }
 
 pub struct PoolFs {
     pool: Pool,
     mount_id: i64,
-    catalog: RwLock<Arc<Catalog>>,
+    catalog: Arc<RwLock<Arc<Catalog>>>,
     /// Store version and time of the last catalog load.
     last_load: Mutex<Option<(i64, Instant)>>,
     handles: RwLock<HashMap<u64, Arc<Handle>>>,
     next_handle: AtomicU64,
-    reader: ReadPath,
+    reader: Arc<ReadPath>,
+    volumes: OpenVolumes,
     mounted_at: SystemTime,
     /// Passthrough mode: an image's inode changes with its serving copy (see `Node::Backing`).
     inode_per_copy: AtomicBool,
@@ -278,11 +341,12 @@ impl PoolFs {
         let fs = PoolFs {
             pool,
             mount_id,
-            catalog: RwLock::new(Arc::new(Catalog::default())),
+            catalog: Arc::new(RwLock::new(Arc::new(Catalog::default()))),
             last_load: Mutex::new(None),
             handles: RwLock::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            reader,
+            reader: Arc::new(reader),
+            volumes: OpenVolumes::default(),
             mounted_at: SystemTime::now(),
             inode_per_copy: AtomicBool::new(false),
             read_failures: Mutex::default(),
@@ -397,6 +461,14 @@ impl PoolFs {
                 }
             }
         }
+        for (name, volume) in &previous.volumes {
+            if next.volumes.get(name).map(|v| v.id) != Some(volume.id) {
+                gone.push(Gone {
+                    parent: VOLUMES_DIR_INO,
+                    name: name.into(),
+                });
+            }
+        }
         for (name, disk) in &previous.disks {
             if next.disks.get(name).map(|d| d.id) != Some(disk.id) {
                 gone.push(Gone {
@@ -470,6 +542,19 @@ impl PoolFs {
             catalog.by_id.insert(image.id, image.clone());
             catalog.images.insert(image.name.clone(), image);
         }
+        for (row, disk_path, in_service) in self.pool.volumes_to_serve()? {
+            let entry = Arc::new(VolumeEntry {
+                id: row.id,
+                files: DiskLayout::new(&disk_path).volume_files(&row.uuid),
+                name: row.name,
+                size: row.size,
+                image_id: row.image_id,
+                in_service,
+                created: UNIX_EPOCH + Duration::from_secs(row.created.max(0) as u64),
+            });
+            catalog.volume_ids.insert(entry.id, entry.clone());
+            catalog.volumes.insert(entry.name.clone(), entry);
+        }
         Ok(catalog)
     }
 
@@ -493,7 +578,26 @@ impl PoolFs {
         let image = |id: i64| catalog.by_id.get(&id).ok_or(libc::ENOENT);
         let disk = |id: i64| catalog.disk_ids.get(&id).ok_or(libc::ENOENT);
         Ok(match node {
-            Node::Root => self.dir_attr(node, 2),
+            Node::Root => self.dir_attr(node, 3),
+            Node::VolumesDir => self.dir_attr(node, 0),
+            Node::Volume { volume } => {
+                let entry = catalog.volume_ids.get(&volume).ok_or(libc::ENOENT)?;
+                // An open volume knows its size best (a resize through the daemon).
+                let size = self.volumes.get(volume).map_or(entry.size, |v| v.size());
+                let blocks = {
+                    use std::os::unix::fs::MetadataExt;
+                    std::fs::metadata(entry.files.data()).map_or(0, |m| m.blocks())
+                };
+                Attr {
+                    ino: node.ino(),
+                    kind: Kind::File,
+                    size,
+                    blocks,
+                    mtime: entry.created,
+                    perm: 0o644,
+                    nlink: 1,
+                }
+            }
             Node::ImagesDir => self.dir_attr(node, 0),
             Node::DisksDir => self.dir_attr(node, catalog.disks.len()),
             Node::DiskDir { disk: d } => {
@@ -545,7 +649,11 @@ impl PoolFs {
             Node::Root => match name {
                 IMAGES_DIR => Node::ImagesDir,
                 DISKS_DIR => Node::DisksDir,
+                VOLUMES_DIR => Node::VolumesDir,
                 _ => return Err(libc::ENOENT),
+            },
+            Node::VolumesDir => Node::Volume {
+                volume: catalog.volumes.get(name).ok_or(libc::ENOENT)?.id,
             },
             Node::ImagesDir => self.backing_node(catalog.images.get(name).ok_or(libc::ENOENT)?),
             Node::DisksDir => Node::DiskDir {
@@ -573,7 +681,9 @@ impl PoolFs {
                 BACKING_CFG => Node::Config { image },
                 _ => return Err(libc::ENOENT),
             },
-            Node::Backing { .. } | Node::Config { .. } => return Err(libc::ENOTDIR),
+            Node::Backing { .. } | Node::Config { .. } | Node::Volume { .. } => {
+                return Err(libc::ENOTDIR)
+            }
         };
         self.attr_of(&catalog, node)
     }
@@ -599,7 +709,16 @@ impl PoolFs {
                 vec![
                     dir(Node::ImagesDir, IMAGES_DIR),
                     dir(Node::DisksDir, DISKS_DIR),
+                    dir(Node::VolumesDir, VOLUMES_DIR),
                 ],
+            ),
+            Node::VolumesDir => (
+                Node::Root,
+                catalog
+                    .volumes
+                    .values()
+                    .map(|v| file(Node::Volume { volume: v.id }, &v.name))
+                    .collect(),
             ),
             Node::ImagesDir => (
                 Node::Root,
@@ -635,7 +754,9 @@ impl PoolFs {
                     file(Node::Config { image }, BACKING_CFG),
                 ],
             ),
-            Node::Backing { .. } | Node::Config { .. } => return Err(libc::ENOTDIR),
+            Node::Backing { .. } | Node::Config { .. } | Node::Volume { .. } => {
+                return Err(libc::ENOTDIR)
+            }
         };
         children.sort_by_key(|e| e.cookie);
         let mut entries = vec![
@@ -653,12 +774,12 @@ impl PoolFs {
         Ok(entries)
     }
 
-    /// Opens a file for reading; any write access is EROFS.
+    /// Opens a file; write access is EROFS for all but volumes.
     pub fn open(&self, ino: u64, write: bool) -> Result<u64, i32> {
         let catalog = self.catalog();
         let node = Node::from_ino(ino).ok_or(libc::ENOENT)?;
         let attr = self.attr_of(&catalog, node)?;
-        if write {
+        if write && !matches!(node, Node::Volume { .. }) {
             return Err(libc::EROFS);
         }
         if attr.kind == Kind::Directory {
@@ -696,6 +817,13 @@ impl PoolFs {
                 }
             }
             Node::Config { image } => Handle::Config(catalog.by_id[&image].clone()),
+            Node::Volume { volume } => {
+                let entry = catalog.volume_ids[&volume].clone();
+                let volume = self
+                    .volumes
+                    .open(&entry, || self.base_of(&catalog, &entry))?;
+                Handle::Volume { entry, volume }
+            }
             _ => return Err(libc::EISDIR),
         };
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
@@ -731,6 +859,15 @@ impl PoolFs {
                 let start = (offset as usize).min(config.len());
                 let end = start.saturating_add(len as usize).min(config.len());
                 Ok(ReadData::Owned(config[start..end].to_vec()))
+            }
+            Handle::Volume { entry, volume } => {
+                let mut buf = vec![0u8; len as usize];
+                let n = volume.read_at(&mut buf, offset).map_err(|e| {
+                    tracing::error!("read of volume '{}' at {offset} failed: {e}", entry.name);
+                    errno_of(&e)
+                })?;
+                buf.truncate(n);
+                Ok(ReadData::Owned(buf))
             }
         }
     }
@@ -770,23 +907,115 @@ impl PoolFs {
 
     /// `lseek(SEEK_DATA)` (`hole` false) or `lseek(SEEK_HOLE)` on an open file: where data or
     /// a hole starts at or after `offset`. An image's holes are its chunks that read as zeros
-    /// (from its digests); `backing.cfg` is all data.
+    /// (from its digests); `backing.cfg` and volumes are all data (what the kernel assumes of
+    /// a file whose filesystem does not answer).
     pub fn seek(&self, fh: u64, offset: u64, hole: bool) -> Result<u64, i32> {
         let handle = self.handles.read().get(&fh).cloned().ok_or(libc::EBADF)?;
+        let all_data = |len: u64| match (offset < len, hole) {
+            (false, _) => Err(libc::ENXIO),
+            (true, false) => Ok(offset),
+            (true, true) => Ok(len),
+        };
         match &*handle {
             Handle::Image { image, .. } => self
                 .reader
                 .seek(self.current(image).as_ref_for_read(), offset, hole)
                 .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)),
-            Handle::Config(image) => {
-                let len = image.config.len() as u64;
-                match (offset < len, hole) {
-                    (false, _) => Err(libc::ENXIO),
-                    (true, false) => Ok(offset),
-                    (true, true) => Ok(len),
-                }
-            }
+            Handle::Config(image) => all_data(image.config.len() as u64),
+            Handle::Volume { volume, .. } => all_data(volume.size()),
         }
+    }
+
+    /// What a volume reads where it never wrote: its image, or zeros.
+    fn base_of(&self, catalog: &Catalog, entry: &VolumeEntry) -> Box<dyn Base> {
+        match entry.image_id.and_then(|id| catalog.by_id.get(&id)) {
+            Some(image) => Box::new(ImageBase {
+                reader: self.reader.clone(),
+                catalog: self.catalog.clone(),
+                image: image.id,
+                size: image.size,
+                stream: Arc::default(),
+            }),
+            None => Box::new(NoBase),
+        }
+    }
+
+    fn open_volume(&self, fh: u64) -> Result<(Arc<VolumeEntry>, Arc<Volume>), i32> {
+        let handle = self.handles.read().get(&fh).cloned().ok_or(libc::EBADF)?;
+        match &*handle {
+            Handle::Volume { entry, volume } => Ok((entry.clone(), volume.clone())),
+            // Only volumes are ever opened for writing.
+            _ => Err(libc::EROFS),
+        }
+    }
+
+    /// Writes to an open volume; returns the bytes written.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
+        let (entry, volume) = self.open_volume(fh)?;
+        volume.write_at(data, offset).map_err(|e| {
+            if e.raw_os_error() != Some(libc::EFBIG) {
+                tracing::error!("write to volume '{}' at {offset} failed: {e}", entry.name);
+            }
+            errno_of(&e)
+        })?;
+        Ok(data.len() as u32)
+    }
+
+    /// Makes an open volume's writes durable (fsync, fdatasync).
+    pub fn fsync(&self, fh: u64) -> Result<(), i32> {
+        let handle = self.handles.read().get(&fh).cloned().ok_or(libc::EBADF)?;
+        match &*handle {
+            Handle::Volume { entry, volume } => volume.flush().map_err(|e| {
+                tracing::error!("fsync of volume '{}' failed: {e}", entry.name);
+                errno_of(&e)
+            }),
+            // Images are durable from their import on.
+            _ => Ok(()),
+        }
+    }
+
+    /// fallocate on an open volume: discards (PUNCH_HOLE, ZERO_RANGE) free the range, which
+    /// reads as zeros; plain allocation within the volume has nothing to do (a volume is thin).
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<(), i32> {
+        let (entry, volume) = self.open_volume(fh)?;
+        let discard = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        let known = discard | libc::FALLOC_FL_KEEP_SIZE;
+        if mode & !known != 0 {
+            return Err(libc::EOPNOTSUPP);
+        }
+        let end = offset.checked_add(len).ok_or(libc::EFBIG)?;
+        if end > volume.size() {
+            // A volume does not grow by writes: `imgpool volume resize` does that.
+            return Err(libc::EFBIG);
+        }
+        if mode & discard == 0 {
+            return Ok(());
+        }
+        volume.discard(offset, len).map_err(|e| {
+            tracing::error!("discard in volume '{}' at {offset} failed: {e}", entry.name);
+            errno_of(&e)
+        })
+    }
+
+    /// truncate: a volume keeps its size (only `imgpool volume resize` changes it); anything
+    /// else is read-only.
+    pub fn set_size(&self, ino: u64, size: u64) -> Result<Attr, i32> {
+        let attr = self.getattr(ino)?;
+        match Node::from_ino(ino) {
+            Some(Node::Volume { .. }) if size == attr.size => Ok(attr),
+            Some(Node::Volume { .. }) => Err(libc::EPERM),
+            _ => Err(libc::EROFS),
+        }
+    }
+
+    /// Whether the inode may be opened for writing.
+    pub fn writable(&self, ino: u64) -> bool {
+        matches!(Node::from_ino(ino), Some(Node::Volume { .. }))
+    }
+
+    /// At unmount: open volumes are flushed and closed.
+    pub fn shutdown(&self) {
+        self.volumes.shutdown();
     }
 
     /// A descriptor of the copy file behind an open image, and its path, for kernel
@@ -802,7 +1031,7 @@ impl PoolFs {
                 }
                 Some(self.reader.backing_file(image.as_ref_for_read()))
             }
-            Handle::Config(_) => None,
+            Handle::Config(_) | Handle::Volume { .. } => None,
         }
     }
 
@@ -823,10 +1052,14 @@ impl PoolFs {
 
     pub fn release(&self, fh: u64) {
         let handle = self.handles.write().remove(&fh);
-        if let Some(Handle::Image { image, .. }) = handle.as_deref() {
-            if let Err(e) = self.pool.close_handle(self.mount_id, image.id) {
-                tracing::error!("cannot record close of {}: {e}", image.name);
+        match handle.as_deref() {
+            Some(Handle::Image { image, .. }) => {
+                if let Err(e) = self.pool.close_handle(self.mount_id, image.id) {
+                    tracing::error!("cannot record close of {}: {e}", image.name);
+                }
             }
+            Some(Handle::Volume { entry, .. }) => self.volumes.release(entry.id, &entry.name),
+            _ => {}
         }
     }
 

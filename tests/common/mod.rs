@@ -140,12 +140,23 @@ impl TestPool {
     }
 
     pub fn mount_with(&self, extra: &[&str]) -> MountGuard {
-        let mountpoint = self.path("mnt");
+        self.mount_at("mnt", extra)
+    }
+
+    /// Mounts the pool at `<dir>/<dir_name>`; with `--no-bind`, the guard owns no bind mount
+    /// (another mount of the pool may own them).
+    pub fn mount_at(&self, dir_name: &str, extra: &[&str]) -> MountGuard {
+        let mountpoint = self.path(dir_name);
         fs::create_dir_all(&mountpoint).unwrap();
+        let binds = !extra.contains(&"--no-bind");
         let mut guard = MountGuard {
             state: self.state.clone(),
             mountpoint: mountpoint.clone(),
-            disks: self.disks.clone(),
+            disks: if binds {
+                self.disks.clone()
+            } else {
+                Vec::new()
+            },
             pid: None,
         };
         let mut args = vec!["mount", mountpoint.to_str().unwrap()];

@@ -17,11 +17,14 @@ mod disks;
 mod holders;
 mod images;
 mod mounts;
+mod volumes;
 
 pub use disks::{check_label, DiskHealth, DiskStatus};
 #[cfg(test)]
 pub(crate) use images::ImageHealth;
 pub use images::{copy_info, CopyInfo, ImageInfo};
+pub(crate) use volumes::volume_token;
+pub use volumes::VolumeInfo;
 
 pub struct Pool {
     state_dir: PathBuf,

@@ -117,6 +117,22 @@ DROP TABLE copies;
 ALTER TABLE copies_v3 RENAME TO copies;
 "#;
 
+/// Version 4: volumes. A volume's data and snapshots live on its disk
+/// (`<disk>/.imgpool/volumes/<uuid>/`); the row indexes it. `image_id` is its base image, which
+/// cannot be removed while the volume exists. Ids are never reused (inode numbers).
+const V4_VOLUMES: &str = r#"
+CREATE TABLE volumes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL UNIQUE,
+    uuid TEXT NOT NULL UNIQUE,
+    disk_id INTEGER NOT NULL REFERENCES disks(id),
+    image_id INTEGER REFERENCES images(id),
+    size INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('creating', 'ready', 'removing')),
+    created INTEGER NOT NULL
+);
+"#;
+
 /// The migrations in order; migration `n` (from 1) leaves the store at `user_version` n.
 fn migrations() -> Migrations<'static> {
     Migrations::new(vec![
@@ -125,12 +141,13 @@ fn migrations() -> Migrations<'static> {
         // and a store that says it is version 1 is refused below.
         M::up(""),
         M::up(V3_DAMAGED_COPIES),
+        M::up(V4_VOLUMES),
     ])
 }
 
 /// The schema version this binary reads and writes.
 pub(super) fn latest() -> usize {
-    3
+    4
 }
 
 /// Brings the store at `db` up to `latest()`: creates the schema in a new store, upgrades an

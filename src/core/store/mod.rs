@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use crate::core::copies::{self, Event, Outcome};
 use crate::error::{Error, Result};
 
-pub use crate::core::state::{CopyState, DiskState, FailedBy, ImageState};
+pub use crate::core::state::{CopyState, DiskState, FailedBy, ImageState, VolumeState};
 
 mod migrations;
 
@@ -58,6 +58,52 @@ pub struct ImageRow {
     pub chunk_size: u64,
     pub digests_hash: String,
     pub problem: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeRow {
+    pub id: i64,
+    pub name: String,
+    pub uuid: String,
+    pub disk_id: i64,
+    /// The base image, if any.
+    pub image_id: Option<i64>,
+    pub size: u64,
+    pub state: VolumeState,
+    pub created: i64,
+}
+
+const VOLUME_COLUMNS: &str = "id, name, uuid, disk_id, image_id, size, state, created";
+
+fn volume_from_row(row: &rusqlite::Row) -> rusqlite::Result<VolumeRow> {
+    Ok(VolumeRow {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        uuid: row.get(2)?,
+        disk_id: row.get(3)?,
+        image_id: row.get(4)?,
+        size: row.get::<_, i64>(5)? as u64,
+        state: row.get(6)?,
+        created: row.get(7)?,
+    })
+}
+
+/// Which kind of thing a name belongs to, if any: images and volumes share one namespace.
+fn name_taken(c: &Connection, name: &str) -> rusqlite::Result<Option<&'static str>> {
+    let image: Option<i64> = c
+        .query_row("SELECT id FROM images WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if image.is_some() {
+        return Ok(Some("an image"));
+    }
+    let volume: Option<i64> = c
+        .query_row("SELECT id FROM volumes WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(volume.map(|_| "a volume"))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -371,6 +417,11 @@ impl Store {
         })
     }
 
+    /// The ready images whose only good copy is on this disk.
+    pub fn sole_good_copies_on(&self, disk_id: i64) -> Result<Vec<String>> {
+        self.run(|c| copies::sole_good_on(c, disk_id))
+    }
+
     /// Number of committed copies on each disk, by disk id.
     pub fn copies_per_disk(&self) -> Result<Vec<(i64, u64)>> {
         self.run(|c| {
@@ -444,6 +495,12 @@ impl Store {
                     return Err(Error::ImageRemoving(image.name.clone()))
                 }
                 None => {}
+            }
+            if name_taken(tx, &image.name).map_err(|e| self.err(e))? == Some("a volume") {
+                return Err(Error::NameTaken {
+                    name: image.name.clone(),
+                    by: "a volume",
+                });
             }
             tx.execute(
                 "INSERT INTO images (name, uuid, size, state, copies_wanted, source, created, unreferenced_since)
@@ -750,6 +807,133 @@ impl Store {
         })
     }
 
+    // ---- volumes ----
+
+    /// Records a new volume as `creating`, if its name is free and its base image is ready.
+    pub fn reserve_volume(&self, volume: &VolumeRow) -> Result<i64> {
+        self.write(|tx| {
+            if let Some(by) = name_taken(tx, &volume.name).map_err(|e| self.err(e))? {
+                return Err(Error::NameTaken {
+                    name: volume.name.clone(),
+                    by,
+                });
+            }
+            if let Some(image_id) = volume.image_id {
+                let state: Option<ImageState> = tx
+                    .query_row("SELECT state FROM images WHERE id = ?1", [image_id], |r| {
+                        r.get(0)
+                    })
+                    .optional()
+                    .map_err(|e| self.err(e))?;
+                if state != Some(ImageState::Ready) {
+                    return Err(Error::refused(
+                        crate::error::ErrorKind::Conflict,
+                        "the base image is being removed or imported: pick a ready image (`imgpool image list`)",
+                    ));
+                }
+            }
+            tx.execute(
+                "INSERT INTO volumes (name, uuid, disk_id, image_id, size, state, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'creating', ?6)",
+                params![
+                    volume.name,
+                    volume.uuid,
+                    volume.disk_id,
+                    volume.image_id,
+                    volume.size as i64,
+                    volume.created
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
+    /// Lists a volume found on a disk (fsck), ready, if its name is free.
+    pub fn insert_found_volume(&self, volume: &VolumeRow) -> Result<i64> {
+        self.write(|tx| {
+            if let Some(by) = name_taken(tx, &volume.name).map_err(|e| self.err(e))? {
+                return Err(Error::NameTaken {
+                    name: volume.name.clone(),
+                    by,
+                });
+            }
+            tx.execute(
+                "INSERT INTO volumes (name, uuid, disk_id, image_id, size, state, created)
+                 VALUES (?1, ?2, ?3, ?4, ?5, 'ready', ?6)",
+                params![
+                    volume.name,
+                    volume.uuid,
+                    volume.disk_id,
+                    volume.image_id,
+                    volume.size as i64,
+                    volume.created
+                ],
+            )
+            .map_err(|e| self.err(e))?;
+            Ok(tx.last_insert_rowid())
+        })
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeRow>> {
+        self.run(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {VOLUME_COLUMNS} FROM volumes ORDER BY name"
+            ))?;
+            let rows = stmt.query_map([], volume_from_row)?;
+            rows.collect()
+        })
+    }
+
+    /// A ready volume by name.
+    pub fn volume(&self, name: &str) -> Result<VolumeRow> {
+        self.run(|c| {
+            c.query_row(
+                &format!(
+                    "SELECT {VOLUME_COLUMNS} FROM volumes WHERE name = ?1 AND state = 'ready'"
+                ),
+                [name],
+                volume_from_row,
+            )
+            .optional()
+        })?
+        .ok_or_else(|| Error::UnknownVolume(name.to_string()))
+    }
+
+    /// Moves a volume from one state to another; false if it is not in `from` any more.
+    pub fn set_volume_state(&self, id: i64, from: VolumeState, to: VolumeState) -> Result<bool> {
+        self.write(|tx| {
+            let n = tx
+                .execute(
+                    "UPDATE volumes SET state = ?3 WHERE id = ?1 AND state = ?2",
+                    params![id, from, to],
+                )
+                .map_err(|e| self.err(e))?;
+            Ok(n == 1)
+        })
+    }
+
+    pub fn set_volume_size(&self, id: i64, size: u64) -> Result<()> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE volumes SET size = ?2 WHERE id = ?1",
+                params![id, size as i64],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Deletes a volume's row if it is still in `state`.
+    pub fn delete_volume(&self, id: i64, state: VolumeState) -> Result<bool> {
+        self.run(|c| {
+            c.execute(
+                "DELETE FROM volumes WHERE id = ?1 AND state = ?2",
+                params![id, state],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
     // ---- holders ----
 
     pub fn add_holder(&self, image: &str, holder: &str, now: i64) -> Result<bool> {
@@ -798,11 +982,17 @@ impl Store {
         })
     }
 
+    /// The holders of one image or of all: the references, and the volumes based on them.
     pub fn holders(&self, image: Option<&str>) -> Result<Vec<HolderRow>> {
         self.run(|c| {
             let mut stmt = c.prepare(
                 "SELECT i.name, h.holder, h.added FROM holders h JOIN images i ON i.id = h.image_id
-                 WHERE i.state = 'ready' AND (?1 IS NULL OR i.name = ?1) ORDER BY i.name, h.holder",
+                 WHERE i.state = 'ready' AND (?1 IS NULL OR i.name = ?1)
+                 UNION ALL
+                 SELECT i.name, 'volume ' || v.name, v.created FROM volumes v
+                 JOIN images i ON i.id = v.image_id
+                 WHERE i.state = 'ready' AND (?1 IS NULL OR i.name = ?1)
+                 ORDER BY 1, 2",
             )?;
             let rows = stmt.query_map([image], |r| {
                 Ok(HolderRow {
@@ -907,7 +1097,11 @@ fn ready_image_id(c: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
 }
 
 fn holders_in(c: &Connection, image_id: i64) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = c.prepare("SELECT holder FROM holders WHERE image_id = ?1 ORDER BY holder")?;
+    let mut stmt = c.prepare(
+        "SELECT holder FROM holders WHERE image_id = ?1
+         UNION ALL SELECT 'volume ' || name FROM volumes WHERE image_id = ?1
+         ORDER BY 1",
+    )?;
     let rows = stmt.query_map([image_id], |r| r.get(0))?;
     rows.collect()
 }

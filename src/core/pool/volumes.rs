@@ -1,0 +1,362 @@
+//! Volumes: creating, listing, growing and removing them. A volume's row in the store indexes
+//! its directory on its disk (`format::volume`), where `core::volume` keeps its data.
+
+use std::fs;
+use std::io;
+use std::path::PathBuf;
+
+use super::Pool;
+use crate::core::owner::OwnerLock;
+use crate::core::store::{DiskRow, DiskState, VolumeRow, VolumeState};
+use crate::core::volume::{self, Base, Volume, WriterLock};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::clock::now;
+use crate::format::layout::{fsync_dir, write_volume_record, DiskLayout};
+use crate::format::names;
+use crate::format::volume::{BaseImageRef, VolumeFiles, VolumeRecord, BLOCK, FORMAT_VERSION};
+
+/// The owner-lock token of the creation of the volume with `uuid`.
+pub(crate) fn volume_token(uuid: &str) -> String {
+    format!("volume-{uuid}")
+}
+
+/// A volume as `volume list` and `volume show` report it.
+#[derive(Debug, Clone)]
+pub struct VolumeInfo {
+    pub volume: VolumeRow,
+    pub disk: String,
+    pub disk_state: DiskState,
+    pub image: Option<String>,
+    /// Bytes the volume's data file takes on its disk.
+    pub allocated: u64,
+    pub snapshots: usize,
+    pub dir: PathBuf,
+}
+
+impl VolumeInfo {
+    /// `ready`, or `failed` when its disk is out of service (its reads and writes fail).
+    pub fn state(&self) -> &'static str {
+        match self.disk_state {
+            DiskState::Failed => "failed",
+            _ => "ready",
+        }
+    }
+}
+
+/// Commands that change a volume's size or snapshots never read its base image.
+struct NotRead;
+
+impl Base for NotRead {
+    fn size(&self) -> u64 {
+        0
+    }
+
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        Err(io::Error::other("the base image is not read here"))
+    }
+}
+
+fn check_size(size: u64, image: Option<(&str, u64)>) -> Result<()> {
+    if size == 0 || !size.is_multiple_of(BLOCK) {
+        return Err(Error::refused(
+            ErrorKind::InvalidInput,
+            format!("a volume's size must be a positive multiple of 4096 bytes, not {size}"),
+        ));
+    }
+    if let Some((name, image_size)) = image {
+        if size < image_size {
+            return Err(Error::refused(
+                ErrorKind::InvalidInput,
+                format!(
+                    "a volume over image '{name}' needs at least its size, {image_size} bytes; {size} is smaller"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Pool {
+    /// Creates a thin volume of `size` bytes (default: the image's size) over `image` (or over
+    /// zeros), on `disk` (default: the healthy disk with the most free space).
+    pub fn create_volume(
+        &self,
+        name: &str,
+        image: Option<&str>,
+        size: Option<u64>,
+        disk: Option<&str>,
+    ) -> Result<VolumeInfo> {
+        names::check_image_name(name)?;
+        let base = match image {
+            Some(image) => Some(
+                self.store
+                    .image_by_name(image)?
+                    .filter(|i| i.state == crate::core::store::ImageState::Ready)
+                    .ok_or_else(|| Error::UnknownImage(image.to_string()))?,
+            ),
+            None => None,
+        };
+        let size = match (size, &base) {
+            (Some(size), _) => size,
+            (None, Some(image)) => image.size.div_ceil(BLOCK) * BLOCK,
+            (None, None) => {
+                return Err(Error::refused(
+                    ErrorKind::InvalidInput,
+                    "a volume without an image needs a size: add --size SIZE",
+                ))
+            }
+        };
+        check_size(size, base.as_ref().map(|i| (i.name.as_str(), i.size)))?;
+        let disk = self.volume_disk(name, disk)?;
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let created = now();
+        // Held until the row is ready: recovery removes a `creating` volume only once its
+        // creator is gone.
+        let _owner = OwnerLock::acquire(&self.state_dir, &volume_token(&uuid))?;
+        let row = VolumeRow {
+            id: 0,
+            name: name.to_string(),
+            uuid: uuid.clone(),
+            disk_id: disk.id,
+            image_id: base.as_ref().map(|i| i.id),
+            size,
+            state: VolumeState::Creating,
+            created,
+        };
+        let id = self.store.reserve_volume(&row)?;
+        let files = DiskLayout::new(&disk.path).volume_files(&uuid);
+        let record = VolumeRecord {
+            format: FORMAT_VERSION,
+            pool_uuid: self.uuid.clone(),
+            name: name.to_string(),
+            uuid: uuid.clone(),
+            created,
+            base: base.as_ref().map(|i| BaseImageRef {
+                name: i.name.clone(),
+                uuid: i.uuid.clone(),
+                size: i.size,
+            }),
+        };
+        let written = write_volume_files(&files, &record, size);
+        if let Err(e) = written {
+            let _ = remove_volume_files(&files);
+            let _ = self.store.delete_volume(id, VolumeState::Creating);
+            return Err(e);
+        }
+        self.store
+            .set_volume_state(id, VolumeState::Creating, VolumeState::Ready)?;
+        self.volume(name)
+    }
+
+    fn volume_disk(&self, volume: &str, disk: Option<&str>) -> Result<DiskRow> {
+        match disk {
+            Some(name) => {
+                let disk = self.store.disk_by_name(name)?;
+                if disk.state != DiskState::Healthy
+                    || self.disk_health(&disk) != super::DiskHealth::Healthy
+                {
+                    return Err(Error::refused(
+                        ErrorKind::Conflict,
+                        format!(
+                            "disk '{name}' is not in service ({}): pick a healthy disk (`imgpool disk list`)",
+                            disk.state
+                        ),
+                    ));
+                }
+                Ok(disk)
+            }
+            // A thin volume takes no space up front: the disk with the most free space.
+            None => Ok(self.place(volume, 0, 1, &[])?.remove(0)),
+        }
+    }
+
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
+        let mut out = Vec::new();
+        for volume in self.store.volumes()? {
+            if volume.state == VolumeState::Ready {
+                out.push(self.volume_info(volume)?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
+        let row = self.store.volume(name)?;
+        self.volume_info(row)
+    }
+
+    fn volume_info(&self, volume: VolumeRow) -> Result<VolumeInfo> {
+        let disk = self
+            .store
+            .disks()?
+            .into_iter()
+            .find(|d| d.id == volume.disk_id)
+            .ok_or_else(|| {
+                Error::refused(ErrorKind::Internal, "a volume's disk is not registered")
+            })?;
+        let image = match volume.image_id {
+            Some(id) => self
+                .store
+                .images()?
+                .into_iter()
+                .find(|i| i.id == id)
+                .map(|i| i.name),
+            None => None,
+        };
+        let files = DiskLayout::new(&disk.path).volume_files(&volume.uuid);
+        let reachable = disk.state != DiskState::Failed;
+        let allocated = if reachable {
+            use std::os::unix::fs::MetadataExt;
+            fs::metadata(files.data())
+                .map(|m| m.blocks() * 512)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        // Read only: the daemon serving the volume may be writing it.
+        let snapshots = if reachable {
+            volume::summary(&files).map_or(0, |s| s.snapshots)
+        } else {
+            0
+        };
+        Ok(VolumeInfo {
+            disk: disk.name,
+            disk_state: disk.state,
+            image,
+            allocated,
+            snapshots,
+            dir: files.dir().to_path_buf(),
+            volume,
+        })
+    }
+
+    fn open_volume(&self, files: &VolumeFiles) -> io::Result<Volume> {
+        Volume::open(files, Box::new(NotRead))
+    }
+
+    /// The right to change a volume from this process: refused while a mount serves it open.
+    fn lock_volume(&self, name: &str, files: &VolumeFiles) -> Result<WriterLock> {
+        WriterLock::try_acquire(files)
+            .ctx(|| format!("cannot lock volume '{name}'"))?
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::InUse,
+                    format!("volume '{name}' is open through a mount: close it there first"),
+                )
+            })
+    }
+
+    /// The ready volumes a mount serves: each with its disk's path, and whether that disk is in
+    /// service (a volume on a failed disk answers EIO).
+    pub fn volumes_to_serve(&self) -> Result<Vec<(VolumeRow, PathBuf, bool)>> {
+        let disks = self.store.disks()?;
+        let mut out = Vec::new();
+        for volume in self.store.volumes()? {
+            if volume.state != VolumeState::Ready {
+                continue;
+            }
+            if let Some(disk) = disks.iter().find(|d| d.id == volume.disk_id) {
+                let serving = disk.state != DiskState::Failed
+                    && self.disk_health(disk) == super::DiskHealth::Healthy;
+                out.push((volume, disk.path.clone(), serving));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Grows a volume to `size` bytes.
+    pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
+        let info = self.volume(name)?;
+        if size < info.volume.size {
+            return Err(Error::refused(
+                ErrorKind::InvalidInput,
+                format!(
+                    "volume '{name}' is {} bytes and cannot shrink: a volume only grows",
+                    info.volume.size
+                ),
+            ));
+        }
+        check_size(size, None)?;
+        let files = VolumeFiles::new(&info.dir);
+        let _writer = self.lock_volume(name, &files)?;
+        let volume = self
+            .open_volume(&files)
+            .ctx(|| format!("cannot open volume '{name}'"))?;
+        volume
+            .resize(size)
+            .ctx(|| format!("cannot resize volume '{name}'"))?;
+        volume
+            .close()
+            .ctx(|| format!("cannot close volume '{name}'"))?;
+        self.store.set_volume_size(info.volume.id, size)?;
+        self.volume(name)
+    }
+
+    /// Removes a volume and its data; one with snapshots only with `recursive`.
+    pub fn remove_volume(&self, name: &str, recursive: bool) -> Result<()> {
+        let info = self.volume(name)?;
+        if info.snapshots > 0 && !recursive {
+            return Err(Error::refused(
+                ErrorKind::InUse,
+                format!(
+                    "volume '{name}' has {} snapshots: remove them first, or add --recursive to remove them with it",
+                    info.snapshots
+                ),
+            ));
+        }
+        let _writer = self.lock_volume(name, &VolumeFiles::new(&info.dir))?;
+        if !self.store.set_volume_state(
+            info.volume.id,
+            VolumeState::Ready,
+            VolumeState::Removing,
+        )? {
+            return Err(Error::UnknownVolume(name.to_string()));
+        }
+        self.finish_volume_removal(&info.volume)
+    }
+
+    /// Deletes a `removing` volume's files, then its row (any command may finish a removal).
+    pub(crate) fn finish_volume_removal(&self, volume: &VolumeRow) -> Result<()> {
+        let disk = self
+            .store
+            .disks()?
+            .into_iter()
+            .find(|d| d.id == volume.disk_id);
+        if let Some(disk) = disk {
+            remove_volume_files(&DiskLayout::new(&disk.path).volume_files(&volume.uuid))?;
+        }
+        self.store.delete_volume(volume.id, VolumeState::Removing)?;
+        Ok(())
+    }
+}
+
+fn write_volume_files(files: &VolumeFiles, record: &VolumeRecord, size: u64) -> Result<()> {
+    let dir = files.dir();
+    fs::create_dir_all(dir).ctx(|| format!("cannot create {}", dir.display()))?;
+    Volume::create(files, size, Box::new(NotRead))
+        .and_then(|v| v.close())
+        .ctx(|| format!("cannot create the volume's files in {}", dir.display()))?;
+    write_volume_record(files, record)?;
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Removes a volume's directory; missing files are fine (a removal may be finished twice).
+fn remove_volume_files(files: &VolumeFiles) -> Result<()> {
+    match fs::remove_dir_all(files.dir()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot remove {}", files.dir().display()),
+                e,
+            ))
+        }
+    }
+    if let Some(parent) = files.dir().parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,509 @@
+//! The volume's index (`index.db`, SQLite): the versions of each granule, the snapshots, the free
+//! slots of the data file and the reclaim still to do.
+//!
+//! A version is the content of one granule from the epoch it was written in (`birth`) to the
+//! epoch it was replaced in (`death`, none while it is the live one). A snapshot is an epoch: it
+//! sees, for each granule, the version with the greatest birth at or before its epoch. So a read
+//! at any snapshot is one B-tree lookup, whatever the number of snapshots; taking a snapshot
+//! inserts one row; and the versions that changed between two snapshots are those born between
+//! their epochs (the `birth` index), found without reading the rest.
+//!
+//! Changes accumulate in one open transaction; `commit` ends it. The caller makes the data file
+//! durable first, so that no committed row points at a block that is not on the disk.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
+
+/// One version of one granule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub granule: u64,
+    pub birth: u64,
+    pub death: Option<u64>,
+    /// The slot of the data file holding the `written` blocks; none when no block is written.
+    pub slot: Option<u64>,
+    /// Blocks whose data is in the slot.
+    pub written: u16,
+    /// Blocks that read as zeros (discarded), whatever the base image holds there.
+    pub zeroed: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub epoch: u64,
+    pub name: String,
+    pub guid: String,
+    pub created: i64,
+    pub size: u64,
+}
+
+/// Versions born after `after` and dead by `upto` that no snapshot can see any more: what a
+/// snapshot deletion leaves for the reclaim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReclaimWindow {
+    pub id: i64,
+    /// An epoch, or -1 for "before every version".
+    pub after: i64,
+    pub upto: u64,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (
+    granule INTEGER NOT NULL,
+    birth INTEGER NOT NULL,
+    death INTEGER,
+    slot INTEGER,
+    written INTEGER NOT NULL,
+    zeroed INTEGER NOT NULL,
+    PRIMARY KEY (granule, birth)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS versions_by_death ON versions (death, birth) WHERE death IS NOT NULL;
+CREATE INDEX IF NOT EXISTS versions_by_birth ON versions (birth, granule);
+CREATE TABLE IF NOT EXISTS snapshots (
+    epoch INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    guid TEXT NOT NULL,
+    created INTEGER NOT NULL,
+    size INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS free_slots (slot INTEGER PRIMARY KEY, punched INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS reclaim (id INTEGER PRIMARY KEY, after INTEGER NOT NULL, upto INTEGER NOT NULL);
+";
+
+const VERSION_COLUMNS: &str = "granule, birth, death, slot, written, zeroed";
+
+fn version(r: &Row) -> rusqlite::Result<Version> {
+    Ok(Version {
+        granule: r.get::<_, i64>(0)? as u64,
+        birth: r.get::<_, i64>(1)? as u64,
+        death: r.get::<_, Option<i64>>(2)?.map(|d| d as u64),
+        slot: r.get::<_, Option<i64>>(3)?.map(|s| s as u64),
+        written: r.get::<_, i64>(4)? as u16,
+        zeroed: r.get::<_, i64>(5)? as u16,
+    })
+}
+
+fn snapshot(r: &Row) -> rusqlite::Result<Snapshot> {
+    Ok(Snapshot {
+        epoch: r.get::<_, i64>(0)? as u64,
+        name: r.get(1)?,
+        guid: r.get(2)?,
+        created: r.get(3)?,
+        size: r.get::<_, i64>(4)? as u64,
+    })
+}
+
+pub struct Index {
+    conn: Connection,
+    in_tx: bool,
+}
+
+impl Index {
+    /// Opens the index, creating its tables when `size` is given (a new volume).
+    pub fn open(path: &Path, new_size: Option<u64>) -> rusqlite::Result<Index> {
+        // Only a new volume creates its index: a missing one is an error, never a new empty
+        // volume.
+        let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        if new_size.is_some() {
+            flags |= OpenFlags::SQLITE_OPEN_CREATE;
+        }
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        let mut index = Index { conn, in_tx: false };
+        if let Some(size) = new_size {
+            index.conn.execute_batch(SCHEMA)?;
+            index.begin()?;
+            index.set_meta("size", size)?;
+            index.set_meta("live_epoch", 1)?;
+            index.set_meta("next_slot", 0)?;
+            index.set_meta("closed_cleanly", 0)?;
+            index.commit()?;
+        }
+        Ok(index)
+    }
+
+    fn begin(&mut self) -> rusqlite::Result<()> {
+        if !self.in_tx {
+            self.conn.execute_batch("BEGIN IMMEDIATE")?;
+            self.in_tx = true;
+        }
+        Ok(())
+    }
+
+    /// Ends the open transaction, if any: everything changed so far is durable.
+    pub fn commit(&mut self) -> rusqlite::Result<()> {
+        if self.in_tx {
+            self.conn.execute_batch("COMMIT")?;
+            self.in_tx = false;
+        }
+        Ok(())
+    }
+
+    pub fn has_uncommitted(&self) -> bool {
+        self.in_tx
+    }
+
+    fn meta(&self, key: &str) -> rusqlite::Result<u64> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+                r.get::<_, i64>(0)
+            })
+            .map(|v| v as u64)
+    }
+
+    fn set_meta(&mut self, key: &str, value: u64) -> rusqlite::Result<()> {
+        self.begin()?;
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Whether the volume was last closed by `Volume::close`, not cut short.
+    pub fn closed_cleanly(&self) -> rusqlite::Result<bool> {
+        self.meta("closed_cleanly").map(|v| v == 1)
+    }
+
+    pub fn set_closed_cleanly(&mut self, clean: bool) -> rusqlite::Result<()> {
+        self.set_meta("closed_cleanly", u64::from(clean))
+    }
+
+    /// Versions with a slot, in key order from `(granule, birth)` on (exclusive), at most
+    /// `limit`.
+    pub fn slotted_after(
+        &self,
+        after: Option<(u64, u64)>,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<Version>> {
+        let (granule, birth) = after.map_or((-1, -1), |(g, b)| (g as i64, b as i64));
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions
+             WHERE slot IS NOT NULL AND (granule, birth) > (?1, ?2)
+             ORDER BY granule, birth LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(params![granule, birth, limit as i64], version)?;
+        rows.collect()
+    }
+
+    /// Slots at or past this one were never handed out (in a committed transaction).
+    pub fn slots_end(&self) -> rusqlite::Result<u64> {
+        self.meta("next_slot")
+    }
+
+    pub fn all_free_slots(&self) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare("SELECT slot FROM free_slots")?;
+        let slots = stmt.query_map([], |r| r.get::<_, i64>(0).map(|s| s as u64))?;
+        slots.collect()
+    }
+
+    pub fn size(&self) -> rusqlite::Result<u64> {
+        self.meta("size")
+    }
+
+    pub fn set_size(&mut self, size: u64) -> rusqlite::Result<()> {
+        self.set_meta("size", size)
+    }
+
+    /// The epoch that writes now belong to: one past the newest snapshot's.
+    pub fn live_epoch(&self) -> rusqlite::Result<u64> {
+        self.meta("live_epoch")
+    }
+
+    /// The epoch of the newest snapshot, if any: a version born at or before it is shared.
+    pub fn newest_snapshot_epoch(&self) -> rusqlite::Result<Option<u64>> {
+        self.conn
+            .query_row("SELECT MAX(epoch) FROM snapshots", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })
+            .map(|e| e.map(|e| e as u64))
+    }
+
+    /// The live version of a granule.
+    pub fn live(&self, granule: u64) -> rusqlite::Result<Option<Version>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE granule = ?1 AND death IS NULL"
+        ))?;
+        stmt.query_row([granule as i64], version).optional()
+    }
+
+    /// The version of a granule a snapshot at `epoch` sees.
+    pub fn at(&self, granule: u64, epoch: u64) -> rusqlite::Result<Option<Version>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE granule = ?1 AND birth <= ?2
+             ORDER BY birth DESC LIMIT 1"
+        ))?;
+        stmt.query_row(params![granule as i64, epoch as i64], version)
+            .optional()
+    }
+
+    pub fn insert(&mut self, v: &Version) -> rusqlite::Result<()> {
+        self.begin()?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+        ))?;
+        stmt.execute(params![
+            v.granule as i64,
+            v.birth as i64,
+            v.death.map(|d| d as i64),
+            v.slot.map(|s| s as i64),
+            i64::from(v.written),
+            i64::from(v.zeroed),
+        ])?;
+        Ok(())
+    }
+
+    /// Rewrites a version's slot, masks and death (its key stays).
+    pub fn update(&mut self, v: &Version) -> rusqlite::Result<()> {
+        self.begin()?;
+        let mut stmt = self.conn.prepare_cached(
+            "UPDATE versions SET death = ?3, slot = ?4, written = ?5, zeroed = ?6
+             WHERE granule = ?1 AND birth = ?2",
+        )?;
+        stmt.execute(params![
+            v.granule as i64,
+            v.birth as i64,
+            v.death.map(|d| d as i64),
+            v.slot.map(|s| s as i64),
+            i64::from(v.written),
+            i64::from(v.zeroed),
+        ])?;
+        Ok(())
+    }
+
+    pub fn delete(&mut self, v: &Version) -> rusqlite::Result<()> {
+        self.begin()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("DELETE FROM versions WHERE granule = ?1 AND birth = ?2")?;
+        stmt.execute(params![v.granule as i64, v.birth as i64])?;
+        Ok(())
+    }
+
+    /// A slot for new data: a free one that is already committed free, or a new one at the end.
+    pub fn allocate_slot(&mut self) -> rusqlite::Result<u64> {
+        self.begin()?;
+        let free: Option<i64> = self
+            .conn
+            .query_row("SELECT slot FROM free_slots LIMIT 1", [], |r| r.get(0))
+            .optional()?;
+        if let Some(slot) = free {
+            self.conn
+                .execute("DELETE FROM free_slots WHERE slot = ?1", [slot])?;
+            return Ok(slot as u64);
+        }
+        let next = self.meta("next_slot")?;
+        self.set_meta("next_slot", next + 1)?;
+        Ok(next)
+    }
+
+    /// Records slots as free, not yet punched.
+    pub fn free_slots(&mut self, slots: &[u64]) -> rusqlite::Result<()> {
+        self.begin()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT OR IGNORE INTO free_slots (slot, punched) VALUES (?1, 0)")?;
+        for slot in slots {
+            stmt.execute([*slot as i64])?;
+        }
+        Ok(())
+    }
+
+    /// Free slots whose space was not given back yet (a crash came between the commit that
+    /// freed them and the punch).
+    pub fn unpunched_slots(&self) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT slot FROM free_slots WHERE punched = 0")?;
+        let slots = stmt.query_map([], |r| r.get::<_, i64>(0).map(|s| s as u64))?;
+        slots.collect()
+    }
+
+    pub fn mark_punched(&mut self, slots: &[u64]) -> rusqlite::Result<()> {
+        self.begin()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("UPDATE free_slots SET punched = 1 WHERE slot = ?1")?;
+        for slot in slots {
+            stmt.execute([*slot as i64])?;
+        }
+        Ok(())
+    }
+
+    /// Live versions from `granule` on, in granule order, at most `limit`.
+    pub fn live_from(&self, granule: u64, limit: usize) -> rusqlite::Result<Vec<Version>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE granule >= ?1 AND death IS NULL
+             ORDER BY granule LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![granule as i64, limit as i64], version)?;
+        rows.collect()
+    }
+
+    // --- snapshots ---------------------------------------------------------------------
+
+    /// Records a snapshot at the live epoch and starts the next one.
+    pub fn create_snapshot(
+        &mut self,
+        name: &str,
+        guid: &str,
+        created: i64,
+    ) -> rusqlite::Result<Snapshot> {
+        self.begin()?;
+        let epoch = self.live_epoch()?;
+        let size = self.size()?;
+        self.conn.execute(
+            "INSERT INTO snapshots (epoch, name, guid, created, size) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![epoch as i64, name, guid, created, size as i64],
+        )?;
+        self.set_meta("live_epoch", epoch + 1)?;
+        Ok(Snapshot {
+            epoch,
+            name: name.to_string(),
+            guid: guid.to_string(),
+            created,
+            size,
+        })
+    }
+
+    pub fn snapshots(&self) -> rusqlite::Result<Vec<Snapshot>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT epoch, name, guid, created, size FROM snapshots ORDER BY epoch")?;
+        let rows = stmt.query_map([], snapshot)?;
+        rows.collect()
+    }
+
+    pub fn snapshot(&self, name: &str) -> rusqlite::Result<Option<Snapshot>> {
+        self.conn
+            .query_row(
+                "SELECT epoch, name, guid, created, size FROM snapshots WHERE name = ?1",
+                [name],
+                snapshot,
+            )
+            .optional()
+    }
+
+    /// Deletes snapshots (by epoch) and queues what they alone saw for the reclaim.
+    pub fn delete_snapshots(&mut self, epochs: &[u64]) -> rusqlite::Result<()> {
+        self.begin()?;
+        let all: Vec<u64> = self.snapshots()?.iter().map(|s| s.epoch).collect();
+        let doomed: std::collections::HashSet<u64> = epochs.iter().copied().collect();
+        let live = self.live_epoch()?;
+        {
+            let mut delete = self
+                .conn
+                .prepare_cached("DELETE FROM snapshots WHERE epoch = ?1")?;
+            for epoch in epochs {
+                delete.execute([*epoch as i64])?;
+            }
+        }
+        // Each run of deleted snapshots between two that remain (or the live volume) is one
+        // window: the versions born after the older survivor and dead by the younger one.
+        let mut after: i64 = -1;
+        let mut in_run = false;
+        let mut windows = Vec::new();
+        for epoch in all {
+            if doomed.contains(&epoch) {
+                in_run = true;
+            } else {
+                if in_run {
+                    windows.push((after, epoch));
+                    in_run = false;
+                }
+                after = epoch as i64;
+            }
+        }
+        if in_run {
+            windows.push((after, live));
+        }
+        let mut insert = self
+            .conn
+            .prepare_cached("INSERT INTO reclaim (after, upto) VALUES (?1, ?2)")?;
+        for (after, upto) in windows {
+            insert.execute(params![after, upto as i64])?;
+        }
+        Ok(())
+    }
+
+    pub fn reclaim_windows(&self) -> rusqlite::Result<Vec<ReclaimWindow>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT id, after, upto FROM reclaim ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ReclaimWindow {
+                id: r.get(0)?,
+                after: r.get(1)?,
+                upto: r.get::<_, i64>(2)? as u64,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// Up to `limit` versions of a window that nothing sees any more.
+    pub fn unseen_versions(
+        &self,
+        window: &ReclaimWindow,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<Version>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions
+             WHERE death IS NOT NULL AND death > ?1 AND death <= ?2 AND birth > ?1
+             ORDER BY death LIMIT ?3"
+        ))?;
+        let rows = stmt.query_map(
+            params![window.after, window.upto as i64, limit as i64],
+            version,
+        )?;
+        rows.collect()
+    }
+
+    pub fn finish_window(&mut self, id: i64) -> rusqlite::Result<()> {
+        self.begin()?;
+        self.conn
+            .execute("DELETE FROM reclaim WHERE id = ?1", [id])?;
+        Ok(())
+    }
+
+    /// Index rows in all, live rows, and the written blocks of the live versions.
+    #[cfg(test)]
+    pub fn footprint(&self) -> rusqlite::Result<(u64, u64, u64)> {
+        let rows: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM versions", [], |r| r.get(0))?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT written FROM versions WHERE death IS NULL")?;
+        let masks = stmt.query_map([], |r| r.get::<_, i64>(0))?;
+        let (mut live, mut blocks) = (0u64, 0u64);
+        for m in masks {
+            live += 1;
+            blocks += u64::from((m? as u16).count_ones());
+        }
+        Ok((rows as u64, live, blocks))
+    }
+
+    /// Versions born after `epoch` (rollback discards them), at most `limit`.
+    pub fn born_after(&self, epoch: u64, limit: usize) -> rusqlite::Result<Vec<Version>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE birth > ?1 ORDER BY birth LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![epoch as i64, limit as i64], version)?;
+        rows.collect()
+    }
+
+    /// Versions a snapshot at `epoch` sees that died after it (rollback revives them).
+    pub fn died_after(&self, epoch: u64, limit: usize) -> rusqlite::Result<Vec<Version>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {VERSION_COLUMNS} FROM versions
+             WHERE death IS NOT NULL AND death > ?1 AND birth <= ?1 ORDER BY death LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![epoch as i64, limit as i64], version)?;
+        rows.collect()
+    }
+}

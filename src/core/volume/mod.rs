@@ -1,0 +1,768 @@
+//! Thin writable volumes over pool images, with snapshots.
+//!
+//! A volume is a block map (`index`) over a data file (`data`): each granule of the volume is
+//! either untouched (it reads from the base image, or zeros past it) or has versions, each of
+//! which says, block by block, whether the block's data is in the version's slot of the data
+//! file, reads as zeros (discarded), or still reads from the base image.
+//!
+//! Writes go in place while no snapshot sees the granule's live version; the first write after
+//! a snapshot that sees it copies the version's other written blocks into a new slot (at most
+//! one granule, 60 KiB) and starts a new version. A snapshot is one index row. Deleting
+//! snapshots removes their rows in one transaction and queues "windows" of versions that no
+//! snapshot sees any more; `reclaim` frees them later, by punching their slots: no data is
+//! copied.
+//!
+//! Crash discipline: the data file is synced before the index commits, so a committed row never
+//! points at data that is not on the disk; a slot freed in the open transaction is reused only
+//! after the commit; freed slots are punched after the commit that freed them (and, after a
+//! crash between the two, when the volume is opened). Writes in place that a crash cut off from
+//! their index change leave blocks that no row says are written: a volume that was not closed
+//! cleanly has its slots' unwritten blocks and its free slots punched when it is opened.
+
+mod data;
+mod index;
+#[cfg(test)]
+mod model_tests;
+
+use std::io;
+
+use parking_lot::Mutex;
+
+use crate::format::volume::{VolumeFiles, BLOCK, BLOCKS_PER_GRANULE, GRANULE};
+
+use data::DataFile;
+pub use index::Snapshot;
+use index::{Index, Version};
+
+/// Where a volume's unwritten blocks read from: the base image (the mount's read path, or a
+/// test's bytes).
+pub trait Base: Send + Sync {
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`; the range lies within `size()`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+}
+
+/// No base image: unwritten blocks read as zeros.
+pub struct NoBase;
+
+impl Base for NoBase {
+    fn size(&self) -> u64 {
+        0
+    }
+
+    fn read_at(&self, buf: &mut [u8], _offset: u64) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+/// The right to write a volume: an exclusive `flock` on its `writer.lock`, held by the mount
+/// daemon while the volume is open through it, or by a command that changes the volume. The
+/// kernel drops it when its holder dies.
+pub struct WriterLock {
+    _file: std::fs::File,
+}
+
+impl WriterLock {
+    /// The lock, or `None` while another process holds it.
+    pub fn try_acquire(files: &VolumeFiles) -> io::Result<Option<WriterLock>> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(files.writer_lock())?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(WriterLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+/// A volume as its index describes it, read without opening it for writing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub size: u64,
+    pub snapshots: usize,
+}
+
+/// Reads a volume's size and snapshot count; changes nothing (a mount daemon may be writing it:
+/// SQLite's WAL lets a reader look meanwhile).
+pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
+    let index = Index::open(&files.index(), None).map_err(index_error)?;
+    Ok(Summary {
+        size: index.size().map_err(index_error)?,
+        snapshots: index.snapshots().map_err(index_error)?.len(),
+    })
+}
+
+/// Reclaims of this many versions per transaction: small enough not to hold writers up.
+const RECLAIM_BATCH: usize = 1024;
+
+fn index_error(e: rusqlite::Error) -> io::Error {
+    io::Error::other(format!("volume index: {e}"))
+}
+
+/// The blocks `first..first + count` of a granule, as a mask.
+fn mask(first: u32, count: u32) -> u16 {
+    debug_assert!(first + count <= BLOCKS_PER_GRANULE);
+    if count == 0 {
+        return 0;
+    }
+    (((1u32 << count) - 1) << first) as u16
+}
+
+fn has(mask: u16, block: u32) -> bool {
+    mask & (1 << block) != 0
+}
+
+/// What one block of a version reads from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Slot(u64),
+    Zeros,
+    Base,
+}
+
+fn source(version: Option<&Version>, block: u32) -> Source {
+    match version {
+        Some(v) if has(v.written, block) => {
+            Source::Slot(v.slot.expect("written blocks have a slot"))
+        }
+        Some(v) if has(v.zeroed, block) => Source::Zeros,
+        _ => Source::Base,
+    }
+}
+
+struct State {
+    index: Index,
+    /// The epoch new versions are born in.
+    live_epoch: u64,
+    /// The newest snapshot's epoch: versions born at or before it are shared.
+    newest_snapshot: Option<u64>,
+    size: u64,
+    /// Slots freed in the open transaction: reusable only once it commits.
+    freed: Vec<u64>,
+}
+
+impl State {
+    fn shared(&self, v: &Version) -> bool {
+        self.newest_snapshot.is_some_and(|n| v.birth <= n)
+    }
+}
+
+pub struct Volume {
+    data: DataFile,
+    base: Box<dyn Base>,
+    state: Mutex<State>,
+}
+
+impl Volume {
+    /// Creates a volume's index and data file in `files.dir()`, which exists and is empty.
+    pub fn create(files: &VolumeFiles, size: u64, base: Box<dyn Base>) -> io::Result<Volume> {
+        let data = DataFile::open(&files.data(), true)?;
+        data.sync()?;
+        Index::open(&files.index(), Some(size)).map_err(index_error)?;
+        std::fs::File::open(files.dir())?.sync_all()?;
+        Volume::open(files, base)
+    }
+
+    pub fn open(files: &VolumeFiles, base: Box<dyn Base>) -> io::Result<Volume> {
+        let mut index = Index::open(&files.index(), None).map_err(index_error)?;
+        let data = DataFile::open(&files.data(), false)?;
+        if index.closed_cleanly().map_err(index_error)? {
+            // A crash between the commit that freed slots and their punch left them taken.
+            let unpunched = index.unpunched_slots().map_err(index_error)?;
+            punch_free(&data, &mut index, &unpunched)?;
+        } else {
+            give_back_unreferenced_blocks(&data, &mut index)?;
+        }
+        index.set_closed_cleanly(false).map_err(index_error)?;
+        index.commit().map_err(index_error)?;
+        let state = State {
+            live_epoch: index.live_epoch().map_err(index_error)?,
+            newest_snapshot: index.newest_snapshot_epoch().map_err(index_error)?,
+            size: index.size().map_err(index_error)?,
+            index,
+            freed: Vec::new(),
+        };
+        Ok(Volume {
+            data,
+            base,
+            state: Mutex::new(state),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.state.lock().size
+    }
+
+    /// Flushes and records a clean close: the next open skips the space scan a crash needs.
+    pub fn close(self) -> io::Result<()> {
+        self.shutdown()
+    }
+
+    /// `close` for a volume shared with others, who must not write it any more.
+    pub fn shutdown(&self) -> io::Result<()> {
+        let mut state = self.state.lock();
+        self.commit_locked(&mut state)?;
+        state.index.set_closed_cleanly(true).map_err(index_error)?;
+        state.index.commit().map_err(index_error)
+    }
+
+    // --- reads -------------------------------------------------------------------------
+
+    /// Reads the live volume from `offset`; returns the bytes read (short at the end).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let state = self.state.lock();
+        let size = state.size;
+        self.read_locked(&state, None, size, buf, offset)
+    }
+
+    /// Reads a snapshot from `offset`.
+    pub fn read_snapshot_at(
+        &self,
+        snapshot: &Snapshot,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<usize> {
+        let state = self.state.lock();
+        self.read_locked(&state, Some(snapshot.epoch), snapshot.size, buf, offset)
+    }
+
+    // The lock is held across the data reads: a slot freed by a concurrent discard could
+    // otherwise be reused, and the read would return another granule's bytes.
+    fn read_locked(
+        &self,
+        state: &State,
+        epoch: Option<u64>,
+        size: u64,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<usize> {
+        if offset >= size {
+            return Ok(0);
+        }
+        let len = buf.len().min((size - offset) as usize);
+        let mut done = 0;
+        while done < len {
+            let pos = offset + done as u64;
+            let granule = pos / GRANULE;
+            let in_granule = pos % GRANULE;
+            let n = ((GRANULE - in_granule) as usize).min(len - done);
+            let version = match epoch {
+                None => state.index.live(granule),
+                Some(e) => state.index.at(granule, e),
+            }
+            .map_err(index_error)?;
+            self.read_granule(version.as_ref(), pos, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(len)
+    }
+
+    /// Reads `buf.len()` bytes at `pos`, all within one granule whose version is `version`.
+    fn read_granule(&self, version: Option<&Version>, pos: u64, buf: &mut [u8]) -> io::Result<()> {
+        let granule_start = pos - pos % GRANULE;
+        let mut done = 0;
+        let mut scratch = [0u8; BLOCK as usize];
+        while done < buf.len() {
+            let at = pos + done as u64;
+            let block = ((at - granule_start) / BLOCK) as u32;
+            let in_block = (at % BLOCK) as usize;
+            // A run of blocks with the same source, read at once.
+            let src = source(version, block);
+            let mut last = block;
+            while last + 1 < BLOCKS_PER_GRANULE
+                && granule_start + u64::from(last + 1) * BLOCK < pos + buf.len() as u64
+                && source(version, last + 1) == src
+            {
+                last += 1;
+            }
+            let run_end = (granule_start + u64::from(last + 1) * BLOCK).min(pos + buf.len() as u64);
+            let n = (run_end - at) as usize;
+            let out = &mut buf[done..done + n];
+            match src {
+                Source::Zeros => out.fill(0),
+                Source::Base => self.read_base(out, at)?,
+                Source::Slot(slot) if in_block == 0 && n.is_multiple_of(BLOCK as usize) => {
+                    self.data.read(slot, block, out)?
+                }
+                Source::Slot(slot) => {
+                    // Not block-aligned: block by block through a scratch block.
+                    let mut copied = 0;
+                    let mut b = block;
+                    while copied < n {
+                        self.data.read(slot, b, &mut scratch)?;
+                        let from = if copied == 0 { in_block } else { 0 };
+                        let m = (BLOCK as usize - from).min(n - copied);
+                        out[copied..copied + m].copy_from_slice(&scratch[from..from + m]);
+                        copied += m;
+                        b += 1;
+                    }
+                }
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn read_base(&self, out: &mut [u8], at: u64) -> io::Result<()> {
+        let base_size = self.base.size();
+        let from_base = if at < base_size {
+            ((base_size - at) as usize).min(out.len())
+        } else {
+            0
+        };
+        if from_base > 0 {
+            self.base.read_at(&mut out[..from_base], at)?;
+        }
+        out[from_base..].fill(0);
+        Ok(())
+    }
+
+    // --- writes ------------------------------------------------------------------------
+
+    /// Writes `data` at `offset`; the range must lie within the volume (`EFBIG` otherwise).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        let mut state = self.state.lock();
+        check_range(&state, offset, data.len() as u64)?;
+        let mut done = 0;
+        while done < data.len() {
+            let pos = offset + done as u64;
+            let granule = pos / GRANULE;
+            let in_granule = pos % GRANULE;
+            let n = ((GRANULE - in_granule) as usize).min(data.len() - done);
+            self.write_granule(&mut state, granule, in_granule, &data[done..done + n])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes within one granule; partial blocks are completed with what they read now.
+    fn write_granule(
+        &self,
+        state: &mut State,
+        granule: u64,
+        in_granule: u64,
+        data: &[u8],
+    ) -> io::Result<()> {
+        let first = (in_granule / BLOCK) as u32;
+        let end = in_granule + data.len() as u64;
+        let last = ((end - 1) / BLOCK) as u32;
+        let count = last - first + 1;
+        let head = (in_granule % BLOCK) as usize;
+        let aligned = head == 0 && end.is_multiple_of(BLOCK);
+        let current = state.index.live(granule).map_err(index_error)?;
+        let blocks: std::borrow::Cow<[u8]> = if aligned {
+            data.into()
+        } else {
+            let mut whole = vec![0u8; (count as u64 * BLOCK) as usize];
+            let start = granule * GRANULE + u64::from(first) * BLOCK;
+            self.read_granule(current.as_ref(), start, &mut whole)?;
+            whole[head..head + data.len()].copy_from_slice(data);
+            whole.into()
+        };
+        self.put_blocks(state, granule, current, first, count, Some(&blocks))
+    }
+
+    /// Discards `len` bytes at `offset`: they read as zeros, and whole blocks give their space
+    /// back (what PUNCH_HOLE and ZERO_RANGE ask for).
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mut state = self.state.lock();
+        check_range(&state, offset, len)?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let granule = pos / GRANULE;
+            let granule_end = ((granule + 1) * GRANULE).min(end);
+            let first_whole = pos.div_ceil(BLOCK) * BLOCK;
+            let last_whole = granule_end / BLOCK * BLOCK;
+            if first_whole >= last_whole {
+                // No whole block: zeros are written.
+                let zeros = vec![0u8; (granule_end - pos) as usize];
+                self.write_granule(&mut state, granule, pos % GRANULE, &zeros)?;
+            } else {
+                if pos < first_whole {
+                    let zeros = vec![0u8; (first_whole - pos) as usize];
+                    self.write_granule(&mut state, granule, pos % GRANULE, &zeros)?;
+                }
+                let current = state.index.live(granule).map_err(index_error)?;
+                let first = ((first_whole % GRANULE) / BLOCK) as u32;
+                let count = ((last_whole - first_whole) / BLOCK) as u32;
+                self.put_blocks(&mut state, granule, current, first, count, None)?;
+                if last_whole < granule_end {
+                    let zeros = vec![0u8; (granule_end - last_whole) as usize];
+                    self.write_granule(&mut state, granule, last_whole % GRANULE, &zeros)?;
+                }
+            }
+            pos = granule_end;
+        }
+        Ok(())
+    }
+
+    /// Sets blocks `first..first + count` of a granule to `data` (whole blocks), or to zeros
+    /// (discarded) when `data` is `None`.
+    fn put_blocks(
+        &self,
+        state: &mut State,
+        granule: u64,
+        current: Option<Version>,
+        first: u32,
+        count: u32,
+        data: Option<&[u8]>,
+    ) -> io::Result<()> {
+        let blocks = mask(first, count);
+        let live = state.live_epoch;
+        match current {
+            Some(mut v) if !state.shared(&v) => {
+                // Nobody else sees this version: in place.
+                match data {
+                    Some(data) => {
+                        let slot = match v.slot {
+                            Some(slot) => slot,
+                            None => self.new_slot(state)?,
+                        };
+                        self.data.write(slot, first, data)?;
+                        v.slot = Some(slot);
+                        v.written |= blocks;
+                        v.zeroed &= !blocks;
+                    }
+                    None => {
+                        if let Some(slot) = v.slot {
+                            if v.written & blocks != 0 {
+                                self.data.punch(slot, first, count)?;
+                            }
+                        }
+                        v.written &= !blocks;
+                        v.zeroed |= blocks;
+                        if v.written == 0 {
+                            if let Some(slot) = v.slot.take() {
+                                state.freed.push(slot);
+                            }
+                        }
+                    }
+                }
+                state.index.update(&v).map_err(index_error)
+            }
+            Some(old) => {
+                // A snapshot sees the live version: a new version, with the old one's other
+                // written blocks copied into a new slot.
+                let keep = old.written & !blocks;
+                let written = match data {
+                    Some(_) => keep | blocks,
+                    None => keep,
+                };
+                let slot = if written != 0 {
+                    Some(self.new_slot(state)?)
+                } else {
+                    None
+                };
+                if let (Some(from), Some(to)) = (old.slot, slot) {
+                    self.copy_blocks(from, to, keep)?;
+                }
+                if let (Some(data), Some(to)) = (data, slot) {
+                    self.data.write(to, first, data)?;
+                }
+                let zeroed = match data {
+                    Some(_) => old.zeroed & !blocks,
+                    None => old.zeroed | blocks,
+                };
+                state
+                    .index
+                    .update(&Version {
+                        death: Some(live),
+                        ..old
+                    })
+                    .map_err(index_error)?;
+                state
+                    .index
+                    .insert(&Version {
+                        granule,
+                        birth: live,
+                        death: None,
+                        slot,
+                        written,
+                        zeroed,
+                    })
+                    .map_err(index_error)
+            }
+            None => {
+                let (slot, written, zeroed) = match data {
+                    Some(data) => {
+                        let slot = self.new_slot(state)?;
+                        self.data.write(slot, first, data)?;
+                        (Some(slot), blocks, 0)
+                    }
+                    None => (None, 0, blocks),
+                };
+                state
+                    .index
+                    .insert(&Version {
+                        granule,
+                        birth: live,
+                        death: None,
+                        slot,
+                        written,
+                        zeroed,
+                    })
+                    .map_err(index_error)
+            }
+        }
+    }
+
+    /// A slot for a new version. Punched first: after a crash, a slot that a lost transaction
+    /// had written is free (or past the high-water mark) again with those blocks still taken.
+    fn new_slot(&self, state: &mut State) -> io::Result<u64> {
+        let slot = state.index.allocate_slot().map_err(index_error)?;
+        self.data.punch(slot, 0, BLOCKS_PER_GRANULE)?;
+        Ok(slot)
+    }
+
+    fn copy_blocks(&self, from: u64, to: u64, blocks: u16) -> io::Result<()> {
+        let mut buf = vec![0u8; BLOCK as usize];
+        for block in 0..BLOCKS_PER_GRANULE {
+            if has(blocks, block) {
+                self.data.read(from, block, &mut buf)?;
+                self.data.write(to, block, &buf)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes every write so far durable: the data file first, then the index that points at it.
+    pub fn flush(&self) -> io::Result<()> {
+        let mut state = self.state.lock();
+        self.commit_locked(&mut state)
+    }
+
+    fn commit_locked(&self, state: &mut State) -> io::Result<()> {
+        if !state.index.has_uncommitted() {
+            return Ok(());
+        }
+        self.data.sync()?;
+        let freed = std::mem::take(&mut state.freed);
+        state.index.free_slots(&freed).map_err(index_error)?;
+        state.index.commit().map_err(index_error)?;
+        // Their rows are gone for good: their space can go back to the filesystem.
+        for slot in &freed {
+            self.data.punch(*slot, 0, BLOCKS_PER_GRANULE)?;
+        }
+        if !freed.is_empty() {
+            state.index.mark_punched(&freed).map_err(index_error)?;
+            state.index.commit().map_err(index_error)?;
+        }
+        Ok(())
+    }
+
+    /// Grows the volume (durably).
+    pub fn resize(&self, size: u64) -> io::Result<()> {
+        let mut state = self.state.lock();
+        if size < state.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a volume cannot shrink",
+            ));
+        }
+        self.commit_locked(&mut state)?;
+        state.index.set_size(size).map_err(index_error)?;
+        state.index.commit().map_err(index_error)?;
+        state.size = size;
+        Ok(())
+    }
+
+    // --- snapshots ---------------------------------------------------------------------
+
+    /// Takes a snapshot of every write that returned before the call: durable when it returns.
+    pub fn snapshot(&self, name: &str, guid: &str, created: i64) -> io::Result<Snapshot> {
+        let mut state = self.state.lock();
+        self.commit_locked(&mut state)?;
+        let snapshot = state
+            .index
+            .create_snapshot(name, guid, created)
+            .map_err(index_error)?;
+        state.index.commit().map_err(index_error)?;
+        state.newest_snapshot = Some(snapshot.epoch);
+        state.live_epoch = snapshot.epoch + 1;
+        Ok(snapshot)
+    }
+
+    pub fn snapshots(&self) -> io::Result<Vec<Snapshot>> {
+        self.state.lock().index.snapshots().map_err(index_error)
+    }
+
+    pub fn find_snapshot(&self, name: &str) -> io::Result<Option<Snapshot>> {
+        self.state.lock().index.snapshot(name).map_err(index_error)
+    }
+
+    /// Deletes snapshots in one durable step; their space is reclaimed by `reclaim`.
+    pub fn delete_snapshots(&self, epochs: &[u64]) -> io::Result<()> {
+        let mut state = self.state.lock();
+        self.commit_locked(&mut state)?;
+        state.index.delete_snapshots(epochs).map_err(index_error)?;
+        state.index.commit().map_err(index_error)?;
+        state.newest_snapshot = state.index.newest_snapshot_epoch().map_err(index_error)?;
+        Ok(())
+    }
+
+    /// Frees up to one batch of versions that no snapshot sees any more; returns false when
+    /// there was nothing left to reclaim.
+    pub fn reclaim(&self) -> io::Result<bool> {
+        let mut state = self.state.lock();
+        self.commit_locked(&mut state)?;
+        let Some(window) = state
+            .index
+            .reclaim_windows()
+            .map_err(index_error)?
+            .into_iter()
+            .next()
+        else {
+            return Ok(false);
+        };
+        let unseen = state
+            .index
+            .unseen_versions(&window, RECLAIM_BATCH)
+            .map_err(index_error)?;
+        for v in &unseen {
+            state.index.delete(v).map_err(index_error)?;
+            if let Some(slot) = v.slot {
+                state.freed.push(slot);
+            }
+        }
+        if unseen.len() < RECLAIM_BATCH {
+            state.index.finish_window(window.id).map_err(index_error)?;
+        }
+        self.commit_locked(&mut state)?;
+        Ok(true)
+    }
+
+    /// Whether deleted snapshots still hold space.
+    pub fn reclaim_pending(&self) -> io::Result<bool> {
+        let state = self.state.lock();
+        Ok(!state
+            .index
+            .reclaim_windows()
+            .map_err(index_error)?
+            .is_empty())
+    }
+
+    /// The volume's content becomes the snapshot's, which must be the newest.
+    pub fn rollback(&self, snapshot: &Snapshot) -> io::Result<()> {
+        let mut state = self.state.lock();
+        if state.newest_snapshot != Some(snapshot.epoch) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "only the newest snapshot can be rolled back to",
+            ));
+        }
+        self.commit_locked(&mut state)?;
+        loop {
+            let newer = state
+                .index
+                .born_after(snapshot.epoch, RECLAIM_BATCH)
+                .map_err(index_error)?;
+            if newer.is_empty() {
+                break;
+            }
+            for v in &newer {
+                state.index.delete(v).map_err(index_error)?;
+                if let Some(slot) = v.slot {
+                    state.freed.push(slot);
+                }
+            }
+        }
+        loop {
+            let revived = state
+                .index
+                .died_after(snapshot.epoch, RECLAIM_BATCH)
+                .map_err(index_error)?;
+            if revived.is_empty() {
+                break;
+            }
+            for v in &revived {
+                state
+                    .index
+                    .update(&Version { death: None, ..*v })
+                    .map_err(index_error)?;
+            }
+        }
+        state.index.set_size(snapshot.size).map_err(index_error)?;
+        state.size = snapshot.size;
+        // One transaction: a crash leaves the volume as it was, or rolled back.
+        self.commit_locked(&mut state)
+    }
+}
+
+#[cfg(test)]
+impl Volume {
+    /// Index rows in all, live rows, and the blocks the live versions hold in the data file.
+    pub(crate) fn footprint(&self) -> (u64, u64, u64) {
+        self.state.lock().index.footprint().unwrap()
+    }
+
+    pub(crate) fn data_bytes(&self) -> u64 {
+        self.data.allocated_bytes().unwrap()
+    }
+}
+
+fn punch_free(data: &DataFile, index: &mut Index, slots: &[u64]) -> io::Result<()> {
+    for slot in slots {
+        data.punch(*slot, 0, BLOCKS_PER_GRANULE)?;
+    }
+    if !slots.is_empty() {
+        index.mark_punched(slots).map_err(index_error)?;
+    }
+    Ok(())
+}
+
+/// After a crash: every free slot, and every block of a slot that its row does not say is
+/// written, goes back to the filesystem (writes in place whose index change was lost, slots a
+/// lost transaction had taken).
+fn give_back_unreferenced_blocks(data: &DataFile, index: &mut Index) -> io::Result<()> {
+    data.truncate_to_slots(index.slots_end().map_err(index_error)?)?;
+    let free = index.all_free_slots().map_err(index_error)?;
+    punch_free(data, index, &free)?;
+    let mut after = None;
+    loop {
+        let versions = index
+            .slotted_after(after, RECLAIM_BATCH)
+            .map_err(index_error)?;
+        let Some(last) = versions.last() else {
+            return Ok(());
+        };
+        after = Some((last.granule, last.birth));
+        for v in &versions {
+            let slot = v.slot.expect("selected with a slot");
+            let mut block = 0;
+            while block < BLOCKS_PER_GRANULE {
+                if has(v.written, block) {
+                    block += 1;
+                    continue;
+                }
+                let start = block;
+                while block < BLOCKS_PER_GRANULE && !has(v.written, block) {
+                    block += 1;
+                }
+                data.punch(slot, start, block - start)?;
+            }
+        }
+    }
+}
+
+fn check_range(state: &State, offset: u64, len: u64) -> io::Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= state.size => Ok(()),
+        _ => Err(io::Error::from_raw_os_error(libc::EFBIG)),
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn open_for_test(dir: &std::path::Path, size: u64, base: Box<dyn Base>) -> Volume {
+    let files = VolumeFiles::new(dir);
+    if files.index().exists() {
+        Volume::open(&files, base).unwrap()
+    } else {
+        std::fs::create_dir_all(dir).unwrap();
+        Volume::create(&files, size, base).unwrap()
+    }
+}

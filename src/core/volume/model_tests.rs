@@ -1,0 +1,317 @@
+//! Model-based test of a volume and its snapshots: random writes (unaligned, across granules and
+//! across the end of the base image), discards, resizes, flushes, snapshots, batch deletions,
+//! reclaims, rollbacks and restarts (clean, and as after `kill -9`: whatever was not flushed may
+//! or may not be there), each checked byte for byte against a plain model after every step.
+//!
+//! `IMGPOOL_MODEL_SEEDS=N` runs N seeds (default 40).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// A base image held in memory.
+struct Bytes(Arc<Vec<u8>>);
+
+impl Base for Bytes {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let start = offset as usize;
+        buf.copy_from_slice(&self.0[start..start + buf.len()]);
+        Ok(())
+    }
+}
+
+struct Model {
+    live: Vec<u8>,
+    /// Name -> content, in creation order.
+    snapshots: Vec<(String, Vec<u8>)>,
+    /// The live content when the volume last made everything durable.
+    durable: Vec<u8>,
+    /// For each block written since then: every content it had since then. After a crash, the
+    /// block holds one of them, or its durable content.
+    unflushed: HashMap<u64, Vec<Vec<u8>>>,
+}
+
+impl Model {
+    fn made_durable(&mut self) {
+        self.durable = self.live.clone();
+        self.unflushed.clear();
+    }
+
+    fn touched(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for block in offset / BLOCK..=(offset + len - 1) / BLOCK {
+            let start = (block * BLOCK) as usize;
+            let end = (start + BLOCK as usize).min(self.live.len());
+            let now = self.live[start..end].to_vec();
+            self.unflushed.entry(block).or_default().push(now);
+        }
+    }
+}
+
+fn open(dir: &Path, size: u64, base: &Arc<Vec<u8>>) -> Volume {
+    open_for_test(dir, size, Box::new(Bytes(base.clone())))
+}
+
+fn read_all(volume: &Volume, snapshot: Option<&Snapshot>, size: usize, rng: &mut Rng) -> Vec<u8> {
+    let mut out = vec![0u8; size + 100];
+    // Read in pieces of random sizes, so that unaligned reads are checked as well.
+    let mut at = 0;
+    while at < out.len() {
+        let n = (1 + rng.below(200_000) as usize).min(out.len() - at);
+        let got = match snapshot {
+            None => volume.read_at(&mut out[at..at + n], at as u64).unwrap(),
+            Some(s) => volume
+                .read_snapshot_at(s, &mut out[at..at + n], at as u64)
+                .unwrap(),
+        };
+        assert_eq!(got, n.min(size.saturating_sub(at)), "short read at {at}");
+        if got < n {
+            break;
+        }
+        at += n;
+    }
+    out.truncate(size);
+    out
+}
+
+fn check(volume: &Volume, model: &Model, rng: &mut Rng, step: usize, op: &str) {
+    assert_eq!(
+        volume.size(),
+        model.live.len() as u64,
+        "step {step} {op}: size"
+    );
+    let live = read_all(volume, None, model.live.len(), rng);
+    if live != model.live {
+        let at = live.iter().zip(&model.live).position(|(a, b)| a != b);
+        panic!("step {step} after {op}: the live volume differs from the model at byte {at:?}");
+    }
+    let snapshots = volume.snapshots().unwrap();
+    let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
+    let expected: Vec<&str> = model.snapshots.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, expected, "step {step} after {op}: snapshot list");
+    for (snapshot, (name, content)) in snapshots.iter().zip(&model.snapshots) {
+        let got = read_all(volume, Some(snapshot), content.len(), rng);
+        if &got != content {
+            let at = got.iter().zip(content).position(|(a, b)| a != b);
+            panic!("step {step} after {op}: snapshot {name} differs at byte {at:?}");
+        }
+    }
+}
+
+/// After a crash: each block written since the last flush holds one of its contents since
+/// then; the model takes what the volume holds.
+fn settle_after_crash(volume: &Volume, model: &mut Model, step: usize, rng: &mut Rng) {
+    let now = read_all(volume, None, model.live.len(), rng);
+    for block in 0..(model.live.len() as u64).div_ceil(BLOCK) {
+        let start = (block * BLOCK) as usize;
+        let end = (start + BLOCK as usize).min(model.live.len());
+        let got = &now[start..end];
+        match model.unflushed.get(&block) {
+            None => assert_eq!(
+                got,
+                &model.live[start..end],
+                "step {step}: block {block} was flushed and changed in a crash"
+            ),
+            Some(contents) => assert!(
+                contents.iter().any(|c| c.as_slice() == got) || &model.durable[start..end] == got,
+                "step {step}: block {block} after a crash holds bytes no write put there"
+            ),
+        }
+    }
+    model.live = now;
+    model.made_durable();
+}
+
+#[test]
+fn random_operations_match_the_model_with_restarts() {
+    let seeds: u64 = std::env::var("IMGPOOL_MODEL_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    for seed in 1..=seeds {
+        run(seed, 150);
+    }
+}
+
+fn run(seed: u64, steps: usize) {
+    // Every step that commits syncs twice: on tmpfs that costs nothing.
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        tempfile::tempdir_in(shm).unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    };
+    let vdir = dir.path().join("vol");
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    // A base image that ends inside a block, and a volume larger than it.
+    let base_len = 3 * GRANULE as usize + 5 * BLOCK as usize + 1234;
+    let base: Arc<Vec<u8>> = Arc::new((0..base_len).map(|_| rng.next() as u8).collect());
+    let size = 6 * GRANULE;
+    let mut volume = open(&vdir, size, &base);
+    let mut live = vec![0u8; size as usize];
+    live[..base_len].copy_from_slice(&base);
+    let mut model = Model {
+        live,
+        snapshots: Vec::new(),
+        durable: Vec::new(),
+        unflushed: HashMap::new(),
+    };
+    model.made_durable();
+    let mut next_snapshot = 0;
+    for step in 0..steps {
+        let roll = rng.below(100);
+        let size = model.live.len() as u64;
+        let op;
+        if roll < 35 {
+            // A write: unaligned or aligned, small or across granules.
+            let aligned = rng.chance(40);
+            let len = if rng.chance(70) {
+                1 + rng.below(3 * BLOCK)
+            } else {
+                1 + rng.below(2 * GRANULE)
+            };
+            let (offset, len) = if aligned {
+                let len = len.div_ceil(BLOCK) * BLOCK;
+                (rng.below(size / BLOCK) * BLOCK, len)
+            } else {
+                (rng.below(size), len)
+            };
+            let len = len.min(size - offset);
+            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
+            volume.write_at(&data, offset).unwrap();
+            model.live[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+            model.touched(offset, len);
+            op = format!("write {offset}+{len}");
+        } else if roll < 45 {
+            let offset = rng.below(size);
+            let len = (1 + rng.below(2 * GRANULE)).min(size - offset);
+            volume.discard(offset, len).unwrap();
+            model.live[offset as usize..(offset + len) as usize].fill(0);
+            model.touched(offset, len);
+            op = format!("discard {offset}+{len}");
+        } else if roll < 52 {
+            volume.flush().unwrap();
+            model.made_durable();
+            op = "flush".into();
+        } else if roll < 62 {
+            let name = format!("s{next_snapshot}");
+            next_snapshot += 1;
+            volume.snapshot(&name, "guid", 0).unwrap();
+            model.snapshots.push((name.clone(), model.live.clone()));
+            model.made_durable();
+            op = format!("snapshot {name}");
+        } else if roll < 69 && !model.snapshots.is_empty() {
+            // A batch: a random subset, or a range in creation order.
+            let all = volume.snapshots().unwrap();
+            let doomed: Vec<usize> = if rng.chance(50) {
+                (0..all.len()).filter(|_| rng.chance(40)).collect()
+            } else {
+                let a = rng.below(all.len() as u64) as usize;
+                let b = rng.below(all.len() as u64) as usize;
+                (a.min(b)..=a.max(b)).collect()
+            };
+            let epochs: Vec<u64> = doomed.iter().map(|&i| all[i].epoch).collect();
+            volume.delete_snapshots(&epochs).unwrap();
+            let mut i = 0;
+            model.snapshots.retain(|_| {
+                i += 1;
+                !doomed.contains(&(i - 1))
+            });
+            model.made_durable();
+            op = format!("delete {} snapshots", epochs.len());
+        } else if roll < 79 {
+            let steps = 1 + rng.below(3);
+            for _ in 0..steps {
+                volume.reclaim().unwrap();
+            }
+            model.made_durable();
+            op = "reclaim".into();
+        } else if roll < 83 && !model.snapshots.is_empty() {
+            // Rollback to a random snapshot, destroying the newer ones first.
+            let all = volume.snapshots().unwrap();
+            let target = rng.below(all.len() as u64) as usize;
+            let newer: Vec<u64> = all[target + 1..].iter().map(|s| s.epoch).collect();
+            volume.delete_snapshots(&newer).unwrap();
+            volume.rollback(&all[target]).unwrap();
+            model.snapshots.truncate(target + 1);
+            model.live = model.snapshots[target].1.clone();
+            model.made_durable();
+            op = format!("rollback to {}", all[target].name);
+        } else if roll < 86 {
+            let grow = rng.below(3) * BLOCK * (1 + rng.below(20));
+            volume.resize(size + grow).unwrap();
+            model.live.resize((size + grow) as usize, 0);
+            model.made_durable();
+            op = format!("resize +{grow}");
+        } else if roll < 93 {
+            // kill -9: nothing is flushed on the way out.
+            drop(volume);
+            volume = open(&vdir, 0, &base);
+            settle_after_crash(&volume, &mut model, step, &mut rng);
+            op = "crash and restart".into();
+        } else {
+            volume.close().unwrap();
+            volume = open(&vdir, 0, &base);
+            model.made_durable();
+            op = "clean restart".into();
+        }
+        check(&volume, &model, &mut rng, step, &op);
+    }
+
+    // Every snapshot deleted and reclaimed: only the live versions remain, and the data file
+    // holds only what they hold.
+    let all: Vec<u64> = volume
+        .snapshots()
+        .unwrap()
+        .iter()
+        .map(|s| s.epoch)
+        .collect();
+    volume.delete_snapshots(&all).unwrap();
+    while volume.reclaim().unwrap() {}
+    model.snapshots.clear();
+    check(
+        &volume,
+        &model,
+        &mut rng,
+        steps,
+        "deleting and reclaiming everything",
+    );
+    let (rows, live_rows, live_blocks) = volume.footprint();
+    assert_eq!(
+        rows, live_rows,
+        "seed {seed}: versions no snapshot sees are left"
+    );
+    // The filesystem counts its extent tree blocks in the file's blocks too.
+    let data = volume.data_bytes();
+    assert!(
+        data <= live_blocks * BLOCK + 16 * BLOCK,
+        "seed {seed}: the data file holds {data} bytes for {live_blocks} live blocks"
+    );
+}

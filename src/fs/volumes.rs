@@ -1,0 +1,113 @@
+//! The mount's volumes: `volumes/<name>`, read-write files over `core::volume`. A volume is opened
+//! (its index, its data file and its writer lock) at the first open of its file and closed,
+//! everything flushed, at the last release: while no file is open, commands may change it.
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+
+use crate::core::volume::{Base, Volume, WriterLock};
+use crate::format::volume::VolumeFiles;
+
+/// A ready volume as the mount sees it.
+#[derive(Debug)]
+pub struct VolumeEntry {
+    pub id: i64,
+    pub name: String,
+    pub size: u64,
+    pub files: VolumeFiles,
+    pub image_id: Option<i64>,
+    /// Its disk is in service: otherwise every open, read and write is EIO.
+    pub in_service: bool,
+    pub created: SystemTime,
+}
+
+struct Opened {
+    volume: Arc<Volume>,
+    files: usize,
+    _writer: WriterLock,
+}
+
+/// The volumes with open files, shared by all of them.
+#[derive(Default)]
+pub struct OpenVolumes {
+    open: Mutex<HashMap<i64, Opened>>,
+}
+
+/// What a failed volume call answers: the errno of an I/O error, else EIO.
+pub fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+impl OpenVolumes {
+    /// The volume for one more open file; `base` makes its base image reader the first time.
+    pub fn open(
+        &self,
+        entry: &VolumeEntry,
+        base: impl FnOnce() -> Box<dyn Base>,
+    ) -> Result<Arc<Volume>, i32> {
+        if !entry.in_service {
+            return Err(libc::EIO);
+        }
+        let mut open = self.open.lock();
+        if let Some(opened) = open.get_mut(&entry.id) {
+            opened.files += 1;
+            return Ok(opened.volume.clone());
+        }
+        let writer = match WriterLock::try_acquire(&entry.files) {
+            Ok(Some(writer)) => writer,
+            // Another mount of the pool, or a command, writes it now.
+            Ok(None) => return Err(libc::EBUSY),
+            Err(e) => {
+                tracing::error!("cannot lock volume '{}': {e}", entry.name);
+                return Err(errno_of(&e));
+            }
+        };
+        let volume = Volume::open(&entry.files, base()).map_err(|e| {
+            tracing::error!("cannot open volume '{}': {e}", entry.name);
+            errno_of(&e)
+        })?;
+        let volume = Arc::new(volume);
+        open.insert(
+            entry.id,
+            Opened {
+                volume: volume.clone(),
+                files: 1,
+                _writer: writer,
+            },
+        );
+        Ok(volume)
+    }
+
+    /// One open file of the volume is closed; the last one flushes and closes the volume.
+    pub fn release(&self, id: i64, name: &str) {
+        let mut open = self.open.lock();
+        let Some(opened) = open.get_mut(&id) else {
+            return;
+        };
+        opened.files -= 1;
+        if opened.files == 0 {
+            let opened = open.remove(&id).expect("present");
+            if let Err(e) = opened.volume.shutdown() {
+                tracing::error!("cannot flush volume '{name}' at its last close: {e}");
+            }
+        }
+    }
+
+    /// The volume if a file of it is open: its size is the authority then.
+    pub fn get(&self, id: i64) -> Option<Arc<Volume>> {
+        self.open.lock().get(&id).map(|o| o.volume.clone())
+    }
+
+    /// At unmount: every open volume flushed and closed.
+    pub fn shutdown(&self) {
+        for (_, opened) in self.open.lock().drain() {
+            if let Err(e) = opened.volume.shutdown() {
+                tracing::error!("cannot flush a volume at unmount: {e}");
+            }
+        }
+    }
+}
