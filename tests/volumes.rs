@@ -671,15 +671,11 @@ fn fsck_checks_volumes_and_rebuilds_them_from_the_disks() {
     // A volume directory the store does not list is found and listed again.
     {
         let db = rusqlite::Connection::open(pool.state.join("pool.db")).unwrap();
-        db.execute("DELETE FROM volumes WHERE name = 'vm1'", [])
-            .unwrap();
+        db.execute("DELETE FROM volumes WHERE name = 'vm1'", []).unwrap();
     }
     let out = pool.run(&["fsck"]);
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        !out.status.success() && report.contains("holds volume 'vm1'"),
-        "{report}"
-    );
+    assert!(!out.status.success() && report.contains("holds volume 'vm1'"), "{report}");
     pool.ok(&["fsck", "--repair"]);
     assert_eq!(pool.ok(&["volume", "list", "--json"]), before);
 
