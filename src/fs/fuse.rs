@@ -245,7 +245,8 @@ impl Filesystem for FuseAdapter {
         }
         if self.fs.writable(ino.0) {
             // A volume's pages are dropped at each open: a rollback may have changed it.
-            return reply.opened(FileHandle(fh), FopenFlags::empty());
+            // O_DIRECT writers (a VM's disk at queue depth) are not serialised by the kernel.
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
         }
         // Images never change, so the kernel may keep their pages across opens.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)

@@ -26,7 +26,7 @@ mod model_tests;
 
 use std::io;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::format::volume::{VolumeFiles, BLOCK, BLOCKS_PER_GRANULE, GRANULE};
 
@@ -155,6 +155,9 @@ pub struct Volume {
     data: DataFile,
     base: Box<dyn Base>,
     state: Mutex<State>,
+    /// Held shared by reads between their lookup and their data read, exclusively (under the
+    /// state lock) while freed slots become reusable.
+    slot_reuse: RwLock<()>,
 }
 
 impl Volume {
@@ -190,6 +193,7 @@ impl Volume {
             data,
             base,
             state: Mutex::new(state),
+            slot_reuse: RwLock::new(()),
         })
     }
 
@@ -214,9 +218,8 @@ impl Volume {
 
     /// Reads the live volume from `offset`; returns the bytes read (short at the end).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let state = self.state.lock();
-        let size = state.size;
-        self.read_locked(&state, None, size, buf, offset)
+        let size = self.state.lock().size;
+        self.read_versions(None, size, buf, offset)
     }
 
     /// Reads a snapshot from `offset`.
@@ -226,15 +229,15 @@ impl Volume {
         buf: &mut [u8],
         offset: u64,
     ) -> io::Result<usize> {
-        let state = self.state.lock();
-        self.read_locked(&state, Some(snapshot.epoch), snapshot.size, buf, offset)
+        self.read_versions(Some(snapshot.epoch), snapshot.size, buf, offset)
     }
 
-    // The lock is held across the data reads: a slot freed by a concurrent discard could
-    // otherwise be reused, and the read would return another granule's bytes.
-    fn read_locked(
+    /// Reads granule by granule: each version is looked up under the state lock, and its data
+    /// read after the lock is dropped (so that readers wait on the disk side by side), under a
+    /// shared hold of `slot_reuse`: no slot freed meanwhile is handed out again before the read
+    /// is done, so it never returns another granule's bytes.
+    fn read_versions(
         &self,
-        state: &State,
         epoch: Option<u64>,
         size: u64,
         buf: &mut [u8],
@@ -250,11 +253,17 @@ impl Volume {
             let granule = pos / GRANULE;
             let in_granule = pos % GRANULE;
             let n = ((GRANULE - in_granule) as usize).min(len - done);
-            let version = match epoch {
-                None => state.index.live(granule),
-                Some(e) => state.index.at(granule, e),
-            }
-            .map_err(index_error)?;
+            let (version, _no_reuse) = {
+                let state = self.state.lock();
+                let version = match epoch {
+                    None => state.index.live(granule),
+                    Some(e) => state.index.at(granule, e),
+                }
+                .map_err(index_error)?;
+                (version, self.slot_reuse.read())
+            };
+            #[cfg(test)]
+            model_tests::pause_between_lookup_and_read();
             self.read_granule(version.as_ref(), pos, &mut buf[done..done + n])?;
             done += n;
         }
@@ -511,12 +520,11 @@ impl Volume {
         }
     }
 
-    /// A slot for a new version. Punched first: after a crash, a slot that a lost transaction
-    /// had written is free (or past the high-water mark) again with those blocks still taken.
+    /// A slot for a new version. It holds no data: free slots are punched when freed, slots
+    /// past the high-water mark were never written, and after a crash `open` punched the free
+    /// slots and cut the file at the mark before anything was allocated.
     fn new_slot(&self, state: &mut State) -> io::Result<u64> {
-        let slot = state.index.allocate_slot().map_err(index_error)?;
-        self.data.punch(slot, 0, BLOCKS_PER_GRANULE)?;
-        Ok(slot)
+        state.index.allocate_slot().map_err(index_error)
     }
 
     fn copy_blocks(&self, from: u64, to: u64, blocks: u16) -> io::Result<()> {
@@ -542,6 +550,8 @@ impl Volume {
         }
         self.data.sync()?;
         let freed = std::mem::take(&mut state.freed);
+        // Reads that looked a freed slot up before it was freed finish first.
+        let _reuse = (!freed.is_empty()).then(|| self.slot_reuse.write());
         state.index.free_slots(&freed).map_err(index_error)?;
         state.index.commit().map_err(index_error)?;
         // Their rows are gone for good: their space can go back to the filesystem.

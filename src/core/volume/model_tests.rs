@@ -11,6 +11,18 @@ use std::sync::Arc;
 
 use super::*;
 
+thread_local! {
+    /// How long this thread's volume reads wait between their lookup and their data read: the
+    /// window in which a slot could be freed and handed out again under them.
+    static READ_PAUSE: std::cell::Cell<Option<std::time::Duration>> = const { std::cell::Cell::new(None) };
+}
+
+pub(super) fn pause_between_lookup_and_read() {
+    if let Some(pause) = READ_PAUSE.with(|p| p.get()) {
+        std::thread::sleep(pause);
+    }
+}
+
 struct Rng(u64);
 
 impl Rng {
@@ -314,4 +326,85 @@ fn run(seed: u64, steps: usize) {
         data <= live_blocks * BLOCK + 16 * BLOCK,
         "seed {seed}: the data file holds {data} bytes for {live_blocks} live blocks"
     );
+}
+
+/// Readers racing writes, discards, snapshots, deletions and reclaims never see another
+/// block's bytes: every block read holds its own address (or zeros), however slots are freed
+/// and handed out again meanwhile.
+#[test]
+fn concurrent_reads_never_see_another_blocks_bytes() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() {
+        "/dev/shm"
+    } else {
+        "/tmp"
+    })
+    .unwrap();
+    let blocks = 4 * GRANULE / BLOCK;
+    let volume = open(
+        &dir.path().join("vol"),
+        blocks * BLOCK,
+        &Arc::new(Vec::new()),
+    );
+    let stamp = |block: u64, version: u64| -> Vec<u8> {
+        let mut data = vec![0u8; BLOCK as usize];
+        for word in data.chunks_mut(16) {
+            word[..8].copy_from_slice(&block.to_le_bytes());
+            word[8..].copy_from_slice(&(version + 1).to_le_bytes());
+        }
+        data
+    };
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for reader in 0..3u64 {
+            let (volume, done) = (&volume, &done);
+            s.spawn(move || {
+                READ_PAUSE.with(|p| p.set(Some(std::time::Duration::from_micros(300))));
+                let mut rng = Rng(reader + 7);
+                let mut buf = vec![0u8; BLOCK as usize];
+                while !done.load(Ordering::Relaxed) {
+                    let block = rng.below(blocks);
+                    volume.read_at(&mut buf, block * BLOCK).unwrap();
+                    let owner = u64::from_le_bytes(buf[..8].try_into().unwrap());
+                    assert!(
+                        buf.iter().all(|b| *b == 0) || owner == block,
+                        "block {block} read the bytes of block {owner}"
+                    );
+                }
+            });
+        }
+        let mut rng = Rng(99);
+        let per_granule = GRANULE / BLOCK;
+        for step in 0..6_000u64 {
+            // Whole granules mostly: a discard frees a slot whose every block another granule's
+            // next write fills.
+            let granule = rng.below(blocks / per_granule);
+            let first = granule * per_granule;
+            match rng.below(100) {
+                0..=44 => {
+                    let data: Vec<u8> = (first..first + per_granule)
+                        .flat_map(|b| stamp(b, step))
+                        .collect();
+                    volume.write_at(&data, first * BLOCK).unwrap();
+                }
+                45..=79 => volume.discard(first * BLOCK, GRANULE).unwrap(),
+                80..=82 => {
+                    volume.snapshot(&format!("s{step}"), "g", 0).unwrap();
+                }
+                83..=85 => {
+                    let all: Vec<u64> = volume
+                        .snapshots()
+                        .unwrap()
+                        .iter()
+                        .map(|s| s.epoch)
+                        .collect();
+                    let doomed: Vec<u64> = all.into_iter().filter(|_| rng.chance(50)).collect();
+                    volume.delete_snapshots(&doomed).unwrap();
+                }
+                86..=88 => while volume.reclaim().unwrap() {},
+                _ => volume.flush().unwrap(),
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+    });
 }
