@@ -539,11 +539,9 @@ mod tests {
         let one = f.pool.image("one").unwrap();
         assert_eq!(one.copies[0].state, CopyState::Failed);
         assert_eq!(one.state(), crate::core::pool::ImageHealth::Failed);
-        assert!(
-            one.problem().unwrap().contains("missing"),
-            "{:?}",
-            one.problem()
-        );
+        let advice = one.problem().unwrap();
+        assert!(advice.contains("missing"), "{advice}");
+        assert!(advice.contains("imgpool image add one"), "{advice}");
         assert!(!monitor.probe_all().unwrap(), "reported once");
     }
 

@@ -105,9 +105,17 @@ impl ImageInfo {
                 } else {
                     format!(" ({})", why.join("; "))
                 };
-                format!(
-                    "no healthy copy of '{name}'{why}: reads return EIO; bring back a disk that held one (it is verified first) and run `imgpool repair`, or re-import the image"
-                )
+                // Copies that failed themselves (deleted, found bad) do not come back with
+                // their disk; a copy whose disk is out does.
+                if self.copies.iter().all(|c| c.state == CopyState::Failed) {
+                    format!(
+                        "no healthy copy of '{name}'{why}: reads return EIO; import it again: `imgpool image rm {name}`, then `imgpool image add {name} FILE`"
+                    )
+                } else {
+                    format!(
+                        "no healthy copy of '{name}'{why}: reads return EIO; bring back a disk that held one (it is verified first) and run `imgpool repair`, or re-import the image"
+                    )
+                }
             }
             _ => format!(
                 "'{name}' has {} of {} healthy copies; the mount daemon restores them, or run `imgpool repair`",
