@@ -1051,3 +1051,514 @@ fn eviction_moves_every_copy_and_disk_rm_refuses_an_only_copy() {
     assert_eq!(a["state"], "ready", "{a}");
     assert_fsck_clean(&pool, "eviction and disk rm");
 }
+
+// ---- disks that leave and return, copies lost behind the pool's back ----
+
+/// Runs a system command that must succeed (`umount`, `mount`), with what it printed on failure.
+fn run_ok(program: &str, args: &[&std::ffi::OsStr]) {
+    let out = Command::new(program).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether `path` reads whole (buffered, through the kernel) with the SHA-512 `sha512`.
+fn reads_as(path: &Path, sha512: &str) -> bool {
+    fs::read(path).is_ok_and(|bytes| sha512_hex(&bytes) == sha512)
+}
+
+/// Lines of the pool's mount daemon log that contain `needle`.
+fn log_lines(pool: &TestPool, needle: &str) -> Vec<String> {
+    fs::read_to_string(pool.state.join("mount.log"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(needle))
+        .map(str::to_string)
+        .collect()
+}
+
+fn status_problems(pool: &TestPool) -> Vec<String> {
+    pool.json(&["status"])["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn a_disk_mounted_again_or_added_again_gets_its_bind_back() {
+    let test = "a_disk_mounted_again_or_added_again_gets_its_bind_back";
+    if !can_mount(test) {
+        return;
+    }
+    let mut pool = TestPool::empty();
+    let disks = add_loop_disks(&mut pool, &[("d1", 128 * MIB), ("d2", 128 * MIB)]);
+    let source = pool.path("source.img");
+    random_file(&source, 8 * MIB, 211);
+    let uuid = pool.add_image("img", &source, 2);
+    let sha512 = sha512sum(&source);
+    pool.ok(&["config", "set", "probe-interval", "1s"]);
+    let mount = pool.mount();
+    let d1 = loop_disk(&disks, "d1");
+    let bind = d1.mountpoint.join("backing-images");
+    let view = mount.bound_view(&d1.mountpoint, "img", &uuid);
+    assert!(reads_as(&view, &sha512));
+
+    // The disk's filesystem is unmounted (lazily: the daemon still reads its copy, and the
+    // bind goes with it) and mounted again once the monitor has noticed.
+    run_ok("umount", &["-l".as_ref(), d1.mountpoint.as_os_str()]);
+    assert!(!is_mount_point(&bind));
+    assert!(
+        poll(Duration::from_secs(20), Duration::from_millis(100), || {
+            disk_state(&pool, "d1") == "failed"
+        }),
+        "d1 is {} after its filesystem went away",
+        disk_state(&pool, "d1")
+    );
+    run_ok("mount", &[d1.device.as_ref(), d1.mountpoint.as_os_str()]);
+    let remounted = Instant::now();
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            reads_as(&view, &sha512)
+        }),
+        "{view:?} does not serve the image 10 s after its disk's filesystem came back; status: {}",
+        pool.json(&["status"])
+    );
+    eprintln!(
+        "FIGURE: seconds from the disk's mount to its bind serving again: {:.1}",
+        remounted.elapsed().as_secs_f64()
+    );
+    assert!(is_mount_point(&bind));
+
+    // `disk rm` and `disk add` of the same path while mounted: the old bind shows a disk that
+    // is gone, and is replaced by one of the new disk's view.
+    wait_for_copies(&pool, "img", 2, &["d1", "d2"], Duration::from_secs(30));
+    pool.ok(&["disk", "rm", "d1"]);
+    pool.ok(&["disk", "add", "d1", d1.mountpoint.to_str().unwrap()]);
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            reads_as(&view, &sha512)
+        }),
+        "{view:?} does not serve the image 10 s after its disk was added again"
+    );
+    wait_for_copies(&pool, "img", 2, &["d1", "d2"], Duration::from_secs(30));
+
+    // A bind unmounted by hand while the pool is mounted comes back: the daemon keeps it.
+    let d2 = loop_disk(&disks, "d2");
+    let d2_bind = d2.mountpoint.join("backing-images");
+    run_ok("umount", &[d2_bind.as_os_str()]);
+    let d2_view = mount.bound_view(&d2.mountpoint, "img", &uuid);
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(100), || {
+            reads_as(&d2_view, &sha512)
+        }),
+        "d2's bind did not come back"
+    );
+
+    // A bind the daemon cannot make is a problem `status` names, until it is made.
+    let d3 = pool.path("d3");
+    fs::create_dir(&d3).unwrap();
+    let squatter = TmpfsMount::new(&d3.join("backing-images"));
+    pool.ok(&["disk", "add", "d3", d3.to_str().unwrap()]);
+    let mut problems = Vec::new();
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(200), || {
+            problems = status_problems(&pool);
+            problems
+                .iter()
+                .any(|p| p.starts_with("disk d3:") && p.contains("already a mount point"))
+        }),
+        "status does not report d3's missing bind: {problems:?}"
+    );
+    drop(squatter);
+    let d3_view = mount.bound_view(&d3, "img", &uuid);
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(200), || {
+            reads_as(&d3_view, &sha512)
+                && !status_problems(&pool)
+                    .iter()
+                    .any(|p| p.starts_with("disk d3:"))
+        }),
+        "d3 was not bound once its directory was free: {:?}",
+        status_problems(&pool)
+    );
+    // `imgpool umount` takes d3's bind too: it belongs to the mount.
+    mount.unmount();
+    assert!(!is_mount_point(&d3.join("backing-images")));
+}
+
+#[test]
+fn a_dead_disk_is_let_go_repaired_and_returns_to_service() {
+    let test = "a_dead_disk_is_let_go_repaired_and_returns_to_service";
+    if !can_mount(test) {
+        return;
+    }
+    let mut pool = TestPool::empty();
+    let disks = add_loop_disks(&mut pool, &[("d1", 128 * MIB), ("d2", 128 * MIB)]);
+    let source = pool.path("source.img");
+    random_file(&source, 16 * MIB, 223);
+    let uuid = pool.add_image("img", &source, 2);
+    let expected = fs::read(&source).unwrap();
+    let sha512 = sha512sum(&source);
+    pool.ok(&["config", "set", "probe-interval", "1s"]);
+    let mount = pool.mount_with(&["--cache-size", "4MiB"]);
+    let d1 = loop_disk(&disks, "d1");
+
+    // A reader holds the image open: the daemon has both copies open for it.
+    let reader = open_direct(&mount.image("img")).unwrap();
+    assert_eq!(read_all_direct(&reader).unwrap(), expected);
+    shut_down(d1);
+    assert!(
+        poll(Duration::from_secs(20), Duration::from_millis(100), || {
+            disk_state(&pool, "d1") == "failed"
+        }),
+        "d1 is {} after its filesystem died",
+        disk_state(&pool, "d1")
+    );
+
+    // Nothing of the daemon's keeps the dead filesystem: a plain umount works, and the device
+    // can be checked and mounted again, with a fresh superblock.
+    let mut last = String::new();
+    let unmounted = poll(Duration::from_secs(10), Duration::from_millis(200), || {
+        let out = Command::new("umount").arg(&d1.mountpoint).output().unwrap();
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        out.status.success()
+    });
+    assert!(unmounted, "the dead filesystem stays busy: {last}");
+    assert_eq!(
+        read_all_direct(&reader).unwrap(),
+        expected,
+        "the reader reads on"
+    );
+    let fsck = Command::new("fsck.ext4")
+        .args(["-f", "-y"])
+        .arg(&d1.device)
+        .output()
+        .unwrap();
+    assert!(
+        matches!(fsck.status.code(), Some(0 | 1)),
+        "fsck.ext4: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
+    run_ok("mount", &[d1.device.as_ref(), d1.mountpoint.as_os_str()]);
+
+    // It returns by itself: its copy is verified, serves again, and its bind is back.
+    let info = wait_for_copies(&pool, "img", 2, &["d1", "d2"], Duration::from_secs(60));
+    assert_copies_match(&info, &sha512);
+    assert_eq!(disk_state(&pool, "d1"), "healthy");
+    let view = mount.bound_view(&d1.mountpoint, "img", &uuid);
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            reads_as(&view, &sha512)
+        }),
+        "{view:?} does not serve the image after d1 returned"
+    );
+    assert_eq!(read_all_direct(&reader).unwrap(), expected);
+    drop(reader);
+    mount.unmount();
+}
+
+#[test]
+fn a_read_only_disk_serves_its_only_copy_and_takes_no_new_one() {
+    let test = "a_read_only_disk_serves_its_only_copy_and_takes_no_new_one";
+    if !can_mount(test) {
+        return;
+    }
+    let mut pool = TestPool::empty();
+    // d1 has more room: it takes the only copy of the first image, and would take the next.
+    let disks = add_loop_disks(&mut pool, &[("d1", 160 * MIB), ("d2", 96 * MIB)]);
+    let source = pool.path("source.img");
+    random_file(&source, 16 * MIB, 227);
+    let uuid = pool.add_image("img", &source, 1);
+    let expected = fs::read(&source).unwrap();
+    assert_eq!(serving_disks(&show(&pool, "img")), ["d1"]);
+    pool.ok(&["config", "set", "probe-interval", "1s"]);
+    let mount = pool.mount_with(&["--cache-size", "4MiB"]);
+    let d1 = loop_disk(&disks, "d1");
+
+    // Remounted read-only, as ext4's errors=remount-ro does after an error. A probe holding
+    // the probe file open for writing at that instant makes the remount busy: tried again.
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(50), || {
+            Command::new("mount")
+                .args(["-o", "remount,ro"])
+                .arg(&d1.mountpoint)
+                .status()
+                .unwrap()
+                .success()
+        }),
+        "cannot remount d1 read-only"
+    );
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            disk_state(&pool, "d1") == "read-only"
+        }),
+        "d1 is {}, not read-only",
+        disk_state(&pool, "d1")
+    );
+    // Several probe rounds later it still serves: the only copy is read from it, verified.
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        assert_eq!(disk_state(&pool, "d1"), "read-only");
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    pool.ok(&["cache", "drop"]);
+    let file = open_direct(&mount.image("img")).unwrap();
+    assert_eq!(read_all_direct(&file).unwrap(), expected);
+    drop(file);
+    assert!(reads_as(
+        &mount.bound_view(&d1.mountpoint, "img", &uuid),
+        &sha512_hex(&expected)
+    ));
+    let info = show(&pool, "img");
+    assert_eq!(info["state"], "ready", "{info}");
+    let problems = status_problems(&pool);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("disk d1:") && p.contains("read-only")),
+        "{problems:?}"
+    );
+
+    // New copies go elsewhere, however much room the read-only disk has.
+    let small = pool.path("small.img");
+    random_file(&small, MIB, 229);
+    pool.add_image("small", &small, 1);
+    assert_eq!(serving_disks(&show(&pool, "small")), ["d2"]);
+    let refused = pool.fails(&[
+        "image",
+        "add",
+        "pair",
+        small.to_str().unwrap(),
+        "--copies",
+        "2",
+    ]);
+    assert!(
+        refused.contains("read-only, taking no new copy: 'd1'"),
+        "{refused}"
+    );
+
+    run_ok(
+        "mount",
+        &[
+            "-o".as_ref(),
+            "remount,rw".as_ref(),
+            d1.mountpoint.as_os_str(),
+        ],
+    );
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            disk_state(&pool, "d1") == "healthy"
+        }),
+        "d1 is {} after it was made writable again",
+        disk_state(&pool, "d1")
+    );
+    mount.unmount();
+}
+
+#[test]
+fn a_copy_deleted_behind_the_pools_back_is_noticed_and_reads_fail_with_eio() {
+    let test = "a_copy_deleted_behind_the_pools_back_is_noticed_and_reads_fail_with_eio";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(2);
+    pool.ok(&["config", "set", "probe-interval", "1s"]);
+    let solo_source = pool.path("solo.img");
+    random_file(&solo_source, 4 * MIB, 233);
+    pool.add_image("solo", &solo_source, 1);
+    // Without its source, nothing can bring the only copy back.
+    fs::remove_file(&solo_source).unwrap();
+    let pair_source = pool.path("pair.img");
+    random_file(&pair_source, 4 * MIB, 239);
+    pool.add_image("pair", &pair_source, 2);
+    let pair_sha512 = sha512sum(&pair_source);
+    let mount = pool.mount_with(&["--cache-size", "4MiB"]);
+    // Read once: the daemon holds both images' copies open.
+    let solo_path = mount.image("solo");
+    assert_eq!(fs::read(&solo_path).unwrap().len() as u64, 4 * MIB);
+    assert!(reads_as(&mount.image("pair"), &pair_sha512));
+
+    let solo = show(&pool, "solo");
+    fs::remove_file(copy_path(&solo, &serving_disks(&solo)[0])).unwrap();
+    fs::remove_file(copy_path(&show(&pool, "pair"), "d1")).unwrap();
+
+    let mut info = Value::Null;
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            info = show(&pool, "solo");
+            // The state at once; the advice once the repair has looked at it.
+            info["state"] == "failed"
+                && info["problem"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("imgpool image add solo"))
+        }),
+        "solo is not failed, with advice, 10 s after its only copy was deleted: {info}"
+    );
+    let copy = &info["copies"][0];
+    assert_eq!(copy["state"], "failed", "{info}");
+    assert!(
+        copy["reason"].as_str().unwrap().contains("missing"),
+        "{info}"
+    );
+    let problem = info["problem"].as_str().unwrap();
+    assert!(problem.contains("missing"), "{problem}");
+    assert!(problem.contains("imgpool image add solo"), "{problem}");
+    assert!(!problem.contains("free space"), "{problem}");
+
+    // Its reads fail with EIO, not the deleted file's bytes, once the daemon's catalog has
+    // the change (it reloads within 200 ms; until then the descriptor it holds reads the
+    // deleted file's bytes, checked against the digests like any other).
+    let mut read = Ok(Vec::new());
+    let failed = poll(Duration::from_secs(2), Duration::from_millis(100), || {
+        pool.ok(&["cache", "drop"]);
+        read = open_direct(&solo_path).and_then(|f| read_all_direct(&f));
+        read.is_err()
+    });
+    assert!(failed, "solo still reads: {:#?}", log_lines(&pool, ""));
+    let err = read.unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The image with another copy is repaired from it.
+    let info = wait_for_copies(&pool, "pair", 2, &["d1", "d2"], Duration::from_secs(30));
+    assert_copies_match(&info, &pair_sha512);
+    assert!(reads_as(&mount.image("pair"), &pair_sha512));
+
+    // A new daemon says the same: the open fails with EIO, the name is there.
+    mount.unmount();
+    let mount = pool.mount();
+    let err = File::open(mount.image("solo")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(show(&pool, "solo")["state"], "failed");
+    mount.unmount();
+}
+
+#[test]
+fn seek_data_and_seek_hole_find_an_images_holes_through_the_mount() {
+    let test = "seek_data_and_seek_hole_find_an_images_holes_through_the_mount";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(1);
+    // data (1 MiB) | hole (3 MiB) | data (192 KiB) | hole (1 MiB + 100 bytes) to the end
+    let source = pool.path("sparse.img");
+    let file = File::create(&source).unwrap();
+    file.write_all_at(&vec![7u8; MIB as usize], 0).unwrap();
+    file.write_all_at(&vec![9u8; 192 << 10], 4 * MIB).unwrap();
+    let size = 4 * MIB + (192 << 10) + MIB + 100;
+    file.set_len(size).unwrap();
+    drop(file);
+    let uuid = pool.add_image("img", &source, 1);
+    let mount = pool.mount();
+    let data_end = 4 * MIB + (192 << 10);
+    let expected: [(u64, i32, Option<u64>); 8] = [
+        (0, libc::SEEK_DATA, Some(0)),
+        (0, libc::SEEK_HOLE, Some(MIB)),
+        (100, libc::SEEK_HOLE, Some(MIB)),
+        (MIB, libc::SEEK_DATA, Some(4 * MIB)),
+        (4 * MIB, libc::SEEK_HOLE, Some(data_end)),
+        (data_end, libc::SEEK_DATA, None),
+        (size - 1, libc::SEEK_HOLE, Some(size - 1)),
+        (size, libc::SEEK_DATA, None),
+    ];
+    // A real client: Python's os.lseek, through the kernel, on both paths a replica may use.
+    let script = "import os, sys\n\
+        f = os.open(sys.argv[1], os.O_RDONLY)\n\
+        for arg in sys.argv[2:]:\n\
+        \x20   offset, whence = arg.split(':')\n\
+        \x20   try:\n\
+        \x20       print(os.lseek(f, int(offset), os.SEEK_DATA if whence == 'data' else os.SEEK_HOLE))\n\
+        \x20   except OSError as e:\n\
+        \x20       print('errno', e.errno)\n";
+    for path in [
+        mount.image("img"),
+        mount.bound_view(&pool.disks[0], "img", &uuid),
+    ] {
+        let mut command = Command::new("python3");
+        command.arg("-c").arg(script).arg(&path);
+        for (offset, whence, _) in &expected {
+            let kind = if *whence == libc::SEEK_DATA {
+                "data"
+            } else {
+                "hole"
+            };
+            command.arg(format!("{offset}:{kind}"));
+        }
+        let out = command.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let want: Vec<String> = expected
+            .iter()
+            .map(|(_, _, found)| match found {
+                Some(offset) => offset.to_string(),
+                None => format!("errno {}", libc::ENXIO),
+            })
+            .collect();
+        assert_eq!(got, want, "{path:?}");
+    }
+
+    // `cp --sparse=always` keeps the holes and the bytes.
+    let copied = pool.path("copied.img");
+    run_ok(
+        "cp",
+        &[
+            "--sparse=always".as_ref(),
+            mount.image("img").as_os_str(),
+            copied.as_os_str(),
+        ],
+    );
+    assert_eq!(sha512sum(&copied), sha512sum(&source));
+    use std::os::unix::fs::MetadataExt;
+    let allocated = fs::metadata(&copied).unwrap().blocks() * 512;
+    assert!(
+        allocated < 2 * MIB,
+        "the copy is not sparse: {allocated} bytes"
+    );
+    assert!(
+        log_lines(&pool, "lseek").is_empty(),
+        "{:?}",
+        log_lines(&pool, "lseek")
+    );
+    mount.unmount();
+}
+
+#[test]
+fn repeated_failed_reads_of_a_damaged_chunk_are_logged_once_then_counted() {
+    let test = "repeated_failed_reads_of_a_damaged_chunk_are_logged_once_then_counted";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(1);
+    let source = pool.path("source.img");
+    random_file(&source, 2 * MIB, 241);
+    pool.add_image("img", &source, 1);
+    // The only copy, with a flipped byte in its second chunk: that chunk can never be served.
+    flip_byte(&copy_path(&show(&pool, "img"), "d1"), 70_000);
+    fs::remove_file(&source).unwrap();
+    let mount = pool.mount();
+    let file = open_direct(&mount.image("img")).unwrap();
+    let mut buf = memmap2::MmapMut::map_anon(4096).unwrap();
+    for _ in 0..40 {
+        let err = file.read_at(&mut buf[..], 65_536).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    }
+    assert_eq!(
+        file.read_at(&mut buf[..], 0).unwrap(),
+        4096,
+        "chunk 0 is good"
+    );
+    drop(file);
+    let lines = log_lines(&pool, "read of img at");
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    mount.unmount();
+}

@@ -926,6 +926,27 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
     if let Some(hold) = pool.gc_hold()? {
         problems.push(format!("gc: {hold}"));
     }
+    // Each running daemon's statistics, asked on its control socket.
+    let stats: Vec<std::result::Result<MountStats, client::CallError>> = mounts
+        .iter()
+        .map(|m| client::stats(pool.state_dir(), m.id))
+        .collect();
+    for (m, bind) in mounts.iter().zip(&stats).flat_map(|(m, stats)| {
+        let binds = stats
+            .as_ref()
+            .map(|s| s.binds.as_slice())
+            .unwrap_or_default();
+        binds.iter().map(move |b| (m, b))
+    }) {
+        if let Some(why) = &bind.problem {
+            problems.push(format!(
+                "disk {}: its view in {} is not bound at {}, so replicas on that disk do not find their images there: {why}",
+                bind.disk,
+                m.mountpoint.display(),
+                bind.target.display()
+            ));
+        }
+    }
     let copying: Vec<String> = images
         .iter()
         .flat_map(|i| {
@@ -947,11 +968,6 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
         .map(|i| i.image.real_size * i.healthy_copies() as u64)
         .sum();
     let holders: usize = images.iter().map(|i| i.holders.len()).sum();
-    // Each running daemon's statistics, asked on its control socket.
-    let stats: Vec<std::result::Result<MountStats, client::CallError>> = mounts
-        .iter()
-        .map(|m| client::stats(pool.state_dir(), m.id))
-        .collect();
     if json_out {
         print_json(&json!({
             "pool": pool.uuid(),

@@ -13,6 +13,7 @@
 //!   (no row) --StartCopy--> copying --Committed--> ready <--Verified-- unverified, damaged
 //!   (no row) --Found------> unverified     ready, damaged --Suspect, DiskReturned--> unverified
 //!   ready, unverified, damaged --Faulted--> failed, or damaged when no other good copy exists
+//!   ready, unverified, damaged --Missing--> failed (its file is gone: nothing is left to serve)
 //!   (Suspect of the last good copy: damaged, so that the image stays readable)
 //!   any but copying --Remove--> removing (only while enough good copies remain without it,
 //!                               and never the last serving copy)
@@ -88,6 +89,11 @@ pub enum Event<'a> {
     DiskReturned,
     /// A read error or a chunk that does not match its digest, on a disk that passed its probe.
     Faulted(&'a str),
+    /// The copy's data file is gone from a disk that carries its label (deleted behind the
+    /// pool's back). Unlike a fault, even the last good copy fails: no chunk of it is left to
+    /// serve, and the image's state must say so. Ignored for an image that is not `ready`
+    /// (checked in the transaction): a removal deletes the files before the rows.
+    Missing(&'a str),
     /// Removal, allowed only while at least `keep` good copies remain without this one
     /// (counting copies on evicting disks with `count_evicting`). A copy being written is left
     /// to its writer.
@@ -134,6 +140,7 @@ pub fn decide(from: Option<CopyState>, event: Event, others: Others) -> Outcome 
         (Some(Ready | Damaged), Event::Suspect(_)) if others.good > 0 => Outcome::Now(Unverified),
         (Some(Ready), Event::Suspect(_)) => Outcome::Now(Damaged),
         (Some(Ready | Damaged), Event::DiskReturned) => Outcome::Now(Unverified),
+        (Some(Ready | Unverified | Damaged), Event::Missing(_)) => Outcome::Now(Failed),
         (Some(Ready | Unverified | Damaged), Event::Faulted(_)) => {
             if others.good > 0 {
                 Outcome::Now(Failed)
@@ -192,10 +199,14 @@ pub(crate) fn apply(
             |r| r.get(0),
         )
         .optional()?;
+    if matches!(event, Event::Missing(_)) && !image_is_ready(tx, image_id)? {
+        // An image being removed loses its files on purpose, before its copy rows go.
+        return Ok(Outcome::Unchanged);
+    }
     let others = others(tx, image_id, disk_id, unreachable)?;
     let outcome = decide(from, event, others);
     let reason = match event {
-        Event::Suspect(reason) | Event::Faulted(reason) => Some(reason),
+        Event::Suspect(reason) | Event::Faulted(reason) | Event::Missing(reason) => Some(reason),
         Event::DiskReturned => Some("its disk was out of service"),
         _ => None,
     };
@@ -286,6 +297,15 @@ pub(crate) fn delete_on_disk(tx: &Connection, disk_id: i64) -> rusqlite::Result<
         [disk_id],
     )?;
     Ok(())
+}
+
+fn image_is_ready(tx: &Connection, image_id: i64) -> rusqlite::Result<bool> {
+    let state: Option<ImageState> = tx
+        .query_row("SELECT state FROM images WHERE id = ?1", [image_id], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(state == Some(ImageState::Ready))
 }
 
 fn others(
@@ -399,6 +419,24 @@ mod tests {
     }
 
     #[test]
+    fn a_copy_whose_file_is_gone_fails_even_when_it_is_the_last_one() {
+        let missing = Event::Missing("its file is missing");
+        for state in [CopyState::Ready, CopyState::Damaged, CopyState::Unverified] {
+            assert_eq!(
+                decide(Some(state), missing, Others::default()),
+                Outcome::Now(CopyState::Failed)
+            );
+        }
+        for settled in [CopyState::Failed, CopyState::Removing, CopyState::Copying] {
+            assert_eq!(
+                decide(Some(settled), missing, Others::default()),
+                Outcome::Unchanged,
+                "{settled}: a copy being written or removed has no file yet, or none any more"
+            );
+        }
+    }
+
+    #[test]
     fn a_removal_keeps_the_copies_it_was_told_to_keep() {
         let remove = |keep, count_evicting| Event::Remove {
             keep,
@@ -495,6 +533,7 @@ mod tests {
             Event::Suspect("x"),
             Event::DiskReturned,
             Event::Faulted("x"),
+            Event::Missing("x"),
             Event::Remove {
                 keep: 0,
                 count_evicting: true,

@@ -10,12 +10,13 @@
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::core::copies::{Event, Outcome};
 use crate::core::pool::{self, Pool};
+use crate::core::resources;
 use crate::core::store::{CopyState, DiskRow, DiskState, FailedBy};
 use crate::error::Result;
 use crate::format::clock;
@@ -37,6 +38,8 @@ pub enum FaultKind {
     Io(i32),
     /// The chunk read does not match its digest.
     Corrupt { chunk: u64 },
+    /// The copy's file is not there (deleted behind the pool's back).
+    Missing,
 }
 
 impl std::fmt::Display for CopyFault {
@@ -53,12 +56,21 @@ impl std::fmt::Display for CopyFault {
                 "chunk {chunk} of {} does not match its digest",
                 self.path.display()
             ),
+            FaultKind::Missing => f.write_str(&missing_file(&self.path)),
         }
     }
 }
 
 /// A probe that has not finished by then counts as failed: a hung disk must not look healthy.
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a copy whose file is gone failed: what the copy's state and `image show` say.
+fn missing_file(path: &Path) -> String {
+    format!(
+        "its file {} is missing (deleted outside imgpool)",
+        path.display()
+    )
+}
 
 /// How long a disk that holds some image's last good copy is given before a failed probe is
 /// tried again: failing it takes the image offline, so one probe's word is not enough.
@@ -71,6 +83,17 @@ type ProbeFn = Arc<dyn Fn(&str, &DiskRow) -> std::result::Result<(), String> + S
 pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String> {
     if let Some(problem) = pool::check_label(pool_uuid, disk).problem() {
         return Err(problem.to_string());
+    }
+    let statfs = || {
+        resources::probe(&disk.path)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    // A filesystem mounted read-only (ext4 remounts itself so after errors) still serves its
+    // copies: it answered the label read; only the write is skipped. It takes no new copy
+    // (placement and the repair look at it themselves).
+    if resources::read_only(&disk.path) {
+        return statfs();
     }
     let path = DiskLayout::new(&disk.path).probe_path();
     let stamp = SystemTime::now()
@@ -96,6 +119,8 @@ pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String>
         });
     let _locked = match written {
         Ok(f) => f,
+        // Turned read-only since the check above.
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => return statfs(),
         Err(e) => return Err(format!("cannot write {}: {e}", path.display())),
     };
     match fs::read(&path) {
@@ -103,9 +128,7 @@ pub fn probe(pool_uuid: &str, disk: &DiskRow) -> std::result::Result<(), String>
         Ok(_) => return Err(format!("{} reads back other bytes", path.display())),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     }
-    crate::core::resources::probe(&disk.path)
-        .map(|_| ())
-        .map_err(|e| e.to_string())
+    statfs()
 }
 
 /// `probe` in its own thread, failed after `PROBE_TIMEOUT`. The thread of a hung probe is left
@@ -145,6 +168,8 @@ fn probe_in_time(
 pub struct Monitor {
     pool: Pool,
     hung: HashSet<i64>,
+    /// Disks seen read-only at the last look, so that a change is logged once.
+    read_only: HashSet<i64>,
     probe: ProbeFn,
 }
 
@@ -157,6 +182,7 @@ impl Monitor {
         Monitor {
             pool,
             hung: HashSet::new(),
+            read_only: HashSet::new(),
             probe,
         }
     }
@@ -172,6 +198,68 @@ impl Monitor {
         let mut changed = false;
         for disk in self.pool.store().disks()? {
             changed |= self.probe_disk(&disk)?;
+        }
+        changed |= self.look_at_disks_in_service()?;
+        Ok(changed)
+    }
+
+    /// After the probes, on each disk still in service whose probe did not hang: logs a change
+    /// to or from read-only, and fails the copies whose file is gone (deleted behind the
+    /// pool's back: a reader would otherwise be served from a descriptor of the deleted file
+    /// until the daemon restarts, and the copy listed as serving until a scrub). One stat per
+    /// copy per round. Returns whether a copy changed state.
+    fn look_at_disks_in_service(&mut self) -> Result<bool> {
+        let disks: Vec<DiskRow> = self
+            .pool
+            .store()
+            .disks()?
+            .into_iter()
+            .filter(|d| d.state != DiskState::Failed && !self.hung.contains(&d.id))
+            .collect();
+        for disk in &disks {
+            let read_only = resources::read_only(&disk.path);
+            if read_only && self.read_only.insert(disk.id) {
+                tracing::error!(
+                    "disk '{}': its filesystem is read-only; it serves its copies but takes no new ones until it is mounted read-write again",
+                    disk.name
+                );
+            } else if !read_only && self.read_only.remove(&disk.id) {
+                tracing::warn!("disk '{}' is writable again", disk.name);
+            }
+        }
+        let (images, copies) = self.pool.catalog_rows()?;
+        let mut changed = false;
+        for copy in copies.iter().filter(|c| {
+            matches!(
+                c.state,
+                CopyState::Ready | CopyState::Damaged | CopyState::Unverified
+            )
+        }) {
+            let (Some(disk), Some(image)) = (
+                disks.iter().find(|d| d.id == copy.disk.id),
+                images.iter().find(|i| i.id == copy.image_id),
+            ) else {
+                continue;
+            };
+            let path = DiskLayout::new(&disk.path).copy_path(&image.uuid);
+            let gone = matches!(fs::symlink_metadata(&path), Err(e) if e.kind() == io::ErrorKind::NotFound);
+            // Checked after the stat: a filesystem unmounted meanwhile hides every file.
+            if !gone || self.pool.disk_health(disk) != pool::DiskHealth::Healthy {
+                continue;
+            }
+            let reason = missing_file(&path);
+            if self
+                .pool
+                .copy_event(image.id, disk.id, Event::Missing(&reason))?
+                == Outcome::Now(CopyState::Failed)
+            {
+                tracing::error!(
+                    "copy of '{}' on disk '{}' failed: {reason}; the repair replaces it from another copy or the image's source",
+                    image.name,
+                    disk.name
+                );
+                changed = true;
+            }
         }
         Ok(changed)
     }
@@ -220,11 +308,11 @@ impl Monitor {
             return Ok(());
         }
         let reason = fault.to_string();
-        match self
-            .pool.copy_event(
-                fault.image_id,
-                disk.id,
-                Event::Faulted(&reason))? {
+        let event = match fault.kind {
+            FaultKind::Missing => Event::Missing(&reason),
+            _ => Event::Faulted(&reason),
+        };
+        match self.pool.copy_event(fault.image_id, disk.id, event)? {
             Outcome::Now(CopyState::Failed) => tracing::warn!(
                 "copy on disk '{}' failed ({reason}); the repair replaces it",
                 disk.name
@@ -423,6 +511,98 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         let row = f.pool.store().disk_by_name(&other.name).unwrap();
         assert_eq!(row.state, DiskState::Failed);
+    }
+
+    #[test]
+    fn a_copy_whose_file_was_deleted_is_failed_by_the_next_probe_round() {
+        let f = fixture(2);
+        f.image("two", &[2u8; 5000], 2);
+        f.image("one", &[1u8; 5000], 1);
+        let mut monitor = Monitor::new(Pool::open(f.pool.state_dir()).unwrap());
+        assert!(!monitor.probe_all().unwrap(), "every file is there");
+
+        let two = f.pool.image("two").unwrap();
+        fs::remove_file(&two.copies[0].path).unwrap();
+        let one = f.pool.image("one").unwrap();
+        fs::remove_file(&one.copies[0].path).unwrap();
+        assert!(monitor.probe_all().unwrap());
+
+        let two = f.pool.image("two").unwrap();
+        assert_eq!(two.copies[0].state, CopyState::Failed);
+        assert!(
+            two.copies[0].reason.as_deref().unwrap().contains("missing"),
+            "{:?}",
+            two.copies[0]
+        );
+        assert_eq!(two.state(), crate::core::pool::ImageHealth::Degraded);
+        // The last copy too: nothing of it is left to serve.
+        let one = f.pool.image("one").unwrap();
+        assert_eq!(one.copies[0].state, CopyState::Failed);
+        assert_eq!(one.state(), crate::core::pool::ImageHealth::Failed);
+        let advice = one.problem().unwrap();
+        assert!(advice.contains("missing"), "{advice}");
+        assert!(advice.contains("imgpool image add one"), "{advice}");
+        assert!(!monitor.probe_all().unwrap(), "reported once");
+    }
+
+    #[test]
+    fn copies_the_pool_removes_while_the_monitor_looks_are_never_taken_for_missing() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let f = fixture(2);
+        // An image being removed: its files go before its rows, and the monitor may have
+        // listed it just before.
+        f.image("going", &[3u8; 5000], 1);
+        let going = f.pool.image("going").unwrap();
+        f.pool.store().begin_remove("going", &[]).unwrap();
+        fs::remove_file(&going.copies[0].path).unwrap();
+        let d = f.pool.store().disk_by_name(&going.copies[0].disk).unwrap();
+        assert_eq!(
+            f.pool
+                .copy_event(going.image.id, d.id, Event::Missing("gone"))
+                .unwrap(),
+            Outcome::Unchanged
+        );
+
+        // The same at once, with real removals: images removed, and surplus copies deleted by
+        // the repair, while a monitor probes in a loop. No round may change a copy.
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let watcher = s.spawn(|| {
+                let mut monitor = Monitor::new(Pool::open(f.pool.state_dir()).unwrap());
+                let (mut rounds, mut changes) = (0, 0);
+                while !stop.load(Ordering::Relaxed) {
+                    changes += monitor.probe_all().unwrap() as u32;
+                    rounds += 1;
+                }
+                (rounds, changes)
+            });
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                for i in 0..30u8 {
+                    let name = format!("i{i}");
+                    f.image(&name, &[i + 1; 70_000], 2);
+                    f.pool.set_copies(&name, 1).unwrap();
+                    let _lock =
+                        crate::core::owner::WorkLock::acquire(&f.pool.repair_lock_path()).unwrap();
+                    let report = crate::core::repair::repair(
+                        &f.pool,
+                        &crate::core::repair::Quiet,
+                        &AtomicBool::new(false),
+                    )
+                    .unwrap();
+                    assert!(report.problems.is_empty(), "{report:?}");
+                    drop(_lock);
+                    f.pool.remove_image(&name).unwrap();
+                }
+            }));
+            stop.store(true, Ordering::Relaxed);
+            let (rounds, changes) = watcher.join().unwrap();
+            result.unwrap();
+            assert!(rounds > 0);
+            assert_eq!(
+                changes, 0,
+                "a monitor round failed a copy the pool was removing"
+            );
+        });
     }
 
     #[test]

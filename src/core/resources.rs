@@ -106,6 +106,14 @@ pub fn probe(path: &Path) -> Result<Resources> {
     })
 }
 
+/// Whether the filesystem that holds `path` is mounted read-only now (by the operator, or by
+/// ext4 after an error with `errors=remount-ro`). Not cached: it changes with a remount. A
+/// filesystem that cannot be asked counts as writable; writing to it says what is wrong.
+pub fn read_only(path: &Path) -> bool {
+    nix::sys::statvfs::statvfs(path)
+        .is_ok_and(|vfs| vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+}
+
 fn fs_type_name(magic: i64) -> String {
     match magic {
         0xEF53 => "ext4".into(),

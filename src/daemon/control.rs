@@ -28,7 +28,7 @@ use crate::daemon::http::{self, ReadError, Request};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock;
 use crate::fs::namespace::PoolFs;
-use crate::fs::stats::MountStats;
+use crate::fs::stats::{BindStatus, MountStats};
 use crate::fs::IoMode;
 
 /// The directory of the daemons' sockets, in the state directory.
@@ -85,6 +85,8 @@ pub struct Context {
     pub passthrough: Arc<AtomicBool>,
     pub refresh: mpsc::Sender<Wake>,
     pub repair: mpsc::Sender<()>,
+    /// The bind mounts as the refresh thread last checked them.
+    pub binds: Arc<parking_lot::Mutex<Vec<BindStatus>>>,
 }
 
 impl Context {
@@ -99,6 +101,7 @@ impl Context {
                 IoMode::Cached
             },
             read: self.fs.read_stats(),
+            binds: self.binds.lock().clone(),
         }
     }
 }

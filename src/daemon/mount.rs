@@ -24,8 +24,9 @@ use crate::daemon::control::{self, ControlSocket, Wake};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::mountinfo::{self, MountEntry, MountSource};
 use crate::fs::fuse::FuseAdapter;
-use crate::fs::namespace::{PoolFs, DISKS_DIR};
+use crate::fs::namespace::{BindWanted, PoolFs, DISKS_DIR};
 use crate::fs::read::ReadPath;
+use crate::fs::stats::BindStatus;
 use crate::fs::IoMode;
 
 /// Where each disk's view is bind-mounted, relative to the disk: Longhorn's directory.
@@ -280,45 +281,139 @@ struct BindMounts {
     /// The source of our mount, which our binds carry too: what tells them from other mounts
     /// at the same paths.
     source: String,
-    active: Mutex<Option<Vec<PathBuf>>>,
+    active: Mutex<Option<Vec<Bound>>>,
     /// Targets that could not be bound, so that a retry every refresh logs the reason once.
     failed: Mutex<Vec<PathBuf>>,
+    /// Each in-service disk's bind as the last pass left it, for `imgpool status`.
+    report: Arc<Mutex<Vec<BindStatus>>>,
+}
+
+/// A bind this daemon made.
+struct Bound {
+    target: PathBuf,
+    /// The inode of the view bound there: it carries the disk's id.
+    ino: u64,
+    /// The last pass found it gone. It is made again only if the next pass finds it gone too:
+    /// `imgpool umount` unmounts the binds just before the mount, and a bind made again in
+    /// between would outlive the mount.
+    gone: bool,
 }
 
 impl BindMounts {
-    /// Bind-mounts the view of every healthy disk of `fs` that has none yet. A disk that is
-    /// missing or not what it claims is skipped: the other disks' replicas must not wait for it.
+    /// Keeps every in-service disk's view bound at `<disk>/backing-images`, checked against the
+    /// mount table (never with a stat through the mount, which waits for a FUSE thread that a
+    /// hung disk may hold) on each pass. A bind that is gone (its filesystem was unmounted and
+    /// mounted again, or someone unmounted it) is made again once the disk's label is there; a
+    /// bind that shows a view no longer there (the disk removed and added again) is replaced. The binds of disks
+    /// whose filesystem failed or went away, and of disks removed from the pool, are released
+    /// (detached: open files keep working), so that nothing of the daemon's keeps that
+    /// filesystem busy. A disk that cannot be bound does not keep the others from being bound;
+    /// the first new failure is returned.
     fn sync(&self, fs: &PoolFs) -> Result<()> {
         let mut active = self.active.lock();
         let Some(active) = active.as_mut() else {
             return Ok(()); // stopping
         };
-        for (name, disk_path) in fs.healthy_disks() {
-            let target = disk_path.join(BIND_DIR);
-            if active.contains(&target) {
-                continue;
+        let table = mountinfo::read()?;
+        let Some(device) = mountinfo::mount_at(&table, &self.mountpoint).map(|m| m.device.clone())
+        else {
+            return Ok(()); // the mount itself is going away
+        };
+        let views = fs.disk_binds();
+        active.retain(|bound| {
+            let keep = views
+                .iter()
+                .any(|v| v.path.join(BIND_DIR) == bound.target && v.wanted != BindWanted::Released);
+            if !keep {
+                release(&table, &device, &bound.target);
             }
-            let source = self.mountpoint.join(DISKS_DIR).join(&name);
-            match bind(&source, &target) {
+            keep
+        });
+        let mut report = Vec::new();
+        let mut first_error = None;
+        for view in views.iter().filter(|v| v.wanted == BindWanted::Bound) {
+            let target = view.path.join(BIND_DIR);
+            let made = active.iter().position(|b| b.target == target);
+            let ours = |m: &&mountinfo::MountEntry| m.fs_type == FS_TYPE && m.device == device;
+            let result = match mountinfo::mount_at(&table, &target) {
+                Some(m)
+                    if ours(&m)
+                        && m.root == Path::new("/").join(DISKS_DIR).join(&view.name)
+                        && made.is_some_and(|i| active[i].ino == view.ino) =>
+                {
+                    if let Some(i) = made {
+                        active[i].gone = false;
+                    }
+                    Ok(())
+                }
+                None if made.is_some_and(|i| !active[i].gone) => {
+                    if let Some(i) = made {
+                        active[i].gone = true;
+                    }
+                    continue;
+                }
+                // Nothing is bound onto the directory of a filesystem that is not mounted (the
+                // catalog may not know yet); the disk's own state says what is wrong.
+                _ if !fs.carries_label(&view.name) => continue,
+                found => {
+                    let source = self.mountpoint.join(DISKS_DIR).join(&view.name);
+                    let bound = match found {
+                        // A bind of an earlier disk of that name, or of this view made by hand.
+                        Some(m) if ours(&m) => umount2(&target, MntFlags::MNT_DETACH)
+                            .map_err(io::Error::from)
+                            .and_then(|()| bind(&source, &target)),
+                        _ => bind(&source, &target),
+                    };
+                    if bound.is_ok() {
+                        match made {
+                            Some(i) => {
+                                active.remove(i);
+                                tracing::warn!(
+                                    "bound {} at {} again: the bind was gone (its filesystem mounted again, or unmounted by hand) or showed a disk since removed",
+                                    source.display(),
+                                    target.display()
+                                );
+                            }
+                            None => {
+                                tracing::info!("bound {} at {}", source.display(), target.display())
+                            }
+                        }
+                        active.push(Bound {
+                            target: target.clone(),
+                            ino: view.ino,
+                            gone: false,
+                        });
+                    }
+                    bound
+                }
+            };
+            let problem = match result {
                 Ok(()) => {
-                    tracing::info!("bound {} at {}", source.display(), target.display());
                     self.failed.lock().retain(|t| t != &target);
-                    active.push(target);
+                    None
                 }
                 Err(e) => {
+                    let problem = e.to_string();
                     let mut failed = self.failed.lock();
-                    if !failed.contains(&target) {
+                    if !failed.contains(&target) && first_error.is_none() {
                         failed.push(target.clone());
-                        return Err(Error::BindMount {
-                            disk: name,
-                            target,
+                        first_error = Some(Error::BindMount {
+                            disk: view.name.clone(),
+                            target: target.clone(),
                             source: e,
                         });
                     }
+                    Some(problem)
                 }
-            }
+            };
+            report.push(BindStatus {
+                disk: view.name.clone(),
+                target,
+                problem,
+            });
         }
-        Ok(())
+        *self.report.lock() = report;
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Unmounts every bind mount and refuses new ones.
@@ -326,12 +421,28 @@ impl BindMounts {
         let Some(active) = self.active.lock().take() else {
             return;
         };
-        for target in active.iter().rev() {
+        for Bound { target, .. } in active.iter().rev() {
             // Not ours any more: unmounted already, by `imgpool umount` or by hand.
             if let Err(e) = unmount_if(target, lazy, |top| top.source == self.source) {
                 tracing::warn!("cannot unmount {}: {e}", target.display())
             }
         }
+    }
+}
+
+/// Detaches this mount's bind at `target`, if it is there (a filesystem unmounted from under
+/// it took it along).
+fn release(table: &[mountinfo::MountEntry], device: &str, target: &Path) {
+    let ours = mountinfo::mount_at(table, target).is_some_and(|m| m.device == device);
+    if !ours {
+        return;
+    }
+    match umount2(target, MntFlags::MNT_DETACH) {
+        Ok(()) => tracing::info!(
+            "released the bind at {}: its disk left service, and nothing of the daemon's keeps its filesystem busy",
+            target.display()
+        ),
+        Err(e) => tracing::warn!("cannot release the bind at {}: {e}", target.display()),
     }
 }
 
@@ -591,6 +702,7 @@ fn serve(
         source: mounting.source.clone(),
         active: Mutex::new(Some(Vec::new())),
         failed: Mutex::new(Vec::new()),
+        report: Arc::default(),
     });
     if config.bind {
         if let Err(e) = binds.sync(&fs) {
@@ -621,6 +733,7 @@ fn serve(
         passthrough,
         refresh: wake_refresh,
         repair: wake_repair,
+        binds: binds.report.clone(),
     }) {
         Ok(control) => control,
         Err(e) => {

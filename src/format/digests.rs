@@ -69,6 +69,43 @@ impl ChunkDigests {
             .get(index as usize)
             .is_some_and(|expected| digest(data) == *expected)
     }
+
+    /// Where data starts at or after `offset` in an image of `size` bytes (`SEEK_DATA`), at the
+    /// granularity of chunks: a chunk that reads as all zeros (a hole of the source, or zeros
+    /// it held) is a hole. `None`: only holes from `offset` on (`ENXIO`).
+    pub fn seek_data(&self, size: u64, offset: u64) -> Option<u64> {
+        self.seek(size, offset, false)
+    }
+
+    /// Where the next hole starts at or after `offset` (`SEEK_HOLE`); the end of the image
+    /// counts as one. `None` when `offset` is at or past the end (`ENXIO`).
+    pub fn seek_hole(&self, size: u64, offset: u64) -> Option<u64> {
+        self.seek(size, offset, true)
+            .or((offset < size).then_some(size))
+    }
+
+    /// The start of the first chunk at or after `offset` whose zeroness is `zero` (clamped to
+    /// `offset` for the chunk that holds it).
+    fn seek(&self, size: u64, offset: u64, zero: bool) -> Option<u64> {
+        if offset >= size {
+            return None;
+        }
+        let whole_zero = digest(&vec![0u8; self.chunk_size as usize]);
+        let first = offset / self.chunk_size;
+        (first..size.div_ceil(self.chunk_size))
+            .find(|&index| {
+                let start = index * self.chunk_size;
+                let len = (size - start).min(self.chunk_size);
+                let expected = self.digests.get(index as usize);
+                let is_zero = if len == self.chunk_size {
+                    expected == Some(&whole_zero)
+                } else {
+                    expected == Some(&digest(&vec![0u8; len as usize]))
+                };
+                is_zero == zero
+            })
+            .map(|index| (index * self.chunk_size).max(offset))
+    }
 }
 
 /// Computes chunk digests from a stream of the logical content, in order.
@@ -178,5 +215,39 @@ mod tests {
         assert_eq!(parsed.list_hash(), with_hole.list_hash());
         assert!(ChunkDigests::from_bytes(4096, size + 4096, &with_hole.to_bytes()).is_none());
         assert!(ChunkDigests::from_bytes(4096, size, &with_hole.to_bytes()[1..]).is_none());
+    }
+
+    #[test]
+    fn zero_chunks_are_holes_to_seek_data_and_seek_hole() {
+        // data | hole | hole | data | a short last chunk of zeros
+        let chunk = 4096u64;
+        let mut hasher = ChunkHasher::new(chunk);
+        hasher.update(&[1u8; 4096]);
+        hasher.update_zeros(2 * chunk);
+        let mut third = vec![0u8; 4096];
+        third[4095] = 9;
+        hasher.update(&third);
+        hasher.update_zeros(100);
+        let digests = hasher.finish();
+        let size = 4 * chunk + 100;
+        assert_eq!(digests.seek_data(size, 0), Some(0));
+        assert_eq!(digests.seek_data(size, 10), Some(10));
+        assert_eq!(digests.seek_hole(size, 10), Some(chunk));
+        assert_eq!(digests.seek_data(size, chunk + 5), Some(3 * chunk));
+        assert_eq!(digests.seek_hole(size, chunk + 5), Some(chunk + 5));
+        assert_eq!(digests.seek_hole(size, 3 * chunk + 1), Some(4 * chunk));
+        assert_eq!(digests.seek_data(size, 4 * chunk), None, "only zeros left");
+        assert_eq!(
+            digests.seek_hole(size, 4 * chunk + 99),
+            Some(4 * chunk + 99)
+        );
+        assert_eq!(digests.seek_data(size, size), None);
+        assert_eq!(digests.seek_hole(size, size), None);
+
+        let mut dense = ChunkHasher::new(chunk);
+        dense.update(&[7u8; 5000]);
+        let dense = dense.finish();
+        assert_eq!(dense.seek_hole(5000, 0), Some(5000), "the end is a hole");
+        assert_eq!(dense.seek_data(5000, 4999), Some(4999));
     }
 }

@@ -22,6 +22,7 @@ use parking_lot::{Mutex, RwLock};
 use serde_json::json;
 
 use crate::core::pool::{self, Pool};
+use crate::core::store::{DiskRow, FailedBy};
 use crate::core::volume::{Base, NoBase, Volume};
 use crate::error::Result;
 use crate::format::layout::DiskLayout;
@@ -43,6 +44,10 @@ const KIND_VOLUME: u64 = 8;
 
 /// How often disk health is re-read even when the store has not changed.
 const HEALTH_RECHECK: Duration = Duration::from_secs(5);
+/// After an image's first failed read is logged, further failures of it are counted and
+/// logged at most this often (one line with the count), so a reader retrying a bad chunk does
+/// not flood the log.
+const READ_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 pub const IMAGES_DIR: &str = "images";
 pub const DISKS_DIR: &str = "disks";
@@ -197,6 +202,33 @@ struct Disk {
     name: String,
     path: PathBuf,
     healthy: bool,
+    bind: BindWanted,
+    row: DiskRow,
+}
+
+/// What the daemon does with a disk's bind mount at `<disk>/backing-images`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindWanted {
+    /// In service: bound, and bound again when the bind goes missing or stale.
+    Bound,
+    /// Failed by the operator: its filesystem is fine and replicas on it may still use the
+    /// bind, so one that exists stays; none is made.
+    Kept,
+    /// Its filesystem failed a probe or is not there: the bind is released, so that nothing
+    /// of the daemon's keeps the filesystem busy (it can be unmounted, repaired and mounted
+    /// again).
+    Released,
+}
+
+/// A registered disk's view, as the bind mounts need it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskBind {
+    pub name: String,
+    pub path: PathBuf,
+    /// The inode of `disks/<name>`; it carries the disk's id, so a bind made of an earlier disk
+    /// of that name (removed and added again) is told apart.
+    pub ino: u64,
+    pub wanted: BindWanted,
 }
 
 /// A snapshot of what the mount shows, rebuilt when the store changes.
@@ -277,6 +309,13 @@ pub struct PoolFs {
     mounted_at: SystemTime,
     /// Passthrough mode: an image's inode changes with its serving copy (see `Node::Backing`).
     inode_per_copy: AtomicBool,
+    read_failures: Mutex<HashMap<i64, RepeatedFailures>>,
+}
+
+/// The failed reads of one image since its last log line.
+struct RepeatedFailures {
+    logged_at: Instant,
+    since: u64,
 }
 
 fn longhorn_config(image: &Image) -> Vec<u8> {
@@ -310,6 +349,7 @@ impl PoolFs {
             volumes: OpenVolumes::default(),
             mounted_at: SystemTime::now(),
             inode_per_copy: AtomicBool::new(false),
+            read_failures: Mutex::default(),
         };
         fs.refresh()?;
         Ok(fs)
@@ -343,15 +383,24 @@ impl PoolFs {
         }
     }
 
-    /// Names and paths of the registered disks that are present and carry their label: the
-    /// ones whose view the daemon bind-mounts.
-    pub fn healthy_disks(&self) -> Vec<(String, PathBuf)> {
+    /// Whether the disk `name` carries its label now: its filesystem is mounted at its path.
+    pub fn carries_label(&self, name: &str) -> bool {
+        let row = self.catalog.read().disks.get(name).map(|d| d.row.clone());
+        row.is_some_and(|row| self.pool.disk_health(&row) == pool::DiskHealth::Healthy)
+    }
+
+    /// Every registered disk's view, with what to do with its bind mount.
+    pub fn disk_binds(&self) -> Vec<DiskBind> {
         self.catalog
             .read()
             .disks
             .values()
-            .filter(|d| d.healthy)
-            .map(|d| (d.name.clone(), d.path.clone()))
+            .map(|d| DiskBind {
+                name: d.name.clone(),
+                path: d.path.clone(),
+                ino: Node::DiskDir { disk: d.id }.ino(),
+                wanted: d.bind,
+            })
             .collect()
     }
 
@@ -369,6 +418,8 @@ impl PoolFs {
         *last = Some((version, Instant::now()));
         drop(last);
         let previous = std::mem::replace(&mut *self.catalog.write(), next.clone());
+        self.reader
+            .close_stale(|id| next.by_id.get(&id).map(|i| i.as_ref_for_read()));
         let mut gone = Vec::new();
         for (name, image) in &previous.images {
             if next.images.get(name).map(|i| i.id) != Some(image.id) {
@@ -434,11 +485,20 @@ impl PoolFs {
         let (images, copies) = self.pool.catalog_rows()?;
         let mut catalog = Catalog::default();
         for (d, serving) in &disks {
+            let bind = if *serving {
+                BindWanted::Bound
+            } else if d.failed_by == Some(FailedBy::Operator) {
+                BindWanted::Kept
+            } else {
+                BindWanted::Released
+            };
             let disk = Disk {
                 id: d.id,
                 name: d.name.clone(),
                 path: d.path.clone(),
                 healthy: *serving,
+                bind,
+                row: d.clone(),
             };
             catalog.disk_ids.insert(d.id, disk.clone());
             catalog.disks.insert(d.name.clone(), disk);
@@ -791,7 +851,7 @@ impl PoolFs {
                     to_page_cache,
                 )
                 .map_err(|e| {
-                    tracing::error!("read of {} at {offset} failed: {e}", image.name);
+                    self.log_read_failure(image, offset, &e);
                     e.raw_os_error().unwrap_or(libc::EIO)
                 }),
             Handle::Config(image) => {
@@ -809,6 +869,60 @@ impl PoolFs {
                 buf.truncate(n);
                 Ok(ReadData::Owned(buf))
             }
+        }
+    }
+
+    /// Logs an image's first failed read, then, at most every `READ_FAILURE_LOG_INTERVAL`, how
+    /// many failed since (each copy's fault is logged once by the read path).
+    fn log_read_failure(&self, image: &Image, offset: u64, error: &std::io::Error) {
+        let mut failures = self.read_failures.lock();
+        match failures.get_mut(&image.id) {
+            None => {
+                failures.insert(
+                    image.id,
+                    RepeatedFailures {
+                        logged_at: Instant::now(),
+                        since: 0,
+                    },
+                );
+                tracing::error!(
+                    "read of {} at {offset} failed: {error} (further failed reads of it are counted, and logged at most every {} s)",
+                    image.name,
+                    READ_FAILURE_LOG_INTERVAL.as_secs()
+                );
+            }
+            Some(repeated) if repeated.logged_at.elapsed() >= READ_FAILURE_LOG_INTERVAL => {
+                tracing::error!(
+                    "{} more reads of {} failed in the last {} s, the latest at {offset}: {error}",
+                    repeated.since + 1,
+                    image.name,
+                    repeated.logged_at.elapsed().as_secs()
+                );
+                repeated.logged_at = Instant::now();
+                repeated.since = 0;
+            }
+            Some(repeated) => repeated.since += 1,
+        }
+    }
+
+    /// `lseek(SEEK_DATA)` (`hole` false) or `lseek(SEEK_HOLE)` on an open file: where data or
+    /// a hole starts at or after `offset`. An image's holes are its chunks that read as zeros
+    /// (from its digests); `backing.cfg` and volumes are all data (what the kernel assumes of
+    /// a file whose filesystem does not answer).
+    pub fn seek(&self, fh: u64, offset: u64, hole: bool) -> Result<u64, i32> {
+        let handle = self.handles.read().get(&fh).cloned().ok_or(libc::EBADF)?;
+        let all_data = |len: u64| match (offset < len, hole) {
+            (false, _) => Err(libc::ENXIO),
+            (true, false) => Ok(offset),
+            (true, true) => Ok(len),
+        };
+        match &*handle {
+            Handle::Image { image, .. } => self
+                .reader
+                .seek(self.current(image).as_ref_for_read(), offset, hole)
+                .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)),
+            Handle::Config(image) => all_data(image.config.len() as u64),
+            Handle::Volume { volume, .. } => all_data(volume.size()),
         }
     }
 

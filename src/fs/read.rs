@@ -329,7 +329,7 @@ impl Faults {
 
     fn report(&self, image_id: i64, copy: &OpenCopy, kind: FaultKind) {
         match kind {
-            FaultKind::Io(_) => &self.copy_read_errors,
+            FaultKind::Io(_) | FaultKind::Missing => &self.copy_read_errors,
             FaultKind::Corrupt { .. } => &self.corrupt_chunks,
         }
         .fetch_add(1, Ordering::Relaxed);
@@ -676,6 +676,30 @@ impl ReadPath {
         Ok((copy.buffered.try_clone()?, copy.path.clone()))
     }
 
+    /// Where data (`hole`: a hole) starts at or after `offset` in `image`, as far as its chunk
+    /// digests tell: a chunk that reads as zeros is a hole. `ENXIO` past the end, or when
+    /// only holes are left and data was asked for.
+    pub fn seek(&self, image: ImageRef, offset: u64, hole: bool) -> io::Result<u64> {
+        let open = self.open_image(image)?;
+        let found = if hole {
+            open.digests.seek_hole(image.size, offset)
+        } else {
+            open.digests.seek_data(image.size, offset)
+        };
+        found.ok_or_else(|| io::Error::from_raw_os_error(libc::ENXIO))
+    }
+
+    /// Closes the descriptors of every image whose serving copies are no longer those it was
+    /// opened with (`current`: the image as the catalog has it now), so that a copy that
+    /// stopped serving, on a disk that failed or left service, is not held open: its
+    /// filesystem can be unmounted, repaired and mounted again. The next read opens the
+    /// copies that serve then. Cached chunks stay: the image's bytes did not change.
+    pub fn close_stale<'a>(&self, current: impl Fn(i64) -> Option<ImageRef<'a>>) {
+        self.images
+            .write()
+            .retain(|id, open| current(*id).is_some_and(|image| open.is_current(&image)));
+    }
+
     /// Drops the descriptors and the cached chunks of an image that left the pool.
     pub fn forget(&self, image_id: i64) {
         self.images.write().remove(&image_id);
@@ -715,7 +739,6 @@ impl ReadPath {
             }
         }
         let mut copies = Vec::new();
-        let mut last_error = io::Error::from_raw_os_error(libc::EIO);
         for location in image.copies.iter().filter(|c| c.serving) {
             let reused = previous
                 .as_ref()
@@ -735,14 +758,19 @@ impl ReadPath {
                 Err(e) => {
                     // A copy that does not open is a fault like a failed read: its disk is
                     // probed. Tried (and reported) once per change of the serving set.
-                    self.faults
-                        .report_location(image.id, location, FaultKind::Io(errno_of(&e)));
-                    last_error = e;
+                    let kind = if e.kind() == io::ErrorKind::NotFound {
+                        FaultKind::Missing
+                    } else {
+                        FaultKind::Io(errno_of(&e))
+                    };
+                    self.faults.report_location(image.id, location, kind);
                 }
             }
         }
         if copies.is_empty() {
-            return Err(last_error);
+            // The image exists; its data cannot be read. ENOENT here would tell the reader
+            // that the name it just opened is not there.
+            return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         let digests = match previous
             .as_ref()
@@ -969,6 +997,84 @@ mod tests {
         assert!(reader
             .read(none.image(), &Arc::default(), 0, 1, false)
             .is_err());
+    }
+
+    /// How many descriptors of this process are open on `path`.
+    fn descriptors_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target == path)
+            .count()
+    }
+
+    #[test]
+    fn a_copy_that_stops_serving_is_no_longer_held_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let content: Vec<u8> = (0..2 * CHUNK_SIZE).map(|i| (i % 241) as u8).collect();
+        let test = TestImage::new(
+            dir.path(),
+            1,
+            &content,
+            &[(Some(&content), true), (Some(&content), true)],
+        );
+        let reader = ReadPath::default();
+        assert_eq!(read(&reader, test.image(), 0, 100), content[..100]);
+        assert!(descriptors_on(&test.copies[0].path) > 0);
+
+        // The first copy's disk leaves service: the catalog no longer has it serving.
+        let mut now = test.copies.clone();
+        now[0].serving = false;
+        let current = ImageRef {
+            copies: &now,
+            ..test.image()
+        };
+        reader.close_stale(|id| (id == test.id).then_some(current));
+        assert_eq!(descriptors_on(&test.copies[0].path), 0);
+        reader.drop_cache();
+        assert_eq!(read(&reader, current, 0, 100), content[..100]);
+        assert_eq!(descriptors_on(&test.copies[0].path), 0);
+        assert!(descriptors_on(&test.copies[1].path) > 0);
+
+        // An image that is still current keeps its descriptors.
+        reader.close_stale(|id| (id == test.id).then_some(current));
+        assert!(descriptors_on(&test.copies[1].path) > 0);
+    }
+
+    #[test]
+    fn a_copy_whose_file_is_gone_is_reported_missing_and_the_open_fails_with_eio() {
+        let dir = tempfile::tempdir().unwrap();
+        let test = TestImage::new(dir.path(), 1, b"abc", &[(None, true)]);
+        let reader = ReadPath::default();
+        let (faults, seen) = std::sync::mpsc::channel();
+        reader.report_faults_to(faults);
+        let err = reader.ensure_open(test.image()).unwrap_err();
+        assert_eq!(
+            err.raw_os_error(),
+            Some(libc::EIO),
+            "not ENOENT: the name exists"
+        );
+        let seen: Vec<CopyFault> = seen.try_iter().collect();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert_eq!(seen[0].kind, FaultKind::Missing);
+    }
+
+    #[test]
+    fn seek_finds_data_and_holes_from_the_digests() {
+        let dir = tempfile::tempdir().unwrap();
+        let chunk = CHUNK_SIZE as u64;
+        let mut content = vec![1u8; CHUNK_SIZE];
+        content.extend(vec![0u8; CHUNK_SIZE]);
+        content.extend(vec![2u8; 100]);
+        let test = TestImage::new(dir.path(), 1, &content, &[(Some(&content), true)]);
+        let reader = ReadPath::default();
+        let img = test.image();
+        assert_eq!(reader.seek(img, 5, false).unwrap(), 5);
+        assert_eq!(reader.seek(img, 5, true).unwrap(), chunk);
+        assert_eq!(reader.seek(img, chunk, false).unwrap(), 2 * chunk);
+        assert_eq!(reader.seek(img, 2 * chunk, true).unwrap(), img.size);
+        let past = reader.seek(img, img.size, false).unwrap_err();
+        assert_eq!(past.raw_os_error(), Some(libc::ENXIO));
     }
 
     #[test]

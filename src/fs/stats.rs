@@ -16,4 +16,16 @@ pub struct MountStats {
     /// What the kernel agreed to: passthrough falls back to cached when refused.
     pub io_mode: IoMode,
     pub read: ReadStats,
+    /// Each in-service disk's bind mount as the daemon last checked it (none with `--no-bind`).
+    #[serde(default)]
+    pub binds: Vec<BindStatus>,
+}
+
+/// One disk's view bound at `<disk>/backing-images`, or why it is not.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BindStatus {
+    pub disk: String,
+    pub target: std::path::PathBuf,
+    /// `None` while the view is bound there.
+    pub problem: Option<String>,
 }

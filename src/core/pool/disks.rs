@@ -48,15 +48,19 @@ pub struct DiskStatus {
     pub health: DiskHealth,
     pub resources: Option<Resources>,
     pub images: u64,
+    /// Its filesystem is mounted read-only now: it serves its copies, takes no new ones.
+    pub read_only: bool,
 }
 
 impl DiskStatus {
-    /// The state to show: the pool's decision (failed, evicting) first, then what the label
-    /// check sees right now (missing, wrong-label), else healthy.
+    /// The state to show: the pool's decision (failed) first, then what the label check sees
+    /// right now (missing, wrong-label), then a read-only filesystem, else the pool's state
+    /// (healthy, evicting).
     pub fn state(&self) -> &'static str {
         match (self.disk.state, &self.health) {
             (DiskState::Failed, _) => "failed",
             (_, DiskHealth::Missing(_) | DiskHealth::WrongLabel(_)) => self.health.state(),
+            (_, DiskHealth::Healthy) if self.read_only => "read-only",
             (state, DiskHealth::Healthy) => state.as_str(),
         }
     }
@@ -78,6 +82,12 @@ impl DiskStatus {
         }
         if let Some(problem) = self.health.problem() {
             return Some(problem.to_string());
+        }
+        if self.read_only {
+            return Some(format!(
+                "its filesystem is mounted read-only (ext4 does that after an error: see `dmesg`); it serves its copies, each chunk checked, but takes no new ones: check the filesystem, then `mount -o remount,rw {}`",
+                self.disk.path.display()
+            ));
         }
         (self.disk.state == DiskState::Evicting).then(|| {
             format!(
@@ -243,11 +253,13 @@ impl Pool {
                 .iter()
                 .find(|(id, _)| *id == disk.id)
                 .map_or(0, |(_, n)| *n);
+            let read_only = health == DiskHealth::Healthy && resources::read_only(&disk.path);
             out.push(DiskStatus {
                 disk,
                 health,
                 resources,
                 images,
+                read_only,
             });
         }
         Ok(out)
@@ -440,7 +452,7 @@ impl Pool {
     }
 
     /// Chooses the disks for `copies` copies of `needed` bytes of data, from fresh free space,
-    /// among the healthy disks not in `exclude`.
+    /// among the healthy, writable disks not in `exclude`.
     pub fn place(
         &self,
         name: &str,
@@ -453,11 +465,16 @@ impl Pool {
             return Err(Error::NoDisks);
         }
         let mut candidates = Vec::new();
+        let mut read_only = Vec::new();
         for disk in &disks {
             if exclude.contains(&disk.id)
                 || disk.state != DiskState::Healthy
                 || self.disk_health(disk) != DiskHealth::Healthy
             {
+                continue;
+            }
+            if resources::read_only(&disk.path) {
+                read_only.push(format!("'{}'", disk.name));
                 continue;
             }
             if let Ok(r) = resources::disk_resources(&self.store, disk, Freshness::FreshFree, now())
@@ -471,13 +488,22 @@ impl Pool {
                 });
             }
         }
-        let chosen =
-            placement::choose(&candidates, needed, copies).map_err(|detail| Error::NoSpace {
+        let chosen = placement::choose(&candidates, needed, copies).map_err(|detail| {
+            let detail = if read_only.is_empty() {
+                detail
+            } else {
+                format!(
+                    "{detail} (read-only, taking no new copy: {})",
+                    read_only.join(", ")
+                )
+            };
+            Error::NoSpace {
                 image: name.to_string(),
                 needed,
                 copies,
                 detail,
-            })?;
+            }
+        })?;
         Ok(chosen
             .into_iter()
             .map(|id| disks.iter().find(|d| d.id == id).cloned().unwrap())

@@ -93,9 +93,29 @@ impl ImageInfo {
         }
         let name = &self.image.name;
         Some(match state {
-            ImageHealth::Failed => format!(
-                "no healthy copy of '{name}': reads return EIO; bring back a disk that held one (it is verified first) and run `imgpool repair`, or re-import the image"
-            ),
+            ImageHealth::Failed => {
+                let why: Vec<String> = self
+                    .copies
+                    .iter()
+                    .filter_map(|c| Some(format!("copy on '{}': {}", c.disk, c.reason.as_ref()?)))
+                    .collect();
+                let why = if why.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", why.join("; "))
+                };
+                // Copies that failed themselves (deleted, found bad) do not come back with
+                // their disk; a copy whose disk is out does.
+                if self.copies.iter().all(|c| c.state == CopyState::Failed) {
+                    format!(
+                        "no healthy copy of '{name}'{why}: reads return EIO; import it again: `imgpool image rm {name}`, then `imgpool image add {name} FILE`"
+                    )
+                } else {
+                    format!(
+                        "no healthy copy of '{name}'{why}: reads return EIO; bring back a disk that held one (it is verified first) and run `imgpool repair`, or re-import the image"
+                    )
+                }
+            }
             _ => format!(
                 "'{name}' has {} of {} healthy copies; the mount daemon restores them, or run `imgpool repair`",
                 self.healthy_copies(),

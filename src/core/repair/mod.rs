@@ -153,10 +153,12 @@ fn snapshot(
                 capacity: r.capacity,
                 free: r.free,
             });
+        let read_only = reachable && resources::read_only(&row.path);
         disks.push(DiskView {
             row,
             reachable,
             space,
+            read_only,
         });
     }
     let all_copies = store.all_copies()?;

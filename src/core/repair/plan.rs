@@ -20,6 +20,9 @@ pub struct DiskView {
     /// The filesystem's device and capacity, and its free space read for this round; `None` when
     /// they could not be read (such a disk takes no new copy).
     pub space: Option<Space>,
+    /// Its filesystem is mounted read-only now: its copies serve and are verified, but it takes
+    /// no new copy and none of its copies is deleted (the deletion would fail round after round).
+    pub read_only: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +100,11 @@ impl PoolState {
         self.disks.iter().find(|d| d.row.id == id)
     }
 
+    /// Whether files on the disk can be deleted now.
+    fn writable(&self, id: i64) -> bool {
+        self.disk(id).is_some_and(|d| !d.read_only)
+    }
+
     /// The rule's view of a copy: its state, its disk's state now, whether the disk is reachable.
     pub fn view(&self, copy: &CopyRow) -> CopyView {
         let disk = self.disk(copy.disk.id);
@@ -160,8 +168,10 @@ fn plan_image(
             }
             // Once a good copy exists, a failed or damaged copy is of no use (no source, not
             // counted) and its disk may be wanted for a good one.
-            CopyState::Failed | CopyState::Damaged if view.reachable && !good.is_empty() => actions
-                .push(Action::Remove {
+            CopyState::Failed | CopyState::Damaged
+                if view.reachable && !good.is_empty() && state.writable(copy.disk.id) =>
+            {
+                actions.push(Action::Remove {
                     image: row.clone(),
                     disk: copy.disk.clone(),
                     why: if copy.state == CopyState::Failed {
@@ -171,7 +181,8 @@ fn plan_image(
                     },
                     keep: 1,
                     count_evicting: true,
-                }),
+                })
+            }
             _ => {}
         }
     }
@@ -184,7 +195,7 @@ fn plan_image(
             None if to_verify > 0 => return None,
             None => match &image.source {
                 SourceFile::Usable(path) => Source::File(path.clone()),
-                SourceFile::Unusable(why) => return Some(no_good_copy(row, serving > 0, why)),
+                SourceFile::Unusable(why) => return Some(no_good_copy(row, &views, why)),
             },
         };
         // From the source file, one copy first; the others are made from it.
@@ -220,7 +231,7 @@ fn plan_image(
                         serving > 1 && v.serves() && c.state == CopyState::Damaged
                     }))
                     .map(|(c, _)| *c)
-                    .next();
+                    .find(|c| state.writable(c.disk.id));
                 match (good.is_empty(), in_the_way) {
                     (true, Some(copy)) => {
                         actions.push(Action::Remove {
@@ -245,7 +256,7 @@ fn plan_image(
         }
         // Policy met: copies on evicting disks go, then copies above the policy.
         for (copy, view) in &views {
-            if view.is_good() && !view.counts() {
+            if view.is_good() && !view.counts() && state.writable(copy.disk.id) {
                 actions.push(Action::Remove {
                     image: row.clone(),
                     disk: copy.disk.clone(),
@@ -259,7 +270,7 @@ fn plan_image(
         if surplus > 0 {
             let mut extra: Vec<&CopyRow> = views
                 .iter()
-                .filter(|(_, v)| v.counts())
+                .filter(|(c, v)| v.counts() && state.writable(c.disk.id))
                 .map(|(c, _)| *c)
                 .collect();
             // The disks with the least room give up their copies first.
@@ -296,7 +307,10 @@ fn place(
         .disks
         .iter()
         .filter(|d| {
-            d.row.state == DiskState::Healthy && d.reachable && !exclude.contains(&d.row.id)
+            d.row.state == DiskState::Healthy
+                && d.reachable
+                && !d.read_only
+                && !exclude.contains(&d.row.id)
         })
         .filter_map(|d| {
             let space = d.space?;
@@ -322,17 +336,166 @@ fn place(
         .collect())
 }
 
-/// What to tell the operator about an image with no good copy to copy from: none at all (its
-/// reads fail), or only a damaged one (the chunks that do not match fail).
-fn no_good_copy(image: &ImageRow, damaged_serves: bool, why: &str) -> String {
+/// What to tell the operator about an image with no good copy to copy from: only a damaged one
+/// (the chunks that do not match fail); none, but a copy on a disk out of service that may
+/// come back; or none at all, every copy lost on a disk in service (its file deleted, or
+/// found bad), where only a new import brings the image back.
+fn no_good_copy(image: &ImageRow, views: &[(&CopyRow, CopyView)], why: &str) -> String {
     let name = &image.name;
-    if damaged_serves {
-        format!(
+    if views.iter().any(|(_, v)| v.serves()) {
+        return format!(
             "the only copy of '{name}' is damaged and {why}: its damaged chunks return EIO, the others are served; `imgpool scrub {name}` checks it again, or import the image again"
-        )
-    } else {
+        );
+    }
+    let away = views.iter().any(|(c, v)| {
+        c.state != CopyState::Removing && (!v.reachable || v.disk == DiskState::Failed)
+    });
+    let lost: Vec<String> = views
+        .iter()
+        .filter(|(c, _)| c.state == CopyState::Failed)
+        .map(|(c, _)| match &c.reason {
+            Some(reason) => format!("its copy on '{}' failed: {reason}", c.disk.name),
+            None => format!("its copy on '{}' failed", c.disk.name),
+        })
+        .collect();
+    if away || lost.is_empty() {
         format!(
             "no healthy copy of '{name}' is left and {why}: its reads return EIO; bring back a disk that held a copy (it is verified first) or import the image again"
         )
+    } else {
+        format!(
+            "no healthy copy of '{name}' is left ({}) and {why}: its reads return EIO; import it again: `imgpool image rm {name}`, then `imgpool image add {name} FILE`",
+            lost.join("; ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::store::{FailedBy, ImageState};
+
+    fn disk(id: i64, read_only: bool) -> DiskView {
+        DiskView {
+            row: DiskRow {
+                id,
+                name: format!("d{id}"),
+                path: PathBuf::from(format!("/disks/d{id}")),
+                uuid: format!("disk-{id}"),
+                added: 0,
+                state: DiskState::Healthy,
+                failed_by: None::<FailedBy>,
+                reason: None,
+                state_since: None,
+            },
+            reachable: true,
+            space: Some(Space {
+                device: id as u64,
+                capacity: 1 << 30,
+                free: 1 << 30,
+            }),
+            read_only,
+        }
+    }
+
+    fn image(wanted: u32, copies: &[(&DiskView, CopyState, Option<&str>)]) -> ImageView {
+        ImageView {
+            row: ImageRow {
+                id: 1,
+                name: "img".into(),
+                uuid: "image-1".into(),
+                size: 4096,
+                sha512: String::new(),
+                real_size: 4096,
+                state: ImageState::Ready,
+                copies_wanted: wanted,
+                source: None,
+                created: 0,
+                unreferenced_since: None,
+                chunk_size: 0,
+                digests_hash: String::new(),
+                problem: None,
+            },
+            copies: copies
+                .iter()
+                .map(|(d, state, reason)| CopyRow {
+                    image_id: 1,
+                    disk: d.row.clone(),
+                    state: *state,
+                    reason: reason.map(str::to_string),
+                    since: 0,
+                })
+                .collect(),
+            source: SourceFile::Unusable("its source is gone".into()),
+        }
+    }
+
+    #[test]
+    fn a_read_only_disk_takes_no_copy_and_loses_none() {
+        let (ro, rw) = (disk(1, true), disk(2, false));
+        // One copy wanted more: the read-only disk has room, but takes none.
+        let state = PoolState {
+            images: vec![image(2, &[(&rw, CopyState::Ready, None)])],
+            disks: vec![ro.clone(), rw.clone()],
+            refused: HashMap::new(),
+        };
+        let planned = plan(&state);
+        assert!(planned.actions.is_empty(), "{:?}", planned.actions);
+        assert!(planned.problems[0].1.is_some(), "{:?}", planned.problems);
+        // A failed copy on the read-only disk: it cannot be deleted there.
+        let state = PoolState {
+            images: vec![image(
+                2,
+                &[
+                    (&rw, CopyState::Ready, None),
+                    (&ro, CopyState::Failed, Some("bad")),
+                ],
+            )],
+            disks: vec![ro.clone(), rw.clone()],
+            refused: HashMap::new(),
+        };
+        let planned = plan(&state);
+        assert!(planned.actions.is_empty(), "{:?}", planned.actions);
+        assert!(
+            planned.problems[0]
+                .1
+                .as_deref()
+                .unwrap()
+                .contains("no disk can take"),
+            "{:?}",
+            planned.problems
+        );
+
+        // Above the policy: the copy on the read-only disk stays, the writable one goes.
+        let state = PoolState {
+            images: vec![image(
+                1,
+                &[(&ro, CopyState::Ready, None), (&rw, CopyState::Ready, None)],
+            )],
+            disks: vec![ro, rw],
+            refused: HashMap::new(),
+        };
+        match &plan(&state).actions[..] {
+            [Action::Remove { disk, .. }] => assert_eq!(disk.name, "d2"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_image_whose_copies_were_deleted_is_advised_a_new_import() {
+        let d1 = disk(1, false);
+        let state = PoolState {
+            images: vec![image(
+                1,
+                &[(&d1, CopyState::Failed, Some("its file /x is missing"))],
+            )],
+            disks: vec![d1],
+            refused: HashMap::new(),
+        };
+        let planned = plan(&state);
+        let problem = planned.problems[0].1.clone().unwrap();
+        assert!(problem.contains("its file /x is missing"), "{problem}");
+        assert!(problem.contains("imgpool image add img"), "{problem}");
+        assert!(!problem.contains("free space"), "{problem}");
     }
 }

@@ -206,6 +206,7 @@ impl Model {
                 .map(|d| DiskView {
                     row: disk_row(d),
                     reachable: d.reachable,
+                    read_only: false,
                     space: (d.state == DiskState::Healthy && d.reachable).then(|| Space {
                         device: d.device,
                         capacity: d.capacity,
