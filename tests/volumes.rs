@@ -417,6 +417,7 @@ fn fio_and_ext4_on_a_volume() {
                 "--verify=crc32c",
                 "--do_verify=1",
                 "--verify_fatal=1",
+                "--verify_state_save=0",
                 &format!("--direct={direct}"),
             ])
             .arg(format!("--filename={}", fio_path.display()))
@@ -442,6 +443,7 @@ fn fio_and_ext4_on_a_volume() {
             "--direct=1",
             "--verify=crc32c",
             "--verify_fatal=1",
+            "--verify_state_save=0",
         ])
         .arg(format!("--filename={}", fio_path.display()))
         .output()

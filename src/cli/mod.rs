@@ -915,13 +915,11 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
         i.problem()
             .map(|p| format!("image {} {}: {p}", i.image.name, i.state()))
     }));
-    problems.extend(pool.volumes()?.iter().filter_map(|v| {
-        (v.state() == "failed").then(|| {
-            format!(
-                "volume {} failed: its disk '{}' is out of service, so its reads and writes return EIO; it has one copy, on that disk: bring the disk back (`imgpool disk list` says why it is out)",
-                v.volume.name, v.disk
-            )
-        })
+    problems.extend(pool.volumes()?.iter().filter(|v| v.state() == "failed").map(|v| {
+        format!(
+            "volume {} failed: its disk '{}' is out of service, so its reads and writes return EIO; it has one copy, on that disk: bring the disk back (`imgpool disk list` says why it is out)",
+            v.volume.name, v.disk
+        )
     }));
     if let Some(hold) = pool.gc_hold()? {
         problems.push(format!("gc: {hold}"));
