@@ -315,6 +315,28 @@ fn a_volume_is_a_read_write_file_of_the_mount() {
     let err = std::fs::File::create(view.join("new")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
 
+    // SEEK_DATA/SEEK_HOLE see a volume's holes, as `cp --sparse` and qemu-img use them.
+    pool.ok(&["volume", "create", "sparse", "--size", "8MiB"]);
+    let sparse = mount.mountpoint.join("volumes/sparse");
+    assert!(poll(
+        std::time::Duration::from_secs(2),
+        std::time::Duration::from_millis(20),
+        || sparse.exists()
+    ));
+    pwrite(&sparse, 5 * MIB, &[9u8; 4096]).unwrap();
+    let seek = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import os,sys; fd=os.open(sys.argv[1], os.O_RDONLY); print(os.lseek(fd, 0, os.SEEK_DATA), os.lseek(fd, 5*2**20, os.SEEK_HOLE))")
+        .arg(&sparse)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&seek.stdout).trim(),
+        format!("{} {}", 5 * MIB, 5 * MIB + 4096),
+        "{}",
+        String::from_utf8_lossy(&seek.stderr)
+    );
+
     // Another user reads the image and the volume, and writes neither.
     let as_nobody = |script: &str| {
         std::process::Command::new("setpriv")

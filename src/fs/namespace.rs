@@ -268,6 +268,21 @@ impl Base for ImageBase {
         self.size
     }
 
+    fn seek(&self, offset: u64, hole: bool) -> std::io::Result<Option<u64>> {
+        let image = self
+            .catalog
+            .read()
+            .by_id
+            .get(&self.image)
+            .cloned()
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))?;
+        match self.reader.seek(image.as_ref_for_read(), offset, hole) {
+            Ok(found) => Ok(Some(found)),
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
         let image = self
             .catalog
@@ -922,7 +937,14 @@ impl PoolFs {
                 .seek(self.current(image).as_ref_for_read(), offset, hole)
                 .map_err(|e| e.raw_os_error().unwrap_or(libc::EIO)),
             Handle::Config(image) => all_data(image.config.len() as u64),
-            Handle::Volume { volume, .. } => all_data(volume.size()),
+            Handle::Volume { entry, volume } => match volume.seek(offset, hole) {
+                Ok(Some(found)) => Ok(found),
+                Ok(None) => Err(libc::ENXIO),
+                Err(e) => {
+                    tracing::error!("seek in volume '{}' failed: {e}", entry.name);
+                    Err(errno_of(&e))
+                }
+            },
         }
     }
 

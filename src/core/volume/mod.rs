@@ -40,6 +40,18 @@ pub trait Base: Send + Sync {
     fn size(&self) -> u64;
     /// Fills `buf` from `offset`; the range lies within `size()`.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+
+    /// As `lseek(SEEK_DATA)` (`hole` false) or `lseek(SEEK_HOLE)` from `offset` within the
+    /// image: the next data, or none before its end; the next hole, its end at the latest.
+    /// Without a better answer, everything is data.
+    fn seek(&self, offset: u64, hole: bool) -> io::Result<Option<u64>> {
+        Ok(match (offset < self.size(), hole) {
+            (false, false) => None,
+            (false, true) => Some(offset),
+            (true, false) => Some(offset),
+            (true, true) => Some(self.size()),
+        })
+    }
 }
 
 /// No base image: unwritten blocks read as zeros.
@@ -328,6 +340,69 @@ impl Volume {
         }
         out[from_base..].fill(0);
         Ok(())
+    }
+
+    /// `lseek(SEEK_DATA)` (`hole` false) or `lseek(SEEK_HOLE)` from `offset`: a block is data
+    /// where the volume wrote it, or where it reads from a base image that has data there; a
+    /// hole where it was discarded, or reads a hole of its image or the zeros past its end.
+    /// `None`: no data at or after `offset` (ENXIO), or `offset` at or past the end.
+    pub fn seek(&self, offset: u64, hole: bool) -> io::Result<Option<u64>> {
+        let size = self.size();
+        if offset >= size {
+            return Ok(None);
+        }
+        let mut pos = offset;
+        while pos < size {
+            let granule = pos / GRANULE;
+            let (version, next_versioned) = {
+                let state = self.state.lock();
+                let next = state.index.live_from(granule, 2).map_err(index_error)?;
+                let version = next.iter().find(|v| v.granule == granule).copied();
+                let after = next.iter().find(|v| v.granule > granule).map(|v| v.granule);
+                (version, after)
+            };
+            let Some(version) = version else {
+                // Up to the next granule with a version, the volume reads its image.
+                let limit = next_versioned.map_or(size, |g| (g * GRANULE).min(size));
+                if let Some(found) = self.base_seek(pos, hole, limit)? {
+                    return Ok(Some(found));
+                }
+                pos = limit;
+                continue;
+            };
+            let granule_end = ((granule + 1) * GRANULE).min(size);
+            while pos < granule_end {
+                let block = ((pos % GRANULE) / BLOCK) as u32;
+                let block_end = (granule * GRANULE + u64::from(block + 1) * BLOCK).min(size);
+                let found = match source(Some(&version), block) {
+                    Source::Slot(_) => (!hole).then_some(pos),
+                    Source::Zeros => hole.then_some(pos),
+                    Source::Base => self.base_seek(pos, hole, block_end)?,
+                };
+                if found.is_some() {
+                    return Ok(found);
+                }
+                pos = block_end;
+            }
+        }
+        // The end of the volume is a hole.
+        Ok(hole.then_some(size))
+    }
+
+    /// What the base image says about `[pos, limit)`: its next data (or hole) there, if any;
+    /// past the image's end everything reads zeros, a hole.
+    fn base_seek(&self, pos: u64, hole: bool, limit: u64) -> io::Result<Option<u64>> {
+        let base_size = self.base.size();
+        let found = if pos >= base_size {
+            hole.then_some(pos)
+        } else {
+            match self.base.seek(pos, hole)? {
+                // The image's end starts the zeros after it.
+                Some(at) if hole => Some(at.min(base_size)),
+                other => other,
+            }
+        };
+        Ok(found.filter(|at| *at < limit).map(|at| at.max(pos)))
     }
 
     // --- writes ------------------------------------------------------------------------

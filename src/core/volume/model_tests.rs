@@ -124,6 +124,7 @@ fn check(volume: &Volume, model: &Model, rng: &mut Rng, step: usize, op: &str) {
         let at = live.iter().zip(&model.live).position(|(a, b)| a != b);
         panic!("step {step} after {op}: the live volume differs from the model at byte {at:?}");
     }
+    check_holes(volume, &live, step, op);
     let snapshots = volume.snapshots().unwrap();
     let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
     let expected: Vec<&str> = model.snapshots.iter().map(|(n, _)| n.as_str()).collect();
@@ -135,6 +136,72 @@ fn check(volume: &Volume, model: &Model, rng: &mut Rng, step: usize, op: &str) {
             panic!("step {step} after {op}: snapshot {name} differs at byte {at:?}");
         }
     }
+}
+
+/// SEEK_HOLE and SEEK_DATA agree with the content: every byte of a hole they report reads as
+/// zero, and each answer lies at or after where the search started.
+fn check_holes(volume: &Volume, live: &[u8], step: usize, op: &str) {
+    let size = live.len() as u64;
+    let mut pos = 0;
+    while pos < size {
+        let hole = volume
+            .seek(pos, true)
+            .unwrap()
+            .expect("a hole before the end");
+        assert!(
+            hole >= pos && hole <= size,
+            "step {step} after {op}: SEEK_HOLE({pos}) = {hole}"
+        );
+        if hole == size {
+            break;
+        }
+        let data = volume.seek(hole, false).unwrap().unwrap_or(size);
+        assert!(
+            data > hole,
+            "step {step} after {op}: SEEK_DATA({hole}) = {data}"
+        );
+        assert!(
+            live[hole as usize..data as usize].iter().all(|b| *b == 0),
+            "step {step} after {op}: the hole {hole}..{data} holds data"
+        );
+        pos = data;
+    }
+    assert_eq!(volume.seek(size, false).unwrap(), None);
+}
+
+#[test]
+fn seek_finds_what_a_volume_wrote_and_discarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = open_for_test(&dir.path().join("vol"), 8 * GRANULE, Box::new(NoBase));
+    assert_eq!(
+        volume.seek(0, false).unwrap(),
+        None,
+        "a new volume without image is a hole"
+    );
+    assert_eq!(volume.seek(100, true).unwrap(), Some(100));
+    volume
+        .write_at(&[7u8; 10], 5 * GRANULE + 3 * BLOCK + 1)
+        .unwrap();
+    let data = 5 * GRANULE + 3 * BLOCK;
+    assert_eq!(volume.seek(0, false).unwrap(), Some(data));
+    assert_eq!(volume.seek(data + 5, false).unwrap(), Some(data + 5));
+    assert_eq!(volume.seek(data, true).unwrap(), Some(data + BLOCK));
+    assert_eq!(volume.seek(data + BLOCK, false).unwrap(), None);
+    volume.discard(data, BLOCK).unwrap();
+    assert_eq!(
+        volume.seek(0, false).unwrap(),
+        None,
+        "a discarded block is a hole"
+    );
+    // Over an image (all data, as far as `Bytes` says): data up to its end, zeros after.
+    let dir = tempfile::tempdir().unwrap();
+    let base = Arc::new(vec![1u8; (GRANULE + 100) as usize]);
+    let volume = open(&dir.path().join("vol"), 4 * GRANULE, &base);
+    assert_eq!(volume.seek(0, false).unwrap(), Some(0));
+    assert_eq!(volume.seek(0, true).unwrap(), Some(GRANULE + 100));
+    volume.discard(BLOCK, BLOCK).unwrap();
+    assert_eq!(volume.seek(0, true).unwrap(), Some(BLOCK));
+    assert_eq!(volume.seek(BLOCK, false).unwrap(), Some(2 * BLOCK));
 }
 
 /// After a crash: each block written since the last flush holds one of its contents since
