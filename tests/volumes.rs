@@ -531,18 +531,8 @@ struct LoopFile {
 
 impl LoopFile {
     fn attach(file: &Path) -> LoopFile {
-        let out = std::process::Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
         LoopFile {
-            device: String::from_utf8(out.stdout).unwrap().trim().into(),
+            device: attach_loop(file).into(),
         }
     }
 }

@@ -263,19 +263,25 @@ struct ImageBase {
     stream: Arc<Stream>,
 }
 
+impl ImageBase {
+    /// The image as the catalog has it now (its serving copies may have changed).
+    fn image(&self) -> std::io::Result<Arc<Image>> {
+        self.catalog
+            .read()
+            .by_id
+            .get(&self.image)
+            .cloned()
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))
+    }
+}
+
 impl Base for ImageBase {
     fn size(&self) -> u64 {
         self.size
     }
 
     fn seek(&self, offset: u64, hole: bool) -> std::io::Result<Option<u64>> {
-        let image = self
-            .catalog
-            .read()
-            .by_id
-            .get(&self.image)
-            .cloned()
-            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))?;
+        let image = self.image()?;
         match self.reader.seek(image.as_ref_for_read(), offset, hole) {
             Ok(found) => Ok(Some(found)),
             Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(None),
@@ -284,13 +290,7 @@ impl Base for ImageBase {
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        let image = self
-            .catalog
-            .read()
-            .by_id
-            .get(&self.image)
-            .cloned()
-            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EIO))?;
+        let image = self.image()?;
         let mut done = 0;
         while done < buf.len() {
             let want = (buf.len() - done).min(1 << 20) as u32;

@@ -561,17 +561,7 @@ impl LoopDisk {
     pub fn new(dir: &Path, name: &str, size: u64, fs_type: &str) -> LoopDisk {
         let image = dir.join(format!("{name}.fs"));
         File::create(&image).unwrap().set_len(size).unwrap();
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let device = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let device = attach_loop(&image);
         let mountpoint = dir.join(name);
         let disk = LoopDisk {
             image,
@@ -586,6 +576,21 @@ impl LoopDisk {
         make_fs_and_mount(&disk.device, &disk.mountpoint, fs_type, options);
         disk
     }
+}
+
+/// Attaches a free loop device to `file`; returns its path. The caller detaches it.
+pub fn attach_loop(file: &Path) -> String {
+    let out = Command::new("losetup")
+        .args(["--find", "--show"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "losetup {file:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 impl Drop for LoopDisk {
@@ -786,18 +791,7 @@ impl FaultyDisk {
             session: Some(session),
             loop_attached: false,
         };
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&disk.node)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup {:?}: {}",
-            disk.node,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        disk.device = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        disk.device = attach_loop(&disk.node);
         disk.loop_attached = true;
         make_fs_and_mount(
             &disk.device,

@@ -881,6 +881,15 @@ impl Store {
 
     /// Records a new volume as `creating`, if its name is free and its base image is ready.
     pub fn reserve_volume(&self, volume: &VolumeRow) -> Result<i64> {
+        self.insert_volume(volume, VolumeState::Creating)
+    }
+
+    /// Lists a volume found on a disk (fsck), ready, on the same conditions.
+    pub fn insert_found_volume(&self, volume: &VolumeRow) -> Result<i64> {
+        self.insert_volume(volume, VolumeState::Ready)
+    }
+
+    fn insert_volume(&self, volume: &VolumeRow, state: VolumeState) -> Result<i64> {
         self.write(|tx| {
             if let Some(by) = name_taken(tx, &volume.name).map_err(|e| self.err(e))? {
                 return Err(Error::NameTaken {
@@ -889,13 +898,13 @@ impl Store {
                 });
             }
             if let Some(image_id) = volume.image_id {
-                let state: Option<ImageState> = tx
+                let image: Option<ImageState> = tx
                     .query_row("SELECT state FROM images WHERE id = ?1", [image_id], |r| {
                         r.get(0)
                     })
                     .optional()
                     .map_err(|e| self.err(e))?;
-                if state != Some(ImageState::Ready) {
+                if image != Some(ImageState::Ready) {
                     return Err(Error::refused(
                         crate::error::ErrorKind::Conflict,
                         "the base image is being removed or imported: pick a ready image (`imgpool image list`)",
@@ -904,39 +913,14 @@ impl Store {
             }
             tx.execute(
                 "INSERT INTO volumes (name, uuid, disk_id, image_id, size, state, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'creating', ?6)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 params![
                     volume.name,
                     volume.uuid,
                     volume.disk_id,
                     volume.image_id,
                     volume.size as i64,
-                    volume.created
-                ],
-            )
-            .map_err(|e| self.err(e))?;
-            Ok(tx.last_insert_rowid())
-        })
-    }
-
-    /// Lists a volume found on a disk (fsck), ready, if its name is free.
-    pub fn insert_found_volume(&self, volume: &VolumeRow) -> Result<i64> {
-        self.write(|tx| {
-            if let Some(by) = name_taken(tx, &volume.name).map_err(|e| self.err(e))? {
-                return Err(Error::NameTaken {
-                    name: volume.name.clone(),
-                    by,
-                });
-            }
-            tx.execute(
-                "INSERT INTO volumes (name, uuid, disk_id, image_id, size, state, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, 'ready', ?6)",
-                params![
-                    volume.name,
-                    volume.uuid,
-                    volume.disk_id,
-                    volume.image_id,
-                    volume.size as i64,
+                    state,
                     volume.created
                 ],
             )

@@ -242,29 +242,14 @@ impl Index {
             .optional()
     }
 
-    pub fn insert(&mut self, v: &Version) -> rusqlite::Result<()> {
+    /// Writes a version: a new one, or new slot, masks and death for an existing key.
+    pub fn put(&mut self, v: &Version) -> rusqlite::Result<()> {
         self.begin()?;
         let mut stmt = self.conn.prepare_cached(&format!(
-            "INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            "INSERT INTO versions ({VERSION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (granule, birth) DO UPDATE SET death = excluded.death,
+                 slot = excluded.slot, written = excluded.written, zeroed = excluded.zeroed"
         ))?;
-        stmt.execute(params![
-            v.granule as i64,
-            v.birth as i64,
-            v.death.map(|d| d as i64),
-            v.slot.map(|s| s as i64),
-            i64::from(v.written),
-            i64::from(v.zeroed),
-        ])?;
-        Ok(())
-    }
-
-    /// Rewrites a version's slot, masks and death (its key stays).
-    pub fn update(&mut self, v: &Version) -> rusqlite::Result<()> {
-        self.begin()?;
-        let mut stmt = self.conn.prepare_cached(
-            "UPDATE versions SET death = ?3, slot = ?4, written = ?5, zeroed = ?6
-             WHERE granule = ?1 AND birth = ?2",
-        )?;
         stmt.execute(params![
             v.granule as i64,
             v.birth as i64,
@@ -488,22 +473,23 @@ impl Index {
         Ok((rows as u64, live, blocks))
     }
 
-    /// Versions born after `epoch` (rollback discards them), at most `limit`.
-    pub fn born_after(&self, epoch: u64, limit: usize) -> rusqlite::Result<Vec<Version>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions WHERE birth > ?1 ORDER BY birth LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map(params![epoch as i64, limit as i64], version)?;
-        rows.collect()
-    }
-
-    /// Versions a snapshot at `epoch` sees that died after it (rollback revives them).
-    pub fn died_after(&self, epoch: u64, limit: usize) -> rusqlite::Result<Vec<Version>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions
-             WHERE death IS NOT NULL AND death > ?1 AND birth <= ?1 ORDER BY death LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map(params![epoch as i64, limit as i64], version)?;
-        rows.collect()
+    /// Rollback to the snapshot at `epoch`: deletes the versions born after it, returning their
+    /// slots, and makes the versions it sees live again.
+    pub fn roll_back_to(&mut self, epoch: u64) -> rusqlite::Result<Vec<u64>> {
+        self.begin()?;
+        let slots = {
+            let mut stmt = self
+                .conn
+                .prepare("DELETE FROM versions WHERE birth > ?1 RETURNING slot")?;
+            let rows = stmt.query_map([epoch as i64], |r| r.get::<_, Option<i64>>(0))?;
+            rows.filter_map(|slot| slot.transpose())
+                .map(|slot| slot.map(|s| s as u64))
+                .collect::<rusqlite::Result<Vec<u64>>>()?
+        };
+        self.conn.execute(
+            "UPDATE versions SET death = NULL WHERE death IS NOT NULL AND death > ?1 AND birth <= ?1",
+            [epoch as i64],
+        )?;
+        Ok(slots)
     }
 }

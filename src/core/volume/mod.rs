@@ -527,7 +527,7 @@ impl Volume {
                         }
                     }
                 }
-                state.index.update(&v).map_err(index_error)
+                state.index.put(&v).map_err(index_error)
             }
             Some(old) => {
                 // A snapshot sees the live version: a new version, with the old one's other
@@ -554,22 +554,12 @@ impl Volume {
                 };
                 state
                     .index
-                    .update(&Version {
+                    .put(&Version {
                         death: Some(live),
                         ..old
                     })
                     .map_err(index_error)?;
-                state
-                    .index
-                    .insert(&Version {
-                        granule,
-                        birth: live,
-                        death: None,
-                        slot,
-                        written,
-                        zeroed,
-                    })
-                    .map_err(index_error)
+                new_live_version(state, granule, slot, written, zeroed)
             }
             None => {
                 let (slot, written, zeroed) = match data {
@@ -580,17 +570,7 @@ impl Volume {
                     }
                     None => (None, 0, blocks),
                 };
-                state
-                    .index
-                    .insert(&Version {
-                        granule,
-                        birth: live,
-                        death: None,
-                        slot,
-                        written,
-                        zeroed,
-                    })
-                    .map_err(index_error)
+                new_live_version(state, granule, slot, written, zeroed)
             }
         }
     }
@@ -741,36 +721,11 @@ impl Volume {
             ));
         }
         self.commit_locked(&mut state)?;
-        loop {
-            let newer = state
-                .index
-                .born_after(snapshot.epoch, RECLAIM_BATCH)
-                .map_err(index_error)?;
-            if newer.is_empty() {
-                break;
-            }
-            for v in &newer {
-                state.index.delete(v).map_err(index_error)?;
-                if let Some(slot) = v.slot {
-                    state.freed.push(slot);
-                }
-            }
-        }
-        loop {
-            let revived = state
-                .index
-                .died_after(snapshot.epoch, RECLAIM_BATCH)
-                .map_err(index_error)?;
-            if revived.is_empty() {
-                break;
-            }
-            for v in &revived {
-                state
-                    .index
-                    .update(&Version { death: None, ..*v })
-                    .map_err(index_error)?;
-            }
-        }
+        let freed = state
+            .index
+            .roll_back_to(snapshot.epoch)
+            .map_err(index_error)?;
+        state.freed.extend(freed);
         state.index.set_size(snapshot.size).map_err(index_error)?;
         state.size = snapshot.size;
         // One transaction: a crash leaves the volume as it was, or rolled back.
@@ -788,6 +743,25 @@ impl Volume {
     pub(crate) fn data_bytes(&self) -> u64 {
         self.data.allocated_bytes().unwrap()
     }
+}
+
+/// Records a granule's new live version, born in the live epoch.
+fn new_live_version(
+    state: &mut State,
+    granule: u64,
+    slot: Option<u64>,
+    written: u16,
+    zeroed: u16,
+) -> io::Result<()> {
+    let version = Version {
+        granule,
+        birth: state.live_epoch,
+        death: None,
+        slot,
+        written,
+        zeroed,
+    };
+    state.index.put(&version).map_err(index_error)
 }
 
 fn punch_free(data: &DataFile, index: &mut Index, slots: &[u64]) -> io::Result<()> {

@@ -87,6 +87,16 @@ impl Model {
     }
 }
 
+/// A directory for a test volume: on tmpfs when there is one, where the syncs of every commit
+/// cost nothing.
+fn scratch_dir() -> tempfile::TempDir {
+    if Path::new("/dev/shm").is_dir() {
+        tempfile::tempdir_in("/dev/shm").unwrap()
+    } else {
+        tempfile::tempdir().unwrap()
+    }
+}
+
 fn open(dir: &Path, size: u64, base: &Arc<Vec<u8>>) -> Volume {
     open_for_test(dir, size, Box::new(Bytes(base.clone())))
 }
@@ -240,13 +250,7 @@ fn random_operations_match_the_model_with_restarts() {
 }
 
 fn run(seed: u64, steps: usize) {
-    // Every step that commits syncs twice: on tmpfs that costs nothing.
-    let shm = Path::new("/dev/shm");
-    let dir = if shm.is_dir() {
-        tempfile::tempdir_in(shm).unwrap()
-    } else {
-        tempfile::tempdir().unwrap()
-    };
+    let dir = scratch_dir();
     let vdir = dir.path().join("vol");
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     // A base image that ends inside a block, and a volume larger than it.
@@ -401,12 +405,7 @@ fn run(seed: u64, steps: usize) {
 #[test]
 fn concurrent_reads_never_see_another_blocks_bytes() {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let dir = tempfile::tempdir_in(if Path::new("/dev/shm").is_dir() {
-        "/dev/shm"
-    } else {
-        "/tmp"
-    })
-    .unwrap();
+    let dir = scratch_dir();
     let blocks = 4 * GRANULE / BLOCK;
     let volume = open(
         &dir.path().join("vol"),
