@@ -66,6 +66,32 @@ fn a_volume_is_created_listed_grown_and_removed_and_holds_its_image() {
     let holders = pool.ok(&["ref", "list", "base"]);
     assert!(holders.contains("volume vm1"), "{holders}");
 
+    // The disk keeping a volume is not failed or forgotten without a word.
+    let line = failed_cleanly(
+        "disk fail of a volume's disk",
+        &pool.run(&["disk", "fail", "d2"]),
+    );
+    assert!(
+        line.contains("volume vm1") && line.contains("--force"),
+        "{line}"
+    );
+    let line = failed_cleanly(
+        "disk rm of a volume's disk",
+        &pool.run(&["disk", "rm", "d2"]),
+    );
+    assert!(line.contains("volume vm1"), "{line}");
+    assert_eq!(pool.json(&["volume", "show", "vm1"])["state"], "ready");
+    // Failed anyway: the volume is failed, and `status` says what to do.
+    pool.ok(&["disk", "fail", "d2", "--force"]);
+    assert_eq!(pool.json(&["volume", "show", "vm1"])["state"], "failed");
+    let status = pool.json(&["status"]);
+    assert!(
+        status["problems"].to_string().contains("volume vm1 failed"),
+        "{status}"
+    );
+    pool.ok(&["disk", "online", "d2"]);
+    assert_eq!(pool.json(&["volume", "show", "vm1"])["state"], "ready");
+
     pool.ok(&["volume", "resize", "vm1", "8MiB"]);
     assert_eq!(pool.json(&["volume", "show", "vm1"])["size"], 8 * MIB);
 

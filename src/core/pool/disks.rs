@@ -282,7 +282,7 @@ impl Pool {
             return Err(Error::refused(
                 ErrorKind::Conflict,
                 format!(
-                    "disk '{name}' holds the last serving copy of {}: failing it makes their reads fail (EIO) until it returns; `imgpool disk evict {name}` moves them off first, or pass --force to fail it anyway",
+                    "disk '{name}' holds the last serving copy of {}: failing it makes their reads fail (EIO) until it returns; `imgpool disk evict {name}` moves images off first (a volume has its one copy there), or pass --force to fail it anyway",
                     last.join(", ")
                 ),
             ));
@@ -401,6 +401,16 @@ impl Pool {
         // No repair may copy to or from the disk meanwhile.
         let _repair = WorkLock::acquire(&self.repair_lock_path())?;
         let disk = self.store.disk_by_name(name)?;
+        let volumes = self.store.volumes_on_disk(disk.id)?;
+        if !volumes.is_empty() {
+            return Err(Error::refused(
+                ErrorKind::InUse,
+                format!(
+                    "disk '{name}' keeps {}, whose only copy is there: remove them first (`imgpool volume rm`)",
+                    volumes.join(", ")
+                ),
+            ));
+        }
         let copies = self.store.all_copies()?;
         let images = self.store.images()?;
         let disks = self.disks_in_service()?;

@@ -447,7 +447,9 @@ impl Store {
         force: bool,
     ) -> Result<Vec<String>> {
         self.write(|tx| {
-            let last = last_serving_on(tx, id, unreachable).map_err(|e| self.err(e))?;
+            let mut last = last_serving_on(tx, id, unreachable).map_err(|e| self.err(e))?;
+            // A volume has one copy, on its disk.
+            last.extend(volumes_on(tx, id).map_err(|e| self.err(e))?);
             if last.is_empty() || force {
                 tx.execute(
                     "UPDATE disks SET state = ?2, failed_by = ?3, reason = ?4, state_since = ?5 WHERE id = ?1",
@@ -475,6 +477,11 @@ impl Store {
                 })
             }
         })
+    }
+
+    /// The volumes kept on a disk, as "volume NAME".
+    pub fn volumes_on_disk(&self, disk_id: i64) -> Result<Vec<String>> {
+        self.run(|c| volumes_on(c, disk_id))
     }
 
     /// Forgets a disk whose copies were all forgotten (`forget_disk_copies`) first.
@@ -1148,6 +1155,16 @@ fn ready_image_id(c: &Connection, name: &str) -> rusqlite::Result<Option<i64>> {
         |r| r.get(0),
     )
     .optional()
+}
+
+/// The volumes kept on a disk, as "volume NAME".
+fn volumes_on(c: &Connection, disk_id: i64) -> rusqlite::Result<Vec<String>> {
+    let mut stmt = c.prepare(
+        "SELECT 'volume ' || name FROM volumes WHERE disk_id = ?1 AND state != 'removing'
+         ORDER BY name",
+    )?;
+    let rows = stmt.query_map([disk_id], |r| r.get(0))?;
+    rows.collect()
 }
 
 fn holders_in(c: &Connection, image_id: i64) -> rusqlite::Result<Vec<String>> {
