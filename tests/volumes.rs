@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use common::*;
@@ -750,4 +751,138 @@ fn fsck_checks_volumes_and_rebuilds_them_from_the_disks() {
     assert!(report.contains("volume 'blank'"), "{report}");
     pool.run(&["fsck", "--repair"]);
     assert!(dir.join("data").exists() && dir.join("index.db").exists());
+}
+
+fn snapshot_names(pool: &TestPool, volume: &str) -> Vec<String> {
+    pool.json(&["snapshot", "list", volume])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Fills the volume with one byte through the mount; returns once the file is closed and the
+/// daemon has let go of the volume.
+fn fill(pool: &TestPool, path: &Path, byte: u8, size: usize) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .write_all_at(&vec![byte; size], 0)
+        .unwrap();
+    assert!(poll(
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_millis(20),
+        || pool.json(&["volume", "show", "v"])["open_by_pid"].is_null()
+    ));
+}
+
+/// Snapshots of a volume no file has open: taken, listed, deleted by name, range and policy
+/// (a dry run and an unknown name change nothing), and rolled back to.
+#[test]
+fn snapshots_are_taken_listed_deleted_and_rolled_back() {
+    if !can_mount("snapshots_are_taken_listed_deleted_and_rolled_back") {
+        return;
+    }
+    let size = MIB as usize;
+    let pool = TestPool::new(1);
+    pool.ok(&["volume", "create", "v", "--size", "1MiB"]);
+    let mount = pool.mount();
+    let path = mount.mountpoint.join("volumes/v");
+    fill(&pool, &path, b'A', size);
+    pool.ok(&["snapshot", "create", "v@s1"]);
+    fill(&pool, &path, b'B', size);
+    pool.ok(&["snapshot", "create", "v@s2"]);
+    fill(&pool, &path, b'C', size);
+    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s2"]);
+    let line = failed_cleanly(
+        "a snapshot name taken",
+        &pool.run(&["snapshot", "create", "v@s1"]),
+    );
+    assert!(line.contains("already"), "{line}");
+    let line = failed_cleanly("a bad target", &pool.run(&["snapshot", "create", "v"]));
+    assert!(line.contains("VOLUME@SNAPSHOT"), "{line}");
+
+    // A rollback over a newer snapshot needs --destroy-newer.
+    let line = failed_cleanly(
+        "rollback past s2",
+        &pool.run(&["volume", "rollback", "v@s1"]),
+    );
+    assert!(
+        line.contains("s2") && line.contains("--destroy-newer"),
+        "{line}"
+    );
+    pool.ok(&["volume", "rollback", "v@s1", "--destroy-newer"]);
+    assert_eq!(snapshot_names(&pool, "v"), ["s1"]);
+    assert!(
+        read_whole(&path) == vec![b'A'; size],
+        "the rollback restored s1"
+    );
+
+    for name in ["s3", "s4", "s5"] {
+        pool.ok(&["snapshot", "create", &format!("v@{name}")]);
+    }
+    let dry = pool.json(&["snapshot", "rm", "v@s3%s4", "--dry-run"]);
+    assert_eq!(dry["deleted"], serde_json::json!(["s3", "s4"]));
+    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s3", "s4", "s5"]);
+    let line = failed_cleanly(
+        "an unknown name",
+        &pool.run(&["snapshot", "rm", "v@s1", "v@nope"]),
+    );
+    assert!(line.contains("'nope'"), "{line}");
+    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s3", "s4", "s5"]);
+    pool.ok(&["snapshot", "rm", "v@s3%s4"]);
+    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s5"]);
+    pool.ok(&["snapshot", "rm", "v", "--keep-last", "1"]);
+    assert_eq!(snapshot_names(&pool, "v"), ["s5"]);
+    assert!(read_whole(&path) == vec![b'A'; size]);
+    let line = failed_cleanly(
+        "rm of a volume with snapshots",
+        &pool.run(&["volume", "rm", "v"]),
+    );
+    assert!(line.contains("--recursive"), "{line}");
+    mount.unmount();
+}
+
+/// A snapshot of a volume open and written through the mount goes through its daemon: it
+/// holds what was written before it, not what was written after; a rollback waits for the
+/// volume to be closed.
+#[test]
+fn a_snapshot_of_an_open_volume_is_taken_by_its_daemon() {
+    if !can_mount("a_snapshot_of_an_open_volume_is_taken_by_its_daemon") {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let size = MIB as usize;
+    let pool = TestPool::new(1);
+    pool.ok(&["volume", "create", "v", "--size", "1MiB"]);
+    let mount = pool.mount();
+    let path = mount.mountpoint.join("volumes/v");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    file.write_all_at(&vec![b'X'; size], 0).unwrap();
+    pool.ok(&["snapshot", "create", "v@while-open"]);
+    file.write_all_at(&vec![b'Y'; size / 2], 0).unwrap();
+    assert_eq!(snapshot_names(&pool, "v"), ["while-open"]);
+    let line = failed_cleanly(
+        "rollback of an open volume",
+        &pool.run(&["volume", "rollback", "v@while-open"]),
+    );
+    assert!(line.contains("open"), "{line}");
+    drop(file);
+    assert!(poll(
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_millis(20),
+        || pool.json(&["volume", "show", "v"])["open_by_pid"].is_null()
+    ));
+    pool.ok(&["volume", "rollback", "v@while-open"]);
+    assert!(
+        read_whole(&path) == vec![b'X'; size],
+        "the snapshot held the writes before it"
+    );
+    mount.unmount();
 }

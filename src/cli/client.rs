@@ -5,7 +5,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
+
+use crate::core::volume::snapshots;
+use crate::error::Error;
 
 use crate::daemon::control;
 use crate::daemon::http::{self, ReadError};
@@ -47,6 +50,31 @@ fn call_within(
     path: &str,
     timeout: Duration,
 ) -> Result<Value, CallError> {
+    let (status, body) = exchange(socket, method, path, b"", timeout)?;
+    let message = || {
+        body["error"]
+            .as_str()
+            .map_or_else(|| format!("status {status}"), str::to_string)
+    };
+    match status {
+        200 => Ok(body),
+        403 => Err(CallError::Denied(message())),
+        status => Err(CallError::Failed(format!(
+            "the daemon at {} answered {status}: {}",
+            socket.display(),
+            message()
+        ))),
+    }
+}
+
+/// One request and its answer, whatever its status.
+fn exchange(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    request_body: &[u8],
+    timeout: Duration,
+) -> Result<(u16, Value), CallError> {
     let deadline = Instant::now() + timeout;
     let stream = match UnixStream::connect(socket) {
         Ok(stream) => stream,
@@ -63,7 +91,11 @@ fn call_within(
     };
     // A daemon that refuses us answers without reading: its answer is still there to read even
     // when sending failed.
-    let sent = http::send_all(&stream, &http::encode_request(method, path, b""), deadline);
+    let sent = http::send_all(
+        &stream,
+        &http::encode_request(method, path, request_body),
+        deadline,
+    );
     let response = match http::read_response(&stream, deadline) {
         Ok(response) => response,
         Err(e) => {
@@ -82,18 +114,45 @@ fn call_within(
         }
     };
     let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
-    let message = || {
-        body["error"]
-            .as_str()
-            .map_or_else(|| format!("status {}", response.status), str::to_string)
-    };
-    match response.status {
-        200 => Ok(body),
-        403 => Err(CallError::Denied(message())),
+    Ok((response.status, body))
+}
+
+/// What the daemon of mount `mount_id` answered to a snapshot request on a volume it has
+/// open: the outcome, the request's own error, or `None` when it does not have it open (any
+/// more).
+pub fn volume_snapshots(
+    state_dir: &Path,
+    mount_id: i64,
+    volume: &str,
+    request: &snapshots::Request,
+) -> Result<Option<Result<snapshots::Outcome, Error>>, CallError> {
+    let socket = control::socket_path(state_dir, mount_id);
+    let body = serde_json::to_vec(&json!({ "volume": volume, "request": request }))
+        .expect("requests serialise");
+    // A deletion of many snapshots is one transaction: more time than a question.
+    let (status, answer) = exchange(
+        &socket,
+        "POST",
+        "/v1/volumes/snapshots",
+        &body,
+        TIMEOUT * 12,
+    )?;
+    let error = || answer["error"].as_str().unwrap_or_default().to_string();
+    match status {
+        200 => serde_json::from_value(answer.clone())
+            .map(|o| Some(Ok(o)))
+            .map_err(|e| {
+                CallError::Failed(format!(
+                    "the daemon answered a snapshot outcome this imgpool cannot read: {e}"
+                ))
+            }),
+        409 => Ok(None),
+        422 => Ok(Some(Err(Error::from_relay(&error())))),
+        403 => Err(CallError::Denied(error())),
         status => Err(CallError::Failed(format!(
             "the daemon at {} answered {status}: {}",
             socket.display(),
-            message()
+            error()
         ))),
     }
 }

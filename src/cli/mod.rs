@@ -21,10 +21,12 @@ use crate::core::recover;
 use crate::core::repair;
 use crate::core::settings;
 use crate::core::store::CopyState;
+use crate::core::volume::snapshots;
 use crate::daemon::control;
 use crate::daemon::mount::{self, MountConfig, MAX_READ_AHEAD, MAX_THREADS};
-use crate::error::{Error, ErrorKind, Result};
-use crate::format::clock::timestamp;
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::clock::{now, timestamp};
+use crate::format::names;
 use crate::format::units::{bytes, parse_size};
 use crate::fs::cache::MIN_CACHE_SIZE;
 use crate::fs::read::{default_cache_size, physical_memory};
@@ -65,6 +67,9 @@ pub enum Command {
     /// Create, list, grow and remove thin writable volumes over images.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Take, list and delete snapshots of volumes.
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
     /// Record which holders (replicas) use an image; held images cannot be removed.
     #[command(subcommand)]
     Ref(RefCommand),
@@ -261,12 +266,56 @@ pub enum VolumeCommand {
         #[arg(value_parser = parse_size)]
         size: u64,
     },
+    /// Make the volume's content a snapshot's again (refused while the volume is open).
+    Rollback {
+        /// VOLUME@SNAP
+        target: String,
+        /// Delete the snapshots newer than SNAP with the rollback.
+        #[arg(long)]
+        destroy_newer: bool,
+    },
     /// Remove a volume and its data; with snapshots only with --recursive.
     Rm {
         name: String,
         /// Remove its snapshots with it.
         #[arg(long)]
         recursive: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SnapshotCommand {
+    /// Snapshot VOLUME as SNAP: every write that returned before, none that starts after.
+    Create {
+        /// VOLUME@SNAP
+        target: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a volume's snapshots, oldest first.
+    List {
+        volume: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete snapshots of one volume in one step: VOLUME@SNAP..., a range VOLUME@FIRST%LAST,
+    /// or VOLUME with --older-than or --keep-last; their space is reclaimed afterwards.
+    Rm {
+        targets: Vec<String>,
+        /// With VOLUME: the snapshots older than this, e.g. 7d, 12h.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<Duration>,
+        /// With VOLUME: all but the newest N.
+        #[arg(long)]
+        keep_last: Option<usize>,
+        /// Read VOLUME@SNAP lines from FILE (- for standard input).
+        #[arg(long)]
+        from_file: Option<PathBuf>,
+        /// List what would be deleted, and delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -380,6 +429,10 @@ impl Command {
             Command::Volume(cmd) => {
                 !matches!(cmd, VolumeCommand::List { .. } | VolumeCommand::Show { .. })
             }
+            Command::Snapshot(cmd) => matches!(
+                cmd,
+                SnapshotCommand::Create { .. } | SnapshotCommand::Rm { dry_run: false, .. }
+            ),
             Command::Ref(cmd) => !matches!(cmd, RefCommand::List { .. }),
             Command::Gc { dry_run, .. } => !dry_run,
             Command::Repair { .. } | Command::Scrub { .. } => true,
@@ -419,6 +472,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
         Command::Disk(cmd) => disk(state_dir, cmd),
         Command::Image(cmd) => image(state_dir, cmd),
         Command::Volume(cmd) => volume(state_dir, cmd),
+        Command::Snapshot(cmd) => snapshot(state_dir, cmd),
         Command::Ref(cmd) => reference(state_dir, cmd),
         Command::Gc {
             grace,
@@ -543,6 +597,194 @@ fn print_volume(v: &VolumeInfo) {
     println!("created:   {}", timestamp(v.volume.created));
 }
 
+/// `VOLUME@SNAP`, split at its last `@` (a snapshot name has none).
+fn volume_and_snapshot(target: &str) -> Result<(&str, &str)> {
+    match target.rsplit_once('@') {
+        Some((volume, snap)) if !volume.is_empty() && !snap.is_empty() => Ok((volume, snap)),
+        _ => Err(Error::refused(
+            ErrorKind::InvalidInput,
+            format!("'{target}' is not VOLUME@SNAPSHOT"),
+        )),
+    }
+}
+
+/// A snapshot request, where it can be done: here when no mount has the volume open, else by
+/// the daemon that has it (asked again here if it closed it meanwhile).
+fn snapshot_request(
+    pool: &Pool,
+    state_dir: &Path,
+    volume: &str,
+    request: &snapshots::Request,
+) -> Result<snapshots::Outcome> {
+    for _ in 0..20 {
+        let pid = match pool.snapshot_request(volume, request)? {
+            Ok(outcome) => return Ok(outcome),
+            Err(pid) => pid,
+        };
+        let mount = pool.live_mounts()?.into_iter().find(|m| m.pid == pid);
+        if let Some(mount) = mount {
+            match client::volume_snapshots(state_dir, mount.id, volume, request) {
+                Ok(Some(done)) => return done,
+                // It closed the volume meanwhile: here, then.
+                Ok(None) | Err(client::CallError::NotRunning) => {}
+                Err(e) => {
+                    return Err(Error::refused(
+                        ErrorKind::Busy,
+                        format!("volume '{volume}' is open through the mount at {}, whose daemon did not take the request: {e}", mount.mountpoint.display()),
+                    ))
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Err(Error::refused(
+        ErrorKind::Busy,
+        format!("volume '{volume}' is held by another process that is not a mount of this pool: retry when it is done"),
+    ))
+}
+
+fn snapshot_json(s: &snapshots::SnapshotInfo) -> Value {
+    json!({
+        "name": s.name,
+        "guid": s.guid,
+        "created": timestamp(s.created),
+        "created_unix": s.created,
+        "size": s.size,
+    })
+}
+
+fn snapshot(state_dir: &Path, cmd: SnapshotCommand) -> Result<()> {
+    let pool = match cmd {
+        SnapshotCommand::List { .. } | SnapshotCommand::Rm { dry_run: true, .. } => {
+            Pool::open(state_dir)?
+        }
+        _ => open_to_change(state_dir)?,
+    };
+    match cmd {
+        SnapshotCommand::Create { target, json } => {
+            let (volume, snap) = volume_and_snapshot(&target)?;
+            names::check_snapshot_name(snap)?;
+            let request = snapshots::Request::Create {
+                name: snap.to_string(),
+                guid: uuid::Uuid::new_v4().to_string(),
+                created: now(),
+            };
+            let outcome = snapshot_request(&pool, state_dir, volume, &request)?;
+            if json {
+                print_json(&snapshot_json(&outcome.snapshots[0]));
+            } else {
+                println!("snapshot '{volume}@{snap}' taken");
+            }
+        }
+        SnapshotCommand::List { volume, json } => {
+            let outcome = snapshot_request(&pool, state_dir, &volume, &snapshots::Request::List)?;
+            if json {
+                print_json(&Value::Array(
+                    outcome.snapshots.iter().map(snapshot_json).collect(),
+                ));
+            } else {
+                let rows = outcome
+                    .snapshots
+                    .iter()
+                    .map(|s| vec![s.name.clone(), timestamp(s.created), bytes(s.size)])
+                    .collect();
+                table(&["NAME", "CREATED", "SIZE"], rows);
+            }
+        }
+        SnapshotCommand::Rm {
+            targets,
+            older_than,
+            keep_last,
+            from_file,
+            dry_run,
+            json,
+        } => {
+            let (volume, selection) =
+                snapshot_selection(targets, older_than, keep_last, from_file.as_deref())?;
+            let request = snapshots::Request::Delete { selection, dry_run };
+            let outcome = snapshot_request(&pool, state_dir, &volume, &request)?;
+            let names: Vec<&str> = outcome.snapshots.iter().map(|s| s.name.as_str()).collect();
+            if json {
+                print_json(&json!({ "volume": volume, "dry_run": dry_run, "deleted": names }));
+            } else if dry_run {
+                println!(
+                    "would delete {} snapshot(s) of '{volume}': {}",
+                    names.len(),
+                    names.join(", ")
+                );
+            } else {
+                println!("deleted {} snapshot(s) of '{volume}'", names.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The volume and snapshots `snapshot rm` names: all of one volume.
+fn snapshot_selection(
+    mut targets: Vec<String>,
+    older_than: Option<Duration>,
+    keep_last: Option<usize>,
+    from_file: Option<&Path>,
+) -> Result<(String, snapshots::Selection)> {
+    let bad = |message: String| Error::refused(ErrorKind::InvalidInput, message);
+    if let Some(file) = from_file {
+        let text = if file == Path::new("-") {
+            std::io::read_to_string(std::io::stdin()).ctx(|| "cannot read standard input".into())?
+        } else {
+            std::fs::read_to_string(file).ctx(|| format!("cannot read {}", file.display()))?
+        };
+        targets.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+    }
+    let policy = match (older_than, keep_last) {
+        (Some(age), None) => Some(snapshots::Selection::OlderThan(
+            now() - age.as_secs() as i64,
+        )),
+        (None, Some(n)) => Some(snapshots::Selection::KeepLast(n)),
+        (None, None) => None,
+        (Some(_), Some(_)) => return Err(bad("give --older-than or --keep-last, not both".into())),
+    };
+    if let Some(policy) = policy {
+        return match targets.as_slice() {
+            [volume] if !volume.contains('@') => Ok((volume.clone(), policy)),
+            _ => Err(bad(
+                "--older-than and --keep-last take one VOLUME, without @SNAPSHOT".into(),
+            )),
+        };
+    }
+    let mut volume: Option<String> = None;
+    let mut names = Vec::new();
+    for target in &targets {
+        let (v, snap) = volume_and_snapshot(target)?;
+        if volume.as_deref().is_some_and(|seen| seen != v) {
+            return Err(bad(format!(
+                "one command deletes snapshots of one volume; '{target}' is of another"
+            )));
+        }
+        volume = Some(v.to_string());
+        if let Some((first, last)) = snap.split_once('%') {
+            if targets.len() > 1 {
+                return Err(bad("a range VOLUME@FIRST%LAST goes alone".into()));
+            }
+            let range = snapshots::Selection::Range {
+                first: first.to_string(),
+                last: last.to_string(),
+            };
+            return Ok((v.to_string(), range));
+        }
+        names.push(snap.to_string());
+    }
+    match volume {
+        Some(volume) => Ok((volume, snapshots::Selection::Names(names))),
+        None => Err(bad("name the snapshots: VOLUME@SNAP, VOLUME@FIRST%LAST, or VOLUME with --older-than or --keep-last".into())),
+    }
+}
+
 fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
     let pool = match cmd {
         VolumeCommand::List { .. } | VolumeCommand::Show { .. } => Pool::open(state_dir)?,
@@ -611,6 +853,21 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
                 info.volume.size,
                 bytes(info.volume.size)
             );
+        }
+        VolumeCommand::Rollback {
+            target,
+            destroy_newer,
+        } => {
+            let (volume, snap) = volume_and_snapshot(&target)?;
+            let request = snapshots::Request::Rollback {
+                name: snap.to_string(),
+                destroy_newer,
+            };
+            let outcome = snapshot_request(&pool, state_dir, volume, &request)?;
+            println!("volume '{volume}' is at snapshot '{snap}' again");
+            for s in outcome.snapshots {
+                println!("deleted the newer snapshot '{}'", s.name);
+            }
         }
         VolumeCommand::Rm { name, recursive } => {
             pool.remove_volume(&name, recursive)?;

@@ -19,7 +19,4 @@ pub mod resources;
 pub mod settings;
 mod state;
 pub mod store;
-// The mount's read-write volume files and the snapshot commands that use the rest of it are
-// being built (issues 10 and 11); until then only its tests do.
-#[allow(dead_code)]
 pub mod volume;

@@ -10,6 +10,10 @@
 //! - `GET /v1/stats`: the mount's statistics (`MountStats`, see `docs/statistics.md`).
 //! - `POST /v1/cache/drop`: empty the chunk cache; answers what it held.
 //! - `POST /v1/wake`: reload the catalog now (answered once done) and wake the repair.
+//! - `POST /v1/volumes/snapshots`: a snapshot request (`core::volume::snapshots::Request`) on a
+//!   volume this daemon has open, body `{"volume": NAME, "request": ...}`; 409 when it does not
+//!   have it open (the command then does it itself). The space of deleted snapshots is
+//!   reclaimed afterwards in a thread of its own.
 
 use std::ffi::OsStr;
 use std::io;
@@ -24,6 +28,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::{json, Value};
 
+use crate::core::volume::snapshots;
 use crate::daemon::http::{self, ReadError, Request};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock;
@@ -151,6 +156,7 @@ const ROUTES: &[(&str, &str, Handler)] = &[
     ("GET", "/v1/stats", stats),
     ("POST", "/v1/cache/drop", cache_drop),
     ("POST", "/v1/wake", wake),
+    ("POST", "/v1/volumes/snapshots", volume_snapshots),
 ];
 
 fn route(context: &Context, peer: Peer, request: &Request) -> Reply {
@@ -207,6 +213,74 @@ fn cache_drop(context: &Context, peer: Peer, _: &Request) -> Reply {
         "dropped_chunks": before.chunks_cached,
         "dropped_bytes": before.bytes_cached,
     }))
+}
+
+fn volume_snapshots(context: &Context, peer: Peer, request: &Request) -> Reply {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        volume: String,
+        request: snapshots::Request,
+    }
+    let body: Body = match serde_json::from_slice(&request.body) {
+        Ok(body) => body,
+        Err(e) => return Reply::error(400, format!("a bad snapshot request: {e}")),
+    };
+    if matches!(body.request, snapshots::Request::Rollback { .. }) {
+        // Its readers would keep pages of the content it had.
+        return Reply::error(
+            422,
+            Error::refused(
+                ErrorKind::InUse,
+                format!(
+                    "volume '{}' is open through the mount at {}: close it before a rollback",
+                    body.volume,
+                    context.mountpoint.display()
+                ),
+            )
+            .to_relay(),
+        );
+    }
+    let fs = context.fs.clone();
+    let frees_space = matches!(
+        body.request,
+        snapshots::Request::Delete { dry_run: false, .. }
+    );
+    let done = context.fs.with_open_volume(&body.volume, |id, volume| {
+        let outcome = snapshots::apply(volume, &body.volume, &body.request);
+        if outcome.is_err() || !frees_space {
+            return (outcome, false);
+        }
+        tracing::info!(
+            "volume '{}': {:?}, asked by pid {}",
+            body.volume,
+            body.request,
+            peer.pid
+        );
+        let volume = volume.clone();
+        let name = body.volume.clone();
+        // Held open until the space is back: its writer lock stays with this daemon.
+        let spawned = std::thread::Builder::new()
+            .name("reclaim".into())
+            .spawn(move || {
+                loop {
+                    match volume.reclaim() {
+                        Ok(true) => {}
+                        Ok(false) => break,
+                        Err(e) => {
+                            tracing::error!("cannot reclaim the space of volume '{name}': {e}");
+                            break;
+                        }
+                    }
+                }
+                fs.release_volume(id);
+            });
+        (outcome, spawned.is_ok())
+    });
+    match done {
+        None => Reply::error(409, format!("volume '{}' is not open here", body.volume)),
+        Some(Ok(outcome)) => Reply::ok(serde_json::to_value(outcome).expect("outcomes serialise")),
+        Some(Err(e)) => Reply::error(422, e.to_relay()),
+    }
 }
 
 fn wake(context: &Context, _: Peer, _: &Request) -> Reply {

@@ -18,6 +18,20 @@ pub fn check_image_name(name: &str) -> Result<()> {
     check_component("image", name, IMAGE_NAME_MAX)
 }
 
+/// A snapshot name: an image name without `@` (it ends the volume's name in `VOLUME@SNAP`) or
+/// `%` (it separates a range).
+pub fn check_snapshot_name(name: &str) -> Result<()> {
+    check_image_name(name)?;
+    if name.contains(['@', '%']) {
+        return Err(Error::InvalidName {
+            what: "snapshot",
+            name: name.to_string(),
+            reason: "it contains '@' or '%', which `VOLUME@FIRST%LAST` uses".to_string(),
+        });
+    }
+    Ok(())
+}
+
 pub fn check_disk_name(name: &str) -> Result<()> {
     check_component("disk", name, NAME_MAX)
 }

@@ -1030,6 +1030,33 @@ impl PoolFs {
         }
     }
 
+    /// Runs `work` on the volume `name` if this mount has it open (`None` otherwise), keeping
+    /// it open meanwhile; `work` answers whether the volume must stay held after it returns
+    /// (and then calls `release_volume` itself).
+    pub fn with_open_volume<T>(
+        &self,
+        name: &str,
+        work: impl FnOnce(i64, &Arc<Volume>) -> (T, bool),
+    ) -> Option<T> {
+        let entry = self.catalog().volumes.get(name).cloned()?;
+        let volume = self.volumes.acquire(entry.id)?;
+        let (result, keep) = work(entry.id, &volume);
+        if !keep {
+            self.volumes.release(entry.id, &entry.name);
+        }
+        Some(result)
+    }
+
+    /// Lets go of a volume held by `with_open_volume`.
+    pub fn release_volume(&self, id: i64) {
+        let name = self
+            .catalog()
+            .volume_ids
+            .get(&id)
+            .map_or_else(String::new, |e| e.name.clone());
+        self.volumes.release(id, &name);
+    }
+
     /// Whether the inode may be opened for writing.
     pub fn writable(&self, ino: u64) -> bool {
         matches!(Node::from_ino(ino), Some(Node::Volume { .. }))

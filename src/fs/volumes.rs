@@ -97,6 +97,15 @@ impl OpenVolumes {
         }
     }
 
+    /// The volume if a file of it is open, held open until `release` as if one more file were:
+    /// a request working on it keeps its writer lock.
+    pub fn acquire(&self, id: i64) -> Option<Arc<Volume>> {
+        let mut open = self.open.lock();
+        let opened = open.get_mut(&id)?;
+        opened.files += 1;
+        Some(opened.volume.clone())
+    }
+
     /// The volume if a file of it is open: its size is the authority then.
     pub fn get(&self, id: i64) -> Option<Arc<Volume>> {
         self.open.lock().get(&id).map(|o| o.volume.clone())

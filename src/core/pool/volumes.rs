@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::Pool;
 use crate::core::owner::OwnerLock;
 use crate::core::store::{DiskRow, DiskState, VolumeRow, VolumeState};
-use crate::core::volume::{self, Base, Volume, WriterLock};
+use crate::core::volume::{self, snapshots, Base, Volume, WriterLock};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 use crate::format::layout::{fsync_dir, write_volume_record, DiskLayout};
@@ -243,6 +243,39 @@ impl Pool {
         Volume::open(files, Box::new(NotRead))
     }
 
+    /// Applies a snapshot request to a volume that no mount has open: here, under its writer
+    /// lock, with the space of deleted snapshots reclaimed before it returns. `Err(pid)` when
+    /// the process `pid` (a mount daemon) has it open: the request goes to that daemon.
+    pub fn snapshot_request(
+        &self,
+        name: &str,
+        request: &snapshots::Request,
+    ) -> Result<std::result::Result<snapshots::Outcome, u32>> {
+        let info = self.volume(name)?;
+        let files = VolumeFiles::new(&info.dir);
+        let Some(_writer) =
+            WriterLock::try_acquire(&files).ctx(|| format!("cannot lock volume '{name}'"))?
+        else {
+            return Ok(Err(info.open_by.unwrap_or(0)));
+        };
+        let volume = self
+            .open_volume(&files)
+            .ctx(|| format!("cannot open volume '{name}'"))?;
+        let outcome = snapshots::apply(&volume, name, request)?;
+        while volume
+            .reclaim()
+            .ctx(|| format!("cannot reclaim the space of volume '{name}'"))?
+        {}
+        volume
+            .close()
+            .ctx(|| format!("cannot close volume '{name}'"))?;
+        if matches!(request, snapshots::Request::Rollback { .. }) {
+            self.store
+                .set_volume_size(info.volume.id, volume_size(&files)?)?;
+        }
+        Ok(Ok(outcome))
+    }
+
     /// The right to change a volume from this process: refused while a mount serves it open.
     fn lock_volume(&self, name: &str, files: &VolumeFiles) -> Result<WriterLock> {
         WriterLock::try_acquire(files)
@@ -337,6 +370,12 @@ impl Pool {
         self.store.delete_volume(volume.id, VolumeState::Removing)?;
         Ok(())
     }
+}
+
+fn volume_size(files: &VolumeFiles) -> Result<u64> {
+    volume::summary(files)
+        .map(|s| s.size)
+        .ctx(|| format!("cannot read the index in {}", files.dir().display()))
 }
 
 fn write_volume_files(files: &VolumeFiles, record: &VolumeRecord, size: u64) -> Result<()> {

@@ -62,6 +62,7 @@ impl DataFile {
     }
 
     /// Bytes of disk space the file uses.
+    #[cfg(test)]
     pub fn allocated_bytes(&self) -> io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.blocks() * 512)

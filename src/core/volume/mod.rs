@@ -23,6 +23,7 @@ mod data;
 mod index;
 #[cfg(test)]
 mod model_tests;
+pub mod snapshots;
 
 use std::io;
 
@@ -232,16 +233,6 @@ impl Volume {
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let size = self.state.lock().size;
         self.read_versions(None, size, buf, offset)
-    }
-
-    /// Reads a snapshot from `offset`.
-    pub fn read_snapshot_at(
-        &self,
-        snapshot: &Snapshot,
-        buf: &mut [u8],
-        offset: u64,
-    ) -> io::Result<usize> {
-        self.read_versions(Some(snapshot.epoch), snapshot.size, buf, offset)
     }
 
     /// Reads granule by granule: each version is looked up under the state lock, and its data
@@ -701,16 +692,6 @@ impl Volume {
         Ok(true)
     }
 
-    /// Whether deleted snapshots still hold space.
-    pub fn reclaim_pending(&self) -> io::Result<bool> {
-        let state = self.state.lock();
-        Ok(!state
-            .index
-            .reclaim_windows()
-            .map_err(index_error)?
-            .is_empty())
-    }
-
     /// The volume's content becomes the snapshot's, which must be the newest.
     pub fn rollback(&self, snapshot: &Snapshot) -> io::Result<()> {
         let mut state = self.state.lock();
@@ -735,6 +716,17 @@ impl Volume {
 
 #[cfg(test)]
 impl Volume {
+    // The mount's snapshot files (issue 11) will read through this; the model test does now.
+    /// Reads a snapshot from `offset`.
+    pub fn read_snapshot_at(
+        &self,
+        snapshot: &Snapshot,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<usize> {
+        self.read_versions(Some(snapshot.epoch), snapshot.size, buf, offset)
+    }
+
     /// Index rows in all, live rows, and the blocks the live versions hold in the data file.
     pub(crate) fn footprint(&self) -> (u64, u64, u64) {
         self.state.lock().index.footprint().unwrap()
