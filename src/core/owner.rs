@@ -14,6 +14,8 @@ use crate::error::{IoContext, Result};
 const LOCKS_DIR: &str = "locks";
 /// Age after which a lock still under its staging name is known to be abandoned.
 const STAGING_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+/// Age under which a lock under its staging name may not be locked by its creator yet.
+const STAGING_MIN_AGE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// A lock held by this process while it owns some work.
 #[derive(Debug)]
@@ -171,13 +173,18 @@ pub fn sweep(state_dir: &Path, referenced: impl Fn(&str) -> bool) {
             continue;
         };
         if name.ends_with(".new") {
-            // Left by an owner killed between creating and renaming its lock; a live one
-            // renames within microseconds.
-            let stale = entry
+            // Left by an owner killed between creating and renaming its lock. A live one locks
+            // it right after creating it and renames it within microseconds: one that is not
+            // brand new and whose lock is free is abandoned (and one that old is, whatever).
+            let age = entry
                 .metadata()
                 .and_then(|m| m.modified())
-                .is_ok_and(|t| t.elapsed().unwrap_or_default() > STAGING_MAX_AGE);
-            if stale {
+                .map(|t| t.elapsed().unwrap_or_default())
+                .unwrap_or_default();
+            let abandoned = age > STAGING_MAX_AGE
+                || (age > STAGING_MIN_AGE
+                    && File::open(entry.path()).is_ok_and(|f| try_flock(&f).unwrap_or(false)));
+            if abandoned {
                 let _ = fs::remove_file(entry.path());
             }
             continue;
@@ -196,6 +203,26 @@ pub fn sweep(state_dir: &Path, referenced: impl Fn(&str) -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_staging_lock_is_swept_once_its_creator_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let locks = dir.path().join(LOCKS_DIR);
+        fs::create_dir_all(&locks).unwrap();
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+        let abandoned = locks.join(".dead.new");
+        File::create(&abandoned).unwrap().set_modified(old).unwrap();
+        let held = locks.join(".alive.new");
+        let creator = File::create(&held).unwrap();
+        creator.lock().unwrap();
+        creator.set_modified(old).unwrap();
+        let fresh = locks.join(".fresh.new");
+        File::create(&fresh).unwrap();
+        sweep(dir.path(), |_| false);
+        assert!(!abandoned.exists(), "an abandoned staging lock stays");
+        assert!(held.exists(), "a live creator's staging lock went");
+        assert!(fresh.exists(), "a brand new staging lock went");
+    }
 
     #[test]
     fn a_held_lock_is_alive_and_a_released_one_is_dead() {
