@@ -886,3 +886,87 @@ fn a_snapshot_of_an_open_volume_is_taken_by_its_daemon() {
     );
     mount.unmount();
 }
+
+/// A volume whose disk fills up: the write that finds no room gets ENOSPC, and every write
+/// before it, fsynced, reads back; the volume keeps working for overwrites.
+#[test]
+fn a_full_disk_gives_enospc_and_loses_no_earlier_write() {
+    if !can_mount("a_full_disk_gives_enospc_and_loses_no_earlier_write") {
+        return;
+    }
+    let mut pool = TestPool::empty();
+    let disk = LoopDisk::new(pool.dir.path(), "small", 48 * MIB, "ext4");
+    pool.add_disk("small", &disk.mountpoint);
+    pool.ok(&["volume", "create", "big", "--size", "256MiB"]);
+    let mount = pool.mount();
+    let path = mount.mountpoint.join("volumes/big");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let chunk = |i: u64| vec![(i % 251) as u8 + 1; MIB as usize];
+    let mut written = 0;
+    let err = loop {
+        match file.write_all_at(&chunk(written), written * MIB) {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 256, "a 48 MiB disk took 256 MiB");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert!(written > 10, "only {written} MiB fit");
+    // What was written before stays, durably; overwrites still work.
+    let _ = file.sync_all();
+    file.write_all_at(&chunk(99), 0).unwrap();
+    file.sync_all().unwrap();
+    let mut back = vec![0u8; MIB as usize];
+    file.read_exact_at(&mut back, 0).unwrap();
+    assert!(back == chunk(99));
+    for i in 1..written {
+        file.read_exact_at(&mut back, i * MIB).unwrap();
+        assert!(
+            back == chunk(i),
+            "MiB {i}, written before the disk filled, changed"
+        );
+    }
+    drop(file);
+    mount.unmount();
+    drop(disk);
+}
+
+/// qemu-img reads the volume as the raw disk it is.
+#[test]
+fn qemu_img_converts_a_volume_to_what_was_written() {
+    if !can_mount("qemu_img_converts_a_volume_to_what_was_written") {
+        return;
+    }
+    let pool = TestPool::new(1);
+    let source = pool.path("src.img");
+    random_file(&source, 3 * MIB, 14);
+    pool.add_image("base", &source, 1);
+    pool.ok(&["volume", "create", "q", "--image", "base", "--size", "8MiB"]);
+    let mount = pool.mount();
+    let path = mount.mountpoint.join("volumes/q");
+    pwrite(&path, 2 * MIB + 123, &[5u8; 300_000]).unwrap();
+    pwrite(&path, 7 * MIB, &[6u8; 4096]).unwrap();
+    let out = pool.path("out.raw");
+    let convert = std::process::Command::new("qemu-img")
+        .args(["convert", "-f", "raw", "-O", "raw"])
+        .arg(&path)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        convert.status.success(),
+        "{}",
+        String::from_utf8_lossy(&convert.stderr)
+    );
+    assert_eq!(sha512sum(&out), sha512sum(&path));
+    let mut expected = std::fs::read(&source).unwrap();
+    expected.resize(8 * MIB as usize, 0);
+    expected[2 * MIB as usize + 123..2 * MIB as usize + 300_123].fill(5);
+    expected[7 * MIB as usize..7 * MIB as usize + 4096].fill(6);
+    assert!(std::fs::read(&out).unwrap() == expected);
+    mount.unmount();
+}
