@@ -868,6 +868,16 @@ fn a_snapshot_of_an_open_volume_is_taken_by_its_daemon() {
     pool.ok(&["snapshot", "create", "v@while-open"]);
     file.write_all_at(&vec![b'Y'; size / 2], 0).unwrap();
     assert_eq!(snapshot_names(&pool, "v"), ["while-open"]);
+    // Grown while open, by its daemon: the file has the new size, the store knows it.
+    pool.ok(&["volume", "resize", "v", "2MiB"]);
+    assert_eq!(pool.json(&["volume", "show", "v"])["size"], 2 * MIB);
+    assert!(poll(
+        std::time::Duration::from_secs(3),
+        std::time::Duration::from_millis(50),
+        || std::fs::metadata(&path).unwrap().len() == 2 * MIB
+    ));
+    file.write_all_at(b"past the old end", 2 * MIB - 100)
+        .unwrap();
     let line = failed_cleanly(
         "rollback of an open volume",
         &pool.run(&["volume", "rollback", "v@while-open"]),
@@ -883,6 +893,11 @@ fn a_snapshot_of_an_open_volume_is_taken_by_its_daemon() {
     assert!(
         read_whole(&path) == vec![b'X'; size],
         "the snapshot held the writes before it"
+    );
+    assert_eq!(
+        pool.json(&["volume", "show", "v"])["size"],
+        MIB,
+        "a rollback restores the size"
     );
     mount.unmount();
 }

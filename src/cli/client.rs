@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::core::volume::snapshots;
+use crate::core::volume::requests;
 use crate::error::Error;
 
 use crate::daemon::control;
@@ -124,8 +124,8 @@ pub fn volume_snapshots(
     state_dir: &Path,
     mount_id: i64,
     volume: &str,
-    request: &snapshots::Request,
-) -> Result<Option<Result<snapshots::Outcome, Error>>, CallError> {
+    request: &requests::Request,
+) -> Result<Option<Result<requests::Outcome, Error>>, CallError> {
     let socket = control::socket_path(state_dir, mount_id);
     let body = serde_json::to_vec(&json!({ "volume": volume, "request": request }))
         .expect("requests serialise");

@@ -21,7 +21,7 @@ use crate::core::recover;
 use crate::core::repair;
 use crate::core::settings;
 use crate::core::store::CopyState;
-use crate::core::volume::snapshots;
+use crate::core::volume::requests;
 use crate::daemon::control;
 use crate::daemon::mount::{self, MountConfig, MAX_READ_AHEAD, MAX_THREADS};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -608,23 +608,29 @@ fn volume_and_snapshot(target: &str) -> Result<(&str, &str)> {
     }
 }
 
-/// A snapshot request, where it can be done: here when no mount has the volume open, else by
+/// The store's row follows the size the volume's index has after a request.
+fn record_size(pool: &Pool, volume: &str, outcome: requests::Outcome) -> Result<requests::Outcome> {
+    pool.record_volume_size(volume, outcome.size)?;
+    Ok(outcome)
+}
+
+/// A volume request, where it can be done: here when no mount has the volume open, else by
 /// the daemon that has it (asked again here if it closed it meanwhile).
 fn snapshot_request(
     pool: &Pool,
     state_dir: &Path,
     volume: &str,
-    request: &snapshots::Request,
-) -> Result<snapshots::Outcome> {
+    request: &requests::Request,
+) -> Result<requests::Outcome> {
     for _ in 0..20 {
         let pid = match pool.snapshot_request(volume, request)? {
-            Ok(outcome) => return Ok(outcome),
+            Ok(outcome) => return record_size(pool, volume, outcome),
             Err(pid) => pid,
         };
         let mount = pool.live_mounts()?.into_iter().find(|m| m.pid == pid);
         if let Some(mount) = mount {
             match client::volume_snapshots(state_dir, mount.id, volume, request) {
-                Ok(Some(done)) => return done,
+                Ok(Some(done)) => return record_size(pool, volume, done?),
                 // It closed the volume meanwhile: here, then.
                 Ok(None) | Err(client::CallError::NotRunning) => {}
                 Err(e) => {
@@ -643,7 +649,7 @@ fn snapshot_request(
     ))
 }
 
-fn snapshot_json(s: &snapshots::SnapshotInfo) -> Value {
+fn snapshot_json(s: &requests::SnapshotInfo) -> Value {
     json!({
         "name": s.name,
         "guid": s.guid,
@@ -664,7 +670,7 @@ fn snapshot(state_dir: &Path, cmd: SnapshotCommand) -> Result<()> {
         SnapshotCommand::Create { target, json } => {
             let (volume, snap) = volume_and_snapshot(&target)?;
             names::check_snapshot_name(snap)?;
-            let request = snapshots::Request::Create {
+            let request = requests::Request::Create {
                 name: snap.to_string(),
                 guid: uuid::Uuid::new_v4().to_string(),
                 created: now(),
@@ -677,7 +683,7 @@ fn snapshot(state_dir: &Path, cmd: SnapshotCommand) -> Result<()> {
             }
         }
         SnapshotCommand::List { volume, json } => {
-            let outcome = snapshot_request(&pool, state_dir, &volume, &snapshots::Request::List)?;
+            let outcome = snapshot_request(&pool, state_dir, &volume, &requests::Request::List)?;
             if json {
                 print_json(&Value::Array(
                     outcome.snapshots.iter().map(snapshot_json).collect(),
@@ -701,7 +707,7 @@ fn snapshot(state_dir: &Path, cmd: SnapshotCommand) -> Result<()> {
         } => {
             let (volume, selection) =
                 snapshot_selection(targets, older_than, keep_last, from_file.as_deref())?;
-            let request = snapshots::Request::Delete { selection, dry_run };
+            let request = requests::Request::Delete { selection, dry_run };
             let outcome = snapshot_request(&pool, state_dir, &volume, &request)?;
             let names: Vec<&str> = outcome.snapshots.iter().map(|s| s.name.as_str()).collect();
             if json {
@@ -726,7 +732,7 @@ fn snapshot_selection(
     older_than: Option<Duration>,
     keep_last: Option<usize>,
     from_file: Option<&Path>,
-) -> Result<(String, snapshots::Selection)> {
+) -> Result<(String, requests::Selection)> {
     let bad = |message: String| Error::refused(ErrorKind::InvalidInput, message);
     if let Some(file) = from_file {
         let text = if file == Path::new("-") {
@@ -742,10 +748,8 @@ fn snapshot_selection(
         );
     }
     let policy = match (older_than, keep_last) {
-        (Some(age), None) => Some(snapshots::Selection::OlderThan(
-            now() - age.as_secs() as i64,
-        )),
-        (None, Some(n)) => Some(snapshots::Selection::KeepLast(n)),
+        (Some(age), None) => Some(requests::Selection::OlderThan(now() - age.as_secs() as i64)),
+        (None, Some(n)) => Some(requests::Selection::KeepLast(n)),
         (None, None) => None,
         (Some(_), Some(_)) => return Err(bad("give --older-than or --keep-last, not both".into())),
     };
@@ -771,7 +775,7 @@ fn snapshot_selection(
             if targets.len() > 1 {
                 return Err(bad("a range VOLUME@FIRST%LAST goes alone".into()));
             }
-            let range = snapshots::Selection::Range {
+            let range = requests::Selection::Range {
                 first: first.to_string(),
                 last: last.to_string(),
             };
@@ -780,7 +784,7 @@ fn snapshot_selection(
         names.push(snap.to_string());
     }
     match volume {
-        Some(volume) => Ok((volume, snapshots::Selection::Names(names))),
+        Some(volume) => Ok((volume, requests::Selection::Names(names))),
         None => Err(bad("name the snapshots: VOLUME@SNAP, VOLUME@FIRST%LAST, or VOLUME with --older-than or --keep-last".into())),
     }
 }
@@ -847,11 +851,13 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
             }
         }
         VolumeCommand::Resize { name, size } => {
-            let info = pool.resize_volume(&name, size)?;
+            pool.check_volume_size(size)?;
+            let outcome =
+                snapshot_request(&pool, state_dir, &name, &requests::Request::Resize { size })?;
             println!(
                 "volume '{name}' is now {} ({})",
-                info.volume.size,
-                bytes(info.volume.size)
+                outcome.size,
+                bytes(outcome.size)
             );
         }
         VolumeCommand::Rollback {
@@ -859,7 +865,7 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
             destroy_newer,
         } => {
             let (volume, snap) = volume_and_snapshot(&target)?;
-            let request = snapshots::Request::Rollback {
+            let request = requests::Request::Rollback {
                 name: snap.to_string(),
                 destroy_newer,
             };

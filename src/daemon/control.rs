@@ -10,7 +10,7 @@
 //! - `GET /v1/stats`: the mount's statistics (`MountStats`, see `docs/statistics.md`).
 //! - `POST /v1/cache/drop`: empty the chunk cache; answers what it held.
 //! - `POST /v1/wake`: reload the catalog now (answered once done) and wake the repair.
-//! - `POST /v1/volumes/snapshots`: a snapshot request (`core::volume::snapshots::Request`) on a
+//! - `POST /v1/volumes/snapshots`: a snapshot request (`core::volume::requests::Request`) on a
 //!   volume this daemon has open, body `{"volume": NAME, "request": ...}`; 409 when it does not
 //!   have it open (the command then does it itself). The space of deleted snapshots is
 //!   reclaimed afterwards in a thread of its own.
@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::{json, Value};
 
-use crate::core::volume::snapshots;
+use crate::core::volume::requests;
 use crate::daemon::http::{self, ReadError, Request};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock;
@@ -219,13 +219,13 @@ fn volume_snapshots(context: &Context, peer: Peer, request: &Request) -> Reply {
     #[derive(serde::Deserialize)]
     struct Body {
         volume: String,
-        request: snapshots::Request,
+        request: requests::Request,
     }
     let body: Body = match serde_json::from_slice(&request.body) {
         Ok(body) => body,
         Err(e) => return Reply::error(400, format!("a bad snapshot request: {e}")),
     };
-    if matches!(body.request, snapshots::Request::Rollback { .. }) {
+    if matches!(body.request, requests::Request::Rollback { .. }) {
         // Its readers would keep pages of the content it had.
         return Reply::error(
             422,
@@ -243,10 +243,10 @@ fn volume_snapshots(context: &Context, peer: Peer, request: &Request) -> Reply {
     let fs = context.fs.clone();
     let frees_space = matches!(
         body.request,
-        snapshots::Request::Delete { dry_run: false, .. }
+        requests::Request::Delete { dry_run: false, .. }
     );
     let done = context.fs.with_open_volume(&body.volume, |id, volume| {
-        let outcome = snapshots::apply(volume, &body.volume, &body.request);
+        let outcome = requests::apply(volume, &body.volume, &body.request);
         if outcome.is_err() || !frees_space {
             return (outcome, false);
         }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use super::Pool;
 use crate::core::owner::OwnerLock;
 use crate::core::store::{DiskRow, DiskState, VolumeRow, VolumeState};
-use crate::core::volume::{self, snapshots, Base, Volume, WriterLock};
+use crate::core::volume::{self, requests, Base, Volume, WriterLock};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 use crate::format::layout::{fsync_dir, write_volume_record, DiskLayout};
@@ -249,8 +249,8 @@ impl Pool {
     pub fn snapshot_request(
         &self,
         name: &str,
-        request: &snapshots::Request,
-    ) -> Result<std::result::Result<snapshots::Outcome, u32>> {
+        request: &requests::Request,
+    ) -> Result<std::result::Result<requests::Outcome, u32>> {
         let info = self.volume(name)?;
         let files = VolumeFiles::new(&info.dir);
         let Some(_writer) =
@@ -261,7 +261,7 @@ impl Pool {
         let volume = self
             .open_volume(&files)
             .ctx(|| format!("cannot open volume '{name}'"))?;
-        let outcome = snapshots::apply(&volume, name, request)?;
+        let outcome = requests::apply(&volume, name, request)?;
         while volume
             .reclaim()
             .ctx(|| format!("cannot reclaim the space of volume '{name}'"))?
@@ -269,10 +269,6 @@ impl Pool {
         volume
             .close()
             .ctx(|| format!("cannot close volume '{name}'"))?;
-        if matches!(request, snapshots::Request::Rollback { .. }) {
-            self.store
-                .set_volume_size(info.volume.id, volume_size(&files)?)?;
-        }
         Ok(Ok(outcome))
     }
 
@@ -306,32 +302,18 @@ impl Pool {
         Ok(out)
     }
 
-    /// Grows a volume to `size` bytes.
-    pub fn resize_volume(&self, name: &str, size: u64) -> Result<VolumeInfo> {
-        let info = self.volume(name)?;
-        if size < info.volume.size {
-            return Err(Error::refused(
-                ErrorKind::InvalidInput,
-                format!(
-                    "volume '{name}' is {} bytes and cannot shrink: a volume only grows",
-                    info.volume.size
-                ),
-            ));
+    /// Checks a new size for a volume, before it is asked of whoever has the volume open.
+    pub fn check_volume_size(&self, size: u64) -> Result<()> {
+        check_size(size, None)
+    }
+
+    /// Records a volume's size as its index has it after a request (a resize, a rollback).
+    pub fn record_volume_size(&self, name: &str, size: u64) -> Result<()> {
+        let row = self.store.volume(name)?;
+        if row.size != size {
+            self.store.set_volume_size(row.id, size)?;
         }
-        check_size(size, None)?;
-        let files = VolumeFiles::new(&info.dir);
-        let _writer = self.lock_volume(name, &files)?;
-        let volume = self
-            .open_volume(&files)
-            .ctx(|| format!("cannot open volume '{name}'"))?;
-        volume
-            .resize(size)
-            .ctx(|| format!("cannot resize volume '{name}'"))?;
-        volume
-            .close()
-            .ctx(|| format!("cannot close volume '{name}'"))?;
-        self.store.set_volume_size(info.volume.id, size)?;
-        self.volume(name)
+        Ok(())
     }
 
     /// Removes a volume and its data; one with snapshots only with `recursive`.
@@ -370,12 +352,6 @@ impl Pool {
         self.store.delete_volume(volume.id, VolumeState::Removing)?;
         Ok(())
     }
-}
-
-fn volume_size(files: &VolumeFiles) -> Result<u64> {
-    volume::summary(files)
-        .map(|s| s.size)
-        .ctx(|| format!("cannot read the index in {}", files.dir().display()))
 }
 
 fn write_volume_files(files: &VolumeFiles, record: &VolumeRecord, size: u64) -> Result<()> {

@@ -23,7 +23,7 @@ mod data;
 mod index;
 #[cfg(test)]
 mod model_tests;
-pub mod snapshots;
+pub mod requests;
 
 use std::io;
 

@@ -1,5 +1,6 @@
-//! The snapshot commands on one open volume: what `imgpool snapshot` and `volume rollback` do,
-//! in the command itself when no mount has the volume open, or in the daemon that has it. Each
+//! The commands that change one volume: what `imgpool snapshot`, `volume rollback` and `volume
+//! resize` do, in the command itself when no mount has the volume open, or in the daemon that
+//! has it. Each
 //! request is decided and applied under the volume's state lock: a batch is checked whole (an
 //! unknown name refuses it all) against the snapshots as they are when it applies.
 
@@ -41,6 +42,10 @@ pub enum Request {
         name: String,
         destroy_newer: bool,
     },
+    /// Grow the volume to `size` bytes.
+    Resize {
+        size: u64,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,10 +57,11 @@ pub struct SnapshotInfo {
 }
 
 /// What a request did: the snapshots created, listed, deleted (or that would be) or destroyed
-/// by a rollback.
+/// by a rollback; and the volume's size after it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
     pub snapshots: Vec<SnapshotInfo>,
+    pub size: u64,
 }
 
 fn info(s: &Snapshot) -> SnapshotInfo {
@@ -164,8 +170,24 @@ pub fn apply(volume: &Volume, name: &str, request: &Request) -> Result<Outcome> 
             volume.rollback(&all[at]).map_err(io)?;
             newer.iter().map(info).collect()
         }
+        Request::Resize { size } => {
+            let now = volume.size();
+            if *size < now {
+                return Err(Error::refused(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "volume '{name}' is {now} bytes and cannot shrink: a volume only grows"
+                    ),
+                ));
+            }
+            volume.resize(*size).map_err(io)?;
+            Vec::new()
+        }
     };
-    Ok(Outcome { snapshots })
+    Ok(Outcome {
+        snapshots,
+        size: volume.size(),
+    })
 }
 
 #[cfg(test)]
