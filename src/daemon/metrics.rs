@@ -62,7 +62,7 @@ type Labels = Vec<(&'static str, String)>;
 enum Value {
     Gauge(f64),
     Counter(u64),
-    /// Sum, count and cumulative `(upper bound, count)` buckets.
+    /// Sum, count and `(upper bound, count)` of each bucket, not cumulative (the encoder sums).
     Histogram(f64, u64, Vec<(f64, u64)>),
 }
 
@@ -342,7 +342,7 @@ impl Metrics {
                 .map(|o| {
                     (
                         label("op", o.op.name()),
-                        Value::Histogram(o.seconds, o.count, o.cumulative.clone()),
+                        Value::Histogram(o.seconds, o.count, o.buckets.clone()),
                     )
                 })
                 .collect(),

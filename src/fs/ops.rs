@@ -143,8 +143,9 @@ pub struct OpSnapshot {
     pub count: u64,
     /// Seconds spent answering, summed.
     pub seconds: f64,
-    /// Cumulative counts at each of `LATENCY_BOUNDS`.
-    pub cumulative: Vec<(f64, u64)>,
+    /// `(upper bound, requests)` of each bucket (not cumulative): the `LATENCY_BOUNDS`, then
+    /// infinity.
+    pub buckets: Vec<(f64, u64)>,
     /// `(errno, requests)` for each errno seen.
     pub errors: Vec<(i32, u64)>,
 }
@@ -163,13 +164,16 @@ impl OpStats {
             .iter()
             .map(|&op| {
                 let c = &self.ops[op as usize];
-                let mut total = 0;
-                let mut cumulative = Vec::with_capacity(LATENCY_BOUNDS.len() + 1);
-                for (i, bucket) in c.buckets.iter().enumerate() {
-                    total += bucket.load(Ordering::Relaxed);
-                    let bound = LATENCY_BOUNDS.get(i).copied().unwrap_or(f64::INFINITY);
-                    cumulative.push((bound, total));
-                }
+                let buckets: Vec<(f64, u64)> = c
+                    .buckets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, bucket)| {
+                        let bound = LATENCY_BOUNDS.get(i).copied().unwrap_or(f64::INFINITY);
+                        (bound, bucket.load(Ordering::Relaxed))
+                    })
+                    .collect();
+                let total = buckets.iter().map(|(_, n)| n).sum();
                 let errors = c
                     .errors
                     .iter()
@@ -181,7 +185,7 @@ impl OpStats {
                     op,
                     count: total,
                     seconds: c.nanos.load(Ordering::Relaxed) as f64 / 1e9,
-                    cumulative,
+                    buckets,
                     errors,
                 }
             })
@@ -230,9 +234,9 @@ mod tests {
         let read = snap.iter().find(|s| s.op == Op::Read).unwrap();
         assert_eq!(read.count, 2);
         assert_eq!(read.errors, vec![(libc::EIO, 1)]);
-        assert_eq!(read.cumulative.last().unwrap(), &(f64::INFINITY, 2));
-        // Cumulative counts never go down.
-        assert!(read.cumulative.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert_eq!(read.buckets.len(), LATENCY_BOUNDS.len() + 1);
+        assert_eq!(read.buckets.last().unwrap().0, f64::INFINITY);
+        assert_eq!(read.buckets.iter().map(|(_, n)| n).sum::<u64>(), 2);
         let write = snap.iter().find(|s| s.op == Op::Write).unwrap();
         assert_eq!(write.count, 0);
         assert_eq!(BOUNDS_NS.len(), LATENCY_BOUNDS.len());
