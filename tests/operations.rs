@@ -159,7 +159,7 @@ fn systemd_ready_comes_only_once_the_mount_and_every_bind_serve_reads() {
         // The mount table first (quick, so nothing has time to appear meanwhile), then reads.
         for target in &targets {
             assert!(
-                is_mount_point(&target),
+                is_mount_point(target),
                 "{when}: {} is not mounted",
                 target.display()
             );
@@ -208,8 +208,14 @@ fn systemd_ready_comes_only_once_the_mount_and_every_bind_serve_reads() {
     wait_ready(&notify, &mut daemon, &log);
     check_served("at READY after a crash");
 
-    // systemctl stop: SIGTERM; STOPPING=1, then the binds and the mount are gone and the daemon
-    // exits successfully.
+    // systemctl stop with a replica's file open: SIGTERM; STOPPING=1, the binds and the mount
+    // leave the mount table at once (detached), the open file keeps reading through the daemon,
+    // and the daemon exits successfully once it is closed.
+    let bound = pool.disks[1]
+        .join("backing-images")
+        .join(format!("golden-{uuid}/backing"));
+    // Buffered, as most readers are (an O_DIRECT reader ends the session the same way).
+    let mut open = fs::File::open(&bound).unwrap();
     kill(Pid::from_raw(daemon.pid()), Signal::SIGTERM).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut stopping = None;
@@ -220,6 +226,23 @@ fn systemd_ready_comes_only_once_the_mount_and_every_bind_serve_reads() {
     }
     let stopping = stopping.expect("no STOPPING=1 after SIGTERM");
     assert!(stopping.contains("STATUS=stopping"), "{stopping}");
+    assert!(
+        wait_until(Duration::from_secs(10), || targets
+            .iter()
+            .all(|t| !is_mount_point(t))),
+        "the mount or a bind is still in the mount table after SIGTERM"
+    );
+    let mut buf = vec![0u8; MIB as usize];
+    let n = open.read(&mut buf[..]).unwrap();
+    assert!(
+        n > 0 && buf[..n] == expected[..n],
+        "the open file read wrong bytes"
+    );
+    assert!(
+        daemon.wait_timeout(Duration::from_millis(500)).is_none(),
+        "the daemon exited while a file was open"
+    );
+    drop(open);
     let status = daemon
         .wait_timeout(Duration::from_secs(15))
         .expect("the daemon did not exit after SIGTERM");

@@ -860,7 +860,22 @@ fn serve(
     let _ = refresher.join();
     let _ = session_thread.join();
     tracing::info!("unmounted {}", mountpoint.display());
+    // A mount detached while files were open (a stop with files open, `umount --lazy`) ends
+    // when the last one closes: the kernel then aborts the connection, and the session ends
+    // with ECONNABORTED. That is the normal end once the mount is gone; an abort of a mount
+    // still in place (through /sys/fs/fuse/connections) is a failure.
+    let outcome = match outcome {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) && !still_mounted(&binds.source) => {
+            Ok(())
+        }
+        outcome => outcome,
+    };
     outcome.ctx(|| format!("FUSE session at {} failed", mountpoint.display()))
+}
+
+/// Whether a mount carrying `source` (ours, or one of our binds) is still in the mount table.
+fn still_mounted(source: &str) -> bool {
+    mountinfo::read().map_or(true, |table| table.iter().any(|m| m.source == source))
 }
 
 /// Mounts a FUSE filesystem at `mountpoint` with `source`, for a session on the returned
