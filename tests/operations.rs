@@ -367,7 +367,7 @@ fn metrics_count_the_load_pass_promtool_and_are_root_only_on_the_socket() {
     if !can_mount(test) || !have("promtool", test) {
         return;
     }
-    let pool = TestPool::new(2);
+    let pool = TestPool::new(3);
     let source = pool.path("source.img");
     random_file(&source, 8 * MIB, 41);
     let uuid = pool.add_image("golden", &source, 2);
@@ -602,6 +602,28 @@ fn metrics_count_the_load_pass_promtool_and_are_root_only_on_the_socket() {
         );
         assert!(!response.contains("imgpool_"), "{response}");
     }
+    // A third copy wanted: the daemon's repair copies the image's 8 MiB (no holes) and checks
+    // the copy, and the metrics say so.
+    pool.ok(&["image", "set", "golden", "--copies", "3"]);
+    let mut last = String::new();
+    let repaired = poll(Duration::from_secs(60), Duration::from_millis(200), || {
+        last = scrape_socket(&socket);
+        let now = samples(&last);
+        now.get("imgpool_image_copies_healthy{image=\"golden\"}") == Some(&3.0)
+            && value(&now, "imgpool_repair_read_bytes_total{work=\"copy\"}") >= (8 * MIB) as f64
+    });
+    assert!(repaired, "no repair seen in the metrics: {last}");
+    let now = samples(&last);
+    assert!(value(&now, "imgpool_repair_rounds_total") >= 1.0);
+    assert_eq!(
+        value(
+            &now,
+            "imgpool_image_state{image=\"golden\",state=\"ready\"}"
+        ),
+        1.0
+    );
+    promtool_check(&last);
+
     mount.unmount();
     // The listener went with the daemon.
     assert!(TcpStream::connect(&address).is_err());

@@ -22,6 +22,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::core::pool::Pool;
+use crate::core::repair::RepairCounters;
 use crate::daemon::http::{self, ReadError};
 use crate::error::{IoContext, Result};
 use crate::fs::namespace::PoolFs;
@@ -48,6 +49,7 @@ const VOLUME_STATES: [&str; 2] = ["ready", "failed"];
 pub struct Metrics {
     pub fs: Arc<PoolFs>,
     pub ops: Arc<OpStats>,
+    pub repair: Arc<RepairCounters>,
     pub io_mode_requested: IoMode,
     pub passthrough: Arc<AtomicBool>,
     pub binds: Arc<Mutex<Vec<BindStatus>>>,
@@ -201,6 +203,7 @@ impl Metrics {
     pub fn new(
         fs: Arc<PoolFs>,
         ops: Arc<OpStats>,
+        repair: Arc<RepairCounters>,
         io_mode_requested: IoMode,
         passthrough: Arc<AtomicBool>,
         binds: Arc<Mutex<Vec<BindStatus>>>,
@@ -209,6 +212,7 @@ impl Metrics {
         Metrics {
             fs,
             ops,
+            repair,
             io_mode_requested,
             passthrough,
             binds,
@@ -234,6 +238,7 @@ impl Metrics {
         self.mount_metrics(&mut scrape);
         self.request_metrics(&mut scrape);
         self.read_metrics(&mut scrape);
+        self.repair_metrics(&mut scrape);
         let readable = {
             let mut pool = self.pool.lock();
             if pool.is_none() {
@@ -346,6 +351,25 @@ impl Metrics {
                     )
                 })
                 .collect(),
+        );
+    }
+
+    fn repair_metrics(&self, scrape: &mut Scrape) {
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        scrape.counters(
+            "imgpool_repair_read_bytes",
+            "Bytes this daemon's repair read, by work: copy (from a good copy or the source, to make a new copy) and verify (a copy read back against its image's checksum). Holes are not read. A repair run by `imgpool repair` in another process is not counted.",
+            None,
+            [
+                (label("work", "copy"), load(&self.repair.copied_bytes)),
+                (label("work", "verify"), load(&self.repair.verified_bytes)),
+            ],
+        );
+        scrape.counter(
+            "imgpool_repair_rounds",
+            "Repair rounds of this daemon that did something (copied, verified, deleted or cleaned up).",
+            None,
+            load(&self.repair.rounds),
         );
     }
 

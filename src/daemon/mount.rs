@@ -579,7 +579,8 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         ReadPath::new(config.cache_size),
     )?);
     let background = Arc::new(AtomicBool::new(false));
-    let wake_repair = start_health_and_repair(state_dir, &fs, &background)?;
+    let repair_counters = Arc::new(repair::RepairCounters::default());
+    let wake_repair = start_health_and_repair(state_dir, &fs, &background, &repair_counters)?;
     let result = serve(
         fs.clone(),
         config,
@@ -591,7 +592,7 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         notify,
         socket,
         metrics_listener,
-        wake_repair,
+        (wake_repair, repair_counters),
     );
     // A copy the repair is writing is abandoned; the next start cleans it up and redoes it.
     background.store(true, Ordering::Relaxed);
@@ -639,6 +640,7 @@ fn start_health_and_repair(
     state_dir: &Path,
     fs: &PoolFs,
     stop: &Arc<AtomicBool>,
+    counters: &Arc<repair::RepairCounters>,
 ) -> Result<mpsc::Sender<()>> {
     let (faults, fault_events) = mpsc::channel();
     fs.report_faults_to(faults);
@@ -659,9 +661,12 @@ fn start_health_and_repair(
         })
         .ctx(|| "cannot start the health monitor".into())?;
     let repair_stop = stop.clone();
+    let counters = counters.clone();
     std::thread::Builder::new()
         .name("repair".into())
-        .spawn(move || repair::run_in_background(repair_pool, &wake_events, &repair_stop))
+        .spawn(move || {
+            repair::run_in_background(repair_pool, &wake_events, &repair_stop, &counters)
+        })
         .ctx(|| "cannot start the repair thread".into())?;
     Ok(wake_repair)
 }
@@ -699,7 +704,7 @@ fn serve(
     notify: bool,
     socket: ControlSocket,
     metrics_listener: Option<std::net::TcpListener>,
-    wake_repair: mpsc::Sender<()>,
+    (wake_repair, repair_counters): (mpsc::Sender<()>, Arc<repair::RepairCounters>),
 ) -> Result<()> {
     let mountpoint = &config.mountpoint;
     let mut options = Config::default();
@@ -774,6 +779,7 @@ fn serve(
     let metrics = Arc::new(Metrics::new(
         fs.clone(),
         ops,
+        repair_counters,
         config.io_mode,
         passthrough.clone(),
         binds.report.clone(),
