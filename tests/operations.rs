@@ -628,3 +628,67 @@ fn metrics_count_the_load_pass_promtool_and_are_root_only_on_the_socket() {
     // The listener went with the daemon.
     assert!(TcpStream::connect(&address).is_err());
 }
+
+/// The daemon's log lines that carry `event="<event>"`.
+fn events(log: &Path, event: &str) -> Vec<String> {
+    let tag = format!("event=\"{event}\"");
+    fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&tag))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn state_changes_are_one_log_line_each_with_their_fields() {
+    let test = "state_changes_are_one_log_line_each_with_their_fields";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let source = pool.path("source.img");
+    random_file(&source, MIB, 4);
+    pool.add_image("golden", &source, 1);
+    let mount = pool.mount();
+    let log = pool.state.join("mount.log");
+    let mounted = events(&log, "mounted");
+    assert_eq!(mounted.len(), 1, "{mounted:?}");
+    let mnt = format!("mountpoint={:?}", mount.mountpoint);
+    assert!(mounted[0].contains(&mnt), "{}", mounted[0]);
+    for (i, disk) in ["d1", "d2"].iter().enumerate() {
+        let bound = events(&log, "bound");
+        let line = bound
+            .iter()
+            .find(|l| l.contains(&format!("disk=\"{disk}\"")))
+            .unwrap_or_else(|| panic!("no bind line for {disk}: {bound:?}"));
+        let target = format!("target={:?}", pool.disks[i].join("backing-images"));
+        assert!(line.contains(&target), "{line}");
+    }
+    // Images imported and removed by other commands: one line each, as the daemon sees them.
+    // The image in the mount when it started is not an event.
+    assert!(events(&log, "image_added").is_empty());
+    let uuid = pool.add_image("second", &source, 1);
+    pool.ok(&["image", "rm", "second"]);
+    let lines = |event: &str| {
+        let mut found = Vec::new();
+        poll(Duration::from_secs(5), Duration::from_millis(50), || {
+            found = events(&log, event);
+            !found.is_empty()
+        });
+        found
+    };
+    for event in ["image_added", "image_removed"] {
+        let found = lines(event);
+        assert_eq!(found.len(), 1, "{event}: {found:?}");
+        assert!(
+            found[0].contains("image=\"second\"") && found[0].contains(&format!("uuid={uuid}")),
+            "{}",
+            found[0]
+        );
+    }
+    mount.unmount();
+    let unmounted = events(&log, "unmounted");
+    assert_eq!(unmounted.len(), 1, "{unmounted:?}");
+    assert!(unmounted[0].contains(&mnt), "{}", unmounted[0]);
+}

@@ -383,9 +383,14 @@ impl BindMounts {
                                     target.display()
                                 );
                             }
-                            None => {
-                                tracing::info!("bound {} at {}", source.display(), target.display())
-                            }
+                            None => tracing::info!(
+                                event = "bound",
+                                disk = ?view.name,
+                                target = ?target,
+                                "bound {} at {}",
+                                source.display(),
+                                target.display()
+                            ),
                         }
                         active.push(Bound {
                             target: target.clone(),
@@ -818,6 +823,10 @@ fn serve(
     };
 
     tracing::info!(
+        event = "mounted",
+        mountpoint = ?mountpoint,
+        mount_id = fs.mount_id(),
+        pid = std::process::id(),
         "serving the pool at {} (control socket {})",
         mountpoint.display(),
         socket_path.display()
@@ -846,7 +855,13 @@ fn serve(
                 );
             }
             Ok(Event::Signal(signal)) => {
-                tracing::info!("{signal}: unmounting {}", mountpoint.display());
+                tracing::info!(
+                    event = "stopping",
+                    signal = %signal,
+                    mountpoint = ?mountpoint,
+                    "{signal}: unmounting {}",
+                    mountpoint.display()
+                );
                 let status = format!("stopping ({signal}): unmounting {}", mountpoint.display());
                 tell_systemd(&[
                     sd_notify::NotifyState::Stopping,
@@ -865,7 +880,13 @@ fn serve(
     binds.stop(true);
     let _ = refresher.join();
     let _ = session_thread.join();
-    tracing::info!("unmounted {}", mountpoint.display());
+    tracing::info!(
+        event = "unmounted",
+        mountpoint = ?mountpoint,
+        mount_id = fs.mount_id(),
+        "unmounted {}",
+        mountpoint.display()
+    );
     // A mount detached while files were open (a stop with files open, `umount --lazy`) ends
     // when the last one closes: the kernel then aborts the connection, and the session ends
     // with ECONNABORTED. That is the normal end once the mount is gone; an abort of a mount

@@ -716,11 +716,11 @@ pub fn run_in_background(
                     counters.rounds.fetch_add(1, Ordering::Relaxed);
                 }
                 for line in &report.done {
-                    tracing::info!("repair: {line}");
+                    tracing::info!(event = "repair_done", "repair: {line}");
                 }
                 for problem in &report.problems {
                     if !known_problems.contains(problem) {
-                        tracing::warn!("repair: {problem}");
+                        tracing::warn!(event = "repair_problem", "repair: {problem}");
                     }
                 }
                 known_problems = report.problems;
