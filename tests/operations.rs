@@ -692,3 +692,92 @@ fn state_changes_are_one_log_line_each_with_their_fields() {
     assert_eq!(unmounted.len(), 1, "{unmounted:?}");
     assert!(unmounted[0].contains(&mnt), "{}", unmounted[0]);
 }
+
+/// The longest of O_DIRECT 64 KiB reads of `path` at pseudo-random offsets for `time`, and how
+/// many there were.
+fn longest_read(path: &Path, size: u64, time: Duration) -> (Duration, u64) {
+    use std::os::unix::fs::FileExt;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .unwrap();
+    let mut buf = memmap2::MmapMut::map_anon(64 * 1024).unwrap();
+    let chunks = size / (64 * 1024);
+    let (mut longest, mut reads, mut x) = (Duration::ZERO, 0u64, 88172645463325252u64);
+    let end = Instant::now() + time;
+    while Instant::now() < end {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let started = Instant::now();
+        file.read_exact_at(&mut buf[..], (x % chunks) * 64 * 1024)
+            .unwrap();
+        longest = longest.max(started.elapsed());
+        reads += 1;
+    }
+    (longest, reads)
+}
+
+#[test]
+fn scrapes_at_100_per_second_while_the_pool_changes_do_not_hold_up_reads() {
+    let test = "scrapes_at_100_per_second_while_the_pool_changes_do_not_hold_up_reads";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let source = pool.path("source.img");
+    random_file(&source, 16 * MIB, 100);
+    pool.add_image("golden", &source, 1);
+    let small = pool.path("small.img");
+    random_file(&small, MIB, 101);
+    let mount = pool.mount_with(&["--no-bind"]);
+    let status = pool.json(&["status"]);
+    let socket = PathBuf::from(status["mounts"][0]["control_socket"].as_str().unwrap());
+    let image = mount.image("golden");
+    // Warm the cache, then the baseline: reads alone.
+    read_direct(&image).unwrap();
+    let (baseline, _) = longest_read(&image, 16 * MIB, Duration::from_millis(1500));
+
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (longest, reads, scrapes, changes) = std::thread::scope(|s| {
+        let scraper = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = Instant::now();
+                scrape_socket(&socket);
+                n += 1;
+                std::thread::sleep(Duration::from_millis(10).saturating_sub(started.elapsed()));
+            }
+            n
+        });
+        let changer = s.spawn(|| {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                pool.ok(&["image", "add", "churn", small.to_str().unwrap()]);
+                pool.ok(&["image", "rm", "churn"]);
+                n += 1;
+            }
+            n
+        });
+        let (longest, reads) = longest_read(&image, 16 * MIB, Duration::from_secs(3));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (
+            longest,
+            reads,
+            scraper.join().unwrap(),
+            changer.join().unwrap(),
+        )
+    });
+    eprintln!(
+        "{test}: longest read {longest:?} over {reads} reads with {scrapes} scrapes and {changes} image add/rm pairs; alone {baseline:?}"
+    );
+    assert!(scrapes >= 150, "only {scrapes} scrapes in 3 s");
+    assert!(changes >= 1, "the pool did not change");
+    // A scrape takes no lock a read waits on for longer than a counter read: a read held up
+    // by scrapes would wait for whole scrapes, again and again, at 100 a second.
+    assert!(
+        longest < Duration::from_millis(500).max(baseline * 20),
+        "a read took {longest:?} during scrapes (alone: {baseline:?})"
+    );
+}
