@@ -29,6 +29,7 @@ declare -A pkg_of=(
     [qemu-img]=qemu-utils
     [python3]=python3
     [setpriv]=util-linux
+    [promtool]=prometheus     # checks the daemon's /metrics output in tests/operations.rs
     [truncate]=coreutils
 )
 

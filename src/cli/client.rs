@@ -120,7 +120,7 @@ fn exchange(
 /// What the daemon of mount `mount_id` answered to a snapshot request on a volume it has
 /// open: the outcome, the request's own error, or `None` when it does not have it open (any
 /// more).
-pub fn volume_snapshots(
+pub fn volume_request(
     state_dir: &Path,
     mount_id: i64,
     volume: &str,
@@ -130,13 +130,7 @@ pub fn volume_snapshots(
     let body = serde_json::to_vec(&json!({ "volume": volume, "request": request }))
         .expect("requests serialise");
     // A deletion of many snapshots is one transaction: more time than a question.
-    let (status, answer) = exchange(
-        &socket,
-        "POST",
-        "/v1/volumes/snapshots",
-        &body,
-        TIMEOUT * 12,
-    )?;
+    let (status, answer) = exchange(&socket, "POST", "/v1/volumes/requests", &body, TIMEOUT * 12)?;
     let error = || answer["error"].as_str().unwrap_or_default().to_string();
     match status {
         200 => serde_json::from_value(answer.clone())

@@ -360,6 +360,10 @@ pub struct MountArgs {
     /// 1 MiB requests of a sequential reader in flight, served by the FUSE threads side by side.
     #[arg(long, default_value = "8MiB", value_parser = parse_read_ahead)]
     pub read_ahead: u64,
+    /// Also serve Prometheus metrics over plain HTTP at ADDR (e.g. 127.0.0.1:9412), at
+    /// `GET /metrics` only. Off by default: the control socket serves them to root.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// `--io-mode`: the command line's name for each `IoMode`.
@@ -530,6 +534,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
                     cache_size: args.cache_size.unwrap_or_else(default_cache_size),
                     io_mode: args.io_mode.into(),
                     read_ahead: args.read_ahead,
+                    metrics_address: args.metrics_address,
                 },
                 args.foreground,
             )?;
@@ -629,7 +634,7 @@ fn snapshot_request(
         };
         let mount = pool.live_mounts()?.into_iter().find(|m| m.pid == pid);
         if let Some(mount) = mount {
-            match client::volume_snapshots(state_dir, mount.id, volume, request) {
+            match client::volume_request(state_dir, mount.id, volume, request) {
                 Ok(Some(done)) => return record_size(pool, volume, done?),
                 // It closed the volume meanwhile: here, then.
                 Ok(None) | Err(client::CallError::NotRunning) => {}

@@ -220,11 +220,18 @@ impl Monitor {
             let read_only = resources::read_only(&disk.path);
             if read_only && self.read_only.insert(disk.id) {
                 tracing::error!(
+                    event = "disk_read_only",
+                    disk = ?disk.name,
                     "disk '{}': its filesystem is read-only; it serves its copies but takes no new ones until it is mounted read-write again",
                     disk.name
                 );
             } else if !read_only && self.read_only.remove(&disk.id) {
-                tracing::warn!("disk '{}' is writable again", disk.name);
+                tracing::warn!(
+                    event = "disk_writable",
+                    disk = ?disk.name,
+                    "disk '{}' is writable again",
+                    disk.name
+                );
             }
         }
         let (images, copies) = self.pool.catalog_rows()?;
@@ -254,6 +261,10 @@ impl Monitor {
                 == Outcome::Now(CopyState::Failed)
             {
                 tracing::error!(
+                    event = "copy_failed",
+                    image = ?image.name,
+                    disk = ?disk.name,
+                    reason = ?reason,
                     "copy of '{}' on disk '{}' failed: {reason}; the repair replaces it from another copy or the image's source",
                     image.name,
                     disk.name
@@ -314,10 +325,18 @@ impl Monitor {
         };
         match self.pool.copy_event(fault.image_id, disk.id, event)? {
             Outcome::Now(CopyState::Failed) => tracing::warn!(
+                event = "copy_failed",
+                image_id = fault.image_id,
+                disk = ?disk.name,
+                reason = ?reason,
                 "copy on disk '{}' failed ({reason}); the repair replaces it",
                 disk.name
             ),
             Outcome::Now(CopyState::Damaged) => tracing::error!(
+                event = "copy_damaged",
+                image_id = fault.image_id,
+                disk = ?disk.name,
+                reason = ?reason,
                 "copy on disk '{}' is damaged ({reason}) and is the image's last good copy: it keeps serving its good chunks",
                 disk.name
             ),
@@ -348,7 +367,13 @@ pub fn apply_probe(
                 now,
             )?;
             if changed {
-                tracing::error!("disk '{}' failed its probe: {why}", disk.name);
+                tracing::error!(
+                    event = "disk_failed",
+                    disk = ?disk.name,
+                    reason = ?why,
+                    "disk '{}' failed its probe: {why}",
+                    disk.name
+                );
             }
             Ok(changed)
         }
@@ -363,6 +388,8 @@ pub fn apply_probe(
             )?;
             if changed {
                 tracing::warn!(
+                    event = "disk_back",
+                    disk = ?disk.name,
                     "disk '{}' passes its probes again; its copies are verified before they serve",
                     disk.name
                 );

@@ -10,10 +10,11 @@
 //! - `GET /v1/stats`: the mount's statistics (`MountStats`, see `docs/statistics.md`).
 //! - `POST /v1/cache/drop`: empty the chunk cache; answers what it held.
 //! - `POST /v1/wake`: reload the catalog now (answered once done) and wake the repair.
-//! - `POST /v1/volumes/snapshots`: a snapshot request (`core::volume::requests::Request`) on a
-//!   volume this daemon has open, body `{"volume": NAME, "request": ...}`; 409 when it does not
-//!   have it open (the command then does it itself). The space of deleted snapshots is
-//!   reclaimed afterwards in a thread of its own.
+//! - `POST /v1/volumes/requests`: a volume request (`core::volume::requests::Request`: the
+//!   snapshot commands, resize) on a volume this daemon has open, body `{"volume": NAME,
+//!   "request": ...}`; 409 when it does not have it open (the command then does it itself). The
+//!   space of deleted snapshots is reclaimed afterwards in a thread of its own.
+//! - `GET /metrics`: Prometheus metrics (`metrics`, see `docs/metrics.md`).
 
 use std::ffi::OsStr;
 use std::io;
@@ -30,6 +31,7 @@ use serde_json::{json, Value};
 
 use crate::core::volume::requests;
 use crate::daemon::http::{self, ReadError, Request};
+use crate::daemon::metrics::{self, Metrics};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock;
 use crate::fs::namespace::PoolFs;
@@ -92,6 +94,7 @@ pub struct Context {
     pub repair: mpsc::Sender<()>,
     /// The bind mounts as the refresh thread last checked them.
     pub binds: Arc<parking_lot::Mutex<Vec<BindStatus>>>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Context {
@@ -118,45 +121,47 @@ struct Peer {
     uid: u32,
 }
 
-/// An answer: status, extra header lines, JSON body.
+/// An answer: status, extra header lines, body (JSON, but for the metrics).
 struct Reply {
     status: u16,
     headers: Vec<String>,
-    body: Value,
+    content_type: &'static str,
+    body: Vec<u8>,
 }
 
 impl Reply {
     fn ok(body: Value) -> Reply {
+        Reply::json(200, &body)
+    }
+
+    fn json(status: u16, body: &Value) -> Reply {
         Reply {
-            status: 200,
+            status,
             headers: Vec::new(),
-            body,
+            content_type: http::JSON,
+            body: serde_json::to_vec(body).expect("JSON values serialise"),
         }
     }
 
     fn error(status: u16, message: impl Into<String>) -> Reply {
-        Reply {
-            status,
-            headers: Vec::new(),
-            body: json!({ "error": message.into() }),
-        }
+        Reply::json(status, &json!({ "error": message.into() }))
     }
 
     fn encode(&self) -> Vec<u8> {
-        let body = serde_json::to_vec(&self.body).expect("JSON values serialise");
-        http::encode_response(self.status, &self.headers, &body)
+        http::encode_response_as(self.status, &self.headers, self.content_type, &self.body)
     }
 }
 
 type Handler = fn(&Context, Peer, &Request) -> Reply;
 
-/// Every endpoint: method, path, handler. Later endpoints (volumes, metrics) go here.
+/// Every endpoint: method, path, handler. Later endpoints (volumes) go here.
 const ROUTES: &[(&str, &str, Handler)] = &[
+    ("GET", "/metrics", prometheus),
     ("GET", "/v1/health", health),
     ("GET", "/v1/stats", stats),
     ("POST", "/v1/cache/drop", cache_drop),
     ("POST", "/v1/wake", wake),
-    ("POST", "/v1/volumes/snapshots", volume_snapshots),
+    ("POST", "/v1/volumes/requests", volume_request),
 ];
 
 fn route(context: &Context, peer: Peer, request: &Request) -> Reply {
@@ -199,6 +204,15 @@ fn stats(context: &Context, _: Peer, _: &Request) -> Reply {
     Reply::ok(serde_json::to_value(context.stats()).expect("statistics serialise"))
 }
 
+fn prometheus(context: &Context, _: Peer, _: &Request) -> Reply {
+    Reply {
+        status: 200,
+        headers: Vec::new(),
+        content_type: metrics::CONTENT_TYPE,
+        body: context.metrics.render().into_bytes(),
+    }
+}
+
 fn cache_drop(context: &Context, peer: Peer, _: &Request) -> Reply {
     let before = context.fs.read_stats().cache;
     context.fs.drop_cache();
@@ -215,7 +229,7 @@ fn cache_drop(context: &Context, peer: Peer, _: &Request) -> Reply {
     }))
 }
 
-fn volume_snapshots(context: &Context, peer: Peer, request: &Request) -> Reply {
+fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
     #[derive(serde::Deserialize)]
     struct Body {
         volume: String,
@@ -629,6 +643,8 @@ mod tests {
             Err(reply) => reply.status,
         };
         assert_eq!(status("GET", "/v1/stats"), 200);
+        assert_eq!(status("GET", "/metrics"), 200);
+        assert_eq!(status("POST", "/metrics"), 405);
         assert_eq!(status("POST", "/v1/cache/drop"), 200);
         assert_eq!(status("GET", "/v2/nothing"), 404);
         assert_eq!(status("DELETE", "/v1/stats"), 405);

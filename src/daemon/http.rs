@@ -5,9 +5,10 @@
 //! its default action, which would kill the daemon when a client leaves early).
 
 use std::io::{self, Read};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{send, MsgFlags};
@@ -41,6 +42,38 @@ impl std::fmt::Display for ReadError {
     }
 }
 
+/// A connected stream this framing speaks over: the control socket (Unix) or the metrics
+/// listener (TCP).
+pub trait Stream: AsRawFd {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    fn read_into(&self, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl Stream for UnixStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        UnixStream::set_write_timeout(self, timeout)
+    }
+    fn read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
+impl Stream for TcpStream {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_write_timeout(self, timeout)
+    }
+    fn read_into(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+}
+
 /// A request as the server reads it.
 #[derive(Debug)]
 pub struct Request {
@@ -58,7 +91,7 @@ pub struct Response {
 }
 
 /// Reads one request, within `deadline`.
-pub fn read_request(stream: &UnixStream, deadline: Instant) -> Result<Request, ReadError> {
+pub fn read_request(stream: &impl Stream, deadline: Instant) -> Result<Request, ReadError> {
     let ((method, path), body) = read_message(stream, deadline, |buf| {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut request = httparse::Request::new(&mut headers);
@@ -78,7 +111,7 @@ pub fn read_request(stream: &UnixStream, deadline: Instant) -> Result<Request, R
 }
 
 /// Reads one response, within `deadline`.
-pub fn read_response(stream: &UnixStream, deadline: Instant) -> Result<Response, ReadError> {
+pub fn read_response(stream: &impl Stream, deadline: Instant) -> Result<Response, ReadError> {
     let (status, body) = read_message(stream, deadline, |buf| {
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut headers);
@@ -128,7 +161,7 @@ type Parsed<H> = Result<Option<(usize, H, usize)>, String>;
 
 /// Reads until `parse` finds a complete head, then the body it announces.
 fn read_message<H>(
-    stream: &UnixStream,
+    stream: &impl Stream,
     deadline: Instant,
     parse: impl Fn(&[u8]) -> Parsed<H>,
 ) -> Result<(H, Vec<u8>), ReadError> {
@@ -164,7 +197,7 @@ fn read_message<H>(
 
 /// One read, waiting no later than `deadline`; appends to `buf` and returns how many bytes came.
 fn read_some(
-    stream: &UnixStream,
+    stream: &impl Stream,
     buf: &mut Vec<u8>,
     deadline: Instant,
 ) -> Result<usize, ReadError> {
@@ -175,7 +208,7 @@ fn read_some(
             return Err(ReadError::TimedOut);
         }
         stream.set_read_timeout(Some(left)).map_err(ReadError::Io)?;
-        match (&*stream).read(&mut chunk) {
+        match stream.read_into(&mut chunk) {
             Ok(n) => {
                 buf.extend_from_slice(&chunk[..n]);
                 return Ok(n);
@@ -195,7 +228,7 @@ fn read_some(
 }
 
 /// Writes all of `bytes` before `deadline`, without SIGPIPE when the peer has gone.
-pub fn send_all(stream: &UnixStream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
+pub fn send_all(stream: &impl Stream, mut bytes: &[u8], deadline: Instant) -> io::Result<()> {
     while !bytes.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -226,13 +259,25 @@ pub fn encode_request(method: &str, path: &str, body: &[u8]) -> Vec<u8> {
 
 /// A response with a JSON body; `extra` headers are complete lines without the line end.
 pub fn encode_response(status: u16, extra: &[String], body: &[u8]) -> Vec<u8> {
+    encode_response_as(status, extra, JSON, body)
+}
+
+pub const JSON: &str = "application/json";
+
+/// A response with a body of `content_type`.
+pub fn encode_response_as(
+    status: u16,
+    extra: &[String],
+    content_type: &str,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {status} {}\r\n", reason(status));
     for line in extra {
         out.push_str(line);
         out.push_str("\r\n");
     }
     out.push_str(&format!(
-        "Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        "Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     ));
     let mut out = out.into_bytes();

@@ -21,10 +21,12 @@ use crate::core::owner::{self, Owner, OwnerLock, WorkLock};
 use crate::core::pool::Pool;
 use crate::core::{health, repair};
 use crate::daemon::control::{self, ControlSocket, Wake};
+use crate::daemon::metrics::{Metrics, MetricsListener};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::mountinfo::{self, MountEntry, MountSource};
 use crate::fs::fuse::FuseAdapter;
 use crate::fs::namespace::{BindWanted, PoolFs, DISKS_DIR};
+use crate::fs::ops::OpStats;
 use crate::fs::read::ReadPath;
 use crate::fs::stats::BindStatus;
 use crate::fs::IoMode;
@@ -61,6 +63,8 @@ pub struct MountConfig {
     pub io_mode: IoMode,
     /// The kernel's readahead window on the mount, in bytes.
     pub read_ahead: u64,
+    /// Where to serve `GET /metrics` over TCP too (`--metrics-address`); none by default.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// A detached daemon whose mount is ready.
@@ -202,6 +206,8 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<Started> {
         .arg("--read-ahead")
         .arg(config.read_ahead.to_string())
         .env(NOTIFY_ENV, "1")
+        // Readiness goes to us on the pipe; systemd's socket is for a daemon it started itself.
+        .env_remove("NOTIFY_SOCKET")
         // A daemon must not keep the caller's working directory (and its filesystem) busy.
         .current_dir("/")
         .stdin(Stdio::null())
@@ -209,6 +215,9 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<Started> {
         .stderr(log);
     if !config.bind {
         command.arg("--no-bind");
+    }
+    if let Some(address) = config.metrics_address {
+        command.arg("--metrics-address").arg(address.to_string());
     }
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal and session
     // so that the shell's Ctrl-C or hangup does not reach it. (`pre_exec` has no safe form.)
@@ -374,9 +383,14 @@ impl BindMounts {
                                     target.display()
                                 );
                             }
-                            None => {
-                                tracing::info!("bound {} at {}", source.display(), target.display())
-                            }
+                            None => tracing::info!(
+                                event = "bound",
+                                disk = ?view.name,
+                                target = ?target,
+                                "bound {} at {}",
+                                source.display(),
+                                target.display()
+                            ),
                         }
                         active.push(Bound {
                             target: target.clone(),
@@ -551,6 +565,15 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
     let mount_id = pool.register_mount(&config.mountpoint, std::process::id(), &token)?;
     let source = pool.mount_source(mount_id).to_string();
     let socket = ControlSocket::bind(state_dir, mount_id)?;
+    // Bound before the mount, so that an address in use fails the start, not a later scrape.
+    let metrics_listener = match config.metrics_address {
+        Some(address) => {
+            let (listener, bound) = MetricsListener::bind(address)?;
+            tracing::info!("serving metrics at http://{bound}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
     control::sweep(state_dir, || {
         Ok(pool.live_mounts()?.iter().map(|m| m.id).collect())
     });
@@ -561,7 +584,8 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         ReadPath::new(config.cache_size),
     )?);
     let background = Arc::new(AtomicBool::new(false));
-    let wake_repair = start_health_and_repair(state_dir, &fs, &background)?;
+    let repair_counters = Arc::new(repair::RepairCounters::default());
+    let wake_repair = start_health_and_repair(state_dir, &fs, &background, &repair_counters)?;
     let result = serve(
         fs.clone(),
         config,
@@ -572,7 +596,8 @@ fn run_daemon(state_dir: &Path, config: &MountConfig, notify: bool) -> Result<()
         signals,
         notify,
         socket,
-        wake_repair,
+        metrics_listener,
+        (wake_repair, repair_counters),
     );
     // A copy the repair is writing is abandoned; the next start cleans it up and redoes it.
     background.store(true, Ordering::Relaxed);
@@ -620,6 +645,7 @@ fn start_health_and_repair(
     state_dir: &Path,
     fs: &PoolFs,
     stop: &Arc<AtomicBool>,
+    counters: &Arc<repair::RepairCounters>,
 ) -> Result<mpsc::Sender<()>> {
     let (faults, fault_events) = mpsc::channel();
     fs.report_faults_to(faults);
@@ -640,11 +666,38 @@ fn start_health_and_repair(
         })
         .ctx(|| "cannot start the health monitor".into())?;
     let repair_stop = stop.clone();
+    let counters = counters.clone();
     std::thread::Builder::new()
         .name("repair".into())
-        .spawn(move || repair::run_in_background(repair_pool, &wake_events, &repair_stop))
+        .spawn(move || {
+            repair::run_in_background(repair_pool, &wake_events, &repair_stop, &counters)
+        })
         .ctx(|| "cannot start the repair thread".into())?;
     Ok(wake_repair)
+}
+
+/// Tells systemd, when it started us with `Type=notify` (`NOTIFY_SOCKET` is set; otherwise
+/// nothing is sent).
+fn tell_systemd(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("cannot notify systemd: {e}");
+    }
+}
+
+/// The one-line `STATUS=` of a daemon that is serving.
+fn status_summary(mountpoint: &Path, binds: &[BindStatus], bind: bool) -> String {
+    let bound = binds.iter().filter(|b| b.problem.is_none()).count();
+    let binds = if !bind {
+        "no bind mounts (--no-bind)".to_string()
+    } else if bound == binds.len() {
+        format!("{bound} disk view(s) bound")
+    } else {
+        format!(
+            "{bound} of {} disk view(s) bound (`imgpool status` says why)",
+            binds.len()
+        )
+    };
+    format!("serving the pool at {}; {binds}", mountpoint.display())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -655,14 +708,16 @@ fn serve(
     signals: SigSet,
     notify: bool,
     socket: ControlSocket,
-    wake_repair: mpsc::Sender<()>,
+    metrics_listener: Option<std::net::TcpListener>,
+    (wake_repair, repair_counters): (mpsc::Sender<()>, Arc<repair::RepairCounters>),
 ) -> Result<()> {
     let mountpoint = &config.mountpoint;
     let mut options = Config::default();
     options.n_threads = Some(config.threads);
     options.clone_fd = true;
     let passthrough = Arc::new(AtomicBool::new(false));
-    let adapter = FuseAdapter::new(fs.clone(), config.io_mode, passthrough.clone());
+    let ops = Arc::new(OpStats::default());
+    let adapter = FuseAdapter::new(fs.clone(), config.io_mode, passthrough.clone(), ops.clone());
     let device = mount_fuse(mountpoint, &mounting.source)
         .ctx(|| format!("cannot mount FUSE at {}", mountpoint.display()))?;
     // Replicas run as other users than the daemon.
@@ -726,16 +781,38 @@ fn serve(
             .ctx(|| "cannot start the refresh thread".into())?
     };
     let socket_path = socket.path().to_path_buf();
-    let control = match socket.serve(control::Context {
-        fs: fs.clone(),
-        mountpoint: mountpoint.clone(),
-        io_mode_requested: config.io_mode,
-        passthrough,
-        refresh: wake_refresh,
-        repair: wake_repair,
-        binds: binds.report.clone(),
-    }) {
-        Ok(control) => control,
+    let metrics = Arc::new(Metrics::new(
+        fs.clone(),
+        ops,
+        repair_counters,
+        config.io_mode,
+        passthrough.clone(),
+        binds.report.clone(),
+    ));
+    let served = socket
+        .serve(control::Context {
+            fs: fs.clone(),
+            mountpoint: mountpoint.clone(),
+            io_mode_requested: config.io_mode,
+            passthrough,
+            refresh: wake_refresh,
+            repair: wake_repair,
+            binds: binds.report.clone(),
+            metrics: metrics.clone(),
+        })
+        .and_then(|control| {
+            let listener = match metrics_listener {
+                Some(listener) => Some(MetricsListener::serve(
+                    listener,
+                    metrics,
+                    control::REQUEST_TIMEOUT,
+                )?),
+                None => None,
+            };
+            Ok((control, listener))
+        });
+    let (control, metrics_listener) = match served {
+        Ok(served) => served,
         Err(e) => {
             stopping.store(true, Ordering::Relaxed);
             stop(&binds, mountpoint, true);
@@ -746,10 +823,20 @@ fn serve(
     };
 
     tracing::info!(
+        event = "mounted",
+        mountpoint = ?mountpoint,
+        mount_id = fs.mount_id(),
+        pid = std::process::id(),
         "serving the pool at {} (control socket {})",
         mountpoint.display(),
         socket_path.display()
     );
+    // systemd (`Type=notify`): ready at the same point as the handshake with `imgpool mount`.
+    let summary = status_summary(mountpoint, &binds.report.lock(), config.bind);
+    tell_systemd(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&summary),
+    ]);
     if notify {
         tell_parent(READY);
         // Nobody reads our stdout any more: point it at /dev/null so a late print cannot fail.
@@ -768,7 +855,18 @@ fn serve(
                 );
             }
             Ok(Event::Signal(signal)) => {
-                tracing::info!("{signal}: unmounting {}", mountpoint.display());
+                tracing::info!(
+                    event = "stopping",
+                    signal = %signal,
+                    mountpoint = ?mountpoint,
+                    "{signal}: unmounting {}",
+                    mountpoint.display()
+                );
+                let status = format!("stopping ({signal}): unmounting {}", mountpoint.display());
+                tell_systemd(&[
+                    sd_notify::NotifyState::Stopping,
+                    sd_notify::NotifyState::Status(&status),
+                ]);
                 stopping.store(true, Ordering::Relaxed);
                 stop(&binds, mountpoint, true);
             }
@@ -777,12 +875,34 @@ fn serve(
         }
     };
     stopping.store(true, Ordering::Relaxed);
+    drop(metrics_listener);
     drop(control);
     binds.stop(true);
     let _ = refresher.join();
     let _ = session_thread.join();
-    tracing::info!("unmounted {}", mountpoint.display());
+    tracing::info!(
+        event = "unmounted",
+        mountpoint = ?mountpoint,
+        mount_id = fs.mount_id(),
+        "unmounted {}",
+        mountpoint.display()
+    );
+    // A mount detached while files were open (a stop with files open, `umount --lazy`) ends
+    // when the last one closes: the kernel then aborts the connection, and the session ends
+    // with ECONNABORTED. That is the normal end once the mount is gone; an abort of a mount
+    // still in place (through /sys/fs/fuse/connections) is a failure.
+    let outcome = match outcome {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) && !still_mounted(&binds.source) => {
+            Ok(())
+        }
+        outcome => outcome,
+    };
     outcome.ctx(|| format!("FUSE session at {} failed", mountpoint.display()))
+}
+
+/// Whether a mount carrying `source` (ours, or one of our binds) is still in the mount table.
+fn still_mounted(source: &str) -> bool {
+    mountinfo::read().map_or(true, |table| table.iter().any(|m| m.source == source))
 }
 
 /// Mounts a FUSE filesystem at `mountpoint` with `source`, for a session on the returned

@@ -18,6 +18,7 @@ use fuser::{
 use parking_lot::Mutex;
 
 use crate::fs::namespace::{Attr, Kind, PoolFs};
+use crate::fs::ops::{Op, OpStats};
 use crate::fs::IoMode;
 
 /// How long the kernel may trust a name or attribute. Removals are also pushed to the kernel
@@ -55,12 +56,20 @@ pub struct FuseAdapter {
     /// Set when the kernel refused a backing file: later opens are served cached, quietly.
     backing_refused: AtomicBool,
     backing: Mutex<Backing>,
+    /// Requests answered, by operation (the metrics' source).
+    ops: Arc<OpStats>,
 }
 
 impl FuseAdapter {
     /// `passthrough` reports the mode the kernel agreed to, once the session has started.
-    pub fn new(fs: Arc<PoolFs>, requested: IoMode, passthrough: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        fs: Arc<PoolFs>,
+        requested: IoMode,
+        passthrough: Arc<AtomicBool>,
+        ops: Arc<OpStats>,
+    ) -> Self {
         FuseAdapter {
+            ops,
             fs,
             requested,
             passthrough,
@@ -207,29 +216,32 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let t = self.ops.start(Op::Lookup);
         match self.fs.lookup(parent.0, name) {
             Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let t = self.ops.start(Op::Getattr);
         match self.fs.getattr(ino.0) {
             Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let t = self.ops.start(Op::Open);
         let write = wants_write(flags);
         if write && self.fs.writable(ino.0) {
             if let Some(e) = write_denied(req, &self.fs, ino.0) {
-                return reply.error(e);
+                return reply.error(t.failed(e));
             }
         }
         let fh = match self.fs.open(ino.0, write) {
             Ok(fh) => fh,
-            Err(e) => return reply.error(errno(e)),
+            Err(e) => return reply.error(t.failed(errno(e))),
         };
         if self.passthrough.load(Ordering::Relaxed) {
             match self.fs.backing_file(fh) {
@@ -238,7 +250,7 @@ impl Filesystem for FuseAdapter {
                 }
                 Some(Err(e)) => {
                     self.fs.release(fh);
-                    return reply.error(errno(e.raw_os_error().unwrap_or(libc::EIO)));
+                    return reply.error(t.failed(errno(e.raw_os_error().unwrap_or(libc::EIO))));
                 }
                 None => {}
             }
@@ -263,11 +275,12 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let t = self.ops.start(Op::Read);
         // The kernel keeps what it reads for anything but an O_DIRECT file.
         let to_page_cache = flags.0 & libc::O_DIRECT == 0;
         match self.fs.read(fh.0, offset, size, to_page_cache) {
             Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
@@ -282,17 +295,18 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
+        let t = self.ops.start(Op::Lseek);
         let hole = match whence {
             libc::SEEK_DATA => false,
             libc::SEEK_HOLE => true,
-            _ => return reply.error(Errno::EINVAL),
+            _ => return reply.error(t.failed(Errno::EINVAL)),
         };
         let Ok(offset) = u64::try_from(offset) else {
-            return reply.error(Errno::ENXIO);
+            return reply.error(t.failed(Errno::ENXIO));
         };
         match self.fs.seek(fh.0, offset, hole) {
             Ok(found) => reply.offset(found as i64),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
@@ -306,6 +320,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _t = self.ops.start(Op::Release);
         self.fs.release(fh.0);
         let mut backing = self.backing.lock();
         if let Some(id) = backing.by_handle.remove(&fh.0) {
@@ -326,6 +341,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        let _t = self.ops.start(Op::Flush);
         reply.ok();
     }
 
@@ -337,9 +353,10 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
+        let t = self.ops.start(Op::Fsync);
         match self.fs.fsync(fh.0) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
@@ -351,9 +368,10 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let t = self.ops.start(Op::Readdir);
         let entries = match self.fs.readdir(ino.0, offset) {
             Ok(entries) => entries,
-            Err(e) => return reply.error(errno(e)),
+            Err(e) => return reply.error(t.failed(errno(e))),
         };
         for entry in &entries {
             if reply.add(
@@ -369,6 +387,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _t = self.ops.start(Op::Statfs);
         let stats = self.fs.statfs();
         let bsize = BLOCK_SIZE as u64;
         reply.statfs(
@@ -384,13 +403,15 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let t = self.ops.start(Op::Getxattr);
         match self.fs.getxattr(ino.0, name) {
             Ok(value) => reply_xattr(reply, size, &value),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let t = self.ops.start(Op::Listxattr);
         match self.fs.listxattr(ino.0) {
             Ok(names) => {
                 let mut list = Vec::new();
@@ -400,19 +421,20 @@ impl Filesystem for FuseAdapter {
                 }
                 reply_xattr(reply, size, &list);
             }
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        let t = self.ops.start(Op::Access);
         match self.fs.getattr(ino.0) {
             Ok(_) if mask.contains(AccessFlags::W_OK) => match write_denied(req, &self.fs, ino.0) {
-                Some(e) => reply.error(e),
+                Some(e) => reply.error(t.failed(e)),
                 None => reply.ok(),
             },
             // Everything is readable by all, every directory searchable.
             Ok(_) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
@@ -437,11 +459,12 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let t = self.ops.start(Op::Setattr);
         if mode.is_some() || uid.is_some() || gid.is_some() {
-            return reply.error(Errno::EROFS);
+            return reply.error(t.failed(Errno::EROFS));
         }
         if let Some(e) = write_denied(req, &self.fs, ino.0) {
-            return reply.error(e);
+            return reply.error(t.failed(e));
         }
         // Times are not kept; a size change is refused unless it changes nothing.
         let attr = match size {
@@ -450,7 +473,7 @@ impl Filesystem for FuseAdapter {
         };
         match attr {
             Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
@@ -464,7 +487,8 @@ impl Filesystem for FuseAdapter {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn mkdir(
@@ -476,15 +500,18 @@ impl Filesystem for FuseAdapter {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn symlink(
@@ -495,7 +522,8 @@ impl Filesystem for FuseAdapter {
         _target: &Path,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn rename(
@@ -508,7 +536,8 @@ impl Filesystem for FuseAdapter {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn link(
@@ -519,7 +548,8 @@ impl Filesystem for FuseAdapter {
         _newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn write(
@@ -534,9 +564,10 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        let t = self.ops.start(Op::Write);
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 
@@ -550,7 +581,8 @@ impl Filesystem for FuseAdapter {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn setxattr(
@@ -563,11 +595,13 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(Errno::EROFS);
+        let t = self.ops.start(Op::Other);
+        reply.error(t.failed(Errno::EROFS));
     }
 
     fn fallocate(
@@ -580,9 +614,10 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let t = self.ops.start(Op::Fallocate);
         match self.fs.fallocate(fh.0, offset, length, mode) {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(errno(e)),
+            Err(e) => reply.error(t.failed(errno(e))),
         }
     }
 

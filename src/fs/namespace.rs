@@ -429,10 +429,14 @@ impl PoolFs {
             return Ok(Vec::new());
         }
         let next = Arc::new(self.load()?);
+        let first = last.is_none();
         // Recorded only once the load worked: a failed load is retried on the next call.
         *last = Some((version, Instant::now()));
         drop(last);
         let previous = std::mem::replace(&mut *self.catalog.write(), next.clone());
+        if !first {
+            log_image_changes(&previous, &next);
+        }
         self.reader
             .close_stale(|id| next.by_id.get(&id).map(|i| i.as_ref_for_read()));
         let mut gone = Vec::new();
@@ -1172,6 +1176,31 @@ impl PoolFs {
             }
         }
         stats
+    }
+}
+
+/// One log line for each image that appeared in or left the mount (its name, and its uuid, so
+/// that a removal and a new import under the same name are two lines each).
+fn log_image_changes(previous: &Catalog, next: &Catalog) {
+    for (name, image) in &next.images {
+        if previous.images.get(name).map(|i| i.id) != Some(image.id) {
+            tracing::info!(
+                event = "image_added",
+                image = ?name,
+                uuid = %image.uuid,
+                "image '{name}' is in the mount"
+            );
+        }
+    }
+    for (name, image) in &previous.images {
+        if next.images.get(name).map(|i| i.id) != Some(image.id) {
+            tracing::info!(
+                event = "image_removed",
+                image = ?name,
+                uuid = %image.uuid,
+                "image '{name}' left the mount"
+            );
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -43,11 +43,48 @@ pub use throttle::Throttle;
 pub trait Reporter: Sync {
     /// A new task of `total` bytes; the returned closure is told the bytes done.
     fn task(&self, label: String, total: u64) -> Box<dyn Fn(u64) + Send + '_>;
+
+    /// `bytes` were just read to copy or verify a copy (holes are skipped, not read).
+    fn data(&self, _work: Work, _bytes: u64) {}
 }
 
-/// Reports nothing (the daemon logs what the repair did instead).
+/// What a repair's bytes were for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Read from a source to make a new copy.
+    Copy,
+    /// Read from a copy to check it against its image's checksum.
+    Verify,
+}
+
+/// The bytes the daemon's repair copied and verified since it started (the metrics' source).
+#[derive(Debug, Default)]
+pub struct RepairCounters {
+    pub copied_bytes: AtomicU64,
+    pub verified_bytes: AtomicU64,
+    /// Rounds that found work to do.
+    pub rounds: AtomicU64,
+}
+
+impl Reporter for RepairCounters {
+    fn task(&self, _: String, _: u64) -> Box<dyn Fn(u64) + Send + '_> {
+        Box::new(|_| {})
+    }
+
+    fn data(&self, work: Work, bytes: u64) {
+        match work {
+            Work::Copy => &self.copied_bytes,
+            Work::Verify => &self.verified_bytes,
+        }
+        .fetch_add(bytes, Ordering::Relaxed);
+    }
+}
+
+/// Reports nothing (the tests' reporter; the daemon counts bytes with `RepairCounters`).
+#[cfg(test)]
 pub struct Quiet;
 
+#[cfg(test)]
 impl Reporter for Quiet {
     fn task(&self, _: String, _: u64) -> Box<dyn Fn(u64) + Send + '_> {
         Box::new(|_| {})
@@ -395,6 +432,7 @@ fn create_copy(
                 Some(image),
                 &mut |done, data| {
                     progress(done);
+                    reporter.data(Work::Copy, data as u64);
                     throttle.consume(data as u64);
                     if stop.load(Ordering::Relaxed) {
                         Err(CopyError::Stopped)
@@ -513,6 +551,7 @@ pub fn verify_copy(
                 image.chunk_size,
                 &mut |done, data| {
                     progress(done);
+                    reporter.data(Work::Verify, data as u64);
                     throttle.consume(data as u64);
                     Ok(())
                 },
@@ -644,7 +683,12 @@ const BACKGROUND_INTERVAL: Duration = Duration::from_secs(30);
 /// The mount daemon's repair: a round at start (resuming what a dead daemon left), then one
 /// whenever the store changes or `wake` is told, and every `BACKGROUND_INTERVAL`; each round
 /// only if no other process is repairing. Logs what it does and, once each, what it cannot.
-pub fn run_in_background(pool: Pool, wake: &std::sync::mpsc::Receiver<()>, stop: &AtomicBool) {
+pub fn run_in_background(
+    pool: Pool,
+    wake: &std::sync::mpsc::Receiver<()>,
+    stop: &AtomicBool,
+    counters: &RepairCounters,
+) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut last_round: Option<(Instant, i64)> = None;
     let mut known_problems: Vec<String> = Vec::new();
@@ -666,14 +710,17 @@ pub fn run_in_background(pool: Pool, wake: &std::sync::mpsc::Receiver<()>, stop:
         else {
             continue;
         };
-        match repair(&pool, &Quiet, stop) {
+        match repair(&pool, counters, stop) {
             Ok(report) => {
+                if !report.done.is_empty() {
+                    counters.rounds.fetch_add(1, Ordering::Relaxed);
+                }
                 for line in &report.done {
-                    tracing::info!("repair: {line}");
+                    tracing::info!(event = "repair_done", "repair: {line}");
                 }
                 for problem in &report.problems {
                     if !known_problems.contains(problem) {
-                        tracing::warn!("repair: {problem}");
+                        tracing::warn!(event = "repair_problem", "repair: {problem}");
                     }
                 }
                 known_problems = report.problems;
