@@ -985,3 +985,30 @@ fn qemu_img_converts_a_volume_to_what_was_written() {
     assert!(std::fs::read(&out).unwrap() == expected);
     mount.unmount();
 }
+
+/// One process writes a volume: while one mount of the pool has it open, another mount of the
+/// same pool answers EBUSY to an open of it; once it is closed, the other may open it.
+#[test]
+fn a_second_mount_does_not_open_a_volume_the_first_has_open() {
+    if !can_mount("a_second_mount_does_not_open_a_volume_the_first_has_open") {
+        return;
+    }
+    let pool = TestPool::new(1);
+    pool.ok(&["volume", "create", "v", "--size", "1MiB"]);
+    let first = pool.mount();
+    let second = pool.mount_at("mnt2", &["--no-bind"]);
+    let held = std::fs::OpenOptions::new()
+        .write(true)
+        .open(first.mountpoint.join("volumes/v"))
+        .unwrap();
+    let err = std::fs::File::open(second.mountpoint.join("volumes/v")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+    drop(held);
+    assert!(poll(
+        std::time::Duration::from_secs(5),
+        std::time::Duration::from_millis(20),
+        || std::fs::File::open(second.mountpoint.join("volumes/v")).is_ok()
+    ));
+    second.unmount();
+    first.unmount();
+}
