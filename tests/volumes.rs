@@ -796,6 +796,11 @@ fn snapshots_are_taken_listed_deleted_and_rolled_back() {
     pool.ok(&["snapshot", "create", "v@s2"]);
     fill(&pool, &path, b'C', size);
     assert_eq!(snapshot_names(&pool, "v"), ["s1", "s2"]);
+    // Each whole fill replaced every block: each snapshot alone holds the volume's size.
+    let listed = pool.json(&["snapshot", "list", "v"]);
+    for s in listed.as_array().unwrap() {
+        assert_eq!(s["unique_bytes"], MIB, "{listed}");
+    }
     let line = failed_cleanly(
         "a snapshot name taken",
         &pool.run(&["snapshot", "create", "v@s1"]),

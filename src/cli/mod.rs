@@ -661,6 +661,7 @@ fn snapshot_json(s: &requests::SnapshotInfo) -> Value {
         "created": timestamp(s.created),
         "created_unix": s.created,
         "size": s.size,
+        "unique_bytes": s.unique_bytes,
     })
 }
 
@@ -697,9 +698,16 @@ fn snapshot(state_dir: &Path, cmd: SnapshotCommand) -> Result<()> {
                 let rows = outcome
                     .snapshots
                     .iter()
-                    .map(|s| vec![s.name.clone(), timestamp(s.created), bytes(s.size)])
+                    .map(|s| {
+                        vec![
+                            s.name.clone(),
+                            timestamp(s.created),
+                            bytes(s.size),
+                            bytes(s.unique_bytes.unwrap_or(0)),
+                        ]
+                    })
                     .collect();
-                table(&["NAME", "CREATED", "SIZE"], rows);
+                table(&["NAME", "CREATED", "SIZE", "UNIQUE"], rows);
             }
         }
         SnapshotCommand::Rm {

@@ -364,6 +364,27 @@ impl Index {
         rows.collect()
     }
 
+    /// For each snapshot (epochs in creation order), the blocks only it sees: what deleting it
+    /// alone would free. One pass over the versions that died, each counted for the snapshots
+    /// whose epochs fall in its `[birth, death)`.
+    pub fn unique_blocks(&self, epochs: &[u64]) -> rusqlite::Result<Vec<u64>> {
+        let mut unique = vec![0u64; epochs.len()];
+        let mut stmt = self
+            .conn
+            .prepare("SELECT birth, death, written FROM versions WHERE death IS NOT NULL")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let (birth, death) = (row.get::<_, i64>(0)? as u64, row.get::<_, i64>(1)? as u64);
+            let written = row.get::<_, i64>(2)? as u16;
+            let first = epochs.partition_point(|e| *e < birth);
+            let end = epochs.partition_point(|e| *e < death);
+            if end == first + 1 {
+                unique[first] += u64::from(written.count_ones());
+            }
+        }
+        Ok(unique)
+    }
+
     pub fn snapshot(&self, name: &str) -> rusqlite::Result<Option<Snapshot>> {
         self.conn
             .query_row(

@@ -647,6 +647,19 @@ impl Volume {
         self.state.lock().index.snapshots().map_err(index_error)
     }
 
+    /// The snapshots, each with the bytes only it holds (what deleting it alone would free).
+    pub fn snapshots_with_unique_bytes(&self) -> io::Result<Vec<(Snapshot, u64)>> {
+        let state = self.state.lock();
+        let all = state.index.snapshots().map_err(index_error)?;
+        let epochs: Vec<u64> = all.iter().map(|s| s.epoch).collect();
+        let unique = state.index.unique_blocks(&epochs).map_err(index_error)?;
+        Ok(all
+            .into_iter()
+            .zip(unique)
+            .map(|(s, blocks)| (s, blocks * BLOCK))
+            .collect())
+    }
+
     pub fn find_snapshot(&self, name: &str) -> io::Result<Option<Snapshot>> {
         self.state.lock().index.snapshot(name).map_err(index_error)
     }

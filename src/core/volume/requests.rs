@@ -54,6 +54,9 @@ pub struct SnapshotInfo {
     pub guid: String,
     pub created: i64,
     pub size: u64,
+    /// Bytes only this snapshot holds (listings only).
+    #[serde(default)]
+    pub unique_bytes: Option<u64>,
 }
 
 /// What a request did: the snapshots created, listed, deleted (or that would be) or destroyed
@@ -70,6 +73,7 @@ fn info(s: &Snapshot) -> SnapshotInfo {
         guid: s.guid.clone(),
         created: s.created,
         size: s.size,
+        unique_bytes: None,
     }
 }
 
@@ -135,7 +139,15 @@ pub fn apply(volume: &Volume, name: &str, request: &Request) -> Result<Outcome> 
                 &volume.snapshot(snapshot, guid, *created).map_err(io)?,
             )]
         }
-        Request::List => volume.snapshots().map_err(io)?.iter().map(info).collect(),
+        Request::List => volume
+            .snapshots_with_unique_bytes()
+            .map_err(io)?
+            .into_iter()
+            .map(|(s, unique)| SnapshotInfo {
+                unique_bytes: Some(unique),
+                ..info(&s)
+            })
+            .collect(),
         Request::Delete { selection, dry_run } => {
             let all = volume.snapshots().map_err(io)?;
             let chosen = select(name, &all, selection)?;
