@@ -1611,3 +1611,89 @@ fn two_disk_fails_at_once_leave_the_last_copy_serving() {
         assert_eq!(pool.json(&["image", "show", "img"])["state"], "ready");
     }
 }
+
+/// Every subcommand, nested ones included, as `imgpool --help` lists them.
+fn subcommands(path: &[&str]) -> Vec<Vec<String>> {
+    let out = Command::new(BIN).args(path).arg("--help").output().unwrap();
+    let help = String::from_utf8(out.stdout).unwrap();
+    let mut found = Vec::new();
+    let mut in_commands = false;
+    for line in help.lines() {
+        if line.starts_with("Commands:") {
+            in_commands = true;
+            continue;
+        }
+        if in_commands {
+            let Some(name) = line
+                .strip_prefix("  ")
+                .and_then(|l| l.split_whitespace().next())
+            else {
+                break;
+            };
+            if name == "help" {
+                continue;
+            }
+            let mut sub: Vec<String> = path.iter().map(|s| s.to_string()).collect();
+            sub.push(name.to_string());
+            let refs: Vec<&str> = sub.iter().map(String::as_str).collect();
+            found.extend(subcommands(&refs));
+            found.push(sub);
+        }
+    }
+    found
+}
+
+/// Completions for bash, zsh and fish and a manual page name every subcommand, and the install
+/// script lays them out with the binary and the unit.
+#[test]
+fn completions_and_manual_pages_cover_every_subcommand() {
+    let all = subcommands(&[]);
+    assert!(all.len() > 30, "{all:?}");
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let script = String::from_utf8(out.stdout).unwrap();
+        for sub in &all {
+            let last = sub.last().unwrap();
+            assert!(
+                script.contains(last.as_str()),
+                "{shell} completions lack '{}'",
+                sub.join(" ")
+            );
+        }
+    }
+    let stage = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install.sh"))
+        .env("DESTDIR", stage.path())
+        .env("IMGPOOL_BIN", BIN)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let man = stage.path().join("usr/local/share/man/man1");
+    for sub in &all {
+        let page = man.join(format!("imgpool-{}.1", sub.join("-")));
+        let text = fs::read_to_string(&page).unwrap_or_else(|e| panic!("{page:?}: {e}"));
+        assert!(
+            text.contains(".TH") && text.contains(".SH NAME"),
+            "{page:?}"
+        );
+    }
+    for file in [
+        "usr/local/bin/imgpool",
+        "etc/systemd/system/imgpool.service",
+        "usr/share/bash-completion/completions/imgpool",
+        "usr/share/zsh/vendor-completions/_imgpool",
+        "usr/share/fish/vendor_completions.d/imgpool.fish",
+        "usr/local/share/man/man1/imgpool.1",
+    ] {
+        assert!(stage.path().join(file).is_file(), "{file} not installed");
+    }
+}

@@ -124,6 +124,10 @@ pub enum Command {
     /// Show or change the pool's settings.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Print the shell completion script for SHELL (bash, zsh, fish, ...).
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (imgpool.1 and one per subcommand) into DIR.
+    Manpages { dir: PathBuf },
 }
 
 #[derive(Args, Debug)]
@@ -446,7 +450,9 @@ impl Command {
             | Command::Mount(_)
             | Command::Umount { .. }
             | Command::Status { .. }
-            | Command::Cache(_) => false,
+            | Command::Cache(_)
+            | Command::Completions { .. }
+            | Command::Manpages { .. } => false,
         }
     }
 }
@@ -559,6 +565,16 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
         Command::Scrub { image, json } => scrub_cmd(state_dir, image.as_deref(), json),
         Command::Fsck(args) => fsck_cmd(state_dir, args),
         Command::Cache(cmd) => cache_cmd(state_dir, cmd),
+        Command::Completions { shell } => {
+            let mut cli = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cli, "imgpool", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpages { dir } => {
+            let written = write_manpages(&dir)?;
+            println!("wrote {written} manual pages in {}", dir.display());
+            Ok(())
+        }
         Command::Config(cmd) => config_cmd(state_dir, cmd),
     }
 }
@@ -600,6 +616,29 @@ fn print_volume(v: &VolumeInfo) {
         None => println!("open:      no"),
     }
     println!("created:   {}", timestamp(v.volume.created));
+}
+
+/// Writes `imgpool.1` and a page per subcommand, nested ones included
+/// (`imgpool-volume-create.1`), into `dir`; returns how many.
+fn write_manpages(dir: &Path) -> Result<usize> {
+    fn write(dir: &Path, command: &clap::Command, name: &str) -> Result<usize> {
+        let mut page = Vec::new();
+        let command = command.clone().name(name.to_string());
+        clap_mangen::Man::new(command.clone())
+            .render(&mut page)
+            .ctx(|| format!("cannot render the manual page of {name}"))?;
+        let path = dir.join(format!("{name}.1"));
+        std::fs::write(&path, page).ctx(|| format!("cannot write {}", path.display()))?;
+        let mut count = 1;
+        for sub in command.get_subcommands().filter(|s| s.get_name() != "help") {
+            count += write(dir, sub, &format!("{name}-{}", sub.get_name()))?;
+        }
+        Ok(count)
+    }
+    std::fs::create_dir_all(dir).ctx(|| format!("cannot create {}", dir.display()))?;
+    let mut cli = <Cli as clap::CommandFactory>::command();
+    cli.build();
+    write(dir, &cli, "imgpool")
 }
 
 /// `VOLUME@SNAP`, split at its last `@` (a snapshot name has none).
