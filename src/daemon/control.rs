@@ -239,27 +239,24 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
         Ok(body) => body,
         Err(e) => return Reply::error(400, format!("a bad snapshot request: {e}")),
     };
-    if matches!(body.request, requests::Request::Rollback { .. }) {
-        // Its readers would keep pages of the content it had.
-        return Reply::error(
-            422,
-            Error::refused(
-                ErrorKind::InUse,
-                format!(
-                    "volume '{}' is open through the mount at {}: close it before a rollback",
-                    body.volume,
-                    context.mountpoint.display()
-                ),
-            )
-            .to_relay(),
-        );
-    }
     let fs = context.fs.clone();
     let frees_space = matches!(
         body.request,
         requests::Request::Delete { dry_run: false, .. }
     );
     let done = context.fs.with_open_volume(&body.volume, |id, volume| {
+        if matches!(body.request, requests::Request::Rollback { .. }) {
+            // Its readers would keep pages of the content it had.
+            let refused = Error::refused(
+                ErrorKind::InUse,
+                format!(
+                    "volume '{}' is open through the mount at {}: close it before a rollback",
+                    body.volume,
+                    context.mountpoint.display()
+                ),
+            );
+            return (Err(refused), false);
+        }
         let outcome = requests::apply(volume, &body.volume, &body.request);
         if outcome.is_err() || !frees_space {
             return (outcome, false);

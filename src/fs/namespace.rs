@@ -952,18 +952,27 @@ impl PoolFs {
         }
     }
 
-    /// What a volume reads where it never wrote: its image, or zeros.
-    fn base_of(&self, catalog: &Catalog, entry: &VolumeEntry) -> Box<dyn Base> {
-        match entry.image_id.and_then(|id| catalog.by_id.get(&id)) {
-            Some(image) => Box::new(ImageBase {
-                reader: self.reader.clone(),
-                catalog: self.catalog.clone(),
-                image: image.id,
-                size: image.size,
-                stream: Arc::default(),
-            }),
-            None => Box::new(NoBase),
-        }
+    /// What a volume reads where it never wrote: its image, or zeros when it has none. An image
+    /// the catalog does not have (yet) is an error: zeros in its place would be wrong bytes, and
+    /// an unaligned write would make them durable.
+    fn base_of(&self, catalog: &Catalog, entry: &VolumeEntry) -> Result<Box<dyn Base>, i32> {
+        let Some(id) = entry.image_id else {
+            return Ok(Box::new(NoBase));
+        };
+        let image = catalog.by_id.get(&id).ok_or_else(|| {
+            tracing::error!(
+                "volume '{}': its base image (id {id}) is not in the mount's catalog",
+                entry.name
+            );
+            libc::EIO
+        })?;
+        Ok(Box::new(ImageBase {
+            reader: self.reader.clone(),
+            catalog: self.catalog.clone(),
+            image: image.id,
+            size: image.size,
+            stream: Arc::default(),
+        }))
     }
 
     fn open_volume(&self, fh: u64) -> Result<(Arc<VolumeEntry>, Arc<Volume>), i32> {
@@ -978,6 +987,12 @@ impl PoolFs {
     /// Writes to an open volume; returns the bytes written.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, i32> {
         let (entry, volume) = self.open_volume(fh)?;
+        // A write across the end is cut there, as a disk does; one past it is EFBIG.
+        let size = volume.size();
+        let data = match size.checked_sub(offset) {
+            Some(room) if room > 0 => &data[..data.len().min(room as usize)],
+            _ => return Err(libc::EFBIG),
+        };
         volume.write_at(data, offset).map_err(|e| {
             if e.raw_os_error() != Some(libc::EFBIG) {
                 tracing::error!("write to volume '{}' at {offset} failed: {e}", entry.name);

@@ -47,7 +47,7 @@ impl OpenVolumes {
     pub fn open(
         &self,
         entry: &VolumeEntry,
-        base: impl FnOnce() -> Box<dyn Base>,
+        base: impl FnOnce() -> Result<Box<dyn Base>, i32>,
     ) -> Result<Arc<Volume>, i32> {
         if !entry.in_service {
             return Err(libc::EIO);
@@ -66,7 +66,7 @@ impl OpenVolumes {
                 return Err(errno_of(&e));
             }
         };
-        let volume = Volume::open(&entry.files, base()).map_err(|e| {
+        let volume = Volume::open(&entry.files, base()?).map_err(|e| {
             tracing::error!("cannot open volume '{}': {e}", entry.name);
             errno_of(&e)
         })?;

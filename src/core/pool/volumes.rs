@@ -253,6 +253,9 @@ impl Pool {
     ) -> Result<std::result::Result<requests::Outcome, u32>> {
         let info = self.volume(name)?;
         let files = VolumeFiles::new(&info.dir);
+        if requests::reads_only(request) {
+            return requests::answer_from_files(&files, name, request).map(Ok);
+        }
         let Some(_writer) =
             WriterLock::try_acquire(&files).ctx(|| format!("cannot lock volume '{name}'"))?
         else {
@@ -261,14 +264,19 @@ impl Pool {
         let volume = self
             .open_volume(&files)
             .ctx(|| format!("cannot open volume '{name}'"))?;
-        let outcome = requests::apply(&volume, name, request)?;
-        while volume
-            .reclaim()
-            .ctx(|| format!("cannot reclaim the space of volume '{name}'"))?
-        {}
-        volume
+        let outcome = requests::apply(&volume, name, request).and_then(|outcome| {
+            while volume
+                .reclaim()
+                .ctx(|| format!("cannot reclaim the space of volume '{name}'"))?
+            {}
+            Ok(outcome)
+        });
+        // Closed also after a failure: a volume left open would be recovered as after a crash.
+        let closed = volume
             .close()
-            .ctx(|| format!("cannot close volume '{name}'"))?;
+            .ctx(|| format!("cannot close volume '{name}'"));
+        let outcome = outcome?;
+        closed?;
         Ok(Ok(outcome))
     }
 

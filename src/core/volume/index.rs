@@ -143,6 +143,14 @@ impl Index {
         Ok(())
     }
 
+    /// Gives up the open transaction, whatever SQLite made of it after a failure.
+    pub fn abandon(&mut self) {
+        if !self.conn.is_autocommit() {
+            let _ = self.conn.execute_batch("ROLLBACK");
+        }
+        self.in_tx = false;
+    }
+
     pub fn has_uncommitted(&self) -> bool {
         self.in_tx
     }

@@ -109,10 +109,31 @@ pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
     })
 }
 
+/// A volume's snapshots with the bytes only each holds, read without opening the volume (its
+/// writer, if any, keeps writing meanwhile: snapshots are always committed).
+pub fn list_snapshots(files: &VolumeFiles) -> io::Result<(u64, Vec<(Snapshot, u64)>)> {
+    let index = Index::open(&files.index(), None).map_err(index_error)?;
+    let all = index.snapshots().map_err(index_error)?;
+    let epochs: Vec<u64> = all.iter().map(|s| s.epoch).collect();
+    let unique = index.unique_blocks(&epochs).map_err(index_error)?;
+    let listed = all
+        .into_iter()
+        .zip(unique)
+        .map(|(s, blocks)| (s, blocks * BLOCK))
+        .collect();
+    Ok((index.size().map_err(index_error)?, listed))
+}
+
 /// Reclaims of this many versions per transaction: small enough not to hold writers up.
 const RECLAIM_BATCH: usize = 1024;
 
 fn index_error(e: rusqlite::Error) -> io::Error {
+    // A full disk under the index is the writer's ENOSPC, as under the data.
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        if f.code == rusqlite::ErrorCode::DiskFull {
+            return io::Error::from_raw_os_error(libc::ENOSPC);
+        }
+    }
     io::Error::other(format!("volume index: {e}"))
 }
 
@@ -156,9 +177,42 @@ struct State {
     size: u64,
     /// Slots freed in the open transaction: reusable only once it commits.
     freed: Vec<u64>,
+    /// Why the volume serves nothing more until it is opened again: an index change or a data
+    /// sync failed, so what is in memory may not match the index or the disk (SQLite may have
+    /// rolled the transaction back; a failed writeback is reported once). Opening it again
+    /// recovers from the disk as after a crash.
+    broken: Option<String>,
+    /// Closed (`shutdown`): a reclaim thread still holding it must stop writing.
+    closed: bool,
 }
 
 impl State {
+    /// Refuses work on a volume that is broken or closed.
+    fn usable(&self) -> io::Result<()> {
+        match (&self.broken, self.closed) {
+            (Some(why), _) => Err(io::Error::other(format!(
+                "the volume is out of service since {why}: it serves again once its files are closed and opened again"
+            ))),
+            (None, true) => Err(io::Error::other("the volume is closed")),
+            (None, false) => Ok(()),
+        }
+    }
+
+    /// An index failure in the middle of a change: the transaction is abandoned and the volume
+    /// serves no more until it is opened again.
+    fn break_on(&mut self, e: rusqlite::Error) -> io::Error {
+        let error = index_error(e);
+        self.fail(format!("an index change failed ({error})"));
+        error
+    }
+
+    fn fail(&mut self, why: String) {
+        tracing::error!("volume out of service: {why}");
+        self.index.abandon();
+        self.freed.clear();
+        self.broken.get_or_insert(why);
+    }
+
     fn shared(&self, v: &Version) -> bool {
         self.newest_snapshot.is_some_and(|n| v.birth <= n)
     }
@@ -201,6 +255,8 @@ impl Volume {
             size: index.size().map_err(index_error)?,
             index,
             freed: Vec::new(),
+            broken: None,
+            closed: false,
         };
         Ok(Volume {
             data,
@@ -222,16 +278,29 @@ impl Volume {
     /// `close` for a volume shared with others, who must not write it any more.
     pub fn shutdown(&self) -> io::Result<()> {
         let mut state = self.state.lock();
-        self.commit_locked(&mut state)?;
-        state.index.set_closed_cleanly(true).map_err(index_error)?;
-        state.index.commit().map_err(index_error)
+        if state.closed {
+            return Ok(());
+        }
+        let committed = self.commit_locked(&mut state);
+        state.closed = true;
+        // A broken volume is not marked clean: its next open recovers as after a crash.
+        committed?;
+        state
+            .index
+            .set_closed_cleanly(true)
+            .map_err(|e| state.break_on(e))?;
+        state.index.commit().map_err(|e| state.break_on(e))
     }
 
     // --- reads -------------------------------------------------------------------------
 
     /// Reads the live volume from `offset`; returns the bytes read (short at the end).
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let size = self.state.lock().size;
+        let size = {
+            let state = self.state.lock();
+            state.usable()?;
+            state.size
+        };
         self.read_versions(None, size, buf, offset)
     }
 
@@ -401,6 +470,7 @@ impl Volume {
     /// Writes `data` at `offset`; the range must lie within the volume (`EFBIG` otherwise).
     pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let mut state = self.state.lock();
+        state.usable()?;
         check_range(&state, offset, data.len() as u64)?;
         let mut done = 0;
         while done < data.len() {
@@ -428,7 +498,7 @@ impl Volume {
         let count = last - first + 1;
         let head = (in_granule % BLOCK) as usize;
         let aligned = head == 0 && end.is_multiple_of(BLOCK);
-        let current = state.index.live(granule).map_err(index_error)?;
+        let current = state.index.live(granule).map_err(|e| state.break_on(e))?;
         let blocks: std::borrow::Cow<[u8]> = if aligned {
             data.into()
         } else {
@@ -445,6 +515,7 @@ impl Volume {
     /// back (what PUNCH_HOLE and ZERO_RANGE ask for).
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         let mut state = self.state.lock();
+        state.usable()?;
         check_range(&state, offset, len)?;
         let end = offset + len;
         let mut pos = offset;
@@ -462,7 +533,7 @@ impl Volume {
                     let zeros = vec![0u8; (first_whole - pos) as usize];
                     self.write_granule(&mut state, granule, pos % GRANULE, &zeros)?;
                 }
-                let current = state.index.live(granule).map_err(index_error)?;
+                let current = state.index.live(granule).map_err(|e| state.break_on(e))?;
                 let first = ((first_whole % GRANULE) / BLOCK) as u32;
                 let count = ((last_whole - first_whole) / BLOCK) as u32;
                 self.put_blocks(&mut state, granule, current, first, count, None)?;
@@ -496,9 +567,17 @@ impl Volume {
                     Some(data) => {
                         let slot = match v.slot {
                             Some(slot) => slot,
-                            None => self.new_slot(state)?,
+                            None => {
+                                let slot = self.new_slot(state)?;
+                                self.write_new_slot(state, slot, || {
+                                    self.data.write(slot, first, data)
+                                })?;
+                                slot
+                            }
                         };
-                        self.data.write(slot, first, data)?;
+                        if v.slot.is_some() {
+                            self.data.write(slot, first, data)?;
+                        }
                         v.slot = Some(slot);
                         v.written |= blocks;
                         v.zeroed &= !blocks;
@@ -518,7 +597,7 @@ impl Volume {
                         }
                     }
                 }
-                state.index.put(&v).map_err(index_error)
+                state.index.put(&v).map_err(|e| state.break_on(e))
             }
             Some(old) => {
                 // A snapshot sees the live version: a new version, with the old one's other
@@ -533,11 +612,16 @@ impl Volume {
                 } else {
                     None
                 };
-                if let (Some(from), Some(to)) = (old.slot, slot) {
-                    self.copy_blocks(from, to, keep)?;
-                }
-                if let (Some(data), Some(to)) = (data, slot) {
-                    self.data.write(to, first, data)?;
+                if let Some(to) = slot {
+                    self.write_new_slot(state, to, || {
+                        if let Some(from) = old.slot {
+                            self.copy_blocks(from, to, keep)?;
+                        }
+                        match data {
+                            Some(data) => self.data.write(to, first, data),
+                            None => Ok(()),
+                        }
+                    })?;
                 }
                 let zeroed = match data {
                     Some(_) => old.zeroed & !blocks,
@@ -549,14 +633,14 @@ impl Volume {
                         death: Some(live),
                         ..old
                     })
-                    .map_err(index_error)?;
+                    .map_err(|e| state.break_on(e))?;
                 new_live_version(state, granule, slot, written, zeroed)
             }
             None => {
                 let (slot, written, zeroed) = match data {
                     Some(data) => {
                         let slot = self.new_slot(state)?;
-                        self.data.write(slot, first, data)?;
+                        self.write_new_slot(state, slot, || self.data.write(slot, first, data))?;
                         (Some(slot), blocks, 0)
                     }
                     None => (None, 0, blocks),
@@ -570,7 +654,18 @@ impl Volume {
     /// past the high-water mark were never written, and after a crash `open` punched the free
     /// slots and cut the file at the mark before anything was allocated.
     fn new_slot(&self, state: &mut State) -> io::Result<u64> {
-        state.index.allocate_slot().map_err(index_error)
+        state.index.allocate_slot().map_err(|e| state.break_on(e))
+    }
+
+    /// Fills a slot just allocated; if that fails (ENOSPC, EIO), the slot goes back to the free
+    /// ones at the next commit, punched, rather than stay taken with no row pointing at it.
+    fn write_new_slot(
+        &self,
+        state: &mut State,
+        slot: u64,
+        fill: impl FnOnce() -> io::Result<()>,
+    ) -> io::Result<()> {
+        fill().inspect_err(|_| state.freed.push(slot))
     }
 
     fn copy_blocks(&self, from: u64, to: u64, blocks: u16) -> io::Result<()> {
@@ -591,22 +686,34 @@ impl Volume {
     }
 
     fn commit_locked(&self, state: &mut State) -> io::Result<()> {
+        state.usable()?;
         if !state.index.has_uncommitted() {
             return Ok(());
         }
-        self.data.sync()?;
+        if let Err(e) = self.data.sync() {
+            // The kernel reports a failed writeback once: a later sync would pass and commit
+            // rows pointing at data that never reached the disk.
+            state.fail(format!("the data file could not be synced ({e})"));
+            return Err(e);
+        }
         let freed = std::mem::take(&mut state.freed);
         // Reads that looked a freed slot up before it was freed finish first.
         let _reuse = (!freed.is_empty()).then(|| self.slot_reuse.write());
-        state.index.free_slots(&freed).map_err(index_error)?;
-        state.index.commit().map_err(index_error)?;
+        state
+            .index
+            .free_slots(&freed)
+            .map_err(|e| state.break_on(e))?;
+        state.index.commit().map_err(|e| state.break_on(e))?;
         // Their rows are gone for good: their space can go back to the filesystem.
         for slot in &freed {
             self.data.punch(*slot, 0, BLOCKS_PER_GRANULE)?;
         }
         if !freed.is_empty() {
-            state.index.mark_punched(&freed).map_err(index_error)?;
-            state.index.commit().map_err(index_error)?;
+            state
+                .index
+                .mark_punched(&freed)
+                .map_err(|e| state.break_on(e))?;
+            state.index.commit().map_err(|e| state.break_on(e))?;
         }
         Ok(())
     }
@@ -621,8 +728,8 @@ impl Volume {
             ));
         }
         self.commit_locked(&mut state)?;
-        state.index.set_size(size).map_err(index_error)?;
-        state.index.commit().map_err(index_error)?;
+        state.index.set_size(size).map_err(|e| state.break_on(e))?;
+        state.index.commit().map_err(|e| state.break_on(e))?;
         state.size = size;
         Ok(())
     }
@@ -633,11 +740,21 @@ impl Volume {
     pub fn snapshot(&self, name: &str, guid: &str, created: i64) -> io::Result<Snapshot> {
         let mut state = self.state.lock();
         self.commit_locked(&mut state)?;
-        let snapshot = state
-            .index
-            .create_snapshot(name, guid, created)
-            .map_err(index_error)?;
-        state.index.commit().map_err(index_error)?;
+        let snapshot = match state.index.create_snapshot(name, guid, created) {
+            Ok(snapshot) => snapshot,
+            // Its name is taken (two creates of one name at once): nothing else changed.
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                state.index.abandon();
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("a snapshot named '{name}' exists"),
+                ));
+            }
+            Err(e) => return Err(state.break_on(e)),
+        };
+        state.index.commit().map_err(|e| state.break_on(e))?;
         state.newest_snapshot = Some(snapshot.epoch);
         state.live_epoch = snapshot.epoch + 1;
         Ok(snapshot)
@@ -668,9 +785,15 @@ impl Volume {
     pub fn delete_snapshots(&self, epochs: &[u64]) -> io::Result<()> {
         let mut state = self.state.lock();
         self.commit_locked(&mut state)?;
-        state.index.delete_snapshots(epochs).map_err(index_error)?;
-        state.index.commit().map_err(index_error)?;
-        state.newest_snapshot = state.index.newest_snapshot_epoch().map_err(index_error)?;
+        state
+            .index
+            .delete_snapshots(epochs)
+            .map_err(|e| state.break_on(e))?;
+        state.index.commit().map_err(|e| state.break_on(e))?;
+        state.newest_snapshot = state
+            .index
+            .newest_snapshot_epoch()
+            .map_err(|e| state.break_on(e))?;
         Ok(())
     }
 
@@ -678,11 +801,15 @@ impl Volume {
     /// there was nothing left to reclaim.
     pub fn reclaim(&self) -> io::Result<bool> {
         let mut state = self.state.lock();
+        if state.closed {
+            // Its writer let go of it: not a byte more.
+            return Ok(false);
+        }
         self.commit_locked(&mut state)?;
         let Some(window) = state
             .index
             .reclaim_windows()
-            .map_err(index_error)?
+            .map_err(|e| state.break_on(e))?
             .into_iter()
             .next()
         else {
@@ -691,36 +818,53 @@ impl Volume {
         let unseen = state
             .index
             .unseen_versions(&window, RECLAIM_BATCH)
-            .map_err(index_error)?;
+            .map_err(|e| state.break_on(e))?;
         for v in &unseen {
-            state.index.delete(v).map_err(index_error)?;
+            state.index.delete(v).map_err(|e| state.break_on(e))?;
             if let Some(slot) = v.slot {
                 state.freed.push(slot);
             }
         }
         if unseen.len() < RECLAIM_BATCH {
-            state.index.finish_window(window.id).map_err(index_error)?;
+            state
+                .index
+                .finish_window(window.id)
+                .map_err(|e| state.break_on(e))?;
         }
         self.commit_locked(&mut state)?;
         Ok(true)
     }
 
-    /// The volume's content becomes the snapshot's, which must be the newest.
-    pub fn rollback(&self, snapshot: &Snapshot) -> io::Result<()> {
+    /// The volume's content becomes the snapshot's; the snapshots `newer` (all those after it)
+    /// are deleted in the same transaction.
+    pub fn rollback(&self, snapshot: &Snapshot, newer: &[u64]) -> io::Result<()> {
         let mut state = self.state.lock();
-        if state.newest_snapshot != Some(snapshot.epoch) {
+        self.commit_locked(&mut state)?;
+        state
+            .index
+            .delete_snapshots(newer)
+            .map_err(|e| state.break_on(e))?;
+        let newest = state
+            .index
+            .newest_snapshot_epoch()
+            .map_err(|e| state.break_on(e))?;
+        if newest != Some(snapshot.epoch) {
+            state.index.abandon();
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "only the newest snapshot can be rolled back to",
             ));
         }
-        self.commit_locked(&mut state)?;
+        state.newest_snapshot = newest;
         let freed = state
             .index
             .roll_back_to(snapshot.epoch)
-            .map_err(index_error)?;
+            .map_err(|e| state.break_on(e))?;
         state.freed.extend(freed);
-        state.index.set_size(snapshot.size).map_err(index_error)?;
+        state
+            .index
+            .set_size(snapshot.size)
+            .map_err(|e| state.break_on(e))?;
         state.size = snapshot.size;
         // One transaction: a crash leaves the volume as it was, or rolled back.
         self.commit_locked(&mut state)
@@ -766,7 +910,7 @@ fn new_live_version(
         written,
         zeroed,
     };
-    state.index.put(&version).map_err(index_error)
+    state.index.put(&version).map_err(|e| state.break_on(e))
 }
 
 fn punch_free(data: &DataFile, index: &mut Index, slots: &[u64]) -> io::Result<()> {

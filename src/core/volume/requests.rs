@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Snapshot, Volume};
 use crate::error::{Error, ErrorKind, Result};
+use crate::format::volume::VolumeFiles;
 
 /// Which snapshots a deletion takes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +119,37 @@ pub fn select<'a>(
     })
 }
 
+/// Whether a request only reads: it is answered from the index, whoever writes the volume.
+pub fn reads_only(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::List | Request::Delete { dry_run: true, .. }
+    )
+}
+
+/// Answers a request that only reads (`reads_only`) from the volume's files, without opening it.
+pub fn answer_from_files(files: &VolumeFiles, name: &str, request: &Request) -> Result<Outcome> {
+    let io = |e: std::io::Error| Error::io(format!("volume '{name}'"), e);
+    let (size, listed) = super::list_snapshots(files).map_err(io)?;
+    let snapshots = match request {
+        Request::Delete { selection, .. } => {
+            let all: Vec<Snapshot> = listed.iter().map(|(s, _)| s.clone()).collect();
+            select(name, &all, selection)?
+                .into_iter()
+                .map(info)
+                .collect()
+        }
+        _ => listed
+            .iter()
+            .map(|(s, unique)| SnapshotInfo {
+                unique_bytes: Some(*unique),
+                ..info(s)
+            })
+            .collect(),
+    };
+    Ok(Outcome { snapshots, size })
+}
+
 /// Applies a request to `volume` (named `name` in messages).
 pub fn apply(volume: &Volume, name: &str, request: &Request) -> Result<Outcome> {
     let io = |e: std::io::Error| Error::io(format!("volume '{name}'"), e);
@@ -135,9 +167,17 @@ pub fn apply(volume: &Volume, name: &str, request: &Request) -> Result<Outcome> 
                     ),
                 ));
             }
-            vec![info(
-                &volume.snapshot(snapshot, guid, *created).map_err(io)?,
-            )]
+            let taken = volume.snapshot(snapshot, guid, *created).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Error::refused(
+                        ErrorKind::AlreadyExists,
+                        format!("volume '{name}' has a snapshot '{snapshot}' already: pick another name"),
+                    )
+                } else {
+                    io(e)
+                }
+            })?;
+            vec![info(&taken)]
         }
         Request::List => volume
             .snapshots_with_unique_bytes()
@@ -178,8 +218,7 @@ pub fn apply(volume: &Volume, name: &str, request: &Request) -> Result<Outcome> 
                 ));
             }
             let epochs: Vec<u64> = newer.iter().map(|s| s.epoch).collect();
-            volume.delete_snapshots(&epochs).map_err(io)?;
-            volume.rollback(&all[at]).map_err(io)?;
+            volume.rollback(&all[at], &epochs).map_err(io)?;
             newer.iter().map(info).collect()
         }
         Request::Resize { size } => {
