@@ -87,6 +87,16 @@ impl Model {
     }
 }
 
+/// The epochs of the volume's snapshots, oldest first.
+fn epochs(volume: &Volume) -> Vec<u64> {
+    volume
+        .snapshots()
+        .unwrap()
+        .iter()
+        .map(|s| s.epoch)
+        .collect()
+}
+
 /// A directory for a test volume: on tmpfs when there is one, where the syncs of every commit
 /// cost nothing.
 fn scratch_dir() -> tempfile::TempDir {
@@ -369,12 +379,7 @@ fn run(seed: u64, steps: usize) {
 
     // Every snapshot deleted and reclaimed: only the live versions remain, and the data file
     // holds only what they hold.
-    let all: Vec<u64> = volume
-        .snapshots()
-        .unwrap()
-        .iter()
-        .map(|s| s.epoch)
-        .collect();
+    let all: Vec<u64> = epochs(&volume);
     volume.delete_snapshots(&all).unwrap();
     while volume.reclaim().unwrap() {}
     model.snapshots.clear();
@@ -457,12 +462,7 @@ fn concurrent_reads_never_see_another_blocks_bytes() {
                     volume.snapshot(&format!("s{step}"), "g", 0).unwrap();
                 }
                 83..=85 => {
-                    let all: Vec<u64> = volume
-                        .snapshots()
-                        .unwrap()
-                        .iter()
-                        .map(|s| s.epoch)
-                        .collect();
+                    let all: Vec<u64> = epochs(&volume);
                     let doomed: Vec<u64> = all.into_iter().filter(|_| rng.chance(50)).collect();
                     volume.delete_snapshots(&doomed).unwrap();
                 }
