@@ -502,9 +502,18 @@ impl Volume {
         let blocks: std::borrow::Cow<[u8]> = if aligned {
             data.into()
         } else {
-            let mut whole = vec![0u8; (count as u64 * BLOCK) as usize];
+            // Only the partial blocks at the edges keep some of what they hold now.
+            let block = BLOCK as usize;
+            let mut whole = vec![0u8; count as usize * block];
             let start = granule * GRANULE + u64::from(first) * BLOCK;
-            self.read_granule(current.as_ref(), start, &mut whole)?;
+            if head != 0 {
+                self.read_granule(current.as_ref(), start, &mut whole[..block])?;
+            }
+            if !end.is_multiple_of(BLOCK) && (count > 1 || head == 0) {
+                let last = (count as usize - 1) * block;
+                let at = start + last as u64;
+                self.read_granule(current.as_ref(), at, &mut whole[last..])?;
+            }
             whole[head..head + data.len()].copy_from_slice(data);
             whole.into()
         };
