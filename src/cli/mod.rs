@@ -666,7 +666,10 @@ fn snapshot_request(
     volume: &str,
     request: &requests::Request,
 ) -> Result<requests::Outcome> {
-    for _ in 0..20 {
+    // Another command holding the volume (a snapshot, a reclaim) is waited for; its work is
+    // one transaction and a reclaim, seconds at most.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         let pid = match pool.snapshot_request(volume, request)? {
             Ok(outcome) => return record_size(pool, volume, outcome),
             Err(pid) => pid,
@@ -685,11 +688,11 @@ fn snapshot_request(
                 }
             }
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     Err(Error::refused(
         ErrorKind::Busy,
-        format!("volume '{volume}' is held by another process that is not a mount of this pool: retry when it is done"),
+        format!("volume '{volume}' stayed held for a minute by another process that is not a mount of this pool: retry when it is done"),
     ))
 }
 
