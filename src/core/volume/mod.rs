@@ -113,15 +113,19 @@ pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
 /// writer, if any, keeps writing meanwhile: snapshots are always committed).
 pub fn list_snapshots(files: &VolumeFiles) -> io::Result<(u64, Vec<(Snapshot, u64)>)> {
     let index = Index::open(&files.index(), None).map_err(index_error)?;
+    Ok((index.size().map_err(index_error)?, listing(&index)?))
+}
+
+/// The snapshots in creation order, each with the bytes only it holds.
+fn listing(index: &Index) -> io::Result<Vec<(Snapshot, u64)>> {
     let all = index.snapshots().map_err(index_error)?;
     let epochs: Vec<u64> = all.iter().map(|s| s.epoch).collect();
     let unique = index.unique_blocks(&epochs).map_err(index_error)?;
-    let listed = all
+    Ok(all
         .into_iter()
         .zip(unique)
         .map(|(s, blocks)| (s, blocks * BLOCK))
-        .collect();
-    Ok((index.size().map_err(index_error)?, listed))
+        .collect())
 }
 
 /// Reclaims of this many versions per transaction: small enough not to hold writers up.
@@ -775,15 +779,7 @@ impl Volume {
 
     /// The snapshots, each with the bytes only it holds (what deleting it alone would free).
     pub fn snapshots_with_unique_bytes(&self) -> io::Result<Vec<(Snapshot, u64)>> {
-        let state = self.state.lock();
-        let all = state.index.snapshots().map_err(index_error)?;
-        let epochs: Vec<u64> = all.iter().map(|s| s.epoch).collect();
-        let unique = state.index.unique_blocks(&epochs).map_err(index_error)?;
-        Ok(all
-            .into_iter()
-            .zip(unique)
-            .map(|(s, blocks)| (s, blocks * BLOCK))
-            .collect())
+        listing(&self.state.lock().index)
     }
 
     pub fn find_snapshot(&self, name: &str) -> io::Result<Option<Snapshot>> {
