@@ -420,10 +420,14 @@ fn a_volume_is_a_read_write_file_of_the_mount() {
         "the volume stays open after its files were closed"
     );
     let held = std::fs::File::open(&path).unwrap();
-    assert_eq!(
-        pool.json(&["volume", "show", "vm1"])["open_by_pid"],
-        mount.pid.unwrap()
-    );
+    let shown = pool.json(&["volume", "show", "vm1"]);
+    assert_eq!(shown["open_by_pid"], mount.pid.unwrap());
+    assert_eq!(shown["open_files"], 1, "{shown}");
+    let held_too = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    let listed = pool.json(&["volume", "list"]);
+    let vm1 = listed.as_array().unwrap().iter().find(|v| v["name"] == "vm1");
+    assert_eq!(vm1.unwrap()["open_files"], 2, "{listed}");
+    drop(held_too);
     refused(
         &pool,
         "volume rm of an open volume",

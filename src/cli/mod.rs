@@ -5,6 +5,7 @@
 
 mod client;
 
+use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -587,7 +588,30 @@ fn open_to_change(state_dir: &Path) -> Result<Pool> {
     Ok(pool)
 }
 
-fn volume_json(v: &VolumeInfo) -> Value {
+/// The open files of each volume that a mount daemon holds, as its daemon counts them (a loop
+/// device or a VM holding the file counts as one). Best effort: a daemon that does not answer
+/// leaves its volumes out.
+fn volume_open_files(
+    state_dir: &Path,
+    pool: &Pool,
+    volumes: &[VolumeInfo],
+) -> HashMap<String, usize> {
+    let pids: HashSet<u32> = volumes.iter().filter_map(|v| v.open_by).collect();
+    if pids.is_empty() {
+        return HashMap::new();
+    }
+    let Ok(mounts) = pool.live_mounts() else {
+        return HashMap::new();
+    };
+    mounts
+        .iter()
+        .filter(|m| pids.contains(&m.pid))
+        .filter_map(|m| client::stats(state_dir, m.id).ok())
+        .flat_map(|stats| stats.volume_open_files)
+        .collect()
+}
+
+fn volume_json(v: &VolumeInfo, open_files: usize) -> Value {
     json!({
         "name": v.volume.name,
         "uuid": v.volume.uuid,
@@ -598,11 +622,12 @@ fn volume_json(v: &VolumeInfo) -> Value {
         "allocated_bytes": v.allocated,
         "snapshots": v.snapshots,
         "open_by_pid": v.open_by,
+        "open_files": open_files,
         "created": timestamp(v.volume.created),
     })
 }
 
-fn print_volume(v: &VolumeInfo) {
+fn print_volume(v: &VolumeInfo, open_files: usize) {
     println!("name:      {}", v.volume.name);
     println!("uuid:      {}", v.volume.uuid);
     println!("size:      {} ({})", v.volume.size, bytes(v.volume.size));
@@ -612,7 +637,9 @@ fn print_volume(v: &VolumeInfo) {
     println!("allocated: {}", bytes(v.allocated));
     println!("snapshots: {}", v.snapshots);
     match v.open_by {
-        Some(pid) => println!("open:      yes, by the mount daemon (pid {pid})"),
+        Some(pid) => {
+            println!("open:      {open_files} file(s), through the mount daemon (pid {pid})")
+        }
         None => println!("open:      no"),
     }
     println!("created:   {}", timestamp(v.volume.created));
@@ -859,15 +886,23 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
         } => {
             let created = pool.create_volume(&name, image.as_deref(), size, disk.as_deref())?;
             if json {
-                print_json(&volume_json(&created));
+                print_json(&volume_json(&created, 0));
             } else {
-                print_volume(&created);
+                print_volume(&created, 0);
             }
         }
         VolumeCommand::List { json } => {
             let volumes = pool.volumes()?;
+            let open_files = volume_open_files(state_dir, &pool, &volumes);
+            let open_files_of =
+                |v: &VolumeInfo| open_files.get(&v.volume.name).copied().unwrap_or(0);
             if json {
-                print_json(&Value::Array(volumes.iter().map(volume_json).collect()));
+                print_json(&Value::Array(
+                    volumes
+                        .iter()
+                        .map(|v| volume_json(v, open_files_of(v)))
+                        .collect(),
+                ));
             } else {
                 let rows = volumes
                     .iter()
@@ -879,6 +914,7 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
                             v.disk.clone(),
                             bytes(v.allocated),
                             v.snapshots.to_string(),
+                            open_files_of(v).to_string(),
                             v.state().to_string(),
                         ]
                     })
@@ -891,6 +927,7 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
                         "DISK",
                         "ALLOCATED",
                         "SNAPSHOTS",
+                        "OPEN",
                         "STATE",
                     ],
                     rows,
@@ -899,10 +936,14 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
         }
         VolumeCommand::Show { name, json } => {
             let info = pool.volume(&name)?;
+            let open_files = volume_open_files(state_dir, &pool, std::slice::from_ref(&info))
+                .get(&name)
+                .copied()
+                .unwrap_or(0);
             if json {
-                print_json(&volume_json(&info));
+                print_json(&volume_json(&info, open_files));
             } else {
-                print_volume(&info);
+                print_volume(&info, open_files);
             }
         }
         VolumeCommand::Resize { name, size } => {

@@ -110,6 +110,7 @@ impl Context {
             },
             read: self.fs.read_stats(),
             binds: self.binds.lock().clone(),
+            volume_open_files: self.fs.volume_open_files(),
         }
     }
 }

@@ -1139,6 +1139,10 @@ impl PoolFs {
         self.reader.stats()
     }
 
+    pub fn volume_open_files(&self) -> BTreeMap<String, usize> {
+        self.volumes.open_files()
+    }
+
     fn xattrs(&self, ino: u64) -> Result<Vec<(&'static str, Vec<u8>)>, i32> {
         let catalog = self.catalog();
         let node = Node::from_ino(ino).ok_or(libc::ENOENT)?;

@@ -19,6 +19,9 @@ pub struct MountStats {
     /// Each in-service disk's bind mount as the daemon last checked it (none with `--no-bind`).
     #[serde(default)]
     pub binds: Vec<BindStatus>,
+    /// Open files of each volume this mount has open.
+    #[serde(default)]
+    pub volume_open_files: std::collections::BTreeMap<String, usize>,
 }
 
 /// One disk's view bound at `<disk>/backing-images`, or why it is not.

@@ -2,7 +2,7 @@
 //! (its index, its data file and its writer lock) at the first open of its file and closed,
 //! everything flushed, at the last release: while no file is open, commands may change it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -27,6 +27,8 @@ pub struct VolumeEntry {
 
 struct Opened {
     volume: Arc<Volume>,
+    name: String,
+    /// Open files, and requests working on it (`acquire`).
     files: usize,
     _writer: WriterLock,
 }
@@ -75,6 +77,7 @@ impl OpenVolumes {
             entry.id,
             Opened {
                 volume: volume.clone(),
+                name: entry.name.clone(),
                 files: 1,
                 _writer: writer,
             },
@@ -109,6 +112,15 @@ impl OpenVolumes {
     /// The volume if a file of it is open: its size is the authority then.
     pub fn get(&self, id: i64) -> Option<Arc<Volume>> {
         self.open.lock().get(&id).map(|o| o.volume.clone())
+    }
+
+    /// How many files of each open volume are open (requests working on one count as one).
+    pub fn open_files(&self) -> BTreeMap<String, usize> {
+        self.open
+            .lock()
+            .values()
+            .map(|o| (o.name.clone(), o.files))
+            .collect()
     }
 
     /// At unmount: every open volume flushed and closed.
