@@ -11,6 +11,7 @@
 #   --runtime SEC      seconds per fio job at most (default 8)
 #   --repeat N         repeats, medians reported (default 3)
 #   --json-out FILE    results as JSON (default target/bench/volumes.json)
+#   --cases A,B        only these cases (default: all, listed below)
 #
 # Cases, each on a fresh target (a new volume over the image; a new plain file holding the
 # image's bytes), the two targets in random order within each repeat:
@@ -32,6 +33,7 @@ SIZE_ARG=1G
 RUNTIME=8
 REPEAT=3
 JSON_OUT=$ROOT/target/bench/volumes.json
+CASES_ARG=""
 ORIG_ARGS=("$@")
 die() { echo "volbench: $*" >&2; exit 1; }
 log() { printf '%s\n' "$*" >&2; }
@@ -42,6 +44,7 @@ while (($#)); do
         --runtime) need_val "$@"; RUNTIME=$2; shift ;;
         --repeat) need_val "$@"; REPEAT=$2; shift ;;
         --json-out) need_val "$@"; JSON_OUT=$2; shift ;;
+        --cases) need_val "$@"; CASES_ARG=$2; shift ;;
         -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "volbench: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
@@ -150,6 +153,13 @@ EOF
 }
 
 CASES=(seq_write rand_write_4t rand_write_qd32_direct seq_read_written rand_read_written seq_read_base rand_read_base)
+if [[ -n $CASES_ARG ]]; then
+    IFS=, read -ra WANTED <<<"$CASES_ARG"
+    for wanted in "${WANTED[@]}"; do
+        [[ " ${CASES[*]} " == *" $wanted "* ]] || die "unknown case '$wanted' (cases: ${CASES[*]})"
+    done
+    CASES=("${WANTED[@]}")
+fi
 START=$(date +%s)
 for ((REP = 1; REP <= REPEAT; REP++)); do
     for case in "${CASES[@]}"; do
