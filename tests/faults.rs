@@ -1562,3 +1562,104 @@ fn repeated_failed_reads_of_a_damaged_chunk_are_logged_once_then_counted() {
     assert_eq!(lines.len(), 1, "{lines:#?}");
     mount.unmount();
 }
+
+#[test]
+fn a_volume_whose_disk_dies_answers_eio_and_status_says_what_to_do() {
+    let test = "a_volume_whose_disk_dies_answers_eio_and_status_says_what_to_do";
+    if !can_mount(test) {
+        return;
+    }
+    let mut pool = TestPool::empty();
+    let disks = add_loop_disks(&mut pool, &[("d1", 128 * MIB), ("d2", 128 * MIB)]);
+    let source = pool.path("source.img");
+    random_file(&source, 8 * MIB, 229);
+    let base = fs::read(&source).unwrap();
+    pool.ok(&["config", "set", "probe-interval", "1s"]);
+    let mount = pool.mount();
+    pool.add_image("img", &source, 1);
+    // The image's only copy is where the volume is not: the base stays readable.
+    let image_disks = serving_disks(&show(&pool, "img"));
+    let volume_disk = if image_disks == ["d1"] { "d2" } else { "d1" };
+    pool.ok(&[
+        "volume",
+        "create",
+        "vm",
+        "--image",
+        "img",
+        "--disk",
+        volume_disk,
+    ]);
+    let path = mount.mountpoint.join("volumes/vm");
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(50), || path
+            .exists()),
+        "the volume does not appear"
+    );
+
+    let volume = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    let mut written = vec![0u8; READ_SIZE];
+    written
+        .iter_mut()
+        .enumerate()
+        .for_each(|(i, b)| *b = (i % 251) as u8);
+    // O_DIRECT wants page-aligned buffers: anonymous maps are.
+    let mut buffer = memmap2::MmapMut::map_anon(READ_SIZE).unwrap();
+    buffer.copy_from_slice(&written);
+    volume.write_all_at(&buffer, 0).unwrap();
+    volume.sync_all().unwrap();
+    let mut read = memmap2::MmapMut::map_anon(READ_SIZE).unwrap();
+    volume.read_exact_at(&mut read, 0).unwrap();
+    assert_eq!(&read[..], &written[..]);
+    volume.read_exact_at(&mut read, 4 * MIB).unwrap();
+    assert_eq!(&read[..], &base[4 * MIB as usize..5 * MIB as usize]);
+
+    shut_down(loop_disk(&disks, volume_disk));
+    assert!(
+        poll(Duration::from_secs(20), Duration::from_millis(100), || {
+            disk_state(&pool, volume_disk) == "failed"
+        }),
+        "{volume_disk} is {} after its filesystem died",
+        disk_state(&pool, volume_disk)
+    );
+    // Out of service as a whole: written blocks, blocks its base image holds, writes, new
+    // opens. Never a byte.
+    let eio = |what: &str, result: io::Result<()>| {
+        let error = result.expect_err(&format!("{what} worked on a volume whose disk died"));
+        assert_eq!(error.raw_os_error(), Some(libc::EIO), "{what}: {error}");
+    };
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(100), || {
+            volume.read_exact_at(&mut read, 4 * MIB).is_err()
+        }),
+        "the base blocks of a volume whose disk died are still served"
+    );
+    eio("a read of written data", volume.read_exact_at(&mut read, 0));
+    eio(
+        "a read of base data",
+        volume.read_exact_at(&mut read, 4 * MIB),
+    );
+    eio("a write", volume.write_all_at(&buffer, MIB));
+    eio("a new open", File::open(&path).map(drop));
+
+    let shown = pool.json(&["volume", "show", "vm"]);
+    assert_eq!(shown["state"], "failed", "{shown}");
+    let problem = shown["problem"].as_str().unwrap_or_default().to_string();
+    assert!(
+        problem.contains(volume_disk) && problem.contains("EIO") && problem.contains("disk list"),
+        "volume show says: {problem}"
+    );
+    let problems = status_problems(&pool);
+    assert!(
+        problems
+            .iter()
+            .any(|p| p.starts_with("volume vm failed") && p.contains("bring the disk back")),
+        "status says: {problems:?}"
+    );
+    drop(volume);
+    mount.unmount();
+}

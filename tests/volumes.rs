@@ -425,7 +425,11 @@ fn a_volume_is_a_read_write_file_of_the_mount() {
     assert_eq!(shown["open_files"], 1, "{shown}");
     let held_too = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     let listed = pool.json(&["volume", "list"]);
-    let vm1 = listed.as_array().unwrap().iter().find(|v| v["name"] == "vm1");
+    let vm1 = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "vm1");
     assert_eq!(vm1.unwrap()["open_files"], 2, "{listed}");
     drop(held_too);
     refused(

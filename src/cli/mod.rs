@@ -611,6 +611,14 @@ fn volume_open_files(
         .collect()
 }
 
+/// What is wrong with a volume, and what to do, if anything is.
+fn volume_problem(v: &VolumeInfo) -> Option<String> {
+    (v.state() == "failed").then(|| format!(
+        "its disk '{}' is out of service, so its reads and writes return EIO; it has one copy, on that disk: bring the disk back (`imgpool disk list` says why it is out)",
+        v.disk
+    ))
+}
+
 fn volume_json(v: &VolumeInfo, open_files: usize) -> Value {
     json!({
         "name": v.volume.name,
@@ -619,6 +627,7 @@ fn volume_json(v: &VolumeInfo, open_files: usize) -> Value {
         "image": v.image,
         "disk": v.disk,
         "state": v.state(),
+        "problem": volume_problem(v),
         "allocated_bytes": v.allocated,
         "snapshots": v.snapshots,
         "open_by_pid": v.open_by,
@@ -634,6 +643,9 @@ fn print_volume(v: &VolumeInfo, open_files: usize) {
     println!("image:     {}", v.image.as_deref().unwrap_or("-"));
     println!("disk:      {}", v.disk);
     println!("state:     {}", v.state());
+    if let Some(problem) = volume_problem(v) {
+        println!("problem:   {problem}");
+    }
     println!("allocated: {}", bytes(v.allocated));
     println!("snapshots: {}", v.snapshots);
     match v.open_by {
@@ -1274,11 +1286,8 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
         i.problem()
             .map(|p| format!("image {} {}: {p}", i.image.name, i.state()))
     }));
-    problems.extend(pool.volumes()?.iter().filter(|v| v.state() == "failed").map(|v| {
-        format!(
-            "volume {} failed: its disk '{}' is out of service, so its reads and writes return EIO; it has one copy, on that disk: bring the disk back (`imgpool disk list` says why it is out)",
-            v.volume.name, v.disk
-        )
+    problems.extend(pool.volumes()?.iter().filter_map(|v| {
+        volume_problem(v).map(|p| format!("volume {} failed: {p}", v.volume.name))
     }));
     if let Some(hold) = pool.gc_hold()? {
         problems.push(format!("gc: {hold}"));

@@ -200,6 +200,9 @@ impl Filesystem for FuseAdapter {
         if let Err(missing) = config.add_capabilities(InitFlags::FUSE_ASYNC_DIO) {
             tracing::info!("kernel lacks {missing:?}: O_DIRECT reads are served one at a time");
         }
+        if let Err(missing) = config.add_capabilities(InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP) {
+            tracing::info!("kernel lacks {missing:?}");
+        }
         if let Err(nearest) = config.set_max_background(MAX_BACKGROUND) {
             tracing::info!("kernel limits background requests to {nearest}");
         }
@@ -257,8 +260,16 @@ impl Filesystem for FuseAdapter {
         }
         if self.fs.writable(ino.0) {
             // A volume's pages are dropped at each open: a rollback may have changed it.
-            // O_DIRECT writers (a VM's disk at queue depth) are not serialised by the kernel.
-            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES);
+            // An O_DIRECT opener (a VM's disk, an engine at queue depth) gets the kernel's
+            // direct path, whose writes run in parallel; without FOPEN_DIRECT_IO the kernel
+            // sends O_DIRECT writes one at a time under the inode lock. Buffered openers keep
+            // the page cache, which their reads need (decisions: "Volumes: serving them").
+            let direct = if flags.0 & libc::O_DIRECT != 0 {
+                FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+            } else {
+                FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES
+            };
+            return reply.opened(FileHandle(fh), direct);
         }
         // Images never change, so the kernel may keep their pages across opens.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)

@@ -434,6 +434,9 @@ impl PoolFs {
         *last = Some((version, Instant::now()));
         drop(last);
         let previous = std::mem::replace(&mut *self.catalog.write(), next.clone());
+        for entry in next.volumes.values().filter(|v| !v.in_service) {
+            self.volumes.take_out_of_service(entry);
+        }
         if !first {
             log_image_changes(&previous, &next);
         }

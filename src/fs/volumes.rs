@@ -123,6 +123,16 @@ impl OpenVolumes {
             .collect()
     }
 
+    /// A volume whose disk went out of service: its open files read and write nothing more.
+    pub fn take_out_of_service(&self, entry: &VolumeEntry) {
+        if let Some(opened) = self.open.lock().get(&entry.id) {
+            opened.volume.take_out_of_service(format!(
+                "its disk went out of service (volume '{}')",
+                entry.name
+            ));
+        }
+    }
+
     /// At unmount: every open volume flushed and closed.
     pub fn shutdown(&self) {
         for (_, opened) in self.open.lock().drain() {

@@ -299,6 +299,15 @@ impl Volume {
     // --- reads -------------------------------------------------------------------------
 
     /// Reads the live volume from `offset`; returns the bytes read (short at the end).
+    /// Takes the volume out of service (its disk failed): every read and write from now on is
+    /// an error, even of blocks that its base image or a cache could still answer.
+    pub fn take_out_of_service(&self, why: String) {
+        let mut state = self.state.lock();
+        if state.broken.is_none() && !state.closed {
+            state.fail(why);
+        }
+    }
+
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let size = {
             let state = self.state.lock();
