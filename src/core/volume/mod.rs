@@ -332,25 +332,42 @@ impl Volume {
             return Ok(0);
         }
         let len = buf.len().min((size - offset) as usize);
-        let mut done = 0;
-        while done < len {
-            let pos = offset + done as u64;
+        let end = offset + len as u64;
+        // The version, and a shared hold of `slot_reuse` taken before the state lock is let
+        // go: no change can free and reuse its slot before the read is done.
+        let lookup = |granule: u64| {
+            let state = self.state.lock();
+            let version = match epoch {
+                None => state.index.live(granule),
+                Some(e) => state.index.at(granule, e),
+            }
+            .map_err(index_error)?;
+            Ok::<_, io::Error>((version, self.slot_reuse.read()))
+        };
+        let mut pos = offset;
+        while pos < end {
             let granule = pos / GRANULE;
-            let in_granule = pos % GRANULE;
-            let n = ((GRANULE - in_granule) as usize).min(len - done);
-            let (version, _no_reuse) = {
-                let state = self.state.lock();
-                let version = match epoch {
-                    None => state.index.live(granule),
-                    Some(e) => state.index.at(granule, e),
+            let mut run_end = ((granule + 1) * GRANULE).min(end);
+            let (Some(version), _no_reuse) = lookup(granule)? else {
+                // Granules the volume never wrote are read from the base in one request, as
+                // the sequential read they are (the image's read path reads ahead for those).
+                while run_end < end && lookup(run_end / GRANULE)?.0.is_none() {
+                    run_end = (run_end + GRANULE).min(end);
                 }
-                .map_err(index_error)?;
-                (version, self.slot_reuse.read())
+                let at = (pos - offset) as usize;
+                self.read_base(&mut buf[at..(run_end - offset) as usize], pos)?;
+                pos = run_end;
+                continue;
             };
             #[cfg(test)]
             model_tests::pause_between_lookup_and_read();
-            self.read_granule(version.as_ref(), pos, &mut buf[done..done + n])?;
-            done += n;
+            let at = (pos - offset) as usize;
+            self.read_granule(
+                Some(&version),
+                pos,
+                &mut buf[at..(run_end - offset) as usize],
+            )?;
+            pos = run_end;
         }
         Ok(len)
     }
