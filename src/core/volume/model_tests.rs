@@ -2,6 +2,8 @@
 //! across the end of the base image), discards, resizes, flushes, snapshots, batch deletions,
 //! reclaims, rollbacks and restarts (clean, and as after `kill -9`: whatever was not flushed may
 //! or may not be there), each checked byte for byte against a plain model after every step.
+//! Snapshot creation, deletion (names, ranges, `--older-than`, `--keep-last`, dry runs, batches
+//! naming an unknown snapshot) and rollback go through the requests the commands send.
 //!
 //! `IMGPOOL_MODEL_SEEDS=N` runs N seeds (default 40).
 
@@ -9,7 +11,9 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::requests::{apply, Request, Selection};
 use super::*;
+use crate::error::ErrorKind;
 
 thread_local! {
     /// How long this thread's volume reads wait between their lookup and their data read: the
@@ -59,13 +63,19 @@ impl Base for Bytes {
 
 struct Model {
     live: Vec<u8>,
-    /// Name -> content, in creation order.
-    snapshots: Vec<(String, Vec<u8>)>,
+    /// In creation order.
+    snapshots: Vec<ModelSnapshot>,
     /// The live content when the volume last made everything durable.
     durable: Vec<u8>,
     /// For each block written since then: every content it had since then. After a crash, the
     /// block holds one of them, or its durable content.
     unflushed: HashMap<u64, Vec<Vec<u8>>>,
+}
+
+struct ModelSnapshot {
+    name: String,
+    created: i64,
+    content: Vec<u8>,
 }
 
 impl Model {
@@ -147,9 +157,9 @@ fn check(volume: &Volume, model: &Model, rng: &mut Rng, step: usize, op: &str) {
     check_holes(volume, &live, step, op);
     let snapshots = volume.snapshots().unwrap();
     let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
-    let expected: Vec<&str> = model.snapshots.iter().map(|(n, _)| n.as_str()).collect();
+    let expected: Vec<&str> = model.snapshots.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, expected, "step {step} after {op}: snapshot list");
-    for (snapshot, (name, content)) in snapshots.iter().zip(&model.snapshots) {
+    for (snapshot, ModelSnapshot { name, content, .. }) in snapshots.iter().zip(&model.snapshots) {
         let got = read_all(volume, Some(snapshot), content.len(), rng);
         if &got != content {
             let at = got.iter().zip(content).position(|(a, b)| a != b);
@@ -259,6 +269,104 @@ fn random_operations_match_the_model_with_restarts() {
     }
 }
 
+/// A `snapshot rm` as the command sends it: names (now and then one that does not exist, which
+/// refuses the whole batch), a range, `--older-than`, `--keep-last`; sometimes a dry run. What
+/// it says it deleted is what the model expects, and the model follows.
+fn delete_as_a_command(
+    volume: &Volume,
+    model: &mut Model,
+    rng: &mut Rng,
+    seed: u64,
+    step: usize,
+) -> String {
+    let count = model.snapshots.len();
+    let names = |range: std::ops::RangeInclusive<usize>| -> Vec<String> {
+        model.snapshots[range]
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
+    };
+    let mut unknown = false;
+    let (selection, mut expected) = match rng.below(4) {
+        0 => {
+            let mut chosen: Vec<String> = model
+                .snapshots
+                .iter()
+                .filter(|_| rng.chance(40))
+                .map(|s| s.name.clone())
+                .collect();
+            let expected = chosen.clone();
+            if rng.chance(10) {
+                chosen.insert(
+                    rng.below(chosen.len() as u64 + 1) as usize,
+                    "no-such".into(),
+                );
+                unknown = true;
+            }
+            (Selection::Names(chosen), expected)
+        }
+        1 => {
+            let a = rng.below(count as u64) as usize;
+            let b = rng.below(count as u64) as usize;
+            let (first, last) = (a.min(b), a.max(b));
+            let selection = Selection::Range {
+                first: model.snapshots[first].name.clone(),
+                last: model.snapshots[last].name.clone(),
+            };
+            (selection, names(first..=last))
+        }
+        2 => {
+            let cut =
+                model.snapshots[rng.below(count as u64) as usize].created + rng.below(2) as i64;
+            let expected = model
+                .snapshots
+                .iter()
+                .filter(|s| s.created < cut)
+                .map(|s| s.name.clone())
+                .collect();
+            (Selection::OlderThan(cut), expected)
+        }
+        _ => {
+            let keep = rng.below(count as u64 + 2) as usize;
+            let expected = model.snapshots[..count.saturating_sub(keep)]
+                .iter()
+                .map(|s| s.name.clone())
+                .collect();
+            (Selection::KeepLast(keep), expected)
+        }
+    };
+    let dry_run = rng.chance(20);
+    let request = Request::Delete {
+        selection: selection.clone(),
+        dry_run,
+    };
+    let outcome = apply(volume, "vol", &request);
+    if unknown {
+        let e = outcome.expect_err("a batch naming an unknown snapshot was applied");
+        assert!(
+            e.to_string().contains("no-such"),
+            "seed {seed} step {step}: {e}"
+        );
+        return "delete a batch naming an unknown snapshot (refused)".into();
+    }
+    let outcome = outcome.unwrap_or_else(|e| panic!("seed {seed} step {step}: {selection:?}: {e}"));
+    let mut deleted: Vec<String> = outcome.snapshots.into_iter().map(|s| s.name).collect();
+    // Names are listed in the order given; the model's are in creation order.
+    let position = |n: &String| model.snapshots.iter().position(|s| &s.name == n);
+    deleted.sort_by_key(position);
+    expected.sort_by_key(position);
+    assert_eq!(deleted, expected, "seed {seed} step {step}: {selection:?}");
+    if !dry_run {
+        model.snapshots.retain(|s| !expected.contains(&s.name));
+        model.made_durable();
+    }
+    format!(
+        "delete {} snapshots by {selection:?}{}",
+        expected.len(),
+        if dry_run { " (dry run)" } else { "" }
+    )
+}
+
 fn run(seed: u64, steps: usize) {
     let dir = scratch_dir();
     let vdir = dir.path().join("vol");
@@ -314,31 +422,41 @@ fn run(seed: u64, steps: usize) {
             model.made_durable();
             op = "flush".into();
         } else if roll < 62 {
-            let name = format!("s{next_snapshot}");
-            next_snapshot += 1;
-            volume.snapshot(&name, "guid", 0).unwrap();
-            model.snapshots.push((name.clone(), model.live.clone()));
-            model.made_durable();
-            op = format!("snapshot {name}");
-        } else if roll < 69 && !model.snapshots.is_empty() {
-            // A batch: a random subset, or a range in creation order.
-            let all = volume.snapshots().unwrap();
-            let doomed: Vec<usize> = if rng.chance(50) {
-                (0..all.len()).filter(|_| rng.chance(40)).collect()
-            } else {
-                let a = rng.below(all.len() as u64) as usize;
-                let b = rng.below(all.len() as u64) as usize;
-                (a.min(b)..=a.max(b)).collect()
+            // Now and then a name taken already: refused, nothing changes.
+            let name = match model.snapshots.last() {
+                Some(last) if rng.chance(5) => last.name.clone(),
+                _ => {
+                    next_snapshot += 1;
+                    format!("s{next_snapshot}")
+                }
             };
-            let epochs: Vec<u64> = doomed.iter().map(|&i| all[i].epoch).collect();
-            volume.delete_snapshots(&epochs).unwrap();
-            let mut i = 0;
-            model.snapshots.retain(|_| {
-                i += 1;
-                !doomed.contains(&(i - 1))
-            });
-            model.made_durable();
-            op = format!("delete {} snapshots", epochs.len());
+            let created = step as i64;
+            let create = Request::Create {
+                name: name.clone(),
+                guid: format!("guid-{name}"),
+                created,
+            };
+            match apply(&volume, "vol", &create) {
+                Ok(_) => {
+                    model.snapshots.push(ModelSnapshot {
+                        name: name.clone(),
+                        created,
+                        content: model.live.clone(),
+                    });
+                    model.made_durable();
+                    op = format!("snapshot {name}");
+                }
+                Err(e) => {
+                    assert!(
+                        model.snapshots.iter().any(|s| s.name == name),
+                        "seed {seed} step {step}: snapshot {name} refused: {e}"
+                    );
+                    assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{e}");
+                    op = format!("snapshot {name} again (refused)");
+                }
+            }
+        } else if roll < 69 && !model.snapshots.is_empty() {
+            op = delete_as_a_command(&volume, &mut model, &mut rng, seed, step);
         } else if roll < 79 {
             let steps = 1 + rng.below(3);
             for _ in 0..steps {
@@ -347,15 +465,46 @@ fn run(seed: u64, steps: usize) {
             model.made_durable();
             op = "reclaim".into();
         } else if roll < 83 && !model.snapshots.is_empty() {
-            // Rollback to a random snapshot, destroying the newer ones first.
-            let all = volume.snapshots().unwrap();
-            let target = rng.below(all.len() as u64) as usize;
-            let newer: Vec<u64> = all[target + 1..].iter().map(|s| s.epoch).collect();
-            volume.rollback(&all[target], &newer).unwrap();
-            model.snapshots.truncate(target + 1);
-            model.live = model.snapshots[target].1.clone();
-            model.made_durable();
-            op = format!("rollback to {}", all[target].name);
+            // Rollback to a random snapshot: refused while newer ones exist, unless they go
+            // with it.
+            let target = rng.below(model.snapshots.len() as u64) as usize;
+            let name = model.snapshots[target].name.clone();
+            let destroy_newer = rng.chance(70);
+            let rollback = Request::Rollback {
+                name: name.clone(),
+                destroy_newer,
+            };
+            let newest = target + 1 == model.snapshots.len();
+            match apply(&volume, "vol", &rollback) {
+                Ok(outcome) => {
+                    assert!(
+                        destroy_newer || newest,
+                        "seed {seed} step {step}: rolled back over newer snapshots"
+                    );
+                    let destroyed: Vec<&str> =
+                        outcome.snapshots.iter().map(|s| s.name.as_str()).collect();
+                    let newer: Vec<&str> = model.snapshots[target + 1..]
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect();
+                    assert_eq!(
+                        destroyed, newer,
+                        "seed {seed} step {step}: destroyed by the rollback"
+                    );
+                    model.snapshots.truncate(target + 1);
+                    model.live = model.snapshots[target].content.clone();
+                    model.made_durable();
+                    op = format!("rollback to {name}");
+                }
+                Err(e) => {
+                    assert!(
+                        !destroy_newer && !newest,
+                        "seed {seed} step {step}: rollback refused: {e}"
+                    );
+                    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+                    op = format!("rollback to {name} without --destroy-newer (refused)");
+                }
+            }
         } else if roll < 86 {
             let grow = rng.below(3) * BLOCK * (1 + rng.below(20));
             volume.resize(size + grow).unwrap();
