@@ -11,7 +11,7 @@ use crate::core::store::{DiskRow, ImageRow};
 use crate::error::{CopyError, Error, IoContext, Result};
 use crate::format::digests::CHUNK_SIZE;
 use crate::format::layout::{CopyRecord, DiskLayout};
-use crate::format::sparse::{self, CopyOutcome};
+use crate::format::sparse::{self, CopyOutcome, SparseSource};
 
 /// A file being imported: a regular file or a block device, not empty, with what its metadata
 /// said when it was opened.
@@ -120,7 +120,7 @@ pub fn drop_cached_pages(copy: &File) {
 pub fn write_copy(
     disk: &DiskRow,
     record: &CopyRecord,
-    from: &File,
+    from: &dyn SparseSource,
     from_path: &Path,
     expect: Option<&ImageRow>,
     progress: &mut dyn FnMut(u64, usize) -> std::result::Result<(), CopyError>,

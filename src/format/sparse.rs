@@ -25,6 +25,26 @@ pub struct CopyOutcome {
     pub chunks: ChunkDigests,
 }
 
+/// What an image is made from: bytes at offsets, and where the data is (the rest reads as
+/// zeros). A file is one; so are a volume at a snapshot and the formats images arrive in.
+pub trait SparseSource {
+    /// The data extents below `size`, as sorted, disjoint (start, end) byte ranges. An extent
+    /// may hold zeros; what is outside every extent is zeros.
+    fn data_extents(&self, size: u64) -> io::Result<Vec<(u64, u64)>>;
+    /// Reads until `buf` is full or the source ends; returns the bytes read.
+    fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+}
+
+impl SparseSource for File {
+    fn data_extents(&self, size: u64) -> io::Result<Vec<(u64, u64)>> {
+        data_extents(self, size)
+    }
+
+    fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        read_full_at(self, buf, offset)
+    }
+}
+
 /// The data extents of `file` below `size`, as (start, end) byte ranges. Filesystems without
 /// SEEK_DATA support report the whole file as one extent.
 pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
@@ -56,7 +76,7 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
 /// returns ends the copy (a stop). A failure says its side: reading `src` (`SourceRead`) or
 /// writing `dst` (`TargetWrite`, or `NoSpace`).
 pub fn copy_sparse(
-    src: &File,
+    src: &dyn SparseSource,
     dst: Option<&File>,
     size: u64,
     chunk_size: u64,
@@ -77,12 +97,14 @@ pub fn copy_sparse(
             }
         };
 
-    for (start, end) in data_extents(src, size).map_err(CopyError::SourceRead)? {
+    for (start, end) in src.data_extents(size).map_err(CopyError::SourceRead)? {
         hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, start);
         let mut pos = start;
         while pos < end {
             let want = (end - pos).min(BUF as u64) as usize;
-            let n = read_full_at(src, &mut buf[..want], pos).map_err(CopyError::SourceRead)?;
+            let n = src
+                .read_full_at(&mut buf[..want], pos)
+                .map_err(CopyError::SourceRead)?;
             if n == 0 {
                 return Err(CopyError::SourceRead(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

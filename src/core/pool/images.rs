@@ -14,7 +14,19 @@ use crate::format::clock::now;
 use crate::format::digests::CHUNK_SIZE;
 use crate::format::layout::{CopyRecord, DiskLayout};
 use crate::format::names;
-use crate::format::sparse::{self, CopyOutcome};
+use crate::format::sparse::{CopyOutcome, SparseSource};
+
+/// Where an import reads an image from.
+pub struct ImportSource<'a> {
+    pub data: &'a dyn SparseSource,
+    pub size: u64,
+    /// What messages about reading it name.
+    pub path: PathBuf,
+    /// What the image's row and records keep as its source.
+    pub recorded_as: Option<String>,
+    /// Fails when the source changed while it was read (checked after the first copy).
+    pub unchanged: &'a dyn Fn() -> Result<()>,
+}
 
 #[derive(Debug, Clone)]
 pub struct CopyInfo {
@@ -145,6 +157,29 @@ impl Pool {
         progress: &mut dyn FnMut(u64, u64),
     ) -> Result<Imported> {
         names::check_image_name(name)?;
+        let opened = open_source(file)?;
+        let source = ImportSource {
+            data: &opened.file,
+            size: opened.size,
+            path: file.to_path_buf(),
+            recorded_as: fs::canonicalize(file)
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned()),
+            unchanged: &|| opened.check_unchanged(file),
+        };
+        self.import_image(name, &source, copies, progress)
+    }
+
+    /// Imports an image from any source of bytes: its first copy is written from the source,
+    /// the others from the first copy.
+    pub fn import_image(
+        &self,
+        name: &str,
+        from: &ImportSource,
+        copies: Option<u32>,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<Imported> {
+        names::check_image_name(name)?;
         let copies = match copies {
             Some(n) => n,
             None => self.settings()?.copies,
@@ -152,9 +187,9 @@ impl Pool {
         if copies == 0 {
             return Err(Error::ZeroCopies);
         }
-        let opened = open_source(file)?;
-        let (source, size) = (&opened.file, opened.size);
-        let needed: u64 = sparse::data_extents(source, size)
+        let (source, size, file) = (from.data, from.size, from.path.as_path());
+        let needed: u64 = source
+            .data_extents(size)
             .ctx(|| format!("cannot read {}", file.display()))?
             .iter()
             .map(|(start, end)| end - start)
@@ -173,9 +208,7 @@ impl Pool {
             real_size: 0,
             state: ImageState::Importing,
             copies_wanted: copies,
-            source: fs::canonicalize(file)
-                .ok()
-                .map(|p| p.to_string_lossy().into_owned()),
+            source: from.recorded_as.clone(),
             created,
             unreferenced_since: Some(created),
             chunk_size: CHUNK_SIZE,
@@ -207,7 +240,7 @@ impl Pool {
             )
             .map_err(|e| self.write_error(name, first, needed, copies, e))?;
             // Further copies are made from the first one: the source is read no more.
-            opened.check_unchanged(file)?;
+            (from.unchanged)()?;
             let first_copy = DiskLayout::new(&first.path).copy_path(&uuid);
             let real_size = fs::metadata(&first_copy)
                 .ctx(|| format!("cannot stat {}", first_copy.display()))?
@@ -219,18 +252,18 @@ impl Pool {
                 ..row.clone()
             };
             for disk in &targets[1..] {
-                let from = File::open(&first_copy)
+                let first = File::open(&first_copy)
                     .ctx(|| format!("cannot open {}", first_copy.display()))?;
                 write_copy(
                     disk,
                     &self.record_of(&verified),
-                    &from,
+                    &first,
                     &first_copy,
                     Some(&verified),
                     &mut report,
                 )
                 .map_err(|e| self.write_error(name, disk, needed, copies, e))?;
-                drop_cached_pages(&from);
+                drop_cached_pages(&first);
             }
             Ok((outcome, real_size))
         })();
