@@ -4,6 +4,7 @@
 //! socket (`client`).
 
 mod client;
+mod export;
 
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
@@ -204,10 +205,18 @@ pub enum DiskCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
-    /// Import a raw image file (sparse input stays sparse).
+    /// Import a raw image file (sparse input stays sparse), or make an image of a volume.
     Add {
         name: String,
-        file: PathBuf,
+        #[arg(
+            required_unless_present = "from_volume",
+            conflicts_with = "from_volume"
+        )]
+        file: Option<PathBuf>,
+        /// Make the image of a volume as it is now, or at a snapshot (VOLUME@SNAP): its base
+        /// image and what it wrote, merged; holes and zero blocks are not stored.
+        #[arg(long, value_name = "VOLUME[@SNAP]")]
+        from_volume: Option<String>,
         /// On how many distinct disks to store the image (default: the pool's `copies`
         /// setting, 1 unless changed with `imgpool config set copies N`).
         #[arg(long)]
@@ -699,7 +708,7 @@ fn record_size(pool: &Pool, volume: &str, outcome: requests::Outcome) -> Result<
 
 /// A volume request, where it can be done: here when no mount has the volume open, else by
 /// the daemon that has it (asked again here if it closed it meanwhile).
-fn snapshot_request(
+pub(super) fn snapshot_request(
     pool: &Pool,
     state_dir: &Path,
     volume: &str,
@@ -1081,16 +1090,24 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
         ImageCommand::Add {
             name,
             file,
+            from_volume,
             copies,
             json,
         } => {
             let bar = progress_bar();
-            let imported = pool.add_image(&name, &file, copies, &mut |done, total| {
+            let mut progress = |done, total| {
                 if let Some(bar) = &bar {
                     bar.set_length(total);
                     bar.set_position(done);
                 }
-            });
+            };
+            let imported = match (file, from_volume) {
+                (_, Some(volume)) => {
+                    export::export(&pool, state_dir, &name, &volume, copies, &mut progress)
+                }
+                (Some(file), None) => pool.add_image(&name, &file, copies, &mut progress),
+                (None, None) => unreachable!("clap requires FILE or --from-volume"),
+            };
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }

@@ -14,6 +14,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::format::clock::now;
 
 mod disks;
+mod export;
 mod holders;
 mod images;
 mod mounts;
@@ -22,7 +23,7 @@ mod volumes;
 pub use disks::{check_label, DiskHealth, DiskStatus};
 #[cfg(test)]
 pub(crate) use images::ImageHealth;
-pub use images::{copy_info, CopyInfo, ImageInfo};
+pub use images::{copy_info, CopyInfo, ImageInfo, ImportSource, Imported};
 pub(crate) use volumes::volume_token;
 pub use volumes::VolumeInfo;
 

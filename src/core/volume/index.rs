@@ -240,6 +240,20 @@ impl Index {
         stmt.query_row([granule as i64], version).optional()
     }
 
+    /// The granules the volume wrote or discarded, as a snapshot at `epoch` sees it (or now,
+    /// without one), in order: the rest reads from the base image.
+    pub fn granules_seen(&self, epoch: Option<u64>) -> rusqlite::Result<Vec<u64>> {
+        let sql = match epoch {
+            Some(_) => "SELECT DISTINCT granule FROM versions WHERE birth <= ?1 ORDER BY granule",
+            None => {
+                "SELECT granule FROM versions WHERE death IS NULL AND ?1 IS NULL ORDER BY granule"
+            }
+        };
+        let mut stmt = self.conn.prepare(sql)?;
+        let rows = stmt.query_map([epoch.map(|e| e as i64)], |r| r.get::<_, i64>(0))?;
+        rows.map(|g| g.map(|g| g as u64)).collect()
+    }
+
     /// The version of a granule a snapshot at `epoch` sees.
     pub fn at(&self, granule: u64, epoch: u64) -> rusqlite::Result<Option<Version>> {
         let mut stmt = self.conn.prepare_cached(&format!(

@@ -20,10 +20,13 @@
 //! cleanly has its slots' unwritten blocks and its free slots punched when it is opened.
 
 mod data;
+mod export;
 mod index;
 #[cfg(test)]
 mod model_tests;
 pub mod requests;
+
+pub use export::VolumeSource;
 
 use std::io;
 
@@ -315,6 +318,20 @@ impl Volume {
             state.size
         };
         self.read_versions(None, size, buf, offset)
+    }
+
+    /// Reads a snapshot from `offset`. The caller keeps the snapshot from being deleted
+    /// meanwhile (its slots are reclaimed once it is).
+    pub fn read_snapshot_at(
+        &self,
+        snapshot: &Snapshot,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> io::Result<usize> {
+        {
+            self.state.lock().usable()?;
+        }
+        self.read_versions(Some(snapshot.epoch), snapshot.size, buf, offset)
     }
 
     /// Reads granule by granule: each version is looked up under the state lock, and its data
@@ -904,17 +921,6 @@ impl Volume {
 
 #[cfg(test)]
 impl Volume {
-    // The mount's snapshot files (issue 11) will read through this; the model test does now.
-    /// Reads a snapshot from `offset`.
-    pub fn read_snapshot_at(
-        &self,
-        snapshot: &Snapshot,
-        buf: &mut [u8],
-        offset: u64,
-    ) -> io::Result<usize> {
-        self.read_versions(Some(snapshot.epoch), snapshot.size, buf, offset)
-    }
-
     /// Index rows in all, live rows, and the blocks the live versions hold in the data file.
     pub(crate) fn footprint(&self) -> (u64, u64, u64) {
         self.state.lock().index.footprint().unwrap()

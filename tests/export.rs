@@ -1,0 +1,228 @@
+//! Export: `image add NAME --from-volume VOLUME[@SNAP]` makes an image of a volume, now or at a
+//! snapshot, whether a mount has the volume open or not; the image holds the volume's bytes,
+//! stores only its data, serves as a base, and outlives the volume.
+
+mod common;
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::time::Duration;
+
+use sha2::{Digest, Sha512};
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+const BLOCK: usize = 4096;
+
+fn sha512_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha512::digest(bytes))
+}
+
+/// Bytes that are not zero in any 4 KiB block: what a sparse image stores.
+fn nonzero_blocks(bytes: &[u8]) -> u64 {
+    bytes
+        .chunks(BLOCK)
+        .filter(|b| b.iter().any(|&x| x != 0))
+        .count() as u64
+        * BLOCK as u64
+}
+
+/// Stored bytes of an image's copies, from `image show`.
+fn stored_bytes(pool: &TestPool, image: &str) -> u64 {
+    let info = pool.json(&["image", "show", image]);
+    info["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            std::fs::metadata(c["path"].as_str().unwrap())
+                .unwrap()
+                .blocks()
+                * 512
+        })
+        .sum()
+}
+
+fn wait_closed(pool: &TestPool, volume: &str) {
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(20), || pool
+            .json(&["volume", "show", volume])["open_by_pid"]
+            .is_null()),
+        "volume {volume} stays open"
+    );
+}
+
+/// A volume over a sparse base image, written through the mount in ways that matter to an
+/// export: over base data, past the base's end, zeros written, a range discarded (zeros where
+/// the base has data). Returns the volume's content at snapshot `s1` and now.
+fn a_written_volume(pool: &TestPool, mount: &MountGuard) -> (Vec<u8>, Vec<u8>) {
+    // Base: 1 MiB of data, a 2 MiB hole, 1 MiB of data.
+    let base_path = pool.path("base.img");
+    let mut base = vec![0u8; 4 * MIB];
+    for (i, b) in base.iter_mut().enumerate() {
+        if !(MIB..3 * MIB).contains(&i) {
+            *b = (i * 7 % 253 + 1) as u8;
+        }
+    }
+    std::fs::write(&base_path, &base).unwrap();
+    let punch = std::process::Command::new("fallocate")
+        .args(["--punch-hole", "--offset", "1048576", "--length", "2097152"])
+        .arg(&base_path)
+        .status()
+        .unwrap();
+    assert!(punch.success());
+    pool.add_image("base", &base_path, 1);
+    pool.ok(&[
+        "volume", "create", "v", "--image", "base", "--size", "8388608",
+    ]);
+    let path = mount.mountpoint.join("volumes/v");
+    assert!(poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || path.exists()
+    ));
+
+    let mut content = base.clone();
+    content.resize(8 * MIB, 0);
+    let write = |file: &File, content: &mut Vec<u8>, offset: usize, data: &[u8]| {
+        file.write_all_at(data, offset as u64).unwrap();
+        content[offset..offset + data.len()].copy_from_slice(data);
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    write(&file, &mut content, 512 * 1024 + 100, &[0xAB; 70_000]);
+    write(&file, &mut content, 5 * MIB, &[0xCD; 3 * BLOCK]);
+    write(&file, &mut content, 3 * MIB + 8 * BLOCK, &[0u8; 2 * BLOCK]);
+    file.sync_all().unwrap();
+    // A discard over the base's data reads as zeros.
+    let zero = std::process::Command::new("fallocate")
+        .args(["--zero-range", "--offset", "3211264", "--length", "65536"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(zero.success());
+    content[3_211_264..3_211_264 + 65_536].fill(0);
+    drop(file);
+    wait_closed(pool, "v");
+    pool.ok(&["snapshot", "create", "v@s1"]);
+    let at_s1 = content.clone();
+
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    write(&file, &mut content, 100, &[0xEF; 5000]);
+    write(&file, &mut content, 7 * MIB, &[0x11; BLOCK]);
+    drop(file);
+    wait_closed(pool, "v");
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        content,
+        "the volume reads back"
+    );
+    (at_s1, content)
+}
+
+#[test]
+fn a_volume_exports_as_an_image_of_its_bytes_storing_only_its_data() {
+    let test = "a_volume_exports_as_an_image_of_its_bytes_storing_only_its_data";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let mount = pool.mount();
+    let (at_s1, now) = a_written_volume(&pool, &mount);
+    // Not open through the mount: read here, under the volume's writer lock.
+    pool.ok(&["image", "add", "from-s1", "--from-volume", "v@s1"]);
+    pool.ok(&[
+        "image",
+        "add",
+        "from-now",
+        "--from-volume",
+        "v",
+        "--copies",
+        "2",
+    ]);
+
+    for (image, expected) in [("from-s1", &at_s1), ("from-now", &now)] {
+        let info = pool.json(&["image", "show", image]);
+        assert_eq!(info["sha512"], sha512_hex(expected), "{image}: {info}");
+        assert_eq!(info["size"], expected.len() as u64);
+        let served = mount.image(image);
+        assert!(poll(
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || served.exists()
+        ));
+        assert_eq!(
+            sha512sum(&served),
+            sha512_hex(expected),
+            "{image} through the mount"
+        );
+        // Holes and zero blocks are not stored (the filesystem may add a block of metadata).
+        let copies = info["copies"].as_array().unwrap().len() as u64;
+        let stored = stored_bytes(&pool, image);
+        let data = nonzero_blocks(expected) * copies;
+        assert!(
+            stored >= data && stored <= data + copies * 64 * 1024,
+            "{image}: {stored} bytes stored for {data} bytes of data"
+        );
+    }
+    let info = pool.json(&["image", "show", "from-s1"]);
+    assert_eq!(info["source"], "volume:v@s1", "{info}");
+
+    // The image does not need the volume; a volume over it reads the same.
+    pool.ok(&["volume", "rm", "v", "--recursive"]);
+    pool.ok(&["volume", "create", "w", "--image", "from-s1"]);
+    let w = mount.mountpoint.join("volumes/w");
+    assert!(poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || w.exists()
+    ));
+    assert_eq!(std::fs::read(&w).unwrap(), at_s1);
+    mount.unmount();
+}
+
+#[test]
+fn bad_exports_fail_with_one_line_and_change_nothing() {
+    let pool = TestPool::new(1);
+    let image = pool.path("img");
+    random_file(&image, MIB as u64, 3);
+    pool.add_image("img", &image, 1);
+    pool.ok(&["volume", "create", "v", "--image", "img"]);
+    pool.ok(&["snapshot", "create", "v@s"]);
+    let images = || pool.json(&["image", "list"]).as_array().unwrap().len();
+    let before = images();
+    for (args, expected) in [
+        (vec!["image", "add", "x", "--from-volume", "nope"], "nope"),
+        (vec!["image", "add", "x", "--from-volume", "v@nope"], "nope"),
+        (
+            vec!["image", "add", "x", "--from-volume", "v@"],
+            "VOLUME@SNAPSHOT",
+        ),
+        (vec!["image", "add", "img", "--from-volume", "v@s"], "img"),
+        (vec!["image", "add", "v", "--from-volume", "v@s"], "v"),
+        (
+            vec!["image", "add", "bad/name", "--from-volume", "v@s"],
+            "bad/name",
+        ),
+    ] {
+        let line = failed_cleanly(&format!("{args:?}"), &pool.run(&args));
+        assert!(line.contains(expected), "{args:?}: {line}");
+    }
+    let both = pool.run(&["image", "add", "x", "/etc/hostname", "--from-volume", "v@s"]);
+    assert!(
+        !both.status.success(),
+        "a file and a volume at once were taken"
+    );
+    assert_eq!(images(), before, "a refused export left an image");
+    assert!(
+        pool.json(&["snapshot", "list", "v"])
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
+    );
+}
