@@ -226,3 +226,108 @@ fn bad_exports_fail_with_one_line_and_change_nothing() {
             == 1
     );
 }
+
+fn assert_fsck_clean(pool: &TestPool, after: &str) {
+    let out = pool.run(&["fsck"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("clean: the store and the disks agree"),
+        "fsck after {after}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn image_names(pool: &TestPool) -> Vec<String> {
+    pool.json(&["image", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `kill -9` of exports at instants spread over their run: no image appears half made, the
+/// next command that changes the pool cleans up, `fsck` is clean, and the export then works.
+#[test]
+fn an_export_killed_anywhere_leaves_nothing_and_runs_again() {
+    let test = "an_export_killed_anywhere_leaves_nothing_and_runs_again";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let mount = pool.mount();
+    pool.ok(&["volume", "create", "v", "--size", "67108864"]);
+    let path = mount.mountpoint.join("volumes/v");
+    assert!(poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || path.exists()
+    ));
+    let source = pool.path("random");
+    random_file(&source, 48 * MIB as u64, 17);
+    let data = std::fs::read(&source).unwrap();
+    let mut content = vec![0u8; 64 * MIB];
+    {
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&data, 8 * MIB as u64).unwrap();
+        file.sync_all().unwrap();
+    }
+    content[8 * MIB..56 * MIB].copy_from_slice(&data);
+    wait_closed(&pool, "v");
+    pool.ok(&["snapshot", "create", "v@s"]);
+
+    // How long one export takes here, to spread the kills over it.
+    let started = std::time::Instant::now();
+    pool.ok(&[
+        "image",
+        "add",
+        "timed",
+        "--from-volume",
+        "v@s",
+        "--copies",
+        "2",
+    ]);
+    let took = started.elapsed();
+    pool.ok(&["image", "rm", "timed"]);
+
+    let instants = 8u32;
+    for i in 0..instants {
+        let at = took * (i + 1) / (instants + 1);
+        let mut child = ChildGuard(Some(
+            pool.command(&["image", "add", "e", "--from-volume", "v@s", "--copies", "2"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        ));
+        std::thread::sleep(at);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _ = child.wait_timeout(Duration::from_secs(10));
+        let what = format!("a kill at {at:?} of {took:?}");
+        // Either it finished before the kill, whole, or nothing of it is listed.
+        if image_names(&pool).contains(&"e".to_string()) {
+            let info = pool.json(&["image", "show", "e"]);
+            assert_eq!(info["sha512"], sha512_hex(&content), "{what}: {info}");
+            pool.ok(&["image", "rm", "e"]);
+        }
+        pool.ok(&["gc"]);
+        assert_fsck_clean(&pool, &what);
+        for disk in &pool.disks {
+            let tmp = disk.join(".imgpool/tmp");
+            let left: Vec<_> = std::fs::read_dir(&tmp)
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(left.is_empty(), "{what}: partial copies left: {left:?}");
+        }
+    }
+    pool.ok(&["image", "add", "e", "--from-volume", "v@s", "--copies", "2"]);
+    assert_eq!(
+        pool.json(&["image", "show", "e"])["sha512"],
+        sha512_hex(&content)
+    );
+    assert_eq!(sha512sum(&mount.image("e")), sha512_hex(&content));
+    mount.unmount();
+}

@@ -8,17 +8,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::core::owner::{self, OwnerLock};
-use crate::core::pool::{ImportSource, Imported, Pool};
+use crate::core::owner::OwnerLock;
+use crate::core::pool::{export_token, ImportSource, Imported, Pool, TEMPORARY_SNAPSHOT};
 use crate::core::volume::requests::{Request, Selection};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-
-/// The name of an export's temporary snapshot: the prefix, then the export's owner token.
-const TEMPORARY: &str = "export-tmp-";
-
-fn owner_token(id: &str) -> String {
-    format!("export-{id}")
-}
 
 pub fn export(
     pool: &Pool,
@@ -38,7 +31,7 @@ pub fn export(
         }
         None => (target, None),
     };
-    remove_abandoned_snapshots(pool, state_dir, volume)?;
+    remove_abandoned_snapshots(pool, state_dir)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let pid = match pool.export_volume(name, volume, snapshot, copies, progress)? {
@@ -82,8 +75,8 @@ fn through_mount(
     crate::format::names::check_image_name(name)?;
     let Some(snapshot) = snapshot else {
         let id = uuid::Uuid::new_v4().to_string();
-        let owner = OwnerLock::acquire(state_dir, &owner_token(&id))?;
-        let temporary = format!("{TEMPORARY}{id}");
+        let owner = OwnerLock::acquire(state_dir, &export_token(&id))?;
+        let temporary = format!("{TEMPORARY_SNAPSHOT}{id}");
         super::snapshot_request(
             pool,
             state_dir,
@@ -179,17 +172,16 @@ fn delete_snapshot(pool: &Pool, state_dir: &Path, volume: &str, snapshot: &str) 
     .map(drop)
 }
 
-/// Deletes the temporary snapshots of exports whose process died before it could.
-fn remove_abandoned_snapshots(pool: &Pool, state_dir: &Path, volume: &str) -> Result<()> {
-    let listed = super::snapshot_request(pool, state_dir, volume, &Request::List)?;
-    for snapshot in listed.snapshots {
-        let Some(id) = snapshot.name.strip_prefix(TEMPORARY) else {
-            continue;
-        };
-        if uuid::Uuid::parse_str(id).is_ok() && !owner::is_alive(state_dir, &owner_token(id)) {
-            tracing::info!(volume, snapshot = %snapshot.name, "removing the temporary snapshot of an export that did not finish");
-            delete_snapshot(pool, state_dir, volume, &snapshot.name)?;
-        }
+/// Deletes the temporary snapshots of exports whose process died, also of volumes a mount
+/// daemon has open (which `recover` leaves).
+fn remove_abandoned_snapshots(pool: &Pool, state_dir: &Path) -> Result<()> {
+    for (volume, snapshot) in pool.abandoned_export_snapshots()? {
+        tracing::info!(
+            volume,
+            snapshot,
+            "deleting the temporary snapshot of an export that died"
+        );
+        delete_snapshot(pool, state_dir, &volume, &snapshot)?;
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ use crate::core::copies::{Event, Outcome};
 use crate::core::owner::{self, Owner, WorkLock};
 use crate::core::pool::{import_token, volume_token, Pool};
 use crate::core::store::{CopyState, ImageRow, ImageState, Store, VolumeState};
+use crate::core::volume::requests;
 use crate::error::Result;
 use crate::format::layout::DiskLayout;
 
@@ -44,6 +45,7 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     dead_mounts(pool, &mut done)?;
     dead_imports_and_removals(pool, &mut done)?;
     dead_volume_work(pool, &mut done)?;
+    abandoned_export_snapshots(pool, &mut done)?;
     if holding_repair_lock {
         abandoned_copies(pool, &mut done)?;
     } else if pool
@@ -59,6 +61,23 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     stale_locks(pool);
     stray_temporary_copies(pool, &mut done)?;
     Ok(done)
+}
+
+/// The temporary snapshots of exports that died, of volumes no mount has open (one that a
+/// daemon has open is left to the next export of the volume, which asks that daemon).
+fn abandoned_export_snapshots(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
+    for (volume, snapshot) in pool.abandoned_export_snapshots()? {
+        let request = requests::Request::Delete {
+            selection: requests::Selection::Names(vec![snapshot.clone()]),
+            dry_run: false,
+        };
+        if let Ok(_deleted) = pool.snapshot_request(&volume, &request)? {
+            done.push(format!(
+                "deleted the temporary snapshot '{snapshot}' of volume '{volume}' left by an export that died"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Mount rows whose daemon is dead: dropped, and their open handles with them.

@@ -19,6 +19,16 @@ use crate::format::digests::ChunkDigests;
 use crate::format::layout::DiskLayout;
 use crate::format::volume::VolumeFiles;
 
+/// An export of a live volume through a mount reads a temporary snapshot named this prefix and
+/// its owner token's id; the snapshot of an export whose process died is deleted at the next
+/// start (`recover`) or by the next export of the volume.
+pub const TEMPORARY_SNAPSHOT: &str = "export-tmp-";
+
+/// The owner-lock token of the export with temporary snapshot `<TEMPORARY_SNAPSHOT><id>`.
+pub fn export_token(id: &str) -> String {
+    format!("export-{id}")
+}
+
 /// An image read from its good copies on this node's disks: each chunk is checked against the
 /// image's digests, and a copy whose chunk does not read or does not match gives way to the
 /// next one. Never a byte that is not the image's.
@@ -98,6 +108,33 @@ impl Base for VerifiedCopies {
 }
 
 impl Pool {
+    /// The temporary snapshots of exports whose process is gone, by volume: (volume, snapshot).
+    pub fn abandoned_export_snapshots(&self) -> Result<Vec<(String, String)>> {
+        let mut abandoned = Vec::new();
+        for volume in self.volumes()? {
+            if volume.state() != "ready" {
+                continue;
+            }
+            let files = VolumeFiles::new(&volume.dir);
+            let names =
+                crate::core::volume::snapshots_named(&files, TEMPORARY_SNAPSHOT).ctx(|| {
+                    format!(
+                        "cannot read the snapshots of volume '{}'",
+                        volume.volume.name
+                    )
+                })?;
+            for snapshot in names {
+                let id = &snapshot[TEMPORARY_SNAPSHOT.len()..];
+                if uuid::Uuid::parse_str(id).is_ok()
+                    && !crate::core::owner::is_alive(&self.state_dir, &export_token(id))
+                {
+                    abandoned.push((volume.volume.name.clone(), snapshot));
+                }
+            }
+        }
+        Ok(abandoned)
+    }
+
     /// The image with id `image_id`, read from its good copies.
     fn verified_copies(&self, image_id: i64) -> Result<VerifiedCopies> {
         let image: ImageRow = self

@@ -21,6 +21,7 @@ mod mounts;
 mod volumes;
 
 pub use disks::{check_label, DiskHealth, DiskStatus};
+pub use export::{export_token, TEMPORARY_SNAPSHOT};
 #[cfg(test)]
 pub(crate) use images::ImageHealth;
 pub use images::{copy_info, CopyInfo, ImageInfo, ImportSource, Imported};

@@ -417,6 +417,15 @@ impl Index {
             .optional()
     }
 
+    /// The names of the snapshots whose name starts with `prefix` (no `%` or `_` in it).
+    pub fn snapshots_named(&self, prefix: &str) -> rusqlite::Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name FROM snapshots WHERE name GLOB ?1 || '*' ORDER BY epoch")?;
+        let rows = stmt.query_map([prefix], |r| r.get(0))?;
+        rows.collect()
+    }
+
     /// Deletes snapshots (by epoch) and queues what they alone saw for the reclaim.
     pub fn delete_snapshots(&mut self, epochs: &[u64]) -> rusqlite::Result<()> {
         self.begin()?;

@@ -114,6 +114,12 @@ pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
 
 /// A volume's snapshots with the bytes only each holds, read without opening the volume (its
 /// writer, if any, keeps writing meanwhile: snapshots are always committed).
+/// The names of a volume's snapshots that start with `prefix`, read without opening it.
+pub fn snapshots_named(files: &VolumeFiles, prefix: &str) -> io::Result<Vec<String>> {
+    let index = Index::open(&files.index(), None).map_err(index_error)?;
+    index.snapshots_named(prefix).map_err(index_error)
+}
+
 pub fn list_snapshots(files: &VolumeFiles) -> io::Result<(u64, Vec<(Snapshot, u64)>)> {
     let index = Index::open(&files.index(), None).map_err(index_error)?;
     Ok((index.size().map_err(index_error)?, listing(&index)?))
