@@ -1102,9 +1102,16 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                 }
             };
             let imported = match (file, from_volume) {
-                (_, Some(volume)) => {
-                    export::export(&pool, state_dir, &name, &volume, copies, &mut progress)
-                }
+                (_, Some(target)) => export::parse_target(&target).and_then(|(volume, snap)| {
+                    let export = export::Export {
+                        pool: &pool,
+                        state_dir,
+                        name: &name,
+                        volume,
+                        copies,
+                    };
+                    export.run(snap, &mut progress)
+                }),
                 (Some(file), None) => pool.add_image(&name, &file, copies, &mut progress),
                 (None, None) => unreachable!("clap requires FILE or --from-volume"),
             };
@@ -1119,8 +1126,15 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                     "size": imported.size,
                     "sha512": imported.sha512,
                     "disks": imported.disks,
+                    "resumed_at": imported.resumed_at,
                 }));
             } else {
+                if imported.resumed_at > 0 {
+                    println!(
+                        "resumed: an interrupted export of the same snapshot had stored the first {}",
+                        bytes(imported.resumed_at)
+                    );
+                }
                 println!("name:   {}", imported.name);
                 println!("uuid:   {}", imported.uuid);
                 println!("size:   {} ({})", imported.size, bytes(imported.size));

@@ -10,8 +10,9 @@ use std::path::Path;
 use crate::core::store::{DiskRow, ImageRow};
 use crate::error::{CopyError, Error, IoContext, Result};
 use crate::format::digests::CHUNK_SIZE;
-use crate::format::layout::{CopyRecord, DiskLayout};
+use crate::format::layout::{write_durably, CopyRecord, DiskLayout};
 use crate::format::sparse::{self, CopyOutcome, SparseSource};
+use serde::{Deserialize, Serialize};
 
 /// A file being imported: a regular file or a block device, not empty, with what its metadata
 /// said when it was opened.
@@ -162,6 +163,156 @@ pub fn write_copy(
     crate::format::layout::fsync_dir(target.parent().unwrap())?;
     crate::format::layout::fsync_dir(tmp.parent().unwrap())?;
     Ok(outcome)
+}
+
+/// How often a resumable copy makes what it wrote durable and records how far it got.
+const CHECKPOINT: u64 = 64 << 20;
+/// A partial copy nobody resumed for this long is removed (`recover`).
+const PARTIAL_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
+
+/// What `<partial>/<id>.json` says: the first `done` bytes of the copy of `source` (`size`
+/// bytes) are durable in `<id>.img`.
+#[derive(Debug, Serialize, Deserialize)]
+struct PartialProgress {
+    source: String,
+    size: u64,
+    done: u64,
+}
+
+/// The file name of the partial copy of a source with identity `key`.
+fn source_id(key: &str) -> String {
+    use sha2::{Digest, Sha512};
+    hex::encode(&Sha512::digest(key.as_bytes())[..16])
+}
+
+/// How far an interrupted copy of the source `key` got on `disk`, if it left one there.
+pub fn partial_done(disk: &DiskRow, key: &str, size: u64) -> Option<u64> {
+    let layout = DiskLayout::new(&disk.path);
+    let bytes = fs::read(layout.partial_progress_path(&source_id(key))).ok()?;
+    let progress: PartialProgress = serde_json::from_slice(&bytes).ok()?;
+    (progress.source == key && progress.size == size).then_some(progress.done)
+}
+
+/// `write_copy` for the first copy of an import whose source has a stable identity `key` (a
+/// volume's snapshot): the data goes to a partial copy that survives the process, made durable
+/// every `CHECKPOINT` bytes, and a later import of the same source resumes it where it was
+/// durable instead of starting over. Returns the outcome and the byte it resumed at. When
+/// another process is writing the same partial copy, this one writes its own, from the start.
+pub fn write_resumable_copy(
+    disk: &DiskRow,
+    record: &CopyRecord,
+    from: &dyn SparseSource,
+    from_path: &Path,
+    key: &str,
+    progress: &mut dyn FnMut(u64, usize) -> std::result::Result<(), CopyError>,
+) -> Result<(CopyOutcome, u64)> {
+    let layout = DiskLayout::new(&disk.path);
+    layout.create_dirs()?;
+    let dir = layout.partial_dir();
+    fs::create_dir_all(&dir).ctx(|| format!("cannot create {}", dir.display()))?;
+    let id = source_id(key);
+    let (path, progress_path) = (
+        layout.partial_copy_path(&id),
+        layout.partial_progress_path(&id),
+    );
+    let dst = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o444)
+        .open(&path)
+        .ctx(|| format!("cannot open {}", path.display()))?;
+    match dst.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            return write_copy(disk, record, from, from_path, None, progress).map(|o| (o, 0))
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(Error::io(format!("cannot lock {}", path.display()), e))
+        }
+    }
+    let size = record.size;
+    let done = partial_done(disk, key, size).unwrap_or(0);
+    let failed = |error| Error::Copy {
+        image: record.name.clone(),
+        disk: disk.name.clone(),
+        from: from_path.to_path_buf(),
+        to: path.clone(),
+        error,
+    };
+    // Past the last checkpoint the file may hold anything: cut there.
+    dst.set_len(done)
+        .map_err(|e| failed(CopyError::target(e)))?;
+    let mut checkpoint = done;
+    let mut checkpointed = |at: u64, n: usize| -> std::result::Result<(), CopyError> {
+        progress(at, n)?;
+        if at >= checkpoint + CHECKPOINT && at < size {
+            dst.sync_data().map_err(CopyError::target)?;
+            let record = PartialProgress {
+                source: key.to_string(),
+                size,
+                done: at,
+            };
+            write_durably(
+                &progress_path,
+                &serde_json::to_vec(&record).expect("serialises"),
+            )
+            .map_err(|e| CopyError::target(std::io::Error::other(e.to_string())))?;
+            checkpoint = at;
+        }
+        Ok(())
+    };
+    let outcome =
+        sparse::resume_sparse(from, Some(&dst), done, size, CHUNK_SIZE, &mut checkpointed)
+            .and_then(|o| dst.sync_all().map(|()| o).map_err(CopyError::target))
+            .map_err(failed)?;
+    drop_cached_pages(&dst);
+    layout.write_digests(&record.uuid, &outcome.chunks)?;
+    layout.write_record(&CopyRecord {
+        sha512: outcome.sha512.clone(),
+        digests_hash: outcome.chunks.list_hash(),
+        ..record.clone()
+    })?;
+    let target = layout.copy_path(&record.uuid);
+    fs::rename(&path, &target).ctx(|| format!("cannot rename {}", path.display()))?;
+    crate::format::layout::fsync_dir(target.parent().unwrap())?;
+    let _ = fs::remove_file(&progress_path);
+    crate::format::layout::fsync_dir(&dir)?;
+    Ok((outcome, done))
+}
+
+/// A partial copy nobody is writing and nobody resumed for `PARTIAL_MAX_AGE` is removed:
+/// returns the files removed.
+pub fn remove_stale_partials(disk: &DiskRow) -> Vec<std::path::PathBuf> {
+    let dir = DiskLayout::new(&disk.path).partial_dir();
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut removed = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > PARTIAL_MAX_AGE);
+        if !stale || path.extension().is_some_and(|e| e == "json") {
+            continue;
+        }
+        // Not while a process holds it.
+        let Ok(file) = File::open(&path) else {
+            continue;
+        };
+        if file.try_lock().is_ok() {
+            let _ = fs::remove_file(path.with_extension("json"));
+            if fs::remove_file(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
 }
 
 #[cfg(test)]

@@ -60,6 +60,14 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     }
     stale_locks(pool);
     stray_temporary_copies(pool, &mut done)?;
+    for disk in pool.store().disks()? {
+        for path in crate::core::ingest::remove_stale_partials(&disk) {
+            done.push(format!(
+                "removed {}, the partial copy of an export nobody resumed for a week",
+                path.display()
+            ));
+        }
+    }
     Ok(done)
 }
 

@@ -88,6 +88,20 @@ impl DiskLayout {
         self.tmp_dir().join(format!("{uuid}.img"))
     }
 
+    /// Interrupted first copies of imports that can resume, by the id of their source.
+    pub fn partial_dir(&self) -> PathBuf {
+        self.root.join("partial")
+    }
+
+    pub fn partial_copy_path(&self, source_id: &str) -> PathBuf {
+        self.partial_dir().join(format!("{source_id}.img"))
+    }
+
+    /// How much of the partial copy is durable, and of what (`PartialProgress`).
+    pub fn partial_progress_path(&self, source_id: &str) -> PathBuf {
+        self.partial_dir().join(format!("{source_id}.json"))
+    }
+
     fn volumes_dir(&self) -> PathBuf {
         self.root.join("volumes")
     }

@@ -82,6 +82,20 @@ pub fn copy_sparse(
     chunk_size: u64,
     progress: &mut dyn FnMut(u64, usize) -> Result<(), CopyError>,
 ) -> Result<CopyOutcome, CopyError> {
+    resume_sparse(src, dst, 0, size, chunk_size, progress)
+}
+
+/// `copy_sparse` into a `dst` that already holds the first `done` bytes of `src` (a copy
+/// interrupted after it made them durable): those are hashed from `dst`, and only the rest is
+/// read from `src`. A read of `dst` that fails is a `TargetWrite` failure.
+pub fn resume_sparse(
+    src: &dyn SparseSource,
+    dst: Option<&File>,
+    done: u64,
+    size: u64,
+    chunk_size: u64,
+    progress: &mut dyn FnMut(u64, usize) -> Result<(), CopyError>,
+) -> Result<CopyOutcome, CopyError> {
     let mut hasher = Sha512::new();
     let mut chunks = ChunkHasher::new(chunk_size);
     let mut buf = vec![0u8; BUF];
@@ -97,14 +111,34 @@ pub fn copy_sparse(
             }
         };
 
+    let done = done.min(size);
+    // What `dst` holds already, then the rest from `src`: (reader, start, end, write it).
+    let mut passes: Vec<(&dyn SparseSource, u64, u64, bool)> = Vec::new();
+    if let (Some(dst), true) = (dst, done > 0) {
+        for (start, end) in dst.data_extents(done).map_err(CopyError::target)? {
+            passes.push((dst, start, end.min(done), false));
+        }
+    }
     for (start, end) in src.data_extents(size).map_err(CopyError::SourceRead)? {
+        if end > done {
+            passes.push((src, start.max(done), end, true));
+        }
+    }
+    for (from, start, end, write) in passes {
+        let read_error = |e| {
+            if write {
+                CopyError::SourceRead(e)
+            } else {
+                CopyError::target(e)
+            }
+        };
         hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, start);
         let mut pos = start;
         while pos < end {
             let want = (end - pos).min(BUF as u64) as usize;
-            let n = src
+            let n = from
                 .read_full_at(&mut buf[..want], pos)
-                .map_err(CopyError::SourceRead)?;
+                .map_err(read_error)?;
             if n == 0 {
                 return Err(CopyError::SourceRead(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
@@ -114,7 +148,7 @@ pub fn copy_sparse(
             let data = &buf[..n];
             hasher.update(data);
             chunks.update(data);
-            if let Some(dst) = dst {
+            if let (Some(dst), true) = (dst, write) {
                 write_nonzero_blocks(dst, data, pos).map_err(CopyError::target)?;
             }
             pos += n as u64;
@@ -179,6 +213,74 @@ mod tests {
 
     fn sha512_hex(bytes: &[u8]) -> String {
         hex::encode(Sha512::digest(bytes))
+    }
+
+    /// A copy stopped anywhere and resumed into what it wrote ends as the whole copy would:
+    /// same bytes, same SHA-512 and chunk digests, and the part already written is not read
+    /// from the source again.
+    #[test]
+    fn a_resumed_copy_equals_a_whole_one_and_reads_only_the_rest() {
+        struct Counted<'a>(&'a File, std::cell::Cell<u64>);
+        impl SparseSource for Counted<'_> {
+            fn data_extents(&self, size: u64) -> io::Result<Vec<(u64, u64)>> {
+                self.0.data_extents(size)
+            }
+            fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+                self.1.set(self.1.get().min(offset));
+                self.0.read_full_at(buf, offset)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let size: u64 = 9 << 20;
+        let open = |name: &str| {
+            File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(dir.path().join(name))
+                .unwrap()
+        };
+        let src = open("src");
+        src.set_len(size).unwrap();
+        for (i, at) in [0u64, 3 << 20, (5 << 20) + 12_345, size - 5000]
+            .into_iter()
+            .enumerate()
+        {
+            let data: Vec<u8> = (0..700_000usize).map(|j| (j % 249 + i + 1) as u8).collect();
+            let len = (data.len() as u64).min(size - at) as usize;
+            src.write_all_at(&data[..len], at).unwrap();
+        }
+        let whole_dst = open("whole");
+        let whole =
+            copy_sparse(&src, Some(&whole_dst), size, 64 << 10, &mut |_, _| Ok(())).unwrap();
+        for stop in [1u64 << 20, (3 << 20) + 4096, 6 << 20] {
+            let dst = open(&format!("part-{stop}"));
+            let path = dir.path().join(format!("part-{stop}"));
+            let stopped = copy_sparse(&src, Some(&dst), size, 64 << 10, &mut |done, _| {
+                if done >= stop {
+                    Err(CopyError::Stopped)
+                } else {
+                    Ok(())
+                }
+            });
+            assert!(stopped.is_err());
+            let counted = Counted(&src, std::cell::Cell::new(u64::MAX));
+            let resumed = resume_sparse(&counted, Some(&dst), stop, size, 64 << 10, &mut |_, _| {
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(resumed, whole, "resumed at {stop}");
+            assert!(
+                counted.1.get() >= stop,
+                "resumed at {stop} but read the source at {}",
+                counted.1.get()
+            );
+            assert_eq!(
+                std::fs::read(&path).unwrap(),
+                std::fs::read(dir.path().join("whole")).unwrap()
+            );
+        }
     }
 
     #[test]

@@ -107,7 +107,26 @@ impl Base for VerifiedCopies {
     }
 }
 
+/// The identity of a volume's snapshot as a source: an export of it resumes another's.
+fn resume_key(volume_uuid: &str, snapshot_guid: &str) -> String {
+    format!("volume {volume_uuid} snapshot {snapshot_guid}")
+}
+
 impl Pool {
+    /// The identity of snapshot `snapshot` of volume `volume` as an export's source.
+    pub fn snapshot_source_key(&self, volume: &str, snapshot: &str) -> Result<String> {
+        let info = self.volume(volume)?;
+        let found = crate::core::volume::snapshot_named(&VolumeFiles::new(&info.dir), snapshot)
+            .ctx(|| format!("cannot read the snapshots of volume '{volume}'"))?;
+        match found {
+            Some(s) => Ok(resume_key(&info.volume.uuid, &s.guid)),
+            None => Err(Error::refused(
+                ErrorKind::NotFound,
+                format!("volume '{volume}' has no snapshot '{snapshot}' (`imgpool snapshot list {volume}` lists them)"),
+            )),
+        }
+    }
+
     /// The temporary snapshots of exports whose process is gone, by volume: (volume, snapshot).
     pub fn abandoned_export_snapshots(&self) -> Result<Vec<(String, String)>> {
         let mut abandoned = Vec::new();
@@ -228,6 +247,7 @@ impl Pool {
                 ),
                 None => None,
             };
+            let resume_key = at.as_ref().map(|s| resume_key(&info.volume.uuid, &s.guid));
             let source = VolumeSource::new(&opened, at);
             let label = match snapshot {
                 Some(snap) => format!("volume:{volume}@{snap}"),
@@ -240,6 +260,7 @@ impl Pool {
                 recorded_as: Some(label.clone()),
                 // Under the writer lock: nothing wrote it meanwhile.
                 unchanged: &|| Ok(()),
+                resume_key,
             };
             self.import_image(name, &import, copies, progress)
         })();

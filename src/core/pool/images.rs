@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::*;
 use crate::core::copies::CopyView;
-use crate::core::ingest::{drop_cached_pages, open_source, write_copy};
+use crate::core::ingest::{self, drop_cached_pages, open_source, write_copy};
 use crate::core::owner::OwnerLock;
 use crate::core::store::{CopyRow, CopyState, DiskRow, DiskState, HolderRow, ImageRow, ImageState};
 use crate::error::{Error, ErrorKind, IoContext, Result};
@@ -26,6 +26,10 @@ pub struct ImportSource<'a> {
     pub recorded_as: Option<String>,
     /// Fails when the source changed while it was read (checked after the first copy).
     pub unchanged: &'a dyn Fn() -> Result<()>,
+    /// The source's identity, for one that cannot change (a volume's snapshot): an import of
+    /// it that dies leaves its first copy partial, and the next import of the same source
+    /// resumes it.
+    pub resume_key: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +148,9 @@ pub struct Imported {
     pub size: u64,
     pub sha512: String,
     pub disks: Vec<String>,
+    /// Where the first copy resumed an interrupted import of the same source (0: from the
+    /// start).
+    pub resumed_at: u64,
 }
 
 impl Pool {
@@ -166,6 +173,7 @@ impl Pool {
                 .ok()
                 .map(|p| p.to_string_lossy().into_owned()),
             unchanged: &|| opened.check_unchanged(file),
+            resume_key: None,
         };
         self.import_image(name, &source, copies, progress)
     }
@@ -194,7 +202,17 @@ impl Pool {
             .iter()
             .map(|(start, end)| end - start)
             .sum();
-        let targets = self.place(name, needed, copies, &[])?;
+        let mut targets = self.place(name, needed, copies, &[])?;
+        if let Some(key) = &from.resume_key {
+            // The disk that holds an interrupted copy of the same source gets the first copy.
+            if let Some(at) = targets
+                .iter()
+                .position(|d| ingest::partial_done(d, key, size).is_some_and(|done| done > 0))
+            {
+                targets.swap(0, at);
+            }
+        }
+        let mut resumed_at = 0;
 
         let uuid = uuid::Uuid::new_v4().to_string();
         let lock = OwnerLock::acquire(&self.state_dir, &import_token(&uuid))?;
@@ -230,14 +248,28 @@ impl Pool {
                 progress(done, size);
                 Ok(())
             };
-            let outcome = write_copy(
-                first,
-                &self.record_of(&row),
-                source,
-                file,
-                None,
-                &mut report,
-            )
+            let outcome = match &from.resume_key {
+                Some(key) => ingest::write_resumable_copy(
+                    first,
+                    &self.record_of(&row),
+                    source,
+                    file,
+                    key,
+                    &mut report,
+                )
+                .map(|(outcome, at)| {
+                    resumed_at = at;
+                    outcome
+                }),
+                None => write_copy(
+                    first,
+                    &self.record_of(&row),
+                    source,
+                    file,
+                    None,
+                    &mut report,
+                ),
+            }
             .map_err(|e| self.write_error(name, first, needed, copies, e))?;
             // Further copies are made from the first one: the source is read no more.
             (from.unchanged)()?;
@@ -292,6 +324,7 @@ impl Pool {
                     size,
                     sha512,
                     disks: targets.into_iter().map(|d| d.name).collect(),
+                    resumed_at,
                 })
             }
             Err(e) => {

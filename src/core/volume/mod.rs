@@ -114,6 +114,12 @@ pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
 
 /// A volume's snapshots with the bytes only each holds, read without opening the volume (its
 /// writer, if any, keeps writing meanwhile: snapshots are always committed).
+/// A volume's snapshot by name, read without opening it.
+pub fn snapshot_named(files: &VolumeFiles, name: &str) -> io::Result<Option<Snapshot>> {
+    let index = Index::open(&files.index(), None).map_err(index_error)?;
+    index.snapshot(name).map_err(index_error)
+}
+
 /// The names of a volume's snapshots that start with `prefix`, read without opening it.
 pub fn snapshots_named(files: &VolumeFiles, prefix: &str) -> io::Result<Vec<String>> {
     let index = Index::open(&files.index(), None).map_err(index_error)?;
