@@ -246,11 +246,18 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
     );
     let done = context.fs.with_open_volume(&body.volume, |id, volume| {
         if matches!(body.request, requests::Request::Rollback { .. }) {
-            // Its readers would keep pages of the content it had.
+            // Its readers would keep pages of the content it had; and a snapshot being read
+            // may be one the rollback deletes.
+            let read = volume.snapshots_being_read();
+            let snapshots = if read.is_empty() {
+                String::new()
+            } else {
+                format!(" (snapshots being read: {})", read.join(", "))
+            };
             let refused = Error::refused(
                 ErrorKind::InUse,
                 format!(
-                    "volume '{}' is open through the mount at {}: close it before a rollback",
+                    "volume '{}' is open through the mount at {}{snapshots}: close it before a rollback",
                     body.volume,
                     context.mountpoint.display()
                 ),
