@@ -476,8 +476,8 @@ fn data_extents(path: &Path) -> Vec<(u64, u64)> {
 
 /// Snapshot files read with real clients equal what the volume held when each was taken: by
 /// sha512sum, O_DIRECT, mmap, with its holes where SEEK_DATA/SEEK_HOLE say; they are read-only;
-/// they appear and disappear with the commands; one open cannot be deleted (nor in a dry run);
-/// a name taken again is another inode.
+/// they appear at once and disappear within a second (at once when the daemon deletes them);
+/// one open cannot be deleted (nor in a dry run); a name taken again is another inode.
 #[test]
 fn snapshot_files_read_what_the_volume_held_and_stay_while_open() {
     if !can_mount("snapshot_files_read_what_the_volume_held_and_stay_while_open") {
@@ -598,14 +598,19 @@ fn snapshot_files_read_what_the_volume_held_and_stay_while_open() {
         .collect();
     assert_eq!(names, ["s1", "s2"]);
     assert!(pread(&reader, 0, 4 * MIB as usize).unwrap() == expected);
-    drop(live);
     drop(reader);
-    wait_closed(&pool, "v");
 
-    // Closed: it goes, and its name at once with it; taken again, it is another inode.
+    // Closed (its release reaches the daemon after `close`), it goes; deleted by the daemon
+    // that has the volume open, its name leaves the mount before the command returns.
     let old_ino = meta.ino();
-    pool.ok(&["snapshot", "rm", "v@s1"]);
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(20), || {
+            pool.run(&["snapshot", "rm", "v@s1"]).status.success()
+        }),
+        "s1 could not be deleted once closed"
+    );
     assert!(!s1.exists(), "a deleted snapshot is still in the mount");
+    // Taken again, the name is another snapshot, with another inode.
     pool.ok(&["snapshot", "create", "v@s1"]);
     let again = std::fs::metadata(&s1).unwrap();
     assert_ne!(
@@ -618,6 +623,23 @@ fn snapshot_files_read_what_the_volume_held_and_stay_while_open() {
     assert!(
         std::fs::read(&s1).unwrap() == now,
         "the new s1 holds the volume as it is now"
+    );
+    drop(live);
+    wait_closed(&pool, "v");
+    // Deleted by the command itself (no mount has the volume open): gone within a second.
+    let s2 = dir.join("s2");
+    assert!(s2.exists());
+    let deleted = Instant::now();
+    pool.ok(&["snapshot", "rm", "v@s2"]);
+    assert!(
+        poll(Duration::from_secs(3), Duration::from_millis(20), || !s2
+            .exists()),
+        "s2 stayed in the mount"
+    );
+    assert!(
+        deleted.elapsed() < Duration::from_millis(1500),
+        "s2 left the mount only after {:?}",
+        deleted.elapsed()
     );
     wait_closed(&pool, "v");
     mount.unmount();

@@ -217,14 +217,8 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let t = self.ops.start(Op::Lookup);
-        // A name the kernel must not keep is looked up again at its next use.
-        let ttl = if self.fs.names_looked_up_each_time(parent.0) {
-            Duration::ZERO
-        } else {
-            TTL
-        };
         match self.fs.lookup(parent.0, name) {
-            Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
+            Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
             Err(e) => reply.error(t.failed(errno(e))),
         }
     }

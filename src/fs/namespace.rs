@@ -366,6 +366,8 @@ pub struct PoolFs {
     reader: Arc<ReadPath>,
     volumes: OpenVolumes,
     snapshot_listings: SnapshotListings,
+    /// Names of snapshots deleted here, for the kernel to forget (`forget_snapshots`).
+    forgotten: Mutex<Vec<Gone>>,
     mounted_at: SystemTime,
     /// Passthrough mode: an image's inode changes with its serving copy (see `Node::Backing`).
     inode_per_copy: AtomicBool,
@@ -408,6 +410,7 @@ impl PoolFs {
             reader: Arc::new(reader),
             volumes: OpenVolumes::default(),
             snapshot_listings: SnapshotListings::default(),
+            forgotten: Mutex::default(),
             mounted_at: SystemTime::now(),
             inode_per_copy: AtomicBool::new(false),
             read_failures: Mutex::default(),
@@ -472,7 +475,7 @@ impl PoolFs {
         let version = self.pool.data_version()?;
         let mut last = self.last_load.lock();
         if last.is_some_and(|(seen, at)| seen == version && at.elapsed() < HEALTH_RECHECK) {
-            return Ok(Vec::new());
+            return Ok(std::mem::take(&mut *self.forgotten.lock()));
         }
         let next = Arc::new(self.load()?);
         let first = last.is_none();
@@ -485,7 +488,8 @@ impl PoolFs {
         }
         self.reader
             .close_stale(|id| next.by_id.get(&id).map(|i| i.as_ref_for_read()));
-        let mut gone = Vec::new();
+        // Taken once the load worked: a failed refresh leaves them for the next.
+        let mut gone = std::mem::take(&mut *self.forgotten.lock());
         for (name, image) in &previous.images {
             if next.images.get(name).map(|i| i.id) != Some(image.id) {
                 self.reader.forget(image.id);
@@ -787,11 +791,21 @@ impl PoolFs {
         self.attr_of(&catalog, node)
     }
 
-    /// Whether the kernel must look names up in `parent` at every use: a snapshot deleted by a
-    /// command (no mount having its volume open) is not pushed to the kernel, so its name must
-    /// not outlive it in the kernel's cache.
-    pub fn names_looked_up_each_time(&self, parent: u64) -> bool {
-        matches!(Node::from_ino(parent), Some(Node::SnapshotDir { .. }))
+    /// Snapshots this daemon deleted: their names go to the kernel at the next `refresh`
+    /// (which the request then asks for), so that they leave the mount before the command
+    /// returns. Snapshots deleted by a command, while no mount had the volume open, leave it
+    /// when the kernel's entry expires (`TTL`, 1 s); none of them is open.
+    pub fn forget_snapshots(&self, volume: &str, names: impl IntoIterator<Item = String>) {
+        let Some(entry) = self.catalog().volumes.get(volume).cloned() else {
+            return;
+        };
+        let parent = Node::SnapshotDir { volume: entry.id }.ino();
+        self.forgotten
+            .lock()
+            .extend(names.into_iter().map(|name| Gone {
+                parent,
+                name: name.into(),
+            }));
     }
 
     /// The entries of a directory after the one whose cookie is `after` (0: from the start):
