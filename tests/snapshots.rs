@@ -626,9 +626,14 @@ fn snapshot_files_read_what_the_volume_held_and_stay_while_open() {
     );
     drop(live);
     wait_closed(&pool, "v");
-    // Deleted by the command itself (no mount has the volume open): gone within a second.
+    // With the volume closed, the mount opens it to serve a snapshot.
     let s2 = dir.join("s2");
-    assert!(s2.exists());
+    assert!(
+        read_direct(&s2) == now,
+        "s2 read with its volume closed holds the volume as it was then"
+    );
+    wait_closed(&pool, "v");
+    // Deleted by the command itself (no mount has the volume open): gone within a second.
     let deleted = Instant::now();
     pool.ok(&["snapshot", "rm", "v@s2"]);
     assert!(
