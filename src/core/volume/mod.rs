@@ -10,7 +10,8 @@
 //! one granule, 60 KiB) and starts a new version. A snapshot is one index row. Deleting
 //! snapshots removes their rows in one transaction and queues "windows" of versions that no
 //! snapshot sees any more; `reclaim` frees them later, by punching their slots: no data is
-//! copied.
+//! copied. A snapshot is read through a `SnapshotReader`, which keeps it from being deleted
+//! while it exists: what a snapshot reads is never reclaimed under it.
 //!
 //! Crash discipline: the data file is synced before the index commits, so a committed row never
 //! points at data that is not on the disk; a slot freed in the open transaction is reused only
@@ -25,9 +26,8 @@ mod index;
 mod model_tests;
 pub mod requests;
 
-use std::io;
-
 use std::collections::BTreeMap;
+use std::io;
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
