@@ -250,6 +250,120 @@ fn snapshots_taken_every_100_ms_under_writers_hold_states_that_existed() {
     mount.unmount();
 }
 
+/// The whole volume of `blocks` blocks, each block stamped with (block, generation).
+fn generation(blocks: u64, generation: u64) -> Vec<u8> {
+    let mut data = vec![0u8; (blocks * BLOCK) as usize];
+    for (b, chunk) in data.chunks_mut(BLOCK as usize).enumerate() {
+        stamp(b as u64, generation, chunk);
+    }
+    data
+}
+
+/// A snapshot file read in a loop through the mount keeps its bytes while the snapshots around
+/// it are deleted, their space is reclaimed by the daemon and handed out again to new writes;
+/// deleting it is refused the whole time.
+#[test]
+fn a_snapshot_being_read_keeps_its_bytes_while_others_are_deleted_and_reclaimed() {
+    if !can_mount("a_snapshot_being_read_keeps_its_bytes_while_others_are_deleted_and_reclaimed") {
+        return;
+    }
+    let pool = TestPool::new(1);
+    let blocks = 512u64;
+    pool.ok(&[
+        "volume",
+        "create",
+        "v",
+        "--size",
+        &(blocks * BLOCK).to_string(),
+    ]);
+    let mount = pool.mount();
+    let live = OpenOptions::new()
+        .write(true)
+        .open(mount.mountpoint.join("volumes/v"))
+        .unwrap();
+    for g in 0..20 {
+        live.write_all_at(&generation(blocks, g), 0).unwrap();
+        pool.ok(&["snapshot", "create", &format!("v@s{g}")]);
+    }
+    let held = mount.mountpoint.join("snapshots/v/s10");
+    let expected = generation(blocks, 10);
+    let allocated = || {
+        pool.json(&["volume", "show", "v"])["allocated_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    let stop = AtomicBool::new(false);
+    let reads = std::thread::scope(|s| {
+        let reader = s.spawn(|| {
+            let file = File::open(&held).unwrap();
+            let (mut reads, mut changed) = (0, None);
+            // Held open to the end, whatever it reads.
+            while !stop.load(Ordering::Relaxed) {
+                // O_DIRECT would do too; plain reads with the kernel's cache dropped each time.
+                let content = pread(&file, 0, expected.len()).unwrap();
+                // SAFETY: posix_fadvise on an open descriptor.
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+                if content != expected && changed.is_none() {
+                    let at = content.iter().zip(&expected).position(|(a, b)| a != b);
+                    changed = Some(format!("s10 changed under its reader at byte {at:?}"));
+                }
+                reads += 1;
+            }
+            changed.map_or(Ok(reads), Err)
+        });
+        struct Stop<'a>(&'a AtomicBool);
+        impl Drop for Stop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop = Stop(&stop);
+        // Wait for the reader's open to reach the daemon.
+        assert!(poll(
+            Duration::from_secs(5),
+            Duration::from_millis(20),
+            || {
+                !pool
+                    .run(&["snapshot", "rm", "v@s10", "--dry-run"])
+                    .status
+                    .success()
+            }
+        ));
+        let before = allocated();
+        pool.ok(&["snapshot", "rm", "v@s0%s9"]);
+        pool.ok(&["snapshot", "rm", "v@s11%s19"]);
+        // The daemon reclaims in the background: the data file shrinks to the live volume and
+        // s10.
+        assert!(
+            poll(Duration::from_secs(20), Duration::from_millis(50), || {
+                allocated() <= 2 * blocks * BLOCK + 256 * 1024
+            }),
+            "the space was not reclaimed: {before} bytes before, {} now",
+            allocated()
+        );
+        // Freed slots handed out again: each snapshot makes the next writes take new slots.
+        for g in 100..110 {
+            pool.ok(&["snapshot", "create", &format!("v@t{g}")]);
+            live.write_all_at(&generation(blocks, g), 0).unwrap();
+            pool.ok(&["snapshot", "rm", &format!("v@t{g}")]);
+            refused(
+                &pool,
+                "rm of s10 while it is read",
+                &["snapshot", "rm", "v", "--keep-last", "0"],
+                &["'s10'", "open"],
+            );
+        }
+        stop.store(true, Ordering::Relaxed);
+        reader.join().unwrap()
+    });
+    let reads = reads.unwrap();
+    assert!(reads >= 10, "the reader read s10 only {reads} times");
+    drop(live);
+    wait_closed(&pool, "v");
+    assert!(std::fs::read(&held).unwrap() == expected);
+    mount.unmount();
+}
+
 /// `fsfreeze -u` on drop: a test that fails with the filesystem frozen does not leave it so.
 struct Frozen(PathBuf);
 
