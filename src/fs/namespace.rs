@@ -1455,6 +1455,19 @@ mod tests {
                 image: 0xFFFF_FFFF,
                 copy: 0xFF_FFFF,
             },
+            Node::VolumesDir,
+            Node::Volume { volume: 9 },
+            Node::SnapshotsDir,
+            Node::SnapshotDir { volume: 9 },
+            Node::Snapshot {
+                volume: 9,
+                epoch: 3,
+            },
+            Node::Snapshot {
+                volume: 3,
+                epoch: 9,
+            },
+            Node::snapshot(MAX_SNAPSHOT_VOLUME, MAX_SNAPSHOT_EPOCH).unwrap(),
         ];
         let mut inos: Vec<u64> = nodes.iter().map(|n| n.ino()).collect();
         for (node, ino) in nodes.iter().zip(&inos) {
@@ -1464,6 +1477,15 @@ mod tests {
         inos.dedup();
         assert_eq!(inos.len(), nodes.len());
         assert_eq!(Node::from_ino(99), None);
+        // Past what the bits hold, no inode rather than another's.
+        assert_eq!(
+            Node::snapshot(MAX_SNAPSHOT_VOLUME + 1, 1),
+            Err(libc::EOVERFLOW)
+        );
+        assert_eq!(
+            Node::snapshot(1, MAX_SNAPSHOT_EPOCH + 1),
+            Err(libc::EOVERFLOW)
+        );
     }
 
     fn pool_with_image(dir: &std::path::Path, bytes: &[u8]) -> (PoolFs, String) {
