@@ -558,60 +558,6 @@ fn fio_and_ext4_on_a_volume() {
     mount.unmount();
 }
 
-fn run_ok(cmd: &mut std::process::Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A loop device over a file, detached on drop.
-struct LoopFile {
-    device: std::path::PathBuf,
-}
-
-impl LoopFile {
-    fn attach(file: &Path) -> LoopFile {
-        LoopFile {
-            device: attach_loop(file).into(),
-        }
-    }
-}
-
-impl Drop for LoopFile {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("losetup")
-            .arg("-d")
-            .arg(&self.device)
-            .status();
-    }
-}
-
-/// A filesystem mounted by the test, unmounted on drop.
-struct Mounted {
-    target: std::path::PathBuf,
-}
-
-impl Mounted {
-    fn new(device: &Path, target: &Path) -> Mounted {
-        run_ok(std::process::Command::new("mount").arg(device).arg(target));
-        Mounted {
-            target: target.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.target)
-            .status();
-    }
-}
-
 /// `kill -9` of the daemon while a writer writes and fsyncs: after a new mount, every write
 /// whose fsync returned is there (or a later write to the same block), and fsck is clean.
 #[test]

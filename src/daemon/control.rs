@@ -13,7 +13,8 @@
 //! - `POST /v1/volumes/requests`: a volume request (`core::volume::requests::Request`: the
 //!   snapshot commands, resize) on a volume this daemon has open, body `{"volume": NAME,
 //!   "request": ...}`; 409 when it does not have it open (the command then does it itself). The
-//!   space of deleted snapshots is reclaimed afterwards in a thread of its own.
+//!   names of deleted snapshots leave the kernel's cache before the answer; their space is
+//!   reclaimed afterwards in a thread of its own.
 //! - `GET /metrics`: Prometheus metrics (`metrics`, see `docs/metrics.md`).
 
 use std::ffi::OsStr;
@@ -247,11 +248,18 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
     );
     let done = context.fs.with_open_volume(&body.volume, |id, volume| {
         if matches!(body.request, requests::Request::Rollback { .. }) {
-            // Its readers would keep pages of the content it had.
+            // Its readers would keep pages of the content it had; and a snapshot being read
+            // may be one the rollback deletes.
+            let read = volume.snapshots_being_read();
+            let snapshots = if read.is_empty() {
+                String::new()
+            } else {
+                format!(" (snapshots being read: {})", read.join(", "))
+            };
             let refused = Error::refused(
                 ErrorKind::InUse,
                 format!(
-                    "volume '{}' is open through the mount at {}: close it before a rollback",
+                    "volume '{}' is open through the mount at {}{snapshots}: close it before a rollback",
                     body.volume,
                     context.mountpoint.display()
                 ),
@@ -261,6 +269,10 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
         let outcome = requests::apply(volume, &body.volume, &body.request);
         if outcome.is_err() || !frees_space {
             return (outcome, false);
+        }
+        if let Ok(deleted) = &outcome {
+            let names = deleted.snapshots.iter().map(|s| s.name.clone());
+            context.fs.forget_snapshots(&body.volume, names);
         }
         tracing::info!(
             "volume '{}': {:?}, asked by pid {}",
@@ -288,6 +300,10 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
             });
         (outcome, spawned.is_ok())
     });
+    if frees_space && matches!(done, Some(Ok(_))) {
+        // The deleted names leave the kernel's cache before the command returns.
+        wait_for_refresh(context);
+    }
     match done {
         None => Reply::error(409, format!("volume '{}' is not open here", body.volume)),
         Some(Ok(outcome)) => Reply::ok(serde_json::to_value(outcome).expect("outcomes serialise")),
@@ -296,10 +312,15 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
 }
 
 fn wake(context: &Context, _: Peer, _: &Request) -> Reply {
-    let (done, finished) = mpsc::sync_channel(1);
-    let refreshed = context.refresh.send(done).is_ok() && finished.recv_timeout(WAKE_WAIT).is_ok();
+    let refreshed = wait_for_refresh(context);
     let _ = context.repair.send(());
     Reply::ok(json!({ "refreshed": refreshed }))
+}
+
+/// Has the refresh thread run now; whether it was done within `WAKE_WAIT`.
+fn wait_for_refresh(context: &Context) -> bool {
+    let (done, finished) = mpsc::sync_channel(1);
+    context.refresh.send(done).is_ok() && finished.recv_timeout(WAKE_WAIT).is_ok()
 }
 
 /// A bound socket, not yet answering (connections wait in the backlog until `serve`).

@@ -271,7 +271,8 @@ impl Filesystem for FuseAdapter {
             };
             return reply.opened(FileHandle(fh), direct);
         }
-        // Images never change, so the kernel may keep their pages across opens.
+        // Images and snapshots never change (a snapshot's inode is never another's), so the
+        // kernel may keep their pages across opens.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
     }
 

@@ -6,10 +6,13 @@
 //! /disks/<disk>/<name>-<uuid>/backing         the same inode as /images/<name>
 //! /disks/<disk>/<name>-<uuid>/backing.cfg     Longhorn's per-copy config (JSON)
 //! /volumes/<name>                             a volume (read-write file, see `volumes`)
+//! /snapshots/<name>/<snapshot>                 a snapshot of the volume (read-only file)
 //! ```
 //!
 //! Inode numbers are computed from the store's ids, which are never reused, so one image is one
-//! inode in every view and no inode table has to be kept.
+//! inode in every view and no inode table has to be kept. A snapshot's inode is its volume's id
+//! and its epoch, which no other snapshot of any volume ever has, even one of the same name
+//! taken after it was deleted: the kernel's pages of a snapshot file are always that snapshot's.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -23,17 +26,18 @@ use serde_json::json;
 
 use crate::core::pool::{self, Pool};
 use crate::core::store::{DiskRow, FailedBy};
-use crate::core::volume::{Base, NoBase, Volume};
+use crate::core::volume::{Base, NoBase, Snapshot, SnapshotReader, Volume};
 use crate::error::Result;
 use crate::format::layout::DiskLayout;
 use crate::fs::cache::ReadData;
 use crate::fs::read::{CopyLocation, ImageRef, ReadPath, ReadStats, Stream};
-use crate::fs::volumes::{errno_of, OpenVolumes, VolumeEntry};
+use crate::fs::volumes::{errno_of, OpenVolumes, SnapshotListings, VolumeEntry};
 
 pub const ROOT_INO: u64 = 1;
 const IMAGES_DIR_INO: u64 = 2;
 const DISKS_DIR_INO: u64 = 3;
 const VOLUMES_DIR_INO: u64 = 4;
+const SNAPSHOTS_DIR_INO: u64 = 5;
 const KIND_SHIFT: u32 = 56;
 const DISK_SHIFT: u32 = 32;
 const KIND_BACKING: u64 = 4;
@@ -41,6 +45,15 @@ const KIND_CONFIG: u64 = 5;
 const KIND_DISK_DIR: u64 = 6;
 const KIND_IMAGE_DIR: u64 = 7;
 const KIND_VOLUME: u64 = 8;
+const KIND_SNAPSHOT_DIR: u64 = 9;
+const KIND_SNAPSHOT: u64 = 10;
+/// The largest volume id and epoch a snapshot's inode number holds (24 and 32 bits).
+const MAX_SNAPSHOT_VOLUME: i64 = 0xFF_FFFF;
+const MAX_SNAPSHOT_EPOCH: u64 = 0xFFFF_FFFF;
+/// Snapshots read from the index for one readdir call: about what the kernel's buffer takes
+/// (the reader's getdents buffer, up to 128 KiB; `ls` asks 32 KiB, some 800 short names), so
+/// one query answers a call, however many snapshots the directory has.
+const SNAPSHOTS_PER_READDIR: usize = 1024;
 
 /// How often disk health is re-read even when the store has not changed.
 const HEALTH_RECHECK: Duration = Duration::from_secs(5);
@@ -52,6 +65,7 @@ const READ_FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 pub const IMAGES_DIR: &str = "images";
 pub const DISKS_DIR: &str = "disks";
 pub const VOLUMES_DIR: &str = "volumes";
+pub const SNAPSHOTS_DIR: &str = "snapshots";
 pub const BACKING: &str = "backing";
 pub const BACKING_CFG: &str = "backing.cfg";
 
@@ -86,6 +100,15 @@ pub enum Node {
     Volume {
         volume: i64,
     },
+    SnapshotsDir,
+    /// `snapshots/<volume>/`
+    SnapshotDir {
+        volume: i64,
+    },
+    Snapshot {
+        volume: i64,
+        epoch: u64,
+    },
 }
 
 impl Node {
@@ -103,7 +126,19 @@ impl Node {
             Node::Config { image } => id(KIND_CONFIG, 0, image),
             Node::VolumesDir => VOLUMES_DIR_INO,
             Node::Volume { volume } => id(KIND_VOLUME, 0, volume),
+            Node::SnapshotsDir => SNAPSHOTS_DIR_INO,
+            Node::SnapshotDir { volume } => id(KIND_SNAPSHOT_DIR, 0, volume),
+            Node::Snapshot { volume, epoch } => id(KIND_SNAPSHOT, volume, epoch as i64),
         }
+    }
+
+    /// A snapshot's node; EOVERFLOW if its volume id or epoch does not fit an inode number
+    /// (16 million volumes, 4 billion snapshots of one volume), rather than one that aliases.
+    fn snapshot(volume: i64, epoch: u64) -> Result<Node, i32> {
+        if !(0..=MAX_SNAPSHOT_VOLUME).contains(&volume) || epoch > MAX_SNAPSHOT_EPOCH {
+            return Err(libc::EOVERFLOW);
+        }
+        Ok(Node::Snapshot { volume, epoch })
     }
 
     pub fn from_ino(ino: u64) -> Option<Node> {
@@ -114,7 +149,13 @@ impl Node {
             (0, IMAGES_DIR_INO) => Node::ImagesDir,
             (0, DISKS_DIR_INO) => Node::DisksDir,
             (0, VOLUMES_DIR_INO) => Node::VolumesDir,
+            (0, SNAPSHOTS_DIR_INO) => Node::SnapshotsDir,
             (KIND_VOLUME, _) => Node::Volume { volume: image },
+            (KIND_SNAPSHOT_DIR, _) => Node::SnapshotDir { volume: image },
+            (KIND_SNAPSHOT, _) => Node::Snapshot {
+                volume: disk,
+                epoch: image as u64,
+            },
             (KIND_DISK_DIR, _) => Node::DiskDir { disk },
             (KIND_IMAGE_DIR, _) => Node::ImageDir { disk, image },
             (KIND_BACKING, _) => Node::Backing { image, copy: disk },
@@ -252,6 +293,10 @@ enum Handle {
         entry: Arc<VolumeEntry>,
         volume: Arc<Volume>,
     },
+    Snapshot {
+        entry: Arc<VolumeEntry>,
+        reader: SnapshotReader,
+    },
 }
 
 /// A volume's base image, read through the mount's read path (checked chunks, failover).
@@ -321,6 +366,9 @@ pub struct PoolFs {
     next_handle: AtomicU64,
     reader: Arc<ReadPath>,
     volumes: OpenVolumes,
+    snapshot_listings: SnapshotListings,
+    /// Names of snapshots deleted here, for the kernel to forget (`forget_snapshots`).
+    forgotten: Mutex<Vec<Gone>>,
     mounted_at: SystemTime,
     /// Passthrough mode: an image's inode changes with its serving copy (see `Node::Backing`).
     inode_per_copy: AtomicBool,
@@ -362,6 +410,8 @@ impl PoolFs {
             next_handle: AtomicU64::new(1),
             reader: Arc::new(reader),
             volumes: OpenVolumes::default(),
+            snapshot_listings: SnapshotListings::default(),
+            forgotten: Mutex::default(),
             mounted_at: SystemTime::now(),
             inode_per_copy: AtomicBool::new(false),
             read_failures: Mutex::default(),
@@ -426,7 +476,7 @@ impl PoolFs {
         let version = self.pool.data_version()?;
         let mut last = self.last_load.lock();
         if last.is_some_and(|(seen, at)| seen == version && at.elapsed() < HEALTH_RECHECK) {
-            return Ok(Vec::new());
+            return Ok(std::mem::take(&mut *self.forgotten.lock()));
         }
         let next = Arc::new(self.load()?);
         let first = last.is_none();
@@ -442,7 +492,8 @@ impl PoolFs {
         }
         self.reader
             .close_stale(|id| next.by_id.get(&id).map(|i| i.as_ref_for_read()));
-        let mut gone = Vec::new();
+        // Taken once the load worked: a failed refresh leaves them for the next.
+        let mut gone = std::mem::take(&mut *self.forgotten.lock());
         for (name, image) in &previous.images {
             if next.images.get(name).map(|i| i.id) != Some(image.id) {
                 self.reader.forget(image.id);
@@ -485,12 +536,17 @@ impl PoolFs {
         }
         for (name, volume) in &previous.volumes {
             if next.volumes.get(name).map(|v| v.id) != Some(volume.id) {
-                gone.push(Gone {
-                    parent: VOLUMES_DIR_INO,
-                    name: name.into(),
-                });
+                for parent in [VOLUMES_DIR_INO, SNAPSHOTS_DIR_INO] {
+                    gone.push(Gone {
+                        parent,
+                        name: name.into(),
+                    });
+                }
             }
         }
+        // The index of a volume gone, or on a disk out of service, is not held open.
+        self.snapshot_listings
+            .keep_only(|id| next.volume_ids.get(&id).is_some_and(|v| v.in_service));
         for (name, disk) in &previous.disks {
             if next.disks.get(name).map(|d| d.id) != Some(disk.id) {
                 gone.push(Gone {
@@ -600,8 +656,21 @@ impl PoolFs {
         let image = |id: i64| catalog.by_id.get(&id).ok_or(libc::ENOENT);
         let disk = |id: i64| catalog.disk_ids.get(&id).ok_or(libc::ENOENT);
         Ok(match node {
-            Node::Root => self.dir_attr(node, 3),
+            Node::Root => self.dir_attr(node, 4),
             Node::VolumesDir => self.dir_attr(node, 0),
+            Node::SnapshotsDir => self.dir_attr(node, catalog.volumes.len()),
+            Node::SnapshotDir { volume } => {
+                catalog.volume_ids.get(&volume).ok_or(libc::ENOENT)?;
+                self.dir_attr(node, 0)
+            }
+            Node::Snapshot { volume, epoch } => {
+                let entry = catalog.volume_ids.get(&volume).ok_or(libc::ENOENT)?;
+                let snapshot = self
+                    .snapshot_listings
+                    .read(entry, |l| l.by_epoch(epoch))?
+                    .ok_or(libc::ENOENT)?;
+                snapshot_attr(node, &snapshot)
+            }
             Node::Volume { volume } => {
                 let entry = catalog.volume_ids.get(&volume).ok_or(libc::ENOENT)?;
                 // An open volume knows its size best (a resize through the daemon).
@@ -672,11 +741,26 @@ impl PoolFs {
                 IMAGES_DIR => Node::ImagesDir,
                 DISKS_DIR => Node::DisksDir,
                 VOLUMES_DIR => Node::VolumesDir,
+                SNAPSHOTS_DIR => Node::SnapshotsDir,
                 _ => return Err(libc::ENOENT),
             },
             Node::VolumesDir => Node::Volume {
                 volume: catalog.volumes.get(name).ok_or(libc::ENOENT)?.id,
             },
+            Node::SnapshotsDir => Node::SnapshotDir {
+                volume: catalog.volumes.get(name).ok_or(libc::ENOENT)?.id,
+            },
+            Node::SnapshotDir { volume } => {
+                let entry = catalog.volume_ids.get(&volume).ok_or(libc::ENOENT)?;
+                let snapshot = self
+                    .snapshot_listings
+                    .read(entry, |l| l.by_name(name))?
+                    .ok_or(libc::ENOENT)?;
+                return Ok(snapshot_attr(
+                    Node::snapshot(volume, snapshot.epoch)?,
+                    &snapshot,
+                ));
+            }
             Node::ImagesDir => self.backing_node(catalog.images.get(name).ok_or(libc::ENOENT)?),
             Node::DisksDir => Node::DiskDir {
                 disk: catalog.disks.get(name).ok_or(libc::ENOENT)?.id,
@@ -703,11 +787,29 @@ impl PoolFs {
                 BACKING_CFG => Node::Config { image },
                 _ => return Err(libc::ENOENT),
             },
-            Node::Backing { .. } | Node::Config { .. } | Node::Volume { .. } => {
-                return Err(libc::ENOTDIR)
-            }
+            Node::Backing { .. }
+            | Node::Config { .. }
+            | Node::Volume { .. }
+            | Node::Snapshot { .. } => return Err(libc::ENOTDIR),
         };
         self.attr_of(&catalog, node)
+    }
+
+    /// Snapshots this daemon deleted: their names go to the kernel at the next `refresh`
+    /// (which the request then asks for), so that they leave the mount before the command
+    /// returns. Snapshots deleted by a command, while no mount had the volume open, leave it
+    /// when the kernel's entry expires (`TTL`, 1 s); none of them is open.
+    pub fn forget_snapshots(&self, volume: &str, names: impl IntoIterator<Item = String>) {
+        let Some(entry) = self.catalog().volumes.get(volume).cloned() else {
+            return;
+        };
+        let parent = Node::SnapshotDir { volume: entry.id }.ino();
+        self.forgotten
+            .lock()
+            .extend(names.into_iter().map(|name| Gone {
+                parent,
+                name: name.into(),
+            }));
     }
 
     /// The entries of a directory after the one whose cookie is `after` (0: from the start):
@@ -732,7 +834,16 @@ impl PoolFs {
                     dir(Node::ImagesDir, IMAGES_DIR),
                     dir(Node::DisksDir, DISKS_DIR),
                     dir(Node::VolumesDir, VOLUMES_DIR),
+                    dir(Node::SnapshotsDir, SNAPSHOTS_DIR),
                 ],
+            ),
+            Node::SnapshotsDir => (
+                Node::Root,
+                catalog
+                    .volumes
+                    .values()
+                    .map(|v| dir(Node::SnapshotDir { volume: v.id }, &v.name))
+                    .collect(),
             ),
             Node::VolumesDir => (
                 Node::Root,
@@ -776,9 +887,11 @@ impl PoolFs {
                     file(Node::Config { image }, BACKING_CFG),
                 ],
             ),
-            Node::Backing { .. } | Node::Config { .. } | Node::Volume { .. } => {
-                return Err(libc::ENOTDIR)
-            }
+            Node::Backing { .. }
+            | Node::Config { .. }
+            | Node::Volume { .. }
+            | Node::Snapshot { .. } => return Err(libc::ENOTDIR),
+            Node::SnapshotDir { volume } => return self.readdir_snapshots(&catalog, volume, after),
         };
         children.sort_by_key(|e| e.cookie);
         let mut entries = vec![
@@ -793,6 +906,44 @@ impl PoolFs {
         ];
         entries.append(&mut children);
         entries.retain(|e| e.cookie > after);
+        Ok(entries)
+    }
+
+    /// One page of `snapshots/<volume>/`, after the entry whose cookie is `after`: `.` and `..`,
+    /// then the snapshots in creation order, each with its epoch (+ 3) as cookie, read from the
+    /// index a page at a time (a directory of a million snapshots is never held whole).
+    fn readdir_snapshots(
+        &self,
+        catalog: &Catalog,
+        volume: i64,
+        after: u64,
+    ) -> Result<Vec<DirEntry>, i32> {
+        let entry = catalog.volume_ids.get(&volume).ok_or(libc::ENOENT)?;
+        let this = Node::SnapshotDir { volume };
+        let mut entries = Vec::new();
+        for (cookie, node, name) in [(1, this, "."), (2, Node::SnapshotsDir, "..")] {
+            if after < cookie {
+                entries.push(DirEntry {
+                    ino: node.ino(),
+                    kind: Kind::Directory,
+                    name: name.into(),
+                    cookie,
+                });
+            }
+        }
+        let page = self.snapshot_listings.read(entry, |l| {
+            l.after(after.saturating_sub(3), SNAPSHOTS_PER_READDIR)
+        })?;
+        entries.extend(page.into_iter().filter_map(|s| {
+            // One whose inode cannot be made cannot be looked up either.
+            let node = Node::snapshot(volume, s.epoch).ok()?;
+            Some(DirEntry {
+                ino: node.ino(),
+                kind: Kind::File,
+                name: s.name.into(),
+                cookie: s.epoch + 3,
+            })
+        }));
         Ok(entries)
     }
 
@@ -846,6 +997,24 @@ impl PoolFs {
                     .open(&entry, || self.base_of(&catalog, &entry))?;
                 Handle::Volume { entry, volume }
             }
+            Node::Snapshot { volume, epoch } => {
+                let entry = catalog.volume_ids[&volume].clone();
+                let volume = self
+                    .volumes
+                    .open(&entry, || self.base_of(&catalog, &entry))?;
+                match volume.open_snapshot(epoch) {
+                    Ok(reader) => Handle::Snapshot { entry, reader },
+                    Err(e) => {
+                        self.volumes.release(entry.id, &entry.name);
+                        // Deleted since it was looked up.
+                        if e.kind() == std::io::ErrorKind::NotFound {
+                            return Err(libc::ENOENT);
+                        }
+                        tracing::error!("cannot open a snapshot of volume '{}': {e}", entry.name);
+                        return Err(errno_of(&e));
+                    }
+                }
+            }
             _ => return Err(libc::EISDIR),
         };
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
@@ -891,6 +1060,19 @@ impl PoolFs {
                 buf.truncate(n);
                 Ok(ReadData::Owned(buf))
             }
+            Handle::Snapshot { entry, reader } => {
+                let mut buf = vec![0u8; len as usize];
+                let n = reader.read_at(&mut buf, offset).map_err(|e| {
+                    tracing::error!(
+                        "read of snapshot '{}@{}' at {offset} failed: {e}",
+                        entry.name,
+                        reader.snapshot().name
+                    );
+                    errno_of(&e)
+                })?;
+                buf.truncate(n);
+                Ok(ReadData::Owned(buf))
+            }
         }
     }
 
@@ -929,8 +1111,8 @@ impl PoolFs {
 
     /// `lseek(SEEK_DATA)` (`hole` false) or `lseek(SEEK_HOLE)` on an open file: where data or
     /// a hole starts at or after `offset`. An image's holes are its chunks that read as zeros
-    /// (from its digests); `backing.cfg` and volumes are all data (what the kernel assumes of
-    /// a file whose filesystem does not answer).
+    /// (from its digests); a volume's and a snapshot's, where neither it nor its image holds
+    /// data; `backing.cfg` is all data.
     pub fn seek(&self, fh: u64, offset: u64, hole: bool) -> Result<u64, i32> {
         let handle = self.handles.read().get(&fh).cloned().ok_or(libc::EBADF)?;
         let all_data = |len: u64| match (offset < len, hole) {
@@ -949,6 +1131,18 @@ impl PoolFs {
                 Ok(None) => Err(libc::ENXIO),
                 Err(e) => {
                     tracing::error!("seek in volume '{}' failed: {e}", entry.name);
+                    Err(errno_of(&e))
+                }
+            },
+            Handle::Snapshot { entry, reader } => match reader.seek(offset, hole) {
+                Ok(Some(found)) => Ok(found),
+                Ok(None) => Err(libc::ENXIO),
+                Err(e) => {
+                    tracing::error!(
+                        "seek in snapshot '{}@{}' failed: {e}",
+                        entry.name,
+                        reader.snapshot().name
+                    );
                     Err(errno_of(&e))
                 }
             },
@@ -1102,7 +1296,7 @@ impl PoolFs {
                 }
                 Some(self.reader.backing_file(image.as_ref_for_read()))
             }
-            Handle::Config(_) | Handle::Volume { .. } => None,
+            Handle::Config(_) | Handle::Volume { .. } | Handle::Snapshot { .. } => None,
         }
     }
 
@@ -1130,6 +1324,12 @@ impl PoolFs {
                 }
             }
             Some(Handle::Volume { entry, .. }) => self.volumes.release(entry.id, &entry.name),
+            Some(Handle::Snapshot { entry, .. }) => {
+                let entry = entry.clone();
+                // The snapshot may be deleted once its reader is gone, before the volume is.
+                drop(handle);
+                self.volumes.release(entry.id, &entry.name);
+            }
             _ => {}
         }
     }
@@ -1201,6 +1401,22 @@ impl PoolFs {
     }
 }
 
+/// A snapshot file: read-only, of the volume's size when it was taken. Its blocks count as all
+/// allocated: what it holds is shared with the volume and its other snapshots (`snapshot list`
+/// tells what is its alone), and a file claiming none would be archived as all holes by tools
+/// that trust the count (`tar --sparse`); readers that want its holes ask SEEK_DATA/SEEK_HOLE.
+fn snapshot_attr(node: Node, snapshot: &Snapshot) -> Attr {
+    Attr {
+        ino: node.ino(),
+        kind: Kind::File,
+        size: snapshot.size,
+        blocks: snapshot.size.div_ceil(512),
+        mtime: UNIX_EPOCH + Duration::from_secs(snapshot.created.max(0) as u64),
+        perm: 0o444,
+        nlink: 1,
+    }
+}
+
 /// One log line for each image that appeared in or left the mount (its name, and its uuid, so
 /// that a removal and a new import under the same name are two lines each).
 fn log_image_changes(previous: &Catalog, next: &Catalog) {
@@ -1246,6 +1462,19 @@ mod tests {
                 image: 0xFFFF_FFFF,
                 copy: 0xFF_FFFF,
             },
+            Node::VolumesDir,
+            Node::Volume { volume: 9 },
+            Node::SnapshotsDir,
+            Node::SnapshotDir { volume: 9 },
+            Node::Snapshot {
+                volume: 9,
+                epoch: 3,
+            },
+            Node::Snapshot {
+                volume: 3,
+                epoch: 9,
+            },
+            Node::snapshot(MAX_SNAPSHOT_VOLUME, MAX_SNAPSHOT_EPOCH).unwrap(),
         ];
         let mut inos: Vec<u64> = nodes.iter().map(|n| n.ino()).collect();
         for (node, ino) in nodes.iter().zip(&inos) {
@@ -1255,6 +1484,15 @@ mod tests {
         inos.dedup();
         assert_eq!(inos.len(), nodes.len());
         assert_eq!(Node::from_ino(99), None);
+        // Past what the bits hold, no inode rather than another's.
+        assert_eq!(
+            Node::snapshot(MAX_SNAPSHOT_VOLUME + 1, 1),
+            Err(libc::EOVERFLOW)
+        );
+        assert_eq!(
+            Node::snapshot(1, MAX_SNAPSHOT_EPOCH + 1),
+            Err(libc::EOVERFLOW)
+        );
     }
 
     fn pool_with_image(dir: &std::path::Path, bytes: &[u8]) -> (PoolFs, String) {
@@ -1351,6 +1589,143 @@ mod tests {
             fs.getxattr(image.ino, OsStr::new("user.nope")),
             Err(libc::ENODATA)
         );
+    }
+
+    /// A snapshot request as the CLI makes it: here when no file of the volume is open, else
+    /// through the daemon's path (`with_open_volume`).
+    fn snapshot_request(
+        fs: &PoolFs,
+        volume: &str,
+        request: crate::core::volume::requests::Request,
+    ) -> Result<crate::core::volume::requests::Outcome> {
+        use crate::core::volume::requests;
+        match fs.with_open_volume(volume, |_, v| (requests::apply(v, volume, &request), false)) {
+            Some(outcome) => outcome,
+            None => Ok(fs
+                .pool
+                .snapshot_request(volume, &request)?
+                .expect("not open elsewhere")),
+        }
+    }
+
+    fn take(fs: &PoolFs, volume: &str, name: &str) {
+        use crate::core::volume::requests::Request;
+        let request = Request::Create {
+            name: name.into(),
+            guid: "g".into(),
+            created: 1_700_000_000,
+        };
+        snapshot_request(fs, volume, request).unwrap();
+    }
+
+    fn delete(fs: &PoolFs, volume: &str, names: &[&str], dry_run: bool) -> Result<()> {
+        use crate::core::volume::requests::{Request, Selection};
+        let selection = Selection::Names(names.iter().map(|n| n.to_string()).collect());
+        snapshot_request(fs, volume, Request::Delete { selection, dry_run }).map(|_| ())
+    }
+
+    #[test]
+    fn snapshots_are_read_only_files_with_inodes_never_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, _) = pool_with_image(dir.path(), b"base");
+        // Created by another connection, as by the CLI, for the refresh to see it.
+        let cli = Pool::open(&dir.path().join("state")).unwrap();
+        cli.create_volume("v", None, Some(1 << 20), None).unwrap();
+        fs.refresh().unwrap();
+        let live = walk(&fs, &["volumes", "v"]).unwrap();
+        let fh = fs.open(live.ino, true).unwrap();
+        fs.write(fh, 4096, b"first").unwrap();
+        take(&fs, "v", "s1");
+        fs.write(fh, 4096, b"later").unwrap();
+        fs.release(fh);
+
+        let s1 = walk(&fs, &["snapshots", "v", "s1"]).unwrap();
+        assert_eq!((s1.size, s1.perm, s1.kind), (1 << 20, 0o444, Kind::File));
+        assert_eq!(fs.open(s1.ino, true), Err(libc::EROFS));
+        let fh = fs.open(s1.ino, false).unwrap();
+        assert_eq!(&*fs.read(fh, 4096, 5, true).unwrap(), b"first");
+        assert_eq!(fs.seek(fh, 0, false), Ok(4096));
+        assert_eq!(fs.seek(fh, 4096, true), Ok(8192));
+        assert_eq!(fs.seek(fh, 8192, false), Err(libc::ENXIO));
+        assert_eq!(fs.write(fh, 0, b"x"), Err(libc::EROFS));
+        // Open: its deletion is refused, naming it, and so is a dry run of it.
+        for dry_run in [true, false] {
+            let refused = delete(&fs, "v", &["s1"], dry_run).unwrap_err().to_string();
+            assert!(
+                refused.contains("'s1'") && refused.contains("open"),
+                "{refused}"
+            );
+        }
+        fs.release(fh);
+        delete(&fs, "v", &["s1"], false).unwrap();
+        assert_eq!(walk(&fs, &["snapshots", "v", "s1"]), Err(libc::ENOENT));
+        assert_eq!(fs.getattr(s1.ino), Err(libc::ENOENT));
+        // The same name again is another snapshot, with another inode.
+        take(&fs, "v", "s1");
+        let again = walk(&fs, &["snapshots", "v", "s1"]).unwrap();
+        assert_ne!(again.ino, s1.ino);
+        let fh = fs.open(again.ino, false).unwrap();
+        assert_eq!(&*fs.read(fh, 4096, 5, true).unwrap(), b"later");
+        fs.release(fh);
+        assert_eq!(fs.open(s1.ino, false), Err(libc::ENOENT));
+    }
+
+    #[test]
+    fn a_snapshot_directory_is_listed_a_page_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fs, _) = pool_with_image(dir.path(), b"base");
+        // Created by another connection, as by the CLI, for the refresh to see it.
+        let cli = Pool::open(&dir.path().join("state")).unwrap();
+        cli.create_volume("v", None, Some(1 << 20), None).unwrap();
+        fs.refresh().unwrap();
+        let count = SNAPSHOTS_PER_READDIR * 2 + 10;
+        // Held open meanwhile: each snapshot is one commit, not an open and close of the volume.
+        let held = fs
+            .open(walk(&fs, &["volumes", "v"]).unwrap().ino, false)
+            .unwrap();
+        for i in 0..count {
+            take(&fs, "v", &format!("s{i}"));
+        }
+        let snapshots = walk(&fs, &["snapshots"]).unwrap().ino;
+        let names = |entries: &[DirEntry]| -> Vec<String> {
+            entries
+                .iter()
+                .map(|e| e.name.clone().into_string().unwrap())
+                .collect()
+        };
+        assert_eq!(names(&fs.readdir(snapshots, 0).unwrap()), [".", "..", "v"]);
+        let v = walk(&fs, &["snapshots", "v"]).unwrap().ino;
+        let later = format!("s{}", SNAPSHOTS_PER_READDIR + 100);
+        let mut listed = Vec::new();
+        let mut after = 0;
+        let mut calls = 0;
+        loop {
+            let page = fs.readdir(v, after).unwrap();
+            assert!(page.len() <= SNAPSHOTS_PER_READDIR + 2);
+            let Some(last) = page.last() else { break };
+            after = last.cookie;
+            listed.extend(names(&page));
+            calls += 1;
+            if calls == 1 {
+                // Deleted between two calls, one listed already and one not: the listing
+                // neither repeats nor skips the others.
+                delete(&fs, "v", &["s0", &later], false).unwrap();
+            }
+        }
+        let mut expected = vec![".".to_string(), "..".to_string()];
+        expected.extend((0..count).map(|i| format!("s{i}")).filter(|n| *n != later));
+        assert!(
+            listed == expected,
+            "listed {} names, not the {} expected",
+            listed.len(),
+            expected.len()
+        );
+        assert_eq!(calls, 3);
+        for entry in fs.readdir(v, 2).unwrap().iter().take(3) {
+            let looked_up = fs.lookup(v, &entry.name).unwrap();
+            assert_eq!(looked_up.ino, entry.ino);
+        }
+        fs.release(held);
     }
 
     #[test]

@@ -1,6 +1,13 @@
-//! The mount's volumes: `volumes/<name>`, read-write files over `core::volume`. A volume is opened
-//! (its index, its data file and its writer lock) at the first open of its file and closed,
-//! everything flushed, at the last release: while no file is open, commands may change it.
+//! The mount's volumes: `volumes/<name>`, read-write files over `core::volume`, and their
+//! snapshots, `snapshots/<name>/<snapshot>`, read-only files. A volume is opened (its index, its
+//! data file and its writer lock) at the first open of its file or of one of its snapshots'
+//! files, and closed, everything flushed, at the last release: while no file is open, commands
+//! may change it. One `Volume` serves both kinds of file, so a snapshot read while the volume is
+//! written needs no second writer lock, and deleting a snapshot being read goes to this daemon,
+//! which knows it is open and refuses.
+//!
+//! The snapshot directories are listed and looked up through a read-only connection to each
+//! volume's index (`SnapshotListings`), beside the writer's: a listing never waits for a write.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -9,7 +16,7 @@ use std::time::SystemTime;
 
 use parking_lot::Mutex;
 
-use crate::core::volume::{Base, Volume, WriterLock};
+use crate::core::volume::{Base, SnapshotListing, Volume, WriterLock};
 use crate::format::volume::VolumeFiles;
 
 /// A ready volume as the mount sees it.
@@ -140,5 +147,54 @@ impl OpenVolumes {
                 tracing::error!("cannot flush a volume at unmount: {e}");
             }
         }
+    }
+}
+
+/// A read connection to the index of each volume whose snapshot directory was looked at, kept
+/// while the volume is in the catalog.
+#[derive(Default)]
+pub struct SnapshotListings {
+    by_volume: Mutex<HashMap<i64, Arc<Mutex<SnapshotListing>>>>,
+}
+
+impl SnapshotListings {
+    /// Runs `read` on the volume's listing, opened the first time. Only this volume's readers
+    /// wait for each other meanwhile.
+    pub fn read<T>(
+        &self,
+        entry: &VolumeEntry,
+        read: impl FnOnce(&SnapshotListing) -> io::Result<T>,
+    ) -> Result<T, i32> {
+        if !entry.in_service {
+            return Err(libc::EIO);
+        }
+        let listing = {
+            let mut by_volume = self.by_volume.lock();
+            match by_volume.get(&entry.id) {
+                Some(listing) => listing.clone(),
+                None => {
+                    let listing = SnapshotListing::open(&entry.files).map_err(|e| {
+                        tracing::error!(
+                            "cannot read the snapshots of volume '{}': {e}",
+                            entry.name
+                        );
+                        errno_of(&e)
+                    })?;
+                    let listing = Arc::new(Mutex::new(listing));
+                    by_volume.insert(entry.id, listing.clone());
+                    listing
+                }
+            }
+        };
+        let listing = listing.lock();
+        read(&listing).map_err(|e| {
+            tracing::error!("cannot read the snapshots of volume '{}': {e}", entry.name);
+            errno_of(&e)
+        })
+    }
+
+    /// Closes the listings of volumes that left the catalog (or whose disk failed).
+    pub fn keep_only(&self, keep: impl Fn(i64) -> bool) {
+        self.by_volume.lock().retain(|id, _| keep(*id));
     }
 }

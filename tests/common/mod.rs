@@ -593,6 +593,74 @@ pub fn attach_loop(file: &Path) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
+/// Runs a command that must succeed, with its output in the failure message.
+pub fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A loop device over a file, detached on drop.
+pub struct LoopFile {
+    pub device: PathBuf,
+}
+
+impl LoopFile {
+    pub fn attach(file: &Path) -> LoopFile {
+        LoopFile {
+            device: attach_loop(file).into(),
+        }
+    }
+
+    /// A read-only loop device (`losetup -r`): the kernel opens the file read-only.
+    pub fn attach_read_only(file: &Path) -> LoopFile {
+        let out = Command::new("losetup")
+            .args(["--read-only", "--find", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup -r {file:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        LoopFile {
+            device: String::from_utf8(out.stdout).unwrap().trim().into(),
+        }
+    }
+}
+
+impl Drop for LoopFile {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+    }
+}
+
+/// A filesystem mounted by the test, unmounted on drop.
+pub struct Mounted {
+    pub target: PathBuf,
+}
+
+impl Mounted {
+    pub fn new(device: &Path, target: &Path) -> Mounted {
+        fs::create_dir_all(target).unwrap();
+        run_ok(Command::new("mount").arg(device).arg(target));
+        Mounted {
+            target: target.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.target).status();
+    }
+}
+
 impl Drop for LoopDisk {
     fn drop(&mut self) {
         let bind = self.mountpoint.join("backing-images");

@@ -7,6 +7,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 
@@ -231,7 +232,8 @@ impl Pool {
             Some(id) => Box::new(self.verified_copies(id)?),
             None => Box::new(NoBase),
         };
-        let opened = Volume::open(&files, base).ctx(|| format!("cannot open volume '{volume}'"))?;
+        let opened =
+            Arc::new(Volume::open(&files, base).ctx(|| format!("cannot open volume '{volume}'"))?);
         let exported = (|| {
             let at = match snapshot {
                 Some(snap) => Some(
@@ -248,7 +250,8 @@ impl Pool {
                 None => None,
             };
             let resume_key = at.as_ref().map(|s| resume_key(&info.volume.uuid, &s.guid));
-            let source = VolumeSource::new(&opened, at);
+            let source = VolumeSource::new(&opened, at.as_ref())
+                .ctx(|| format!("cannot read volume '{volume}'"))?;
             let label = match snapshot {
                 Some(snap) => format!("volume:{volume}@{snap}"),
                 None => format!("volume:{volume}"),
@@ -264,8 +267,10 @@ impl Pool {
             };
             self.import_image(name, &import, copies, progress)
         })();
-        let closed = opened
-            .close()
+        // The source (and its snapshot reader) is gone: this is the only holder.
+        let closed = Arc::try_unwrap(opened)
+            .map_err(|_| io::Error::other("the volume is still read"))
+            .and_then(Volume::close)
             .ctx(|| format!("cannot close volume '{volume}'"));
         let imported = exported?;
         closed?;

@@ -254,6 +254,14 @@ impl Pool {
         let info = self.volume(name)?;
         let files = VolumeFiles::new(&info.dir);
         if requests::reads_only(request) {
+            // A dry run of a deletion says what the deletion would: only a mount daemon that
+            // has the volume open knows which of its snapshots are being read.
+            let dry_run = matches!(request, requests::Request::Delete { .. });
+            if let Some(pid) = info.open_by.filter(|_| dry_run) {
+                if self.live_mounts()?.iter().any(|m| m.pid == pid) {
+                    return Ok(Err(pid));
+                }
+            }
             return requests::answer_from_files(&files, name, request).map(Ok);
         }
         let Some(_writer) =

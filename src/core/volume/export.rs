@@ -3,25 +3,33 @@
 //! pass, never by reading zeros or probing layer by layer.
 
 use std::io;
+use std::sync::Arc;
 
-use super::{index_error, Snapshot, Volume, GRANULE};
+use super::{index_error, Snapshot, SnapshotReader, Volume, GRANULE};
 use crate::format::sparse::SparseSource;
 
 pub struct VolumeSource<'a> {
-    volume: &'a Volume,
-    snapshot: Option<Snapshot>,
+    volume: &'a Arc<Volume>,
+    /// Open for reading: nobody deletes it meanwhile.
+    snapshot: Option<SnapshotReader>,
 }
 
 impl<'a> VolumeSource<'a> {
-    /// The volume at `snapshot`, or as it is now. The caller holds the volume (its writer
-    /// lock) so that neither changes while it is read.
-    pub fn new(volume: &'a Volume, snapshot: Option<Snapshot>) -> VolumeSource<'a> {
-        VolumeSource { volume, snapshot }
+    /// The volume at `snapshot`, or as it is now (the caller holds its writer lock, so that it
+    /// does not change while it is read).
+    pub fn new(
+        volume: &'a Arc<Volume>,
+        snapshot: Option<&Snapshot>,
+    ) -> io::Result<VolumeSource<'a>> {
+        let snapshot = snapshot
+            .map(|s| volume.open_snapshot(s.epoch))
+            .transpose()?;
+        Ok(VolumeSource { volume, snapshot })
     }
 
     pub fn size(&self) -> u64 {
         match &self.snapshot {
-            Some(s) => s.size,
+            Some(s) => s.snapshot().size,
             None => self.volume.size(),
         }
     }
@@ -73,7 +81,7 @@ impl SparseSource for VolumeSource<'_> {
             state.usable()?;
             state
                 .index
-                .granules_seen(self.snapshot.as_ref().map(|s| s.epoch))
+                .granules_seen(self.snapshot.as_ref().map(|s| s.snapshot().epoch))
                 .map_err(index_error)?
         };
         let written = granules
@@ -86,7 +94,7 @@ impl SparseSource for VolumeSource<'_> {
 
     fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         match &self.snapshot {
-            Some(s) => self.volume.read_snapshot_at(s, buf, offset),
+            Some(s) => s.read_at(buf, offset),
             None => self.volume.read_at(buf, offset),
         }
     }

@@ -126,6 +126,20 @@ impl Index {
         Ok(index)
     }
 
+    /// Opens the index to read it only, beside the connection of whoever writes the volume (WAL:
+    /// each side sees the other's commits, and neither waits for the other). Opened read-write
+    /// but `query_only`: a read-only open of a WAL database fails while no writer has made its
+    /// shared-memory file.
+    pub fn open_for_reading(path: &Path) -> rusqlite::Result<Index> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.pragma_update(None, "query_only", true)?;
+        conn.busy_timeout(std::time::Duration::from_secs(30))?;
+        Ok(Index { conn, in_tx: false })
+    }
+
     fn begin(&mut self) -> rusqlite::Result<()> {
         if !self.in_tx {
             self.conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -342,14 +356,15 @@ impl Index {
         Ok(())
     }
 
-    /// Live versions from `granule` on, in granule order, at most `limit`.
-    pub fn live_from(&self, granule: u64, limit: usize) -> rusqlite::Result<Vec<Version>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions WHERE granule >= ?1 AND death IS NULL
-             ORDER BY granule LIMIT ?2"
-        ))?;
-        let rows = stmt.query_map(params![granule as i64, limit as i64], version)?;
-        rows.collect()
+    /// The first granule from `granule` on that has any version (live or not): one step of
+    /// the primary key, however many versions the granules have.
+    pub fn next_versioned(&self, granule: u64) -> rusqlite::Result<Option<u64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT granule FROM versions WHERE granule >= ?1 ORDER BY granule LIMIT 1",
+        )?;
+        stmt.query_row([granule as i64], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|g| g.map(|g| g as u64))
     }
 
     // --- snapshots ---------------------------------------------------------------------
@@ -405,6 +420,24 @@ impl Index {
             }
         }
         Ok(unique)
+    }
+
+    /// The snapshot taken at `epoch`, if it is still there.
+    pub fn snapshot_at(&self, epoch: u64) -> rusqlite::Result<Option<Snapshot>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT epoch, name, guid, created, size FROM snapshots WHERE epoch = ?1",
+        )?;
+        stmt.query_row([epoch as i64], snapshot).optional()
+    }
+
+    /// Up to `limit` snapshots taken after `epoch`, in creation order: one page of a listing.
+    pub fn snapshots_after(&self, epoch: u64, limit: usize) -> rusqlite::Result<Vec<Snapshot>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT epoch, name, guid, created, size FROM snapshots WHERE epoch > ?1
+             ORDER BY epoch LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![epoch as i64, limit as i64], snapshot)?;
+        rows.collect()
     }
 
     pub fn snapshot(&self, name: &str) -> rusqlite::Result<Option<Snapshot>> {

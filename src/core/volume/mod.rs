@@ -10,7 +10,8 @@
 //! one granule, 60 KiB) and starts a new version. A snapshot is one index row. Deleting
 //! snapshots removes their rows in one transaction and queues "windows" of versions that no
 //! snapshot sees any more; `reclaim` frees them later, by punching their slots: no data is
-//! copied.
+//! copied. A snapshot is read through a `SnapshotReader`, which keeps it from being deleted
+//! while it exists: what a snapshot reads is never reclaimed under it.
 //!
 //! Crash discipline: the data file is synced before the index commits, so a committed row never
 //! points at data that is not on the disk; a slot freed in the open transaction is reused only
@@ -28,7 +29,9 @@ pub mod requests;
 
 pub use export::VolumeSource;
 
+use std::collections::BTreeMap;
 use std::io;
+use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
@@ -203,6 +206,10 @@ struct State {
     broken: Option<String>,
     /// Closed (`shutdown`): a reclaim thread still holding it must stop writing.
     closed: bool,
+    /// The snapshots being read (`SnapshotReader`s), by epoch: their names and how many
+    /// readers each has. They cannot be deleted meanwhile, so the reclaim never frees a block
+    /// they read.
+    readers: BTreeMap<u64, (String, usize)>,
 }
 
 impl State {
@@ -234,6 +241,29 @@ impl State {
 
     fn shared(&self, v: &Version) -> bool {
         self.newest_snapshot.is_some_and(|n| v.birth <= n)
+    }
+
+    /// Refuses a change that would delete any of `epochs` while it is being read.
+    fn refuse_if_read(&self, epochs: &[u64]) -> io::Result<()> {
+        let read: Vec<String> = epochs
+            .iter()
+            .filter_map(|e| self.readers.get(e))
+            .map(|(name, _)| format!("'{name}'"))
+            .collect();
+        if read.is_empty() {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::ResourceBusy,
+            format!(
+                "snapshot {} open (a file of the mount, or being read): close it first",
+                if read.len() == 1 {
+                    format!("{} is", read[0])
+                } else {
+                    format!("{} are", read.join(", "))
+                }
+            ),
+        ))
     }
 }
 
@@ -276,6 +306,7 @@ impl Volume {
             freed: Vec::new(),
             broken: None,
             closed: false,
+            readers: BTreeMap::new(),
         };
         Ok(Volume {
             data,
@@ -330,20 +361,6 @@ impl Volume {
             state.size
         };
         self.read_versions(None, size, buf, offset)
-    }
-
-    /// Reads a snapshot from `offset`. The caller keeps the snapshot from being deleted
-    /// meanwhile (its slots are reclaimed once it is).
-    pub fn read_snapshot_at(
-        &self,
-        snapshot: &Snapshot,
-        buf: &mut [u8],
-        offset: u64,
-    ) -> io::Result<usize> {
-        {
-            self.state.lock().usable()?;
-        }
-        self.read_versions(Some(snapshot.epoch), snapshot.size, buf, offset)
     }
 
     /// Reads granule by granule: each version is looked up under the state lock, and its data
@@ -466,7 +483,18 @@ impl Volume {
     /// hole where it was discarded, or reads a hole of its image or the zeros past its end.
     /// `None`: no data at or after `offset` (ENXIO), or `offset` at or past the end.
     pub fn seek(&self, offset: u64, hole: bool) -> io::Result<Option<u64>> {
-        let size = self.size();
+        self.seek_versions(None, self.size(), offset, hole)
+    }
+
+    /// `seek` in the live volume (`epoch` none) or in the snapshot at `epoch`, of `size` bytes.
+    /// Each granule is looked up under the state lock, taken granule by granule.
+    fn seek_versions(
+        &self,
+        epoch: Option<u64>,
+        size: u64,
+        offset: u64,
+        hole: bool,
+    ) -> io::Result<Option<u64>> {
         if offset >= size {
             return Ok(None);
         }
@@ -475,10 +503,18 @@ impl Volume {
             let granule = pos / GRANULE;
             let (version, next_versioned) = {
                 let state = self.state.lock();
-                let next = state.index.live_from(granule, 2).map_err(index_error)?;
-                let version = next.iter().find(|v| v.granule == granule).copied();
-                let after = next.iter().find(|v| v.granule > granule).map(|v| v.granule);
-                (version, after)
+                let version = match epoch {
+                    None => state.index.live(granule),
+                    Some(e) => state.index.at(granule, e),
+                }
+                .map_err(index_error)?;
+                // A granule with versions, none of them seen at `epoch`, reads its image as
+                // an untouched one does: the next lap finds that out.
+                let next = state
+                    .index
+                    .next_versioned(granule + 1)
+                    .map_err(index_error)?;
+                (version, next)
             };
             let Some(version) = version else {
                 // Up to the next granule with a version, the volume reads its image.
@@ -844,6 +880,7 @@ impl Volume {
     /// Deletes snapshots in one durable step; their space is reclaimed by `reclaim`.
     pub fn delete_snapshots(&self, epochs: &[u64]) -> io::Result<()> {
         let mut state = self.state.lock();
+        state.refuse_if_read(epochs)?;
         self.commit_locked(&mut state)?;
         state
             .index
@@ -899,6 +936,7 @@ impl Volume {
     /// are deleted in the same transaction.
     pub fn rollback(&self, snapshot: &Snapshot, newer: &[u64]) -> io::Result<()> {
         let mut state = self.state.lock();
+        state.refuse_if_read(newer)?;
         self.commit_locked(&mut state)?;
         state
             .index
@@ -928,6 +966,116 @@ impl Volume {
         state.size = snapshot.size;
         // One transaction: a crash leaves the volume as it was, or rolled back.
         self.commit_locked(&mut state)
+    }
+}
+
+impl Volume {
+    /// Opens the snapshot taken at `epoch` for reading (`NotFound` once it is deleted). Until
+    /// the reader is dropped the snapshot cannot be deleted, by a batch or by a rollback, so
+    /// nothing it reads is ever reclaimed under it.
+    pub fn open_snapshot(self: &Arc<Self>, epoch: u64) -> io::Result<SnapshotReader> {
+        let mut state = self.state.lock();
+        state.usable()?;
+        let snapshot = state
+            .index
+            .snapshot_at(epoch)
+            .map_err(index_error)?
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        state
+            .readers
+            .entry(epoch)
+            .or_insert_with(|| (snapshot.name.clone(), 0))
+            .1 += 1;
+        Ok(SnapshotReader {
+            volume: self.clone(),
+            snapshot,
+        })
+    }
+
+    /// Refuses (`ResourceBusy`, naming them) if any of `epochs` is being read: what deleting
+    /// them would answer now.
+    pub fn refuse_if_read(&self, epochs: &[u64]) -> io::Result<()> {
+        self.state.lock().refuse_if_read(epochs)
+    }
+
+    /// The names of the snapshots being read now, oldest first.
+    pub fn snapshots_being_read(&self) -> Vec<String> {
+        let state = self.state.lock();
+        state
+            .readers
+            .values()
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+}
+
+/// A snapshot open for reading: what it held when it was taken, whatever the volume is written
+/// since. Keeps the snapshot from being deleted until it is dropped.
+pub struct SnapshotReader {
+    volume: Arc<Volume>,
+    snapshot: Snapshot,
+}
+
+impl SnapshotReader {
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// Reads from `offset`; returns the bytes read (short at the end).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.volume.state.lock().usable()?;
+        let s = &self.snapshot;
+        self.volume
+            .read_versions(Some(s.epoch), s.size, buf, offset)
+    }
+
+    /// As `Volume::seek`, in the snapshot.
+    pub fn seek(&self, offset: u64, hole: bool) -> io::Result<Option<u64>> {
+        let s = &self.snapshot;
+        self.volume
+            .seek_versions(Some(s.epoch), s.size, offset, hole)
+    }
+}
+
+impl Drop for SnapshotReader {
+    fn drop(&mut self) {
+        let mut state = self.volume.state.lock();
+        let epoch = self.snapshot.epoch;
+        if let Some((_, count)) = state.readers.get_mut(&epoch) {
+            *count -= 1;
+            if *count == 0 {
+                state.readers.remove(&epoch);
+            }
+        }
+    }
+}
+
+/// A volume's snapshots, read from its index through a connection of their own: without the
+/// volume open, and without waiting for its writer (what the mount lists and looks up).
+pub struct SnapshotListing {
+    index: Index,
+}
+
+impl SnapshotListing {
+    pub fn open(files: &VolumeFiles) -> io::Result<SnapshotListing> {
+        Ok(SnapshotListing {
+            index: Index::open_for_reading(&files.index()).map_err(index_error)?,
+        })
+    }
+
+    pub fn by_name(&self, name: &str) -> io::Result<Option<Snapshot>> {
+        self.index.snapshot(name).map_err(index_error)
+    }
+
+    pub fn by_epoch(&self, epoch: u64) -> io::Result<Option<Snapshot>> {
+        self.index.snapshot_at(epoch).map_err(index_error)
+    }
+
+    /// Up to `limit` snapshots taken after `epoch` (0: from the first), in creation order.
+    pub fn after(&self, epoch: u64, limit: usize) -> io::Result<Vec<Snapshot>> {
+        self.index
+            .snapshots_after(epoch, limit)
+            .map_err(index_error)
     }
 }
 

@@ -117,22 +117,40 @@ fn scratch_dir() -> tempfile::TempDir {
     }
 }
 
-fn open(dir: &Path, size: u64, base: &Arc<Vec<u8>>) -> Volume {
-    open_for_test(dir, size, Box::new(Bytes(base.clone())))
+fn open(dir: &Path, size: u64, base: &Arc<Vec<u8>>) -> Arc<Volume> {
+    Arc::new(open_for_test(dir, size, Box::new(Bytes(base.clone()))))
 }
 
-fn read_all(volume: &Volume, snapshot: Option<&Snapshot>, size: usize, rng: &mut Rng) -> Vec<u8> {
+/// The live volume, or a snapshot through its reader.
+#[derive(Clone, Copy)]
+enum Content<'a> {
+    Live(&'a Volume),
+    Snapshot(&'a SnapshotReader),
+}
+
+impl Content<'_> {
+    fn read_at(self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        match self {
+            Content::Live(v) => v.read_at(buf, offset),
+            Content::Snapshot(r) => r.read_at(buf, offset),
+        }
+    }
+
+    fn seek(self, offset: u64, hole: bool) -> io::Result<Option<u64>> {
+        match self {
+            Content::Live(v) => v.seek(offset, hole),
+            Content::Snapshot(r) => r.seek(offset, hole),
+        }
+    }
+}
+
+fn read_all(content: Content, size: usize, rng: &mut Rng) -> Vec<u8> {
     let mut out = vec![0u8; size + 100];
     // Read in pieces of random sizes, so that unaligned reads are checked as well.
     let mut at = 0;
     while at < out.len() {
         let n = (1 + rng.below(200_000) as usize).min(out.len() - at);
-        let got = match snapshot {
-            None => volume.read_at(&mut out[at..at + n], at as u64).unwrap(),
-            Some(s) => volume
-                .read_snapshot_at(s, &mut out[at..at + n], at as u64)
-                .unwrap(),
-        };
+        let got = content.read_at(&mut out[at..at + n], at as u64).unwrap();
         assert_eq!(got, n.min(size.saturating_sub(at)), "short read at {at}");
         if got < n {
             break;
@@ -143,34 +161,47 @@ fn read_all(volume: &Volume, snapshot: Option<&Snapshot>, size: usize, rng: &mut
     out
 }
 
-fn check(volume: &Volume, model: &Model, rng: &mut Rng, step: usize, op: &str) {
+fn check(volume: &Arc<Volume>, model: &Model, rng: &mut Rng, step: usize, op: &str) {
     assert_eq!(
         volume.size(),
         model.live.len() as u64,
         "step {step} {op}: size"
     );
-    let live = read_all(volume, None, model.live.len(), rng);
+    let live = read_all(Content::Live(volume), model.live.len(), rng);
     if live != model.live {
         let at = live.iter().zip(&model.live).position(|(a, b)| a != b);
         panic!("step {step} after {op}: the live volume differs from the model at byte {at:?}");
     }
-    check_holes(volume, &live, step, op);
+    check_holes(Content::Live(volume), &live, step, op);
     let snapshots = volume.snapshots().unwrap();
     let names: Vec<&str> = snapshots.iter().map(|s| s.name.as_str()).collect();
     let expected: Vec<&str> = model.snapshots.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, expected, "step {step} after {op}: snapshot list");
     for (snapshot, ModelSnapshot { name, content, .. }) in snapshots.iter().zip(&model.snapshots) {
-        let got = read_all(volume, Some(snapshot), content.len(), rng);
-        if &got != content {
-            let at = got.iter().zip(content).position(|(a, b)| a != b);
-            panic!("step {step} after {op}: snapshot {name} differs at byte {at:?}");
-        }
+        let reader = volume.open_snapshot(snapshot.epoch).unwrap();
+        check_snapshot(
+            &reader,
+            content,
+            rng,
+            &format!("step {step} after {op}: {name}"),
+        );
     }
+}
+
+/// A snapshot reads, byte for byte and hole for hole, as `content`.
+fn check_snapshot(reader: &SnapshotReader, content: &[u8], rng: &mut Rng, what: &str) {
+    assert_eq!(reader.snapshot().size, content.len() as u64, "{what}: size");
+    let got = read_all(Content::Snapshot(reader), content.len(), rng);
+    if got != content {
+        let at = got.iter().zip(content).position(|(a, b)| a != b);
+        panic!("{what}: the snapshot differs at byte {at:?}");
+    }
+    check_holes(Content::Snapshot(reader), content, 0, what);
 }
 
 /// SEEK_HOLE and SEEK_DATA agree with the content: every byte of a hole they report reads as
 /// zero, and each answer lies at or after where the search started.
-fn check_holes(volume: &Volume, live: &[u8], step: usize, op: &str) {
+fn check_holes(volume: Content, live: &[u8], step: usize, op: &str) {
     let size = live.len() as u64;
     let mut pos = 0;
     while pos < size {
@@ -237,7 +268,7 @@ fn seek_finds_what_a_volume_wrote_and_discarded() {
 /// After a crash: each block written since the last flush holds one of its contents since
 /// then; the model takes what the volume holds.
 fn settle_after_crash(volume: &Volume, model: &mut Model, step: usize, rng: &mut Rng) {
-    let now = read_all(volume, None, model.live.len(), rng);
+    let now = read_all(Content::Live(volume), model.live.len(), rng);
     for block in 0..(model.live.len() as u64).div_ceil(BLOCK) {
         let start = (block * BLOCK) as usize;
         let end = (start + BLOCK as usize).min(model.live.len());
@@ -276,8 +307,8 @@ fn delete_as_a_command(
     volume: &Volume,
     model: &mut Model,
     rng: &mut Rng,
-    seed: u64,
-    step: usize,
+    held_epoch: Option<u64>,
+    (seed, step): (u64, usize),
 ) -> String {
     let count = model.snapshots.len();
     let names = |range: std::ops::RangeInclusive<usize>| -> Vec<String> {
@@ -349,6 +380,19 @@ fn delete_as_a_command(
         );
         return "delete a batch naming an unknown snapshot (refused)".into();
     }
+    let held = held_epoch.and_then(|e| {
+        let all = volume.snapshots().unwrap();
+        all.into_iter().find(|s| s.epoch == e).map(|s| s.name)
+    });
+    if let Some(held) = held.filter(|h| expected.contains(h)) {
+        let e = outcome.expect_err("a batch taking a snapshot being read was applied");
+        assert_eq!(e.kind(), ErrorKind::InUse, "{e}");
+        assert!(
+            e.to_string().contains(&held),
+            "seed {seed} step {step}: {e}"
+        );
+        return format!("delete a batch taking the held snapshot {held} (refused)");
+    }
     let outcome = outcome.unwrap_or_else(|e| panic!("seed {seed} step {step}: {selection:?}: {e}"));
     let mut deleted: Vec<String> = outcome.snapshots.into_iter().map(|s| s.name).collect();
     // Names are listed in the order given; the model's are in creation order.
@@ -386,7 +430,20 @@ fn run(seed: u64, steps: usize) {
     };
     model.made_durable();
     let mut next_snapshot = 0;
+    // A snapshot held open by a reader across steps (as a file of the mount is), with what it
+    // must read: deleting it is refused, and nothing it reads is reclaimed under it.
+    let mut held: Option<(SnapshotReader, Vec<u8>)> = None;
     for step in 0..steps {
+        if rng.chance(10) {
+            held = None;
+            if !model.snapshots.is_empty() && rng.chance(70) {
+                let at = rng.below(model.snapshots.len() as u64) as usize;
+                let snapshot = &volume.snapshots().unwrap()[at];
+                let reader = volume.open_snapshot(snapshot.epoch).unwrap();
+                held = Some((reader, model.snapshots[at].content.clone()));
+            }
+        }
+        let held_epoch = held.as_ref().map(|(r, _)| r.snapshot().epoch);
         let roll = rng.below(100);
         let size = model.live.len() as u64;
         let op;
@@ -456,7 +513,7 @@ fn run(seed: u64, steps: usize) {
                 }
             }
         } else if roll < 69 && !model.snapshots.is_empty() {
-            op = delete_as_a_command(&volume, &mut model, &mut rng, seed, step);
+            op = delete_as_a_command(&volume, &mut model, &mut rng, held_epoch, (seed, step));
         } else if roll < 79 {
             let steps = 1 + rng.below(3);
             for _ in 0..steps {
@@ -475,10 +532,18 @@ fn run(seed: u64, steps: usize) {
                 destroy_newer,
             };
             let newest = target + 1 == model.snapshots.len();
+            let over_held = held_epoch.is_some_and(|e| {
+                let all = volume.snapshots().unwrap();
+                all[target + 1..].iter().any(|s| s.epoch == e)
+            });
             match apply(&volume, "vol", &rollback) {
+                Err(e) if destroy_newer && over_held => {
+                    assert_eq!(e.kind(), ErrorKind::InUse, "{e}");
+                    op = format!("rollback to {name} over a held snapshot (refused)");
+                }
                 Ok(outcome) => {
                     assert!(
-                        destroy_newer || newest,
+                        (destroy_newer && !over_held) || newest,
                         "seed {seed} step {step}: rolled back over newer snapshots"
                     );
                     let destroyed: Vec<&str> =
@@ -513,18 +578,30 @@ fn run(seed: u64, steps: usize) {
             op = format!("resize +{grow}");
         } else if roll < 93 {
             // kill -9: nothing is flushed on the way out.
+            held = None;
             drop(volume);
             volume = open(&vdir, 0, &base);
             settle_after_crash(&volume, &mut model, step, &mut rng);
             op = "crash and restart".into();
         } else {
-            volume.close().unwrap();
+            held = None;
+            volume.shutdown().unwrap();
+            drop(volume);
             volume = open(&vdir, 0, &base);
             model.made_durable();
             op = "clean restart".into();
         }
         check(&volume, &model, &mut rng, step, &op);
+        if let Some((reader, content)) = &held {
+            check_snapshot(
+                reader,
+                content,
+                &mut rng,
+                &format!("step {step} after {op}: held"),
+            );
+        }
     }
+    drop(held);
 
     // Every snapshot deleted and reclaimed: only the live versions remain, and the data file
     // holds only what they hold.
@@ -675,4 +752,67 @@ fn a_closed_volume_writes_nothing_more() {
     let mut buf = [0u8; 4096];
     volume.read_at(&mut buf, 0).unwrap();
     assert_eq!(buf, [2u8; 4096]);
+}
+
+/// A snapshot being read keeps reading what it held while the volume is rewritten, the
+/// snapshots around it are deleted and their space reclaimed and reused; deleting it is refused
+/// (naming it) until its reader is dropped.
+#[test]
+fn a_snapshot_being_read_is_not_deleted_nor_reclaimed_under_its_reader() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = scratch_dir();
+    let size = 4 * GRANULE;
+    let volume = Arc::new(open_for_test(
+        &dir.path().join("vol"),
+        size,
+        Box::new(NoBase),
+    ));
+    let fill = |byte: u8| volume.write_at(&vec![byte; size as usize], 0).unwrap();
+    fill(1);
+    volume.snapshot("before", "g", 0).unwrap();
+    fill(2);
+    let held = volume.snapshot("held", "g", 0).unwrap();
+    let reader = volume.open_snapshot(held.epoch).unwrap();
+    let refused = volume.delete_snapshots(&[held.epoch]).unwrap_err();
+    assert_eq!(refused.kind(), io::ErrorKind::ResourceBusy);
+    assert!(refused.to_string().contains("'held'"), "{refused}");
+    let done = AtomicBool::new(false);
+    let reads = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let (reader, done, reads) = (&reader, &done, &reads);
+        s.spawn(move || {
+            READ_PAUSE.with(|p| p.set(Some(std::time::Duration::from_micros(200))));
+            let mut buf = vec![0u8; GRANULE as usize];
+            while !done.load(Ordering::Relaxed) {
+                for granule in 0..4 {
+                    reader.read_at(&mut buf, granule * GRANULE).unwrap();
+                    assert!(buf.iter().all(|b| *b == 2), "the held snapshot changed");
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let mut round = 0u8;
+        while round < 30 || reads.load(Ordering::Relaxed) < 400 {
+            round = round.wrapping_add(1);
+            fill(3 + round % 200);
+            volume.snapshot(&format!("after{round}"), "g", 0).unwrap();
+            let others: Vec<u64> = epochs(&volume)
+                .into_iter()
+                .filter(|e| *e != held.epoch)
+                .collect();
+            volume.delete_snapshots(&others).unwrap();
+            while volume.reclaim().unwrap() {}
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(volume.snapshots_being_read(), ["held"]);
+    drop(reader);
+    assert!(volume.snapshots_being_read().is_empty());
+    volume.delete_snapshots(&[held.epoch]).unwrap();
+    while volume.reclaim().unwrap() {}
+    let (rows, live_rows, _) = volume.footprint();
+    assert_eq!(
+        rows, live_rows,
+        "the held snapshot's versions were reclaimed once it went"
+    );
 }

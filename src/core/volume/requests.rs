@@ -150,9 +150,21 @@ pub fn answer_from_files(files: &VolumeFiles, name: &str, request: &Request) -> 
     Ok(Outcome { snapshots, size })
 }
 
+/// A deletion refused because a snapshot it takes is being read (`Volume::open_snapshot`).
+fn being_read(volume: &str, e: std::io::Error, what: &str) -> Error {
+    Error::refused(ErrorKind::InUse, format!("volume '{volume}': {e}; {what}"))
+}
+
 /// Applies a request to `volume` (named `name` in messages).
 pub fn apply(volume: &Volume, name: &str, request: &Request) -> Result<Outcome> {
     let io = |e: std::io::Error| Error::io(format!("volume '{name}'"), e);
+    let refused_or_io = |e: std::io::Error, what: &str| {
+        if e.kind() == std::io::ErrorKind::ResourceBusy {
+            being_read(name, e, what)
+        } else {
+            io(e)
+        }
+    };
     let snapshots = match request {
         Request::Create {
             name: snapshot,
@@ -191,9 +203,16 @@ pub fn apply(volume: &Volume, name: &str, request: &Request) -> Result<Outcome> 
         Request::Delete { selection, dry_run } => {
             let all = volume.snapshots().map_err(io)?;
             let chosen = select(name, &all, selection)?;
-            if !dry_run {
-                let epochs: Vec<u64> = chosen.iter().map(|s| s.epoch).collect();
-                volume.delete_snapshots(&epochs).map_err(io)?;
+            let epochs: Vec<u64> = chosen.iter().map(|s| s.epoch).collect();
+            if *dry_run {
+                // A dry run says what the deletion would say.
+                volume
+                    .refuse_if_read(&epochs)
+                    .map_err(|e| refused_or_io(e, "nothing would be deleted"))?;
+            } else {
+                volume
+                    .delete_snapshots(&epochs)
+                    .map_err(|e| refused_or_io(e, "nothing was deleted"))?;
             }
             chosen.into_iter().map(info).collect()
         }
@@ -218,7 +237,9 @@ pub fn apply(volume: &Volume, name: &str, request: &Request) -> Result<Outcome> 
                 ));
             }
             let epochs: Vec<u64> = newer.iter().map(|s| s.epoch).collect();
-            volume.rollback(&all[at], &epochs).map_err(io)?;
+            volume
+                .rollback(&all[at], &epochs)
+                .map_err(|e| refused_or_io(e, "the volume was not rolled back"))?;
             newer.iter().map(info).collect()
         }
         Request::Resize { size } => {
