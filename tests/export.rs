@@ -331,3 +331,173 @@ fn an_export_killed_anywhere_leaves_nothing_and_runs_again() {
     assert_eq!(sha512sum(&mount.image("e")), sha512_hex(&content));
     mount.unmount();
 }
+
+fn snapshot_names(pool: &TestPool, volume: &str) -> Vec<String> {
+    pool.json(&["snapshot", "list", volume])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A volume that the mount has open (a writer holds it) is exported through the mount: a
+/// snapshot from its file, the live volume from a temporary snapshot deleted afterwards, also
+/// when the export is killed (then by the next export).
+#[test]
+fn an_open_volume_exports_through_its_mount() {
+    let test = "an_open_volume_exports_through_its_mount";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(1);
+    let mount = pool.mount();
+    let (at_s1, now) = a_written_volume(&pool, &mount);
+    let path = mount.mountpoint.join("volumes/v");
+    let writer = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let shown = pool.json(&["volume", "show", "v"]);
+    assert!(!shown["open_by_pid"].is_null(), "{shown}");
+
+    pool.ok(&["image", "add", "open-s1", "--from-volume", "v@s1"]);
+    pool.ok(&["image", "add", "open-now", "--from-volume", "v"]);
+    assert_eq!(
+        pool.json(&["image", "show", "open-s1"])["sha512"],
+        sha512_hex(&at_s1)
+    );
+    assert_eq!(
+        pool.json(&["image", "show", "open-now"])["sha512"],
+        sha512_hex(&now)
+    );
+    assert_eq!(
+        snapshot_names(&pool, "v"),
+        ["s1"],
+        "the temporary snapshot stays"
+    );
+
+    // Killed while it reads its temporary snapshot: the next export deletes it.
+    pool.ok(&["volume", "create", "big", "--size", "134217728"]);
+    let big_path = mount.mountpoint.join("volumes/big");
+    assert!(poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || big_path.exists()
+    ));
+    let big = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&big_path)
+        .unwrap();
+    let random = pool.path("random");
+    random_file(&random, 128 * MIB as u64, 31);
+    big.write_all_at(&std::fs::read(&random).unwrap(), 0)
+        .unwrap();
+    let mut child = ChildGuard(Some(
+        pool.command(&["image", "add", "killed", "--from-volume", "big"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(5), || {
+            snapshot_names(&pool, "big")
+                .iter()
+                .any(|s| s.starts_with("export-tmp-"))
+        }),
+        "no temporary snapshot appeared"
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let _ = child.wait_timeout(Duration::from_secs(10));
+    if !image_names(&pool).contains(&"killed".to_string()) {
+        // It died before it finished: its snapshot is left until the next export, since the
+        // daemon has the volume open (which `recover` leaves alone).
+        pool.ok(&["image", "add", "after", "--from-volume", "v@s1"]);
+    }
+    assert!(
+        snapshot_names(&pool, "big").is_empty(),
+        "left by the killed export"
+    );
+    drop(big);
+    drop(writer);
+    mount.unmount();
+}
+
+/// An export of a snapshot killed after it made part of its copy durable resumes there.
+#[test]
+fn a_killed_export_of_a_snapshot_resumes_where_it_was_durable() {
+    let test = "a_killed_export_of_a_snapshot_resumes_where_it_was_durable";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(1);
+    let mount = pool.mount();
+    pool.ok(&["volume", "create", "v", "--size", "402653184"]);
+    let path = mount.mountpoint.join("volumes/v");
+    assert!(poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || path.exists()
+    ));
+    let source = pool.path("random");
+    random_file(&source, 384 * MIB as u64, 29);
+    let content = std::fs::read(&source).unwrap();
+    {
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        for (i, piece) in content.chunks(8 * MIB).enumerate() {
+            file.write_all_at(piece, (i * 8 * MIB) as u64).unwrap();
+        }
+        file.sync_all().unwrap();
+    }
+    wait_closed(&pool, "v");
+    pool.ok(&["snapshot", "create", "v@s"]);
+
+    let progress = pool.disks[0].join(".imgpool/partial");
+    let checkpointed = || {
+        std::fs::read_dir(&progress)
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+            })
+            .unwrap_or(false)
+    };
+    let mut child = ChildGuard(Some(
+        pool.command(&["image", "add", "e", "--from-volume", "v@s"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    let reached = poll(
+        Duration::from_secs(60),
+        Duration::from_millis(2),
+        checkpointed,
+    );
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.pid()),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let finished = child
+        .wait_timeout(Duration::from_secs(10))
+        .is_some_and(|s| s.success());
+    assert!(
+        reached && !finished,
+        "the export ended before its first checkpoint"
+    );
+    assert!(!image_names(&pool).contains(&"e".to_string()));
+
+    let out = pool.json(&["image", "add", "e", "--from-volume", "v@s"]);
+    let resumed = out["resumed_at"].as_u64().unwrap();
+    assert!(resumed >= 64 * MIB as u64, "resumed at {resumed}: {out}");
+    assert_eq!(out["sha512"], sha512_hex(&content));
+    assert_eq!(sha512sum(&mount.image("e")), sha512_hex(&content));
+    assert_fsck_clean(&pool, "a resumed export");
+    assert!(!checkpointed(), "the partial copy's progress is left");
+    mount.unmount();
+}
