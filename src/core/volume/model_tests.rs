@@ -411,6 +411,69 @@ fn delete_as_a_command(
     )
 }
 
+/// Each snapshot and the live volume, exported as an image is (`VolumeSource` through the
+/// import's sparse copy), is the model's content: same bytes, same SHA-512, and the copy holds
+/// no block the content has as zeros.
+fn check_exports(volume: &Arc<Volume>, model: &Model, dir: &tempfile::TempDir, seed: u64) {
+    use crate::format::sparse::{copy_sparse, SparseSource};
+    use sha2::{Digest, Sha512};
+    let snapshots = volume.snapshots().unwrap();
+    let mut cases: Vec<(Option<&Snapshot>, &[u8], String)> = snapshots
+        .iter()
+        .zip(&model.snapshots)
+        .map(|(s, m)| (Some(s), m.content.as_slice(), s.name.clone()))
+        .collect();
+    cases.push((None, &model.live, "the live volume".into()));
+    for (snapshot, content, what) in cases {
+        let source = VolumeSource::new(volume, snapshot).unwrap();
+        assert_eq!(
+            source.size(),
+            content.len() as u64,
+            "seed {seed}: size of {what}"
+        );
+        let extents = source.data_extents(source.size()).unwrap();
+        let path = dir.path().join("export");
+        let copy = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let outcome = copy_sparse(
+            &source,
+            Some(&copy),
+            source.size(),
+            64 << 10,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap();
+        let exported = std::fs::read(&path).unwrap();
+        if exported != content {
+            let at = exported.iter().zip(content).position(|(a, b)| a != b);
+            panic!(
+                "seed {seed}: the export of {what} differs at byte {at:?} (extents {extents:?})"
+            );
+        }
+        assert_eq!(
+            outcome.sha512,
+            hex::encode(Sha512::digest(content)),
+            "seed {seed}: {what}"
+        );
+        use std::os::unix::fs::MetadataExt;
+        let stored = copy.metadata().unwrap().blocks() * 512;
+        let data = content
+            .chunks(4096)
+            .filter(|b| b.iter().any(|&x| x != 0))
+            .count() as u64
+            * 4096;
+        assert!(
+            stored <= data,
+            "seed {seed}: {what}: {stored} bytes stored for {data} of data"
+        );
+    }
+}
+
 fn run(seed: u64, steps: usize) {
     let dir = scratch_dir();
     let vdir = dir.path().join("vol");
@@ -602,6 +665,7 @@ fn run(seed: u64, steps: usize) {
         }
     }
     drop(held);
+    check_exports(&volume, &model, &dir, seed);
 
     // Every snapshot deleted and reclaimed: only the live versions remain, and the data file
     // holds only what they hold.
