@@ -781,3 +781,246 @@ fn scrapes_at_100_per_second_while_the_pool_changes_do_not_hold_up_reads() {
         "a read took {longest:?} during scrapes (alone: {baseline:?})"
     );
 }
+
+/// What a PromQL expression names: metric names, and the label names it matches on or groups
+/// by. Strings, ranges (`[5m]`) and Grafana variables inside them are skipped; a name followed
+/// by `(` is a function or an aggregation, which must be one PromQL has.
+#[derive(Debug, Default)]
+struct PromqlNames {
+    metrics: Vec<String>,
+    /// (metric, label) for each label matcher of a selector.
+    matched: Vec<(String, String)>,
+    /// Labels of `by (...)` clauses.
+    grouped: Vec<String>,
+}
+
+fn promql_names(expr: &str) -> PromqlNames {
+    const FUNCTIONS: &[&str] = &[
+        "rate",
+        "irate",
+        "increase",
+        "sum",
+        "max",
+        "min",
+        "avg",
+        "count",
+        "histogram_quantile",
+        "vector",
+        "clamp_min",
+    ];
+    let chars: Vec<char> = expr.chars().collect();
+    let mut names = PromqlNames::default();
+    let mut i = 0;
+    let ident = |i: &mut usize| {
+        let start = *i;
+        while *i < chars.len() && (chars[*i].is_ascii_alphanumeric() || "_:".contains(chars[*i]))
+        {
+            *i += 1;
+        }
+        chars[start..*i].iter().collect::<String>()
+    };
+    let skip_space = |i: &mut usize| {
+        while *i < chars.len() && chars[*i] == ' ' {
+            *i += 1;
+        }
+    };
+    let mut last_metric = String::new();
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' {
+            i += 1;
+            while chars[i] != '"' {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+        } else if c == '[' {
+            while chars[i] != ']' {
+                i += 1;
+            }
+            i += 1;
+        } else if c == '{' {
+            // Label matchers: `label op "value"`, comma separated.
+            i += 1;
+            loop {
+                skip_space(&mut i);
+                if chars[i] == '}' {
+                    i += 1;
+                    break;
+                }
+                let label = ident(&mut i);
+                assert!(!label.is_empty(), "{expr}: no label name at {i}");
+                names.matched.push((last_metric.clone(), label));
+                while chars[i] != '"' {
+                    i += 1;
+                }
+                i += 1;
+                while chars[i] != '"' {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+                i += 1;
+                skip_space(&mut i);
+                if chars[i] == ',' {
+                    i += 1;
+                }
+            }
+        } else if c.is_ascii_digit() || c == '.' {
+            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
+                i += 1;
+            }
+        } else if c.is_ascii_alphabetic() || c == '_' {
+            let name = ident(&mut i);
+            skip_space(&mut i);
+            if name == "by" {
+                assert_eq!(chars[i], '(', "{expr}: by without a label list");
+                let close = i + chars[i..].iter().position(|&c| c == ')').unwrap();
+                let list: String = chars[i + 1..close].iter().collect();
+                names
+                    .grouped
+                    .extend(list.split(',').map(|l| l.trim().to_string()));
+                i = close + 1;
+            } else if i < chars.len()
+                && (chars[i] == '('
+                    || chars[i..].starts_with(&['b', 'y', ' '])
+                    || chars[i..].starts_with(&['b', 'y', '(']))
+            {
+                // A function call, or an aggregation with its `by` clause next.
+                assert!(
+                    FUNCTIONS.contains(&name.as_str()),
+                    "{expr}: {name}() is not a PromQL function this check knows"
+                );
+            } else {
+                assert!(
+                    !["without", "on", "ignoring", "offset"].contains(&name.as_str()),
+                    "{expr}: {name} is not handled by this check"
+                );
+                if !["and", "or", "unless", "bool"].contains(&name.as_str()) {
+                    names.metrics.push(name.clone());
+                    last_metric = name;
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[test]
+fn promql_names_finds_metrics_labels_and_groupings() {
+    let names = promql_names(
+        r#"histogram_quantile(0.99, sum by (le, op) (rate(imgpool_x_bucket{instance=~"$i",op="read"}[$__rate_interval]))) / imgpool_y"#,
+    );
+    assert_eq!(names.metrics, ["imgpool_x_bucket", "imgpool_y"]);
+    assert_eq!(
+        names.matched,
+        [
+            ("imgpool_x_bucket".to_string(), "instance".to_string()),
+            ("imgpool_x_bucket".to_string(), "op".to_string())
+        ]
+    );
+    assert_eq!(names.grouped, ["le", "op"]);
+}
+
+/// Sample names a scrape exports, each with the label names its series carry.
+fn exported(text: &str) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        let (series, _) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        let entry = out.entry(name.to_string()).or_default();
+        for pair in labels.trim_end_matches('}').split("\",") {
+            if let Some((label, _)) = pair.split_once('=') {
+                entry.insert(label.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_what_a_live_daemon_exports() {
+    let test = "the_grafana_dashboard_queries_only_what_a_live_daemon_exports";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/grafana/imgpool-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+
+    // What Grafana's import needs: a schema version, the data source as an input that every
+    // panel and query uses, unique panel ids, and panels on its 24-column grid.
+    assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);
+    assert_eq!(dashboard["__inputs"][0]["name"], "DS_PROMETHEUS");
+    assert_eq!(dashboard["__inputs"][0]["pluginId"], "prometheus");
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut exprs = Vec::new();
+    for panel in panels {
+        assert!(ids.insert(panel["id"].as_u64().unwrap()), "{panel}");
+        let grid = &panel["gridPos"];
+        assert!(grid["x"].as_u64().unwrap() + grid["w"].as_u64().unwrap() <= 24, "{panel}");
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${DS_PROMETHEUS}", "{panel}");
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{panel}");
+        for target in targets {
+            assert_eq!(target["datasource"]["uid"], "${DS_PROMETHEUS}", "{target}");
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+
+    if !can_mount(test) {
+        return;
+    }
+    // A pool where every kind of series exists: disks, an image read through a view, a
+    // volume with a snapshot, a repair that copied.
+    let pool = TestPool::new(3);
+    let source = pool.path("source.img");
+    random_file(&source, 4 * MIB, 43);
+    let uuid = pool.add_image("golden", &source, 1);
+    let mount = pool.mount();
+    pool.ok(&["volume", "create", "vm1", "--image", "golden"]);
+    pool.ok(&["snapshot", "create", "vm1@first"]);
+    pool.ok(&["image", "set", "golden", "--copies", "2"]);
+    assert_eq!(
+        read_direct(&mount.bound_view(&pool.disks[0], "golden", &uuid))
+            .unwrap()
+            .len() as u64,
+        4 * MIB
+    );
+    // An error answered (ENOENT), for the errors-by-errno series.
+    assert!(fs::metadata(mount.image("no-such-image")).is_err());
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            pool.json(&["image", "show", "golden"])["healthy_copies"] == 2
+        }),
+        "the repair did not make the second copy"
+    );
+    let status = pool.json(&["status"]);
+    let socket = PathBuf::from(status["mounts"][0]["control_socket"].as_str().unwrap());
+    let scrape = exported(&scrape_socket(&socket));
+
+    for expr in &exprs {
+        let names = promql_names(expr);
+        assert!(!names.metrics.is_empty(), "{expr} names no metric");
+        for metric in &names.metrics {
+            assert!(
+                scrape.contains_key(metric),
+                "{expr}: the daemon exports no {metric}"
+            );
+        }
+        for (metric, label) in &names.matched {
+            // `instance` is the label Prometheus adds to every series it scrapes.
+            assert!(
+                label == "instance" || scrape[metric].contains(label),
+                "{expr}: {metric} has no label {label}"
+            );
+        }
+        for label in &names.grouped {
+            assert!(
+                names.metrics.iter().any(|m| scrape[m].contains(label)),
+                "{expr}: groups by {label}, which none of its metrics has"
+            );
+        }
+    }
+    mount.unmount();
+}
