@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -662,7 +663,7 @@ fn state_changes_are_one_log_line_each_with_their_fields() {
             .iter()
             .find(|l| l.contains(&format!("disk=\"{disk}\"")))
             .unwrap_or_else(|| panic!("no bind line for {disk}: {bound:?}"));
-        let target = format!("target={:?}", pool.disks[i].join("backing-images"));
+        let target = format!("path={:?}", pool.disks[i].join("backing-images"));
         assert!(line.contains(&target), "{line}");
     }
     // Images imported and removed by other commands: one line each, as the daemon sees them.
@@ -687,6 +688,12 @@ fn state_changes_are_one_log_line_each_with_their_fields() {
             found[0]
         );
     }
+    pool.ok(&["volume", "create", "vm1", "--size", "1MiB"]);
+    let added = lines("volume_added");
+    assert!(
+        added.len() == 1 && added[0].contains("volume=\"vm1\""),
+        "{added:?}"
+    );
     mount.unmount();
     let unmounted = events(&log, "unmounted");
     assert_eq!(unmounted.len(), 1, "{unmounted:?}");
@@ -813,8 +820,7 @@ fn promql_names(expr: &str) -> PromqlNames {
     let mut i = 0;
     let ident = |i: &mut usize| {
         let start = *i;
-        while *i < chars.len() && (chars[*i].is_ascii_alphanumeric() || "_:".contains(chars[*i]))
-        {
+        while *i < chars.len() && (chars[*i].is_ascii_alphanumeric() || "_:".contains(chars[*i])) {
             *i += 1;
         }
         chars[start..*i].iter().collect::<String>()
@@ -924,7 +930,10 @@ fn promql_names_finds_metrics_labels_and_groupings() {
 /// Sample names a scrape exports, each with the label names its series carry.
 fn exported(text: &str) -> BTreeMap<String, std::collections::BTreeSet<String>> {
     let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
-    for line in text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
         let (series, _) = line.rsplit_once(' ').unwrap();
         let (name, labels) = series.split_once('{').unwrap_or((series, ""));
         let entry = out.entry(name.to_string()).or_default();
@@ -955,7 +964,10 @@ fn the_grafana_dashboard_queries_only_what_a_live_daemon_exports() {
     for panel in panels {
         assert!(ids.insert(panel["id"].as_u64().unwrap()), "{panel}");
         let grid = &panel["gridPos"];
-        assert!(grid["x"].as_u64().unwrap() + grid["w"].as_u64().unwrap() <= 24, "{panel}");
+        assert!(
+            grid["x"].as_u64().unwrap() + grid["w"].as_u64().unwrap() <= 24,
+            "{panel}"
+        );
         if panel["type"] == "row" {
             continue;
         }
@@ -1023,4 +1035,174 @@ fn the_grafana_dashboard_queries_only_what_a_live_daemon_exports() {
         }
     }
     mount.unmount();
+}
+
+/// The daemon's JSON log lines, from `start` on: each must be one JSON object.
+fn json_lines(log: &Path, start: usize) -> Vec<serde_json::Value> {
+    fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .skip(start)
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Waits (5 s at most) for a JSON log line with `event`, from line `start` on.
+fn json_event(log: &Path, start: usize, event: &str) -> serde_json::Value {
+    let mut found = None;
+    poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        found = json_lines(log, start)
+            .into_iter()
+            .find(|l| l["event"] == event);
+        found.is_some()
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no {event} line: {}",
+            fs::read_to_string(log).unwrap_or_default()
+        )
+    })
+}
+
+fn line_count(log: &Path) -> usize {
+    fs::read_to_string(log).unwrap().lines().count()
+}
+
+#[test]
+fn json_logs_carry_their_fields_and_the_level_changes_at_run_time() {
+    let test = "json_logs_carry_their_fields_and_the_level_changes_at_run_time";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let source = pool.path("source.img");
+    random_file(&source, MIB, 5);
+    pool.add_image("golden", &source, 1);
+    let mount = pool.mount_with(&["--log-format", "json"]);
+    let log = pool.state.join("mount.log");
+
+    // Every line is a JSON object; the state changes carry their fields as JSON values.
+    let mounted = json_event(&log, 0, "mounted");
+    assert_eq!(mounted["level"], "INFO");
+    assert_eq!(mounted["mountpoint"], mount.mountpoint.to_str().unwrap());
+    assert!(mounted["mount_id"].is_u64(), "{mounted}");
+    let bound: Vec<_> = json_lines(&log, 0)
+        .into_iter()
+        .filter(|l| l["event"] == "bound")
+        .collect();
+    assert_eq!(bound.len(), 2, "{bound:?}");
+    for (line, disk) in bound.iter().zip(["d1", "d2"]) {
+        assert_eq!(line["disk"], disk);
+        let path = pool.disks[(disk == "d2") as usize].join("backing-images");
+        assert_eq!(line["path"], path.to_str().unwrap());
+    }
+    let start = line_count(&log);
+    let uuid = pool.add_image("second", &source, 1);
+    let added = json_event(&log, start, "image_added");
+    assert_eq!(
+        (&added["image"], &added["uuid"]),
+        (&"second".into(), &uuid.as_str().into())
+    );
+    pool.ok(&["image", "rm", "second"]);
+    assert_eq!(json_event(&log, start, "image_removed")["image"], "second");
+    // A second copy: the daemon's repair makes it, and says which image went to which disk.
+    pool.ok(&["image", "set", "golden", "--copies", "2"]);
+    let repaired = json_event(&log, start, "repair_done");
+    assert_eq!(
+        (&repaired["op"], &repaired["image"]),
+        (&"copy".into(), &"golden".into())
+    );
+    assert!(
+        ["d1", "d2"].contains(&repaired["disk"].as_str().unwrap()),
+        "{repaired}"
+    );
+
+    // Snapshots deleted through the daemon (it has the volume open), and their reclaim.
+    pool.ok(&["volume", "create", "vm1", "--size", "1MiB"]);
+    assert_eq!(json_event(&log, start, "volume_added")["volume"], "vm1");
+    let volume = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mount.mountpoint.join("volumes/vm1"))
+        .unwrap();
+    for snapshot in ["vm1@a", "vm1@b", "vm1@c"] {
+        pool.ok(&["snapshot", "create", snapshot]);
+    }
+    pool.ok(&["snapshot", "rm", "vm1@a", "vm1@b"]);
+    let deleted = json_event(&log, start, "snapshots_deleted");
+    assert_eq!(
+        (
+            &deleted["volume"],
+            &deleted["count"],
+            &deleted["first"],
+            &deleted["last"]
+        ),
+        (&"vm1".into(), &2.into(), &"a".into(), &"b".into())
+    );
+    assert_eq!(json_event(&log, start, "reclaim_done")["volume"], "vm1");
+    drop(volume);
+    pool.ok(&["volume", "rm", "vm1", "--recursive"]);
+    assert_eq!(json_event(&log, start, "volume_removed")["volume"], "vm1");
+
+    // The level: info at the start, so no debug line yet; debug lines once it is debug.
+    assert_eq!(pool.json(&["log-level"])[0]["level"], "info");
+    let debug_lines = |start: usize| {
+        json_lines(&log, start)
+            .into_iter()
+            .filter(|l| l["level"] == "DEBUG")
+            .count()
+    };
+    assert_eq!(debug_lines(0), 0);
+    let start = line_count(&log);
+    assert_eq!(pool.json(&["log-level", "debug"])[0]["level"], "debug");
+    let changed = json_event(&log, start, "log_level");
+    assert_eq!(
+        (&changed["level"], &changed["before"]),
+        (&"debug".into(), &"info".into())
+    );
+    pool.ok(&["status"]); // asks the daemon for its statistics: a debug line of the socket
+    assert!(
+        poll(
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            || debug_lines(start) > 0
+        ),
+        "no debug line after log-level debug"
+    );
+    // At warn, an image added is no longer an info line.
+    pool.ok(&["log-level", "warn"]);
+    let start = line_count(&log);
+    pool.add_image("third", &source, 1);
+    pool.ok(&["status"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let quiet = json_lines(&log, start);
+    assert!(
+        quiet
+            .iter()
+            .all(|l| l["level"] == "WARN" || l["level"] == "ERROR"),
+        "{quiet:?}"
+    );
+
+    // A bad level: one line, exit 1, no daemon's level changed.
+    for bad in ["verbose", "", "imgpool=loud"] {
+        let line = pool.fails(&["log-level", bad]);
+        assert!(line.contains("not a log level"), "{line}");
+    }
+    assert_eq!(pool.json(&["log-level"])[0]["level"], "warn");
+    // Root only.
+    let out = pool
+        .command(&["log-level", "debug"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let line = failed_cleanly("log-level as nobody", &out);
+    assert!(line.contains("root"), "{line}");
+    assert_eq!(pool.json(&["log-level"])[0]["level"], "warn");
+    pool.ok(&["log-level", "info"]);
+    mount.unmount();
+    assert_eq!(
+        json_event(&log, 0, "unmounted")["mount_id"],
+        mounted["mount_id"]
+    );
 }

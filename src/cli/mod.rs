@@ -4,6 +4,7 @@
 //! socket (`client`).
 
 mod client;
+pub mod logs;
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -128,6 +129,8 @@ pub enum Command {
     Completions { shell: clap_complete::Shell },
     /// Write the manual pages (imgpool.1 and one per subcommand) into DIR.
     Manpages { dir: PathBuf },
+    /// Show or change the log level of the running mount daemons (needs root).
+    LogLevel(logs::LogLevelArgs),
 }
 
 #[derive(Args, Debug)]
@@ -368,6 +371,9 @@ pub struct MountArgs {
     /// `GET /metrics` only. Off by default: the control socket serves them to root.
     #[arg(long, value_name = "ADDR")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// How the daemon writes its log: auto is journald under systemd, text elsewhere.
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: logs::LogFormatArg,
 }
 
 /// `--io-mode`: the command line's name for each `IoMode`.
@@ -452,7 +458,8 @@ impl Command {
             | Command::Status { .. }
             | Command::Cache(_)
             | Command::Completions { .. }
-            | Command::Manpages { .. } => false,
+            | Command::Manpages { .. }
+            | Command::LogLevel(_) => false,
         }
     }
 }
@@ -541,6 +548,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
                     io_mode: args.io_mode.into(),
                     read_ahead: args.read_ahead,
                     metrics_address: args.metrics_address,
+                    log_format: args.log_format.into(),
                 },
                 args.foreground,
             )?;
@@ -576,6 +584,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
             Ok(())
         }
         Command::Config(cmd) => config_cmd(state_dir, cmd),
+        Command::LogLevel(args) => logs::log_level(state_dir, args),
     }
 }
 
