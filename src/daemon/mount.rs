@@ -461,6 +461,8 @@ fn release(table: &[mountinfo::MountEntry], device: &str, target: &Path) {
     }
     match umount2(target, MntFlags::MNT_DETACH) {
         Ok(()) => tracing::info!(
+            event = "unbound",
+            path = &*target.to_string_lossy(),
             "released the bind at {}: its disk left service, and nothing of the daemon's keeps its filesystem busy",
             target.display()
         ),
