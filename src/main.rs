@@ -1,4 +1,3 @@
-use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -8,14 +7,7 @@ fn main() -> ExitCode {
     // SAFETY: resetting a signal disposition before any thread exists.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = imgpool::cli::Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("IMGPOOL_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+    imgpool::cli::logs::init(&cli);
     match imgpool::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,7 +4,7 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -1197,36 +1197,195 @@ fn settings_are_range_checked_and_listed_as_numbers() {
     );
 }
 
+/// A slow repair (1 MiB/s) of a 4 MiB copy, its stderr and stdout in files: off a terminal it
+/// prints its result and nothing else; on a terminal (a pty from `script`) a progress bar.
 #[test]
-fn a_slow_repair_reports_progress_off_a_terminal() {
+fn a_slow_repair_shows_a_bar_on_a_terminal_and_nothing_extra_off_one() {
+    let setup = |seed| {
+        let pool = TestPool::new(2);
+        let source = pool.path("src.img");
+        random_file(&source, 4 * MIB, seed);
+        pool.add_image("img", &source, 1);
+        pool.ok(&["config", "set", "repair-bandwidth", "1MiB"]);
+        pool.ok(&["image", "set", "img", "--copies", "2"]);
+        pool
+    };
+    let pool = setup(31);
+    let out = pool.run(&["repair"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success(), "{stdout}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(
+        lines.len() == 1 && lines[0].starts_with("copied 'img' to 'd"),
+        "{stdout}"
+    );
+    assert_eq!(pool.json(&["image", "show", "img"])["healthy_copies"], 2);
+
+    let pool = setup(32);
+    // script(1) gives the command a pseudo-terminal and copies what it draws to its stdout.
+    let typescript = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!(
+            "IMGPOOL_STATE_DIR={} {BIN} repair",
+            pool.state.display()
+        ))
+        .arg("/dev/null")
+        .env("TERM", "xterm")
+        .env_remove("IMGPOOL_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&typescript.stdout);
+    assert!(typescript.status.success(), "{screen}");
+    assert!(
+        screen.contains("copy img to d") && screen.contains("/4.00 MiB"),
+        "no progress bar on the terminal: {screen:?}"
+    );
+    assert_eq!(pool.json(&["image", "show", "img"])["healthy_copies"], 2);
+}
+
+/// The leaf subcommands (those without subcommands of their own).
+fn leaf_commands() -> Vec<Vec<String>> {
+    let all = subcommands(&[]);
+    all.iter()
+        .filter(|c| !all.iter().any(|o| o.len() > c.len() && o.starts_with(c)))
+        .cloned()
+        .collect()
+}
+
+/// Commands whose output is not a result: a script for the shell.
+const NO_JSON: &[&str] = &["completions"];
+
+#[test]
+fn every_command_that_prints_a_listing_or_a_result_takes_json() {
+    let leaves = leaf_commands();
+    assert!(leaves.len() > 30, "{leaves:?}");
+    for leaf in leaves {
+        let mut args: Vec<&str> = leaf.iter().map(String::as_str).collect();
+        args.push("--help");
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        let help = String::from_utf8(out.stdout).unwrap();
+        let takes_json = help.lines().any(|l| l.trim_start().starts_with("--json"));
+        assert_eq!(
+            takes_json,
+            !NO_JSON.contains(&leaf.join(" ").as_str()),
+            "imgpool {}: --json {}",
+            leaf.join(" "),
+            if takes_json { "unexpected" } else { "missing" }
+        );
+    }
+}
+
+/// Every command with --json, run with it on a real pool (mounted, for those that need a
+/// daemon): its stdout is one JSON document, and nothing else.
+#[test]
+fn every_json_output_is_one_valid_json_document() {
+    let test = "every_json_output_is_one_valid_json_document";
+    if !can_mount(test) {
+        return;
+    }
     let pool = TestPool::new(2);
     let source = pool.path("src.img");
-    random_file(&source, 4 * MIB, 31);
-    pool.add_image("img", &source, 1);
-    pool.ok(&["config", "set", "repair-bandwidth", "1MiB"]);
-    pool.ok(&["image", "set", "img", "--copies", "2"]);
-    let err = pool.path("repair.err");
-    let mut repair = ChildGuard(Some(
-        pool.command(&["repair"])
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&err).unwrap())
-            .spawn()
-            .unwrap(),
-    ));
-    // The copy takes about 4 s at 1 MiB/s: its first line comes at once.
-    assert!(
-        wait_until(Duration::from_secs(2), || fs::read_to_string(&err)
-            .unwrap()
-            .contains("copy img to d")),
-        "no progress line: {}",
-        fs::read_to_string(&err).unwrap()
-    );
-    assert!(repair.0.as_mut().unwrap().try_wait().unwrap().is_none());
-    let status = repair.wait_timeout(Duration::from_secs(60)).unwrap();
-    let lines = fs::read_to_string(&err).unwrap();
-    assert!(status.success(), "{lines}");
-    assert!(lines.contains("4.0 MiB of 4.0 MiB (100%)"), "{lines}");
-    assert_eq!(pool.json(&["image", "show", "img"])["healthy_copies"], 2);
+    random_file(&source, MIB, 33);
+    let d3 = pool.dir.path().join("d3");
+    fs::create_dir(&d3).unwrap();
+    let d3 = d3.to_str().unwrap().to_string();
+    let man = pool.path("man");
+    let man = man.to_str().unwrap();
+    let mnt = pool.dir.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let mnt = mnt.to_str().unwrap().to_string();
+    let fresh = pool.dir.path().join("fresh");
+    let fresh = fresh.to_str().unwrap().to_string();
+    let source = source.to_str().unwrap().to_string();
+    // In an order that works: each command's pool state comes from those before it.
+    let runs: Vec<Vec<&str>> = vec![
+        vec!["--state-dir", &fresh, "init"],
+        vec!["disk", "add", "d3", &d3],
+        vec!["disk", "list"],
+        vec!["image", "add", "img", &source],
+        vec!["image", "list"],
+        vec!["image", "show", "img"],
+        vec!["image", "set", "img", "--copies", "2"],
+        vec!["ref", "add", "img", "holder"],
+        vec!["ref", "list"],
+        vec!["ref", "rm", "img", "holder"],
+        vec!["repair"],
+        vec!["scrub"],
+        vec!["fsck"],
+        vec!["gc", "--grace", "1h"],
+        vec!["config", "set", "copies", "1"],
+        vec!["config", "list"],
+        vec!["volume", "create", "vm", "--image", "img"],
+        vec!["volume", "list"],
+        vec!["volume", "show", "vm"],
+        vec!["volume", "resize", "vm", "2MiB"],
+        vec!["snapshot", "create", "vm@one"],
+        vec!["snapshot", "create", "vm@two"],
+        vec!["snapshot", "list", "vm"],
+        vec!["volume", "rollback", "vm@one", "--destroy-newer"],
+        vec!["snapshot", "rm", "vm@one"],
+        vec!["volume", "rm", "vm"],
+        vec!["mount", &mnt],
+        vec!["status"],
+        vec!["cache", "drop"],
+        vec!["log-level"],
+        vec!["log-level", "info"],
+        vec!["umount", &mnt],
+        vec!["disk", "evict", "d3"],
+        vec!["disk", "fail", "d2", "--force"],
+        vec!["disk", "online", "d2"],
+        vec!["image", "rm", "img"],
+        vec!["disk", "rm", "d3"],
+        vec!["manpages", man],
+    ];
+    // Unmounts what `mount` made if the test fails before `umount`.
+    let _guard = MountGuard {
+        state: pool.state.clone(),
+        mountpoint: PathBuf::from(&mnt),
+        disks: pool
+            .disks
+            .iter()
+            .cloned()
+            .chain([PathBuf::from(&d3)])
+            .collect(),
+        pid: None,
+    };
+    let mut covered = std::collections::BTreeSet::new();
+    for run in &runs {
+        let mut args = run.clone();
+        args.push("--json");
+        let out = pool.run(&args);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "imgpool {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(&stdout).unwrap_or_else(|e| {
+            panic!("imgpool {args:?} printed no JSON document ({e}): {stdout}")
+        });
+        // The command's path: its words before the first argument that is not one.
+        let words: Vec<&str> = run
+            .iter()
+            .skip_while(|w| w.starts_with("--state-dir") || **w == fresh.as_str())
+            .copied()
+            .collect();
+        covered.insert(words);
+    }
+    for leaf in leaf_commands() {
+        let name = leaf.join(" ");
+        if NO_JSON.contains(&name.as_str()) {
+            continue;
+        }
+        assert!(
+            covered
+                .iter()
+                .any(|run| run.len() >= leaf.len() && run[..leaf.len()] == leaf[..]),
+            "imgpool {name} --json is not run by this test"
+        );
+    }
 }
 
 /// Removes the store and its WAL, as a lost state directory disk would.

@@ -11,6 +11,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -662,7 +663,7 @@ fn state_changes_are_one_log_line_each_with_their_fields() {
             .iter()
             .find(|l| l.contains(&format!("disk=\"{disk}\"")))
             .unwrap_or_else(|| panic!("no bind line for {disk}: {bound:?}"));
-        let target = format!("target={:?}", pool.disks[i].join("backing-images"));
+        let target = format!("path={:?}", pool.disks[i].join("backing-images"));
         assert!(line.contains(&target), "{line}");
     }
     // Images imported and removed by other commands: one line each, as the daemon sees them.
@@ -687,6 +688,12 @@ fn state_changes_are_one_log_line_each_with_their_fields() {
             found[0]
         );
     }
+    pool.ok(&["volume", "create", "vm1", "--size", "1MiB"]);
+    let added = lines("volume_added");
+    assert!(
+        added.len() == 1 && added[0].contains("volume=\"vm1\""),
+        "{added:?}"
+    );
     mount.unmount();
     let unmounted = events(&log, "unmounted");
     assert_eq!(unmounted.len(), 1, "{unmounted:?}");
@@ -779,5 +786,431 @@ fn scrapes_at_100_per_second_while_the_pool_changes_do_not_hold_up_reads() {
     assert!(
         longest < Duration::from_millis(500).max(baseline * 20),
         "a read took {longest:?} during scrapes (alone: {baseline:?})"
+    );
+}
+
+/// What a PromQL expression names: metric names, and the label names it matches on or groups
+/// by. Strings, ranges (`[5m]`) and Grafana variables inside them are skipped; a name followed
+/// by `(` is a function or an aggregation, which must be one PromQL has.
+#[derive(Debug, Default)]
+struct PromqlNames {
+    metrics: Vec<String>,
+    /// (metric, label) for each label matcher of a selector.
+    matched: Vec<(String, String)>,
+    /// Labels of `by (...)` clauses.
+    grouped: Vec<String>,
+}
+
+fn promql_names(expr: &str) -> PromqlNames {
+    const FUNCTIONS: &[&str] = &[
+        "rate",
+        "irate",
+        "increase",
+        "sum",
+        "max",
+        "min",
+        "avg",
+        "count",
+        "histogram_quantile",
+        "vector",
+        "clamp_min",
+    ];
+    let chars: Vec<char> = expr.chars().collect();
+    let mut names = PromqlNames::default();
+    let mut i = 0;
+    let ident = |i: &mut usize| {
+        let start = *i;
+        while *i < chars.len() && (chars[*i].is_ascii_alphanumeric() || "_:".contains(chars[*i])) {
+            *i += 1;
+        }
+        chars[start..*i].iter().collect::<String>()
+    };
+    let skip_space = |i: &mut usize| {
+        while *i < chars.len() && chars[*i] == ' ' {
+            *i += 1;
+        }
+    };
+    let mut last_metric = String::new();
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '"' {
+            i += 1;
+            while chars[i] != '"' {
+                i += if chars[i] == '\\' { 2 } else { 1 };
+            }
+            i += 1;
+        } else if c == '[' {
+            while chars[i] != ']' {
+                i += 1;
+            }
+            i += 1;
+        } else if c == '{' {
+            // Label matchers: `label op "value"`, comma separated.
+            i += 1;
+            loop {
+                skip_space(&mut i);
+                if chars[i] == '}' {
+                    i += 1;
+                    break;
+                }
+                let label = ident(&mut i);
+                assert!(!label.is_empty(), "{expr}: no label name at {i}");
+                names.matched.push((last_metric.clone(), label));
+                while chars[i] != '"' {
+                    i += 1;
+                }
+                i += 1;
+                while chars[i] != '"' {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+                i += 1;
+                skip_space(&mut i);
+                if chars[i] == ',' {
+                    i += 1;
+                }
+            }
+        } else if c.is_ascii_digit() || c == '.' {
+            while i < chars.len() && (chars[i].is_ascii_digit() || chars[i] == '.') {
+                i += 1;
+            }
+        } else if c.is_ascii_alphabetic() || c == '_' {
+            let name = ident(&mut i);
+            skip_space(&mut i);
+            if name == "by" {
+                assert_eq!(chars[i], '(', "{expr}: by without a label list");
+                let close = i + chars[i..].iter().position(|&c| c == ')').unwrap();
+                let list: String = chars[i + 1..close].iter().collect();
+                names
+                    .grouped
+                    .extend(list.split(',').map(|l| l.trim().to_string()));
+                i = close + 1;
+            } else if i < chars.len()
+                && (chars[i] == '('
+                    || chars[i..].starts_with(&['b', 'y', ' '])
+                    || chars[i..].starts_with(&['b', 'y', '(']))
+            {
+                // A function call, or an aggregation with its `by` clause next.
+                assert!(
+                    FUNCTIONS.contains(&name.as_str()),
+                    "{expr}: {name}() is not a PromQL function this check knows"
+                );
+            } else {
+                assert!(
+                    !["without", "on", "ignoring", "offset"].contains(&name.as_str()),
+                    "{expr}: {name} is not handled by this check"
+                );
+                if !["and", "or", "unless", "bool"].contains(&name.as_str()) {
+                    names.metrics.push(name.clone());
+                    last_metric = name;
+                }
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[test]
+fn promql_names_finds_metrics_labels_and_groupings() {
+    let names = promql_names(
+        r#"histogram_quantile(0.99, sum by (le, op) (rate(imgpool_x_bucket{instance=~"$i",op="read"}[$__rate_interval]))) / imgpool_y"#,
+    );
+    assert_eq!(names.metrics, ["imgpool_x_bucket", "imgpool_y"]);
+    assert_eq!(
+        names.matched,
+        [
+            ("imgpool_x_bucket".to_string(), "instance".to_string()),
+            ("imgpool_x_bucket".to_string(), "op".to_string())
+        ]
+    );
+    assert_eq!(names.grouped, ["le", "op"]);
+}
+
+/// Sample names a scrape exports, each with the label names its series carry.
+fn exported(text: &str) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+    let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, _) = line.rsplit_once(' ').unwrap();
+        let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+        let entry = out.entry(name.to_string()).or_default();
+        for pair in labels.trim_end_matches('}').split("\",") {
+            if let Some((label, _)) = pair.split_once('=') {
+                entry.insert(label.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_grafana_dashboard_queries_only_what_a_live_daemon_exports() {
+    let test = "the_grafana_dashboard_queries_only_what_a_live_daemon_exports";
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/grafana/imgpool-dashboard.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(&path).unwrap()).unwrap();
+
+    // What Grafana's import needs: a schema version, the data source as an input that every
+    // panel and query uses, unique panel ids, and panels on its 24-column grid.
+    assert!(dashboard["schemaVersion"].as_u64().unwrap() >= 36);
+    assert_eq!(dashboard["__inputs"][0]["name"], "DS_PROMETHEUS");
+    assert_eq!(dashboard["__inputs"][0]["pluginId"], "prometheus");
+    let panels = dashboard["panels"].as_array().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut exprs = Vec::new();
+    for panel in panels {
+        assert!(ids.insert(panel["id"].as_u64().unwrap()), "{panel}");
+        let grid = &panel["gridPos"];
+        assert!(
+            grid["x"].as_u64().unwrap() + grid["w"].as_u64().unwrap() <= 24,
+            "{panel}"
+        );
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${DS_PROMETHEUS}", "{panel}");
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{panel}");
+        for target in targets {
+            assert_eq!(target["datasource"]["uid"], "${DS_PROMETHEUS}", "{target}");
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+
+    if !can_mount(test) {
+        return;
+    }
+    // A pool where every kind of series exists: disks, an image read through a view, a
+    // volume with a snapshot, a repair that copied.
+    let pool = TestPool::new(3);
+    let source = pool.path("source.img");
+    random_file(&source, 4 * MIB, 43);
+    let uuid = pool.add_image("golden", &source, 1);
+    let mount = pool.mount();
+    pool.ok(&["volume", "create", "vm1", "--image", "golden"]);
+    pool.ok(&["snapshot", "create", "vm1@first"]);
+    pool.ok(&["image", "set", "golden", "--copies", "2"]);
+    assert_eq!(
+        read_direct(&mount.bound_view(&pool.disks[0], "golden", &uuid))
+            .unwrap()
+            .len() as u64,
+        4 * MIB
+    );
+    // An error answered (ENOENT), for the errors-by-errno series.
+    assert!(fs::metadata(mount.image("no-such-image")).is_err());
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            pool.json(&["image", "show", "golden"])["healthy_copies"] == 2
+        }),
+        "the repair did not make the second copy"
+    );
+    let status = pool.json(&["status"]);
+    let socket = PathBuf::from(status["mounts"][0]["control_socket"].as_str().unwrap());
+    let scrape = exported(&scrape_socket(&socket));
+
+    for expr in &exprs {
+        let names = promql_names(expr);
+        assert!(!names.metrics.is_empty(), "{expr} names no metric");
+        for metric in &names.metrics {
+            assert!(
+                scrape.contains_key(metric),
+                "{expr}: the daemon exports no {metric}"
+            );
+        }
+        for (metric, label) in &names.matched {
+            // `instance` is the label Prometheus adds to every series it scrapes.
+            assert!(
+                label == "instance" || scrape[metric].contains(label),
+                "{expr}: {metric} has no label {label}"
+            );
+        }
+        for label in &names.grouped {
+            assert!(
+                names.metrics.iter().any(|m| scrape[m].contains(label)),
+                "{expr}: groups by {label}, which none of its metrics has"
+            );
+        }
+    }
+    mount.unmount();
+}
+
+/// The daemon's JSON log lines, from `start` on: each must be one JSON object.
+fn json_lines(log: &Path, start: usize) -> Vec<serde_json::Value> {
+    fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .skip(start)
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+/// Waits (5 s at most) for a JSON log line with `event`, from line `start` on.
+fn json_event(log: &Path, start: usize, event: &str) -> serde_json::Value {
+    let mut found = None;
+    poll(Duration::from_secs(5), Duration::from_millis(50), || {
+        found = json_lines(log, start)
+            .into_iter()
+            .find(|l| l["event"] == event);
+        found.is_some()
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "no {event} line: {}",
+            fs::read_to_string(log).unwrap_or_default()
+        )
+    })
+}
+
+fn line_count(log: &Path) -> usize {
+    fs::read_to_string(log).unwrap().lines().count()
+}
+
+#[test]
+fn json_logs_carry_their_fields_and_the_level_changes_at_run_time() {
+    let test = "json_logs_carry_their_fields_and_the_level_changes_at_run_time";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let source = pool.path("source.img");
+    random_file(&source, MIB, 5);
+    pool.add_image("golden", &source, 1);
+    let mount = pool.mount_with(&["--log-format", "json"]);
+    let log = pool.state.join("mount.log");
+
+    // Every line is a JSON object; the state changes carry their fields as JSON values.
+    let mounted = json_event(&log, 0, "mounted");
+    assert_eq!(mounted["level"], "INFO");
+    assert_eq!(mounted["mountpoint"], mount.mountpoint.to_str().unwrap());
+    assert!(mounted["mount_id"].is_u64(), "{mounted}");
+    let bound: Vec<_> = json_lines(&log, 0)
+        .into_iter()
+        .filter(|l| l["event"] == "bound")
+        .collect();
+    assert_eq!(bound.len(), 2, "{bound:?}");
+    for (line, disk) in bound.iter().zip(["d1", "d2"]) {
+        assert_eq!(line["disk"], disk);
+        let path = pool.disks[(disk == "d2") as usize].join("backing-images");
+        assert_eq!(line["path"], path.to_str().unwrap());
+    }
+    let start = line_count(&log);
+    let uuid = pool.add_image("second", &source, 1);
+    let added = json_event(&log, start, "image_added");
+    assert_eq!(
+        (&added["image"], &added["uuid"]),
+        (&"second".into(), &uuid.as_str().into())
+    );
+    pool.ok(&["image", "rm", "second"]);
+    assert_eq!(json_event(&log, start, "image_removed")["image"], "second");
+    // A second copy: the daemon's repair makes it, and says which image went to which disk.
+    pool.ok(&["image", "set", "golden", "--copies", "2"]);
+    let repaired = json_event(&log, start, "repair_done");
+    assert_eq!(
+        (&repaired["op"], &repaired["image"]),
+        (&"copy".into(), &"golden".into())
+    );
+    assert!(
+        ["d1", "d2"].contains(&repaired["disk"].as_str().unwrap()),
+        "{repaired}"
+    );
+
+    // Snapshots deleted through the daemon (it has the volume open), and their reclaim.
+    pool.ok(&["volume", "create", "vm1", "--size", "1MiB"]);
+    assert_eq!(json_event(&log, start, "volume_added")["volume"], "vm1");
+    let volume = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(mount.mountpoint.join("volumes/vm1"))
+        .unwrap();
+    for snapshot in ["vm1@a", "vm1@b", "vm1@c"] {
+        pool.ok(&["snapshot", "create", snapshot]);
+    }
+    pool.ok(&["snapshot", "rm", "vm1@a", "vm1@b"]);
+    let deleted = json_event(&log, start, "snapshots_deleted");
+    assert_eq!(
+        (
+            &deleted["volume"],
+            &deleted["count"],
+            &deleted["first"],
+            &deleted["last"]
+        ),
+        (&"vm1".into(), &2.into(), &"a".into(), &"b".into())
+    );
+    assert_eq!(json_event(&log, start, "reclaim_done")["volume"], "vm1");
+    drop(volume);
+    // The kernel sends the release of the file after close returns: the daemon lets the volume
+    // go a moment later.
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(50), || pool
+            .run(&["volume", "rm", "vm1", "--recursive"])
+            .status
+            .success()),
+        "the daemon kept vm1 open after its last file was closed"
+    );
+    assert_eq!(json_event(&log, start, "volume_removed")["volume"], "vm1");
+
+    // The level: info at the start, so no debug line yet; debug lines once it is debug.
+    assert_eq!(pool.json(&["log-level"])[0]["level"], "info");
+    let debug_lines = |start: usize| {
+        json_lines(&log, start)
+            .into_iter()
+            .filter(|l| l["level"] == "DEBUG")
+            .count()
+    };
+    assert_eq!(debug_lines(0), 0);
+    let start = line_count(&log);
+    assert_eq!(pool.json(&["log-level", "debug"])[0]["level"], "debug");
+    let changed = json_event(&log, start, "log_level");
+    assert_eq!(
+        (&changed["level"], &changed["before"]),
+        (&"debug".into(), &"info".into())
+    );
+    pool.ok(&["status"]); // asks the daemon for its statistics: a debug line of the socket
+    assert!(
+        poll(
+            Duration::from_secs(5),
+            Duration::from_millis(50),
+            || debug_lines(start) > 0
+        ),
+        "no debug line after log-level debug"
+    );
+    // At warn, an image added is no longer an info line.
+    pool.ok(&["log-level", "warn"]);
+    let start = line_count(&log);
+    pool.add_image("third", &source, 1);
+    pool.ok(&["status"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let quiet = json_lines(&log, start);
+    assert!(
+        quiet
+            .iter()
+            .all(|l| l["level"] == "WARN" || l["level"] == "ERROR"),
+        "{quiet:?}"
+    );
+
+    // A bad level: one line, exit 1, no daemon's level changed.
+    for bad in ["verbose", "", "imgpool=loud"] {
+        let line = pool.fails(&["log-level", bad]);
+        assert!(line.contains("not a log level"), "{line}");
+    }
+    assert_eq!(pool.json(&["log-level"])[0]["level"], "warn");
+    // Root only.
+    let out = pool
+        .command(&["log-level", "debug"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let line = failed_cleanly("log-level as nobody", &out);
+    assert!(line.contains("root"), "{line}");
+    assert_eq!(pool.json(&["log-level"])[0]["level"], "warn");
+    pool.ok(&["log-level", "info"]);
+    mount.unmount();
+    assert_eq!(
+        json_event(&log, 0, "unmounted")["mount_id"],
+        mounted["mount_id"]
     );
 }

@@ -151,6 +151,18 @@ pub fn volume_request(
     }
 }
 
+/// Sets the log level of the daemon at `socket`; its answer (`{"level": ...}`).
+pub fn set_log_level(socket: &Path, level: &str) -> Result<Value, CallError> {
+    let body = serde_json::to_vec(&json!({ "level": level })).expect("JSON values serialise");
+    let (status, answer) = exchange(socket, "POST", "/v1/log-level", &body, TIMEOUT)?;
+    let error = || answer["error"].as_str().unwrap_or_default().to_string();
+    match status {
+        200 => Ok(answer),
+        403 => Err(CallError::Denied(error())),
+        _ => Err(CallError::Failed(error())),
+    }
+}
+
 /// The live statistics of mount `mount_id`.
 pub fn stats(state_dir: &Path, mount_id: i64) -> Result<MountStats, CallError> {
     let socket = control::socket_path(state_dir, mount_id);

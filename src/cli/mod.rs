@@ -5,6 +5,8 @@
 
 mod client;
 mod export;
+pub mod logs;
+mod output;
 
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
@@ -59,7 +61,10 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Create an empty pool in the state directory.
-    Init,
+    Init {
+        #[arg(long)]
+        json: bool,
+    },
     /// Register and list disks.
     #[command(subcommand)]
     Disk(DiskCommand),
@@ -99,6 +104,8 @@ pub enum Command {
         /// Detach even while files are open; readers keep their open files until they close them.
         #[arg(long)]
         lazy: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// The pool's health at a glance.
     Status {
@@ -129,7 +136,13 @@ pub enum Command {
     /// Print the shell completion script for SHELL (bash, zsh, fish, ...).
     Completions { shell: clap_complete::Shell },
     /// Write the manual pages (imgpool.1 and one per subcommand) into DIR.
-    Manpages { dir: PathBuf },
+    Manpages {
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or change the log level of the running mount daemons (needs root).
+    LogLevel(logs::LogLevelArgs),
 }
 
 #[derive(Args, Debug)]
@@ -167,13 +180,23 @@ pub enum ConfigCommand {
         json: bool,
     },
     /// Change a setting: copies, repair-jobs, repair-bandwidth, probe-interval.
-    Set { key: String, value: String },
+    Set {
+        key: String,
+        value: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum DiskCommand {
     /// Register a disk: a directory, normally the mount point of its own filesystem.
-    Add { name: String, path: PathBuf },
+    Add {
+        name: String,
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// List the disks with their state, capacity, free space and images held.
     List {
         #[arg(long)]
@@ -189,18 +212,30 @@ pub enum DiskCommand {
         /// fail until the disk returns).
         #[arg(long)]
         force: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Return a failed or evicting disk to service; its copies are verified before they serve.
-    Online { name: String },
+    Online {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Move every copy off a disk (it keeps serving meanwhile), so that it can be removed.
     Evict {
         name: String,
         /// Evict it even when an image's last copy on it has no other disk to go to now.
         #[arg(long)]
         force: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Forget a disk; refused while it holds the only good copy of an image.
-    Rm { name: String },
+    Rm {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,12 +271,18 @@ pub enum ImageCommand {
         json: bool,
     },
     /// Remove an image; refused while it has holders or open files.
-    Rm { name: String },
+    Rm {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Change an image's copy policy; the repair adds or removes copies to match.
     Set {
         name: String,
         #[arg(long)]
         copies: u32,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -279,6 +320,8 @@ pub enum VolumeCommand {
         name: String,
         #[arg(value_parser = parse_size)]
         size: u64,
+        #[arg(long)]
+        json: bool,
     },
     /// Make the volume's content a snapshot's again (refused while the volume is open).
     Rollback {
@@ -287,6 +330,8 @@ pub enum VolumeCommand {
         /// Delete the snapshots newer than SNAP with the rollback.
         #[arg(long)]
         destroy_newer: bool,
+        #[arg(long)]
+        json: bool,
     },
     /// Remove a volume and its data; with snapshots only with --recursive.
     Rm {
@@ -294,6 +339,8 @@ pub enum VolumeCommand {
         /// Remove its snapshots with it.
         #[arg(long)]
         recursive: bool,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -336,9 +383,19 @@ pub enum SnapshotCommand {
 #[derive(Subcommand, Debug)]
 pub enum RefCommand {
     /// Record that HOLDER uses IMAGE.
-    Add { image: String, holder: String },
+    Add {
+        image: String,
+        holder: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Drop HOLDER's reference to IMAGE.
-    Rm { image: String, holder: String },
+    Rm {
+        image: String,
+        holder: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// List holders, of all images or of one.
     List {
         image: Option<String>,
@@ -378,6 +435,11 @@ pub struct MountArgs {
     /// `GET /metrics` only. Off by default: the control socket serves them to root.
     #[arg(long, value_name = "ADDR")]
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// How the daemon writes its log: auto is journald under systemd, text elsewhere.
+    #[arg(long, value_enum, default_value_t)]
+    pub log_format: logs::LogFormatArg,
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `--io-mode`: the command line's name for each `IoMode`.
@@ -456,13 +518,14 @@ impl Command {
             Command::Repair { .. } | Command::Scrub { .. } => true,
             Command::Fsck(args) => args.repair,
             Command::Config(cmd) => matches!(cmd, ConfigCommand::Set { .. }),
-            Command::Init
+            Command::Init { .. }
             | Command::Mount(_)
             | Command::Umount { .. }
             | Command::Status { .. }
             | Command::Cache(_)
             | Command::Completions { .. }
-            | Command::Manpages { .. } => false,
+            | Command::Manpages { .. }
+            | Command::LogLevel(_) => false,
         }
     }
 }
@@ -480,12 +543,16 @@ pub fn run(cli: Cli) -> Result<()> {
 
 fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
     match command {
-        Command::Init => {
+        Command::Init { json } => {
             let pool = Pool::init(state_dir)?;
-            println!(
-                "created pool {} in {}",
-                pool.uuid(),
-                pool.state_dir().display()
+            output::result(
+                json,
+                json!({ "uuid": pool.uuid(), "state_dir": pool.state_dir() }),
+                format!(
+                    "created pool {} in {}",
+                    pool.uuid(),
+                    pool.state_dir().display()
+                ),
             );
             Ok(())
         }
@@ -551,23 +618,36 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
                     io_mode: args.io_mode.into(),
                     read_ahead: args.read_ahead,
                     metrics_address: args.metrics_address,
+                    log_format: args.log_format.into(),
                 },
                 args.foreground,
             )?;
             if let Some(daemon) = started {
-                println!(
-                    "mounted the pool at {} (daemon pid {}, log {})",
-                    daemon.mountpoint.display(),
-                    daemon.pid,
-                    daemon.log.display()
+                output::result(
+                    args.json,
+                    json!({ "mountpoint": daemon.mountpoint, "pid": daemon.pid, "log": daemon.log }),
+                    format!(
+                        "mounted the pool at {} (daemon pid {}, log {})",
+                        daemon.mountpoint.display(),
+                        daemon.pid,
+                        daemon.log.display()
+                    ),
                 );
             }
             Ok(())
         }
-        Command::Umount { mountpoint, lazy } => {
+        Command::Umount {
+            mountpoint,
+            lazy,
+            json,
+        } => {
             require_root("imgpool umount")?;
             let unmounted = mount::umount(state_dir, &mountpoint, lazy)?;
-            println!("unmounted {}", unmounted.display());
+            output::result(
+                json,
+                json!({ "unmounted": unmounted }),
+                format!("unmounted {}", unmounted.display()),
+            );
             Ok(())
         }
         Command::Status { json } => status(state_dir, json),
@@ -580,12 +660,17 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
             clap_complete::generate(shell, &mut cli, "imgpool", &mut std::io::stdout());
             Ok(())
         }
-        Command::Manpages { dir } => {
+        Command::Manpages { dir, json } => {
             let written = write_manpages(&dir)?;
-            println!("wrote {written} manual pages in {}", dir.display());
+            output::result(
+                json,
+                json!({ "dir": dir, "pages": written }),
+                format!("wrote {written} manual pages in {}", dir.display()),
+            );
             Ok(())
         }
         Command::Config(cmd) => config_cmd(state_dir, cmd),
+        Command::LogLevel(args) => logs::log_level(state_dir, args),
     }
 }
 
@@ -811,7 +896,14 @@ fn snapshot(state_dir: &Path, cmd: SnapshotCommand) -> Result<()> {
             let (volume, selection) =
                 snapshot_selection(targets, older_than, keep_last, from_file.as_deref())?;
             let request = requests::Request::Delete { selection, dry_run };
+            // Done here, the deletion reclaims the space before it returns.
+            let working = (!dry_run).then(|| {
+                output::spinner(format!(
+                    "deleting snapshots of '{volume}' and reclaiming their space"
+                ))
+            });
             let outcome = snapshot_request(&pool, state_dir, &volume, &request)?;
+            output::done(working.flatten());
             let names: Vec<&str> = outcome.snapshots.iter().map(|s| s.name.as_str()).collect();
             if json {
                 print_json(&json!({ "volume": volume, "dry_run": dry_run, "deleted": names }));
@@ -967,19 +1059,24 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
                 print_volume(&info, open_files);
             }
         }
-        VolumeCommand::Resize { name, size } => {
+        VolumeCommand::Resize { name, size, json } => {
             pool.check_volume_size(size)?;
             let outcome =
                 snapshot_request(&pool, state_dir, &name, &requests::Request::Resize { size })?;
-            println!(
-                "volume '{name}' is now {} ({})",
-                outcome.size,
-                bytes(outcome.size)
+            output::result(
+                json,
+                json!({ "volume": name, "size": outcome.size }),
+                format!(
+                    "volume '{name}' is now {} ({})",
+                    outcome.size,
+                    bytes(outcome.size)
+                ),
             );
         }
         VolumeCommand::Rollback {
             target,
             destroy_newer,
+            json,
         } => {
             let (volume, snap) = volume_and_snapshot(&target)?;
             let request = requests::Request::Rollback {
@@ -987,14 +1084,33 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
                 destroy_newer,
             };
             let outcome = snapshot_request(&pool, state_dir, volume, &request)?;
-            println!("volume '{volume}' is at snapshot '{snap}' again");
-            for s in outcome.snapshots {
-                println!("deleted the newer snapshot '{}'", s.name);
-            }
+            let deleted: Vec<&str> = outcome.snapshots.iter().map(|s| s.name.as_str()).collect();
+            output::result(
+                json,
+                json!({ "volume": volume, "snapshot": snap, "deleted": deleted }),
+                std::iter::once(format!("volume '{volume}' is at snapshot '{snap}' again"))
+                    .chain(
+                        deleted
+                            .iter()
+                            .map(|s| format!("deleted the newer snapshot '{s}'")),
+                    )
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
         }
-        VolumeCommand::Rm { name, recursive } => {
+        VolumeCommand::Rm {
+            name,
+            recursive,
+            json,
+        } => {
+            let working = output::spinner(format!("removing volume '{name}'"));
             pool.remove_volume(&name, recursive)?;
-            println!("removed volume '{name}'");
+            output::done(working);
+            output::result(
+                json,
+                json!({ "removed": name }),
+                format!("removed volume '{name}'"),
+            );
         }
     }
     Ok(())
@@ -1006,9 +1122,13 @@ fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
         _ => open_to_change(state_dir)?,
     };
     match cmd {
-        DiskCommand::Add { name, path } => {
+        DiskCommand::Add { name, path, json } => {
             let disk = pool.add_disk(&name, &path)?;
-            println!("added disk {} at {}", disk.name, disk.path.display());
+            output::result(
+                json,
+                json!({ "name": disk.name, "path": disk.path, "uuid": disk.uuid }),
+                format!("added disk {} at {}", disk.name, disk.path.display()),
+            );
         }
         DiskCommand::List { json } => {
             let disks = pool.disk_status()?;
@@ -1045,21 +1165,38 @@ fn disk(state_dir: &Path, cmd: DiskCommand) -> Result<()> {
             name,
             reason,
             force,
+            json,
         } => {
-            pool.fail_disk(&name, reason.as_deref(), force)?;
-            println!("disk {name} is failed: its copies no longer serve and are re-created on other disks by the mount daemon, or now with `imgpool repair`");
+            let disk = pool.fail_disk(&name, reason.as_deref(), force)?;
+            output::result(
+                json,
+                json!({ "disk": name, "state": "failed", "reason": disk.reason }),
+                format!("disk {name} is failed: its copies no longer serve and are re-created on other disks by the mount daemon, or now with `imgpool repair`"),
+            );
         }
-        DiskCommand::Online { name } => {
+        DiskCommand::Online { name, json } => {
             let unverified = pool.online_disk(&name)?;
-            println!("disk {name} is back in service; {unverified} copies on it are verified before they serve (by the mount daemon, or now with `imgpool repair`)");
+            output::result(
+                json,
+                json!({ "disk": name, "state": "healthy", "copies_to_verify": unverified }),
+                format!("disk {name} is back in service; {unverified} copies on it are verified before they serve (by the mount daemon, or now with `imgpool repair`)"),
+            );
         }
-        DiskCommand::Evict { name, force } => {
+        DiskCommand::Evict { name, force, json } => {
             let copies = pool.evict_disk(&name, force)?;
-            println!("disk {name} is evicting: {copies} copies move to other disks (by the mount daemon, or now with `imgpool repair`); then `imgpool disk rm {name}`");
+            output::result(
+                json,
+                json!({ "disk": name, "state": "evicting", "copies_to_move": copies }),
+                format!("disk {name} is evicting: {copies} copies move to other disks (by the mount daemon, or now with `imgpool repair`); then `imgpool disk rm {name}`"),
+            );
         }
-        DiskCommand::Rm { name } => {
+        DiskCommand::Rm { name, json } => {
             pool.remove_disk(&name)?;
-            println!("removed disk {name}");
+            output::result(
+                json,
+                json!({ "removed": name }),
+                format!("removed disk {name}"),
+            );
         }
     }
     Ok(())
@@ -1201,15 +1338,19 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                 }
             }
         }
-        ImageCommand::Rm { name } => {
+        ImageCommand::Rm { name, json } => {
             pool.remove_image(&name)?;
-            println!("removed {name}");
+            output::result(json, json!({ "removed": name }), format!("removed {name}"));
         }
-        ImageCommand::Set { name, copies } => {
+        ImageCommand::Set { name, copies, json } => {
             let info = pool.set_copies(&name, copies)?;
-            println!(
-                "{name} wants {copies} copies and has {} healthy; the mount daemon adds or removes copies to match, or run `imgpool repair`",
-                info.healthy_copies()
+            output::result(
+                json,
+                image_json(&info),
+                format!(
+                    "{name} wants {copies} copies and has {} healthy; the mount daemon adds or removes copies to match, or run `imgpool repair`",
+                    info.healthy_copies()
+                ),
             );
         }
     }
@@ -1259,16 +1400,33 @@ fn reference(state_dir: &Path, cmd: RefCommand) -> Result<()> {
         _ => open_to_change(state_dir)?,
     };
     match cmd {
-        RefCommand::Add { image, holder } => {
-            if pool.add_ref(&image, &holder)? {
-                println!("{holder} now holds {image}");
-            } else {
-                println!("{holder} already holds {image}");
-            }
+        RefCommand::Add {
+            image,
+            holder,
+            json,
+        } => {
+            let added = pool.add_ref(&image, &holder)?;
+            output::result(
+                json,
+                json!({ "image": image, "holder": holder, "added": added }),
+                if added {
+                    format!("{holder} now holds {image}")
+                } else {
+                    format!("{holder} already holds {image}")
+                },
+            );
         }
-        RefCommand::Rm { image, holder } => {
+        RefCommand::Rm {
+            image,
+            holder,
+            json,
+        } => {
             pool.remove_ref(&image, &holder)?;
-            println!("{holder} no longer holds {image}");
+            output::result(
+                json,
+                json!({ "image": image, "holder": holder, "removed": true }),
+                format!("{holder} no longer holds {image}"),
+            );
         }
         RefCommand::List { image, json } => {
             let refs = pool.refs(image.as_deref())?;
@@ -1445,44 +1603,11 @@ impl repair::Reporter for Bars {
     }
 }
 
-/// How often `Lines` reports a task in progress.
-const PROGRESS_EVERY: Duration = Duration::from_secs(5);
-
-/// Progress of the repair's copies and verifications when stderr is not a terminal (a service,
-/// a log, a pipe): a line as each task starts, then every `PROGRESS_EVERY`, then when its bytes
-/// are all through, so that a slow repair (a low `repair-bandwidth`) never looks hung.
-struct Lines;
-
-impl repair::Reporter for Lines {
-    fn task(&self, label: String, total: u64) -> Box<dyn Fn(u64) + Send + '_> {
-        let line = move |done: u64| {
-            let percent = (done as f64 * 100.0 / total.max(1) as f64).min(100.0);
-            eprintln!(
-                "{label}: {} of {} ({percent:.0}%)",
-                bytes(done),
-                bytes(total)
-            );
-        };
-        line(0);
-        // When the last line was printed, and whether the end was.
-        let last = std::sync::Mutex::new((std::time::Instant::now(), false));
-        Box::new(move |done| {
-            let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
-            let end = done >= total;
-            if last.1 || (!end && last.0.elapsed() < PROGRESS_EVERY) {
-                return;
-            }
-            *last = (std::time::Instant::now(), end);
-            line(done);
-        })
-    }
-}
-
 fn reporter() -> Box<dyn repair::Reporter> {
     if std::io::stderr().is_terminal() {
         Box::new(Bars(indicatif::MultiProgress::new()))
     } else {
-        Box::new(Lines)
+        Box::new(output::Quiet)
     }
 }
 
@@ -1804,9 +1929,13 @@ fn config_cmd(state_dir: &Path, cmd: ConfigCommand) -> Result<()> {
                 table(&["KEY", "VALUE", "MEANING"], rows);
             }
         }
-        ConfigCommand::Set { key, value } => {
+        ConfigCommand::Set { key, value, json } => {
             pool.set_setting(&key, &value)?;
-            println!("{key} = {}", value.trim());
+            output::result(
+                json,
+                json!({ "key": key, "value": value.trim() }),
+                format!("{key} = {}", value.trim()),
+            );
         }
     }
     Ok(())

@@ -221,14 +221,14 @@ impl Monitor {
             if read_only && self.read_only.insert(disk.id) {
                 tracing::error!(
                     event = "disk_read_only",
-                    disk = ?disk.name,
+                    disk = disk.name.as_str(),
                     "disk '{}': its filesystem is read-only; it serves its copies but takes no new ones until it is mounted read-write again",
                     disk.name
                 );
             } else if !read_only && self.read_only.remove(&disk.id) {
                 tracing::warn!(
                     event = "disk_writable",
-                    disk = ?disk.name,
+                    disk = disk.name.as_str(),
                     "disk '{}' is writable again",
                     disk.name
                 );
@@ -262,9 +262,9 @@ impl Monitor {
             {
                 tracing::error!(
                     event = "copy_failed",
-                    image = ?image.name,
-                    disk = ?disk.name,
-                    reason = ?reason,
+                    image = image.name.as_str(),
+                    disk = disk.name.as_str(),
+                    reason = reason.as_str(),
                     "copy of '{}' on disk '{}' failed: {reason}; the repair replaces it from another copy or the image's source",
                     image.name,
                     disk.name
@@ -327,16 +327,16 @@ impl Monitor {
             Outcome::Now(CopyState::Failed) => tracing::warn!(
                 event = "copy_failed",
                 image_id = fault.image_id,
-                disk = ?disk.name,
-                reason = ?reason,
+                disk = disk.name.as_str(),
+                reason = reason.as_str(),
                 "copy on disk '{}' failed ({reason}); the repair replaces it",
                 disk.name
             ),
             Outcome::Now(CopyState::Damaged) => tracing::error!(
                 event = "copy_damaged",
                 image_id = fault.image_id,
-                disk = ?disk.name,
-                reason = ?reason,
+                disk = disk.name.as_str(),
+                reason = reason.as_str(),
                 "copy on disk '{}' is damaged ({reason}) and is the image's last good copy: it keeps serving its good chunks",
                 disk.name
             ),
@@ -369,8 +369,8 @@ pub fn apply_probe(
             if changed {
                 tracing::error!(
                     event = "disk_failed",
-                    disk = ?disk.name,
-                    reason = ?why,
+                    disk = disk.name.as_str(),
+                    reason = why.as_str(),
                     "disk '{}' failed its probe: {why}",
                     disk.name
                 );
@@ -389,7 +389,7 @@ pub fn apply_probe(
             if changed {
                 tracing::warn!(
                     event = "disk_back",
-                    disk = ?disk.name,
+                    disk = disk.name.as_str(),
                     "disk '{}' passes its probes again; its copies are verified before they serve",
                     disk.name
                 );

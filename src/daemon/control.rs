@@ -32,6 +32,7 @@ use serde_json::{json, Value};
 
 use crate::core::volume::requests;
 use crate::daemon::http::{self, ReadError, Request};
+use crate::daemon::logging;
 use crate::daemon::metrics::{self, Metrics};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock;
@@ -164,6 +165,8 @@ const ROUTES: &[(&str, &str, Handler)] = &[
     ("POST", "/v1/cache/drop", cache_drop),
     ("POST", "/v1/wake", wake),
     ("POST", "/v1/volumes/requests", volume_request),
+    ("GET", "/v1/log-level", log_level),
+    ("POST", "/v1/log-level", set_log_level),
 ];
 
 fn route(context: &Context, peer: Peer, request: &Request) -> Reply {
@@ -212,6 +215,27 @@ fn prometheus(context: &Context, _: Peer, _: &Request) -> Reply {
         headers: Vec::new(),
         content_type: metrics::CONTENT_TYPE,
         body: context.metrics.render().into_bytes(),
+    }
+}
+
+fn log_level(_: &Context, _: Peer, _: &Request) -> Reply {
+    Reply::ok(json!({ "level": logging::current_level() }))
+}
+
+/// `{"level": "debug"}`: the daemon logs at that level from now on.
+fn set_log_level(_: &Context, _: Peer, request: &Request) -> Reply {
+    #[derive(serde::Deserialize)]
+    struct Body {
+        level: String,
+    }
+    let body: Body = match serde_json::from_slice(&request.body) {
+        Ok(body) => body,
+        Err(e) => return Reply::error(400, format!("a bad log level request: {e}")),
+    };
+    match logging::set_level(&body.level) {
+        Ok(()) => Reply::ok(json!({ "level": logging::current_level() })),
+        Err(e) if e.kind() == ErrorKind::InvalidInput => Reply::error(400, e.to_string()),
+        Err(e) => Reply::error(500, e.to_string()),
     }
 }
 
@@ -273,15 +297,11 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
         if let Ok(deleted) = &outcome {
             let names = deleted.snapshots.iter().map(|s| s.name.clone());
             context.fs.forget_snapshots(&body.volume, names);
+            log_snapshots_deleted(&body.volume, deleted, peer.pid);
         }
-        tracing::info!(
-            "volume '{}': {:?}, asked by pid {}",
-            body.volume,
-            body.request,
-            peer.pid
-        );
         let volume = volume.clone();
         let name = body.volume.clone();
+        let started = Instant::now();
         // Held open until the space is back: its writer lock stays with this daemon.
         let spawned = std::thread::Builder::new()
             .name("reclaim".into())
@@ -289,7 +309,15 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
                 loop {
                     match volume.reclaim() {
                         Ok(true) => {}
-                        Ok(false) => break,
+                        Ok(false) => {
+                            tracing::info!(
+                                event = "reclaim_done",
+                                volume = name.as_str(),
+                                seconds = started.elapsed().as_secs_f64(),
+                                "volume '{name}': the space of its deleted snapshots is reclaimed"
+                            );
+                            break;
+                        }
                         Err(e) => {
                             tracing::error!("cannot reclaim the space of volume '{name}': {e}");
                             break;
@@ -309,6 +337,23 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
         Some(Ok(outcome)) => Reply::ok(serde_json::to_value(outcome).expect("outcomes serialise")),
         Some(Err(e)) => Reply::error(422, e.to_relay()),
     }
+}
+
+/// One line for a deletion of snapshots, however many: their count and the first and last.
+fn log_snapshots_deleted(volume: &str, outcome: &requests::Outcome, pid: i32) {
+    let count = outcome.snapshots.len();
+    let first = outcome.snapshots.first().map_or("", |s| s.name.as_str());
+    let last = outcome.snapshots.last().map_or("", |s| s.name.as_str());
+    tracing::info!(
+        event = "snapshots_deleted",
+        volume,
+        count,
+        first,
+        last,
+        pid,
+        "volume '{volume}': deleted {count} snapshot(s) ({first} to {last}), asked by pid {pid}; \
+         their space is reclaimed in the background"
+    );
 }
 
 fn wake(context: &Context, _: Peer, _: &Request) -> Reply {

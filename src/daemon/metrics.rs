@@ -26,7 +26,7 @@ use crate::core::repair::RepairCounters;
 use crate::daemon::http::{self, ReadError};
 use crate::error::{IoContext, Result};
 use crate::fs::namespace::PoolFs;
-use crate::fs::ops::OpStats;
+use crate::fs::ops::{errno_name, OpStats};
 use crate::fs::stats::BindStatus;
 use crate::fs::IoMode;
 
@@ -585,38 +585,6 @@ fn pool_metrics(pool: &Pool, scrape: &mut Scrape) -> Result<()> {
             .flat_map(|v| states(&volume(v), &VOLUME_STATES, v.state())),
     );
     Ok(())
-}
-
-/// An errno's symbolic name (`EIO`), or its number for one without a name here.
-fn errno_name(errno: i32) -> String {
-    let name = match errno {
-        libc::EPERM => "EPERM",
-        libc::ENOENT => "ENOENT",
-        libc::EIO => "EIO",
-        libc::ENXIO => "ENXIO",
-        libc::EBADF => "EBADF",
-        libc::EAGAIN => "EAGAIN",
-        libc::ENOMEM => "ENOMEM",
-        libc::EACCES => "EACCES",
-        libc::EBUSY => "EBUSY",
-        libc::EEXIST => "EEXIST",
-        libc::ENOTDIR => "ENOTDIR",
-        libc::EISDIR => "EISDIR",
-        libc::EINVAL => "EINVAL",
-        libc::EFBIG => "EFBIG",
-        libc::ENOSPC => "ENOSPC",
-        libc::EROFS => "EROFS",
-        libc::ERANGE => "ERANGE",
-        libc::ENAMETOOLONG => "ENAMETOOLONG",
-        libc::ENOSYS => "ENOSYS",
-        libc::ENOTEMPTY => "ENOTEMPTY",
-        libc::ENODATA => "ENODATA",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::ESTALE => "ESTALE",
-        libc::ENOTCONN => "ENOTCONN",
-        _ => return errno.to_string(),
-    };
-    name.to_string()
 }
 
 /// `--metrics-address`: a plain HTTP listener that answers `GET /metrics` only, one connection

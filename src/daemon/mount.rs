@@ -21,6 +21,7 @@ use crate::core::owner::{self, Owner, OwnerLock, WorkLock};
 use crate::core::pool::Pool;
 use crate::core::{health, repair};
 use crate::daemon::control::{self, ControlSocket, Wake};
+use crate::daemon::logging::LogFormat;
 use crate::daemon::metrics::{Metrics, MetricsListener};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::mountinfo::{self, MountEntry, MountSource};
@@ -65,6 +66,8 @@ pub struct MountConfig {
     pub read_ahead: u64,
     /// Where to serve `GET /metrics` over TCP too (`--metrics-address`); none by default.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// How the daemon writes its log (`--log-format`).
+    pub log_format: LogFormat,
 }
 
 /// A detached daemon whose mount is ready.
@@ -219,6 +222,11 @@ fn spawn_daemon(state_dir: &Path, config: &MountConfig) -> Result<Started> {
     if let Some(address) = config.metrics_address {
         command.arg("--metrics-address").arg(address.to_string());
     }
+    command.arg("--log-format").arg(match config.log_format {
+        LogFormat::Auto => "auto",
+        LogFormat::Text => "text",
+        LogFormat::Json => "json",
+    });
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal and session
     // so that the shell's Ctrl-C or hangup does not reach it. (`pre_exec` has no safe form.)
     #[allow(unsafe_code)]
@@ -385,8 +393,8 @@ impl BindMounts {
                             }
                             None => tracing::info!(
                                 event = "bound",
-                                disk = ?view.name,
-                                target = ?target,
+                                disk = view.name.as_str(),
+                                path = &*target.to_string_lossy(),
                                 "bound {} at {}",
                                 source.display(),
                                 target.display()
@@ -453,6 +461,8 @@ fn release(table: &[mountinfo::MountEntry], device: &str, target: &Path) {
     }
     match umount2(target, MntFlags::MNT_DETACH) {
         Ok(()) => tracing::info!(
+            event = "unbound",
+            path = &*target.to_string_lossy(),
             "released the bind at {}: its disk left service, and nothing of the daemon's keeps its filesystem busy",
             target.display()
         ),
@@ -824,7 +834,7 @@ fn serve(
 
     tracing::info!(
         event = "mounted",
-        mountpoint = ?mountpoint,
+        mountpoint = &*mountpoint.to_string_lossy(),
         mount_id = fs.mount_id(),
         pid = std::process::id(),
         "serving the pool at {} (control socket {})",
@@ -858,7 +868,7 @@ fn serve(
                 tracing::info!(
                     event = "stopping",
                     signal = %signal,
-                    mountpoint = ?mountpoint,
+                    mountpoint = &*mountpoint.to_string_lossy(),
                     "{signal}: unmounting {}",
                     mountpoint.display()
                 );
@@ -882,7 +892,7 @@ fn serve(
     let _ = session_thread.join();
     tracing::info!(
         event = "unmounted",
-        mountpoint = ?mountpoint,
+        mountpoint = &*mountpoint.to_string_lossy(),
         mount_id = fs.mount_id(),
         "unmounted {}",
         mountpoint.display()

@@ -30,6 +30,7 @@ use crate::core::volume::{Base, NoBase, Snapshot, SnapshotReader, Volume};
 use crate::error::Result;
 use crate::format::layout::DiskLayout;
 use crate::fs::cache::ReadData;
+use crate::fs::ops::errno_name;
 use crate::fs::read::{CopyLocation, ImageRef, ReadPath, ReadStats, Stream};
 use crate::fs::volumes::{errno_of, OpenVolumes, SnapshotListings, VolumeEntry};
 
@@ -488,7 +489,7 @@ impl PoolFs {
             self.volumes.take_out_of_service(entry);
         }
         if !first {
-            log_image_changes(&previous, &next);
+            log_catalog_changes(&previous, &next);
         }
         self.reader
             .close_stale(|id| next.by_id.get(&id).map(|i| i.as_ref_for_read()));
@@ -1054,7 +1055,14 @@ impl PoolFs {
             Handle::Volume { entry, volume } => {
                 let mut buf = vec![0u8; len as usize];
                 let n = volume.read_at(&mut buf, offset).map_err(|e| {
-                    tracing::error!("read of volume '{}' at {offset} failed: {e}", entry.name);
+                    tracing::error!(
+                        volume = entry.name.as_str(),
+                        op = "read",
+                        errno = errno_name(errno_of(&e)),
+                        offset,
+                        "read of volume '{}' at {offset} failed: {e}",
+                        entry.name
+                    );
                     errno_of(&e)
                 })?;
                 buf.truncate(n);
@@ -1090,6 +1098,10 @@ impl PoolFs {
                     },
                 );
                 tracing::error!(
+                    image = image.name.as_str(),
+                    op = "read",
+                    errno = errno_name(error.raw_os_error().unwrap_or(libc::EIO)),
+                    offset,
                     "read of {} at {offset} failed: {error} (further failed reads of it are counted, and logged at most every {} s)",
                     image.name,
                     READ_FAILURE_LOG_INTERVAL.as_secs()
@@ -1192,7 +1204,14 @@ impl PoolFs {
         };
         volume.write_at(data, offset).map_err(|e| {
             if e.raw_os_error() != Some(libc::EFBIG) {
-                tracing::error!("write to volume '{}' at {offset} failed: {e}", entry.name);
+                tracing::error!(
+                    volume = entry.name.as_str(),
+                    op = "write",
+                    errno = errno_name(errno_of(&e)),
+                    offset,
+                    "write to volume '{}' at {offset} failed: {e}",
+                    entry.name
+                );
             }
             errno_of(&e)
         })?;
@@ -1417,14 +1436,14 @@ fn snapshot_attr(node: Node, snapshot: &Snapshot) -> Attr {
     }
 }
 
-/// One log line for each image that appeared in or left the mount (its name, and its uuid, so
-/// that a removal and a new import under the same name are two lines each).
-fn log_image_changes(previous: &Catalog, next: &Catalog) {
+/// One log line for each image or volume that appeared in or left the mount (with its id, so
+/// that a removal and a new one under the same name are two lines each).
+fn log_catalog_changes(previous: &Catalog, next: &Catalog) {
     for (name, image) in &next.images {
         if previous.images.get(name).map(|i| i.id) != Some(image.id) {
             tracing::info!(
                 event = "image_added",
-                image = ?name,
+                image = name.as_str(),
                 uuid = %image.uuid,
                 "image '{name}' is in the mount"
             );
@@ -1434,9 +1453,30 @@ fn log_image_changes(previous: &Catalog, next: &Catalog) {
         if next.images.get(name).map(|i| i.id) != Some(image.id) {
             tracing::info!(
                 event = "image_removed",
-                image = ?name,
+                image = name.as_str(),
                 uuid = %image.uuid,
                 "image '{name}' left the mount"
+            );
+        }
+    }
+    for (name, volume) in &next.volumes {
+        if previous.volumes.get(name).map(|v| v.id) != Some(volume.id) {
+            tracing::info!(
+                event = "volume_added",
+                volume = name.as_str(),
+                volume_id = volume.id,
+                size = volume.size,
+                "volume '{name}' is in the mount"
+            );
+        }
+    }
+    for (name, volume) in &previous.volumes {
+        if next.volumes.get(name).map(|v| v.id) != Some(volume.id) {
+            tracing::info!(
+                event = "volume_removed",
+                volume = name.as_str(),
+                volume_id = volume.id,
+                "volume '{name}' left the mount"
             );
         }
     }

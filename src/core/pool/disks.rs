@@ -179,7 +179,15 @@ impl Pool {
             disk_name: name.to_string(),
             created: now(),
         })?;
-        self.store.insert_disk(name, &path, &disk_uuid, now())
+        let row = self.store.insert_disk(name, &path, &disk_uuid, now())?;
+        tracing::info!(
+            event = "disk_added",
+            disk = name,
+            path = &*path.to_string_lossy(),
+            "disk '{name}' added at {}",
+            path.display()
+        );
+        Ok(row)
     }
 
     /// Refuses a mount point inside, or around, a disk or the state directory: the mount would
@@ -287,6 +295,13 @@ impl Pool {
                 ),
             ));
         }
+        tracing::info!(
+            event = "disk_failed",
+            disk = name,
+            reason,
+            by = "operator",
+            "disk '{name}' taken out of service by hand: {reason}"
+        );
         self.store.disk_by_name(name)
     }
 
@@ -307,6 +322,12 @@ impl Pool {
             ));
         }
         self.change_checked_state(&disk, DiskState::Healthy)?;
+        tracing::info!(
+            event = "disk_back",
+            disk = name,
+            by = "operator",
+            "disk '{name}' returned to service by hand; its copies are verified before they serve"
+        );
         Ok(self
             .store
             .all_copies()?
@@ -340,6 +361,11 @@ impl Pool {
             }
         }
         self.change_checked_state(&disk, DiskState::Evicting)?;
+        tracing::info!(
+            event = "disk_evicting",
+            disk = name,
+            "disk '{name}' is evicting: the repair moves its copies to other disks"
+        );
         Ok(self
             .store
             .all_copies()?
@@ -458,6 +484,7 @@ impl Pool {
             // The directory is no longer this pool's: a later `disk add` starts afresh.
             let _ = fs::remove_file(layout.label_path());
         }
+        tracing::info!(event = "disk_removed", disk = name, "disk '{name}' removed");
         Ok(())
     }
 

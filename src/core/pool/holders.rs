@@ -74,6 +74,16 @@ impl Pool {
                 Err(e) => return Err(e),
             }
         }
+        if !removed.is_empty() {
+            tracing::info!(
+                event = "gc",
+                count = removed.len(),
+                images = &*removed.join(","),
+                "gc removed {} unreferenced image(s): {}",
+                removed.len(),
+                removed.join(", ")
+            );
+        }
         Ok(removed)
     }
 

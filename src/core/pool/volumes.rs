@@ -273,10 +273,32 @@ impl Pool {
             .open_volume(&files)
             .ctx(|| format!("cannot open volume '{name}'"))?;
         let outcome = requests::apply(&volume, name, request).and_then(|outcome| {
+            let deleted = matches!(request, requests::Request::Delete { dry_run: false, .. })
+                .then_some(outcome.snapshots.len())
+                .filter(|&count| count > 0);
+            if let Some(count) = deleted {
+                tracing::info!(
+                    event = "snapshots_deleted",
+                    volume = name,
+                    count,
+                    first = outcome.snapshots[0].name.as_str(),
+                    last = outcome.snapshots[count - 1].name.as_str(),
+                    "volume '{name}': deleted {count} snapshot(s)"
+                );
+            }
+            let started = std::time::Instant::now();
             while volume
                 .reclaim()
                 .ctx(|| format!("cannot reclaim the space of volume '{name}'"))?
             {}
+            if deleted.is_some() {
+                tracing::info!(
+                    event = "reclaim_done",
+                    volume = name,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "volume '{name}': the space of its deleted snapshots is reclaimed"
+                );
+            }
             Ok(outcome)
         });
         // Closed also after a failure: a volume left open would be recovered as after a crash.

@@ -105,6 +105,9 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
     // Whatever dead processes left is cleaned up first, a dead repairer's copies included: we
     // hold the lock.
     let recovered = crate::core::recover::recover_holding_repair_lock(pool)?;
+    for line in &recovered {
+        tracing::info!(event = "recovered", "repair: {line}");
+    }
     let settings = pool.settings()?;
     let throttle = Throttle::new(settings.repair_bandwidth);
     let mut report = Report {
@@ -130,7 +133,9 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
             .into_iter()
             .partition(|a| matches!(a, Action::Create { .. }));
         for action in others {
-            match run_action(pool, &action, &throttle, reporter, stop, &unusable_sources) {
+            let result = run_action(pool, &action, &throttle, reporter, stop, &unusable_sources);
+            log_action(&action, &result);
+            match result {
                 Ok(done) => {
                     progressed = true;
                     report.done.push(done);
@@ -142,6 +147,7 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
             run_action(pool, action, &throttle, reporter, stop, &unusable_sources)
         });
         for (action, result) in results {
+            log_action(&action, &result);
             match result {
                 Ok(done) => {
                     progressed = true;
@@ -158,7 +164,6 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
                         // Another target or source may exist: trying again is progress.
                         progressed = true;
                     }
-                    tracing::warn!("{e}");
                     report.done.push(format!("failed: {e}"));
                 }
             }
@@ -168,6 +173,28 @@ pub fn repair(pool: &Pool, reporter: &dyn Reporter, stop: &AtomicBool) -> Result
         }
     }
     Ok(report)
+}
+
+/// One log line for each repair action: what it did, or why it failed, to which image's copy
+/// on which disk.
+fn log_action(action: &Action, result: &Result<String>) {
+    let (op, image, disk) = match action {
+        Action::Verify { image, disk } => ("verify", image, disk),
+        Action::Remove { image, disk, .. } => ("remove", image, disk),
+        Action::Create { image, target, .. } => ("copy", image, target),
+    };
+    let (image, disk) = (image.name.as_str(), disk.name.as_str());
+    match result {
+        Ok(done) => tracing::info!(event = "repair_done", op, image, disk, "repair: {done}"),
+        Err(e) => tracing::warn!(
+            event = "repair_failed",
+            op,
+            image,
+            disk,
+            error = %e,
+            "repair: {op} of '{image}' on '{disk}' failed: {e}"
+        ),
+    }
 }
 
 /// Reads what the planner needs: the disks (with their labels checked and their free space read
@@ -714,9 +741,6 @@ pub fn run_in_background(
             Ok(report) => {
                 if !report.done.is_empty() {
                     counters.rounds.fetch_add(1, Ordering::Relaxed);
-                }
-                for line in &report.done {
-                    tracing::info!(event = "repair_done", "repair: {line}");
                 }
                 for problem in &report.problems {
                     if !known_problems.contains(problem) {
