@@ -341,6 +341,21 @@ fn a_snapshot_being_read_keeps_its_bytes_while_others_are_deleted_and_reclaimed(
             "the space was not reclaimed: {before} bytes before, {} now",
             allocated()
         );
+        // `volume show` and `status` tell the reclaim still to do: none once it is done.
+        let pending = || pool.json(&["volume", "show", "v"])["reclaim_pending_bytes"].as_u64();
+        assert!(
+            poll(
+                Duration::from_secs(20),
+                Duration::from_millis(50),
+                || pending() == Some(0)
+            ),
+            "volume show says {:?} bytes still to reclaim",
+            pending()
+        );
+        assert_eq!(
+            pool.json(&["status"])["volumes"]["reclaim_pending_bytes"],
+            0
+        );
         // Freed slots handed out again: each snapshot makes the next writes take new slots.
         for g in 100..110 {
             pool.ok(&["snapshot", "create", &format!("v@t{g}")]);

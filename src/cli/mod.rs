@@ -724,6 +724,7 @@ fn volume_json(v: &VolumeInfo, open_files: usize) -> Value {
         "problem": volume_problem(v),
         "allocated_bytes": v.allocated,
         "snapshots": v.snapshots,
+        "reclaim_pending_bytes": v.reclaim_bytes,
         "open_by_pid": v.open_by,
         "open_files": open_files,
         "created": timestamp(v.volume.created),
@@ -742,6 +743,12 @@ fn print_volume(v: &VolumeInfo, open_files: usize) {
     }
     println!("allocated: {}", bytes(v.allocated));
     println!("snapshots: {}", v.snapshots);
+    if v.reclaim_bytes > 0 {
+        println!(
+            "reclaim:   {} of deleted snapshots still to give back",
+            bytes(v.reclaim_bytes)
+        );
+    }
     match v.open_by {
         Some(pid) => {
             println!("open:      {open_files} file(s), through the mount daemon (pid {pid})")
@@ -1523,6 +1530,10 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
         .map(|i| i.image.real_size * i.healthy_copies() as u64)
         .sum();
     let holders: usize = images.iter().map(|i| i.holders.len()).sum();
+    let volumes = pool.volumes()?;
+    let volume_bytes: u64 = volumes.iter().map(|v| v.allocated).sum();
+    let snapshots: usize = volumes.iter().map(|v| v.snapshots).sum();
+    let reclaim: u64 = volumes.iter().map(|v| v.reclaim_bytes).sum();
     if json_out {
         print_json(&json!({
             "pool": pool.uuid(),
@@ -1534,6 +1545,8 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
                        "list": disks.iter().map(disk_json).collect::<Vec<_>>() },
             "images": { "total": images.len(), "logical_bytes": logical, "stored_bytes": stored,
                         "holders": holders },
+            "volumes": { "total": volumes.len(), "allocated_bytes": volume_bytes,
+                         "snapshots": snapshots, "reclaim_pending_bytes": reclaim },
             "dead_mounts": dead_mounts.iter().map(|m| json!({
                 "path": m.mount_point, "bind": m.is_bind(),
             })).collect::<Vec<_>>(),
@@ -1563,6 +1576,16 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
             images.len(),
             bytes(logical),
             bytes(stored)
+        );
+        println!(
+            "volumes: {} ({} allocated), {snapshots} snapshot(s){}",
+            volumes.len(),
+            bytes(volume_bytes),
+            if reclaim > 0 {
+                format!(", {} of deleted snapshots still to reclaim", bytes(reclaim))
+            } else {
+                String::new()
+            }
         );
         if mounts.is_empty() {
             println!("mounts:  none");

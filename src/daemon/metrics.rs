@@ -577,6 +577,12 @@ fn pool_metrics(pool: &Pool, scrape: &mut Scrape) -> Result<()> {
         volumes.iter().map(|v| (volume(v), v.snapshots as f64)),
     );
     scrape.gauges(
+        "imgpool_volume_reclaim_pending",
+        "Bytes of deleted snapshots the volume's reclaim has yet to give back to its disk.",
+        Some(Unit::Bytes),
+        volumes.iter().map(|v| (volume(v), v.reclaim_bytes as f64)),
+    );
+    scrape.gauges(
         "imgpool_volume_state",
         "The volume's state (1) and the states it is not in (0): failed while its disk is out of service.",
         None,

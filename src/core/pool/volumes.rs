@@ -31,6 +31,8 @@ pub struct VolumeInfo {
     /// Bytes the volume's data file takes on its disk.
     pub allocated: u64,
     pub snapshots: usize,
+    /// Bytes the reclaim of deleted snapshots has yet to give back.
+    pub reclaim_bytes: u64,
     /// The process writing it now (a mount daemon with the volume's file open), if any.
     pub open_by: Option<u32>,
     pub dir: PathBuf,
@@ -217,10 +219,10 @@ impl Pool {
             0
         };
         // Read only: the daemon serving the volume may be writing it.
-        let snapshots = if reachable {
-            volume::summary(&files).map_or(0, |s| s.snapshots)
+        let (snapshots, reclaim_bytes) = if reachable {
+            volume::summary(&files).map_or((0, 0), |s| (s.snapshots, s.reclaim_bytes))
         } else {
-            0
+            (0, 0)
         };
         let open_by = if reachable {
             locks::exclusive_flock_holder(&files.writer_lock()).unwrap_or(None)
@@ -234,6 +236,7 @@ impl Pool {
             image,
             allocated,
             snapshots,
+            reclaim_bytes,
             dir: files.dir().to_path_buf(),
             volume,
         })

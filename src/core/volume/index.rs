@@ -515,6 +515,26 @@ impl Index {
         rows.collect()
     }
 
+    /// What the reclaim still has to do: versions nothing sees any more, and the blocks they
+    /// hold in the data file.
+    pub fn reclaim_pending(&self) -> rusqlite::Result<(u64, u64)> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT written FROM versions
+             WHERE death IS NOT NULL AND death > ?1 AND death <= ?2 AND birth > ?1",
+        )?;
+        let (mut versions, mut blocks) = (0u64, 0u64);
+        for window in self.reclaim_windows()? {
+            let masks = stmt.query_map(params![window.after, window.upto as i64], |r| {
+                r.get::<_, i64>(0)
+            })?;
+            for mask in masks {
+                versions += 1;
+                blocks += u64::from((mask? as u16).count_ones());
+            }
+        }
+        Ok((versions, blocks))
+    }
+
     /// Up to `limit` versions of a window that nothing sees any more.
     pub fn unseen_versions(
         &self,

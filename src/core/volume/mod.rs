@@ -103,6 +103,8 @@ impl WriterLock {
 pub struct Summary {
     pub size: u64,
     pub snapshots: usize,
+    /// Bytes deleted snapshots alone held that the reclaim has yet to give back.
+    pub reclaim_bytes: u64,
 }
 
 /// Reads a volume's size and snapshot count; changes nothing (a mount daemon may be writing it:
@@ -112,6 +114,7 @@ pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
     Ok(Summary {
         size: index.size().map_err(index_error)?,
         snapshots: index.snapshots().map_err(index_error)?.len(),
+        reclaim_bytes: index.reclaim_pending().map_err(index_error)?.1 * BLOCK,
     })
 }
 
