@@ -15,6 +15,42 @@ use crate::format::digests::{ChunkDigests, ChunkHasher};
 /// The unit of hole detection inside data extents: a filesystem block.
 pub const BLOCK: usize = 4096;
 const BUF: usize = 1 << 20;
+/// Pieces read ahead of the hashing.
+const DEPTH: usize = 4;
+
+/// A piece of the source, read (and written, if asked) by the reading stage.
+struct Piece {
+    pos: u64,
+    len: usize,
+    buf: Vec<u8>,
+}
+
+/// Reads `buf.len()` bytes of `from` at `pos` and writes their non-zero blocks to `copy_to`,
+/// if any. `from` is the source, or (`from_target`) the target itself, read back to hash what a
+/// resumed copy holds, whose failures are the target's.
+fn read_piece(
+    from: &dyn SparseSource,
+    from_target: bool,
+    copy_to: Option<&File>,
+    buf: &mut [u8],
+    pos: u64,
+    size: u64,
+) -> Result<usize, CopyError> {
+    let n = from.read_full_at(buf, pos).map_err(|e| match from_target {
+        false => CopyError::SourceRead(e),
+        true => CopyError::target(e),
+    })?;
+    if n == 0 {
+        return Err(CopyError::SourceRead(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("source ended at byte {pos}, expected {size} bytes"),
+        )));
+    }
+    if let Some(dst) = copy_to {
+        write_nonzero_blocks(dst, &buf[..n], pos).map_err(CopyError::target)?;
+    }
+    Ok(n)
+}
 static ZEROS: [u8; BUF] = [0; BUF];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +63,7 @@ pub struct CopyOutcome {
 
 /// What an image is made from: bytes at offsets, and where the data is (the rest reads as
 /// zeros). A file is one; so are a volume at a snapshot and the formats images arrive in.
-pub trait SparseSource {
+pub trait SparseSource: Sync {
     /// The data extents below `size`, as sorted, disjoint (start, end) byte ranges. An extent
     /// may hold zeros; what is outside every extent is zeros.
     fn data_extents(&self, size: u64) -> io::Result<Vec<(u64, u64)>>;
@@ -98,7 +134,6 @@ pub fn resume_sparse(
 ) -> Result<CopyOutcome, CopyError> {
     let mut hasher = Sha512::new();
     let mut chunks = ChunkHasher::new(chunk_size);
-    let mut buf = vec![0u8; BUF];
     let mut hashed = 0u64;
 
     let hash_zeros_to =
@@ -124,38 +159,49 @@ pub fn resume_sparse(
             passes.push((src, start.max(done), end, true));
         }
     }
-    for (from, start, end, write) in passes {
-        let read_error = |e| {
-            if write {
-                CopyError::SourceRead(e)
-            } else {
-                CopyError::target(e)
+    // Two stages, so that the disks and the hashing work at once: a thread reads each piece
+    // and writes its non-zero blocks; this one hashes the pieces in order. Buffers go round.
+    std::thread::scope(|scope| {
+        let (full, pieces) = std::sync::mpsc::sync_channel::<Result<Piece, CopyError>>(DEPTH);
+        let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
+        scope.spawn(move || {
+            for (from, start, end, write) in passes {
+                let mut pos = start;
+                while pos < end {
+                    let mut buf = spare.try_recv().unwrap_or_else(|_| vec![0u8; BUF]);
+                    let want = (end - pos).min(BUF as u64) as usize;
+                    let piece = read_piece(
+                        from,
+                        !write,
+                        dst.filter(|_| write),
+                        &mut buf[..want],
+                        pos,
+                        size,
+                    )
+                    .map(|len| Piece { pos, len, buf });
+                    let failed = piece.is_err();
+                    if let Ok(piece) = &piece {
+                        pos += piece.len as u64;
+                    }
+                    // Gone: the hashing stage stopped (an error, or the copy was stopped).
+                    if full.send(piece).is_err() || failed {
+                        return;
+                    }
+                }
             }
-        };
-        hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, start);
-        let mut pos = start;
-        while pos < end {
-            let want = (end - pos).min(BUF as u64) as usize;
-            let n = from
-                .read_full_at(&mut buf[..want], pos)
-                .map_err(read_error)?;
-            if n == 0 {
-                return Err(CopyError::SourceRead(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("source ended at byte {pos}, expected {size} bytes"),
-                )));
-            }
-            let data = &buf[..n];
+        });
+        for piece in pieces {
+            let Piece { pos, len, buf } = piece?;
+            hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, pos);
+            let data = &buf[..len];
             hasher.update(data);
             chunks.update(data);
-            if let (Some(dst), true) = (dst, write) {
-                write_nonzero_blocks(dst, data, pos).map_err(CopyError::target)?;
-            }
-            pos += n as u64;
-            hashed = pos;
-            progress(pos, n)?;
+            hashed = pos + len as u64;
+            progress(hashed, len)?;
+            let _ = give_back.send(buf);
         }
-    }
+        Ok::<(), CopyError>(())
+    })?;
     hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, size);
     if let Some(dst) = dst {
         dst.set_len(size).map_err(CopyError::target)?;
@@ -220,13 +266,14 @@ mod tests {
     /// from the source again.
     #[test]
     fn a_resumed_copy_equals_a_whole_one_and_reads_only_the_rest() {
-        struct Counted<'a>(&'a File, std::cell::Cell<u64>);
+        struct Counted<'a>(&'a File, std::sync::atomic::AtomicU64);
         impl SparseSource for Counted<'_> {
             fn data_extents(&self, size: u64) -> io::Result<Vec<(u64, u64)>> {
                 self.0.data_extents(size)
             }
             fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-                self.1.set(self.1.get().min(offset));
+                self.1
+                    .fetch_min(offset, std::sync::atomic::Ordering::Relaxed);
                 self.0.read_full_at(buf, offset)
             }
         }
@@ -265,16 +312,16 @@ mod tests {
                 }
             });
             assert!(stopped.is_err());
-            let counted = Counted(&src, std::cell::Cell::new(u64::MAX));
+            let counted = Counted(&src, std::sync::atomic::AtomicU64::new(u64::MAX));
             let resumed = resume_sparse(&counted, Some(&dst), stop, size, 64 << 10, &mut |_, _| {
                 Ok(())
             })
             .unwrap();
             assert_eq!(resumed, whole, "resumed at {stop}");
             assert!(
-                counted.1.get() >= stop,
+                counted.1.load(std::sync::atomic::Ordering::Relaxed) >= stop,
                 "resumed at {stop} but read the source at {}",
-                counted.1.get()
+                counted.1.load(std::sync::atomic::Ordering::Relaxed)
             );
             assert_eq!(
                 std::fs::read(&path).unwrap(),
