@@ -286,16 +286,23 @@ pub fn failed_cleanly(what: &str, out: &Output) -> String {
 }
 
 /// Whether process `pid` is running: it exists and is not a zombie waiting to be reaped.
+/// Whether any thread of process `pid` still runs. A killed process's first thread turns
+/// zombie while the others may still be exiting, holding its files (and so its locks and
+/// sockets): it is alive until they all are gone.
 pub fn process_alive(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let running = |stat: &str| {
         // `pid (comm) state ...`: comm may hold spaces and parentheses, the state follows the
         // last `)`.
-        Ok(stat) => stat
-            .rsplit_once(')')
+        stat.rsplit_once(')')
             .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
+            .is_some_and(|state| state != "Z" && state != "X")
+    };
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks
+        .flatten()
+        .any(|task| fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| running(&stat)))
 }
 
 /// A child process that is killed (SIGKILL) and reaped on drop unless the test took it back
