@@ -314,15 +314,24 @@ impl Pool {
     }
 
     /// The right to change a volume from this process: refused while a mount serves it open.
+    /// The volume's writer lock. The kernel tells the mount daemon of a file's last close a
+    /// moment after `close` returned, so a holder gets a second to let go before the refusal.
     fn lock_volume(&self, name: &str, files: &VolumeFiles) -> Result<WriterLock> {
-        WriterLock::try_acquire(files)
-            .ctx(|| format!("cannot lock volume '{name}'"))?
-            .ok_or_else(|| {
-                Error::refused(
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        loop {
+            if let Some(writer) =
+                WriterLock::try_acquire(files).ctx(|| format!("cannot lock volume '{name}'"))?
+            {
+                return Ok(writer);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(Error::refused(
                     ErrorKind::InUse,
                     format!("volume '{name}' is open through a mount: close it there first"),
-                )
-            })
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
     }
 
     /// The ready volumes a mount serves: each with its disk's path, and whether that disk is in
