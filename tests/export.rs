@@ -237,6 +237,38 @@ fn assert_fsck_clean(pool: &TestPool, after: &str) {
     );
 }
 
+/// Volume `v` of `size` bytes with random data in `data` (zeros elsewhere), written through
+/// the mount, closed, and its snapshot `v@s`; returns its content.
+fn a_snapshot_of_random_data(
+    pool: &TestPool,
+    mount: &MountGuard,
+    size: usize,
+    data: std::ops::Range<usize>,
+    seed: u64,
+) -> Vec<u8> {
+    pool.ok(&["volume", "create", "v", "--size", &size.to_string()]);
+    let path = mount.mountpoint.join("volumes/v");
+    assert!(poll(
+        Duration::from_secs(5),
+        Duration::from_millis(20),
+        || path.exists()
+    ));
+    let source = pool.path("random");
+    random_file(&source, data.len() as u64, seed);
+    let mut content = vec![0u8; size];
+    content[data.clone()].copy_from_slice(&std::fs::read(&source).unwrap());
+    let file = OpenOptions::new().write(true).open(&path).unwrap();
+    for (i, piece) in content[data.clone()].chunks(8 * MIB).enumerate() {
+        file.write_all_at(piece, (data.start + i * 8 * MIB) as u64)
+            .unwrap();
+    }
+    file.sync_all().unwrap();
+    drop(file);
+    wait_closed(pool, "v");
+    pool.ok(&["snapshot", "create", "v@s"]);
+    content
+}
+
 fn image_names(pool: &TestPool) -> Vec<String> {
     pool.json(&["image", "list"])
         .as_array()
@@ -256,25 +288,7 @@ fn an_export_killed_anywhere_leaves_nothing_and_runs_again() {
     }
     let pool = TestPool::new(2);
     let mount = pool.mount();
-    pool.ok(&["volume", "create", "v", "--size", "67108864"]);
-    let path = mount.mountpoint.join("volumes/v");
-    assert!(poll(
-        Duration::from_secs(5),
-        Duration::from_millis(20),
-        || path.exists()
-    ));
-    let source = pool.path("random");
-    random_file(&source, 48 * MIB as u64, 17);
-    let data = std::fs::read(&source).unwrap();
-    let mut content = vec![0u8; 64 * MIB];
-    {
-        let file = OpenOptions::new().write(true).open(&path).unwrap();
-        file.write_all_at(&data, 8 * MIB as u64).unwrap();
-        file.sync_all().unwrap();
-    }
-    content[8 * MIB..56 * MIB].copy_from_slice(&data);
-    wait_closed(&pool, "v");
-    pool.ok(&["snapshot", "create", "v@s"]);
+    let content = a_snapshot_of_random_data(&pool, &mount, 64 * MIB, 8 * MIB..56 * MIB, 17);
 
     // How long one export takes here, to spread the kills over it.
     let started = std::time::Instant::now();
@@ -293,19 +307,12 @@ fn an_export_killed_anywhere_leaves_nothing_and_runs_again() {
     let instants = 8u32;
     for i in 0..instants {
         let at = took * (i + 1) / (instants + 1);
-        let mut child = ChildGuard(Some(
-            pool.command(&["image", "add", "e", "--from-volume", "v@s", "--copies", "2"])
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        ));
-        std::thread::sleep(at);
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.pid()),
-            nix::sys::signal::Signal::SIGKILL,
+        let mut child = ChildGuard::quiet(
+            &pool,
+            &["image", "add", "e", "--from-volume", "v@s", "--copies", "2"],
         );
-        let _ = child.wait_timeout(Duration::from_secs(10));
+        std::thread::sleep(at);
+        let _ = child.kill_9();
         let what = format!("a kill at {at:?} of {took:?}");
         // Either it finished before the kill, whole, or nothing of it is listed.
         if image_names(&pool).contains(&"e".to_string()) {
@@ -395,13 +402,7 @@ fn an_open_volume_exports_through_its_mount() {
     random_file(&random, 128 * MIB as u64, 31);
     big.write_all_at(&std::fs::read(&random).unwrap(), 0)
         .unwrap();
-    let mut child = ChildGuard(Some(
-        pool.command(&["image", "add", "killed", "--from-volume", "big"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
+    let mut child = ChildGuard::quiet(&pool, &["image", "add", "killed", "--from-volume", "big"]);
     assert!(
         poll(Duration::from_secs(10), Duration::from_millis(5), || {
             snapshot_names(&pool, "big")
@@ -410,11 +411,7 @@ fn an_open_volume_exports_through_its_mount() {
         }),
         "no temporary snapshot appeared"
     );
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.pid()),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let _ = child.wait_timeout(Duration::from_secs(10));
+    let _ = child.kill_9();
     if !image_names(&pool).contains(&"killed".to_string()) {
         // It died before it finished: its snapshot is left until the next export, since the
         // daemon has the volume open (which `recover` leaves alone).
@@ -438,25 +435,7 @@ fn a_killed_export_of_a_snapshot_resumes_where_it_was_durable() {
     }
     let pool = TestPool::new(1);
     let mount = pool.mount();
-    pool.ok(&["volume", "create", "v", "--size", "402653184"]);
-    let path = mount.mountpoint.join("volumes/v");
-    assert!(poll(
-        Duration::from_secs(5),
-        Duration::from_millis(20),
-        || path.exists()
-    ));
-    let source = pool.path("random");
-    random_file(&source, 384 * MIB as u64, 29);
-    let content = std::fs::read(&source).unwrap();
-    {
-        let file = OpenOptions::new().write(true).open(&path).unwrap();
-        for (i, piece) in content.chunks(8 * MIB).enumerate() {
-            file.write_all_at(piece, (i * 8 * MIB) as u64).unwrap();
-        }
-        file.sync_all().unwrap();
-    }
-    wait_closed(&pool, "v");
-    pool.ok(&["snapshot", "create", "v@s"]);
+    let content = a_snapshot_of_random_data(&pool, &mount, 384 * MIB, 0..384 * MIB, 29);
 
     let progress = pool.disks[0].join(".imgpool/partial");
     let checkpointed = || {
@@ -467,25 +446,13 @@ fn a_killed_export_of_a_snapshot_resumes_where_it_was_durable() {
             })
             .unwrap_or(false)
     };
-    let mut child = ChildGuard(Some(
-        pool.command(&["image", "add", "e", "--from-volume", "v@s"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    ));
+    let mut child = ChildGuard::quiet(&pool, &["image", "add", "e", "--from-volume", "v@s"]);
     let reached = poll(
         Duration::from_secs(60),
         Duration::from_millis(2),
         checkpointed,
     );
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.pid()),
-        nix::sys::signal::Signal::SIGKILL,
-    );
-    let finished = child
-        .wait_timeout(Duration::from_secs(10))
-        .is_some_and(|s| s.success());
+    let finished = child.kill_9().is_some_and(|s| s.success());
     assert!(
         reached && !finished,
         "the export ended before its first checkpoint"

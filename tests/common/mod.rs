@@ -310,8 +310,29 @@ pub fn process_alive(pid: i32) -> bool {
 pub struct ChildGuard(pub Option<Child>);
 
 impl ChildGuard {
+    /// `imgpool ARGS` on `pool`, its output dropped.
+    pub fn quiet(pool: &TestPool, args: &[&str]) -> ChildGuard {
+        ChildGuard(Some(
+            pool.command(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        ))
+    }
+
     pub fn pid(&self) -> i32 {
         self.0.as_ref().unwrap().id() as i32
+    }
+
+    /// `kill -9`, then waits up to 10 s for it to end; returns its status if it ended (it may
+    /// have ended by itself first).
+    pub fn kill_9(&mut self) -> Option<ExitStatus> {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        self.wait_timeout(Duration::from_secs(10))
     }
 
     /// Waits up to `timeout` for the child to exit; returns its status, or `None` if it still
