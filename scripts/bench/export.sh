@@ -42,38 +42,10 @@ done
 [[ $REPEAT =~ ^[1-9][0-9]*$ ]] || die "--repeat must be a positive integer"
 [[ $(id -u) -eq 0 ]] || die "must run as root (mounts, drop_caches)"
 
-W=""
-MOUNTED=0
-cleanup() {
-    local rc=$?
-    if ((MOUNTED)); then "$BIN" --state-dir "$W/state" umount "$W/mnt" >/dev/null 2>&1 || true; fi
-    if [[ -n $W && -d $W ]]; then
-        if awk -v d="$W" 'index($5, d) == 1 { f = 1 } END { exit !f }' /proc/self/mountinfo; then
-            echo "exportbench: still mounted under $W, not removing it" >&2
-        else
-            rm -rf --one-file-system "$W"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-if [[ -n ${IMGPOOL_BIN:-} ]]; then
-    bash scripts/deps.sh --no-cargo >&2
-    BIN=$IMGPOOL_BIN
-else
-    bash scripts/deps.sh >&2
-    cargo build --release >&2
-    BIN=$ROOT/target/release/imgpool
-fi
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
+source "$ROOT/scripts/bench/pool.sh"
+bench_binary
 command -v qemu-io >/dev/null || die "qemu-io is missing (package qemu-utils)"
-
-W=$(mktemp -d /var/tmp/imgpool-exportbench.XXXXXX)
-ip() { "$BIN" --state-dir "$W/state" "$@"; }
-mkdir -p "$W/state" "$W/disk" "$W/mnt" "$W/out"
+bench_workdir exportbench /var/tmp
 SIZE=$((4096 / SCALE))M
 SIZE_B=$(numfmt --from=iec "$SIZE")
 PIECE=$((256 * 1024))

@@ -57,41 +57,9 @@ SIZE=$(numfmt --from=iec "$SIZE_ARG" 2>/dev/null) || { echo "volbench: --size '$
 [[ $JSON_OUT = /* ]] || JSON_OUT=$ROOT/$JSON_OUT
 [[ $(id -u) -eq 0 ]] || die "must run as root (mounts, drop_caches)"
 
-W=""
-BIN=""
-MOUNTED=0
-cleanup() {
-    local rc=$?
-    set +e
-    if ((MOUNTED)); then
-        "$BIN" --state-dir "$W/state" umount "$W/mnt" >/dev/null 2>&1 || umount -l "$W/mnt"
-    fi
-    if [[ -n $W && -d $W ]]; then
-        if awk -v d="$W" 'index($5, d) == 1 { f = 1 } END { exit !f }' /proc/self/mountinfo; then
-            log "volbench: still mounted under $W, not removing it"
-        else
-            rm -rf --one-file-system "$W"
-        fi
-    fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-if [[ -n ${IMGPOOL_BIN:-} ]]; then
-    bash scripts/deps.sh --no-cargo >&2
-    BIN=$IMGPOOL_BIN
-else
-    bash scripts/deps.sh >&2
-    cargo build --release >&2
-    BIN=$ROOT/target/release/imgpool
-fi
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
-
-W=$(mktemp -d /tmp/imgpool-volbench.XXXXXX)
-ip() { "$BIN" --state-dir "$W/state" "$@"; }
-mkdir -p "$W/state" "$W/disk" "$W/mnt" "$W/out"
+source "$ROOT/scripts/bench/pool.sh"
+bench_binary
+bench_workdir volbench /tmp
 ip init >/dev/null
 ip disk add d1 "$W/disk" >/dev/null
 IMAGE_SIZE=$((SIZE / 2))
