@@ -204,10 +204,23 @@ pub enum DiskCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
-    /// Import a raw image file (sparse input stays sparse).
+    /// Import an image: a raw or qcow2 file (told apart by content; a qcow2 is flattened
+    /// through its backing chain), or a Longhorn replica directory. Holes stay holes.
     Add {
         name: String,
-        file: PathBuf,
+        #[arg(required_unless_present = "from_longhorn_replica")]
+        file: Option<PathBuf>,
+        /// Build the image from this Longhorn replica directory (volume.meta, volume-head-*.img,
+        /// volume-snap-*.img, their .meta files, the backing file), offline.
+        #[arg(long, value_name = "DIR", conflicts_with = "file")]
+        from_longhorn_replica: Option<PathBuf>,
+        /// With --from-longhorn-replica: the replica as of this snapshot (default: its head).
+        #[arg(long, value_name = "SNAP", requires = "from_longhorn_replica")]
+        snapshot: Option<String>,
+        /// With --from-longhorn-replica: the backing file to use instead of the one
+        /// volume.meta records (a replica copied from another node).
+        #[arg(long, value_name = "PATH", requires = "from_longhorn_replica")]
+        backing_file: Option<PathBuf>,
         /// On how many distinct disks to store the image (default: the pool's `copies`
         /// setting, 1 unless changed with `imgpool config set copies N`).
         #[arg(long)]
@@ -1081,16 +1094,31 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
         ImageCommand::Add {
             name,
             file,
+            from_longhorn_replica,
+            snapshot,
+            backing_file,
             copies,
             json,
         } => {
             let bar = progress_bar();
-            let imported = pool.add_image(&name, &file, copies, &mut |done, total| {
+            let mut progress = |done, total| {
                 if let Some(bar) = &bar {
                     bar.set_length(total);
                     bar.set_position(done);
                 }
-            });
+            };
+            let imported = match (file, from_longhorn_replica) {
+                (_, Some(dir)) => pool.add_longhorn_replica(
+                    &name,
+                    &dir,
+                    snapshot.as_deref(),
+                    backing_file.as_deref(),
+                    copies,
+                    &mut progress,
+                ),
+                (Some(file), None) => pool.add_image(&name, &file, copies, &mut progress),
+                (None, None) => unreachable!("clap requires FILE or --from-longhorn-replica"),
+            };
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }

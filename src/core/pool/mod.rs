@@ -16,6 +16,7 @@ use crate::format::clock::now;
 mod disks;
 mod holders;
 mod images;
+mod imports;
 mod mounts;
 mod volumes;
 
