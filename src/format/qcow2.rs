@@ -190,7 +190,7 @@ impl Qcow2 {
             }
             incompatible = be64(&head, 72);
             let len = be32(&head, 100) as usize;
-            if len < 104 || len > head.len() || len % 8 != 0 {
+            if len < 104 || len > head.len() || !len.is_multiple_of(8) {
                 return Err(corrupt(path, format!("header length {len}")));
             }
             if incompatible & INCOMPAT_COMPRESSION_TYPE != 0 {
@@ -243,7 +243,7 @@ impl Qcow2 {
                 format!("its L1 table has {l1_size} entries, the disk needs {needed_l1}"),
             ));
         }
-        if l1_offset % cluster_size != 0
+        if !l1_offset.is_multiple_of(cluster_size)
             || l1_offset
                 .checked_add(l1_size * 8)
                 .is_none_or(|end| end > file_len)
@@ -373,7 +373,7 @@ impl Qcow2 {
             }
         }
         let cluster = self.cluster_size();
-        if at % cluster != 0 || at + cluster > self.file_len {
+        if !at.is_multiple_of(cluster) || at + cluster > self.file_len {
             return Err(io_corrupt(
                 &self.path,
                 format!("an L2 table at {at} is misaligned or past the end of the file"),
@@ -410,7 +410,7 @@ impl Qcow2 {
             return Ok((Piece::Compressed(entry, pos - cluster_start), cluster_end));
         }
         let host = entry & OFFSET_MASK;
-        if host % cluster != 0 {
+        if !host.is_multiple_of(cluster) {
             return Err(io_corrupt(
                 &self.path,
                 format!("the cluster at guest offset {cluster_start} is misaligned"),
