@@ -50,7 +50,7 @@ struct DiskMeta {
 
 /// The bottom of a replica's chain: its backing file.
 enum BackingLayer {
-    Raw(File),
+    Raw { file: File, len: u64 },
     Qcow2(Box<Qcow2>),
 }
 
@@ -272,7 +272,7 @@ impl Replica {
         let mut files: Vec<(PathBuf, &File)> =
             self.layers.iter().map(|(p, f)| (p.clone(), f)).collect();
         match &self.backing {
-            Some((path, BackingLayer::Raw(file))) => files.push((path.clone(), file)),
+            Some((path, BackingLayer::Raw { file, .. })) => files.push((path.clone(), file)),
             Some((_, BackingLayer::Qcow2(q))) => files.extend(q.chain_files()),
             None => {}
         }
@@ -281,10 +281,7 @@ impl Replica {
 
     fn backing_source(&self) -> Option<(&dyn SparseSource, u64)> {
         match &self.backing {
-            Some((_, BackingLayer::Raw(file))) => {
-                let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-                Some((file, len))
-            }
+            Some((_, BackingLayer::Raw { file, len })) => Some((file, *len)),
             Some((_, BackingLayer::Qcow2(q))) => Some((q.as_ref(), q.size())),
             None => None,
         }
@@ -413,7 +410,8 @@ fn open_backing(dir: &Path, path: &Path) -> Result<(PathBuf, BackingLayer)> {
     {
         BackingLayer::Qcow2(Box::new(Qcow2::open(&file_path)?))
     } else {
-        BackingLayer::Raw(file)
+        let len = qcow2::length(&file, &file_path)?;
+        BackingLayer::Raw { file, len }
     };
     Ok((file_path, layer))
 }

@@ -147,13 +147,14 @@ impl Qcow2 {
         }
         let file = File::open(path)
             .map_err(|e| Error::io(format!("cannot open qcow2 image {}", path.display()), e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
-            .len();
-        let mut head = vec![0u8; 4096.min(file_len as usize)];
-        sparse::read_full_at(&file, &mut head, 0)
-            .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+        let file_len = length(&file, path)?;
+        let read_head = |len: u64| -> Result<Vec<u8>> {
+            let mut head = vec![0u8; len.min(file_len) as usize];
+            sparse::read_full_at(&file, &mut head, 0)
+                .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
+            Ok(head)
+        };
+        let mut head = read_head(4096)?;
         if head.len() < 72 || head[..4] != MAGIC {
             return Err(corrupt(path, "no qcow2 header"));
         }
@@ -172,6 +173,10 @@ impl Qcow2 {
             return Err(corrupt(path, format!("cluster_bits {cluster_bits}")));
         }
         let cluster_size = 1u64 << cluster_bits;
+        // The header, its extensions and the backing file name fill at most the first cluster.
+        if cluster_size > head.len() as u64 {
+            head = read_head(cluster_size)?;
+        }
         if crypt_method != 0 {
             let how = if crypt_method == 1 { "AES" } else { "LUKS" };
             return Err(Error::refused(
@@ -330,10 +335,7 @@ impl Qcow2 {
                 depth + 1,
             )?)))
         } else {
-            let size = file
-                .metadata()
-                .map_err(|e| Error::io(format!("cannot stat {}", path.display()), e))?
-                .len();
+            let size = length(&file, &path)?;
             Ok(Backing::Raw { path, file, size })
         }
     }
@@ -545,6 +547,15 @@ impl Qcow2 {
             Backing::Qcow2(q) => Some(q.as_ref()),
         }
     }
+}
+
+/// The length of a file or block device (whose `st_size` is 0): where its end is.
+pub fn length(file: &File, path: &Path) -> Result<u64> {
+    use std::io::Seek;
+    let mut handle = file;
+    handle
+        .seek(io::SeekFrom::End(0))
+        .map_err(|e| Error::io(format!("cannot read the size of {}", path.display()), e))
 }
 
 /// Whether `piece` at `pos` continues the run that began with `run` at `run_start`.
