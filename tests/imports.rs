@@ -249,12 +249,27 @@ fn qcow2_images_import_to_the_bytes_qemu_reads_and_store_only_their_data() {
     pool.add_image("raw", &raw_named_qcow2, 1);
     assert_image_is(&pool, "raw", &expected[..8 * MIB as usize]);
 
-    // Read back through the mount by a real client.
+    // Read back through the mount by a real client; and a qcow2 on a block device (a loop
+    // device here, LVM in real life), whose st_size is 0.
     if can_mount("qcow2 import read back through the mount") {
+        let device = LoopDevice(attach_loop(&flat));
+        pool.add_image("on-device", Path::new(&device.0), 1);
+        assert_image_is(&pool, "on-device", &expected);
+        drop(device);
+
         let mount = pool.mount();
         assert_eq!(sha512sum(&mount.image("chain")), sha512_hex(&expected));
         assert_eq!(sha512sum(&mount.image("zstd")), sha512_hex(&expected));
         mount.unmount();
+    }
+}
+
+/// A loop device the test attached; detached on drop, also when the test fails.
+struct LoopDevice(String);
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.0).status();
     }
 }
 
