@@ -482,7 +482,8 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The compressed cluster a descriptor names, decompressed.
+    /// The compressed cluster a descriptor names, decompressed (the last one is kept: a read
+    /// that starts or ends inside a cluster asks for it twice).
     fn decompress(&self, descriptor: u64) -> io::Result<Arc<Vec<u8>>> {
         let mut cache = self.cluster_cache.lock().unwrap();
         if let Some((d, data)) = cache.as_ref() {
@@ -490,6 +491,15 @@ impl Qcow2 {
                 return Ok(data.clone());
             }
         }
+        let mut out = vec![0u8; self.cluster_size() as usize];
+        self.inflate_into(descriptor, &mut out)?;
+        let data = Arc::new(out);
+        *cache = Some((descriptor, data.clone()));
+        Ok(data)
+    }
+
+    /// Decompresses the cluster a descriptor names into `out` (one cluster long).
+    fn inflate_into(&self, descriptor: u64, out: &mut [u8]) -> io::Result<()> {
         let size_shift = 62 - (self.cluster_bits - 8);
         let offset = descriptor & ((1 << size_shift) - 1);
         let sectors = ((descriptor >> size_shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1;
@@ -497,7 +507,6 @@ impl Qcow2 {
         let mut input = vec![0u8; stored as usize];
         let got = sparse::read_full_at(&self.file, &mut input, offset)?;
         input.truncate(got);
-        let mut out = vec![0u8; self.cluster_size() as usize];
         let bad = |what: String| {
             io_corrupt(
                 &self.path,
@@ -509,7 +518,7 @@ impl Qcow2 {
                 // qcow2 stores raw deflate streams (no zlib header).
                 let mut inflate = flate2::Decompress::new(false);
                 inflate
-                    .decompress(&input, &mut out, flate2::FlushDecompress::Finish)
+                    .decompress(&input, out, flate2::FlushDecompress::Finish)
                     .map_err(|e| bad(e.to_string()))?;
                 if inflate.total_out() != out.len() as u64 {
                     return Err(bad(format!(
@@ -522,14 +531,80 @@ impl Qcow2 {
             Compression::Zstd => {
                 let mut decoder = ruzstd::decoding::StreamingDecoder::new(&input[..])
                     .map_err(|e| bad(e.to_string()))?;
-                decoder
-                    .read_exact(&mut out)
-                    .map_err(|e| bad(e.to_string()))?;
+                decoder.read_exact(out).map_err(|e| bad(e.to_string()))?;
             }
         }
-        let data = Arc::new(out);
-        *cache = Some((descriptor, data.clone()));
-        Ok(data)
+        Ok(())
+    }
+
+    /// Decompresses whole clusters into their places, on as many threads as there are cores
+    /// (at most 4): inflating is what bounds a compressed image's import, and a read covers
+    /// many clusters. QEMU decompresses on a thread pool too.
+    fn inflate_all(&self, jobs: &mut [(u64, &mut [u8])]) -> io::Result<()> {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 4)
+            .min(jobs.len());
+        if threads <= 1 {
+            return jobs
+                .iter_mut()
+                .try_for_each(|(descriptor, out)| self.inflate_into(*descriptor, out));
+        }
+        let per_thread = jobs.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = jobs
+                .chunks_mut(per_thread)
+                .map(|share| {
+                    scope.spawn(move || {
+                        share
+                            .iter_mut()
+                            .try_for_each(|(descriptor, out)| self.inflate_into(*descriptor, out))
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|worker| worker.join().expect("an inflate thread panicked"))
+        })
+    }
+
+    /// Fills `out` (guest bytes from `start`) from one run that is not a whole compressed
+    /// cluster.
+    fn read_run(&self, piece: Piece, start: u64, out: &mut [u8]) -> io::Result<()> {
+        match piece {
+            Piece::Zero => out.fill(0),
+            Piece::Data(host) => {
+                if sparse::read_full_at(&self.file, out, host)? != out.len() {
+                    return Err(io_corrupt(
+                        &self.path,
+                        format!("data of guest offset {start} is past the end of the file"),
+                    ));
+                }
+            }
+            Piece::Compressed(descriptor, into) => {
+                let data = self.decompress(descriptor)?;
+                let into = into as usize;
+                out.copy_from_slice(&data[into..into + out.len()]);
+            }
+            Piece::Backing => {
+                let from_backing = self
+                    .backing_size()
+                    .saturating_sub(start)
+                    .min(out.len() as u64) as usize;
+                let (below, past) = out.split_at_mut(from_backing);
+                if let Some(backing) = self.backing_source() {
+                    let got = backing.read_full_at(below, start)?;
+                    if got != below.len() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("the backing file of {} ended early", self.path.display()),
+                        ));
+                    }
+                }
+                past.fill(0);
+            }
+        }
+        Ok(())
     }
 
     fn backing_size(&self) -> u64 {
@@ -653,47 +728,27 @@ impl SparseSource for Qcow2 {
             return Ok(0);
         }
         let end = (offset + buf.len() as u64).min(self.size);
-        let cluster = self.cluster_size();
-        let mut done = 0usize;
+        let mut runs = Vec::new();
         self.runs(offset, end, |piece, start, stop| {
-            let out = &mut buf[(start - offset) as usize..(stop - offset) as usize];
-            match piece {
-                Piece::Zero => out.fill(0),
-                Piece::Data(host) => {
-                    if sparse::read_full_at(&self.file, out, host)? != out.len() {
-                        return Err(io_corrupt(
-                            &self.path,
-                            format!("data of guest offset {start} is past the end of the file"),
-                        ));
-                    }
-                }
-                Piece::Compressed(descriptor, into) => {
-                    let data = self.decompress(descriptor)?;
-                    let into = into as usize;
-                    debug_assert!(into as u64 + out.len() as u64 <= cluster);
-                    out.copy_from_slice(&data[into..into + out.len()]);
-                }
-                Piece::Backing => {
-                    let from_backing = self
-                        .backing_size()
-                        .saturating_sub(start)
-                        .min(out.len() as u64) as usize;
-                    let (below, past) = out.split_at_mut(from_backing);
-                    if let Some(backing) = self.backing_source() {
-                        let got = backing.read_full_at(below, start)?;
-                        if got != below.len() {
-                            return Err(io::Error::new(
-                                io::ErrorKind::UnexpectedEof,
-                                format!("the backing file of {} ended early", self.path.display()),
-                            ));
-                        }
-                    }
-                    past.fill(0);
-                }
-            }
-            done = (stop - offset) as usize;
+            runs.push((piece, start, stop));
             Ok(())
         })?;
-        Ok(done)
+        // Each run gets its own slice of `buf`; whole compressed clusters are inflated last,
+        // together.
+        let cluster = self.cluster_size();
+        let mut rest = &mut buf[..(end - offset) as usize];
+        let mut whole_clusters = Vec::new();
+        for (piece, start, stop) in runs {
+            let (out, tail) = std::mem::take(&mut rest).split_at_mut((stop - start) as usize);
+            rest = tail;
+            match piece {
+                Piece::Compressed(descriptor, 0) if out.len() as u64 == cluster => {
+                    whole_clusters.push((descriptor, out))
+                }
+                _ => self.read_run(piece, start, out)?,
+            }
+        }
+        self.inflate_all(&mut whole_clusters)?;
+        Ok((end - offset) as usize)
     }
 }
