@@ -391,6 +391,12 @@ fn bad_qcow2_files_are_refused_with_one_line_and_change_nothing() {
         &[(72, &(1u64 << 9).to_be_bytes())],
     ));
     assert!(line.contains("incompatible feature bit 9"), "{line}");
+    // Compression types beyond zlib (0) and zstd (1): the type byte follows the v3 header.
+    let line = refused(&copy_with(
+        "lz.qcow2",
+        &[(72, &(1u64 << 3).to_be_bytes()), (104, &[2])],
+    ));
+    assert!(line.contains("compression type 2"), "{line}");
     let external = dir.join("external.qcow2");
     qemu(
         "qemu-img",
@@ -592,6 +598,30 @@ fn longhorn_replicas_import_as_their_merged_chain_at_the_head_and_at_a_snapshot(
         s(&moved),
     ]);
     assert_image_is(&pool, "moved", &replica.expected(3));
+    // A qcow2 backing file, as Longhorn also takes.
+    let as_qcow2 = pool.path("backing.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            s(&moved),
+            s(&as_qcow2),
+        ],
+    );
+    pool.ok(&[
+        "image",
+        "add",
+        "over-qcow2",
+        "--from-longhorn-replica",
+        dir,
+        "--backing-file",
+        s(&as_qcow2),
+    ]);
+    assert_image_is(&pool, "over-qcow2", &replica.expected(3));
 }
 
 #[test]
