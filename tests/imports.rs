@@ -359,6 +359,15 @@ fn bad_qcow2_files_are_refused_with_one_line_and_change_nothing() {
         "{line}"
     );
 
+    let line = refused(&copy_with(
+        "huge.qcow2",
+        &[(24, &(1u64 << 60).to_be_bytes())],
+    ));
+    assert!(
+        line.contains("damaged qcow2") && line.contains("virtual size"),
+        "{line}"
+    );
+
     // A table entry pointing past the end of the file is found while copying.
     let l1_offset = {
         let mut b = [0u8; 8];

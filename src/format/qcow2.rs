@@ -18,6 +18,8 @@ pub const MAGIC: [u8; 4] = *b"QFI\xfb";
 
 /// How long a backing chain may be before we call it a loop.
 const MAX_CHAIN: usize = 64;
+/// The most L1 entries QEMU writes or reads (`QCOW_MAX_L1_SIZE`, 32 MiB of entries).
+const MAX_L1_ENTRIES: u64 = (32 << 20) / 8;
 
 /// Incompatible feature bits (header bytes 72..80, version 3).
 const INCOMPAT_DIRTY: u64 = 1 << 0;
@@ -242,6 +244,10 @@ impl Qcow2 {
         let entry_bytes: u64 = if extended { 16 } else { 8 };
         let l2_entries = cluster_size / entry_bytes;
         let needed_l1 = size.div_ceil(cluster_size * l2_entries);
+        // QEMU's own bound on the L1 table (32 MiB), which also bounds what we allocate.
+        if needed_l1 > MAX_L1_ENTRIES {
+            return Err(corrupt(path, format!("a virtual size of {size} bytes")));
+        }
         if l1_size < needed_l1 {
             return Err(corrupt(
                 path,
