@@ -224,6 +224,46 @@ fn qcow2_images_import_to_the_bytes_qemu_reads_and_store_only_their_data() {
             (0x43, 63 * MIB, 4096),
         ],
     );
+    // Compressed clusters over a raw backing file whose data ends 4 KiB before them: the
+    // extent starts mid-cluster, so the import's 1 MiB reads end inside compressed clusters.
+    let raw_base = dir.join("raw-base.img");
+    let f = File::create(&raw_base).unwrap();
+    f.set_len(16 * MIB).unwrap();
+    f.write_all_at(&[0x51; 4096], 60 << 10).unwrap();
+    f.write_all_at(&[0x52; 8192], 5 * MIB).unwrap();
+    let over_raw = dir.join("over-raw.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "raw-base.img",
+            "-F",
+            "raw",
+            s(&over_raw),
+        ],
+    );
+    qemu_write(&over_raw, &[(0x61, 64 << 10, 3 * MIB)]);
+    let compressed_over_raw = dir.join("compressed-over-raw.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-O",
+            "qcow2",
+            "-B",
+            "raw-base.img",
+            "-F",
+            "raw",
+            s(&over_raw),
+            s(&compressed_over_raw),
+        ],
+    );
+
     // The format comes from the content: a qcow2 named like a raw file.
     let misnamed = dir.join("disk.raw");
     fs::copy(&flat, &misnamed).unwrap();
@@ -242,6 +282,12 @@ fn qcow2_images_import_to_the_bytes_qemu_reads_and_store_only_their_data() {
     }
     pool.add_image("extended", &extended, 1);
     assert_image_is(&pool, "extended", &qemu_raw(&extended));
+    pool.add_image("compressed-over-raw", &compressed_over_raw, 1);
+    assert_image_is(
+        &pool,
+        "compressed-over-raw",
+        &qemu_raw(&compressed_over_raw),
+    );
 
     // A raw file named like a qcow2 stays raw: its bytes are the image.
     let raw_named_qcow2 = dir.join("really-raw.qcow2");
