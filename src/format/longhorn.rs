@@ -65,17 +65,13 @@ pub struct Replica {
     owners: Vec<(u64, u64, usize)>,
 }
 
-fn refused(kind: ErrorKind, message: String) -> Error {
-    Error::refused(kind, message)
-}
-
 /// The replica's `volume.meta`; a directory without one is not a replica.
 fn read_volume_meta(dir: &Path) -> Result<VolumeMeta> {
     let path = dir.join(VOLUME_META);
     let text = match std::fs::read(&path) {
         Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(refused(
+            return Err(Error::refused(
                 ErrorKind::InvalidInput,
                 format!(
                     "{} is not a Longhorn replica directory: it has no {VOLUME_META}",
@@ -86,7 +82,7 @@ fn read_volume_meta(dir: &Path) -> Result<VolumeMeta> {
         Err(e) => return Err(Error::io(format!("cannot read {}", path.display()), e)),
     };
     serde_json::from_slice(&text).map_err(|e| {
-        refused(
+        Error::refused(
             ErrorKind::Corrupt,
             format!(
                 "{} is not a Longhorn replica's {VOLUME_META} ({e}); Longhorn rewrites it when the replica starts",
@@ -99,7 +95,8 @@ fn read_volume_meta(dir: &Path) -> Result<VolumeMeta> {
 impl Replica {
     /// Opens the replica in `dir` as of `snapshot` (that snapshot and its ancestors), or as of
     /// its head. `backing_override` replaces the backing file path `volume.meta` records (the
-    /// engine gets it from its command line; a directory is copied elsewhere). Refuses a
+    /// engine gets it from its command line, so a directory copied from another node names a
+    /// path of that node). Refuses a
     /// directory that is not a replica, one being rebuilt, in error or encrypted, a chain with a
     /// missing link, an unknown snapshot.
     pub fn open(
@@ -108,7 +105,7 @@ impl Replica {
         backing_override: Option<&Path>,
     ) -> Result<Replica> {
         if !dir.is_dir() {
-            return Err(refused(
+            return Err(Error::refused(
                 ErrorKind::InvalidInput,
                 format!(
                     "{} is not a directory: give a Longhorn replica directory",
@@ -118,7 +115,7 @@ impl Replica {
         }
         let volume = read_volume_meta(dir)?;
         if volume.rebuilding {
-            return Err(refused(
+            return Err(Error::refused(
                 ErrorKind::Conflict,
                 format!(
                     "the Longhorn replica in {} is being rebuilt ({VOLUME_META} says Rebuilding), so its layers are incomplete: import a healthy replica",
@@ -127,7 +124,7 @@ impl Replica {
             ));
         }
         if !volume.error.is_empty() {
-            return Err(refused(
+            return Err(Error::refused(
                 ErrorKind::Conflict,
                 format!(
                     "the Longhorn replica in {} is in error ({:?}): import a healthy replica",
@@ -137,7 +134,7 @@ impl Replica {
             ));
         }
         if volume.encrypted {
-            return Err(refused(
+            return Err(Error::refused(
                 ErrorKind::InvalidInput,
                 format!(
                     "the Longhorn replica in {} is encrypted: its layers hold ciphertext, which imgpool does not decrypt",
@@ -146,7 +143,7 @@ impl Replica {
             ));
         }
         if volume.size == 0 {
-            return Err(refused(
+            return Err(Error::refused(
                 ErrorKind::Corrupt,
                 format!("{} records a size of 0", dir.join(VOLUME_META).display()),
             ));
@@ -164,7 +161,7 @@ impl Replica {
                     };
                     match disks.get(&disk) {
                         Some(meta) if meta.removed => {
-                            return Err(refused(
+                            return Err(Error::refused(
                                 ErrorKind::NotFound,
                                 format!(
                                     "snapshot '{name}' of the replica in {} was removed",
@@ -181,7 +178,7 @@ impl Replica {
                                     d.strip_prefix(SNAPSHOT_PREFIX)?.strip_suffix(DISK_SUFFIX)
                                 })
                                 .collect();
-                            return Err(refused(
+                            return Err(Error::refused(
                                 ErrorKind::NotFound,
                                 format!(
                                 "the replica in {} has no snapshot '{name}' (its snapshots: {})",
@@ -194,7 +191,7 @@ impl Replica {
                 }
             };
         if top.is_empty() {
-            return Err(refused(
+            return Err(Error::refused(
                 ErrorKind::Corrupt,
                 format!("{} names no Head", dir.join(VOLUME_META).display()),
             ));
@@ -207,7 +204,7 @@ impl Replica {
         let mut child: Option<String> = None;
         while !current.is_empty() {
             if !seen.insert(current.clone()) {
-                return Err(refused(
+                return Err(Error::refused(
                     ErrorKind::Corrupt,
                     format!(
                         "the chain of the replica in {} loops at {current}",
@@ -220,7 +217,7 @@ impl Replica {
                 None => format!("{VOLUME_META} names it as the head"),
             };
             let Some(meta) = disks.get(&current) else {
-                return Err(refused(
+                return Err(Error::refused(
                     ErrorKind::Corrupt,
                     format!(
                         "the chain of the replica in {} is broken: {current}{META_SUFFIX} is missing ({named_by})",
@@ -230,7 +227,7 @@ impl Replica {
             };
             let path = dir.join(&current);
             let file = File::open(&path).map_err(|e| {
-                refused(
+                Error::refused(
                     ErrorKind::Corrupt,
                     format!(
                         "the chain of the replica in {} is broken: {current} cannot be opened ({e}; {named_by})",
@@ -356,7 +353,7 @@ fn read_disk_metas(dir: &Path) -> Result<BTreeMap<String, DiskMeta>> {
         let text = std::fs::read(&path)
             .map_err(|e| Error::io(format!("cannot read {}", path.display()), e))?;
         let meta: DiskMeta = serde_json::from_slice(&text).map_err(|e| {
-            refused(
+            Error::refused(
                 ErrorKind::Corrupt,
                 format!(
                     "{} is not a Longhorn layer's metadata ({e})",
@@ -373,7 +370,7 @@ fn read_disk_metas(dir: &Path) -> Result<BTreeMap<String, DiskMeta>> {
 /// that file; qcow2 or raw by content.
 fn open_backing(dir: &Path, path: &Path) -> Result<(PathBuf, BackingLayer)> {
     let missing = |why: String| {
-        refused(
+        Error::refused(
             ErrorKind::NotFound,
             format!(
                 "the backing file {} of the replica in {} {why}: pass the image's path with --backing-file",
