@@ -96,9 +96,8 @@ impl Replica {
     /// Opens the replica in `dir` as of `snapshot` (that snapshot and its ancestors), or as of
     /// its head. `backing_override` replaces the backing file path `volume.meta` records (the
     /// engine gets it from its command line, so a directory copied from another node names a
-    /// path of that node). Refuses a
-    /// directory that is not a replica, one being rebuilt, in error or encrypted, a chain with a
-    /// missing link, an unknown snapshot.
+    /// path of that node). Refuses a directory that is not a replica, one being rebuilt, in
+    /// error or encrypted, a chain with a missing link, an unknown snapshot.
     pub fn open(
         dir: &Path,
         snapshot: Option<&str>,
