@@ -759,3 +759,86 @@ fn longhorn_replicas_that_are_not_whole_or_not_at_rest_are_refused() {
         "{line}"
     );
 }
+
+/// Flips a byte of the only copy of `name` where it holds data, as a rotting disk would.
+fn rot(pool: &TestPool, name: &str, at: u64) {
+    let info = pool.json(&["image", "show", name]);
+    let path = PathBuf::from(info["copies"][0]["path"].as_str().unwrap());
+    let mut perms = fs::metadata(&path).unwrap().permissions();
+    #[allow(clippy::permissions_set_readonly_false)]
+    perms.set_readonly(false);
+    fs::set_permissions(&path, perms).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, at).unwrap();
+    file.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+}
+
+#[test]
+fn a_rotten_copy_comes_back_from_its_qcow2_source_but_not_from_a_replica() {
+    let pool = TestPool::new(2);
+    let dir = pool.path("images");
+    fs::create_dir(&dir).unwrap();
+    let base = dir.join("base.qcow2");
+    qemu("qemu-img", &["create", "-q", "-f", "qcow2", s(&base), "8M"]);
+    qemu_write(&base, &[(0x71, 0, MIB)]);
+    let top = dir.join("top.qcow2");
+    qemu(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ],
+    );
+    qemu_write(&top, &[(0x72, 4 * MIB, 64 << 10)]);
+    pool.add_image("from-qcow2", &top, 1);
+    let replica = ReplicaFixture::new(pool.dir.path());
+    pool.ok(&[
+        "image",
+        "add",
+        "from-replica",
+        "--from-longhorn-replica",
+        s(&replica.dir),
+    ]);
+    let replica_bytes = replica.expected(3);
+    let data_at = replica_bytes.iter().position(|&b| b != 0).unwrap() as u64;
+
+    rot(&pool, "from-qcow2", 100);
+    rot(&pool, "from-replica", data_at);
+    assert_eq!(
+        pool.run(&["scrub"]).status.code(),
+        Some(1),
+        "scrub finds both"
+    );
+    let out = pool.run(&["repair"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+
+    // The qcow2 file (through its backing file) is read again, by the qcow2 reader.
+    assert_image_is(&pool, "from-qcow2", &qemu_raw(&top));
+    assert_eq!(
+        pool.json(&["image", "show", "from-qcow2"])["state"],
+        json!("ready")
+    );
+    // A replica is no file to read again (and its head moves on): the repair says so.
+    assert!(
+        stderr.contains("(longhorn replica")
+            && stderr.contains("not a file the repair can read again"),
+        "{stderr}"
+    );
+    assert_eq!(
+        pool.json(&["image", "show", "from-replica"])["state"],
+        json!("degraded")
+    );
+}

@@ -50,6 +50,14 @@ pub fn is_qcow2(file: &File) -> io::Result<bool> {
     Ok(sparse::read_full_at(file, &mut magic, 0)? == 4 && magic == MAGIC)
 }
 
+/// The virtual size a qcow2 file's header states, without checking the rest; `None` for a file
+/// that is not qcow2.
+pub fn virtual_size(file: &File) -> io::Result<Option<u64>> {
+    let mut head = [0u8; 32];
+    let got = sparse::read_full_at(file, &mut head, 0)?;
+    Ok((got == head.len() && head[..4] == MAGIC).then(|| be64(&head, 24)))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Compression {
     Zlib,
