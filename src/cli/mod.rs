@@ -240,17 +240,27 @@ pub enum DiskCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
-    /// Import a raw image file (sparse input stays sparse), or make an image of a volume.
+    /// Import an image: a raw or qcow2 file (told apart by content; a qcow2 is flattened
+    /// through its backing chain), a Longhorn replica directory, or a volume of the pool.
+    /// Holes stay holes.
     Add {
         name: String,
-        #[arg(
-            required_unless_present = "from_volume",
-            conflicts_with = "from_volume"
-        )]
+        #[arg(required_unless_present_any = ["from_longhorn_replica", "from_volume"])]
         file: Option<PathBuf>,
+        /// Build the image from this Longhorn replica directory (volume.meta, volume-head-*.img,
+        /// volume-snap-*.img, their .meta files, the backing file), offline.
+        #[arg(long, value_name = "DIR", conflicts_with_all = ["file", "from_volume"])]
+        from_longhorn_replica: Option<PathBuf>,
+        /// With --from-longhorn-replica: the replica as of this snapshot (default: its head).
+        #[arg(long, value_name = "SNAP", requires = "from_longhorn_replica")]
+        snapshot: Option<String>,
+        /// With --from-longhorn-replica: the backing file to use instead of the one
+        /// volume.meta records (a replica copied from another node).
+        #[arg(long, value_name = "PATH", requires = "from_longhorn_replica")]
+        backing_file: Option<PathBuf>,
         /// Make the image of a volume as it is now, or at a snapshot (VOLUME@SNAP): its base
         /// image and what it wrote, merged; holes and zero blocks are not stored.
-        #[arg(long, value_name = "VOLUME[@SNAP]")]
+        #[arg(long, value_name = "VOLUME[@SNAP]", conflicts_with = "file")]
         from_volume: Option<String>,
         /// On how many distinct disks to store the image (default: the pool's `copies`
         /// setting, 1 unless changed with `imgpool config set copies N`).
@@ -1235,6 +1245,9 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
             name,
             file,
             from_volume,
+            from_longhorn_replica,
+            snapshot,
+            backing_file,
             copies,
             json,
         } => {
@@ -1245,8 +1258,8 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                     bar.set_position(done);
                 }
             };
-            let imported = match (file, from_volume) {
-                (_, Some(target)) => export::parse_target(&target).and_then(|(volume, snap)| {
+            let imported = match (file, from_longhorn_replica, from_volume) {
+                (_, _, Some(target)) => export::parse_target(&target).and_then(|(volume, snap)| {
                     let export = export::Export {
                         pool: &pool,
                         state_dir,
@@ -1256,8 +1269,18 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                     };
                     export.run(snap, &mut progress)
                 }),
-                (Some(file), None) => pool.add_image(&name, &file, copies, &mut progress),
-                (None, None) => unreachable!("clap requires FILE or --from-volume"),
+                (_, Some(dir), None) => pool.add_longhorn_replica(
+                    &name,
+                    &dir,
+                    snapshot.as_deref(),
+                    backing_file.as_deref(),
+                    copies,
+                    &mut progress,
+                ),
+                (Some(file), None, None) => pool.add_image(&name, &file, copies, &mut progress),
+                (None, None, None) => {
+                    unreachable!("clap requires FILE, --from-longhorn-replica or --from-volume")
+                }
             };
             if let Some(bar) = bar {
                 bar.finish_and_clear();

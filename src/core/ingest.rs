@@ -25,14 +25,14 @@ pub struct Source {
 /// What a write to a file changes: its size, its mtime and its ctime (which, unlike the mtime,
 /// nobody can set back).
 #[derive(Debug, PartialEq, Eq)]
-struct Stamp {
+pub(crate) struct Stamp {
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
 }
 
 impl Stamp {
-    fn of(meta: &Metadata) -> Stamp {
+    pub(crate) fn of(meta: &Metadata) -> Stamp {
         Stamp {
             size: meta.len(),
             mtime: (meta.mtime(), meta.mtime_nsec()),

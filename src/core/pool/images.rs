@@ -14,6 +14,7 @@ use crate::format::clock::now;
 use crate::format::digests::CHUNK_SIZE;
 use crate::format::layout::{CopyRecord, DiskLayout};
 use crate::format::names;
+use crate::format::qcow2;
 use crate::format::sparse::{CopyOutcome, SparseSource};
 
 /// Where an import reads an image from.
@@ -154,7 +155,7 @@ pub struct Imported {
 }
 
 impl Pool {
-    /// Imports the raw image `file` as `name`, stored on `copies` distinct disks (the pool's
+    /// Imports the image `file` (raw, or qcow2 by its content) as `name`, stored on `copies` distinct disks (the pool's
     /// default when `None`).
     pub fn add_image(
         &self,
@@ -165,6 +166,10 @@ impl Pool {
     ) -> Result<Imported> {
         names::check_image_name(name)?;
         let opened = open_source(file)?;
+        // The format is what the content says, never what the name suggests.
+        if qcow2::is_qcow2(&opened.file).ctx(|| format!("cannot read {}", file.display()))? {
+            return self.add_qcow2(name, file, copies, progress);
+        }
         let source = ImportSource {
             data: &opened.file,
             size: opened.size,

@@ -17,6 +17,7 @@ mod disks;
 mod export;
 mod holders;
 mod images;
+mod imports;
 mod mounts;
 mod volumes;
 

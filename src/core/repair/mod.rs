@@ -27,6 +27,7 @@ use crate::core::store::{CopyState, DiskRow, DiskState, ImageRow, ImageState};
 use crate::error::{Blame, CopyError, Error, ErrorKind, Result};
 use crate::format::clock;
 use crate::format::layout::DiskLayout;
+use crate::format::qcow2::{self, Qcow2};
 use crate::format::sparse;
 
 mod plan;
@@ -281,8 +282,21 @@ fn source_file(image: &ImageRow) -> SourceFile {
         return SourceFile::Unusable("its source file is unknown".into());
     };
     let path = std::path::PathBuf::from(source);
-    match std::fs::metadata(&path) {
-        Ok(meta) if meta.len() == image.size => SourceFile::Usable(path),
+    if !path.is_absolute() {
+        return SourceFile::Unusable(format!(
+            "its source ({source}) is not a file the repair can read again"
+        ));
+    }
+    // A qcow2 file holds the image at its virtual size. Only regular files are opened here (a
+    // FIFO put in the file's place would block the open).
+    let size = std::fs::metadata(&path).and_then(|meta| {
+        if !meta.is_file() {
+            return Ok(meta.len());
+        }
+        Ok(qcow2::virtual_size(&File::open(&path)?)?.unwrap_or(meta.len()))
+    });
+    match size {
+        Ok(size) if size == image.size => SourceFile::Usable(path),
         Ok(_) => SourceFile::Unusable(format!("its source {source} has another size")),
         Err(e) => SourceFile::Unusable(format!("its source {source} cannot be read ({e})")),
     }
@@ -451,10 +465,32 @@ fn create_copy(
             error: CopyError::SourceRead(e),
         })
         .and_then(|from| {
+            // A qcow2 source holds the image through its format (and backing chain).
+            let qcow2 = match source {
+                Source::File(path) => qcow2::is_qcow2(&from)
+                    .and_then(|is| {
+                        is.then(|| {
+                            Qcow2::open(path).map_err(|e| std::io::Error::other(e.to_string()))
+                        })
+                        .transpose()
+                    })
+                    .map_err(|e| Error::Copy {
+                        image: image.name.clone(),
+                        disk: target.name.clone(),
+                        from: source_path.clone(),
+                        to: DiskLayout::new(&target.path).tmp_copy_path(&image.uuid),
+                        error: CopyError::SourceRead(e),
+                    })?,
+                Source::Copy(_) => None,
+            };
+            let data: &dyn sparse::SparseSource = match &qcow2 {
+                Some(image) => image,
+                None => &from,
+            };
             let outcome = ingest::write_copy(
                 target,
                 &pool.record_of(image),
-                &from,
+                data,
                 &source_path,
                 Some(image),
                 &mut |done, data| {
