@@ -259,7 +259,9 @@ pub enum ImageCommand {
         #[arg(long, value_name = "PATH", requires = "from_longhorn_replica")]
         backing_file: Option<PathBuf>,
         /// Make the image of a volume as it is now, or at a snapshot (VOLUME@SNAP): its base
-        /// image and what it wrote, merged; holes and zero blocks are not stored.
+        /// image and what it wrote, merged; holes and zero blocks are not stored. An
+        /// interrupted export of a snapshot resumes where it stopped; one of the live volume
+        /// starts over (the volume changed meanwhile): export a snapshot to make it resumable.
         #[arg(long, value_name = "VOLUME[@SNAP]", conflicts_with = "file")]
         from_volume: Option<String>,
         /// On how many distinct disks to store the image (default: the pool's `copies`

@@ -215,6 +215,18 @@ impl Pool {
                 .position(|d| ingest::partial_done(d, key, size).is_some_and(|done| done > 0))
             {
                 targets.swap(0, at);
+            } else if let Some(elsewhere) = self
+                .store
+                .disks()?
+                .into_iter()
+                .find(|d| ingest::partial_done(d, key, size).is_some_and(|done| done > 0))
+            {
+                tracing::warn!(
+                    image = name,
+                    disk = %elsewhere.name,
+                    "an interrupted import of the same source on disk '{}' is not resumed: the image goes to other disks now (placement by free space), so it starts over",
+                    elsewhere.name
+                );
             }
         }
         let mut resumed_at = 0;
