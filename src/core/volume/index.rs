@@ -232,12 +232,15 @@ impl Index {
             .map(|e| e.map(|e| e as u64))
     }
 
-    /// The live version of a granule.
+    /// The live version of a granule: its newest, unless it died. One step down the key,
+    /// however many versions the snapshots keep of the granule.
     pub fn live(&self, granule: u64) -> rusqlite::Result<Option<Version>> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions WHERE granule = ?1 AND death IS NULL"
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE granule = ?1
+             ORDER BY birth DESC LIMIT 1"
         ))?;
-        stmt.query_row([granule as i64], version).optional()
+        let newest = stmt.query_row([granule as i64], version).optional()?;
+        Ok(newest.filter(|v| v.death.is_none()))
     }
 
     /// The version of a granule a snapshot at `epoch` sees.
@@ -362,6 +365,12 @@ impl Index {
             created,
             size,
         })
+    }
+
+    pub fn snapshot_count(&self) -> rusqlite::Result<usize> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
     }
 
     pub fn snapshots(&self) -> rusqlite::Result<Vec<Snapshot>> {

@@ -105,7 +105,7 @@ pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
     let index = Index::open(&files.index(), None).map_err(index_error)?;
     Ok(Summary {
         size: index.size().map_err(index_error)?,
-        snapshots: index.snapshots().map_err(index_error)?.len(),
+        snapshots: index.snapshot_count().map_err(index_error)?,
     })
 }
 
@@ -703,12 +703,22 @@ impl Volume {
         if !state.index.has_uncommitted() {
             return Ok(());
         }
-        if let Err(e) = self.data.sync() {
+        self.sync_data_locked(state)?;
+        self.commit_synced(state)
+    }
+
+    /// Makes the data file durable, so that the rows of the open transaction may commit.
+    fn sync_data_locked(&self, state: &mut State) -> io::Result<()> {
+        self.data.sync().inspect_err(|e| {
             // The kernel reports a failed writeback once: a later sync would pass and commit
             // rows pointing at data that never reached the disk.
             state.fail(format!("the data file could not be synced ({e})"));
-            return Err(e);
-        }
+        })
+    }
+
+    /// Commits the open transaction, whose data `sync_data_locked` made durable, and gives the
+    /// slots it freed back to the filesystem.
+    fn commit_synced(&self, state: &mut State) -> io::Result<()> {
         let freed = std::mem::take(&mut state.freed);
         // Reads that looked a freed slot up before it was freed finish first.
         let _reuse = (!freed.is_empty()).then(|| self.slot_reuse.write());
@@ -752,14 +762,19 @@ impl Volume {
     /// Takes a snapshot of every write that returned before the call: durable when it returns.
     pub fn snapshot(&self, name: &str, guid: &str, created: i64) -> io::Result<Snapshot> {
         let mut state = self.state.lock();
-        self.commit_locked(&mut state)?;
+        state.usable()?;
+        // The writes not yet committed and the snapshot's row commit in one transaction: one
+        // sync of the data file and one of the index, whatever the number of snapshots.
+        if state.index.has_uncommitted() {
+            self.sync_data_locked(&mut state)?;
+        }
         let snapshot = match state.index.create_snapshot(name, guid, created) {
             Ok(snapshot) => snapshot,
-            // Its name is taken (two creates of one name at once): nothing else changed.
+            // Its name is taken (two creates of one name at once): SQLite undid the failed
+            // statement alone, the writes before it stay in the transaction.
             Err(rusqlite::Error::SqliteFailure(f, _))
                 if f.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
-                state.index.abandon();
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
                     format!("a snapshot named '{name}' exists"),
@@ -767,7 +782,7 @@ impl Volume {
             }
             Err(e) => return Err(state.break_on(e)),
         };
-        state.index.commit().map_err(|e| state.break_on(e))?;
+        self.commit_synced(&mut state)?;
         state.newest_snapshot = Some(snapshot.epoch);
         state.live_epoch = snapshot.epoch + 1;
         Ok(snapshot)
