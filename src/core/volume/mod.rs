@@ -817,6 +817,16 @@ impl Volume {
         Ok(())
     }
 
+    /// Whether deleted snapshots left space to reclaim (a reclaim cut short by a crash, say).
+    pub fn reclaim_pending(&self) -> io::Result<bool> {
+        let state = self.state.lock();
+        Ok(!state
+            .index
+            .reclaim_windows()
+            .map_err(index_error)?
+            .is_empty())
+    }
+
     /// Frees up to one batch of versions that no snapshot sees any more; returns false when
     /// there was nothing left to reclaim.
     pub fn reclaim(&self) -> io::Result<bool> {
