@@ -731,14 +731,12 @@ impl Volume {
         for slot in &freed {
             self.data.punch(*slot, 0, BLOCKS_PER_GRANULE)?;
         }
-        if !freed.is_empty() {
-            state
-                .index
-                .mark_punched(&freed)
-                .map_err(|e| state.break_on(e))?;
-            state.index.commit().map_err(|e| state.break_on(e))?;
-        }
-        Ok(())
+        // Reusable from now on; recorded with the next commit (a crash before it leaves them
+        // to be punched again at the next open).
+        state
+            .index
+            .mark_punched(&freed)
+            .map_err(|e| state.break_on(e))
     }
 
     /// Grows the volume (durably).
@@ -829,39 +827,65 @@ impl Volume {
 
     /// Frees up to one batch of versions that no snapshot sees any more; returns false when
     /// there was nothing left to reclaim.
+    ///
+    /// The slots it frees are punched without the state lock, so that reads and writes go on
+    /// meanwhile (a batch's punches took most of a step, hundreds of milliseconds under load):
+    /// a free slot is handed out again only once it is marked punched.
     pub fn reclaim(&self) -> io::Result<bool> {
-        let mut state = self.state.lock();
-        if state.closed {
-            // Its writer let go of it: not a byte more.
-            return Ok(false);
-        }
-        self.commit_locked(&mut state)?;
-        let Some(window) = state
-            .index
-            .reclaim_windows()
-            .map_err(|e| state.break_on(e))?
-            .into_iter()
-            .next()
-        else {
-            return Ok(false);
-        };
-        let unseen = state
-            .index
-            .unseen_versions(&window, RECLAIM_BATCH)
-            .map_err(|e| state.break_on(e))?;
-        for v in &unseen {
-            state.index.delete(v).map_err(|e| state.break_on(e))?;
-            if let Some(slot) = v.slot {
-                state.freed.push(slot);
+        let freed = {
+            let mut state = self.state.lock();
+            if state.closed {
+                // Its writer let go of it: not a byte more.
+                return Ok(false);
             }
-        }
-        if unseen.len() < RECLAIM_BATCH {
+            self.commit_locked(&mut state)?;
+            let Some(window) = state
+                .index
+                .reclaim_windows()
+                .map_err(|e| state.break_on(e))?
+                .into_iter()
+                .next()
+            else {
+                return Ok(false);
+            };
+            let unseen = state
+                .index
+                .unseen_versions(&window, RECLAIM_BATCH)
+                .map_err(|e| state.break_on(e))?;
+            let mut freed = Vec::new();
+            for v in &unseen {
+                state.index.delete(v).map_err(|e| state.break_on(e))?;
+                freed.extend(v.slot);
+            }
+            if unseen.len() < RECLAIM_BATCH {
+                state
+                    .index
+                    .finish_window(window.id)
+                    .map_err(|e| state.break_on(e))?;
+            }
             state
                 .index
-                .finish_window(window.id)
+                .free_slots(&freed)
                 .map_err(|e| state.break_on(e))?;
+            self.commit_locked(&mut state)?;
+            // Reads that looked one of these slots up before its row went finish first; later
+            // ones cannot find it.
+            drop(self.slot_reuse.write());
+            freed
+        };
+        for slot in &freed {
+            self.data.punch(*slot, 0, BLOCKS_PER_GRANULE)?;
         }
-        self.commit_locked(&mut state)?;
+        let mut state = self.state.lock();
+        if state.usable().is_err() {
+            // Closed or broken meanwhile: the next open punches what is not marked.
+            return Ok(true);
+        }
+        // Committed with the next step, or the next flush.
+        state
+            .index
+            .mark_punched(&freed)
+            .map_err(|e| state.break_on(e))?;
         Ok(true)
     }
 
