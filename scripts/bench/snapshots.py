@@ -252,9 +252,10 @@ def cmd_report(a):
         say("")
         say(
             "| snapshots | batch rm s | loop (extrapolated) s | batch speed-up | listed after | reclaimed after s | "
-            "allocated before → after MiB | data file size | daemon writes MiB | read p99 ms quiet → reclaiming | read IOPS quiet → reclaiming |"
+            "allocated before → after MiB | data file size | daemon writes MiB | read IOPS quiet → deleting | "
+            "read p99 ms quiet → deleting | read p99.9 ms | read max ms |"
         )
-        say("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
+        say("|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
         for b in batches:
             v = b["volume"]
             count = b["count"]
@@ -267,8 +268,10 @@ def cmd_report(a):
                 f"{of('listed_after_batch', volume=v)[0]['left']} | {b['stats']['seconds'] + of('reclaim', volume=v)[0]['stats']['seconds']:.1f} | "
                 f"{space['allocated_before'] / 2**20:,.0f} → {space['allocated_after'] / 2**20:,.0f} | "
                 f"{'unchanged' if space['data_size_before'] == space['data_size_after'] else 'changed'} | "
-                f"{space['daemon_write_bytes'] / 2**20:,.1f} | {ms(quiet['p99_ms'])} → {ms(busy['p99_ms'])} | "
-                f"{quiet['iops']:,.0f} → {busy['iops']:,.0f} |"
+                f"{space['daemon_write_bytes'] / 2**20:,.1f} | {quiet['iops']:,.0f} → {busy['iops']:,.0f} | "
+                f"{ms(quiet['p99_ms'])} → {ms(busy['p99_ms'])} | "
+                f"{ms(quiet.get('p999_ms', float('nan')))} → {ms(busy.get('p999_ms', float('nan')))} | "
+                f"{ms(quiet.get('max_ms', float('nan')))} → {ms(busy.get('max_ms', float('nan')))} |"
             )
 
     chains = sorted({r["snapshots"] for r in of("chain")})

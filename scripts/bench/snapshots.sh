@@ -157,14 +157,16 @@ fio_stop() {
     wait "$FIO" || true
     BG=("${BG[@]/$FIO/}")
 }
-# p99 completion latency (ms) and IOPS of a finished fio read job.
+# IOPS and completion latencies (ms: p50, p99, p99.9, max) of a finished fio read job.
 fio_reads() {
     python3 - "$1" <<'EOF'
 import json, sys
 text = open(sys.argv[1]).read()
 job = json.loads(text[text.index("{"):])["jobs"][0]["read"]
-print(json.dumps({"iops": job["iops"], "p50_ms": job["clat_ns"]["percentile"]["50.000000"] / 1e6,
-                  "p99_ms": job["clat_ns"]["percentile"]["99.000000"] / 1e6}))
+clat = job["clat_ns"]
+print(json.dumps({"iops": job["iops"], "p50_ms": clat["percentile"]["50.000000"] / 1e6,
+                  "p99_ms": clat["percentile"]["99.000000"] / 1e6,
+                  "p999_ms": clat["percentile"]["99.900000"] / 1e6, "max_ms": clat["max"] / 1e6}))
 EOF
 }
 
