@@ -348,6 +348,7 @@ fn kill_at(
     // The volume reads right; open, its daemon resumes the reclaim, and the space comes back.
     let path = mount.mountpoint.join("volumes/v");
     let held = std::fs::File::open(&path).unwrap();
+    let reopened = Instant::now();
     check_content(
         &path,
         writes_before("live"),
@@ -365,6 +366,10 @@ fn kill_at(
         }),
         "{what}: {} bytes allocated, not back to {expected}",
         allocated(pool)
+    );
+    eprintln!(
+        "  {what}: read and reclaimed {:.1} s after the volume was opened again",
+        reopened.elapsed().as_secs_f64()
     );
     drop(held);
     wait_closed(pool);
@@ -451,8 +456,12 @@ fn a_batch_delete_killed_at_any_instant_is_all_or_nothing_and_reclaims_in_the_en
         } else {
             Duration::from_millis(rng.below(200))
         };
+        let started = Instant::now();
         let outcome = kill_at(&pool, &template, killed, delay, &mut rng);
-        eprintln!("instant {i}: {killed:?} killed after {delay:?}: batch {outcome}");
+        eprintln!(
+            "instant {i}: {killed:?} killed after {delay:?}: batch {outcome}, checked in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
         *outcomes.entry(outcome).or_default() += 1;
     }
     eprintln!("outcomes: {outcomes:?}");
