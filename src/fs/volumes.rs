@@ -80,6 +80,7 @@ impl OpenVolumes {
             errno_of(&e)
         })?;
         let volume = Arc::new(volume);
+        resume_reclaim(&entry.name, &volume);
         open.insert(
             entry.id,
             Opened {
@@ -196,5 +197,36 @@ impl SnapshotListings {
     /// Closes the listings of volumes that left the catalog (or whose disk failed).
     pub fn keep_only(&self, keep: impl Fn(i64) -> bool) {
         self.by_volume.lock().retain(|id, _| keep(*id));
+    }
+}
+
+/// A reclaim that a crash (or a close) cut short goes on while the volume is open again, in a
+/// thread of its own; it stops at the volume's last close (`Volume::reclaim` does nothing once
+/// it is closed) and goes on at its next open.
+fn resume_reclaim(name: &str, volume: &Arc<Volume>) {
+    match volume.reclaim_pending() {
+        Ok(true) => {}
+        Ok(false) => return,
+        Err(e) => {
+            tracing::error!("cannot read the reclaim still to do of volume '{name}': {e}");
+            return;
+        }
+    }
+    let volume = volume.clone();
+    let name = name.to_string();
+    let spawned = std::thread::Builder::new()
+        .name("reclaim".into())
+        .spawn(move || loop {
+            match volume.reclaim() {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::error!("cannot reclaim the space of volume '{name}': {e}");
+                    break;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!("cannot start the reclaim of a volume: {e}");
     }
 }

@@ -112,6 +112,9 @@ impl Index {
         let conn = Connection::open_with_flags(path, flags)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // 16 MiB of pages (SQLite's default is 2 MiB): a reclaim step deletes rows all over
+        // the block map, whose pages would otherwise be read again and again.
+        conn.pragma_update(None, "cache_size", -16384)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         let mut index = Index { conn, in_tx: false };
         if let Some(size) = new_size {
@@ -246,12 +249,15 @@ impl Index {
             .map(|e| e.map(|e| e as u64))
     }
 
-    /// The live version of a granule.
+    /// The live version of a granule: its newest, unless it died. One step down the key,
+    /// however many versions the snapshots keep of the granule.
     pub fn live(&self, granule: u64) -> rusqlite::Result<Option<Version>> {
         let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {VERSION_COLUMNS} FROM versions WHERE granule = ?1 AND death IS NULL"
+            "SELECT {VERSION_COLUMNS} FROM versions WHERE granule = ?1
+             ORDER BY birth DESC LIMIT 1"
         ))?;
-        stmt.query_row([granule as i64], version).optional()
+        let newest = stmt.query_row([granule as i64], version).optional()?;
+        Ok(newest.filter(|v| v.death.is_none()))
     }
 
     /// The granules the volume wrote or discarded, as a snapshot at `epoch` sees it (or now,
@@ -306,12 +312,17 @@ impl Index {
         Ok(())
     }
 
-    /// A slot for new data: a free one that is already committed free, or a new one at the end.
+    /// A slot for new data: a free one that is already committed free and punched (a reclaim
+    /// punches without the volume's lock), or a new one at the end.
     pub fn allocate_slot(&mut self) -> rusqlite::Result<u64> {
         self.begin()?;
         let free: Option<i64> = self
             .conn
-            .query_row("SELECT slot FROM free_slots LIMIT 1", [], |r| r.get(0))
+            .query_row(
+                "SELECT slot FROM free_slots WHERE punched = 1 LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
             .optional()?;
         if let Some(slot) = free {
             self.conn
@@ -346,6 +357,9 @@ impl Index {
     }
 
     pub fn mark_punched(&mut self, slots: &[u64]) -> rusqlite::Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
         self.begin()?;
         let mut stmt = self
             .conn
@@ -391,6 +405,12 @@ impl Index {
             created,
             size,
         })
+    }
+
+    pub fn snapshot_count(&self) -> rusqlite::Result<usize> {
+        self.conn
+            .query_row("SELECT COUNT(*) FROM snapshots", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
     }
 
     pub fn snapshots(&self) -> rusqlite::Result<Vec<Snapshot>> {

@@ -113,7 +113,7 @@ pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
     let index = Index::open(&files.index(), None).map_err(index_error)?;
     Ok(Summary {
         size: index.size().map_err(index_error)?,
-        snapshots: index.snapshots().map_err(index_error)?.len(),
+        snapshots: index.snapshot_count().map_err(index_error)?,
         reclaim_bytes: index.reclaim_pending().map_err(index_error)?.1 * BLOCK,
     })
 }
@@ -797,12 +797,22 @@ impl Volume {
         if !state.index.has_uncommitted() {
             return Ok(());
         }
-        if let Err(e) = self.data.sync() {
+        self.sync_data_locked(state)?;
+        self.commit_synced(state)
+    }
+
+    /// Makes the data file durable, so that the rows of the open transaction may commit.
+    fn sync_data_locked(&self, state: &mut State) -> io::Result<()> {
+        self.data.sync().inspect_err(|e| {
             // The kernel reports a failed writeback once: a later sync would pass and commit
             // rows pointing at data that never reached the disk.
             state.fail(format!("the data file could not be synced ({e})"));
-            return Err(e);
-        }
+        })
+    }
+
+    /// Commits the open transaction, whose data `sync_data_locked` made durable, and gives the
+    /// slots it freed back to the filesystem.
+    fn commit_synced(&self, state: &mut State) -> io::Result<()> {
         let freed = std::mem::take(&mut state.freed);
         // Reads that looked a freed slot up before it was freed finish first.
         let _reuse = (!freed.is_empty()).then(|| self.slot_reuse.write());
@@ -815,14 +825,12 @@ impl Volume {
         for slot in &freed {
             self.data.punch(*slot, 0, BLOCKS_PER_GRANULE)?;
         }
-        if !freed.is_empty() {
-            state
-                .index
-                .mark_punched(&freed)
-                .map_err(|e| state.break_on(e))?;
-            state.index.commit().map_err(|e| state.break_on(e))?;
-        }
-        Ok(())
+        // Reusable from now on; recorded with the next commit (a crash before it leaves them
+        // to be punched again at the next open).
+        state
+            .index
+            .mark_punched(&freed)
+            .map_err(|e| state.break_on(e))
     }
 
     /// Grows the volume (durably).
@@ -846,14 +854,19 @@ impl Volume {
     /// Takes a snapshot of every write that returned before the call: durable when it returns.
     pub fn snapshot(&self, name: &str, guid: &str, created: i64) -> io::Result<Snapshot> {
         let mut state = self.state.lock();
-        self.commit_locked(&mut state)?;
+        state.usable()?;
+        // The writes not yet committed and the snapshot's row commit in one transaction: one
+        // sync of the data file and one of the index, whatever the number of snapshots.
+        if state.index.has_uncommitted() {
+            self.sync_data_locked(&mut state)?;
+        }
         let snapshot = match state.index.create_snapshot(name, guid, created) {
             Ok(snapshot) => snapshot,
-            // Its name is taken (two creates of one name at once): nothing else changed.
+            // Its name is taken (two creates of one name at once): SQLite undid the failed
+            // statement alone, the writes before it stay in the transaction.
             Err(rusqlite::Error::SqliteFailure(f, _))
                 if f.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
-                state.index.abandon();
                 return Err(io::Error::new(
                     io::ErrorKind::AlreadyExists,
                     format!("a snapshot named '{name}' exists"),
@@ -861,7 +874,7 @@ impl Volume {
             }
             Err(e) => return Err(state.break_on(e)),
         };
-        state.index.commit().map_err(|e| state.break_on(e))?;
+        self.commit_synced(&mut state)?;
         state.newest_snapshot = Some(snapshot.epoch);
         state.live_epoch = snapshot.epoch + 1;
         Ok(snapshot)
@@ -897,41 +910,77 @@ impl Volume {
         Ok(())
     }
 
-    /// Frees up to one batch of versions that no snapshot sees any more; returns false when
-    /// there was nothing left to reclaim.
-    pub fn reclaim(&self) -> io::Result<bool> {
-        let mut state = self.state.lock();
-        if state.closed {
-            // Its writer let go of it: not a byte more.
-            return Ok(false);
-        }
-        self.commit_locked(&mut state)?;
-        let Some(window) = state
+    /// Whether deleted snapshots left space to reclaim (a reclaim cut short by a crash, say).
+    pub fn reclaim_pending(&self) -> io::Result<bool> {
+        let state = self.state.lock();
+        Ok(!state
             .index
             .reclaim_windows()
-            .map_err(|e| state.break_on(e))?
-            .into_iter()
-            .next()
-        else {
-            return Ok(false);
-        };
-        let unseen = state
-            .index
-            .unseen_versions(&window, RECLAIM_BATCH)
-            .map_err(|e| state.break_on(e))?;
-        for v in &unseen {
-            state.index.delete(v).map_err(|e| state.break_on(e))?;
-            if let Some(slot) = v.slot {
-                state.freed.push(slot);
+            .map_err(index_error)?
+            .is_empty())
+    }
+
+    /// Frees up to one batch of versions that no snapshot sees any more; returns false when
+    /// there was nothing left to reclaim.
+    ///
+    /// The slots it frees are punched without the state lock, so that reads and writes go on
+    /// meanwhile (a batch's punches took most of a step, hundreds of milliseconds under load):
+    /// a free slot is handed out again only once it is marked punched.
+    pub fn reclaim(&self) -> io::Result<bool> {
+        let freed = {
+            let mut state = self.state.lock();
+            if state.closed {
+                // Its writer let go of it: not a byte more.
+                return Ok(false);
             }
-        }
-        if unseen.len() < RECLAIM_BATCH {
+            self.commit_locked(&mut state)?;
+            let Some(window) = state
+                .index
+                .reclaim_windows()
+                .map_err(|e| state.break_on(e))?
+                .into_iter()
+                .next()
+            else {
+                return Ok(false);
+            };
+            let unseen = state
+                .index
+                .unseen_versions(&window, RECLAIM_BATCH)
+                .map_err(|e| state.break_on(e))?;
+            let mut freed = Vec::new();
+            for v in &unseen {
+                state.index.delete(v).map_err(|e| state.break_on(e))?;
+                freed.extend(v.slot);
+            }
+            if unseen.len() < RECLAIM_BATCH {
+                state
+                    .index
+                    .finish_window(window.id)
+                    .map_err(|e| state.break_on(e))?;
+            }
             state
                 .index
-                .finish_window(window.id)
+                .free_slots(&freed)
                 .map_err(|e| state.break_on(e))?;
+            self.commit_locked(&mut state)?;
+            // Reads that looked one of these slots up before its row went finish first; later
+            // ones cannot find it.
+            drop(self.slot_reuse.write());
+            freed
+        };
+        for slot in &freed {
+            self.data.punch(*slot, 0, BLOCKS_PER_GRANULE)?;
         }
-        self.commit_locked(&mut state)?;
+        let mut state = self.state.lock();
+        if state.usable().is_err() {
+            // Closed or broken meanwhile: the next open punches what is not marked.
+            return Ok(true);
+        }
+        // Committed with the next step, or the next flush.
+        state
+            .index
+            .mark_punched(&freed)
+            .map_err(|e| state.break_on(e))?;
         Ok(true)
     }
 

@@ -91,13 +91,20 @@ pub fn select<'a>(
     all: &'a [Snapshot],
     selection: &Selection,
 ) -> Result<Vec<&'a Snapshot>> {
-    let find = |name: &str| all.iter().position(|s| s.name == name);
+    // By name in one pass: a batch of 100,000 names against as many snapshots is not squared.
+    let positions: std::collections::HashMap<&str, usize> = all
+        .iter()
+        .enumerate()
+        .map(|(at, s)| (s.name.as_str(), at))
+        .collect();
+    let find = |name: &str| positions.get(name).copied();
     Ok(match selection {
         Selection::Names(names) => {
+            let mut taken = std::collections::HashSet::new();
             let mut chosen = Vec::new();
             for name in names {
                 let at = find(name).ok_or_else(|| unknown(volume, name))?;
-                if !chosen.contains(&&all[at]) {
+                if taken.insert(at) {
                     chosen.push(&all[at]);
                 }
             }
