@@ -133,18 +133,15 @@ pub fn resume_sparse(
     progress: &mut dyn FnMut(u64, usize) -> Result<(), CopyError>,
 ) -> Result<CopyOutcome, CopyError> {
     let mut hasher = Sha512::new();
-    let mut chunks = ChunkHasher::new(chunk_size);
     let mut hashed = 0u64;
 
-    let hash_zeros_to =
-        |hasher: &mut Sha512, chunks: &mut ChunkHasher, hashed: &mut u64, to: u64| {
-            chunks.update_zeros(to - *hashed);
-            while *hashed < to {
-                let n = (to - *hashed).min(BUF as u64) as usize;
-                hasher.update(&ZEROS[..n]);
-                *hashed += n as u64;
-            }
-        };
+    let hash_zeros_to = |hasher: &mut Sha512, hashed: &mut u64, to: u64| {
+        while *hashed < to {
+            let n = (to - *hashed).min(BUF as u64) as usize;
+            hasher.update(&ZEROS[..n]);
+            *hashed += n as u64;
+        }
+    };
 
     let done = done.min(size);
     // What `dst` holds already, then the rest from `src`: (reader, start, end, write it).
@@ -159,12 +156,15 @@ pub fn resume_sparse(
             passes.push((src, start.max(done), end, true));
         }
     }
-    // Two stages, so that the disks and the hashing work at once: a thread reads each piece
-    // and writes its non-zero blocks; this one hashes the pieces in order. Buffers go round.
-    std::thread::scope(|scope| {
+    // Two stages, so that the disks and the SHA-512 (the slowest part: no CPU instruction for
+    // it here) work at once: a thread reads each piece, writes its non-zero blocks and takes
+    // its chunk digests; this one runs the SHA-512 over the pieces in order. Buffers go round.
+    let chunks = std::thread::scope(|scope| {
         let (full, pieces) = std::sync::mpsc::sync_channel::<Result<Piece, CopyError>>(DEPTH);
         let (give_back, spare) = std::sync::mpsc::channel::<Vec<u8>>();
-        scope.spawn(move || {
+        let reader = scope.spawn(move || {
+            let mut chunks = ChunkHasher::new(chunk_size);
+            let mut digested = 0u64;
             for (from, start, end, write) in passes {
                 let mut pos = start;
                 while pos < end {
@@ -181,28 +181,38 @@ pub fn resume_sparse(
                     .map(|len| Piece { pos, len, buf });
                     let failed = piece.is_err();
                     if let Ok(piece) = &piece {
+                        chunks.update_zeros(pos - digested);
+                        chunks.update(&piece.buf[..piece.len]);
                         pos += piece.len as u64;
+                        digested = pos;
                     }
                     // Gone: the hashing stage stopped (an error, or the copy was stopped).
                     if full.send(piece).is_err() || failed {
-                        return;
+                        return None;
                     }
                 }
             }
+            chunks.update_zeros(size - digested);
+            Some(chunks)
         });
         for piece in pieces {
             let Piece { pos, len, buf } = piece?;
-            hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, pos);
-            let data = &buf[..len];
-            hasher.update(data);
-            chunks.update(data);
+            hash_zeros_to(&mut hasher, &mut hashed, pos);
+            hasher.update(&buf[..len]);
             hashed = pos + len as u64;
             progress(hashed, len)?;
             let _ = give_back.send(buf);
         }
-        Ok::<(), CopyError>(())
+        // Every piece came: the reader finished, with the digests.
+        Ok::<_, CopyError>(
+            reader
+                .join()
+                .ok()
+                .flatten()
+                .expect("the reader ended with its pieces"),
+        )
     })?;
-    hash_zeros_to(&mut hasher, &mut chunks, &mut hashed, size);
+    hash_zeros_to(&mut hasher, &mut hashed, size);
     if let Some(dst) = dst {
         dst.set_len(size).map_err(CopyError::target)?;
     }
