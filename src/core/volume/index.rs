@@ -470,12 +470,16 @@ impl Index {
             .optional()
     }
 
-    /// The names of the snapshots whose name starts with `prefix` (no `%` or `_` in it).
+    /// The names of the snapshots whose name starts with `prefix` (ASCII, not empty), found
+    /// through the index on names: a range of it, not a scan of every snapshot.
     pub fn snapshots_named(&self, prefix: &str) -> rusqlite::Result<Vec<String>> {
+        let mut past = prefix.as_bytes().to_vec();
+        *past.last_mut().expect("a prefix") += 1;
+        let past = String::from_utf8(past).expect("an ASCII prefix");
         let mut stmt = self
             .conn
-            .prepare("SELECT name FROM snapshots WHERE name GLOB ?1 || '*' ORDER BY epoch")?;
-        let rows = stmt.query_map([prefix], |r| r.get(0))?;
+            .prepare("SELECT name FROM snapshots WHERE name >= ?1 AND name < ?2 ORDER BY epoch")?;
+        let rows = stmt.query_map([prefix, past.as_str()], |r| r.get(0))?;
         rows.collect()
     }
 

@@ -885,3 +885,27 @@ fn a_snapshot_being_read_is_not_deleted_nor_reclaimed_under_its_reader() {
         "the held snapshot's versions were reclaimed once it went"
     );
 }
+
+/// Snapshots by name prefix (an export's temporary ones) come from a range of the name index,
+/// exactly those that start with it.
+#[test]
+fn snapshots_named_by_prefix_are_exactly_those_that_start_with_it() {
+    let dir = scratch_dir();
+    let volume = open_for_test(&dir.path().join("vol"), GRANULE, Box::new(NoBase));
+    for name in [
+        "export-tmp",
+        "export-tmp-a",
+        "export-tmp-b",
+        "export-tmq",
+        "export-tmp-",
+        "x",
+    ] {
+        volume.snapshot(name, "g", 0).unwrap();
+    }
+    volume.close().unwrap();
+    let files = VolumeFiles::new(&dir.path().join("vol"));
+    assert_eq!(
+        snapshots_named(&files, "export-tmp-").unwrap(),
+        ["export-tmp-a", "export-tmp-b", "export-tmp-"]
+    );
+}
