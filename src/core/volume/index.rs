@@ -72,6 +72,62 @@ CREATE TABLE IF NOT EXISTS free_slots (slot INTEGER PRIMARY KEY, punched INTEGER
 CREATE TABLE IF NOT EXISTS reclaim (id INTEGER PRIMARY KEY, after INTEGER NOT NULL, upto INTEGER NOT NULL);
 ";
 
+/// WAL pages past which a commit checkpoints itself (64 MiB of 4 KiB pages).
+const WAL_PAGES_BOUND: i64 = 16_384;
+/// How often the checkpointer copies the WAL back.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Copies an index's WAL back into it in the background, through a connection of its own
+/// (a passive checkpoint never blocks the writer), until dropped.
+pub struct Checkpointer {
+    stop: std::sync::Arc<(parking_lot::Mutex<bool>, parking_lot::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    pub fn start(path: &Path) -> std::io::Result<Checkpointer> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| std::io::Error::other(format!("cannot open {}: {e}", path.display())))?;
+        let stop =
+            std::sync::Arc::new((parking_lot::Mutex::new(false), parking_lot::Condvar::new()));
+        let stopping = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("index-checkpoint".into())
+            .spawn(move || {
+                let (stopped, wake) = &*stopping;
+                let mut stopped = stopped.lock();
+                while !*stopped {
+                    wake.wait_for(&mut stopped, CHECKPOINT_EVERY);
+                    if *stopped {
+                        break;
+                    }
+                    // A failure is retried at the next turn; the bound above still holds.
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::debug!("index checkpoint: {e}");
+                    }
+                }
+            })?;
+        Ok(Checkpointer {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        *self.stop.0.lock() = true;
+        self.stop.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 const VERSION_COLUMNS: &str = "granule, birth, death, slot, written, zeroed";
 
 fn version(r: &Row) -> rusqlite::Result<Version> {
@@ -115,6 +171,12 @@ impl Index {
         // 16 MiB of pages (SQLite's default is 2 MiB): a reclaim step deletes rows all over
         // the block map, whose pages would otherwise be read again and again.
         conn.pragma_update(None, "cache_size", -16384)?;
+        // The WAL is copied back into the index by a thread of the volume's
+        // (`Checkpointer`), not by whichever commit crosses SQLite's default 1,000 pages: that
+        // commit (a snapshot, an fsync) would wait for the copy and its sync (measured: create
+        // p99 12.5 ms at 100,000 snapshots under writes, 3.8 to 5 ms without). The bound here
+        // only catches a checkpointer that fell behind.
+        conn.pragma_update(None, "wal_autocheckpoint", WAL_PAGES_BOUND)?;
         conn.busy_timeout(std::time::Duration::from_secs(30))?;
         let mut index = Index { conn, in_tx: false };
         if let Some(size) = new_size {

@@ -277,6 +277,8 @@ pub struct Volume {
     /// Held shared by reads between their lookup and their data read, exclusively (under the
     /// state lock) while freed slots become reusable.
     slot_reuse: RwLock<()>,
+    /// Stopped at `shutdown` (its connection let go) or when the volume is dropped.
+    checkpointer: Mutex<Option<index::Checkpointer>>,
 }
 
 impl Volume {
@@ -311,11 +313,13 @@ impl Volume {
             closed: false,
             readers: BTreeMap::new(),
         };
+        let checkpointer = index::Checkpointer::start(&files.index())?;
         Ok(Volume {
             data,
             base,
             state: Mutex::new(state),
             slot_reuse: RwLock::new(()),
+            checkpointer: Mutex::new(Some(checkpointer)),
         })
     }
 
@@ -330,6 +334,7 @@ impl Volume {
 
     /// `close` for a volume shared with others, who must not write it any more.
     pub fn shutdown(&self) -> io::Result<()> {
+        self.checkpointer.lock().take();
         let mut state = self.state.lock();
         if state.closed {
             return Ok(());
