@@ -843,18 +843,6 @@ fn a_source_copy_that_does_not_read_is_failed_and_the_repair_copies_from_another
 
 // ---- SIGKILL at arbitrary instants ----
 
-/// xorshift64: the kill instants come from a fixed seed, printed, so a failure can be replayed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
-}
-
 #[test]
 fn kill_9_at_random_instants_of_a_repair_leaves_a_clean_pool() {
     if !can_mount("kill_9_at_random_instants_of_a_repair_leaves_a_clean_pool") {

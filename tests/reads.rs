@@ -16,22 +16,6 @@ use common::*;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
-/// A small deterministic generator: each reader thread gets its own sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 enum Reader {
     Buffered,

@@ -59,22 +59,6 @@ fn model(writes: u64) -> HashMap<u64, u64> {
     (0..writes).map(|n| (target(n), n)).collect()
 }
 
-/// A small deterministic generator, so that a failing run can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 /// A snapshot request over the daemon's control socket, as `imgpool snapshot create` sends it.
 fn create_over_socket(socket: &Path, volume: &str, name: &str) {
     // A guid as long as a uuid: the deletion's answer lists them all (1.2 MiB for 10,000).

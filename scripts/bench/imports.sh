@@ -49,29 +49,10 @@ SIZE=$(numfmt --from=iec "$SIZE_ARG" 2>/dev/null) || { echo "importbench: --size
 [[ $JSON_OUT = /* ]] || JSON_OUT=$ROOT/$JSON_OUT
 [[ $(id -u) -eq 0 ]] || die "must run as root (drop_caches)"
 
-W=""
-cleanup() {
-    local rc=$?
-    set +e
-    [[ -n $W && -d $W ]] && rm -rf --one-file-system "$W"
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
-
-if [[ -n ${IMGPOOL_BIN:-} ]]; then
-    bash scripts/deps.sh --no-cargo >&2
-    BIN=$IMGPOOL_BIN
-else
-    bash scripts/deps.sh >&2
-    cargo build --release >&2
-    BIN=$ROOT/target/release/imgpool
-fi
-BIN=$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")
-
-W=$(mktemp -d /tmp/imgpool-importbench.XXXXXX)
-mkdir -p "$W/src" "$W/out"
+source "$ROOT/scripts/bench/pool.sh"
+bench_binary
+bench_workdir importbench
+mkdir -p "$W/src"
 new_stripe() { head -c $((STRIPE / 4 * 3)) /dev/urandom | base64 -w0 >"$W/stripe"; } # 4 MiB of text
 STRIPE=$((4 << 20))
 STRIPES=$((SIZE / STRIPE))
