@@ -685,7 +685,19 @@ impl Mounted {
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.target).status();
+        // A filesystem can stay busy a moment after its last user (a loop device being
+        // released, writeback): retried, then detached lazily rather than left mounted.
+        let unmounted = poll(Duration::from_secs(5), Duration::from_millis(100), || {
+            !is_mount_point(&self.target)
+                || Command::new("umount")
+                    .arg(&self.target)
+                    .stderr(std::process::Stdio::null())
+                    .status()
+                    .is_ok_and(|s| s.success())
+        });
+        if !unmounted {
+            let _ = Command::new("umount").arg("-l").arg(&self.target).status();
+        }
     }
 }
 
