@@ -306,23 +306,14 @@ fn volume_request(context: &Context, peer: Peer, request: &Request) -> Reply {
         let spawned = std::thread::Builder::new()
             .name("reclaim".into())
             .spawn(move || {
-                loop {
-                    match volume.reclaim() {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::info!(
-                                event = "reclaim_done",
-                                volume = name.as_str(),
-                                seconds = started.elapsed().as_secs_f64(),
-                                "volume '{name}': the space of its deleted snapshots is reclaimed"
-                            );
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::error!("cannot reclaim the space of volume '{name}': {e}");
-                            break;
-                        }
-                    }
+                match volume.reclaim_throttled() {
+                    Ok(()) => tracing::info!(
+                        event = "reclaim_done",
+                        volume = name.as_str(),
+                        seconds = started.elapsed().as_secs_f64(),
+                        "volume '{name}': the space of its deleted snapshots is reclaimed"
+                    ),
+                    Err(e) => tracing::error!("cannot reclaim the space of volume '{name}': {e}"),
                 }
                 fs.release_volume(id);
             });

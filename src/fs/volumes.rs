@@ -216,14 +216,9 @@ fn resume_reclaim(name: &str, volume: &Arc<Volume>) {
     let name = name.to_string();
     let spawned = std::thread::Builder::new()
         .name("reclaim".into())
-        .spawn(move || loop {
-            match volume.reclaim() {
-                Ok(true) => {}
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::error!("cannot reclaim the space of volume '{name}': {e}");
-                    break;
-                }
+        .spawn(move || {
+            if let Err(e) = volume.reclaim_throttled() {
+                tracing::error!("cannot reclaim the space of volume '{name}': {e}");
             }
         });
     if let Err(e) = spawned {
