@@ -423,6 +423,14 @@ fn a_reader_sees_no_error_when_the_disk_of_its_copy_dies() {
             || read_counter(s, "failovers") >= 1
     });
     eprintln!("read statistics after the failure: {}", stats["read"]);
+    // By disk, the faults are the dead disk's, and no other disk's.
+    let by_disk = &stats["read"]["faults_by_disk"];
+    let faults_of = |disk: &str| {
+        by_disk[disk]["copy_read_errors"].as_u64().unwrap_or(0)
+            + by_disk[disk]["corrupt_chunks"].as_u64().unwrap_or(0)
+    };
+    let total = read_counter(&stats, "copy_read_errors") + read_counter(&stats, "corrupt_chunks");
+    assert_eq!(faults_of(&img.first), total, "{by_disk}");
 
     let info = show(&pool, "img");
     assert!(has_copies_on(&info, 2, &survivors), "{info}");

@@ -552,6 +552,20 @@ fn metrics_count_the_load_pass_promtool_and_are_root_only_on_the_socket() {
     );
     assert_eq!(delta("imgpool_chunk_verify_failures_total"), 0.0);
     assert_eq!(delta("imgpool_failovers_total"), 0.0);
+    // Nothing failed: every disk read from has its fault series, at 0; the pool meets its
+    // policy: an empty queue.
+    let by_disk: Vec<_> = after
+        .iter()
+        .filter(|(k, _)| k.starts_with("imgpool_disk_failovers_total{"))
+        .collect();
+    assert!(!by_disk.is_empty(), "no failover series by disk");
+    assert!(by_disk.iter().all(|(_, v)| **v == 0.0), "{by_disk:?}");
+    for work in ["create", "verify", "remove"] {
+        assert_eq!(
+            value(&after, &format!("imgpool_repair_queue{{work=\"{work}\"}}")),
+            0.0
+        );
+    }
     // Counters never went down between scrapes of one endpoint.
     let reads_seen: Vec<f64> = scrapes
         .iter()

@@ -414,6 +414,35 @@ impl Metrics {
             None,
             read.failovers,
         );
+        // Every disk read from has its series, at 0 until its first fault.
+        let mut faults = read.faults_by_disk.clone();
+        for disk in read.disk_read_bytes.keys() {
+            faults.entry(disk.clone()).or_default();
+        }
+        let by_disk = |count: fn(&crate::fs::read::DiskFaults) -> u64| {
+            faults
+                .iter()
+                .map(move |(disk, faults)| (label("disk", disk.clone()), count(faults)))
+                .collect::<Vec<_>>()
+        };
+        scrape.counters(
+            "imgpool_disk_copy_read_errors",
+            "imgpool_copy_read_errors_total by the disk whose copy failed the read.",
+            None,
+            by_disk(|f| f.copy_read_errors),
+        );
+        scrape.counters(
+            "imgpool_disk_chunk_verify_failures",
+            "imgpool_chunk_verify_failures_total by the disk whose copy read wrong.",
+            None,
+            by_disk(|f| f.corrupt_chunks),
+        );
+        scrape.counters(
+            "imgpool_disk_failovers",
+            "imgpool_failovers_total by the disk whose copy served the chunk instead.",
+            None,
+            by_disk(|f| f.failovers),
+        );
         scrape.counter(
             "imgpool_cache_hits",
             "Chunk cache lookups that found the chunk.",
@@ -467,6 +496,14 @@ impl Metrics {
 
 /// Disks, images and volumes, read from the store.
 fn pool_metrics(pool: &Pool, scrape: &mut Scrape) -> Result<()> {
+    scrape.gauges(
+        "imgpool_repair_queue",
+        "What the repair's next round would do now, by work: copies to create, to verify, to remove (0 when the pool meets its policy).",
+        None,
+        crate::core::repair::queue(pool)?
+            .into_iter()
+            .map(|(work, n)| (label("work", work), n as f64)),
+    );
     let disks = pool.disk_status()?;
     let images = pool.images()?;
     let volumes = pool.volumes()?;

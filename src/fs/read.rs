@@ -146,6 +146,19 @@ pub struct ReadStats {
     /// Chunks served from another copy after a failed or corrupt read.
     #[serde(default)]
     pub failovers: u64,
+    /// The three above by disk: where the reads failed or read wrong, and where the chunks
+    /// then came from.
+    #[serde(default)]
+    pub faults_by_disk: BTreeMap<String, DiskFaults>,
+}
+
+/// A disk's part of a mount's copy faults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskFaults {
+    pub copy_read_errors: u64,
+    pub corrupt_chunks: u64,
+    /// Chunks served from this disk's copy after another copy failed them.
+    pub failovers: u64,
 }
 
 /// An open copy file: an O_DIRECT descriptor for chunk reads, and a buffered one (kernel
@@ -310,9 +323,19 @@ struct Faults {
     copy_read_errors: AtomicU64,
     corrupt_chunks: AtomicU64,
     failovers: AtomicU64,
+    by_disk: Mutex<BTreeMap<String, DiskFaults>>,
 }
 
 impl Faults {
+    fn failover_to(&self, copy: &OpenCopy) {
+        self.failovers.fetch_add(1, Ordering::Relaxed);
+        self.by_disk
+            .lock()
+            .entry(copy.location.disk.clone())
+            .or_default()
+            .failovers += 1;
+    }
+
     fn report_location(&self, image_id: i64, location: &CopyLocation, kind: FaultKind) {
         let fault = CopyFault {
             image_id,
@@ -333,6 +356,14 @@ impl Faults {
             FaultKind::Corrupt { .. } => &self.corrupt_chunks,
         }
         .fetch_add(1, Ordering::Relaxed);
+        {
+            let mut by_disk = self.by_disk.lock();
+            let disk = by_disk.entry(copy.location.disk.clone()).or_default();
+            match kind {
+                FaultKind::Io(_) | FaultKind::Missing => disk.copy_read_errors += 1,
+                FaultKind::Corrupt { .. } => disk.corrupt_chunks += 1,
+            }
+        }
         if copy.suspect.swap(true, Ordering::Relaxed) {
             return; // already reported
         }
@@ -359,7 +390,7 @@ fn load_chunk(
             Ok(lens) if open.digests.matches(index, &buf[..lens[0]]) => {
                 // Not the preferred copy: it failed this chunk just now, or an earlier one.
                 if !Arc::ptr_eq(copy, &open.copies[0]) {
-                    faults.failovers.fetch_add(1, Ordering::Relaxed);
+                    faults.failover_to(copy);
                 }
                 return Ok(lens[0]);
             }
@@ -420,7 +451,7 @@ fn load_claims(
             let len = match &read {
                 Ok(lens) if open.digests.matches(index, &buf.as_slice()[..lens[i]]) => {
                     if !preferred {
-                        faults.failovers.fetch_add(1, Ordering::Relaxed);
+                        faults.failover_to(&copy);
                     }
                     Ok(lens[i])
                 }
@@ -726,6 +757,7 @@ impl ReadPath {
             copy_read_errors: self.faults.copy_read_errors.load(Ordering::Relaxed),
             corrupt_chunks: self.faults.corrupt_chunks.load(Ordering::Relaxed),
             failovers: self.faults.failovers.load(Ordering::Relaxed),
+            faults_by_disk: self.faults.by_disk.lock().clone(),
         }
     }
 
@@ -1153,6 +1185,16 @@ mod tests {
         assert_eq!(stats.corrupt_chunks, 1);
         assert_eq!(stats.copy_read_errors, 1);
         assert_eq!(stats.failovers, 1, "chunk 2 came from the third copy");
+        // By disk: d0 read wrong, d1 did not read, d2 served the chunk instead.
+        let by_disk = |disk: &str| stats.faults_by_disk.get(disk).cloned().unwrap_or_default();
+        assert_eq!(by_disk("d0").corrupt_chunks, 1, "{stats:?}");
+        assert_eq!(by_disk("d1").copy_read_errors, 1, "{stats:?}");
+        assert_eq!(by_disk("d2").failovers, 1, "{stats:?}");
+        assert_eq!(
+            by_disk("d0").failovers + by_disk("d1").failovers,
+            0,
+            "{stats:?}"
+        );
         // The request read its four chunks from the first copy in one read; chunks 0, 1 and 3
         // matched their digests, chunk 2 came from the third copy after the others failed it.
         let chunk = CHUNK_SIZE as u64;

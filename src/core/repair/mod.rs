@@ -254,6 +254,22 @@ fn snapshot(
     })
 }
 
+/// The repair's queue as its planner sees the pool now: the actions of its next round, by
+/// work (`create`: a copy to make, `verify`: a copy to check, `remove`: one to delete).
+pub fn queue(pool: &Pool) -> Result<[(&'static str, usize); 3]> {
+    let state = snapshot(pool, &HashMap::new(), &HashMap::new())?;
+    let mut queue = [("create", 0), ("verify", 0), ("remove", 0)];
+    for action in plan::plan(&state).actions {
+        let at = match action {
+            Action::Create { .. } => 0,
+            Action::Verify { .. } => 1,
+            Action::Remove { .. } => 2,
+        };
+        queue[at].1 += 1;
+    }
+    Ok(queue)
+}
+
 /// Records, per image, why the repair cannot restore it (or clears that); returns the reasons.
 fn record_problems(
     pool: &Pool,
