@@ -468,3 +468,49 @@ fn a_killed_export_of_a_snapshot_resumes_where_it_was_durable() {
     assert!(!checkpointed(), "the partial copy's progress is left");
     mount.unmount();
 }
+
+/// Exports of one snapshot at once, and a deletion of that snapshot racing them: each export
+/// that reports success holds the snapshot's bytes, the deletion happens after them, and fsck
+/// is clean.
+#[test]
+fn exports_at_once_and_a_racing_deletion_leave_only_true_results() {
+    let test = "exports_at_once_and_a_racing_deletion_leave_only_true_results";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(2);
+    let mount = pool.mount();
+    let content = a_snapshot_of_random_data(&pool, &mount, 96 * MIB, 0..96 * MIB, 41);
+    let mut exports: Vec<(String, ChildGuard)> = (0..3)
+        .map(|i| {
+            let name = format!("e{i}");
+            let child = ChildGuard::quiet(&pool, &["image", "add", &name, "--from-volume", "v@s"]);
+            (name, child)
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
+    let deletion = pool.run(&["snapshot", "rm", "v@s"]);
+    let mut made = 0;
+    for (name, child) in &mut exports {
+        let status = child.wait_timeout(Duration::from_secs(120));
+        match status {
+            Some(s) if s.success() => {
+                made += 1;
+                let info = pool.json(&["image", "show", name]);
+                assert_eq!(info["sha512"], sha512_hex(&content), "{name}: {info}");
+            }
+            // Too late: the snapshot was deleted first; nothing of it may be left.
+            _ => assert!(!image_names(&pool).contains(name), "{name} half made"),
+        }
+    }
+    assert!(
+        deletion.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deletion.stderr)
+    );
+    assert!(snapshot_names(&pool, "v").is_empty());
+    eprintln!("{made} of 3 exports finished before the deletion");
+    pool.ok(&["gc"]);
+    assert_fsck_clean(&pool, "exports at once and a deletion");
+    mount.unmount();
+}

@@ -755,10 +755,10 @@ fn print_volume(v: &VolumeInfo, open_files: usize) {
     }
     println!("allocated: {}", bytes(v.allocated));
     println!("snapshots: {}", v.snapshots);
-    if v.reclaim_bytes > 0 {
+    if let Some(pending) = v.reclaim_bytes.filter(|&b| b > 0) {
         println!(
             "reclaim:   {} of deleted snapshots still to give back",
-            bytes(v.reclaim_bytes)
+            bytes(pending)
         );
     }
     match v.open_by {
@@ -1067,7 +1067,7 @@ fn volume(state_dir: &Path, cmd: VolumeCommand) -> Result<()> {
             }
         }
         VolumeCommand::Show { name, json } => {
-            let info = pool.volume(&name)?;
+            let info = pool.volume_with_reclaim(&name)?;
             let open_files = volume_open_files(state_dir, &pool, std::slice::from_ref(&info))
                 .get(&name)
                 .copied()
@@ -1558,7 +1558,7 @@ fn status(state_dir: &Path, json_out: bool) -> Result<()> {
     let volumes = pool.volumes()?;
     let volume_bytes: u64 = volumes.iter().map(|v| v.allocated).sum();
     let snapshots: usize = volumes.iter().map(|v| v.snapshots).sum();
-    let reclaim: u64 = volumes.iter().map(|v| v.reclaim_bytes).sum();
+    let reclaim: u64 = volumes.iter().filter_map(|v| v.reclaim_bytes).sum();
     if json_out {
         print_json(&json!({
             "pool": pool.uuid(),

@@ -617,7 +617,9 @@ fn pool_metrics(pool: &Pool, scrape: &mut Scrape) -> Result<()> {
         "imgpool_volume_reclaim_pending",
         "Bytes of deleted snapshots the volume's reclaim has yet to give back to its disk.",
         Some(Unit::Bytes),
-        volumes.iter().map(|v| (volume(v), v.reclaim_bytes as f64)),
+        volumes
+            .iter()
+            .map(|v| (volume(v), v.reclaim_bytes.unwrap_or(0) as f64)),
     );
     scrape.gauges(
         "imgpool_volume_state",

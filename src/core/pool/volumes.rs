@@ -31,8 +31,9 @@ pub struct VolumeInfo {
     /// Bytes the volume's data file takes on its disk.
     pub allocated: u64,
     pub snapshots: usize,
-    /// Bytes the reclaim of deleted snapshots has yet to give back.
-    pub reclaim_bytes: u64,
+    /// Bytes the reclaim of deleted snapshots has yet to give back (listings only: a walk of
+    /// what is left to reclaim, which commands do not pay for).
+    pub reclaim_bytes: Option<u64>,
     /// The process writing it now (a mount daemon with the volume's file open), if any.
     pub open_by: Option<u32>,
     pub dir: PathBuf,
@@ -150,7 +151,7 @@ impl Pool {
         }
         self.store
             .set_volume_state(id, VolumeState::Creating, VolumeState::Ready)?;
-        self.volume(name)
+        self.volume_with_reclaim(name)
     }
 
     fn volume_disk(&self, volume: &str, disk: Option<&str>) -> Result<DiskRow> {
@@ -179,7 +180,7 @@ impl Pool {
         let mut out = Vec::new();
         for volume in self.store.volumes()? {
             if volume.state == VolumeState::Ready {
-                out.push(self.volume_info(volume)?);
+                out.push(self.volume_info(volume, true)?);
             }
         }
         Ok(out)
@@ -187,10 +188,16 @@ impl Pool {
 
     pub fn volume(&self, name: &str) -> Result<VolumeInfo> {
         let row = self.store.volume(name)?;
-        self.volume_info(row)
+        self.volume_info(row, false)
     }
 
-    fn volume_info(&self, volume: VolumeRow) -> Result<VolumeInfo> {
+    /// `volume`, with the reclaim still to do (`volume show`).
+    pub fn volume_with_reclaim(&self, name: &str) -> Result<VolumeInfo> {
+        let row = self.store.volume(name)?;
+        self.volume_info(row, true)
+    }
+
+    fn volume_info(&self, volume: VolumeRow, with_reclaim: bool) -> Result<VolumeInfo> {
         let disk = self
             .store
             .disks()?
@@ -219,11 +226,13 @@ impl Pool {
             0
         };
         // Read only: the daemon serving the volume may be writing it.
-        let (snapshots, reclaim_bytes) = if reachable {
-            volume::summary(&files).map_or((0, 0), |s| (s.snapshots, s.reclaim_bytes))
+        let snapshots = if reachable {
+            volume::summary(&files).map_or(0, |s| s.snapshots)
         } else {
-            (0, 0)
+            0
         };
+        let reclaim_bytes =
+            (with_reclaim && reachable).then(|| volume::reclaim_pending_bytes(&files).unwrap_or(0));
         let open_by = if reachable {
             locks::exclusive_flock_holder(&files.writer_lock()).unwrap_or(None)
         } else {

@@ -103,8 +103,6 @@ impl WriterLock {
 pub struct Summary {
     pub size: u64,
     pub snapshots: usize,
-    /// Bytes deleted snapshots alone held that the reclaim has yet to give back.
-    pub reclaim_bytes: u64,
 }
 
 /// Reads a volume's size and snapshot count; changes nothing (a mount daemon may be writing it:
@@ -114,8 +112,14 @@ pub fn summary(files: &VolumeFiles) -> io::Result<Summary> {
     Ok(Summary {
         size: index.size().map_err(index_error)?,
         snapshots: index.snapshot_count().map_err(index_error)?,
-        reclaim_bytes: index.reclaim_pending().map_err(index_error)?.1 * BLOCK,
     })
+}
+
+/// Bytes deleted snapshots alone held that the reclaim has yet to give back, read without
+/// opening the volume: a walk of the versions still to reclaim, for listings, not for commands.
+pub fn reclaim_pending_bytes(files: &VolumeFiles) -> io::Result<u64> {
+    let index = Index::open(&files.index(), None).map_err(index_error)?;
+    Ok(index.reclaim_pending().map_err(index_error)?.1 * BLOCK)
 }
 
 /// A volume's snapshots with the bytes only each holds, read without opening the volume (its

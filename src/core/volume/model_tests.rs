@@ -790,13 +790,13 @@ fn unique_bytes_are_what_deleting_a_snapshot_alone_frees() {
     let before = volume.data_bytes();
     let a = volume.find_snapshot("a").unwrap().unwrap();
     let files = VolumeFiles::new(&dir.path().join("vol"));
-    assert_eq!(summary(&files).unwrap().reclaim_bytes, 0);
+    assert_eq!(reclaim_pending_bytes(&files).unwrap(), 0);
     volume.delete_snapshots(&[a.epoch]).unwrap();
     // Until the reclaim ran, what `a` alone held is still to give back, as listings say.
-    assert_eq!(summary(&files).unwrap().reclaim_bytes, GRANULE);
+    assert_eq!(reclaim_pending_bytes(&files).unwrap(), GRANULE);
     while volume.reclaim().unwrap() {}
     assert_eq!(before - volume.data_bytes(), GRANULE);
-    assert_eq!(summary(&files).unwrap().reclaim_bytes, 0);
+    assert_eq!(reclaim_pending_bytes(&files).unwrap(), 0);
 }
 
 /// Once its writer closed it (`shutdown`), a volume a reclaim thread still holds writes
