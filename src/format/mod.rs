@@ -10,5 +10,6 @@ pub mod mountinfo;
 pub mod names;
 pub mod qcow2;
 pub mod sparse;
+pub mod stream;
 pub mod units;
 pub mod volume;

@@ -1,0 +1,703 @@
+//! The send/receive stream: a volume's snapshots (whole, or what changed since an older one) as a
+//! sequence of records, written to a pipe by `imgpool send` and applied by `imgpool recv`.
+//!
+//! ```text
+//! stream  := MAGIC record* End
+//! record  := kind u8 | seq u64 LE | len u32 LE | payload[len] | crc32c u32 LE
+//! ```
+//!
+//! `seq` counts the records of the stream from 0 and the CRC32C covers kind, seq, len and
+//! payload: a record that was changed, dropped, repeated or moved is refused before anything
+//! of it is applied. The first record is the `Header` (JSON: the package); then, with
+//! `--with-image`, the base image (`ImageData`…, `ImageEnd`); then each snapshot of the package
+//! in order: `SnapshotBegin`, its `Data` and `Zero` records in ascending offsets, and
+//! `SnapshotEnd` with the digest of the snapshot's whole content, which the receiver checks
+//! before the snapshot appears. `End` closes a stream that ended correctly; anything after it
+//! is refused.
+//!
+//! The content digest is incremental, so that an incremental stream proves the whole content
+//! of its snapshot without anyone reading the whole volume: see `ContentHash`.
+
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+use super::volume::{BLOCK, GRANULE};
+
+/// The stream's first bytes: what it is and the version of its format.
+pub const MAGIC: &[u8; 8] = b"IMGPSTR1";
+
+/// The largest payload a record may have: a `Data` record of 1 MiB and its offset.
+pub const MAX_PAYLOAD: usize = (1 << 20) + 64;
+
+/// The most data one `Data` or `ImageData` record carries.
+pub const MAX_DATA: usize = 1 << 20;
+
+const KIND_HEADER: u8 = 1;
+const KIND_IMAGE_DATA: u8 = 2;
+const KIND_IMAGE_END: u8 = 3;
+const KIND_SNAPSHOT_BEGIN: u8 = 4;
+const KIND_DATA: u8 = 5;
+const KIND_ZERO: u8 = 6;
+const KIND_SNAPSHOT_END: u8 = 7;
+const KIND_END: u8 = 8;
+
+/// The image a volume reads where it never wrote, as the stream names it: the receiving pool
+/// uses its own image with the same SHA-512.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamImage {
+    pub name: String,
+    pub uuid: String,
+    /// Hex.
+    pub sha512: String,
+    pub size: u64,
+}
+
+/// One snapshot of the package, as it will be on the receiving side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamSnapshot {
+    pub name: String,
+    pub guid: String,
+    pub created: i64,
+    pub size: u64,
+    /// The receiver makes its volume equal to this snapshot but keeps no snapshot of it (the
+    /// temporary snapshot of a refresh copy).
+    #[serde(default)]
+    pub temporary: bool,
+}
+
+/// Where a resumed stream starts: the package's first `done` snapshots were received whole,
+/// and of the next one every granule before `granule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumePoint {
+    pub done: usize,
+    pub granule: u64,
+}
+
+/// The first record: what the stream carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    /// Identifies the package across resumes.
+    pub package: String,
+    /// The sending volume's name and uuid.
+    pub volume: String,
+    pub volume_uuid: String,
+    pub base_image: Option<StreamImage>,
+    /// The snapshot (by guid) an incremental stream applies on top of; none for a whole one.
+    pub from: Option<StreamSnapshot>,
+    /// The snapshots, oldest first.
+    pub snapshots: Vec<StreamSnapshot>,
+    /// The base image's data follows the header.
+    pub with_image: bool,
+    /// Set in a stream that continues an interrupted one.
+    pub resume: Option<ResumePoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    Header(Header),
+    /// Base image bytes at `offset` (`--with-image`); what no record covers reads as zeros.
+    ImageData {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// The base image is whole: its SHA-512.
+    ImageEnd {
+        sha512: [u8; 64],
+    },
+    /// The package's snapshot `index` follows; the volume has `size` bytes at it.
+    SnapshotBegin {
+        index: u32,
+        size: u64,
+    },
+    /// Whole blocks of the snapshot's content at `offset` (both multiples of `BLOCK`).
+    Data {
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// `len` bytes at `offset` read as zeros (multiples of `BLOCK`).
+    Zero {
+        offset: u64,
+        len: u64,
+    },
+    /// The snapshot `index` is whole; `digest` is `ContentHash::digest` of its content.
+    SnapshotEnd {
+        index: u32,
+        digest: [u8; 32],
+    },
+    End,
+}
+
+/// Why a stream is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("the input is not an imgpool stream (it does not start with the stream's magic; was it made by `imgpool send`?)")]
+    NotAStream,
+    #[error("the stream ends early, in or before record {seq} (a connection cut or a truncated file)")]
+    Truncated { seq: u64 },
+    #[error("record {seq} of the stream is corrupt (its CRC32C does not match: the stream was changed on the way)")]
+    Corrupt { seq: u64 },
+    #[error("record {found} of the stream came where record {expected} was due (records dropped, repeated or reordered)")]
+    OutOfOrder { expected: u64, found: u64 },
+    #[error("record {seq} of the stream is malformed: {why}")]
+    Malformed { seq: u64, why: String },
+    #[error("the stream goes on after its end record")]
+    TrailingData,
+    #[error("cannot read the stream: {0}")]
+    Io(#[source] io::Error),
+}
+
+impl StreamError {
+    fn malformed(seq: u64, why: impl Into<String>) -> StreamError {
+        StreamError::Malformed {
+            seq,
+            why: why.into(),
+        }
+    }
+}
+
+impl Record {
+    fn kind(&self) -> u8 {
+        match self {
+            Record::Header(_) => KIND_HEADER,
+            Record::ImageData { .. } => KIND_IMAGE_DATA,
+            Record::ImageEnd { .. } => KIND_IMAGE_END,
+            Record::SnapshotBegin { .. } => KIND_SNAPSHOT_BEGIN,
+            Record::Data { .. } => KIND_DATA,
+            Record::Zero { .. } => KIND_ZERO,
+            Record::SnapshotEnd { .. } => KIND_SNAPSHOT_END,
+            Record::End => KIND_END,
+        }
+    }
+
+    fn payload(&self) -> Vec<u8> {
+        match self {
+            Record::Header(header) => {
+                serde_json::to_vec(header).expect("a header serializes to JSON")
+            }
+            Record::ImageData { offset, data } | Record::Data { offset, data } => {
+                let mut p = Vec::with_capacity(8 + data.len());
+                p.extend_from_slice(&offset.to_le_bytes());
+                p.extend_from_slice(data);
+                p
+            }
+            Record::ImageEnd { sha512 } => sha512.to_vec(),
+            Record::SnapshotBegin { index, size } => {
+                let mut p = index.to_le_bytes().to_vec();
+                p.extend_from_slice(&size.to_le_bytes());
+                p
+            }
+            Record::Zero { offset, len } => {
+                let mut p = offset.to_le_bytes().to_vec();
+                p.extend_from_slice(&len.to_le_bytes());
+                p
+            }
+            Record::SnapshotEnd { index, digest } => {
+                let mut p = index.to_le_bytes().to_vec();
+                p.extend_from_slice(digest);
+                p
+            }
+            Record::End => Vec::new(),
+        }
+    }
+
+    fn parse(seq: u64, kind: u8, payload: Vec<u8>) -> Result<Record, StreamError> {
+        let fixed = |len: usize| -> Result<(), StreamError> {
+            if payload.len() == len {
+                Ok(())
+            } else {
+                Err(StreamError::malformed(
+                    seq,
+                    format!("a record of kind {kind} has {} bytes, not {len}", payload.len()),
+                ))
+            }
+        };
+        let u64_at = |at: usize| u64::from_le_bytes(payload[at..at + 8].try_into().unwrap());
+        let u32_at = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().unwrap());
+        let blocks = |offset: u64, len: u64| -> Result<(), StreamError> {
+            if offset % BLOCK != 0 || len % BLOCK != 0 || len == 0 {
+                return Err(StreamError::malformed(
+                    seq,
+                    format!("{len} bytes at {offset} are not whole blocks"),
+                ));
+            }
+            offset
+                .checked_add(len)
+                .map(drop)
+                .ok_or_else(|| StreamError::malformed(seq, "a range past 2^64"))
+        };
+        Ok(match kind {
+            KIND_HEADER => Record::Header(
+                serde_json::from_slice(&payload)
+                    .map_err(|e| StreamError::malformed(seq, format!("its header: {e}")))?,
+            ),
+            KIND_IMAGE_DATA | KIND_DATA => {
+                if payload.len() < 8 {
+                    return Err(StreamError::malformed(seq, "a data record without offset"));
+                }
+                let offset = u64_at(0);
+                let data = payload[8..].to_vec();
+                if data.len() > MAX_DATA {
+                    return Err(StreamError::malformed(seq, "a data record over 1 MiB"));
+                }
+                if kind == KIND_DATA {
+                    blocks(offset, data.len() as u64)?;
+                    Record::Data { offset, data }
+                } else {
+                    Record::ImageData { offset, data }
+                }
+            }
+            KIND_IMAGE_END => {
+                fixed(64)?;
+                Record::ImageEnd {
+                    sha512: payload.try_into().unwrap(),
+                }
+            }
+            KIND_SNAPSHOT_BEGIN => {
+                fixed(12)?;
+                Record::SnapshotBegin {
+                    index: u32_at(0),
+                    size: u64_at(4),
+                }
+            }
+            KIND_ZERO => {
+                fixed(16)?;
+                let (offset, len) = (u64_at(0), u64_at(8));
+                blocks(offset, len)?;
+                Record::Zero { offset, len }
+            }
+            KIND_SNAPSHOT_END => {
+                fixed(36)?;
+                Record::SnapshotEnd {
+                    index: u32_at(0),
+                    digest: payload[4..].try_into().unwrap(),
+                }
+            }
+            KIND_END => {
+                fixed(0)?;
+                Record::End
+            }
+            other => {
+                return Err(StreamError::malformed(
+                    seq,
+                    format!("unknown record kind {other}"),
+                ))
+            }
+        })
+    }
+}
+
+/// Writes records to a pipe or file, counting the bytes.
+pub struct StreamWriter<W: Write> {
+    out: W,
+    seq: u64,
+    bytes: u64,
+}
+
+impl<W: Write> StreamWriter<W> {
+    /// Starts a stream: writes its magic.
+    pub fn new(mut out: W) -> io::Result<StreamWriter<W>> {
+        out.write_all(MAGIC)?;
+        Ok(StreamWriter {
+            out,
+            seq: 0,
+            bytes: MAGIC.len() as u64,
+        })
+    }
+
+    pub fn write(&mut self, record: &Record) -> io::Result<()> {
+        let payload = record.payload();
+        debug_assert!(payload.len() <= MAX_PAYLOAD);
+        let mut head = [0u8; 13];
+        head[0] = record.kind();
+        head[1..9].copy_from_slice(&self.seq.to_le_bytes());
+        head[9..13].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &payload);
+        self.out.write_all(&head)?;
+        self.out.write_all(&payload)?;
+        self.out.write_all(&crc.to_le_bytes())?;
+        self.seq += 1;
+        self.bytes += (head.len() + payload.len() + 4) as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far, magic included.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+
+    pub fn into_inner(self) -> W {
+        self.out
+    }
+}
+
+/// Reads records, each checked (CRC32C, sequence, shape) before it is returned.
+pub struct StreamReader<R: Read> {
+    input: R,
+    seq: u64,
+    bytes: u64,
+    ended: bool,
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` at a clean end of input before the first byte.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<bool> {
+    let mut done = 0;
+    while done < buf.len() {
+        match input.read(&mut buf[done..]) {
+            Ok(0) if done == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
+}
+
+impl<R: Read> StreamReader<R> {
+    /// Checks the stream's magic.
+    pub fn new(mut input: R) -> Result<StreamReader<R>, StreamError> {
+        let mut magic = [0u8; 8];
+        match read_full(&mut input, &mut magic) {
+            Ok(true) if &magic == MAGIC => {}
+            Ok(false) => return Err(StreamError::Truncated { seq: 0 }),
+            Ok(true) => return Err(StreamError::NotAStream),
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Err(StreamError::NotAStream)
+            }
+            Err(e) => return Err(StreamError::Io(e)),
+        }
+        Ok(StreamReader {
+            input,
+            seq: 0,
+            bytes: MAGIC.len() as u64,
+            ended: false,
+        })
+    }
+
+    /// The next record. After `End`, checks that nothing follows and returns `End` again.
+    pub fn next(&mut self) -> Result<Record, StreamError> {
+        let seq = self.seq;
+        let truncated = |e: io::Error| match e.kind() {
+            io::ErrorKind::UnexpectedEof => StreamError::Truncated { seq },
+            _ => StreamError::Io(e),
+        };
+        if self.ended {
+            let mut byte = [0u8; 1];
+            return match read_full(&mut self.input, &mut byte).map_err(StreamError::Io)? {
+                true => Err(StreamError::TrailingData),
+                false => Ok(Record::End),
+            };
+        }
+        let mut head = [0u8; 13];
+        if !read_full(&mut self.input, &mut head).map_err(truncated)? {
+            return Err(StreamError::Truncated { seq });
+        }
+        let kind = head[0];
+        let len = u32::from_le_bytes(head[9..13].try_into().unwrap()) as usize;
+        if len > MAX_PAYLOAD {
+            // A length this large is damage, not a record: do not allocate it.
+            return Err(StreamError::Corrupt { seq });
+        }
+        let mut payload = vec![0u8; len];
+        let mut crc = [0u8; 4];
+        if !read_full(&mut self.input, &mut payload).map_err(truncated)? {
+            return Err(StreamError::Truncated { seq });
+        }
+        if !read_full(&mut self.input, &mut crc).map_err(truncated)? {
+            return Err(StreamError::Truncated { seq });
+        }
+        let expected = crc32c::crc32c_append(crc32c::crc32c(&head), &payload);
+        if u32::from_le_bytes(crc) != expected {
+            return Err(StreamError::Corrupt { seq });
+        }
+        let found = u64::from_le_bytes(head[1..9].try_into().unwrap());
+        if found != seq {
+            return Err(StreamError::OutOfOrder {
+                expected: seq,
+                found,
+            });
+        }
+        self.seq += 1;
+        self.bytes += (head.len() + len + 4) as u64;
+        let record = Record::parse(seq, kind, payload)?;
+        if record == Record::End {
+            self.ended = true;
+        }
+        Ok(record)
+    }
+
+    /// Bytes read so far, magic included.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+/// The content of a volume at a snapshot, as one digest that can be brought up to date from
+/// what changed alone.
+///
+/// Each granule `g` contributes `H(g, its bytes) - H(g, the base image's bytes there)` (64
+/// bytes of BLAKE3's output, as eight 64-bit lanes added with wrap-around), so a granule that
+/// reads as the base contributes nothing and the sum covers the whole content while only the
+/// granules the volume changed are ever hashed. Between two snapshots the sum changes by
+/// `H(g, new) - H(g, old)` for each granule that changed. Bytes past the volume's size count
+/// as zeros, so that a granule's hash does not depend on where the volume ends.
+///
+/// This detects damage and mistakes (a wrong base, a lost or misapplied record), not an
+/// adversary who chooses the data: sums of hashes admit crafted collisions. The transport's
+/// authenticity is ssh's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ContentHash {
+    lanes: [u64; 8],
+}
+
+/// The hash of one granule's 64 KiB at index `granule`.
+pub fn granule_hash(granule: u64, bytes: &[u8]) -> [u64; 8] {
+    debug_assert_eq!(bytes.len() as u64, GRANULE);
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"imgpool granule v1");
+    hasher.update(&granule.to_le_bytes());
+    hasher.update(bytes);
+    let mut out = [0u8; 64];
+    hasher.finalize_xof().fill(&mut out);
+    let mut lanes = [0u64; 8];
+    for (lane, word) in lanes.iter_mut().zip(out.chunks_exact(8)) {
+        *lane = u64::from_le_bytes(word.try_into().unwrap());
+    }
+    lanes
+}
+
+impl ContentHash {
+    /// Granule `granule` went from `old` to `new` (64 KiB each; for a whole stream, `old` is
+    /// the base image's bytes).
+    pub fn change(&mut self, granule: u64, old: &[u8], new: &[u8]) {
+        if old == new {
+            return;
+        }
+        self.add_lanes(granule_hash(granule, new), granule_hash(granule, old));
+    }
+
+    /// Adds the hash `plus` and takes away the hash `minus` (each from `granule_hash`).
+    pub fn add_lanes(&mut self, plus: [u64; 8], minus: [u64; 8]) {
+        for ((lane, p), m) in self.lanes.iter_mut().zip(plus).zip(minus) {
+            *lane = lane.wrapping_add(p).wrapping_sub(m);
+        }
+    }
+
+    /// Combines two partial sums (of disjoint sets of granules).
+    pub fn merge(&mut self, other: &ContentHash) {
+        self.add_lanes(other.lanes, [0; 8]);
+    }
+
+    pub fn to_bytes(&self) -> [u8; 64] {
+        let mut out = [0u8; 64];
+        for (word, lane) in out.chunks_exact_mut(8).zip(self.lanes) {
+            word.copy_from_slice(&lane.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8; 64]) -> ContentHash {
+        let mut lanes = [0u64; 8];
+        for (lane, word) in lanes.iter_mut().zip(bytes.chunks_exact(8)) {
+            *lane = u64::from_le_bytes(word.try_into().unwrap());
+        }
+        ContentHash { lanes }
+    }
+
+    /// The snapshot's digest: the sum with the volume's size and its base image (by SHA-512,
+    /// hex; none for a volume over zeros).
+    pub fn digest(&self, size: u64, base_sha512: Option<&str>) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"imgpool snapshot v1");
+        hasher.update(&size.to_le_bytes());
+        hasher.update(base_sha512.unwrap_or("").as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&self.to_bytes());
+        *hasher.finalize().as_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> Header {
+        Header {
+            package: "p".into(),
+            volume: "v".into(),
+            volume_uuid: "u".into(),
+            base_image: None,
+            from: None,
+            snapshots: vec![StreamSnapshot {
+                name: "s".into(),
+                guid: "g".into(),
+                created: 1,
+                size: 1 << 20,
+                temporary: false,
+            }],
+            with_image: false,
+            resume: None,
+        }
+    }
+
+    fn sample() -> Vec<Record> {
+        vec![
+            Record::Header(header()),
+            Record::ImageData {
+                offset: 3,
+                data: vec![7; 10],
+            },
+            Record::ImageEnd { sha512: [9; 64] },
+            Record::SnapshotBegin {
+                index: 0,
+                size: 1 << 20,
+            },
+            Record::Data {
+                offset: 4096,
+                data: vec![1; 8192],
+            },
+            Record::Zero {
+                offset: 65536,
+                len: 4096,
+            },
+            Record::SnapshotEnd {
+                index: 0,
+                digest: [5; 32],
+            },
+            Record::End,
+        ]
+    }
+
+    fn encode(records: &[Record]) -> Vec<u8> {
+        let mut w = StreamWriter::new(Vec::new()).unwrap();
+        for r in records {
+            w.write(r).unwrap();
+        }
+        assert_eq!(w.bytes(), w.out.len() as u64);
+        w.into_inner()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Vec<Record>, StreamError> {
+        let mut r = StreamReader::new(bytes)?;
+        let mut out = Vec::new();
+        loop {
+            let record = r.next()?;
+            let end = record == Record::End;
+            out.push(record);
+            if end {
+                r.next()?;
+                return Ok(out);
+            }
+        }
+    }
+
+    #[test]
+    fn records_read_back_as_written() {
+        let records = sample();
+        assert_eq!(decode(&encode(&records)).unwrap(), records);
+    }
+
+    #[test]
+    fn every_flipped_byte_and_every_cut_is_refused() {
+        let bytes = encode(&sample());
+        for at in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x20;
+            assert!(decode(&damaged).is_err(), "a flip at byte {at} went unseen");
+            assert!(
+                matches!(
+                    decode(&bytes[..at]),
+                    Err(StreamError::Truncated { .. }) | Err(StreamError::NotAStream)
+                ),
+                "a cut at byte {at} went unseen"
+            );
+        }
+    }
+
+    #[test]
+    fn dropped_repeated_and_reordered_records_are_refused() {
+        let records = sample();
+        let mut w = StreamWriter::new(Vec::new()).unwrap();
+        let mut spans = Vec::new();
+        for r in &records {
+            let start = w.bytes() as usize;
+            w.write(r).unwrap();
+            spans.push(start..w.bytes() as usize);
+        }
+        let whole = w.into_inner();
+        let piece = |i: usize| whole[spans[i].clone()].to_vec();
+        let assemble = |order: &[usize]| {
+            let mut s = MAGIC.to_vec();
+            for &i in order {
+                s.extend(piece(i));
+            }
+            s
+        };
+        for order in [
+            vec![0, 1, 2, 3, 5, 4, 6, 7],
+            vec![0, 1, 2, 3, 4, 4, 5, 6, 7],
+            vec![0, 1, 2, 3, 5, 6, 7],
+        ] {
+            assert!(
+                matches!(
+                    decode(&assemble(&order)),
+                    Err(StreamError::OutOfOrder { .. })
+                ),
+                "{order:?} went unseen"
+            );
+        }
+        let mut trailing = whole.clone();
+        trailing.push(0);
+        assert!(matches!(decode(&trailing), Err(StreamError::TrailingData)));
+    }
+
+    #[test]
+    fn something_else_is_not_a_stream() {
+        assert!(matches!(
+            decode(b"QFI\xfb\0\0\0\x03 and more"),
+            Err(StreamError::NotAStream)
+        ));
+    }
+
+    #[test]
+    fn the_content_hash_follows_changes_in_any_order_and_undoes_them() {
+        let g = GRANULE as usize;
+        let base = vec![0u8; g];
+        let a = vec![1u8; g];
+        let b = vec![2u8; g];
+        let mut one = ContentHash::default();
+        one.change(0, &base, &a);
+        one.change(5, &base, &b);
+        let mut other = ContentHash::default();
+        other.change(5, &base, &b);
+        other.change(0, &base, &a);
+        assert_eq!(one, other);
+        // Through an intermediate state: the same sum as straight to the end.
+        let mut via = ContentHash::default();
+        via.change(0, &base, &b);
+        via.change(0, &b, &a);
+        via.change(5, &base, &b);
+        assert_eq!(via, one);
+        // The same bytes at another granule are other content.
+        let mut moved = ContentHash::default();
+        moved.change(1, &base, &a);
+        moved.change(5, &base, &b);
+        assert_ne!(moved, one);
+        // Back to the base: nothing left.
+        one.change(0, &a, &base);
+        one.change(5, &b, &base);
+        assert_eq!(one, ContentHash::default());
+        assert_eq!(
+            ContentHash::from_bytes(&via.to_bytes()),
+            via,
+            "the sum stores and loads"
+        );
+        assert_ne!(via.digest(1 << 20, None), via.digest(2 << 20, None));
+        assert_ne!(via.digest(1 << 20, None), via.digest(1 << 20, Some("ab")));
+    }
+}
