@@ -87,10 +87,58 @@ pub struct Header {
     pub from: Option<StreamSnapshot>,
     /// The snapshots, oldest first.
     pub snapshots: Vec<StreamSnapshot>,
+    /// Every snapshot between `from` (or the volume's first) and the last is in the package
+    /// (`send --from-all`), not only the last.
+    pub from_all: bool,
     /// The base image's data follows the header.
     pub with_image: bool,
     /// Set in a stream that continues an interrupted one.
     pub resume: Option<ResumePoint>,
+}
+
+/// What `recv --resume-token` prints and `send --resume` takes: enough for the sender to make
+/// the same package again and send what the receiver lacks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResumeToken {
+    pub package: String,
+    pub volume_uuid: String,
+    /// The guid of the package's `from` snapshot, if incremental.
+    pub from: Option<String>,
+    /// The guid of the package's last snapshot.
+    pub to: String,
+    pub from_all: bool,
+    /// The receiver still needs the base image.
+    pub with_image: bool,
+    /// `snapshots_digest` of the package's snapshots: the sender refuses to resume a package
+    /// whose snapshots changed since (one deleted on the source, say).
+    pub snapshots: String,
+    pub point: ResumePoint,
+}
+
+const TOKEN_PREFIX: &str = "imgpool-resume-1-";
+
+impl ResumeToken {
+    pub fn encode(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a token serializes to JSON");
+        format!("{TOKEN_PREFIX}{}", hex::encode(json))
+    }
+
+    pub fn decode(token: &str) -> Result<ResumeToken, String> {
+        const BAD: &str = "this is not a resume token of `imgpool recv --resume-token` (copy it whole, on one line)";
+        let hex = token.trim().strip_prefix(TOKEN_PREFIX).ok_or(BAD)?;
+        let json = hex::decode(hex).map_err(|_| BAD)?;
+        serde_json::from_slice(&json).map_err(|_| BAD.to_string())
+    }
+}
+
+/// A short digest of a package's snapshots (their guids in order).
+pub fn snapshots_digest(snapshots: &[StreamSnapshot]) -> String {
+    let mut hasher = blake3::Hasher::new();
+    for s in snapshots {
+        hasher.update(s.guid.as_bytes());
+        hasher.update(b"\n");
+    }
+    hex::encode(&hasher.finalize().as_bytes()[..16])
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +181,9 @@ pub enum Record {
 pub enum StreamError {
     #[error("the input is not an imgpool stream (it does not start with the stream's magic; was it made by `imgpool send`?)")]
     NotAStream,
-    #[error("the stream ends early, in or before record {seq} (a connection cut or a truncated file)")]
+    #[error(
+        "the stream ends early, in or before record {seq} (a connection cut or a truncated file)"
+    )]
     Truncated { seq: u64 },
     #[error("record {seq} of the stream is corrupt (its CRC32C does not match: the stream was changed on the way)")]
     Corrupt { seq: u64 },
@@ -208,7 +258,10 @@ impl Record {
             } else {
                 Err(StreamError::malformed(
                     seq,
-                    format!("a record of kind {kind} has {} bytes, not {len}", payload.len()),
+                    format!(
+                        "a record of kind {kind} has {} bytes, not {len}",
+                        payload.len()
+                    ),
                 ))
             }
         };
@@ -540,9 +593,30 @@ mod tests {
                 size: 1 << 20,
                 temporary: false,
             }],
+            from_all: false,
             with_image: false,
             resume: None,
         }
+    }
+
+    #[test]
+    fn a_resume_token_reads_back_and_garbage_is_refused() {
+        let token = ResumeToken {
+            package: "p".into(),
+            volume_uuid: "u".into(),
+            from: Some("a".into()),
+            to: "b".into(),
+            from_all: true,
+            with_image: false,
+            snapshots: snapshots_digest(&header().snapshots),
+            point: ResumePoint {
+                done: 1,
+                granule: 42,
+            },
+        };
+        assert_eq!(ResumeToken::decode(&token.encode()).unwrap(), token);
+        assert!(ResumeToken::decode("imgpool-resume-1-zz").is_err());
+        assert!(ResumeToken::decode("something").is_err());
     }
 
     fn sample() -> Vec<Record> {
