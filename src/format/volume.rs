@@ -6,6 +6,8 @@
 //!                                             the free slots and the reclaim still to do (SQLite)
 //! <disk>/.imgpool/volumes/<uuid>/data          the written blocks, in 64 KiB slots (sparse)
 //! <disk>/.imgpool/volumes/<uuid>/writer.lock   flock of the one process that writes it
+//! <disk>/.imgpool/volumes/<uuid>/content-sums.db  the content sums of its snapshots, by guid
+//!                                             (send/receive; a cache: lost, it is computed)
 //! ```
 //!
 //! The volume's logical address space is cut into granules of `GRANULE` bytes; each granule's
@@ -79,5 +81,11 @@ impl VolumeFiles {
     /// Locked (flock) by the one process that may write the volume.
     pub fn writer_lock(&self) -> PathBuf {
         self.dir.join("writer.lock")
+    }
+
+    /// The content sums of its snapshots (`core::volume::sums`), apart from the index so that
+    /// a sender may record one while a mount daemon writes the volume.
+    pub fn content_sums(&self) -> PathBuf {
+        self.dir.join("content-sums.db")
     }
 }
