@@ -146,6 +146,12 @@ fn dead_volume_work(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
                 if let Owner::Alive = owner {
                     continue;
                 }
+                // A resumable receive that failed or died: kept for `recv --resume-token` or
+                // `recv --abort` (read while holding its dead owner's lock: final).
+                if pool.volume_has_partial_receive(&volume)? {
+                    owner.finish();
+                    continue;
+                }
                 // Re-checked in the transaction: only a row still `creating` is abandoned.
                 let abandoned = pool.store().set_volume_state(
                     volume.id,

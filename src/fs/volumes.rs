@@ -75,6 +75,15 @@ impl OpenVolumes {
                 return Err(errno_of(&e));
             }
         };
+        // Checked under the lock, which a receive holds while it writes the file: a volume with
+        // a partial receive is not served until the receive is finished or aborted.
+        if entry.files.receive_state().exists() {
+            tracing::warn!(
+                "volume '{}' holds a partial receive: not served until `imgpool recv --resume-token {}` (and a resumed stream) or `imgpool recv --abort {}` ends it",
+                entry.name, entry.name, entry.name
+            );
+            return Err(libc::EBUSY);
+        }
         let volume = Volume::open(&entry.files, base()?).map_err(|e| {
             tracing::error!("cannot open volume '{}': {e}", entry.name);
             errno_of(&e)

@@ -33,7 +33,7 @@ pub fn export_token(id: &str) -> String {
 /// An image read from its good copies on this node's disks: each chunk is checked against the
 /// image's digests, and a copy whose chunk does not read or does not match gives way to the
 /// next one. Never a byte that is not the image's.
-struct VerifiedCopies {
+pub(super) struct VerifiedCopies {
     image: String,
     size: u64,
     digests: ChunkDigests,
@@ -156,7 +156,7 @@ impl Pool {
     }
 
     /// The image with id `image_id`, read from its good copies.
-    fn verified_copies(&self, image_id: i64) -> Result<VerifiedCopies> {
+    pub(super) fn verified_copies(&self, image_id: i64) -> Result<VerifiedCopies> {
         let image: ImageRow = self
             .store
             .images()?

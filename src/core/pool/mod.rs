@@ -19,6 +19,7 @@ mod holders;
 mod images;
 mod imports;
 mod mounts;
+mod recv;
 mod volumes;
 
 pub use disks::{check_label, DiskHealth, DiskStatus};
@@ -27,6 +28,7 @@ pub use export::{export_token, TEMPORARY_SNAPSHOT};
 pub(crate) use images::ImageHealth;
 pub use images::{copy_info, CopyInfo, ImageInfo, ImportSource, Imported};
 pub(crate) use volumes::volume_token;
+pub use recv::{has_partial_receive, ReceiveOptions, Received};
 pub use volumes::VolumeInfo;
 
 pub struct Pool {

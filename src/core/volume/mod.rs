@@ -903,6 +903,36 @@ impl Volume {
         self.state.lock().index.snapshot(name).map_err(index_error)
     }
 
+    /// Whether the volume wrote or discarded anything since its newest snapshot (since it was
+    /// made, without one).
+    pub fn written_since_newest_snapshot(&self) -> io::Result<bool> {
+        let state = self.state.lock();
+        state
+            .index
+            .written_after(state.newest_snapshot)
+            .map_err(index_error)
+    }
+
+    /// The granules the snapshot at `epoch` wrote or discarded (the rest reads as the base).
+    pub fn granules_seen(&self, epoch: u64) -> io::Result<Vec<u64>> {
+        let state = self.state.lock();
+        state.index.granules_seen(Some(epoch)).map_err(index_error)
+    }
+
+    /// Renames snapshots (by epoch) in one durable step: all or none.
+    pub fn rename_snapshots(&self, renames: &[(u64, String)]) -> io::Result<()> {
+        let mut state = self.state.lock();
+        self.commit_locked(&mut state)?;
+        let epochs: Vec<u64> = renames.iter().map(|(e, _)| *e).collect();
+        state.refuse_if_read(&epochs)?;
+        if let Err(e) = state.index.rename_snapshots(renames) {
+            // A name taken: nothing of the batch stays.
+            state.index.abandon();
+            return Err(index_error(e));
+        }
+        state.index.commit().map_err(|e| state.break_on(e))
+    }
+
     /// Deletes snapshots in one durable step; their space is reclaimed by `reclaim`.
     pub fn delete_snapshots(&self, epochs: &[u64]) -> io::Result<()> {
         let mut state = self.state.lock();

@@ -1,0 +1,1299 @@
+//! Receiving a stream (`imgpool recv`, docs/send-receive.md): a whole stream makes a new
+//! volume, an incremental one adds snapshots to the volume it was made from. Every record is
+//! checked before it is applied (`format::stream`), and each snapshot's content digest before
+//! the snapshot is taken; nothing of the stream is visible before its `End`: a new volume stays
+//! `creating`, and an existing one takes its snapshots under staged names
+//! (`recv-tmp-<package>-<n>`), renamed to their real names in one index transaction at the end.
+//!
+//! A failure leaves the target as it was: a new volume is removed, an existing one is rolled
+//! back to the snapshot the stream applies on (with its staged snapshots). With `--resumable`,
+//! what was applied and made durable stays, described by the volume's `receive.json`; the
+//! receive goes on with a stream resumed from there (`send --resume TOKEN`), or is dropped
+//! (`recv --abort`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha512};
+
+use super::images::ImportSource;
+use super::volumes::{check_size, NewVolume};
+use super::Pool;
+use crate::core::owner::{self, Owner, OwnerLock};
+use crate::core::store::{ImageRow, VolumeRow, VolumeState};
+use crate::core::volume::sums::{sum_changes, BaseGranules, ContentSums, GranuleReader};
+use crate::core::volume::{Base, NoBase, Snapshot, Volume, WriterLock};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::layout::{fsync_dir, write_durably};
+use crate::format::names;
+use crate::format::stream::{
+    snapshots_digest, ContentHash, Header, Record, ResumePoint, ResumeToken, StreamError,
+    StreamReader, StreamSnapshot,
+};
+use crate::format::volume::{VolumeFiles, GRANULE};
+
+/// The names received snapshots take until the stream's end.
+pub const STAGED_PREFIX: &str = "recv-tmp-";
+
+/// Applied bytes between two records of a resumable receive's progress.
+const CHECKPOINT_BYTES: u64 = 256 << 20;
+
+/// How `recv` takes a stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReceiveOptions {
+    /// Discard what the target has that the stream's `from` snapshot does not.
+    pub force: bool,
+    /// Keep what was received when the stream fails, to go on with a resumed stream.
+    pub resumable: bool,
+}
+
+/// What a receive did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Received {
+    pub volume: String,
+    /// The stream made the volume.
+    pub created: bool,
+    /// The snapshots received and kept, by name, oldest first.
+    pub snapshots: Vec<String>,
+    /// The stream's bytes read (of this stream, when it resumed another).
+    pub bytes: u64,
+    /// The base image imported from the stream, if any.
+    pub imported_image: Option<String>,
+    /// `--force`: the snapshots deleted, and whether writes since the newest were dropped.
+    pub discarded_snapshots: Vec<String>,
+    pub discarded_writes: bool,
+    /// The stream continued an interrupted receive.
+    pub resumed: bool,
+}
+
+/// `receive.json`: a partial, resumable receive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PartialReceive {
+    /// The package's header as its first stream had it (`resume` none).
+    header: Header,
+    /// The stream makes the volume (it stays `creating` until the end).
+    new_volume: bool,
+    /// The snapshots received whole, and of the next one, the granules before `granule`.
+    point: ResumePoint,
+    /// The content sum of the volume as it is at `point` (hex).
+    sum: String,
+}
+
+impl PartialReceive {
+    fn sum(&self) -> Result<ContentHash> {
+        hex::decode(&self.sum)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+            .map(|b| ContentHash::from_bytes(&b))
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::Corrupt,
+                    "the partial receive's state (receive.json) is damaged: drop it with `imgpool recv --abort`",
+                )
+            })
+    }
+}
+
+fn read_partial(files: &VolumeFiles) -> Result<Option<PartialReceive>> {
+    let path = files.receive_state();
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::refused(
+                ErrorKind::Corrupt,
+                format!(
+                    "{} is damaged ({e}): drop the partial receive with `imgpool recv --abort`",
+                    path.display()
+                ),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+    }
+}
+
+/// The partial receive as the volume has it: `receive.json`, brought forward past a snapshot
+/// taken just before a crash kept the file from saying so (the snapshot's sum was recorded
+/// before it was taken).
+fn current_partial(files: &VolumeFiles) -> Result<Option<PartialReceive>> {
+    let Some(mut partial) = read_partial(files)? else {
+        return Ok(None);
+    };
+    loop {
+        let index = partial.point.done;
+        let Some(s) = partial.header.snapshots.get(index) else {
+            return Ok(Some(partial));
+        };
+        let staged = staged_name(&partial.header.package, index);
+        let taken = !s.temporary
+            && crate::core::volume::snapshot_named(files, &staged)
+                .ctx(|| format!("cannot read {}", files.index().display()))?
+                .is_some();
+        if !taken {
+            return Ok(Some(partial));
+        }
+        let sum = ContentSums::open(files)
+            .and_then(|sums| sums.get(&s.guid))
+            .ctx(|| format!("cannot read {}", files.content_sums().display()))?
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::Corrupt,
+                    "the partial receive lost a received snapshot's sum: drop it with `imgpool recv --abort`",
+                )
+            })?;
+        partial.point = ResumePoint {
+            done: index + 1,
+            granule: 0,
+        };
+        partial.sum = hex::encode(sum.to_bytes());
+    }
+}
+
+fn write_partial(files: &VolumeFiles, partial: &PartialReceive) -> Result<()> {
+    let json = serde_json::to_vec_pretty(partial).expect("the state serializes");
+    write_durably(&files.receive_state(), &json)
+}
+
+fn remove_partial(files: &VolumeFiles) -> Result<()> {
+    match fs::remove_file(files.receive_state()) {
+        Ok(()) => fsync_dir(files.dir()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("cannot remove receive.json", e)),
+    }
+}
+
+/// Whether a receive into the volume is partial: the mount does not serve it, and commands do
+/// not change it, until it is resumed to its end or aborted.
+pub fn has_partial_receive(files: &VolumeFiles) -> bool {
+    files.receive_state().exists()
+}
+
+/// The refusal of a change to a volume with a partial receive.
+pub fn partial_receive_refusal(volume: &str) -> Error {
+    Error::refused(
+        ErrorKind::Conflict,
+        format!(
+            "volume '{volume}' holds a partial receive: finish it (`imgpool recv --resume-token {volume}` prints the token for `imgpool send --resume`) or drop it with `imgpool recv --abort {volume}`"
+        ),
+    )
+}
+
+fn stream_error(e: StreamError) -> Error {
+    Error::refused(ErrorKind::Corrupt, e.to_string())
+}
+
+fn malformed(why: impl Into<String>) -> Error {
+    Error::refused(
+        ErrorKind::Corrupt,
+        format!("the stream is malformed: {}", why.into()),
+    )
+}
+
+fn staged_name(package: &str, index: usize) -> String {
+    format!("{STAGED_PREFIX}{}-{index}", short(package))
+}
+
+fn staged_prefix(package: &str) -> String {
+    format!("{STAGED_PREFIX}{}-", short(package))
+}
+
+fn short(text: &str) -> &str {
+    let end = text
+        .char_indices()
+        .nth(8)
+        .map_or(text.len(), |(at, _)| at);
+    &text[..end]
+}
+
+/// The checks of a header on its own: what any target needs of it.
+fn check_header(header: &Header) -> Result<()> {
+    if header.snapshots.is_empty() {
+        return Err(malformed("its header lists no snapshot"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in &header.snapshots {
+        if !s.temporary {
+            names::check_snapshot_name(&s.name)?;
+            if !seen.insert(s.name.as_str()) {
+                return Err(malformed(format!(
+                    "its header lists snapshot '{}' twice",
+                    s.name
+                )));
+            }
+        }
+        if s.size == 0 || s.size % crate::format::volume::BLOCK != 0 {
+            return Err(malformed(format!(
+                "snapshot '{}' has size {}, not a positive multiple of 4096",
+                s.name, s.size
+            )));
+        }
+    }
+    if header.with_image && header.base_image.is_none() {
+        return Err(malformed("it carries a base image but names none"));
+    }
+    Ok(())
+}
+
+/// The volume a receive writes, open under its writer lock (an existing volume) or under its
+/// creator's owner lock (a new one).
+struct Target {
+    name: String,
+    row: VolumeRow,
+    files: VolumeFiles,
+    volume: Arc<Volume>,
+    new_volume: bool,
+    /// The snapshot the stream applies on (an incremental stream).
+    from: Option<Snapshot>,
+    base_sha512: Option<String>,
+    _owner: Option<OwnerLock>,
+    _writer: Option<WriterLock>,
+}
+
+impl Pool {
+    /// The base a volume over `image` reads (none: zeros), from the image's verified copies.
+    fn base_of(&self, image_id: Option<i64>) -> Result<Box<dyn Base>> {
+        Ok(match image_id {
+            Some(id) => Box::new(self.verified_copies(id)?),
+            None => Box::new(NoBase),
+        })
+    }
+
+    /// The volume row named `name`, whatever its state.
+    fn volume_row_any_state(&self, name: &str) -> Result<Option<VolumeRow>> {
+        Ok(self.store.volumes()?.into_iter().find(|v| v.name == name))
+    }
+
+    fn volume_files_of(&self, row: &VolumeRow) -> Result<VolumeFiles> {
+        let disk = self
+            .store
+            .disks()?
+            .into_iter()
+            .find(|d| d.id == row.disk_id)
+            .ok_or_else(|| {
+                Error::refused(ErrorKind::Internal, "a volume's disk is not registered")
+            })?;
+        Ok(crate::format::layout::DiskLayout::new(&disk.path).volume_files(&row.uuid))
+    }
+
+    /// Whether the volume (a row in any state) holds a partial receive.
+    pub(crate) fn volume_has_partial_receive(&self, row: &VolumeRow) -> Result<bool> {
+        Ok(has_partial_receive(&self.volume_files_of(row)?))
+    }
+
+    /// Applies the stream `input` to volume `name` (docs/send-receive.md, "Receiving").
+    pub fn receive(
+        &self,
+        name: &str,
+        input: &mut dyn Read,
+        options: ReceiveOptions,
+    ) -> Result<Received> {
+        self.receive_checkpointing(name, input, options, CHECKPOINT_BYTES)
+    }
+
+    /// `receive`, recording a resumable receive's progress every `checkpoint_bytes` applied.
+    fn receive_checkpointing(
+        &self,
+        name: &str,
+        input: &mut dyn Read,
+        options: ReceiveOptions,
+        checkpoint_bytes: u64,
+    ) -> Result<Received> {
+        names::check_image_name(name)?;
+        let mut reader = StreamReader::new(input).map_err(stream_error)?;
+        let header = match reader.next().map_err(stream_error)? {
+            Record::Header(header) => header,
+            _ => return Err(malformed("it does not start with its header")),
+        };
+        check_header(&header)?;
+        let existing = self.volume_row_any_state(name)?;
+        let partial = match &existing {
+            Some(row) => current_partial(&self.volume_files_of(row)?)?,
+            None => None,
+        };
+        match (&header.resume, &partial) {
+            (None, Some(_)) => return Err(partial_receive_refusal(name)),
+            (Some(_), None) => {
+                return Err(Error::refused(
+                    ErrorKind::Conflict,
+                    format!("the stream resumes an interrupted receive, but volume '{name}' has none to resume: send the package again without --resume"),
+                ))
+            }
+            (Some(point), Some(partial)) => {
+                if partial.header.package != header.package
+                    || snapshots_digest(&partial.header.snapshots)
+                        != snapshots_digest(&header.snapshots)
+                    || partial.point != *point
+                {
+                    return Err(Error::refused(
+                        ErrorKind::Conflict,
+                        format!("the stream resumes another package, or from another point, than the partial receive of volume '{name}': use the token `imgpool recv --resume-token {name}` prints now"),
+                    ));
+                }
+            }
+            (None, None) => {}
+        }
+        let mut received = Received {
+            volume: name.to_string(),
+            resumed: partial.is_some(),
+            ..Received::default()
+        };
+        // The base image, before anything else of the target: the stream carries it next.
+        let base = self.stream_base(&header, &mut reader, &mut received)?;
+        let resumable = options.resumable || partial.is_some();
+        let mut target = match (&existing, &partial) {
+            (None, _) => self.new_target(name, &header, base.as_ref())?,
+            (Some(row), Some(partial)) if partial.new_volume => {
+                self.resumed_new_target(name, row, &header, base.as_ref())?
+            }
+            (Some(row), _) => {
+                if row.state != VolumeState::Ready {
+                    return Err(Error::refused(
+                        ErrorKind::Busy,
+                        format!("volume '{name}' is being created or removed by another command: retry when it is done"),
+                    ));
+                }
+                self.existing_target(name, row, &header, partial.is_some(), options.force, &mut received)?
+            }
+        };
+        received.created = target.new_volume;
+        let start = match &partial {
+            Some(partial) => partial.sum()?,
+            None => self.start_sum(&target)?,
+        };
+        let point = partial.as_ref().map(|p| p.point);
+        let state = PartialReceive {
+            header: Header {
+                resume: None,
+                ..header.clone()
+            },
+            new_volume: target.new_volume,
+            point: point.unwrap_or(ResumePoint {
+                done: 0,
+                granule: 0,
+            }),
+            sum: hex::encode(start.to_bytes()),
+        };
+        let applied = (|| {
+            if resumable && partial.is_none() {
+                write_partial(&target.files, &state)?;
+            }
+            let mut apply = Apply {
+                target: &target,
+                header: &header,
+                state,
+                resumable,
+                checkpoint_bytes,
+                since_checkpoint: 0,
+            };
+            apply.run(&mut reader, start)?;
+            self.commit_receive(&target, &header)
+        })();
+        received.bytes = reader.bytes();
+        match applied {
+            Ok(kept) => {
+                received.snapshots = kept;
+                let result = self.finish_target(&mut target);
+                result.map(|()| received)
+            }
+            Err(e) if resumable && has_partial_receive(&target.files) => {
+                // What was applied since the last record of progress is not committed: the
+                // volume is let go without a flush, and its next open recovers it as after a
+                // crash, to the state `receive.json` describes.
+                drop(target);
+                Err(Error::refused(
+                    e.kind(),
+                    format!("{e}; what was received is kept: `imgpool recv --resume-token {name}` prints the token to resume it (`imgpool send --resume TOKEN`), `imgpool recv --abort {name}` drops it"),
+                ))
+            }
+            Err(e) => {
+                if let Err(undo) = self.undo_receive(target, &header) {
+                    tracing::error!("cannot undo the failed receive into '{name}': {undo}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The pool's image the stream's volume reads as its base: found by SHA-512, or imported
+    /// from the stream. Reads the stream's image records, if any.
+    fn stream_base(
+        &self,
+        header: &Header,
+        reader: &mut StreamReader<&mut dyn Read>,
+        received: &mut Received,
+    ) -> Result<Option<ImageRow>> {
+        let Some(image) = &header.base_image else {
+            return Ok(None);
+        };
+        let found = self.store.ready_image_by_sha512(&image.sha512)?;
+        if !header.with_image {
+            return found.map(Some).ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::NotFound,
+                    format!(
+                        "this pool has no image with the content of the stream's base image '{}' (uuid {}, SHA-512 {}): import it, or send with `imgpool send --with-image`",
+                        image.name, image.uuid, image.sha512
+                    ),
+                )
+            });
+        }
+        let tmp_dir = self.state_dir.join("tmp");
+        fs::create_dir_all(&tmp_dir).ctx(|| format!("cannot create {}", tmp_dir.display()))?;
+        let path = tmp_dir.join(format!("recv-{}.img", uuid::Uuid::new_v4()));
+        let imported = (|| {
+            let file = match found {
+                None => Some(
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .ctx(|| format!("cannot create {}", path.display()))?,
+                ),
+                // The pool has it: its records are read past.
+                Some(_) => None,
+            };
+            if let Some(file) = &file {
+                file.set_len(image.size)
+                    .ctx(|| format!("cannot size {}", path.display()))?;
+            }
+            let sha512 = loop {
+                match reader.next().map_err(stream_error)? {
+                    Record::ImageData { offset, data } => {
+                        let end = offset.checked_add(data.len() as u64);
+                        if end.is_none_or(|end| end > image.size) {
+                            return Err(malformed(format!(
+                                "image data at {offset} lies past the image's end, {}",
+                                image.size
+                            )));
+                        }
+                        if let Some(file) = &file {
+                            file.write_all_at(&data, offset)
+                                .ctx(|| format!("cannot write {}", path.display()))?;
+                        }
+                    }
+                    Record::ImageEnd { sha512 } => break hex::encode(sha512),
+                    _ => return Err(malformed("the base image's records end without ImageEnd")),
+                }
+            };
+            if sha512 != image.sha512 {
+                return Err(malformed(
+                    "the image it carries is not the one its header names (their SHA-512 differ)",
+                ));
+            }
+            let Some(file) = file else {
+                return Ok(None);
+            };
+            file.sync_all()
+                .ctx(|| format!("cannot sync {}", path.display()))?;
+            if sha512_of(&file, image.size).ctx(|| format!("cannot read {}", path.display()))?
+                != image.sha512
+            {
+                return Err(Error::refused(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "the base image '{}' the stream carries does not have the SHA-512 it claims: the stream was damaged; send it again",
+                        image.name
+                    ),
+                ));
+            }
+            let name = match self.store.image_by_name(&image.name)? {
+                None => image.name.clone(),
+                Some(_) => format!("{}-{}", image.name, &image.sha512[..8]),
+            };
+            let source = ImportSource {
+                data: &file,
+                size: image.size,
+                path: path.clone(),
+                recorded_as: Some(format!("stream:{}", image.name)),
+                // A file of ours, written whole before the import.
+                unchanged: &|| Ok(()),
+                resume_key: None,
+            };
+            let done = self.import_image(&name, &source, None, &mut |_, _| {})?;
+            Ok(Some(done.name))
+        })();
+        let _ = fs::remove_file(&path);
+        match imported? {
+            Some(name) => {
+                tracing::info!(
+                    image = name.as_str(),
+                    "imported the base image of a received stream"
+                );
+                received.imported_image = Some(name.clone());
+                self.store.image_by_name(&name)?.map(Some).ok_or_else(|| {
+                    Error::refused(
+                        ErrorKind::Conflict,
+                        format!("the image '{name}' just imported was removed meanwhile"),
+                    )
+                })
+            }
+            None => Ok(self.store.ready_image_by_sha512(&image.sha512)?),
+        }
+    }
+
+    /// A new volume for a whole stream: `creating` until the end.
+    fn new_target(
+        &self,
+        name: &str,
+        header: &Header,
+        base: Option<&ImageRow>,
+    ) -> Result<Target> {
+        if let Some(from) = &header.from {
+            return Err(Error::refused(
+                ErrorKind::NotFound,
+                format!(
+                    "volume '{name}' does not exist here; an incremental stream needs the snapshot '{}' it was made from: send the whole volume first",
+                    from.name
+                ),
+            ));
+        }
+        let size = header.snapshots[0].size;
+        check_size(size, base.map(|i| (i.name.as_str(), i.size)))?;
+        let NewVolume { row, files, _owner } = self.start_volume(name, base, size, None)?;
+        let opened = self
+            .base_of(row.image_id)
+            .and_then(|b| Volume::open(&files, b).ctx(|| format!("cannot open volume '{name}'")));
+        let volume = match opened {
+            Ok(volume) => volume,
+            Err(e) => {
+                self.remove_new_volume(&row)?;
+                return Err(e);
+            }
+        };
+        Ok(Target {
+            name: name.to_string(),
+            row,
+            files,
+            volume: Arc::new(volume),
+            new_volume: true,
+            from: None,
+            base_sha512: base.map(|i| i.sha512.clone()),
+            _owner: Some(_owner),
+            _writer: None,
+        })
+    }
+
+    /// The new volume of an interrupted receive, taken over from its dead receiver.
+    fn resumed_new_target(
+        &self,
+        name: &str,
+        row: &VolumeRow,
+        header: &Header,
+        base: Option<&ImageRow>,
+    ) -> Result<Target> {
+        let owner = self.take_over(name, row)?;
+        let files = self.volume_files_of(row)?;
+        if base.map(|i| i.id) != row.image_id {
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!("the base image of the partial receive of '{name}' is not the stream's"),
+            ));
+        }
+        let volume = Volume::open(&files, self.base_of(row.image_id)?)
+            .ctx(|| format!("cannot open volume '{name}'"))?;
+        Ok(Target {
+            name: name.to_string(),
+            row: row.clone(),
+            files,
+            volume: Arc::new(volume),
+            new_volume: true,
+            from: None,
+            base_sha512: header.base_image.as_ref().map(|i| i.sha512.clone()),
+            _owner: Some(owner),
+            _writer: None,
+        })
+    }
+
+    /// The owner lock of a `creating` volume whose receive died.
+    fn take_over(&self, name: &str, row: &VolumeRow) -> Result<OwnerLock> {
+        let token = super::volume_token(&row.uuid);
+        match owner::check(&self.state_dir, &token) {
+            Owner::Alive => Err(Error::refused(
+                ErrorKind::Busy,
+                format!("another `imgpool recv` is receiving volume '{name}' now"),
+            )),
+            Owner::Dead(Some(lock)) => Ok(lock),
+            Owner::Dead(None) => OwnerLock::acquire(&self.state_dir, &token),
+        }
+    }
+
+    /// An existing volume for an incremental stream, checked against the header and (with
+    /// `--force`) brought back to the stream's `from` snapshot.
+    fn existing_target(
+        &self,
+        name: &str,
+        row: &VolumeRow,
+        header: &Header,
+        resumed: bool,
+        force: bool,
+        received: &mut Received,
+    ) -> Result<Target> {
+        let files = self.volume_files_of(row)?;
+        if header.from.is_none() {
+            return Err(Error::refused(
+                ErrorKind::AlreadyExists,
+                format!("volume '{name}' exists: a whole stream makes a new volume; receive it under another name, or remove '{name}' first"),
+            ));
+        }
+        let writer = WriterLock::try_acquire(&files)
+            .ctx(|| format!("cannot lock volume '{name}'"))?
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::InUse,
+                    format!("volume '{name}' is open through a mount (or another command has it): close it first"),
+                )
+            })?;
+        // Re-read under the lock: a partial receive that appeared meanwhile is not ours.
+        if !resumed && has_partial_receive(&files) {
+            return Err(partial_receive_refusal(name));
+        }
+        let ours = match row.image_id {
+            Some(id) => self
+                .store
+                .images()?
+                .into_iter()
+                .find(|i| i.id == id)
+                .map(|i| (i.name, i.sha512)),
+            None => None,
+        };
+        let theirs = header.base_image.as_ref();
+        if ours.as_ref().map(|o| &o.1) != theirs.map(|t| &t.sha512) {
+            let describe = |n: Option<&str>| n.map_or("none (zeros)".to_string(), |n| format!("'{n}'"));
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!(
+                    "volume '{name}' is over base image {}, the stream's volume over {}: the stream does not apply to it",
+                    describe(ours.as_ref().map(|o| o.0.as_str())),
+                    describe(theirs.map(|t| t.name.as_str()))
+                ),
+            ));
+        }
+        let volume = Arc::new(
+            Volume::open(&files, self.base_of(row.image_id)?)
+                .ctx(|| format!("cannot open volume '{name}'"))?,
+        );
+        let target = Target {
+            name: name.to_string(),
+            row: row.clone(),
+            files,
+            volume,
+            new_volume: false,
+            from: None,
+            base_sha512: theirs.map(|t| t.sha512.clone()),
+            _owner: None,
+            _writer: Some(writer),
+        };
+        // A refusal closes the volume cleanly (dropped open, its next open would scan it).
+        match self.bring_to_from(target, header, resumed, force, received) {
+            Ok(target) => Ok(target),
+            Err((target, e)) => {
+                let _ = target.volume.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    /// Finds the stream's `from` snapshot in the target and checks that the target is still
+    /// at it (with `--force`, brings it back there).
+    fn bring_to_from(
+        &self,
+        mut target: Target,
+        header: &Header,
+        resumed: bool,
+        force: bool,
+        received: &mut Received,
+    ) -> std::result::Result<Target, (Target, Error)> {
+        let checked = (|| {
+            let name = target.name.as_str();
+            let volume = &target.volume;
+            let from = header.from.as_ref().expect("checked: an incremental stream");
+        let all = volume
+            .snapshots()
+            .ctx(|| format!("cannot read the snapshots of volume '{name}'"))?;
+        let Some(at) = all.iter().position(|s| s.guid == from.guid) else {
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!(
+                    "volume '{name}' has no snapshot '{}' (guid {}), which the stream was made from: send from a snapshot both sides have (`imgpool snapshot list {name}`), or the whole volume under another name",
+                    from.name, from.guid
+                ),
+            ));
+        };
+        let from_snapshot = all[at].clone();
+        if resumed {
+            // Its staged snapshots follow `from`: they are the receive's own.
+            return Ok(from_snapshot);
+        }
+        let newer: Vec<&Snapshot> = all[at + 1..].iter().collect();
+        let written = volume
+            .written_since_newest_snapshot()
+            .ctx(|| format!("cannot read volume '{name}'"))?
+            || volume.size() != from_snapshot.size;
+        let kept: std::collections::HashSet<&str> =
+            all[..=at].iter().map(|s| s.name.as_str()).collect();
+        let taken: std::collections::HashSet<&str> = if force {
+            kept
+        } else {
+            all.iter().map(|s| s.name.as_str()).collect()
+        };
+        if let Some(clash) = header
+            .snapshots
+            .iter()
+            .find(|s| !s.temporary && taken.contains(s.name.as_str()))
+        {
+            return Err(Error::refused(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "volume '{name}' has a snapshot '{}' already, which the stream would add: rename or delete it first",
+                    clash.name
+                ),
+            ));
+        }
+        if (newer.is_empty() && !written) || !force {
+            if !newer.is_empty() || written {
+                let mut what = Vec::new();
+                if !newer.is_empty() {
+                    let names: Vec<&str> = newer.iter().map(|s| s.name.as_str()).collect();
+                    what.push(format!("snapshots {} were taken after it", names.join(", ")));
+                }
+                if written {
+                    what.push("it was written since".to_string());
+                }
+                return Err(Error::refused(
+                    ErrorKind::Conflict,
+                    format!(
+                        "volume '{name}' has changed since snapshot '{}', which the stream applies on: {}; `imgpool recv --force` discards that",
+                        from_snapshot.name,
+                        what.join(", and ")
+                    ),
+                ));
+            }
+            return Ok(from_snapshot);
+        }
+        let epochs: Vec<u64> = newer.iter().map(|s| s.epoch).collect();
+        volume
+            .rollback(&from_snapshot, &epochs)
+            .ctx(|| format!("cannot roll volume '{name}' back to '{}'", from_snapshot.name))?;
+        self.record_volume_size(name, from_snapshot.size)?;
+        received.discarded_snapshots = newer.iter().map(|s| s.name.clone()).collect();
+        received.discarded_writes = written;
+        tracing::info!(
+            event = "recv_discarded",
+            volume = name,
+            snapshots = received.discarded_snapshots.len(),
+            writes = written,
+            "volume '{name}': discarded what it had since snapshot '{}' (recv --force)",
+            from_snapshot.name
+        );
+        Ok(from_snapshot)
+        })();
+        match checked {
+            Ok(from) => {
+                target.from = Some(from);
+                Ok(target)
+            }
+            Err(e) => Err((target, e)),
+        }
+    }
+
+    /// The content sum of the target as the stream starts on it: none for a new volume, the
+    /// `from` snapshot's (recorded, or computed once from its own granules) for an existing one.
+    fn start_sum(&self, target: &Target) -> Result<ContentHash> {
+        let Some(from) = &target.from else {
+            return Ok(ContentHash::default());
+        };
+        let name = &target.name;
+        let sums =
+            ContentSums::open(&target.files).ctx(|| format!("cannot open the sums of '{name}'"))?;
+        if let Some(sum) = sums.get(&from.guid).ctx(|| format!("cannot read the sums of '{name}'"))? {
+            return Ok(sum);
+        }
+        let computed = (|| {
+            let granules = target.volume.granules_seen(from.epoch)?;
+            let reader = target.volume.open_snapshot(from.epoch)?;
+            let base = self
+                .base_of(target.row.image_id)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            sum_changes(
+                ContentHash::default(),
+                &granules,
+                &BaseGranules(base.as_ref()),
+                &reader,
+            )
+        })()
+        .ctx(|| format!("cannot compute the content sum of '{name}@{}'", from.name))?;
+        sums.put(&from.guid, &computed)
+            .ctx(|| format!("cannot record the sums of '{name}'"))?;
+        Ok(computed)
+    }
+
+    /// The stream ended: the staged snapshots take their names in one transaction, and the
+    /// volume is ready. Returns the names of the snapshots kept.
+    fn commit_receive(&self, target: &Target, header: &Header) -> Result<Vec<String>> {
+        let name = &target.name;
+        let snapshots = target
+            .volume
+            .snapshots()
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?;
+        let mut renames = Vec::new();
+        for (index, s) in header.snapshots.iter().enumerate() {
+            if s.temporary {
+                continue;
+            }
+            let staged = staged_name(&header.package, index);
+            let epoch = snapshots
+                .iter()
+                .find(|x| x.name == staged)
+                .map(|x| x.epoch)
+                .ok_or_else(|| {
+                    Error::refused(
+                        ErrorKind::Internal,
+                        format!("the staged snapshot '{staged}' of '{name}' is missing"),
+                    )
+                })?;
+            renames.push((epoch, s.name.clone()));
+        }
+        target
+            .volume
+            .rename_snapshots(&renames)
+            .ctx(|| format!("cannot name the received snapshots of '{name}'"))?;
+        target
+            .volume
+            .flush()
+            .ctx(|| format!("cannot flush volume '{name}'"))?;
+        remove_partial(&target.files)?;
+        let size = target.volume.size();
+        if target.new_volume {
+            self.store.set_volume_size(target.row.id, size)?;
+            if !self.store.set_volume_state(
+                target.row.id,
+                VolumeState::Creating,
+                VolumeState::Ready,
+            )? {
+                return Err(Error::refused(
+                    ErrorKind::Interrupted,
+                    format!("the creation of '{name}' was taken from this receive (another process judged it abandoned): nothing was kept; send it again"),
+                ));
+            }
+        } else {
+            self.record_volume_size(name, size)?;
+        }
+        tracing::info!(
+            event = "recv_done",
+            volume = name.as_str(),
+            snapshots = renames.len(),
+            "volume '{name}': received {} snapshot(s) of package {}",
+            renames.len(),
+            header.package
+        );
+        Ok(renames.into_iter().map(|(_, n)| n).collect())
+    }
+
+    /// After the end: the space of what `--force` discarded is reclaimed, and the volume closed.
+    fn finish_target(&self, target: &mut Target) -> Result<()> {
+        let name = target.name.clone();
+        let volume = &target.volume;
+        if let Ok(sums) = ContentSums::open(&target.files) {
+            if let Ok(all) = volume.snapshots() {
+                let keep = all.into_iter().map(|s| s.guid).collect();
+                let _ = sums.retain(&keep);
+            }
+        }
+        while volume
+            .reclaim()
+            .ctx(|| format!("cannot reclaim the space of volume '{name}'"))?
+        {}
+        volume
+            .shutdown()
+            .ctx(|| format!("cannot close volume '{name}'"))
+    }
+
+    /// A receive that failed, not resumable: the target as it was.
+    fn undo_receive(&self, target: Target, header: &Header) -> Result<()> {
+        let name = target.name.clone();
+        if target.new_volume {
+            let _ = target.volume.shutdown();
+            let row = target.row.clone();
+            // The owner lock is held until the removal is done.
+            let result = self.remove_new_volume(&row);
+            drop(target);
+            return result;
+        }
+        let from = target.from.clone().expect("an existing target has `from`");
+        self.roll_back_staged(&target.volume, &from, &header.package, &name)?;
+        remove_partial(&target.files)?;
+        self.record_volume_size(&name, from.size)?;
+        let _ = target.volume.reclaim();
+        target
+            .volume
+            .shutdown()
+            .ctx(|| format!("cannot close volume '{name}'"))
+    }
+
+    fn roll_back_staged(
+        &self,
+        volume: &Volume,
+        from: &Snapshot,
+        package: &str,
+        name: &str,
+    ) -> Result<()> {
+        let prefix = staged_prefix(package);
+        let staged: Vec<u64> = volume
+            .snapshots()
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?
+            .into_iter()
+            .filter(|s| s.epoch > from.epoch && s.name.starts_with(&prefix))
+            .map(|s| s.epoch)
+            .collect();
+        volume
+            .rollback(from, &staged)
+            .ctx(|| format!("cannot roll volume '{name}' back to '{}'", from.name))
+    }
+
+    fn remove_new_volume(&self, row: &VolumeRow) -> Result<()> {
+        if self
+            .store
+            .set_volume_state(row.id, VolumeState::Creating, VolumeState::Removing)?
+        {
+            self.finish_volume_removal(row)?;
+        }
+        Ok(())
+    }
+
+    /// The token that resumes volume `name`'s partial receive (`recv --resume-token`).
+    pub fn receive_resume_token(&self, name: &str) -> Result<ResumeToken> {
+        let (_, files) = self.partial_target(name)?;
+        let partial = current_partial(&files)?.ok_or_else(|| no_partial(name))?;
+        let header = &partial.header;
+        let needs_image = match &header.base_image {
+            Some(image) if header.with_image => self
+                .store
+                .ready_image_by_sha512(&image.sha512)?
+                .is_none(),
+            _ => false,
+        };
+        Ok(ResumeToken {
+            package: header.package.clone(),
+            volume_uuid: header.volume_uuid.clone(),
+            from: header.from.as_ref().map(|f| f.guid.clone()),
+            to: header
+                .snapshots
+                .last()
+                .map(|s| s.guid.clone())
+                .unwrap_or_default(),
+            from_all: header.from_all,
+            with_image: needs_image,
+            snapshots: snapshots_digest(&header.snapshots),
+            point: partial.point,
+        })
+    }
+
+    /// Drops volume `name`'s partial receive (`recv --abort`): a new volume is removed, an
+    /// existing one rolled back to the snapshot the stream applied on. Returns what it did.
+    pub fn receive_abort(&self, name: &str) -> Result<String> {
+        let (row, files) = self.partial_target(name)?;
+        let partial = read_partial(&files)?.ok_or_else(|| no_partial(name))?;
+        if partial.new_volume {
+            let _owner = self.take_over(name, &row)?;
+            self.remove_new_volume(&row)?;
+            return Ok(format!(
+                "dropped the partial receive of '{name}': the volume it was making is removed"
+            ));
+        }
+        let _writer = WriterLock::try_acquire(&files)
+            .ctx(|| format!("cannot lock volume '{name}'"))?
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::Busy,
+                    format!("another command has volume '{name}' now: retry when it is done"),
+                )
+            })?;
+        let volume = Volume::open(&files, Box::new(NoBase))
+            .ctx(|| format!("cannot open volume '{name}'"))?;
+        let from_guid = partial.header.from.as_ref().map(|f| f.guid.clone());
+        let from = volume
+            .snapshots()
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?
+            .into_iter()
+            .find(|s| Some(&s.guid) == from_guid.as_ref())
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::Corrupt,
+                    format!("volume '{name}' lost the snapshot its partial receive applied on"),
+                )
+            })?;
+        let undone = self
+            .roll_back_staged(&volume, &from, &partial.header.package, name)
+            .and_then(|()| remove_partial(&files))
+            .and_then(|()| self.record_volume_size(name, from.size));
+        while volume.reclaim().unwrap_or(false) {}
+        let closed = volume
+            .close()
+            .ctx(|| format!("cannot close volume '{name}'"));
+        undone?;
+        closed?;
+        Ok(format!(
+            "dropped the partial receive of '{name}': it is back at snapshot '{}'",
+            from.name
+        ))
+    }
+
+    fn partial_target(&self, name: &str) -> Result<(VolumeRow, VolumeFiles)> {
+        let row = self
+            .volume_row_any_state(name)?
+            .ok_or_else(|| Error::UnknownVolume(name.to_string()))?;
+        let files = self.volume_files_of(&row)?;
+        Ok((row, files))
+    }
+}
+
+fn no_partial(name: &str) -> Error {
+    Error::refused(
+        ErrorKind::NotFound,
+        format!("volume '{name}' has no partial receive (only a `recv --resumable` that failed leaves one)"),
+    )
+}
+
+fn sha512_of(file: &File, size: u64) -> io::Result<String> {
+    let mut hasher = Sha512::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = (buf.len() as u64).min(size - at) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The granule being changed: its content before the first record that touched it.
+struct OpenGranule {
+    granule: u64,
+    before: Vec<u8>,
+}
+
+/// The snapshot being received.
+struct Current {
+    index: usize,
+    size: u64,
+    /// Where the last record ended: records come in ascending offsets.
+    end: u64,
+    open: Option<OpenGranule>,
+}
+
+/// The records after the header (and the image) applied to the target.
+struct Apply<'a> {
+    target: &'a Target,
+    header: &'a Header,
+    /// What `receive.json` says (kept up to date when resumable).
+    state: PartialReceive,
+    resumable: bool,
+    /// Applied bytes between two records of progress.
+    checkpoint_bytes: u64,
+    since_checkpoint: u64,
+}
+
+impl Apply<'_> {
+    fn run(&mut self, reader: &mut StreamReader<&mut dyn Read>, start: ContentHash) -> Result<()> {
+        let mut sum = start;
+        let mut next = self.state.point.done;
+        // A resumed stream goes on from its point: nothing before it comes again.
+        let mut resumed_from = Some(self.state.point.granule * GRANULE);
+        let mut current: Option<Current> = None;
+        let (target, header) = (self.target, self.header);
+        let volume = &target.volume;
+        let name = &target.name;
+        let io = |what: &'static str| move |e: io::Error| Error::io(format!("cannot {what} volume '{name}'"), e);
+        loop {
+            match reader.next().map_err(stream_error)? {
+                Record::SnapshotBegin { index, size } => {
+                    let index = index as usize;
+                    if current.is_some() || index != next || index >= header.snapshots.len() {
+                        return Err(malformed(format!(
+                            "snapshot {index} begins where snapshot {next} was due"
+                        )));
+                    }
+                    if size != header.snapshots[index].size {
+                        return Err(malformed(format!(
+                            "snapshot {index} begins with size {size}, its header says {}",
+                            header.snapshots[index].size
+                        )));
+                    }
+                    if size < volume.size() {
+                        return Err(malformed(format!(
+                            "snapshot {index} is {size} bytes, smaller than the volume ({}): a volume does not shrink",
+                            volume.size()
+                        )));
+                    }
+                    if size > volume.size() {
+                        volume.resize(size).map_err(io("resize"))?;
+                    }
+                    current = Some(Current {
+                        index,
+                        size,
+                        end: resumed_from.take().unwrap_or(0),
+                        open: None,
+                    });
+                }
+                Record::Data { offset, data } => {
+                    let c = current
+                        .as_mut()
+                        .ok_or_else(|| malformed("data outside a snapshot"))?;
+                    Self::check_range(c, offset, data.len() as u64)?;
+                    let mut done = 0usize;
+                    while done < data.len() {
+                        let at = offset + done as u64;
+                        let n = ((GRANULE - at % GRANULE) as usize).min(data.len() - done);
+                        self.touch(c, at / GRANULE, &mut sum)?;
+                        volume
+                            .write_at(&data[done..done + n], at)
+                            .map_err(io("write"))?;
+                        done += n;
+                    }
+                    self.since_checkpoint += data.len() as u64;
+                }
+                Record::Zero { offset, len } => {
+                    let c = current
+                        .as_mut()
+                        .ok_or_else(|| malformed("zeros outside a snapshot"))?;
+                    Self::check_range(c, offset, len)?;
+                    let mut at = offset;
+                    while at < offset + len {
+                        let n = (GRANULE - at % GRANULE).min(offset + len - at);
+                        self.touch(c, at / GRANULE, &mut sum)?;
+                        volume.discard(at, n).map_err(io("write"))?;
+                        at += n;
+                    }
+                }
+                Record::SnapshotEnd { index, digest } => {
+                    let mut c = current
+                        .take()
+                        .filter(|c| c.index == index as usize)
+                        .ok_or_else(|| malformed(format!("snapshot {index} ends where it did not begin")))?;
+                    self.close_granule(&mut c, &mut sum)?;
+                    let s = &header.snapshots[c.index];
+                    if sum.digest(c.size, target.base_sha512.as_deref()) != digest {
+                        return Err(Error::refused(
+                            ErrorKind::Corrupt,
+                            format!("the content of snapshot '{}' does not match the sender's: the stream does not apply to this volume or was damaged", s.name),
+                        ));
+                    }
+                    volume.flush().map_err(io("flush"))?;
+                    if !s.temporary {
+                        // The sum first: a crash after the snapshot and before `receive.json`
+                        // says so is resumed from the snapshot and its recorded sum.
+                        ContentSums::open(&target.files)
+                            .and_then(|sums| sums.put(&s.guid, &sum))
+                            .map_err(io("record the content sums of"))?;
+                        self.take_snapshot(c.index, s)?;
+                    }
+                    next = c.index + 1;
+                    self.checkpoint(next, 0, &sum)?;
+                }
+                Record::End => {
+                    if current.is_some() || next != header.snapshots.len() {
+                        return Err(malformed(format!(
+                            "it ends after {next} of its {} snapshots",
+                            header.snapshots.len()
+                        )));
+                    }
+                    // Nothing may follow.
+                    reader.next().map_err(stream_error)?;
+                    return Ok(());
+                }
+                Record::Header(_) => return Err(malformed("a second header")),
+                Record::ImageData { .. } | Record::ImageEnd { .. } => {
+                    return Err(malformed("base image records where snapshots were due"))
+                }
+            }
+        }
+    }
+
+    fn check_range(c: &mut Current, offset: u64, len: u64) -> Result<()> {
+        if offset < c.end {
+            return Err(malformed(format!(
+                "records of snapshot {} go backwards (offset {offset} after {})",
+                c.index, c.end
+            )));
+        }
+        let end = offset + len;
+        if end > c.size {
+            return Err(malformed(format!(
+                "a record of snapshot {} ends at {end}, past its size {}",
+                c.index, c.size
+            )));
+        }
+        c.end = end;
+        Ok(())
+    }
+
+    /// A record is about to change `granule`: the one changed before it is done (its change
+    /// goes into the sum), and this one's content before the change is kept.
+    fn touch(&mut self, c: &mut Current, granule: u64, sum: &mut ContentHash) -> Result<()> {
+        if c.open.as_ref().is_some_and(|o| o.granule == granule) {
+            return Ok(());
+        }
+        self.close_granule(c, sum)?;
+        if self.resumable && self.since_checkpoint >= self.checkpoint_bytes {
+            // Every granule before this one is done and in the sum: a resumed stream goes on
+            // from here.
+            self.target
+                .volume
+                .flush()
+                .ctx(|| format!("cannot flush volume '{}'", self.target.name))?;
+            self.checkpoint(c.index, granule, sum)?;
+        }
+        let mut before = vec![0u8; GRANULE as usize];
+        GranuleReader::read_granule(&*self.target.volume, granule, &mut before)
+            .ctx(|| format!("cannot read volume '{}'", self.target.name))?;
+        c.open = Some(OpenGranule { granule, before });
+        Ok(())
+    }
+
+    fn close_granule(&mut self, c: &mut Current, sum: &mut ContentHash) -> Result<()> {
+        if let Some(open) = c.open.take() {
+            let mut after = vec![0u8; GRANULE as usize];
+            GranuleReader::read_granule(&*self.target.volume, open.granule, &mut after)
+                .ctx(|| format!("cannot read volume '{}'", self.target.name))?;
+            sum.change(open.granule, &open.before, &after);
+        }
+        Ok(())
+    }
+
+    fn take_snapshot(&self, index: usize, s: &StreamSnapshot) -> Result<()> {
+        let staged = staged_name(&self.header.package, index);
+        let name = &self.target.name;
+        if let Some(left) = self
+            .target
+            .volume
+            .find_snapshot(&staged)
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?
+        {
+            // A resumed stream repeats nothing already received: this is a leftover.
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!("volume '{name}' already has the staged snapshot '{}'", left.name),
+            ));
+        }
+        self.target
+            .volume
+            .snapshot(&staged, &s.guid, s.created)
+            .ctx(|| format!("cannot take snapshot '{}' of '{name}'", s.name))?;
+        Ok(())
+    }
+
+    /// Records where the receive is, once what it describes is durable.
+    fn checkpoint(&mut self, done: usize, granule: u64, sum: &ContentHash) -> Result<()> {
+        self.since_checkpoint = 0;
+        if !self.resumable {
+            return Ok(());
+        }
+        self.state.point = ResumePoint { done, granule };
+        self.state.sum = hex::encode(sum.to_bytes());
+        write_partial(&self.target.files, &self.state)
+    }
+}
