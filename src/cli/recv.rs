@@ -46,7 +46,11 @@ pub fn run(state_dir: &Path, args: RecvArgs) -> Result<()> {
     let pool = open_to_change(state_dir)?;
     if args.abort {
         let done = pool.receive_abort(volume)?;
-        super::output::result(args.json, json!({ "volume": volume, "aborted": true }), done);
+        super::output::result(
+            args.json,
+            json!({ "volume": volume, "aborted": true }),
+            done,
+        );
         return Ok(());
     }
     let stdin = std::io::stdin();
@@ -81,7 +85,11 @@ fn received_json(r: &Received) -> serde_json::Value {
 fn summary(r: &Received) -> String {
     let mut lines = vec![format!(
         "{} volume '{}': {} snapshot(s){}, {} read",
-        if r.created { "created" } else { "received into" },
+        if r.created {
+            "created"
+        } else {
+            "received into"
+        },
         r.volume,
         r.snapshots.len(),
         if r.snapshots.is_empty() {

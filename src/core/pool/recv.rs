@@ -200,10 +200,7 @@ fn staged_prefix(package: &str) -> String {
 }
 
 fn short(text: &str) -> &str {
-    let end = text
-        .char_indices()
-        .nth(8)
-        .map_or(text.len(), |(at, _)| at);
+    let end = text.char_indices().nth(8).map_or(text.len(), |(at, _)| at);
     &text[..end]
 }
 
@@ -354,7 +351,14 @@ impl Pool {
                         format!("volume '{name}' is being created or removed by another command: retry when it is done"),
                     ));
                 }
-                self.existing_target(name, row, &header, partial.is_some(), options.force, &mut received)?
+                self.existing_target(
+                    name,
+                    row,
+                    &header,
+                    partial.is_some(),
+                    options.force,
+                    &mut received,
+                )?
             }
         };
         received.created = target.new_volume;
@@ -535,12 +539,7 @@ impl Pool {
     }
 
     /// A new volume for a whole stream: `creating` until the end.
-    fn new_target(
-        &self,
-        name: &str,
-        header: &Header,
-        base: Option<&ImageRow>,
-    ) -> Result<Target> {
+    fn new_target(&self, name: &str, header: &Header, base: Option<&ImageRow>) -> Result<Target> {
         if let Some(from) = &header.from {
             return Err(Error::refused(
                 ErrorKind::NotFound,
@@ -661,7 +660,8 @@ impl Pool {
         };
         let theirs = header.base_image.as_ref();
         if ours.as_ref().map(|o| &o.1) != theirs.map(|t| &t.sha512) {
-            let describe = |n: Option<&str>| n.map_or("none (zeros)".to_string(), |n| format!("'{n}'"));
+            let describe =
+                |n: Option<&str>| n.map_or("none (zeros)".to_string(), |n| format!("'{n}'"));
             return Err(Error::refused(
                 ErrorKind::Conflict,
                 format!(
@@ -709,60 +709,66 @@ impl Pool {
         let checked = (|| {
             let name = target.name.as_str();
             let volume = &target.volume;
-            let from = header.from.as_ref().expect("checked: an incremental stream");
-        let all = volume
-            .snapshots()
-            .ctx(|| format!("cannot read the snapshots of volume '{name}'"))?;
-        let Some(at) = all.iter().position(|s| s.guid == from.guid) else {
-            return Err(Error::refused(
+            let from = header
+                .from
+                .as_ref()
+                .expect("checked: an incremental stream");
+            let all = volume
+                .snapshots()
+                .ctx(|| format!("cannot read the snapshots of volume '{name}'"))?;
+            let Some(at) = all.iter().position(|s| s.guid == from.guid) else {
+                return Err(Error::refused(
                 ErrorKind::Conflict,
                 format!(
                     "volume '{name}' has no snapshot '{}' (guid {}), which the stream was made from: send from a snapshot both sides have (`imgpool snapshot list {name}`), or the whole volume under another name",
                     from.name, from.guid
                 ),
             ));
-        };
-        let from_snapshot = all[at].clone();
-        if resumed {
-            // Its staged snapshots follow `from`: they are the receive's own.
-            return Ok(from_snapshot);
-        }
-        let newer: Vec<&Snapshot> = all[at + 1..].iter().collect();
-        let written = volume
-            .written_since_newest_snapshot()
-            .ctx(|| format!("cannot read volume '{name}'"))?
-            || volume.size() != from_snapshot.size;
-        let kept: std::collections::HashSet<&str> =
-            all[..=at].iter().map(|s| s.name.as_str()).collect();
-        let taken: std::collections::HashSet<&str> = if force {
-            kept
-        } else {
-            all.iter().map(|s| s.name.as_str()).collect()
-        };
-        if let Some(clash) = header
-            .snapshots
-            .iter()
-            .find(|s| !s.temporary && taken.contains(s.name.as_str()))
-        {
-            return Err(Error::refused(
+            };
+            let from_snapshot = all[at].clone();
+            if resumed {
+                // Its staged snapshots follow `from`: they are the receive's own.
+                return Ok(from_snapshot);
+            }
+            let newer: Vec<&Snapshot> = all[at + 1..].iter().collect();
+            let written = volume
+                .written_since_newest_snapshot()
+                .ctx(|| format!("cannot read volume '{name}'"))?
+                || volume.size() != from_snapshot.size;
+            let kept: std::collections::HashSet<&str> =
+                all[..=at].iter().map(|s| s.name.as_str()).collect();
+            let taken: std::collections::HashSet<&str> = if force {
+                kept
+            } else {
+                all.iter().map(|s| s.name.as_str()).collect()
+            };
+            if let Some(clash) = header
+                .snapshots
+                .iter()
+                .find(|s| !s.temporary && taken.contains(s.name.as_str()))
+            {
+                return Err(Error::refused(
                 ErrorKind::AlreadyExists,
                 format!(
                     "volume '{name}' has a snapshot '{}' already, which the stream would add: rename or delete it first",
                     clash.name
                 ),
             ));
-        }
-        if (newer.is_empty() && !written) || !force {
-            if !newer.is_empty() || written {
-                let mut what = Vec::new();
-                if !newer.is_empty() {
-                    let names: Vec<&str> = newer.iter().map(|s| s.name.as_str()).collect();
-                    what.push(format!("snapshots {} were taken after it", names.join(", ")));
-                }
-                if written {
-                    what.push("it was written since".to_string());
-                }
-                return Err(Error::refused(
+            }
+            if (newer.is_empty() && !written) || !force {
+                if !newer.is_empty() || written {
+                    let mut what = Vec::new();
+                    if !newer.is_empty() {
+                        let names: Vec<&str> = newer.iter().map(|s| s.name.as_str()).collect();
+                        what.push(format!(
+                            "snapshots {} were taken after it",
+                            names.join(", ")
+                        ));
+                    }
+                    if written {
+                        what.push("it was written since".to_string());
+                    }
+                    return Err(Error::refused(
                     ErrorKind::Conflict,
                     format!(
                         "volume '{name}' has changed since snapshot '{}', which the stream applies on: {}; `imgpool recv --force` discards that",
@@ -770,25 +776,28 @@ impl Pool {
                         what.join(", and ")
                     ),
                 ));
+                }
+                return Ok(from_snapshot);
             }
-            return Ok(from_snapshot);
-        }
-        let epochs: Vec<u64> = newer.iter().map(|s| s.epoch).collect();
-        volume
-            .rollback(&from_snapshot, &epochs)
-            .ctx(|| format!("cannot roll volume '{name}' back to '{}'", from_snapshot.name))?;
-        self.record_volume_size(name, from_snapshot.size)?;
-        received.discarded_snapshots = newer.iter().map(|s| s.name.clone()).collect();
-        received.discarded_writes = written;
-        tracing::info!(
-            event = "recv_discarded",
-            volume = name,
-            snapshots = received.discarded_snapshots.len(),
-            writes = written,
-            "volume '{name}': discarded what it had since snapshot '{}' (recv --force)",
-            from_snapshot.name
-        );
-        Ok(from_snapshot)
+            let epochs: Vec<u64> = newer.iter().map(|s| s.epoch).collect();
+            volume.rollback(&from_snapshot, &epochs).ctx(|| {
+                format!(
+                    "cannot roll volume '{name}' back to '{}'",
+                    from_snapshot.name
+                )
+            })?;
+            self.record_volume_size(name, from_snapshot.size)?;
+            received.discarded_snapshots = newer.iter().map(|s| s.name.clone()).collect();
+            received.discarded_writes = written;
+            tracing::info!(
+                event = "recv_discarded",
+                volume = name,
+                snapshots = received.discarded_snapshots.len(),
+                writes = written,
+                "volume '{name}': discarded what it had since snapshot '{}' (recv --force)",
+                from_snapshot.name
+            );
+            Ok(from_snapshot)
         })();
         match checked {
             Ok(from) => {
@@ -808,7 +817,10 @@ impl Pool {
         let name = &target.name;
         let sums =
             ContentSums::open(&target.files).ctx(|| format!("cannot open the sums of '{name}'"))?;
-        if let Some(sum) = sums.get(&from.guid).ctx(|| format!("cannot read the sums of '{name}'"))? {
+        if let Some(sum) = sums
+            .get(&from.guid)
+            .ctx(|| format!("cannot read the sums of '{name}'"))?
+        {
             return Ok(sum);
         }
         let computed = (|| {
@@ -969,10 +981,9 @@ impl Pool {
         let partial = current_partial(&files)?.ok_or_else(|| no_partial(name))?;
         let header = &partial.header;
         let needs_image = match &header.base_image {
-            Some(image) if header.with_image => self
-                .store
-                .ready_image_by_sha512(&image.sha512)?
-                .is_none(),
+            Some(image) if header.with_image => {
+                self.store.ready_image_by_sha512(&image.sha512)?.is_none()
+            }
             _ => false,
         };
         Ok(ResumeToken {
@@ -1107,7 +1118,9 @@ impl Apply<'_> {
         let (target, header) = (self.target, self.header);
         let volume = &target.volume;
         let name = &target.name;
-        let io = |what: &'static str| move |e: io::Error| Error::io(format!("cannot {what} volume '{name}'"), e);
+        let io = |what: &'static str| {
+            move |e: io::Error| Error::io(format!("cannot {what} volume '{name}'"), e)
+        };
         loop {
             match reader.next().map_err(stream_error)? {
                 Record::SnapshotBegin { index, size } => {
@@ -1173,7 +1186,9 @@ impl Apply<'_> {
                     let mut c = current
                         .take()
                         .filter(|c| c.index == index as usize)
-                        .ok_or_else(|| malformed(format!("snapshot {index} ends where it did not begin")))?;
+                        .ok_or_else(|| {
+                            malformed(format!("snapshot {index} ends where it did not begin"))
+                        })?;
                     self.close_granule(&mut c, &mut sum)?;
                     let s = &header.snapshots[c.index];
                     if sum.digest(c.size, target.base_sha512.as_deref()) != digest {
@@ -1276,7 +1291,10 @@ impl Apply<'_> {
             // A resumed stream repeats nothing already received: this is a leftover.
             return Err(Error::refused(
                 ErrorKind::Conflict,
-                format!("volume '{name}' already has the staged snapshot '{}'", left.name),
+                format!(
+                    "volume '{name}' already has the staged snapshot '{}'",
+                    left.name
+                ),
             ));
         }
         self.target
@@ -1295,5 +1313,753 @@ impl Apply<'_> {
         self.state.point = ResumePoint { done, granule };
         self.state.sum = hex::encode(sum.to_bytes());
         write_partial(&self.target.files, &self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::pool::{fixture, Fixture};
+    use crate::format::stream::{StreamImage, StreamWriter};
+    use crate::format::volume::BLOCK;
+
+    const SIZE: u64 = 8 * GRANULE;
+
+    /// Bytes that differ everywhere from other seeds.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (x >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// One snapshot as the sender has it: the model of its whole content.
+    #[derive(Clone)]
+    struct Snap {
+        name: String,
+        guid: String,
+        content: Vec<u8>,
+        temporary: bool,
+    }
+
+    fn snap(name: &str, content: Vec<u8>) -> Snap {
+        Snap {
+            name: name.into(),
+            guid: format!("guid-{name}"),
+            content,
+            temporary: false,
+        }
+    }
+
+    fn stream_snapshot(s: &Snap) -> StreamSnapshot {
+        StreamSnapshot {
+            name: s.name.clone(),
+            guid: s.guid.clone(),
+            created: 1_700_000_000,
+            size: s.content.len() as u64,
+            temporary: s.temporary,
+        }
+    }
+
+    /// The sender's side, from the model: the base image, and a package's snapshots.
+    struct Sender {
+        base: Vec<u8>,
+        image: Option<StreamImage>,
+    }
+
+    impl Sender {
+        fn padded(&self, content: &[u8], size: usize) -> Vec<u8> {
+            let mut out = content.to_vec();
+            out.resize(size, 0);
+            out
+        }
+
+        /// The content sum of a whole content against the base.
+        fn sum(&self, content: &[u8]) -> ContentHash {
+            let base = self.padded(&self.base, content.len());
+            let mut sum = ContentHash::default();
+            let g = GRANULE as usize;
+            for (i, (new, old)) in content.chunks(g).zip(base.chunks(g)).enumerate() {
+                sum.change(i as u64, old, new);
+            }
+            sum
+        }
+
+        fn header(&self, package: &str, from: Option<&Snap>, snaps: &[Snap]) -> Header {
+            Header {
+                package: package.into(),
+                volume: "src".into(),
+                volume_uuid: "src-uuid".into(),
+                base_image: self.image.clone(),
+                from: from.map(stream_snapshot),
+                snapshots: snaps.iter().map(stream_snapshot).collect(),
+                from_all: snaps.len() > 1,
+                with_image: false,
+                resume: None,
+            }
+        }
+
+        /// The records of a package after its header; from `point` on when resumed.
+        fn records(
+            &self,
+            header: &Header,
+            from: Option<&Snap>,
+            snaps: &[Snap],
+            point: Option<ResumePoint>,
+        ) -> Vec<Record> {
+            let mut out = Vec::new();
+            let point = point.unwrap_or(ResumePoint {
+                done: 0,
+                granule: 0,
+            });
+            let mut prev = match from {
+                Some(f) => f.content.clone(),
+                None => self.base.clone(),
+            };
+            for (i, s) in snaps.iter().enumerate() {
+                let size = s.content.len();
+                let old = self.padded(&prev, size);
+                prev = s.content.clone();
+                if i < point.done {
+                    continue;
+                }
+                out.push(Record::SnapshotBegin {
+                    index: i as u32,
+                    size: size as u64,
+                });
+                let b = BLOCK as usize;
+                let skip = if i == point.done {
+                    point.granule * GRANULE
+                } else {
+                    0
+                };
+                // One record per changed block, merged into runs within a granule.
+                let mut at = skip as usize;
+                while at < size {
+                    if s.content[at..at + b] == old[at..at + b] {
+                        at += b;
+                        continue;
+                    }
+                    let zero = s.content[at..at + b].iter().all(|x| *x == 0);
+                    let mut end = at + b;
+                    while end < size
+                        && end % GRANULE as usize != 0
+                        && s.content[end..end + b] != old[end..end + b]
+                        && s.content[end..end + b].iter().all(|x| *x == 0) == zero
+                    {
+                        end += b;
+                    }
+                    out.push(if zero {
+                        Record::Zero {
+                            offset: at as u64,
+                            len: (end - at) as u64,
+                        }
+                    } else {
+                        Record::Data {
+                            offset: at as u64,
+                            data: s.content[at..end].to_vec(),
+                        }
+                    });
+                    at = end;
+                }
+                out.push(Record::SnapshotEnd {
+                    index: i as u32,
+                    digest: self.sum(&s.content).digest(
+                        size as u64,
+                        header.base_image.as_ref().map(|i| i.sha512.as_str()),
+                    ),
+                });
+            }
+            out.push(Record::End);
+            out
+        }
+
+        fn encode(header: &Header, records: &[Record]) -> Vec<u8> {
+            let mut w = StreamWriter::new(Vec::new()).unwrap();
+            w.write(&Record::Header(header.clone())).unwrap();
+            for r in records {
+                w.write(r).unwrap();
+            }
+            w.into_inner()
+        }
+
+        fn stream(&self, package: &str, from: Option<&Snap>, snaps: &[Snap]) -> Vec<u8> {
+            let header = self.header(package, from, snaps);
+            Self::encode(&header, &self.records(&header, from, snaps, None))
+        }
+
+        fn resumed(
+            &self,
+            package: &str,
+            from: Option<&Snap>,
+            snaps: &[Snap],
+            point: ResumePoint,
+        ) -> Vec<u8> {
+            let mut header = self.header(package, from, snaps);
+            let records = self.records(&header, from, snaps, Some(point));
+            header.resume = Some(point);
+            Self::encode(&header, &records)
+        }
+    }
+
+    /// A pool with image `base`, and the sender of volumes over it.
+    fn setup() -> (Fixture, Sender) {
+        let f = fixture(1);
+        let base = noise(1, (3 * GRANULE + 5 * BLOCK) as usize);
+        f.image("base", &base, 1);
+        let row = f.pool.store().image_by_name("base").unwrap().unwrap();
+        let image = StreamImage {
+            name: "base".into(),
+            uuid: "sender-image-uuid".into(),
+            sha512: row.sha512.clone(),
+            size: base.len() as u64,
+        };
+        (
+            f,
+            Sender {
+                base,
+                image: Some(image),
+            },
+        )
+    }
+
+    /// Contents of the sender's volume: s1 written here and there over the base, s2 with more
+    /// and a discarded range, s3 grown.
+    fn history(sender: &Sender) -> Vec<Snap> {
+        let mut c = sender.padded(&sender.base, SIZE as usize);
+        let b = BLOCK as usize;
+        c[b..3 * b].copy_from_slice(&noise(2, 2 * b));
+        c[5 * GRANULE as usize..5 * GRANULE as usize + b].copy_from_slice(&noise(3, b));
+        let s1 = snap("s1", c.clone());
+        c[GRANULE as usize - b..GRANULE as usize + 2 * b].copy_from_slice(&noise(4, 3 * b));
+        c[2 * GRANULE as usize..2 * GRANULE as usize + 3 * b].fill(0);
+        let s2 = snap("s2", c.clone());
+        c.resize((SIZE + 2 * GRANULE) as usize, 0);
+        c[(SIZE + GRANULE) as usize..(SIZE + GRANULE) as usize + b].copy_from_slice(&noise(5, b));
+        c[7 * b..9 * b].copy_from_slice(&noise(6, 2 * b));
+        // Several granules whole: a resumable receive records its progress within the snapshot.
+        c[4 * GRANULE as usize..7 * GRANULE as usize]
+            .copy_from_slice(&noise(8, 3 * GRANULE as usize));
+        let s3 = snap("s3", c.clone());
+        c[0..b].copy_from_slice(&noise(7, b));
+        let s4 = snap("s4", c);
+        vec![s1, s2, s3, s4]
+    }
+
+    /// What a volume holds: its snapshots (name, guid, content) and its live content.
+    #[derive(Debug, PartialEq, Eq)]
+    struct State {
+        snapshots: Vec<(String, String, Vec<u8>)>,
+        live: Vec<u8>,
+    }
+
+    fn open(f: &Fixture, name: &str) -> Arc<Volume> {
+        let row = f.pool.store().volume(name).unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        Arc::new(Volume::open(&files, f.pool.base_of(row.image_id).unwrap()).unwrap())
+    }
+
+    fn state(f: &Fixture, name: &str) -> State {
+        let volume = open(f, name);
+        let read = |size: u64, at: &dyn Fn(&mut [u8]) -> usize| {
+            let mut buf = vec![0u8; size as usize];
+            assert_eq!(at(&mut buf), size as usize);
+            buf
+        };
+        let mut snapshots = Vec::new();
+        for s in volume.snapshots().unwrap() {
+            let reader = volume.open_snapshot(s.epoch).unwrap();
+            let content = read(s.size, &|b| reader.read_at(b, 0).unwrap());
+            snapshots.push((s.name.clone(), s.guid.clone(), content));
+        }
+        let live = read(volume.size(), &|b| volume.read_at(b, 0).unwrap());
+        assert_eq!(
+            f.pool.store().volume(name).unwrap().size,
+            volume.size(),
+            "the store's size follows the index"
+        );
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        State { snapshots, live }
+    }
+
+    fn expected(snaps: &[&Snap], live: &Snap) -> State {
+        State {
+            snapshots: snaps
+                .iter()
+                .map(|s| (s.name.clone(), s.guid.clone(), s.content.clone()))
+                .collect(),
+            live: live.content.clone(),
+        }
+    }
+
+    fn recv(f: &Fixture, name: &str, stream: &[u8], options: ReceiveOptions) -> Result<Received> {
+        f.pool
+            .receive_checkpointing(name, &mut &stream[..], options, GRANULE)
+    }
+
+    const PLAIN: ReceiveOptions = ReceiveOptions {
+        force: false,
+        resumable: false,
+    };
+    const RESUMABLE: ReceiveOptions = ReceiveOptions {
+        force: false,
+        resumable: true,
+    };
+
+    /// No trace of a volume: no row in any state, no directory on the disk.
+    fn assert_gone(f: &Fixture, name: &str) {
+        assert!(f.pool.volume_row_any_state(name).unwrap().is_none());
+        let volumes = crate::format::layout::DiskLayout::new(&f.disks[0])
+            .volume_uuids()
+            .unwrap();
+        assert!(volumes.is_empty(), "left on the disk: {volumes:?}");
+    }
+
+    #[test]
+    fn a_whole_stream_makes_the_volume_and_an_incremental_one_adds_to_it() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..2]);
+        let got = recv(&f, "v", &whole, PLAIN).unwrap();
+        assert!(got.created);
+        assert_eq!(got.snapshots, vec!["s1", "s2"]);
+        assert_eq!(got.bytes, whole.len() as u64);
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[1]));
+        let inc = sender.stream("p2", Some(&h[1]), &h[2..]);
+        let got = recv(&f, "v", &inc, PLAIN).unwrap();
+        assert!(!got.created);
+        assert_eq!(got.snapshots, vec!["s3", "s4"]);
+        assert_eq!(
+            state(&f, "v"),
+            expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3])
+        );
+        // The sums are kept: an incremental starts from them without reading the volume.
+        let row = f.pool.store().volume("v").unwrap();
+        let sums = ContentSums::open(&f.pool.volume_files_of(&row).unwrap()).unwrap();
+        assert_eq!(
+            sums.get("guid-s4").unwrap(),
+            Some(sender.sum(&h[3].content))
+        );
+    }
+
+    #[test]
+    fn an_incremental_onto_a_volume_without_recorded_sums_computes_its_start() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        fs::remove_file(files.content_sums()).unwrap();
+        recv(&f, "v", &sender.stream("p2", Some(&h[1]), &h[2..3]), PLAIN).unwrap();
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1], &h[2]], &h[2]));
+    }
+
+    #[test]
+    fn a_temporary_snapshot_sets_the_content_and_is_not_kept() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let mut tmp = h[1].clone();
+        tmp.name = "copy-tmp-x".into();
+        tmp.temporary = true;
+        let got = recv(
+            &f,
+            "v",
+            &sender.stream("p1", None, &[h[0].clone(), tmp]),
+            PLAIN,
+        )
+        .unwrap();
+        assert_eq!(got.snapshots, vec!["s1"]);
+        assert_eq!(state(&f, "v"), expected(&[&h[0]], &h[1]));
+    }
+
+    /// Damaged versions of `stream`: bytes flipped and cuts at several points.
+    fn damaged(stream: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for at in [20, stream.len() / 3, stream.len() / 2, stream.len() - 10] {
+            let mut flipped = stream.to_vec();
+            flipped[at] ^= 0x04;
+            out.push((format!("a flip at byte {at}"), flipped));
+        }
+        for at in [
+            9,
+            stream.len() / 4,
+            stream.len() / 2,
+            stream.len() * 3 / 4,
+            stream.len() - 1,
+        ] {
+            out.push((format!("a cut at byte {at}"), stream[..at].to_vec()));
+        }
+        let mut trailing = stream.to_vec();
+        trailing.push(0);
+        out.push(("a byte after the end".into(), trailing));
+        out
+    }
+
+    #[test]
+    fn a_damaged_whole_stream_leaves_no_volume() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..2]);
+        for (what, stream) in damaged(&whole) {
+            assert!(recv(&f, "v", &stream, PLAIN).is_err(), "{what} went unseen");
+            assert_gone(&f, "v");
+        }
+        recv(&f, "v", &whole, PLAIN).unwrap();
+    }
+
+    #[test]
+    fn each_fault_leaves_an_existing_volume_exactly_as_before() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[1]), &h[2..]);
+        let mut faults = damaged(&inc);
+        // A wrong digest: the last snapshot's content differs from what its end says.
+        let header = sender.header("p2", Some(&h[1]), &h[2..]);
+        let mut records = sender.records(&header, Some(&h[1]), &h[2..], None);
+        let last_end = records.len() - 2;
+        if let Record::SnapshotEnd { digest, .. } = &mut records[last_end] {
+            digest[0] ^= 1;
+        }
+        faults.push(("a wrong digest".into(), Sender::encode(&header, &records)));
+        // A base snapshot the volume does not have.
+        let mut other = h[1].clone();
+        other.guid = "guid-elsewhere".into();
+        faults.push((
+            "a wrong base guid".into(),
+            sender.stream("p3", Some(&other), &h[2..]),
+        ));
+        // Records that go backwards.
+        let mut records = sender.records(&header, Some(&h[1]), &h[2..], None);
+        let data: Vec<usize> = (0..records.len())
+            .filter(|&i| matches!(records[i], Record::Data { .. }))
+            .take(2)
+            .collect();
+        records.swap(data[0], data[1]);
+        faults.push((
+            "records out of order".into(),
+            Sender::encode(&header, &records),
+        ));
+        // A whole stream onto an existing volume.
+        faults.push(("a whole stream".into(), sender.stream("p4", None, &h[..1])));
+        // A snapshot name the volume has.
+        let mut clash = h[2].clone();
+        clash.name = "s1".into();
+        faults.push((
+            "a name clash".into(),
+            sender.stream("p5", Some(&h[1]), &[clash]),
+        ));
+        // Another base image.
+        let elsewhere = Sender {
+            base: sender.base.clone(),
+            image: None,
+        };
+        faults.push((
+            "another base image".into(),
+            elsewhere.stream("p6", Some(&h[1]), &h[2..]),
+        ));
+        for (what, stream) in faults {
+            for options in [
+                PLAIN,
+                ReceiveOptions {
+                    force: true,
+                    resumable: false,
+                },
+            ] {
+                assert!(
+                    recv(&f, "v", &stream, options).is_err(),
+                    "{what} went unseen"
+                );
+                assert_eq!(state(&f, "v"), before, "{what} changed the volume");
+            }
+        }
+        recv(&f, "v", &inc, PLAIN).unwrap();
+        assert_eq!(
+            state(&f, "v"),
+            expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3])
+        );
+    }
+
+    #[test]
+    fn a_diverged_volume_is_refused_and_force_discards_exactly_what_it_names() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let inc = sender.stream("p2", Some(&h[1]), &h[2..3]);
+        // Written since s2.
+        let volume = open(&f, "v");
+        volume.write_at(&[9u8; 4096], 0).unwrap();
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        let written = state(&f, "v");
+        let e = recv(&f, "v", &inc, PLAIN).unwrap_err().to_string();
+        assert!(e.contains("written since") && e.contains("--force"), "{e}");
+        assert_eq!(state(&f, "v"), written);
+        // And a snapshot taken since.
+        let volume = open(&f, "v");
+        volume.snapshot("local", "guid-local", 1).unwrap();
+        volume.write_at(&[8u8; 4096], 8192).unwrap();
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        let diverged = state(&f, "v");
+        let e = recv(&f, "v", &inc, PLAIN).unwrap_err().to_string();
+        assert!(e.contains("local"), "{e}");
+        assert_eq!(state(&f, "v"), diverged);
+        let force = ReceiveOptions {
+            force: true,
+            resumable: false,
+        };
+        let got = recv(&f, "v", &inc, force).unwrap();
+        assert_eq!(got.discarded_snapshots, vec!["local"]);
+        assert!(got.discarded_writes);
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1], &h[2]], &h[2]));
+        // Nothing to discard: nothing named.
+        let got = recv(&f, "v", &sender.stream("p3", Some(&h[2]), &h[3..]), force).unwrap();
+        assert!(got.discarded_snapshots.is_empty() && !got.discarded_writes);
+    }
+
+    #[test]
+    fn a_failed_force_leaves_the_volume_at_its_base_snapshot() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let volume = open(&f, "v");
+        volume.snapshot("local", "guid-local", 1).unwrap();
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        let inc = sender.stream("p2", Some(&h[1]), &h[2..]);
+        let force = ReceiveOptions {
+            force: true,
+            resumable: false,
+        };
+        assert!(recv(&f, "v", &inc[..inc.len() / 2], force).is_err());
+        // What the user asked to discard is gone; nothing of the stream is there.
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[1]));
+    }
+
+    fn token(f: &Fixture, name: &str) -> ResumeToken {
+        f.pool.receive_resume_token(name).unwrap()
+    }
+
+    #[test]
+    fn a_resumed_whole_stream_equals_an_uninterrupted_one() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..3]);
+        let mut cuts = vec![whole.len() / 5, whole.len() / 2, whole.len() - 5];
+        cuts.sort();
+        for cut in cuts {
+            let e = recv(&f, "v", &whole[..cut], RESUMABLE)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--resume-token"), "{e}");
+            // Invisible meanwhile, and kept by the recovery of dead creators.
+            assert!(f.pool.store().volume("v").is_err());
+            crate::core::recover::recover(&f.pool).unwrap();
+            assert!(f.pool.volume_row_any_state("v").unwrap().is_some());
+            let e = recv(&f, "v", &whole, PLAIN).unwrap_err().to_string();
+            assert!(e.contains("--abort"), "{e}");
+            let t = token(&f, "v");
+            assert_eq!(t.package, "p1");
+            assert_eq!(t.volume_uuid, "src-uuid");
+            assert_eq!(t.to, "guid-s3");
+            assert_eq!(
+                t.snapshots,
+                snapshots_digest(&sender.header("p1", None, &h[..3]).snapshots)
+            );
+            assert!(!t.with_image);
+            // A resumed stream from another point is refused, and changes nothing.
+            let wrong = ResumePoint {
+                done: t.point.done,
+                granule: t.point.granule + 1,
+            };
+            assert!(recv(&f, "v", &sender.resumed("p1", None, &h[..3], wrong), PLAIN).is_err());
+            assert_eq!(token(&f, "v"), t);
+            if cut == whole.len() - 5 {
+                let got = recv(
+                    &f,
+                    "v",
+                    &sender.resumed("p1", None, &h[..3], t.point),
+                    PLAIN,
+                )
+                .unwrap();
+                assert!(got.resumed && got.created);
+                assert_eq!(got.snapshots, vec!["s1", "s2", "s3"]);
+            } else {
+                // Resumed, and cut again: it goes on from further along.
+                let resumed = sender.resumed("p1", None, &h[..3], t.point);
+                let _ = recv(&f, "v", &resumed[..resumed.len() / 2], PLAIN);
+                let again = token(&f, "v");
+                assert!((again.point.done, again.point.granule) >= (t.point.done, t.point.granule));
+                let resumed = sender.resumed("p1", None, &h[..3], again.point);
+                recv(&f, "v", &resumed, PLAIN).unwrap();
+            }
+            assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1], &h[2]], &h[2]));
+            f.pool.remove_volume("v", true).unwrap();
+        }
+    }
+
+    #[test]
+    fn abort_restores_an_existing_volume_and_commands_wait_for_it() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[0]), &h[1..]);
+        assert!(recv(&f, "v", &inc[..inc.len() * 2 / 3], RESUMABLE).is_err());
+        let row = f.pool.store().volume("v").unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        assert!(has_partial_receive(&files));
+        let request = crate::core::volume::requests::Request::Create {
+            name: "x".into(),
+            guid: "g".into(),
+            created: 1,
+        };
+        let e = f
+            .pool
+            .snapshot_request("v", &request)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("recv --abort"), "{e}");
+        assert!(f.pool.remove_volume("v", true).is_err());
+        f.pool.receive_abort("v").unwrap();
+        assert!(!has_partial_receive(&files));
+        assert_eq!(state(&f, "v"), before);
+        recv(&f, "v", &inc, PLAIN).unwrap();
+    }
+
+    #[test]
+    fn a_resumed_incremental_equals_an_uninterrupted_one() {
+        let mut points = Vec::new();
+        for eighth in 1..8 {
+            let (f, sender) = setup();
+            let h = history(&sender);
+            recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+            let inc = sender.stream("p2", Some(&h[0]), &h[1..]);
+            assert!(recv(&f, "v", &inc[..inc.len() * eighth / 8], RESUMABLE).is_err());
+            let t = token(&f, "v");
+            assert_eq!(t.from.as_deref(), Some("guid-s1"));
+            points.push(t.point);
+            let resumed = sender.resumed("p2", Some(&h[0]), &h[1..], t.point);
+            let got = recv(&f, "v", &resumed, PLAIN).unwrap();
+            assert_eq!(got.snapshots, vec!["s2", "s3", "s4"]);
+            assert_eq!(
+                state(&f, "v"),
+                expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3]),
+                "resumed at {:?}",
+                t.point
+            );
+        }
+        // Some cut fell in the middle of a snapshot, after a record of progress there.
+        assert!(points.iter().any(|p| p.granule > 0), "{points:?}");
+    }
+
+    #[test]
+    fn a_crash_after_a_snapshot_before_its_progress_is_resumed_after_it() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..2]);
+        assert!(recv(&f, "v", &whole[..whole.len() - 5], RESUMABLE).is_err());
+        let row = f.pool.volume_row_any_state("v").unwrap().unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        // receive.json as it was before the last snapshot's end.
+        let mut partial = read_partial(&files).unwrap().unwrap();
+        assert_eq!(partial.point.done, 2);
+        partial.point = ResumePoint {
+            done: 1,
+            granule: 3,
+        };
+        write_partial(&files, &partial).unwrap();
+        let t = token(&f, "v");
+        assert_eq!(
+            t.point,
+            ResumePoint {
+                done: 2,
+                granule: 0
+            }
+        );
+        recv(
+            &f,
+            "v",
+            &sender.resumed("p1", None, &h[..2], t.point),
+            PLAIN,
+        )
+        .unwrap();
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[1]));
+    }
+
+    #[test]
+    fn abort_removes_a_new_volume_and_recovery_removes_a_dead_plain_one() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..2]);
+        assert!(recv(&f, "v", &whole[..whole.len() / 2], RESUMABLE).is_err());
+        f.pool.receive_abort("v").unwrap();
+        assert_gone(&f, "v");
+        assert!(f.pool.receive_abort("v").is_err());
+        // A receive that died without --resumable leaves a `creating` volume with no owner.
+        let base = f.pool.store().image_by_name("base").unwrap();
+        let new = f.pool.start_volume("w", base.as_ref(), SIZE, None).unwrap();
+        drop(new);
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert_gone(&f, "w");
+    }
+
+    #[test]
+    fn a_missing_base_image_is_named_or_imported_from_the_stream() {
+        let (_sending_side, sender) = setup();
+        let h = history(&sender);
+        let other = fixture(1);
+        let whole = sender.stream("p1", None, &h[..1]);
+        let e = other
+            .pool
+            .receive("v", &mut &whole[..], PLAIN)
+            .unwrap_err()
+            .to_string();
+        let sha = &sender.image.as_ref().unwrap().sha512;
+        assert!(
+            e.contains("--with-image") && e.contains(sha.as_str()),
+            "{e}"
+        );
+        assert!(other.pool.volume_row_any_state("v").unwrap().is_none());
+        // With the image: imported under its name, or another when that is taken.
+        other.image("base", b"another image", 1);
+        let mut header = sender.header("p1", None, &h[..1]);
+        header.with_image = true;
+        let mut records = vec![];
+        for (i, chunk) in sender.base.chunks(1 << 16).enumerate() {
+            if chunk.iter().any(|b| *b != 0) {
+                records.push(Record::ImageData {
+                    offset: (i as u64) << 16,
+                    data: chunk.to_vec(),
+                });
+            }
+        }
+        let mut sha512 = [0u8; 64];
+        sha512.copy_from_slice(&hex::decode(sha).unwrap());
+        records.push(Record::ImageEnd { sha512 });
+        records.extend(sender.records(&header, None, &h[..1], None));
+        let stream = Sender::encode(&header, &records);
+        let got = other.pool.receive("v", &mut &stream[..], PLAIN).unwrap();
+        let imported = format!("base-{}", &sha[..8]);
+        assert_eq!(got.imported_image.as_deref(), Some(imported.as_str()));
+        assert_eq!(state(&other, "v"), expected(&[&h[0]], &h[0]));
+        // The pool has it now: a second stream with the image reads past it.
+        let got = other.pool.receive("w", &mut &stream[..], PLAIN).unwrap();
+        assert_eq!(got.imported_image, None);
+        assert_eq!(state(&other, "w"), expected(&[&h[0]], &h[0]));
+        // An image whose bytes do not match its SHA-512 is refused, and nothing is kept.
+        let mut bad = records.clone();
+        if let Record::ImageData { data, .. } = &mut bad[0] {
+            data[0] ^= 1;
+        }
+        let stream = Sender::encode(&header, &bad);
+        let third = fixture(1);
+        assert!(third.pool.receive("v", &mut &stream[..], PLAIN).is_err());
+        assert!(third.pool.store().images().unwrap().is_empty());
+        assert!(third.pool.volume_row_any_state("v").unwrap().is_none());
     }
 }

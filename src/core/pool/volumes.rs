@@ -179,7 +179,6 @@ impl Pool {
         })
     }
 
-
     fn volume_disk(&self, volume: &str, disk: Option<&str>) -> Result<DiskRow> {
         match disk {
             Some(name) => {

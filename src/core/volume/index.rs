@@ -549,12 +549,11 @@ impl Index {
     /// the volume wrote or discarded since. One step down the `birth` index.
     pub fn written_after(&self, epoch: Option<u64>) -> rusqlite::Result<bool> {
         let after = epoch.map_or(-1, |e| e as i64);
-        self.conn
-            .query_row(
-                "SELECT EXISTS (SELECT 1 FROM versions WHERE birth > ?1)",
-                [after],
-                |r| r.get(0),
-            )
+        self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM versions WHERE birth > ?1)",
+            [after],
+            |r| r.get(0),
+        )
     }
 
     /// Gives snapshots (by epoch) new names, all in the open transaction: the caller commits
