@@ -27,7 +27,7 @@ pub use export::{export_token, TEMPORARY_SNAPSHOT};
 #[cfg(test)]
 pub(crate) use images::ImageHealth;
 pub use images::{copy_info, CopyInfo, ImageInfo, ImportSource, Imported};
-pub use recv::{has_partial_receive, ReceiveOptions, Received};
+pub use recv::{ReceiveOptions, Received};
 pub(crate) use volumes::volume_token;
 pub use volumes::VolumeInfo;
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
 
 use super::images::ImportSource;
-use super::volumes::{check_size, NewVolume};
+use super::volumes::{check_size, has_partial_receive, partial_receive_refusal, NewVolume};
 use super::Pool;
 use crate::core::owner::{self, Owner, OwnerLock};
 use crate::core::store::{ImageRow, VolumeRow, VolumeState};
@@ -164,22 +164,6 @@ fn remove_partial(files: &VolumeFiles) -> Result<()> {
     }
 }
 
-/// Whether a receive into the volume is partial: the mount does not serve it, and commands do
-/// not change it, until it is resumed to its end or aborted.
-pub fn has_partial_receive(files: &VolumeFiles) -> bool {
-    files.receive_state().exists()
-}
-
-/// The refusal of a change to a volume with a partial receive.
-pub fn partial_receive_refusal(volume: &str) -> Error {
-    Error::refused(
-        ErrorKind::Conflict,
-        format!(
-            "volume '{volume}' holds a partial receive: finish it (`imgpool recv --resume-token {volume}` prints the token for `imgpool send --resume`) or drop it with `imgpool recv --abort {volume}`"
-        ),
-    )
-}
-
 fn stream_error(e: StreamError) -> Error {
     Error::refused(ErrorKind::Corrupt, e.to_string())
 }
@@ -220,7 +204,7 @@ fn check_header(header: &Header) -> Result<()> {
                 )));
             }
         }
-        if s.size == 0 || s.size % crate::format::volume::BLOCK != 0 {
+        if s.size == 0 || !s.size.is_multiple_of(crate::format::volume::BLOCK) {
             return Err(malformed(format!(
                 "snapshot '{}' has size {}, not a positive multiple of 4096",
                 s.name, s.size
@@ -687,9 +671,12 @@ impl Pool {
             _writer: Some(writer),
         };
         // A refusal closes the volume cleanly (dropped open, its next open would scan it).
-        match self.bring_to_from(target, header, resumed, force, received) {
-            Ok(target) => Ok(target),
-            Err((target, e)) => {
+        match self.bring_to_from(&target, header, resumed, force, received) {
+            Ok(from) => Ok(Target {
+                from: Some(from),
+                ..target
+            }),
+            Err(e) => {
                 let _ = target.volume.shutdown();
                 Err(e)
             }
@@ -700,13 +687,13 @@ impl Pool {
     /// at it (with `--force`, brings it back there).
     fn bring_to_from(
         &self,
-        mut target: Target,
+        target: &Target,
         header: &Header,
         resumed: bool,
         force: bool,
         received: &mut Received,
-    ) -> std::result::Result<Target, (Target, Error)> {
-        let checked = (|| {
+    ) -> Result<Snapshot> {
+        {
             let name = target.name.as_str();
             let volume = &target.volume;
             let from = header
@@ -798,13 +785,6 @@ impl Pool {
                 from_snapshot.name
             );
             Ok(from_snapshot)
-        })();
-        match checked {
-            Ok(from) => {
-                target.from = Some(from);
-                Ok(target)
-            }
-            Err(e) => Err((target, e)),
         }
     }
 
@@ -1448,7 +1428,7 @@ mod tests {
                     let zero = s.content[at..at + b].iter().all(|x| *x == 0);
                     let mut end = at + b;
                     while end < size
-                        && end % GRANULE as usize != 0
+                        && !end.is_multiple_of(GRANULE as usize)
                         && s.content[end..end + b] != old[end..end + b]
                         && s.content[end..end + b].iter().all(|x| *x == 0) == zero
                     {

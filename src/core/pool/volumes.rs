@@ -49,6 +49,22 @@ impl VolumeInfo {
     }
 }
 
+/// Whether a receive into the volume is partial: the mount does not serve it, and commands do
+/// not change it, until it is resumed to its end or aborted.
+pub fn has_partial_receive(files: &VolumeFiles) -> bool {
+    files.receive_state().exists()
+}
+
+/// The refusal of a change to a volume with a partial receive.
+pub fn partial_receive_refusal(volume: &str) -> Error {
+    Error::refused(
+        ErrorKind::Conflict,
+        format!(
+            "volume '{volume}' holds a partial receive: finish it (`imgpool recv --resume-token {volume}` prints the token for `imgpool send --resume`) or drop it with `imgpool recv --abort {volume}`"
+        ),
+    )
+}
+
 /// A volume being created: its `creating` row, its files, and its creator's owner lock.
 pub(super) struct NewVolume {
     pub row: VolumeRow,
@@ -307,8 +323,8 @@ impl Pool {
             return Ok(Err(info.open_by.unwrap_or(0)));
         };
         // Checked under the lock, which a receive holds while it writes the file.
-        if super::has_partial_receive(&files) {
-            return Err(super::recv::partial_receive_refusal(name));
+        if has_partial_receive(&files) {
+            return Err(partial_receive_refusal(name));
         }
         let volume = self
             .open_volume(&files)
@@ -418,8 +434,8 @@ impl Pool {
         }
         let files = VolumeFiles::new(&info.dir);
         let _writer = self.lock_volume(name, &files)?;
-        if super::has_partial_receive(&files) {
-            return Err(super::recv::partial_receive_refusal(name));
+        if has_partial_receive(&files) {
+            return Err(partial_receive_refusal(name));
         }
         if !self.store.set_volume_state(
             info.volume.id,
