@@ -315,6 +315,10 @@ impl Pool {
             }
             (None, None) => {}
         }
+        if existing.is_some() && header.from.is_none() && partial.is_none() {
+            // Before the base image is read or imported: the stream goes nowhere here.
+            return Err(exists_refusal(name));
+        }
         let mut received = Received {
             volume: name.to_string(),
             resumed: partial.is_some(),
@@ -323,7 +327,7 @@ impl Pool {
         // The base image, before anything else of the target: the stream carries it next.
         let base = self.stream_base(&header, &mut reader, &mut received)?;
         let resumable = options.resumable || partial.is_some();
-        let mut target = match (&existing, &partial) {
+        let target = match (&existing, &partial) {
             (None, _) => self.new_target(name, &header, base.as_ref())?,
             (Some(row), Some(partial)) if partial.new_volume => {
                 self.resumed_new_target(name, row, &header, base.as_ref())?
@@ -382,8 +386,8 @@ impl Pool {
         match applied {
             Ok(kept) => {
                 received.snapshots = kept;
-                let result = self.finish_target(&mut target);
-                result.map(|()| received)
+                self.finish_target(target);
+                Ok(received)
             }
             Err(e) if resumable && has_partial_receive(&target.files) => {
                 // What was applied since the last record of progress is not committed: the
@@ -616,10 +620,7 @@ impl Pool {
     ) -> Result<Target> {
         let files = self.volume_files_of(row)?;
         if header.from.is_none() {
-            return Err(Error::refused(
-                ErrorKind::AlreadyExists,
-                format!("volume '{name}' exists: a whole stream makes a new volume; receive it under another name, or remove '{name}' first"),
-            ));
+            return Err(exists_refusal(name));
         }
         let writer = WriterLock::try_acquire(&files)
             .ctx(|| format!("cannot lock volume '{name}'"))?
@@ -884,23 +885,21 @@ impl Pool {
         Ok(renames.into_iter().map(|(_, n)| n).collect())
     }
 
-    /// After the end: the space of what `--force` discarded is reclaimed, and the volume closed.
-    fn finish_target(&self, target: &mut Target) -> Result<()> {
-        let name = target.name.clone();
+    /// After the end: the sums of snapshots that went are forgotten, the space of what
+    /// `--force` discarded is reclaimed, and the volume closed. Everything is applied and
+    /// durable by then: a failure here is logged, not the receive's.
+    fn finish_target(&self, target: Target) {
+        let name = &target.name;
         let volume = &target.volume;
-        if let Ok(sums) = ContentSums::open(&target.files) {
-            if let Ok(all) = volume.snapshots() {
-                let keep = all.into_iter().map(|s| s.guid).collect();
-                let _ = sums.retain(&keep);
-            }
+        let tidied = (|| -> io::Result<()> {
+            let keep = volume.snapshots()?.into_iter().map(|s| s.guid).collect();
+            ContentSums::open(&target.files)?.retain(&keep)?;
+            while volume.reclaim()? {}
+            volume.shutdown()
+        })();
+        if let Err(e) = tidied {
+            tracing::warn!("volume '{name}' received; tidying it up after failed: {e}");
         }
-        while volume
-            .reclaim()
-            .ctx(|| format!("cannot reclaim the space of volume '{name}'"))?
-        {}
-        volume
-            .shutdown()
-            .ctx(|| format!("cannot close volume '{name}'"))
     }
 
     /// A receive that failed, not resumable: the target as it was.
@@ -1039,6 +1038,13 @@ impl Pool {
         let files = self.volume_files_of(&row)?;
         Ok((row, files))
     }
+}
+
+fn exists_refusal(name: &str) -> Error {
+    Error::refused(
+        ErrorKind::AlreadyExists,
+        format!("volume '{name}' exists: a whole stream makes a new volume; receive it under another name, or remove '{name}' first"),
+    )
 }
 
 fn no_partial(name: &str) -> Error {
