@@ -32,6 +32,7 @@ pub struct RecvArgs {
     /// back to where the stream started.
     #[arg(long)]
     pub abort: bool,
+    /// Print what was received as one JSON object.
     #[arg(long, conflicts_with = "resume_token")]
     pub json: bool,
 }
