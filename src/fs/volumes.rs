@@ -234,3 +234,35 @@ fn resume_reclaim(name: &str, volume: &Arc<Volume>) {
         tracing::error!("cannot start the reclaim of a volume: {e}");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::volume::NoBase;
+
+    #[test]
+    fn a_volume_with_a_partial_receive_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = VolumeFiles::new(dir.path());
+        Volume::create(&files, 1 << 20, Box::new(NoBase))
+            .unwrap()
+            .close()
+            .unwrap();
+        let entry = VolumeEntry {
+            id: 1,
+            name: "v".into(),
+            size: 1 << 20,
+            files: files.clone(),
+            image_id: None,
+            in_service: true,
+            created: SystemTime::now(),
+        };
+        let open = OpenVolumes::default();
+        std::fs::write(files.receive_state(), b"{}").unwrap();
+        let base = || Ok(Box::new(NoBase) as Box<dyn Base>);
+        assert_eq!(open.open(&entry, base).err(), Some(libc::EBUSY));
+        std::fs::remove_file(files.receive_state()).unwrap();
+        assert!(open.open(&entry, base).is_ok());
+        open.release(1, "v");
+    }
+}
