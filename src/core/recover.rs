@@ -45,6 +45,7 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     dead_mounts(pool, &mut done)?;
     dead_imports_and_removals(pool, &mut done)?;
     dead_volume_work(pool, &mut done)?;
+    dead_receives(pool, &mut done)?;
     abandoned_export_snapshots(pool, &mut done)?;
     if holding_repair_lock {
         abandoned_copies(pool, &mut done)?;
@@ -148,7 +149,7 @@ fn dead_volume_work(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
                 }
                 // A resumable receive that failed or died: kept for `recv --resume-token` or
                 // `recv --abort` (read while holding its dead owner's lock: final).
-                if pool.volume_has_partial_receive(&volume)? {
+                if pool.volume_has_resumable_receive(&volume)? {
                     owner.finish();
                     continue;
                 }
@@ -168,6 +169,23 @@ fn dead_volume_work(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
         match pool.finish_volume_removal(&volume) {
             Ok(()) => done.push(format!("removed {what}: '{}'", volume.name)),
             Err(e) => tracing::warn!("cannot finish {what} ('{}'): {e}", volume.name),
+        }
+    }
+    Ok(())
+}
+
+/// Existing volumes that a plain (not resumable) `recv` was writing when it died: rolled back
+/// to where the stream started, under their writer lock (which a running receive holds).
+fn dead_receives(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
+    for volume in pool.store().volumes()? {
+        if volume.state != VolumeState::Ready {
+            continue;
+        }
+        match pool.undo_dead_receive(&volume) {
+            Ok(Some(what)) => done.push(format!("{what} (its receive had died)")),
+            Ok(None) => {}
+            // Retried by the next recovery.
+            Err(e) => tracing::warn!("cannot undo a dead receive into '{}': {e}", volume.name),
         }
     }
     Ok(())

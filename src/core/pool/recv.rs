@@ -69,9 +69,14 @@ pub struct Received {
     pub resumed: bool,
 }
 
-/// `receive.json`: a partial, resumable receive.
+/// `receive.json`: a receive under way, or a partial, resumable one. Every receive writes it
+/// before it changes the target, so that one that dies is found: a resumable one is kept, a
+/// plain one undone by the next `recover`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct PartialReceive {
+    /// A failure keeps what was received (`--resumable`); otherwise a dead receiver's work is
+    /// undone.
+    resumable: bool,
     /// The package's header as its first stream had it (`resume` none).
     header: Header,
     /// The stream makes the volume (it stays `creating` until the end).
@@ -258,9 +263,13 @@ impl Pool {
         Ok(crate::format::layout::DiskLayout::new(&disk.path).volume_files(&row.uuid))
     }
 
-    /// Whether the volume (a row in any state) holds a partial receive.
-    pub(crate) fn volume_has_partial_receive(&self, row: &VolumeRow) -> Result<bool> {
-        Ok(has_partial_receive(&self.volume_files_of(row)?))
+    /// Whether the volume (a row in any state) holds a partial receive kept to be resumed
+    /// (one whose state cannot be read counts: `recv --abort` drops it).
+    pub(crate) fn volume_has_resumable_receive(&self, row: &VolumeRow) -> Result<bool> {
+        Ok(match read_partial(&self.volume_files_of(row)?) {
+            Ok(partial) => partial.is_some_and(|p| p.resumable),
+            Err(_) => true,
+        })
     }
 
     /// Applies the stream `input` to volume `name` (docs/send-receive.md, "Receiving").
@@ -356,6 +365,7 @@ impl Pool {
         };
         let point = partial.as_ref().map(|p| p.point);
         let state = PartialReceive {
+            resumable,
             header: Header {
                 resume: None,
                 ..header.clone()
@@ -368,7 +378,7 @@ impl Pool {
             sum: hex::encode(start.to_bytes()),
         };
         let applied = (|| {
-            if resumable && partial.is_none() {
+            if partial.is_none() {
                 write_partial(&target.files, &state)?;
             }
             let mut apply = Apply {
@@ -957,7 +967,9 @@ impl Pool {
     /// The token that resumes volume `name`'s partial receive (`recv --resume-token`).
     pub fn receive_resume_token(&self, name: &str) -> Result<ResumeToken> {
         let (_, files) = self.partial_target(name)?;
-        let partial = current_partial(&files)?.ok_or_else(|| no_partial(name))?;
+        let partial = current_partial(&files)?
+            .filter(|p| p.resumable)
+            .ok_or_else(|| no_partial(name))?;
         let header = &partial.header;
         let needs_image = match &header.base_image {
             Some(image) if header.with_image => {
@@ -993,14 +1005,44 @@ impl Pool {
                 "dropped the partial receive of '{name}': the volume it was making is removed"
             ));
         }
-        let _writer = WriterLock::try_acquire(&files)
-            .ctx(|| format!("cannot lock volume '{name}'"))?
-            .ok_or_else(|| {
-                Error::refused(
-                    ErrorKind::Busy,
-                    format!("another command has volume '{name}' now: retry when it is done"),
-                )
-            })?;
+        self.abort_existing(name, &files, &partial)?.ok_or_else(|| {
+            Error::refused(
+                ErrorKind::Busy,
+                format!("another command has volume '{name}' now (a receive still running?): retry when it is done"),
+            )
+        })
+    }
+
+    /// Undoes the receive of a plain `recv` that died into the existing volume `row` (what
+    /// `recover` does); `None` when there is none, or its receiver still runs.
+    pub(crate) fn undo_dead_receive(&self, row: &VolumeRow) -> Result<Option<String>> {
+        let files = self.volume_files_of(row)?;
+        match read_partial(&files) {
+            Ok(Some(partial)) if !partial.resumable && !partial.new_volume => {
+                self.abort_existing(&row.name, &files, &partial)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Rolls an existing volume back to where its partial receive started; `None` when another
+    /// process has the volume (its writer lock).
+    fn abort_existing(
+        &self,
+        name: &str,
+        files: &VolumeFiles,
+        partial: &PartialReceive,
+    ) -> Result<Option<String>> {
+        let Some(_writer) =
+            WriterLock::try_acquire(files).ctx(|| format!("cannot lock volume '{name}'"))?
+        else {
+            return Ok(None);
+        };
+        // Read again under the lock: a receive that ended meanwhile removed it.
+        if read_partial(files)?.as_ref() != Some(partial) {
+            return Ok(None);
+        }
+        let files = files.clone();
         let volume = Volume::open(&files, Box::new(NoBase))
             .ctx(|| format!("cannot open volume '{name}'"))?;
         let from_guid = partial.header.from.as_ref().map(|f| f.guid.clone());
@@ -1025,10 +1067,10 @@ impl Pool {
             .ctx(|| format!("cannot close volume '{name}'"));
         undone?;
         closed?;
-        Ok(format!(
+        Ok(Some(format!(
             "dropped the partial receive of '{name}': it is back at snapshot '{}'",
             from.name
-        ))
+        )))
     }
 
     fn partial_target(&self, name: &str) -> Result<(VolumeRow, VolumeFiles)> {
@@ -1992,6 +2034,37 @@ mod tests {
         drop(new);
         crate::core::recover::recover(&f.pool).unwrap();
         assert_gone(&f, "w");
+    }
+
+    /// A receive that died: what a cut left, as a plain `recv` would have left it.
+    fn as_if_died_plain(f: &Fixture, name: &str) {
+        let row = f.pool.volume_row_any_state(name).unwrap().unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        let mut partial = read_partial(&files).unwrap().unwrap();
+        partial.resumable = false;
+        write_partial(&files, &partial).unwrap();
+    }
+
+    #[test]
+    fn recovery_undoes_a_plain_receive_that_died() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[0]), &h[1..]);
+        assert!(recv(&f, "v", &inc[..inc.len() * 2 / 3], RESUMABLE).is_err());
+        as_if_died_plain(&f, "v");
+        assert!(f.pool.receive_resume_token("v").is_err());
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains("'v'")), "{done:?}");
+        assert_eq!(state(&f, "v"), before);
+        // A new volume: removed.
+        let whole = sender.stream("p3", None, &h[..2]);
+        assert!(recv(&f, "w", &whole[..whole.len() / 2], RESUMABLE).is_err());
+        as_if_died_plain(&f, "w");
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert!(f.pool.volume_row_any_state("w").unwrap().is_none());
+        assert_eq!(state(&f, "v"), before);
     }
 
     #[test]
