@@ -303,6 +303,13 @@ impl Pool {
             None => None,
         };
         match (&header.resume, &partial) {
+            (_, Some(partial)) if !partial.resumable => {
+                // Its receiver runs, or died and the next `recover` undoes its work.
+                return Err(Error::refused(
+                    ErrorKind::Busy,
+                    format!("another `imgpool recv` is receiving into volume '{name}' (or died doing so: `imgpool repair` cleans that up): retry when it is done"),
+                ));
+            }
             (None, Some(_)) => return Err(partial_receive_refusal(name)),
             (Some(_), None) => {
                 return Err(Error::refused(
