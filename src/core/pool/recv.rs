@@ -1156,6 +1156,7 @@ impl Apply<'_> {
         let io = |what: &'static str| {
             move |e: io::Error| Error::io(format!("cannot {what} volume '{name}'"), e)
         };
+        let sums = ContentSums::open(&target.files).map_err(io("open the content sums of"))?;
         loop {
             match reader.next().map_err(stream_error)? {
                 Record::SnapshotBegin { index, size } => {
@@ -1236,8 +1237,7 @@ impl Apply<'_> {
                     if !s.temporary {
                         // The sum first: a crash after the snapshot and before `receive.json`
                         // says so is resumed from the snapshot and its recorded sum.
-                        ContentSums::open(&target.files)
-                            .and_then(|sums| sums.put(&s.guid, &sum))
+                        sums.put(&s.guid, &sum)
                             .map_err(io("record the content sums of"))?;
                         self.take_snapshot(c.index, s)?;
                     }
