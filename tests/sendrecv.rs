@@ -483,7 +483,7 @@ fn a_receive_killed_at_any_instant_leaves_the_target_whole() {
         let delay = whole_takes.mul_f64(f64::from(i) / f64::from(instants));
         let done = recv_killed_after(&there, &["w"], &whole, delay);
         // The next command that changes the pool cleans up what the dead receive left.
-        there.ok(&["fsck"]);
+        there.ok(&["gc"]);
         let listed: Vec<String> = there
             .json(&["volume", "list"])
             .as_array()
@@ -504,7 +504,7 @@ fn a_receive_killed_at_any_instant_leaves_the_target_whole() {
         // An existing volume: at s1 as before, or at s2 whole.
         let delay = step_takes.mul_f64(f64::from(i) / f64::from(instants));
         let done = recv_killed_after(&there, &["w"], &step, delay);
-        there.ok(&["fsck"]);
+        there.ok(&["gc"]);
         let names: Vec<String> = snapshots(&there, "w").into_iter().map(|(n, _)| n).collect();
         let expected_live = match names.as_slice() {
             [a] if a == "s1" && !done => &at[0],
