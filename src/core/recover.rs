@@ -174,15 +174,16 @@ fn dead_volume_work(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
-/// Existing volumes that a plain (not resumable) `recv` was writing when it died: rolled back
-/// to where the stream started, under their writer lock (which a running receive holds).
+/// Ready volumes whose `recv` died: finished if it had completed, rolled back to where the
+/// stream started if it was plain (a resumable one is kept), under their writer lock (which a
+/// running receive holds).
 fn dead_receives(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
     for volume in pool.store().volumes()? {
         if volume.state != VolumeState::Ready {
             continue;
         }
-        match pool.undo_dead_receive(&volume) {
-            Ok(Some(what)) => done.push(format!("{what} (its receive had died)")),
+        match pool.settle_dead_receive(&volume) {
+            Ok(Some(what)) => done.push(format!("{what} (its `recv` had died)")),
             Ok(None) => {}
             // Retried by the next recovery.
             Err(e) => tracing::warn!("cannot undo a dead receive into '{}': {e}", volume.name),

@@ -557,11 +557,16 @@ impl Pool {
         let size = header.snapshots[0].size;
         check_size(size, base.map(|i| (i.name.as_str(), i.size)))?;
         let NewVolume { row, files, _owner } = self.start_volume(name, base, size, None)?;
-        let opened = self
-            .base_of(row.image_id)
-            .and_then(|b| Volume::open(&files, b).ctx(|| format!("cannot open volume '{name}'")));
-        let volume = match opened {
-            Ok(volume) => volume,
+        // Held as for an existing volume: once it is ready, the mount waits for the receive
+        // to let go of it.
+        let opened = lock_writer(name, &files).and_then(|writer| {
+            let base = self.base_of(row.image_id)?;
+            Volume::open(&files, base)
+                .ctx(|| format!("cannot open volume '{name}'"))
+                .map(|volume| (volume, writer))
+        });
+        let (volume, writer) = match opened {
+            Ok(opened) => opened,
             Err(e) => {
                 self.remove_new_volume(&row)?;
                 return Err(e);
@@ -576,7 +581,7 @@ impl Pool {
             from: None,
             base_sha512: base.map(|i| i.sha512.clone()),
             _owner: Some(_owner),
-            _writer: None,
+            _writer: Some(writer),
         })
     }
 
@@ -596,6 +601,7 @@ impl Pool {
                 format!("the base image of the partial receive of '{name}' is not the stream's"),
             ));
         }
+        let writer = lock_writer(name, &files)?;
         let volume = Volume::open(&files, self.base_of(row.image_id)?)
             .ctx(|| format!("cannot open volume '{name}'"))?;
         Ok(Target {
@@ -607,7 +613,7 @@ impl Pool {
             from: None,
             base_sha512: header.base_image.as_ref().map(|i| i.sha512.clone()),
             _owner: Some(owner),
-            _writer: None,
+            _writer: Some(writer),
         })
     }
 
@@ -639,14 +645,7 @@ impl Pool {
         if header.from.is_none() {
             return Err(exists_refusal(name));
         }
-        let writer = WriterLock::try_acquire(&files)
-            .ctx(|| format!("cannot lock volume '{name}'"))?
-            .ok_or_else(|| {
-                Error::refused(
-                    ErrorKind::InUse,
-                    format!("volume '{name}' is open through a mount (or another command has it): close it first"),
-                )
-            })?;
+        let writer = lock_writer(name, &files)?;
         // Re-read under the lock: a partial receive that appeared meanwhile is not ours.
         if !resumed && has_partial_receive(&files) {
             return Err(partial_receive_refusal(name));
@@ -874,7 +873,6 @@ impl Pool {
             .volume
             .flush()
             .ctx(|| format!("cannot flush volume '{name}'"))?;
-        remove_partial(&target.files)?;
         let size = target.volume.size();
         if target.new_volume {
             self.store.set_volume_size(target.row.id, size)?;
@@ -891,6 +889,9 @@ impl Pool {
         } else {
             self.record_volume_size(name, size)?;
         }
+        // Last: until it goes, the volume is not served (a crash before leaves a complete
+        // receive that `recover` or `recv --abort` finish by removing it).
+        remove_partial(&target.files)?;
         tracing::info!(
             event = "recv_done",
             volume = name.as_str(),
@@ -931,14 +932,54 @@ impl Pool {
             return result;
         }
         let from = target.from.clone().expect("an existing target has `from`");
-        self.roll_back_staged(&target.volume, &from, &header.package, &name)?;
-        remove_partial(&target.files)?;
-        self.record_volume_size(&name, from.size)?;
+        self.settle(&name, &target.volume, &target.files, header, &from, true)?;
         let _ = target.volume.reclaim();
         target
             .volume
             .shutdown()
             .ctx(|| format!("cannot close volume '{name}'"))
+    }
+
+    /// Ends an existing volume's receive that did not finish: kept if it had committed (its
+    /// snapshots renamed: only `receive.json` was left to remove), else, with `roll_back`,
+    /// rolled back to `from` with its staged snapshots. Says which (`None`: left as it is).
+    fn settle(
+        &self,
+        name: &str,
+        volume: &Volume,
+        files: &VolumeFiles,
+        header: &Header,
+        from: &Snapshot,
+        roll_back: bool,
+    ) -> Result<Option<String>> {
+        let snapshots = volume
+            .snapshots()
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?;
+        let committed = header
+            .snapshots
+            .iter()
+            .rev()
+            .find(|s| !s.temporary)
+            .is_some_and(|last| {
+                snapshots
+                    .iter()
+                    .any(|s| s.guid == last.guid && s.name == last.name)
+            });
+        if committed {
+            remove_partial(files)?;
+            self.record_volume_size(name, volume.size())?;
+            return Ok(Some(format!("the receive into '{name}' had completed")));
+        }
+        if !roll_back {
+            return Ok(None);
+        }
+        self.roll_back_staged(volume, from, &header.package, name)?;
+        remove_partial(files)?;
+        self.record_volume_size(name, from.size)?;
+        Ok(Some(format!(
+            "dropped the partial receive of '{name}': it is back at snapshot '{}'",
+            from.name
+        )))
     }
 
     fn roll_back_staged(
@@ -1005,41 +1046,56 @@ impl Pool {
     pub fn receive_abort(&self, name: &str) -> Result<String> {
         let (row, files) = self.partial_target(name)?;
         let partial = read_partial(&files)?.ok_or_else(|| no_partial(name))?;
-        if partial.new_volume {
+        if partial.new_volume && row.state == VolumeState::Creating {
             let _owner = self.take_over(name, &row)?;
             self.remove_new_volume(&row)?;
             return Ok(format!(
                 "dropped the partial receive of '{name}': the volume it was making is removed"
             ));
         }
-        self.abort_existing(name, &files, &partial)?.ok_or_else(|| {
-            Error::refused(
-                ErrorKind::Busy,
-                format!("another command has volume '{name}' now (a receive still running?): retry when it is done"),
-            )
-        })
+        // Another process may hold the volume a moment (a recovery looking at it, a mount's
+        // refused open).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut partial = partial;
+        loop {
+            if let Some(done) = self.settle_ready(&row, &files, &partial, true)? {
+                return Ok(done);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::refused(
+                    ErrorKind::Busy,
+                    format!("another process has volume '{name}' (a receive still running?): retry when it is done"),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            partial = read_partial(&files)?.ok_or_else(|| no_partial(name))?;
+        }
     }
 
-    /// Undoes the receive of a plain `recv` that died into the existing volume `row` (what
-    /// `recover` does); `None` when there is none, or its receiver still runs.
-    pub(crate) fn undo_dead_receive(&self, row: &VolumeRow) -> Result<Option<String>> {
+    /// What `recover` does for a ready volume that a receive left `receive.json` in: a
+    /// receive that had completed is finished, a plain one that died is rolled back; a
+    /// resumable one that did not complete is kept. `None` when there is nothing to do, or
+    /// the receiver still runs.
+    pub(crate) fn settle_dead_receive(&self, row: &VolumeRow) -> Result<Option<String>> {
         let files = self.volume_files_of(row)?;
         match read_partial(&files) {
-            Ok(Some(partial)) if !partial.resumable && !partial.new_volume => {
-                self.abort_existing(&row.name, &files, &partial)
-            }
+            Ok(Some(partial)) => self.settle_ready(row, &files, &partial, false),
             _ => Ok(None),
         }
     }
 
-    /// Rolls an existing volume back to where its partial receive started; `None` when another
-    /// process has the volume (its writer lock).
-    fn abort_existing(
+    /// Settles the receive of a ready volume, under its writer lock (`None` while another
+    /// process has it, or when it is left as it is): a new volume that became ready had
+    /// completed; an existing one is kept or rolled back (`settle`), a resumable one that did
+    /// not complete only when aborted.
+    fn settle_ready(
         &self,
-        name: &str,
+        row: &VolumeRow,
         files: &VolumeFiles,
         partial: &PartialReceive,
+        abort: bool,
     ) -> Result<Option<String>> {
+        let name = row.name.as_str();
         let Some(_writer) =
             WriterLock::try_acquire(files).ctx(|| format!("cannot lock volume '{name}'"))?
         else {
@@ -1049,35 +1105,41 @@ impl Pool {
         if read_partial(files)?.as_ref() != Some(partial) {
             return Ok(None);
         }
-        let files = files.clone();
-        let volume = Volume::open(&files, Box::new(NoBase))
-            .ctx(|| format!("cannot open volume '{name}'"))?;
+        if partial.new_volume {
+            remove_partial(files)?;
+            return Ok(Some(format!("the receive of '{name}' had completed")));
+        }
+        let roll_back = abort || !partial.resumable;
+        if !roll_back && !committed_by_name(files, &partial.header)? {
+            // Kept for a resumed stream: not even opened.
+            return Ok(None);
+        }
+        let volume =
+            Volume::open(files, Box::new(NoBase)).ctx(|| format!("cannot open volume '{name}'"))?;
         let from_guid = partial.header.from.as_ref().map(|f| f.guid.clone());
-        let from = volume
+        let settled = volume
             .snapshots()
-            .ctx(|| format!("cannot read the snapshots of '{name}'"))?
-            .into_iter()
-            .find(|s| Some(&s.guid) == from_guid.as_ref())
-            .ok_or_else(|| {
-                Error::refused(
-                    ErrorKind::Corrupt,
-                    format!("volume '{name}' lost the snapshot its partial receive applied on"),
-                )
-            })?;
-        let undone = self
-            .roll_back_staged(&volume, &from, &partial.header.package, name)
-            .and_then(|()| remove_partial(&files))
-            .and_then(|()| self.record_volume_size(name, from.size));
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))
+            .and_then(|all| {
+                all.into_iter()
+                    .find(|s| Some(&s.guid) == from_guid.as_ref())
+                    .ok_or_else(|| {
+                        Error::refused(
+                            ErrorKind::Corrupt,
+                            format!(
+                                "volume '{name}' lost the snapshot its partial receive applied on"
+                            ),
+                        )
+                    })
+            })
+            .and_then(|from| self.settle(name, &volume, files, &partial.header, &from, roll_back));
         while volume.reclaim().unwrap_or(false) {}
         let closed = volume
             .close()
             .ctx(|| format!("cannot close volume '{name}'"));
-        undone?;
+        let settled = settled?;
         closed?;
-        Ok(Some(format!(
-            "dropped the partial receive of '{name}': it is back at snapshot '{}'",
-            from.name
-        )))
+        Ok(settled)
     }
 
     fn partial_target(&self, name: &str) -> Result<(VolumeRow, VolumeFiles)> {
@@ -1087,6 +1149,29 @@ impl Pool {
         let files = self.volume_files_of(&row)?;
         Ok((row, files))
     }
+}
+
+/// Whether a receive of the package `header` committed (its last kept snapshot has its own
+/// name), read without opening the volume.
+fn committed_by_name(files: &VolumeFiles, header: &Header) -> Result<bool> {
+    let Some(last) = header.snapshots.iter().rev().find(|s| !s.temporary) else {
+        return Ok(false);
+    };
+    let found = crate::core::volume::snapshot_named(files, &last.name)
+        .ctx(|| format!("cannot read {}", files.index().display()))?;
+    Ok(found.is_some_and(|s| s.guid == last.guid))
+}
+
+/// The volume's writer lock, or the refusal while another process has it.
+fn lock_writer(name: &str, files: &VolumeFiles) -> Result<WriterLock> {
+    WriterLock::try_acquire(files)
+        .ctx(|| format!("cannot lock volume '{name}'"))?
+        .ok_or_else(|| {
+            Error::refused(
+                ErrorKind::InUse,
+                format!("volume '{name}' is open through a mount (or another command has it): close it first"),
+            )
+        })
 }
 
 fn exists_refusal(name: &str) -> Error {
@@ -2072,6 +2157,51 @@ mod tests {
         crate::core::recover::recover(&f.pool).unwrap();
         assert!(f.pool.volume_row_any_state("w").unwrap().is_none());
         assert_eq!(state(&f, "v"), before);
+    }
+
+    #[test]
+    fn a_receive_that_died_after_it_committed_is_finished_not_undone() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        recv(&f, "v", &sender.stream("p2", Some(&h[0]), &h[1..3]), PLAIN).unwrap();
+        let after = state(&f, "v");
+        // `receive.json` as a receive leaves it when it dies between its commit (the rename,
+        // or a new volume made ready) and the removal of the file.
+        let left = |name: &str, header: Header, new_volume: bool, resumable: bool| {
+            let row = f.pool.store().volume(name).unwrap();
+            let files = f.pool.volume_files_of(&row).unwrap();
+            let partial = PartialReceive {
+                resumable,
+                header,
+                new_volume,
+                point: ResumePoint {
+                    done: 2,
+                    granule: 0,
+                },
+                sum: hex::encode(ContentHash::default().to_bytes()),
+            };
+            write_partial(&files, &partial).unwrap();
+            files
+        };
+        for resumable in [false, true] {
+            let files = left(
+                "v",
+                sender.header("p2", Some(&h[0]), &h[1..3]),
+                false,
+                resumable,
+            );
+            let done = crate::core::recover::recover(&f.pool).unwrap();
+            assert!(done.iter().any(|d| d.contains("had completed")), "{done:?}");
+            assert!(!has_partial_receive(&files));
+            assert_eq!(state(&f, "v"), after);
+        }
+        recv(&f, "w", &sender.stream("p3", None, &h[..2]), PLAIN).unwrap();
+        let whole = state(&f, "w");
+        let files = left("w", sender.header("p3", None, &h[..2]), true, false);
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert!(!has_partial_receive(&files));
+        assert_eq!(state(&f, "w"), whole);
     }
 
     #[test]
