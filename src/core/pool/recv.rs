@@ -132,10 +132,9 @@ fn current_partial(files: &VolumeFiles) -> Result<Option<PartialReceive>> {
             return Ok(Some(partial));
         };
         let staged = staged_name(&partial.header.package, index);
-        let taken = !s.temporary
-            && crate::core::volume::snapshot_named(files, &staged)
-                .ctx(|| format!("cannot read {}", files.index().display()))?
-                .is_some();
+        let taken = crate::core::volume::snapshot_named(files, &staged)
+            .ctx(|| format!("cannot read {}", files.index().display()))?
+            .is_some();
         if !taken {
             return Ok(Some(partial));
         }
@@ -847,11 +846,8 @@ impl Pool {
             .volume
             .snapshots()
             .ctx(|| format!("cannot read the snapshots of '{name}'"))?;
-        let mut renames = Vec::new();
+        let (mut renames, mut deletes) = (Vec::new(), Vec::new());
         for (index, s) in header.snapshots.iter().enumerate() {
-            if s.temporary {
-                continue;
-            }
             let staged = staged_name(&header.package, index);
             let epoch = snapshots
                 .iter()
@@ -863,11 +859,15 @@ impl Pool {
                         format!("the staged snapshot '{staged}' of '{name}' is missing"),
                     )
                 })?;
-            renames.push((epoch, s.name.clone()));
+            if s.temporary {
+                deletes.push(epoch);
+            } else {
+                renames.push((epoch, s.name.clone()));
+            }
         }
         target
             .volume
-            .rename_snapshots(&renames)
+            .rename_and_delete_snapshots(&renames, &deletes)
             .ctx(|| format!("cannot name the received snapshots of '{name}'"))?;
         target
             .volume
@@ -932,7 +932,12 @@ impl Pool {
             return result;
         }
         let from = target.from.clone().expect("an existing target has `from`");
-        self.settle(&name, &target.volume, &target.files, header, &from, true)?;
+        let unfinished = Unfinished {
+            header,
+            progress: None,
+            from: &from,
+        };
+        self.settle(&name, &target.volume, &target.files, unfinished, true)?;
         let _ = target.volume.reclaim();
         target
             .volume
@@ -940,31 +945,44 @@ impl Pool {
             .ctx(|| format!("cannot close volume '{name}'"))
     }
 
-    /// Ends an existing volume's receive that did not finish: kept if it had committed (its
-    /// snapshots renamed: only `receive.json` was left to remove), else, with `roll_back`,
-    /// rolled back to `from` with its staged snapshots. Says which (`None`: left as it is).
+    /// Ends an existing volume's receive that did not finish: kept if it had committed (see
+    /// `Committed`: only `receive.json` was left to remove), else, with `roll_back`, rolled
+    /// back to `from` with its staged snapshots. Says which (`None`: left as it is).
     fn settle(
         &self,
         name: &str,
         volume: &Volume,
         files: &VolumeFiles,
-        header: &Header,
-        from: &Snapshot,
+        unfinished: Unfinished,
         roll_back: bool,
     ) -> Result<Option<String>> {
+        let Unfinished {
+            header,
+            progress,
+            from,
+        } = unfinished;
         let snapshots = volume
             .snapshots()
             .ctx(|| format!("cannot read the snapshots of '{name}'"))?;
-        let committed = header
-            .snapshots
-            .iter()
-            .rev()
-            .find(|s| !s.temporary)
-            .is_some_and(|last| {
-                snapshots
+        let committed = Committed {
+            header,
+            progress,
+            staged_left: snapshots
+                .iter()
+                .any(|s| s.name.starts_with(&staged_prefix(&header.package))),
+        }
+        .judge(
+            |last| {
+                Ok(snapshots
                     .iter()
-                    .any(|s| s.guid == last.guid && s.name == last.name)
-            });
+                    .any(|s| s.guid == last.guid && s.name == last.name))
+            },
+            || {
+                volume
+                    .written_since_newest_snapshot()
+                    .ctx(|| format!("cannot read volume '{name}'"))
+            },
+        )?;
         if committed {
             remove_partial(files)?;
             self.record_volume_size(name, volume.size())?;
@@ -1110,7 +1128,7 @@ impl Pool {
             return Ok(Some(format!("the receive of '{name}' had completed")));
         }
         let roll_back = abort || !partial.resumable;
-        if !roll_back && !committed_by_name(files, &partial.header)? {
+        if !roll_back && !committed_unopened(files)? {
             // Kept for a resumed stream: not even opened.
             return Ok(None);
         }
@@ -1132,7 +1150,17 @@ impl Pool {
                         )
                     })
             })
-            .and_then(|from| self.settle(name, &volume, files, &partial.header, &from, roll_back));
+            .and_then(|from| {
+                let progress = current_partial(files)?
+                    .filter(|p| p.resumable)
+                    .map(|p| p.point);
+                let unfinished = Unfinished {
+                    header: &partial.header,
+                    progress,
+                    from: &from,
+                };
+                self.settle(name, &volume, files, unfinished, roll_back)
+            });
         while volume.reclaim().unwrap_or(false) {}
         let closed = volume
             .close()
@@ -1151,15 +1179,67 @@ impl Pool {
     }
 }
 
-/// Whether a receive of the package `header` committed (its last kept snapshot has its own
-/// name), read without opening the volume.
-fn committed_by_name(files: &VolumeFiles, header: &Header) -> Result<bool> {
-    let Some(last) = header.snapshots.iter().rev().find(|s| !s.temporary) else {
+/// A receive into an existing volume that did not remove its `receive.json`.
+struct Unfinished<'a> {
+    header: &'a Header,
+    /// A resumable receive's progress.
+    progress: Option<ResumePoint>,
+    /// The snapshot it applied on.
+    from: &'a Snapshot,
+}
+
+/// Whether a receive that did not remove its `receive.json` had committed: none of its staged
+/// snapshots is left, and its last kept snapshot is there under its own name; a package of
+/// temporary snapshots alone has nothing to rename, and had committed once its last staged
+/// snapshot was taken (a resumable receive's progress says so) and deleted, or, for a plain
+/// one (which commits nothing before a snapshot's end), once anything of it was written.
+struct Committed<'a> {
+    header: &'a Header,
+    /// A resumable receive's progress.
+    progress: Option<ResumePoint>,
+    staged_left: bool,
+}
+
+impl Committed<'_> {
+    fn judge(
+        &self,
+        renamed: impl FnOnce(&StreamSnapshot) -> Result<bool>,
+        written: impl FnOnce() -> Result<bool>,
+    ) -> Result<bool> {
+        if self.staged_left {
+            return Ok(false);
+        }
+        match self.header.snapshots.iter().rev().find(|s| !s.temporary) {
+            Some(last) => renamed(last),
+            None => match self.progress {
+                Some(point) => Ok(point.done == self.header.snapshots.len()),
+                None => written(),
+            },
+        }
+    }
+}
+
+/// `Committed` for a resumable receive, read without opening the volume.
+fn committed_unopened(files: &VolumeFiles) -> Result<bool> {
+    let Some(partial) = current_partial(files)? else {
         return Ok(false);
     };
-    let found = crate::core::volume::snapshot_named(files, &last.name)
-        .ctx(|| format!("cannot read {}", files.index().display()))?;
-    Ok(found.is_some_and(|s| s.guid == last.guid))
+    let read = |e: io::Error| Error::io(format!("cannot read {}", files.index().display()), e);
+    let staged =
+        crate::core::volume::snapshots_named(files, &staged_prefix(&partial.header.package))
+            .map_err(read)?;
+    Committed {
+        header: &partial.header,
+        progress: Some(partial.point),
+        staged_left: !staged.is_empty(),
+    }
+    .judge(
+        |last| {
+            let found = crate::core::volume::snapshot_named(files, &last.name).map_err(read)?;
+            Ok(found.is_some_and(|s| s.guid == last.guid))
+        },
+        || Ok(false),
+    )
 }
 
 /// The volume's writer lock, or the refusal while another process has it.
@@ -1318,14 +1398,14 @@ impl Apply<'_> {
                             format!("the content of snapshot '{}' does not match the sender's: the stream does not apply to this volume or was damaged", s.name),
                         ));
                     }
-                    volume.flush().map_err(io("flush"))?;
-                    if !s.temporary {
-                        // The sum first: a crash after the snapshot and before `receive.json`
-                        // says so is resumed from the snapshot and its recorded sum.
-                        sums.put(&s.guid, &sum)
-                            .map_err(io("record the content sums of"))?;
-                        self.take_snapshot(c.index, s)?;
-                    }
+                    // The sum first: a crash after the snapshot and before `receive.json` says
+                    // so is resumed from the snapshot and its recorded sum. The snapshot
+                    // commits the snapshot's writes with its row, in one transaction: a
+                    // temporary one too (deleted at the end), so that no crash can leave its
+                    // writes durable without a record of them.
+                    sums.put(&s.guid, &sum)
+                        .map_err(io("record the content sums of"))?;
+                    self.take_snapshot(c.index, s)?;
                     next = c.index + 1;
                     self.checkpoint(next, 0, &sum)?;
                 }
@@ -2196,6 +2276,32 @@ mod tests {
             assert!(!has_partial_receive(&files));
             assert_eq!(state(&f, "v"), after);
         }
+        // A package of a temporary snapshot alone: committed once its staged snapshot went.
+        let mut tmp = h[3].clone();
+        tmp.name = "copy-tmp-1".into();
+        tmp.temporary = true;
+        let got = recv(
+            &f,
+            "v",
+            &sender.stream("p4", Some(&h[2]), &[tmp.clone()]),
+            PLAIN,
+        )
+        .unwrap();
+        assert!(got.snapshots.is_empty());
+        let current = state(&f, "v");
+        assert_eq!(current.live, h[3].content);
+        assert_eq!(current.snapshots, after.snapshots);
+        let files = left(
+            "v",
+            sender.header("p4", Some(&h[2]), &[tmp.clone()]),
+            false,
+            false,
+        );
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains("had completed")), "{done:?}");
+        assert!(!has_partial_receive(&files));
+        assert_eq!(state(&f, "v"), current);
+
         recv(&f, "w", &sender.stream("p3", None, &h[..2]), PLAIN).unwrap();
         let whole = state(&f, "w");
         let files = left("w", sender.header("p3", None, &h[..2]), true, false);

@@ -919,18 +919,36 @@ impl Volume {
         state.index.granules_seen(Some(epoch)).map_err(index_error)
     }
 
-    /// Renames snapshots (by epoch) in one durable step: all or none.
-    pub fn rename_snapshots(&self, renames: &[(u64, String)]) -> io::Result<()> {
+    /// Renames snapshots (by epoch) and deletes others, in one durable step: all or none (a
+    /// receive's staged snapshots take their names, and its temporary ones go).
+    pub fn rename_and_delete_snapshots(
+        &self,
+        renames: &[(u64, String)],
+        deletes: &[u64],
+    ) -> io::Result<()> {
         let mut state = self.state.lock();
         self.commit_locked(&mut state)?;
-        let epochs: Vec<u64> = renames.iter().map(|(e, _)| *e).collect();
-        state.refuse_if_read(&epochs)?;
-        if let Err(e) = state.index.rename_snapshots(renames) {
+        let touched: Vec<u64> = renames
+            .iter()
+            .map(|(e, _)| *e)
+            .chain(deletes.iter().copied())
+            .collect();
+        state.refuse_if_read(&touched)?;
+        let changed = state
+            .index
+            .delete_snapshots(deletes)
+            .and_then(|()| state.index.rename_snapshots(renames));
+        if let Err(e) = changed {
             // A name taken: nothing of the batch stays.
             state.index.abandon();
             return Err(index_error(e));
         }
-        state.index.commit().map_err(|e| state.break_on(e))
+        state.index.commit().map_err(|e| state.break_on(e))?;
+        state.newest_snapshot = state
+            .index
+            .newest_snapshot_epoch()
+            .map_err(|e| state.break_on(e))?;
+        Ok(())
     }
 
     /// Deletes snapshots in one durable step; their space is reclaimed by `reclaim`.
