@@ -1374,6 +1374,32 @@ fn every_json_output_is_one_valid_json_document() {
             .collect();
         covered.insert(words);
     }
+    // `recv` reads a stream on its standard input: a whole volume of zeros.
+    let size = MIB;
+    let mut stream = common::stream::StreamBuilder::default();
+    stream.header(&serde_json::json!({
+        "package": "p", "volume": "src", "volume_uuid": "u", "base_image": null, "from": null,
+        "snapshots": [{ "name": "s", "guid": "g", "created": 1, "size": size }],
+        "from_all": false, "with_image": false, "resume": null,
+    }));
+    stream.begin(0, size);
+    stream.end_snapshot(0, &common::stream::digest(&vec![0u8; size as usize]));
+    let mut child = pool
+        .command(&["recv", "received", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &stream.end()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+    covered.insert(vec!["recv", "received"]);
     for leaf in leaf_commands() {
         let name = leaf.join(" ");
         if NO_JSON.contains(&name.as_str()) {

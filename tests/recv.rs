@@ -1,6 +1,5 @@
-//! `imgpool recv` as a process: streams written here by an encoder of the format of its own
-//! (docs/send-receive.md, `format::stream`), so that the receiver is checked against the
-//! format as documented, not against the code that reads it. A `recv` killed with `kill -9`
+//! `imgpool recv` as a process, fed with streams of the tests' own encoder
+//! (`common::stream`). A `recv` killed with `kill -9`
 //! mid-stream is undone by the next command that changes the pool (or, resumable, is resumed
 //! from where it stopped); a volume that a mount has open is refused, and one with a partial
 //! receive is not served by the mount.
@@ -12,10 +11,9 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use common::stream::{digest, StreamBuilder, GRANULE};
 use common::*;
 use serde_json::{json, Value};
-
-const GRANULE: usize = 64 * 1024;
 /// 4 MiB: 64 granules.
 const SIZE: usize = 64 * GRANULE;
 
@@ -43,65 +41,6 @@ fn contents() -> Vec<Vec<u8>> {
         out.push(content.clone());
     }
     out
-}
-
-fn granule_hash(granule: usize, bytes: &[u8]) -> [u64; 8] {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(b"imgpool granule v1");
-    hasher.update(&(granule as u64).to_le_bytes());
-    hasher.update(bytes);
-    let mut out = [0u8; 64];
-    hasher.finalize_xof().fill(&mut out);
-    let mut lanes = [0u64; 8];
-    for (lane, word) in lanes.iter_mut().zip(out.chunks_exact(8)) {
-        *lane = u64::from_le_bytes(word.try_into().unwrap());
-    }
-    lanes
-}
-
-/// The digest of a whole content over no base image.
-fn digest(content: &[u8]) -> [u8; 32] {
-    let zeros = vec![0u8; GRANULE];
-    let mut sum = [0u64; 8];
-    for (g, bytes) in content.chunks(GRANULE).enumerate() {
-        if bytes != zeros.as_slice() {
-            let (plus, minus) = (granule_hash(g, bytes), granule_hash(g, &zeros));
-            for ((s, p), m) in sum.iter_mut().zip(plus).zip(minus) {
-                *s = s.wrapping_add(p).wrapping_sub(m);
-            }
-        }
-    }
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(b"imgpool snapshot v1");
-    hasher.update(&(content.len() as u64).to_le_bytes());
-    hasher.update(&[0]);
-    for lane in sum {
-        hasher.update(&lane.to_le_bytes());
-    }
-    *hasher.finalize().as_bytes()
-}
-
-/// A stream being written: magic, then records with their sequence and CRC32C.
-struct Stream {
-    bytes: Vec<u8>,
-    seq: u64,
-}
-
-impl Stream {
-    fn record(&mut self, kind: u8, payload: &[u8]) {
-        let mut head = vec![kind];
-        head.extend_from_slice(&self.seq.to_le_bytes());
-        head.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), payload);
-        self.bytes.extend_from_slice(&head);
-        self.bytes.extend_from_slice(payload);
-        self.bytes.extend_from_slice(&crc.to_le_bytes());
-        self.seq += 1;
-    }
-
-    fn u64s(values: &[u64]) -> Vec<u8> {
-        values.iter().flat_map(|v| v.to_le_bytes()).collect()
-    }
 }
 
 fn snapshot_json(n: usize) -> Value {
@@ -134,11 +73,8 @@ fn package(
         "with_image": false,
         "resume": resume.map(|(done, granule)| json!({ "done": done, "granule": granule })),
     });
-    let mut s = Stream {
-        bytes: b"IMGPSTR1".to_vec(),
-        seq: 0,
-    };
-    s.record(1, &serde_json::to_vec(&header).unwrap());
+    let mut s = StreamBuilder::default();
+    s.header(&header);
     let (done, skip) = resume.unwrap_or((0, 0));
     let mut prev = from.map_or(vec![0u8; SIZE], |f| all[f].clone());
     for (index, n) in snaps.enumerate() {
@@ -147,24 +83,17 @@ fn package(
         if index < done {
             continue;
         }
-        let mut begin = (index as u32).to_le_bytes().to_vec();
-        begin.extend_from_slice(&(SIZE as u64).to_le_bytes());
-        s.record(4, &begin);
+        s.begin(index as u32, SIZE as u64);
         let first = if index == done { skip } else { 0 };
         for g in first..SIZE / GRANULE {
             let range = g * GRANULE..(g + 1) * GRANULE;
             if content[range.clone()] != old[range.clone()] {
-                let mut data = Stream::u64s(&[range.start as u64]);
-                data.extend_from_slice(&content[range]);
-                s.record(5, &data);
+                s.data(range.start as u64, &content[range]);
             }
         }
-        let mut end = (index as u32).to_le_bytes().to_vec();
-        end.extend_from_slice(&digest(content));
-        s.record(7, &end);
+        s.end_snapshot(index as u32, &digest(content));
     }
-    s.record(8, &[]);
-    s.bytes
+    s.end()
 }
 
 /// `imgpool recv ARGS` with `input` on its standard input.
