@@ -108,6 +108,9 @@ impl Base for VerifiedCopies {
     }
 }
 
+/// The owner-lock token of a temporary snapshot's id.
+type OwnerToken = fn(&str) -> String;
+
 /// The identity of a volume's snapshot as a source: an export of it resumes another's.
 fn resume_key(volume_uuid: &str, snapshot_guid: &str) -> String {
     format!("volume {volume_uuid} snapshot {snapshot_guid}")
@@ -134,7 +137,7 @@ impl Pool {
         &self,
         only: Option<&str>,
     ) -> Result<Vec<(String, String)>> {
-        let kinds: [(&str, fn(&str) -> String); 2] = [
+        let kinds: [(&str, OwnerToken); 2] = [
             (TEMPORARY_SNAPSHOT, export_token),
             (
                 super::send::COPY_TEMPORARY_SNAPSHOT,

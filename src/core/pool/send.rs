@@ -147,7 +147,7 @@ impl Pool {
                     Error::refused(
                         ErrorKind::NotFound,
                         format!(
-                            "no volume has uuid {} any more: the volume the interrupted send read is gone, so its package cannot be resumed (`imgpool recv --abort` drops the partial receive)",
+                            "no volume has uuid {} any more: the volume the interrupted send read is gone, so its package cannot be resumed (`imgpool recv --abort VOLUME` on the receiving side drops the partial receive)",
                             token.volume_uuid
                         ),
                     )
@@ -314,7 +314,7 @@ fn resumed_package(
     all: &[Snapshot],
     token: &ResumeToken,
 ) -> Result<Package> {
-    let cannot = "the interrupted package cannot be resumed: `imgpool recv --abort` drops the partial receive, then send again";
+    let cannot = "the interrupted package cannot be resumed: `imgpool recv --abort VOLUME` on the receiving side drops the partial receive, then send again";
     let find = |guid: &str, which: &str| {
         all.iter().find(|s| s.guid == guid).cloned().ok_or_else(|| {
             Error::refused(
@@ -356,7 +356,7 @@ fn resumed_package(
                 package
                     .from
                     .as_ref()
-                    .map_or("its first".to_string(), |f| format!("'{}'", f.name)),
+                    .map_or("its first snapshot".to_string(), |f| format!("'{}'", f.name)),
                 package.snapshots[package.snapshots.len() - 1].name
             ),
         ));

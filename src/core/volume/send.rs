@@ -358,7 +358,7 @@ fn send_snapshot<W: Write>(
                 }
             }
         }
-        if done as u64 % PROGRESS_EVERY == 0 {
+        if (done as u64).is_multiple_of(PROGRESS_EVERY) {
             progress(done as u64, writer.bytes());
         }
     }
