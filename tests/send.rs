@@ -238,6 +238,8 @@ fn a_sent_volume_applies_on_its_base_as_each_snapshot_and_leaves_no_temporary_sn
     mount.unmount();
 }
 
+/// What `tests/sendrecv.rs` does not cover: the live volume with an unknown `--from` (no
+/// temporary snapshot is taken), a bad token, and standard output on a terminal.
 #[test]
 fn bad_sends_fail_with_one_line_and_write_nothing() {
     let pool = TestPool::new(1);
@@ -245,12 +247,15 @@ fn bad_sends_fail_with_one_line_and_write_nothing() {
     pool.ok(&["snapshot", "create", "v@a"]);
     pool.ok(&["snapshot", "create", "v@b"]);
     for (args, expected) in [
-        (vec!["nope@a"], "no volume named 'nope'"),
-        (vec!["v@nope"], "no snapshot 'nope'"),
-        (vec!["v@b", "--from", "nope"], "no snapshot 'nope'"),
         (vec!["v", "--from", "nope"], "no snapshot 'nope'"),
-        (vec!["v@a", "--from", "b"], "not older"),
-        (vec!["v@a", "--from", "a"], "not older"),
+        (
+            vec!["v", "--from-all", "--from", "nope"],
+            "no snapshot 'nope'",
+        ),
+        (
+            vec!["v@b", "--from-all", "--from", "nope"],
+            "no snapshot 'nope'",
+        ),
         (vec!["--resume", "garbage"], "not a resume token"),
     ] {
         let (code, stderr, stream) = send(&pool, &args);
@@ -263,5 +268,19 @@ fn bad_sends_fail_with_one_line_and_write_nothing() {
             stream.len()
         );
     }
+    // `script` gives the command a terminal for its standard output.
+    let out = std::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!("{BIN} send v@a; echo exit=$?"),
+            "/dev/null",
+        ])
+        .env("IMGPOOL_STATE_DIR", &pool.state)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("standard output is a terminal"), "{text}");
+    assert!(text.contains("exit=1"), "{text}");
+    assert!(!text.contains("IMGPSTR1"), "{text}");
     assert_eq!(snapshot_names(&pool), ["a", "b"], "nothing was left behind");
 }
