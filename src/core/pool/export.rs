@@ -144,9 +144,14 @@ impl Pool {
                 super::send::send_token,
             ),
         ];
+        let volumes = match only {
+            // An unknown volume has nothing to clean: the command says it is unknown.
+            Some(name) => self.volume(name).into_iter().collect(),
+            None => self.volumes()?,
+        };
         let mut abandoned = Vec::new();
-        for volume in self.volumes()? {
-            if volume.state() != "ready" || only.is_some_and(|o| o != volume.volume.name) {
+        for volume in volumes {
+            if volume.state() != "ready" {
                 continue;
             }
             let files = VolumeFiles::new(&volume.dir);
