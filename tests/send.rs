@@ -234,7 +234,27 @@ fn a_sent_volume_applies_on_its_base_as_each_snapshot_and_leaves_no_temporary_sn
     assert_eq!(snapshot_names(&pool).len(), 3, "a kill -9 leaves it");
     sent(&pool, &["v@s1"]);
     assert_eq!(snapshot_names(&pool), ["s1", "s2"]);
+
+    // With no mount holding the volume, the next start (a command that changes the pool,
+    // `recover`) deletes it too.
     drop(file);
+    wait_closed(&pool);
+    let mut killed = ChildGuard(Some(
+        pool.command(&["send", "v", "--from-all"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    assert!(poll(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || { snapshot_names(&pool).len() == 3 }
+    ));
+    killed.kill_9();
+    assert_eq!(snapshot_names(&pool).len(), 3, "a kill -9 leaves it");
+    pool.ok(&["gc"]);
+    assert_eq!(snapshot_names(&pool), ["s1", "s2"]);
     mount.unmount();
 }
 
