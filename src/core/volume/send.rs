@@ -283,12 +283,12 @@ fn send_image<W: Write>(
             let blocks: Vec<&[u8]> = buf[..len].chunks(BLOCK as usize).collect();
             let mut i = 0;
             while i < blocks.len() {
-                if blocks[i].iter().all(|&b| b == 0) {
+                if is_zero(blocks[i]) {
                     i += 1;
                     continue;
                 }
                 let first = i;
-                while i < blocks.len() && blocks[i].iter().any(|&b| b != 0) {
+                while i < blocks.len() && !is_zero(blocks[i]) {
                     i += 1;
                 }
                 let data: Vec<u8> = blocks[first..i].concat();
@@ -310,6 +310,12 @@ fn send_image<W: Write>(
     }
     writer.write(&Record::ImageEnd { sha512 })?;
     Ok(sent)
+}
+
+/// Whether a block (at most `BLOCK` bytes) reads as zeros: one `memcmp`.
+fn is_zero(block: &[u8]) -> bool {
+    const ZEROS: [u8; BLOCK as usize] = [0; BLOCK as usize];
+    block == &ZEROS[..block.len()]
 }
 
 /// What one snapshot of a package sends: the granules that may have changed, each read old and
@@ -391,7 +397,7 @@ impl Runs {
         offset: u64,
         bytes: &[u8],
     ) -> io::Result<()> {
-        let zeros = bytes.iter().all(|&b| b == 0);
+        let zeros = is_zero(bytes);
         match self {
             Runs::Data { offset: o, data }
                 if !zeros && *o + data.len() as u64 == offset && data.len() < MAX_DATA =>
