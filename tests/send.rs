@@ -217,6 +217,30 @@ fn a_sent_volume_applies_on_its_base_as_each_snapshot_and_leaves_no_temporary_sn
     assert!(String::from_utf8_lossy(&out.stderr).contains("reader went away"));
     assert_eq!(snapshot_names(&pool), ["s1", "s2"]);
 
+    // A send stopped by SIGTERM while its reader waits: it deletes its temporary snapshot.
+    let mut stopped = ChildGuard(Some(
+        pool.command(&["send", "v", "--from-all"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    assert!(poll(
+        Duration::from_secs(10),
+        Duration::from_millis(20),
+        || { snapshot_names(&pool).len() == 3 }
+    ));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(stopped.pid()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let child = stopped.0.take().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by a signal"));
+    assert_eq!(snapshot_names(&pool), ["s1", "s2"]);
+
     // A send killed: its temporary snapshot is deleted by the next send of the volume.
     let mut killed = ChildGuard(Some(
         pool.command(&["send", "v", "--from-all"])

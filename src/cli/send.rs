@@ -62,16 +62,18 @@ impl SendArgs {
     }
 }
 
-/// Set by SIGINT, SIGTERM or SIGHUP: the next write fails, and the send cleans up.
+/// Set by SIGINT, SIGTERM or SIGHUP during a send of the live volume: the next write fails, and
+/// the send deletes its temporary snapshot.
 static STOPPED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn stop(_: libc::c_int) {
     STOPPED.store(true, Ordering::SeqCst);
 }
 
-/// A reader that goes away is a failed write (EPIPE), not death by SIGPIPE; a stop signal
-/// interrupts a write that waits (no SA_RESTART) and fails the next.
-fn handle_signals() -> Result<()> {
+/// A reader that goes away is a failed write (EPIPE), not death by SIGPIPE. With `stop` (a send
+/// that has a temporary snapshot to delete), a stop signal interrupts a write that waits (no
+/// SA_RESTART) and fails the next; otherwise it ends the process as usual (nothing to clean).
+fn handle_signals(stop_signals: bool) -> Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
     let ignore = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
     let stopping = SigAction::new(SigHandler::Handler(stop), SaFlags::empty(), SigSet::empty());
@@ -83,8 +85,10 @@ fn handle_signals() -> Result<()> {
             .map_err(|e| Error::io("cannot set the send's signal handlers", e.into()))
     };
     set(Signal::SIGPIPE, &ignore)?;
-    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set(signal, &stopping)?;
+    if stop_signals {
+        for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+            set(signal, &stopping)?;
+        }
     }
     Ok(())
 }
@@ -124,7 +128,7 @@ pub fn run(state_dir: &Path, args: SendArgs) -> Result<()> {
         .try_clone_to_owned()
         .map_err(|e| Error::io("cannot use standard output", e))?;
     let out = io::BufWriter::with_capacity(1 << 20, Output(out.into()));
-    handle_signals()?;
+    handle_signals(false)?;
     let pool = Pool::open(state_dir)?;
     let started = Instant::now();
 
@@ -157,6 +161,7 @@ pub fn run(state_dir: &Path, args: SendArgs) -> Result<()> {
 
     // The live volume: its own temporary snapshot, deleted whatever happens.
     pool.check_send(volume, args.from.as_deref())?;
+    handle_signals(true)?;
     let id = uuid::Uuid::new_v4().to_string();
     let owner = OwnerLock::acquire(state_dir, &send_token(&id))?;
     let temporary = format!("{COPY_TEMPORARY_SNAPSHOT}{id}");
