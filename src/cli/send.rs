@@ -203,7 +203,7 @@ fn stream(pool: &Pool, spec: &SendSpec, out: impl Write) -> Result<Done> {
     let sent = prepared.run(out, &mut |p: &SendProgress| {
         if let Some(bar) = &bar {
             bar.set_length(p.granules);
-            bar.set_position(p.granules_done);
+            bar.set_position(p.granule);
             bar.set_message(match p.snapshot {
                 0 => format!("base image, {} sent", bytes(p.bytes)),
                 n => format!("snapshot {n} of {}, {} sent", p.snapshots, bytes(p.bytes)),
@@ -226,10 +226,8 @@ fn progress_bar() -> Option<indicatif::ProgressBar> {
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:40} {percent:>3}% of the granules {msg} eta {eta}",
-        )
-        .expect("static template"),
+        indicatif::ProgressStyle::with_template("{bar:40} {percent:>3}% {msg} eta {eta}")
+            .expect("static template"),
     );
     Some(bar)
 }

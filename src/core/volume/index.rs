@@ -336,6 +336,24 @@ impl Index {
         rows.map(|g| g.map(|g| g as u64)).collect()
     }
 
+    /// Up to `limit` of the granules a snapshot at `epoch` sees written or discarded, from
+    /// `first` on, in order: one page of `granules_seen`, a range of the primary key.
+    pub fn granules_seen_from(
+        &self,
+        epoch: u64,
+        first: u64,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT granule FROM versions WHERE granule >= ?2 AND birth <= ?1
+             ORDER BY granule LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![epoch as i64, first as i64, limit as i64], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        rows.map(|g| g.map(|g| g as u64)).collect()
+    }
+
     /// The granules whose content at `at_epoch` differs, or may differ, from `after_epoch`'s:
     /// those whose version seen at `at_epoch` was born after `after_epoch`, in order. A range
     /// of the `birth` index (the versions born between the two epochs), never a scan of the
