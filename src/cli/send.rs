@@ -181,7 +181,16 @@ pub fn run(state_dir: &Path, args: SendArgs) -> Result<()> {
     }
     let sent = stream(&pool, &spec(&temporary, true), out);
     let removed = delete_temporary(&pool, state_dir, volume, &temporary);
+    // Let go also when the deletion failed: the snapshot is then abandoned, and the next start
+    // or send deletes it.
     owner.release();
+    if let (Err(_), Err(e)) = (&sent, &removed) {
+        tracing::warn!(
+            volume,
+            snapshot = temporary,
+            "cannot delete the temporary snapshot: {e}"
+        );
+    }
     let sent = sent?;
     removed?;
     report(&args, &sent, Some(&temporary), started);
