@@ -8,6 +8,7 @@ mod export;
 pub mod logs;
 mod output;
 mod recv;
+mod send;
 
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
@@ -146,6 +147,9 @@ pub enum Command {
     },
     /// Show or change the log level of the running mount daemons (needs root).
     LogLevel(logs::LogLevelArgs),
+    /// Write a volume's snapshots to standard output as a stream, for `imgpool recv`: whole,
+    /// or only what changed since an older snapshot the receiver has.
+    Send(send::SendArgs),
 }
 
 #[derive(Args, Debug)]
@@ -542,6 +546,7 @@ impl Command {
             | Command::Completions { .. }
             | Command::Manpages { .. }
             | Command::LogLevel(_) => false,
+            Command::Send(args) => args.of_live_volume(),
         }
     }
 }
@@ -688,6 +693,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
         }
         Command::Config(cmd) => config_cmd(state_dir, cmd),
         Command::LogLevel(args) => logs::log_level(state_dir, args),
+        Command::Send(args) => send::run(state_dir, args),
     }
 }
 

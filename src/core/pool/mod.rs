@@ -20,6 +20,7 @@ mod images;
 mod imports;
 mod mounts;
 mod recv;
+mod send;
 mod volumes;
 
 pub use disks::{check_label, DiskHealth, DiskStatus};
@@ -28,6 +29,7 @@ pub use export::{export_token, TEMPORARY_SNAPSHOT};
 pub(crate) use images::ImageHealth;
 pub use images::{copy_info, CopyInfo, ImageInfo, ImportSource, Imported};
 pub use recv::{ReceiveOptions, Received};
+pub use send::{send_token, SendSpec, COPY_TEMPORARY_SNAPSHOT};
 pub(crate) use volumes::volume_token;
 pub use volumes::VolumeInfo;
 
