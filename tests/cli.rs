@@ -1374,16 +1374,28 @@ fn every_json_output_is_one_valid_json_document() {
             .collect();
         covered.insert(words);
     }
-    // `recv` reads a stream on its standard input: a whole volume of zeros.
-    let size = MIB;
-    let mut stream = common::stream::StreamBuilder::default();
-    stream.header(&serde_json::json!({
-        "package": "p", "volume": "src", "volume_uuid": "u", "base_image": null, "from": null,
-        "snapshots": [{ "name": "s", "guid": "g", "created": 1, "size": size }],
-        "from_all": false, "with_image": false, "resume": null,
-    }));
-    stream.begin(0, size);
-    stream.end_snapshot(0, &common::stream::digest(&vec![0u8; size as usize]));
+    // `send` writes a stream on its standard output (its --json summary on standard error),
+    // which `recv` reads on its standard input.
+    pool.ok(&["volume", "create", "sent", "--size", "1MiB"]);
+    pool.ok(&["snapshot", "create", "sent@s"]);
+    let sent = pool
+        .command(&["send", "sent@s", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&sent.stderr).unwrap_or_else(|e| {
+        panic!(
+            "imgpool send --json printed no JSON document on standard error ({e}): {}",
+            String::from_utf8_lossy(&sent.stderr)
+        )
+    });
+    covered.insert(vec!["send", "sent@s"]);
     let mut child = pool
         .command(&["recv", "received", "--json"])
         .stdin(Stdio::piped())
@@ -1391,7 +1403,7 @@ fn every_json_output_is_one_valid_json_document() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &stream.end()).unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &sent.stdout).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
