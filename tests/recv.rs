@@ -349,3 +349,95 @@ fn a_volume_open_through_the_mount_is_refused_and_a_partial_one_is_not_served() 
     std::fs::File::open(&path).unwrap();
     drop(mount);
 }
+
+/// Waits until no process has `volume` open (the mount daemon hears of a last close a moment
+/// after it).
+fn wait_closed(pool: &TestPool, volume: &str) {
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(20), || pool
+            .json(&["volume", "show", volume])["open_by_pid"]
+            .is_null()),
+        "volume {volume} stays open"
+    );
+}
+
+fn read_mounted(path: &Path) -> Vec<u8> {
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(20), || path
+            .exists()),
+        "{} does not appear",
+        path.display()
+    );
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn a_cut_resumable_receive_goes_on_with_the_rest_that_send_resume_sends() {
+    let test = "a_cut_resumable_receive_goes_on_with_the_rest_that_send_resume_sends";
+    if !can_mount(test) {
+        return;
+    }
+    let here = TestPool::new(1);
+    let there = TestPool::new(1);
+    here.ok(&["volume", "create", "v", "--size", &SIZE.to_string()]);
+    let mount_here = here.mount();
+    let mount_there = there.mount();
+    let path = mount_here.mountpoint.join("volumes/v");
+    for (n, content) in contents().iter().take(3).enumerate() {
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, content, 0).unwrap();
+        drop(file);
+        wait_closed(&here, "v");
+        here.ok(&["snapshot", "create", &format!("v@s{}", n + 1)]);
+    }
+    let full = here.path("full");
+    let out = here
+        .command(&["send", "v@s3", "--from-all"])
+        .stdout(std::fs::File::create(&full).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stream = std::fs::read(&full).unwrap();
+    // Cut in the third snapshot: the first two are kept.
+    let out = recv(
+        &there,
+        &["w", "--resumable"],
+        &stream[..past_data_of(&stream, 2, 2)],
+    );
+    failed_cleanly("a cut resumable receive", &out);
+    let token = there.ok(&["recv", "--resume-token", "w"]);
+    let rest = here.path("rest");
+    let out = here
+        .command(&["send", "--resume", token.trim()])
+        .stdout(std::fs::File::create(&rest).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rest = std::fs::read(&rest).unwrap();
+    assert!(
+        rest.len() < stream.len() / 2,
+        "the resumed stream sends again what was kept"
+    );
+    let got = received(&there, "w", &rest);
+    assert_eq!(got["resumed"], json!(true));
+    assert_eq!(got["snapshots"], json!(["s1", "s2", "s3"]));
+    for (n, content) in contents().iter().take(3).enumerate() {
+        let name = format!("snapshots/w/s{}", n + 1);
+        assert!(
+            read_mounted(&mount_there.mountpoint.join(&name)) == *content,
+            "{name} differs"
+        );
+    }
+    assert!(read_mounted(&mount_there.mountpoint.join("volumes/w")) == contents()[2]);
+    wait_closed(&there, "w");
+    mount_there.unmount();
+    mount_here.unmount();
+}
