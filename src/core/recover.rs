@@ -61,6 +61,7 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     }
     stale_locks(pool);
     stray_temporary_copies(pool, &mut done)?;
+    done.extend(pool.remove_abandoned_received_images());
     for disk in pool.store().disks()? {
         for path in crate::core::ingest::remove_stale_partials(&disk) {
             done.push(format!(

@@ -14,6 +14,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -447,10 +448,13 @@ impl Pool {
                 )
             });
         }
-        let tmp_dir = self.state_dir.join("tmp");
-        fs::create_dir_all(&tmp_dir).ctx(|| format!("cannot create {}", tmp_dir.display()))?;
-        let path = tmp_dir.join(format!("recv-{}.img", uuid::Uuid::new_v4()));
+        let id = uuid::Uuid::new_v4().to_string();
+        // Taken before the file exists: a file without a live owner is a dead receive's.
+        let owner = OwnerLock::acquire(&self.state_dir, &image_token(&id))?;
+        let path = received_image_path(&self.state_dir, &id);
         let imported = (|| {
+            let dir = path.parent().expect("in a directory");
+            fs::create_dir_all(dir).ctx(|| format!("cannot create {}", dir.display()))?;
             let file = match found {
                 None => Some(
                     OpenOptions::new()
@@ -524,6 +528,7 @@ impl Pool {
             Ok(Some(done.name))
         })();
         let _ = fs::remove_file(&path);
+        owner.release();
         match imported? {
             Some(name) => {
                 tracing::info!(
@@ -1240,6 +1245,53 @@ fn committed_unopened(files: &VolumeFiles) -> Result<bool> {
         },
         || Ok(false),
     )
+}
+
+/// The owner-lock token of the receive writing the base image file `id`.
+fn image_token(id: &str) -> String {
+    format!("recv-image-{id}")
+}
+
+const RECEIVED_IMAGE_PREFIX: &str = "recv-";
+
+/// Where a receive writes the base image a stream carries, before importing it.
+fn received_image_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir
+        .join("tmp")
+        .join(format!("{RECEIVED_IMAGE_PREFIX}{id}.img"))
+}
+
+impl Pool {
+    /// Deletes the base image files of receives that died while writing them; one line each.
+    pub(crate) fn remove_abandoned_received_images(&self) -> Vec<String> {
+        let mut done = Vec::new();
+        let Ok(entries) = fs::read_dir(self.state_dir.join("tmp")) else {
+            return done;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = file
+                .strip_prefix(RECEIVED_IMAGE_PREFIX)
+                .and_then(|f| f.strip_suffix(".img"))
+                .filter(|id| uuid::Uuid::parse_str(id).is_ok())
+            else {
+                continue;
+            };
+            let owner = owner::check(&self.state_dir, &image_token(id));
+            if let Owner::Alive = owner {
+                continue;
+            }
+            match fs::remove_file(entry.path()) {
+                Ok(()) => done.push(format!(
+                    "removed {}, the base image a receive that died was writing",
+                    entry.path().display()
+                )),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", entry.path().display()),
+            }
+            owner.finish();
+        }
+        done
+    }
 }
 
 /// The volume's writer lock, or the refusal while another process has it.
@@ -2308,6 +2360,26 @@ mod tests {
         crate::core::recover::recover(&f.pool).unwrap();
         assert!(!has_partial_receive(&files));
         assert_eq!(state(&f, "w"), whole);
+    }
+
+    #[test]
+    fn the_image_file_of_a_receive_that_died_goes_and_a_live_ones_stays() {
+        let f = fixture(1);
+        let state = f.pool.state_dir().to_path_buf();
+        let (dead, live) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        let _owner = OwnerLock::acquire(&state, &image_token(&live)).unwrap();
+        for id in [&dead, &live] {
+            let path = received_image_path(&state, id);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, b"part of an image").unwrap();
+        }
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains(&dead)), "{done:?}");
+        assert!(!received_image_path(&state, &dead).exists());
+        assert!(received_image_path(&state, &live).exists());
     }
 
     #[test]
