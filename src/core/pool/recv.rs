@@ -234,7 +234,7 @@ struct Target {
     from: Option<Snapshot>,
     base_sha512: Option<String>,
     _owner: Option<OwnerLock>,
-    _writer: Option<WriterLock>,
+    _locks: ReceiveLocks,
 }
 
 impl Pool {
@@ -563,12 +563,14 @@ impl Pool {
         let NewVolume { row, files, _owner } = self.start_volume(name, base, size, None)?;
         // Held as for an existing volume: once it is ready, the mount waits for the receive
         // to let go of it.
-        let opened = lock_writer(name, &files).and_then(|writer| {
-            let base = self.base_of(row.image_id)?;
-            Volume::open(&files, base)
-                .ctx(|| format!("cannot open volume '{name}'"))
-                .map(|volume| (volume, writer))
-        });
+        let opened = self
+            .lock_for_receive(name, &row, &files)
+            .and_then(|writer| {
+                let base = self.base_of(row.image_id)?;
+                Volume::open(&files, base)
+                    .ctx(|| format!("cannot open volume '{name}'"))
+                    .map(|volume| (volume, writer))
+            });
         let (volume, writer) = match opened {
             Ok(opened) => opened,
             Err(e) => {
@@ -585,7 +587,7 @@ impl Pool {
             from: None,
             base_sha512: base.map(|i| i.sha512.clone()),
             _owner: Some(_owner),
-            _writer: Some(writer),
+            _locks: writer,
         })
     }
 
@@ -605,7 +607,7 @@ impl Pool {
                 format!("the base image of the partial receive of '{name}' is not the stream's"),
             ));
         }
-        let writer = lock_writer(name, &files)?;
+        let writer = self.lock_for_receive(name, row, &files)?;
         let volume = Volume::open(&files, self.base_of(row.image_id)?)
             .ctx(|| format!("cannot open volume '{name}'"))?;
         Ok(Target {
@@ -617,7 +619,7 @@ impl Pool {
             from: None,
             base_sha512: header.base_image.as_ref().map(|i| i.sha512.clone()),
             _owner: Some(owner),
-            _writer: Some(writer),
+            _locks: writer,
         })
     }
 
@@ -649,7 +651,7 @@ impl Pool {
         if header.from.is_none() {
             return Err(exists_refusal(name));
         }
-        let writer = lock_writer(name, &files)?;
+        let writer = self.lock_for_receive(name, row, &files)?;
         // Re-read under the lock: a partial receive that appeared meanwhile is not ours.
         if !resumed && has_partial_receive(&files) {
             return Err(partial_receive_refusal(name));
@@ -689,7 +691,7 @@ impl Pool {
             from: None,
             base_sha512: theirs.map(|t| t.sha512.clone()),
             _owner: None,
-            _writer: Some(writer),
+            _locks: writer,
         };
         // A refusal closes the volume cleanly (dropped open, its next open would scan it).
         match self.bring_to_from(&target, header, resumed, force, received) {
@@ -1102,7 +1104,28 @@ impl Pool {
     pub(crate) fn settle_dead_receive(&self, row: &VolumeRow) -> Result<Option<String>> {
         let files = self.volume_files_of(row)?;
         match read_partial(&files) {
-            Ok(Some(partial)) => self.settle_ready(row, &files, &partial, false),
+            Ok(Some(_)) if owner::is_alive(&self.state_dir, &receiver_token(&row.uuid)) => Ok(None),
+            Ok(Some(partial))
+                if partial.resumable && !partial.new_volume && !committed_unopened(&files)? =>
+            {
+                // Kept for a resumed stream.
+                Ok(None)
+            }
+            Ok(Some(partial)) => {
+                // Its receiver is dead: whoever has the volume now (another recovery, a
+                // mount's refused open) lets go soon; what it did is read again under the lock.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                loop {
+                    if let Some(done) = self.settle_ready(row, &files, &partial, false)? {
+                        return Ok(Some(done));
+                    }
+                    let changed = read_partial(&files).ok().flatten().as_ref() != Some(&partial);
+                    if changed || std::time::Instant::now() > deadline {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
             _ => Ok(None),
         }
     }
@@ -1294,16 +1317,42 @@ impl Pool {
     }
 }
 
-/// The volume's writer lock, or the refusal while another process has it.
-fn lock_writer(name: &str, files: &VolumeFiles) -> Result<WriterLock> {
-    WriterLock::try_acquire(files)
-        .ctx(|| format!("cannot lock volume '{name}'"))?
-        .ok_or_else(|| {
-            Error::refused(
-                ErrorKind::InUse,
-                format!("volume '{name}' is open through a mount (or another command has it): close it first"),
-            )
+/// What a running receive holds: the volume's writer lock, and the owner lock that tells a
+/// recovery the receiver lives (so that one that finds the writer lock taken while the
+/// receiver is dead knows another process settles it, and waits).
+struct ReceiveLocks {
+    _writer: WriterLock,
+    _receiving: OwnerLock,
+}
+
+/// The owner-lock token of the receive into the volume with `uuid`.
+fn receiver_token(uuid: &str) -> String {
+    format!("recv-volume-{uuid}")
+}
+
+impl Pool {
+    /// The locks of a receive into `row`, or the refusal while another process has the volume.
+    fn lock_for_receive(
+        &self,
+        name: &str,
+        row: &VolumeRow,
+        files: &VolumeFiles,
+    ) -> Result<ReceiveLocks> {
+        let writer = WriterLock::try_acquire(files)
+            .ctx(|| format!("cannot lock volume '{name}'"))?
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::InUse,
+                    format!("volume '{name}' is open through a mount (or another command has it): close it first"),
+                )
+            })?;
+        // One receiver at a time holds the writer lock: the token is this one's.
+        let receiving = OwnerLock::acquire(&self.state_dir, &receiver_token(&row.uuid))?;
+        Ok(ReceiveLocks {
+            _writer: writer,
+            _receiving: receiving,
         })
+    }
 }
 
 fn exists_refusal(name: &str) -> Error {
