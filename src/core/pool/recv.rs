@@ -86,6 +86,11 @@ struct PartialReceive {
     point: ResumePoint,
     /// The content sum of the volume as it is at `point` (hex).
     sum: String,
+    /// Written (durably) once every snapshot is taken, just before the transaction that
+    /// renames the staged snapshots and deletes the temporary ones: without it, that
+    /// transaction never ran, whatever the volume holds.
+    #[serde(default)]
+    commit_started: bool,
 }
 
 impl PartialReceive {
@@ -383,6 +388,7 @@ impl Pool {
                 granule: 0,
             }),
             sum: hex::encode(start.to_bytes()),
+            commit_started: false,
         };
         let applied = (|| {
             if partial.is_none() {
@@ -397,7 +403,7 @@ impl Pool {
                 since_checkpoint: 0,
             };
             apply.run(&mut reader, start)?;
-            self.commit_receive(&target, &header)
+            self.commit_receive(&target, &header, &apply.state)
         })();
         received.bytes = reader.bytes();
         match applied {
@@ -847,7 +853,12 @@ impl Pool {
 
     /// The stream ended: the staged snapshots take their names in one transaction, and the
     /// volume is ready. Returns the names of the snapshots kept.
-    fn commit_receive(&self, target: &Target, header: &Header) -> Result<Vec<String>> {
+    fn commit_receive(
+        &self,
+        target: &Target,
+        header: &Header,
+        state: &PartialReceive,
+    ) -> Result<Vec<String>> {
         let name = &target.name;
         let snapshots = target
             .volume
@@ -872,6 +883,14 @@ impl Pool {
                 renames.push((epoch, s.name.clone()));
             }
         }
+        // A receive that dies from here on is judged by what the index holds (`settle`).
+        write_partial(
+            &target.files,
+            &PartialReceive {
+                commit_started: true,
+                ..state.clone()
+            },
+        )?;
         target
             .volume
             .rename_and_delete_snapshots(&renames, &deletes)
@@ -939,9 +958,11 @@ impl Pool {
             return result;
         }
         let from = target.from.clone().expect("an existing target has `from`");
+        // A failure after the commit point (closing, recording the size) keeps what committed.
+        let commit_started = read_partial(&target.files)?.is_some_and(|p| p.commit_started);
         let unfinished = Unfinished {
             header,
-            progress: None,
+            commit_started,
             from: &from,
         };
         self.settle(&name, &target.volume, &target.files, unfinished, true)?;
@@ -965,32 +986,15 @@ impl Pool {
     ) -> Result<Option<String>> {
         let Unfinished {
             header,
-            progress,
+            commit_started,
             from,
         } = unfinished;
-        let snapshots = volume
+        let staged_left = volume
             .snapshots()
-            .ctx(|| format!("cannot read the snapshots of '{name}'"))?;
-        let committed = Committed {
-            header,
-            progress,
-            staged_left: snapshots
-                .iter()
-                .any(|s| s.name.starts_with(&staged_prefix(&header.package))),
-        }
-        .judge(
-            |last| {
-                Ok(snapshots
-                    .iter()
-                    .any(|s| s.guid == last.guid && s.name == last.name))
-            },
-            || {
-                volume
-                    .written_since_newest_snapshot()
-                    .ctx(|| format!("cannot read volume '{name}'"))
-            },
-        )?;
-        if committed {
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?
+            .iter()
+            .any(|s| s.name.starts_with(&staged_prefix(&header.package)));
+        if committed(commit_started, staged_left) {
             remove_partial(files)?;
             self.record_volume_size(name, volume.size())?;
             return Ok(Some(format!("the receive into '{name}' had completed")));
@@ -1179,12 +1183,9 @@ impl Pool {
                     })
             })
             .and_then(|from| {
-                let progress = current_partial(files)?
-                    .filter(|p| p.resumable)
-                    .map(|p| p.point);
                 let unfinished = Unfinished {
                     header: &partial.header,
-                    progress,
+                    commit_started: partial.commit_started,
                     from: &from,
                 };
                 self.settle(name, &volume, files, unfinished, roll_back)
@@ -1210,64 +1211,30 @@ impl Pool {
 /// A receive into an existing volume that did not remove its `receive.json`.
 struct Unfinished<'a> {
     header: &'a Header,
-    /// A resumable receive's progress.
-    progress: Option<ResumePoint>,
+    /// Its `receive.json` says the commit had started.
+    commit_started: bool,
     /// The snapshot it applied on.
     from: &'a Snapshot,
 }
 
-/// Whether a receive that did not remove its `receive.json` had committed: none of its staged
-/// snapshots is left, and its last kept snapshot is there under its own name; a package of
-/// temporary snapshots alone has nothing to rename, and had committed once its last staged
-/// snapshot was taken (a resumable receive's progress says so) and deleted, or, for a plain
-/// one (which commits nothing before a snapshot's end), once anything of it was written.
-struct Committed<'a> {
-    header: &'a Header,
-    /// A resumable receive's progress.
-    progress: Option<ResumePoint>,
-    staged_left: bool,
+/// Whether a receive that did not remove its `receive.json` had committed: it had started the
+/// transaction that renames and deletes its staged snapshots, and none is left, so that
+/// transaction ran. What the volume holds otherwise says nothing: a receive's writes can be
+/// durable before its end (a resumable one's progress, a rollback cut short), and a package of
+/// temporary snapshots alone leaves no name to look for.
+fn committed(commit_started: bool, staged_left: bool) -> bool {
+    commit_started && !staged_left
 }
 
-impl Committed<'_> {
-    fn judge(
-        &self,
-        renamed: impl FnOnce(&StreamSnapshot) -> Result<bool>,
-        written: impl FnOnce() -> Result<bool>,
-    ) -> Result<bool> {
-        if self.staged_left {
-            return Ok(false);
-        }
-        match self.header.snapshots.iter().rev().find(|s| !s.temporary) {
-            Some(last) => renamed(last),
-            None => match self.progress {
-                Some(point) => Ok(point.done == self.header.snapshots.len()),
-                None => written(),
-            },
-        }
-    }
-}
-
-/// `Committed` for a resumable receive, read without opening the volume.
+/// `committed` for a resumable receive, read without opening the volume.
 fn committed_unopened(files: &VolumeFiles) -> Result<bool> {
-    let Some(partial) = current_partial(files)? else {
+    let Some(partial) = read_partial(files)? else {
         return Ok(false);
     };
-    let read = |e: io::Error| Error::io(format!("cannot read {}", files.index().display()), e);
     let staged =
         crate::core::volume::snapshots_named(files, &staged_prefix(&partial.header.package))
-            .map_err(read)?;
-    Committed {
-        header: &partial.header,
-        progress: Some(partial.point),
-        staged_left: !staged.is_empty(),
-    }
-    .judge(
-        |last| {
-            let found = crate::core::volume::snapshot_named(files, &last.name).map_err(read)?;
-            Ok(found.is_some_and(|s| s.guid == last.guid))
-        },
-        || Ok(false),
-    )
+            .map_err(|e| Error::io(format!("cannot read {}", files.index().display()), e))?;
+    Ok(committed(partial.commit_started, !staged.is_empty()))
 }
 
 /// The owner-lock token of the receive writing the base image file `id`.
@@ -1960,6 +1927,62 @@ mod tests {
         assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1], &h[2]], &h[2]));
     }
 
+    /// The second package of a refresh: the live content as a temporary snapshot alone.
+    fn temporary(of: &Snap) -> Snap {
+        Snap {
+            name: "copy-tmp-6f1c2a8e-0000-4000-8000-000000000000".into(),
+            temporary: true,
+            ..of.clone()
+        }
+    }
+
+    #[test]
+    fn a_failed_receive_of_a_temporary_snapshot_alone_leaves_the_volume_as_before() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let tmp = temporary(&h[2]);
+        let inc = sender.stream("p2", Some(&h[1]), std::slice::from_ref(&tmp));
+        let header = sender.header("p2", Some(&h[1]), std::slice::from_ref(&tmp));
+        let mut records = sender.records(&header, Some(&h[1]), &[tmp], None);
+        let last_end = records.len() - 2;
+        if let Record::SnapshotEnd { digest, .. } = &mut records[last_end] {
+            digest[0] ^= 1;
+        }
+        let faults = [
+            ("a wrong digest", Sender::encode(&header, &records)),
+            ("a cut", inc[..inc.len() * 3 / 4].to_vec()),
+        ];
+        for (what, stream) in faults {
+            assert!(recv(&f, "v", &stream, PLAIN).is_err(), "{what} went unseen");
+            assert_eq!(state(&f, "v"), before, "{what} changed the volume");
+        }
+        recv(&f, "v", &inc, PLAIN).unwrap();
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[2]));
+    }
+
+    #[test]
+    fn recovery_rolls_back_a_dead_temporary_only_receive_whose_writes_were_durable() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[1]), &[temporary(&h[2])]);
+        // Cut inside the snapshot after a record of progress: writes of the package are
+        // durable, its snapshot is not taken.
+        assert!(recv(&f, "v", &inc[..inc.len() * 3 / 4], RESUMABLE).is_err());
+        assert!(token(&f, "v").point.granule > 0);
+        as_if_died_plain(&f, "v");
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(
+            done.iter()
+                .any(|d| d.contains("dropped the partial receive")),
+            "{done:?}"
+        );
+        assert_eq!(state(&f, "v"), before);
+    }
+
     #[test]
     fn a_temporary_snapshot_sets_the_content_and_is_not_kept() {
         let (f, sender) = setup();
@@ -2361,6 +2384,7 @@ mod tests {
                     granule: 0,
                 },
                 sum: hex::encode(ContentHash::default().to_bytes()),
+                commit_started: true,
             };
             write_partial(&files, &partial).unwrap();
             files
