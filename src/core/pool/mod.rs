@@ -33,6 +33,14 @@ pub use send::{send_token, SendSpec, COPY_TEMPORARY_SNAPSHOT};
 pub(crate) use volumes::volume_token;
 pub use volumes::VolumeInfo;
 
+/// The name prefixes of the snapshots this pool takes for a moment (an export's, a send's of
+/// the live volume, a receive's staged ones): never the name of a snapshot a stream keeps.
+pub(crate) const TEMPORARY_SNAPSHOT_PREFIXES: [&str; 3] = [
+    TEMPORARY_SNAPSHOT,
+    COPY_TEMPORARY_SNAPSHOT,
+    recv::STAGED_PREFIX,
+];
+
 pub struct Pool {
     state_dir: PathBuf,
     store: Store,

@@ -204,8 +204,29 @@ fn check_header(header: &Header) -> Result<()> {
         return Err(malformed("its header lists no snapshot"));
     }
     let mut seen = std::collections::HashSet::new();
-    for s in &header.snapshots {
+    let last = header.snapshots.len() - 1;
+    for (i, s) in header.snapshots.iter().enumerate() {
+        if s.temporary && i != last {
+            return Err(malformed(format!(
+                "snapshot '{}' is marked temporary but is not the package's last",
+                s.name
+            )));
+        }
         if !s.temporary {
+            if let Some(prefix) = super::TEMPORARY_SNAPSHOT_PREFIXES
+                .iter()
+                .find(|p| s.name.starts_with(**p))
+            {
+                // A name this pool gives its own temporary snapshots: kept, it would be taken
+                // for one (deleted by a recovery, or in the way of a receive).
+                return Err(Error::refused(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "the stream would keep snapshot '{}', but names starting with '{prefix}' are those of temporary snapshots: rename that snapshot on the sending side (or leave it out of the package) and send again",
+                        s.name
+                    ),
+                ));
+            }
             names::check_snapshot_name(&s.name)?;
             if !seen.insert(s.name.as_str()) {
                 return Err(malformed(format!(
@@ -301,6 +322,13 @@ impl Pool {
             Record::Header(header) => header,
             _ => return Err(malformed("it does not start with its header")),
         };
+        let checked = self.check_stream(name, header)?;
+        self.receive_checked(name, &mut reader, checked, options, checkpoint_bytes)
+    }
+
+    /// The checks of a stream's header against what volume `name` has, before any lock: they
+    /// refuse early, and are made again under the lock where they matter.
+    fn check_stream(&self, name: &str, header: Header) -> Result<CheckedStream> {
         check_header(&header)?;
         let existing = self.volume_row_any_state(name)?;
         let partial = match &existing {
@@ -323,14 +351,19 @@ impl Pool {
                 ))
             }
             (Some(point), Some(partial)) => {
-                if partial.header.package != header.package
-                    || snapshots_digest(&partial.header.snapshots)
-                        != snapshots_digest(&header.snapshots)
+                let first = &partial.header;
+                // The whole package, not only its digest (of guids): a snapshot marked
+                // temporary in one and not in the other would be kept, or its name lost.
+                if first.package != header.package
+                    || first.snapshots != header.snapshots
+                    || first.from != header.from
+                    || first.base_image.as_ref().map(|i| &i.sha512)
+                        != header.base_image.as_ref().map(|i| &i.sha512)
                     || partial.point != *point
                 {
                     return Err(Error::refused(
                         ErrorKind::Conflict,
-                        format!("the stream resumes another package, or from another point, than the partial receive of volume '{name}': use the token `imgpool recv --resume-token {name}` prints now"),
+                        format!("the stream resumes another package, or from another point, than the partial receive of volume '{name}' (its snapshots, its starting snapshot or its base image differ): use the token `imgpool recv --resume-token {name}` prints now, or drop the partial receive with `imgpool recv --abort {name}`"),
                     ));
                 }
             }
@@ -340,18 +373,54 @@ impl Pool {
             // Before the base image is read or imported: the stream goes nowhere here.
             return Err(exists_refusal(name));
         }
+        // A resumed stream is applied as the package its first stream began: only whether it
+        // carries the image (the token says if the receiver still needs it) is its own.
+        let header = match &partial {
+            Some(partial) => Header {
+                resume: header.resume,
+                with_image: header.with_image,
+                ..partial.header.clone()
+            },
+            None => header,
+        };
+        Ok(CheckedStream {
+            header,
+            existing,
+            partial,
+        })
+    }
+
+    /// Applies a stream whose header `check_stream` checked; the stream's next record is the
+    /// one after its header.
+    fn receive_checked(
+        &self,
+        name: &str,
+        reader: &mut StreamReader<&mut dyn Read>,
+        checked: CheckedStream,
+        options: ReceiveOptions,
+        checkpoint_bytes: u64,
+    ) -> Result<Received> {
+        let CheckedStream {
+            header,
+            existing,
+            partial,
+        } = checked;
         let mut received = Received {
             volume: name.to_string(),
             resumed: partial.is_some(),
             ..Received::default()
         };
-        // The base image, before anything else of the target: the stream carries it next.
-        let base = self.stream_base(&header, &mut reader, &mut received)?;
         let resumable = options.resumable || partial.is_some();
+        // Each target is locked and checked before the stream's image records are read.
         let target = match (&existing, &partial) {
-            (None, _) => self.new_target(name, &header, base.as_ref())?,
+            (None, _) => {
+                check_new_target(name, &header)?;
+                // A new volume is made over its base: the image comes first.
+                let base = self.stream_base(&header, reader, &mut received)?;
+                self.new_target(name, &header, base.as_ref())?
+            }
             (Some(row), Some(partial)) if partial.new_volume => {
-                self.resumed_new_target(name, row, &header, base.as_ref())?
+                self.resumed_new_target(name, row, &header, partial, reader, &mut received)?
             }
             (Some(row), _) => {
                 if row.state != VolumeState::Ready {
@@ -361,11 +430,11 @@ impl Pool {
                     ));
                 }
                 self.existing_target(
-                    name,
                     row,
                     &header,
-                    partial.is_some(),
+                    partial.as_ref(),
                     options.force,
+                    reader,
                     &mut received,
                 )?
             }
@@ -402,7 +471,7 @@ impl Pool {
                 checkpoint_bytes,
                 since_checkpoint: 0,
             };
-            apply.run(&mut reader, start)?;
+            apply.run(reader, start)?;
             self.commit_receive(&target, &header, &apply.state)
         })();
         received.bytes = reader.bytes();
@@ -555,15 +624,6 @@ impl Pool {
 
     /// A new volume for a whole stream: `creating` until the end.
     fn new_target(&self, name: &str, header: &Header, base: Option<&ImageRow>) -> Result<Target> {
-        if let Some(from) = &header.from {
-            return Err(Error::refused(
-                ErrorKind::NotFound,
-                format!(
-                    "volume '{name}' does not exist here; an incremental stream needs the snapshot '{}' it was made from: send the whole volume first",
-                    from.name
-                ),
-            ));
-        }
         let size = header.snapshots[0].size;
         check_size(size, base.map(|i| (i.name.as_str(), i.size)))?;
         let NewVolume { row, files, _owner } = self.start_volume(name, base, size, None)?;
@@ -603,17 +663,29 @@ impl Pool {
         name: &str,
         row: &VolumeRow,
         header: &Header,
-        base: Option<&ImageRow>,
+        partial: &PartialReceive,
+        reader: &mut StreamReader<&mut dyn Read>,
+        received: &mut Received,
     ) -> Result<Target> {
         let owner = self.take_over(name, row)?;
+        // Read again now that it is ours: a `recv --abort` may have removed it meanwhile.
+        let still = self.volume_row_any_state(name)?;
+        if still
+            .as_ref()
+            .is_none_or(|r| r.id != row.id || r.state != VolumeState::Creating)
+        {
+            return Err(partial_changed(name));
+        }
         let files = self.volume_files_of(row)?;
-        if base.map(|i| i.id) != row.image_id {
+        let writer = self.lock_for_receive(name, row, &files)?;
+        check_partial_unchanged(&files, partial, name)?;
+        let base = self.stream_base(header, reader, received)?;
+        if base.as_ref().map(|i| i.id) != row.image_id {
             return Err(Error::refused(
                 ErrorKind::Conflict,
                 format!("the base image of the partial receive of '{name}' is not the stream's"),
             ));
         }
-        let writer = self.lock_for_receive(name, row, &files)?;
         let volume = Volume::open(&files, self.base_of(row.image_id)?)
             .ctx(|| format!("cannot open volume '{name}'"))?;
         Ok(Target {
@@ -646,22 +718,28 @@ impl Pool {
     /// `--force`) brought back to the stream's `from` snapshot.
     fn existing_target(
         &self,
-        name: &str,
         row: &VolumeRow,
         header: &Header,
-        resumed: bool,
+        partial: Option<&PartialReceive>,
         force: bool,
+        reader: &mut StreamReader<&mut dyn Read>,
         received: &mut Received,
     ) -> Result<Target> {
+        let name = row.name.as_str();
         let files = self.volume_files_of(row)?;
         if header.from.is_none() {
             return Err(exists_refusal(name));
         }
         let writer = self.lock_for_receive(name, row, &files)?;
-        // Re-read under the lock: a partial receive that appeared meanwhile is not ours.
-        if !resumed && has_partial_receive(&files) {
-            return Err(partial_receive_refusal(name));
+        // Read again under the lock: a partial receive that appeared meanwhile is not ours, and
+        // one resumed must still be the one checked (`recv --abort` may have dropped it, or
+        // another resumed stream moved it on).
+        match partial {
+            Some(partial) => check_partial_unchanged(&files, partial, name)?,
+            None if has_partial_receive(&files) => return Err(partial_receive_refusal(name)),
+            None => {}
         }
+        let resumed = partial.is_some();
         let ours = match row.image_id {
             Some(id) => self
                 .store
@@ -684,6 +762,8 @@ impl Pool {
                 ),
             ));
         }
+        // Its base is the pool's image with that SHA-512: image records are read past.
+        self.stream_base(header, reader, received)?;
         let volume = Arc::new(
             Volume::open(&files, self.base_of(row.image_id)?)
                 .ctx(|| format!("cannot open volume '{name}'"))?,
@@ -1320,6 +1400,49 @@ impl Pool {
             _receiving: receiving,
         })
     }
+}
+
+/// A stream whose header was checked against the target as it was before any lock.
+struct CheckedStream {
+    /// The header to apply: a resumed stream's is its package's, as its first stream had it.
+    header: Header,
+    existing: Option<VolumeRow>,
+    /// The partial receive a resumed stream goes on with.
+    partial: Option<PartialReceive>,
+}
+
+/// A whole stream can make volume `name`, which does not exist.
+fn check_new_target(name: &str, header: &Header) -> Result<()> {
+    match &header.from {
+        Some(from) => Err(Error::refused(
+            ErrorKind::NotFound,
+            format!(
+                "volume '{name}' does not exist here; an incremental stream needs the snapshot '{}' it was made from: send the whole volume first",
+                from.name
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Refuses unless the volume's partial receive is still `checked` (read before its lock).
+fn check_partial_unchanged(
+    files: &VolumeFiles,
+    checked: &PartialReceive,
+    name: &str,
+) -> Result<()> {
+    if current_partial(files)?.as_ref() == Some(checked) {
+        Ok(())
+    } else {
+        Err(partial_changed(name))
+    }
+}
+
+fn partial_changed(name: &str) -> Error {
+    Error::refused(
+        ErrorKind::Conflict,
+        format!("the partial receive of volume '{name}' changed while this stream started (dropped by `imgpool recv --abort`, or moved on by another resumed stream): `imgpool recv --resume-token {name}` prints the token of what is there now, if anything"),
+    )
 }
 
 fn exists_refusal(name: &str) -> Error {
@@ -1983,6 +2106,181 @@ mod tests {
         assert_eq!(state(&f, "v"), before);
     }
 
+    /// A resumable receive of `snaps` (from `from`) cut inside a snapshot after a record of
+    /// progress there; returns its token.
+    fn cut_inside_a_snapshot(
+        f: &Fixture,
+        sender: &Sender,
+        package: &str,
+        from: Option<&Snap>,
+        snaps: &[Snap],
+    ) -> ResumeToken {
+        let stream = sender.stream(package, from, snaps);
+        for eighth in 1..8 {
+            assert!(recv(f, "v", &stream[..stream.len() * eighth / 8], RESUMABLE).is_err());
+            let t = token(f, "v");
+            if t.point.granule > 0 {
+                return t;
+            }
+            f.pool.receive_abort("v").unwrap();
+        }
+        panic!("no cut fell inside a snapshot after a record of progress");
+    }
+
+    /// The header of `stream` checked as `recv` checks it before any lock, and the reader at
+    /// the record after it.
+    fn checked_before_lock<'a>(
+        f: &Fixture,
+        input: &'a mut dyn Read,
+    ) -> (CheckedStream, StreamReader<&'a mut dyn Read>) {
+        let mut reader = StreamReader::new(input).unwrap();
+        let Record::Header(header) = reader.next().unwrap() else {
+            panic!("a stream starts with its header");
+        };
+        (f.pool.check_stream("v", header).unwrap(), reader)
+    }
+
+    #[test]
+    fn a_resumed_stream_whose_partial_receive_was_dropped_meanwhile_is_refused() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let snaps = &h[2..3];
+        let t = cut_inside_a_snapshot(&f, &sender, "p2", Some(&h[0]), snaps);
+        let resumed = sender.resumed("p2", Some(&h[0]), snaps, t.point);
+        let mut bytes = &resumed[..];
+        let (checked, mut reader) = checked_before_lock(&f, &mut bytes);
+        // `recv --abort` runs between the resumed receive's checks and its lock.
+        f.pool.receive_abort("v").unwrap();
+        let before = state(&f, "v");
+        let e = f
+            .pool
+            .receive_checked("v", &mut reader, checked, PLAIN, GRANULE)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed while"), "{e}");
+        assert!(
+            state(&f, "v") == before,
+            "the refused stream changed the volume"
+        );
+
+        // Another resumed stream finished the receive meanwhile.
+        let t = cut_inside_a_snapshot(&f, &sender, "p3", Some(&h[0]), snaps);
+        let resumed = sender.resumed("p3", Some(&h[0]), snaps, t.point);
+        let mut bytes = &resumed[..];
+        let (checked, mut reader) = checked_before_lock(&f, &mut bytes);
+        recv(&f, "v", &resumed, PLAIN).unwrap();
+        let done = state(&f, "v");
+        assert!(done == expected(&[&h[0], &h[2]], &h[2]));
+        let e = f
+            .pool
+            .receive_checked("v", &mut reader, checked, PLAIN, GRANULE)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed while"), "{e}");
+        assert!(
+            state(&f, "v") == done,
+            "the refused stream changed the volume"
+        );
+    }
+
+    #[test]
+    fn a_resumed_new_volume_removed_meanwhile_is_refused() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let t = cut_inside_a_snapshot(&f, &sender, "p1", None, &h[..3]);
+        let resumed = sender.resumed("p1", None, &h[..3], t.point);
+        let mut bytes = &resumed[..];
+        let (checked, mut reader) = checked_before_lock(&f, &mut bytes);
+        f.pool.receive_abort("v").unwrap();
+        let e = f
+            .pool
+            .receive_checked("v", &mut reader, checked, PLAIN, GRANULE)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed while"), "{e}");
+        assert_gone(&f, "v");
+    }
+
+    #[test]
+    fn a_resumed_stream_must_carry_its_package_as_first_sent() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let tmp = Snap {
+            name: "now".into(),
+            ..temporary(&h[1])
+        };
+        let inc = sender.stream("p2", Some(&h[0]), std::slice::from_ref(&tmp));
+        assert!(recv(&f, "v", &inc[..inc.len() / 2], RESUMABLE).is_err());
+        let t = token(&f, "v");
+        // The same guids (so the same snapshots digest), but the temporary snapshot not marked
+        // so, renamed, or another starting snapshot's name: each refused, nothing changed.
+        let kept = Snap {
+            temporary: false,
+            ..tmp.clone()
+        };
+        let renamed = Snap {
+            name: "then".into(),
+            ..tmp.clone()
+        };
+        let mut other_from = h[0].clone();
+        other_from.name = "elsewhere".into();
+        for (what, from, snap) in [
+            ("not temporary", &h[0], &kept),
+            ("renamed", &h[0], &renamed),
+            ("another from", &other_from, &tmp),
+        ] {
+            let resumed = sender.resumed("p2", Some(from), std::slice::from_ref(snap), t.point);
+            let e = recv(&f, "v", &resumed, PLAIN).unwrap_err().to_string();
+            assert!(e.contains("another package"), "{what}: {e}");
+            assert_eq!(token(&f, "v"), t, "{what}");
+        }
+        // What a sender that rebuilt the package of a send of the live volume sent: refused
+        // by its name alone.
+        let rebuilt = Snap {
+            name: "copy-tmp-6f1c2a8e".into(),
+            temporary: false,
+            ..tmp.clone()
+        };
+        assert!(recv(
+            &f,
+            "v",
+            &sender.resumed("p2", Some(&h[0]), &[rebuilt], t.point),
+            PLAIN
+        )
+        .is_err());
+        assert_eq!(token(&f, "v"), t);
+        let resumed = sender.resumed("p2", Some(&h[0]), &[tmp], t.point);
+        let got = recv(&f, "v", &resumed, PLAIN).unwrap();
+        assert!(got.snapshots.is_empty(), "{:?}", got.snapshots);
+        assert!(state(&f, "v") == expected(&[&h[0]], &h[1]));
+    }
+
+    #[test]
+    fn reserved_snapshot_names_are_kept_by_no_stream() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        for name in ["copy-tmp-1", "export-tmp-1", "recv-tmp-p1-0"] {
+            let named = Snap {
+                name: name.into(),
+                ..h[0].clone()
+            };
+            let e = recv(&f, "v", &sender.stream("p1", None, &[named]), PLAIN)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("temporary snapshots"), "{name}: {e}");
+            assert_gone(&f, "v");
+        }
+        // A temporary snapshot is the package's last, or the stream is malformed.
+        let first_temporary = [temporary(&h[0]), h[1].clone()];
+        let e = recv(&f, "v", &sender.stream("p1", None, &first_temporary), PLAIN)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not the package's last"), "{e}");
+        assert_gone(&f, "v");
+    }
+
     #[test]
     fn a_temporary_snapshot_sets_the_content_and_is_not_kept() {
         let (f, sender) = setup();
@@ -2455,6 +2753,54 @@ mod tests {
         assert!(received_image_path(&state, &live).exists());
     }
 
+    /// The records of `sender`'s base image, as `send --with-image` sends them.
+    fn image_records(sender: &Sender) -> Vec<Record> {
+        let mut records = vec![];
+        for (i, chunk) in sender.base.chunks(1 << 16).enumerate() {
+            if chunk.iter().any(|b| *b != 0) {
+                records.push(Record::ImageData {
+                    offset: (i as u64) << 16,
+                    data: chunk.to_vec(),
+                });
+            }
+        }
+        let mut sha512 = [0u8; 64];
+        sha512.copy_from_slice(&hex::decode(&sender.image.as_ref().unwrap().sha512).unwrap());
+        records.push(Record::ImageEnd { sha512 });
+        records
+    }
+
+    #[test]
+    fn a_stream_refused_by_its_target_imports_no_image() {
+        let (_sending_side, sender) = setup();
+        let h = history(&sender);
+        let other = fixture(1);
+        // The receiving pool's 'v' is over no image: the stream's volume is over another.
+        let over_zeros = Sender {
+            base: Vec::new(),
+            image: None,
+        };
+        let whole = over_zeros.stream("p0", None, &h[..1]);
+        other.pool.receive("v", &mut &whole[..], PLAIN).unwrap();
+        let mut header = sender.header("p1", Some(&h[0]), &h[1..2]);
+        header.with_image = true;
+        let mut records = image_records(&sender);
+        records.extend(sender.records(&header, Some(&h[0]), &h[1..2], None));
+        let stream = Sender::encode(&header, &records);
+        for target in ["v", "missing"] {
+            let e = other
+                .pool
+                .receive(target, &mut &stream[..], PLAIN)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("base image") || e.contains("does not exist"), "{e}");
+            assert!(
+                other.pool.store().images().unwrap().is_empty(),
+                "{target}: the image was imported although the stream goes nowhere"
+            );
+        }
+    }
+
     #[test]
     fn a_missing_base_image_is_named_or_imported_from_the_stream() {
         let (_sending_side, sender) = setup();
@@ -2476,18 +2822,7 @@ mod tests {
         other.image("base", b"another image", 1);
         let mut header = sender.header("p1", None, &h[..1]);
         header.with_image = true;
-        let mut records = vec![];
-        for (i, chunk) in sender.base.chunks(1 << 16).enumerate() {
-            if chunk.iter().any(|b| *b != 0) {
-                records.push(Record::ImageData {
-                    offset: (i as u64) << 16,
-                    data: chunk.to_vec(),
-                });
-            }
-        }
-        let mut sha512 = [0u8; 64];
-        sha512.copy_from_slice(&hex::decode(sha).unwrap());
-        records.push(Record::ImageEnd { sha512 });
+        let mut records = image_records(&sender);
         records.extend(sender.records(&header, None, &h[..1], None));
         let stream = Sender::encode(&header, &records);
         let got = other.pool.receive("v", &mut &stream[..], PLAIN).unwrap();
