@@ -459,21 +459,23 @@ impl Pool {
             sum: hex::encode(start.to_bytes()),
             commit_started: false,
         };
+        let mut apply = Apply {
+            target: &target,
+            header: &header,
+            state,
+            resumable,
+            checkpoint_bytes,
+            since_checkpoint: 0,
+            content_mismatch: false,
+        };
         let applied = (|| {
             if partial.is_none() {
-                write_partial(&target.files, &state)?;
+                write_partial(&target.files, &apply.state)?;
             }
-            let mut apply = Apply {
-                target: &target,
-                header: &header,
-                state,
-                resumable,
-                checkpoint_bytes,
-                since_checkpoint: 0,
-            };
             apply.run(reader, start)?;
             self.commit_receive(&target, &header, &apply.state)
         })();
+        let content_mismatch = apply.content_mismatch;
         received.bytes = reader.bytes();
         match applied {
             Ok(kept) => {
@@ -481,7 +483,9 @@ impl Pool {
                 self.finish_target(target);
                 Ok(received)
             }
-            Err(e) if resumable && has_partial_receive(&target.files) => {
+            // A snapshot whose content does not match the sender's would not match when resumed
+            // either (the same records, onto the same volume): kept, it could only fail again.
+            Err(e) if resumable && !content_mismatch && has_partial_receive(&target.files) => {
                 // What was applied since the last record of progress is not committed: the
                 // volume is let go without a flush, and its next open recovers it as after a
                 // crash, to the state `receive.json` describes.
@@ -494,6 +498,13 @@ impl Pool {
             Err(e) => {
                 if let Err(undo) = self.undo_receive(target, &header) {
                     tracing::error!("cannot undo the failed receive into '{name}': {undo}");
+                    return Err(e);
+                }
+                if resumable && content_mismatch {
+                    return Err(Error::refused(
+                        e.kind(),
+                        format!("{e}; the partial receive is dropped, since resuming it could only fail the same way: send the package again without --resume"),
+                    ));
                 }
                 Err(e)
             }
@@ -1497,6 +1508,8 @@ struct Apply<'a> {
     /// Applied bytes between two records of progress.
     checkpoint_bytes: u64,
     since_checkpoint: u64,
+    /// A snapshot's content did not match its digest.
+    content_mismatch: bool,
 }
 
 impl Apply<'_> {
@@ -1584,6 +1597,7 @@ impl Apply<'_> {
                     self.close_granule(&mut c, &mut sum)?;
                     let s = &header.snapshots[c.index];
                     if sum.digest(c.size, target.base_sha512.as_deref()) != digest {
+                        self.content_mismatch = true;
                         return Err(Error::refused(
                             ErrorKind::Corrupt,
                             format!("the content of snapshot '{}' does not match the sender's: the stream does not apply to this volume or was damaged", s.name),
@@ -2282,6 +2296,48 @@ mod tests {
     }
 
     #[test]
+    fn a_content_mismatch_drops_a_resumable_receive() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let snaps = &h[1..3];
+        let header = sender.header("p2", Some(&h[0]), snaps);
+        let mut records = sender.records(&header, Some(&h[0]), snaps, None);
+        let last_end = records.len() - 2;
+        if let Record::SnapshotEnd { digest, .. } = &mut records[last_end] {
+            digest[0] ^= 1;
+        }
+        let e = recv(&f, "v", &Sender::encode(&header, &records), RESUMABLE)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not match") && e.contains("dropped"), "{e}");
+        assert!(f.pool.receive_resume_token("v").is_err());
+        assert!(
+            state(&f, "v") == before,
+            "the failed receive changed the volume"
+        );
+        // A resumed stream with a mismatch: dropped too (a new volume is removed).
+        let t = cut_inside_a_snapshot(&f, &sender, "p3", Some(&h[0]), snaps);
+        let mut records = sender.records(&header, Some(&h[0]), snaps, Some(t.point));
+        let last_end = records.len() - 2;
+        if let Record::SnapshotEnd { digest, .. } = &mut records[last_end] {
+            digest[0] ^= 1;
+        }
+        let mut resumed_header = sender.header("p3", Some(&h[0]), snaps);
+        resumed_header.resume = Some(t.point);
+        let e = recv(&f, "v", &Sender::encode(&resumed_header, &records), PLAIN)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dropped"), "{e}");
+        assert!(f.pool.receive_resume_token("v").is_err());
+        assert!(
+            state(&f, "v") == before,
+            "the failed resumed receive changed the volume"
+        );
+    }
+
+    #[test]
     fn a_temporary_snapshot_sets_the_content_and_is_not_kept() {
         let (f, sender) = setup();
         let h = history(&sender);
@@ -2793,7 +2849,10 @@ mod tests {
                 .receive(target, &mut &stream[..], PLAIN)
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains("base image") || e.contains("does not exist"), "{e}");
+            assert!(
+                e.contains("base image") || e.contains("does not exist"),
+                "{e}"
+            );
             assert!(
                 other.pool.store().images().unwrap().is_empty(),
                 "{target}: the image was imported although the stream goes nowhere"
