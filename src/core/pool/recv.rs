@@ -638,8 +638,8 @@ impl Pool {
         let size = header.snapshots[0].size;
         check_size(size, base.map(|i| (i.name.as_str(), i.size)))?;
         let NewVolume { row, files, _owner } = self.start_volume(name, base, size, None)?;
-        // Held as for an existing volume: once it is ready, the mount waits for the receive
-        // to let go of it.
+        // Held as for an existing volume: once it is ready, a mount's open is refused (EBUSY)
+        // until the receive lets go of it.
         let opened = self
             .lock_for_receive(name, &row, &files)
             .and_then(|writer| {
@@ -790,8 +790,16 @@ impl Pool {
             _owner: None,
             _locks: writer,
         };
+        // What earlier receives (or commands) left to reclaim, while the volume is held anyway:
+        // a volume no mount opens would otherwise keep it.
+        let reclaimed = (|| {
+            while target.volume.reclaim()? {}
+            Ok(())
+        })()
+        .ctx(|| format!("cannot reclaim the space of volume '{name}'"));
         // A refusal closes the volume cleanly (dropped open, its next open would scan it).
-        match self.bring_to_from(&target, header, resumed, force, received) {
+        match reclaimed.and_then(|()| self.bring_to_from(&target, header, resumed, force, received))
+        {
             Ok(from) => Ok(Target {
                 from: Some(from),
                 ..target
@@ -1020,16 +1028,17 @@ impl Pool {
         Ok(renames.into_iter().map(|(_, n)| n).collect())
     }
 
-    /// After the end: the sums of snapshots that went are forgotten, the space of what
-    /// `--force` discarded is reclaimed, and the volume closed. Everything is applied and
-    /// durable by then: a failure here is logged, not the receive's.
+    /// After the end: the sums of snapshots that went are forgotten, and the volume closed and
+    /// let go at once (a mount's open is refused while the receive holds it). The space of the
+    /// snapshots it deleted is reclaimed by the volume's next holder: a mount's open resumes
+    /// it in the background, and the next receive does it before it changes anything.
+    /// Everything is applied and durable by then: a failure here is logged, not the receive's.
     fn finish_target(&self, target: Target) {
         let name = &target.name;
         let volume = &target.volume;
         let tidied = (|| -> io::Result<()> {
             let keep = volume.snapshots()?.into_iter().map(|s| s.guid).collect();
             ContentSums::open(&target.files)?.retain(&keep)?;
-            while volume.reclaim()? {}
             volume.shutdown()
         })();
         if let Err(e) = tidied {
@@ -2335,6 +2344,36 @@ mod tests {
             state(&f, "v") == before,
             "the failed resumed receive changed the volume"
         );
+    }
+
+    #[test]
+    fn a_receive_lets_go_of_the_volume_before_reclaiming_and_the_next_one_reclaims_first() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let volume = open(&f, "v");
+        volume.snapshot("local", "guid-local", 1).unwrap();
+        volume.write_at(&[8u8; 4096], 8192).unwrap();
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        let force = ReceiveOptions {
+            force: true,
+            resumable: false,
+        };
+        let got = recv(&f, "v", &sender.stream("p2", Some(&h[1]), &h[2..3]), force).unwrap();
+        assert_eq!(got.discarded_snapshots, ["local"]);
+        let pending = |f: &Fixture| {
+            let volume = open(f, "v");
+            let pending = volume.reclaim_pending().unwrap();
+            Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+            pending
+        };
+        assert!(
+            pending(&f),
+            "the receive reclaimed before it let go of the volume"
+        );
+        recv(&f, "v", &sender.stream("p3", Some(&h[2]), &h[3..]), PLAIN).unwrap();
+        assert!(!pending(&f));
+        assert!(state(&f, "v") == expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3]));
     }
 
     #[test]
