@@ -298,14 +298,16 @@ impl Pool {
         })
     }
 
-    /// Applies the stream `input` to volume `name` (docs/send-receive.md, "Receiving").
+    /// Applies the stream `input` to volume `name` (docs/send-receive.md, "Receiving");
+    /// `progress` hears of each record read.
     pub fn receive(
         &self,
         name: &str,
         input: &mut dyn Read,
         options: ReceiveOptions,
+        progress: &mut dyn FnMut(&ReceiveProgress),
     ) -> Result<Received> {
-        self.receive_checkpointing(name, input, options, CHECKPOINT_BYTES)
+        self.receive_checkpointing(name, input, options, CHECKPOINT_BYTES, progress)
     }
 
     /// `receive`, recording a resumable receive's progress every `checkpoint_bytes` applied.
@@ -315,6 +317,7 @@ impl Pool {
         input: &mut dyn Read,
         options: ReceiveOptions,
         checkpoint_bytes: u64,
+        progress: &mut dyn FnMut(&ReceiveProgress),
     ) -> Result<Received> {
         names::check_image_name(name)?;
         let mut reader = StreamReader::new(input).map_err(stream_error)?;
@@ -323,7 +326,8 @@ impl Pool {
             _ => return Err(malformed("it does not start with its header")),
         };
         let checked = self.check_stream(name, header)?;
-        self.receive_checked(name, &mut reader, checked, options, checkpoint_bytes)
+        let mut incoming = Incoming::new(reader, &checked.header, progress);
+        self.receive_checked(name, &mut incoming, checked, options, checkpoint_bytes)
     }
 
     /// The checks of a stream's header against what volume `name` has, before any lock: they
@@ -395,7 +399,7 @@ impl Pool {
     fn receive_checked(
         &self,
         name: &str,
-        reader: &mut StreamReader<&mut dyn Read>,
+        reader: &mut Incoming,
         checked: CheckedStream,
         options: ReceiveOptions,
         checkpoint_bytes: u64,
@@ -516,7 +520,7 @@ impl Pool {
     fn stream_base(
         &self,
         header: &Header,
-        reader: &mut StreamReader<&mut dyn Read>,
+        reader: &mut Incoming,
         received: &mut Received,
     ) -> Result<Option<ImageRow>> {
         let Some(image) = &header.base_image else {
@@ -558,7 +562,7 @@ impl Pool {
                     .ctx(|| format!("cannot size {}", path.display()))?;
             }
             let sha512 = loop {
-                match reader.next().map_err(stream_error)? {
+                match reader.next()? {
                     Record::ImageData { offset, data } => {
                         let end = offset.checked_add(data.len() as u64);
                         if end.is_none_or(|end| end > image.size) {
@@ -675,7 +679,7 @@ impl Pool {
         row: &VolumeRow,
         header: &Header,
         partial: &PartialReceive,
-        reader: &mut StreamReader<&mut dyn Read>,
+        reader: &mut Incoming,
         received: &mut Received,
     ) -> Result<Target> {
         let owner = self.take_over(name, row)?;
@@ -733,7 +737,7 @@ impl Pool {
         header: &Header,
         partial: Option<&PartialReceive>,
         force: bool,
-        reader: &mut StreamReader<&mut dyn Read>,
+        reader: &mut Incoming,
         received: &mut Received,
     ) -> Result<Target> {
         let name = row.name.as_str();
@@ -1422,6 +1426,56 @@ impl Pool {
     }
 }
 
+/// How far a receive is: `recv`'s progress bar.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveProgress {
+    /// 1-based, of `snapshots`: the snapshot being received (0 before the first, while the
+    /// base image is read).
+    pub snapshot: usize,
+    pub snapshots: usize,
+    /// Stream bytes read so far.
+    pub bytes: u64,
+}
+
+/// The records of a stream after its header, each told to the receive's progress.
+struct Incoming<'r, 'p> {
+    reader: StreamReader<&'r mut dyn Read>,
+    progress: &'p mut dyn FnMut(&ReceiveProgress),
+    at: ReceiveProgress,
+}
+
+impl<'r, 'p> Incoming<'r, 'p> {
+    fn new(
+        reader: StreamReader<&'r mut dyn Read>,
+        header: &Header,
+        progress: &'p mut dyn FnMut(&ReceiveProgress),
+    ) -> Incoming<'r, 'p> {
+        Incoming {
+            reader,
+            progress,
+            at: ReceiveProgress {
+                snapshot: 0,
+                snapshots: header.snapshots.len(),
+                bytes: 0,
+            },
+        }
+    }
+
+    fn next(&mut self) -> Result<Record> {
+        let record = self.reader.next().map_err(stream_error)?;
+        if let Record::SnapshotBegin { index, .. } = &record {
+            self.at.snapshot = *index as usize + 1;
+        }
+        self.at.bytes = self.reader.bytes();
+        (self.progress)(&self.at);
+        Ok(record)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.reader.bytes()
+    }
+}
+
 /// A stream whose header was checked against the target as it was before any lock.
 struct CheckedStream {
     /// The header to apply: a resumed stream's is its package's, as its first stream had it.
@@ -1522,7 +1576,7 @@ struct Apply<'a> {
 }
 
 impl Apply<'_> {
-    fn run(&mut self, reader: &mut StreamReader<&mut dyn Read>, start: ContentHash) -> Result<()> {
+    fn run(&mut self, reader: &mut Incoming, start: ContentHash) -> Result<()> {
         let mut sum = start;
         let mut next = self.state.point.done;
         // A resumed stream goes on from its point: nothing before it comes again.
@@ -1536,7 +1590,7 @@ impl Apply<'_> {
         };
         let sums = ContentSums::open(&target.files).map_err(io("open the content sums of"))?;
         loop {
-            match reader.next().map_err(stream_error)? {
+            match reader.next()? {
                 Record::SnapshotBegin { index, size } => {
                     let index = index as usize;
                     if current.is_some() || index != next || index >= header.snapshots.len() {
@@ -1631,7 +1685,7 @@ impl Apply<'_> {
                         )));
                     }
                     // Nothing may follow.
-                    reader.next().map_err(stream_error)?;
+                    reader.next()?;
                     return Ok(());
                 }
                 Record::Header(_) => return Err(malformed("a second header")),
@@ -2013,7 +2067,7 @@ mod tests {
 
     fn recv(f: &Fixture, name: &str, stream: &[u8], options: ReceiveOptions) -> Result<Received> {
         f.pool
-            .receive_checkpointing(name, &mut &stream[..], options, GRANULE)
+            .receive_checkpointing(name, &mut &stream[..], options, GRANULE, &mut |_| {})
     }
 
     const PLAIN: ReceiveOptions = ReceiveOptions {
@@ -2155,12 +2209,18 @@ mod tests {
     fn checked_before_lock<'a>(
         f: &Fixture,
         input: &'a mut dyn Read,
-    ) -> (CheckedStream, StreamReader<&'a mut dyn Read>) {
+    ) -> (CheckedStream, Incoming<'a, 'static>) {
         let mut reader = StreamReader::new(input).unwrap();
         let Record::Header(header) = reader.next().unwrap() else {
             panic!("a stream starts with its header");
         };
-        (f.pool.check_stream("v", header).unwrap(), reader)
+        let checked = f.pool.check_stream("v", header).unwrap();
+        let incoming = Incoming::new(
+            reader,
+            &checked.header,
+            Box::leak(Box::new(|_: &ReceiveProgress| {})),
+        );
+        (checked, incoming)
     }
 
     #[test]
@@ -2374,6 +2434,25 @@ mod tests {
         recv(&f, "v", &sender.stream("p3", Some(&h[2]), &h[3..]), PLAIN).unwrap();
         assert!(!pending(&f));
         assert!(state(&f, "v") == expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3]));
+    }
+
+    #[test]
+    fn progress_tells_the_bytes_read_and_the_snapshot_received() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..3]);
+        let mut heard = Vec::new();
+        f.pool
+            .receive("v", &mut &whole[..], PLAIN, &mut |p| heard.push(*p))
+            .unwrap();
+        assert!(heard.iter().all(|p| p.snapshots == 3));
+        assert!(heard
+            .windows(2)
+            .all(|w| w[0].bytes <= w[1].bytes && w[0].snapshot <= w[1].snapshot));
+        let snapshots: std::collections::BTreeSet<usize> =
+            heard.iter().map(|p| p.snapshot).collect();
+        assert_eq!(snapshots, [1, 2, 3].into());
+        assert_eq!(heard.last().unwrap().bytes, whole.len() as u64);
     }
 
     #[test]
@@ -2876,7 +2955,10 @@ mod tests {
             image: None,
         };
         let whole = over_zeros.stream("p0", None, &h[..1]);
-        other.pool.receive("v", &mut &whole[..], PLAIN).unwrap();
+        other
+            .pool
+            .receive("v", &mut &whole[..], PLAIN, &mut |_| {})
+            .unwrap();
         let mut header = sender.header("p1", Some(&h[0]), &h[1..2]);
         header.with_image = true;
         let mut records = image_records(&sender);
@@ -2885,7 +2967,7 @@ mod tests {
         for target in ["v", "missing"] {
             let e = other
                 .pool
-                .receive(target, &mut &stream[..], PLAIN)
+                .receive(target, &mut &stream[..], PLAIN, &mut |_| {})
                 .unwrap_err()
                 .to_string();
             assert!(
@@ -2907,7 +2989,7 @@ mod tests {
         let whole = sender.stream("p1", None, &h[..1]);
         let e = other
             .pool
-            .receive("v", &mut &whole[..], PLAIN)
+            .receive("v", &mut &whole[..], PLAIN, &mut |_| {})
             .unwrap_err()
             .to_string();
         let sha = &sender.image.as_ref().unwrap().sha512;
@@ -2923,12 +3005,18 @@ mod tests {
         let mut records = image_records(&sender);
         records.extend(sender.records(&header, None, &h[..1], None));
         let stream = Sender::encode(&header, &records);
-        let got = other.pool.receive("v", &mut &stream[..], PLAIN).unwrap();
+        let got = other
+            .pool
+            .receive("v", &mut &stream[..], PLAIN, &mut |_| {})
+            .unwrap();
         let imported = format!("base-{}", &sha[..8]);
         assert_eq!(got.imported_image.as_deref(), Some(imported.as_str()));
         assert_eq!(state(&other, "v"), expected(&[&h[0]], &h[0]));
         // The pool has it now: a second stream with the image reads past it.
-        let got = other.pool.receive("w", &mut &stream[..], PLAIN).unwrap();
+        let got = other
+            .pool
+            .receive("w", &mut &stream[..], PLAIN, &mut |_| {})
+            .unwrap();
         assert_eq!(got.imported_image, None);
         assert_eq!(state(&other, "w"), expected(&[&h[0]], &h[0]));
         // An image whose bytes do not match its SHA-512 is refused, and nothing is kept.
@@ -2938,7 +3026,10 @@ mod tests {
         }
         let stream = Sender::encode(&header, &bad);
         let third = fixture(1);
-        assert!(third.pool.receive("v", &mut &stream[..], PLAIN).is_err());
+        assert!(third
+            .pool
+            .receive("v", &mut &stream[..], PLAIN, &mut |_| {})
+            .is_err());
         assert!(third.pool.store().images().unwrap().is_empty());
         assert!(third.pool.volume_row_any_state("v").unwrap().is_none());
     }
