@@ -1078,7 +1078,7 @@ impl Pool {
     }
 
     /// Ends an existing volume's receive that did not finish: kept if it had committed (see
-    /// `Committed`: only `receive.json` was left to remove), else, with `roll_back`, rolled
+    /// `committed`: only `receive.json` was left to remove), else, with `roll_back`, rolled
     /// back to `from` with its staged snapshots. Says which (`None`: left as it is).
     fn settle(
         &self,
@@ -1105,6 +1105,19 @@ impl Pool {
         }
         if !roll_back {
             return Ok(None);
+        }
+        if commit_started {
+            // Its commit failed before its transaction: once the staged snapshots are rolled
+            // back, none is left, which with the mark would read as committed.
+            if let Some(partial) = read_partial(files)? {
+                write_partial(
+                    files,
+                    &PartialReceive {
+                        commit_started: false,
+                        ..partial
+                    },
+                )?;
+            }
         }
         self.roll_back_staged(volume, from, &header.package, name)?;
         remove_partial(files)?;
@@ -2453,6 +2466,37 @@ mod tests {
             heard.iter().map(|p| p.snapshot).collect();
         assert_eq!(snapshots, [1, 2, 3].into());
         assert_eq!(heard.last().unwrap().bytes, whole.len() as u64);
+    }
+
+    #[test]
+    fn a_receive_that_died_after_its_commit_started_but_before_its_transaction_is_rolled_back() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[0]), &[h[1].clone(), temporary(&h[2])]);
+        // Cut just before `End`: every snapshot is taken under its staged name.
+        assert!(recv(&f, "v", &inc[..inc.len() - 5], RESUMABLE).is_err());
+        let row = f.pool.store().volume("v").unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        let partial = read_partial(&files).unwrap().unwrap();
+        write_partial(
+            &files,
+            &PartialReceive {
+                resumable: false,
+                commit_started: true,
+                ..partial
+            },
+        )
+        .unwrap();
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(
+            done.iter()
+                .any(|d| d.contains("dropped the partial receive")),
+            "{done:?}"
+        );
+        assert!(!has_partial_receive(&files));
+        assert!(state(&f, "v") == before, "the receive was kept");
     }
 
     #[test]
