@@ -392,6 +392,11 @@ fn bad_sends_fail_with_one_line_and_write_nothing() {
             "{args:?} wrote to its output"
         );
     }
+    // The names of the pool's temporary snapshots are not a user's to take.
+    for name in ["copy-tmp-1", "export-tmp-x", "recv-tmp-p-0"] {
+        let line = pool.fails(&["snapshot", "create", &format!("v@{name}")]);
+        assert!(line.contains("temporary"), "{name}: {line}");
+    }
     assert_eq!(
         snapshots(&pool, "v")
             .into_iter()

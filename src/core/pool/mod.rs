@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::core::copies::{Event, Outcome};
 use crate::core::settings::Settings;
 use crate::core::store::Store;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 
 mod disks;
@@ -40,6 +40,23 @@ pub(crate) const TEMPORARY_SNAPSHOT_PREFIXES: [&str; 3] = [
     COPY_TEMPORARY_SNAPSHOT,
     recv::STAGED_PREFIX,
 ];
+
+/// Refuses a name that a user would give a snapshot of their own but that this pool uses for
+/// its temporary ones: such a snapshot would be deleted by a recovery, left out of a `send
+/// --from-all`, or refused by a receiver.
+pub fn check_user_snapshot_name(name: &str) -> Result<()> {
+    crate::format::names::check_snapshot_name(name)?;
+    match TEMPORARY_SNAPSHOT_PREFIXES
+        .iter()
+        .find(|p| name.starts_with(**p))
+    {
+        Some(prefix) => Err(Error::refused(
+            ErrorKind::InvalidInput,
+            format!("snapshot names starting with '{prefix}' are kept for imgpool's temporary snapshots: pick another name"),
+        )),
+        None => Ok(()),
+    }
+}
 
 pub struct Pool {
     state_dir: PathBuf,
