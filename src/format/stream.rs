@@ -226,16 +226,17 @@ impl Record {
         }
     }
 
-    fn payload(&self) -> Vec<u8> {
-        match self {
+    /// The payload in two parts, so that a data record's bytes are written from where they
+    /// are, not copied behind their offset: its offset (empty for other kinds) and the rest.
+    fn payload(&self) -> ([u8; 8], usize, std::borrow::Cow<'_, [u8]>) {
+        let mut prefix = [0u8; 8];
+        let body: Vec<u8> = match self {
             Record::Header(header) => {
                 serde_json::to_vec(header).expect("a header serializes to JSON")
             }
             Record::ImageData { offset, data } | Record::Data { offset, data } => {
-                let mut p = Vec::with_capacity(8 + data.len());
-                p.extend_from_slice(&offset.to_le_bytes());
-                p.extend_from_slice(data);
-                p
+                prefix = offset.to_le_bytes();
+                return (prefix, 8, std::borrow::Cow::Borrowed(data));
             }
             Record::ImageEnd { sha512 } => sha512.to_vec(),
             Record::SnapshotBegin { index, size } => {
@@ -254,10 +255,17 @@ impl Record {
                 p
             }
             Record::End => Vec::new(),
-        }
+        };
+        (prefix, 0, std::borrow::Cow::Owned(body))
     }
 
-    fn parse(seq: u64, kind: u8, payload: Vec<u8>) -> Result<Record, StreamError> {
+    /// `offset`: a data record's first 8 bytes, read apart from its data (`payload`).
+    fn parse(
+        seq: u64,
+        kind: u8,
+        offset: Option<u64>,
+        payload: Vec<u8>,
+    ) -> Result<Record, StreamError> {
         let fixed = |len: usize| -> Result<(), StreamError> {
             if payload.len() == len {
                 Ok(())
@@ -291,11 +299,10 @@ impl Record {
                     .map_err(|e| StreamError::malformed(seq, format!("its header: {e}")))?,
             ),
             KIND_IMAGE_DATA | KIND_DATA => {
-                if payload.len() < 8 {
+                let Some(offset) = offset else {
                     return Err(StreamError::malformed(seq, "a data record without offset"));
-                }
-                let offset = u64_at(0);
-                let data = payload[8..].to_vec();
+                };
+                let data = payload;
                 if data.len() > MAX_DATA {
                     return Err(StreamError::malformed(seq, "a data record over 1 MiB"));
                 }
@@ -365,30 +372,31 @@ impl<W: Write> StreamWriter<W> {
     }
 
     pub fn write(&mut self, record: &Record) -> io::Result<()> {
-        let payload = record.payload();
+        let (prefix, prefix_len, body) = record.payload();
+        let payload_len = prefix_len + body.len();
         let max = match record {
             Record::Header(_) => MAX_HEADER,
             _ => MAX_PAYLOAD,
         };
-        if payload.len() > max {
+        if payload_len > max {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!(
-                    "a stream record of {} bytes is over the limit of {max}",
-                    payload.len()
-                ),
+                format!("a stream record of {payload_len} bytes is over the limit of {max}"),
             ));
         }
         let mut head = [0u8; 13];
         head[0] = record.kind();
         head[1..9].copy_from_slice(&self.seq.to_le_bytes());
-        head[9..13].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&head), &payload);
+        head[9..13].copy_from_slice(&(payload_len as u32).to_le_bytes());
+        let prefix = &prefix[..prefix_len];
+        let crc =
+            crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&head), prefix), &body);
         self.out.write_all(&head)?;
-        self.out.write_all(&payload)?;
+        self.out.write_all(prefix)?;
+        self.out.write_all(&body)?;
         self.out.write_all(&crc.to_le_bytes())?;
         self.seq += 1;
-        self.bytes += (head.len() + payload.len() + 4) as u64;
+        self.bytes += (head.len() + payload_len + 4) as u64;
         Ok(())
     }
 
@@ -481,15 +489,25 @@ impl<R: Read> StreamReader<R> {
             // A length this large is damage, not a record: do not allocate it.
             return Err(StreamError::Corrupt { seq });
         }
-        let mut payload = vec![0u8; len];
+        // A data record's offset is read apart, so that its data lands in a buffer of its own
+        // and is handed on as it is, never copied.
+        let mut prefix = [0u8; 8];
+        let prefix_len = if matches!(kind, KIND_DATA | KIND_IMAGE_DATA) && len >= 8 {
+            8
+        } else {
+            0
+        };
+        let mut payload = vec![0u8; len - prefix_len];
         let mut crc = [0u8; 4];
-        if !read_full(&mut self.input, &mut payload).map_err(truncated)? {
-            return Err(StreamError::Truncated { seq });
+        for part in [&mut prefix[..prefix_len], &mut payload[..], &mut crc[..]] {
+            if !read_full(&mut self.input, part).map_err(truncated)? {
+                return Err(StreamError::Truncated { seq });
+            }
         }
-        if !read_full(&mut self.input, &mut crc).map_err(truncated)? {
-            return Err(StreamError::Truncated { seq });
-        }
-        let expected = crc32c::crc32c_append(crc32c::crc32c(&head), &payload);
+        let expected = crc32c::crc32c_append(
+            crc32c::crc32c_append(crc32c::crc32c(&head), &prefix[..prefix_len]),
+            &payload,
+        );
         if u32::from_le_bytes(crc) != expected {
             return Err(StreamError::Corrupt { seq });
         }
@@ -502,7 +520,8 @@ impl<R: Read> StreamReader<R> {
         }
         self.seq += 1;
         self.bytes += (head.len() + len + 4) as u64;
-        let record = Record::parse(seq, kind, payload)?;
+        let offset = (prefix_len == 8).then(|| u64::from_le_bytes(prefix));
+        let record = Record::parse(seq, kind, offset, payload)?;
         if record == Record::End {
             self.ended = true;
         }
