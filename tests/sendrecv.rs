@@ -1,0 +1,401 @@
+//! Send and receive through the real commands: a volume's snapshots, whole and incremental,
+//! written by `imgpool send` to a file and applied by `imgpool recv` in a second pool (another
+//! state dir and disks, standing for another node), checked byte for byte against a model; and
+//! streams that are damaged, cut or meant for another base, each refused with the target as
+//! it was.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const MIB: usize = 1 << 20;
+const SIZE: usize = 8 * MIB;
+
+fn send(pool: &TestPool, args: &[&str], to: &Path) -> Output {
+    let mut all = vec!["send"];
+    all.extend_from_slice(args);
+    pool.command(&all)
+        .stdout(File::create(to).unwrap())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap()
+}
+
+fn send_ok(pool: &TestPool, args: &[&str], to: &Path) {
+    let out = send(pool, args, to);
+    assert!(
+        out.status.success(),
+        "send {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn recv(pool: &TestPool, args: &[&str], from: &Path) -> Output {
+    let mut all = vec!["recv"];
+    all.extend_from_slice(args);
+    pool.command(&all)
+        .stdin(File::open(from).unwrap())
+        .output()
+        .unwrap()
+}
+
+fn recv_ok(pool: &TestPool, args: &[&str], from: &Path) {
+    let out = recv(pool, args, from);
+    assert!(
+        out.status.success(),
+        "recv {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn wait_closed(pool: &TestPool, volume: &str) {
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(20), || pool
+            .json(&["volume", "show", volume])["open_by_pid"]
+            .is_null()),
+        "volume {volume} stays open"
+    );
+}
+
+/// Reads a file of the mount, waiting for it to appear (a new snapshot or volume shows at
+/// the mount's next look at the index).
+fn read_mounted(path: &Path) -> Vec<u8> {
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(20), || path
+            .exists()),
+        "{} does not appear",
+        path.display()
+    );
+    std::fs::read(path).unwrap()
+}
+
+/// A volume's snapshots as (name, guid), oldest first.
+fn snapshots(pool: &TestPool, volume: &str) -> Vec<(String, String)> {
+    pool.json(&["snapshot", "list", volume])["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["guid"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Everything a receive may change: the snapshots, their bytes and the live bytes.
+fn volume_state(
+    pool: &TestPool,
+    mount: &MountGuard,
+    volume: &str,
+) -> (Vec<(String, String)>, Vec<Vec<u8>>, Vec<u8>) {
+    let listed = snapshots(pool, volume);
+    let bytes = listed
+        .iter()
+        .map(|(name, _)| read_mounted(&mount.mountpoint.join("snapshots").join(volume).join(name)))
+        .collect();
+    let live = read_mounted(&mount.mountpoint.join("volumes").join(volume));
+    wait_closed(pool, volume);
+    (listed, bytes, live)
+}
+
+/// Random writes (some of zeros, some unaligned) and discards through the mount, with the
+/// model kept beside.
+fn scribble(file: &File, path: &Path, model: &mut [u8], rng: &mut Rng, ops: usize) {
+    for _ in 0..ops {
+        let offset = rng.below(SIZE as u64 - 1) as usize;
+        let len = (1 + rng.below(200_000) as usize).min(SIZE - offset);
+        match rng.below(6) {
+            0 => {
+                let status = std::process::Command::new("fallocate")
+                    .args([
+                        "--punch-hole",
+                        "--keep-size",
+                        "--offset",
+                        &offset.to_string(),
+                        "--length",
+                        &len.to_string(),
+                    ])
+                    .arg(path)
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+                model[offset..offset + len].fill(0);
+            }
+            1 => {
+                file.write_all_at(&vec![0u8; len], offset as u64).unwrap();
+                model[offset..offset + len].fill(0);
+            }
+            _ => {
+                let seed = rng.next();
+                let data: Vec<u8> = (0..len)
+                    .map(|i| (seed.wrapping_add(i as u64 * 131) >> 3) as u8)
+                    .collect();
+                file.write_all_at(&data, offset as u64).unwrap();
+                model[offset..offset + len].copy_from_slice(&data);
+            }
+        }
+    }
+    file.sync_all().unwrap();
+}
+
+/// A base image of 4 MiB: data, a hole, data.
+fn base_image(pool: &TestPool, seed: u64) -> Vec<u8> {
+    let path = pool.path("base.img");
+    random_file(&path, 4 * MIB as u64, seed);
+    let status = std::process::Command::new("fallocate")
+        .args(["--punch-hole", "--offset", "1048576", "--length", "1048576"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(&path).unwrap()
+}
+
+#[test]
+fn snapshots_sent_whole_and_incrementally_arrive_byte_equal() {
+    let test = "snapshots_sent_whole_and_incrementally_arrive_byte_equal";
+    if !can_mount(test) {
+        return;
+    }
+    let here = TestPool::new(2);
+    let there = TestPool::new(2);
+    let mut model = base_image(&here, 11);
+    std::fs::copy(here.path("base.img"), there.path("base.img")).unwrap();
+    here.add_image("base", &here.path("base.img"), 1);
+    // The other pool has the same image under another name (matched by SHA-512).
+    there.add_image("golden", &there.path("base.img"), 1);
+    model.resize(SIZE, 0);
+    here.ok(&[
+        "volume",
+        "create",
+        "v",
+        "--image",
+        "base",
+        "--size",
+        &SIZE.to_string(),
+    ]);
+    let mount_here = here.mount();
+    let mount_there = there.mount();
+    let path = mount_here.mountpoint.join("volumes/v");
+    read_mounted(&path);
+    wait_closed(&here, "v");
+
+    let mut rng = Rng(0x5e4d);
+    let mut at: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    for i in 1..=6 {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        scribble(&file, &path, &mut model, &mut rng, 12);
+        drop(file);
+        wait_closed(&here, "v");
+        let name = format!("s{i}");
+        here.ok(&["snapshot", "create", &format!("v@{name}")]);
+        at.insert(name, model.clone());
+    }
+    let stream = here.path("stream");
+
+    // Whole, then every snapshot between, then one skipping s5.
+    send_ok(&here, &["v@s1"], &stream);
+    recv_ok(&there, &["w"], &stream);
+    send_ok(&here, &["v@s4", "--from", "s1", "--from-all"], &stream);
+    recv_ok(&there, &["w"], &stream);
+    send_ok(&here, &["v@s6", "--from", "s4"], &stream);
+    recv_ok(&there, &["w"], &stream);
+
+    let sent: Vec<(String, String)> = snapshots(&here, "v")
+        .into_iter()
+        .filter(|(name, _)| name != "s5")
+        .collect();
+    assert_eq!(snapshots(&there, "w"), sent, "names and guids carried over");
+    for (name, _) in &sent {
+        let got = read_mounted(&mount_there.mountpoint.join("snapshots/w").join(name));
+        assert!(got == at[name], "snapshot {name} differs from the model");
+    }
+    assert!(read_mounted(&mount_there.mountpoint.join("volumes/w")) == at["s6"]);
+    wait_closed(&there, "w");
+
+    // The live volume, sent while a mount has it open (its daemon pins what is read): more
+    // writes after s6, the file held open during the send.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    scribble(&file, &path, &mut model, &mut rng, 12);
+    send_ok(&here, &["v", "--from", "s6"], &stream);
+    drop(file);
+    recv_ok(&there, &["w"], &stream);
+    assert!(
+        read_mounted(&mount_there.mountpoint.join("volumes/w")) == model,
+        "the live volume arrived"
+    );
+    wait_closed(&there, "w");
+    // The temporary snapshot of the live send is gone on both sides.
+    assert_eq!(snapshots(&there, "w"), sent);
+    assert!(
+        snapshots(&here, "v")
+            .iter()
+            .all(|(n, _)| n.starts_with('s')),
+        "{:?}",
+        snapshots(&here, "v")
+    );
+    mount_there.unmount();
+    mount_here.unmount();
+}
+
+/// Two pools with `v` (s1, s2, s3 over zeros) here and `w` received up to s1 there; returns
+/// the stream of s1 → s2.
+fn a_pair(here: &TestPool, there: &TestPool, mount_here: &MountGuard) -> std::path::PathBuf {
+    here.ok(&["volume", "create", "v", "--size", &SIZE.to_string()]);
+    let path = mount_here.mountpoint.join("volumes/v");
+    read_mounted(&path);
+    let mut model = vec![0u8; SIZE];
+    let mut rng = Rng(77);
+    for i in 1..=3 {
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        scribble(&file, &path, &mut model, &mut rng, 8);
+        drop(file);
+        wait_closed(here, "v");
+        here.ok(&["snapshot", "create", &format!("v@s{i}")]);
+    }
+    let whole = here.path("whole");
+    send_ok(here, &["v@s1"], &whole);
+    recv_ok(there, &["w"], &whole);
+    let stream = here.path("s1-s2");
+    send_ok(here, &["v@s2", "--from", "s1"], &stream);
+    stream
+}
+
+#[test]
+fn damaged_cut_or_misplaced_streams_are_refused_and_change_nothing() {
+    let test = "damaged_cut_or_misplaced_streams_are_refused_and_change_nothing";
+    if !can_mount(test) {
+        return;
+    }
+    let here = TestPool::new(1);
+    let there = TestPool::new(1);
+    let mount_here = here.mount();
+    let mount_there = there.mount();
+    let stream = a_pair(&here, &there, &mount_here);
+    let before = volume_state(&there, &mount_there, "w");
+    let bytes = std::fs::read(&stream).unwrap();
+    let bad = here.path("bad");
+    let refused = |what: &str, args: &[&str]| {
+        let line = failed_cleanly(&format!("recv of {what}"), &recv(&there, args, &bad));
+        assert!(
+            volume_state(&there, &mount_there, "w") == before,
+            "{what} changed the target"
+        );
+        line
+    };
+
+    // A byte flipped at a few places, from the header to the end record.
+    for at in [10, 40, bytes.len() / 3, bytes.len() / 2, bytes.len() - 6] {
+        let mut damaged = bytes.clone();
+        damaged[at] ^= 0x01;
+        std::fs::write(&bad, &damaged).unwrap();
+        let line = refused(&format!("a flip at {at}"), &["w"]);
+        assert!(
+            line.contains("corrupt") || line.contains("record"),
+            "flip at {at}: {line}"
+        );
+    }
+    // Cut anywhere.
+    for cut in [0, 5, 30, bytes.len() / 4, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&bad, &bytes[..cut]).unwrap();
+        refused(&format!("a cut at {cut}"), &["w"]);
+    }
+    // Not a stream.
+    std::fs::write(&bad, b"#!/bin/sh\necho not a stream\n").unwrap();
+    let line = refused("a shell script", &["w"]);
+    assert!(line.contains("not an imgpool stream"), "{line}");
+    // Made for another base: s2 → s3 onto w, whose newest is s1.
+    send_ok(&here, &["v@s3", "--from", "s2"], &bad);
+    let line = refused("a stream from s2", &["w"]);
+    assert!(line.contains("s2"), "{line}");
+    // A whole stream onto an existing volume.
+    send_ok(&here, &["v@s2"], &bad);
+    refused("a whole stream onto w", &["w"]);
+
+    // The good stream still applies, once.
+    recv_ok(&there, &["w"], &stream);
+    std::fs::copy(&stream, &bad).unwrap();
+    refused("the same stream again", &["w"]);
+    mount_there.unmount();
+    mount_here.unmount();
+}
+
+#[test]
+fn a_missing_base_image_is_named_and_travels_with_the_stream_when_asked() {
+    let here = TestPool::new(1);
+    let there = TestPool::new(1);
+    let base = base_image(&here, 5);
+    let uuid = here.add_image("base", &here.path("base.img"), 1);
+    here.ok(&["volume", "create", "v", "--image", "base"]);
+    here.ok(&["snapshot", "create", "v@s1"]);
+    let stream = here.path("stream");
+    send_ok(&here, &["v@s1"], &stream);
+    let line = failed_cleanly("recv without the image", &recv(&there, &["w"], &stream));
+    assert!(
+        line.contains("base") && line.contains(&uuid) && line.contains("--with-image"),
+        "{line}"
+    );
+    assert!(there
+        .json(&["volume", "list"])
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    send_ok(&here, &["v@s1", "--with-image"], &stream);
+    recv_ok(&there, &["w"], &stream);
+    let image = there.json(&["image", "show", "base"]);
+    assert_eq!(
+        image["sha512"],
+        here.json(&["image", "show", "base"])["sha512"]
+    );
+    assert_eq!(image["size"], base.len() as u64);
+    assert_eq!(there.json(&["volume", "show", "w"])["image"], "base");
+}
+
+#[test]
+fn bad_sends_fail_with_one_line_and_write_nothing() {
+    let pool = TestPool::new(1);
+    pool.ok(&["volume", "create", "v", "--size", "1048576"]);
+    pool.ok(&["snapshot", "create", "v@a"]);
+    pool.ok(&["snapshot", "create", "v@b"]);
+    let out = pool.path("out");
+    for (args, expected) in [
+        (vec!["nope@a"], "nope"),
+        (vec!["v@nope"], "nope"),
+        (vec!["v@b", "--from", "nope"], "nope"),
+        (vec!["v@a", "--from", "b"], "b"),
+        (vec!["v@a", "--from", "a"], "a"),
+    ] {
+        let line = failed_cleanly(&format!("send {args:?}"), &send(&pool, &args, &out));
+        assert!(line.contains(expected), "{args:?}: {line}");
+        assert_eq!(
+            std::fs::metadata(&out).unwrap().len(),
+            0,
+            "{args:?} wrote to its output"
+        );
+    }
+    assert_eq!(
+        snapshots(&pool, "v")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>(),
+        ["a", "b"]
+    );
+}
