@@ -4,6 +4,7 @@
 //! socket (`client`).
 
 mod client;
+mod copy;
 mod export;
 pub mod logs;
 mod output;
@@ -143,6 +144,9 @@ pub enum Command {
     },
     /// Show or change the log level of the running mount daemons (needs root).
     LogLevel(logs::LogLevelArgs),
+    /// Copy a volume with its snapshots to another pool or node, or bring a copy up to date
+    /// (--refresh), through `send` and `recv` (over ssh for HOST:VOLUME).
+    Copy(copy::CopyArgs),
 }
 
 #[derive(Args, Debug)]
@@ -530,6 +534,7 @@ impl Command {
             Command::Repair { .. } | Command::Scrub { .. } => true,
             Command::Fsck(args) => args.repair,
             Command::Config(cmd) => matches!(cmd, ConfigCommand::Set { .. }),
+            Command::Copy(args) => !args.dry_run,
             Command::Init { .. }
             | Command::Mount(_)
             | Command::Umount { .. }
@@ -683,6 +688,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
         }
         Command::Config(cmd) => config_cmd(state_dir, cmd),
         Command::LogLevel(args) => logs::log_level(state_dir, args),
+        Command::Copy(args) => copy::copy(state_dir, args),
     }
 }
 

@@ -16,6 +16,19 @@ pub struct Snapshot {
     pub guid: String,
 }
 
+/// The prefixes of snapshots that commands take for themselves and delete when done (or at
+/// the next start): `send`'s of the live volume, `recv`'s before a package ends, an export's.
+const TEMPORARY_PREFIXES: [&str; 3] = ["copy-tmp-", "recv-tmp-", "export-tmp-"];
+
+/// The snapshots a copy plans with: the temporary ones of other commands left out (one may be
+/// there while such a command runs, or until the next start after it died).
+pub fn lasting(snapshots: Vec<Snapshot>) -> Vec<Snapshot> {
+    snapshots
+        .into_iter()
+        .filter(|s| !TEMPORARY_PREFIXES.iter().any(|p| s.name.starts_with(p)))
+        .collect()
+}
+
 /// One stream: `send VOLUME[@to] [--from from] [--from-all]` piped to `recv TARGET [--force]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Package {
@@ -398,6 +411,18 @@ mod tests {
         );
         // And with a target, there is nothing to refresh from.
         assert_eq!(plan(&[], Some(&[]), true), Err(Refusal::NothingInCommon));
+    }
+
+    #[test]
+    fn temporary_snapshots_of_other_commands_are_not_planned_with() {
+        let listed = vec![
+            snap("a", 1),
+            snap("copy-tmp-x", 2),
+            snap("recv-tmp-p-0", 3),
+            snap("export-tmp-y", 4),
+            snap("copy-tmpfs", 5),
+        ];
+        assert_eq!(lasting(listed), [snap("a", 1), snap("copy-tmpfs", 5)]);
     }
 
     #[test]
