@@ -78,7 +78,7 @@ impl<'a> Side<'a> {
             )
         };
         let (host, volume) = match text.split_once(':') {
-            Some((host, _)) if host.is_empty() => return Err(bad("has no host before ':'")),
+            Some(("", _)) => return Err(bad("has no host before ':'")),
             Some((host, volume)) => (Some(host.to_string()), volume),
             None => (None, text),
         };

@@ -3,6 +3,8 @@
 //! when a test fails), and the checks that decide whether a test needing root and FUSE runs.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod sshd;
+
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io::{self, Write};

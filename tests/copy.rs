@@ -1,0 +1,573 @@
+//! `imgpool copy` across a real ssh connection: the test's own sshd on 127.0.0.1
+//! (`common::sshd`), a second pool (its own state dir and disks) standing for the other node,
+//! reached as `localhost:VOLUME` with the test's binary as the remote imgpool. Both pools are
+//! mounted and every snapshot and the live volume are compared byte for byte through the
+//! mounts' files (never through `send`). The connection is cut at random instants of copies
+//! and refreshes; the target must keep its last good state.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::sshd::{children_of, Sshd};
+use common::*;
+
+const MIB: usize = 1 << 20;
+const SIZE: usize = 32 * MIB;
+/// Rewrites go in pieces of this size at distinct places.
+const PIECE: usize = 64 * 1024;
+
+/// Two nodes: `here` (mounted), `there` (mounted, reached through `sshd`). Fields drop in
+/// order: mounts before the pools' directories go.
+struct Nodes {
+    mount_here: MountGuard,
+    mount_there: MountGuard,
+    sshd: Sshd,
+    there: TestPool,
+    here: TestPool,
+    /// The source volume's content now.
+    model: Vec<u8>,
+    rng: Rng,
+}
+
+/// A volume as the mount shows it: its snapshots (name, guid, bytes) and its live bytes.
+#[derive(PartialEq)]
+struct State {
+    snapshots: Vec<(String, String, Vec<u8>)>,
+    live: Vec<u8>,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.snapshots.iter().map(|s| s.0.as_str()).collect();
+        write!(f, "State {{ snapshots: {names:?}, .. }}")
+    }
+}
+
+fn wait_closed(pool: &TestPool, volume: &str) {
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(20), || pool
+            .json(&["volume", "show", volume])["open_by_pid"]
+            .is_null()),
+        "volume {volume} stays open"
+    );
+}
+
+/// A file of the mount, once it shows (a new snapshot or volume appears at the mount's next
+/// look at the index).
+fn read_mounted(path: &Path) -> Vec<u8> {
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(20), || path
+            .exists()),
+        "{} does not appear",
+        path.display()
+    );
+    std::fs::read(path).unwrap()
+}
+
+/// `snapshot list --json`: an array, or an object with "snapshots".
+fn snapshots(pool: &TestPool, volume: &str) -> Vec<(String, String)> {
+    let listed = pool.json(&["snapshot", "list", volume]);
+    let list = listed
+        .as_array()
+        .or_else(|| listed["snapshots"].as_array())
+        .cloned()
+        .unwrap();
+    list.iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["guid"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn exists(pool: &TestPool, volume: &str) -> bool {
+    pool.json(&["volume", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == volume)
+}
+
+fn state(pool: &TestPool, mount: &MountGuard, volume: &str) -> Option<State> {
+    if !exists(pool, volume) {
+        return None;
+    }
+    let snapshots = snapshots(pool, volume)
+        .into_iter()
+        .map(|(name, guid)| {
+            let bytes = read_mounted(&mount.mountpoint.join("snapshots").join(volume).join(&name));
+            (name, guid, bytes)
+        })
+        .collect();
+    let live = read_mounted(&mount.mountpoint.join("volumes").join(volume));
+    wait_closed(pool, volume);
+    Some(State { snapshots, live })
+}
+
+/// The processes whose command line names `path` (a pool's state dir): the commands still
+/// working on that pool, here or behind the ssh connection.
+fn processes_naming(path: &Path) -> Vec<i32> {
+    let needle = path.to_str().unwrap().as_bytes();
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(needle.len()).any(|w| w == needle))
+        })
+        .filter(|&pid| process_alive(pid))
+        .collect()
+}
+
+impl Nodes {
+    fn new() -> Nodes {
+        let here = TestPool::new(1);
+        let there = TestPool::new(1);
+        here.ok(&["volume", "create", "v", "--size", &SIZE.to_string()]);
+        let mount_here = here.mount();
+        let mount_there = there.mount();
+        let sshd = Sshd::start();
+        let nodes = Nodes {
+            mount_here,
+            mount_there,
+            sshd,
+            there,
+            here,
+            model: vec![0u8; SIZE],
+            rng: Rng(0xc0b1),
+        };
+        read_mounted(&nodes.mount_here.mountpoint.join("volumes/v"));
+        wait_closed(&nodes.here, "v");
+        nodes
+    }
+
+    /// `imgpool copy ARGS` run here, the other node reached through the test's sshd.
+    fn copy_command(&self, args: &[&str]) -> Command {
+        let mut all = vec!["copy"];
+        all.extend_from_slice(args);
+        let rsh = self.sshd.rsh();
+        all.extend([
+            "--rsh",
+            &rsh,
+            "--remote-state-dir",
+            self.there.state.to_str().unwrap(),
+            "--remote-imgpool",
+            BIN,
+        ]);
+        self.here.command(&all)
+    }
+
+    fn copy(&self, args: &[&str]) -> Output {
+        self.copy_command(args).output().unwrap()
+    }
+
+    fn copy_ok(&self, args: &[&str]) -> String {
+        let out = self.copy(args);
+        assert!(
+            out.status.success(),
+            "copy {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Writes `pieces` pieces of PIECE random bytes at distinct places of the source, through
+    /// its mount; returns the bytes written.
+    fn rewrite(&mut self, pieces: usize) -> usize {
+        let path = self.mount_here.mountpoint.join("volumes/v");
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let mut slots: Vec<usize> = Vec::new();
+        while slots.len() < pieces {
+            let slot = self.rng.below((SIZE / PIECE) as u64) as usize;
+            if !slots.contains(&slot) {
+                slots.push(slot);
+            }
+        }
+        for slot in slots {
+            let seed = self.rng.next();
+            let data: Vec<u8> = (0..PIECE)
+                .map(|i| (seed.wrapping_mul(i as u64 + 1) >> 24) as u8)
+                .collect();
+            file.write_all_at(&data, (slot * PIECE) as u64).unwrap();
+            self.model[slot * PIECE..(slot + 1) * PIECE].copy_from_slice(&data);
+        }
+        file.sync_all().unwrap();
+        drop(file);
+        wait_closed(&self.here, "v");
+        pieces * PIECE
+    }
+
+    fn snapshot(&self, pool: &TestPool, target: &str) {
+        pool.ok(&["snapshot", "create", target]);
+    }
+
+    fn source(&self) -> State {
+        let state = state(&self.here, &self.mount_here, "v").unwrap();
+        assert!(
+            state.live == self.model,
+            "the source differs from its model"
+        );
+        state
+    }
+
+    fn target(&self) -> Option<State> {
+        state(&self.there, &self.mount_there, "v")
+    }
+
+    /// The target equals the source: the same snapshots (names and guids), each and the live
+    /// volume byte-equal.
+    fn assert_equal(&self, what: &str) {
+        let source = self.source();
+        let target = self.target().unwrap_or_else(|| panic!("{what}: no target"));
+        assert_eq!(target, source, "{what}: the snapshots differ");
+        for ((name, _, a), (_, _, b)) in source.snapshots.iter().zip(&target.snapshots) {
+            assert!(a == b, "{what}: snapshot {name} differs");
+        }
+        assert!(
+            target.live == source.live,
+            "{what}: the live volume differs"
+        );
+    }
+
+    /// Waits until no command works on either pool any more (after a cut, the far side's
+    /// commands notice it on their own time).
+    fn settle(&self) {
+        for pool in [&self.here, &self.there] {
+            assert!(
+                wait_until(Duration::from_secs(30), || processes_naming(&pool.state)
+                    .is_empty()),
+                "commands on {} still run: {:?}",
+                pool.state.display(),
+                processes_naming(&pool.state)
+            );
+        }
+    }
+
+    /// A start on both sides (a pool-changing command runs recovery first), then no
+    /// temporary snapshot left on either.
+    fn assert_no_temporary_snapshots_after_a_start(&self, what: &str) {
+        for (pool, name) in [(&self.here, "here"), (&self.there, "there")] {
+            pool.ok(&["repair"]);
+            if !exists(pool, "v") {
+                continue;
+            }
+            let left: Vec<String> = snapshots(pool, "v")
+                .into_iter()
+                .map(|(n, _)| n)
+                .filter(|n| n.contains("-tmp-"))
+                .collect();
+            assert!(left.is_empty(), "{what}: {name} keeps {left:?}");
+        }
+    }
+}
+
+fn summary(stdout: &str) -> serde_json::Value {
+    serde_json::from_str(stdout).unwrap_or_else(|e| panic!("copy --json: {e}: {stdout}"))
+}
+
+#[test]
+fn copies_and_refreshes_over_ssh_are_equal_on_both_sides_and_send_what_changed() {
+    let test = "copies_and_refreshes_over_ssh_are_equal_on_both_sides_and_send_what_changed";
+    if !can_mount(test) {
+        return;
+    }
+    let mut nodes = Nodes::new();
+    nodes.rewrite(64);
+    nodes.snapshot(&nodes.here, "v@s1");
+    nodes.rewrite(64);
+    nodes.snapshot(&nodes.here, "v@s2");
+    nodes.rewrite(16);
+
+    // A dry run plans and changes nothing.
+    let planned = nodes.copy_ok(&["v", "localhost:v", "--dry-run"]);
+    assert!(planned.contains("a full copy"), "{planned}");
+    assert!(nodes.target().is_none(), "a dry run created the target");
+
+    let full = summary(&nodes.copy_ok(&["v", "localhost:v", "--json"]));
+    assert_eq!(full["kind"], "full", "{full}");
+    assert!(
+        full["bytes"].as_u64().unwrap() >= (144 * PIECE) as u64,
+        "{full}"
+    );
+    nodes.assert_equal("after the full copy");
+    nodes.assert_no_temporary_snapshots_after_a_start("after the full copy");
+
+    // An existing target is refreshed only when asked.
+    let before = nodes.target();
+    let line = failed_cleanly(
+        "copy onto an existing target",
+        &nodes.copy(&["v", "localhost:v"]),
+    );
+    assert!(line.contains("--refresh"), "{line}");
+    assert_eq!(nodes.target(), before);
+
+    // Rewrites on the source, a snapshot, more rewrites: the refresh carries about them.
+    let mut changed = nodes.rewrite(16);
+    nodes.snapshot(&nodes.here, "v@s3");
+    changed += nodes.rewrite(8);
+    let refresh = summary(&nodes.copy_ok(&["v", "localhost:v", "--refresh", "--json"]));
+    assert_eq!(refresh["kind"], "incremental", "{refresh}");
+    assert_eq!(refresh["common"], "s2", "{refresh}");
+    let crossed = refresh["bytes"].as_u64().unwrap() as usize;
+    assert!(
+        crossed >= changed && crossed <= changed * 11 / 10 + 256 * 1024,
+        "{crossed} bytes crossed for {changed} changed"
+    );
+    nodes.assert_equal("after the refresh");
+
+    // The target diverges: a write and a snapshot of its own.
+    {
+        let path = nodes.mount_there.mountpoint.join("volumes/v");
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[7u8; 4096], 0).unwrap();
+        file.sync_all().unwrap();
+    }
+    wait_closed(&nodes.there, "v");
+    nodes.snapshot(&nodes.there, "v@mine");
+    let diverged = nodes.target();
+    let plan = nodes.copy_ok(&["v", "localhost:v", "--refresh", "--dry-run"]);
+    assert!(plan.contains("would delete localhost:v@mine"), "{plan}");
+    assert_eq!(nodes.target(), diverged, "a dry run changed the target");
+    assert!(nodes.target().unwrap().live == diverged.as_ref().unwrap().live);
+    nodes.rewrite(4);
+    nodes.snapshot(&nodes.here, "v@s4");
+    let done = nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
+    assert!(done.contains("will delete localhost:v@mine"), "{done}");
+    nodes.assert_equal("after the refresh over the target's own snapshot");
+
+    // And back: the far side's volume pulled into a new one here.
+    nodes.copy_ok(&["localhost:v", "back", "--json"]);
+    let back = state(&nodes.here, &nodes.mount_here, "back").unwrap();
+    assert_eq!(back, nodes.source(), "pulled back");
+    assert!(back.live == nodes.model);
+    nodes.assert_no_temporary_snapshots_after_a_start("at the end");
+}
+
+/// Starts a copy and cuts the connection after `delay`, killing sshd's connection processes
+/// or the copy's ssh client; returns the copy's output.
+fn cut_copy(nodes: &Nodes, args: &[&str], delay: Duration, client_side: bool) -> Output {
+    let mut child = ChildGuard(Some(
+        nodes
+            .copy_command(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let start = Instant::now();
+    while start.elapsed() < delay {
+        if child.0.as_mut().unwrap().try_wait().unwrap().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if client_side {
+        for pid in children_of(child.pid()) {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "ssh" {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    } else {
+        nodes.sshd.cut();
+    }
+    let out = child.0.take().unwrap().wait_with_output().unwrap();
+    if !out.status.success() {
+        let line = failed_cleanly("a cut copy", &out);
+        assert!(
+            line.contains("localhost"),
+            "the failure names the host: {line}"
+        );
+    }
+    out
+}
+
+/// Every snapshot of the target is whole: byte-equal to the source's snapshot of its guid.
+fn assert_snapshots_whole(source: &State, target: &State, what: &str) {
+    for (name, guid, bytes) in &target.snapshots {
+        let of_source = source
+            .snapshots
+            .iter()
+            .find(|s| &s.1 == guid)
+            .unwrap_or_else(|| panic!("{what}: target snapshot {name} is not the source's"));
+        assert!(
+            &of_source.2 == bytes,
+            "{what}: snapshot {name} is half-applied"
+        );
+    }
+}
+
+#[test]
+fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state() {
+    let test = "copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state";
+    if !can_mount(test) {
+        return;
+    }
+    let mut nodes = Nodes::new();
+    nodes.rewrite(128);
+    nodes.snapshot(&nodes.here, "v@s1");
+    nodes.rewrite(128);
+    nodes.snapshot(&nodes.here, "v@s2");
+    nodes.rewrite(32);
+
+    // How long a whole copy takes here: the cuts fall within it.
+    let started = Instant::now();
+    nodes.copy_ok(&["v", "localhost:probe"]);
+    let span = started.elapsed().as_millis() as u64 + 1;
+    nodes.there.ok(&["volume", "rm", "--recursive", "probe"]);
+
+    let mut rng = Rng(0x5eed_c075);
+    for round in 0..3 {
+        let what = format!("full copy, cut {round}");
+        let source = nodes.source();
+        let delay = Duration::from_millis(rng.below(span));
+        cut_copy(&nodes, &["v", "localhost:v"], delay, round % 2 == 0);
+        nodes.settle();
+        match nodes.target() {
+            None => {}
+            Some(target) => {
+                // The snapshots arrive as one package: all of them, whole.
+                assert_eq!(target.snapshots.len(), source.snapshots.len(), "{what}");
+                assert_snapshots_whole(&source, &target, &what);
+                let newest = &source.snapshots.last().unwrap().2;
+                assert!(
+                    target.live == *newest || target.live == source.live,
+                    "{what}: the live volume is neither the newest snapshot nor the source's"
+                );
+            }
+        }
+        nodes.assert_no_temporary_snapshots_after_a_start(&what);
+        if nodes.target().is_some() {
+            nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
+            nodes.assert_equal(&what);
+            nodes.there.ok(&["volume", "rm", "--recursive", "v"]);
+        }
+    }
+
+    nodes.copy_ok(&["v", "localhost:v"]);
+    for round in 0..4 {
+        let what = format!("refresh, cut {round}");
+        nodes.rewrite(64);
+        nodes.snapshot(&nodes.here, &format!("v@r{round}"));
+        nodes.rewrite(16);
+        let before = nodes.target().unwrap();
+        let source = nodes.source();
+        let delay = Duration::from_millis(rng.below(span / 2 + 1));
+        cut_copy(
+            &nodes,
+            &["v", "localhost:v", "--refresh"],
+            delay,
+            round % 2 == 1,
+        );
+        nodes.settle();
+        let after = nodes
+            .target()
+            .unwrap_or_else(|| panic!("{what}: the target was lost"));
+        // What it had stays (nothing newer than the common snapshot to discard here), and
+        // what it got is whole.
+        assert_eq!(
+            after.snapshots[..before.snapshots.len()],
+            before.snapshots[..],
+            "{what}"
+        );
+        assert!(
+            after.snapshots.len() <= before.snapshots.len() + 1,
+            "{what}"
+        );
+        assert_snapshots_whole(&source, &after, &what);
+        let allowed = [
+            &before.live,
+            &before.snapshots.last().unwrap().2,
+            &after.snapshots.last().unwrap().2,
+            &source.live,
+        ];
+        assert!(
+            allowed.contains(&&after.live),
+            "{what}: the live volume is not a state the target had or was sent"
+        );
+        nodes.assert_no_temporary_snapshots_after_a_start(&what);
+        nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
+        nodes.assert_equal(&what);
+    }
+}
+
+#[test]
+fn unreachable_hosts_existing_targets_and_bad_names_fail_with_one_line_and_change_nothing() {
+    let test =
+        "unreachable_hosts_existing_targets_and_bad_names_fail_with_one_line_and_change_nothing";
+    if !can_mount(test) {
+        return;
+    }
+    let mut nodes = Nodes::new();
+    nodes.rewrite(8);
+    nodes.snapshot(&nodes.here, "v@s1");
+
+    // A port nobody listens on: ssh exits 255; its last line is in the message.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rsh = format!("ssh -p {closed} -o BatchMode=yes -o ConnectTimeout=5");
+    let out = nodes.here.run(&["copy", "v", "localhost:v", "--rsh", &rsh]);
+    let line = failed_cleanly("copy to an unreachable host", &out);
+    assert!(line.contains("cannot reach localhost"), "{line}");
+    assert!(line.contains("Connection refused"), "{line}");
+    assert!(nodes.target().is_none());
+    let source = nodes.source();
+
+    // A target there that shares nothing with the source: refused even with --refresh.
+    nodes
+        .there
+        .ok(&["volume", "create", "v", "--size", &SIZE.to_string()]);
+    nodes.snapshot(&nodes.there, "v@other");
+    let before = nodes.target();
+    for args in [
+        &["v", "localhost:v"][..],
+        &["v", "localhost:v", "--refresh"][..],
+    ] {
+        let line = failed_cleanly(&format!("copy {args:?}"), &nodes.copy(args));
+        assert!(line.contains("localhost:v"), "{line}");
+        assert_eq!(nodes.target(), before, "{args:?} changed the target");
+    }
+
+    // Bad names, on either side.
+    for (args, expected) in [
+        (&["nosuch", "localhost:w"][..], "nosuch"),
+        (&["v@s1", "localhost:w"][..], "names a snapshot"),
+        (&["v", ":w"][..], "no host"),
+        (&["v", "v"][..], "same volume"),
+    ] {
+        let line = failed_cleanly(&format!("copy {args:?}"), &nodes.copy(args));
+        assert!(line.contains(expected), "{args:?}: {line}");
+    }
+    let line = failed_cleanly(
+        "a missing remote imgpool",
+        &nodes.here.run(&[
+            "copy",
+            "v",
+            "localhost:w",
+            "--rsh",
+            &nodes.sshd.rsh(),
+            "--remote-imgpool",
+            "/nonexistent/imgpool",
+        ]),
+    );
+    assert!(line.contains("--remote-imgpool"), "{line}");
+    assert!(!exists(&nodes.there, "w"));
+    assert_eq!(nodes.source(), source);
+}
