@@ -399,3 +399,125 @@ fn bad_sends_fail_with_one_line_and_write_nothing() {
         ["a", "b"]
     );
 }
+
+fn kill9(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Runs `recv args` from `stream` in the background, killed `delay` after it started (unless
+/// it ended first); whether it succeeded.
+fn recv_killed_after(pool: &TestPool, args: &[&str], stream: &Path, delay: Duration) -> bool {
+    let mut all = vec!["recv"];
+    all.extend_from_slice(args);
+    let mut child = ChildGuard(Some(
+        pool.command(&all)
+            .stdin(File::open(stream).unwrap())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    std::thread::sleep(delay);
+    kill9(child.pid());
+    child
+        .wait_timeout(Duration::from_secs(60))
+        .unwrap()
+        .success()
+}
+
+#[test]
+fn a_receive_killed_at_any_instant_leaves_the_target_whole() {
+    let test = "a_receive_killed_at_any_instant_leaves_the_target_whole";
+    if !can_mount(test) {
+        return;
+    }
+    let here = TestPool::new(1);
+    let there = TestPool::new(1);
+    let mount_here = here.mount();
+    let mount_there = there.mount();
+    let size = 32 * MIB;
+    here.ok(&["volume", "create", "v", "--size", &size.to_string()]);
+    let path = mount_here.mountpoint.join("volumes/v");
+    read_mounted(&path);
+    let mut rng = Rng(3);
+    let mut at = Vec::new();
+    for i in 1..=2 {
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        for _ in 0..64 {
+            let offset = rng.below((size - MIB) as u64) / 4096 * 4096;
+            file.write_all_at(&vec![(rng.next() | 1) as u8; 256 * 1024], offset)
+                .unwrap();
+        }
+        drop(file);
+        wait_closed(&here, "v");
+        here.ok(&["snapshot", "create", &format!("v@s{i}")]);
+        at.push(read_mounted(
+            &mount_here.mountpoint.join(format!("snapshots/v/s{i}")),
+        ));
+    }
+    wait_closed(&here, "v");
+    let whole = here.path("whole");
+    let step = here.path("step");
+    send_ok(&here, &["v@s1"], &whole);
+    send_ok(&here, &["v@s2", "--from", "s1"], &step);
+
+    // How long each takes whole, to spread the kills over it.
+    let started = std::time::Instant::now();
+    recv_ok(&there, &["w"], &whole);
+    let whole_takes = started.elapsed();
+    wait_closed(&there, "w");
+    let started = std::time::Instant::now();
+    recv_ok(&there, &["w"], &step);
+    let step_takes = started.elapsed();
+    there.ok(&["volume", "rm", "w", "--recursive"]);
+
+    let instants = std::env::var("IMGPOOL_KILL_INSTANTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(6u32);
+    for i in 0..instants {
+        // A new volume: there whole, or not at all.
+        let delay = whole_takes.mul_f64(f64::from(i) / f64::from(instants));
+        let done = recv_killed_after(&there, &["w"], &whole, delay);
+        // The next command that changes the pool cleans up what the dead receive left.
+        there.ok(&["gc"]);
+        let listed: Vec<String> = there
+            .json(&["volume", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect();
+        if !done && listed.is_empty() {
+            continue;
+        }
+        assert_eq!(listed, ["w"], "killed after {delay:?}");
+        assert!(
+            read_mounted(&mount_there.mountpoint.join("snapshots/w/s1")) == at[0],
+            "killed after {delay:?}: s1 differs"
+        );
+        wait_closed(&there, "w");
+
+        // An existing volume: at s1 as before, or at s2 whole.
+        let delay = step_takes.mul_f64(f64::from(i) / f64::from(instants));
+        let done = recv_killed_after(&there, &["w"], &step, delay);
+        there.ok(&["gc"]);
+        let names: Vec<String> = snapshots(&there, "w").into_iter().map(|(n, _)| n).collect();
+        let expected_live = match names.as_slice() {
+            [a] if a == "s1" && !done => &at[0],
+            [a, b] if a == "s1" && b == "s2" => &at[1],
+            other => panic!("killed after {delay:?}: snapshots {other:?} (done: {done})"),
+        };
+        assert!(
+            read_mounted(&mount_there.mountpoint.join("volumes/w")) == *expected_live,
+            "killed after {delay:?}: the live volume is neither s1 nor s2"
+        );
+        wait_closed(&there, "w");
+        there.ok(&["volume", "rm", "w", "--recursive"]);
+    }
+    mount_there.unmount();
+    mount_here.unmount();
+}

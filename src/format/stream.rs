@@ -30,6 +30,10 @@ pub const MAGIC: &[u8; 8] = b"IMGPSTR1";
 /// The largest payload a record may have: a `Data` record of 1 MiB and its offset.
 pub const MAX_PAYLOAD: usize = (1 << 20) + 64;
 
+/// The largest header: it lists the package's snapshots, about 150 bytes each, so a package of
+/// a million snapshots fits (ZFS's `send -R` stops at 65,535).
+pub const MAX_HEADER: usize = 256 << 20;
+
 /// The most data one `Data` or `ImageData` record carries.
 pub const MAX_DATA: usize = 1 << 20;
 
@@ -360,7 +364,19 @@ impl<W: Write> StreamWriter<W> {
 
     pub fn write(&mut self, record: &Record) -> io::Result<()> {
         let payload = record.payload();
-        debug_assert!(payload.len() <= MAX_PAYLOAD);
+        let max = match record {
+            Record::Header(_) => MAX_HEADER,
+            _ => MAX_PAYLOAD,
+        };
+        if payload.len() > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a stream record of {} bytes is over the limit of {max}",
+                    payload.len()
+                ),
+            ));
+        }
         let mut head = [0u8; 13];
         head[0] = record.kind();
         head[1..9].copy_from_slice(&self.seq.to_le_bytes());
@@ -452,7 +468,12 @@ impl<R: Read> StreamReader<R> {
         }
         let kind = head[0];
         let len = u32::from_le_bytes(head[9..13].try_into().unwrap()) as usize;
-        if len > MAX_PAYLOAD {
+        let max = if kind == KIND_HEADER {
+            MAX_HEADER
+        } else {
+            MAX_PAYLOAD
+        };
+        if len > max {
             // A length this large is damage, not a record: do not allocate it.
             return Err(StreamError::Corrupt { seq });
         }
@@ -728,6 +749,22 @@ mod tests {
         let mut trailing = whole.clone();
         trailing.push(0);
         assert!(matches!(decode(&trailing), Err(StreamError::TrailingData)));
+    }
+
+    #[test]
+    fn a_header_of_a_million_snapshots_fits() {
+        let mut big = header();
+        big.snapshots = (0..1_000_000)
+            .map(|i| StreamSnapshot {
+                name: format!("daily-2026-11-30T00:00:00-{i:07}"),
+                guid: "7f0c5a2e-8a8b-4d0e-9d55-2a6f1f3c9b10".into(),
+                created: 1_790_000_000 + i,
+                size: 1 << 40,
+                temporary: false,
+            })
+            .collect();
+        let records = vec![Record::Header(big), Record::End];
+        assert_eq!(decode(&encode(&records)).unwrap(), records);
     }
 
     #[test]
