@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use crate::core::copy_plan::{self, Kind, Package, Plan, Refusal, Snapshot};
 use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::stream::StreamProgress;
 use crate::format::units::bytes;
 
 #[derive(Args, Debug)]
@@ -374,11 +375,13 @@ fn run_package(
 
     if let Some(bar) = &progress.bar {
         bar.set_prefix(label);
+        bar.set_message("");
         bar.set_position(0);
         bar.reset_elapsed();
     }
     let mut buf = vec![0u8; 1 << 20];
     let mut crossed = 0u64;
+    let mut followed = StreamProgress::default();
     // Why the relay stopped early, if it did.
     let relay_error = loop {
         let n = match stream.read(&mut buf) {
@@ -394,7 +397,14 @@ fn run_package(
         }
         crossed += n as u64;
         if let Some(bar) = &progress.bar {
+            followed.feed(&buf[..n]);
             bar.set_position(crossed);
+            if followed.snapshots > 0 {
+                bar.set_message(format!(
+                    "snapshot {} of {}",
+                    followed.begun, followed.snapshots
+                ));
+            }
         }
     };
     // The end of the stream for the receiver: it applies what it got, or refuses a cut one.
