@@ -31,6 +31,9 @@ struct Nodes {
     here: TestPool,
     /// The source volume's content now.
     model: Vec<u8>,
+    /// The PIECE slots rewritten so far: rewrites go to fresh ones while there are, so that
+    /// the bytes changed add up.
+    used: Vec<bool>,
     rng: Rng,
 }
 
@@ -112,7 +115,7 @@ fn state(pool: &TestPool, mount: &MountGuard, volume: &str) -> Option<State> {
 }
 
 /// The processes whose command line names `path` (a pool's state dir): the commands still
-/// working on that pool, here or behind the ssh connection.
+/// working on that pool, here or behind the ssh connection, and its mount daemon.
 fn processes_naming(path: &Path) -> Vec<i32> {
     let needle = path.to_str().unwrap().as_bytes();
     let me = std::process::id() as i32;
@@ -144,6 +147,7 @@ impl Nodes {
             there,
             here,
             model: vec![0u8; SIZE],
+            used: vec![false; SIZE / PIECE],
             rng: Rng(0xc0b1),
         };
         read_mounted(&nodes.mount_here.mountpoint.join("volumes/v"));
@@ -188,10 +192,12 @@ impl Nodes {
         let path = self.mount_here.mountpoint.join("volumes/v");
         let file = OpenOptions::new().write(true).open(&path).unwrap();
         let mut slots: Vec<usize> = Vec::new();
+        let fresh_left = self.used.iter().filter(|u| !**u).count() >= pieces;
         while slots.len() < pieces {
             let slot = self.rng.below((SIZE / PIECE) as u64) as usize;
-            if !slots.contains(&slot) {
+            if !slots.contains(&slot) && !(fresh_left && self.used[slot]) {
                 slots.push(slot);
+                self.used[slot] = true;
             }
         }
         for slot in slots {
@@ -243,13 +249,19 @@ impl Nodes {
     /// Waits until no command works on either pool any more (after a cut, the far side's
     /// commands notice it on their own time).
     fn settle(&self) {
+        let daemons = [self.mount_here.pid, self.mount_there.pid];
+        let commands = |pool: &TestPool| -> Vec<i32> {
+            processes_naming(&pool.state)
+                .into_iter()
+                .filter(|pid| !daemons.contains(&Some(*pid)))
+                .collect()
+        };
         for pool in [&self.here, &self.there] {
             assert!(
-                wait_until(Duration::from_secs(30), || processes_naming(&pool.state)
-                    .is_empty()),
+                wait_until(Duration::from_secs(30), || commands(pool).is_empty()),
                 "commands on {} still run: {:?}",
                 pool.state.display(),
-                processes_naming(&pool.state)
+                commands(pool)
             );
         }
     }
@@ -287,7 +299,7 @@ fn copies_and_refreshes_over_ssh_are_equal_on_both_sides_and_send_what_changed()
     nodes.snapshot(&nodes.here, "v@s1");
     nodes.rewrite(64);
     nodes.snapshot(&nodes.here, "v@s2");
-    nodes.rewrite(16);
+    let live_at_copy = nodes.rewrite(16);
 
     // A dry run plans and changes nothing.
     let planned = nodes.copy_ok(&["v", "localhost:v", "--dry-run"]);
@@ -312,8 +324,10 @@ fn copies_and_refreshes_over_ssh_are_equal_on_both_sides_and_send_what_changed()
     assert!(line.contains("--refresh"), "{line}");
     assert_eq!(nodes.target(), before);
 
-    // Rewrites on the source, a snapshot, more rewrites: the refresh carries about them.
-    let mut changed = nodes.rewrite(16);
+    // Rewrites on the source, a snapshot, more rewrites: the refresh carries about them, and
+    // what was written after s2 before the full copy (whose live state the refresh discards
+    // on the target, rolled back to s2).
+    let mut changed = live_at_copy + nodes.rewrite(16);
     nodes.snapshot(&nodes.here, "v@s3");
     changed += nodes.rewrite(8);
     let refresh = summary(&nodes.copy_ok(&["v", "localhost:v", "--refresh", "--json"]));
@@ -344,6 +358,7 @@ fn copies_and_refreshes_over_ssh_are_equal_on_both_sides_and_send_what_changed()
     nodes.snapshot(&nodes.here, "v@s4");
     let done = nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
     assert!(done.contains("will delete localhost:v@mine"), "{done}");
+    assert!(done.contains("deleted localhost:v@mine\n"), "{done}");
     nodes.assert_equal("after the refresh over the target's own snapshot");
 
     // And back: the far side's volume pulled into a new one here.
@@ -396,6 +411,16 @@ fn cut_copy(nodes: &Nodes, args: &[&str], delay: Duration, client_side: bool) ->
     out
 }
 
+/// Cuts per kind of copy.
+const ROUNDS: u64 = 4;
+
+/// The instant of cut `round` within `span` ms: one in each quarter of it, at a random place
+/// there, so that the cuts fall early, midway and late in every run.
+fn spread(round: u64, span: u64, rng: &mut Rng) -> Duration {
+    let quarter = span / ROUNDS + 1;
+    Duration::from_millis(round * quarter + rng.below(quarter))
+}
+
 /// Every snapshot of the target is whole: byte-equal to the source's snapshot of its guid.
 fn assert_snapshots_whole(source: &State, target: &State, what: &str) {
     for (name, guid, bytes) in &target.snapshots {
@@ -431,12 +456,19 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
     nodes.there.ok(&["volume", "rm", "--recursive", "probe"]);
 
     let mut rng = Rng(0x5eed_c075);
-    for round in 0..3 {
+    let mut cut_short = 0;
+    for round in 0..ROUNDS {
         let what = format!("full copy, cut {round}");
         let source = nodes.source();
-        let delay = Duration::from_millis(rng.below(span));
-        cut_copy(&nodes, &["v", "localhost:v"], delay, round % 2 == 0);
+        let delay = spread(round, span, &mut rng);
+        let out = cut_copy(&nodes, &["v", "localhost:v"], delay, round % 2 == 0);
+        cut_short += usize::from(!out.status.success());
         nodes.settle();
+        eprintln!(
+            "{what} after {delay:?} of {span} ms: {}, target {:?}",
+            out.status,
+            nodes.target()
+        );
         match nodes.target() {
             None => {}
             Some(target) => {
@@ -458,22 +490,39 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
         }
     }
 
+    // The cuts fell inside copies, not only after them (the seed is fixed).
+    assert!(cut_short > 0, "no cut stopped a copy");
+
     nodes.copy_ok(&["v", "localhost:v"]);
-    for round in 0..4 {
+    // How long a refresh of such changes takes.
+    nodes.rewrite(64);
+    nodes.snapshot(&nodes.here, "v@probe");
+    nodes.rewrite(16);
+    let started = Instant::now();
+    nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
+    let refresh_span = started.elapsed().as_millis() as u64 + 1;
+    let mut refreshes_cut_short = 0;
+    for round in 0..ROUNDS {
         let what = format!("refresh, cut {round}");
         nodes.rewrite(64);
         nodes.snapshot(&nodes.here, &format!("v@r{round}"));
         nodes.rewrite(16);
         let before = nodes.target().unwrap();
         let source = nodes.source();
-        let delay = Duration::from_millis(rng.below(span / 2 + 1));
-        cut_copy(
+        let delay = spread(round, refresh_span, &mut rng);
+        let out = cut_copy(
             &nodes,
             &["v", "localhost:v", "--refresh"],
             delay,
             round % 2 == 1,
         );
+        refreshes_cut_short += usize::from(!out.status.success());
         nodes.settle();
+        eprintln!(
+            "{what} after {delay:?} of {refresh_span} ms: {}, {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
         let after = nodes
             .target()
             .unwrap_or_else(|| panic!("{what}: the target was lost"));
@@ -503,6 +552,7 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
         nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
         nodes.assert_equal(&what);
     }
+    assert!(refreshes_cut_short > 0, "no cut stopped a refresh");
 }
 
 #[test]

@@ -170,12 +170,21 @@ impl<'a> Side<'a> {
             .unwrap_or_default()
     }
 
+    /// Whether a command of this side ended because its connection did (ssh exits 255, or
+    /// was killed).
+    fn lost_connection(&self, status: ExitStatus) -> bool {
+        self.host.is_some() && matches!(status.code(), Some(255) | None)
+    }
+
     /// The error of a command of this side that exited with `status`, from the last line it
     /// wrote on standard error (imgpool's one-line message, or ssh's).
     fn failure(&self, status: ExitStatus, stderr: &[u8]) -> Error {
         let text = String::from_utf8_lossy(stderr);
-        let line = last_line(&text);
-        let line = line.strip_prefix("imgpool: ").unwrap_or(line);
+        let line = match last_line(&text) {
+            "" if self.lost_connection(status) => "ssh ended without a message",
+            "" => "it ended without a message",
+            line => line.strip_prefix("imgpool: ").unwrap_or(line),
+        };
         match (&self.host, status.code()) {
             (Some(host), Some(255)) if self.reached.get() => Error::refused(
                 ErrorKind::Interrupted,
@@ -193,6 +202,13 @@ impl<'a> Side<'a> {
                 ),
             ),
             (_, Some(_)) => Error::refused(ErrorKind::Conflict, format!("{}{line}", self.on())),
+            (Some(host), None) => Error::refused(
+                ErrorKind::Interrupted,
+                format!(
+                    "the connection to {host} was lost: {} was killed ({status})",
+                    self.starter()
+                ),
+            ),
             (_, None) => Error::refused(
                 ErrorKind::Interrupted,
                 format!("{} was killed ({status}) {line}", self.starter()),
@@ -251,7 +267,7 @@ fn last_line(text: &str) -> &str {
         .rev()
         .map(str::trim)
         .find(|l| !l.is_empty())
-        .unwrap_or("(no message)")
+        .unwrap_or("")
 }
 
 /// The child processes of one package: killed (SIGKILL) and reaped when dropped unless they
@@ -423,11 +439,12 @@ fn run_package(
     children.0.clear();
 
     if !receiver_status.success() {
-        // The sender's failure comes first when there is one: a cut stream is its effect.
-        if !sender_status.success() {
-            return Err(source.failure(sender_status, &send_err));
+        // The first cause first: a lost connection (either side's ssh), then the sender (a
+        // cut stream is its effect on the receiver), then the receiver.
+        if target.lost_connection(receiver_status) || sender_status.success() {
+            return Err(target.failure(receiver_status, &recv_err));
         }
-        return Err(target.failure(receiver_status, &recv_err));
+        return Err(source.failure(sender_status, &send_err));
     }
     if let Some(error) = relay_error {
         return Err(Error::refused(ErrorKind::Interrupted, error));
@@ -602,12 +619,13 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
     let count = plan.packages.len();
     let mut total = 0u64;
     let mut packages = Vec::new();
+    let mut discarded: Vec<String> = Vec::new();
     for (index, package) in plan.packages.iter().enumerate() {
         let what = match &package.to {
             Some(_) => format!("{} snapshot(s)", plan.send.len()),
             None => "the current state".to_string(),
         };
-        let label = format!("package {} of {count}: {what}", index + 1);
+        let label = format!("package {} of {count} ({what})", index + 1);
         let crossed =
             run_package(&source, &target, package, &progress, label.clone()).map_err(|e| {
                 if let Some(bar) = &progress.bar {
@@ -624,13 +642,36 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
                 )
             })?;
         total += crossed.bytes;
+        // What `recv --force` discarded, as it reports it: the plan's list, unless the target
+        // took a snapshot after the plan was made.
+        let gone: Vec<String> = crossed.received["discarded"]["snapshots"]
+            .as_array()
+            .map(|list| {
+                list.iter()
+                    .filter_map(|n| n.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
         if !args.json {
-            let line = format!("{label}: {} crossed", bytes(crossed.bytes));
-            match &progress.bar {
-                Some(bar) => bar.println(line),
-                None => println!("{line}"),
+            let mut lines = vec![format!("{label}: {} crossed", bytes(crossed.bytes))];
+            for name in &gone {
+                lines.push(if plan.discard.contains(name) {
+                    format!("deleted {}@{name}", target.label)
+                } else {
+                    format!(
+                        "deleted {}@{name}, which the target took after the plan was made",
+                        target.label
+                    )
+                });
+            }
+            for line in lines {
+                match &progress.bar {
+                    Some(bar) => bar.println(line),
+                    None => println!("{line}"),
+                }
             }
         }
+        discarded.extend(gone);
         packages.push(json!({
             "to": package.to, "from": package.from, "from_all": package.from_all,
             "force": package.force, "bytes": crossed.bytes,
@@ -646,6 +687,7 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
             .last()
             .and_then(|p| p["sent"]["temporary_snapshot"].as_str().map(String::from));
         summary["bytes"] = json!(total);
+        summary["discarded"] = json!(discarded);
         summary["temporary_snapshot"] = json!(temporary);
         summary["packages"] = Value::Array(packages);
         super::print_json(&summary);
