@@ -3,12 +3,12 @@
 # localhost, side by side with what one would use on flat files, in one run on the same data.
 #
 #   sudo scripts/bench/sendrecv.sh                  4 GiB volume with 2 GiB of data
-#   sudo scripts/bench/sendrecv.sh --size 256M      a small run (changes over a quarter of the
-#                                                   volume are left out)
+#   sudo scripts/bench/sendrecv.sh --size 256M      a small run (the change sizes scaled down)
 #
 # Options:
 #   --size SIZE      the volume (and flat file) size, half of it data (default 4G)
-#   --changes LIST   the change sizes of the incremental sends (default 1M,100M,1G)
+#   --changes LIST   the change sizes of the incremental sends (default 1M,100M,1G at 4G: 1 MiB,
+#                    about 1/40 and 1/4 of the volume; sizes over a quarter are left out)
 #   --json-out FILE  the raw results (default target/bench/sendrecv.json)
 #
 # The data: random bytes in every other 64 MiB of a volume (written through the mount) and of
@@ -36,7 +36,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$ROOT"
 SIZE_ARG=4G
-CHANGES_ARG=1M,100M,1G
+CHANGES_ARG=""
 JSON_OUT=$ROOT/target/bench/sendrecv.json
 ORIG_ARGS=("$@")
 die() { echo "sendrecvbench: $*" >&2; exit 1; }
@@ -54,6 +54,8 @@ while (($#)); do
 done
 SIZE=$(numfmt --from=iec "$SIZE_ARG" 2>/dev/null) || { echo "sendrecvbench: --size '$SIZE_ARG' is not a size like 256M or 4G" >&2; exit 2; }
 ((SIZE >= 134217728 && SIZE % 134217728 == 0)) || { echo "sendrecvbench: --size must be a multiple of 128M" >&2; exit 2; }
+# 1 MiB, 100/4096 and 1/4 of the volume, in whole 64 KiB pieces: 1M,100M,1G at 4G.
+[[ -n $CHANGES_ARG ]] || CHANGES_ARG=1M,$((SIZE * 100 / 4096 / 65536 * 65536)),$((SIZE / 4))
 CHANGES=()
 for c in ${CHANGES_ARG//,/ }; do
     b=$(numfmt --from=iec "$c" 2>/dev/null) || { echo "sendrecvbench: --changes: '$c' is not a size" >&2; exit 2; }
