@@ -219,16 +219,20 @@ impl<'a> Side<'a> {
     /// The volume's snapshots (temporary ones left out), oldest first; `None` when it does not
     /// exist.
     fn snapshots(&self, must_exist: bool) -> Result<Option<Vec<Snapshot>>> {
-        if !must_exist {
-            let volumes = self.query(&["volume", "list"])?;
-            let exists = volumes
-                .as_array()
-                .is_some_and(|list| list.iter().any(|v| v["name"] == self.volume.as_str()));
-            if !exists {
-                return Ok(None);
+        // One command in the common case; when it fails, a second says whether that is
+        // because there is no such volume (a connection less per copy: ssh's handshake is
+        // most of a small refresh).
+        let listed = match self.query(&["snapshot", "list", &self.volume]) {
+            Ok(listed) => listed,
+            Err(e) if !must_exist => {
+                let volumes = self.query(&["volume", "list"])?;
+                let exists = volumes
+                    .as_array()
+                    .is_some_and(|list| list.iter().any(|v| v["name"] == self.volume.as_str()));
+                return if exists { Err(e) } else { Ok(None) };
             }
-        }
-        let listed = self.query(&["snapshot", "list", &self.volume])?;
+            Err(e) => return Err(e),
+        };
         // An array, or an object with "snapshots".
         let list = listed
             .as_array()
