@@ -369,9 +369,26 @@ fn copies_and_refreshes_over_ssh_are_equal_on_both_sides_and_send_what_changed()
     nodes.assert_no_temporary_snapshots_after_a_start("at the end");
 }
 
-/// Starts a copy and cuts the connection after `delay`, killing sshd's connection processes
-/// or the copy's ssh client; returns the copy's output.
-fn cut_copy(nodes: &Nodes, args: &[&str], delay: Duration, client_side: bool) -> Output {
+/// What stops a copy midway.
+#[derive(Clone, Copy, Debug)]
+enum Cut {
+    /// sshd's connection processes killed: the network goes.
+    Connection,
+    /// The copy's ssh client killed.
+    SshClient,
+    /// The copy's local imgpool child (the send of a push) killed: what a crash of this node
+    /// leaves, its temporary snapshot included.
+    LocalEnd,
+}
+
+impl Cut {
+    fn of_round(round: u64) -> Cut {
+        [Cut::Connection, Cut::SshClient, Cut::LocalEnd][round as usize % 3]
+    }
+}
+
+/// Starts a copy and stops it after `delay` by `cut`; returns the copy's output.
+fn cut_copy(nodes: &Nodes, args: &[&str], delay: Duration, cut: Cut) -> Output {
     let mut child = ChildGuard(Some(
         nodes
             .copy_command(args)
@@ -387,26 +404,33 @@ fn cut_copy(nodes: &Nodes, args: &[&str], delay: Duration, client_side: bool) ->
         }
         std::thread::sleep(Duration::from_millis(2));
     }
-    if client_side {
+    let kill_child = |name: &str| {
         for pid in children_of(child.pid()) {
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == "ssh" {
+            if comm.trim() == name {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,
                 );
             }
         }
-    } else {
-        nodes.sshd.cut();
+    };
+    match cut {
+        Cut::Connection => {
+            nodes.sshd.cut();
+        }
+        Cut::SshClient => kill_child("ssh"),
+        Cut::LocalEnd => kill_child("imgpool"),
     }
     let out = child.0.take().unwrap().wait_with_output().unwrap();
     if !out.status.success() {
-        let line = failed_cleanly("a cut copy", &out);
-        assert!(
-            line.contains("localhost"),
-            "the failure names the host: {line}"
-        );
+        let line = failed_cleanly(&format!("a copy cut by {cut:?}"), &out);
+        if !matches!(cut, Cut::LocalEnd) {
+            assert!(
+                line.contains("localhost"),
+                "the failure names the host: {line}"
+            );
+        }
     }
     out
 }
@@ -461,7 +485,7 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
         let what = format!("full copy, cut {round}");
         let source = nodes.source();
         let delay = spread(round, span, &mut rng);
-        let out = cut_copy(&nodes, &["v", "localhost:v"], delay, round % 2 == 0);
+        let out = cut_copy(&nodes, &["v", "localhost:v"], delay, Cut::of_round(round));
         cut_short += usize::from(!out.status.success());
         nodes.settle();
         eprintln!(
@@ -514,7 +538,7 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
             &nodes,
             &["v", "localhost:v", "--refresh"],
             delay,
-            round % 2 == 1,
+            Cut::of_round(round + 1),
         );
         refreshes_cut_short += usize::from(!out.status.success());
         nodes.settle();

@@ -211,7 +211,7 @@ impl<'a> Side<'a> {
             ),
             (_, None) => Error::refused(
                 ErrorKind::Interrupted,
-                format!("{} was killed ({status}) {line}", self.starter()),
+                format!("{} was killed ({status})", self.starter()),
             ),
         }
     }
