@@ -577,6 +577,54 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
         nodes.assert_equal(&what);
     }
     assert!(refreshes_cut_short > 0, "no cut stopped a refresh");
+
+    // A crash of this node while its send of the live state holds its temporary snapshot:
+    // the link held still (ssh stopped) so that the send blocks mid-stream, then the send
+    // killed. The snapshot stays behind until the next start (or the mount daemon's next
+    // recovery, which may come first: the pool changed).
+    nodes.rewrite(256);
+    let mut copy = ChildGuard(Some(
+        nodes
+            .copy_command(&["v", "localhost:v", "--refresh"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    // The child `name` whose command line holds `arg`.
+    let child_named = |name: &str, arg: &str| {
+        children_of(copy.pid()).into_iter().find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == name)
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| c.windows(arg.len()).any(|w| w == arg.as_bytes()))
+        })
+    };
+    let signal = |pid: i32, signal| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).unwrap();
+    };
+    let mut link = None;
+    assert!(wait_until(Duration::from_secs(30), || {
+        link = child_named("ssh", " recv ");
+        link.is_some()
+    }));
+    signal(link.unwrap(), nix::sys::signal::Signal::SIGSTOP);
+    let sender = child_named("imgpool", "send").expect("the send runs beside its link");
+    assert!(
+        wait_until(Duration::from_secs(30), || snapshots(&nodes.here, "v")
+            .iter()
+            .any(|(name, _)| name.starts_with("copy-tmp-"))),
+        "the send took no temporary snapshot"
+    );
+    signal(sender, nix::sys::signal::Signal::SIGKILL);
+    signal(link.unwrap(), nix::sys::signal::Signal::SIGCONT);
+    let status = copy
+        .wait_timeout(Duration::from_secs(30))
+        .expect("copy ends");
+    assert_eq!(status.code(), Some(1));
+    nodes.settle();
+    nodes.assert_no_temporary_snapshots_after_a_start("after a killed send of the live state");
+    nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
+    nodes.assert_equal("after a killed send of the live state");
 }
 
 #[test]
