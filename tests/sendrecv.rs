@@ -78,7 +78,7 @@ fn read_mounted(path: &Path) -> Vec<u8> {
 
 /// A volume's snapshots as (name, guid), oldest first.
 fn snapshots(pool: &TestPool, volume: &str) -> Vec<(String, String)> {
-    pool.json(&["snapshot", "list", volume])["snapshots"]
+    pool.json(&["snapshot", "list", volume])
         .as_array()
         .unwrap()
         .iter()
@@ -91,12 +91,10 @@ fn snapshots(pool: &TestPool, volume: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Everything a receive may change: the snapshots, their bytes and the live bytes.
-fn volume_state(
-    pool: &TestPool,
-    mount: &MountGuard,
-    volume: &str,
-) -> (Vec<(String, String)>, Vec<Vec<u8>>, Vec<u8>) {
+/// Everything a receive may change: the snapshots (name, guid), their bytes and the live bytes.
+type VolumeState = (Vec<(String, String)>, Vec<Vec<u8>>, Vec<u8>);
+
+fn volume_state(pool: &TestPool, mount: &MountGuard, volume: &str) -> VolumeState {
     let listed = snapshots(pool, volume);
     let bytes = listed
         .iter()
@@ -331,8 +329,11 @@ fn damaged_cut_or_misplaced_streams_are_refused_and_change_nothing() {
 
     // The good stream still applies, once.
     recv_ok(&there, &["w"], &stream);
+    let applied = volume_state(&there, &mount_there, "w");
+    assert_ne!(applied.0, before.0, "s2 arrived");
     std::fs::copy(&stream, &bad).unwrap();
-    refused("the same stream again", &["w"]);
+    failed_cleanly("the same stream again", &recv(&there, &["w"], &bad));
+    assert!(volume_state(&there, &mount_there, "w") == applied);
     mount_there.unmount();
     mount_here.unmount();
 }

@@ -152,14 +152,14 @@ impl Export<'_> {
         super::snapshot_request(self.pool, self.state_dir, volume, &request).map(drop)
     }
 
-    /// Deletes the temporary snapshots of exports whose process died, also of volumes a mount
-    /// daemon has open (which `recover` leaves).
+    /// Deletes the temporary snapshots of exports and sends whose process died, also of
+    /// volumes a mount daemon has open (which `recover` leaves).
     fn remove_abandoned_snapshots(&self) -> Result<()> {
-        for (volume, snapshot) in self.pool.abandoned_export_snapshots()? {
+        for (volume, snapshot) in self.pool.abandoned_temporary_snapshots(None)? {
             tracing::info!(
                 volume,
                 snapshot,
-                "deleting the temporary snapshot of an export that died"
+                "deleting the temporary snapshot of an export or send that died"
             );
             self.delete_snapshot(&volume, &snapshot)?;
         }

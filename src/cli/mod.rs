@@ -8,6 +8,7 @@ mod copy;
 mod export;
 pub mod logs;
 mod output;
+mod send;
 
 use std::collections::{HashMap, HashSet};
 use std::io::IsTerminal;
@@ -147,6 +148,9 @@ pub enum Command {
     /// Copy a volume with its snapshots to another pool or node, or bring a copy up to date
     /// (--refresh), through `send` and `recv` (over ssh for HOST:VOLUME).
     Copy(copy::CopyArgs),
+    /// Write a volume's snapshots to standard output as a stream, for `imgpool recv`: whole,
+    /// or only what changed since an older snapshot the receiver has.
+    Send(send::SendArgs),
 }
 
 #[derive(Args, Debug)]
@@ -543,6 +547,7 @@ impl Command {
             | Command::Completions { .. }
             | Command::Manpages { .. }
             | Command::LogLevel(_) => false,
+            Command::Send(args) => args.of_live_volume(),
         }
     }
 }
@@ -689,6 +694,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
         Command::Config(cmd) => config_cmd(state_dir, cmd),
         Command::LogLevel(args) => logs::log_level(state_dir, args),
         Command::Copy(args) => copy::copy(state_dir, args),
+        Command::Send(args) => send::run(state_dir, args),
     }
 }
 

@@ -20,7 +20,7 @@
 
 use crate::core::copies::{Event, Outcome};
 use crate::core::owner::{self, Owner, WorkLock};
-use crate::core::pool::{import_token, volume_token, Pool};
+use crate::core::pool::{import_token, volume_token, Pool, TEMPORARY_SNAPSHOT};
 use crate::core::store::{CopyState, ImageRow, ImageState, Store, VolumeState};
 use crate::core::volume::requests;
 use crate::error::Result;
@@ -45,7 +45,7 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     dead_mounts(pool, &mut done)?;
     dead_imports_and_removals(pool, &mut done)?;
     dead_volume_work(pool, &mut done)?;
-    abandoned_export_snapshots(pool, &mut done)?;
+    abandoned_temporary_snapshots(pool, &mut done)?;
     if holding_repair_lock {
         abandoned_copies(pool, &mut done)?;
     } else if pool
@@ -71,17 +71,19 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     Ok(done)
 }
 
-/// The temporary snapshots of exports that died, of volumes no mount has open (one that a
-/// daemon has open is left to the next export of the volume, which asks that daemon).
-fn abandoned_export_snapshots(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
-    for (volume, snapshot) in pool.abandoned_export_snapshots()? {
+/// The temporary snapshots of exports and sends that died, of volumes no mount has open (one
+/// that a daemon has open is left to the next export or send of the volume, which asks that
+/// daemon).
+fn abandoned_temporary_snapshots(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
+    for (volume, snapshot) in pool.abandoned_temporary_snapshots(None)? {
         let request = requests::Request::Delete {
             selection: requests::Selection::Names(vec![snapshot.clone()]),
             dry_run: false,
         };
         if let Ok(_deleted) = pool.snapshot_request(&volume, &request)? {
             done.push(format!(
-                "deleted the temporary snapshot '{snapshot}' of volume '{volume}' left by an export that died"
+                "deleted the temporary snapshot '{snapshot}' of volume '{volume}' left by {} that died",
+                if snapshot.starts_with(TEMPORARY_SNAPSHOT) { "an export" } else { "a send" }
             ));
         }
     }

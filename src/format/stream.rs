@@ -145,6 +145,8 @@ pub fn snapshots_digest(snapshots: &[StreamSnapshot]) -> String {
     hex::encode(&hasher.finalize().as_bytes()[..16])
 }
 
+// One record is in hand at a time and one header per stream: boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     Header(Header),
@@ -272,7 +274,7 @@ impl Record {
         let u64_at = |at: usize| u64::from_le_bytes(payload[at..at + 8].try_into().unwrap());
         let u32_at = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().unwrap());
         let blocks = |offset: u64, len: u64| -> Result<(), StreamError> {
-            if offset % BLOCK != 0 || len % BLOCK != 0 || len == 0 {
+            if !offset.is_multiple_of(BLOCK) || !len.is_multiple_of(BLOCK) || len == 0 {
                 return Err(StreamError::malformed(
                     seq,
                     format!("{len} bytes at {offset} are not whole blocks"),
@@ -567,7 +569,7 @@ impl ContentHash {
         self.add_lanes(other.lanes, [0; 8]);
     }
 
-    pub fn to_bytes(&self) -> [u8; 64] {
+    pub fn to_bytes(self) -> [u8; 64] {
         let mut out = [0u8; 64];
         for (word, lane) in out.chunks_exact_mut(8).zip(self.lanes) {
             word.copy_from_slice(&lane.to_le_bytes());

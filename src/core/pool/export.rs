@@ -33,7 +33,7 @@ pub fn export_token(id: &str) -> String {
 /// An image read from its good copies on this node's disks: each chunk is checked against the
 /// image's digests, and a copy whose chunk does not read or does not match gives way to the
 /// next one. Never a byte that is not the image's.
-struct VerifiedCopies {
+pub(super) struct VerifiedCopies {
     image: String,
     size: u64,
     digests: ChunkDigests,
@@ -108,6 +108,9 @@ impl Base for VerifiedCopies {
     }
 }
 
+/// The owner-lock token of a temporary snapshot's id.
+type OwnerToken = fn(&str) -> String;
+
 /// The identity of a volume's snapshot as a source: an export of it resumes another's.
 fn resume_key(volume_uuid: &str, snapshot_guid: &str) -> String {
     format!("volume {volume_uuid} snapshot {snapshot_guid}")
@@ -128,27 +131,44 @@ impl Pool {
         }
     }
 
-    /// The temporary snapshots of exports whose process is gone, by volume: (volume, snapshot).
-    pub fn abandoned_export_snapshots(&self) -> Result<Vec<(String, String)>> {
+    /// The temporary snapshots of exports and sends whose process is gone, by volume:
+    /// (volume, snapshot), of every volume or of `only` one.
+    pub fn abandoned_temporary_snapshots(
+        &self,
+        only: Option<&str>,
+    ) -> Result<Vec<(String, String)>> {
+        let kinds: [(&str, OwnerToken); 2] = [
+            (TEMPORARY_SNAPSHOT, export_token),
+            (
+                super::send::COPY_TEMPORARY_SNAPSHOT,
+                super::send::send_token,
+            ),
+        ];
+        let volumes = match only {
+            // An unknown volume has nothing to clean: the command says it is unknown.
+            Some(name) => self.volume(name).into_iter().collect(),
+            None => self.volumes()?,
+        };
         let mut abandoned = Vec::new();
-        for volume in self.volumes()? {
+        for volume in volumes {
             if volume.state() != "ready" {
                 continue;
             }
             let files = VolumeFiles::new(&volume.dir);
-            let names =
-                crate::core::volume::snapshots_named(&files, TEMPORARY_SNAPSHOT).ctx(|| {
+            for (prefix, token) in kinds {
+                let names = crate::core::volume::snapshots_named(&files, prefix).ctx(|| {
                     format!(
                         "cannot read the snapshots of volume '{}'",
                         volume.volume.name
                     )
                 })?;
-            for snapshot in names {
-                let id = &snapshot[TEMPORARY_SNAPSHOT.len()..];
-                if uuid::Uuid::parse_str(id).is_ok()
-                    && !crate::core::owner::is_alive(&self.state_dir, &export_token(id))
-                {
-                    abandoned.push((volume.volume.name.clone(), snapshot));
+                for snapshot in names {
+                    let id = &snapshot[prefix.len()..];
+                    if uuid::Uuid::parse_str(id).is_ok()
+                        && !crate::core::owner::is_alive(&self.state_dir, &token(id))
+                    {
+                        abandoned.push((volume.volume.name.clone(), snapshot));
+                    }
                 }
             }
         }
@@ -156,7 +176,7 @@ impl Pool {
     }
 
     /// The image with id `image_id`, read from its good copies.
-    fn verified_copies(&self, image_id: i64) -> Result<VerifiedCopies> {
+    pub(super) fn verified_copies(&self, image_id: i64) -> Result<VerifiedCopies> {
         let image: ImageRow = self
             .store
             .images()?

@@ -336,6 +336,46 @@ impl Index {
         rows.map(|g| g.map(|g| g as u64)).collect()
     }
 
+    /// Up to `limit` of the granules a snapshot at `epoch` sees written or discarded, from
+    /// `first` on, in order: one page of `granules_seen`, a range of the primary key.
+    pub fn granules_seen_from(
+        &self,
+        epoch: u64,
+        first: u64,
+        limit: usize,
+    ) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT DISTINCT granule FROM versions WHERE granule >= ?2 AND birth <= ?1
+             ORDER BY granule LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![epoch as i64, first as i64, limit as i64], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        rows.map(|g| g.map(|g| g as u64)).collect()
+    }
+
+    /// The granules whose content at `at_epoch` differs, or may differ, from `after_epoch`'s:
+    /// those whose version seen at `at_epoch` was born after `after_epoch`, in order. A range
+    /// of the `birth` index (the versions born between the two epochs), never a scan of the
+    /// volume.
+    pub fn granules_changed(&self, after_epoch: u64, at_epoch: u64) -> rusqlite::Result<Vec<u64>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT granule FROM versions INDEXED BY versions_by_birth
+             WHERE birth > ?1 AND birth <= ?2 AND (death IS NULL OR death > ?2)",
+        )?;
+        let rows = stmt.query_map(params![after_epoch as i64, at_epoch as i64], |r| {
+            r.get::<_, i64>(0)
+        })?;
+        let mut granules = rows
+            .map(|g| g.map(|g| g as u64))
+            .collect::<rusqlite::Result<Vec<u64>>>()?;
+        // One version of a granule is seen at an epoch; sorted and deduplicated all the same,
+        // as the sender relies on it.
+        granules.sort_unstable();
+        granules.dedup();
+        Ok(granules)
+    }
+
     /// The version of a granule a snapshot at `epoch` sees.
     pub fn at(&self, granule: u64, epoch: u64) -> rusqlite::Result<Option<Version>> {
         let mut stmt = self.conn.prepare_cached(&format!(

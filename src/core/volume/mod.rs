@@ -26,6 +26,7 @@ mod index;
 #[cfg(test)]
 mod model_tests;
 pub mod requests;
+pub mod send;
 pub mod sums;
 
 pub use export::VolumeSource;
