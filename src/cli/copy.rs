@@ -6,7 +6,10 @@
 //! cross. Children are killed and reaped on every way out (`Children`); a cut leaves each side
 //! as its own command leaves it on failure (docs/send-receive.md, "Refresh copy").
 
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::io::{IsTerminal, Read, Write};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
@@ -56,6 +59,103 @@ struct Launch {
     rsh: Vec<String>,
     remote_state_dir: Option<PathBuf>,
     remote_imgpool: String,
+    /// The control socket of each host's shared connection (`Links`), once open.
+    sockets: RefCell<HashMap<String, PathBuf>>,
+}
+
+/// The ssh connections of a copy, one per host, shared by all its commands there (OpenSSH's
+/// connection sharing: a master `ssh -M -N -S SOCKET HOST` of this process's own, and each
+/// command `ssh -S SOCKET HOST ...` through it), when the remote shell is ssh. Without it a
+/// small refresh is mostly handshakes: three or four of them, each a few tenths of a second.
+/// Dropping it ends the masters (SIGTERM), reaps them and removes the sockets' directory.
+struct Links {
+    dir: Option<PathBuf>,
+    masters: Vec<Child>,
+    sockets: HashMap<String, PathBuf>,
+}
+
+impl Links {
+    fn open(hosts: &[&str], rsh: &[String]) -> Result<Links> {
+        let mut links = Links {
+            dir: None,
+            masters: Vec::new(),
+            sockets: HashMap::new(),
+        };
+        if Path::new(&rsh[0]).file_name() != Some("ssh".as_ref()) {
+            return Ok(links);
+        }
+        for &host in hosts {
+            if links.sockets.contains_key(host) {
+                continue;
+            }
+            let dir = match &links.dir {
+                Some(dir) => dir.clone(),
+                None => {
+                    // Private (0700): whoever can reach a control socket runs commands as us.
+                    let dir = std::env::temp_dir().join(format!(
+                        "imgpool-copy.{}.{}",
+                        std::process::id(),
+                        &uuid::Uuid::new_v4().simple().to_string()[..8]
+                    ));
+                    std::fs::DirBuilder::new()
+                        .mode(0o700)
+                        .create(&dir)
+                        .ctx(|| format!("cannot create {}", dir.display()))?;
+                    links.dir = Some(dir.clone());
+                    dir
+                }
+            };
+            let socket = dir.join(links.masters.len().to_string());
+            let mut master = Command::new(&rsh[0])
+                .args(&rsh[1..])
+                .args(["-M", "-N", "-o", "ControlPersist=no", "-S"])
+                .arg(&socket)
+                .arg(host)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .ctx(|| format!("cannot start '{}' (--rsh)", rsh[0]))?;
+            let stderr = drain(master.stderr.take().expect("piped"));
+            links.masters.push(master);
+            let master = links.masters.last_mut().expect("just pushed");
+            // The socket appears once the connection is up and authenticated.
+            while !socket.exists() {
+                if let Some(status) = master.try_wait().ctx(|| "cannot wait for ssh".into())? {
+                    let text = stderr.join().unwrap_or_default();
+                    let text = String::from_utf8_lossy(&text);
+                    let line = match last_line(&text) {
+                        "" => format!("ssh exited ({status}) without a message"),
+                        line => line.to_string(),
+                    };
+                    return Err(Error::refused(
+                        ErrorKind::Interrupted,
+                        format!("cannot reach {host}: {line}"),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            links.sockets.insert(host.to_string(), socket);
+        }
+        Ok(links)
+    }
+}
+
+impl Drop for Links {
+    fn drop(&mut self) {
+        for master in &mut self.masters {
+            if matches!(master.try_wait(), Ok(None)) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(master.id() as i32),
+                    nix::sys::signal::Signal::SIGTERM,
+                );
+            }
+            let _ = wait_or_kill(master, Duration::from_secs(5));
+        }
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 /// One end of the copy: a volume here or on a host.
@@ -67,7 +167,7 @@ struct Side<'a> {
     launch: &'a Launch,
     /// Whether a command of this side has run: an ssh failure after is a lost connection,
     /// before it the host cannot be reached.
-    reached: std::cell::Cell<bool>,
+    reached: Cell<bool>,
 }
 
 impl<'a> Side<'a> {
@@ -97,7 +197,7 @@ impl<'a> Side<'a> {
             host,
             volume: volume.to_string(),
             launch,
-            reached: std::cell::Cell::new(false),
+            reached: Cell::new(false),
         })
     }
 
@@ -120,10 +220,11 @@ impl<'a> Side<'a> {
                 words.extend(args.iter().cloned());
                 let remote: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
                 let mut command = Command::new(&launch.rsh[0]);
-                command
-                    .args(&launch.rsh[1..])
-                    .arg(host)
-                    .arg(remote.join(" "));
+                command.args(&launch.rsh[1..]);
+                if let Some(socket) = launch.sockets.borrow().get(host) {
+                    command.args(["-o", "ControlMaster=no", "-S"]).arg(socket);
+                }
+                command.arg(host).arg(remote.join(" "));
                 command
             }
         }
@@ -574,6 +675,7 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
         rsh,
         remote_state_dir: args.remote_state_dir.clone(),
         remote_imgpool: args.remote_imgpool.clone(),
+        sockets: RefCell::new(HashMap::new()),
     };
     let source = Side::parse(&args.source, &launch)?;
     let target = Side::parse(&args.target, &launch)?;
@@ -583,6 +685,21 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
             format!("{} and {} are the same volume", source.label, target.label),
         ));
     }
+    let hosts: Vec<&str> = [&source, &target]
+        .iter()
+        .filter_map(|side| side.host.as_deref())
+        .collect();
+    let links = Links::open(&hosts, &launch.rsh)?;
+    for side in [&source, &target] {
+        if side
+            .host
+            .as_ref()
+            .is_some_and(|h| links.sockets.contains_key(h))
+        {
+            side.reached.set(true);
+        }
+    }
+    launch.sockets.replace(links.sockets.clone());
     let source_snapshots = source.snapshots(true)?.unwrap_or_default();
     let target_snapshots = target.snapshots(false)?;
     let plan = copy_plan::plan(&source_snapshots, target_snapshots.as_deref(), args.refresh)
@@ -746,6 +863,7 @@ mod tests {
             rsh: vec!["ssh".into()],
             remote_state_dir: None,
             remote_imgpool: "imgpool".into(),
+            sockets: RefCell::new(HashMap::new()),
         };
         let here = Side::parse("vol", &launch).unwrap();
         assert_eq!((here.host, here.volume.as_str()), (None, "vol"));
