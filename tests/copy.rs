@@ -308,6 +308,13 @@ fn copies_and_refreshes_over_ssh_are_equal_on_both_sides_and_send_what_changed()
 
     let full = summary(&nodes.copy_ok(&["v", "localhost:v", "--json"]));
     assert_eq!(full["kind"], "full", "{full}");
+    assert_eq!(full["snapshots"], serde_json::json!(["s1", "s2"]), "{full}");
+    assert!(
+        full["temporary_snapshot"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("copy-tmp-")),
+        "the live state went through send's temporary snapshot: {full}"
+    );
     assert!(
         full["bytes"].as_u64().unwrap() >= (144 * PIECE) as u64,
         "{full}"
@@ -366,7 +373,18 @@ fn copies_and_refreshes_over_ssh_are_equal_on_both_sides_and_send_what_changed()
     let back = state(&nodes.here, &nodes.mount_here, "back").unwrap();
     assert_eq!(back, nodes.source(), "pulled back");
     assert!(back.live == nodes.model);
+    // And from the far side to the far side: one connection shared by both ends.
+    nodes.copy_ok(&["localhost:v", "localhost:again"]);
+    let again = state(&nodes.there, &nodes.mount_there, "again").unwrap();
+    assert_eq!(again, nodes.source(), "copied over there");
     nodes.assert_no_temporary_snapshots_after_a_start("at the end");
+    // No control socket of the shared connections is left.
+    let sockets: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("imgpool-copy."))
+        .collect();
+    assert!(sockets.is_empty(), "{sockets:?}");
 }
 
 /// What stops a copy midway.
