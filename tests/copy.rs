@@ -168,7 +168,16 @@ impl Nodes {
             "--remote-imgpool",
             BIN,
         ]);
-        self.here.command(&all)
+        let mut command = self.here.command(&all);
+        // The shared connections' sockets go in this test's own directory.
+        command.env("TMPDIR", self.tmp());
+        command
+    }
+
+    fn tmp(&self) -> std::path::PathBuf {
+        let tmp = self.here.path("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        tmp
     }
 
     fn copy(&self, args: &[&str]) -> Output {
@@ -379,11 +388,7 @@ fn copies_and_refreshes_over_ssh_are_equal_on_both_sides_and_send_what_changed()
     assert_eq!(again, nodes.source(), "copied over there");
     nodes.assert_no_temporary_snapshots_after_a_start("at the end");
     // No control socket of the shared connections is left.
-    let sockets: Vec<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with("imgpool-copy."))
-        .collect();
+    let sockets: Vec<_> = std::fs::read_dir(nodes.tmp()).unwrap().flatten().collect();
     assert!(sockets.is_empty(), "{sockets:?}");
 }
 
