@@ -715,4 +715,47 @@ fn unreachable_hosts_existing_targets_and_bad_names_fail_with_one_line_and_chang
     assert!(line.contains("--remote-imgpool"), "{line}");
     assert!(!exists(&nodes.there, "w"));
     assert_eq!(nodes.source(), source);
+
+    // A snapshot taken on the target between the copy's look at it and the refresh: the far
+    // side's imgpool is a wrapper that takes it right after the first listing. Nothing the
+    // plan did not list is discarded: the refresh stops before anything changed.
+    nodes.there.ok(&["volume", "rm", "--recursive", "v"]);
+    nodes.copy_ok(&["v", "localhost:v"]);
+    nodes.rewrite(8);
+    nodes.snapshot(&nodes.here, "v@s2");
+    let wrapper = nodes.here.path("imgpool-snapshotting");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\n\"{BIN}\" \"$@\"; rc=$?\n\
+             case \"$*\" in *'snapshot list v'*) [ -e {mark} ] || {{ touch {mark}; \"{BIN}\" \"$1\" \"$2\" snapshot create v@sneaky >/dev/null; }};; esac\n\
+             exit $rc\n",
+            mark = nodes.here.path("listed").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let out = nodes.here.run(&[
+        "copy",
+        "v",
+        "localhost:v",
+        "--refresh",
+        "--rsh",
+        &nodes.sshd.rsh(),
+        "--remote-state-dir",
+        nodes.there.state.to_str().unwrap(),
+        "--remote-imgpool",
+        wrapper.to_str().unwrap(),
+    ]);
+    let line = failed_cleanly("a refresh of a target that changed meanwhile", &out);
+    assert!(line.contains("changed since the plan"), "{line}");
+    let names: Vec<String> = snapshots(&nodes.there, "v")
+        .into_iter()
+        .map(|s| s.0)
+        .collect();
+    assert_eq!(names, ["s1", "sneaky"], "the target's new snapshot stays");
 }

@@ -747,6 +747,26 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
             None => "the current state".to_string(),
         };
         let label = format!("package {} of {count} ({what})", index + 1);
+        if package.force {
+            // `recv --force` discards what the target has past the common snapshot when it
+            // runs: looked at again just before, so that only what was listed goes (a
+            // snapshot taken there in the instant between is `recv`'s to report, and is).
+            let now = target.snapshots(true)?;
+            if now != target_snapshots {
+                return Err(Error::refused(
+                    ErrorKind::Conflict,
+                    format!(
+                        "{} changed since the plan was made (its snapshots are now: {}): nothing was discarded; run the copy again to plan it anew",
+                        target.label,
+                        now.unwrap_or_default()
+                            .iter()
+                            .map(|s| s.name.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
         let crossed =
             run_package(&source, &target, package, &progress, label.clone()).map_err(|e| {
                 if let Some(bar) = &progress.bar {
