@@ -1374,6 +1374,44 @@ fn every_json_output_is_one_valid_json_document() {
             .collect();
         covered.insert(words);
     }
+    // `send` writes a stream on its standard output (its --json summary on standard error),
+    // which `recv` reads on its standard input.
+    pool.ok(&["volume", "create", "sent", "--size", "1MiB"]);
+    pool.ok(&["snapshot", "create", "sent@s"]);
+    let sent = pool
+        .command(&["send", "sent@s", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&sent.stderr).unwrap_or_else(|e| {
+        panic!(
+            "imgpool send --json printed no JSON document on standard error ({e}): {}",
+            String::from_utf8_lossy(&sent.stderr)
+        )
+    });
+    covered.insert(vec!["send", "sent@s"]);
+    let mut child = pool
+        .command(&["recv", "received", "--json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &sent.stdout).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+    covered.insert(vec!["recv", "received"]);
     for leaf in leaf_commands() {
         let name = leaf.join(" ");
         if NO_JSON.contains(&name.as_str()) {

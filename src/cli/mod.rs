@@ -8,6 +8,7 @@ mod copy;
 mod export;
 pub mod logs;
 mod output;
+mod recv;
 mod send;
 
 use std::collections::{HashMap, HashSet};
@@ -76,6 +77,8 @@ pub enum Command {
     /// Create, list, grow and remove thin writable volumes over images.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// Receive a stream of `imgpool send` from standard input into a volume.
+    Recv(recv::RecvArgs),
     /// Take, list and delete snapshots of volumes.
     #[command(subcommand)]
     Snapshot(SnapshotCommand),
@@ -534,6 +537,7 @@ impl Command {
                 SnapshotCommand::Create { .. } | SnapshotCommand::Rm { dry_run: false, .. }
             ),
             Command::Ref(cmd) => !matches!(cmd, RefCommand::List { .. }),
+            Command::Recv(args) => !args.resume_token,
             Command::Gc { dry_run, .. } => !dry_run,
             Command::Repair { .. } | Command::Scrub { .. } => true,
             Command::Fsck(args) => args.repair,
@@ -581,6 +585,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
         Command::Disk(cmd) => disk(state_dir, cmd),
         Command::Image(cmd) => image(state_dir, cmd),
         Command::Volume(cmd) => volume(state_dir, cmd),
+        Command::Recv(args) => recv::run(state_dir, args),
         Command::Snapshot(cmd) => snapshot(state_dir, cmd),
         Command::Ref(cmd) => reference(state_dir, cmd),
         Command::Gc {

@@ -45,6 +45,7 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     dead_mounts(pool, &mut done)?;
     dead_imports_and_removals(pool, &mut done)?;
     dead_volume_work(pool, &mut done)?;
+    dead_receives(pool, &mut done)?;
     abandoned_temporary_snapshots(pool, &mut done)?;
     if holding_repair_lock {
         abandoned_copies(pool, &mut done)?;
@@ -60,6 +61,7 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     }
     stale_locks(pool);
     stray_temporary_copies(pool, &mut done)?;
+    done.extend(pool.remove_abandoned_received_images());
     for disk in pool.store().disks()? {
         for path in crate::core::ingest::remove_stale_partials(&disk) {
             done.push(format!(
@@ -148,6 +150,12 @@ fn dead_volume_work(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
                 if let Owner::Alive = owner {
                     continue;
                 }
+                // A resumable receive that failed or died: kept for `recv --resume-token` or
+                // `recv --abort` (read while holding its dead owner's lock: final).
+                if pool.volume_has_resumable_receive(&volume)? {
+                    owner.finish();
+                    continue;
+                }
                 // Re-checked in the transaction: only a row still `creating` is abandoned.
                 let abandoned = pool.store().set_volume_state(
                     volume.id,
@@ -164,6 +172,24 @@ fn dead_volume_work(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
         match pool.finish_volume_removal(&volume) {
             Ok(()) => done.push(format!("removed {what}: '{}'", volume.name)),
             Err(e) => tracing::warn!("cannot finish {what} ('{}'): {e}", volume.name),
+        }
+    }
+    Ok(())
+}
+
+/// Ready volumes whose `recv` died: finished if it had completed, rolled back to where the
+/// stream started if it was plain (a resumable one is kept), under their writer lock (which a
+/// running receive holds).
+fn dead_receives(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
+    for volume in pool.store().volumes()? {
+        if volume.state != VolumeState::Ready {
+            continue;
+        }
+        match pool.settle_dead_receive(&volume) {
+            Ok(Some(what)) => done.push(format!("{what} (its `recv` had died)")),
+            Ok(None) => {}
+            // Retried by the next recovery.
+            Err(e) => tracing::warn!("cannot undo a dead receive into '{}': {e}", volume.name),
         }
     }
     Ok(())

@@ -401,6 +401,8 @@ impl<W: Write> StreamWriter<W> {
         self.out.flush()
     }
 
+    /// The output, for tests that look at the bytes.
+    #[cfg(test)]
     pub fn into_inner(self) -> W {
         self.out
     }
@@ -562,11 +564,6 @@ impl ContentHash {
         for ((lane, p), m) in self.lanes.iter_mut().zip(plus).zip(minus) {
             *lane = lane.wrapping_add(p).wrapping_sub(m);
         }
-    }
-
-    /// Combines two partial sums (of disjoint sets of granules).
-    pub fn merge(&mut self, other: &ContentHash) {
-        self.add_lanes(other.lanes, [0; 8]);
     }
 
     pub fn to_bytes(self) -> [u8; 64] {
@@ -734,7 +731,7 @@ mod tests {
             w.write(r).unwrap();
         }
         assert_eq!(w.bytes(), w.out.len() as u64);
-        w.into_inner()
+        w.out
     }
 
     fn decode(bytes: &[u8]) -> Result<Vec<Record>, StreamError> {
@@ -784,7 +781,7 @@ mod tests {
             w.write(r).unwrap();
             spans.push(start..w.bytes() as usize);
         }
-        let whole = w.into_inner();
+        let whole = w.out;
         let piece = |i: usize| whole[spans[i].clone()].to_vec();
         let assemble = |order: &[usize]| {
             let mut s = MAGIC.to_vec();

@@ -88,4 +88,10 @@ impl VolumeFiles {
     pub fn content_sums(&self) -> PathBuf {
         self.dir.join("content-sums.db")
     }
+
+    /// Present while a receive into the volume is partial and resumable (`core::pool::recv`):
+    /// until it goes, neither the mount nor a command may change the volume.
+    pub fn receive_state(&self) -> PathBuf {
+        self.dir.join("receive.json")
+    }
 }

@@ -75,6 +75,15 @@ impl OpenVolumes {
                 return Err(errno_of(&e));
             }
         };
+        // Checked under the lock, which a receive holds while it writes the file: a volume with
+        // a partial receive is not served until the receive is finished or aborted.
+        if entry.files.receive_state().exists() {
+            tracing::warn!(
+                "volume '{}' holds a partial receive: not served until `imgpool recv --resume-token {}` (and a resumed stream) or `imgpool recv --abort {}` ends it",
+                entry.name, entry.name, entry.name
+            );
+            return Err(libc::EBUSY);
+        }
         let volume = Volume::open(&entry.files, base()?).map_err(|e| {
             tracing::error!("cannot open volume '{}': {e}", entry.name);
             errno_of(&e)
@@ -223,5 +232,37 @@ fn resume_reclaim(name: &str, volume: &Arc<Volume>) {
         });
     if let Err(e) = spawned {
         tracing::error!("cannot start the reclaim of a volume: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::volume::NoBase;
+
+    #[test]
+    fn a_volume_with_a_partial_receive_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = VolumeFiles::new(dir.path());
+        Volume::create(&files, 1 << 20, Box::new(NoBase))
+            .unwrap()
+            .close()
+            .unwrap();
+        let entry = VolumeEntry {
+            id: 1,
+            name: "v".into(),
+            size: 1 << 20,
+            files: files.clone(),
+            image_id: None,
+            in_service: true,
+            created: SystemTime::now(),
+        };
+        let open = OpenVolumes::default();
+        std::fs::write(files.receive_state(), b"{}").unwrap();
+        let base = || Ok(Box::new(NoBase) as Box<dyn Base>);
+        assert_eq!(open.open(&entry, base).err(), Some(libc::EBUSY));
+        std::fs::remove_file(files.receive_state()).unwrap();
+        assert!(open.open(&entry, base).is_ok());
+        open.release(1, "v");
     }
 }

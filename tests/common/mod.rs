@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod sshd;
+pub mod stream;
 
 use std::ffi::CString;
 use std::fs::{self, File};

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use super::Pool;
 use crate::core::owner::OwnerLock;
-use crate::core::store::{DiskRow, DiskState, VolumeRow, VolumeState};
+use crate::core::store::{DiskRow, DiskState, ImageRow, VolumeRow, VolumeState};
 use crate::core::volume::{self, requests, Base, Volume, WriterLock};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
@@ -49,6 +49,29 @@ impl VolumeInfo {
     }
 }
 
+/// Whether a receive into the volume is partial: the mount does not serve it, and commands do
+/// not change it, until it is resumed to its end or aborted.
+pub fn has_partial_receive(files: &VolumeFiles) -> bool {
+    files.receive_state().exists()
+}
+
+/// The refusal of a change to a volume with a partial receive.
+pub fn partial_receive_refusal(volume: &str) -> Error {
+    Error::refused(
+        ErrorKind::Conflict,
+        format!(
+            "volume '{volume}' holds a partial receive: finish it (`imgpool recv --resume-token {volume}` prints the token for `imgpool send --resume`) or drop it with `imgpool recv --abort {volume}`"
+        ),
+    )
+}
+
+/// A volume being created: its `creating` row, its files, and its creator's owner lock.
+pub(super) struct NewVolume {
+    pub row: VolumeRow,
+    pub files: VolumeFiles,
+    pub _owner: OwnerLock,
+}
+
 /// Commands that change a volume's size or snapshots never read its base image.
 struct NotRead;
 
@@ -62,7 +85,7 @@ impl Base for NotRead {
     }
 }
 
-fn check_size(size: u64, image: Option<(&str, u64)>) -> Result<()> {
+pub(super) fn check_size(size: u64, image: Option<(&str, u64)>) -> Result<()> {
     if size == 0 || !size.is_multiple_of(BLOCK) {
         return Err(Error::refused(
             ErrorKind::InvalidInput,
@@ -113,23 +136,40 @@ impl Pool {
             }
         };
         check_size(size, base.as_ref().map(|i| (i.name.as_str(), i.size)))?;
+        let new = self.start_volume(name, base.as_ref(), size, disk)?;
+        self.store
+            .set_volume_state(new.row.id, VolumeState::Creating, VolumeState::Ready)?;
+        drop(new);
+        self.volume_with_reclaim(name)
+    }
+
+    /// A new volume's row (`creating`: invisible) and its empty files, on `disk` (default: the
+    /// healthy disk with the most free space), under the owner lock that keeps recovery from
+    /// removing it while its creator lives. The caller makes it `ready`, or removes it.
+    pub(super) fn start_volume(
+        &self,
+        name: &str,
+        base: Option<&ImageRow>,
+        size: u64,
+        disk: Option<&str>,
+    ) -> Result<NewVolume> {
         let disk = self.volume_disk(name, disk)?;
         let uuid = uuid::Uuid::new_v4().to_string();
         let created = now();
         // Held until the row is ready: recovery removes a `creating` volume only once its
         // creator is gone.
-        let _owner = OwnerLock::acquire(&self.state_dir, &volume_token(&uuid))?;
-        let row = VolumeRow {
+        let owner = OwnerLock::acquire(&self.state_dir, &volume_token(&uuid))?;
+        let mut row = VolumeRow {
             id: 0,
             name: name.to_string(),
             uuid: uuid.clone(),
             disk_id: disk.id,
-            image_id: base.as_ref().map(|i| i.id),
+            image_id: base.map(|i| i.id),
             size,
             state: VolumeState::Creating,
             created,
         };
-        let id = self.store.reserve_volume(&row)?;
+        row.id = self.store.reserve_volume(&row)?;
         let files = DiskLayout::new(&disk.path).volume_files(&uuid);
         let record = VolumeRecord {
             format: FORMAT_VERSION,
@@ -137,21 +177,22 @@ impl Pool {
             name: name.to_string(),
             uuid: uuid.clone(),
             created,
-            base: base.as_ref().map(|i| BaseImageRef {
+            base: base.map(|i| BaseImageRef {
                 name: i.name.clone(),
                 uuid: i.uuid.clone(),
                 size: i.size,
             }),
         };
-        let written = write_volume_files(&files, &record, size);
-        if let Err(e) = written {
+        if let Err(e) = write_volume_files(&files, &record, size) {
             let _ = remove_volume_files(&files);
-            let _ = self.store.delete_volume(id, VolumeState::Creating);
+            let _ = self.store.delete_volume(row.id, VolumeState::Creating);
             return Err(e);
         }
-        self.store
-            .set_volume_state(id, VolumeState::Creating, VolumeState::Ready)?;
-        self.volume_with_reclaim(name)
+        Ok(NewVolume {
+            row,
+            files,
+            _owner: owner,
+        })
     }
 
     fn volume_disk(&self, volume: &str, disk: Option<&str>) -> Result<DiskRow> {
@@ -281,6 +322,10 @@ impl Pool {
         else {
             return Ok(Err(info.open_by.unwrap_or(0)));
         };
+        // Checked under the lock, which a receive holds while it writes the file.
+        if has_partial_receive(&files) {
+            return Err(partial_receive_refusal(name));
+        }
         let volume = self
             .open_volume(&files)
             .ctx(|| format!("cannot open volume '{name}'"))?;
@@ -387,7 +432,11 @@ impl Pool {
                 ),
             ));
         }
-        let _writer = self.lock_volume(name, &VolumeFiles::new(&info.dir))?;
+        let files = VolumeFiles::new(&info.dir);
+        let _writer = self.lock_volume(name, &files)?;
+        if has_partial_receive(&files) {
+            return Err(partial_receive_refusal(name));
+        }
         if !self.store.set_volume_state(
             info.volume.id,
             VolumeState::Ready,
@@ -427,7 +476,7 @@ fn write_volume_files(files: &VolumeFiles, record: &VolumeRecord, size: u64) -> 
 }
 
 /// Removes a volume's directory; missing files are fine (a removal may be finished twice).
-fn remove_volume_files(files: &VolumeFiles) -> Result<()> {
+pub(super) fn remove_volume_files(files: &VolumeFiles) -> Result<()> {
     match fs::remove_dir_all(files.dir()) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),

@@ -712,6 +712,22 @@ impl Store {
         })
     }
 
+    /// A ready image whose content has this SHA-512 (hex), whatever its name: the base a
+    /// received volume uses.
+    pub fn ready_image_by_sha512(&self, sha512: &str) -> Result<Option<ImageRow>> {
+        self.run(|c| {
+            c.query_row(
+                &format!(
+                    "SELECT {IMAGE_COLUMNS} FROM images WHERE sha512 = ?1 AND state = 'ready'
+                     ORDER BY id LIMIT 1"
+                ),
+                [sha512],
+                image_from_row,
+            )
+            .optional()
+        })
+    }
+
     /// The copies of an image, whatever their state, in the order they were placed.
     pub fn copies_of(&self, image_id: i64) -> Result<Vec<CopyRow>> {
         self.run(|c| {

@@ -585,6 +585,30 @@ impl Index {
         rows.collect()
     }
 
+    /// Whether any version was born after the snapshot at `epoch` (none: after nothing): what
+    /// the volume wrote or discarded since. One step down the `birth` index.
+    pub fn written_after(&self, epoch: Option<u64>) -> rusqlite::Result<bool> {
+        let after = epoch.map_or(-1, |e| e as i64);
+        self.conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM versions WHERE birth > ?1)",
+            [after],
+            |r| r.get(0),
+        )
+    }
+
+    /// Gives snapshots (by epoch) new names, all in the open transaction: the caller commits
+    /// them together. A name taken by a snapshot that keeps its own fails the statement.
+    pub fn rename_snapshots(&mut self, renames: &[(u64, String)]) -> rusqlite::Result<()> {
+        self.begin()?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("UPDATE snapshots SET name = ?2 WHERE epoch = ?1")?;
+        for (epoch, name) in renames {
+            stmt.execute(params![*epoch as i64, name])?;
+        }
+        Ok(())
+    }
+
     /// Deletes snapshots (by epoch) and queues what they alone saw for the reclaim.
     pub fn delete_snapshots(&mut self, epochs: &[u64]) -> rusqlite::Result<()> {
         self.begin()?;

@@ -904,6 +904,54 @@ impl Volume {
         self.state.lock().index.snapshot(name).map_err(index_error)
     }
 
+    /// Whether the volume wrote or discarded anything since its newest snapshot (since it was
+    /// made, without one).
+    pub fn written_since_newest_snapshot(&self) -> io::Result<bool> {
+        let state = self.state.lock();
+        state
+            .index
+            .written_after(state.newest_snapshot)
+            .map_err(index_error)
+    }
+
+    /// The granules the snapshot at `epoch` wrote or discarded (the rest reads as the base).
+    pub fn granules_seen(&self, epoch: u64) -> io::Result<Vec<u64>> {
+        let state = self.state.lock();
+        state.index.granules_seen(Some(epoch)).map_err(index_error)
+    }
+
+    /// Renames snapshots (by epoch) and deletes others, in one durable step: all or none (a
+    /// receive's staged snapshots take their names, and its temporary ones go).
+    pub fn rename_and_delete_snapshots(
+        &self,
+        renames: &[(u64, String)],
+        deletes: &[u64],
+    ) -> io::Result<()> {
+        let mut state = self.state.lock();
+        self.commit_locked(&mut state)?;
+        let touched: Vec<u64> = renames
+            .iter()
+            .map(|(e, _)| *e)
+            .chain(deletes.iter().copied())
+            .collect();
+        state.refuse_if_read(&touched)?;
+        let changed = state
+            .index
+            .delete_snapshots(deletes)
+            .and_then(|()| state.index.rename_snapshots(renames));
+        if let Err(e) = changed {
+            // A name taken: nothing of the batch stays.
+            state.index.abandon();
+            return Err(index_error(e));
+        }
+        state.index.commit().map_err(|e| state.break_on(e))?;
+        state.newest_snapshot = state
+            .index
+            .newest_snapshot_epoch()
+            .map_err(|e| state.break_on(e))?;
+        Ok(())
+    }
+
     /// Deletes snapshots in one durable step; their space is reclaimed by `reclaim`.
     pub fn delete_snapshots(&self, epochs: &[u64]) -> io::Result<()> {
         let mut state = self.state.lock();

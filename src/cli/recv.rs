@@ -1,0 +1,116 @@
+//! `imgpool recv VOLUME`: applies a stream of `imgpool send` from standard input
+//! (docs/send-receive.md). `imgpool copy` runs it as a child process, here or over ssh: its
+//! arguments, its output and its exit status are that contract.
+
+use std::io::{BufReader, IsTerminal};
+use std::path::Path;
+
+use clap::Args;
+use serde_json::json;
+
+use super::open_to_change;
+use crate::core::pool::{Pool, ReceiveOptions, Received};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::units::bytes;
+
+#[derive(Args, Debug)]
+pub struct RecvArgs {
+    /// The volume to receive into: a new one (a whole stream), or the one the stream was made
+    /// from (an incremental stream).
+    pub volume: String,
+    /// Discard the volume's snapshots newer than the stream's base snapshot, and its writes
+    /// since, when it has changed since.
+    #[arg(long, conflicts_with_all = ["resume_token", "abort"])]
+    pub force: bool,
+    /// Keep what was received when the stream fails, to go on later (`--resume-token`).
+    #[arg(long, conflicts_with_all = ["resume_token", "abort"])]
+    pub resumable: bool,
+    /// Print the token that resumes the volume's partial receive (`imgpool send --resume`).
+    #[arg(long, conflicts_with = "abort")]
+    pub resume_token: bool,
+    /// Drop the volume's partial receive: remove the volume it was making, or roll the volume
+    /// back to where the stream started.
+    #[arg(long)]
+    pub abort: bool,
+    /// Print what was received as one JSON object.
+    #[arg(long, conflicts_with = "resume_token")]
+    pub json: bool,
+}
+
+pub fn run(state_dir: &Path, args: RecvArgs) -> Result<()> {
+    let volume = args.volume.as_str();
+    if args.resume_token {
+        let token = Pool::open(state_dir)?.receive_resume_token(volume)?;
+        println!("{}", token.encode());
+        return Ok(());
+    }
+    let pool = open_to_change(state_dir)?;
+    if args.abort {
+        let done = pool.receive_abort(volume)?;
+        super::output::result(
+            args.json,
+            json!({ "volume": volume, "aborted": true }),
+            done,
+        );
+        return Ok(());
+    }
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        return Err(Error::refused(
+            ErrorKind::InvalidInput,
+            "standard input is a terminal: pipe a stream into it (`imgpool send ... | imgpool recv VOLUME`)",
+        ));
+    }
+    let mut input = BufReader::with_capacity(1 << 20, stdin.lock());
+    let options = ReceiveOptions {
+        force: args.force,
+        resumable: args.resumable,
+    };
+    let received = pool.receive(volume, &mut input, options)?;
+    super::output::result(args.json, received_json(&received), summary(&received));
+    Ok(())
+}
+
+fn received_json(r: &Received) -> serde_json::Value {
+    json!({
+        "volume": r.volume,
+        "created": r.created,
+        "snapshots": r.snapshots,
+        "bytes": r.bytes,
+        "imported_image": r.imported_image,
+        "discarded": { "snapshots": r.discarded_snapshots, "writes": r.discarded_writes },
+        "resumed": r.resumed,
+    })
+}
+
+fn summary(r: &Received) -> String {
+    let mut lines = vec![format!(
+        "{} volume '{}': {} snapshot(s){}, {} read",
+        if r.created {
+            "created"
+        } else {
+            "received into"
+        },
+        r.volume,
+        r.snapshots.len(),
+        if r.snapshots.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", r.snapshots.join(", "))
+        },
+        bytes(r.bytes)
+    )];
+    if let Some(image) = &r.imported_image {
+        lines.push(format!("imported its base image as '{image}'"));
+    }
+    if !r.discarded_snapshots.is_empty() {
+        lines.push(format!(
+            "discarded (--force): snapshots {}",
+            r.discarded_snapshots.join(", ")
+        ));
+    }
+    if r.discarded_writes {
+        lines.push("discarded (--force): the writes since its newest snapshot".to_string());
+    }
+    lines.join("\n")
+}

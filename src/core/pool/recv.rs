@@ -1,0 +1,2488 @@
+//! Receiving a stream (`imgpool recv`, docs/send-receive.md): a whole stream makes a new
+//! volume, an incremental one adds snapshots to the volume it was made from. Every record is
+//! checked before it is applied (`format::stream`), and each snapshot's content digest before
+//! the snapshot is taken; nothing of the stream is visible before its `End`: a new volume stays
+//! `creating`, and an existing one takes its snapshots under staged names
+//! (`recv-tmp-<package>-<n>`), renamed to their real names in one index transaction at the end.
+//!
+//! A failure leaves the target as it was: a new volume is removed, an existing one is rolled
+//! back to the snapshot the stream applies on (with its staged snapshots). With `--resumable`,
+//! what was applied and made durable stays, described by the volume's `receive.json`; the
+//! receive goes on with a stream resumed from there (`send --resume TOKEN`), or is dropped
+//! (`recv --abort`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha512};
+
+use super::images::ImportSource;
+use super::volumes::{check_size, has_partial_receive, partial_receive_refusal, NewVolume};
+use super::Pool;
+use crate::core::owner::{self, Owner, OwnerLock};
+use crate::core::store::{ImageRow, VolumeRow, VolumeState};
+use crate::core::volume::sums::{sum_changes, BaseGranules, ContentSums, GranuleReader};
+use crate::core::volume::{Base, NoBase, Snapshot, Volume, WriterLock};
+use crate::error::{Error, ErrorKind, IoContext, Result};
+use crate::format::layout::{fsync_dir, write_durably};
+use crate::format::names;
+use crate::format::stream::{
+    snapshots_digest, ContentHash, Header, Record, ResumePoint, ResumeToken, StreamError,
+    StreamReader, StreamSnapshot,
+};
+use crate::format::volume::{VolumeFiles, GRANULE};
+
+/// The names received snapshots take until the stream's end.
+pub const STAGED_PREFIX: &str = "recv-tmp-";
+
+/// Applied bytes between two records of a resumable receive's progress.
+const CHECKPOINT_BYTES: u64 = 256 << 20;
+
+/// How `recv` takes a stream.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReceiveOptions {
+    /// Discard what the target has that the stream's `from` snapshot does not.
+    pub force: bool,
+    /// Keep what was received when the stream fails, to go on with a resumed stream.
+    pub resumable: bool,
+}
+
+/// What a receive did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Received {
+    pub volume: String,
+    /// The stream made the volume.
+    pub created: bool,
+    /// The snapshots received and kept, by name, oldest first.
+    pub snapshots: Vec<String>,
+    /// The stream's bytes read (of this stream, when it resumed another).
+    pub bytes: u64,
+    /// The base image imported from the stream, if any.
+    pub imported_image: Option<String>,
+    /// `--force`: the snapshots deleted, and whether writes since the newest were dropped.
+    pub discarded_snapshots: Vec<String>,
+    pub discarded_writes: bool,
+    /// The stream continued an interrupted receive.
+    pub resumed: bool,
+}
+
+/// `receive.json`: a receive under way, or a partial, resumable one. Every receive writes it
+/// before it changes the target, so that one that dies is found: a resumable one is kept, a
+/// plain one undone by the next `recover`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PartialReceive {
+    /// A failure keeps what was received (`--resumable`); otherwise a dead receiver's work is
+    /// undone.
+    resumable: bool,
+    /// The package's header as its first stream had it (`resume` none).
+    header: Header,
+    /// The stream makes the volume (it stays `creating` until the end).
+    new_volume: bool,
+    /// The snapshots received whole, and of the next one, the granules before `granule`.
+    point: ResumePoint,
+    /// The content sum of the volume as it is at `point` (hex).
+    sum: String,
+}
+
+impl PartialReceive {
+    fn sum(&self) -> Result<ContentHash> {
+        hex::decode(&self.sum)
+            .ok()
+            .and_then(|b| <[u8; 64]>::try_from(b.as_slice()).ok())
+            .map(|b| ContentHash::from_bytes(&b))
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::Corrupt,
+                    "the partial receive's state (receive.json) is damaged: drop it with `imgpool recv --abort`",
+                )
+            })
+    }
+}
+
+fn read_partial(files: &VolumeFiles) -> Result<Option<PartialReceive>> {
+    let path = files.receive_state();
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            Error::refused(
+                ErrorKind::Corrupt,
+                format!(
+                    "{} is damaged ({e}): drop the partial receive with `imgpool recv --abort`",
+                    path.display()
+                ),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::io(format!("cannot read {}", path.display()), e)),
+    }
+}
+
+/// The partial receive as the volume has it: `receive.json`, brought forward past a snapshot
+/// taken just before a crash kept the file from saying so (the snapshot's sum was recorded
+/// before it was taken).
+fn current_partial(files: &VolumeFiles) -> Result<Option<PartialReceive>> {
+    let Some(mut partial) = read_partial(files)? else {
+        return Ok(None);
+    };
+    loop {
+        let index = partial.point.done;
+        let Some(s) = partial.header.snapshots.get(index) else {
+            return Ok(Some(partial));
+        };
+        let staged = staged_name(&partial.header.package, index);
+        let taken = crate::core::volume::snapshot_named(files, &staged)
+            .ctx(|| format!("cannot read {}", files.index().display()))?
+            .is_some();
+        if !taken {
+            return Ok(Some(partial));
+        }
+        let sum = ContentSums::open(files)
+            .and_then(|sums| sums.get(&s.guid))
+            .ctx(|| format!("cannot read {}", files.content_sums().display()))?
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::Corrupt,
+                    "the partial receive lost a received snapshot's sum: drop it with `imgpool recv --abort`",
+                )
+            })?;
+        partial.point = ResumePoint {
+            done: index + 1,
+            granule: 0,
+        };
+        partial.sum = hex::encode(sum.to_bytes());
+    }
+}
+
+fn write_partial(files: &VolumeFiles, partial: &PartialReceive) -> Result<()> {
+    let json = serde_json::to_vec_pretty(partial).expect("the state serializes");
+    write_durably(&files.receive_state(), &json)
+}
+
+fn remove_partial(files: &VolumeFiles) -> Result<()> {
+    match fs::remove_file(files.receive_state()) {
+        Ok(()) => fsync_dir(files.dir()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("cannot remove receive.json", e)),
+    }
+}
+
+fn stream_error(e: StreamError) -> Error {
+    Error::refused(ErrorKind::Corrupt, e.to_string())
+}
+
+fn malformed(why: impl Into<String>) -> Error {
+    Error::refused(
+        ErrorKind::Corrupt,
+        format!("the stream is malformed: {}", why.into()),
+    )
+}
+
+fn staged_name(package: &str, index: usize) -> String {
+    format!("{STAGED_PREFIX}{}-{index}", short(package))
+}
+
+fn staged_prefix(package: &str) -> String {
+    format!("{STAGED_PREFIX}{}-", short(package))
+}
+
+fn short(text: &str) -> &str {
+    let end = text.char_indices().nth(8).map_or(text.len(), |(at, _)| at);
+    &text[..end]
+}
+
+/// The checks of a header on its own: what any target needs of it.
+fn check_header(header: &Header) -> Result<()> {
+    if header.snapshots.is_empty() {
+        return Err(malformed("its header lists no snapshot"));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for s in &header.snapshots {
+        if !s.temporary {
+            names::check_snapshot_name(&s.name)?;
+            if !seen.insert(s.name.as_str()) {
+                return Err(malformed(format!(
+                    "its header lists snapshot '{}' twice",
+                    s.name
+                )));
+            }
+        }
+        if s.size == 0 || !s.size.is_multiple_of(crate::format::volume::BLOCK) {
+            return Err(malformed(format!(
+                "snapshot '{}' has size {}, not a positive multiple of 4096",
+                s.name, s.size
+            )));
+        }
+    }
+    if header.with_image && header.base_image.is_none() {
+        return Err(malformed("it carries a base image but names none"));
+    }
+    Ok(())
+}
+
+/// The volume a receive writes, open under its writer lock (an existing volume) or under its
+/// creator's owner lock (a new one).
+struct Target {
+    name: String,
+    row: VolumeRow,
+    files: VolumeFiles,
+    volume: Arc<Volume>,
+    new_volume: bool,
+    /// The snapshot the stream applies on (an incremental stream).
+    from: Option<Snapshot>,
+    base_sha512: Option<String>,
+    _owner: Option<OwnerLock>,
+    _locks: ReceiveLocks,
+}
+
+impl Pool {
+    /// The base a volume over `image` reads (none: zeros), from the image's verified copies.
+    fn base_of(&self, image_id: Option<i64>) -> Result<Box<dyn Base>> {
+        Ok(match image_id {
+            Some(id) => Box::new(self.verified_copies(id)?),
+            None => Box::new(NoBase),
+        })
+    }
+
+    /// The volume row named `name`, whatever its state.
+    fn volume_row_any_state(&self, name: &str) -> Result<Option<VolumeRow>> {
+        Ok(self.store.volumes()?.into_iter().find(|v| v.name == name))
+    }
+
+    fn volume_files_of(&self, row: &VolumeRow) -> Result<VolumeFiles> {
+        let disk = self
+            .store
+            .disks()?
+            .into_iter()
+            .find(|d| d.id == row.disk_id)
+            .ok_or_else(|| {
+                Error::refused(ErrorKind::Internal, "a volume's disk is not registered")
+            })?;
+        Ok(crate::format::layout::DiskLayout::new(&disk.path).volume_files(&row.uuid))
+    }
+
+    /// Whether the volume (a row in any state) holds a partial receive kept to be resumed
+    /// (one whose state cannot be read counts: `recv --abort` drops it).
+    pub(crate) fn volume_has_resumable_receive(&self, row: &VolumeRow) -> Result<bool> {
+        Ok(match read_partial(&self.volume_files_of(row)?) {
+            Ok(partial) => partial.is_some_and(|p| p.resumable),
+            Err(_) => true,
+        })
+    }
+
+    /// Applies the stream `input` to volume `name` (docs/send-receive.md, "Receiving").
+    pub fn receive(
+        &self,
+        name: &str,
+        input: &mut dyn Read,
+        options: ReceiveOptions,
+    ) -> Result<Received> {
+        self.receive_checkpointing(name, input, options, CHECKPOINT_BYTES)
+    }
+
+    /// `receive`, recording a resumable receive's progress every `checkpoint_bytes` applied.
+    fn receive_checkpointing(
+        &self,
+        name: &str,
+        input: &mut dyn Read,
+        options: ReceiveOptions,
+        checkpoint_bytes: u64,
+    ) -> Result<Received> {
+        names::check_image_name(name)?;
+        let mut reader = StreamReader::new(input).map_err(stream_error)?;
+        let header = match reader.next().map_err(stream_error)? {
+            Record::Header(header) => header,
+            _ => return Err(malformed("it does not start with its header")),
+        };
+        check_header(&header)?;
+        let existing = self.volume_row_any_state(name)?;
+        let partial = match &existing {
+            Some(row) => current_partial(&self.volume_files_of(row)?)?,
+            None => None,
+        };
+        match (&header.resume, &partial) {
+            (_, Some(partial)) if !partial.resumable => {
+                // Its receiver runs, or died and the next `recover` undoes its work.
+                return Err(Error::refused(
+                    ErrorKind::Busy,
+                    format!("another `imgpool recv` is receiving into volume '{name}' (or died doing so: `imgpool repair` cleans that up): retry when it is done"),
+                ));
+            }
+            (None, Some(_)) => return Err(partial_receive_refusal(name)),
+            (Some(_), None) => {
+                return Err(Error::refused(
+                    ErrorKind::Conflict,
+                    format!("the stream resumes an interrupted receive, but volume '{name}' has none to resume: send the package again without --resume"),
+                ))
+            }
+            (Some(point), Some(partial)) => {
+                if partial.header.package != header.package
+                    || snapshots_digest(&partial.header.snapshots)
+                        != snapshots_digest(&header.snapshots)
+                    || partial.point != *point
+                {
+                    return Err(Error::refused(
+                        ErrorKind::Conflict,
+                        format!("the stream resumes another package, or from another point, than the partial receive of volume '{name}': use the token `imgpool recv --resume-token {name}` prints now"),
+                    ));
+                }
+            }
+            (None, None) => {}
+        }
+        if existing.is_some() && header.from.is_none() && partial.is_none() {
+            // Before the base image is read or imported: the stream goes nowhere here.
+            return Err(exists_refusal(name));
+        }
+        let mut received = Received {
+            volume: name.to_string(),
+            resumed: partial.is_some(),
+            ..Received::default()
+        };
+        // The base image, before anything else of the target: the stream carries it next.
+        let base = self.stream_base(&header, &mut reader, &mut received)?;
+        let resumable = options.resumable || partial.is_some();
+        let target = match (&existing, &partial) {
+            (None, _) => self.new_target(name, &header, base.as_ref())?,
+            (Some(row), Some(partial)) if partial.new_volume => {
+                self.resumed_new_target(name, row, &header, base.as_ref())?
+            }
+            (Some(row), _) => {
+                if row.state != VolumeState::Ready {
+                    return Err(Error::refused(
+                        ErrorKind::Busy,
+                        format!("volume '{name}' is being created or removed by another command: retry when it is done"),
+                    ));
+                }
+                self.existing_target(
+                    name,
+                    row,
+                    &header,
+                    partial.is_some(),
+                    options.force,
+                    &mut received,
+                )?
+            }
+        };
+        received.created = target.new_volume;
+        let start = match &partial {
+            Some(partial) => partial.sum()?,
+            None => self.start_sum(&target)?,
+        };
+        let point = partial.as_ref().map(|p| p.point);
+        let state = PartialReceive {
+            resumable,
+            header: Header {
+                resume: None,
+                ..header.clone()
+            },
+            new_volume: target.new_volume,
+            point: point.unwrap_or(ResumePoint {
+                done: 0,
+                granule: 0,
+            }),
+            sum: hex::encode(start.to_bytes()),
+        };
+        let applied = (|| {
+            if partial.is_none() {
+                write_partial(&target.files, &state)?;
+            }
+            let mut apply = Apply {
+                target: &target,
+                header: &header,
+                state,
+                resumable,
+                checkpoint_bytes,
+                since_checkpoint: 0,
+            };
+            apply.run(&mut reader, start)?;
+            self.commit_receive(&target, &header)
+        })();
+        received.bytes = reader.bytes();
+        match applied {
+            Ok(kept) => {
+                received.snapshots = kept;
+                self.finish_target(target);
+                Ok(received)
+            }
+            Err(e) if resumable && has_partial_receive(&target.files) => {
+                // What was applied since the last record of progress is not committed: the
+                // volume is let go without a flush, and its next open recovers it as after a
+                // crash, to the state `receive.json` describes.
+                drop(target);
+                Err(Error::refused(
+                    e.kind(),
+                    format!("{e}; what was received is kept: `imgpool recv --resume-token {name}` prints the token to resume it (`imgpool send --resume TOKEN`), `imgpool recv --abort {name}` drops it"),
+                ))
+            }
+            Err(e) => {
+                if let Err(undo) = self.undo_receive(target, &header) {
+                    tracing::error!("cannot undo the failed receive into '{name}': {undo}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The pool's image the stream's volume reads as its base: found by SHA-512, or imported
+    /// from the stream. Reads the stream's image records, if any.
+    fn stream_base(
+        &self,
+        header: &Header,
+        reader: &mut StreamReader<&mut dyn Read>,
+        received: &mut Received,
+    ) -> Result<Option<ImageRow>> {
+        let Some(image) = &header.base_image else {
+            return Ok(None);
+        };
+        let found = self.store.ready_image_by_sha512(&image.sha512)?;
+        if !header.with_image {
+            return found.map(Some).ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::NotFound,
+                    format!(
+                        "this pool has no image with the content of the stream's base image '{}' (uuid {}, SHA-512 {}): import it, or send with `imgpool send --with-image`",
+                        image.name, image.uuid, image.sha512
+                    ),
+                )
+            });
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        // Taken before the file exists: a file without a live owner is a dead receive's.
+        let owner = OwnerLock::acquire(&self.state_dir, &image_token(&id))?;
+        let path = received_image_path(&self.state_dir, &id);
+        let imported = (|| {
+            let dir = path.parent().expect("in a directory");
+            fs::create_dir_all(dir).ctx(|| format!("cannot create {}", dir.display()))?;
+            let file = match found {
+                None => Some(
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(&path)
+                        .ctx(|| format!("cannot create {}", path.display()))?,
+                ),
+                // The pool has it: its records are read past.
+                Some(_) => None,
+            };
+            if let Some(file) = &file {
+                file.set_len(image.size)
+                    .ctx(|| format!("cannot size {}", path.display()))?;
+            }
+            let sha512 = loop {
+                match reader.next().map_err(stream_error)? {
+                    Record::ImageData { offset, data } => {
+                        let end = offset.checked_add(data.len() as u64);
+                        if end.is_none_or(|end| end > image.size) {
+                            return Err(malformed(format!(
+                                "image data at {offset} lies past the image's end, {}",
+                                image.size
+                            )));
+                        }
+                        if let Some(file) = &file {
+                            file.write_all_at(&data, offset)
+                                .ctx(|| format!("cannot write {}", path.display()))?;
+                        }
+                    }
+                    Record::ImageEnd { sha512 } => break hex::encode(sha512),
+                    _ => return Err(malformed("the base image's records end without ImageEnd")),
+                }
+            };
+            if sha512 != image.sha512 {
+                return Err(malformed(
+                    "the image it carries is not the one its header names (their SHA-512 differ)",
+                ));
+            }
+            let Some(file) = file else {
+                return Ok(None);
+            };
+            file.sync_all()
+                .ctx(|| format!("cannot sync {}", path.display()))?;
+            if sha512_of(&file, image.size).ctx(|| format!("cannot read {}", path.display()))?
+                != image.sha512
+            {
+                return Err(Error::refused(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "the base image '{}' the stream carries does not have the SHA-512 it claims: the stream was damaged; send it again",
+                        image.name
+                    ),
+                ));
+            }
+            let name = match self.store.image_by_name(&image.name)? {
+                None => image.name.clone(),
+                Some(_) => format!("{}-{}", image.name, &image.sha512[..8]),
+            };
+            let source = ImportSource {
+                data: &file,
+                size: image.size,
+                path: path.clone(),
+                recorded_as: Some(format!("stream:{}", image.name)),
+                // A file of ours, written whole before the import.
+                unchanged: &|| Ok(()),
+                resume_key: None,
+            };
+            let done = self.import_image(&name, &source, None, &mut |_, _| {})?;
+            Ok(Some(done.name))
+        })();
+        let _ = fs::remove_file(&path);
+        owner.release();
+        match imported? {
+            Some(name) => {
+                tracing::info!(
+                    image = name.as_str(),
+                    "imported the base image of a received stream"
+                );
+                received.imported_image = Some(name.clone());
+                self.store.image_by_name(&name)?.map(Some).ok_or_else(|| {
+                    Error::refused(
+                        ErrorKind::Conflict,
+                        format!("the image '{name}' just imported was removed meanwhile"),
+                    )
+                })
+            }
+            None => Ok(self.store.ready_image_by_sha512(&image.sha512)?),
+        }
+    }
+
+    /// A new volume for a whole stream: `creating` until the end.
+    fn new_target(&self, name: &str, header: &Header, base: Option<&ImageRow>) -> Result<Target> {
+        if let Some(from) = &header.from {
+            return Err(Error::refused(
+                ErrorKind::NotFound,
+                format!(
+                    "volume '{name}' does not exist here; an incremental stream needs the snapshot '{}' it was made from: send the whole volume first",
+                    from.name
+                ),
+            ));
+        }
+        let size = header.snapshots[0].size;
+        check_size(size, base.map(|i| (i.name.as_str(), i.size)))?;
+        let NewVolume { row, files, _owner } = self.start_volume(name, base, size, None)?;
+        // Held as for an existing volume: once it is ready, the mount waits for the receive
+        // to let go of it.
+        let opened = self
+            .lock_for_receive(name, &row, &files)
+            .and_then(|writer| {
+                let base = self.base_of(row.image_id)?;
+                Volume::open(&files, base)
+                    .ctx(|| format!("cannot open volume '{name}'"))
+                    .map(|volume| (volume, writer))
+            });
+        let (volume, writer) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                self.remove_new_volume(&row)?;
+                return Err(e);
+            }
+        };
+        Ok(Target {
+            name: name.to_string(),
+            row,
+            files,
+            volume: Arc::new(volume),
+            new_volume: true,
+            from: None,
+            base_sha512: base.map(|i| i.sha512.clone()),
+            _owner: Some(_owner),
+            _locks: writer,
+        })
+    }
+
+    /// The new volume of an interrupted receive, taken over from its dead receiver.
+    fn resumed_new_target(
+        &self,
+        name: &str,
+        row: &VolumeRow,
+        header: &Header,
+        base: Option<&ImageRow>,
+    ) -> Result<Target> {
+        let owner = self.take_over(name, row)?;
+        let files = self.volume_files_of(row)?;
+        if base.map(|i| i.id) != row.image_id {
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!("the base image of the partial receive of '{name}' is not the stream's"),
+            ));
+        }
+        let writer = self.lock_for_receive(name, row, &files)?;
+        let volume = Volume::open(&files, self.base_of(row.image_id)?)
+            .ctx(|| format!("cannot open volume '{name}'"))?;
+        Ok(Target {
+            name: name.to_string(),
+            row: row.clone(),
+            files,
+            volume: Arc::new(volume),
+            new_volume: true,
+            from: None,
+            base_sha512: header.base_image.as_ref().map(|i| i.sha512.clone()),
+            _owner: Some(owner),
+            _locks: writer,
+        })
+    }
+
+    /// The owner lock of a `creating` volume whose receive died.
+    fn take_over(&self, name: &str, row: &VolumeRow) -> Result<OwnerLock> {
+        let token = super::volume_token(&row.uuid);
+        match owner::check(&self.state_dir, &token) {
+            Owner::Alive => Err(Error::refused(
+                ErrorKind::Busy,
+                format!("another `imgpool recv` is receiving volume '{name}' now"),
+            )),
+            Owner::Dead(Some(lock)) => Ok(lock),
+            Owner::Dead(None) => OwnerLock::acquire(&self.state_dir, &token),
+        }
+    }
+
+    /// An existing volume for an incremental stream, checked against the header and (with
+    /// `--force`) brought back to the stream's `from` snapshot.
+    fn existing_target(
+        &self,
+        name: &str,
+        row: &VolumeRow,
+        header: &Header,
+        resumed: bool,
+        force: bool,
+        received: &mut Received,
+    ) -> Result<Target> {
+        let files = self.volume_files_of(row)?;
+        if header.from.is_none() {
+            return Err(exists_refusal(name));
+        }
+        let writer = self.lock_for_receive(name, row, &files)?;
+        // Re-read under the lock: a partial receive that appeared meanwhile is not ours.
+        if !resumed && has_partial_receive(&files) {
+            return Err(partial_receive_refusal(name));
+        }
+        let ours = match row.image_id {
+            Some(id) => self
+                .store
+                .images()?
+                .into_iter()
+                .find(|i| i.id == id)
+                .map(|i| (i.name, i.sha512)),
+            None => None,
+        };
+        let theirs = header.base_image.as_ref();
+        if ours.as_ref().map(|o| &o.1) != theirs.map(|t| &t.sha512) {
+            let describe =
+                |n: Option<&str>| n.map_or("none (zeros)".to_string(), |n| format!("'{n}'"));
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!(
+                    "volume '{name}' is over base image {}, the stream's volume over {}: the stream does not apply to it",
+                    describe(ours.as_ref().map(|o| o.0.as_str())),
+                    describe(theirs.map(|t| t.name.as_str()))
+                ),
+            ));
+        }
+        let volume = Arc::new(
+            Volume::open(&files, self.base_of(row.image_id)?)
+                .ctx(|| format!("cannot open volume '{name}'"))?,
+        );
+        let target = Target {
+            name: name.to_string(),
+            row: row.clone(),
+            files,
+            volume,
+            new_volume: false,
+            from: None,
+            base_sha512: theirs.map(|t| t.sha512.clone()),
+            _owner: None,
+            _locks: writer,
+        };
+        // A refusal closes the volume cleanly (dropped open, its next open would scan it).
+        match self.bring_to_from(&target, header, resumed, force, received) {
+            Ok(from) => Ok(Target {
+                from: Some(from),
+                ..target
+            }),
+            Err(e) => {
+                let _ = target.volume.shutdown();
+                Err(e)
+            }
+        }
+    }
+
+    /// Finds the stream's `from` snapshot in the target and checks that the target is still
+    /// at it (with `--force`, brings it back there).
+    fn bring_to_from(
+        &self,
+        target: &Target,
+        header: &Header,
+        resumed: bool,
+        force: bool,
+        received: &mut Received,
+    ) -> Result<Snapshot> {
+        {
+            let name = target.name.as_str();
+            let volume = &target.volume;
+            let from = header
+                .from
+                .as_ref()
+                .expect("checked: an incremental stream");
+            let all = volume
+                .snapshots()
+                .ctx(|| format!("cannot read the snapshots of volume '{name}'"))?;
+            let Some(at) = all.iter().position(|s| s.guid == from.guid) else {
+                return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!(
+                    "volume '{name}' has no snapshot '{}' (guid {}), which the stream was made from: send from a snapshot both sides have (`imgpool snapshot list {name}`), or the whole volume under another name",
+                    from.name, from.guid
+                ),
+            ));
+            };
+            let from_snapshot = all[at].clone();
+            if resumed {
+                // Its staged snapshots follow `from`: they are the receive's own.
+                return Ok(from_snapshot);
+            }
+            let newer: Vec<&Snapshot> = all[at + 1..].iter().collect();
+            let written = volume
+                .written_since_newest_snapshot()
+                .ctx(|| format!("cannot read volume '{name}'"))?
+                || volume.size() != from_snapshot.size;
+            let kept: std::collections::HashSet<&str> =
+                all[..=at].iter().map(|s| s.name.as_str()).collect();
+            let taken: std::collections::HashSet<&str> = if force {
+                kept
+            } else {
+                all.iter().map(|s| s.name.as_str()).collect()
+            };
+            if let Some(clash) = header
+                .snapshots
+                .iter()
+                .find(|s| !s.temporary && taken.contains(s.name.as_str()))
+            {
+                return Err(Error::refused(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "volume '{name}' has a snapshot '{}' already, which the stream would add: rename or delete it first",
+                    clash.name
+                ),
+            ));
+            }
+            if (newer.is_empty() && !written) || !force {
+                if !newer.is_empty() || written {
+                    let mut what = Vec::new();
+                    if !newer.is_empty() {
+                        let names: Vec<&str> = newer.iter().map(|s| s.name.as_str()).collect();
+                        what.push(format!(
+                            "snapshots {} were taken after it",
+                            names.join(", ")
+                        ));
+                    }
+                    if written {
+                        what.push("it was written since".to_string());
+                    }
+                    return Err(Error::refused(
+                    ErrorKind::Conflict,
+                    format!(
+                        "volume '{name}' has changed since snapshot '{}', which the stream applies on: {}; `imgpool recv --force` discards that",
+                        from_snapshot.name,
+                        what.join(", and ")
+                    ),
+                ));
+                }
+                return Ok(from_snapshot);
+            }
+            let epochs: Vec<u64> = newer.iter().map(|s| s.epoch).collect();
+            volume.rollback(&from_snapshot, &epochs).ctx(|| {
+                format!(
+                    "cannot roll volume '{name}' back to '{}'",
+                    from_snapshot.name
+                )
+            })?;
+            self.record_volume_size(name, from_snapshot.size)?;
+            received.discarded_snapshots = newer.iter().map(|s| s.name.clone()).collect();
+            received.discarded_writes = written;
+            tracing::info!(
+                event = "recv_discarded",
+                volume = name,
+                snapshots = received.discarded_snapshots.len(),
+                writes = written,
+                "volume '{name}': discarded what it had since snapshot '{}' (recv --force)",
+                from_snapshot.name
+            );
+            Ok(from_snapshot)
+        }
+    }
+
+    /// The content sum of the target as the stream starts on it: none for a new volume, the
+    /// `from` snapshot's (recorded, or computed once from its own granules) for an existing one.
+    fn start_sum(&self, target: &Target) -> Result<ContentHash> {
+        let Some(from) = &target.from else {
+            return Ok(ContentHash::default());
+        };
+        let name = &target.name;
+        let sums =
+            ContentSums::open(&target.files).ctx(|| format!("cannot open the sums of '{name}'"))?;
+        if let Some(sum) = sums
+            .get(&from.guid)
+            .ctx(|| format!("cannot read the sums of '{name}'"))?
+        {
+            return Ok(sum);
+        }
+        let computed = (|| {
+            let granules = target.volume.granules_seen(from.epoch)?;
+            let reader = target.volume.open_snapshot(from.epoch)?;
+            let base = self
+                .base_of(target.row.image_id)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            sum_changes(
+                ContentHash::default(),
+                &granules,
+                &BaseGranules(base.as_ref()),
+                &reader,
+            )
+        })()
+        .ctx(|| format!("cannot compute the content sum of '{name}@{}'", from.name))?;
+        sums.put(&from.guid, &computed)
+            .ctx(|| format!("cannot record the sums of '{name}'"))?;
+        Ok(computed)
+    }
+
+    /// The stream ended: the staged snapshots take their names in one transaction, and the
+    /// volume is ready. Returns the names of the snapshots kept.
+    fn commit_receive(&self, target: &Target, header: &Header) -> Result<Vec<String>> {
+        let name = &target.name;
+        let snapshots = target
+            .volume
+            .snapshots()
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?;
+        let (mut renames, mut deletes) = (Vec::new(), Vec::new());
+        for (index, s) in header.snapshots.iter().enumerate() {
+            let staged = staged_name(&header.package, index);
+            let epoch = snapshots
+                .iter()
+                .find(|x| x.name == staged)
+                .map(|x| x.epoch)
+                .ok_or_else(|| {
+                    Error::refused(
+                        ErrorKind::Internal,
+                        format!("the staged snapshot '{staged}' of '{name}' is missing"),
+                    )
+                })?;
+            if s.temporary {
+                deletes.push(epoch);
+            } else {
+                renames.push((epoch, s.name.clone()));
+            }
+        }
+        target
+            .volume
+            .rename_and_delete_snapshots(&renames, &deletes)
+            .ctx(|| format!("cannot name the received snapshots of '{name}'"))?;
+        target
+            .volume
+            .flush()
+            .ctx(|| format!("cannot flush volume '{name}'"))?;
+        let size = target.volume.size();
+        if target.new_volume {
+            self.store.set_volume_size(target.row.id, size)?;
+            if !self.store.set_volume_state(
+                target.row.id,
+                VolumeState::Creating,
+                VolumeState::Ready,
+            )? {
+                return Err(Error::refused(
+                    ErrorKind::Interrupted,
+                    format!("the creation of '{name}' was taken from this receive (another process judged it abandoned): nothing was kept; send it again"),
+                ));
+            }
+        } else {
+            self.record_volume_size(name, size)?;
+        }
+        // Last: until it goes, the volume is not served (a crash before leaves a complete
+        // receive that `recover` or `recv --abort` finish by removing it).
+        remove_partial(&target.files)?;
+        tracing::info!(
+            event = "recv_done",
+            volume = name.as_str(),
+            snapshots = renames.len(),
+            "volume '{name}': received {} snapshot(s) of package {}",
+            renames.len(),
+            header.package
+        );
+        Ok(renames.into_iter().map(|(_, n)| n).collect())
+    }
+
+    /// After the end: the sums of snapshots that went are forgotten, the space of what
+    /// `--force` discarded is reclaimed, and the volume closed. Everything is applied and
+    /// durable by then: a failure here is logged, not the receive's.
+    fn finish_target(&self, target: Target) {
+        let name = &target.name;
+        let volume = &target.volume;
+        let tidied = (|| -> io::Result<()> {
+            let keep = volume.snapshots()?.into_iter().map(|s| s.guid).collect();
+            ContentSums::open(&target.files)?.retain(&keep)?;
+            while volume.reclaim()? {}
+            volume.shutdown()
+        })();
+        if let Err(e) = tidied {
+            tracing::warn!("volume '{name}' received; tidying it up after failed: {e}");
+        }
+    }
+
+    /// A receive that failed, not resumable: the target as it was.
+    fn undo_receive(&self, target: Target, header: &Header) -> Result<()> {
+        let name = target.name.clone();
+        if target.new_volume {
+            let _ = target.volume.shutdown();
+            let row = target.row.clone();
+            // The owner lock is held until the removal is done.
+            let result = self.remove_new_volume(&row);
+            drop(target);
+            return result;
+        }
+        let from = target.from.clone().expect("an existing target has `from`");
+        let unfinished = Unfinished {
+            header,
+            progress: None,
+            from: &from,
+        };
+        self.settle(&name, &target.volume, &target.files, unfinished, true)?;
+        let _ = target.volume.reclaim();
+        target
+            .volume
+            .shutdown()
+            .ctx(|| format!("cannot close volume '{name}'"))
+    }
+
+    /// Ends an existing volume's receive that did not finish: kept if it had committed (see
+    /// `Committed`: only `receive.json` was left to remove), else, with `roll_back`, rolled
+    /// back to `from` with its staged snapshots. Says which (`None`: left as it is).
+    fn settle(
+        &self,
+        name: &str,
+        volume: &Volume,
+        files: &VolumeFiles,
+        unfinished: Unfinished,
+        roll_back: bool,
+    ) -> Result<Option<String>> {
+        let Unfinished {
+            header,
+            progress,
+            from,
+        } = unfinished;
+        let snapshots = volume
+            .snapshots()
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?;
+        let committed = Committed {
+            header,
+            progress,
+            staged_left: snapshots
+                .iter()
+                .any(|s| s.name.starts_with(&staged_prefix(&header.package))),
+        }
+        .judge(
+            |last| {
+                Ok(snapshots
+                    .iter()
+                    .any(|s| s.guid == last.guid && s.name == last.name))
+            },
+            || {
+                volume
+                    .written_since_newest_snapshot()
+                    .ctx(|| format!("cannot read volume '{name}'"))
+            },
+        )?;
+        if committed {
+            remove_partial(files)?;
+            self.record_volume_size(name, volume.size())?;
+            return Ok(Some(format!("the receive into '{name}' had completed")));
+        }
+        if !roll_back {
+            return Ok(None);
+        }
+        self.roll_back_staged(volume, from, &header.package, name)?;
+        remove_partial(files)?;
+        self.record_volume_size(name, from.size)?;
+        Ok(Some(format!(
+            "dropped the partial receive of '{name}': it is back at snapshot '{}'",
+            from.name
+        )))
+    }
+
+    fn roll_back_staged(
+        &self,
+        volume: &Volume,
+        from: &Snapshot,
+        package: &str,
+        name: &str,
+    ) -> Result<()> {
+        let prefix = staged_prefix(package);
+        let staged: Vec<u64> = volume
+            .snapshots()
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?
+            .into_iter()
+            .filter(|s| s.epoch > from.epoch && s.name.starts_with(&prefix))
+            .map(|s| s.epoch)
+            .collect();
+        volume
+            .rollback(from, &staged)
+            .ctx(|| format!("cannot roll volume '{name}' back to '{}'", from.name))
+    }
+
+    fn remove_new_volume(&self, row: &VolumeRow) -> Result<()> {
+        if self
+            .store
+            .set_volume_state(row.id, VolumeState::Creating, VolumeState::Removing)?
+        {
+            self.finish_volume_removal(row)?;
+        }
+        Ok(())
+    }
+
+    /// The token that resumes volume `name`'s partial receive (`recv --resume-token`).
+    pub fn receive_resume_token(&self, name: &str) -> Result<ResumeToken> {
+        let (_, files) = self.partial_target(name)?;
+        let partial = current_partial(&files)?
+            .filter(|p| p.resumable)
+            .ok_or_else(|| no_partial(name))?;
+        let header = &partial.header;
+        let needs_image = match &header.base_image {
+            Some(image) if header.with_image => {
+                self.store.ready_image_by_sha512(&image.sha512)?.is_none()
+            }
+            _ => false,
+        };
+        Ok(ResumeToken {
+            package: header.package.clone(),
+            volume_uuid: header.volume_uuid.clone(),
+            from: header.from.as_ref().map(|f| f.guid.clone()),
+            to: header
+                .snapshots
+                .last()
+                .map(|s| s.guid.clone())
+                .unwrap_or_default(),
+            from_all: header.from_all,
+            with_image: needs_image,
+            snapshots: snapshots_digest(&header.snapshots),
+            point: partial.point,
+        })
+    }
+
+    /// Drops volume `name`'s partial receive (`recv --abort`): a new volume is removed, an
+    /// existing one rolled back to the snapshot the stream applied on. Returns what it did.
+    pub fn receive_abort(&self, name: &str) -> Result<String> {
+        let (row, files) = self.partial_target(name)?;
+        let partial = read_partial(&files)?.ok_or_else(|| no_partial(name))?;
+        if partial.new_volume && row.state == VolumeState::Creating {
+            let _owner = self.take_over(name, &row)?;
+            self.remove_new_volume(&row)?;
+            return Ok(format!(
+                "dropped the partial receive of '{name}': the volume it was making is removed"
+            ));
+        }
+        // Another process may hold the volume a moment (a recovery looking at it, a mount's
+        // refused open).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut partial = partial;
+        loop {
+            if let Some(done) = self.settle_ready(&row, &files, &partial, true)? {
+                return Ok(done);
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(Error::refused(
+                    ErrorKind::Busy,
+                    format!("another process has volume '{name}' (a receive still running?): retry when it is done"),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            partial = read_partial(&files)?.ok_or_else(|| no_partial(name))?;
+        }
+    }
+
+    /// What `recover` does for a ready volume that a receive left `receive.json` in: a
+    /// receive that had completed is finished, a plain one that died is rolled back; a
+    /// resumable one that did not complete is kept. `None` when there is nothing to do, or
+    /// the receiver still runs.
+    pub(crate) fn settle_dead_receive(&self, row: &VolumeRow) -> Result<Option<String>> {
+        let files = self.volume_files_of(row)?;
+        match read_partial(&files) {
+            Ok(Some(_)) if owner::is_alive(&self.state_dir, &receiver_token(&row.uuid)) => Ok(None),
+            Ok(Some(partial))
+                if partial.resumable && !partial.new_volume && !committed_unopened(&files)? =>
+            {
+                // Kept for a resumed stream.
+                Ok(None)
+            }
+            Ok(Some(partial)) => {
+                // Its receiver is dead: whoever has the volume now (another recovery, a
+                // mount's refused open) lets go soon; what it did is read again under the lock.
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                loop {
+                    if let Some(done) = self.settle_ready(row, &files, &partial, false)? {
+                        return Ok(Some(done));
+                    }
+                    let changed = read_partial(&files).ok().flatten().as_ref() != Some(&partial);
+                    if changed || std::time::Instant::now() > deadline {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Settles the receive of a ready volume, under its writer lock (`None` while another
+    /// process has it, or when it is left as it is): a new volume that became ready had
+    /// completed; an existing one is kept or rolled back (`settle`), a resumable one that did
+    /// not complete only when aborted.
+    fn settle_ready(
+        &self,
+        row: &VolumeRow,
+        files: &VolumeFiles,
+        partial: &PartialReceive,
+        abort: bool,
+    ) -> Result<Option<String>> {
+        let name = row.name.as_str();
+        let Some(_writer) =
+            WriterLock::try_acquire(files).ctx(|| format!("cannot lock volume '{name}'"))?
+        else {
+            return Ok(None);
+        };
+        // Read again under the lock: a receive that ended meanwhile removed it.
+        if read_partial(files)?.as_ref() != Some(partial) {
+            return Ok(None);
+        }
+        if partial.new_volume {
+            remove_partial(files)?;
+            return Ok(Some(format!("the receive of '{name}' had completed")));
+        }
+        let roll_back = abort || !partial.resumable;
+        if !roll_back && !committed_unopened(files)? {
+            // Kept for a resumed stream: not even opened.
+            return Ok(None);
+        }
+        let volume =
+            Volume::open(files, Box::new(NoBase)).ctx(|| format!("cannot open volume '{name}'"))?;
+        let from_guid = partial.header.from.as_ref().map(|f| f.guid.clone());
+        let settled = volume
+            .snapshots()
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))
+            .and_then(|all| {
+                all.into_iter()
+                    .find(|s| Some(&s.guid) == from_guid.as_ref())
+                    .ok_or_else(|| {
+                        Error::refused(
+                            ErrorKind::Corrupt,
+                            format!(
+                                "volume '{name}' lost the snapshot its partial receive applied on"
+                            ),
+                        )
+                    })
+            })
+            .and_then(|from| {
+                let progress = current_partial(files)?
+                    .filter(|p| p.resumable)
+                    .map(|p| p.point);
+                let unfinished = Unfinished {
+                    header: &partial.header,
+                    progress,
+                    from: &from,
+                };
+                self.settle(name, &volume, files, unfinished, roll_back)
+            });
+        while volume.reclaim().unwrap_or(false) {}
+        let closed = volume
+            .close()
+            .ctx(|| format!("cannot close volume '{name}'"));
+        let settled = settled?;
+        closed?;
+        Ok(settled)
+    }
+
+    fn partial_target(&self, name: &str) -> Result<(VolumeRow, VolumeFiles)> {
+        let row = self
+            .volume_row_any_state(name)?
+            .ok_or_else(|| Error::UnknownVolume(name.to_string()))?;
+        let files = self.volume_files_of(&row)?;
+        Ok((row, files))
+    }
+}
+
+/// A receive into an existing volume that did not remove its `receive.json`.
+struct Unfinished<'a> {
+    header: &'a Header,
+    /// A resumable receive's progress.
+    progress: Option<ResumePoint>,
+    /// The snapshot it applied on.
+    from: &'a Snapshot,
+}
+
+/// Whether a receive that did not remove its `receive.json` had committed: none of its staged
+/// snapshots is left, and its last kept snapshot is there under its own name; a package of
+/// temporary snapshots alone has nothing to rename, and had committed once its last staged
+/// snapshot was taken (a resumable receive's progress says so) and deleted, or, for a plain
+/// one (which commits nothing before a snapshot's end), once anything of it was written.
+struct Committed<'a> {
+    header: &'a Header,
+    /// A resumable receive's progress.
+    progress: Option<ResumePoint>,
+    staged_left: bool,
+}
+
+impl Committed<'_> {
+    fn judge(
+        &self,
+        renamed: impl FnOnce(&StreamSnapshot) -> Result<bool>,
+        written: impl FnOnce() -> Result<bool>,
+    ) -> Result<bool> {
+        if self.staged_left {
+            return Ok(false);
+        }
+        match self.header.snapshots.iter().rev().find(|s| !s.temporary) {
+            Some(last) => renamed(last),
+            None => match self.progress {
+                Some(point) => Ok(point.done == self.header.snapshots.len()),
+                None => written(),
+            },
+        }
+    }
+}
+
+/// `Committed` for a resumable receive, read without opening the volume.
+fn committed_unopened(files: &VolumeFiles) -> Result<bool> {
+    let Some(partial) = current_partial(files)? else {
+        return Ok(false);
+    };
+    let read = |e: io::Error| Error::io(format!("cannot read {}", files.index().display()), e);
+    let staged =
+        crate::core::volume::snapshots_named(files, &staged_prefix(&partial.header.package))
+            .map_err(read)?;
+    Committed {
+        header: &partial.header,
+        progress: Some(partial.point),
+        staged_left: !staged.is_empty(),
+    }
+    .judge(
+        |last| {
+            let found = crate::core::volume::snapshot_named(files, &last.name).map_err(read)?;
+            Ok(found.is_some_and(|s| s.guid == last.guid))
+        },
+        || Ok(false),
+    )
+}
+
+/// The owner-lock token of the receive writing the base image file `id`.
+fn image_token(id: &str) -> String {
+    format!("recv-image-{id}")
+}
+
+const RECEIVED_IMAGE_PREFIX: &str = "recv-";
+
+/// Where a receive writes the base image a stream carries, before importing it.
+fn received_image_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir
+        .join("tmp")
+        .join(format!("{RECEIVED_IMAGE_PREFIX}{id}.img"))
+}
+
+impl Pool {
+    /// Deletes the base image files of receives that died while writing them; one line each.
+    pub(crate) fn remove_abandoned_received_images(&self) -> Vec<String> {
+        let mut done = Vec::new();
+        let Ok(entries) = fs::read_dir(self.state_dir.join("tmp")) else {
+            return done;
+        };
+        for entry in entries.flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = file
+                .strip_prefix(RECEIVED_IMAGE_PREFIX)
+                .and_then(|f| f.strip_suffix(".img"))
+                .filter(|id| uuid::Uuid::parse_str(id).is_ok())
+            else {
+                continue;
+            };
+            let owner = owner::check(&self.state_dir, &image_token(id));
+            if let Owner::Alive = owner {
+                continue;
+            }
+            match fs::remove_file(entry.path()) {
+                Ok(()) => done.push(format!(
+                    "removed {}, the base image a receive that died was writing",
+                    entry.path().display()
+                )),
+                Err(e) => tracing::warn!("cannot remove {}: {e}", entry.path().display()),
+            }
+            owner.finish();
+        }
+        done
+    }
+}
+
+/// What a running receive holds: the volume's writer lock, and the owner lock that tells a
+/// recovery the receiver lives (so that one that finds the writer lock taken while the
+/// receiver is dead knows another process settles it, and waits).
+struct ReceiveLocks {
+    _writer: WriterLock,
+    _receiving: OwnerLock,
+}
+
+/// The owner-lock token of the receive into the volume with `uuid`.
+fn receiver_token(uuid: &str) -> String {
+    format!("recv-volume-{uuid}")
+}
+
+impl Pool {
+    /// The locks of a receive into `row`, or the refusal while another process has the volume.
+    fn lock_for_receive(
+        &self,
+        name: &str,
+        row: &VolumeRow,
+        files: &VolumeFiles,
+    ) -> Result<ReceiveLocks> {
+        let writer = WriterLock::try_acquire(files)
+            .ctx(|| format!("cannot lock volume '{name}'"))?
+            .ok_or_else(|| {
+                Error::refused(
+                    ErrorKind::InUse,
+                    format!("volume '{name}' is open through a mount (or another command has it): close it first"),
+                )
+            })?;
+        // One receiver at a time holds the writer lock: the token is this one's.
+        let receiving = OwnerLock::acquire(&self.state_dir, &receiver_token(&row.uuid))?;
+        Ok(ReceiveLocks {
+            _writer: writer,
+            _receiving: receiving,
+        })
+    }
+}
+
+fn exists_refusal(name: &str) -> Error {
+    Error::refused(
+        ErrorKind::AlreadyExists,
+        format!("volume '{name}' exists: a whole stream makes a new volume; receive it under another name, or remove '{name}' first"),
+    )
+}
+
+fn no_partial(name: &str) -> Error {
+    Error::refused(
+        ErrorKind::NotFound,
+        format!("volume '{name}' has no partial receive (only a `recv --resumable` that failed leaves one)"),
+    )
+}
+
+fn sha512_of(file: &File, size: u64) -> io::Result<String> {
+    let mut hasher = Sha512::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
+    while at < size {
+        let n = (buf.len() as u64).min(size - at) as usize;
+        file.read_exact_at(&mut buf[..n], at)?;
+        hasher.update(&buf[..n]);
+        at += n as u64;
+    }
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// The granule being changed: its content before the first record that touched it.
+struct OpenGranule {
+    granule: u64,
+    before: Vec<u8>,
+}
+
+/// The snapshot being received.
+struct Current {
+    index: usize,
+    size: u64,
+    /// Where the last record ended: records come in ascending offsets.
+    end: u64,
+    open: Option<OpenGranule>,
+}
+
+/// The records after the header (and the image) applied to the target.
+struct Apply<'a> {
+    target: &'a Target,
+    header: &'a Header,
+    /// What `receive.json` says (kept up to date when resumable).
+    state: PartialReceive,
+    resumable: bool,
+    /// Applied bytes between two records of progress.
+    checkpoint_bytes: u64,
+    since_checkpoint: u64,
+}
+
+impl Apply<'_> {
+    fn run(&mut self, reader: &mut StreamReader<&mut dyn Read>, start: ContentHash) -> Result<()> {
+        let mut sum = start;
+        let mut next = self.state.point.done;
+        // A resumed stream goes on from its point: nothing before it comes again.
+        let mut resumed_from = Some(self.state.point.granule * GRANULE);
+        let mut current: Option<Current> = None;
+        let (target, header) = (self.target, self.header);
+        let volume = &target.volume;
+        let name = &target.name;
+        let io = |what: &'static str| {
+            move |e: io::Error| Error::io(format!("cannot {what} volume '{name}'"), e)
+        };
+        let sums = ContentSums::open(&target.files).map_err(io("open the content sums of"))?;
+        loop {
+            match reader.next().map_err(stream_error)? {
+                Record::SnapshotBegin { index, size } => {
+                    let index = index as usize;
+                    if current.is_some() || index != next || index >= header.snapshots.len() {
+                        return Err(malformed(format!(
+                            "snapshot {index} begins where snapshot {next} was due"
+                        )));
+                    }
+                    if size != header.snapshots[index].size {
+                        return Err(malformed(format!(
+                            "snapshot {index} begins with size {size}, its header says {}",
+                            header.snapshots[index].size
+                        )));
+                    }
+                    if size < volume.size() {
+                        return Err(malformed(format!(
+                            "snapshot {index} is {size} bytes, smaller than the volume ({}): a volume does not shrink",
+                            volume.size()
+                        )));
+                    }
+                    if size > volume.size() {
+                        volume.resize(size).map_err(io("resize"))?;
+                    }
+                    current = Some(Current {
+                        index,
+                        size,
+                        end: resumed_from.take().unwrap_or(0),
+                        open: None,
+                    });
+                }
+                Record::Data { offset, data } => {
+                    let c = current
+                        .as_mut()
+                        .ok_or_else(|| malformed("data outside a snapshot"))?;
+                    Self::check_range(c, offset, data.len() as u64)?;
+                    let mut done = 0usize;
+                    while done < data.len() {
+                        let at = offset + done as u64;
+                        let n = ((GRANULE - at % GRANULE) as usize).min(data.len() - done);
+                        self.touch(c, at / GRANULE, &mut sum)?;
+                        volume
+                            .write_at(&data[done..done + n], at)
+                            .map_err(io("write"))?;
+                        done += n;
+                    }
+                    self.since_checkpoint += data.len() as u64;
+                }
+                Record::Zero { offset, len } => {
+                    let c = current
+                        .as_mut()
+                        .ok_or_else(|| malformed("zeros outside a snapshot"))?;
+                    Self::check_range(c, offset, len)?;
+                    let mut at = offset;
+                    while at < offset + len {
+                        let n = (GRANULE - at % GRANULE).min(offset + len - at);
+                        self.touch(c, at / GRANULE, &mut sum)?;
+                        volume.discard(at, n).map_err(io("write"))?;
+                        at += n;
+                    }
+                }
+                Record::SnapshotEnd { index, digest } => {
+                    let mut c = current
+                        .take()
+                        .filter(|c| c.index == index as usize)
+                        .ok_or_else(|| {
+                            malformed(format!("snapshot {index} ends where it did not begin"))
+                        })?;
+                    self.close_granule(&mut c, &mut sum)?;
+                    let s = &header.snapshots[c.index];
+                    if sum.digest(c.size, target.base_sha512.as_deref()) != digest {
+                        return Err(Error::refused(
+                            ErrorKind::Corrupt,
+                            format!("the content of snapshot '{}' does not match the sender's: the stream does not apply to this volume or was damaged", s.name),
+                        ));
+                    }
+                    // The sum first: a crash after the snapshot and before `receive.json` says
+                    // so is resumed from the snapshot and its recorded sum. The snapshot
+                    // commits the snapshot's writes with its row, in one transaction: a
+                    // temporary one too (deleted at the end), so that no crash can leave its
+                    // writes durable without a record of them.
+                    sums.put(&s.guid, &sum)
+                        .map_err(io("record the content sums of"))?;
+                    self.take_snapshot(c.index, s)?;
+                    next = c.index + 1;
+                    self.checkpoint(next, 0, &sum)?;
+                }
+                Record::End => {
+                    if current.is_some() || next != header.snapshots.len() {
+                        return Err(malformed(format!(
+                            "it ends after {next} of its {} snapshots",
+                            header.snapshots.len()
+                        )));
+                    }
+                    // Nothing may follow.
+                    reader.next().map_err(stream_error)?;
+                    return Ok(());
+                }
+                Record::Header(_) => return Err(malformed("a second header")),
+                Record::ImageData { .. } | Record::ImageEnd { .. } => {
+                    return Err(malformed("base image records where snapshots were due"))
+                }
+            }
+        }
+    }
+
+    fn check_range(c: &mut Current, offset: u64, len: u64) -> Result<()> {
+        if offset < c.end {
+            return Err(malformed(format!(
+                "records of snapshot {} go backwards (offset {offset} after {})",
+                c.index, c.end
+            )));
+        }
+        let end = offset + len;
+        if end > c.size {
+            return Err(malformed(format!(
+                "a record of snapshot {} ends at {end}, past its size {}",
+                c.index, c.size
+            )));
+        }
+        c.end = end;
+        Ok(())
+    }
+
+    /// A record is about to change `granule`: the one changed before it is done (its change
+    /// goes into the sum), and this one's content before the change is kept.
+    fn touch(&mut self, c: &mut Current, granule: u64, sum: &mut ContentHash) -> Result<()> {
+        if c.open.as_ref().is_some_and(|o| o.granule == granule) {
+            return Ok(());
+        }
+        self.close_granule(c, sum)?;
+        if self.resumable && self.since_checkpoint >= self.checkpoint_bytes {
+            // Every granule before this one is done and in the sum: a resumed stream goes on
+            // from here.
+            self.target
+                .volume
+                .flush()
+                .ctx(|| format!("cannot flush volume '{}'", self.target.name))?;
+            self.checkpoint(c.index, granule, sum)?;
+        }
+        let mut before = vec![0u8; GRANULE as usize];
+        GranuleReader::read_granule(&*self.target.volume, granule, &mut before)
+            .ctx(|| format!("cannot read volume '{}'", self.target.name))?;
+        c.open = Some(OpenGranule { granule, before });
+        Ok(())
+    }
+
+    fn close_granule(&mut self, c: &mut Current, sum: &mut ContentHash) -> Result<()> {
+        if let Some(open) = c.open.take() {
+            let mut after = vec![0u8; GRANULE as usize];
+            GranuleReader::read_granule(&*self.target.volume, open.granule, &mut after)
+                .ctx(|| format!("cannot read volume '{}'", self.target.name))?;
+            sum.change(open.granule, &open.before, &after);
+        }
+        Ok(())
+    }
+
+    fn take_snapshot(&self, index: usize, s: &StreamSnapshot) -> Result<()> {
+        let staged = staged_name(&self.header.package, index);
+        let name = &self.target.name;
+        if let Some(left) = self
+            .target
+            .volume
+            .find_snapshot(&staged)
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?
+        {
+            // A resumed stream repeats nothing already received: this is a leftover.
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!(
+                    "volume '{name}' already has the staged snapshot '{}'",
+                    left.name
+                ),
+            ));
+        }
+        self.target
+            .volume
+            .snapshot(&staged, &s.guid, s.created)
+            .ctx(|| format!("cannot take snapshot '{}' of '{name}'", s.name))?;
+        Ok(())
+    }
+
+    /// Records where the receive is, once what it describes is durable.
+    fn checkpoint(&mut self, done: usize, granule: u64, sum: &ContentHash) -> Result<()> {
+        self.since_checkpoint = 0;
+        if !self.resumable {
+            return Ok(());
+        }
+        self.state.point = ResumePoint { done, granule };
+        self.state.sum = hex::encode(sum.to_bytes());
+        write_partial(&self.target.files, &self.state)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::pool::{fixture, Fixture};
+    use crate::format::stream::{StreamImage, StreamWriter};
+    use crate::format::volume::BLOCK;
+
+    const SIZE: u64 = 8 * GRANULE;
+
+    /// Bytes that differ everywhere from other seeds.
+    fn noise(seed: u64, len: usize) -> Vec<u8> {
+        let mut x = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                (x >> 33) as u8
+            })
+            .collect()
+    }
+
+    /// One snapshot as the sender has it: the model of its whole content.
+    #[derive(Clone)]
+    struct Snap {
+        name: String,
+        guid: String,
+        content: Vec<u8>,
+        temporary: bool,
+    }
+
+    fn snap(name: &str, content: Vec<u8>) -> Snap {
+        Snap {
+            name: name.into(),
+            guid: format!("guid-{name}"),
+            content,
+            temporary: false,
+        }
+    }
+
+    fn stream_snapshot(s: &Snap) -> StreamSnapshot {
+        StreamSnapshot {
+            name: s.name.clone(),
+            guid: s.guid.clone(),
+            created: 1_700_000_000,
+            size: s.content.len() as u64,
+            temporary: s.temporary,
+        }
+    }
+
+    /// The sender's side, from the model: the base image, and a package's snapshots.
+    struct Sender {
+        base: Vec<u8>,
+        image: Option<StreamImage>,
+    }
+
+    impl Sender {
+        fn padded(&self, content: &[u8], size: usize) -> Vec<u8> {
+            let mut out = content.to_vec();
+            out.resize(size, 0);
+            out
+        }
+
+        /// The content sum of a whole content against the base.
+        fn sum(&self, content: &[u8]) -> ContentHash {
+            let base = self.padded(&self.base, content.len());
+            let mut sum = ContentHash::default();
+            let g = GRANULE as usize;
+            for (i, (new, old)) in content.chunks(g).zip(base.chunks(g)).enumerate() {
+                sum.change(i as u64, old, new);
+            }
+            sum
+        }
+
+        fn header(&self, package: &str, from: Option<&Snap>, snaps: &[Snap]) -> Header {
+            Header {
+                package: package.into(),
+                volume: "src".into(),
+                volume_uuid: "src-uuid".into(),
+                base_image: self.image.clone(),
+                from: from.map(stream_snapshot),
+                snapshots: snaps.iter().map(stream_snapshot).collect(),
+                from_all: snaps.len() > 1,
+                with_image: false,
+                resume: None,
+            }
+        }
+
+        /// The records of a package after its header; from `point` on when resumed.
+        fn records(
+            &self,
+            header: &Header,
+            from: Option<&Snap>,
+            snaps: &[Snap],
+            point: Option<ResumePoint>,
+        ) -> Vec<Record> {
+            let mut out = Vec::new();
+            let point = point.unwrap_or(ResumePoint {
+                done: 0,
+                granule: 0,
+            });
+            let mut prev = match from {
+                Some(f) => f.content.clone(),
+                None => self.base.clone(),
+            };
+            for (i, s) in snaps.iter().enumerate() {
+                let size = s.content.len();
+                let old = self.padded(&prev, size);
+                prev = s.content.clone();
+                if i < point.done {
+                    continue;
+                }
+                out.push(Record::SnapshotBegin {
+                    index: i as u32,
+                    size: size as u64,
+                });
+                let b = BLOCK as usize;
+                let skip = if i == point.done {
+                    point.granule * GRANULE
+                } else {
+                    0
+                };
+                // One record per changed block, merged into runs within a granule.
+                let mut at = skip as usize;
+                while at < size {
+                    if s.content[at..at + b] == old[at..at + b] {
+                        at += b;
+                        continue;
+                    }
+                    let zero = s.content[at..at + b].iter().all(|x| *x == 0);
+                    let mut end = at + b;
+                    while end < size
+                        && !end.is_multiple_of(GRANULE as usize)
+                        && s.content[end..end + b] != old[end..end + b]
+                        && s.content[end..end + b].iter().all(|x| *x == 0) == zero
+                    {
+                        end += b;
+                    }
+                    out.push(if zero {
+                        Record::Zero {
+                            offset: at as u64,
+                            len: (end - at) as u64,
+                        }
+                    } else {
+                        Record::Data {
+                            offset: at as u64,
+                            data: s.content[at..end].to_vec(),
+                        }
+                    });
+                    at = end;
+                }
+                out.push(Record::SnapshotEnd {
+                    index: i as u32,
+                    digest: self.sum(&s.content).digest(
+                        size as u64,
+                        header.base_image.as_ref().map(|i| i.sha512.as_str()),
+                    ),
+                });
+            }
+            out.push(Record::End);
+            out
+        }
+
+        fn encode(header: &Header, records: &[Record]) -> Vec<u8> {
+            let mut w = StreamWriter::new(Vec::new()).unwrap();
+            w.write(&Record::Header(header.clone())).unwrap();
+            for r in records {
+                w.write(r).unwrap();
+            }
+            w.into_inner()
+        }
+
+        fn stream(&self, package: &str, from: Option<&Snap>, snaps: &[Snap]) -> Vec<u8> {
+            let header = self.header(package, from, snaps);
+            Self::encode(&header, &self.records(&header, from, snaps, None))
+        }
+
+        fn resumed(
+            &self,
+            package: &str,
+            from: Option<&Snap>,
+            snaps: &[Snap],
+            point: ResumePoint,
+        ) -> Vec<u8> {
+            let mut header = self.header(package, from, snaps);
+            let records = self.records(&header, from, snaps, Some(point));
+            header.resume = Some(point);
+            Self::encode(&header, &records)
+        }
+    }
+
+    /// A pool with image `base`, and the sender of volumes over it.
+    fn setup() -> (Fixture, Sender) {
+        let f = fixture(1);
+        let base = noise(1, (3 * GRANULE + 5 * BLOCK) as usize);
+        f.image("base", &base, 1);
+        let row = f.pool.store().image_by_name("base").unwrap().unwrap();
+        let image = StreamImage {
+            name: "base".into(),
+            uuid: "sender-image-uuid".into(),
+            sha512: row.sha512.clone(),
+            size: base.len() as u64,
+        };
+        (
+            f,
+            Sender {
+                base,
+                image: Some(image),
+            },
+        )
+    }
+
+    /// Contents of the sender's volume: s1 written here and there over the base, s2 with more
+    /// and a discarded range, s3 grown.
+    fn history(sender: &Sender) -> Vec<Snap> {
+        let mut c = sender.padded(&sender.base, SIZE as usize);
+        let b = BLOCK as usize;
+        c[b..3 * b].copy_from_slice(&noise(2, 2 * b));
+        c[5 * GRANULE as usize..5 * GRANULE as usize + b].copy_from_slice(&noise(3, b));
+        let s1 = snap("s1", c.clone());
+        c[GRANULE as usize - b..GRANULE as usize + 2 * b].copy_from_slice(&noise(4, 3 * b));
+        c[2 * GRANULE as usize..2 * GRANULE as usize + 3 * b].fill(0);
+        let s2 = snap("s2", c.clone());
+        c.resize((SIZE + 2 * GRANULE) as usize, 0);
+        c[(SIZE + GRANULE) as usize..(SIZE + GRANULE) as usize + b].copy_from_slice(&noise(5, b));
+        c[7 * b..9 * b].copy_from_slice(&noise(6, 2 * b));
+        // Several granules whole: a resumable receive records its progress within the snapshot.
+        c[4 * GRANULE as usize..7 * GRANULE as usize]
+            .copy_from_slice(&noise(8, 3 * GRANULE as usize));
+        let s3 = snap("s3", c.clone());
+        c[0..b].copy_from_slice(&noise(7, b));
+        let s4 = snap("s4", c);
+        vec![s1, s2, s3, s4]
+    }
+
+    /// What a volume holds: its snapshots (name, guid, content) and its live content.
+    #[derive(Debug, PartialEq, Eq)]
+    struct State {
+        snapshots: Vec<(String, String, Vec<u8>)>,
+        live: Vec<u8>,
+    }
+
+    fn open(f: &Fixture, name: &str) -> Arc<Volume> {
+        let row = f.pool.store().volume(name).unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        Arc::new(Volume::open(&files, f.pool.base_of(row.image_id).unwrap()).unwrap())
+    }
+
+    fn state(f: &Fixture, name: &str) -> State {
+        let volume = open(f, name);
+        let read = |size: u64, at: &dyn Fn(&mut [u8]) -> usize| {
+            let mut buf = vec![0u8; size as usize];
+            assert_eq!(at(&mut buf), size as usize);
+            buf
+        };
+        let mut snapshots = Vec::new();
+        for s in volume.snapshots().unwrap() {
+            let reader = volume.open_snapshot(s.epoch).unwrap();
+            let content = read(s.size, &|b| reader.read_at(b, 0).unwrap());
+            snapshots.push((s.name.clone(), s.guid.clone(), content));
+        }
+        let live = read(volume.size(), &|b| volume.read_at(b, 0).unwrap());
+        assert_eq!(
+            f.pool.store().volume(name).unwrap().size,
+            volume.size(),
+            "the store's size follows the index"
+        );
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        State { snapshots, live }
+    }
+
+    fn expected(snaps: &[&Snap], live: &Snap) -> State {
+        State {
+            snapshots: snaps
+                .iter()
+                .map(|s| (s.name.clone(), s.guid.clone(), s.content.clone()))
+                .collect(),
+            live: live.content.clone(),
+        }
+    }
+
+    fn recv(f: &Fixture, name: &str, stream: &[u8], options: ReceiveOptions) -> Result<Received> {
+        f.pool
+            .receive_checkpointing(name, &mut &stream[..], options, GRANULE)
+    }
+
+    const PLAIN: ReceiveOptions = ReceiveOptions {
+        force: false,
+        resumable: false,
+    };
+    const RESUMABLE: ReceiveOptions = ReceiveOptions {
+        force: false,
+        resumable: true,
+    };
+
+    /// No trace of a volume: no row in any state, no directory on the disk.
+    fn assert_gone(f: &Fixture, name: &str) {
+        assert!(f.pool.volume_row_any_state(name).unwrap().is_none());
+        let volumes = crate::format::layout::DiskLayout::new(&f.disks[0])
+            .volume_uuids()
+            .unwrap();
+        assert!(volumes.is_empty(), "left on the disk: {volumes:?}");
+    }
+
+    #[test]
+    fn a_whole_stream_makes_the_volume_and_an_incremental_one_adds_to_it() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..2]);
+        let got = recv(&f, "v", &whole, PLAIN).unwrap();
+        assert!(got.created);
+        assert_eq!(got.snapshots, vec!["s1", "s2"]);
+        assert_eq!(got.bytes, whole.len() as u64);
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[1]));
+        let inc = sender.stream("p2", Some(&h[1]), &h[2..]);
+        let got = recv(&f, "v", &inc, PLAIN).unwrap();
+        assert!(!got.created);
+        assert_eq!(got.snapshots, vec!["s3", "s4"]);
+        assert_eq!(
+            state(&f, "v"),
+            expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3])
+        );
+        // The sums are kept: an incremental starts from them without reading the volume.
+        let row = f.pool.store().volume("v").unwrap();
+        let sums = ContentSums::open(&f.pool.volume_files_of(&row).unwrap()).unwrap();
+        assert_eq!(
+            sums.get("guid-s4").unwrap(),
+            Some(sender.sum(&h[3].content))
+        );
+    }
+
+    #[test]
+    fn an_incremental_onto_a_volume_without_recorded_sums_computes_its_start() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        fs::remove_file(files.content_sums()).unwrap();
+        recv(&f, "v", &sender.stream("p2", Some(&h[1]), &h[2..3]), PLAIN).unwrap();
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1], &h[2]], &h[2]));
+    }
+
+    #[test]
+    fn a_temporary_snapshot_sets_the_content_and_is_not_kept() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let mut tmp = h[1].clone();
+        tmp.name = "copy-tmp-x".into();
+        tmp.temporary = true;
+        let got = recv(
+            &f,
+            "v",
+            &sender.stream("p1", None, &[h[0].clone(), tmp]),
+            PLAIN,
+        )
+        .unwrap();
+        assert_eq!(got.snapshots, vec!["s1"]);
+        assert_eq!(state(&f, "v"), expected(&[&h[0]], &h[1]));
+    }
+
+    /// Damaged versions of `stream`: bytes flipped and cuts at several points.
+    fn damaged(stream: &[u8]) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for at in [20, stream.len() / 3, stream.len() / 2, stream.len() - 10] {
+            let mut flipped = stream.to_vec();
+            flipped[at] ^= 0x04;
+            out.push((format!("a flip at byte {at}"), flipped));
+        }
+        for at in [
+            9,
+            stream.len() / 4,
+            stream.len() / 2,
+            stream.len() * 3 / 4,
+            stream.len() - 1,
+        ] {
+            out.push((format!("a cut at byte {at}"), stream[..at].to_vec()));
+        }
+        let mut trailing = stream.to_vec();
+        trailing.push(0);
+        out.push(("a byte after the end".into(), trailing));
+        out
+    }
+
+    #[test]
+    fn a_damaged_whole_stream_leaves_no_volume() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..2]);
+        for (what, stream) in damaged(&whole) {
+            assert!(recv(&f, "v", &stream, PLAIN).is_err(), "{what} went unseen");
+            assert_gone(&f, "v");
+        }
+        recv(&f, "v", &whole, PLAIN).unwrap();
+    }
+
+    #[test]
+    fn each_fault_leaves_an_existing_volume_exactly_as_before() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[1]), &h[2..]);
+        let mut faults = damaged(&inc);
+        // A wrong digest: the last snapshot's content differs from what its end says.
+        let header = sender.header("p2", Some(&h[1]), &h[2..]);
+        let mut records = sender.records(&header, Some(&h[1]), &h[2..], None);
+        let last_end = records.len() - 2;
+        if let Record::SnapshotEnd { digest, .. } = &mut records[last_end] {
+            digest[0] ^= 1;
+        }
+        faults.push(("a wrong digest".into(), Sender::encode(&header, &records)));
+        // A base snapshot the volume does not have.
+        let mut other = h[1].clone();
+        other.guid = "guid-elsewhere".into();
+        faults.push((
+            "a wrong base guid".into(),
+            sender.stream("p3", Some(&other), &h[2..]),
+        ));
+        // Records that go backwards.
+        let mut records = sender.records(&header, Some(&h[1]), &h[2..], None);
+        let data: Vec<usize> = (0..records.len())
+            .filter(|&i| matches!(records[i], Record::Data { .. }))
+            .take(2)
+            .collect();
+        records.swap(data[0], data[1]);
+        faults.push((
+            "records out of order".into(),
+            Sender::encode(&header, &records),
+        ));
+        // A whole stream onto an existing volume.
+        faults.push(("a whole stream".into(), sender.stream("p4", None, &h[..1])));
+        // A snapshot name the volume has.
+        let mut clash = h[2].clone();
+        clash.name = "s1".into();
+        faults.push((
+            "a name clash".into(),
+            sender.stream("p5", Some(&h[1]), &[clash]),
+        ));
+        // Another base image.
+        let elsewhere = Sender {
+            base: sender.base.clone(),
+            image: None,
+        };
+        faults.push((
+            "another base image".into(),
+            elsewhere.stream("p6", Some(&h[1]), &h[2..]),
+        ));
+        for (what, stream) in faults {
+            for options in [
+                PLAIN,
+                ReceiveOptions {
+                    force: true,
+                    resumable: false,
+                },
+            ] {
+                assert!(
+                    recv(&f, "v", &stream, options).is_err(),
+                    "{what} went unseen"
+                );
+                assert_eq!(state(&f, "v"), before, "{what} changed the volume");
+            }
+        }
+        recv(&f, "v", &inc, PLAIN).unwrap();
+        assert_eq!(
+            state(&f, "v"),
+            expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3])
+        );
+    }
+
+    #[test]
+    fn a_diverged_volume_is_refused_and_force_discards_exactly_what_it_names() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let inc = sender.stream("p2", Some(&h[1]), &h[2..3]);
+        // Written since s2.
+        let volume = open(&f, "v");
+        volume.write_at(&[9u8; 4096], 0).unwrap();
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        let written = state(&f, "v");
+        let e = recv(&f, "v", &inc, PLAIN).unwrap_err().to_string();
+        assert!(e.contains("written since") && e.contains("--force"), "{e}");
+        assert_eq!(state(&f, "v"), written);
+        // And a snapshot taken since.
+        let volume = open(&f, "v");
+        volume.snapshot("local", "guid-local", 1).unwrap();
+        volume.write_at(&[8u8; 4096], 8192).unwrap();
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        let diverged = state(&f, "v");
+        let e = recv(&f, "v", &inc, PLAIN).unwrap_err().to_string();
+        assert!(e.contains("local"), "{e}");
+        assert_eq!(state(&f, "v"), diverged);
+        let force = ReceiveOptions {
+            force: true,
+            resumable: false,
+        };
+        let got = recv(&f, "v", &inc, force).unwrap();
+        assert_eq!(got.discarded_snapshots, vec!["local"]);
+        assert!(got.discarded_writes);
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1], &h[2]], &h[2]));
+        // Nothing to discard: nothing named.
+        let got = recv(&f, "v", &sender.stream("p3", Some(&h[2]), &h[3..]), force).unwrap();
+        assert!(got.discarded_snapshots.is_empty() && !got.discarded_writes);
+    }
+
+    #[test]
+    fn a_failed_force_leaves_the_volume_at_its_base_snapshot() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let volume = open(&f, "v");
+        volume.snapshot("local", "guid-local", 1).unwrap();
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        let inc = sender.stream("p2", Some(&h[1]), &h[2..]);
+        let force = ReceiveOptions {
+            force: true,
+            resumable: false,
+        };
+        assert!(recv(&f, "v", &inc[..inc.len() / 2], force).is_err());
+        // What the user asked to discard is gone; nothing of the stream is there.
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[1]));
+    }
+
+    fn token(f: &Fixture, name: &str) -> ResumeToken {
+        f.pool.receive_resume_token(name).unwrap()
+    }
+
+    #[test]
+    fn a_resumed_whole_stream_equals_an_uninterrupted_one() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..3]);
+        let mut cuts = vec![whole.len() / 5, whole.len() / 2, whole.len() - 5];
+        cuts.sort();
+        for cut in cuts {
+            let e = recv(&f, "v", &whole[..cut], RESUMABLE)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--resume-token"), "{e}");
+            // Invisible meanwhile, and kept by the recovery of dead creators.
+            assert!(f.pool.store().volume("v").is_err());
+            crate::core::recover::recover(&f.pool).unwrap();
+            assert!(f.pool.volume_row_any_state("v").unwrap().is_some());
+            let e = recv(&f, "v", &whole, PLAIN).unwrap_err().to_string();
+            assert!(e.contains("--abort"), "{e}");
+            let t = token(&f, "v");
+            assert_eq!(t.package, "p1");
+            assert_eq!(t.volume_uuid, "src-uuid");
+            assert_eq!(t.to, "guid-s3");
+            assert_eq!(
+                t.snapshots,
+                snapshots_digest(&sender.header("p1", None, &h[..3]).snapshots)
+            );
+            assert!(!t.with_image);
+            // A resumed stream from another point is refused, and changes nothing.
+            let wrong = ResumePoint {
+                done: t.point.done,
+                granule: t.point.granule + 1,
+            };
+            assert!(recv(&f, "v", &sender.resumed("p1", None, &h[..3], wrong), PLAIN).is_err());
+            assert_eq!(token(&f, "v"), t);
+            if cut == whole.len() - 5 {
+                let got = recv(
+                    &f,
+                    "v",
+                    &sender.resumed("p1", None, &h[..3], t.point),
+                    PLAIN,
+                )
+                .unwrap();
+                assert!(got.resumed && got.created);
+                assert_eq!(got.snapshots, vec!["s1", "s2", "s3"]);
+            } else {
+                // Resumed, and cut again: it goes on from further along.
+                let resumed = sender.resumed("p1", None, &h[..3], t.point);
+                let _ = recv(&f, "v", &resumed[..resumed.len() / 2], PLAIN);
+                let again = token(&f, "v");
+                assert!((again.point.done, again.point.granule) >= (t.point.done, t.point.granule));
+                let resumed = sender.resumed("p1", None, &h[..3], again.point);
+                recv(&f, "v", &resumed, PLAIN).unwrap();
+            }
+            assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1], &h[2]], &h[2]));
+            f.pool.remove_volume("v", true).unwrap();
+        }
+    }
+
+    #[test]
+    fn abort_restores_an_existing_volume_and_commands_wait_for_it() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[0]), &h[1..]);
+        assert!(recv(&f, "v", &inc[..inc.len() * 2 / 3], RESUMABLE).is_err());
+        let row = f.pool.store().volume("v").unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        assert!(has_partial_receive(&files));
+        let request = crate::core::volume::requests::Request::Create {
+            name: "x".into(),
+            guid: "g".into(),
+            created: 1,
+        };
+        let e = f
+            .pool
+            .snapshot_request("v", &request)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("recv --abort"), "{e}");
+        assert!(f.pool.remove_volume("v", true).is_err());
+        f.pool.receive_abort("v").unwrap();
+        assert!(!has_partial_receive(&files));
+        assert_eq!(state(&f, "v"), before);
+        recv(&f, "v", &inc, PLAIN).unwrap();
+    }
+
+    #[test]
+    fn a_resumed_incremental_equals_an_uninterrupted_one() {
+        let mut points = Vec::new();
+        for eighth in 1..8 {
+            let (f, sender) = setup();
+            let h = history(&sender);
+            recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+            let inc = sender.stream("p2", Some(&h[0]), &h[1..]);
+            assert!(recv(&f, "v", &inc[..inc.len() * eighth / 8], RESUMABLE).is_err());
+            let t = token(&f, "v");
+            assert_eq!(t.from.as_deref(), Some("guid-s1"));
+            points.push(t.point);
+            let resumed = sender.resumed("p2", Some(&h[0]), &h[1..], t.point);
+            let got = recv(&f, "v", &resumed, PLAIN).unwrap();
+            assert_eq!(got.snapshots, vec!["s2", "s3", "s4"]);
+            assert_eq!(
+                state(&f, "v"),
+                expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3]),
+                "resumed at {:?}",
+                t.point
+            );
+        }
+        // Some cut fell in the middle of a snapshot, after a record of progress there.
+        assert!(points.iter().any(|p| p.granule > 0), "{points:?}");
+    }
+
+    #[test]
+    fn a_crash_after_a_snapshot_before_its_progress_is_resumed_after_it() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..2]);
+        assert!(recv(&f, "v", &whole[..whole.len() - 5], RESUMABLE).is_err());
+        let row = f.pool.volume_row_any_state("v").unwrap().unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        // receive.json as it was before the last snapshot's end.
+        let mut partial = read_partial(&files).unwrap().unwrap();
+        assert_eq!(partial.point.done, 2);
+        partial.point = ResumePoint {
+            done: 1,
+            granule: 3,
+        };
+        write_partial(&files, &partial).unwrap();
+        let t = token(&f, "v");
+        assert_eq!(
+            t.point,
+            ResumePoint {
+                done: 2,
+                granule: 0
+            }
+        );
+        recv(
+            &f,
+            "v",
+            &sender.resumed("p1", None, &h[..2], t.point),
+            PLAIN,
+        )
+        .unwrap();
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[1]));
+    }
+
+    #[test]
+    fn abort_removes_a_new_volume_and_recovery_removes_a_dead_plain_one() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..2]);
+        assert!(recv(&f, "v", &whole[..whole.len() / 2], RESUMABLE).is_err());
+        f.pool.receive_abort("v").unwrap();
+        assert_gone(&f, "v");
+        assert!(f.pool.receive_abort("v").is_err());
+        // A receive that died without --resumable leaves a `creating` volume with no owner.
+        let base = f.pool.store().image_by_name("base").unwrap();
+        let new = f.pool.start_volume("w", base.as_ref(), SIZE, None).unwrap();
+        drop(new);
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert_gone(&f, "w");
+    }
+
+    /// A receive that died: what a cut left, as a plain `recv` would have left it.
+    fn as_if_died_plain(f: &Fixture, name: &str) {
+        let row = f.pool.volume_row_any_state(name).unwrap().unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        let mut partial = read_partial(&files).unwrap().unwrap();
+        partial.resumable = false;
+        write_partial(&files, &partial).unwrap();
+    }
+
+    #[test]
+    fn recovery_undoes_a_plain_receive_that_died() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[0]), &h[1..]);
+        assert!(recv(&f, "v", &inc[..inc.len() * 2 / 3], RESUMABLE).is_err());
+        as_if_died_plain(&f, "v");
+        assert!(f.pool.receive_resume_token("v").is_err());
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains("'v'")), "{done:?}");
+        assert_eq!(state(&f, "v"), before);
+        // A new volume: removed.
+        let whole = sender.stream("p3", None, &h[..2]);
+        assert!(recv(&f, "w", &whole[..whole.len() / 2], RESUMABLE).is_err());
+        as_if_died_plain(&f, "w");
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert!(f.pool.volume_row_any_state("w").unwrap().is_none());
+        assert_eq!(state(&f, "v"), before);
+    }
+
+    #[test]
+    fn a_receive_that_died_after_it_committed_is_finished_not_undone() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        recv(&f, "v", &sender.stream("p2", Some(&h[0]), &h[1..3]), PLAIN).unwrap();
+        let after = state(&f, "v");
+        // `receive.json` as a receive leaves it when it dies between its commit (the rename,
+        // or a new volume made ready) and the removal of the file.
+        let left = |name: &str, header: Header, new_volume: bool, resumable: bool| {
+            let row = f.pool.store().volume(name).unwrap();
+            let files = f.pool.volume_files_of(&row).unwrap();
+            let partial = PartialReceive {
+                resumable,
+                header,
+                new_volume,
+                point: ResumePoint {
+                    done: 2,
+                    granule: 0,
+                },
+                sum: hex::encode(ContentHash::default().to_bytes()),
+            };
+            write_partial(&files, &partial).unwrap();
+            files
+        };
+        for resumable in [false, true] {
+            let files = left(
+                "v",
+                sender.header("p2", Some(&h[0]), &h[1..3]),
+                false,
+                resumable,
+            );
+            let done = crate::core::recover::recover(&f.pool).unwrap();
+            assert!(done.iter().any(|d| d.contains("had completed")), "{done:?}");
+            assert!(!has_partial_receive(&files));
+            assert_eq!(state(&f, "v"), after);
+        }
+        // A package of a temporary snapshot alone: committed once its staged snapshot went.
+        let mut tmp = h[3].clone();
+        tmp.name = "copy-tmp-1".into();
+        tmp.temporary = true;
+        let got = recv(
+            &f,
+            "v",
+            &sender.stream("p4", Some(&h[2]), &[tmp.clone()]),
+            PLAIN,
+        )
+        .unwrap();
+        assert!(got.snapshots.is_empty());
+        let current = state(&f, "v");
+        assert_eq!(current.live, h[3].content);
+        assert_eq!(current.snapshots, after.snapshots);
+        let files = left(
+            "v",
+            sender.header("p4", Some(&h[2]), &[tmp.clone()]),
+            false,
+            false,
+        );
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains("had completed")), "{done:?}");
+        assert!(!has_partial_receive(&files));
+        assert_eq!(state(&f, "v"), current);
+
+        recv(&f, "w", &sender.stream("p3", None, &h[..2]), PLAIN).unwrap();
+        let whole = state(&f, "w");
+        let files = left("w", sender.header("p3", None, &h[..2]), true, false);
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert!(!has_partial_receive(&files));
+        assert_eq!(state(&f, "w"), whole);
+    }
+
+    #[test]
+    fn the_image_file_of_a_receive_that_died_goes_and_a_live_ones_stays() {
+        let f = fixture(1);
+        let state = f.pool.state_dir().to_path_buf();
+        let (dead, live) = (
+            uuid::Uuid::new_v4().to_string(),
+            uuid::Uuid::new_v4().to_string(),
+        );
+        let _owner = OwnerLock::acquire(&state, &image_token(&live)).unwrap();
+        for id in [&dead, &live] {
+            let path = received_image_path(&state, id);
+            fs::create_dir_all(path.parent().unwrap()).unwrap();
+            fs::write(&path, b"part of an image").unwrap();
+        }
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains(&dead)), "{done:?}");
+        assert!(!received_image_path(&state, &dead).exists());
+        assert!(received_image_path(&state, &live).exists());
+    }
+
+    #[test]
+    fn a_missing_base_image_is_named_or_imported_from_the_stream() {
+        let (_sending_side, sender) = setup();
+        let h = history(&sender);
+        let other = fixture(1);
+        let whole = sender.stream("p1", None, &h[..1]);
+        let e = other
+            .pool
+            .receive("v", &mut &whole[..], PLAIN)
+            .unwrap_err()
+            .to_string();
+        let sha = &sender.image.as_ref().unwrap().sha512;
+        assert!(
+            e.contains("--with-image") && e.contains(sha.as_str()),
+            "{e}"
+        );
+        assert!(other.pool.volume_row_any_state("v").unwrap().is_none());
+        // With the image: imported under its name, or another when that is taken.
+        other.image("base", b"another image", 1);
+        let mut header = sender.header("p1", None, &h[..1]);
+        header.with_image = true;
+        let mut records = vec![];
+        for (i, chunk) in sender.base.chunks(1 << 16).enumerate() {
+            if chunk.iter().any(|b| *b != 0) {
+                records.push(Record::ImageData {
+                    offset: (i as u64) << 16,
+                    data: chunk.to_vec(),
+                });
+            }
+        }
+        let mut sha512 = [0u8; 64];
+        sha512.copy_from_slice(&hex::decode(sha).unwrap());
+        records.push(Record::ImageEnd { sha512 });
+        records.extend(sender.records(&header, None, &h[..1], None));
+        let stream = Sender::encode(&header, &records);
+        let got = other.pool.receive("v", &mut &stream[..], PLAIN).unwrap();
+        let imported = format!("base-{}", &sha[..8]);
+        assert_eq!(got.imported_image.as_deref(), Some(imported.as_str()));
+        assert_eq!(state(&other, "v"), expected(&[&h[0]], &h[0]));
+        // The pool has it now: a second stream with the image reads past it.
+        let got = other.pool.receive("w", &mut &stream[..], PLAIN).unwrap();
+        assert_eq!(got.imported_image, None);
+        assert_eq!(state(&other, "w"), expected(&[&h[0]], &h[0]));
+        // An image whose bytes do not match its SHA-512 is refused, and nothing is kept.
+        let mut bad = records.clone();
+        if let Record::ImageData { data, .. } = &mut bad[0] {
+            data[0] ^= 1;
+        }
+        let stream = Sender::encode(&header, &bad);
+        let third = fixture(1);
+        assert!(third.pool.receive("v", &mut &stream[..], PLAIN).is_err());
+        assert!(third.pool.store().images().unwrap().is_empty());
+        assert!(third.pool.volume_row_any_state("v").unwrap().is_none());
+    }
+}
