@@ -204,7 +204,8 @@ impl Nodes {
         let fresh_left = self.used.iter().filter(|u| !**u).count() >= pieces;
         while slots.len() < pieces {
             let slot = self.rng.below((SIZE / PIECE) as u64) as usize;
-            if !slots.contains(&slot) && !(fresh_left && self.used[slot]) {
+            let taken = slots.contains(&slot) || (fresh_left && self.used[slot]);
+            if !taken {
                 slots.push(slot);
                 self.used[slot] = true;
             }

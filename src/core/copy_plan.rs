@@ -9,7 +9,7 @@
 //! does not keep). Between the two the target is at the source's newest snapshot, a state it
 //! is allowed to stay in when the second package is cut.
 
-use crate::core::pool::{COPY_TEMPORARY_SNAPSHOT, TEMPORARY_SNAPSHOT};
+use crate::core::pool::{COPY_TEMPORARY_SNAPSHOT, STAGED_PREFIX, TEMPORARY_SNAPSHOT};
 
 /// One snapshot as `snapshot list --json` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +20,7 @@ pub struct Snapshot {
 
 /// The prefixes of snapshots that commands take for themselves and delete when done (or at
 /// the next start): `send`'s of the live volume, `recv`'s before a package ends, an export's.
-const TEMPORARY_PREFIXES: [&str; 3] = [COPY_TEMPORARY_SNAPSHOT, "recv-tmp-", TEMPORARY_SNAPSHOT];
+const TEMPORARY_PREFIXES: [&str; 3] = [COPY_TEMPORARY_SNAPSHOT, STAGED_PREFIX, TEMPORARY_SNAPSHOT];
 
 /// The snapshots a copy plans with: the temporary ones of other commands left out (one may be
 /// there while such a command runs, or until the next start after it died).
