@@ -760,3 +760,48 @@ fn unreachable_hosts_existing_targets_and_bad_names_fail_with_one_line_and_chang
         .collect();
     assert_eq!(names, ["s1", "sneaky"], "the target's new snapshot stays");
 }
+
+#[test]
+fn a_copy_on_a_terminal_shows_its_progress_and_prints_its_result() {
+    let test = "a_copy_on_a_terminal_shows_its_progress_and_prints_its_result";
+    if !can_mount(test) {
+        return;
+    }
+    let mut nodes = Nodes::new();
+    nodes.rewrite(256);
+    nodes.snapshot(&nodes.here, "v@s1");
+    nodes.rewrite(64);
+    nodes.snapshot(&nodes.here, "v@s2");
+    // script(1) gives the copy a pseudo-terminal and copies what it draws to its stdout.
+    let typescript = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!(
+            "IMGPOOL_STATE_DIR={} {BIN} copy v w",
+            nodes.here.state.display()
+        ))
+        .arg("/dev/null")
+        .env("TERM", "xterm")
+        .env_remove("IMGPOOL_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&typescript.stdout);
+    assert!(typescript.status.success(), "{screen}");
+    assert!(
+        screen.contains("package 1 of 2 (2 snapshot(s))")
+            && screen.contains("snapshot 1 of 2")
+            && screen.contains("MiB"),
+        "no progress bar on the terminal: {screen:?}"
+    );
+    assert!(
+        screen.contains("copied v to w: 2 snapshot(s)"),
+        "{screen:?}"
+    );
+    let copied = state(&nodes.here, &nodes.mount_here, "w").unwrap();
+    assert!(copied.live == nodes.model);
+    // Off a terminal, nothing but the result lines.
+    nodes.here.ok(&["volume", "rm", "--recursive", "w"]);
+    let out = nodes.here.run(&["copy", "v", "w"]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}

@@ -519,13 +519,13 @@ fn run_package(
         crossed += n as u64;
         if let Some(bar) = &progress.bar {
             followed.feed(&buf[..n]);
-            bar.set_position(crossed);
             if followed.snapshots > 0 {
                 bar.set_message(format!(
                     "snapshot {} of {}",
                     followed.begun, followed.snapshots
                 ));
             }
+            bar.set_position(crossed);
         }
     };
     // The end of the stream for the receiver: it applies what it got, or refuses a cut one.
@@ -807,7 +807,9 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
             }
             for line in lines {
                 match &progress.bar {
-                    Some(bar) => bar.println(line),
+                    // On standard output like the rest, the bar on standard error set
+                    // aside meanwhile.
+                    Some(bar) => bar.suspend(|| println!("{line}")),
                     None => println!("{line}"),
                 }
             }
