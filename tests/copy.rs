@@ -421,22 +421,38 @@ fn cut_copy(nodes: &Nodes, args: &[&str], delay: Duration, cut: Cut) -> Output {
             .spawn()
             .unwrap(),
     ));
+    let named = |pid: i32, name: &str| -> Vec<i32> {
+        children_of(pid)
+            .into_iter()
+            .filter(|c| {
+                std::fs::read_to_string(format!("/proc/{c}/comm"))
+                    .is_ok_and(|comm| comm.trim().starts_with(name))
+            })
+            .collect()
+    };
+    // The instant, then as soon as what is cut exists (a connection, an ssh client, a local
+    // end: the copy has none of them for a moment between its steps).
     let start = Instant::now();
-    while start.elapsed() < delay {
+    loop {
         if child.0.as_mut().unwrap().try_wait().unwrap().is_some() {
+            break;
+        }
+        let present = match cut {
+            Cut::Connection => !named(nodes.sshd.pid(), "sshd").is_empty(),
+            Cut::SshClient => !named(child.pid(), "ssh").is_empty(),
+            Cut::LocalEnd => !named(child.pid(), "imgpool").is_empty(),
+        };
+        if start.elapsed() >= delay && present {
             break;
         }
         std::thread::sleep(Duration::from_millis(2));
     }
     let kill_child = |name: &str| {
-        for pid in children_of(child.pid()) {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim() == name {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
+        for pid in named(child.pid(), name) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     };
     match cut {
@@ -592,9 +608,13 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
             &after.snapshots.last().unwrap().2,
             &source.live,
         ];
+        let differing = |a: &[u8], b: &[u8]| a.iter().zip(b).filter(|(x, y)| x != y).count();
         assert!(
             allowed.contains(&&after.live),
-            "{what}: the live volume is not a state the target had or was sent"
+            "{what}: the live volume is not a state the target had or was sent (bytes differing from each: {:?}; the target: {after:?}, listed {:?}; the copy said: {})",
+            allowed.iter().map(|a| differing(a, &after.live)).collect::<Vec<_>>(),
+            snapshots(&nodes.there, "v"),
+            String::from_utf8_lossy(&out.stderr).trim()
         );
         nodes.assert_no_temporary_snapshots_after_a_start(&what);
         nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
