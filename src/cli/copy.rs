@@ -191,7 +191,8 @@ impl<'a> Side<'a> {
                 "names a snapshot; a copy takes a volume with all its snapshots",
             ));
         }
-        crate::format::names::check_image_name(volume)?;
+        crate::format::names::check_image_name(volume)
+            .map_err(|e| bad(&format!("is not a volume name ({e})")))?;
         Ok(Side {
             label: text.to_string(),
             host,
@@ -619,7 +620,7 @@ fn describe(
     }
     if let Kind::Refresh { common } = &plan.kind {
         lines.push(format!(
-            "{will} discard what {} wrote since {common}",
+            "{will} discard any writes to {} since {common}",
             target.label
         ));
     }
@@ -703,7 +704,7 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
     let source_snapshots = source.snapshots(true)?.unwrap_or_default();
     let target_snapshots = target.snapshots(false)?;
     let plan = copy_plan::plan(&source_snapshots, target_snapshots.as_deref(), args.refresh)
-        .map_err(|refusal| refused(refusal, &source, &target))?;
+        .map_err(|refusal| refused(refusal, &source, &target, source_snapshots.is_empty()))?;
     let lines = describe(&plan, &source, &target, args.refresh, args.dry_run);
     let mut summary = json!({
         "source": source.label,
@@ -846,18 +847,23 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
     Ok(())
 }
 
-fn refused(refusal: Refusal, source: &Side, target: &Side) -> Error {
+fn refused(refusal: Refusal, source: &Side, target: &Side, no_source_snapshot: bool) -> Error {
     let message = match refusal {
         Refusal::TargetExists => format!(
             "{} exists already: give --refresh to bring it up to date from {} (--dry-run shows what that sends and discards)",
             target.label, source.label
         ),
         Refusal::NothingInCommon => format!(
-            "{} shares no snapshot with {}: a refresh would have to replace it whole, which copy does not do (a cut would lose it); remove it first (imgpool volume rm --recursive {} {}) or copy to another name",
+            "{} shares no snapshot with {}: a refresh would have to replace it whole, which copy does not do (a cut would lose it); remove it first (imgpool volume rm --recursive {}{}) or copy to another name{}",
             target.label,
             source.label,
             target.volume,
-            target.host.as_deref().map(|h| format!("on {h}")).unwrap_or_default(),
+            target.host.as_deref().map(|h| format!(" on {h}")).unwrap_or_default(),
+            if no_source_snapshot {
+                format!(" ({} has no snapshot: a refresh starts from one both sides have, so snapshot it before the next full copy)", source.label)
+            } else {
+                String::new()
+            }
         ),
     };
     Error::refused(ErrorKind::Conflict, message)
