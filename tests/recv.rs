@@ -441,3 +441,74 @@ fn a_cut_resumable_receive_goes_on_with_the_rest_that_send_resume_sends() {
     mount_there.unmount();
     mount_here.unmount();
 }
+
+/// A pseudo-terminal of 120 columns: (the side a test reads, the side a child writes).
+fn pseudo_terminal() -> (std::fs::File, std::os::fd::OwnedFd) {
+    use std::os::fd::FromRawFd;
+    let (mut reader, mut writer) = (0, 0);
+    let size = libc::winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: both descriptors are written by openpty before it returns 0, and owned here.
+    unsafe {
+        assert_eq!(
+            libc::openpty(
+                &mut reader,
+                &mut writer,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size
+            ),
+            0,
+            "openpty: {}",
+            std::io::Error::last_os_error()
+        );
+        (
+            std::fs::File::from_raw_fd(reader),
+            std::os::fd::OwnedFd::from_raw_fd(writer),
+        )
+    }
+}
+
+#[test]
+fn progress_goes_to_a_terminal_on_standard_error_and_nowhere_else() {
+    let pool = TestPool::new(1);
+    let stream = package("p1", None, 0..3, None);
+    let file = pool.path("stream");
+    std::fs::write(&file, &stream).unwrap();
+    let (mut terminal, child_side) = pseudo_terminal();
+    let mut child = ChildGuard(Some(
+        pool.command(&["recv", "v"])
+            .stdin(std::fs::File::open(&file).unwrap())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(child_side))
+            .spawn()
+            .unwrap(),
+    ));
+    // Read while it runs (a full terminal would stop it), until its side closes: EIO once
+    // the child is gone, or killed by the guard.
+    let reading = std::thread::spawn(move || {
+        let mut shown = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut terminal, &mut shown);
+        shown
+    });
+    let status = child.wait_timeout(Duration::from_secs(60));
+    assert!(status.is_some_and(|s| s.success()), "recv: {status:?}");
+    let shown = reading.join().unwrap();
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(
+        shown.contains(" read, ") && shown.contains(" of 3"),
+        "no progress on the terminal: {shown:?}"
+    );
+    // A pipe gets the result alone.
+    let out = recv(&pool, &["w"], &stream);
+    assert!(out.status.success());
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -392,6 +392,11 @@ fn bad_sends_fail_with_one_line_and_write_nothing() {
             "{args:?} wrote to its output"
         );
     }
+    // The names of the pool's temporary snapshots are not a user's to take.
+    for name in ["copy-tmp-1", "export-tmp-x", "recv-tmp-p-0"] {
+        let line = pool.fails(&["snapshot", "create", &format!("v@{name}")]);
+        assert!(line.contains("temporary"), "{name}: {line}");
+    }
     assert_eq!(
         snapshots(&pool, "v")
             .into_iter()
@@ -515,6 +520,92 @@ fn a_receive_killed_at_any_instant_leaves_the_target_whole() {
         assert!(
             read_mounted(&mount_there.mountpoint.join("volumes/w")) == *expected_live,
             "killed after {delay:?}: the live volume is neither s1 nor s2"
+        );
+        wait_closed(&there, "w");
+        there.ok(&["volume", "rm", "w", "--recursive"]);
+    }
+    mount_there.unmount();
+    mount_here.unmount();
+}
+
+/// The second package of every refresh copy: the live volume as a temporary snapshot alone.
+/// A receive of it that fails, or is killed at any instant, leaves the target at its snapshot
+/// with nothing of the package (or, once committed, with the whole of it): never half-written.
+#[test]
+fn a_failed_or_killed_receive_of_the_live_state_leaves_the_target_whole() {
+    let test = "a_failed_or_killed_receive_of_the_live_state_leaves_the_target_whole";
+    if !can_mount(test) {
+        return;
+    }
+    let here = TestPool::new(1);
+    let there = TestPool::new(1);
+    let mount_here = here.mount();
+    let mount_there = there.mount();
+    let size = 16 * MIB;
+    here.ok(&["volume", "create", "v", "--size", &size.to_string()]);
+    let path = mount_here.mountpoint.join("volumes/v");
+    read_mounted(&path);
+    let mut rng = Rng(5);
+    let mut write_some = || {
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        for _ in 0..48 {
+            let offset = rng.below((size - MIB) as u64) / 4096 * 4096;
+            file.write_all_at(&vec![(rng.next() | 1) as u8; 256 * 1024], offset)
+                .unwrap();
+        }
+    };
+    write_some();
+    wait_closed(&here, "v");
+    here.ok(&["snapshot", "create", "v@s1"]);
+    let at_s1 = read_mounted(&mount_here.mountpoint.join("snapshots/v/s1"));
+    write_some();
+    let live = read_mounted(&path);
+    wait_closed(&here, "v");
+    let whole = here.path("whole");
+    let now = here.path("now");
+    send_ok(&here, &["v@s1"], &whole);
+    send_ok(&here, &["v", "--from", "s1"], &now);
+    let bytes = std::fs::read(&now).unwrap();
+    let cut = here.path("cut");
+    std::fs::write(&cut, &bytes[..bytes.len() * 3 / 4]).unwrap();
+    let target = mount_there.mountpoint.join("volumes/w");
+    let fresh = || {
+        recv_ok(&there, &["w"], &whole);
+        wait_closed(&there, "w");
+    };
+
+    fresh();
+    let out = recv(&there, &["w"], &cut);
+    assert!(!out.status.success(), "a cut stream was received");
+    let names: Vec<String> = snapshots(&there, "w").into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["s1"]);
+    assert!(
+        read_mounted(&target) == at_s1,
+        "a cut receive of the live state left the volume half-written"
+    );
+    wait_closed(&there, "w");
+    let started = std::time::Instant::now();
+    recv_ok(&there, &["w"], &now);
+    let takes = started.elapsed();
+    assert!(read_mounted(&target) == live);
+    wait_closed(&there, "w");
+    there.ok(&["volume", "rm", "w", "--recursive"]);
+
+    let instants = std::env::var("IMGPOOL_KILL_INSTANTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(6u32);
+    for i in 0..instants {
+        fresh();
+        let delay = takes.mul_f64(f64::from(i) / f64::from(instants));
+        let done = recv_killed_after(&there, &["w"], &now, delay);
+        there.ok(&["gc"]);
+        let names: Vec<String> = snapshots(&there, "w").into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["s1"], "killed after {delay:?}");
+        let content = read_mounted(&target);
+        assert!(
+            content == live || (!done && content == at_s1),
+            "killed after {delay:?}: the live volume is neither s1 nor the sent state (done: {done})"
         );
         wait_closed(&there, "w");
         there.ok(&["volume", "rm", "w", "--recursive"]);

@@ -33,7 +33,6 @@ use crate::daemon::control;
 use crate::daemon::mount::{self, MountConfig, MAX_READ_AHEAD, MAX_THREADS};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::{now, timestamp};
-use crate::format::names;
 use crate::format::units::{bytes, parse_size};
 use crate::fs::cache::MIN_CACHE_SIZE;
 use crate::fs::read::{default_cache_size, physical_memory};
@@ -886,7 +885,7 @@ fn snapshot(state_dir: &Path, cmd: SnapshotCommand) -> Result<()> {
     match cmd {
         SnapshotCommand::Create { target, json } => {
             let (volume, snap) = volume_and_snapshot(&target)?;
-            names::check_snapshot_name(snap)?;
+            crate::core::pool::check_user_snapshot_name(snap)?;
             let request = requests::Request::Create {
                 name: snap.to_string(),
                 guid: uuid::Uuid::new_v4().to_string(),

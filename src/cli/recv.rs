@@ -9,7 +9,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::open_to_change;
-use crate::core::pool::{Pool, ReceiveOptions, Received};
+use crate::core::pool::{Pool, ReceiveOptions, ReceiveProgress, Received};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::units::bytes;
 
@@ -66,9 +66,39 @@ pub fn run(state_dir: &Path, args: RecvArgs) -> Result<()> {
         force: args.force,
         resumable: args.resumable,
     };
-    let received = pool.receive(volume, &mut input, options)?;
+    let bar = progress_bar();
+    let received = pool.receive(volume, &mut input, options, &mut |p: &ReceiveProgress| {
+        if let Some(bar) = &bar {
+            bar.set_position(p.bytes);
+            bar.set_message(match p.snapshot {
+                0 => "base image".to_string(),
+                n => format!("snapshot {n} of {}", p.snapshots),
+            });
+        }
+    });
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let received = received?;
     super::output::result(args.json, received_json(&received), summary(&received));
     Ok(())
+}
+
+/// The bytes read, their rate and the snapshot being received, on standard error when it is a
+/// terminal (the stream's length is not known: no bar to fill).
+fn progress_bar() -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg}: {binary_bytes} read, {binary_bytes_per_sec} {elapsed}",
+        )
+        .expect("static template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(100));
+    Some(bar)
 }
 
 fn received_json(r: &Received) -> serde_json::Value {

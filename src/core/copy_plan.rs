@@ -9,7 +9,7 @@
 //! does not keep). Between the two the target is at the source's newest snapshot, a state it
 //! is allowed to stay in when the second package is cut.
 
-use crate::core::pool::{COPY_TEMPORARY_SNAPSHOT, STAGED_PREFIX, TEMPORARY_SNAPSHOT};
+use crate::core::pool::TEMPORARY_SNAPSHOT_PREFIXES;
 
 /// One snapshot as `snapshot list --json` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,16 +18,17 @@ pub struct Snapshot {
     pub guid: String,
 }
 
-/// The prefixes of snapshots that commands take for themselves and delete when done (or at
-/// the next start): `send`'s of the live volume, `recv`'s before a package ends, an export's.
-const TEMPORARY_PREFIXES: [&str; 3] = [COPY_TEMPORARY_SNAPSHOT, STAGED_PREFIX, TEMPORARY_SNAPSHOT];
-
-/// The snapshots a copy plans with: the temporary ones of other commands left out (one may be
-/// there while such a command runs, or until the next start after it died).
+/// The snapshots a copy plans with: the pool's temporary ones (a send's of the live volume,
+/// a receive's staged ones, an export's) left out; one may be there while such a command
+/// runs, or until the next start after it died.
 pub fn lasting(snapshots: Vec<Snapshot>) -> Vec<Snapshot> {
     snapshots
         .into_iter()
-        .filter(|s| !TEMPORARY_PREFIXES.iter().any(|p| s.name.starts_with(p)))
+        .filter(|s| {
+            !TEMPORARY_SNAPSHOT_PREFIXES
+                .iter()
+                .any(|p| s.name.starts_with(p))
+        })
         .collect()
 }
 

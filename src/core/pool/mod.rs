@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use crate::core::copies::{Event, Outcome};
 use crate::core::settings::Settings;
 use crate::core::store::Store;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 
 mod disks;
@@ -28,10 +28,35 @@ pub use export::{export_token, TEMPORARY_SNAPSHOT};
 #[cfg(test)]
 pub(crate) use images::ImageHealth;
 pub use images::{copy_info, CopyInfo, ImageInfo, ImportSource, Imported};
-pub use recv::{ReceiveOptions, Received, STAGED_PREFIX};
+pub use recv::{ReceiveOptions, ReceiveProgress, Received};
 pub use send::{send_token, SendSpec, COPY_TEMPORARY_SNAPSHOT};
 pub(crate) use volumes::volume_token;
 pub use volumes::VolumeInfo;
+
+/// The name prefixes of the snapshots this pool takes for a moment (an export's, a send's of
+/// the live volume, a receive's staged ones): never the name of a snapshot a stream keeps.
+pub(crate) const TEMPORARY_SNAPSHOT_PREFIXES: [&str; 3] = [
+    TEMPORARY_SNAPSHOT,
+    COPY_TEMPORARY_SNAPSHOT,
+    recv::STAGED_PREFIX,
+];
+
+/// Refuses a name that a user would give a snapshot of their own but that this pool uses for
+/// its temporary ones: such a snapshot would be deleted by a recovery, left out of a `send
+/// --from-all`, or refused by a receiver.
+pub fn check_user_snapshot_name(name: &str) -> Result<()> {
+    crate::format::names::check_snapshot_name(name)?;
+    match TEMPORARY_SNAPSHOT_PREFIXES
+        .iter()
+        .find(|p| name.starts_with(**p))
+    {
+        Some(prefix) => Err(Error::refused(
+            ErrorKind::InvalidInput,
+            format!("snapshot names starting with '{prefix}' are kept for imgpool's temporary snapshots: pick another name"),
+        )),
+        None => Ok(()),
+    }
+}
 
 pub struct Pool {
     state_dir: PathBuf,

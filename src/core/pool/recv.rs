@@ -86,6 +86,11 @@ struct PartialReceive {
     point: ResumePoint,
     /// The content sum of the volume as it is at `point` (hex).
     sum: String,
+    /// Written (durably) once every snapshot is taken, just before the transaction that
+    /// renames the staged snapshots and deletes the temporary ones: without it, that
+    /// transaction never ran, whatever the volume holds.
+    #[serde(default)]
+    commit_started: bool,
 }
 
 impl PartialReceive {
@@ -199,8 +204,29 @@ fn check_header(header: &Header) -> Result<()> {
         return Err(malformed("its header lists no snapshot"));
     }
     let mut seen = std::collections::HashSet::new();
-    for s in &header.snapshots {
+    let last = header.snapshots.len() - 1;
+    for (i, s) in header.snapshots.iter().enumerate() {
+        if s.temporary && i != last {
+            return Err(malformed(format!(
+                "snapshot '{}' is marked temporary but is not the package's last",
+                s.name
+            )));
+        }
         if !s.temporary {
+            if let Some(prefix) = super::TEMPORARY_SNAPSHOT_PREFIXES
+                .iter()
+                .find(|p| s.name.starts_with(**p))
+            {
+                // A name this pool gives its own temporary snapshots: kept, it would be taken
+                // for one (deleted by a recovery, or in the way of a receive).
+                return Err(Error::refused(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "the stream would keep snapshot '{}', but names starting with '{prefix}' are those of temporary snapshots: rename that snapshot on the sending side (or leave it out of the package) and send again",
+                        s.name
+                    ),
+                ));
+            }
             names::check_snapshot_name(&s.name)?;
             if !seen.insert(s.name.as_str()) {
                 return Err(malformed(format!(
@@ -272,14 +298,16 @@ impl Pool {
         })
     }
 
-    /// Applies the stream `input` to volume `name` (docs/send-receive.md, "Receiving").
+    /// Applies the stream `input` to volume `name` (docs/send-receive.md, "Receiving");
+    /// `progress` hears of each record read.
     pub fn receive(
         &self,
         name: &str,
         input: &mut dyn Read,
         options: ReceiveOptions,
+        progress: &mut dyn FnMut(&ReceiveProgress),
     ) -> Result<Received> {
-        self.receive_checkpointing(name, input, options, CHECKPOINT_BYTES)
+        self.receive_checkpointing(name, input, options, CHECKPOINT_BYTES, progress)
     }
 
     /// `receive`, recording a resumable receive's progress every `checkpoint_bytes` applied.
@@ -289,6 +317,7 @@ impl Pool {
         input: &mut dyn Read,
         options: ReceiveOptions,
         checkpoint_bytes: u64,
+        progress: &mut dyn FnMut(&ReceiveProgress),
     ) -> Result<Received> {
         names::check_image_name(name)?;
         let mut reader = StreamReader::new(input).map_err(stream_error)?;
@@ -296,6 +325,14 @@ impl Pool {
             Record::Header(header) => header,
             _ => return Err(malformed("it does not start with its header")),
         };
+        let checked = self.check_stream(name, header)?;
+        let mut incoming = Incoming::new(reader, &checked.header, progress);
+        self.receive_checked(name, &mut incoming, checked, options, checkpoint_bytes)
+    }
+
+    /// The checks of a stream's header against what volume `name` has, before any lock: they
+    /// refuse early, and are made again under the lock where they matter.
+    fn check_stream(&self, name: &str, header: Header) -> Result<CheckedStream> {
         check_header(&header)?;
         let existing = self.volume_row_any_state(name)?;
         let partial = match &existing {
@@ -318,14 +355,19 @@ impl Pool {
                 ))
             }
             (Some(point), Some(partial)) => {
-                if partial.header.package != header.package
-                    || snapshots_digest(&partial.header.snapshots)
-                        != snapshots_digest(&header.snapshots)
+                let first = &partial.header;
+                // The whole package, not only its digest (of guids): a snapshot marked
+                // temporary in one and not in the other would be kept, or its name lost.
+                if first.package != header.package
+                    || first.snapshots != header.snapshots
+                    || first.from != header.from
+                    || first.base_image.as_ref().map(|i| &i.sha512)
+                        != header.base_image.as_ref().map(|i| &i.sha512)
                     || partial.point != *point
                 {
                     return Err(Error::refused(
                         ErrorKind::Conflict,
-                        format!("the stream resumes another package, or from another point, than the partial receive of volume '{name}': use the token `imgpool recv --resume-token {name}` prints now"),
+                        format!("the stream resumes another package, or from another point, than the partial receive of volume '{name}' (its snapshots, its starting snapshot or its base image differ): use the token `imgpool recv --resume-token {name}` prints now, or drop the partial receive with `imgpool recv --abort {name}`"),
                     ));
                 }
             }
@@ -335,18 +377,54 @@ impl Pool {
             // Before the base image is read or imported: the stream goes nowhere here.
             return Err(exists_refusal(name));
         }
+        // A resumed stream is applied as the package its first stream began: only whether it
+        // carries the image (the token says if the receiver still needs it) is its own.
+        let header = match &partial {
+            Some(partial) => Header {
+                resume: header.resume,
+                with_image: header.with_image,
+                ..partial.header.clone()
+            },
+            None => header,
+        };
+        Ok(CheckedStream {
+            header,
+            existing,
+            partial,
+        })
+    }
+
+    /// Applies a stream whose header `check_stream` checked; the stream's next record is the
+    /// one after its header.
+    fn receive_checked(
+        &self,
+        name: &str,
+        reader: &mut Incoming,
+        checked: CheckedStream,
+        options: ReceiveOptions,
+        checkpoint_bytes: u64,
+    ) -> Result<Received> {
+        let CheckedStream {
+            header,
+            existing,
+            partial,
+        } = checked;
         let mut received = Received {
             volume: name.to_string(),
             resumed: partial.is_some(),
             ..Received::default()
         };
-        // The base image, before anything else of the target: the stream carries it next.
-        let base = self.stream_base(&header, &mut reader, &mut received)?;
         let resumable = options.resumable || partial.is_some();
+        // Each target is locked and checked before the stream's image records are read.
         let target = match (&existing, &partial) {
-            (None, _) => self.new_target(name, &header, base.as_ref())?,
+            (None, _) => {
+                check_new_target(name, &header)?;
+                // A new volume is made over its base: the image comes first.
+                let base = self.stream_base(&header, reader, &mut received)?;
+                self.new_target(name, &header, base.as_ref())?
+            }
             (Some(row), Some(partial)) if partial.new_volume => {
-                self.resumed_new_target(name, row, &header, base.as_ref())?
+                self.resumed_new_target(name, row, &header, partial, reader, &mut received)?
             }
             (Some(row), _) => {
                 if row.state != VolumeState::Ready {
@@ -356,11 +434,11 @@ impl Pool {
                     ));
                 }
                 self.existing_target(
-                    name,
                     row,
                     &header,
-                    partial.is_some(),
+                    partial.as_ref(),
                     options.force,
+                    reader,
                     &mut received,
                 )?
             }
@@ -383,22 +461,25 @@ impl Pool {
                 granule: 0,
             }),
             sum: hex::encode(start.to_bytes()),
+            commit_started: false,
+        };
+        let mut apply = Apply {
+            target: &target,
+            header: &header,
+            state,
+            resumable,
+            checkpoint_bytes,
+            since_checkpoint: 0,
+            content_mismatch: false,
         };
         let applied = (|| {
             if partial.is_none() {
-                write_partial(&target.files, &state)?;
+                write_partial(&target.files, &apply.state)?;
             }
-            let mut apply = Apply {
-                target: &target,
-                header: &header,
-                state,
-                resumable,
-                checkpoint_bytes,
-                since_checkpoint: 0,
-            };
-            apply.run(&mut reader, start)?;
-            self.commit_receive(&target, &header)
+            apply.run(reader, start)?;
+            self.commit_receive(&target, &header, &apply.state)
         })();
+        let content_mismatch = apply.content_mismatch;
         received.bytes = reader.bytes();
         match applied {
             Ok(kept) => {
@@ -406,7 +487,9 @@ impl Pool {
                 self.finish_target(target);
                 Ok(received)
             }
-            Err(e) if resumable && has_partial_receive(&target.files) => {
+            // A snapshot whose content does not match the sender's would not match when resumed
+            // either (the same records, onto the same volume): kept, it could only fail again.
+            Err(e) if resumable && !content_mismatch && has_partial_receive(&target.files) => {
                 // What was applied since the last record of progress is not committed: the
                 // volume is let go without a flush, and its next open recovers it as after a
                 // crash, to the state `receive.json` describes.
@@ -419,6 +502,13 @@ impl Pool {
             Err(e) => {
                 if let Err(undo) = self.undo_receive(target, &header) {
                     tracing::error!("cannot undo the failed receive into '{name}': {undo}");
+                    return Err(e);
+                }
+                if resumable && content_mismatch {
+                    return Err(Error::refused(
+                        e.kind(),
+                        format!("{e}; the partial receive is dropped, since resuming it could only fail the same way: send the package again without --resume"),
+                    ));
                 }
                 Err(e)
             }
@@ -430,7 +520,7 @@ impl Pool {
     fn stream_base(
         &self,
         header: &Header,
-        reader: &mut StreamReader<&mut dyn Read>,
+        reader: &mut Incoming,
         received: &mut Received,
     ) -> Result<Option<ImageRow>> {
         let Some(image) = &header.base_image else {
@@ -472,7 +562,7 @@ impl Pool {
                     .ctx(|| format!("cannot size {}", path.display()))?;
             }
             let sha512 = loop {
-                match reader.next().map_err(stream_error)? {
+                match reader.next()? {
                     Record::ImageData { offset, data } => {
                         let end = offset.checked_add(data.len() as u64);
                         if end.is_none_or(|end| end > image.size) {
@@ -549,20 +639,11 @@ impl Pool {
 
     /// A new volume for a whole stream: `creating` until the end.
     fn new_target(&self, name: &str, header: &Header, base: Option<&ImageRow>) -> Result<Target> {
-        if let Some(from) = &header.from {
-            return Err(Error::refused(
-                ErrorKind::NotFound,
-                format!(
-                    "volume '{name}' does not exist here; an incremental stream needs the snapshot '{}' it was made from: send the whole volume first",
-                    from.name
-                ),
-            ));
-        }
         let size = header.snapshots[0].size;
         check_size(size, base.map(|i| (i.name.as_str(), i.size)))?;
         let NewVolume { row, files, _owner } = self.start_volume(name, base, size, None)?;
-        // Held as for an existing volume: once it is ready, the mount waits for the receive
-        // to let go of it.
+        // Held as for an existing volume: once it is ready, a mount's open is refused (EBUSY)
+        // until the receive lets go of it.
         let opened = self
             .lock_for_receive(name, &row, &files)
             .and_then(|writer| {
@@ -597,17 +678,29 @@ impl Pool {
         name: &str,
         row: &VolumeRow,
         header: &Header,
-        base: Option<&ImageRow>,
+        partial: &PartialReceive,
+        reader: &mut Incoming,
+        received: &mut Received,
     ) -> Result<Target> {
         let owner = self.take_over(name, row)?;
+        // Read again now that it is ours: a `recv --abort` may have removed it meanwhile.
+        let still = self.volume_row_any_state(name)?;
+        if still
+            .as_ref()
+            .is_none_or(|r| r.id != row.id || r.state != VolumeState::Creating)
+        {
+            return Err(partial_changed(name));
+        }
         let files = self.volume_files_of(row)?;
-        if base.map(|i| i.id) != row.image_id {
+        let writer = self.lock_for_receive(name, row, &files)?;
+        check_partial_unchanged(&files, partial, name)?;
+        let base = self.stream_base(header, reader, received)?;
+        if base.as_ref().map(|i| i.id) != row.image_id {
             return Err(Error::refused(
                 ErrorKind::Conflict,
                 format!("the base image of the partial receive of '{name}' is not the stream's"),
             ));
         }
-        let writer = self.lock_for_receive(name, row, &files)?;
         let volume = Volume::open(&files, self.base_of(row.image_id)?)
             .ctx(|| format!("cannot open volume '{name}'"))?;
         Ok(Target {
@@ -640,22 +733,28 @@ impl Pool {
     /// `--force`) brought back to the stream's `from` snapshot.
     fn existing_target(
         &self,
-        name: &str,
         row: &VolumeRow,
         header: &Header,
-        resumed: bool,
+        partial: Option<&PartialReceive>,
         force: bool,
+        reader: &mut Incoming,
         received: &mut Received,
     ) -> Result<Target> {
+        let name = row.name.as_str();
         let files = self.volume_files_of(row)?;
         if header.from.is_none() {
             return Err(exists_refusal(name));
         }
         let writer = self.lock_for_receive(name, row, &files)?;
-        // Re-read under the lock: a partial receive that appeared meanwhile is not ours.
-        if !resumed && has_partial_receive(&files) {
-            return Err(partial_receive_refusal(name));
+        // Read again under the lock: a partial receive that appeared meanwhile is not ours, and
+        // one resumed must still be the one checked (`recv --abort` may have dropped it, or
+        // another resumed stream moved it on).
+        match partial {
+            Some(partial) => check_partial_unchanged(&files, partial, name)?,
+            None if has_partial_receive(&files) => return Err(partial_receive_refusal(name)),
+            None => {}
         }
+        let resumed = partial.is_some();
         let ours = match row.image_id {
             Some(id) => self
                 .store
@@ -678,6 +777,8 @@ impl Pool {
                 ),
             ));
         }
+        // Its base is the pool's image with that SHA-512: image records are read past.
+        self.stream_base(header, reader, received)?;
         let volume = Arc::new(
             Volume::open(&files, self.base_of(row.image_id)?)
                 .ctx(|| format!("cannot open volume '{name}'"))?,
@@ -693,8 +794,16 @@ impl Pool {
             _owner: None,
             _locks: writer,
         };
+        // What earlier receives (or commands) left to reclaim, while the volume is held anyway:
+        // a volume no mount opens would otherwise keep it.
+        let reclaimed = (|| {
+            while target.volume.reclaim()? {}
+            Ok(())
+        })()
+        .ctx(|| format!("cannot reclaim the space of volume '{name}'"));
         // A refusal closes the volume cleanly (dropped open, its next open would scan it).
-        match self.bring_to_from(&target, header, resumed, force, received) {
+        match reclaimed.and_then(|()| self.bring_to_from(&target, header, resumed, force, received))
+        {
             Ok(from) => Ok(Target {
                 from: Some(from),
                 ..target
@@ -847,7 +956,12 @@ impl Pool {
 
     /// The stream ended: the staged snapshots take their names in one transaction, and the
     /// volume is ready. Returns the names of the snapshots kept.
-    fn commit_receive(&self, target: &Target, header: &Header) -> Result<Vec<String>> {
+    fn commit_receive(
+        &self,
+        target: &Target,
+        header: &Header,
+        state: &PartialReceive,
+    ) -> Result<Vec<String>> {
         let name = &target.name;
         let snapshots = target
             .volume
@@ -872,6 +986,14 @@ impl Pool {
                 renames.push((epoch, s.name.clone()));
             }
         }
+        // A receive that dies from here on is judged by what the index holds (`settle`).
+        write_partial(
+            &target.files,
+            &PartialReceive {
+                commit_started: true,
+                ..state.clone()
+            },
+        )?;
         target
             .volume
             .rename_and_delete_snapshots(&renames, &deletes)
@@ -910,16 +1032,17 @@ impl Pool {
         Ok(renames.into_iter().map(|(_, n)| n).collect())
     }
 
-    /// After the end: the sums of snapshots that went are forgotten, the space of what
-    /// `--force` discarded is reclaimed, and the volume closed. Everything is applied and
-    /// durable by then: a failure here is logged, not the receive's.
+    /// After the end: the sums of snapshots that went are forgotten, and the volume closed and
+    /// let go at once (a mount's open is refused while the receive holds it). The space of the
+    /// snapshots it deleted is reclaimed by the volume's next holder: a mount's open resumes
+    /// it in the background, and the next receive does it before it changes anything.
+    /// Everything is applied and durable by then: a failure here is logged, not the receive's.
     fn finish_target(&self, target: Target) {
         let name = &target.name;
         let volume = &target.volume;
         let tidied = (|| -> io::Result<()> {
             let keep = volume.snapshots()?.into_iter().map(|s| s.guid).collect();
             ContentSums::open(&target.files)?.retain(&keep)?;
-            while volume.reclaim()? {}
             volume.shutdown()
         })();
         if let Err(e) = tidied {
@@ -939,9 +1062,11 @@ impl Pool {
             return result;
         }
         let from = target.from.clone().expect("an existing target has `from`");
+        // A failure after the commit point (closing, recording the size) keeps what committed.
+        let commit_started = read_partial(&target.files)?.is_some_and(|p| p.commit_started);
         let unfinished = Unfinished {
             header,
-            progress: None,
+            commit_started,
             from: &from,
         };
         self.settle(&name, &target.volume, &target.files, unfinished, true)?;
@@ -953,7 +1078,7 @@ impl Pool {
     }
 
     /// Ends an existing volume's receive that did not finish: kept if it had committed (see
-    /// `Committed`: only `receive.json` was left to remove), else, with `roll_back`, rolled
+    /// `committed`: only `receive.json` was left to remove), else, with `roll_back`, rolled
     /// back to `from` with its staged snapshots. Says which (`None`: left as it is).
     fn settle(
         &self,
@@ -965,38 +1090,34 @@ impl Pool {
     ) -> Result<Option<String>> {
         let Unfinished {
             header,
-            progress,
+            commit_started,
             from,
         } = unfinished;
-        let snapshots = volume
+        let staged_left = volume
             .snapshots()
-            .ctx(|| format!("cannot read the snapshots of '{name}'"))?;
-        let committed = Committed {
-            header,
-            progress,
-            staged_left: snapshots
-                .iter()
-                .any(|s| s.name.starts_with(&staged_prefix(&header.package))),
-        }
-        .judge(
-            |last| {
-                Ok(snapshots
-                    .iter()
-                    .any(|s| s.guid == last.guid && s.name == last.name))
-            },
-            || {
-                volume
-                    .written_since_newest_snapshot()
-                    .ctx(|| format!("cannot read volume '{name}'"))
-            },
-        )?;
-        if committed {
+            .ctx(|| format!("cannot read the snapshots of '{name}'"))?
+            .iter()
+            .any(|s| s.name.starts_with(&staged_prefix(&header.package)));
+        if committed(commit_started, staged_left) {
             remove_partial(files)?;
             self.record_volume_size(name, volume.size())?;
             return Ok(Some(format!("the receive into '{name}' had completed")));
         }
         if !roll_back {
             return Ok(None);
+        }
+        if commit_started {
+            // Its commit failed before its transaction: once the staged snapshots are rolled
+            // back, none is left, which with the mark would read as committed.
+            if let Some(partial) = read_partial(files)? {
+                write_partial(
+                    files,
+                    &PartialReceive {
+                        commit_started: false,
+                        ..partial
+                    },
+                )?;
+            }
         }
         self.roll_back_staged(volume, from, &header.package, name)?;
         remove_partial(files)?;
@@ -1179,12 +1300,9 @@ impl Pool {
                     })
             })
             .and_then(|from| {
-                let progress = current_partial(files)?
-                    .filter(|p| p.resumable)
-                    .map(|p| p.point);
                 let unfinished = Unfinished {
                     header: &partial.header,
-                    progress,
+                    commit_started: partial.commit_started,
                     from: &from,
                 };
                 self.settle(name, &volume, files, unfinished, roll_back)
@@ -1210,64 +1328,30 @@ impl Pool {
 /// A receive into an existing volume that did not remove its `receive.json`.
 struct Unfinished<'a> {
     header: &'a Header,
-    /// A resumable receive's progress.
-    progress: Option<ResumePoint>,
+    /// Its `receive.json` says the commit had started.
+    commit_started: bool,
     /// The snapshot it applied on.
     from: &'a Snapshot,
 }
 
-/// Whether a receive that did not remove its `receive.json` had committed: none of its staged
-/// snapshots is left, and its last kept snapshot is there under its own name; a package of
-/// temporary snapshots alone has nothing to rename, and had committed once its last staged
-/// snapshot was taken (a resumable receive's progress says so) and deleted, or, for a plain
-/// one (which commits nothing before a snapshot's end), once anything of it was written.
-struct Committed<'a> {
-    header: &'a Header,
-    /// A resumable receive's progress.
-    progress: Option<ResumePoint>,
-    staged_left: bool,
+/// Whether a receive that did not remove its `receive.json` had committed: it had started the
+/// transaction that renames and deletes its staged snapshots, and none is left, so that
+/// transaction ran. What the volume holds otherwise says nothing: a receive's writes can be
+/// durable before its end (a resumable one's progress, a rollback cut short), and a package of
+/// temporary snapshots alone leaves no name to look for.
+fn committed(commit_started: bool, staged_left: bool) -> bool {
+    commit_started && !staged_left
 }
 
-impl Committed<'_> {
-    fn judge(
-        &self,
-        renamed: impl FnOnce(&StreamSnapshot) -> Result<bool>,
-        written: impl FnOnce() -> Result<bool>,
-    ) -> Result<bool> {
-        if self.staged_left {
-            return Ok(false);
-        }
-        match self.header.snapshots.iter().rev().find(|s| !s.temporary) {
-            Some(last) => renamed(last),
-            None => match self.progress {
-                Some(point) => Ok(point.done == self.header.snapshots.len()),
-                None => written(),
-            },
-        }
-    }
-}
-
-/// `Committed` for a resumable receive, read without opening the volume.
+/// `committed` for a resumable receive, read without opening the volume.
 fn committed_unopened(files: &VolumeFiles) -> Result<bool> {
-    let Some(partial) = current_partial(files)? else {
+    let Some(partial) = read_partial(files)? else {
         return Ok(false);
     };
-    let read = |e: io::Error| Error::io(format!("cannot read {}", files.index().display()), e);
     let staged =
         crate::core::volume::snapshots_named(files, &staged_prefix(&partial.header.package))
-            .map_err(read)?;
-    Committed {
-        header: &partial.header,
-        progress: Some(partial.point),
-        staged_left: !staged.is_empty(),
-    }
-    .judge(
-        |last| {
-            let found = crate::core::volume::snapshot_named(files, &last.name).map_err(read)?;
-            Ok(found.is_some_and(|s| s.guid == last.guid))
-        },
-        || Ok(false),
-    )
+            .map_err(|e| Error::io(format!("cannot read {}", files.index().display()), e))?;
+    Ok(committed(partial.commit_started, !staged.is_empty()))
 }
 
 /// The owner-lock token of the receive writing the base image file `id`.
@@ -1355,6 +1439,99 @@ impl Pool {
     }
 }
 
+/// How far a receive is: `recv`'s progress bar.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveProgress {
+    /// 1-based, of `snapshots`: the snapshot being received (0 before the first, while the
+    /// base image is read).
+    pub snapshot: usize,
+    pub snapshots: usize,
+    /// Stream bytes read so far.
+    pub bytes: u64,
+}
+
+/// The records of a stream after its header, each told to the receive's progress.
+struct Incoming<'r, 'p> {
+    reader: StreamReader<&'r mut dyn Read>,
+    progress: &'p mut dyn FnMut(&ReceiveProgress),
+    at: ReceiveProgress,
+}
+
+impl<'r, 'p> Incoming<'r, 'p> {
+    fn new(
+        reader: StreamReader<&'r mut dyn Read>,
+        header: &Header,
+        progress: &'p mut dyn FnMut(&ReceiveProgress),
+    ) -> Incoming<'r, 'p> {
+        Incoming {
+            reader,
+            progress,
+            at: ReceiveProgress {
+                snapshot: 0,
+                snapshots: header.snapshots.len(),
+                bytes: 0,
+            },
+        }
+    }
+
+    fn next(&mut self) -> Result<Record> {
+        let record = self.reader.next().map_err(stream_error)?;
+        if let Record::SnapshotBegin { index, .. } = &record {
+            self.at.snapshot = *index as usize + 1;
+        }
+        self.at.bytes = self.reader.bytes();
+        (self.progress)(&self.at);
+        Ok(record)
+    }
+
+    fn bytes(&self) -> u64 {
+        self.reader.bytes()
+    }
+}
+
+/// A stream whose header was checked against the target as it was before any lock.
+struct CheckedStream {
+    /// The header to apply: a resumed stream's is its package's, as its first stream had it.
+    header: Header,
+    existing: Option<VolumeRow>,
+    /// The partial receive a resumed stream goes on with.
+    partial: Option<PartialReceive>,
+}
+
+/// A whole stream can make volume `name`, which does not exist.
+fn check_new_target(name: &str, header: &Header) -> Result<()> {
+    match &header.from {
+        Some(from) => Err(Error::refused(
+            ErrorKind::NotFound,
+            format!(
+                "volume '{name}' does not exist here; an incremental stream needs the snapshot '{}' it was made from: send the whole volume first",
+                from.name
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Refuses unless the volume's partial receive is still `checked` (read before its lock).
+fn check_partial_unchanged(
+    files: &VolumeFiles,
+    checked: &PartialReceive,
+    name: &str,
+) -> Result<()> {
+    if current_partial(files)?.as_ref() == Some(checked) {
+        Ok(())
+    } else {
+        Err(partial_changed(name))
+    }
+}
+
+fn partial_changed(name: &str) -> Error {
+    Error::refused(
+        ErrorKind::Conflict,
+        format!("the partial receive of volume '{name}' changed while this stream started (dropped by `imgpool recv --abort`, or moved on by another resumed stream): `imgpool recv --resume-token {name}` prints the token of what is there now, if anything"),
+    )
+}
+
 fn exists_refusal(name: &str) -> Error {
     Error::refused(
         ErrorKind::AlreadyExists,
@@ -1407,10 +1584,12 @@ struct Apply<'a> {
     /// Applied bytes between two records of progress.
     checkpoint_bytes: u64,
     since_checkpoint: u64,
+    /// A snapshot's content did not match its digest.
+    content_mismatch: bool,
 }
 
 impl Apply<'_> {
-    fn run(&mut self, reader: &mut StreamReader<&mut dyn Read>, start: ContentHash) -> Result<()> {
+    fn run(&mut self, reader: &mut Incoming, start: ContentHash) -> Result<()> {
         let mut sum = start;
         let mut next = self.state.point.done;
         // A resumed stream goes on from its point: nothing before it comes again.
@@ -1424,7 +1603,7 @@ impl Apply<'_> {
         };
         let sums = ContentSums::open(&target.files).map_err(io("open the content sums of"))?;
         loop {
-            match reader.next().map_err(stream_error)? {
+            match reader.next()? {
                 Record::SnapshotBegin { index, size } => {
                     let index = index as usize;
                     if current.is_some() || index != next || index >= header.snapshots.len() {
@@ -1494,6 +1673,7 @@ impl Apply<'_> {
                     self.close_granule(&mut c, &mut sum)?;
                     let s = &header.snapshots[c.index];
                     if sum.digest(c.size, target.base_sha512.as_deref()) != digest {
+                        self.content_mismatch = true;
                         return Err(Error::refused(
                             ErrorKind::Corrupt,
                             format!("the content of snapshot '{}' does not match the sender's: the stream does not apply to this volume or was damaged", s.name),
@@ -1518,7 +1698,7 @@ impl Apply<'_> {
                         )));
                     }
                     // Nothing may follow.
-                    reader.next().map_err(stream_error)?;
+                    reader.next()?;
                     return Ok(());
                 }
                 Record::Header(_) => return Err(malformed("a second header")),
@@ -1900,7 +2080,7 @@ mod tests {
 
     fn recv(f: &Fixture, name: &str, stream: &[u8], options: ReceiveOptions) -> Result<Received> {
         f.pool
-            .receive_checkpointing(name, &mut &stream[..], options, GRANULE)
+            .receive_checkpointing(name, &mut &stream[..], options, GRANULE, &mut |_| {})
     }
 
     const PLAIN: ReceiveOptions = ReceiveOptions {
@@ -1958,6 +2138,365 @@ mod tests {
         fs::remove_file(files.content_sums()).unwrap();
         recv(&f, "v", &sender.stream("p2", Some(&h[1]), &h[2..3]), PLAIN).unwrap();
         assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1], &h[2]], &h[2]));
+    }
+
+    /// The second package of a refresh: the live content as a temporary snapshot alone.
+    fn temporary(of: &Snap) -> Snap {
+        Snap {
+            name: "copy-tmp-6f1c2a8e-0000-4000-8000-000000000000".into(),
+            temporary: true,
+            ..of.clone()
+        }
+    }
+
+    #[test]
+    fn a_failed_receive_of_a_temporary_snapshot_alone_leaves_the_volume_as_before() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let tmp = temporary(&h[2]);
+        let inc = sender.stream("p2", Some(&h[1]), std::slice::from_ref(&tmp));
+        let header = sender.header("p2", Some(&h[1]), std::slice::from_ref(&tmp));
+        let mut records = sender.records(&header, Some(&h[1]), &[tmp], None);
+        let last_end = records.len() - 2;
+        if let Record::SnapshotEnd { digest, .. } = &mut records[last_end] {
+            digest[0] ^= 1;
+        }
+        let faults = [
+            ("a wrong digest", Sender::encode(&header, &records)),
+            ("a cut", inc[..inc.len() * 3 / 4].to_vec()),
+        ];
+        for (what, stream) in faults {
+            assert!(recv(&f, "v", &stream, PLAIN).is_err(), "{what} went unseen");
+            assert_eq!(state(&f, "v"), before, "{what} changed the volume");
+        }
+        recv(&f, "v", &inc, PLAIN).unwrap();
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[2]));
+    }
+
+    #[test]
+    fn recovery_rolls_back_a_dead_temporary_only_receive_whose_writes_were_durable() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[1]), &[temporary(&h[2])]);
+        // Cut inside the snapshot after a record of progress: writes of the package are
+        // durable, its snapshot is not taken.
+        assert!(recv(&f, "v", &inc[..inc.len() * 3 / 4], RESUMABLE).is_err());
+        assert!(token(&f, "v").point.granule > 0);
+        as_if_died_plain(&f, "v");
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(
+            done.iter()
+                .any(|d| d.contains("dropped the partial receive")),
+            "{done:?}"
+        );
+        assert_eq!(state(&f, "v"), before);
+    }
+
+    /// A resumable receive of `snaps` (from `from`) cut inside a snapshot after a record of
+    /// progress there; returns its token.
+    fn cut_inside_a_snapshot(
+        f: &Fixture,
+        sender: &Sender,
+        package: &str,
+        from: Option<&Snap>,
+        snaps: &[Snap],
+    ) -> ResumeToken {
+        let stream = sender.stream(package, from, snaps);
+        for eighth in 1..8 {
+            assert!(recv(f, "v", &stream[..stream.len() * eighth / 8], RESUMABLE).is_err());
+            let t = token(f, "v");
+            if t.point.granule > 0 {
+                return t;
+            }
+            f.pool.receive_abort("v").unwrap();
+        }
+        panic!("no cut fell inside a snapshot after a record of progress");
+    }
+
+    /// The header of `stream` checked as `recv` checks it before any lock, and the reader at
+    /// the record after it.
+    fn checked_before_lock<'a>(
+        f: &Fixture,
+        input: &'a mut dyn Read,
+    ) -> (CheckedStream, Incoming<'a, 'static>) {
+        let mut reader = StreamReader::new(input).unwrap();
+        let Record::Header(header) = reader.next().unwrap() else {
+            panic!("a stream starts with its header");
+        };
+        let checked = f.pool.check_stream("v", header).unwrap();
+        let incoming = Incoming::new(
+            reader,
+            &checked.header,
+            Box::leak(Box::new(|_: &ReceiveProgress| {})),
+        );
+        (checked, incoming)
+    }
+
+    #[test]
+    fn a_resumed_stream_whose_partial_receive_was_dropped_meanwhile_is_refused() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let snaps = &h[2..3];
+        let t = cut_inside_a_snapshot(&f, &sender, "p2", Some(&h[0]), snaps);
+        let resumed = sender.resumed("p2", Some(&h[0]), snaps, t.point);
+        let mut bytes = &resumed[..];
+        let (checked, mut reader) = checked_before_lock(&f, &mut bytes);
+        // `recv --abort` runs between the resumed receive's checks and its lock.
+        f.pool.receive_abort("v").unwrap();
+        let before = state(&f, "v");
+        let e = f
+            .pool
+            .receive_checked("v", &mut reader, checked, PLAIN, GRANULE)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed while"), "{e}");
+        assert!(
+            state(&f, "v") == before,
+            "the refused stream changed the volume"
+        );
+
+        // Another resumed stream finished the receive meanwhile.
+        let t = cut_inside_a_snapshot(&f, &sender, "p3", Some(&h[0]), snaps);
+        let resumed = sender.resumed("p3", Some(&h[0]), snaps, t.point);
+        let mut bytes = &resumed[..];
+        let (checked, mut reader) = checked_before_lock(&f, &mut bytes);
+        recv(&f, "v", &resumed, PLAIN).unwrap();
+        let done = state(&f, "v");
+        assert!(done == expected(&[&h[0], &h[2]], &h[2]));
+        let e = f
+            .pool
+            .receive_checked("v", &mut reader, checked, PLAIN, GRANULE)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed while"), "{e}");
+        assert!(
+            state(&f, "v") == done,
+            "the refused stream changed the volume"
+        );
+    }
+
+    #[test]
+    fn a_resumed_new_volume_removed_meanwhile_is_refused() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let t = cut_inside_a_snapshot(&f, &sender, "p1", None, &h[..3]);
+        let resumed = sender.resumed("p1", None, &h[..3], t.point);
+        let mut bytes = &resumed[..];
+        let (checked, mut reader) = checked_before_lock(&f, &mut bytes);
+        f.pool.receive_abort("v").unwrap();
+        let e = f
+            .pool
+            .receive_checked("v", &mut reader, checked, PLAIN, GRANULE)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("changed while"), "{e}");
+        assert_gone(&f, "v");
+    }
+
+    #[test]
+    fn a_resumed_stream_must_carry_its_package_as_first_sent() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let tmp = Snap {
+            name: "now".into(),
+            ..temporary(&h[1])
+        };
+        let inc = sender.stream("p2", Some(&h[0]), std::slice::from_ref(&tmp));
+        assert!(recv(&f, "v", &inc[..inc.len() / 2], RESUMABLE).is_err());
+        let t = token(&f, "v");
+        // The same guids (so the same snapshots digest), but the temporary snapshot not marked
+        // so, renamed, or another starting snapshot's name: each refused, nothing changed.
+        let kept = Snap {
+            temporary: false,
+            ..tmp.clone()
+        };
+        let renamed = Snap {
+            name: "then".into(),
+            ..tmp.clone()
+        };
+        let mut other_from = h[0].clone();
+        other_from.name = "elsewhere".into();
+        for (what, from, snap) in [
+            ("not temporary", &h[0], &kept),
+            ("renamed", &h[0], &renamed),
+            ("another from", &other_from, &tmp),
+        ] {
+            let resumed = sender.resumed("p2", Some(from), std::slice::from_ref(snap), t.point);
+            let e = recv(&f, "v", &resumed, PLAIN).unwrap_err().to_string();
+            assert!(e.contains("another package"), "{what}: {e}");
+            assert_eq!(token(&f, "v"), t, "{what}");
+        }
+        // What a sender that rebuilt the package of a send of the live volume sent: refused
+        // by its name alone.
+        let rebuilt = Snap {
+            name: "copy-tmp-6f1c2a8e".into(),
+            temporary: false,
+            ..tmp.clone()
+        };
+        assert!(recv(
+            &f,
+            "v",
+            &sender.resumed("p2", Some(&h[0]), &[rebuilt], t.point),
+            PLAIN
+        )
+        .is_err());
+        assert_eq!(token(&f, "v"), t);
+        let resumed = sender.resumed("p2", Some(&h[0]), &[tmp], t.point);
+        let got = recv(&f, "v", &resumed, PLAIN).unwrap();
+        assert!(got.snapshots.is_empty(), "{:?}", got.snapshots);
+        assert!(state(&f, "v") == expected(&[&h[0]], &h[1]));
+    }
+
+    #[test]
+    fn reserved_snapshot_names_are_kept_by_no_stream() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        for name in ["copy-tmp-1", "export-tmp-1", "recv-tmp-p1-0"] {
+            let named = Snap {
+                name: name.into(),
+                ..h[0].clone()
+            };
+            let e = recv(&f, "v", &sender.stream("p1", None, &[named]), PLAIN)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("temporary snapshots"), "{name}: {e}");
+            assert_gone(&f, "v");
+        }
+        // A temporary snapshot is the package's last, or the stream is malformed.
+        let first_temporary = [temporary(&h[0]), h[1].clone()];
+        let e = recv(&f, "v", &sender.stream("p1", None, &first_temporary), PLAIN)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not the package's last"), "{e}");
+        assert_gone(&f, "v");
+    }
+
+    #[test]
+    fn a_content_mismatch_drops_a_resumable_receive() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let snaps = &h[1..3];
+        let header = sender.header("p2", Some(&h[0]), snaps);
+        let mut records = sender.records(&header, Some(&h[0]), snaps, None);
+        let last_end = records.len() - 2;
+        if let Record::SnapshotEnd { digest, .. } = &mut records[last_end] {
+            digest[0] ^= 1;
+        }
+        let e = recv(&f, "v", &Sender::encode(&header, &records), RESUMABLE)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not match") && e.contains("dropped"), "{e}");
+        assert!(f.pool.receive_resume_token("v").is_err());
+        assert!(
+            state(&f, "v") == before,
+            "the failed receive changed the volume"
+        );
+        // A resumed stream with a mismatch: dropped too (a new volume is removed).
+        let t = cut_inside_a_snapshot(&f, &sender, "p3", Some(&h[0]), snaps);
+        let mut records = sender.records(&header, Some(&h[0]), snaps, Some(t.point));
+        let last_end = records.len() - 2;
+        if let Record::SnapshotEnd { digest, .. } = &mut records[last_end] {
+            digest[0] ^= 1;
+        }
+        let mut resumed_header = sender.header("p3", Some(&h[0]), snaps);
+        resumed_header.resume = Some(t.point);
+        let e = recv(&f, "v", &Sender::encode(&resumed_header, &records), PLAIN)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dropped"), "{e}");
+        assert!(f.pool.receive_resume_token("v").is_err());
+        assert!(
+            state(&f, "v") == before,
+            "the failed resumed receive changed the volume"
+        );
+    }
+
+    #[test]
+    fn a_receive_lets_go_of_the_volume_before_reclaiming_and_the_next_one_reclaims_first() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let volume = open(&f, "v");
+        volume.snapshot("local", "guid-local", 1).unwrap();
+        volume.write_at(&[8u8; 4096], 8192).unwrap();
+        Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+        let force = ReceiveOptions {
+            force: true,
+            resumable: false,
+        };
+        let got = recv(&f, "v", &sender.stream("p2", Some(&h[1]), &h[2..3]), force).unwrap();
+        assert_eq!(got.discarded_snapshots, ["local"]);
+        let pending = |f: &Fixture| {
+            let volume = open(f, "v");
+            let pending = volume.reclaim_pending().unwrap();
+            Arc::try_unwrap(volume).ok().unwrap().close().unwrap();
+            pending
+        };
+        assert!(
+            pending(&f),
+            "the receive reclaimed before it let go of the volume"
+        );
+        recv(&f, "v", &sender.stream("p3", Some(&h[2]), &h[3..]), PLAIN).unwrap();
+        assert!(!pending(&f));
+        assert!(state(&f, "v") == expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3]));
+    }
+
+    #[test]
+    fn progress_tells_the_bytes_read_and_the_snapshot_received() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let whole = sender.stream("p1", None, &h[..3]);
+        let mut heard = Vec::new();
+        f.pool
+            .receive("v", &mut &whole[..], PLAIN, &mut |p| heard.push(*p))
+            .unwrap();
+        assert!(heard.iter().all(|p| p.snapshots == 3));
+        assert!(heard
+            .windows(2)
+            .all(|w| w[0].bytes <= w[1].bytes && w[0].snapshot <= w[1].snapshot));
+        let snapshots: std::collections::BTreeSet<usize> =
+            heard.iter().map(|p| p.snapshot).collect();
+        assert_eq!(snapshots, [1, 2, 3].into());
+        assert_eq!(heard.last().unwrap().bytes, whole.len() as u64);
+    }
+
+    #[test]
+    fn a_receive_that_died_after_its_commit_started_but_before_its_transaction_is_rolled_back() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let inc = sender.stream("p2", Some(&h[0]), &[h[1].clone(), temporary(&h[2])]);
+        // Cut just before `End`: every snapshot is taken under its staged name.
+        assert!(recv(&f, "v", &inc[..inc.len() - 5], RESUMABLE).is_err());
+        let row = f.pool.store().volume("v").unwrap();
+        let files = f.pool.volume_files_of(&row).unwrap();
+        let partial = read_partial(&files).unwrap().unwrap();
+        write_partial(
+            &files,
+            &PartialReceive {
+                resumable: false,
+                commit_started: true,
+                ..partial
+            },
+        )
+        .unwrap();
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(
+            done.iter()
+                .any(|d| d.contains("dropped the partial receive")),
+            "{done:?}"
+        );
+        assert!(!has_partial_receive(&files));
+        assert!(state(&f, "v") == before, "the receive was kept");
     }
 
     #[test]
@@ -2361,6 +2900,7 @@ mod tests {
                     granule: 0,
                 },
                 sum: hex::encode(ContentHash::default().to_bytes()),
+                commit_started: true,
             };
             write_partial(&files, &partial).unwrap();
             files
@@ -2431,6 +2971,60 @@ mod tests {
         assert!(received_image_path(&state, &live).exists());
     }
 
+    /// The records of `sender`'s base image, as `send --with-image` sends them.
+    fn image_records(sender: &Sender) -> Vec<Record> {
+        let mut records = vec![];
+        for (i, chunk) in sender.base.chunks(1 << 16).enumerate() {
+            if chunk.iter().any(|b| *b != 0) {
+                records.push(Record::ImageData {
+                    offset: (i as u64) << 16,
+                    data: chunk.to_vec(),
+                });
+            }
+        }
+        let mut sha512 = [0u8; 64];
+        sha512.copy_from_slice(&hex::decode(&sender.image.as_ref().unwrap().sha512).unwrap());
+        records.push(Record::ImageEnd { sha512 });
+        records
+    }
+
+    #[test]
+    fn a_stream_refused_by_its_target_imports_no_image() {
+        let (_sending_side, sender) = setup();
+        let h = history(&sender);
+        let other = fixture(1);
+        // The receiving pool's 'v' is over no image: the stream's volume is over another.
+        let over_zeros = Sender {
+            base: Vec::new(),
+            image: None,
+        };
+        let whole = over_zeros.stream("p0", None, &h[..1]);
+        other
+            .pool
+            .receive("v", &mut &whole[..], PLAIN, &mut |_| {})
+            .unwrap();
+        let mut header = sender.header("p1", Some(&h[0]), &h[1..2]);
+        header.with_image = true;
+        let mut records = image_records(&sender);
+        records.extend(sender.records(&header, Some(&h[0]), &h[1..2], None));
+        let stream = Sender::encode(&header, &records);
+        for target in ["v", "missing"] {
+            let e = other
+                .pool
+                .receive(target, &mut &stream[..], PLAIN, &mut |_| {})
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("base image") || e.contains("does not exist"),
+                "{e}"
+            );
+            assert!(
+                other.pool.store().images().unwrap().is_empty(),
+                "{target}: the image was imported although the stream goes nowhere"
+            );
+        }
+    }
+
     #[test]
     fn a_missing_base_image_is_named_or_imported_from_the_stream() {
         let (_sending_side, sender) = setup();
@@ -2439,7 +3033,7 @@ mod tests {
         let whole = sender.stream("p1", None, &h[..1]);
         let e = other
             .pool
-            .receive("v", &mut &whole[..], PLAIN)
+            .receive("v", &mut &whole[..], PLAIN, &mut |_| {})
             .unwrap_err()
             .to_string();
         let sha = &sender.image.as_ref().unwrap().sha512;
@@ -2452,26 +3046,21 @@ mod tests {
         other.image("base", b"another image", 1);
         let mut header = sender.header("p1", None, &h[..1]);
         header.with_image = true;
-        let mut records = vec![];
-        for (i, chunk) in sender.base.chunks(1 << 16).enumerate() {
-            if chunk.iter().any(|b| *b != 0) {
-                records.push(Record::ImageData {
-                    offset: (i as u64) << 16,
-                    data: chunk.to_vec(),
-                });
-            }
-        }
-        let mut sha512 = [0u8; 64];
-        sha512.copy_from_slice(&hex::decode(sha).unwrap());
-        records.push(Record::ImageEnd { sha512 });
+        let mut records = image_records(&sender);
         records.extend(sender.records(&header, None, &h[..1], None));
         let stream = Sender::encode(&header, &records);
-        let got = other.pool.receive("v", &mut &stream[..], PLAIN).unwrap();
+        let got = other
+            .pool
+            .receive("v", &mut &stream[..], PLAIN, &mut |_| {})
+            .unwrap();
         let imported = format!("base-{}", &sha[..8]);
         assert_eq!(got.imported_image.as_deref(), Some(imported.as_str()));
         assert_eq!(state(&other, "v"), expected(&[&h[0]], &h[0]));
         // The pool has it now: a second stream with the image reads past it.
-        let got = other.pool.receive("w", &mut &stream[..], PLAIN).unwrap();
+        let got = other
+            .pool
+            .receive("w", &mut &stream[..], PLAIN, &mut |_| {})
+            .unwrap();
         assert_eq!(got.imported_image, None);
         assert_eq!(state(&other, "w"), expected(&[&h[0]], &h[0]));
         // An image whose bytes do not match its SHA-512 is refused, and nothing is kept.
@@ -2481,7 +3070,10 @@ mod tests {
         }
         let stream = Sender::encode(&header, &bad);
         let third = fixture(1);
-        assert!(third.pool.receive("v", &mut &stream[..], PLAIN).is_err());
+        assert!(third
+            .pool
+            .receive("v", &mut &stream[..], PLAIN, &mut |_| {})
+            .is_err());
         assert!(third.pool.store().images().unwrap().is_empty());
         assert!(third.pool.volume_row_any_state("v").unwrap().is_none());
     }

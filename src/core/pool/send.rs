@@ -224,7 +224,7 @@ impl Pool {
                         ));
                     }
                 }
-                let snapshots = package_snapshots(&all, from.as_ref(), &to, *from_all);
+                let snapshots = kept_snapshots(&all, from.as_ref(), &to, *from_all);
                 make_package(header, from, snapshots, *temporary, *from_all, *with_image)
             }
             SendSpec::Resume(token) => resumed_package(header, &name, &all, token)?,
@@ -281,6 +281,25 @@ impl Pool {
     }
 }
 
+/// `package_snapshots` without the temporary snapshots of other commands (an export's, another
+/// send's), which the receiver would refuse to keep: a package ends with its own `to` only.
+fn kept_snapshots(
+    all: &[Snapshot],
+    from: Option<&Snapshot>,
+    to: &Snapshot,
+    from_all: bool,
+) -> Vec<Snapshot> {
+    package_snapshots(all, from, to, from_all)
+        .into_iter()
+        .filter(|s| {
+            s.epoch == to.epoch
+                || !super::TEMPORARY_SNAPSHOT_PREFIXES
+                    .iter()
+                    .any(|p| s.name.starts_with(p))
+        })
+        .collect()
+}
+
 fn make_package(
     mut header: Header,
     from: Option<Snapshot>,
@@ -324,6 +343,13 @@ fn resumed_package(
         })
     };
     let to = find(&token.to, "last")?;
+    if to.name.starts_with(COPY_TEMPORARY_SNAPSHOT) {
+        // A leftover of a send that died: a resumed stream would keep it as a snapshot.
+        return Err(Error::refused(
+            ErrorKind::Conflict,
+            format!("the interrupted package ends with '{}', the temporary snapshot of a send of the live volume '{volume}', which goes with its send; it cannot be resumed: `imgpool recv --abort VOLUME` on the receiving side drops the partial receive, then send the volume again", to.name),
+        ));
+    }
     let from = token
         .from
         .as_deref()
@@ -335,7 +361,7 @@ fn resumed_package(
             format!("this resume token's snapshots of volume '{volume}' are in the wrong order: it was not made by `imgpool recv --resume-token`"),
         ));
     }
-    let snapshots = package_snapshots(all, from.as_ref(), &to, token.from_all);
+    let snapshots = kept_snapshots(all, from.as_ref(), &to, token.from_all);
     let package = make_package(
         Header {
             package: token.package.clone(),
@@ -503,5 +529,103 @@ impl PreparedSend {
             sent.bytes
         );
         Ok(sent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::stream::ResumePoint;
+
+    fn snapshot(epoch: u64, name: &str) -> Snapshot {
+        Snapshot {
+            epoch,
+            name: name.into(),
+            guid: format!("guid-{name}"),
+            created: 1,
+            size: 1 << 20,
+        }
+    }
+
+    fn header() -> Header {
+        Header {
+            package: String::new(),
+            volume: "v".into(),
+            volume_uuid: "uuid".into(),
+            base_image: None,
+            from: None,
+            snapshots: Vec::new(),
+            from_all: false,
+            with_image: false,
+            resume: None,
+        }
+    }
+
+    fn token(all: &[Snapshot], from: &str, to: &str, from_all: bool) -> ResumeToken {
+        let find = |n: &str| all.iter().find(|s| s.name == n).unwrap();
+        let snapshots = kept_snapshots(all, Some(find(from)), find(to), from_all);
+        let package = make_package(header(), None, snapshots, false, from_all, false);
+        ResumeToken {
+            package: "p".into(),
+            volume_uuid: "uuid".into(),
+            from: Some(find(from).guid.clone()),
+            to: find(to).guid.clone(),
+            from_all,
+            with_image: false,
+            snapshots: snapshots_digest(&package.header.snapshots),
+            point: ResumePoint {
+                done: 0,
+                granule: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn a_package_ending_with_a_leftover_temporary_snapshot_is_not_resumed() {
+        // A send of the live volume died: its temporary snapshot is still there.
+        let all = [snapshot(1, "s1"), snapshot(2, "copy-tmp-1234")];
+        let e = resumed_package(
+            header(),
+            "v",
+            &all,
+            &token(&all, "s1", "copy-tmp-1234", false),
+        )
+        .err()
+        .expect("refused")
+        .to_string();
+        assert!(
+            e.contains("cannot be resumed") && e.contains("send the volume again"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_package_leaves_out_the_temporary_snapshots_of_other_commands() {
+        let all = [
+            snapshot(1, "s1"),
+            snapshot(2, "export-tmp-1"),
+            snapshot(3, "s2"),
+            snapshot(4, "copy-tmp-2"),
+            snapshot(5, "s3"),
+        ];
+        let names = |v: Vec<Snapshot>| v.into_iter().map(|s| s.name).collect::<Vec<_>>();
+        assert_eq!(
+            names(kept_snapshots(&all, None, &all[4], true)),
+            ["s1", "s2", "s3"]
+        );
+        // A resumed package is made alike, whether or not they are still there.
+        let t = token(&all, "s1", "s3", true);
+        let without: Vec<Snapshot> = all
+            .iter()
+            .filter(|s| !s.name.contains("tmp"))
+            .cloned()
+            .collect();
+        for volume in [&all[..], &without[..]] {
+            let package = match resumed_package(header(), "v", volume, &t) {
+                Ok(package) => package,
+                Err(e) => panic!("{e}"),
+            };
+            assert_eq!(names(package.snapshots), ["s2", "s3"]);
+        }
     }
 }

@@ -1058,25 +1058,33 @@ impl Volume {
 
     /// The volume's content becomes the snapshot's; the snapshots `newer` (all those after it)
     /// are deleted in the same transaction.
+    ///
+    /// The writes not yet committed are dropped in the same transaction, not committed before
+    /// it: a crash leaves the volume as at its last commit, or rolled back, never with those
+    /// writes durable and not rolled back (a failed receive's partial writes, say).
     pub fn rollback(&self, snapshot: &Snapshot, newer: &[u64]) -> io::Result<()> {
         let mut state = self.state.lock();
+        state.usable()?;
         state.refuse_if_read(newer)?;
-        self.commit_locked(&mut state)?;
-        state
-            .index
-            .delete_snapshots(newer)
-            .map_err(|e| state.break_on(e))?;
+        // Checked before anything changes: a refusal leaves the open transaction as it is.
         let newest = state
             .index
-            .newest_snapshot_epoch()
-            .map_err(|e| state.break_on(e))?;
+            .snapshots()
+            .map_err(index_error)?
+            .into_iter()
+            .map(|s| s.epoch)
+            .filter(|e| !newer.contains(e))
+            .max();
         if newest != Some(snapshot.epoch) {
-            state.index.abandon();
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "only the newest snapshot can be rolled back to",
             ));
         }
+        state
+            .index
+            .delete_snapshots(newer)
+            .map_err(|e| state.break_on(e))?;
         state.newest_snapshot = newest;
         let freed = state
             .index
