@@ -595,6 +595,13 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
             refresh_span = refresh_span.min(took.as_millis() as u64 + 1);
         }
         nodes.settle();
+        // Already before any start, the mount serves no half-written volume.
+        let served = nodes.target().expect("the target stays").live;
+        let at_snapshot = |live: &Vec<u8>| source.snapshots.iter().any(|s| &s.2 == live);
+        assert!(
+            served == before.live || served == source.live || at_snapshot(&served),
+            "{what}: before any start, the mount serves a volume that is no state it had or was sent"
+        );
         nodes.assert_no_temporary_snapshots_after_a_start(&what);
         eprintln!(
             "{what} after {delay:?} of {refresh_span} ms: {}, {}",
