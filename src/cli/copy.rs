@@ -93,7 +93,11 @@ impl Links {
                 Some(dir) => dir.clone(),
                 None => {
                     // Private (0700): whoever can reach a control socket runs commands as us.
-                    let dir = std::env::temp_dir().join(format!(
+                    // A socket's path has at most 107 bytes: a long $TMPDIR gives way to /tmp.
+                    let tmp = Some(std::env::temp_dir())
+                        .filter(|t| t.as_os_str().len() <= 64)
+                        .unwrap_or_else(|| PathBuf::from("/tmp"));
+                    let dir = tmp.join(format!(
                         "imgpool-copy.{}.{}",
                         std::process::id(),
                         &uuid::Uuid::new_v4().simple().to_string()[..8]
