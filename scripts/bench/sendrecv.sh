@@ -96,7 +96,7 @@ KbdInteractiveAuthentication no
 StrictModes no
 UsePAM no
 PidFile none
-LogLevel ERROR
+LogLevel INFO
 EOF
 SSHD=$(command -v sshd || echo /usr/sbin/sshd)
 "$SSHD" -D -e -f "$W/ssh/sshd_config" 2>"$W/ssh/sshd.log" &

@@ -48,6 +48,19 @@ fn keygen(path: &Path) {
 
 impl Sshd {
     pub fn start() -> Sshd {
+        match Sshd::start_with(false) {
+            Ok(sshd) => sshd,
+            // Without PAM, sshd refuses an account whose password is locked ('!' in
+            // /etc/shadow, as some images have root's), even for a key; PAM's account check
+            // does not look at the password.
+            Err(why) if why.contains("account is locked") => {
+                Sshd::start_with(true).unwrap_or_else(|why| panic!("{why}"))
+            }
+            Err(why) => panic!("{why}"),
+        }
+    }
+
+    fn start_with(use_pam: bool) -> Result<Sshd, String> {
         let dir = tempfile::Builder::new()
             .prefix("imgpool-sshd.")
             .tempdir()
@@ -83,11 +96,12 @@ impl Sshd {
                  PasswordAuthentication no\n\
                  KbdInteractiveAuthentication no\n\
                  StrictModes no\n\
-                 UsePAM no\n\
+                 UsePAM {}\n\
                  PidFile none\n\
-                 LogLevel ERROR\n",
+                 LogLevel INFO\n",
                 host_key.display(),
-                dir.path().join("authorized_keys").display()
+                dir.path().join("authorized_keys").display(),
+                if use_pam { "yes" } else { "no" },
             ),
         )
         .unwrap();
@@ -128,9 +142,9 @@ impl Sshd {
                 sshd.log()
             );
             sshd.stop();
-            panic!("{why}");
+            return Err(why);
         }
-        sshd
+        Ok(sshd)
     }
 
     pub fn pid(&self) -> i32 {
