@@ -32,6 +32,10 @@ declare -A pkg_of=(
     [setpriv]=util-linux
     [promtool]=prometheus     # checks the daemon's /metrics output in tests/operations.rs
     [truncate]=coreutils
+    [sshd]=openssh-server     # tests/copy.rs starts its own sshd on 127.0.0.1 (the "other node")
+    [ssh]=openssh-client      # imgpool copy reaches another node with ssh
+    [ssh-keygen]=openssh-client
+    [rsync]=rsync             # bench/sendrecv.sh compares a refresh with rsync
 )
 
 # Collect the packages of missing commands, each package once, in a stable order.

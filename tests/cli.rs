@@ -1412,6 +1412,20 @@ fn every_json_output_is_one_valid_json_document() {
     );
     serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
     covered.insert(vec!["recv", "received"]);
+    // `copy` runs both (here: this pool to this pool), its summary on standard output.
+    let copied = pool.run(&["copy", "sent", "copied", "--json"]);
+    assert!(
+        copied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&copied.stderr)
+    );
+    serde_json::from_slice::<serde_json::Value>(&copied.stdout).unwrap_or_else(|e| {
+        panic!(
+            "imgpool copy --json printed no JSON document ({e}): {}",
+            String::from_utf8_lossy(&copied.stdout)
+        )
+    });
+    covered.insert(vec!["copy", "sent"]);
     for leaf in leaf_commands() {
         let name = leaf.join(" ");
         if NO_JSON.contains(&name.as_str()) {

@@ -4,6 +4,7 @@
 //! socket (`client`).
 
 mod client;
+mod copy;
 mod export;
 pub mod logs;
 mod output;
@@ -146,6 +147,9 @@ pub enum Command {
     },
     /// Show or change the log level of the running mount daemons (needs root).
     LogLevel(logs::LogLevelArgs),
+    /// Copy a volume with its snapshots to another pool or node, or bring a copy up to date
+    /// (--refresh), through `send` and `recv` (over ssh for HOST:VOLUME).
+    Copy(copy::CopyArgs),
     /// Write a volume's snapshots to standard output as a stream, for `imgpool recv`: whole,
     /// or only what changed since an older snapshot the receiver has.
     Send(send::SendArgs),
@@ -537,6 +541,7 @@ impl Command {
             Command::Repair { .. } | Command::Scrub { .. } => true,
             Command::Fsck(args) => args.repair,
             Command::Config(cmd) => matches!(cmd, ConfigCommand::Set { .. }),
+            Command::Copy(args) => !args.dry_run,
             Command::Init { .. }
             | Command::Mount(_)
             | Command::Umount { .. }
@@ -692,6 +697,7 @@ fn dispatch(state_dir: &Path, command: Command) -> Result<()> {
         }
         Command::Config(cmd) => config_cmd(state_dir, cmd),
         Command::LogLevel(args) => logs::log_level(state_dir, args),
+        Command::Copy(args) => copy::copy(state_dir, args),
         Command::Send(args) => send::run(state_dir, args),
     }
 }

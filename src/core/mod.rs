@@ -7,6 +7,7 @@
 //! layers above change copies only through `Pool`, and see the states through `store`.
 
 mod copies;
+pub mod copy_plan;
 pub mod fsck;
 pub mod health;
 pub mod ingest;

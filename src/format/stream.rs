@@ -614,6 +614,64 @@ impl ContentHash {
     }
 }
 
+/// A stream followed as its bytes pass by (`imgpool copy` relays it), for its progress only:
+/// how many snapshots the header lists and how many have begun. It checks nothing: the
+/// receiver does, record by record.
+#[derive(Debug, Default)]
+pub struct StreamProgress {
+    /// The magic or the current record's head, as far as it has passed.
+    head: Vec<u8>,
+    magic_passed: bool,
+    kind: u8,
+    /// Bytes of the current record's payload and CRC still to pass.
+    left: u64,
+    /// The header record's payload and CRC, as far as they have passed.
+    header: Vec<u8>,
+    /// The snapshots the header lists (0 until it has passed).
+    pub snapshots: usize,
+    /// The snapshots begun so far.
+    pub begun: usize,
+}
+
+impl StreamProgress {
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        const HEAD: usize = 13;
+        while !bytes.is_empty() {
+            if !self.magic_passed || self.left == 0 {
+                let want = if self.magic_passed { HEAD } else { MAGIC.len() };
+                let take = (want - self.head.len()).min(bytes.len());
+                self.head.extend_from_slice(&bytes[..take]);
+                bytes = &bytes[take..];
+                if self.head.len() < want {
+                    continue;
+                }
+                if self.magic_passed {
+                    self.kind = self.head[0];
+                    let len = u32::from_le_bytes(self.head[9..HEAD].try_into().expect("4 bytes"));
+                    self.left = u64::from(len) + 4;
+                    self.begun += usize::from(self.kind == KIND_SNAPSHOT_BEGIN);
+                }
+                self.magic_passed = true;
+                self.head.clear();
+                continue;
+            }
+            let take = self.left.min(bytes.len() as u64) as usize;
+            if self.kind == KIND_HEADER {
+                self.header.extend_from_slice(&bytes[..take]);
+            }
+            self.left -= take as u64;
+            bytes = &bytes[take..];
+            if self.left == 0 && self.kind == KIND_HEADER {
+                let payload = &self.header[..self.header.len() - 4];
+                if let Ok(header) = serde_json::from_slice::<Header>(payload) {
+                    self.snapshots = header.snapshots.len();
+                }
+                self.header = Vec::new();
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -828,5 +886,56 @@ mod tests {
         );
         assert_ne!(via.digest(1 << 20, None), via.digest(2 << 20, None));
         assert_ne!(via.digest(1 << 20, None), via.digest(1 << 20, Some("ab")));
+    }
+
+    #[test]
+    fn progress_follows_a_stream_fed_in_pieces_of_any_size() {
+        let mut header = header();
+        header.snapshots.push(StreamSnapshot {
+            name: "t".into(),
+            ..header.snapshots[0].clone()
+        });
+        let mut writer = StreamWriter::new(Vec::new()).unwrap();
+        writer.write(&Record::Header(header)).unwrap();
+        for index in 0..2 {
+            writer
+                .write(&Record::SnapshotBegin {
+                    index,
+                    size: 1 << 20,
+                })
+                .unwrap();
+            writer
+                .write(&Record::Data {
+                    offset: 0,
+                    // Bytes that look like record heads of another kind.
+                    data: vec![KIND_SNAPSHOT_BEGIN; 8192],
+                })
+                .unwrap();
+            writer
+                .write(&Record::SnapshotEnd {
+                    index,
+                    digest: [0; 32],
+                })
+                .unwrap();
+        }
+        writer.write(&Record::End).unwrap();
+        let stream = writer.into_inner();
+        for piece in [1, 3, 13, 17, 4096, stream.len()] {
+            let mut progress = StreamProgress::default();
+            let mut begun = Vec::new();
+            for chunk in stream.chunks(piece) {
+                progress.feed(chunk);
+                begun.push(progress.begun);
+            }
+            assert_eq!(
+                (progress.snapshots, progress.begun),
+                (2, 2),
+                "pieces of {piece}"
+            );
+            assert!(begun.windows(2).all(|w| w[0] <= w[1]));
+        }
+        let mut cut = StreamProgress::default();
+        cut.feed(&stream[..40]);
+        assert_eq!((cut.snapshots, cut.begun), (0, 0), "a header not yet whole");
     }
 }

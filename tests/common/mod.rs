@@ -3,6 +3,7 @@
 //! when a test fails), and the checks that decide whether a test needing root and FUSE runs.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod sshd;
 pub mod stream;
 
 use std::ffi::CString;
