@@ -61,13 +61,13 @@ pub fn run(state_dir: &Path, args: RecvArgs) -> Result<()> {
             "standard input is a terminal: pipe a stream into it (`imgpool send ... | imgpool recv VOLUME`)",
         ));
     }
-    let mut input = BufReader::with_capacity(1 << 20, stdin.lock());
+    let input = BufReader::with_capacity(1 << 20, stdin);
     let options = ReceiveOptions {
         force: args.force,
         resumable: args.resumable,
     };
     let bar = progress_bar();
-    let received = pool.receive(volume, &mut input, options, &mut |p: &ReceiveProgress| {
+    let received = pool.receive_read_ahead(volume, input, options, &mut |p: &ReceiveProgress| {
         if let Some(bar) = &bar {
             bar.set_position(p.bytes);
             bar.set_message(match p.snapshot {

@@ -73,7 +73,7 @@ fn granule_hash(granule: usize, bytes: &[u8]) -> [u64; 8] {
     let mut hasher = blake3::Hasher::new();
     hasher.update(b"imgpool granule v1");
     hasher.update(&(granule as u64).to_le_bytes());
-    hasher.update(bytes);
+    hasher.update(blake3::hash(bytes).as_bytes());
     let mut out = [0u8; 64];
     hasher.finalize_xof().fill(&mut out);
     let mut lanes = [0u64; 8];

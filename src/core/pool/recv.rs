@@ -31,8 +31,8 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::layout::{fsync_dir, write_durably};
 use crate::format::names;
 use crate::format::stream::{
-    snapshots_digest, ContentHash, Header, Record, ResumePoint, ResumeToken, StreamError,
-    StreamReader, StreamSnapshot,
+    snapshots_digest, ContentHash, Header, ReadAhead, Record, Records, ResumePoint, ResumeToken,
+    StreamError, StreamReader, StreamSnapshot,
 };
 use crate::format::volume::{VolumeFiles, GRANULE};
 
@@ -299,7 +299,9 @@ impl Pool {
     }
 
     /// Applies the stream `input` to volume `name` (docs/send-receive.md, "Receiving");
-    /// `progress` hears of each record read.
+    /// `progress` hears of each record read. (`imgpool recv` reads ahead in a thread:
+    /// `receive_read_ahead`.)
+    #[cfg(test)]
     pub fn receive(
         &self,
         name: &str,
@@ -307,20 +309,35 @@ impl Pool {
         options: ReceiveOptions,
         progress: &mut dyn FnMut(&ReceiveProgress),
     ) -> Result<Received> {
-        self.receive_checkpointing(name, input, options, CHECKPOINT_BYTES, progress)
+        let reader = StreamReader::new(input).map_err(stream_error)?;
+        self.receive_checkpointing(name, Box::new(reader), options, CHECKPOINT_BYTES, progress)
+    }
+
+    /// `receive` from an input of its own, whose records a thread reads and checks ahead of
+    /// the receive (standard input, for `imgpool recv`).
+    pub fn receive_read_ahead(
+        &self,
+        name: &str,
+        input: impl Read + Send + 'static,
+        options: ReceiveOptions,
+        progress: &mut dyn FnMut(&ReceiveProgress),
+    ) -> Result<Received> {
+        let reader = StreamReader::new(input).map_err(stream_error)?;
+        let records =
+            ReadAhead::start(reader).ctx(|| "cannot start reading the stream".to_string())?;
+        self.receive_checkpointing(name, Box::new(records), options, CHECKPOINT_BYTES, progress)
     }
 
     /// `receive`, recording a resumable receive's progress every `checkpoint_bytes` applied.
     fn receive_checkpointing(
         &self,
         name: &str,
-        input: &mut dyn Read,
+        mut reader: Box<dyn Records + '_>,
         options: ReceiveOptions,
         checkpoint_bytes: u64,
         progress: &mut dyn FnMut(&ReceiveProgress),
     ) -> Result<Received> {
         names::check_image_name(name)?;
-        let mut reader = StreamReader::new(input).map_err(stream_error)?;
         let header = match reader.next().map_err(stream_error)? {
             Record::Header(header) => header,
             _ => return Err(malformed("it does not start with its header")),
@@ -1452,14 +1469,14 @@ pub struct ReceiveProgress {
 
 /// The records of a stream after its header, each told to the receive's progress.
 struct Incoming<'r, 'p> {
-    reader: StreamReader<&'r mut dyn Read>,
+    reader: Box<dyn Records + 'r>,
     progress: &'p mut dyn FnMut(&ReceiveProgress),
     at: ReceiveProgress,
 }
 
 impl<'r, 'p> Incoming<'r, 'p> {
     fn new(
-        reader: StreamReader<&'r mut dyn Read>,
+        reader: Box<dyn Records + 'r>,
         header: &Header,
         progress: &'p mut dyn FnMut(&ReceiveProgress),
     ) -> Incoming<'r, 'p> {
@@ -2079,8 +2096,13 @@ mod tests {
     }
 
     fn recv(f: &Fixture, name: &str, stream: &[u8], options: ReceiveOptions) -> Result<Received> {
-        f.pool
-            .receive_checkpointing(name, &mut &stream[..], options, GRANULE, &mut |_| {})
+        f.pool.receive_checkpointing(
+            name,
+            Box::new(StreamReader::new(stream).unwrap()),
+            options,
+            GRANULE,
+            &mut |_| {},
+        )
     }
 
     const PLAIN: ReceiveOptions = ReceiveOptions {
@@ -2229,7 +2251,7 @@ mod tests {
         };
         let checked = f.pool.check_stream("v", header).unwrap();
         let incoming = Incoming::new(
-            reader,
+            Box::new(reader),
             &checked.header,
             Box::leak(Box::new(|_: &ReceiveProgress| {})),
         );
