@@ -53,45 +53,6 @@ impl std::fmt::Debug for State {
     }
 }
 
-fn wait_closed(pool: &TestPool, volume: &str) {
-    assert!(
-        poll(Duration::from_secs(10), Duration::from_millis(20), || pool
-            .json(&["volume", "show", volume])["open_by_pid"]
-            .is_null()),
-        "volume {volume} stays open"
-    );
-}
-
-/// A file of the mount, once it shows (a new snapshot or volume appears at the mount's next
-/// look at the index).
-fn read_mounted(path: &Path) -> Vec<u8> {
-    assert!(
-        poll(Duration::from_secs(5), Duration::from_millis(20), || path
-            .exists()),
-        "{} does not appear",
-        path.display()
-    );
-    std::fs::read(path).unwrap()
-}
-
-/// `snapshot list --json`: an array, or an object with "snapshots".
-fn snapshots(pool: &TestPool, volume: &str) -> Vec<(String, String)> {
-    let listed = pool.json(&["snapshot", "list", volume]);
-    let list = listed
-        .as_array()
-        .or_else(|| listed["snapshots"].as_array())
-        .cloned()
-        .unwrap();
-    list.iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["guid"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 fn exists(pool: &TestPool, volume: &str) -> bool {
     pool.json(&["volume", "list"])
         .as_array()
@@ -104,7 +65,7 @@ fn state(pool: &TestPool, mount: &MountGuard, volume: &str) -> Option<State> {
     if !exists(pool, volume) {
         return None;
     }
-    let snapshots = snapshots(pool, volume)
+    let snapshots = snapshot_list(pool, volume)
         .into_iter()
         .map(|(name, guid)| {
             let bytes = read_mounted(&mount.mountpoint.join("snapshots").join(volume).join(&name));
@@ -286,7 +247,7 @@ impl Nodes {
             if !exists(pool, "v") {
                 continue;
             }
-            let left: Vec<String> = snapshots(pool, "v")
+            let left: Vec<String> = snapshot_list(pool, "v")
                 .into_iter()
                 .map(|(n, _)| n)
                 .filter(|n| n.contains("-tmp-"))
@@ -634,7 +595,7 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
             allowed.contains(&&after.live),
             "{what}: the live volume is not a state the target had or was sent (bytes differing from each: {:?}; the target: {after:?}, listed {:?}; the copy said: {})",
             allowed.iter().map(|a| differing(a, &after.live)).collect::<Vec<_>>(),
-            snapshots(&nodes.there, "v"),
+            snapshot_list(&nodes.there, "v"),
             String::from_utf8_lossy(&out.stderr).trim()
         );
         nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
@@ -674,7 +635,7 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
     signal(link.unwrap(), nix::sys::signal::Signal::SIGSTOP);
     let sender = child_named("imgpool", "send").expect("the send runs beside its link");
     assert!(
-        wait_until(Duration::from_secs(30), || snapshots(&nodes.here, "v")
+        wait_until(Duration::from_secs(30), || snapshot_list(&nodes.here, "v")
             .iter()
             .any(|(name, _)| name.starts_with("copy-tmp-"))),
         "the send took no temporary snapshot"
@@ -794,7 +755,7 @@ fn unreachable_hosts_existing_targets_and_bad_names_fail_with_one_line_and_chang
     ]);
     let line = failed_cleanly("a refresh of a target that changed meanwhile", &out);
     assert!(line.contains("changed since the plan"), "{line}");
-    let names: Vec<String> = snapshots(&nodes.there, "v")
+    let names: Vec<String> = snapshot_list(&nodes.there, "v")
         .into_iter()
         .map(|s| s.0)
         .collect();

@@ -44,15 +44,6 @@ fn stored_bytes(pool: &TestPool, image: &str) -> u64 {
         .sum()
 }
 
-fn wait_closed(pool: &TestPool, volume: &str) {
-    assert!(
-        poll(Duration::from_secs(5), Duration::from_millis(20), || pool
-            .json(&["volume", "show", volume])["open_by_pid"]
-            .is_null()),
-        "volume {volume} stays open"
-    );
-}
-
 /// A volume over a sparse base image, written through the mount in ways that matter to an
 /// export: over base data, past the base's end, zeros written, a range discarded (zeros where
 /// the base has data). Returns the volume's content at snapshot `s1` and now.

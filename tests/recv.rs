@@ -350,27 +350,6 @@ fn a_volume_open_through_the_mount_is_refused_and_a_partial_one_is_not_served() 
     drop(mount);
 }
 
-/// Waits until no process has `volume` open (the mount daemon hears of a last close a moment
-/// after it).
-fn wait_closed(pool: &TestPool, volume: &str) {
-    assert!(
-        poll(Duration::from_secs(5), Duration::from_millis(20), || pool
-            .json(&["volume", "show", volume])["open_by_pid"]
-            .is_null()),
-        "volume {volume} stays open"
-    );
-}
-
-fn read_mounted(path: &Path) -> Vec<u8> {
-    assert!(
-        poll(Duration::from_secs(5), Duration::from_millis(20), || path
-            .exists()),
-        "{} does not appear",
-        path.display()
-    );
-    std::fs::read(path).unwrap()
-}
-
 #[test]
 fn a_cut_resumable_receive_goes_on_with_the_rest_that_send_resume_sends() {
     let test = "a_cut_resumable_receive_goes_on_with_the_rest_that_send_resume_sends";

@@ -55,47 +55,11 @@ fn recv_ok(pool: &TestPool, args: &[&str], from: &Path) {
     );
 }
 
-fn wait_closed(pool: &TestPool, volume: &str) {
-    assert!(
-        poll(Duration::from_secs(5), Duration::from_millis(20), || pool
-            .json(&["volume", "show", volume])["open_by_pid"]
-            .is_null()),
-        "volume {volume} stays open"
-    );
-}
-
-/// Reads a file of the mount, waiting for it to appear (a new snapshot or volume shows at
-/// the mount's next look at the index).
-fn read_mounted(path: &Path) -> Vec<u8> {
-    assert!(
-        poll(Duration::from_secs(5), Duration::from_millis(20), || path
-            .exists()),
-        "{} does not appear",
-        path.display()
-    );
-    std::fs::read(path).unwrap()
-}
-
-/// A volume's snapshots as (name, guid), oldest first.
-fn snapshots(pool: &TestPool, volume: &str) -> Vec<(String, String)> {
-    pool.json(&["snapshot", "list", volume])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| {
-            (
-                s["name"].as_str().unwrap().to_string(),
-                s["guid"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
-}
-
 /// Everything a receive may change: the snapshots (name, guid), their bytes and the live bytes.
 type VolumeState = (Vec<(String, String)>, Vec<Vec<u8>>, Vec<u8>);
 
 fn volume_state(pool: &TestPool, mount: &MountGuard, volume: &str) -> VolumeState {
-    let listed = snapshots(pool, volume);
+    let listed = snapshot_list(pool, volume);
     let bytes = listed
         .iter()
         .map(|(name, _)| read_mounted(&mount.mountpoint.join("snapshots").join(volume).join(name)))
@@ -212,11 +176,15 @@ fn snapshots_sent_whole_and_incrementally_arrive_byte_equal() {
     send_ok(&here, &["v@s6", "--from", "s4"], &stream);
     recv_ok(&there, &["w"], &stream);
 
-    let sent: Vec<(String, String)> = snapshots(&here, "v")
+    let sent: Vec<(String, String)> = snapshot_list(&here, "v")
         .into_iter()
         .filter(|(name, _)| name != "s5")
         .collect();
-    assert_eq!(snapshots(&there, "w"), sent, "names and guids carried over");
+    assert_eq!(
+        snapshot_list(&there, "w"),
+        sent,
+        "names and guids carried over"
+    );
     for (name, _) in &sent {
         let got = read_mounted(&mount_there.mountpoint.join("snapshots/w").join(name));
         assert!(got == at[name], "snapshot {name} differs from the model");
@@ -241,13 +209,13 @@ fn snapshots_sent_whole_and_incrementally_arrive_byte_equal() {
     );
     wait_closed(&there, "w");
     // The temporary snapshot of the live send is gone on both sides.
-    assert_eq!(snapshots(&there, "w"), sent);
+    assert_eq!(snapshot_list(&there, "w"), sent);
     assert!(
-        snapshots(&here, "v")
+        snapshot_list(&here, "v")
             .iter()
             .all(|(n, _)| n.starts_with('s')),
         "{:?}",
-        snapshots(&here, "v")
+        snapshot_list(&here, "v")
     );
     mount_there.unmount();
     mount_here.unmount();
@@ -398,7 +366,7 @@ fn bad_sends_fail_with_one_line_and_write_nothing() {
         assert!(line.contains("temporary"), "{name}: {line}");
     }
     assert_eq!(
-        snapshots(&pool, "v")
+        snapshot_list(&pool, "v")
             .into_iter()
             .map(|(n, _)| n)
             .collect::<Vec<_>>(),
@@ -511,7 +479,10 @@ fn a_receive_killed_at_any_instant_leaves_the_target_whole() {
         let delay = step_takes.mul_f64(f64::from(i) / f64::from(instants));
         let done = recv_killed_after(&there, &["w"], &step, delay);
         there.ok(&["gc"]);
-        let names: Vec<String> = snapshots(&there, "w").into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = snapshot_list(&there, "w")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         let expected_live = match names.as_slice() {
             [a] if a == "s1" && !done => &at[0],
             [a, b] if a == "s1" && b == "s2" => &at[1],
@@ -577,7 +548,10 @@ fn a_failed_or_killed_receive_of_the_live_state_leaves_the_target_whole() {
     fresh();
     let out = recv(&there, &["w"], &cut);
     assert!(!out.status.success(), "a cut stream was received");
-    let names: Vec<String> = snapshots(&there, "w").into_iter().map(|(n, _)| n).collect();
+    let names: Vec<String> = snapshot_list(&there, "w")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(names, ["s1"]);
     assert!(
         read_mounted(&target) == at_s1,
@@ -600,7 +574,10 @@ fn a_failed_or_killed_receive_of_the_live_state_leaves_the_target_whole() {
         let delay = takes.mul_f64(f64::from(i) / f64::from(instants));
         let done = recv_killed_after(&there, &["w"], &now, delay);
         there.ok(&["gc"]);
-        let names: Vec<String> = snapshots(&there, "w").into_iter().map(|(n, _)| n).collect();
+        let names: Vec<String> = snapshot_list(&there, "w")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
         assert_eq!(names, ["s1"], "killed after {delay:?}");
         let content = read_mounted(&target);
         assert!(

@@ -27,17 +27,6 @@ fn refused(pool: &TestPool, what: &str, args: &[&str], expected: &[&str]) {
     }
 }
 
-/// Waits until no file of volume `name` is open through the mount (a release reaches the
-/// daemon after `close` returns).
-fn wait_closed(pool: &TestPool, name: &str) {
-    assert!(
-        poll(Duration::from_secs(10), Duration::from_millis(20), || {
-            pool.json(&["volume", "show", name])["open_by_pid"].is_null()
-        }),
-        "volume '{name}' stayed open"
-    );
-}
-
 /// One write of the writers: blocks `first..first + count`, each stamped with its block number
 /// and the write's sequence number, between `start` and `end`.
 struct Write {

@@ -1016,3 +1016,41 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Waits until no process has `volume` open (a mount daemon hears of a last close a moment
+/// after `close` returns).
+pub fn wait_closed(pool: &TestPool, volume: &str) {
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(20), || pool
+            .json(&["volume", "show", volume])["open_by_pid"]
+            .is_null()),
+        "volume {volume} stays open"
+    );
+}
+
+/// Reads a file of a mount once it shows (a new snapshot or volume appears at the mount's next
+/// look at the index).
+pub fn read_mounted(path: &Path) -> Vec<u8> {
+    assert!(
+        poll(Duration::from_secs(5), Duration::from_millis(20), || path
+            .exists()),
+        "{} does not appear",
+        path.display()
+    );
+    fs::read(path).unwrap()
+}
+
+/// A volume's snapshots as (name, guid), oldest first (`snapshot list --json`).
+pub fn snapshot_list(pool: &TestPool, volume: &str) -> Vec<(String, String)> {
+    pool.json(&["snapshot", "list", volume])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_string(),
+                s["guid"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
