@@ -48,6 +48,8 @@ pub struct CopyArgs {
     /// The imgpool command on the other node.
     #[arg(long, value_name = "PATH", default_value = "imgpool")]
     pub remote_imgpool: String,
+    /// Print what was copied as one JSON object: the packages, the snapshots sent, the bytes
+    /// that crossed, what the target discarded
     #[arg(long)]
     pub json: bool,
 }
