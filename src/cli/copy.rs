@@ -498,8 +498,11 @@ fn run_package(
         .spawn()
         .ctx(|| format!("cannot start {}", target.starter()))?;
     let mut to = receiver.stdin.take().expect("piped");
+    // Pipes of 1 MiB, the relay's read size, rather than the default 64 KiB: sixteen times
+    // fewer reads, writes and wake-ups for the bytes that cross. Best effort (a system whose
+    // fs.pipe-max-size is smaller keeps the default).
     for pipe in [stream.as_fd(), to.as_fd()] {
-        super::widen_pipe(pipe);
+        let _ = nix::fcntl::fcntl(pipe, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
     }
     let recv_out = drain(receiver.stdout.take().expect("piped"));
     let recv_err = drain(receiver.stderr.take().expect("piped"));

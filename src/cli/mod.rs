@@ -2123,14 +2123,6 @@ pub fn require_root(what: &'static str) -> Result<()> {
     }
 }
 
-/// Makes a pipe hold 1 MiB, the stream's read and write size, rather than the default 64 KiB:
-/// sixteen times fewer reads, writes and wake-ups for a stream (`copy`'s relay took 0.96 s
-/// instead of 1.20 for 256 MiB). Best effort: a file is no pipe, and a system whose
-/// `fs.pipe-max-size` is smaller keeps the default.
-pub(crate) fn widen_pipe(fd: std::os::fd::BorrowedFd) {
-    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,7 +61,6 @@ pub fn run(state_dir: &Path, args: RecvArgs) -> Result<()> {
             "standard input is a terminal: pipe a stream into it (`imgpool send ... | imgpool recv VOLUME`)",
         ));
     }
-    super::widen_pipe(std::os::fd::AsFd::as_fd(&stdin));
     let input = BufReader::with_capacity(1 << 20, stdin);
     let options = ReceiveOptions {
         force: args.force,

@@ -123,7 +123,6 @@ pub fn run(state_dir: &Path, args: SendArgs) -> Result<()> {
             "standard output is a terminal: `imgpool send` writes a binary stream; pipe it into `imgpool recv VOLUME`, or into a file",
         ));
     }
-    super::widen_pipe(stdout.as_fd());
     let out = stdout
         .as_fd()
         .try_clone_to_owned()
