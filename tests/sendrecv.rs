@@ -458,6 +458,7 @@ fn a_receive_killed_at_any_instant_leaves_the_target_whole() {
         let done = recv_killed_after(&there, &["w"], &whole, delay);
         // The next command that changes the pool cleans up what the dead receive left.
         there.ok(&["gc"]);
+        there.ok(&["fsck"]);
         let listed: Vec<String> = there
             .json(&["volume", "list"])
             .as_array()
@@ -479,6 +480,7 @@ fn a_receive_killed_at_any_instant_leaves_the_target_whole() {
         let delay = step_takes.mul_f64(f64::from(i) / f64::from(instants));
         let done = recv_killed_after(&there, &["w"], &step, delay);
         there.ok(&["gc"]);
+        there.ok(&["fsck"]);
         let names: Vec<String> = snapshot_list(&there, "w")
             .into_iter()
             .map(|(n, _)| n)
@@ -574,6 +576,7 @@ fn a_failed_or_killed_receive_of_the_live_state_leaves_the_target_whole() {
         let delay = takes.mul_f64(f64::from(i) / f64::from(instants));
         let done = recv_killed_after(&there, &["w"], &now, delay);
         there.ok(&["gc"]);
+        there.ok(&["fsck"]);
         let names: Vec<String> = snapshot_list(&there, "w")
             .into_iter()
             .map(|(n, _)| n)
@@ -589,4 +592,109 @@ fn a_failed_or_killed_receive_of_the_live_state_leaves_the_target_whole() {
     }
     mount_there.unmount();
     mount_here.unmount();
+}
+
+/// Runs imgpool commands at once, each with its own standard input and output files.
+fn at_once(pool: &TestPool, runs: &[(&[&str], Option<&Path>, &Path)]) -> Vec<Output> {
+    let children: Vec<std::process::Child> = runs
+        .iter()
+        .map(|(args, input, output)| {
+            pool.command(args)
+                .stdin(match input {
+                    Some(p) => Stdio::from(File::open(p).unwrap()),
+                    None => Stdio::null(),
+                })
+                .stdout(File::create(output).unwrap())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect()
+}
+
+/// The SHA-512 of a volume at a snapshot, through an export.
+fn exported_sha512(pool: &TestPool, image: &str, target: &str) -> String {
+    pool.ok(&["image", "add", image, "--from-volume", target]);
+    pool.json(&["image", "show", image])["sha512"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn sends_and_receives_run_at_once_and_every_success_holds() {
+    let here = TestPool::new(1);
+    let there = TestPool::new(1);
+    here.ok(&["volume", "create", "v", "--size", &(8 * MIB).to_string()]);
+    here.ok(&["snapshot", "create", "v@s1"]);
+    let streams: Vec<_> = (0..3).map(|i| here.path(&format!("s{i}"))).collect();
+
+    // Three sends at once: two of the live volume (each its own temporary snapshot), one of s1.
+    let sends = at_once(
+        &here,
+        &[
+            (&["send", "v", "--from", "s1"], None, &streams[0]),
+            (&["send", "v", "--from", "s1"], None, &streams[1]),
+            (&["send", "v@s1"], None, &streams[2]),
+        ],
+    );
+    for out in &sends {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_eq!(
+        snapshot_list(&here, "v")
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect::<Vec<_>>(),
+        ["s1"],
+        "no temporary snapshot left"
+    );
+
+    // Two receives of the same whole stream into one new volume at once: one makes it, the
+    // other fails with one line; the volume holds s1.
+    let outputs = [there.path("o1"), there.path("o2")];
+    let recvs = at_once(
+        &there,
+        &[
+            (&["recv", "w"], Some(&streams[2]), &outputs[0]),
+            (&["recv", "w"], Some(&streams[2]), &outputs[1]),
+        ],
+    );
+    let succeeded = recvs.iter().filter(|o| o.status.success()).count();
+    assert_eq!(succeeded, 1, "{recvs:?}");
+    let loser = recvs.iter().find(|o| !o.status.success()).unwrap();
+    failed_cleanly("the second receive", loser);
+    assert_eq!(
+        exported_sha512(&there, "w-s1", "w@s1"),
+        exported_sha512(&here, "v-s1", "v@s1")
+    );
+
+    // Both live increments onto it at once (each applies on s1 and keeps no snapshot): each
+    // applies, or is refused with one line while the other holds the volume; nothing half.
+    let recvs = at_once(
+        &there,
+        &[
+            (&["recv", "w"], Some(&streams[0]), &outputs[0]),
+            (&["recv", "w"], Some(&streams[1]), &outputs[1]),
+        ],
+    );
+    assert!(recvs.iter().any(|o| o.status.success()), "{recvs:?}");
+    for refused in recvs.iter().filter(|o| !o.status.success()) {
+        failed_cleanly("the other increment", refused);
+    }
+    assert_eq!(
+        exported_sha512(&there, "w-now", "w"),
+        exported_sha512(&here, "v-now", "v")
+    );
+    for pool in [&here, &there] {
+        pool.ok(&["fsck"]);
+    }
 }
