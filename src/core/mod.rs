@@ -20,4 +20,6 @@ pub mod resources;
 pub mod settings;
 mod state;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_rng;
 pub mod volume;

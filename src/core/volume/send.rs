@@ -499,20 +499,7 @@ mod tests {
 
     use super::super::{open_for_test, Volume};
 
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-
-        fn below(&mut self, n: u64) -> u64 {
-            self.next() % n
-        }
-    }
+    use crate::core::test_rng::Rng;
 
     /// A base image in memory.
     struct Bytes(Arc<Vec<u8>>);
