@@ -2,7 +2,7 @@
 //! (docs/send-receive.md). `imgpool copy` runs it as a child process, here or over ssh: its
 //! arguments, its output and its exit status are that contract.
 
-use std::io::{BufReader, IsTerminal};
+use std::io::IsTerminal;
 use std::path::Path;
 
 use clap::Args;
@@ -61,7 +61,9 @@ pub fn run(state_dir: &Path, args: RecvArgs) -> Result<()> {
             "standard input is a terminal: pipe a stream into it (`imgpool send ... | imgpool recv VOLUME`)",
         ));
     }
-    let input = BufReader::with_capacity(1 << 20, stdin);
+    // Standard input's own small buffer only: a larger one would copy every byte of the
+    // stream once more, where a data record's payload is read straight into its buffer.
+    let input = stdin;
     let options = ReceiveOptions {
         force: args.force,
         resumable: args.resumable,
