@@ -797,6 +797,12 @@ impl Volume {
         Ok(())
     }
 
+    /// Starts writing the data written so far to the disk, without waiting and without
+    /// committing anything (`DataFile::start_writeback`).
+    pub fn start_writeback(&self) -> io::Result<()> {
+        self.data.start_writeback()
+    }
+
     /// Makes every write so far durable: the data file first, then the index that points at it.
     pub fn flush(&self) -> io::Result<()> {
         let mut state = self.state.lock();
