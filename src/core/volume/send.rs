@@ -176,6 +176,10 @@ pub fn send<W: Write>(
         let snapshot = &package.snapshots[index];
         let reader = new.take().expect("the snapshot is open");
         let base = BaseGranules(source.base);
+        // A snapshot sent or received before has its sum recorded: it is not hashed again.
+        // (Its content is immutable; were what is read now to differ from what was summed
+        // then, the receiver's check of the digest would catch it.)
+        let recorded = source.sums.get(&snapshot.guid)?;
         let mut changes = Changes {
             size: snapshot.size,
             old: match &old {
@@ -185,6 +189,7 @@ pub fn send<W: Write>(
             new: reader.as_ref(),
             skip_below: if index == first { resume_granule } else { 0 },
             sum,
+            summing: recorded.is_none(),
             runs: Runs::default(),
             before: vec![0u8; GRANULE as usize],
             after: vec![0u8; GRANULE as usize],
@@ -207,6 +212,9 @@ pub fn send<W: Write>(
             })
         })?;
         sum = changes.finish(&mut writer, &mut sent)?;
+        if let Some(recorded) = recorded {
+            sum = recorded;
+        }
         at.granule = at.granules;
         at.bytes = writer.bytes();
         progress(&at);
@@ -214,7 +222,7 @@ pub fn send<W: Write>(
             index: index as u32,
             digest: sum.digest(snapshot.size, base_sha512),
         })?;
-        if !header.snapshots[index].temporary {
+        if recorded.is_none() && !header.snapshots[index].temporary {
             source.sums.put(&snapshot.guid, &sum)?;
         }
         sent.snapshots_sent += 1;
@@ -363,6 +371,8 @@ struct Changes<'a> {
     /// bytes are still read, for the sum).
     skip_below: u64,
     sum: ContentHash,
+    /// The snapshot's sum is not recorded yet: each granule's change goes into `sum`.
+    summing: bool,
     runs: Runs,
     before: Vec<u8>,
     after: Vec<u8>,
@@ -382,7 +392,9 @@ impl Changes<'_> {
         for (i, &granule) in granules.iter().enumerate() {
             self.old.read_granule(granule, &mut self.before)?;
             self.new.read_granule(granule, &mut self.after)?;
-            self.sum.change(granule, &self.before, &self.after);
+            if self.summing {
+                self.sum.change(granule, &self.before, &self.after);
+            }
             if granule >= self.skip_below {
                 let start = granule * GRANULE;
                 for (b, (old, new)) in self
@@ -929,10 +941,15 @@ mod tests {
         assert_eq!(digest(&computed), f.digest_from_scratch(&content_b));
         assert_eq!(digest(&recorded), digest(&computed));
 
-        // A wrong recorded sum shows in the digest: the receiver would refuse the stream.
+        // A recorded sum is taken as it is, the sent snapshot's own too (it is not hashed
+        // again): a wrong one shows in the digest, and the receiver would refuse the stream.
+        sums.put(&b.guid, &ContentHash::default()).unwrap();
+        let (wrong_b, _) = f.send(&package);
+        assert_ne!(digest(&wrong_b), digest(&computed));
+        sums.retain(&[a.guid.clone()].into_iter().collect()).unwrap();
         sums.put(&a.guid, &ContentHash::default()).unwrap();
-        let (wrong, _) = f.send(&package);
-        assert_ne!(digest(&wrong), digest(&computed));
+        let (wrong_a, _) = f.send(&package);
+        assert_ne!(digest(&wrong_a), digest(&computed));
     }
 
     #[test]
