@@ -1724,7 +1724,7 @@ fn partial_changed(name: &str) -> Error {
 fn exists_refusal(name: &str) -> Error {
     Error::refused(
         ErrorKind::AlreadyExists,
-        format!("volume '{name}' exists: a whole stream makes a new volume; receive it under another name, or remove '{name}' first"),
+        format!("volume '{name}' exists: a whole stream makes a new volume; add --force to replace '{name}' with it (its snapshots and content are discarded once the stream has arrived whole), or receive it under another name"),
     )
 }
 
@@ -2421,7 +2421,7 @@ mod tests {
         let Record::Header(header) = reader.next().unwrap() else {
             panic!("a stream starts with its header");
         };
-        let checked = f.pool.check_stream("v", header).unwrap();
+        let checked = f.pool.check_stream("v", header, RESUMABLE).unwrap();
         let incoming = Incoming::new(
             Box::new(reader),
             &checked.header,
@@ -2709,6 +2709,173 @@ mod tests {
         .unwrap();
         assert_eq!(got.snapshots, vec!["s1"]);
         assert_eq!(state(&f, "v"), expected(&[&h[0]], &h[1]));
+    }
+
+    const FORCE: ReceiveOptions = ReceiveOptions {
+        force: true,
+        resumable: false,
+    };
+
+    /// Another volume, over zeros, whose snapshots share nothing with `history`'s (one has the
+    /// name `s1`, under another guid): its whole stream with the live state as a temporary
+    /// snapshot, and the snapshots it keeps.
+    fn other_volume() -> (Vec<u8>, Vec<Snap>) {
+        let sender = Sender {
+            base: Vec::new(),
+            image: None,
+        };
+        let (b, g) = (BLOCK as usize, GRANULE as usize);
+        let mut c = vec![0u8; SIZE as usize];
+        c[3 * b..6 * b].copy_from_slice(&noise(11, 3 * b));
+        let s1 = Snap {
+            guid: "guid-other-s1".into(),
+            ..snap("s1", c.clone())
+        };
+        c[g..2 * g].copy_from_slice(&noise(12, g));
+        let t2 = snap("t2", c.clone());
+        c[0..b].copy_from_slice(&noise(13, b));
+        let live = temporary(&snap("live", c));
+        let stream = sender.stream("p9", None, &[s1.clone(), t2.clone(), live.clone()]);
+        (stream, vec![s1, t2, live])
+    }
+
+    /// The volume rows (any state) and the volume directories on the disk.
+    fn rows_and_dirs(f: &Fixture) -> (Vec<String>, Vec<String>) {
+        let rows = f.pool.store().volumes().unwrap();
+        let dirs = crate::format::layout::DiskLayout::new(&f.disks[0])
+            .volume_uuids()
+            .unwrap();
+        (
+            rows.into_iter().map(|r| format!("{} {}", r.name, r.uuid)).collect(),
+            dirs,
+        )
+    }
+
+    #[test]
+    fn a_forced_whole_stream_replaces_an_existing_volume_in_one_step() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let old = f.pool.store().volume("v").unwrap();
+        let (whole, o) = other_volume();
+        let e = recv(&f, "v", &whole, PLAIN).unwrap_err().to_string();
+        assert!(e.contains("exists") && e.contains("--force"), "{e}");
+        let e = recv(
+            &f,
+            "v",
+            &whole,
+            ReceiveOptions {
+                force: true,
+                resumable: true,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot be resumable"), "{e}");
+        assert_eq!(state(&f, "v"), before);
+        let create = crate::core::volume::requests::Request::Create {
+            name: "x".into(),
+            guid: "g".into(),
+            created: 1,
+        };
+        let mut looked = 0;
+        let got = f
+            .pool
+            .receive("v", &mut &whole[..], FORCE, &mut |p| {
+                if p.snapshot == 0 {
+                    return;
+                }
+                // While it runs, the old volume alone is there, under its name, held: a
+                // snapshot request waits (its CLI retries) instead of changing it.
+                let listed: Vec<String> = f
+                    .pool
+                    .volumes()
+                    .unwrap()
+                    .into_iter()
+                    .map(|v| v.volume.name)
+                    .collect();
+                assert_eq!(listed, ["v"]);
+                assert_eq!(f.pool.volume("v").unwrap().volume.uuid, old.uuid);
+                assert!(matches!(f.pool.snapshot_request("v", &create), Ok(Err(_))));
+                looked += 1;
+            })
+            .unwrap();
+        assert!(looked > 0);
+        assert!(got.replaced && !got.created, "{got:?}");
+        assert_eq!(got.snapshots, ["s1", "t2"]);
+        assert_eq!(got.discarded_snapshots, ["s1", "s2"]);
+        assert!(got.discarded_writes);
+        assert_eq!(state(&f, "v"), expected(&[&o[0], &o[1]], &o[2]));
+        let row = f.pool.store().volume("v").unwrap();
+        assert_ne!(row.uuid, old.uuid);
+        assert_eq!(row.image_id, None, "the stream's base, not the old volume's");
+        // Nothing else is left: one row, one directory, whose record has the volume's name.
+        assert_eq!(
+            rows_and_dirs(&f),
+            (vec![format!("v {}", row.uuid)], vec![row.uuid.clone()])
+        );
+        let files = f.pool.volume_files_of(&row).unwrap();
+        assert_eq!(read_volume_record(&files).unwrap().name, "v");
+        assert!(!has_partial_receive(&files));
+        // The reserved names are no user's.
+        for name in [replacing_name("p9", "v"), tombstone_name(&old.uuid)] {
+            assert!(f.pool.create_volume(&name, None, Some(SIZE), None).is_err());
+            assert!(recv(&f, &name, &whole, PLAIN).is_err());
+        }
+        assert_eq!(rows_and_dirs(&f).0.len(), 1);
+    }
+
+    #[test]
+    fn each_fault_of_a_replacing_stream_leaves_the_old_volume_exactly_as_it_was() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = (state(&f, "v"), rows_and_dirs(&f));
+        let (whole, _) = other_volume();
+        for (what, stream) in damaged(&whole) {
+            assert!(recv(&f, "v", &stream, FORCE).is_err(), "{what} went unseen");
+            assert_eq!((state(&f, "v"), rows_and_dirs(&f)), before, "after {what}");
+        }
+    }
+
+    #[test]
+    fn a_replacing_receive_that_died_is_undone_by_recovery_at_every_record() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = (state(&f, "v"), rows_and_dirs(&f));
+        let (whole, o) = other_volume();
+        for dies_at in 1.. {
+            // Unwound at the record `dies_at`: its locks go, its files and rows stay, as
+            // after a `kill -9`.
+            let mut heard = 0;
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                f.pool.receive("v", &mut &whole[..], FORCE, &mut |_| {
+                    heard += 1;
+                    if heard == dies_at {
+                        panic!("the receiver dies at record {dies_at}");
+                    }
+                })
+            }));
+            let Err(_) = run else {
+                // It reached its end: the volume is the new one.
+                assert_eq!(state(&f, "v"), expected(&[&o[0], &o[1]], &o[2]));
+                assert!(dies_at > 3, "too few records to die at");
+                break;
+            };
+            assert!(rows_and_dirs(&f) != before.1, "no replacement was under way");
+            let done = crate::core::recover::recover(&f.pool).unwrap();
+            assert!(
+                done.iter().any(|d| d.contains("recv --force")),
+                "record {dies_at}: {done:?}"
+            );
+            assert_eq!(
+                (state(&f, "v"), rows_and_dirs(&f)),
+                before,
+                "record {dies_at}"
+            );
+        }
     }
 
     /// Damaged versions of `stream`: bytes flipped and cuts at several points.
