@@ -2947,8 +2947,6 @@ mod tests {
             "records out of order".into(),
             Sender::encode(&header, &records),
         ));
-        // A whole stream onto an existing volume.
-        faults.push(("a whole stream".into(), sender.stream("p4", None, &h[..1])));
         // A snapshot name the volume has.
         let mut clash = h[2].clone();
         clash.name = "s1".into();
@@ -2980,6 +2978,11 @@ mod tests {
                 assert_eq!(state(&f, "v"), before, "{what} changed the volume");
             }
         }
+        // A whole stream onto an existing volume, without --force (with it, it replaces the
+        // volume: `a_forced_whole_stream_replaces_an_existing_volume_in_one_step`).
+        let whole = sender.stream("p4", None, &h[..1]);
+        assert!(recv(&f, "v", &whole, PLAIN).is_err());
+        assert_eq!(state(&f, "v"), before, "a whole stream changed the volume");
         recv(&f, "v", &inc, PLAIN).unwrap();
         assert_eq!(
             state(&f, "v"),
