@@ -778,14 +778,21 @@ fn a_replacing_receive_cut_or_killed_at_any_instant_leaves_the_old_volume_or_the
     };
     let settled = |what: &str| {
         assert_eq!(listed_volumes(&there), ["w"], "{what}");
-        assert_eq!(volume_dirs(&there), 1, "{what}: a volume's directory is left");
+        assert_eq!(
+            volume_dirs(&there),
+            1,
+            "{what}: a volume's directory is left"
+        );
         there.ok(&["fsck"]);
     };
 
     // Without --force a whole stream onto it is refused, naming --force; a cut stream with
     // it changes nothing.
     let old = fresh_old(&mut rng);
-    let line = failed_cleanly("a whole stream without --force", &recv(&there, &["w"], &whole));
+    let line = failed_cleanly(
+        "a whole stream without --force",
+        &recv(&there, &["w"], &whole),
+    );
     assert!(line.contains("--force"), "{line}");
     let bytes = std::fs::read(&whole).unwrap();
     let cut = here.path("cut");

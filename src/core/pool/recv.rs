@@ -2746,7 +2746,9 @@ mod tests {
             .volume_uuids()
             .unwrap();
         (
-            rows.into_iter().map(|r| format!("{} {}", r.name, r.uuid)).collect(),
+            rows.into_iter()
+                .map(|r| format!("{} {}", r.name, r.uuid))
+                .collect(),
             dirs,
         )
     }
@@ -2809,7 +2811,10 @@ mod tests {
         assert_eq!(state(&f, "v"), expected(&[&o[0], &o[1]], &o[2]));
         let row = f.pool.store().volume("v").unwrap();
         assert_ne!(row.uuid, old.uuid);
-        assert_eq!(row.image_id, None, "the stream's base, not the old volume's");
+        assert_eq!(
+            row.image_id, None,
+            "the stream's base, not the old volume's"
+        );
         // Nothing else is left: one row, one directory, whose record has the volume's name.
         assert_eq!(
             rows_and_dirs(&f),
@@ -2864,7 +2869,10 @@ mod tests {
                 assert!(dies_at > 3, "too few records to die at");
                 break;
             };
-            assert!(rows_and_dirs(&f) != before.1, "no replacement was under way");
+            assert!(
+                rows_and_dirs(&f) != before.1,
+                "no replacement was under way"
+            );
             let done = crate::core::recover::recover(&f.pool).unwrap();
             assert!(
                 done.iter().any(|d| d.contains("recv --force")),
