@@ -2832,6 +2832,47 @@ mod tests {
     }
 
     #[test]
+    fn the_swap_of_a_replacement_changes_both_rows_or_neither() {
+        let f = fixture(1);
+        let store = f.pool.store();
+        let rows = || -> Vec<(i64, String, VolumeState)> {
+            let mut rows: Vec<_> = store
+                .volumes()
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.id, r.name, r.state))
+                .collect();
+            rows.sort_by_key(|r| r.0);
+            rows
+        };
+        f.pool.create_volume("v", None, Some(SIZE), None).unwrap();
+        f.pool.create_volume("w", None, Some(SIZE), None).unwrap();
+        let (v, w) = (store.volume("v").unwrap(), store.volume("w").unwrap());
+        let tomb = tombstone_name(&v.uuid);
+        // The new row is not `creating` (taken by a recovery, say): the old row's change is
+        // dropped with it.
+        let before = rows();
+        assert!(store.swap_volumes(v.id, &tomb, w.id, "v").is_err());
+        assert_eq!(rows(), before);
+        let new = f
+            .pool
+            .start_volume(&replacing_name("p1", "v"), None, SIZE, None)
+            .unwrap();
+        // The old row is not the ready volume of that name: nothing changes.
+        let before = rows();
+        assert!(!store.swap_volumes(w.id, &tomb, new.row.id, "v").unwrap());
+        assert_eq!(rows(), before);
+        assert!(store.swap_volumes(v.id, &tomb, new.row.id, "v").unwrap());
+        let mut after = vec![
+            (v.id, tomb, VolumeState::Removing),
+            (w.id, "w".to_string(), VolumeState::Ready),
+            (new.row.id, "v".to_string(), VolumeState::Ready),
+        ];
+        after.sort_by_key(|r| r.0);
+        assert_eq!(rows(), after);
+    }
+
+    #[test]
     fn each_fault_of_a_replacing_stream_leaves_the_old_volume_exactly_as_it_was() {
         let (f, sender) = setup();
         let h = history(&sender);
