@@ -551,10 +551,11 @@ fn a_replacing_receive_holds_the_old_volume_and_commands_wait_for_it_or_are_refu
     );
     let error = std::fs::File::open(&path).unwrap_err();
     assert_eq!(error.raw_os_error(), Some(libc::EBUSY), "{error}");
-    failed_cleanly(
+    let line = failed_cleanly(
         "volume rm during a replace",
         &pool.run(&["volume", "rm", "--recursive", "v"]),
     );
+    assert!(line.contains("retry once that command is done"), "{line}");
     let mut snapshot = ChildGuard(Some(
         pool.command(&["snapshot", "create", "v@later"])
             .stdout(Stdio::piped())

@@ -386,7 +386,7 @@ impl Pool {
             if std::time::Instant::now() >= deadline {
                 return Err(Error::refused(
                     ErrorKind::InUse,
-                    format!("volume '{name}' is open through a mount: close it there first"),
+                    format!("volume '{name}' is open through a mount, or another command has it (a receive replacing it, say): close it there, or retry once that command is done"),
                 ));
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
