@@ -652,6 +652,158 @@ fn copies_and_refreshes_cut_at_random_instants_keep_the_targets_last_good_state(
     nodes.assert_equal("after a killed send of the live state");
 }
 
+/// Makes the target anew as a volume of its own: smaller than the source, with snapshots of
+/// its own (one named like a source snapshot, under another guid) and writes since.
+fn foreign_target(nodes: &Nodes, seed: u8) -> State {
+    if exists(&nodes.there, "v") {
+        nodes.there.ok(&["volume", "rm", "--recursive", "v"]);
+    }
+    let size = SIZE / 2;
+    nodes
+        .there
+        .ok(&["volume", "create", "v", "--size", &size.to_string()]);
+    let path = nodes.mount_there.mountpoint.join("volumes/v");
+    read_mounted(&path);
+    let write = |at: usize, byte: u8| {
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&vec![byte; PIECE], at as u64).unwrap();
+        file.sync_all().unwrap();
+        drop(file);
+        wait_closed(&nodes.there, "v");
+    };
+    write(0, seed);
+    nodes.snapshot(&nodes.there, "v@s1");
+    write(size / 2, seed.wrapping_add(1));
+    nodes.snapshot(&nodes.there, "v@theirs");
+    write(size - PIECE, seed.wrapping_add(2));
+    nodes.target().unwrap()
+}
+
+/// The volumes listed on the target's side, and the volume directories on its disk: one each,
+/// once nothing is under way.
+fn volumes_and_dirs(pool: &TestPool) -> (usize, usize) {
+    let listed = pool.json(&["volume", "list"]).as_array().unwrap().len();
+    let dirs = std::fs::read_dir(pool.disks[0].join(".imgpool/volumes"))
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    (listed, dirs)
+}
+
+#[test]
+fn a_refresh_onto_a_target_that_shares_nothing_replaces_it_and_a_cut_never_loses_it() {
+    let test = "a_refresh_onto_a_target_that_shares_nothing_replaces_it_and_a_cut_never_loses_it";
+    if !can_mount(test) {
+        return;
+    }
+    let mut nodes = Nodes::new();
+    nodes.rewrite(64);
+    nodes.snapshot(&nodes.here, "v@s1");
+    nodes.rewrite(64);
+    nodes.snapshot(&nodes.here, "v@s2");
+    nodes.rewrite(16);
+
+    // The plan names the replacement and every target snapshot that goes; a dry run changes
+    // nothing.
+    let old = foreign_target(&nodes, 1);
+    let plan = nodes.copy_ok(&["v", "localhost:v", "--refresh", "--dry-run"]);
+    assert!(plan.contains("shares no snapshot"), "{plan}");
+    for name in ["s1", "theirs"] {
+        assert!(
+            plan.contains(&format!(
+                "would delete localhost:v@{name}: the target is replaced"
+            )),
+            "{plan}"
+        );
+    }
+    let planned =
+        summary(&nodes.copy_ok(&["v", "localhost:v", "--refresh", "--dry-run", "--json"]));
+    assert_eq!(planned["kind"], "replace", "{planned}");
+    assert_eq!(
+        planned["discarded"],
+        serde_json::json!(["s1", "theirs"]),
+        "{planned}"
+    );
+    assert_eq!(nodes.target(), Some(old), "a dry run changed the target");
+
+    // How long a whole copy takes here: the cuts fall within it.
+    let started = Instant::now();
+    nodes.copy_ok(&["v", "localhost:probe"]);
+    let mut span = started.elapsed().as_millis() as u64 + 1;
+    nodes.there.ok(&["volume", "rm", "--recursive", "probe"]);
+    let mut rng = Rng(0x7e91_ace5);
+    let (mut kept, mut replaced) = (0, 0);
+    for round in 0..ROUNDS {
+        let what = format!("replacing refresh, cut {round}");
+        let old = foreign_target(&nodes, round as u8 + 2);
+        let source = nodes.source();
+        let delay = spread(round, span, &mut rng);
+        let (out, took) = cut_copy(
+            &nodes,
+            &["v", "localhost:v", "--refresh"],
+            delay,
+            Cut::of_round(round),
+        );
+        if out.status.success() {
+            span = span.min(took.as_millis() as u64 + 1);
+        }
+        nodes.settle();
+        nodes.assert_no_temporary_snapshots_after_a_start(&what);
+        let after = nodes
+            .target()
+            .unwrap_or_else(|| panic!("{what}: the target was lost"));
+        eprintln!(
+            "{what} after {delay:?} of {span} ms: {}, target {after:?}",
+            out.status
+        );
+        if after == old {
+            assert!(!out.status.success(), "{what}: the copy did not replace");
+            kept += 1;
+        } else {
+            // Replaced, by the source's snapshots all whole (one package), at the newest or
+            // at the source's live state.
+            assert_eq!(after.snapshots.len(), source.snapshots.len(), "{what}");
+            assert_snapshots_whole(&source, &after, &what);
+            let newest = &source.snapshots.last().unwrap().2;
+            assert!(
+                after.live == *newest || after.live == source.live,
+                "{what}: the live volume is neither the newest snapshot nor the source's"
+            );
+            replaced += 1;
+        }
+        assert_eq!(
+            volumes_and_dirs(&nodes.there),
+            (1, 1),
+            "{what}: a half replacement is left"
+        );
+        nodes.there.ok(&["fsck"]);
+    }
+    eprintln!("cut replacing refreshes: {kept} kept the old target, {replaced} replaced it");
+    assert!(kept > 0, "no cut stopped a replacement");
+
+    // Uncut: each target snapshot that goes is listed first, then as deleted.
+    foreign_target(&nodes, 9);
+    let done = nodes.copy_ok(&["v", "localhost:v", "--refresh"]);
+    for name in ["s1", "theirs"] {
+        assert!(
+            done.contains(&format!("will delete localhost:v@{name}")),
+            "{done}"
+        );
+        assert!(
+            done.contains(&format!("deleted localhost:v@{name}\n")),
+            "{done}"
+        );
+    }
+    nodes.assert_equal("after the replacement");
+    nodes.assert_no_temporary_snapshots_after_a_start("after the replacement");
+    assert_eq!(volumes_and_dirs(&nodes.there), (1, 1));
+    // From there on, refreshes are incremental.
+    nodes.rewrite(8);
+    nodes.snapshot(&nodes.here, "v@s3");
+    let next = summary(&nodes.copy_ok(&["v", "localhost:v", "--refresh", "--json"]));
+    assert_eq!(next["kind"], "incremental", "{next}");
+    nodes.assert_equal("after the next refresh");
+}
+
 #[test]
 fn unreachable_hosts_existing_targets_and_bad_names_fail_with_one_line_and_change_nothing() {
     let test =
@@ -677,20 +829,23 @@ fn unreachable_hosts_existing_targets_and_bad_names_fail_with_one_line_and_chang
     assert!(nodes.target().is_none());
     let source = nodes.source();
 
-    // A target there that shares nothing with the source: refused even with --refresh.
+    // A target there that shares nothing with the source, without --refresh (with it, it is
+    // replaced: `a_refresh_onto_a_target_that_shares_nothing_replaces_it_and_a_cut_never_loses_it`).
     nodes
         .there
         .ok(&["volume", "create", "v", "--size", &SIZE.to_string()]);
     nodes.snapshot(&nodes.there, "v@other");
     let before = nodes.target();
-    for args in [
-        &["v", "localhost:v"][..],
-        &["v", "localhost:v", "--refresh"][..],
-    ] {
-        let line = failed_cleanly(&format!("copy {args:?}"), &nodes.copy(args));
-        assert!(line.contains("localhost:v"), "{line}");
-        assert_eq!(nodes.target(), before, "{args:?} changed the target");
-    }
+    let line = failed_cleanly("copy onto a target", &nodes.copy(&["v", "localhost:v"]));
+    assert!(
+        line.contains("localhost:v") && line.contains("--refresh"),
+        "{line}"
+    );
+    assert_eq!(
+        nodes.target(),
+        before,
+        "the refused copy changed the target"
+    );
 
     // Bad names, on either side.
     for (args, expected) in [

@@ -491,3 +491,116 @@ fn progress_goes_to_a_terminal_on_standard_error_and_nowhere_else() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A whole stream that replaces a volume (`recv --force`) holds the old volume from its first
+/// check to its removal: an open of it through the mount is refused (EBUSY), so is `volume
+/// rm`, and a snapshot taken meanwhile waits and lands on the new volume. A volume open
+/// through the mount is not replaced, and a replacing receive is not resumable.
+#[test]
+fn a_replacing_receive_holds_the_old_volume_and_commands_wait_for_it_or_are_refused() {
+    let test = "a_replacing_receive_holds_the_old_volume_and_commands_wait_for_it_or_are_refused";
+    if !can_mount(test) {
+        return;
+    }
+    let pool = TestPool::new(1);
+    pool.ok(&["volume", "create", "v", "--size", &SIZE.to_string()]);
+    pool.ok(&["snapshot", "create", "v@mine"]);
+    let mount = pool.mount();
+    let path = mount.mountpoint.join("volumes/v");
+    let whole = package("p1", None, 0..3, None);
+    {
+        let _open = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let line = failed_cleanly(
+            "a replace of an open volume",
+            &recv(&pool, &["v", "--force"], &whole),
+        );
+        assert!(line.contains("close it first"), "{line}");
+    }
+    let line = failed_cleanly("a whole stream onto v", &recv(&pool, &["v"], &whole));
+    assert!(line.contains("--force"), "{line}");
+    let line = failed_cleanly(
+        "a resumable replace",
+        &recv(&pool, &["v", "--force", "--resumable"], &whole),
+    );
+    assert!(line.contains("cannot be resumable"), "{line}");
+    assert_eq!(snapshot_names(&pool, "v"), ["mine"]);
+
+    // Stalled after a part of its second snapshot.
+    wait_closed(&pool, "v");
+    let fed = past_data_of(&whole, 1, 4);
+    let mut receiver = ChildGuard(Some(
+        pool.command(&["recv", "v", "--force", "--json"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let mut input = receiver.0.as_mut().unwrap().stdin.take().unwrap();
+    input.write_all(&whole[..fed]).unwrap();
+    let pid = receiver.pid();
+    assert!(
+        poll(Duration::from_secs(10), Duration::from_millis(20), || {
+            pool.json(&["volume", "show", "v"])["open_by_pid"] == json!(pid)
+        }),
+        "the receive does not hold the old volume"
+    );
+    let error = std::fs::File::open(&path).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EBUSY), "{error}");
+    let line = failed_cleanly(
+        "volume rm during a replace",
+        &pool.run(&["volume", "rm", "--recursive", "v"]),
+    );
+    assert!(line.contains("retry once that command is done"), "{line}");
+    let mut snapshot = ChildGuard(Some(
+        pool.command(&["snapshot", "create", "v@later"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        snapshot.0.as_mut().unwrap().try_wait().unwrap().is_none(),
+        "a snapshot of the held volume did not wait"
+    );
+    // Only the old volume is there meanwhile, as it was.
+    let names: Vec<Value> = pool.json(&["volume", "list"]).as_array().unwrap().clone();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert_eq!(snapshot_names(&pool, "v"), ["mine"]);
+
+    input.write_all(&whole[fed..]).unwrap();
+    drop(input);
+    let out = receiver.0.take().unwrap().wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["replaced"], json!(true), "{got}");
+    assert_eq!(got["discarded"]["snapshots"], json!(["mine"]), "{got}");
+    let out = snapshot.0.take().unwrap().wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the waiting snapshot failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s2", "s3", "later"]);
+    assert!(read_mounted(&path) == contents()[2]);
+    assert!(
+        read_mounted(&mount.mountpoint.join("snapshots/v/later")) == contents()[2],
+        "the snapshot taken meanwhile is not of the new volume"
+    );
+    let dirs = std::fs::read_dir(pool.disks[0].join(".imgpool/volumes"))
+        .unwrap()
+        .count();
+    assert_eq!(dirs, 1, "the old volume's directory is left");
+    assert!(receive_states(&pool.disks[0]).is_empty());
+    pool.ok(&["fsck"]);
+    drop(mount);
+}

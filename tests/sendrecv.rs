@@ -698,3 +698,145 @@ fn sends_and_receives_run_at_once_and_every_success_holds() {
         pool.ok(&["fsck"]);
     }
 }
+
+/// The volume directories on a pool's first disk: one per volume, once nothing is under way.
+fn volume_dirs(pool: &TestPool) -> usize {
+    std::fs::read_dir(pool.disks[0].join(".imgpool/volumes"))
+        .map(|entries| entries.count())
+        .unwrap_or(0)
+}
+
+fn listed_volumes(pool: &TestPool) -> Vec<String> {
+    pool.json(&["volume", "list"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A whole stream that replaces an existing volume (`recv --force`), cut, or killed at
+/// instants spread over its run: after the next start the volume is exactly the old one
+/// (every snapshot and the live bytes) or exactly the new one, never both nor neither; no
+/// row or directory of the other is left, and fsck finds nothing to say.
+#[test]
+fn a_replacing_receive_cut_or_killed_at_any_instant_leaves_the_old_volume_or_the_new_one() {
+    let test =
+        "a_replacing_receive_cut_or_killed_at_any_instant_leaves_the_old_volume_or_the_new_one";
+    if !can_mount(test) {
+        return;
+    }
+    let here = TestPool::new(1);
+    let there = TestPool::new(1);
+    let mount_here = here.mount();
+    let mount_there = there.mount();
+    let mut rng = Rng(13);
+    let write_some = |path: &Path, size: usize, pieces: usize, rng: &mut Rng| {
+        let file = OpenOptions::new().write(true).open(path).unwrap();
+        for _ in 0..pieces {
+            let offset = rng.below((size - MIB) as u64) / 4096 * 4096;
+            file.write_all_at(&vec![(rng.next() | 1) as u8; 256 * 1024], offset)
+                .unwrap();
+        }
+    };
+
+    // The new volume: two snapshots, sent whole (as the first package of a copy).
+    let size = 32 * MIB;
+    here.ok(&["volume", "create", "v", "--size", &size.to_string()]);
+    let path = mount_here.mountpoint.join("volumes/v");
+    read_mounted(&path);
+    for i in 1..=2 {
+        write_some(&path, size, 64, &mut rng);
+        wait_closed(&here, "v");
+        here.ok(&["snapshot", "create", &format!("v@s{i}")]);
+    }
+    let whole = here.path("whole");
+    send_ok(&here, &["v@s2", "--from-all"], &whole);
+    let at = |name: &str| read_mounted(&mount_here.mountpoint.join("snapshots/v").join(name));
+    let new: VolumeState = (
+        snapshot_list(&here, "v"),
+        vec![at("s1"), at("s2")],
+        at("s2"),
+    );
+
+    // The old volume, made anew before each run: smaller, a snapshot of its own and writes
+    // since.
+    let old_size = 16 * MIB;
+    let target = mount_there.mountpoint.join("volumes/w");
+    let fresh_old = |rng: &mut Rng| -> VolumeState {
+        if listed_volumes(&there).contains(&"w".to_string()) {
+            there.ok(&["volume", "rm", "--recursive", "w"]);
+        }
+        there.ok(&["volume", "create", "w", "--size", &old_size.to_string()]);
+        read_mounted(&target);
+        write_some(&target, old_size, 16, rng);
+        wait_closed(&there, "w");
+        there.ok(&["snapshot", "create", "w@mine"]);
+        write_some(&target, old_size, 4, rng);
+        wait_closed(&there, "w");
+        volume_state(&there, &mount_there, "w")
+    };
+    let settled = |what: &str| {
+        assert_eq!(listed_volumes(&there), ["w"], "{what}");
+        assert_eq!(
+            volume_dirs(&there),
+            1,
+            "{what}: a volume's directory is left"
+        );
+        there.ok(&["fsck"]);
+    };
+
+    // Without --force a whole stream onto it is refused, naming --force; a cut stream with
+    // it changes nothing.
+    let old = fresh_old(&mut rng);
+    let line = failed_cleanly(
+        "a whole stream without --force",
+        &recv(&there, &["w"], &whole),
+    );
+    assert!(line.contains("--force"), "{line}");
+    let bytes = std::fs::read(&whole).unwrap();
+    let cut = here.path("cut");
+    for keep in [bytes.len() / 10, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&cut, &bytes[..keep]).unwrap();
+        let out = recv(&there, &["w", "--force"], &cut);
+        failed_cleanly(&format!("a stream cut at {keep}"), &out);
+        assert!(
+            volume_state(&there, &mount_there, "w") == old,
+            "a stream cut at {keep} changed the old volume"
+        );
+        settled(&format!("a stream cut at {keep}"));
+    }
+    let started = std::time::Instant::now();
+    recv_ok(&there, &["w", "--force"], &whole);
+    let takes = started.elapsed();
+    assert!(volume_state(&there, &mount_there, "w") == new);
+    settled("replaced");
+
+    let instants = std::env::var("IMGPOOL_KILL_INSTANTS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(6u32);
+    let mut outcomes = (0, 0);
+    for i in 0..instants {
+        let old = fresh_old(&mut rng);
+        let delay = takes.mul_f64(f64::from(i) / f64::from(instants));
+        let done = recv_killed_after(&there, &["w", "--force"], &whole, delay);
+        // The next command that changes the pool cleans up what the dead receive left.
+        there.ok(&["gc"]);
+        let now = volume_state(&there, &mount_there, "w");
+        if now == new {
+            outcomes.1 += 1;
+        } else {
+            assert!(
+                now == old && !done,
+                "killed after {delay:?} (done: {done}): the volume is neither the old one nor the new one (snapshots {:?})",
+                now.0
+            );
+            outcomes.0 += 1;
+        }
+        settled(&format!("killed after {delay:?}"));
+    }
+    eprintln!("killed replacing receives: {outcomes:?} (old kept, new in place)");
+    mount_there.unmount();
+    mount_here.unmount();
+}

@@ -623,19 +623,37 @@ fn describe(
             "a refresh of {} from {}@{common}, the newest snapshot both have",
             target.label, source.label
         )),
+        Kind::Replace => {
+            lines.push(format!(
+                "{} shares no snapshot with {}: a full copy replaces it, once the copy has arrived whole (a cut leaves it as it is)",
+                target.label, source.label
+            ));
+            if plan.send.is_empty() {
+                lines.push(format!(
+                    "{} has no snapshot: a refresh starts from one both sides have, so each copies it whole until it has one",
+                    source.label
+                ));
+            }
+        }
     }
     let will = if dry_run { "would" } else { "will" };
+    let why = match plan.kind {
+        Kind::Replace => "the target is replaced",
+        _ => "newer than the common snapshot, on the target only",
+    };
     for name in &plan.discard {
-        lines.push(format!(
-            "{will} delete {}@{name}: newer than the common snapshot, on the target only",
-            target.label
-        ));
+        lines.push(format!("{will} delete {}@{name}: {why}", target.label));
     }
-    if let Kind::Refresh { common } = &plan.kind {
-        lines.push(format!(
+    match &plan.kind {
+        Kind::Refresh { common } => lines.push(format!(
             "{will} discard any writes to {} since {common}",
             target.label
-        ));
+        )),
+        Kind::Replace => lines.push(format!(
+            "{will} discard the current content of {}",
+            target.label
+        )),
+        Kind::Full => {}
     }
     let snapshots = if plan.send.is_empty() {
         "no snapshot".to_string()
@@ -655,6 +673,7 @@ fn left_as(plan: &Plan, index: usize, target: &Side) -> String {
     let newest = plan.send.last();
     match (&plan.kind, index, newest) {
         (Kind::Full, 0, _) => format!("{} was not created", target.label),
+        (Kind::Replace, 0, _) => format!("{} is as it was (not replaced)", target.label),
         (Kind::Refresh { common }, 0, _) => format!(
             "{} keeps its snapshots up to {common} ({} unless the receive got to discard them)",
             target.label,
@@ -717,13 +736,17 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
     let source_snapshots = source.snapshots(true)?.unwrap_or_default();
     let target_snapshots = target.snapshots(false)?;
     let plan = copy_plan::plan(&source_snapshots, target_snapshots.as_deref(), args.refresh)
-        .map_err(|refusal| refused(refusal, &source, &target, source_snapshots.is_empty()))?;
+        .map_err(|refusal| refused(refusal, &source, &target))?;
     let lines = describe(&plan, &source, &target, args.refresh, args.dry_run);
     let mut summary = json!({
         "source": source.label,
         "target": target.label,
-        "kind": match plan.kind { Kind::Full => "full", Kind::Refresh { .. } => "incremental" },
-        "common": match &plan.kind { Kind::Full => None, Kind::Refresh { common } => Some(common) },
+        "kind": match plan.kind {
+            Kind::Full => "full",
+            Kind::Refresh { .. } => "incremental",
+            Kind::Replace => "replace",
+        },
+        "common": match &plan.kind { Kind::Refresh { common } => Some(common), _ => None },
         "discarded": plan.discard,
         "snapshots": plan.send,
         "dry_run": args.dry_run,
@@ -860,23 +883,11 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
     Ok(())
 }
 
-fn refused(refusal: Refusal, source: &Side, target: &Side, no_source_snapshot: bool) -> Error {
+fn refused(refusal: Refusal, source: &Side, target: &Side) -> Error {
     let message = match refusal {
         Refusal::TargetExists => format!(
             "{} exists already: give --refresh to bring it up to date from {} (--dry-run shows what that sends and discards)",
             target.label, source.label
-        ),
-        Refusal::NothingInCommon => format!(
-            "{} shares no snapshot with {}: a refresh would have to replace it whole, which copy does not do (a cut would lose it); remove it first (imgpool volume rm --recursive {}{}) or copy to another name{}",
-            target.label,
-            source.label,
-            target.volume,
-            target.host.as_deref().map(|h| format!(" on {h}")).unwrap_or_default(),
-            if no_source_snapshot {
-                format!(" ({} has no snapshot: a refresh starts from one both sides have, so snapshot it before the next full copy)", source.label)
-            } else {
-                String::new()
-            }
         ),
     };
     Error::refused(ErrorKind::Conflict, message)

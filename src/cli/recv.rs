@@ -19,7 +19,8 @@ pub struct RecvArgs {
     /// from (an incremental stream).
     pub volume: String,
     /// Discard the volume's snapshots newer than the stream's base snapshot, and its writes
-    /// since, when it has changed since.
+    /// since, when it has changed since; with a whole stream onto an existing volume, replace
+    /// that volume (swapped in only once the stream has arrived whole).
     #[arg(long, conflicts_with_all = ["resume_token", "abort"])]
     pub force: bool,
     /// Keep what was received when the stream fails, to go on later (`--resume-token`).
@@ -112,6 +113,7 @@ fn received_json(r: &Received) -> serde_json::Value {
         "imported_image": r.imported_image,
         "discarded": { "snapshots": r.discarded_snapshots, "writes": r.discarded_writes },
         "resumed": r.resumed,
+        "replaced": r.replaced,
     })
 }
 
@@ -120,6 +122,8 @@ fn summary(r: &Received) -> String {
         "{} volume '{}': {} snapshot(s){}, {} read",
         if r.created {
             "created"
+        } else if r.replaced {
+            "replaced"
         } else {
             "received into"
         },
@@ -141,7 +145,9 @@ fn summary(r: &Received) -> String {
             r.discarded_snapshots.join(", ")
         ));
     }
-    if r.discarded_writes {
+    if r.replaced {
+        lines.push("discarded (--force): the content of the volume it replaced".to_string());
+    } else if r.discarded_writes {
         lines.push("discarded (--force): the writes since its newest snapshot".to_string());
     }
     lines.join("\n")

@@ -42,7 +42,8 @@ pub struct Package {
     pub from: Option<String>,
     /// Every snapshot after `from` (or from the first) up to `to`, each kept on the target.
     pub from_all: bool,
-    /// `recv --force`: the target is rolled back to `from` first (what the plan discards).
+    /// `recv --force`: the target is rolled back to `from` first, or, for a whole stream,
+    /// replaced by the stream's volume (what the plan discards).
     pub force: bool,
 }
 
@@ -52,12 +53,17 @@ pub enum Kind {
     Full,
     /// The target has `common` (source name), the newest source snapshot it has.
     Refresh { common: String },
+    /// The target exists (`--refresh`) but has none of the source's snapshots: a full copy
+    /// whose first package replaces it (`recv --force` of a whole stream, which swaps the new
+    /// volume in only once it has arrived whole: a cut leaves the target as it was).
+    Replace,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub kind: Kind,
-    /// Target snapshots (target names) newer than the common one, deleted by the refresh.
+    /// Target snapshots (target names) deleted: those newer than the common one (a refresh),
+    /// or all of them (a replacement).
     pub discard: Vec<String>,
     /// Source snapshots that the target gets, oldest first.
     pub send: Vec<String>,
@@ -70,11 +76,6 @@ pub struct Plan {
 pub enum Refusal {
     /// The target exists and `--refresh` was not given.
     TargetExists,
-    /// The target exists (with `--refresh`) but has none of the source's snapshots: bringing
-    /// it up to date would mean replacing it whole, deleting it before the new copy is
-    /// complete. That is what lost Incus users their targets on a network cut, so it is the
-    /// user's call: remove the target, or copy to another name.
-    NothingInCommon,
 }
 
 /// The plan for copying a volume with snapshots `source` onto a target that has `target`
@@ -98,7 +99,7 @@ pub fn plan(
         .rev()
         .find_map(|(i, s)| Some((i, target.iter().position(|t| t.guid == s.guid)?)));
     let Some((in_source, in_target)) = common else {
-        return Err(Refusal::NothingInCommon);
+        return Ok(replace(source, target));
     };
     let common = source[in_source].name.clone();
     let send: Vec<String> = source[in_source + 1..]
@@ -170,6 +171,16 @@ fn full(source: &[Snapshot]) -> Plan {
     }
 }
 
+/// A full copy onto an existing target with nothing in common: its first package replaces
+/// the target, every snapshot of which is listed as discarded.
+fn replace(source: &[Snapshot], target: &[Snapshot]) -> Plan {
+    let mut plan = full(source);
+    plan.kind = Kind::Replace;
+    plan.discard = target.iter().map(|t| t.name.clone()).collect();
+    plan.packages[0].force = true;
+    plan
+}
+
 #[cfg(test)]
 mod tests {
     //! Random histories on both sides (a shared past, then each side's own snapshots and
@@ -212,6 +223,11 @@ mod tests {
                 live_is_newest: true,
             },
             (None, Some(_)) => return Err("an incremental stream into no volume".into()),
+            // `recv --force` replaces the volume with the stream's.
+            (Some(_), None) if package.force => Target {
+                snapshots: Vec::new(),
+                live_is_newest: true,
+            },
             (Some(_), None) => return Err("a whole stream onto an existing volume".into()),
             (Some(mut t), Some(from)) => {
                 let guid = &source[from].guid;
@@ -320,8 +336,22 @@ mod tests {
                 continue;
             }
             let Some((i, j)) = reference_common(&source, &old) else {
-                assert_eq!(planned, Err(Refusal::NothingInCommon), "{case}");
-                seen.insert("nothing in common");
+                let p = planned.unwrap_or_else(|e| panic!("{case}: refused {e:?}"));
+                assert_eq!(p.kind, Kind::Replace, "{case}");
+                // Every snapshot of the target goes, and is listed.
+                let all: Vec<String> = old.iter().map(|s| s.name.clone()).collect();
+                assert_eq!(p.discard, all, "{case}");
+                let mut model = Target {
+                    snapshots: old.clone(),
+                    live_is_newest: rng.below(2) == 0,
+                };
+                for package in &p.packages {
+                    model = receive(Some(model), package, &source).expect(&case);
+                }
+                assert_eq!(model.snapshots, source, "{case}");
+                assert!(!model.live_is_newest, "{case}: the live state was not sent");
+                assert!(p.packages.iter().skip(1).all(|p| !p.force), "{case}");
+                seen.insert("replace");
                 continue;
             };
             let p = planned.unwrap_or_else(|e| panic!("{case}: refused {e:?}"));
@@ -399,8 +429,19 @@ mod tests {
                 force: false
             }]
         );
-        // And with a target, there is nothing to refresh from.
-        assert_eq!(plan(&[], Some(&[]), true), Err(Refusal::NothingInCommon));
+        // And with a target, there is nothing to refresh from: the live state replaces it.
+        let p = plan(&[], Some(&[snap("mine", 9)]), true).unwrap();
+        assert_eq!(p.kind, Kind::Replace);
+        assert_eq!(p.discard, ["mine"]);
+        assert_eq!(
+            p.packages,
+            [Package {
+                to: None,
+                from: None,
+                from_all: false,
+                force: true
+            }]
+        );
     }
 
     #[test]

@@ -166,7 +166,11 @@ fn dead_volume_work(pool: &Pool, done: &mut Vec<String>) -> Result<()> {
                 if !abandoned {
                     continue;
                 }
-                "a volume whose creator died"
+                if pool.volume_was_replacing(&volume) {
+                    "the volume a `recv --force` that died was receiving to replace another (which is as it was)"
+                } else {
+                    "a volume whose creator died"
+                }
             }
         };
         match pool.finish_volume_removal(&volume) {

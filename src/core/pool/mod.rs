@@ -28,7 +28,7 @@ pub use export::{export_token, TEMPORARY_SNAPSHOT};
 #[cfg(test)]
 pub(crate) use images::ImageHealth;
 pub use images::{copy_info, CopyInfo, ImageInfo, ImportSource, Imported};
-pub use recv::{ReceiveOptions, ReceiveProgress, Received};
+pub use recv::{check_user_volume_name, ReceiveOptions, ReceiveProgress, Received};
 pub use send::{send_token, SendSpec, COPY_TEMPORARY_SNAPSHOT};
 pub(crate) use volumes::volume_token;
 pub use volumes::VolumeInfo;

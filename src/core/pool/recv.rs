@@ -28,7 +28,7 @@ use crate::core::store::{ImageRow, VolumeRow, VolumeState};
 use crate::core::volume::sums::{sum_changes, BaseGranules, ContentSums, GranuleReader};
 use crate::core::volume::{Base, NoBase, Snapshot, Volume, WriterLock};
 use crate::error::{Error, ErrorKind, IoContext, Result};
-use crate::format::layout::{fsync_dir, write_durably};
+use crate::format::layout::{fsync_dir, read_volume_record, write_durably, write_volume_record};
 use crate::format::names;
 use crate::format::stream::{
     snapshots_digest, ContentHash, Header, ReadAhead, Record, Records, ResumePoint, ResumeToken,
@@ -72,6 +72,9 @@ pub struct Received {
     pub discarded_writes: bool,
     /// The stream continued an interrupted receive.
     pub resumed: bool,
+    /// The stream replaced an existing volume (`--force`, a whole stream): the volume's
+    /// snapshots before are `discarded_snapshots`.
+    pub replaced: bool,
 }
 
 /// `receive.json`: a receive under way, or a partial, resumable one. Every receive writes it
@@ -95,6 +98,10 @@ struct PartialReceive {
     /// transaction never ran, whatever the volume holds.
     #[serde(default)]
     commit_started: bool,
+    /// The uuid of the volume this receive replaces (a whole stream onto an existing volume,
+    /// `--force`): the new volume takes its name only in the store transaction that retires it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    replaces: Option<String>,
 }
 
 impl PartialReceive {
@@ -197,6 +204,31 @@ fn staged_prefix(package: &str) -> String {
     format!("{STAGED_PREFIX}{}-", short(package))
 }
 
+/// The name of the `creating` row of a volume received to replace volume `name`: reserved
+/// (`check_user_volume_name`), so no user volume has it and no listing shows it.
+fn replacing_name(package: &str, name: &str) -> String {
+    format!("{STAGED_PREFIX}{}-{name}", short(package))
+}
+
+/// The name a replaced volume's row takes while it is removed (its name goes to the new one).
+fn tombstone_name(uuid: &str) -> String {
+    format!("{STAGED_PREFIX}replaced-{uuid}")
+}
+
+/// Refuses a volume name that a user may not give: an image name (a path component in the
+/// mount) that does not start with the prefix of the rows a replacing receive keeps out of
+/// sight (`replacing_name`, `tombstone_name`).
+pub fn check_user_volume_name(name: &str) -> Result<()> {
+    names::check_image_name(name)?;
+    if name.starts_with(STAGED_PREFIX) {
+        return Err(Error::refused(
+            ErrorKind::InvalidInput,
+            format!("volume names starting with '{STAGED_PREFIX}' are kept for the volumes a receive makes out of sight: pick another name"),
+        ));
+    }
+    Ok(())
+}
+
 fn short(text: &str) -> &str {
     let end = text.char_indices().nth(8).map_or(text.len(), |(at, _)| at);
     &text[..end]
@@ -263,7 +295,16 @@ struct Target {
     /// The snapshot the stream applies on (an incremental stream).
     from: Option<Snapshot>,
     base_sha512: Option<String>,
+    /// The volume a whole stream replaces (`--force`), held until it is retired.
+    replacing: Option<Replaced>,
     _owner: Option<OwnerLock>,
+    _locks: ReceiveLocks,
+}
+
+/// The existing volume a replacing receive retires at its end, under its writer lock from the
+/// first check to its removal: no mount opens it and no command changes it meanwhile.
+struct Replaced {
+    row: VolumeRow,
     _locks: ReceiveLocks,
 }
 
@@ -300,6 +341,14 @@ impl Pool {
             Ok(partial) => partial.is_some_and(|p| p.resumable),
             Err(_) => true,
         })
+    }
+
+    /// Whether the `creating` volume `row` was being received to replace another: its
+    /// receive never swapped it in, so that other one is as it was (recovery's report).
+    pub(crate) fn volume_was_replacing(&self, row: &VolumeRow) -> bool {
+        self.volume_files_of(row)
+            .and_then(|files| read_partial(&files))
+            .is_ok_and(|p| p.is_some_and(|p| p.replaces.is_some()))
     }
 
     /// Applies the stream `input` to volume `name` (docs/send-receive.md, "Receiving");
@@ -341,19 +390,24 @@ impl Pool {
         checkpoint_bytes: u64,
         progress: &mut dyn FnMut(&ReceiveProgress),
     ) -> Result<Received> {
-        names::check_image_name(name)?;
+        check_user_volume_name(name)?;
         let header = match reader.next().map_err(stream_error)? {
             Record::Header(header) => header,
             _ => return Err(malformed("it does not start with its header")),
         };
-        let checked = self.check_stream(name, header)?;
+        let checked = self.check_stream(name, header, options)?;
         let mut incoming = Incoming::new(reader, &checked.header, progress);
         self.receive_checked(name, &mut incoming, checked, options, checkpoint_bytes)
     }
 
     /// The checks of a stream's header against what volume `name` has, before any lock: they
     /// refuse early, and are made again under the lock where they matter.
-    fn check_stream(&self, name: &str, header: Header) -> Result<CheckedStream> {
+    fn check_stream(
+        &self,
+        name: &str,
+        header: Header,
+        options: ReceiveOptions,
+    ) -> Result<CheckedStream> {
         check_header(&header)?;
         let existing = self.volume_row_any_state(name)?;
         let partial = match &existing {
@@ -396,7 +450,15 @@ impl Pool {
         }
         if existing.is_some() && header.from.is_none() && partial.is_none() {
             // Before the base image is read or imported: the stream goes nowhere here.
-            return Err(exists_refusal(name));
+            if !options.force {
+                return Err(exists_refusal(name));
+            }
+            if options.resumable {
+                return Err(Error::refused(
+                    ErrorKind::InvalidInput,
+                    format!("volume '{name}' exists, and a whole stream replacing it (--force) cannot be resumable: its partial state would be a second volume kept out of sight while '{name}' stays in use; receive it again without --resumable (a cut leaves '{name}' as it was)"),
+                ));
+            }
         }
         // A resumed stream is applied as the package its first stream began: only whether it
         // carries the image (the token says if the receiver still needs it) is its own.
@@ -442,7 +504,11 @@ impl Pool {
                 check_new_target(name, &header)?;
                 // A new volume is made over its base: the image comes first.
                 let base = self.stream_base(&header, reader, &mut received)?;
-                self.new_target(name, &header, base.as_ref())?
+                self.new_target(name, name, &header, base.as_ref())?
+            }
+            // A whole stream onto an existing volume: `check_stream` let only `--force` by.
+            (Some(row), None) if header.from.is_none() => {
+                self.replacing_target(row, &header, reader, &mut received)?
             }
             (Some(row), Some(partial)) if partial.new_volume => {
                 self.resumed_new_target(name, row, &header, partial, reader, &mut received)?
@@ -464,7 +530,8 @@ impl Pool {
                 )?
             }
         };
-        received.created = target.new_volume;
+        received.created = target.new_volume && target.replacing.is_none();
+        received.replaced = target.replacing.is_some();
         let start = match &partial {
             Some(partial) => partial.sum()?,
             None => self.start_sum(&target)?,
@@ -483,6 +550,7 @@ impl Pool {
             }),
             sum: hex::encode(start.to_bytes()),
             commit_started: false,
+            replaces: target.replacing.as_ref().map(|r| r.row.uuid.clone()),
         };
         let mut apply = Apply {
             target: &target,
@@ -661,11 +729,18 @@ impl Pool {
         }
     }
 
-    /// A new volume for a whole stream: `creating` until the end.
-    fn new_target(&self, name: &str, header: &Header, base: Option<&ImageRow>) -> Result<Target> {
+    /// A new volume for a whole stream: `creating` until the end, its row named `row_name`
+    /// (`name`, or the reserved name of a replacement).
+    fn new_target(
+        &self,
+        name: &str,
+        row_name: &str,
+        header: &Header,
+        base: Option<&ImageRow>,
+    ) -> Result<Target> {
         let size = header.snapshots[0].size;
         check_size(size, base.map(|i| (i.name.as_str(), i.size)))?;
-        let NewVolume { row, files, _owner } = self.start_volume(name, base, size, None)?;
+        let NewVolume { row, files, _owner } = self.start_volume(row_name, base, size, None)?;
         // Held as for an existing volume: once it is ready, a mount's open is refused (EBUSY)
         // until the receive lets go of it.
         let opened = self
@@ -691,8 +766,61 @@ impl Pool {
             new_volume: true,
             from: None,
             base_sha512: base.map(|i| i.sha512.clone()),
+            replacing: None,
             _owner: Some(_owner),
             _locks: writer,
+        })
+    }
+
+    /// A new volume for a whole stream that replaces the existing volume `row` (`--force`):
+    /// received beside it under a reserved name, while the receive holds the old one's writer
+    /// lock. The old one is checked first, under that lock; nothing of it changes until the
+    /// swap at the end (`commit_receive`).
+    fn replacing_target(
+        &self,
+        row: &VolumeRow,
+        header: &Header,
+        reader: &mut Incoming,
+        received: &mut Received,
+    ) -> Result<Target> {
+        let name = row.name.as_str();
+        if row.state != VolumeState::Ready {
+            return Err(Error::refused(
+                ErrorKind::Busy,
+                format!("volume '{name}' is being created or removed by another command: retry when it is done"),
+            ));
+        }
+        let files = self.volume_files_of(row)?;
+        let locks = self.lock_for_receive(name, row, &files)?;
+        // Read again under the lock: removed (or removed and made again), or given a partial
+        // receive, since the first look.
+        if self.volume_row_any_state(name)?.as_ref() != Some(row) {
+            return Err(Error::refused(
+                ErrorKind::Conflict,
+                format!("volume '{name}' changed while this stream started (removed, or made again): receive it again"),
+            ));
+        }
+        if has_partial_receive(&files) {
+            return Err(partial_receive_refusal(name));
+        }
+        let discarded = crate::core::volume::snapshot_names(&files)
+            .ctx(|| format!("cannot read the snapshots of volume '{name}'"))?;
+        let base = self.stream_base(header, reader, received)?;
+        let target = self.new_target(
+            name,
+            &replacing_name(&header.package, name),
+            header,
+            base.as_ref(),
+        )?;
+        received.discarded_snapshots = discarded;
+        // Its whole content goes: its writes since its newest snapshot with it.
+        received.discarded_writes = true;
+        Ok(Target {
+            replacing: Some(Replaced {
+                row: row.clone(),
+                _locks: locks,
+            }),
+            ..target
         })
     }
 
@@ -735,6 +863,7 @@ impl Pool {
             new_volume: true,
             from: None,
             base_sha512: header.base_image.as_ref().map(|i| i.sha512.clone()),
+            replacing: None,
             _owner: Some(owner),
             _locks: writer,
         })
@@ -815,6 +944,7 @@ impl Pool {
             new_volume: false,
             from: None,
             base_sha512: theirs.map(|t| t.sha512.clone()),
+            replacing: None,
             _owner: None,
             _locks: writer,
         };
@@ -1027,7 +1157,28 @@ impl Pool {
             .flush()
             .ctx(|| format!("cannot flush volume '{name}'"))?;
         let size = target.volume.size();
-        if target.new_volume {
+        if let Some(old) = &target.replacing {
+            self.store.set_volume_size(target.row.id, size)?;
+            // Its record takes the final name first: after the swap, nothing else is done
+            // before its row says it is the volume.
+            let mut record = read_volume_record(&target.files)?;
+            record.name = name.clone();
+            write_volume_record(&target.files, &record)?;
+            // The commit point: one store transaction retires the old volume and names the
+            // new one. Before it, a crash leaves the old one as it was (recovery removes the
+            // new one, `creating`); after it, the new one is the volume.
+            if !self.store.swap_volumes(
+                old.row.id,
+                &tombstone_name(&old.row.uuid),
+                target.row.id,
+                name,
+            )? {
+                return Err(Error::refused(
+                    ErrorKind::Interrupted,
+                    format!("volume '{name}' changed while this stream replaced it: it is as it was; send it again"),
+                ));
+            }
+        } else if target.new_volume {
             self.store.set_volume_size(target.row.id, size)?;
             if !self.store.set_volume_state(
                 target.row.id,
@@ -1061,7 +1212,10 @@ impl Pool {
     /// snapshots it deleted is reclaimed by the volume's next holder: a mount's open resumes
     /// it in the background, and the next receive does it before it changes anything.
     /// Everything is applied and durable by then: a failure here is logged, not the receive's.
-    fn finish_target(&self, target: Target) {
+    /// A replaced volume's files go as any removal's do, the writer lock held until they are
+    /// gone (a command that looked the volume up before the swap finds nothing to open); a
+    /// removal cut short is finished by the next `recover`.
+    fn finish_target(&self, mut target: Target) {
         let name = &target.name;
         let volume = &target.volume;
         let tidied = (|| -> io::Result<()> {
@@ -1071,6 +1225,24 @@ impl Pool {
         })();
         if let Err(e) = tidied {
             tracing::warn!("volume '{name}' received; tidying it up after failed: {e}");
+        }
+        if let Some(old) = target.replacing.take() {
+            let retired = VolumeRow {
+                state: VolumeState::Removing,
+                name: tombstone_name(&old.row.uuid),
+                ..old.row.clone()
+            };
+            match self.finish_volume_removal(&retired) {
+                Ok(()) => tracing::info!(
+                    event = "recv_replaced",
+                    volume = name.as_str(),
+                    "volume '{name}': the volume it replaced (uuid {}) is removed",
+                    old.row.uuid
+                ),
+                Err(e) => tracing::warn!(
+                    "volume '{name}' replaced; removing the volume it replaced failed (the next start finishes it): {e}"
+                ),
+            }
         }
     }
 
@@ -1559,7 +1731,7 @@ fn partial_changed(name: &str) -> Error {
 fn exists_refusal(name: &str) -> Error {
     Error::refused(
         ErrorKind::AlreadyExists,
-        format!("volume '{name}' exists: a whole stream makes a new volume; receive it under another name, or remove '{name}' first"),
+        format!("volume '{name}' exists: a whole stream makes a new volume; add --force to replace '{name}' with it (its snapshots and content are discarded once the stream has arrived whole), or receive it under another name"),
     )
 }
 
@@ -2267,7 +2439,7 @@ mod tests {
         let Record::Header(header) = reader.next().unwrap() else {
             panic!("a stream starts with its header");
         };
-        let checked = f.pool.check_stream("v", header).unwrap();
+        let checked = f.pool.check_stream("v", header, RESUMABLE).unwrap();
         let incoming = Incoming::new(
             Box::new(reader),
             &checked.header,
@@ -2557,6 +2729,222 @@ mod tests {
         assert_eq!(state(&f, "v"), expected(&[&h[0]], &h[1]));
     }
 
+    const FORCE: ReceiveOptions = ReceiveOptions {
+        force: true,
+        resumable: false,
+    };
+
+    /// Another volume, over zeros, whose snapshots share nothing with `history`'s (one has the
+    /// name `s1`, under another guid): its whole stream with the live state as a temporary
+    /// snapshot, and the snapshots it keeps.
+    fn other_volume() -> (Vec<u8>, Vec<Snap>) {
+        let sender = Sender {
+            base: Vec::new(),
+            image: None,
+        };
+        let (b, g) = (BLOCK as usize, GRANULE as usize);
+        let mut c = vec![0u8; SIZE as usize];
+        c[3 * b..6 * b].copy_from_slice(&noise(11, 3 * b));
+        let s1 = Snap {
+            guid: "guid-other-s1".into(),
+            ..snap("s1", c.clone())
+        };
+        c[g..2 * g].copy_from_slice(&noise(12, g));
+        let t2 = snap("t2", c.clone());
+        c[0..b].copy_from_slice(&noise(13, b));
+        let live = temporary(&snap("live", c));
+        let stream = sender.stream("p9", None, &[s1.clone(), t2.clone(), live.clone()]);
+        (stream, vec![s1, t2, live])
+    }
+
+    /// The volume rows (any state) and the volume directories on the disk.
+    fn rows_and_dirs(f: &Fixture) -> (Vec<String>, Vec<String>) {
+        let rows = f.pool.store().volumes().unwrap();
+        let dirs = crate::format::layout::DiskLayout::new(&f.disks[0])
+            .volume_uuids()
+            .unwrap();
+        (
+            rows.into_iter()
+                .map(|r| format!("{} {}", r.name, r.uuid))
+                .collect(),
+            dirs,
+        )
+    }
+
+    #[test]
+    fn a_forced_whole_stream_replaces_an_existing_volume_in_one_step() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = state(&f, "v");
+        let old = f.pool.store().volume("v").unwrap();
+        let (whole, o) = other_volume();
+        let e = recv(&f, "v", &whole, PLAIN).unwrap_err().to_string();
+        assert!(e.contains("exists") && e.contains("--force"), "{e}");
+        let e = recv(
+            &f,
+            "v",
+            &whole,
+            ReceiveOptions {
+                force: true,
+                resumable: true,
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot be resumable"), "{e}");
+        assert_eq!(state(&f, "v"), before);
+        let create = crate::core::volume::requests::Request::Create {
+            name: "x".into(),
+            guid: "g".into(),
+            created: 1,
+        };
+        let mut looked = 0;
+        let got = f
+            .pool
+            .receive("v", &mut &whole[..], FORCE, &mut |p| {
+                if p.snapshot == 0 {
+                    return;
+                }
+                // While it runs, the old volume alone is there, under its name, held: a
+                // snapshot request waits (its CLI retries) instead of changing it.
+                let listed: Vec<String> = f
+                    .pool
+                    .volumes()
+                    .unwrap()
+                    .into_iter()
+                    .map(|v| v.volume.name)
+                    .collect();
+                assert_eq!(listed, ["v"]);
+                assert_eq!(f.pool.volume("v").unwrap().volume.uuid, old.uuid);
+                assert!(matches!(f.pool.snapshot_request("v", &create), Ok(Err(_))));
+                looked += 1;
+            })
+            .unwrap();
+        assert!(looked > 0);
+        assert!(got.replaced && !got.created, "{got:?}");
+        assert_eq!(got.snapshots, ["s1", "t2"]);
+        assert_eq!(got.discarded_snapshots, ["s1", "s2"]);
+        assert!(got.discarded_writes);
+        assert_eq!(state(&f, "v"), expected(&[&o[0], &o[1]], &o[2]));
+        let row = f.pool.store().volume("v").unwrap();
+        assert_ne!(row.uuid, old.uuid);
+        assert_eq!(
+            row.image_id, None,
+            "the stream's base, not the old volume's"
+        );
+        // Nothing else is left: one row, one directory, whose record has the volume's name.
+        assert_eq!(
+            rows_and_dirs(&f),
+            (vec![format!("v {}", row.uuid)], vec![row.uuid.clone()])
+        );
+        let files = f.pool.volume_files_of(&row).unwrap();
+        assert_eq!(read_volume_record(&files).unwrap().name, "v");
+        assert!(!has_partial_receive(&files));
+        // The reserved names are no user's.
+        for name in [replacing_name("p9", "v"), tombstone_name(&old.uuid)] {
+            assert!(f.pool.create_volume(&name, None, Some(SIZE), None).is_err());
+            assert!(recv(&f, &name, &whole, PLAIN).is_err());
+        }
+        assert_eq!(rows_and_dirs(&f).0.len(), 1);
+    }
+
+    #[test]
+    fn the_swap_of_a_replacement_changes_both_rows_or_neither() {
+        let f = fixture(1);
+        let store = f.pool.store();
+        let rows = || -> Vec<(i64, String, VolumeState)> {
+            let mut rows: Vec<_> = store
+                .volumes()
+                .unwrap()
+                .into_iter()
+                .map(|r| (r.id, r.name, r.state))
+                .collect();
+            rows.sort_by_key(|r| r.0);
+            rows
+        };
+        f.pool.create_volume("v", None, Some(SIZE), None).unwrap();
+        f.pool.create_volume("w", None, Some(SIZE), None).unwrap();
+        let (v, w) = (store.volume("v").unwrap(), store.volume("w").unwrap());
+        let tomb = tombstone_name(&v.uuid);
+        // The new row is not `creating` (taken by a recovery, say): the old row's change is
+        // dropped with it.
+        let before = rows();
+        assert!(store.swap_volumes(v.id, &tomb, w.id, "v").is_err());
+        assert_eq!(rows(), before);
+        let new = f
+            .pool
+            .start_volume(&replacing_name("p1", "v"), None, SIZE, None)
+            .unwrap();
+        // The old row is not the ready volume of that name: nothing changes.
+        let before = rows();
+        assert!(!store.swap_volumes(w.id, &tomb, new.row.id, "v").unwrap());
+        assert_eq!(rows(), before);
+        assert!(store.swap_volumes(v.id, &tomb, new.row.id, "v").unwrap());
+        let mut after = vec![
+            (v.id, tomb, VolumeState::Removing),
+            (w.id, "w".to_string(), VolumeState::Ready),
+            (new.row.id, "v".to_string(), VolumeState::Ready),
+        ];
+        after.sort_by_key(|r| r.0);
+        assert_eq!(rows(), after);
+    }
+
+    #[test]
+    fn each_fault_of_a_replacing_stream_leaves_the_old_volume_exactly_as_it_was() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = (state(&f, "v"), rows_and_dirs(&f));
+        let (whole, _) = other_volume();
+        for (what, stream) in damaged(&whole) {
+            assert!(recv(&f, "v", &stream, FORCE).is_err(), "{what} went unseen");
+            assert_eq!((state(&f, "v"), rows_and_dirs(&f)), before, "after {what}");
+        }
+    }
+
+    #[test]
+    fn a_replacing_receive_that_died_is_undone_by_recovery_at_every_record() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let before = (state(&f, "v"), rows_and_dirs(&f));
+        let (whole, o) = other_volume();
+        for dies_at in 1.. {
+            // Unwound at the record `dies_at`: its locks go, its files and rows stay, as
+            // after a `kill -9`.
+            let mut heard = 0;
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                f.pool.receive("v", &mut &whole[..], FORCE, &mut |_| {
+                    heard += 1;
+                    if heard == dies_at {
+                        panic!("the receiver dies at record {dies_at}");
+                    }
+                })
+            }));
+            let Err(_) = run else {
+                // It reached its end: the volume is the new one.
+                assert_eq!(state(&f, "v"), expected(&[&o[0], &o[1]], &o[2]));
+                assert!(dies_at > 3, "too few records to die at");
+                break;
+            };
+            assert!(
+                rows_and_dirs(&f) != before.1,
+                "no replacement was under way"
+            );
+            let done = crate::core::recover::recover(&f.pool).unwrap();
+            assert!(
+                done.iter().any(|d| d.contains("recv --force")),
+                "record {dies_at}: {done:?}"
+            );
+            assert_eq!(
+                (state(&f, "v"), rows_and_dirs(&f)),
+                before,
+                "record {dies_at}"
+            );
+        }
+    }
+
     /// Damaged versions of `stream`: bytes flipped and cuts at several points.
     fn damaged(stream: &[u8]) -> Vec<(String, Vec<u8>)> {
         let mut out = Vec::new();
@@ -2626,8 +3014,6 @@ mod tests {
             "records out of order".into(),
             Sender::encode(&header, &records),
         ));
-        // A whole stream onto an existing volume.
-        faults.push(("a whole stream".into(), sender.stream("p4", None, &h[..1])));
         // A snapshot name the volume has.
         let mut clash = h[2].clone();
         clash.name = "s1".into();
@@ -2659,6 +3045,11 @@ mod tests {
                 assert_eq!(state(&f, "v"), before, "{what} changed the volume");
             }
         }
+        // A whole stream onto an existing volume, without --force (with it, it replaces the
+        // volume: `a_forced_whole_stream_replaces_an_existing_volume_in_one_step`).
+        let whole = sender.stream("p4", None, &h[..1]);
+        assert!(recv(&f, "v", &whole, PLAIN).is_err());
+        assert_eq!(state(&f, "v"), before, "a whole stream changed the volume");
         recv(&f, "v", &inc, PLAIN).unwrap();
         assert_eq!(
             state(&f, "v"),
@@ -2941,6 +3332,7 @@ mod tests {
                 },
                 sum: hex::encode(ContentHash::default().to_bytes()),
                 commit_started: true,
+                replaces: None,
             };
             write_partial(&files, &partial).unwrap();
             files

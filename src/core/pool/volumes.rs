@@ -13,7 +13,6 @@ use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 use crate::format::layout::{fsync_dir, write_volume_record, DiskLayout};
 use crate::format::locks;
-use crate::format::names;
 use crate::format::volume::{BaseImageRef, VolumeFiles, VolumeRecord, BLOCK, FORMAT_VERSION};
 
 /// The owner-lock token of the creation of the volume with `uuid`.
@@ -115,7 +114,7 @@ impl Pool {
         size: Option<u64>,
         disk: Option<&str>,
     ) -> Result<VolumeInfo> {
-        names::check_image_name(name)?;
+        super::check_user_volume_name(name)?;
         let base = match image {
             Some(image) => Some(
                 self.store
@@ -317,9 +316,15 @@ impl Pool {
             }
             return requests::answer_from_files(&files, name, request).map(Ok);
         }
-        let Some(_writer) =
-            WriterLock::try_acquire(&files).ctx(|| format!("cannot lock volume '{name}'"))?
-        else {
+        let locked = WriterLock::try_acquire(&files);
+        // Read again once locked (or its lock file gone): a receive that replaced the volume
+        // since it was looked up held the old one until its files were gone. The request goes
+        // to the volume now so named.
+        if !matches!(locked, Ok(None)) && self.store.volume(name)?.id != info.volume.id {
+            drop(locked);
+            return self.snapshot_request(name, request);
+        }
+        let Some(_writer) = locked.ctx(|| format!("cannot lock volume '{name}'"))? else {
             return Ok(Err(info.open_by.unwrap_or(0)));
         };
         // Checked under the lock, which a receive holds while it writes the file.
@@ -381,7 +386,7 @@ impl Pool {
             if std::time::Instant::now() >= deadline {
                 return Err(Error::refused(
                     ErrorKind::InUse,
-                    format!("volume '{name}' is open through a mount: close it there first"),
+                    format!("volume '{name}' is open through a mount, or another command has it (a receive replacing it, say): close it there, or retry once that command is done"),
                 ));
             }
             std::thread::sleep(std::time::Duration::from_millis(20));

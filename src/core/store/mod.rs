@@ -990,6 +990,39 @@ impl Store {
         })
     }
 
+    /// The swap at the end of a receive that replaces a volume (`recv --force` of a whole
+    /// stream), in one transaction: the old row, still ready under `name`, becomes `removing`
+    /// under `tombstone`, and the new row, still `creating`, takes `name` and becomes ready.
+    /// False, changing nothing, when either row is no longer in that state.
+    pub fn swap_volumes(&self, old: i64, tombstone: &str, new: i64, name: &str) -> Result<bool> {
+        self.write(|tx| {
+            let retired = tx
+                .execute(
+                    "UPDATE volumes SET state = ?3, name = ?4
+                     WHERE id = ?1 AND name = ?2 AND state = ?5",
+                    params![old, name, VolumeState::Removing, tombstone, VolumeState::Ready],
+                )
+                .map_err(|e| self.err(e))?;
+            if retired != 1 {
+                return Ok(false);
+            }
+            let named = tx
+                .execute(
+                    "UPDATE volumes SET state = ?3, name = ?2 WHERE id = ?1 AND state = ?4",
+                    params![new, name, VolumeState::Ready, VolumeState::Creating],
+                )
+                .map_err(|e| self.err(e))?;
+            if named != 1 {
+                // Dropped with the transaction: the old row stays as it was.
+                return Err(Error::refused(
+                    crate::error::ErrorKind::Interrupted,
+                    format!("the volume replacing '{name}' was taken from its receive (another process judged it abandoned): '{name}' is as it was"),
+                ));
+            }
+            Ok(true)
+        })
+    }
+
     pub fn set_volume_size(&self, id: i64, size: u64) -> Result<()> {
         self.run(|c| {
             c.execute(

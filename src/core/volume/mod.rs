@@ -138,6 +138,13 @@ pub fn snapshots_named(files: &VolumeFiles, prefix: &str) -> io::Result<Vec<Stri
     index.snapshots_named(prefix).map_err(index_error)
 }
 
+/// The names of a volume's snapshots, oldest first, read without opening it.
+pub fn snapshot_names(files: &VolumeFiles) -> io::Result<Vec<String>> {
+    let index = Index::open(&files.index(), None).map_err(index_error)?;
+    let all = index.snapshots().map_err(index_error)?;
+    Ok(all.into_iter().map(|s| s.name).collect())
+}
+
 pub fn list_snapshots(files: &VolumeFiles) -> io::Result<(u64, Vec<(Snapshot, u64)>)> {
     let index = Index::open(&files.index(), None).map_err(index_error)?;
     Ok((index.size().map_err(index_error)?, listing(&index)?))
