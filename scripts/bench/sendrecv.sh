@@ -9,13 +9,16 @@
 #   --size SIZE      the volume (and flat file) size, half of it data (default 4G)
 #   --changes LIST   the change sizes of the incremental sends (default 1M,100M,1G at 4G: 1 MiB,
 #                    about 1/40 and 1/4 of the volume; sizes over a quarter are left out)
+#   --repeat N       runs of the full copy on one machine and of cp, in alternating order;
+#                    the table has the median (default 3)
 #   --json-out FILE  the raw results (default target/bench/sendrecv.json)
 #
 # The data: random bytes in every other 64 MiB of a volume (written through the mount) and of
 # a sparse flat file, the same bytes at the same places. The other node is a second pool
 # (its own state directory and disk directory) reached through an sshd that the script starts
 # on 127.0.0.1 with generated keys; the flat files' other side is a directory behind the same
-# sshd. Each measurement starts with cold caches (sync, drop_caches); each runs once.
+# sshd. Each measurement starts with cold caches (sync, drop_caches); each runs once, but
+# for the full copy on one machine (--repeat).
 #   full      imgpool copy v localhost:v (send | ssh | recv, every snapshot and the live
 #             state) against `dd bs=16M | ssh dd bs=16M conv=sparse` of the flat file, and the
 #             same send | recv on one machine (no ssh) against `cp --sparse=always`
@@ -38,6 +41,7 @@ cd "$ROOT"
 SIZE_ARG=4G
 CHANGES_ARG=""
 JSON_OUT=$ROOT/target/bench/sendrecv.json
+REPEAT=3
 ORIG_ARGS=("$@")
 die() { echo "sendrecvbench: $*" >&2; exit 1; }
 log() { printf 'sendrecvbench: %s\n' "$*" >&2; }
@@ -47,11 +51,13 @@ while (($#)); do
         --size) need_val "$@"; SIZE_ARG=$2; shift ;;
         --changes) need_val "$@"; CHANGES_ARG=$2; shift ;;
         --json-out) need_val "$@"; JSON_OUT=$2; shift ;;
+        --repeat) need_val "$@"; REPEAT=$2; shift ;;
         -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}"; exit 0 ;;
         *) echo "sendrecvbench: unknown argument '$1' (try --help)" >&2; exit 2 ;;
     esac
     shift
 done
+[[ $REPEAT =~ ^[1-9][0-9]*$ ]] || { echo "sendrecvbench: --repeat must be a whole number of runs, 1 or more" >&2; exit 2; }
 SIZE=$(numfmt --from=iec "$SIZE_ARG" 2>/dev/null) || { echo "sendrecvbench: --size '$SIZE_ARG' is not a size like 256M or 4G" >&2; exit 2; }
 ((SIZE >= 134217728 && SIZE % 134217728 == 0)) || { echo "sendrecvbench: --size must be a multiple of 128M" >&2; exit 2; }
 # 1 MiB, 100/4096 and 1/4 of the volume, in whole 64 KiB pieces: 1M,100M,1G at 4G.
@@ -168,20 +174,30 @@ t0=$(now)
 dd if="$W/flat.raw" bs=16M status=none | $RSH localhost "dd of=$W/remote/flat.raw bs=16M conv=sparse status=none && sync -f $W/remote/flat.raw"
 t1=$(now)
 record full dd-ssh "$(elapsed "$t0" "$t1")" "$SIZE"
-# Full on one machine: send | recv against cp --sparse=always.
-drop_caches
-t0=$(now)
-ip send v@s0 | there recv local >/dev/null
-t1=$(now)
-record full imgpool-send-recv-local "$(elapsed "$t0" "$t1")" 0
-drop_caches
-t0=$(now)
-cp --sparse=always "$W/flat.raw" "$W/copy.raw"
-sync -f "$W/copy.raw"
-t1=$(now)
-record full cp-sparse "$(elapsed "$t0" "$t1")" 0
-rm -f "$W/copy.raw"
-there volume rm --recursive local >/dev/null
+# Full on one machine: send | recv against cp --sparse=always, --repeat times in alternating
+# order. Each send is of a snapshot never sent before (the same content as s0), so the sender
+# hashes all of it, as a first copy does.
+full_local_imgpool() {
+    drop_caches
+    t0=$(now)
+    ip send "v@full$1" | there recv local >/dev/null
+    t1=$(now)
+    record full imgpool-send-recv-local "$(elapsed "$t0" "$t1")" 0
+    there volume rm --recursive local >/dev/null
+}
+full_local_cp() {
+    drop_caches
+    t0=$(now)
+    cp --sparse=always "$W/flat.raw" "$W/copy.raw"
+    sync -f "$W/copy.raw"
+    t1=$(now)
+    record full cp-sparse "$(elapsed "$t0" "$t1")" 0
+    rm -f "$W/copy.raw"
+}
+for ((r = 1; r <= REPEAT; r++)); do
+    snapshot "full$r"
+    if ((r % 2)); then full_local_imgpool "$r"; full_local_cp; else full_local_cp; full_local_imgpool "$r"; fi
+done
 
 # Refresh after 1% rewritten: imgpool copy --refresh against rsync --inplace.
 CHANGED=$((SIZE / 100 / 65536 * 65536))
@@ -232,10 +248,14 @@ import json, sys
 raw, size, flat, there, remote, version, kernel, nproc, command = sys.argv[1:]
 rows = [json.loads(l) for l in open(raw)]
 size = int(size)
-by = {(r["case"], r["tool"]): r for r in rows}
+runs = {}
+for r in rows:
+    runs.setdefault((r["case"], r["tool"]), []).append(r)
+# A measurement run more than once is shown by its median run.
+by = {k: sorted(v, key=lambda r: r["seconds"])[len(v) // 2] for k, v in runs.items()}
 mib = lambda b: f"{b / 2**20:,.1f}"
 print(f"\nimgpool send/receive benchmark: {command}")
-print(f"{size >> 20} MiB volume, {size >> 21} MiB of data; over ssh to localhost; cold caches; one run each; {nproc} CPUs, kernel {kernel}, {version}")
+print(f"{size >> 20} MiB volume, {size >> 21} MiB of data; over ssh to localhost; cold caches; one run each unless said; {nproc} CPUs, kernel {kernel}, {version}")
 print(f"same content: volume there {'=' if there == flat else '!='} flat file here, rsync'd flat file {'=' if remote == flat else '!='} flat file here\n")
 print("| case | imgpool | seconds | MiB crossed | other | seconds | MiB crossed | speed imgpool / other |")
 print("|---|---|--:|--:|---|--:|--:|--:|")
@@ -243,6 +263,8 @@ def pair(case, a, b, label):
     x, y = by[(case, a)], by[(case, b)]
     xb = mib(x["bytes"]) if x["bytes"] else "-"
     yb = mib(y["bytes"]) if y["bytes"] else "-"
+    n = len(runs[(case, a)])
+    label = label if n == 1 else f"{label} (median of {n}: " + ", ".join(f"{r['seconds']:.2f}" for r in runs[(case, a)]) + " / " + ", ".join(f"{r['seconds']:.2f}" for r in runs[(case, b)]) + ")"
     print(f"| {label} | {a} | {x['seconds']:.2f} | {xb} | {b} | {y['seconds']:.2f} | {yb} | {y['seconds'] / x['seconds']:.2f} |")
 pair("full", "imgpool-copy-ssh", "dd-ssh", "full, over ssh")
 pair("full", "imgpool-send-recv-local", "cp-sparse", "full, one machine")

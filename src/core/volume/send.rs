@@ -946,7 +946,8 @@ mod tests {
         sums.put(&b.guid, &ContentHash::default()).unwrap();
         let (wrong_b, _) = f.send(&package);
         assert_ne!(digest(&wrong_b), digest(&computed));
-        sums.retain(&[a.guid.clone()].into_iter().collect()).unwrap();
+        sums.retain(&[a.guid.clone()].into_iter().collect())
+            .unwrap();
         sums.put(&a.guid, &ContentHash::default()).unwrap();
         let (wrong_a, _) = f.send(&package);
         assert_ne!(digest(&wrong_a), digest(&computed));
