@@ -2903,6 +2903,58 @@ mod tests {
         }
     }
 
+    /// A send of the volume started while a replace holds the old one waits for its writer
+    /// lock (`pin_volume`, up to a minute), with the old row's files looked up before. Once
+    /// the replace is done it must act on the volume now so named, as the volume requests do
+    /// (`snapshot_request`), or refuse saying what to do: not fail on the old volume's
+    /// directory, gone (or, polling while it is being removed, recreate its lock file in it
+    /// and open what is left of it).
+    #[test]
+    fn a_send_waiting_for_a_replaced_volume_sends_the_new_one_or_says_what_to_do() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let old = f.pool.store().volume("v").unwrap();
+        let (whole, _) = other_volume();
+        let spec = crate::core::pool::SendSpec::Package {
+            volume: "v",
+            snapshot: "s1",
+            temporary: false,
+            from: None,
+            from_all: false,
+            with_image: false,
+        };
+        let sent = std::thread::scope(|scope| {
+            let mut waiting = None;
+            f.pool
+                .receive("v", &mut &whole[..], FORCE, &mut |p| {
+                    if p.snapshot == 1 && waiting.is_none() {
+                        waiting = Some(scope.spawn(|| {
+                            f.pool
+                                .prepare_send(&spec)
+                                .map(|prepared| prepared.header().volume_uuid.clone())
+                        }));
+                        // It has looked the volume up, and waits for its lock.
+                        std::thread::sleep(std::time::Duration::from_millis(500));
+                    }
+                })
+                .unwrap();
+            waiting.unwrap().join().unwrap()
+        });
+        let new = f.pool.store().volume("v").unwrap();
+        assert_ne!(new.uuid, old.uuid);
+        match sent {
+            Ok(uuid) => assert_eq!(uuid, new.uuid, "the send read the replaced volume"),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(
+                    !e.contains("os error") && (e.contains("retry") || e.contains("again")),
+                    "a send that waited for the replaced volume: {e}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn a_replacing_receive_that_died_is_undone_by_recovery_at_every_record() {
         let (f, sender) = setup();
