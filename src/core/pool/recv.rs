@@ -2955,6 +2955,29 @@ mod tests {
         }
     }
 
+    /// A volume named `recv-tmp-...` by a version that allowed the name (before the prefix
+    /// was reserved) stays a volume of its user: an incremental stream goes on applying to it
+    /// (there is no rename to get out of the reserved prefix).
+    #[test]
+    fn a_volume_named_with_the_reserved_prefix_before_it_was_reserved_still_receives() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        // Its row takes the name an older version let its user give it.
+        let store = f.pool.store();
+        let v = store.volume("v").unwrap();
+        let spare = f.pool.start_volume("spare", None, SIZE, None).unwrap();
+        assert!(store
+            .swap_volumes(v.id, "recv-tmp-legacy", spare.row.id, "v")
+            .unwrap());
+        assert!(store
+            .set_volume_state(v.id, VolumeState::Removing, VolumeState::Ready)
+            .unwrap());
+        let inc = sender.stream("p2", Some(&h[0]), &h[1..2]);
+        let got = recv(&f, "recv-tmp-legacy", &inc, PLAIN);
+        assert!(got.is_ok(), "{:?}", got.err().map(|e| e.to_string()));
+    }
+
     #[test]
     fn a_replacing_receive_that_died_is_undone_by_recovery_at_every_record() {
         let (f, sender) = setup();
