@@ -2978,6 +2978,56 @@ mod tests {
         assert!(got.is_ok(), "{:?}", got.err().map(|e| e.to_string()));
     }
 
+    /// The commands that met a replace in progress poll the old volume's writer lock (the
+    /// CLI's `snapshot_request` every 20 ms, `send`'s `pin_volume`, a mount's open by a stale
+    /// catalog entry): `WriterLock::try_acquire` creates the lock file. Polling while the old
+    /// volume's directory is being removed must not leave it behind (nor its row).
+    #[test]
+    fn commands_polling_the_old_volume_do_not_keep_its_removal_from_finishing() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let (other, _) = other_volume();
+        let streams = [other, sender.stream("p1", None, &h[..2])];
+        recv(&f, "v", &streams[1], PLAIN).unwrap();
+        for round in 0..60 {
+            let old = f.pool.store().volume("v").unwrap();
+            let files = f.pool.volume_files_of(&old).unwrap();
+            let done = AtomicBool::new(false);
+            let recreated = std::thread::scope(|scope| {
+                let mut poller = None;
+                f.pool
+                    .receive("v", &mut &streams[round % 2][..], FORCE, &mut |p| {
+                        // The replace holds the old volume from here on.
+                        if p.snapshot == 1 && poller.is_none() {
+                            poller = Some(scope.spawn(|| {
+                                let mut recreated = 0;
+                                while !done.load(Ordering::Relaxed) {
+                                    if let Ok(Some(lock)) = WriterLock::try_acquire(&files) {
+                                        recreated += 1;
+                                        drop(lock);
+                                    }
+                                }
+                                recreated
+                            }));
+                        }
+                    })
+                    .unwrap();
+                done.store(true, Ordering::Relaxed);
+                poller.unwrap().join().unwrap()
+            });
+            let (rows, dirs) = rows_and_dirs(&f);
+            let left: Vec<_> = std::fs::read_dir(files.dir())
+                .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+                .unwrap_or_default();
+            assert_eq!(
+                (rows.len(), dirs.len()),
+                (1, 1),
+                "round {round}: the poller took the old volume's lock {recreated} time(s); rows {rows:?}, directories {dirs:?}, left in the old one {left:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_replacing_receive_that_died_is_undone_by_recovery_at_every_record() {
         let (f, sender) = setup();
