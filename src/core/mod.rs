@@ -8,6 +8,7 @@
 
 mod copies;
 pub mod copy_plan;
+pub(crate) mod crash_point;
 pub mod fsck;
 pub mod health;
 pub mod ingest;

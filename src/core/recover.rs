@@ -45,6 +45,7 @@ fn run(pool: &Pool, holding_repair_lock: bool) -> Result<Vec<String>> {
     dead_mounts(pool, &mut done)?;
     dead_imports_and_removals(pool, &mut done)?;
     dead_volume_work(pool, &mut done)?;
+    done.extend(pool.remove_unlisted_removed_volumes()?);
     dead_receives(pool, &mut done)?;
     abandoned_temporary_snapshots(pool, &mut done)?;
     if holding_repair_lock {

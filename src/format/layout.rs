@@ -9,6 +9,9 @@
 //! <disk>/.imgpool/copies/<uuid>.digests  BLAKE3 of each chunk, in chunk order
 //! <disk>/.imgpool/tmp/<uuid>.img       a copy being written (never served)
 //! <disk>/.imgpool/probe                rewritten by the health monitor's probes
+//! <disk>/.imgpool/volumes/<uuid>/      a volume (`format::volume`)
+//! <disk>/.imgpool/removed-volumes/<uuid>/  a volume whose removal started: moved out of
+//!                                      `volumes/` first, then deleted
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -106,23 +109,25 @@ impl DiskLayout {
         self.root.join("volumes")
     }
 
+    /// Where a volume's directory is moved when its removal starts, before its files are
+    /// deleted: out of `volumes/`, where every command looks for it.
+    fn removed_volumes_dir(&self) -> PathBuf {
+        self.root.join("removed-volumes")
+    }
+
+    /// The directory volume `uuid`'s files are moved to when its removal starts.
+    pub fn removed_volume_dir(&self, uuid: &str) -> PathBuf {
+        self.removed_volumes_dir().join(uuid)
+    }
+
     /// The uuids of the volume directories on this disk.
     pub fn volume_uuids(&self) -> Result<Vec<String>> {
-        let dir = self.volumes_dir();
-        let entries = match fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
-        };
-        let mut uuids = Vec::new();
-        for entry in entries {
-            let entry = entry.ctx(|| format!("cannot list {}", dir.display()))?;
-            if entry.path().is_dir() {
-                uuids.push(entry.file_name().to_string_lossy().into_owned());
-            }
-        }
-        uuids.sort();
-        Ok(uuids)
+        dirs_in(&self.volumes_dir())
+    }
+
+    /// The uuids of the directories of volumes whose removal started and did not finish.
+    pub fn removed_volume_uuids(&self) -> Result<Vec<String>> {
+        dirs_in(&self.removed_volumes_dir())
     }
 
     /// The files of the volume with `uuid` on this disk.
@@ -332,6 +337,24 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(format!("cannot write {}", path.display()), e));
     }
     fsync_dir(dir)
+}
+
+/// The names of the directories in `dir` (none when it does not exist), sorted.
+fn dirs_in(dir: &Path) -> Result<Vec<String>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.ctx(|| format!("cannot list {}", dir.display()))?;
+        if entry.path().is_dir() {
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+    }
+    names.sort();
+    Ok(names)
 }
 
 pub fn fsync_dir(dir: &Path) -> Result<()> {

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::images::{ImportSource, Imported};
+use super::volumes::VolumeLock;
 use super::Pool;
 use crate::core::store::ImageRow;
-use crate::core::volume::{Base, NoBase, Volume, VolumeSource, WriterLock};
+use crate::core::volume::{Base, NoBase, Volume, VolumeSource};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::digests::ChunkDigests;
 use crate::format::layout::DiskLayout;
@@ -243,10 +244,14 @@ impl Pool {
         crate::format::names::check_image_name(name)?;
         let info = self.volume(volume)?;
         let files = VolumeFiles::new(&info.dir);
-        let Some(_writer) =
-            WriterLock::try_acquire(&files).ctx(|| format!("cannot lock volume '{volume}'"))?
-        else {
-            return Ok(Err(info.open_by.unwrap_or(0)));
+        let _writer = match self.try_lock_volume(&info.volume, &files)? {
+            VolumeLock::Held(writer) => writer,
+            VolumeLock::Busy => return Ok(Err(info.open_by.unwrap_or(0))),
+            // Replaced since it was looked up: the export reads the volume now so named, as
+            // if started after the replacement (or finds none).
+            VolumeLock::Changed => {
+                return self.export_volume(name, volume, snapshot, copies, progress)
+            }
         };
         let base: Box<dyn Base> = match info.volume.image_id {
             Some(id) => Box::new(self.verified_copies(id)?),

@@ -21,8 +21,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
 
 use super::images::ImportSource;
-use super::volumes::{check_size, has_partial_receive, partial_receive_refusal, NewVolume};
+use super::volumes::{
+    check_size, has_partial_receive, partial_receive_refusal, NewVolume, VolumeLock,
+};
 use super::Pool;
+use crate::core::crash_point::{self, CrashPoint};
 use crate::core::owner::{self, Owner, OwnerLock};
 use crate::core::store::{ImageRow, VolumeRow, VolumeState};
 use crate::core::volume::sums::{sum_changes, BaseGranules, ContentSums, GranuleReader};
@@ -390,7 +393,13 @@ impl Pool {
         checkpoint_bytes: u64,
         progress: &mut dyn FnMut(&ReceiveProgress),
     ) -> Result<Received> {
-        check_user_volume_name(name)?;
+        // A reserved name is refused where a volume would be made under it; a volume an
+        // earlier version let its user give such a name (before the prefix was reserved)
+        // stays that user's, and receives.
+        let named_before = name.starts_with(STAGED_PREFIX) && self.store.volume(name).is_ok();
+        if !named_before {
+            check_user_volume_name(name)?;
+        }
         let header = match reader.next().map_err(stream_error)? {
             Record::Header(header) => header,
             _ => return Err(malformed("it does not start with its header")),
@@ -791,15 +800,9 @@ impl Pool {
             ));
         }
         let files = self.volume_files_of(row)?;
+        // Under the lock, its row is read again (`lock_for_receive`) and then its partial
+        // receive: removed, replaced, or given a partial receive since the first look.
         let locks = self.lock_for_receive(name, row, &files)?;
-        // Read again under the lock: removed (or removed and made again), or given a partial
-        // receive, since the first look.
-        if self.volume_row_any_state(name)?.as_ref() != Some(row) {
-            return Err(Error::refused(
-                ErrorKind::Conflict,
-                format!("volume '{name}' changed while this stream started (removed, or made again): receive it again"),
-            ));
-        }
         if has_partial_receive(&files) {
             return Err(partial_receive_refusal(name));
         }
@@ -1148,22 +1151,26 @@ impl Pool {
                 ..state.clone()
             },
         )?;
+        // An existing volume's commit point.
         target
             .volume
             .rename_and_delete_snapshots(&renames, &deletes)
             .ctx(|| format!("cannot name the received snapshots of '{name}'"))?;
-        target
-            .volume
-            .flush()
-            .ctx(|| format!("cannot flush volume '{name}'"))?;
-        let size = target.volume.size();
+        if target.new_volume {
+            target
+                .volume
+                .flush()
+                .ctx(|| format!("cannot flush volume '{name}'"))?;
+            self.store
+                .set_volume_size(target.row.id, target.volume.size())?;
+        }
         if let Some(old) = &target.replacing {
-            self.store.set_volume_size(target.row.id, size)?;
             // Its record takes the final name first: after the swap, nothing else is done
             // before its row says it is the volume.
             let mut record = read_volume_record(&target.files)?;
             record.name = name.clone();
             write_volume_record(&target.files, &record)?;
+            crash_point::reached(CrashPoint::ReplaceRecordRenamed);
             // The commit point: one store transaction retires the old volume and names the
             // new one. Before it, a crash leaves the old one as it was (recovery removes the
             // new one, `creating`); after it, the new one is the volume.
@@ -1178,24 +1185,40 @@ impl Pool {
                     format!("volume '{name}' changed while this stream replaced it: it is as it was; send it again"),
                 ));
             }
-        } else if target.new_volume {
-            self.store.set_volume_size(target.row.id, size)?;
-            if !self.store.set_volume_state(
+            crash_point::reached(CrashPoint::ReplaceSwapped);
+        } else if target.new_volume
+            && !self.store.set_volume_state(
                 target.row.id,
                 VolumeState::Creating,
                 VolumeState::Ready,
-            )? {
-                return Err(Error::refused(
-                    ErrorKind::Interrupted,
-                    format!("the creation of '{name}' was taken from this receive (another process judged it abandoned): nothing was kept; send it again"),
-                ));
-            }
-        } else {
-            self.record_volume_size(name, size)?;
+            )?
+        {
+            return Err(Error::refused(
+                ErrorKind::Interrupted,
+                format!("the creation of '{name}' was taken from this receive (another process judged it abandoned): nothing was kept; send it again"),
+            ));
         }
-        // Last: until it goes, the volume is not served (a crash before leaves a complete
-        // receive that `recover` or `recv --abort` finish by removing it).
-        remove_partial(&target.files)?;
+        // Committed: what is left does not make the receive fail, which would tell a volume
+        // that has the stream that it does not. A step that fails leaves `receive.json`, and
+        // the next `recover` (which every command that changes the pool runs first) finishes
+        // it as for a receive that died here: the size recorded, the file removed. Until
+        // then the volume is not served.
+        let finished = (|| {
+            if !target.new_volume {
+                target
+                    .volume
+                    .flush()
+                    .ctx(|| format!("cannot flush volume '{name}'"))?;
+                self.record_volume_size(name, target.volume.size())?;
+            }
+            // Last: until it goes, the volume is not served.
+            remove_partial(&target.files)
+        })();
+        if let Err(e) = finished {
+            tracing::warn!(
+                "volume '{name}' received; finishing it failed ({e}): the next `imgpool repair` (or any command that changes the pool) finishes it, and the volume is served from then on"
+            );
+        }
         tracing::info!(
             event = "recv_done",
             volume = name.as_str(),
@@ -1212,9 +1235,11 @@ impl Pool {
     /// snapshots it deleted is reclaimed by the volume's next holder: a mount's open resumes
     /// it in the background, and the next receive does it before it changes anything.
     /// Everything is applied and durable by then: a failure here is logged, not the receive's.
-    /// A replaced volume's files go as any removal's do, the writer lock held until they are
-    /// gone (a command that looked the volume up before the swap finds nothing to open); a
-    /// removal cut short is finished by the next `recover`.
+    /// A replaced volume's files go as any removal's do (`finish_volume_removal`: moved out of
+    /// `volumes/`, then deleted), its writer lock held until they are moved: a command that
+    /// looked the volume up before the swap and polls its lock gets it only once the files are
+    /// out of its reach, then reads the name again (`try_lock_volume`) and finds the new one.
+    /// A removal cut short is finished by the next `recover`.
     fn finish_target(&self, mut target: Target) {
         let name = &target.name;
         let volume = &target.volume;
@@ -1612,20 +1637,39 @@ fn receiver_token(uuid: &str) -> String {
 
 impl Pool {
     /// The locks of a receive into `row`, or the refusal while another process has the volume.
+    /// A ready volume (looked up by name before) is read again once locked: one replaced or
+    /// removed since is refused, the stream not applied to another volume than the one its
+    /// header was checked against.
     fn lock_for_receive(
         &self,
         name: &str,
         row: &VolumeRow,
         files: &VolumeFiles,
     ) -> Result<ReceiveLocks> {
-        let writer = WriterLock::try_acquire(files)
-            .ctx(|| format!("cannot lock volume '{name}'"))?
-            .ok_or_else(|| {
-                Error::refused(
-                    ErrorKind::InUse,
-                    format!("volume '{name}' is open through a mount (or another command has it): close it first"),
-                )
-            })?;
+        let busy = || {
+            Error::refused(
+                ErrorKind::InUse,
+                format!("volume '{name}' is open through a mount, or another command has it (another receive, say): close it there, or retry once that command is done"),
+            )
+        };
+        let writer = if row.state == VolumeState::Ready {
+            match self.try_lock_volume(row, files)? {
+                VolumeLock::Held(writer) => writer,
+                VolumeLock::Busy => return Err(busy()),
+                VolumeLock::Changed => {
+                    return Err(Error::refused(
+                        ErrorKind::Conflict,
+                        format!("volume '{name}' was replaced or removed while this stream started: nothing was received; send it again"),
+                    ))
+                }
+            }
+        } else {
+            // A volume this receive makes (or took over), under its owner lock: its row is
+            // this receive's.
+            WriterLock::try_acquire(files)
+                .ctx(|| format!("cannot lock volume '{name}'"))?
+                .ok_or_else(busy)?
+        };
         // One receiver at a time holds the writer lock: the token is this one's.
         let receiving = OwnerLock::acquire(&self.state_dir, &receiver_token(&row.uuid))?;
         Ok(ReceiveLocks {

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::volumes::VolumeLock;
 use super::Pool;
+use crate::core::store::VolumeRow;
 use crate::core::volume::send::{
     package_snapshots, stream_snapshot, Package, SendProgress, SendSource, Sent,
 };
@@ -135,6 +137,19 @@ impl Pool {
     /// package that changed since a resume token was made, a base image without a good copy)
     /// comes from here, before anything is written.
     pub fn prepare_send(&self, spec: &SendSpec) -> Result<PreparedSend> {
+        loop {
+            // A volume replaced (or removed) while the send waited for its lock is looked up
+            // again: the send reads the volume now so named, as if started after (or finds
+            // none).
+            if let Some(prepared) = self.prepare_send_to(spec)? {
+                return Ok(prepared);
+            }
+        }
+    }
+
+    /// `prepare_send` of the volume as looked up now; `None` when it was replaced or removed
+    /// before the send could pin it.
+    fn prepare_send_to(&self, spec: &SendSpec) -> Result<Option<PreparedSend>> {
         let name = match spec {
             SendSpec::Package { volume, .. } => volume.to_string(),
             SendSpec::Resume(token) => self
@@ -179,7 +194,9 @@ impl Pool {
             }
             None => (None, SharedBase(Arc::new(NoBase))),
         };
-        let pin = self.pin_volume(&name, &files, &base)?;
+        let Some(pin) = self.pin_volume(&info.volume, &files, &base)? else {
+            return Ok(None);
+        };
         let listing = SnapshotListing::open(&files)
             .ctx(|| format!("cannot read the snapshots of volume '{name}'"))?;
         let all = listing
@@ -239,35 +256,46 @@ impl Pool {
                 "cannot forget the sums of deleted snapshots: {e}"
             );
         }
-        Ok(PreparedSend {
+        Ok(Some(PreparedSend {
             volume: name,
             package,
             pin,
             base,
             listing,
             sums,
-        })
+        }))
     }
 
     /// Takes the volume's writer lock and opens it here, or finds the mount whose daemon has it
-    /// open. Another command holding it for a moment (a snapshot, a reclaim) is waited for.
-    fn pin_volume(&self, name: &str, files: &VolumeFiles, base: &SharedBase) -> Result<Pin> {
+    /// open. Another command holding it for a moment (a snapshot, a reclaim, a receive
+    /// replacing it) is waited for; `None` when the volume was replaced or removed meanwhile.
+    fn pin_volume(
+        &self,
+        row: &VolumeRow,
+        files: &VolumeFiles,
+        base: &SharedBase,
+    ) -> Result<Option<Pin>> {
+        let name = row.name.as_str();
         let deadline = Instant::now() + HELD_WAIT;
         loop {
-            if let Some(writer) =
-                WriterLock::try_acquire(files).ctx(|| format!("cannot lock volume '{name}'"))?
-            {
-                let volume = Volume::open(files, Box::new(base.clone()))
-                    .ctx(|| format!("cannot open volume '{name}'"))?;
-                return Ok(Pin::Locked(LockedVolume {
-                    volume: Arc::new(volume),
-                    _writer: writer,
-                }));
+            match self.try_lock_volume(row, files)? {
+                VolumeLock::Held(writer) => {
+                    let volume = Volume::open(files, Box::new(base.clone()))
+                        .ctx(|| format!("cannot open volume '{name}'"))?;
+                    return Ok(Some(Pin::Locked(LockedVolume {
+                        volume: Arc::new(volume),
+                        _writer: writer,
+                    })));
+                }
+                VolumeLock::Changed => return Ok(None),
+                VolumeLock::Busy => {}
             }
             let holder = locks::exclusive_flock_holder(&files.writer_lock())?;
             if let Some(pid) = holder {
                 if let Some(mount) = self.live_mounts()?.into_iter().find(|m| m.pid == pid) {
-                    return Ok(Pin::Mount(mount.mountpoint.join("snapshots").join(name)));
+                    return Ok(Some(Pin::Mount(
+                        mount.mountpoint.join("snapshots").join(name),
+                    )));
                 }
             }
             if Instant::now() > deadline {

@@ -6,6 +6,7 @@ use std::io;
 use std::path::PathBuf;
 
 use super::Pool;
+use crate::core::crash_point::{self, CrashPoint};
 use crate::core::owner::OwnerLock;
 use crate::core::store::{DiskRow, DiskState, ImageRow, VolumeRow, VolumeState};
 use crate::core::volume::{self, requests, Base, Volume, WriterLock};
@@ -61,6 +62,24 @@ pub fn partial_receive_refusal(volume: &str) -> Error {
         format!(
             "volume '{volume}' holds a partial receive: finish it (`imgpool recv --resume-token {volume}` prints the token for `imgpool send --resume`) or drop it with `imgpool recv --abort {volume}`"
         ),
+    )
+}
+
+/// What trying the writer lock of a volume looked up earlier found (`try_lock_volume`).
+pub(crate) enum VolumeLock {
+    /// Held, and the volume is still the one so named.
+    Held(WriterLock),
+    /// Another process holds it (a mount that has it open, a command changing it).
+    Busy,
+    /// The name is no longer that volume's: a receive replaced it, or it was removed.
+    Changed,
+}
+
+/// The refusal of a command whose volume was replaced or removed while it waited for it.
+pub(crate) fn changed_refusal(name: &str) -> Error {
+    Error::refused(
+        ErrorKind::Conflict,
+        format!("volume '{name}' was replaced (by `imgpool recv --force`) or removed while this command waited for it: nothing was done; run the command again"),
     )
 }
 
@@ -183,7 +202,7 @@ impl Pool {
             }),
         };
         if let Err(e) = write_volume_files(&files, &record, size) {
-            let _ = remove_volume_files(&files);
+            let _ = remove_volume_files(&DiskLayout::new(&disk.path), &uuid);
             let _ = self.store.delete_volume(row.id, VolumeState::Creating);
             return Err(e);
         }
@@ -316,16 +335,12 @@ impl Pool {
             }
             return requests::answer_from_files(&files, name, request).map(Ok);
         }
-        let locked = WriterLock::try_acquire(&files);
-        // Read again once locked (or its lock file gone): a receive that replaced the volume
-        // since it was looked up held the old one until its files were gone. The request goes
-        // to the volume now so named.
-        if !matches!(locked, Ok(None)) && self.store.volume(name)?.id != info.volume.id {
-            drop(locked);
-            return self.snapshot_request(name, request);
-        }
-        let Some(_writer) = locked.ctx(|| format!("cannot lock volume '{name}'"))? else {
-            return Ok(Err(info.open_by.unwrap_or(0)));
+        let _writer = match self.try_lock_volume(&info.volume, &files)? {
+            VolumeLock::Held(writer) => writer,
+            VolumeLock::Busy => return Ok(Err(info.open_by.unwrap_or(0))),
+            // Replaced since it was looked up: the request goes to the volume now so named,
+            // as if typed after the replacement (or finds none).
+            VolumeLock::Changed => return self.snapshot_request(name, request),
         };
         // Checked under the lock, which a receive holds while it writes the file.
         if has_partial_receive(&files) {
@@ -372,16 +387,46 @@ impl Pool {
         Ok(Ok(outcome))
     }
 
+    /// Tries the writer lock of volume `row`, whose files are `files`, looked up by name
+    /// earlier. Once it is held, or its lock file cannot be opened, the name is read again: a
+    /// receive that replaced the volume held the old one's lock until its files were moved
+    /// away (and a removal moves them too), so a command that looked it up before learns here
+    /// that it is not the volume so named any more (`Changed`), and never acts on the old
+    /// one's files nor fails on them with a bare "no such file".
+    pub(crate) fn try_lock_volume(
+        &self,
+        row: &VolumeRow,
+        files: &VolumeFiles,
+    ) -> Result<VolumeLock> {
+        let locked = match WriterLock::try_acquire(files) {
+            Ok(None) => return Ok(VolumeLock::Busy),
+            Ok(Some(writer)) => Ok(writer),
+            Err(e) => Err(e),
+        };
+        let still = match self.store.volume(&row.name) {
+            Ok(now) => now.id == row.id,
+            Err(Error::UnknownVolume(_)) => false,
+            Err(e) => return Err(e),
+        };
+        if !still {
+            return Ok(VolumeLock::Changed);
+        }
+        locked
+            .map(VolumeLock::Held)
+            .ctx(|| format!("cannot lock volume '{}'", row.name))
+    }
+
     /// The right to change a volume from this process: refused while a mount serves it open.
     /// The volume's writer lock. The kernel tells the mount daemon of a file's last close a
     /// moment after `close` returned, so a holder gets a second to let go before the refusal.
-    fn lock_volume(&self, name: &str, files: &VolumeFiles) -> Result<WriterLock> {
+    fn lock_volume(&self, row: &VolumeRow, files: &VolumeFiles) -> Result<WriterLock> {
+        let name = row.name.as_str();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
         loop {
-            if let Some(writer) =
-                WriterLock::try_acquire(files).ctx(|| format!("cannot lock volume '{name}'"))?
-            {
-                return Ok(writer);
+            match self.try_lock_volume(row, files)? {
+                VolumeLock::Held(writer) => return Ok(writer),
+                VolumeLock::Changed => return Err(changed_refusal(name)),
+                VolumeLock::Busy => {}
             }
             if std::time::Instant::now() >= deadline {
                 return Err(Error::refused(
@@ -438,7 +483,9 @@ impl Pool {
             ));
         }
         let files = VolumeFiles::new(&info.dir);
-        let _writer = self.lock_volume(name, &files)?;
+        // A volume replaced meanwhile is refused, not removed: its check above (snapshots
+        // without --recursive) was of the old one, and the user never saw the new one.
+        let _writer = self.lock_volume(&info.volume, &files)?;
         if has_partial_receive(&files) {
             return Err(partial_receive_refusal(name));
         }
@@ -460,10 +507,40 @@ impl Pool {
             .into_iter()
             .find(|d| d.id == volume.disk_id);
         if let Some(disk) = disk {
-            remove_volume_files(&DiskLayout::new(&disk.path).volume_files(&volume.uuid))?;
+            remove_volume_files(&DiskLayout::new(&disk.path), &volume.uuid)?;
         }
+        crash_point::reached(CrashPoint::RemovalDeleted);
         self.store.delete_volume(volume.id, VolumeState::Removing)?;
         Ok(())
+    }
+
+    /// Deletes the directories of removed volumes that no row accounts for: a removal whose
+    /// row went without its moved files (a store rebuilt by `fsck --repair`, a creation that
+    /// failed and could not delete them). Those of a `removing` row are that removal's to
+    /// finish. One line for each.
+    pub(crate) fn remove_unlisted_removed_volumes(&self) -> Result<Vec<String>> {
+        let mut done = Vec::new();
+        for disk in self.store.disks()? {
+            let layout = DiskLayout::new(&disk.path);
+            let Ok(uuids) = layout.removed_volume_uuids() else {
+                continue;
+            };
+            for uuid in uuids {
+                // Read after the directory was seen: a row that still had it was deleted only
+                // once its files were gone, so none can come back for it.
+                if self.store.volumes()?.iter().any(|v| v.uuid == uuid) {
+                    continue;
+                }
+                match delete_removed_volume(&layout.removed_volume_dir(&uuid)) {
+                    Ok(()) => done.push(format!(
+                        "deleted the files of a removed volume ({uuid}) on disk '{}'",
+                        disk.name
+                    )),
+                    Err(e) => tracing::warn!("{e}"),
+                }
+            }
+        }
+        Ok(done)
     }
 }
 
@@ -480,19 +557,58 @@ fn write_volume_files(files: &VolumeFiles, record: &VolumeRecord, size: u64) -> 
     Ok(())
 }
 
-/// Removes a volume's directory; missing files are fine (a removal may be finished twice).
-pub(super) fn remove_volume_files(files: &VolumeFiles) -> Result<()> {
-    match fs::remove_dir_all(files.dir()) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+/// Removes volume `uuid`'s directory from the disk of `layout`: first moved out of `volumes/`
+/// into `removed-volumes/` (one rename, made durable), then deleted there. Once moved, no path
+/// a command knows leads to its files: a command still trying the volume's writer lock (which
+/// creates the lock file) or its index finds no directory, instead of making files in the
+/// dying one that keep it from being deleted. Missing files are fine: a removal may be
+/// finished twice (a recovery beside the remover), or after a crash between the move and the
+/// deletion.
+pub(super) fn remove_volume_files(layout: &DiskLayout, uuid: &str) -> Result<()> {
+    let files = layout.volume_files(uuid);
+    let dir = files.dir();
+    let removed = layout.removed_volume_dir(uuid);
+    let removed_parent = removed.parent().expect("in removed-volumes/");
+    fs::create_dir_all(removed_parent)
+        .ctx(|| format!("cannot create {}", removed_parent.display()))?;
+    match fs::rename(dir, &removed) {
+        Ok(()) => {
+            if let Some(parent) = dir.parent() {
+                fsync_dir(parent)?;
+            }
+            fsync_dir(removed_parent)?;
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {
             return Err(Error::io(
-                format!("cannot remove {}", files.dir().display()),
+                format!("cannot move {} to {}", dir.display(), removed.display()),
                 e,
             ))
         }
     }
-    if let Some(parent) = files.dir().parent() {
+    crash_point::reached(CrashPoint::RemovalMoved);
+    delete_removed_volume(&removed)
+}
+
+/// Deletes a removed volume's moved directory (`remove_volume_files`); missing is fine.
+fn delete_removed_volume(removed: &std::path::Path) -> Result<()> {
+    // A command that found the directory at its old path an instant before the move may still
+    // create its lock file in it after the move: the deletion then meets a directory that is
+    // not empty, and goes again. Nothing else can reach it.
+    let mut attempts = 0;
+    loop {
+        match fs::remove_dir_all(removed) {
+            Ok(()) => break,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            // Another process finishing the same removal deleted part of it meanwhile.
+            Err(_) if !removed.exists() => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && attempts < 10 => {
+                attempts += 1;
+            }
+            Err(e) => return Err(Error::io(format!("cannot delete {}", removed.display()), e)),
+        }
+    }
+    if let Some(parent) = removed.parent() {
         fsync_dir(parent)?;
     }
     Ok(())

@@ -1,0 +1,58 @@
+//! Named instants inside a commit where tests make a command die as a `kill -9` would, so that
+//! the windows between its durable steps are tested where timing alone rarely lands (a few
+//! milliseconds at the end of a long run).
+//!
+//! In unit tests (`cfg(test)`) a thread arms one point (`die_at`), and the thread that reaches
+//! it panics: its locks go as a dead process's do, its files and rows stay. In a debug build of
+//! the binary (what `cargo test` runs in `tests/`), `IMGPOOL_TEST_DIE_AT=POINT` makes the
+//! process send itself SIGKILL there. A release build has neither: `reached` does nothing.
+
+/// An instant of a replacing receive (docs/send-receive.md, "Replacing a volume").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// The new volume's `volume.json` has the final name; the store swap has not run.
+    ReplaceRecordRenamed,
+    /// The store swap committed; the new volume's `receive.json` is still there.
+    ReplaceSwapped,
+    /// A removal moved the volume's directory out of `volumes/` and deleted nothing yet.
+    RemovalMoved,
+    /// A removal deleted the volume's files; its row is still there.
+    RemovalDeleted,
+}
+
+impl CrashPoint {
+    /// Its name in `IMGPOOL_TEST_DIE_AT`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CrashPoint::ReplaceRecordRenamed => "replace-record-renamed",
+            CrashPoint::ReplaceSwapped => "replace-swapped",
+            CrashPoint::RemovalMoved => "removal-moved",
+            CrashPoint::RemovalDeleted => "removal-deleted",
+        }
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    static ARMED: std::cell::Cell<Option<CrashPoint>> = const { std::cell::Cell::new(None) };
+}
+
+/// Makes this thread die (panic) when it reaches `point`, once; `None` disarms.
+#[cfg(test)]
+pub fn die_at(point: Option<CrashPoint>) {
+    ARMED.with(|armed| armed.set(point));
+}
+
+/// The command reached `point`: it dies here if a test asked it to.
+pub fn reached(point: CrashPoint) {
+    #[cfg(test)]
+    if ARMED.with(|armed| armed.get()) == Some(point) {
+        ARMED.with(|armed| armed.set(None));
+        panic!("dies at {}", point.name());
+    }
+    #[cfg(all(debug_assertions, not(test)))]
+    if std::env::var_os("IMGPOOL_TEST_DIE_AT").is_some_and(|p| p == point.name()) {
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+    let _ = point;
+}
