@@ -2,8 +2,8 @@
 //! the windows between its durable steps are tested where timing alone rarely lands (a few
 //! milliseconds at the end of a long run).
 //!
-//! In unit tests (`cfg(test)`) a thread arms one point (`die_at`), and the thread that reaches
-//! it panics: its locks go as a dead process's do, its files and rows stay. In a debug build of
+//! In unit tests (`cfg(test)`) a thread arms one point (`at`) with what to do there: panic (its
+//! locks go as a dead process's do, its files and rows stay), or break the next step. In a debug build of
 //! the binary (what `cargo test` runs in `tests/`), `IMGPOOL_TEST_DIE_AT=POINT` makes the
 //! process send itself SIGKILL there. A release build has neither: `reached` does nothing.
 
@@ -33,22 +33,38 @@ impl CrashPoint {
 }
 
 #[cfg(test)]
+type Action = Box<dyn FnOnce()>;
+
+#[cfg(test)]
 thread_local! {
-    static ARMED: std::cell::Cell<Option<CrashPoint>> = const { std::cell::Cell::new(None) };
+    static ARMED: std::cell::RefCell<Option<(CrashPoint, Action)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
-/// Makes this thread die (panic) when it reaches `point`, once; `None` disarms.
+/// Runs `action` when this thread reaches `point`, once: a panic to die there, or a change
+/// that makes the next step fail.
 #[cfg(test)]
-pub fn die_at(point: Option<CrashPoint>) {
-    ARMED.with(|armed| armed.set(point));
+pub fn at(point: CrashPoint, action: impl FnOnce() + 'static) {
+    ARMED.with(|armed| *armed.borrow_mut() = Some((point, Box::new(action))));
 }
 
 /// The command reached `point`: it dies here if a test asked it to.
 pub fn reached(point: CrashPoint) {
     #[cfg(test)]
-    if ARMED.with(|armed| armed.get()) == Some(point) {
-        ARMED.with(|armed| armed.set(None));
-        panic!("dies at {}", point.name());
+    {
+        let action = ARMED.with(|armed| {
+            let mut armed = armed.borrow_mut();
+            match armed.take() {
+                Some((at, action)) if at == point => Some(action),
+                other => {
+                    *armed = other;
+                    None
+                }
+            }
+        });
+        if let Some(action) = action {
+            action();
+        }
     }
     #[cfg(all(debug_assertions, not(test)))]
     if std::env::var_os("IMGPOOL_TEST_DIE_AT").is_some_and(|p| p == point.name()) {

@@ -2801,12 +2801,19 @@ mod tests {
         (stream, vec![s1, t2, live])
     }
 
-    /// The volume rows (any state) and the volume directories on the disk.
+    /// The volume rows (any state) and the volume directories on the disk, those of removals
+    /// under way (`removed-volumes/`) too.
     fn rows_and_dirs(f: &Fixture) -> (Vec<String>, Vec<String>) {
         let rows = f.pool.store().volumes().unwrap();
-        let dirs = crate::format::layout::DiskLayout::new(&f.disks[0])
-            .volume_uuids()
-            .unwrap();
+        let layout = crate::format::layout::DiskLayout::new(&f.disks[0]);
+        let mut dirs = layout.volume_uuids().unwrap();
+        dirs.extend(
+            layout
+                .removed_volume_uuids()
+                .unwrap()
+                .into_iter()
+                .map(|uuid| format!("removed {uuid}")),
+        );
         (
             rows.into_iter()
                 .map(|r| format!("{} {}", r.name, r.uuid))
@@ -3112,6 +3119,130 @@ mod tests {
                 "record {dies_at}"
             );
         }
+    }
+
+    /// A replacing receive that dies inside its commit (`crash_point`): right after the new
+    /// volume's record takes the name, right after the store swap (`receive.json` still
+    /// there), after the old volume's directory was moved out of `volumes/`, after its files
+    /// were deleted. After the next `recover` the volume is exactly the old one (before the
+    /// swap) or exactly the new one (after), one row and one directory, and fsck is clean.
+    #[test]
+    fn a_replacing_receive_that_dies_inside_its_commit_is_the_old_volume_or_the_new_one() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let (other, o) = other_volume();
+        let mine = sender.stream("p1", None, &h[..2]);
+        recv(&f, "v", &mine, PLAIN).unwrap();
+        let theirs = expected(&[&o[0], &o[1]], &o[2]);
+        let ours = state(&f, "v");
+        let points = [
+            (CrashPoint::ReplaceRecordRenamed, false),
+            (CrashPoint::ReplaceSwapped, true),
+            (CrashPoint::RemovalMoved, true),
+            (CrashPoint::RemovalDeleted, true),
+        ];
+        for (point, replaced) in points {
+            // Each round replaces the volume with the other content.
+            let (stream, now, next) = if state(&f, "v") == ours {
+                (&other, &ours, &theirs)
+            } else {
+                (&mine, &theirs, &ours)
+            };
+            let old = f.pool.store().volume("v").unwrap();
+            crash_point::at(point, move || {
+                panic!("the receiver dies at {}", point.name())
+            });
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                f.pool.receive("v", &mut &stream[..], FORCE, &mut |_| {})
+            }));
+            assert!(run.is_err(), "{point:?} was not reached");
+            // What the dead receive left: two rows, or a row and the old files.
+            let left = rows_and_dirs(&f);
+            assert!(
+                left.0.len() == 2 || left.1.len() == 2,
+                "{point:?}: {left:?}"
+            );
+            crate::core::recover::recover(&f.pool).unwrap();
+            let want = if replaced { next } else { now };
+            assert!(&state(&f, "v") == want, "{point:?}: the wrong volume");
+            let row = f.pool.store().volume("v").unwrap();
+            assert_eq!(row.uuid != old.uuid, replaced, "{point:?}");
+            assert_eq!(
+                rows_and_dirs(&f),
+                (vec![format!("v {}", row.uuid)], vec![row.uuid.clone()]),
+                "{point:?}"
+            );
+            assert!(!has_partial_receive(&f.pool.volume_files_of(&row).unwrap()));
+            let findings = crate::core::fsck::check(&f.pool, false).unwrap();
+            assert!(findings.is_empty(), "{point:?}: {findings:?}");
+        }
+    }
+
+    /// Once the swap committed, a step after it that fails (removing `receive.json`) does not
+    /// make the receive fail: the volume was replaced, and `recv` says so (exit 0). The
+    /// file's removal is left to the next `recover`.
+    #[test]
+    fn a_replace_that_committed_succeeds_when_finishing_it_fails() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let (whole, o) = other_volume();
+        let kept: std::rc::Rc<std::cell::RefCell<Option<(PathBuf, Vec<u8>)>>> = Default::default();
+        let taken = kept.clone();
+        // The new volume's `receive.json` (the only one) becomes a directory, which cannot be
+        // removed as a file.
+        let layout = crate::format::layout::DiskLayout::new(&f.disks[0]);
+        crash_point::at(CrashPoint::ReplaceSwapped, move || {
+            let path = layout
+                .volume_uuids()
+                .unwrap()
+                .into_iter()
+                .map(|uuid| layout.volume_files(&uuid).receive_state())
+                .find(|path| path.exists())
+                .unwrap();
+            let bytes = fs::read(&path).unwrap();
+            fs::remove_file(&path).unwrap();
+            fs::create_dir_all(path.join("in-the-way")).unwrap();
+            *taken.borrow_mut() = Some((path, bytes));
+        });
+        let got = recv(&f, "v", &whole, FORCE);
+        let got = got.unwrap_or_else(|e| panic!("a replace that committed failed: {e}"));
+        assert!(got.replaced, "{got:?}");
+        // The file as the receive left it, for the recovery to finish.
+        let (path, bytes) = kept.borrow_mut().take().expect("the swap was reached");
+        fs::remove_dir_all(&path).unwrap();
+        fs::write(&path, bytes).unwrap();
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains("had completed")), "{done:?}");
+        assert_eq!(state(&f, "v"), expected(&[&o[0], &o[1]], &o[2]));
+        assert_eq!(rows_and_dirs(&f).0.len(), 1);
+        assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
+    }
+
+    /// A removal moved the volume's directory out of `volumes/` and the store lost the row (a
+    /// store rebuilt by `fsck --repair`): the next `recover` deletes the leftover, which fsck
+    /// never reports.
+    #[test]
+    fn recovery_deletes_the_files_of_a_removal_no_row_accounts_for() {
+        let f = fixture(1);
+        f.pool.create_volume("v", None, Some(SIZE), None).unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        let layout = crate::format::layout::DiskLayout::new(&f.disks[0]);
+        crash_point::at(CrashPoint::RemovalMoved, || panic!("dies"));
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            f.pool.remove_volume("v", false)
+        }));
+        assert!(run.is_err());
+        assert_eq!(layout.removed_volume_uuids().unwrap(), [row.uuid.clone()]);
+        assert!(f
+            .pool
+            .store()
+            .delete_volume(row.id, VolumeState::Removing)
+            .unwrap());
+        assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains(&row.uuid)), "{done:?}");
+        assert_eq!(rows_and_dirs(&f), (vec![], vec![]));
     }
 
     /// Damaged versions of `stream`: bytes flipped and cuts at several points.
