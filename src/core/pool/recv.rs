@@ -3006,6 +3006,55 @@ mod tests {
         }
     }
 
+    /// Commands that looked the volume up before a replace and reach its lock after it: the
+    /// lock of the row read then says the name changed (its files were moved away: no bare
+    /// "no such file"), a receive refuses with a line that says to send again, and a `volume
+    /// rm` that waited meanwhile removes nothing and says to run it again (or that the
+    /// volume is held, while the replace still has it).
+    #[test]
+    fn commands_that_looked_up_a_replaced_volume_say_to_run_again_and_change_nothing() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let old = f.pool.store().volume("v").unwrap();
+        let old_files = f.pool.volume_files_of(&old).unwrap();
+        let (whole, o) = other_volume();
+        let removed = std::thread::scope(|scope| {
+            let mut waiting = None;
+            f.pool
+                .receive("v", &mut &whole[..], FORCE, &mut |p| {
+                    if p.snapshot == 1 && waiting.is_none() {
+                        waiting = Some(scope.spawn(|| f.pool.remove_volume("v", true)));
+                        // It has looked the volume up, and waits (a second) for its lock.
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                })
+                .unwrap();
+            waiting.unwrap().join().unwrap()
+        });
+        let e = removed.expect_err("the volume rm went through").to_string();
+        assert!(
+            !e.contains("os error") && (e.contains("again") || e.contains("retry")),
+            "{e}"
+        );
+        assert_eq!(state(&f, "v"), expected(&[&o[0], &o[1]], &o[2]));
+        assert!(matches!(
+            f.pool.try_lock_volume(&old, &old_files).unwrap(),
+            VolumeLock::Changed
+        ));
+        let e = f
+            .pool
+            .lock_for_receive("v", &old, &old_files)
+            .err()
+            .expect("locked the replaced volume")
+            .to_string();
+        assert!(
+            !e.contains("os error") && e.contains("send it again"),
+            "{e}"
+        );
+        assert!(!old_files.dir().exists());
+    }
+
     /// A volume named `recv-tmp-...` by a version that allowed the name (before the prefix
     /// was reserved) stays a volume of its user: an incremental stream goes on applying to it
     /// (there is no rename to get out of the reserved prefix).
