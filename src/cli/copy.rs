@@ -325,8 +325,8 @@ impl<'a> Side<'a> {
         }
     }
 
-    /// The volume's snapshots (temporary ones left out), oldest first; `None` when it does not
-    /// exist.
+    /// The volume's snapshots as listed (the pool's temporary ones too), oldest first; `None`
+    /// when it does not exist.
     fn snapshots(&self, must_exist: bool) -> Result<Option<Vec<Snapshot>>> {
         // One command in the common case; when it fails, a second says whether that is
         // because there is no such volume (a connection less per copy: ssh's handshake is
@@ -361,7 +361,7 @@ impl<'a> Side<'a> {
                 })
             })
             .collect();
-        Ok(Some(copy_plan::lasting(snapshots)))
+        Ok(Some(snapshots))
     }
 }
 
@@ -451,6 +451,19 @@ impl Progress {
     }
 }
 
+/// Why a package did not complete, and what that says of the target.
+enum Failed {
+    /// Nothing of it was applied: `recv` refused it (its own error, exit status 1), or never
+    /// got it.
+    NotApplied(Error),
+    /// `recv` ended without saying how (killed, its connection lost): it may have got to its
+    /// end and applied the package, or not.
+    Unknown(Error),
+    /// `recv` applied it whole (exit status 0); something failed after its stream ended (the
+    /// sender, cleaning up).
+    Applied(Error, Crossed),
+}
+
 /// Runs one package: `send` on the source piped through this process to `recv` on the target.
 fn run_package(
     source: &Side,
@@ -458,7 +471,7 @@ fn run_package(
     package: &Package,
     progress: &Progress,
     label: String,
-) -> Result<Crossed> {
+) -> std::result::Result<Crossed, Failed> {
     let mut send_args = vec![
         "send".to_string(),
         match &package.to {
@@ -486,7 +499,8 @@ fn run_package(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .ctx(|| format!("cannot start {}", source.starter()))?;
+        .ctx(|| format!("cannot start {}", source.starter()))
+        .map_err(Failed::NotApplied)?;
     let mut stream = sender.stdout.take().expect("piped");
     let send_err = drain(sender.stderr.take().expect("piped"));
     children.0.push(sender);
@@ -496,7 +510,8 @@ fn run_package(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .ctx(|| format!("cannot start {}", target.starter()))?;
+        .ctx(|| format!("cannot start {}", target.starter()))
+        .map_err(Failed::NotApplied)?;
     let mut to = receiver.stdin.take().expect("piped");
     // Pipes of 1 MiB, the relay's read size, rather than the default 64 KiB: sixteen times
     // fewer reads, writes and wake-ups for the bytes that cross. Best effort (a system whose
@@ -549,8 +564,11 @@ fn run_package(
     let [sender, receiver] = children.0.as_mut_slice() else {
         unreachable!("two children")
     };
-    let receiver_status = receiver.wait().ctx(|| "cannot wait for recv".into())?;
-    let sender_status = wait_or_kill(sender, Duration::from_secs(30))?;
+    let receiver_status = receiver
+        .wait()
+        .ctx(|| "cannot wait for recv".into())
+        .map_err(Failed::Unknown)?;
+    let sender_status = wait_or_kill(sender, Duration::from_secs(30));
     let send_err = send_err.join().unwrap_or_default();
     let recv_err = recv_err.join().unwrap_or_default();
     let recv_out = recv_out.join().unwrap_or_default();
@@ -560,30 +578,41 @@ fn run_package(
     if !receiver_status.success() {
         // The first cause first: a lost connection (either side's ssh), then the sender (a
         // cut stream is its effect on the receiver), then the receiver.
-        if target.lost_connection(receiver_status) || sender_status.success() {
-            return Err(target.failure(receiver_status, &recv_err));
-        }
-        return Err(source.failure(sender_status, &send_err));
+        let sender_failed = match &sender_status {
+            Ok(status) if !status.success() => Some(*status),
+            _ => None,
+        };
+        let error = match sender_failed {
+            Some(status) if !target.lost_connection(receiver_status) => {
+                source.failure(status, &send_err)
+            }
+            _ => target.failure(receiver_status, &recv_err),
+        };
+        // `recv` exits 1 (or 2, its arguments refused) with its own line when it did not
+        // apply the stream; any other end (a signal, a lost connection, a crash) says nothing
+        // of how far it got.
+        let refused = matches!(receiver_status.code(), Some(1 | 2))
+            && !target.lost_connection(receiver_status);
+        return Err(if refused {
+            Failed::NotApplied(error)
+        } else {
+            Failed::Unknown(error)
+        });
     }
-    if let Some(error) = relay_error {
-        return Err(Error::refused(ErrorKind::Interrupted, error));
-    }
-    let received = serde_json::from_slice(&recv_out).unwrap_or(Value::Null);
-    if !sender_status.success() {
-        // The stream ended correctly and was applied; the sender failed after (cleaning up).
-        let failure = source.failure(sender_status, &send_err);
-        return Err(Error::refused(
-            ErrorKind::Conflict,
-            format!("{failure} (after the stream ended: the target received it all)"),
-        ));
-    }
-    let sent =
-        serde_json::from_str(last_line(&String::from_utf8_lossy(&send_err))).unwrap_or(Value::Null);
-    Ok(Crossed {
+    let crossed = Crossed {
         bytes: crossed,
-        received,
-        sent,
-    })
+        received: serde_json::from_slice(&recv_out).unwrap_or(Value::Null),
+        sent: serde_json::from_str(last_line(&String::from_utf8_lossy(&send_err)))
+            .unwrap_or(Value::Null),
+    };
+    // The receiver took the stream to its end and applied it: whatever fails now, it has it.
+    let after = match (relay_error, sender_status) {
+        (Some(error), _) => Error::refused(ErrorKind::Interrupted, error),
+        (None, Err(e)) => e,
+        (None, Ok(status)) if !status.success() => source.failure(status, &send_err),
+        (None, Ok(_)) => return Ok(crossed),
+    };
+    Err(Failed::Applied(after, crossed))
 }
 
 /// Waits for `child` up to `timeout`, then kills it; its status.
@@ -624,10 +653,18 @@ fn describe(
             target.label, source.label
         )),
         Kind::Replace => {
-            lines.push(format!(
-                "{} shares no snapshot with {}: a full copy replaces it, once the copy has arrived whole (a cut leaves it as it is)",
-                target.label, source.label
-            ));
+            // It is swapped in at the end of the first package: a cut of the second leaves
+            // it replaced.
+            lines.push(match plan.send.last() {
+                Some(newest) => format!(
+                    "{} shares no snapshot with {}: a full copy replaces it once the copy's snapshots have all arrived (a cut before that leaves it as it is; a cut after, while the current state crosses, leaves it replaced, at {newest})",
+                    target.label, source.label
+                ),
+                None => format!(
+                    "{} shares no snapshot with {}: a full copy replaces it once the copy has arrived whole (a cut leaves it as it is)",
+                    target.label, source.label
+                ),
+            });
             if plan.send.is_empty() {
                 lines.push(format!(
                     "{} has no snapshot: a refresh starts from one both sides have, so each copies it whole until it has one",
@@ -642,7 +679,15 @@ fn describe(
         _ => "newer than the common snapshot, on the target only",
     };
     for name in &plan.discard {
-        lines.push(format!("{will} delete {}@{name}: {why}", target.label));
+        let temporary = if copy_plan::is_temporary(name) {
+            " (a temporary snapshot of a command there, or of one that died)"
+        } else {
+            ""
+        };
+        lines.push(format!(
+            "{will} delete {}@{name}: {why}{temporary}",
+            target.label
+        ));
     }
     match &plan.kind {
         Kind::Refresh { common } => lines.push(format!(
@@ -667,14 +712,15 @@ fn describe(
     lines
 }
 
-/// How a failure of package `index` leaves the target, for the error line.
-fn left_as(plan: &Plan, index: usize, target: &Side) -> String {
-    let first = &plan.packages[0];
-    let newest = plan.send.last();
-    match (&plan.kind, index, newest) {
-        (Kind::Full, 0, _) => format!("{} was not created", target.label),
-        (Kind::Replace, 0, _) => format!("{} is as it was (not replaced)", target.label),
-        (Kind::Refresh { common }, 0, _) => format!(
+/// How the target is when package `index` was not applied, for the error line.
+fn left_before(plan: &Plan, index: usize, target: &Side) -> String {
+    if index > 0 {
+        return left_after(plan, index - 1, target);
+    }
+    match &plan.kind {
+        Kind::Full => format!("{} was not created", target.label),
+        Kind::Replace => format!("{} is as it was (not replaced)", target.label),
+        Kind::Refresh { common } => format!(
             "{} keeps its snapshots up to {common} ({} unless the receive got to discard them)",
             target.label,
             if plan.discard.is_empty() {
@@ -683,11 +729,49 @@ fn left_as(plan: &Plan, index: usize, target: &Side) -> String {
                 format!("and {}", plan.discard.join(", "))
             }
         ),
-        (_, _, Some(newest)) if first.to.is_some() => format!(
-            "{} has every snapshot up to {newest} and is at {newest}: `imgpool copy --refresh` sends the rest",
+    }
+}
+
+/// How the target is once package `index` was applied, for the error line of a failure after.
+fn left_after(plan: &Plan, index: usize, target: &Side) -> String {
+    let replaced = if plan.kind == Kind::Replace {
+        " is replaced: it"
+    } else {
+        ""
+    };
+    match plan.send.last() {
+        Some(newest) if index + 1 < plan.packages.len() => format!(
+            "{}{replaced} has every snapshot up to {newest} and is at {newest}: `imgpool copy --refresh` sends the rest",
             target.label
         ),
-        _ => format!("{} is as it was", target.label),
+        _ => format!("{}{replaced} has the whole copy", target.label),
+    }
+}
+
+/// The error line of a copy whose package `index` (`label`) failed.
+fn failure_line(
+    plan: &Plan,
+    index: usize,
+    label: &str,
+    failed: &Failed,
+    source: &Side,
+    target: &Side,
+) -> String {
+    let copy = format!("copy of {} to {}", source.label, target.label);
+    match failed {
+        Failed::NotApplied(e) => format!(
+            "{copy} failed in {label}: {e}; {}",
+            left_before(plan, index, target)
+        ),
+        Failed::Unknown(e) => format!(
+            "{copy} failed in {label}: {e}; whether the receive got to its end is not known: if not, {}; if so, {}",
+            left_before(plan, index, target),
+            left_after(plan, index, target)
+        ),
+        Failed::Applied(e, _) => format!(
+            "{copy} failed after {label} arrived whole and was applied: {e}; {}",
+            left_after(plan, index, target)
+        ),
     }
 }
 
@@ -735,6 +819,12 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
     launch.sockets.replace(links.sockets.clone());
     let source_snapshots = source.snapshots(true)?.unwrap_or_default();
     let target_snapshots = target.snapshots(false)?;
+    if target_snapshots.is_none() {
+        // A name `recv` would refuse to make: refused here, before anything runs.
+        crate::core::pool::check_user_volume_name(&target.volume).map_err(|e| {
+            Error::refused(ErrorKind::InvalidInput, format!("{}: {e}", target.label))
+        })?;
+    }
     let plan = copy_plan::plan(&source_snapshots, target_snapshots.as_deref(), args.refresh)
         .map_err(|refusal| refused(refusal, &source, &target))?;
     let lines = describe(&plan, &source, &target, args.refresh, args.dry_run);
@@ -804,59 +894,58 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
                 ));
             }
         }
-        let crossed =
-            run_package(&source, &target, package, &progress, label.clone()).map_err(|e| {
-                if let Some(bar) = &progress.bar {
-                    bar.finish_and_clear();
+        let ran = run_package(&source, &target, package, &progress, label.clone());
+        // What an applied package did is told, also when something failed after it.
+        if let Ok(crossed) | Err(Failed::Applied(_, crossed)) = &ran {
+            total += crossed.bytes;
+            // What `recv --force` discarded, as it reports it: the plan's list, unless the
+            // target took a snapshot after the plan was made.
+            let gone: Vec<String> = crossed.received["discarded"]["snapshots"]
+                .as_array()
+                .map(|list| {
+                    list.iter()
+                        .filter_map(|n| n.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            if !args.json {
+                let mut lines = vec![format!("{label}: {} crossed", bytes(crossed.bytes))];
+                for name in &gone {
+                    lines.push(if plan.discard.contains(name) {
+                        format!("deleted {}@{name}", target.label)
+                    } else {
+                        format!(
+                            "deleted {}@{name}, which the target took after the plan was made",
+                            target.label
+                        )
+                    });
                 }
-                Error::refused(
-                    e.kind(),
-                    format!(
-                        "copy of {} to {} failed in {label}: {e}; {}",
-                        source.label,
-                        target.label,
-                        left_as(&plan, index, &target)
-                    ),
-                )
-            })?;
-        total += crossed.bytes;
-        // What `recv --force` discarded, as it reports it: the plan's list, unless the target
-        // took a snapshot after the plan was made.
-        let gone: Vec<String> = crossed.received["discarded"]["snapshots"]
-            .as_array()
-            .map(|list| {
-                list.iter()
-                    .filter_map(|n| n.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if !args.json {
-            let mut lines = vec![format!("{label}: {} crossed", bytes(crossed.bytes))];
-            for name in &gone {
-                lines.push(if plan.discard.contains(name) {
-                    format!("deleted {}@{name}", target.label)
-                } else {
-                    format!(
-                        "deleted {}@{name}, which the target took after the plan was made",
-                        target.label
-                    )
-                });
-            }
-            for line in lines {
-                match &progress.bar {
-                    // On standard output like the rest, the bar on standard error set
-                    // aside meanwhile.
-                    Some(bar) => bar.suspend(|| println!("{line}")),
-                    None => println!("{line}"),
+                for line in lines {
+                    match &progress.bar {
+                        // On standard output like the rest, the bar on standard error set
+                        // aside meanwhile.
+                        Some(bar) => bar.suspend(|| println!("{line}")),
+                        None => println!("{line}"),
+                    }
                 }
             }
+            discarded.extend(gone);
+            packages.push(json!({
+                "to": package.to, "from": package.from, "from_all": package.from_all,
+                "force": package.force, "bytes": crossed.bytes,
+                "sent": crossed.sent, "received": crossed.received,
+            }));
         }
-        discarded.extend(gone);
-        packages.push(json!({
-            "to": package.to, "from": package.from, "from_all": package.from_all,
-            "force": package.force, "bytes": crossed.bytes,
-            "sent": crossed.sent, "received": crossed.received,
-        }));
+        if let Err(failed) = &ran {
+            if let Some(bar) = &progress.bar {
+                bar.finish_and_clear();
+            }
+            let (Failed::NotApplied(e) | Failed::Unknown(e) | Failed::Applied(e, _)) = failed;
+            return Err(Error::refused(
+                e.kind(),
+                failure_line(&plan, index, &label, failed, &source, &target),
+            ));
+        }
     }
     if let Some(bar) = &progress.bar {
         bar.finish_and_clear();
@@ -907,16 +996,107 @@ mod tests {
         assert_eq!(shell_quote(""), "''");
     }
 
-    #[test]
-    fn sides_are_a_volume_or_a_host_and_a_volume() {
-        let launch = Launch {
+    fn launch() -> Launch {
+        Launch {
             exe: "/bin/imgpool".into(),
             state_dir: "/s".into(),
             rsh: vec!["ssh".into()],
             remote_state_dir: None,
             remote_imgpool: "imgpool".into(),
             sockets: RefCell::new(HashMap::new()),
+        }
+    }
+
+    fn snap(name: &str, guid: &str) -> Snapshot {
+        Snapshot {
+            name: name.into(),
+            guid: guid.into(),
+        }
+    }
+
+    /// A replacing copy says what a cut leaves: the target as it was until its snapshots have
+    /// all arrived, replaced after (the swap ends the first package), and it lists the
+    /// target's temporary snapshots among what goes.
+    #[test]
+    fn the_plan_of_a_replacement_says_when_a_cut_leaves_it_replaced() {
+        let launch = launch();
+        let (source, target) = (
+            Side::parse("v", &launch).unwrap(),
+            Side::parse("node2:v", &launch).unwrap(),
+        );
+        let target_has = [snap("mine", "g9"), snap("copy-tmp-x", "g8")];
+        let plan = copy_plan::plan(&[snap("a", "g1")], Some(&target_has), true).unwrap();
+        let lines = describe(&plan, &source, &target, true, false);
+        assert!(
+            lines[0]
+                .contains("a cut after, while the current state crosses, leaves it replaced, at a"),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&"will delete node2:v@copy-tmp-x: the target is replaced (a temporary snapshot of a command there, or of one that died)".to_string()),
+            "{lines:?}"
+        );
+        let plan = copy_plan::plan(&[], Some(&target_has), true).unwrap();
+        let lines = describe(&plan, &source, &target, true, false);
+        assert!(
+            lines[0].ends_with("(a cut leaves it as it is)"),
+            "{lines:?}"
+        );
+    }
+
+    /// The error line of a failed copy tells the target as it is: a package applied before
+    /// something else failed left it replaced, never "as it was"; a receive that ended without
+    /// saying may have got to its end.
+    #[test]
+    fn a_failed_copy_says_the_target_was_replaced_once_it_was() {
+        let launch = launch();
+        let (source, target) = (
+            Side::parse("v", &launch).unwrap(),
+            Side::parse("node2:w", &launch).unwrap(),
+        );
+        let plan = copy_plan::plan(&[snap("a", "g1")], Some(&[snap("mine", "g9")]), true).unwrap();
+        let error = || Error::refused(ErrorKind::Conflict, "send failed");
+        let crossed = || Crossed {
+            bytes: 1,
+            received: Value::Null,
+            sent: Value::Null,
         };
+        let line = |index, failed: Failed| {
+            failure_line(&plan, index, "package", &failed, &source, &target)
+        };
+        let applied = line(0, Failed::Applied(error(), crossed()));
+        assert!(
+            applied.contains("node2:w is replaced: it has every snapshot up to a and is at a")
+                && !applied.contains("as it was"),
+            "{applied}"
+        );
+        let refused = line(0, Failed::NotApplied(error()));
+        assert!(
+            refused.ends_with("node2:w is as it was (not replaced)"),
+            "{refused}"
+        );
+        let unknown = line(0, Failed::Unknown(error()));
+        assert!(
+            unknown.contains("not known")
+                && unknown.contains("as it was")
+                && unknown.contains("is replaced"),
+            "{unknown}"
+        );
+        let last = line(1, Failed::Applied(error(), crossed()));
+        assert!(
+            last.ends_with("node2:w is replaced: it has the whole copy"),
+            "{last}"
+        );
+        let second = line(1, Failed::NotApplied(error()));
+        assert!(
+            second.contains("is replaced: it has every snapshot up to a"),
+            "{second}"
+        );
+    }
+
+    #[test]
+    fn sides_are_a_volume_or_a_host_and_a_volume() {
+        let launch = launch();
         let here = Side::parse("vol", &launch).unwrap();
         assert_eq!((here.host, here.volume.as_str()), (None, "vol"));
         let there = Side::parse("root@node2:vol", &launch).unwrap();

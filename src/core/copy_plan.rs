@@ -18,17 +18,23 @@ pub struct Snapshot {
     pub guid: String,
 }
 
-/// The snapshots a copy plans with: the pool's temporary ones (a send's of the live volume,
-/// a receive's staged ones, an export's) left out; one may be there while such a command
-/// runs, or until the next start after it died.
-pub fn lasting(snapshots: Vec<Snapshot>) -> Vec<Snapshot> {
+/// Whether `name` is one the pool gives its temporary snapshots (a send's of the live volume,
+/// a receive's staged ones, an export's).
+pub fn is_temporary(name: &str) -> bool {
+    TEMPORARY_SNAPSHOT_PREFIXES
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+/// The source snapshots a copy sends: the pool's temporary ones left out (one may be there
+/// while such a command runs, or until the next start after it died), which `send` leaves out
+/// of its packages too. The target's stay in its list: a `recv --force` discards those after
+/// the common snapshot (all of them, for a replacement) like any other, so the plan lists
+/// them.
+fn lasting(snapshots: Vec<Snapshot>) -> Vec<Snapshot> {
     snapshots
         .into_iter()
-        .filter(|s| {
-            !TEMPORARY_SNAPSHOT_PREFIXES
-                .iter()
-                .any(|p| s.name.starts_with(p))
-        })
+        .filter(|s| !is_temporary(&s.name))
         .collect()
 }
 
@@ -79,12 +85,14 @@ pub enum Refusal {
 }
 
 /// The plan for copying a volume with snapshots `source` onto a target that has `target`
-/// (`None`: no such volume), both oldest first.
+/// (`None`: no such volume), both oldest first and as listed: the source's temporary
+/// snapshots are left out (`lasting`), the target's are planned with.
 pub fn plan(
     source: &[Snapshot],
     target: Option<&[Snapshot]>,
     refresh: bool,
 ) -> Result<Plan, Refusal> {
+    let source = &lasting(source.to_vec())[..];
     let Some(target) = target else {
         return Ok(full(source));
     };
@@ -454,6 +462,24 @@ mod tests {
             snap("copy-tmpfs", 5),
         ];
         assert_eq!(lasting(listed), [snap("a", 1), snap("copy-tmpfs", 5)]);
+    }
+
+    /// A target's temporary snapshots (a send's or an export's there, or a leftover of one
+    /// that died) go with a replacement, and with a refresh when newer than the common one:
+    /// the plan lists them, as `recv --force` reports them. The source's are sent by no
+    /// package.
+    #[test]
+    fn the_targets_temporary_snapshots_are_listed_among_what_goes() {
+        let source = [snap("a", 1), snap("copy-tmp-s", 2)];
+        let target = [snap("mine", 8), snap("copy-tmp-x", 9)];
+        let p = plan(&source, Some(&target), true).unwrap();
+        assert_eq!(p.kind, Kind::Replace);
+        assert_eq!(p.discard, ["mine", "copy-tmp-x"]);
+        assert_eq!(p.send, ["a"]);
+        let target = [snap("a", 1), snap("export-tmp-y", 9)];
+        let p = plan(&source, Some(&target), true).unwrap();
+        assert_eq!(p.kind, Kind::Refresh { common: "a".into() });
+        assert_eq!(p.discard, ["export-tmp-y"]);
     }
 
     #[test]
