@@ -853,6 +853,9 @@ fn unreachable_hosts_existing_targets_and_bad_names_fail_with_one_line_and_chang
         (&["v@s1", "localhost:w"][..], "names a snapshot"),
         (&["v", ":w"][..], "no host"),
         (&["v", "v"][..], "same volume"),
+        // A name kept for the volumes a receive makes out of sight: refused before any
+        // package, not by the far side's `recv`.
+        (&["v", "localhost:recv-tmp-w"][..], "pick another name"),
     ] {
         let line = failed_cleanly(&format!("copy {args:?}"), &nodes.copy(args));
         assert!(line.contains(expected), "{args:?}: {line}");
@@ -871,6 +874,7 @@ fn unreachable_hosts_existing_targets_and_bad_names_fail_with_one_line_and_chang
     );
     assert!(line.contains("--remote-imgpool"), "{line}");
     assert!(!exists(&nodes.there, "w"));
+    assert!(!exists(&nodes.there, "recv-tmp-w"));
     assert_eq!(nodes.source(), source);
 
     // A snapshot taken on the target between the copy's look at it and the refresh: the far

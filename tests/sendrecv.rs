@@ -699,11 +699,17 @@ fn sends_and_receives_run_at_once_and_every_success_holds() {
     }
 }
 
-/// The volume directories on a pool's first disk: one per volume, once nothing is under way.
+/// The volume directories on a pool's first disk: one per volume, once nothing is under way
+/// (those of removals not finished, moved to `removed-volumes/`, count too).
 fn volume_dirs(pool: &TestPool) -> usize {
-    std::fs::read_dir(pool.disks[0].join(".imgpool/volumes"))
-        .map(|entries| entries.count())
-        .unwrap_or(0)
+    ["volumes", "removed-volumes"]
+        .iter()
+        .map(|dir| {
+            std::fs::read_dir(pool.disks[0].join(".imgpool").join(dir))
+                .map(|entries| entries.count())
+                .unwrap_or(0)
+        })
+        .sum()
 }
 
 fn listed_volumes(pool: &TestPool) -> Vec<String> {
@@ -819,7 +825,8 @@ fn a_replacing_receive_cut_or_killed_at_any_instant_leaves_the_old_volume_or_the
     let mut outcomes = (0, 0);
     for i in 0..instants {
         let old = fresh_old(&mut rng);
-        let delay = takes.mul_f64(f64::from(i) / f64::from(instants));
+        // From the start to the end of an uncut run: the last lands where it ends.
+        let delay = takes.mul_f64(f64::from(i + 1) / f64::from(instants));
         let done = recv_killed_after(&there, &["w", "--force"], &whole, delay);
         // The next command that changes the pool cleans up what the dead receive left.
         there.ok(&["gc"]);
@@ -837,6 +844,40 @@ fn a_replacing_receive_cut_or_killed_at_any_instant_leaves_the_old_volume_or_the
         settled(&format!("killed after {delay:?}"));
     }
     eprintln!("killed replacing receives: {outcomes:?} (old kept, new in place)");
+
+    // Killed at the instants of its commit, where timing alone rarely lands (the receive
+    // kills itself there: `IMGPOOL_TEST_DIE_AT`, read by debug builds only): before the
+    // swap the old volume stays, from the swap on the new one is in place.
+    for (point, replaced) in [
+        ("replace-record-renamed", false),
+        ("replace-swapped", true),
+        ("removal-moved", true),
+        ("removal-deleted", true),
+    ] {
+        let old = fresh_old(&mut rng);
+        let out = there
+            .command(&["recv", "w", "--force"])
+            .env("IMGPOOL_TEST_DIE_AT", point)
+            .stdin(File::open(&whole).unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&out.status),
+            Some(libc::SIGKILL),
+            "{point}: the receive did not die there ({:?}, {})",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        there.ok(&["gc"]);
+        let now = volume_state(&there, &mount_there, "w");
+        assert!(
+            &now == if replaced { &new } else { &old },
+            "killed at {point}: the volume is not the {} one (snapshots {:?})",
+            if replaced { "new" } else { "old" },
+            now.0
+        );
+        settled(&format!("killed at {point}"));
+    }
     mount_there.unmount();
     mount_here.unmount();
 }
