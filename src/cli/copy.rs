@@ -461,7 +461,7 @@ enum Failed {
     Unknown(Error),
     /// `recv` applied it whole (exit status 0); something failed after its stream ended (the
     /// sender, cleaning up).
-    Applied(Error, Crossed),
+    Applied(Error, Box<Crossed>),
 }
 
 /// Runs one package: `send` on the source piped through this process to `recv` on the target.
@@ -612,7 +612,7 @@ fn run_package(
         (None, Ok(status)) if !status.success() => source.failure(status, &send_err),
         (None, Ok(_)) => return Ok(crossed),
     };
-    Err(Failed::Applied(after, crossed))
+    Err(Failed::Applied(after, Box::new(crossed)))
 }
 
 /// Waits for `child` up to `timeout`, then kills it; its status.
@@ -896,7 +896,12 @@ pub fn copy(state_dir: &Path, args: CopyArgs) -> Result<()> {
         }
         let ran = run_package(&source, &target, package, &progress, label.clone());
         // What an applied package did is told, also when something failed after it.
-        if let Ok(crossed) | Err(Failed::Applied(_, crossed)) = &ran {
+        let applied = match &ran {
+            Ok(crossed) => Some(crossed),
+            Err(Failed::Applied(_, crossed)) => Some(&**crossed),
+            Err(_) => None,
+        };
+        if let Some(crossed) = applied {
             total += crossed.bytes;
             // What `recv --force` discarded, as it reports it: the plan's list, unless the
             // target took a snapshot after the plan was made.
@@ -1064,7 +1069,7 @@ mod tests {
         let line = |index, failed: Failed| {
             failure_line(&plan, index, "package", &failed, &source, &target)
         };
-        let applied = line(0, Failed::Applied(error(), crossed()));
+        let applied = line(0, Failed::Applied(error(), Box::new(crossed())));
         assert!(
             applied.contains("node2:w is replaced: it has every snapshot up to a and is at a")
                 && !applied.contains("as it was"),
@@ -1082,7 +1087,7 @@ mod tests {
                 && unknown.contains("is replaced"),
             "{unknown}"
         );
-        let last = line(1, Failed::Applied(error(), crossed()));
+        let last = line(1, Failed::Applied(error(), Box::new(crossed())));
         assert!(
             last.ends_with("node2:w is replaced: it has the whole copy"),
             "{last}"

@@ -3236,7 +3236,9 @@ mod tests {
         let h = history(&sender);
         recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
         let (whole, o) = other_volume();
-        let kept: std::rc::Rc<std::cell::RefCell<Option<(PathBuf, Vec<u8>)>>> = Default::default();
+        // The path and the bytes of the file set aside.
+        type SetAside = Option<(PathBuf, Vec<u8>)>;
+        let kept: std::rc::Rc<std::cell::RefCell<SetAside>> = Default::default();
         let taken = kept.clone();
         // The new volume's `receive.json` (the only one) becomes a directory, which cannot be
         // removed as a file.
@@ -3282,7 +3284,10 @@ mod tests {
             f.pool.remove_volume("v", false)
         }));
         assert!(run.is_err());
-        assert_eq!(layout.removed_volume_uuids().unwrap(), [row.uuid.clone()]);
+        assert_eq!(
+            layout.removed_volume_uuids().unwrap(),
+            std::slice::from_ref(&row.uuid)
+        );
         assert!(f
             .pool
             .store()
