@@ -330,7 +330,10 @@ fn a_volume_open_through_the_mount_is_refused_and_a_partial_one_is_not_served() 
             .unwrap();
         let out = recv(&pool, &["v"], &inc);
         let line = failed_cleanly("recv onto an open volume", &out);
-        assert!(line.contains("close it first"), "{line}");
+        assert!(
+            line.contains("close it there") && line.contains("retry"),
+            "{line}"
+        );
     }
     // The daemon lets go of the volume a moment after its last close.
     let mut out = recv(&pool, &["v", "--resumable"], &inc[..inc.len() / 2]);
@@ -518,7 +521,10 @@ fn a_replacing_receive_holds_the_old_volume_and_commands_wait_for_it_or_are_refu
             "a replace of an open volume",
             &recv(&pool, &["v", "--force"], &whole),
         );
-        assert!(line.contains("close it first"), "{line}");
+        assert!(
+            line.contains("close it there") && line.contains("retry"),
+            "{line}"
+        );
     }
     let line = failed_cleanly("a whole stream onto v", &recv(&pool, &["v"], &whole));
     assert!(line.contains("--force"), "{line}");
