@@ -62,6 +62,16 @@ pub fn run(state_dir: &Path, args: RecvArgs) -> Result<()> {
             "standard input is a terminal: pipe a stream into it (`imgpool send ... | imgpool recv VOLUME`)",
         ));
     }
+    // A pipe of 1 MiB instead of 64 KiB: the sender writes records of up to 1 MiB, and with
+    // the default each one crossed in sixteen hand-offs between the two processes, the sender
+    // blocked on a full pipe while this side waited for records (a full send | recv of 2 GiB
+    // from a cold cache: 4.0 to 4.6 s, against 3.5 to 3.7 s with 1 MiB). Widened here, not by
+    // `send`, so that a sender into a reader that goes away still finds out before its end.
+    // Best effort: a file is no pipe, and a smaller fs.pipe-max-size keeps the default.
+    let _ = nix::fcntl::fcntl(
+        std::os::fd::AsFd::as_fd(&stdin),
+        nix::fcntl::FcntlArg::F_SETPIPE_SZ(1 << 20),
+    );
     // Standard input's own small buffer only: a larger one would copy every byte of the
     // stream once more, where a data record's payload is read straight into its buffer.
     let input = stdin;
