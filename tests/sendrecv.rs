@@ -712,15 +712,6 @@ fn volume_dirs(pool: &TestPool) -> usize {
         .sum()
 }
 
-fn listed_volumes(pool: &TestPool) -> Vec<String> {
-    pool.json(&["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// A whole stream that replaces an existing volume (`recv --force`), cut, or killed at
 /// instants spread over its run: after the next start the volume is exactly the old one
 /// (every snapshot and the live bytes) or exactly the new one, never both nor neither; no
@@ -770,7 +761,7 @@ fn a_replacing_receive_cut_or_killed_at_any_instant_leaves_the_old_volume_or_the
     let old_size = 16 * MIB;
     let target = mount_there.mountpoint.join("volumes/w");
     let fresh_old = |rng: &mut Rng| -> VolumeState {
-        if listed_volumes(&there).contains(&"w".to_string()) {
+        if there.volume_names().contains(&"w".to_string()) {
             there.ok(&["volume", "rm", "--recursive", "w"]);
         }
         there.ok(&["volume", "create", "w", "--size", &old_size.to_string()]);
@@ -783,7 +774,7 @@ fn a_replacing_receive_cut_or_killed_at_any_instant_leaves_the_old_volume_or_the
         volume_state(&there, &mount_there, "w")
     };
     let settled = |what: &str| {
-        assert_eq!(listed_volumes(&there), ["w"], "{what}");
+        assert_eq!(there.volume_names(), ["w"], "{what}");
         assert_eq!(
             volume_dirs(&there),
             1,

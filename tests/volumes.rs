@@ -20,15 +20,6 @@ fn refused(pool: &TestPool, what: &str, args: &[&str], expected: &[&str]) {
     }
 }
 
-fn volume_names(pool: &TestPool) -> Vec<String> {
-    pool.json(&["volume", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 #[test]
 fn a_volume_is_created_listed_grown_and_removed_and_holds_its_image() {
     let pool = TestPool::new(2);
@@ -58,7 +49,7 @@ fn a_volume_is_created_listed_grown_and_removed_and_holds_its_image() {
     let scratch = pool.json(&["volume", "show", "scratch"]);
     assert_eq!(scratch["size"], 1u64 << 30);
     assert!(scratch["image"].is_null());
-    assert_eq!(volume_names(&pool), ["scratch", "vm1"]);
+    assert_eq!(pool.volume_names(), ["scratch", "vm1"]);
     let table = pool.ok(&["volume", "list"]);
     assert!(table.contains("vm1") && table.contains("base"), "{table}");
 
@@ -106,7 +97,7 @@ fn a_volume_is_created_listed_grown_and_removed_and_holds_its_image() {
 
     pool.ok(&["volume", "rm", "vm1"]);
     assert!(!dir.exists(), "the volume's directory is left behind");
-    assert_eq!(volume_names(&pool), ["scratch"]);
+    assert_eq!(pool.volume_names(), ["scratch"]);
     pool.ok(&["image", "rm", "base"]);
 }
 
@@ -211,7 +202,7 @@ fn concurrent_creates_of_one_name_make_one_volume() {
         let line = failed_cleanly("a losing create", out);
         assert!(line.contains("name of a volume"), "{line}");
     }
-    assert_eq!(volume_names(&pool), ["race"]);
+    assert_eq!(pool.volume_names(), ["race"]);
     // One directory on the disks: the losers left nothing.
     let dirs: usize = pool
         .disks
@@ -1044,7 +1035,7 @@ fn volume_commands_at_once_and_killed_midway_leave_a_consistent_pool() {
             "round {round}: {}",
             String::from_utf8_lossy(&fsck.stdout)
         );
-        let listed = volume_names(&pool).contains(&name);
+        let listed = pool.volume_names().contains(&name);
         assert!(
             listed || !finished,
             "round {round}: a create that succeeded is gone"
@@ -1060,7 +1051,7 @@ fn volume_commands_at_once_and_killed_midway_leave_a_consistent_pool() {
             .sum();
         assert_eq!(
             dirs,
-            volume_names(&pool).len(),
+            pool.volume_names().len(),
             "round {round}: directories left"
         );
     }

@@ -124,6 +124,16 @@ impl TestPool {
         serde_json::from_str(&self.ok(&args)).unwrap()
     }
 
+    /// The names `volume list` shows, in its order.
+    pub fn volume_names(&self) -> Vec<String> {
+        self.json(&["volume", "list"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// Imports `file` as `name`; returns the uuid.
     pub fn add_image(&self, name: &str, file: &Path, copies: u32) -> String {
         let out = self.json(&[
