@@ -3273,6 +3273,46 @@ mod tests {
     /// A removal moved the volume's directory out of `volumes/` and the store lost the row (a
     /// store rebuilt by `fsck --repair`): the next `recover` deletes the leftover, which fsck
     /// never reports.
+    /// A removal cut short (its row `removing`, its files not yet moved) whose disk is then
+    /// missing (its filesystem not mounted: the path is gone). The next `recover` cannot
+    /// delete the files: it must keep the row to finish the removal once the disk is back,
+    /// and must not make the disk's path (and `.imgpool/removed-volumes/`) on whatever
+    /// filesystem is under it. Otherwise, once the disk returns, the removed volume's
+    /// directory is still under `volumes/`, no row accounts for it, and fsck lists it again.
+    #[test]
+    fn a_removal_cut_short_on_a_disk_now_missing_is_not_taken_for_done() {
+        let f = fixture(1);
+        f.pool.create_volume("v", None, Some(SIZE), None).unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        // `volume rm` marked it, and died before its files moved.
+        assert!(f
+            .pool
+            .store()
+            .set_volume_state(row.id, VolumeState::Ready, VolumeState::Removing)
+            .unwrap());
+        // The disk goes missing.
+        let away = f.dir.path().join("unmounted");
+        fs::rename(&f.disks[0], &away).unwrap();
+        let recovered = crate::core::recover::recover(&f.pool);
+        let made = f.disks[0].exists();
+        let rows = f.pool.store().volumes().unwrap().len();
+        // The disk comes back.
+        if made {
+            fs::remove_dir_all(&f.disks[0]).unwrap();
+        }
+        fs::rename(&away, &f.disks[0]).unwrap();
+        let findings = crate::core::fsck::check(&f.pool, false).unwrap();
+        assert_eq!(
+            rows, 1,
+            "the row went while the files stayed on the missing disk ({recovered:?}); fsck once it is back: {findings:?}"
+        );
+        assert!(
+            !made,
+            "recover made the missing disk's path {}",
+            f.disks[0].display()
+        );
+    }
+
     #[test]
     fn recovery_deletes_the_files_of_a_removal_no_row_accounts_for() {
         let f = fixture(1);
