@@ -3270,9 +3270,6 @@ mod tests {
         assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
     }
 
-    /// A removal moved the volume's directory out of `volumes/` and the store lost the row (a
-    /// store rebuilt by `fsck --repair`): the next `recover` deletes the leftover, which fsck
-    /// never reports.
     /// A removal cut short (its row `removing`, its files not yet moved) whose disk is then
     /// missing (its filesystem not mounted: the path is gone). The next `recover` cannot
     /// delete the files: it must keep the row to finish the removal once the disk is back,
@@ -3311,8 +3308,60 @@ mod tests {
             "recover made the missing disk's path {}",
             f.disks[0].display()
         );
+        // Back, the next recovery finishes the removal.
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert!(f.pool.store().volumes().unwrap().is_empty());
+        let findings = crate::core::fsck::check(&f.pool, false).unwrap();
+        assert!(findings.is_empty(), "{findings:?}");
     }
 
+    /// `volume rm` of a volume whose disk is missing: one line naming the disk and what to do,
+    /// and nothing changed (not the row, not the disk's path).
+    #[test]
+    fn removing_a_volume_on_a_missing_disk_names_the_disk_and_changes_nothing() {
+        let f = fixture(1);
+        f.pool.create_volume("v", None, Some(SIZE), None).unwrap();
+        let away = f.dir.path().join("unmounted");
+        fs::rename(&f.disks[0], &away).unwrap();
+        let e = f.pool.remove_volume("v", false).unwrap_err().to_string();
+        let made = f.disks[0].exists();
+        let state = f.pool.store().volume("v").unwrap().state;
+        if made {
+            fs::remove_dir_all(&f.disks[0]).unwrap();
+        }
+        fs::rename(&away, &f.disks[0]).unwrap();
+        assert!(
+            e.contains("is on disk") && e.contains("mount the disk's filesystem at"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+        assert_eq!(state, VolumeState::Ready);
+        assert!(!made, "volume rm made the missing disk's path");
+        f.pool.remove_volume("v", false).unwrap();
+        assert!(f.pool.store().volumes().unwrap().is_empty());
+    }
+
+    /// A removal waiting for its missing disk ends when the disk is forgotten (`disk rm`).
+    #[test]
+    fn forgetting_a_missing_disk_ends_the_volume_removals_waiting_for_it() {
+        let f = fixture(1);
+        f.pool.create_volume("v", None, Some(SIZE), None).unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        assert!(f
+            .pool
+            .store()
+            .set_volume_state(row.id, VolumeState::Ready, VolumeState::Removing)
+            .unwrap());
+        fs::rename(&f.disks[0], f.dir.path().join("dead")).unwrap();
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert_eq!(f.pool.store().volumes().unwrap().len(), 1);
+        f.pool.remove_disk("d1").unwrap();
+        assert!(f.pool.store().volumes().unwrap().is_empty());
+    }
+
+    /// A removal moved the volume's directory out of `volumes/` and the store lost the row (a
+    /// store rebuilt by `fsck --repair`): the next `recover` deletes the leftover, which fsck
+    /// never reports.
     #[test]
     fn recovery_deletes_the_files_of_a_removal_no_row_accounts_for() {
         let f = fixture(1);
