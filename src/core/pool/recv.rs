@@ -395,7 +395,9 @@ impl Pool {
     ) -> Result<Received> {
         // A reserved name is refused where a volume would be made under it; a volume an
         // earlier version let its user give such a name (before the prefix was reserved)
-        // stays that user's, and receives.
+        // stays that user's, and receives. Checked here to refuse before the stream is read,
+        // and again where a new volume is made (`receive_checked`): the old volume may be
+        // removed meanwhile.
         let named_before = name.starts_with(STAGED_PREFIX) && self.store.volume(name).is_ok();
         if !named_before {
             check_user_volume_name(name)?;
@@ -510,6 +512,9 @@ impl Pool {
         // Each target is locked and checked before the stream's image records are read.
         let target = match (&existing, &partial) {
             (None, _) => {
+                // No volume has the name (looked up after the reserved-name check above): a
+                // volume made now would be a new one under it.
+                check_user_volume_name(name)?;
                 check_new_target(name, &header)?;
                 // A new volume is made over its base: the image comes first.
                 let base = self.stream_base(&header, reader, &mut received)?;
@@ -3076,6 +3081,65 @@ mod tests {
         let inc = sender.stream("p2", Some(&h[0]), &h[1..2]);
         let got = recv(&f, "recv-tmp-legacy", &inc, PLAIN);
         assert!(got.is_ok(), "{:?}", got.err().map(|e| e.to_string()));
+    }
+
+    /// A whole stream to a name taken by a volume from before the prefix was reserved, removed
+    /// between the receive's name check and its lookup of the volume: refused, as for any
+    /// reserved name, not made as a new volume under it.
+    #[test]
+    fn a_reserved_name_whose_old_volume_goes_meanwhile_is_not_made_again() {
+        struct RemovingFirst<'a> {
+            pool: &'a Pool,
+            inner: StreamReader<&'a [u8]>,
+            removed: bool,
+        }
+        impl Records for RemovingFirst<'_> {
+            fn next(&mut self) -> std::result::Result<Record, StreamError> {
+                if !self.removed {
+                    self.removed = true;
+                    self.pool.remove_volume("recv-tmp-legacy", true).unwrap();
+                }
+                self.inner.next()
+            }
+            fn bytes(&self) -> u64 {
+                self.inner.bytes()
+            }
+        }
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let store = f.pool.store();
+        let v = store.volume("v").unwrap();
+        let spare = f.pool.start_volume("spare", None, SIZE, None).unwrap();
+        assert!(store
+            .swap_volumes(v.id, "recv-tmp-legacy", spare.row.id, "v")
+            .unwrap());
+        assert!(store
+            .set_volume_state(v.id, VolumeState::Removing, VolumeState::Ready)
+            .unwrap());
+        let stream = sender.stream("p2", None, &h[..1]);
+        let records = RemovingFirst {
+            pool: &f.pool,
+            inner: StreamReader::new(&stream[..]).unwrap(),
+            removed: false,
+        };
+        let got = f.pool.receive_checkpointing(
+            "recv-tmp-legacy",
+            Box::new(records),
+            PLAIN,
+            GRANULE,
+            &mut |_| {},
+        );
+        let e = got.err().expect("refused").to_string();
+        assert!(
+            e.contains("are kept for the volumes a receive makes"),
+            "{e}"
+        );
+        assert!(f
+            .pool
+            .volume_row_any_state("recv-tmp-legacy")
+            .unwrap()
+            .is_none());
     }
 
     /// The commands that met a replace in progress poll the old volume's writer lock (the
