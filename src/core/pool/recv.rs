@@ -3334,6 +3334,106 @@ mod tests {
         assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
     }
 
+    /// The `receive.json` of the one volume that has one, swapped for a directory (which
+    /// cannot be removed as a file) once the receive's snapshots took their names: every step
+    /// after that sees it in the way. Returns the path and bytes set aside, to put back.
+    fn receive_json_in_the_way_after_the_names(
+        f: &Fixture,
+    ) -> std::rc::Rc<std::cell::RefCell<Option<(PathBuf, Vec<u8>)>>> {
+        let kept: std::rc::Rc<std::cell::RefCell<Option<(PathBuf, Vec<u8>)>>> = Default::default();
+        let taken = kept.clone();
+        let layout = crate::format::layout::DiskLayout::new(&f.disks[0]);
+        crash_point::at(CrashPoint::SnapshotsRenamed, move || {
+            let path = layout
+                .volume_uuids()
+                .unwrap()
+                .into_iter()
+                .map(|uuid| layout.volume_files(&uuid).receive_state())
+                .find(|path| path.exists())
+                .unwrap();
+            let bytes = fs::read(&path).unwrap();
+            fs::remove_file(&path).unwrap();
+            fs::create_dir_all(path.join("in-the-way")).unwrap();
+            *taken.borrow_mut() = Some((path, bytes));
+        });
+        kept
+    }
+
+    /// An incremental receive whose `receive.json` cannot be removed after its commit: it
+    /// succeeds with its snapshots there, and the next `recover` removes the file.
+    #[test]
+    fn an_incremental_receive_that_committed_succeeds_when_finishing_it_fails() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let kept = receive_json_in_the_way_after_the_names(&f);
+        let got = recv(&f, "v", &sender.stream("p2", Some(&h[1]), &h[2..]), PLAIN)
+            .unwrap_or_else(|e| panic!("a receive that committed failed: {e}"));
+        assert_eq!(got.snapshots, vec!["s3", "s4"]);
+        let (path, bytes) = kept.borrow_mut().take().expect("the commit was reached");
+        fs::remove_dir_all(&path).unwrap();
+        fs::write(&path, bytes).unwrap();
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains("had completed")), "{done:?}");
+        assert_eq!(
+            state(&f, "v"),
+            expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3])
+        );
+        assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
+    }
+
+    /// A whole stream making a new volume, whose `receive.json` cannot be removed after its
+    /// commit: the volume is made (exit 0), with its snapshots.
+    #[test]
+    fn a_new_volume_receive_that_committed_succeeds_when_finishing_it_fails() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let kept = receive_json_in_the_way_after_the_names(&f);
+        let got = recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN)
+            .unwrap_or_else(|e| panic!("a receive that committed failed: {e}"));
+        assert!(got.created);
+        assert_eq!(got.snapshots, vec!["s1", "s2"]);
+        assert_eq!(
+            f.pool.store().volume("v").unwrap().state,
+            VolumeState::Ready
+        );
+        let (path, bytes) = kept.borrow_mut().take().expect("the commit was reached");
+        fs::remove_dir_all(&path).unwrap();
+        fs::write(&path, bytes).unwrap();
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert!(!path.exists(), "recovery left {}", path.display());
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[1]));
+        assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
+    }
+
+    /// The volume's index fails right after it committed a receive's snapshot names (here its
+    /// snapshot table renamed away by another connection): the receive succeeded, and says so.
+    #[test]
+    fn a_receive_whose_index_fails_right_after_its_commit_succeeds() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        let index = f.pool.volume_files_of(&row).unwrap().index();
+        let other = rusqlite::Connection::open(&index).unwrap();
+        crash_point::at(CrashPoint::SnapshotsRenamed, move || {
+            other
+                .execute_batch("ALTER TABLE snapshots RENAME TO snapshots_away")
+                .unwrap();
+        });
+        let got = recv(&f, "v", &sender.stream("p2", Some(&h[1]), &h[2..]), PLAIN);
+        let back = rusqlite::Connection::open(&index).unwrap();
+        back.execute_batch("ALTER TABLE snapshots_away RENAME TO snapshots")
+            .unwrap();
+        let got = got.unwrap_or_else(|e| panic!("a receive that committed failed: {e}"));
+        assert_eq!(got.snapshots, vec!["s3", "s4"]);
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert_eq!(
+            state(&f, "v"),
+            expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3])
+        );
+    }
+
     /// A removal cut short (its row `removing`, its files not yet moved) whose disk is then
     /// missing (its filesystem not mounted: the path is gone). The next `recover` cannot
     /// delete the files: it must keep the row to finish the removal once the disk is back,
