@@ -3132,7 +3132,7 @@ mod tests {
             GRANULE,
             &mut |_| {},
         );
-        let e = got.err().expect("refused").to_string();
+        let e = got.expect_err("refused").to_string();
         assert!(
             e.contains("are kept for the volumes a receive makes"),
             "{e}"
@@ -3336,13 +3336,14 @@ mod tests {
         assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
     }
 
+    /// A file's path and bytes, set aside by a step a test armed.
+    type SetAsideFile = std::rc::Rc<std::cell::RefCell<Option<(PathBuf, Vec<u8>)>>>;
+
     /// The `receive.json` of the one volume that has one, swapped for a directory (which
     /// cannot be removed as a file) once the receive's snapshots took their names: every step
     /// after that sees it in the way. Returns the path and bytes set aside, to put back.
-    fn receive_json_in_the_way_after_the_names(
-        f: &Fixture,
-    ) -> std::rc::Rc<std::cell::RefCell<Option<(PathBuf, Vec<u8>)>>> {
-        let kept: std::rc::Rc<std::cell::RefCell<Option<(PathBuf, Vec<u8>)>>> = Default::default();
+    fn receive_json_in_the_way_after_the_names(f: &Fixture) -> SetAsideFile {
+        let kept: SetAsideFile = Default::default();
         let taken = kept.clone();
         let layout = crate::format::layout::DiskLayout::new(&f.disks[0]);
         crash_point::at(CrashPoint::SnapshotsRenamed, move || {
