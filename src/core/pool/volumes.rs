@@ -472,7 +472,11 @@ impl Pool {
 
     /// Removes a volume and its data; one with snapshots only with `recursive`.
     pub fn remove_volume(&self, name: &str, recursive: bool) -> Result<()> {
-        let info = self.volume(name)?;
+        let row = self.store.volume(name)?;
+        // Its files cannot be deleted while its disk is away: refused, with the disk named,
+        // rather than failing on the first missing path (its snapshots, read next).
+        self.labelled_disk_of(&row)?;
+        let info = self.volume_info(row, false)?;
         if info.snapshots > 0 && !recursive {
             return Err(Error::refused(
                 ErrorKind::InUse,
@@ -482,9 +486,6 @@ impl Pool {
                 ),
             ));
         }
-        // Its files cannot be deleted while its disk is away: refused, with the disk named,
-        // rather than failing on the first missing path.
-        self.labelled_disk_of(&info.volume)?;
         let files = VolumeFiles::new(&info.dir);
         // A volume replaced meanwhile is refused, not removed: its check above (snapshots
         // without --recursive) was of the old one, and the user never saw the new one.
@@ -518,7 +519,7 @@ impl Pool {
 
     /// The disk holding `volume`'s files, if the pool still has it (`None` once forgotten),
     /// refused unless the disk at its path carries its label.
-    fn labelled_disk_of(&self, volume: &VolumeRow) -> Result<Option<DiskRow>> {
+    pub(super) fn labelled_disk_of(&self, volume: &VolumeRow) -> Result<Option<DiskRow>> {
         let Some(disk) = self
             .store
             .disks()?
