@@ -1087,3 +1087,28 @@ fn volume_commands_at_once_and_killed_midway_leave_a_consistent_pool() {
     pool.ok(&["snapshot", "create", "v@after"]);
     assert!(pool.run(&["fsck"]).status.success());
 }
+
+/// `volume rm` of a volume whose disk is missing says which disk and what to do, in one line,
+/// makes nothing at the disk's path, and removes the volume once the disk is back.
+#[test]
+fn removing_a_volume_on_a_missing_disk_names_the_disk() {
+    let pool = TestPool::new(1);
+    pool.ok(&["volume", "create", "vm1", "--size", "1MiB"]);
+    let away = pool.path("unmounted");
+    std::fs::rename(&pool.disks[0], &away).unwrap();
+    let line = pool.fails(&["volume", "rm", "vm1"]);
+    let made = pool.disks[0].exists();
+    std::fs::rename(&away, &pool.disks[0]).unwrap_or_else(|e| panic!("{line}; {made}: {e}"));
+    assert!(
+        line.contains("volume 'vm1' is on disk 'd1'")
+            && line.contains(&format!(
+                "mount the disk's filesystem at {}",
+                pool.disks[0].display()
+            )),
+        "{line}"
+    );
+    assert!(!made, "volume rm made the missing disk's path");
+    assert_eq!(pool.volume_names(), ["vm1"]);
+    pool.ok(&["volume", "rm", "vm1"]);
+    assert!(pool.volume_names().is_empty());
+}

@@ -7,9 +7,13 @@
 //! the binary (what `cargo test` runs in `tests/`), `IMGPOOL_TEST_DIE_AT=POINT` makes the
 //! process send itself SIGKILL there. A release build has neither: `reached` does nothing.
 
-/// An instant of a replacing receive (docs/send-receive.md, "Replacing a volume").
+/// An instant of a receive's commit (docs/send-receive.md, "Replacing a volume") or of a
+/// volume's removal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CrashPoint {
+    /// A receive's snapshots took their names in the volume's index (an existing volume's
+    /// commit point); nothing else of the commit ran.
+    SnapshotsRenamed,
     /// The new volume's `volume.json` has the final name; the store swap has not run.
     ReplaceRecordRenamed,
     /// The store swap committed; the new volume's `receive.json` is still there.
@@ -25,6 +29,7 @@ impl CrashPoint {
     #[cfg(any(test, debug_assertions))]
     pub fn name(self) -> &'static str {
         match self {
+            CrashPoint::SnapshotsRenamed => "snapshots-renamed",
             CrashPoint::ReplaceRecordRenamed => "replace-record-renamed",
             CrashPoint::ReplaceSwapped => "replace-swapped",
             CrashPoint::RemovalMoved => "removal-moved",

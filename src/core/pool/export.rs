@@ -155,6 +155,12 @@ impl Pool {
             if volume.state() != "ready" {
                 continue;
             }
+            // In a recovery, a volume whose disk is away (missing, wrong label) has nothing to
+            // clean now: the next recovery does it once the disk is back. Failing instead
+            // failed every command that changes the pool while that disk was away.
+            if only.is_none() && self.labelled_disk_of(&volume.volume).is_err() {
+                continue;
+            }
             let files = VolumeFiles::new(&volume.dir);
             for (prefix, token) in kinds {
                 let names = crate::core::volume::snapshots_named(&files, prefix).ctx(|| {

@@ -395,7 +395,9 @@ impl Pool {
     ) -> Result<Received> {
         // A reserved name is refused where a volume would be made under it; a volume an
         // earlier version let its user give such a name (before the prefix was reserved)
-        // stays that user's, and receives.
+        // stays that user's, and receives. Checked here to refuse before the stream is read,
+        // and again where a new volume is made (`receive_checked`): the old volume may be
+        // removed meanwhile.
         let named_before = name.starts_with(STAGED_PREFIX) && self.store.volume(name).is_ok();
         if !named_before {
             check_user_volume_name(name)?;
@@ -510,6 +512,9 @@ impl Pool {
         // Each target is locked and checked before the stream's image records are read.
         let target = match (&existing, &partial) {
             (None, _) => {
+                // No volume has the name (looked up after the reserved-name check above): a
+                // volume made now would be a new one under it.
+                check_user_volume_name(name)?;
                 check_new_target(name, &header)?;
                 // A new volume is made over its base: the image comes first.
                 let base = self.stream_base(&header, reader, &mut received)?;
@@ -3032,9 +3037,11 @@ mod tests {
                 .unwrap();
             waiting.unwrap().join().unwrap()
         });
+        // Refused as a command that met the replacement, not as one that found the volume held
+        // (whose line also says to retry).
         let e = removed.expect_err("the volume rm went through").to_string();
         assert!(
-            !e.contains("os error") && (e.contains("again") || e.contains("retry")),
+            e.contains("was replaced") && e.contains("run the command again"),
             "{e}"
         );
         assert_eq!(state(&f, "v"), expected(&[&o[0], &o[1]], &o[2]));
@@ -3076,6 +3083,65 @@ mod tests {
         let inc = sender.stream("p2", Some(&h[0]), &h[1..2]);
         let got = recv(&f, "recv-tmp-legacy", &inc, PLAIN);
         assert!(got.is_ok(), "{:?}", got.err().map(|e| e.to_string()));
+    }
+
+    /// A whole stream to a name taken by a volume from before the prefix was reserved, removed
+    /// between the receive's name check and its lookup of the volume: refused, as for any
+    /// reserved name, not made as a new volume under it.
+    #[test]
+    fn a_reserved_name_whose_old_volume_goes_meanwhile_is_not_made_again() {
+        struct RemovingFirst<'a> {
+            pool: &'a Pool,
+            inner: StreamReader<&'a [u8]>,
+            removed: bool,
+        }
+        impl Records for RemovingFirst<'_> {
+            fn next(&mut self) -> std::result::Result<Record, StreamError> {
+                if !self.removed {
+                    self.removed = true;
+                    self.pool.remove_volume("recv-tmp-legacy", true).unwrap();
+                }
+                self.inner.next()
+            }
+            fn bytes(&self) -> u64 {
+                self.inner.bytes()
+            }
+        }
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..1]), PLAIN).unwrap();
+        let store = f.pool.store();
+        let v = store.volume("v").unwrap();
+        let spare = f.pool.start_volume("spare", None, SIZE, None).unwrap();
+        assert!(store
+            .swap_volumes(v.id, "recv-tmp-legacy", spare.row.id, "v")
+            .unwrap());
+        assert!(store
+            .set_volume_state(v.id, VolumeState::Removing, VolumeState::Ready)
+            .unwrap());
+        let stream = sender.stream("p2", None, &h[..1]);
+        let records = RemovingFirst {
+            pool: &f.pool,
+            inner: StreamReader::new(&stream[..]).unwrap(),
+            removed: false,
+        };
+        let got = f.pool.receive_checkpointing(
+            "recv-tmp-legacy",
+            Box::new(records),
+            PLAIN,
+            GRANULE,
+            &mut |_| {},
+        );
+        let e = got.expect_err("refused").to_string();
+        assert!(
+            e.contains("are kept for the volumes a receive makes"),
+            "{e}"
+        );
+        assert!(f
+            .pool
+            .volume_row_any_state("recv-tmp-legacy")
+            .unwrap()
+            .is_none());
     }
 
     /// The commands that met a replace in progress poll the old volume's writer lock (the
@@ -3268,6 +3334,196 @@ mod tests {
         assert_eq!(state(&f, "v"), expected(&[&o[0], &o[1]], &o[2]));
         assert_eq!(rows_and_dirs(&f).0.len(), 1);
         assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
+    }
+
+    /// A file's path and bytes, set aside by a step a test armed.
+    type SetAsideFile = std::rc::Rc<std::cell::RefCell<Option<(PathBuf, Vec<u8>)>>>;
+
+    /// The `receive.json` of the one volume that has one, swapped for a directory (which
+    /// cannot be removed as a file) once the receive's snapshots took their names: every step
+    /// after that sees it in the way. Returns the path and bytes set aside, to put back.
+    fn receive_json_in_the_way_after_the_names(f: &Fixture) -> SetAsideFile {
+        let kept: SetAsideFile = Default::default();
+        let taken = kept.clone();
+        let layout = crate::format::layout::DiskLayout::new(&f.disks[0]);
+        crash_point::at(CrashPoint::SnapshotsRenamed, move || {
+            let path = layout
+                .volume_uuids()
+                .unwrap()
+                .into_iter()
+                .map(|uuid| layout.volume_files(&uuid).receive_state())
+                .find(|path| path.exists())
+                .unwrap();
+            let bytes = fs::read(&path).unwrap();
+            fs::remove_file(&path).unwrap();
+            fs::create_dir_all(path.join("in-the-way")).unwrap();
+            *taken.borrow_mut() = Some((path, bytes));
+        });
+        kept
+    }
+
+    /// An incremental receive whose `receive.json` cannot be removed after its commit: it
+    /// succeeds with its snapshots there, and the next `recover` removes the file.
+    #[test]
+    fn an_incremental_receive_that_committed_succeeds_when_finishing_it_fails() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let kept = receive_json_in_the_way_after_the_names(&f);
+        let got = recv(&f, "v", &sender.stream("p2", Some(&h[1]), &h[2..]), PLAIN)
+            .unwrap_or_else(|e| panic!("a receive that committed failed: {e}"));
+        assert_eq!(got.snapshots, vec!["s3", "s4"]);
+        let (path, bytes) = kept.borrow_mut().take().expect("the commit was reached");
+        fs::remove_dir_all(&path).unwrap();
+        fs::write(&path, bytes).unwrap();
+        let done = crate::core::recover::recover(&f.pool).unwrap();
+        assert!(done.iter().any(|d| d.contains("had completed")), "{done:?}");
+        assert_eq!(
+            state(&f, "v"),
+            expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3])
+        );
+        assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
+    }
+
+    /// A whole stream making a new volume, whose `receive.json` cannot be removed after its
+    /// commit: the volume is made (exit 0), with its snapshots.
+    #[test]
+    fn a_new_volume_receive_that_committed_succeeds_when_finishing_it_fails() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        let kept = receive_json_in_the_way_after_the_names(&f);
+        let got = recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN)
+            .unwrap_or_else(|e| panic!("a receive that committed failed: {e}"));
+        assert!(got.created);
+        assert_eq!(got.snapshots, vec!["s1", "s2"]);
+        assert_eq!(
+            f.pool.store().volume("v").unwrap().state,
+            VolumeState::Ready
+        );
+        let (path, bytes) = kept.borrow_mut().take().expect("the commit was reached");
+        fs::remove_dir_all(&path).unwrap();
+        fs::write(&path, bytes).unwrap();
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert!(!path.exists(), "recovery left {}", path.display());
+        assert_eq!(state(&f, "v"), expected(&[&h[0], &h[1]], &h[1]));
+        assert!(crate::core::fsck::check(&f.pool, false).unwrap().is_empty());
+    }
+
+    /// The volume's index fails right after it committed a receive's snapshot names (here its
+    /// snapshot table renamed away by another connection): the receive succeeded, and says so.
+    #[test]
+    fn a_receive_whose_index_fails_right_after_its_commit_succeeds() {
+        let (f, sender) = setup();
+        let h = history(&sender);
+        recv(&f, "v", &sender.stream("p1", None, &h[..2]), PLAIN).unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        let index = f.pool.volume_files_of(&row).unwrap().index();
+        let other = rusqlite::Connection::open(&index).unwrap();
+        crash_point::at(CrashPoint::SnapshotsRenamed, move || {
+            other
+                .execute_batch("ALTER TABLE snapshots RENAME TO snapshots_away")
+                .unwrap();
+        });
+        let got = recv(&f, "v", &sender.stream("p2", Some(&h[1]), &h[2..]), PLAIN);
+        let back = rusqlite::Connection::open(&index).unwrap();
+        back.execute_batch("ALTER TABLE snapshots_away RENAME TO snapshots")
+            .unwrap();
+        let got = got.unwrap_or_else(|e| panic!("a receive that committed failed: {e}"));
+        assert_eq!(got.snapshots, vec!["s3", "s4"]);
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert_eq!(
+            state(&f, "v"),
+            expected(&[&h[0], &h[1], &h[2], &h[3]], &h[3])
+        );
+    }
+
+    /// A removal cut short (its row `removing`, its files not yet moved) whose disk is then
+    /// missing (its filesystem not mounted: the path is gone). The next `recover` cannot
+    /// delete the files: it must keep the row to finish the removal once the disk is back,
+    /// and must not make the disk's path (and `.imgpool/removed-volumes/`) on whatever
+    /// filesystem is under it. Otherwise, once the disk returns, the removed volume's
+    /// directory is still under `volumes/`, no row accounts for it, and fsck lists it again.
+    #[test]
+    fn a_removal_cut_short_on_a_disk_now_missing_is_not_taken_for_done() {
+        let f = fixture(1);
+        f.pool.create_volume("v", None, Some(SIZE), None).unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        // `volume rm` marked it, and died before its files moved.
+        assert!(f
+            .pool
+            .store()
+            .set_volume_state(row.id, VolumeState::Ready, VolumeState::Removing)
+            .unwrap());
+        // The disk goes missing.
+        let away = f.dir.path().join("unmounted");
+        fs::rename(&f.disks[0], &away).unwrap();
+        let recovered = crate::core::recover::recover(&f.pool);
+        let made = f.disks[0].exists();
+        let rows = f.pool.store().volumes().unwrap().len();
+        // The disk comes back.
+        if made {
+            fs::remove_dir_all(&f.disks[0]).unwrap();
+        }
+        fs::rename(&away, &f.disks[0]).unwrap();
+        let findings = crate::core::fsck::check(&f.pool, false).unwrap();
+        assert_eq!(
+            rows, 1,
+            "the row went while the files stayed on the missing disk ({recovered:?}); fsck once it is back: {findings:?}"
+        );
+        assert!(
+            !made,
+            "recover made the missing disk's path {}",
+            f.disks[0].display()
+        );
+        // Back, the next recovery finishes the removal.
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert!(f.pool.store().volumes().unwrap().is_empty());
+        let findings = crate::core::fsck::check(&f.pool, false).unwrap();
+        assert!(findings.is_empty(), "{findings:?}");
+    }
+
+    /// `volume rm` of a volume whose disk is missing: one line naming the disk and what to do,
+    /// and nothing changed (not the row, not the disk's path).
+    #[test]
+    fn removing_a_volume_on_a_missing_disk_names_the_disk_and_changes_nothing() {
+        let f = fixture(1);
+        f.pool.create_volume("v", None, Some(SIZE), None).unwrap();
+        let away = f.dir.path().join("unmounted");
+        fs::rename(&f.disks[0], &away).unwrap();
+        let e = f.pool.remove_volume("v", false).unwrap_err().to_string();
+        let made = f.disks[0].exists();
+        let state = f.pool.store().volume("v").unwrap().state;
+        if made {
+            fs::remove_dir_all(&f.disks[0]).unwrap();
+        }
+        fs::rename(&away, &f.disks[0]).unwrap();
+        assert!(
+            e.contains("is on disk") && e.contains("mount the disk's filesystem at"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'), "{e}");
+        assert_eq!(state, VolumeState::Ready);
+        assert!(!made, "volume rm made the missing disk's path");
+        f.pool.remove_volume("v", false).unwrap();
+        assert!(f.pool.store().volumes().unwrap().is_empty());
+    }
+
+    /// A removal waiting for its missing disk ends when the disk is forgotten (`disk rm`).
+    #[test]
+    fn forgetting_a_missing_disk_ends_the_volume_removals_waiting_for_it() {
+        let f = fixture(1);
+        f.pool.create_volume("v", None, Some(SIZE), None).unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        assert!(f
+            .pool
+            .store()
+            .set_volume_state(row.id, VolumeState::Ready, VolumeState::Removing)
+            .unwrap());
+        fs::rename(&f.disks[0], f.dir.path().join("dead")).unwrap();
+        crate::core::recover::recover(&f.pool).unwrap();
+        assert_eq!(f.pool.store().volumes().unwrap().len(), 1);
+        f.pool.remove_disk("d1").unwrap();
+        assert!(f.pool.store().volumes().unwrap().is_empty());
     }
 
     /// A removal moved the volume's directory out of `volumes/` and the store lost the row (a

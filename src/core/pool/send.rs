@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::volumes::VolumeLock;
 use super::Pool;
-use crate::core::store::VolumeRow;
+use crate::core::store::{VolumeRow, VolumeState};
 use crate::core::volume::send::{
     package_snapshots, stream_snapshot, Package, SendProgress, SendSource, Sent,
 };
@@ -156,13 +156,15 @@ impl Pool {
                 .store
                 .volumes()?
                 .into_iter()
-                .find(|v| v.uuid == token.volume_uuid)
+                // A row not `ready` is no volume to send: a removal under way, or the hidden
+                // row of a volume a `recv --force` replaced (named after a reserved prefix).
+                .find(|v| v.uuid == token.volume_uuid && v.state == VolumeState::Ready)
                 .map(|v| v.name)
                 .ok_or_else(|| {
                     Error::refused(
                         ErrorKind::NotFound,
                         format!(
-                            "no volume has uuid {} any more: the volume the interrupted send read is gone, so its package cannot be resumed (`imgpool recv --abort VOLUME` on the receiving side drops the partial receive)",
+                            "no volume has uuid {} any more: the volume the interrupted send read is gone (removed, or replaced by a `recv --force`), so its package cannot be resumed: drop the partial receive (`imgpool recv --abort VOLUME` on the receiving side) and send the volume again",
                             token.volume_uuid
                         ),
                     )
@@ -606,6 +608,39 @@ mod tests {
                 granule: 1,
             },
         }
+    }
+
+    /// The interrupted send's volume was replaced by a `recv --force`: its uuid now names the
+    /// replaced volume's hidden row, being removed. The resume says the volume is gone, and
+    /// never names that row.
+    #[test]
+    fn a_resume_whose_volume_was_replaced_says_it_is_gone() {
+        let f = crate::core::pool::fixture(1);
+        f.pool
+            .create_volume("v", None, Some(1 << 20), None)
+            .unwrap();
+        let row = f.pool.store().volume("v").unwrap();
+        assert!(f
+            .pool
+            .store()
+            .set_volume_state(row.id, VolumeState::Ready, VolumeState::Removing)
+            .unwrap());
+        let all = [snapshot(1, "s1"), snapshot(2, "s2")];
+        let t = ResumeToken {
+            volume_uuid: row.uuid.clone(),
+            ..token(&all, "s1", "s2", false)
+        };
+        let e = f
+            .pool
+            .prepare_send(&SendSpec::Resume(&t))
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            e.contains(&format!("no volume has uuid {} any more", row.uuid))
+                && e.contains("send the volume again"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -472,7 +472,11 @@ impl Pool {
 
     /// Removes a volume and its data; one with snapshots only with `recursive`.
     pub fn remove_volume(&self, name: &str, recursive: bool) -> Result<()> {
-        let info = self.volume(name)?;
+        let row = self.store.volume(name)?;
+        // Its files cannot be deleted while its disk is away: refused, with the disk named,
+        // rather than failing on the first missing path (its snapshots, read next).
+        self.labelled_disk_of(&row)?;
+        let info = self.volume_info(row, false)?;
         if info.snapshots > 0 && !recursive {
             return Err(Error::refused(
                 ErrorKind::InUse,
@@ -500,18 +504,42 @@ impl Pool {
     }
 
     /// Deletes a `removing` volume's files, then its row (any command may finish a removal).
+    /// Only on its disk carrying its label: on a disk that is missing (or has another
+    /// filesystem at its path) no file is found, which is not "deleted", so the row stays
+    /// `removing` and the next recovery tries again (at the next start, and in every repair
+    /// round of a mount). A disk the pool forgot (`disk rm`) takes the row with it.
     pub(crate) fn finish_volume_removal(&self, volume: &VolumeRow) -> Result<()> {
-        let disk = self
-            .store
-            .disks()?
-            .into_iter()
-            .find(|d| d.id == volume.disk_id);
-        if let Some(disk) = disk {
+        if let Some(disk) = self.labelled_disk_of(volume)? {
             remove_volume_files(&DiskLayout::new(&disk.path), &volume.uuid)?;
         }
         crash_point::reached(CrashPoint::RemovalDeleted);
         self.store.delete_volume(volume.id, VolumeState::Removing)?;
         Ok(())
+    }
+
+    /// The disk holding `volume`'s files, if the pool still has it (`None` once forgotten),
+    /// refused unless the disk at its path carries its label.
+    pub(super) fn labelled_disk_of(&self, volume: &VolumeRow) -> Result<Option<DiskRow>> {
+        let Some(disk) = self
+            .store
+            .disks()?
+            .into_iter()
+            .find(|d| d.id == volume.disk_id)
+        else {
+            return Ok(None);
+        };
+        match self.disk_health(&disk).problem() {
+            None => Ok(Some(disk)),
+            Some(problem) => Err(Error::refused(
+                ErrorKind::Conflict,
+                format!(
+                    "volume '{}' is on disk '{}', which is not reachable ({problem}): mount the disk's filesystem at {} and run again",
+                    volume.name,
+                    disk.name,
+                    disk.path.display()
+                ),
+            )),
+        }
     }
 
     /// Deletes the directories of removed volumes that no row accounts for: a removal whose
@@ -532,10 +560,12 @@ impl Pool {
                     continue;
                 }
                 match delete_removed_volume(&layout.removed_volume_dir(&uuid)) {
-                    Ok(()) => done.push(format!(
+                    Ok(Deleted::ByUs) => done.push(format!(
                         "deleted the files of a removed volume ({uuid}) on disk '{}'",
                         disk.name
                     )),
+                    // Another process finishing the same removal deleted them.
+                    Ok(Deleted::Already) => {}
                     Err(e) => tracing::warn!("{e}"),
                 }
             }
@@ -569,8 +599,18 @@ pub(super) fn remove_volume_files(layout: &DiskLayout, uuid: &str) -> Result<()>
     let dir = files.dir();
     let removed = layout.removed_volume_dir(uuid);
     let removed_parent = removed.parent().expect("in removed-volumes/");
-    fs::create_dir_all(removed_parent)
-        .ctx(|| format!("cannot create {}", removed_parent.display()))?;
+    // Made only inside the disk's pool directory, never with it: a disk path without it is
+    // not the disk (unmounted), and nothing is created on what lies under it.
+    match fs::create_dir(removed_parent) {
+        Ok(()) => fsync_dir(removed_parent.parent().expect("in the pool directory"))?,
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("cannot create {}", removed_parent.display()),
+                e,
+            ))
+        }
+    }
     match fs::rename(dir, &removed) {
         Ok(()) => {
             if let Some(parent) = dir.parent() {
@@ -587,11 +627,20 @@ pub(super) fn remove_volume_files(layout: &DiskLayout, uuid: &str) -> Result<()>
         }
     }
     crash_point::reached(CrashPoint::RemovalMoved);
-    delete_removed_volume(&removed)
+    delete_removed_volume(&removed).map(|_| ())
+}
+
+/// Who deleted a removed volume's directory.
+#[derive(Debug)]
+enum Deleted {
+    ByUs,
+    /// It was gone when we looked, or went while we deleted it: another process finishing the
+    /// same removal.
+    Already,
 }
 
 /// Deletes a removed volume's moved directory (`remove_volume_files`); missing is fine.
-fn delete_removed_volume(removed: &std::path::Path) -> Result<()> {
+fn delete_removed_volume(removed: &std::path::Path) -> Result<Deleted> {
     // A command that found the directory at its old path an instant before the move may still
     // create its lock file in it after the move: the deletion then meets a directory that is
     // not empty, and goes again. Nothing else can reach it.
@@ -599,17 +648,62 @@ fn delete_removed_volume(removed: &std::path::Path) -> Result<()> {
     loop {
         match fs::remove_dir_all(removed) {
             Ok(()) => break,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            // Another process finishing the same removal deleted part of it meanwhile.
-            Err(_) if !removed.exists() => return Ok(()),
-            Err(e) if e.kind() == io::ErrorKind::DirectoryNotEmpty && attempts < 10 => {
+            Err(e) => {
+                // Gone only when a look says so: a look that fails otherwise (EIO, EACCES) is
+                // not "gone", and the removal fails, keeping its row.
+                let gone = matches!(fs::symlink_metadata(removed),
+                    Err(look) if look.kind() == io::ErrorKind::NotFound);
+                if gone {
+                    return Ok(Deleted::Already);
+                }
+                // Another process finishing the same removal deleted part of it meanwhile
+                // (NotFound), or a lock file came.
+                let retry = matches!(
+                    e.kind(),
+                    io::ErrorKind::NotFound | io::ErrorKind::DirectoryNotEmpty
+                );
+                if !retry || attempts >= 10 {
+                    return Err(Error::io(format!("cannot delete {}", removed.display()), e));
+                }
                 attempts += 1;
             }
-            Err(e) => return Err(Error::io(format!("cannot delete {}", removed.display()), e)),
         }
     }
     if let Some(parent) = removed.parent() {
         fsync_dir(parent)?;
     }
-    Ok(())
+    Ok(Deleted::ByUs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deletion whose look at the directory fails otherwise than "not found" (here ELOOP;
+    /// EIO and EACCES alike) is a failure, not a removal done.
+    #[test]
+    fn a_removed_volume_that_cannot_be_looked_at_is_not_taken_for_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let looping = dir.path().join("loop");
+        std::os::unix::fs::symlink(&looping, &looping).unwrap();
+        let e = delete_removed_volume(&looping.join("uuid")).unwrap_err();
+        assert!(e.to_string().contains("cannot delete"), "{e}");
+    }
+
+    #[test]
+    fn a_removed_volume_already_gone_is_not_said_to_be_deleted_by_us() {
+        let dir = tempfile::tempdir().unwrap();
+        let removed = dir.path().join("uuid");
+        assert!(matches!(
+            delete_removed_volume(&removed).unwrap(),
+            Deleted::Already
+        ));
+        fs::create_dir(&removed).unwrap();
+        fs::write(removed.join("index"), b"x").unwrap();
+        assert!(matches!(
+            delete_removed_volume(&removed).unwrap(),
+            Deleted::ByUs
+        ));
+        assert!(!removed.exists());
+    }
 }

@@ -484,11 +484,19 @@ impl Store {
         self.run(|c| volumes_on(c, disk_id))
     }
 
-    /// Forgets a disk whose copies were all forgotten (`forget_disk_copies`) first.
+    /// Forgets a disk whose copies were all forgotten (`forget_disk_copies`) first. Volume
+    /// removals waiting for the disk to come back (`removing`) end with it: their files are
+    /// on a disk the pool no longer has.
     pub fn delete_disk(&self, id: i64) -> Result<()> {
         self.write(|tx| {
             copies::delete_on_disk(tx, id)
-                .and_then(|()| tx.execute("DELETE FROM disks WHERE id = ?1", [id]))
+                .and_then(|()| {
+                    tx.execute(
+                        "DELETE FROM volumes WHERE disk_id = ?1 AND state = 'removing'",
+                        [id],
+                    )
+                })
+                .and_then(|_| tx.execute("DELETE FROM disks WHERE id = ?1", [id]))
                 .map_err(|e| self.err(e))?;
             Ok(())
         })

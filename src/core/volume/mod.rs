@@ -37,6 +37,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::core::crash_point::{self, CrashPoint};
 use crate::format::volume::{VolumeFiles, BLOCK, BLOCKS_PER_GRANULE, GRANULE};
 
 use data::DataFile;
@@ -948,20 +949,25 @@ impl Volume {
             .chain(deletes.iter().copied())
             .collect();
         state.refuse_if_read(&touched)?;
+        // The newest snapshot is read inside the transaction: a receive's names are committed
+        // by it, and nothing after the commit may fail (the receive would say it failed, with
+        // its snapshots there).
         let changed = state
             .index
             .delete_snapshots(deletes)
-            .and_then(|()| state.index.rename_snapshots(renames));
-        if let Err(e) = changed {
-            // A name taken: nothing of the batch stays.
-            state.index.abandon();
-            return Err(index_error(e));
-        }
+            .and_then(|()| state.index.rename_snapshots(renames))
+            .and_then(|()| state.index.newest_snapshot_epoch());
+        let newest = match changed {
+            Ok(newest) => newest,
+            Err(e) => {
+                // A name taken: nothing of the batch stays.
+                state.index.abandon();
+                return Err(index_error(e));
+            }
+        };
         state.index.commit().map_err(|e| state.break_on(e))?;
-        state.newest_snapshot = state
-            .index
-            .newest_snapshot_epoch()
-            .map_err(|e| state.break_on(e))?;
+        crash_point::reached(CrashPoint::SnapshotsRenamed);
+        state.newest_snapshot = newest;
         Ok(())
     }
 
@@ -970,15 +976,15 @@ impl Volume {
         let mut state = self.state.lock();
         state.refuse_if_read(epochs)?;
         self.commit_locked(&mut state)?;
-        state
+        // Read inside the transaction, as in `rename_and_delete_snapshots`: nothing after the
+        // commit may fail.
+        let newest = state
             .index
             .delete_snapshots(epochs)
+            .and_then(|()| state.index.newest_snapshot_epoch())
             .map_err(|e| state.break_on(e))?;
         state.index.commit().map_err(|e| state.break_on(e))?;
-        state.newest_snapshot = state
-            .index
-            .newest_snapshot_epoch()
-            .map_err(|e| state.break_on(e))?;
+        state.newest_snapshot = newest;
         Ok(())
     }
 
