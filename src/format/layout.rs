@@ -259,24 +259,28 @@ impl DiskLayout {
     }
 }
 
-fn uuids_in(dir: &Path, extension: &str) -> Result<Vec<String>> {
+/// The paths in `dir` (none when it does not exist).
+fn paths_in(dir: &Path) -> Result<Vec<PathBuf>> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
     };
-    let mut uuids = Vec::new();
-    for entry in entries {
-        let path = entry
-            .ctx(|| format!("cannot list {}", dir.display()))?
-            .path();
-        if path.extension().and_then(|e| e.to_str()) == Some(extension) {
-            if let Some(stem) = path.file_stem().and_then(|s| s.to_str()) {
-                uuids.push(stem.to_string());
-            }
-        }
-    }
-    Ok(uuids)
+    entries
+        .map(|entry| {
+            entry
+                .map(|e| e.path())
+                .ctx(|| format!("cannot list {}", dir.display()))
+        })
+        .collect()
+}
+
+fn uuids_in(dir: &Path, extension: &str) -> Result<Vec<String>> {
+    Ok(paths_in(dir)?
+        .into_iter()
+        .filter(|path| path.extension().and_then(|e| e.to_str()) == Some(extension))
+        .filter_map(|path| Some(path.file_stem()?.to_str()?.to_string()))
+        .collect())
 }
 
 fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
@@ -341,18 +345,11 @@ pub fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The names of the directories in `dir` (none when it does not exist), sorted.
 fn dirs_in(dir: &Path) -> Result<Vec<String>> {
-    let entries = match fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(format!("cannot list {}", dir.display()), e)),
-    };
-    let mut names = Vec::new();
-    for entry in entries {
-        let entry = entry.ctx(|| format!("cannot list {}", dir.display()))?;
-        if entry.path().is_dir() {
-            names.push(entry.file_name().to_string_lossy().into_owned());
-        }
-    }
+    let mut names: Vec<String> = paths_in(dir)?
+        .into_iter()
+        .filter(|path| path.is_dir())
+        .filter_map(|path| Some(path.file_name()?.to_string_lossy().into_owned()))
+        .collect();
     names.sort();
     Ok(names)
 }
