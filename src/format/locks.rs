@@ -19,9 +19,22 @@ pub fn exclusive_flock_holder(path: &Path) -> Result<Option<u32>> {
             ))
         }
     };
-    let table = std::fs::read_to_string("/proc/locks").ctx(|| "cannot read /proc/locks".into())?;
-    Ok(holder_in(&table, meta.dev(), meta.ino()))
+    // The kernel hands `/proc/locks` out a page at a time and walks its list again for each:
+    // a lock released meanwhile before ours shifts ours into the page already read, and it is
+    // missed (a run of the unit tests, whose threads take and drop locks all the time, once
+    // saw a held lock reported free). A miss is read again; a lock found is certain.
+    for _ in 0..LOCK_TABLE_READS {
+        let table =
+            std::fs::read_to_string("/proc/locks").ctx(|| "cannot read /proc/locks".into())?;
+        if let Some(pid) = holder_in(&table, meta.dev(), meta.ino()) {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
 }
+
+/// Reads of the lock table before a lock is taken for not held.
+const LOCK_TABLE_READS: usize = 3;
 
 /// Lines look like `1: FLOCK  ADVISORY  WRITE 14349 fe:00:10272884 0 EOF`: kind, mode, access,
 /// pid, then the file as `major:minor:inode` (major and minor in hex).
