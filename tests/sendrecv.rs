@@ -694,6 +694,69 @@ fn sends_and_receives_run_at_once_and_every_success_holds() {
         exported_sha512(&there, "w-now", "w"),
         exported_sha512(&here, "v-now", "v")
     );
+
+    // Two replaces of w at once (`recv --force` of two unlike whole streams) and a snapshot
+    // racing them: each replace succeeds or fails with one line; w ends as exactly the volume
+    // of one stream that succeeded, alone under its name, with no directory left of another.
+    here.ok(&["volume", "create", "u", "--size", &(4 * MIB).to_string()]);
+    here.ok(&["snapshot", "create", "u@t1"]);
+    let other = here.path("s3");
+    let sent = at_once(&here, &[(&["send", "u@t1"], None, &other)]);
+    assert!(sent[0].status.success(), "{sent:?}");
+    let replaces = at_once(
+        &there,
+        &[
+            (&["recv", "w", "--force"], Some(&streams[2]), &outputs[0]),
+            (&["recv", "w", "--force"], Some(&other), &outputs[1]),
+            (&["snapshot", "create", "w@racing"], None, &there.path("o3")),
+        ],
+    );
+    let racing = &replaces[2];
+    let won: Vec<&str> = replaces[..2]
+        .iter()
+        .zip(["s1", "t1"])
+        .filter(|(o, _)| o.status.success())
+        .map(|(_, snap)| snap)
+        .collect();
+    assert!(!won.is_empty(), "{replaces:?}");
+    for refused in replaces.iter().filter(|o| !o.status.success()) {
+        failed_cleanly("a replace or the racing snapshot", refused);
+    }
+    let names: Vec<String> = snapshot_list(&there, "w")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let received: Vec<&String> = names.iter().filter(|n| *n != "racing").collect();
+    assert!(
+        received.len() == 1 && won.contains(&received[0].as_str()),
+        "w has {names:?}; the replaces that succeeded sent {won:?}"
+    );
+    let kept = received[0].clone();
+    // The racing snapshot, when taken, is on w (taken after the last replace) or was
+    // discarded by a replace that said so.
+    if racing.status.success() && !names.iter().any(|n| n == "racing") {
+        let said: String = outputs
+            .iter()
+            .map(|o| std::fs::read_to_string(o).unwrap())
+            .collect();
+        assert!(
+            said.lines()
+                .any(|l| l.starts_with("discarded") && l.contains("racing")),
+            "the snapshot 'racing' was taken and is gone, and no replace said it discarded it: {said}"
+        );
+    }
+    let source = if kept == "s1" { "v@s1" } else { "u@t1" };
+    assert_eq!(
+        exported_sha512(&there, "w-replaced", &format!("w@{kept}")),
+        exported_sha512(&here, "source-replaced", source)
+    );
+    assert_eq!(there.volume_names(), ["w"]);
+    there.ok(&["fsck"]);
+    assert_eq!(
+        volume_dirs(&there),
+        1,
+        "a replaced volume's directory is left"
+    );
     for pool in [&here, &there] {
         pool.ok(&["fsck"]);
     }
