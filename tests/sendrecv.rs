@@ -697,7 +697,8 @@ fn sends_and_receives_run_at_once_and_every_success_holds() {
 
     // Two replaces of w at once (`recv --force` of two unlike whole streams) and a snapshot
     // racing them: each replace succeeds or fails with one line; w ends as exactly the volume
-    // of one stream that succeeded, alone under its name, with no directory left of another.
+    // of one stream that succeeded (or as it was, when none did), alone under its name, with
+    // no directory left of another.
     here.ok(&["volume", "create", "u", "--size", &(4 * MIB).to_string()]);
     here.ok(&["snapshot", "create", "u@t1"]);
     let other = here.path("s3");
@@ -718,7 +719,6 @@ fn sends_and_receives_run_at_once_and_every_success_holds() {
         .filter(|(o, _)| o.status.success())
         .map(|(_, snap)| snap)
         .collect();
-    assert!(!won.is_empty(), "{replaces:?}");
     for refused in replaces.iter().filter(|o| !o.status.success()) {
         failed_cleanly("a replace or the racing snapshot", refused);
     }
@@ -727,9 +727,12 @@ fn sends_and_receives_run_at_once_and_every_success_holds() {
         .map(|(n, _)| n)
         .collect();
     let received: Vec<&String> = names.iter().filter(|n| *n != "racing").collect();
+    // Both replaces may be refused (the snapshot held the volume when each tried): then w is
+    // as it was, s1.
     assert!(
-        received.len() == 1 && won.contains(&received[0].as_str()),
-        "w has {names:?}; the replaces that succeeded sent {won:?}"
+        received.len() == 1
+            && (won.contains(&received[0].as_str()) || (won.is_empty() && received[0] == "s1")),
+        "w has {names:?}; the replaces that succeeded sent {won:?}: {replaces:?}"
     );
     let kept = received[0].clone();
     // The racing snapshot, when taken, is on w (taken after the last replace) or was
