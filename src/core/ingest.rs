@@ -143,18 +143,20 @@ pub fn write_copy(
         .mode(0o444)
         .open(&tmp)
         .map_err(|e| failed(CopyError::target(e)))?;
-    let outcome = sparse::copy_sparse(from, Some(&dst), size, CHUNK_SIZE, progress)
+    let outcome = sparse::copy_sparse(from, Some(&dst), size, CHUNK_SIZE, true, progress)
         .and_then(|o| dst.sync_all().map(|()| o).map_err(CopyError::target))
         .map_err(failed)?;
     if let Some(image) = expect {
-        if outcome.sha512 != image.sha512 || outcome.chunks.list_hash() != image.digests_hash {
+        if outcome.sha512.as_ref() != Some(&image.sha512)
+            || outcome.chunks.list_hash() != image.digests_hash
+        {
             return Err(failed(CopyError::Mismatch));
         }
     }
     drop_cached_pages(&dst);
     layout.write_digests(uuid, &outcome.chunks)?;
     layout.write_record(&CopyRecord {
-        sha512: outcome.sha512.clone(),
+        sha512: outcome.sha512.clone().unwrap_or_default(),
         digests_hash: outcome.chunks.list_hash(),
         ..record.clone()
     })?;
@@ -263,14 +265,21 @@ pub fn write_resumable_copy(
         }
         Ok(())
     };
-    let outcome =
-        sparse::resume_sparse(from, Some(&dst), done, size, CHUNK_SIZE, &mut checkpointed)
-            .and_then(|o| dst.sync_all().map(|()| o).map_err(CopyError::target))
-            .map_err(failed)?;
+    let outcome = sparse::resume_sparse(
+        from,
+        Some(&dst),
+        done,
+        size,
+        CHUNK_SIZE,
+        true,
+        &mut checkpointed,
+    )
+    .and_then(|o| dst.sync_all().map(|()| o).map_err(CopyError::target))
+    .map_err(failed)?;
     drop_cached_pages(&dst);
     layout.write_digests(&record.uuid, &outcome.chunks)?;
     layout.write_record(&CopyRecord {
-        sha512: outcome.sha512.clone(),
+        sha512: outcome.sha512.clone().unwrap_or_default(),
         digests_hash: outcome.chunks.list_hash(),
         ..record.clone()
     })?;

@@ -55,8 +55,8 @@ static ZEROS: [u8; BUF] = [0; BUF];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyOutcome {
-    /// Hex SHA-512 of the whole logical content.
-    pub sha512: String,
+    /// Hex SHA-512 of the whole logical content, when the copy was asked to compute it.
+    pub sha512: Option<String>,
     /// The digest of each chunk of the logical content.
     pub chunks: ChunkDigests,
 }
@@ -107,7 +107,9 @@ pub fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
 }
 
 /// Copies the first `size` bytes of `src` into `dst` (which must be empty), leaving holes where
-/// the source has holes or all-zero blocks; without `dst`, only hashes. After each read,
+/// the source has holes or all-zero blocks; without `dst`, only hashes. The SHA-512 of the
+/// whole content is computed only when `with_sha512` (it is the slowest part: one serial chain
+/// over every byte, holes included). After each read,
 /// `progress` is told how many logical bytes are done and how many were just read; an error it
 /// returns ends the copy (a stop). A failure says its side: reading `src` (`SourceRead`) or
 /// writing `dst` (`TargetWrite`, or `NoSpace`).
@@ -116,9 +118,10 @@ pub fn copy_sparse(
     dst: Option<&File>,
     size: u64,
     chunk_size: u64,
+    with_sha512: bool,
     progress: &mut dyn FnMut(u64, usize) -> Result<(), CopyError>,
 ) -> Result<CopyOutcome, CopyError> {
-    resume_sparse(src, dst, 0, size, chunk_size, progress)
+    resume_sparse(src, dst, 0, size, chunk_size, with_sha512, progress)
 }
 
 /// `copy_sparse` into a `dst` that already holds the first `done` bytes of `src` (a copy
@@ -130,12 +133,17 @@ pub fn resume_sparse(
     done: u64,
     size: u64,
     chunk_size: u64,
+    with_sha512: bool,
     progress: &mut dyn FnMut(u64, usize) -> Result<(), CopyError>,
 ) -> Result<CopyOutcome, CopyError> {
-    let mut hasher = Sha512::new();
+    let mut hasher = with_sha512.then(Sha512::new);
     let mut hashed = 0u64;
 
-    let hash_zeros_to = |hasher: &mut Sha512, hashed: &mut u64, to: u64| {
+    let hash_zeros_to = |hasher: &mut Option<Sha512>, hashed: &mut u64, to: u64| {
+        let Some(hasher) = hasher else {
+            *hashed = to;
+            return;
+        };
         while *hashed < to {
             let n = (to - *hashed).min(BUF as u64) as usize;
             hasher.update(&ZEROS[..n]);
@@ -198,7 +206,9 @@ pub fn resume_sparse(
         for piece in pieces {
             let Piece { pos, len, buf } = piece?;
             hash_zeros_to(&mut hasher, &mut hashed, pos);
-            hasher.update(&buf[..len]);
+            if let Some(hasher) = &mut hasher {
+                hasher.update(&buf[..len]);
+            }
             hashed = pos + len as u64;
             progress(hashed, len)?;
             let _ = give_back.send(buf);
@@ -218,7 +228,7 @@ pub fn resume_sparse(
     }
     progress(size, 0)?;
     Ok(CopyOutcome {
-        sha512: hex::encode(hasher.finalize()),
+        sha512: hasher.map(|h| hex::encode(h.finalize())),
         chunks: chunks.finish(),
     })
 }
@@ -309,12 +319,14 @@ mod tests {
             src.write_all_at(&data[..len], at).unwrap();
         }
         let whole_dst = open("whole");
-        let whole =
-            copy_sparse(&src, Some(&whole_dst), size, 64 << 10, &mut |_, _| Ok(())).unwrap();
+        let whole = copy_sparse(&src, Some(&whole_dst), size, 64 << 10, true, &mut |_, _| {
+            Ok(())
+        })
+        .unwrap();
         for stop in [1u64 << 20, (3 << 20) + 4096, 6 << 20] {
             let dst = open(&format!("part-{stop}"));
             let path = dir.path().join(format!("part-{stop}"));
-            let stopped = copy_sparse(&src, Some(&dst), size, 64 << 10, &mut |done, _| {
+            let stopped = copy_sparse(&src, Some(&dst), size, 64 << 10, true, &mut |done, _| {
                 if done >= stop {
                     Err(CopyError::Stopped)
                 } else {
@@ -323,9 +335,15 @@ mod tests {
             });
             assert!(stopped.is_err());
             let counted = Counted(&src, std::sync::atomic::AtomicU64::new(u64::MAX));
-            let resumed = resume_sparse(&counted, Some(&dst), stop, size, 64 << 10, &mut |_, _| {
-                Ok(())
-            })
+            let resumed = resume_sparse(
+                &counted,
+                Some(&dst),
+                stop,
+                size,
+                64 << 10,
+                true,
+                &mut |_, _| Ok(()),
+            )
             .unwrap();
             assert_eq!(resumed, whole, "resumed at {stop}");
             assert!(
@@ -362,6 +380,7 @@ mod tests {
             Some(&dst),
             size,
             64 << 10,
+            true,
             &mut |p, _| {
                 last = p;
                 Ok(())
@@ -373,7 +392,7 @@ mod tests {
         let copied = std::fs::read(&dst_path).unwrap();
         let original = std::fs::read(&src_path).unwrap();
         assert!(copied == original, "copy differs from source");
-        assert_eq!(outcome.sha512, sha512_hex(&original));
+        assert_eq!(outcome.sha512, Some(sha512_hex(&original)));
         let mut chunks = ChunkHasher::new(64 << 10);
         chunks.update(&original);
         assert_eq!(outcome.chunks, chunks.finish());
@@ -403,7 +422,7 @@ mod tests {
             .write(true)
             .open(&dst_path)
             .unwrap();
-        match copy_sparse(&unreadable, Some(&dst), 100_000, 64 << 10, &mut go_on) {
+        match copy_sparse(&unreadable, Some(&dst), 100_000, 64 << 10, true, &mut go_on) {
             Err(CopyError::SourceRead(e)) => assert_eq!(e.raw_os_error(), Some(libc::EBADF)),
             other => panic!("expected a source read error, got {other:?}"),
         }
@@ -411,13 +430,13 @@ mod tests {
         // A target whose writes fail (a descriptor open for reading only: EBADF).
         let unwritable = File::open(&dst_path).unwrap();
         let src = File::open(&src_path).unwrap();
-        match copy_sparse(&src, Some(&unwritable), 100_000, 64 << 10, &mut go_on) {
+        match copy_sparse(&src, Some(&unwritable), 100_000, 64 << 10, true, &mut go_on) {
             Err(CopyError::TargetWrite(e)) => assert_eq!(e.raw_os_error(), Some(libc::EBADF)),
             other => panic!("expected a target write error, got {other:?}"),
         }
 
         // A stop asked for by the progress callback ends the copy as `Stopped`.
-        let stopped = copy_sparse(&src, None, 100_000, 64 << 10, &mut |_, _| {
+        let stopped = copy_sparse(&src, None, 100_000, 64 << 10, true, &mut |_, _| {
             Err(CopyError::Stopped)
         });
         assert!(matches!(stopped, Err(CopyError::Stopped)), "{stopped:?}");

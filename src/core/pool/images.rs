@@ -296,7 +296,7 @@ impl Pool {
                 .blocks()
                 * 512;
             let verified = ImageRow {
-                sha512: outcome.sha512.clone(),
+                sha512: outcome.sha512.clone().unwrap_or_default(),
                 digests_hash: outcome.chunks.list_hash(),
                 ..row.clone()
             };
@@ -321,7 +321,7 @@ impl Pool {
             let digests_hash = outcome.chunks.list_hash();
             if !self.store.commit_import(
                 id,
-                &outcome.sha512,
+                outcome.sha512.as_deref().unwrap_or_default(),
                 real_size,
                 CHUNK_SIZE,
                 &digests_hash,
@@ -330,7 +330,7 @@ impl Pool {
                     "the reservation of '{name}' was taken from this import before it committed (another process judged it abandoned): nothing was kept; run the import again"
                 )));
             }
-            Ok(outcome.sha512)
+            Ok(outcome.sha512.unwrap_or_default())
         });
         match result {
             Ok(sha512) => {

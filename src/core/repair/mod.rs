@@ -628,6 +628,7 @@ pub fn verify_copy(
                 None,
                 image.size,
                 image.chunk_size,
+                true,
                 &mut |done, data| {
                     progress(done);
                     reporter.data(Work::Verify, data as u64);
@@ -648,7 +649,7 @@ pub fn verify_copy(
             return Ok(Verdict::Bad(format!("cannot read {}: {e}", path.display())));
         }
     };
-    if outcome.sha512 != image.sha512 {
+    if outcome.sha512.as_ref() != Some(&image.sha512) {
         return Ok(Verdict::Bad(
             "its SHA-512 does not match the image's".into(),
         ));
