@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::images::{ImportSource, Imported};
+use super::images::{ImportSource, Imported, WholeSha512};
 use super::volumes::VolumeLock;
 use super::Pool;
 use crate::core::store::ImageRow;
@@ -295,6 +295,7 @@ impl Pool {
                 // Under the writer lock: nothing wrote it meanwhile.
                 unchanged: &|| Ok(()),
                 resume_key,
+                sha512: WholeSha512::Later,
             };
             self.import_image(name, &import, copies, progress)
         })();
