@@ -619,7 +619,7 @@ fn at_once(pool: &TestPool, runs: &[(&[&str], Option<&Path>, &Path)]) -> Vec<Out
 /// The SHA-512 of a volume at a snapshot, through an export.
 fn exported_sha512(pool: &TestPool, image: &str, target: &str) -> String {
     pool.ok(&["image", "add", image, "--from-volume", target]);
-    pool.json(&["image", "show", image])["sha512"]
+    pool.json(&["image", "checksum", image])["sha512"]
         .as_str()
         .unwrap()
         .to_string()

@@ -2,12 +2,14 @@
 //! read from its good copies, each chunk checked against its digest first, so the sum is the
 //! sum of the content the image was imported with. Whoever needs the sum first computes it (the
 //! mount daemon's background thread, `image checksum`, a send that names the image, a receive
-//! matching a base, a scrub); the first to record it wins, and the others computed the same.
+//! matching a base, a scrub). One computes at a time (`sha512.lock`): a command waits for the
+//! one running and usually finds the sum recorded; the background thread leaves its turn.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Pool;
+use crate::core::owner::WorkLock;
 use crate::core::state::ImageState;
 use crate::core::store::ImageRow;
 use crate::core::volume::BaseSource;
@@ -28,15 +30,39 @@ impl Pool {
         image: &ImageRow,
         progress: &mut dyn FnMut(u64) -> std::result::Result<(), CopyError>,
     ) -> Result<String> {
+        self.complete_sha512_if(image, true, progress)
+            .map(|done| done.expect("waited for the lock"))
+    }
+
+    /// `complete_sha512`; `None` when another process is computing a SHA-512 and `wait` is
+    /// false.
+    fn complete_sha512_if(
+        &self,
+        image: &ImageRow,
+        wait: bool,
+        progress: &mut dyn FnMut(u64) -> std::result::Result<(), CopyError>,
+    ) -> Result<Option<String>> {
         let gone = || Error::UnknownImage(image.name.clone());
         let current = |store: &crate::core::store::Store| {
             store
                 .image_by_name(&image.name)
                 .map(|row| row.filter(|r| r.uuid == image.uuid && r.state == ImageState::Ready))
         };
+        if let Some(sha512) = current(&self.store)?.ok_or_else(gone)?.sha512 {
+            return Ok(Some(sha512));
+        }
+        let lock_path = self.state_dir.join("sha512.lock");
+        let _computing = match wait {
+            true => WorkLock::acquire(&lock_path)?,
+            false => match WorkLock::try_acquire(&lock_path)? {
+                Some(lock) => lock,
+                None => return Ok(None),
+            },
+        };
+        // Read again under the lock: the process that held it may have computed this one.
         let row = current(&self.store)?.ok_or_else(gone)?;
         if let Some(sha512) = row.sha512 {
-            return Ok(sha512);
+            return Ok(Some(sha512));
         }
         let copies = self.verified_copies(row.id)?;
         let outcome = sparse::copy_sparse(
@@ -69,7 +95,7 @@ impl Pool {
                 format!("the content of image '{}' read from its copies does not match its chunk digests: `imgpool scrub {}` checks its copies", row.name, row.name),
             ));
         }
-        self.record_computed_sha512(&row, &sha512)
+        self.record_computed_sha512(&row, &sha512).map(Some)
     }
 
     /// A ready image of `size` bytes whose content has SHA-512 `sha512`, if this pool has one
@@ -157,8 +183,10 @@ impl Pool {
                     true => Err(CopyError::Stopped),
                     false => Ok(()),
                 };
-                match self.complete_sha512(&image, &mut stopped) {
-                    Ok(_) => {}
+                match self.complete_sha512_if(&image, false, &mut stopped) {
+                    Ok(Some(_)) => {}
+                    // A command is computing one: the thread leaves its turn.
+                    Ok(None) => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => return,
                     Err(e) => {
                         tracing::warn!(image = %image.name, "{e}");
@@ -175,5 +203,258 @@ fn sleep_unless_stopped(stop: &AtomicBool, how_long: Duration) {
     let until = Instant::now() + how_long;
     while !stop.load(Ordering::Relaxed) && Instant::now() < until {
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::{self, File};
+    use std::os::unix::fs::FileExt;
+    use std::sync::Arc;
+
+    use sha2::{Digest, Sha512};
+
+    use super::*;
+    use crate::core::pool::{fixture, Fixture, ImportSource, WholeSha512};
+    use crate::core::repair::{self, Quiet};
+    use crate::core::{fsck, test_rng::Rng};
+
+    /// Data, a hole, data: an odd size, so the last chunk is short.
+    fn content(seed: u64) -> Vec<u8> {
+        let mut rng = Rng(seed * 0x9e37_79b9 + 1);
+        let mut bytes = vec![0u8; (3 << 20) + 12_345];
+        for at in (0..bytes.len()).filter(|i| !((1 << 20)..(2 << 20)).contains(i)) {
+            bytes[at] = rng.below(256) as u8;
+        }
+        bytes
+    }
+
+    fn sum(bytes: &[u8]) -> String {
+        hex::encode(Sha512::digest(bytes))
+    }
+
+    /// Imports `bytes` as an export does: committed before its SHA-512 is known.
+    fn exported(f: &Fixture, name: &str, bytes: &[u8], copies: u32) -> ImageRow {
+        let path = f.dir.path().join(format!("{name}.src"));
+        fs::write(&path, bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        let imported = f
+            .pool
+            .import_image(
+                name,
+                &ImportSource {
+                    data: &file,
+                    size: bytes.len() as u64,
+                    path: path.clone(),
+                    recorded_as: None,
+                    unchanged: &|| Ok(()),
+                    resume_key: None,
+                    sha512: WholeSha512::Later,
+                },
+                Some(copies),
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert_eq!(imported.sha512, None);
+        let row = f.pool.store().image_by_name(name).unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.sha512.as_deref()),
+            (ImageState::Ready, None)
+        );
+        row
+    }
+
+    fn recorded(f: &Fixture, name: &str) -> Option<String> {
+        f.pool.store().image_by_name(name).unwrap().unwrap().sha512
+    }
+
+    fn assert_fsck_clean(f: &Fixture) {
+        let findings = fsck::check(&f.pool, false).unwrap();
+        assert!(findings.is_empty(), "{findings:?}");
+    }
+
+    fn record_sums(f: &Fixture, row: &ImageRow) -> Vec<String> {
+        f.disks
+            .iter()
+            .map(|d| DiskLayout::new(d).read_record(&row.uuid).unwrap().sha512)
+            .collect()
+    }
+
+    #[test]
+    fn a_sum_computed_after_the_commit_is_the_contents_and_is_recorded_once() {
+        let f = fixture(2);
+        let bytes = content(1);
+        let row = exported(&f, "e", &bytes, 2);
+        // Its copies' records say nothing of a sum yet, and fsck takes that as it is.
+        assert_eq!(record_sums(&f, &row), ["", ""]);
+        assert_fsck_clean(&f);
+
+        let mut hashed = 0;
+        let sha512 = f
+            .pool
+            .complete_sha512(&row, &mut |done| {
+                hashed = done;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(sha512, sum(&bytes));
+        assert_eq!(hashed, bytes.len() as u64);
+        assert_eq!(recorded(&f, "e"), Some(sum(&bytes)));
+        assert_eq!(record_sums(&f, &row), [sum(&bytes), sum(&bytes)]);
+        assert_fsck_clean(&f);
+
+        // Known now: returned without reading the image again.
+        let mut read_again = false;
+        let again = f
+            .pool
+            .complete_sha512(&row, &mut |_| {
+                read_again = true;
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!((again, read_again), (sum(&bytes), false));
+    }
+
+    #[test]
+    fn a_copy_that_rotted_is_passed_over_and_no_copy_right_means_no_sum() {
+        let f = fixture(2);
+        let bytes = content(2);
+        let row = exported(&f, "e", &bytes, 2);
+        let copy = |disk: usize| DiskLayout::new(&f.disks[disk]).copy_path(&row.uuid);
+        let rot = |disk: usize| {
+            let file = File::options().write(true).open(copy(disk)).unwrap();
+            file.write_all_at(&[0xAA; 3], 5000).unwrap();
+        };
+        rot(0);
+        let sha512 = f.pool.complete_sha512(&row, &mut |_| Ok(())).unwrap();
+        assert_eq!(sha512, sum(&bytes), "read from the good copy");
+
+        let row = exported(&f, "e2", &bytes, 2);
+        for disk in 0..2 {
+            let file = File::options()
+                .write(true)
+                .open(DiskLayout::new(&f.disks[disk]).copy_path(&row.uuid))
+                .unwrap();
+            file.write_all_at(&[0x55; 3], 70_000).unwrap();
+        }
+        let e = f.pool.complete_sha512(&row, &mut |_| Ok(())).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("cannot compute the SHA-512 of image 'e2'"),
+            "{e}"
+        );
+        assert_eq!(
+            recorded(&f, "e2"),
+            None,
+            "no sum of bytes that are not the image's"
+        );
+    }
+
+    #[test]
+    fn a_stopped_computation_leaves_the_image_pending_and_usable() {
+        let f = fixture(1);
+        let bytes = content(3);
+        let row = exported(&f, "e", &bytes, 1);
+        let e = f
+            .pool
+            .complete_sha512(&row, &mut |_| Err(CopyError::Stopped))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+        assert_eq!(recorded(&f, "e"), None);
+        assert_fsck_clean(&f);
+        assert_eq!(
+            f.pool.complete_sha512(&row, &mut |_| Ok(())).unwrap(),
+            sum(&bytes)
+        );
+    }
+
+    #[test]
+    fn processes_computing_at_once_record_one_sum_and_all_answer_it() {
+        let f = fixture(2);
+        let bytes = content(4);
+        let rows: Vec<ImageRow> = (0..3)
+            .map(|i| exported(&f, &format!("e{i}"), &bytes, 2))
+            .collect();
+        let state_dir = f.pool.state_dir.clone();
+        let stop = Arc::new(AtomicBool::new(false));
+        let background = {
+            let (pool, stop) = (Pool::open(&state_dir).unwrap(), stop.clone());
+            std::thread::spawn(move || pool.complete_sha512s_in_background(&stop))
+        };
+        let commands: Vec<_> = (0..3)
+            .map(|i| {
+                let (pool, rows) = (Pool::open(&state_dir).unwrap(), rows.clone());
+                std::thread::spawn(move || {
+                    // Each asks for every image, starting from a different one.
+                    (0..3)
+                        .map(|k| {
+                            let row = &rows[(i + k) % 3];
+                            let sha512 = pool.complete_sha512(row, &mut |_| Ok(())).unwrap();
+                            (row.name.clone(), sha512)
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for answers in commands.into_iter().map(|c| c.join().unwrap()) {
+            for (name, sha512) in answers {
+                assert_eq!(sha512, sum(&bytes), "{name}");
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        background.join().unwrap();
+        for row in &rows {
+            assert_eq!(recorded(&f, &row.name), Some(sum(&bytes)));
+            assert_eq!(record_sums(&f, row), [sum(&bytes), sum(&bytes)]);
+        }
+        assert_fsck_clean(&f);
+    }
+
+    #[test]
+    fn the_background_work_completes_every_pending_image_and_stops_when_told() {
+        let f = fixture(1);
+        let (a, b) = (content(5), content(6));
+        exported(&f, "a", &a, 1);
+        exported(&f, "b", &b, 1);
+        let stop = Arc::new(AtomicBool::new(false));
+        let background = {
+            let (pool, stop) = (Pool::open(&f.pool.state_dir).unwrap(), stop.clone());
+            std::thread::spawn(move || pool.complete_sha512s_in_background(&stop))
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while (recorded(&f, "a").is_none() || recorded(&f, "b").is_none())
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        stop.store(true, Ordering::Relaxed);
+        background.join().unwrap();
+        assert_eq!(recorded(&f, "a"), Some(sum(&a)));
+        assert_eq!(recorded(&f, "b"), Some(sum(&b)));
+    }
+
+    #[test]
+    fn a_pending_image_is_found_by_its_sum_and_a_scrub_records_it() {
+        let f = fixture(1);
+        let bytes = content(7);
+        let row = exported(&f, "e", &bytes, 1);
+        // Another size: not hashed to look.
+        assert_eq!(
+            f.pool.ready_image_by_sha512(&sum(&bytes), 4096).unwrap(),
+            None
+        );
+        assert_eq!(recorded(&f, "e"), None);
+        let found = f
+            .pool
+            .ready_image_by_sha512(&sum(&bytes), bytes.len() as u64)
+            .unwrap()
+            .unwrap();
+        assert_eq!((found.id, found.sha512), (row.id, Some(sum(&bytes))));
+
+        exported(&f, "s", &content(8), 1);
+        let report = repair::scrub(&f.pool, Some("s"), &Quiet).unwrap();
+        assert!(report.bad.is_empty(), "{report:?}");
+        assert_eq!(recorded(&f, "s"), Some(sum(&content(8))));
+        assert_fsck_clean(&f);
     }
 }
