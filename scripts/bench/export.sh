@@ -98,7 +98,7 @@ now() { date +%s.%N; }
 RAW=$W/raw.jsonl
 : >"$RAW"
 record() { # tool rep seconds sha512 stored_bytes [seconds of the SHA-512 pass after it]
-    printf '{"tool":"%s","rep":%s,"seconds":%s,"sha512":"%s","stored":%s,"sum_seconds":%s}\n' "$@" "${6:-null}" >>"$RAW"
+    printf '{"tool":"%s","rep":%s,"seconds":%s,"sha512":"%s","stored":%s,"sum_seconds":%s}\n' "$1" "$2" "$3" "$4" "$5" "${6:-null}" >>"$RAW"
 }
 stored() { stat -c '%b %B' "$1" | awk '{ print $1 * $2 }'; }
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
