@@ -102,6 +102,9 @@ impl Pool {
     /// (a received volume's base). Images of that size whose sum is not computed yet are
     /// hashed first: an exported image is found as soon as it is committed.
     pub fn ready_image_by_sha512(&self, sha512: &str, size: u64) -> Result<Option<ImageRow>> {
+        if sha512.is_empty() {
+            return Ok(None);
+        }
         if let Some(found) = self.store.ready_image_by_sha512(sha512)? {
             return Ok(Some(found));
         }
