@@ -108,20 +108,17 @@ impl Pool {
         if let Some(found) = self.store.ready_image_by_sha512(sha512)? {
             return Ok(Some(found));
         }
-        let mut completed = false;
         for image in self.store.images_without_sha512()? {
             if image.size != size {
                 continue;
             }
-            match self.complete_sha512(&image, &mut |_| Ok(())) {
-                Ok(_) => completed = true,
-                Err(e) => tracing::warn!(image = %image.name, "{e}"),
+            if let Err(e) = self.complete_sha512(&image, &mut |_| Ok(())) {
+                tracing::warn!(image = %image.name, "{e}");
             }
         }
-        match completed {
-            true => self.store.ready_image_by_sha512(sha512),
-            false => Ok(None),
-        }
+        // Looked up again even if this completed none: another process (the daemon's thread)
+        // may have recorded the sum between the first look and the list of pending ones.
+        self.store.ready_image_by_sha512(sha512)
     }
 
     /// Records `sha512`, computed from `image`'s content checked against its chunk digests,
