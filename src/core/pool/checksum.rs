@@ -495,6 +495,11 @@ mod tests {
         }
         fsck::rebuild(&state, &f.disks).unwrap();
         let pool = Pool::open(&state).unwrap();
+        assert_eq!(
+            pool.store().image_by_name("e").unwrap().unwrap().sha512,
+            Some(sum(&bytes)),
+            "the rebuilt row takes the sum a record has"
+        );
         let findings = fsck::check(&pool, false).unwrap();
         assert!(findings.is_empty(), "{findings:?}");
         assert_eq!(
