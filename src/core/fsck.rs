@@ -218,7 +218,8 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
 }
 
 /// Whether record `found` describes the image `expected` describes. A record written before
-/// the image's SHA-512 was computed (an export's) has none, and still does.
+/// the image's SHA-512 was computed (an export's) has none, and still does; so does a record
+/// with the sum of an image whose row has none yet (a row rebuilt from another copy's record).
 fn same_identity(found: &CopyRecord, expected: &CopyRecord) -> bool {
     (
         &found.pool_uuid,
@@ -232,7 +233,7 @@ fn same_identity(found: &CopyRecord, expected: &CopyRecord) -> bool {
         &expected.name,
         expected.size,
         &expected.digests_hash,
-    ) && (found.sha512.is_empty() || found.sha512 == expected.sha512)
+    ) && (found.sha512.is_empty() || expected.sha512.is_empty() || found.sha512 == expected.sha512)
 }
 
 /// What a fix does, and whether it changes anything.
@@ -677,6 +678,10 @@ fn rebuild_locked(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
                 .entry(uuid.clone())
                 .or_insert_with(|| (record.clone(), layout.copy_path(&uuid), Vec::new()));
             entry.0.copies_wanted = entry.0.copies_wanted.max(record.copies_wanted);
+            // The sum, if any copy's record has it: not computed again.
+            if entry.0.sha512.is_empty() {
+                entry.0.sha512 = record.sha512.clone();
+            }
             entry.2.push(disk.id);
         }
     }

@@ -102,23 +102,23 @@ impl Pool {
     /// (a received volume's base). Images of that size whose sum is not computed yet are
     /// hashed first: an exported image is found as soon as it is committed.
     pub fn ready_image_by_sha512(&self, sha512: &str, size: u64) -> Result<Option<ImageRow>> {
+        if sha512.is_empty() {
+            return Ok(None);
+        }
         if let Some(found) = self.store.ready_image_by_sha512(sha512)? {
             return Ok(Some(found));
         }
-        let mut completed = false;
         for image in self.store.images_without_sha512()? {
             if image.size != size {
                 continue;
             }
-            match self.complete_sha512(&image, &mut |_| Ok(())) {
-                Ok(_) => completed = true,
-                Err(e) => tracing::warn!(image = %image.name, "{e}"),
+            if let Err(e) = self.complete_sha512(&image, &mut |_| Ok(())) {
+                tracing::warn!(image = %image.name, "{e}");
             }
         }
-        match completed {
-            true => self.store.ready_image_by_sha512(sha512),
-            false => Ok(None),
-        }
+        // Looked up again even if this completed none: another process (the daemon's thread)
+        // may have recorded the sum between the first look and the list of pending ones.
+        self.store.ready_image_by_sha512(sha512)
     }
 
     /// Records `sha512`, computed from `image`'s content checked against its chunk digests,
@@ -456,5 +456,100 @@ mod tests {
         assert!(report.bad.is_empty(), "{report:?}");
         assert_eq!(recorded(&f, "s"), Some(sum(&content(8))));
         assert_fsck_clean(&f);
+    }
+
+    #[test]
+    fn an_empty_sum_names_no_image_though_one_is_pending() {
+        let f = fixture(1);
+        let bytes = content(9);
+        exported(&f, "e", &bytes, 1);
+        // A stream's header is not checked for the form of its base's sum: '' must match
+        // nothing, not the image whose sum is '' in the store because it is not known yet.
+        assert_eq!(f.pool.store().ready_image_by_sha512("").unwrap(), None);
+        assert_eq!(
+            f.pool
+                .ready_image_by_sha512("", bytes.len() as u64)
+                .unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn a_store_rebuilt_from_records_with_and_without_the_sum_is_clean() {
+        let f = fixture(2);
+        let bytes = content(10);
+        let row = exported(&f, "e", &bytes, 2);
+        f.pool.complete_sha512(&row, &mut |_| Ok(())).unwrap();
+        // The first disk's record has no sum (its copy was made from a row read before the sum
+        // was known, or its disk was out of service when the sum was recorded); the second has.
+        let first = DiskLayout::new(&f.disks[0]);
+        let mut record = first.read_record(&row.uuid).unwrap();
+        record.sha512 = String::new();
+        first.write_record(&record).unwrap();
+        assert_eq!(record_sums(&f, &row), [String::new(), sum(&bytes)]);
+        assert_fsck_clean(&f);
+
+        let state = f.pool.state_dir().to_path_buf();
+        for file in ["pool.db", "pool.db-wal", "pool.db-shm"] {
+            let _ = fs::remove_file(state.join(file));
+        }
+        fsck::rebuild(&state, &f.disks).unwrap();
+        let pool = Pool::open(&state).unwrap();
+        assert_eq!(
+            pool.store().image_by_name("e").unwrap().unwrap().sha512,
+            Some(sum(&bytes)),
+            "the rebuilt row takes the sum a record has"
+        );
+        let findings = fsck::check(&pool, false).unwrap();
+        assert!(findings.is_empty(), "{findings:?}");
+        assert_eq!(
+            record_sums(&f, &row)[1],
+            sum(&bytes),
+            "the sum next to a copy is kept"
+        );
+    }
+
+    /// A reporter that removes an image as soon as a task on it reports progress.
+    struct RemovesWhileRead<'a>(&'a Pool, &'a str);
+
+    impl repair::Reporter for RemovesWhileRead<'_> {
+        fn task(&self, _: String, _: u64) -> Box<dyn Fn(u64) + Send + '_> {
+            let removed = std::sync::atomic::AtomicBool::new(false);
+            Box::new(move |_| {
+                if !removed.swap(true, Ordering::Relaxed) {
+                    let _ = self.0.remove_image(self.1);
+                }
+            })
+        }
+    }
+
+    #[test]
+    fn a_scrub_goes_on_when_a_pending_image_is_removed_while_its_copy_is_read() {
+        let f = fixture(1);
+        exported(&f, "gone", &content(11), 1);
+        let kept = content(12);
+        exported(&f, "kept", &kept, 1);
+        let other = Pool::open(f.pool.state_dir()).unwrap();
+        let report = repair::scrub(&f.pool, None, &RemovesWhileRead(&other, "gone"));
+        let report = report.expect("a scrub is not a failure because an image was removed");
+        assert!(report.bad.is_empty(), "{report:?}");
+        assert!(f.pool.store().image_by_name("gone").unwrap().is_none());
+        assert_eq!(recorded(&f, "kept"), Some(sum(&kept)), "{report:?}");
+        assert_fsck_clean(&f);
+    }
+
+    #[test]
+    fn a_sum_that_cannot_be_computed_names_the_image_not_a_volume() {
+        let f = fixture(1);
+        let row = exported(&f, "e", &content(13), 1);
+        fs::remove_file(DiskLayout::new(&f.disks[0]).digests_path(&row.uuid)).unwrap();
+        let e = f.pool.complete_sha512(&row, &mut |_| Ok(())).unwrap_err();
+        let message = e.to_string();
+        assert!(message.contains("image 'e'"), "{message}");
+        assert!(
+            !message.contains("volume"),
+            "not a volume's base: {message}"
+        );
+        assert!(!message.contains('\n'), "{message}");
     }
 }

@@ -229,7 +229,7 @@ impl Pool {
             _ => Err(Error::refused(
                 ErrorKind::DiskIo,
                 format!(
-                    "image '{}', the volume's base, has no good copy to read (`imgpool image show {}` says why)",
+                    "image '{}' has no good copy to read (`imgpool image show {}` says why)",
                     image.name, image.name
                 ),
             )),

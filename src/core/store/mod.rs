@@ -750,8 +750,12 @@ impl Store {
 
     /// A ready image whose content has this SHA-512 (hex), whatever its name: the base a
     /// received volume uses. Images whose SHA-512 is not computed yet are not found: callers
-    /// complete those first (`Pool::ready_image_by_sha512`).
+    /// complete those first (`Pool::ready_image_by_sha512`). No sum names them: '' (a stream
+    /// header's, unchecked) finds nothing.
     pub fn ready_image_by_sha512(&self, sha512: &str) -> Result<Option<ImageRow>> {
+        if sha512.is_empty() {
+            return Ok(None);
+        }
         self.run(|c| {
             c.query_row(
                 &format!(
