@@ -2,14 +2,15 @@
 //! read from its good copies, each chunk checked against its digest first, so the sum is the
 //! sum of the content the image was imported with. Whoever needs the sum first computes it (the
 //! mount daemon's background thread, `image checksum`, a send that names the image, a receive
-//! matching a base, a scrub). One computes at a time (`sha512.lock`): a command waits for the
-//! one running and usually finds the sum recorded; the background thread leaves its turn.
+//! matching a base, a scrub). One process computes an image's sum at a time (a `TurnLock` per
+//! image): a command that needs it waits for the one computing it and finds it recorded; the
+//! background thread passes over an image a command is computing.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Pool;
-use crate::core::owner::WorkLock;
+use crate::core::owner::TurnLock;
 use crate::core::state::ImageState;
 use crate::core::store::ImageRow;
 use crate::core::volume::BaseSource;
@@ -34,8 +35,8 @@ impl Pool {
             .map(|done| done.expect("waited for the lock"))
     }
 
-    /// `complete_sha512`; `None` when another process is computing a SHA-512 and `wait` is
-    /// false.
+    /// `complete_sha512`; `None` when another process is computing this image's SHA-512 and
+    /// `wait` is false.
     fn complete_sha512_if(
         &self,
         image: &ImageRow,
@@ -51,13 +52,9 @@ impl Pool {
         if let Some(sha512) = current(&self.store)?.ok_or_else(gone)?.sha512 {
             return Ok(Some(sha512));
         }
-        let lock_path = self.state_dir.join("sha512.lock");
-        let _computing = match wait {
-            true => WorkLock::acquire(&lock_path)?,
-            false => match WorkLock::try_acquire(&lock_path)? {
-                Some(lock) => lock,
-                None => return Ok(None),
-            },
+        let token = format!("sha512-{}", image.uuid);
+        let Some(_computing) = TurnLock::acquire(&self.state_dir, &token, wait)? else {
+            return Ok(None);
         };
         // Read again under the lock: the process that held it may have computed this one.
         let row = current(&self.store)?.ok_or_else(gone)?;
@@ -184,9 +181,8 @@ impl Pool {
                     false => Ok(()),
                 };
                 match self.complete_sha512_if(&image, false, &mut stopped) {
-                    Ok(Some(_)) => {}
-                    // A command is computing one: the thread leaves its turn.
-                    Ok(None) => break,
+                    // `None`: a command is computing it.
+                    Ok(_) => {}
                     Err(e) if e.kind() == ErrorKind::Interrupted => return,
                     Err(e) => {
                         tracing::warn!(image = %image.name, "{e}");
@@ -408,6 +404,85 @@ mod tests {
             assert_eq!(record_sums(&f, row), [sum(&bytes), sum(&bytes)]);
         }
         assert_fsck_clean(&f);
+    }
+
+    #[test]
+    fn one_process_computes_an_image_sum_the_others_wait_for_it_and_other_images_do_not_wait() {
+        let f = fixture(1);
+        let bytes = content(9);
+        let row = exported(&f, "e", &bytes, 1);
+        let other = exported(&f, "o", &content(10), 1);
+        let state_dir = f.pool.state_dir.clone();
+        let start = Arc::new(std::sync::Barrier::new(3));
+        let askers: Vec<_> = (0..3)
+            .map(|_| {
+                let (pool, row, start) =
+                    (Pool::open(&state_dir).unwrap(), row.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let mut computed = false;
+                    start.wait();
+                    let sha512 = pool
+                        .complete_sha512(&row, &mut |_| {
+                            computed = true;
+                            Ok(())
+                        })
+                        .unwrap();
+                    (sha512, computed)
+                })
+            })
+            .collect();
+        let answers: Vec<_> = askers.into_iter().map(|a| a.join().unwrap()).collect();
+        assert!(answers.iter().all(|(sha512, _)| *sha512 == sum(&bytes)));
+        assert_eq!(
+            answers.iter().filter(|(_, computed)| *computed).count(),
+            1,
+            "the others found the sum recorded"
+        );
+
+        // Image `o` being computed elsewhere (its turn held): the background thread passes it
+        // over, and a command for it waits for that turn; `e2` is not held up by it.
+        let held = TurnLock::acquire(&state_dir, &format!("sha512-{}", other.uuid), true)
+            .unwrap()
+            .unwrap();
+        let e2 = exported(&f, "e2", &bytes, 1);
+        assert_eq!(
+            f.pool.complete_sha512(&e2, &mut |_| Ok(())).unwrap(),
+            sum(&bytes)
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let background = {
+            let (pool, stop) = (Pool::open(&state_dir).unwrap(), stop.clone());
+            std::thread::spawn(move || pool.complete_sha512s_in_background(&stop))
+        };
+        let (done, waited) = std::sync::mpsc::channel();
+        let waiting = {
+            let (pool, other) = (Pool::open(&state_dir).unwrap(), other.clone());
+            std::thread::spawn(move || {
+                let sha512 = pool.complete_sha512(&other, &mut |_| Ok(()));
+                done.send(()).unwrap();
+                sha512
+            })
+        };
+        assert!(
+            waited.recv_timeout(Duration::from_millis(500)).is_err(),
+            "the command did not wait for the turn held"
+        );
+        assert_eq!(
+            recorded(&f, "o"),
+            None,
+            "the background thread took a held turn"
+        );
+        drop(held);
+        assert_eq!(waiting.join().unwrap().unwrap(), sum(&content(10)));
+        stop.store(true, Ordering::Relaxed);
+        background.join().unwrap();
+        let locks: Vec<_> = fs::read_dir(state_dir.join("locks"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| n.to_string_lossy().starts_with("sha512-"))
+            .collect();
+        assert!(locks.is_empty(), "turn files left: {locks:?}");
     }
 
     #[test]

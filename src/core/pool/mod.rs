@@ -203,17 +203,10 @@ pub(crate) fn check_store_file(state_dir: &Path) -> Result<bool> {
 /// What a pool leaves in its state directory besides the store, if any is there: the sign that
 /// a missing store was lost rather than never made.
 fn pool_trace(state_dir: &Path) -> Option<PathBuf> {
-    [
-        "locks",
-        "control",
-        "repair.lock",
-        "disks.lock",
-        "sha512.lock",
-        "mount.log",
-    ]
-    .iter()
-    .map(|name| state_dir.join(name))
-    .find(|path| path.symlink_metadata().is_ok())
+    ["locks", "control", "repair.lock", "disks.lock", "mount.log"]
+        .iter()
+        .map(|name| state_dir.join(name))
+        .find(|path| path.symlink_metadata().is_ok())
 }
 
 /// A pool with plain-directory disks `d1`..`dn` in a temporary directory, for core tests.
