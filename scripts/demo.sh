@@ -223,8 +223,11 @@ if ! cmp "$SNAP" "$D/written.raw"; then
 fi
 echo "OK: $SNAP reads as the volume did at the snapshot, though the volume changed since"
 imgpool --state-dir "$STATE" image add demo-export --from-volume demo-volume@after-write
+# An export is committed before its SHA-512 is computed (the mount daemon computes it in the
+# background); `image checksum` gives it now.
+imgpool --state-dir "$STATE" image checksum demo-export
 want=$(sha512sum <"$D/written.raw" | cut -d' ' -f1)
-got=$("$BIN" --state-dir "$STATE" image show demo-export --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sha512"])')
+got=$("$BIN" --state-dir "$STATE" image checksum demo-export --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sha512"])')
 if [[ $got != "$want" ]]; then
     echo "FAIL: the exported image's SHA-512 is not the snapshot's" >&2
     exit 1
@@ -249,7 +252,7 @@ echo "the stream: $(python3 -c 'import json,sys; d = json.load(sys.stdin); print
 imgpool --state-dir "$NODE2/state" snapshot list demo-copy
 "$BIN" --state-dir "$NODE2/state" image add demo-copy-now --from-volume demo-copy >/dev/null
 want=$(sha512sum <"$VOL" | cut -d' ' -f1)
-got=$("$BIN" --state-dir "$NODE2/state" image show demo-copy-now --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sha512"])')
+got=$("$BIN" --state-dir "$NODE2/state" image checksum demo-copy-now --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["sha512"])')
 if [[ $got != "$want" ]]; then
     echo "FAIL: the received volume does not hold the sent volume's bytes" >&2
     exit 1

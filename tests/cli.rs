@@ -65,6 +65,7 @@ fn unknown_images_disks_holders_and_sources_are_named() {
     let pool = TestPool::new(1);
     for args in [
         &["image", "show", "ghost"][..],
+        &["image", "checksum", "ghost"],
         &["image", "rm", "ghost"],
         &["ref", "add", "ghost", "r1"],
         &["ref", "rm", "ghost", "r1"],
@@ -1307,6 +1308,7 @@ fn every_json_output_is_one_valid_json_document() {
         vec!["image", "add", "img", &source],
         vec!["image", "list"],
         vec!["image", "show", "img"],
+        vec!["image", "checksum", "img"],
         vec!["image", "set", "img", "--copies", "2"],
         vec!["ref", "add", "img", "holder"],
         vec!["ref", "list"],

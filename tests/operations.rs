@@ -432,6 +432,8 @@ fn metrics_count_the_load_pass_promtool_and_are_root_only_on_the_socket() {
         value(&before, "imgpool_image_size_bytes{image=\"golden\"}"),
         (8 * MIB) as f64
     );
+    // A file's SHA-512 is computed as it is imported: none pending.
+    assert_eq!(value(&before, "imgpool_images_sha512_pending"), 0.0);
     assert_eq!(value(&before, "imgpool_volumes"), 0.0);
 
     // The load: O_DIRECT readers through every bound view (each byte through the daemon),

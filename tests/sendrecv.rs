@@ -338,6 +338,42 @@ fn a_missing_base_image_is_named_and_travels_with_the_stream_when_asked() {
     assert_eq!(there.json(&["volume", "show", "w"])["image"], "base");
 }
 
+/// An exported image's SHA-512 is computed after the export: a send of a volume over one
+/// computes it for the stream's header, and a receiver whose only image of that content is an
+/// export of its own, not yet summed, still finds it as the base.
+#[test]
+fn exported_images_whose_sum_is_pending_serve_as_bases_on_both_sides() {
+    let here = TestPool::new(1);
+    let there = TestPool::new(1);
+    let base = base_image(&here, 8);
+    let export_of_base = |pool: &TestPool, image: &str| {
+        pool.add_image("base", &here.path("base.img"), 1);
+        pool.ok(&["volume", "create", "x", "--image", "base"]);
+        pool.ok(&["snapshot", "create", "x@s"]);
+        let added = pool.json(&["image", "add", image, "--from-volume", "x@s"]);
+        assert!(added["sha512"].is_null(), "{added}");
+        pool.ok(&["volume", "rm", "x", "--recursive"]);
+        pool.ok(&["image", "rm", "base"]);
+    };
+    export_of_base(&here, "golden");
+    export_of_base(&there, "copy");
+    here.ok(&["volume", "create", "v", "--image", "golden"]);
+    here.ok(&["snapshot", "create", "v@s1"]);
+
+    let stream = here.path("stream");
+    send_ok(&here, &["v@s1"], &stream);
+    let sum = hex::encode(<sha2::Sha512 as sha2::Digest>::digest(&base));
+    assert_eq!(here.json(&["image", "show", "golden"])["sha512"], sum);
+    recv_ok(&there, &["w"], &stream);
+    assert_eq!(there.json(&["volume", "show", "w"])["image"], "copy");
+    assert_eq!(there.json(&["image", "show", "copy"])["sha512"], sum);
+    assert_eq!(
+        there.json(&["image", "list"]).as_array().unwrap().len(),
+        1,
+        "no second image of the same content"
+    );
+}
+
 #[test]
 fn bad_sends_fail_with_one_line_and_write_nothing() {
     let pool = TestPool::new(1);
@@ -619,7 +655,7 @@ fn at_once(pool: &TestPool, runs: &[(&[&str], Option<&Path>, &Path)]) -> Vec<Out
 /// The SHA-512 of a volume at a snapshot, through an export.
 fn exported_sha512(pool: &TestPool, image: &str, target: &str) -> String {
     pool.ok(&["image", "add", image, "--from-volume", target]);
-    pool.json(&["image", "show", image])["sha512"]
+    pool.json(&["image", "checksum", image])["sha512"]
         .as_str()
         .unwrap()
         .to_string()

@@ -9,7 +9,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::core::owner::OwnerLock;
-use crate::core::pool::{export_token, ImportSource, Imported, Pool, TEMPORARY_SNAPSHOT};
+use crate::core::pool::{
+    export_token, ImportSource, Imported, Pool, WholeSha512, TEMPORARY_SNAPSHOT,
+};
 use crate::core::volume::requests::{Request, Selection};
 use crate::error::{Error, ErrorKind, IoContext, Result};
 
@@ -139,6 +141,7 @@ impl Export<'_> {
             // A snapshot does not change.
             unchanged: &|| Ok(()),
             resume_key,
+            sha512: WholeSha512::Later,
         };
         self.pool
             .import_image(self.name, &source, self.copies, progress)

@@ -292,6 +292,13 @@ pub enum ImageCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Print an image's SHA-512, computing it first if it is not known yet: an exported
+    /// image's is computed after the export returns, by the mount daemon in the background.
+    Checksum {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove an image; refused while it has holders or open files.
     Rm {
         name: String,
@@ -1323,7 +1330,10 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                 println!("name:   {}", imported.name);
                 println!("uuid:   {}", imported.uuid);
                 println!("size:   {} ({})", imported.size, bytes(imported.size));
-                println!("sha512: {}", imported.sha512);
+                println!(
+                    "sha512: {}",
+                    sha512_or_pending(&imported.sha512, &imported.name)
+                );
                 println!("disks:  {}", imported.disks.join(", "));
             }
         }
@@ -1361,7 +1371,7 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                 println!("uuid:         {}", i.uuid);
                 println!("size:         {} ({})", i.size, bytes(i.size));
                 println!("stored:       {} per copy", bytes(i.real_size));
-                println!("sha512:       {}", i.sha512);
+                println!("sha512:       {}", sha512_or_pending(&i.sha512, &i.name));
                 println!("state:        {}", info.state());
                 if let Some(problem) = info.problem() {
                     println!("problem:      {problem}");
@@ -1386,6 +1396,28 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
                 }
             }
         }
+        ImageCommand::Checksum { name, json } => {
+            let image = pool.image(&name)?.image;
+            let bar = progress_bar();
+            if let Some(bar) = &bar {
+                bar.set_length(image.size);
+            }
+            let sha512 = pool.complete_sha512(&image, &mut |done| {
+                if let Some(bar) = &bar {
+                    bar.set_position(done);
+                }
+                Ok(())
+            });
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let sha512 = sha512?;
+            output::result(
+                json,
+                json!({ "name": name, "sha512": sha512 }),
+                format!("{sha512}  {name}"),
+            );
+        }
         ImageCommand::Rm { name, json } => {
             pool.remove_image(&name)?;
             output::result(json, json!({ "removed": name }), format!("removed {name}"));
@@ -1403,6 +1435,16 @@ fn image(state_dir: &Path, cmd: ImageCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// An image's SHA-512 as `image add` and `image show` print it.
+fn sha512_or_pending(sha512: &Option<String>, name: &str) -> String {
+    match sha512 {
+        Some(sha512) => sha512.clone(),
+        None => format!(
+            "pending (the mount daemon computes it; `imgpool image checksum {name}` does now)"
+        ),
+    }
 }
 
 /// How `image show` describes a copy.

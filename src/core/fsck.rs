@@ -217,22 +217,23 @@ pub fn check(pool: &Pool, repair: bool) -> Result<Vec<Finding>> {
     Ok(findings)
 }
 
-fn same_identity(a: &CopyRecord, b: &CopyRecord) -> bool {
+/// Whether record `found` describes the image `expected` describes. A record written before
+/// the image's SHA-512 was computed (an export's) has none, and still does; so does a record
+/// with the sum of an image whose row has none yet (a row rebuilt from another copy's record).
+fn same_identity(found: &CopyRecord, expected: &CopyRecord) -> bool {
     (
-        &a.pool_uuid,
-        &a.uuid,
-        &a.name,
-        a.size,
-        &a.sha512,
-        &a.digests_hash,
+        &found.pool_uuid,
+        &found.uuid,
+        &found.name,
+        found.size,
+        &found.digests_hash,
     ) == (
-        &b.pool_uuid,
-        &b.uuid,
-        &b.name,
-        b.size,
-        &b.sha512,
-        &b.digests_hash,
-    )
+        &expected.pool_uuid,
+        &expected.uuid,
+        &expected.name,
+        expected.size,
+        &expected.digests_hash,
+    ) && (found.sha512.is_empty() || expected.sha512.is_empty() || found.sha512 == expected.sha512)
 }
 
 /// What a fix does, and whether it changes anything.
@@ -421,7 +422,8 @@ fn image_from_record(record: &CopyRecord, data: &Path, now: i64) -> ImageRow {
         name: record.name.clone(),
         uuid: record.uuid.clone(),
         size: record.size,
-        sha512: record.sha512.clone(),
+        // Not recorded next to the copy yet: computed again (`Pool::complete_sha512`).
+        sha512: Some(record.sha512.clone()).filter(|s| !s.is_empty()),
         real_size: fs::metadata(data).map_or(0, |m| m.blocks() * 512),
         state: ImageState::Ready,
         copies_wanted: record.copies_wanted.max(1),
@@ -676,6 +678,10 @@ fn rebuild_locked(state_dir: &Path, given: &[PathBuf]) -> Result<Vec<String>> {
                 .entry(uuid.clone())
                 .or_insert_with(|| (record.clone(), layout.copy_path(&uuid), Vec::new()));
             entry.0.copies_wanted = entry.0.copies_wanted.max(record.copies_wanted);
+            // The sum, if any copy's record has it: not computed again.
+            if entry.0.sha512.is_empty() {
+                entry.0.sha512 = record.sha512.clone();
+            }
             entry.2.push(disk.id);
         }
     }

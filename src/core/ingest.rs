@@ -125,6 +125,7 @@ pub fn write_copy(
     from: &dyn SparseSource,
     from_path: &Path,
     expect: Option<&ImageRow>,
+    with_sha512: bool,
     progress: &mut dyn FnMut(u64, usize) -> std::result::Result<(), CopyError>,
 ) -> Result<CopyOutcome> {
     let layout = DiskLayout::new(&disk.path);
@@ -144,20 +145,23 @@ pub fn write_copy(
         .mode(0o444)
         .open(&tmp)
         .map_err(|e| failed(CopyError::target(e)))?;
-    let outcome = sparse::copy_sparse(from, Some(&dst), size, CHUNK_SIZE, true, progress)
+    let outcome = sparse::copy_sparse(from, Some(&dst), size, CHUNK_SIZE, with_sha512, progress)
         .and_then(|o| dst.sync_all().map(|()| o).map_err(CopyError::target))
         .map_err(failed)?;
     if let Some(image) = expect {
-        if outcome.sha512.as_ref() != Some(&image.sha512)
-            || outcome.chunks.list_hash() != image.digests_hash
-        {
+        // A SHA-512 not known yet cannot be compared; the chunk digests cover every byte.
+        let sha512_differs = matches!((&outcome.sha512, &image.sha512), (Some(ours), Some(theirs)) if ours != theirs);
+        if sha512_differs || outcome.chunks.list_hash() != image.digests_hash {
             return Err(failed(CopyError::Mismatch));
         }
     }
     drop_cached_pages(&dst);
     layout.write_digests(uuid, &outcome.chunks)?;
     layout.write_record(&CopyRecord {
-        sha512: outcome.sha512.clone().unwrap_or_default(),
+        sha512: outcome
+            .sha512
+            .clone()
+            .unwrap_or_else(|| record.sha512.clone()),
         digests_hash: outcome.chunks.list_hash(),
         ..record.clone()
     })?;
@@ -210,6 +214,7 @@ pub fn write_resumable_copy(
     from: &dyn SparseSource,
     from_path: &Path,
     key: &str,
+    with_sha512: bool,
     progress: &mut dyn FnMut(u64, usize) -> std::result::Result<(), CopyError>,
 ) -> Result<(CopyOutcome, u64)> {
     let layout = DiskLayout::new(&disk.path);
@@ -232,7 +237,8 @@ pub fn write_resumable_copy(
     match dst.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
-            return write_copy(disk, record, from, from_path, None, progress).map(|o| (o, 0))
+            return write_copy(disk, record, from, from_path, None, with_sha512, progress)
+                .map(|o| (o, 0))
         }
         Err(std::fs::TryLockError::Error(e)) => {
             return Err(Error::io(format!("cannot lock {}", path.display()), e))
@@ -275,7 +281,7 @@ pub fn write_resumable_copy(
             done,
             size,
             CHUNK_SIZE,
-            true,
+            with_sha512,
             &mut |at, n| {
                 progress(at, n)?;
                 // Ended before the copy: it failed, and its error is the copy's.
@@ -298,7 +304,10 @@ pub fn write_resumable_copy(
     drop_cached_pages(&dst);
     layout.write_digests(&record.uuid, &outcome.chunks)?;
     layout.write_record(&CopyRecord {
-        sha512: outcome.sha512.clone().unwrap_or_default(),
+        sha512: outcome
+            .sha512
+            .clone()
+            .unwrap_or_else(|| record.sha512.clone()),
         digests_hash: outcome.chunks.list_hash(),
         ..record.clone()
     })?;

@@ -74,6 +74,69 @@ impl OwnerLock {
     }
 }
 
+/// An exclusive lock on one piece of work named `token` (`<state dir>/locks/<token>.lock`),
+/// which other processes wanting the same work wait for. Unlike a `WorkLock` its file goes when
+/// the holder lets go (none is left per piece of work); a waiter that then holds a file already
+/// removed sees it and takes a new one, so two processes never both think they hold it.
+#[derive(Debug)]
+pub struct TurnLock {
+    path: PathBuf,
+    _file: File,
+}
+
+impl TurnLock {
+    /// The lock, waiting for its holder (`wait`), or `None` when it is held and not `wait`.
+    pub fn acquire(state_dir: &Path, token: &str, wait: bool) -> Result<Option<TurnLock>> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = state_dir.join(LOCKS_DIR);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .ctx(|| format!("cannot create {}", dir.display()))?;
+        let path = lock_path(state_dir, token);
+        loop {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .ctx(|| format!("cannot open lock {}", path.display()))?;
+            if wait {
+                file.lock()
+                    .ctx(|| format!("cannot lock {}", path.display()))?;
+            } else if !try_flock(&file).ctx(|| format!("cannot lock {}", path.display()))? {
+                return Ok(None);
+            }
+            let ours = file
+                .metadata()
+                .ctx(|| format!("cannot stat {}", path.display()))?;
+            match fs::metadata(&path) {
+                Ok(now) if (now.dev(), now.ino()) == (ours.dev(), ours.ino()) => {
+                    return Ok(Some(TurnLock { path, _file: file }))
+                }
+                // Removed by the holder we waited for (or a sweep): not the lock any more.
+                Ok(_) => continue,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(crate::error::Error::io(
+                        format!("cannot stat {}", path.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for TurnLock {
+    /// The file goes while it is still locked, then the lock with the descriptor.
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
 /// An exclusive lock on a fixed file that is never deleted, for work only one process may do at
 /// a time (the repair). Unlike an `OwnerLock` it is contended, so it must not be renamed or
 /// removed: a process could otherwise lock a file that another has just replaced.
@@ -203,6 +266,37 @@ pub fn sweep(state_dir: &Path, referenced: impl Fn(&str) -> bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_turn_is_held_by_one_process_at_a_time_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = lock_path(dir.path(), "work");
+        let first = TurnLock::acquire(dir.path(), "work", true)
+            .unwrap()
+            .unwrap();
+        assert!(TurnLock::acquire(dir.path(), "work", false)
+            .unwrap()
+            .is_none());
+        let state_dir = dir.path().to_path_buf();
+        let (took, taken) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let second = TurnLock::acquire(&state_dir, "work", true)
+                .unwrap()
+                .unwrap();
+            took.send(()).unwrap();
+            // Held by the waiter now, under a file that exists (not the one removed).
+            assert!(TurnLock::acquire(&state_dir, "work", false)
+                .unwrap()
+                .is_none());
+            drop(second);
+        });
+        assert!(taken
+            .recv_timeout(std::time::Duration::from_millis(300))
+            .is_err());
+        drop(first);
+        waiter.join().unwrap();
+        assert!(!path.exists(), "{} left", path.display());
+    }
 
     #[test]
     fn a_staging_lock_is_swept_once_its_creator_is_gone() {

@@ -329,7 +329,7 @@ mod tests {
             name: name.into(),
             uuid: uuid.into(),
             size: 7,
-            sha512: String::new(),
+            sha512: None,
             real_size: 0,
             state: ImageState::Importing,
             copies_wanted: 1,
@@ -504,7 +504,7 @@ mod tests {
         let listed = store.image_by_name("racy").unwrap().unwrap();
         assert_eq!(listed.state, ImageState::Importing);
         assert!(store
-            .commit_import(id, "sha", 7, CHUNK_SIZE, "hash")
+            .commit_import(id, Some("sha"), 7, CHUNK_SIZE, "hash")
             .unwrap());
         importer.release();
         let owner = owner::check(&state, &import_token(uuid));
@@ -522,7 +522,7 @@ mod tests {
             .unwrap();
         assert!(store.abandon_import(id, uuid).unwrap());
         assert!(!store
-            .commit_import(id, "sha", 7, CHUNK_SIZE, "hash")
+            .commit_import(id, Some("sha"), 7, CHUNK_SIZE, "hash")
             .unwrap());
     }
 }

@@ -547,6 +547,12 @@ fn pool_metrics(pool: &Pool, scrape: &mut Scrape) -> Result<()> {
         None,
         images.len() as f64,
     );
+    scrape.gauge(
+        "imgpool_images_sha512_pending",
+        "Images whose SHA-512 is not computed yet (exports, until the daemon's background thread or `imgpool image checksum` computes it).",
+        None,
+        images.iter().filter(|i| i.image.sha512.is_none()).count() as f64,
+    );
     let image = |i: &crate::core::pool::ImageInfo| label("image", i.image.name.clone());
     scrape.gauges(
         "imgpool_image_size",

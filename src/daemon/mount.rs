@@ -649,8 +649,9 @@ struct Mounting {
     source: String,
 }
 
-/// The health monitor (probes, and faults from the read path) and the repair, each in its own
-/// thread with its own connection to the store. Returns a way to wake the repair.
+/// The health monitor (probes, and faults from the read path), the repair, and the SHA-512s
+/// of exported images (computed after their export), each in its own thread with its own
+/// connection to the store. Returns a way to wake the repair.
 fn start_health_and_repair(
     state_dir: &Path,
     fs: &PoolFs,
@@ -683,7 +684,30 @@ fn start_health_and_repair(
             repair::run_in_background(repair_pool, &wake_events, &repair_stop, &counters)
         })
         .ctx(|| "cannot start the repair thread".into())?;
+    let checksum_pool = Pool::open(state_dir)?;
+    let checksum_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("checksums".into())
+        .spawn(move || {
+            lower_this_threads_priority();
+            checksum_pool.complete_sha512s_in_background(&checksum_stop)
+        })
+        .ctx(|| "cannot start the checksum thread".into())?;
     Ok(wake_repair)
+}
+
+/// Background hashing yields the CPU to the read path: the thread's nice value goes to 10.
+#[allow(unsafe_code)]
+fn lower_this_threads_priority() {
+    // SAFETY: gettid has no preconditions; setpriority on our own thread id only reads its
+    // arguments.
+    let failed = unsafe { libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10) };
+    if failed != 0 {
+        tracing::warn!(
+            "cannot lower the checksum thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Tells systemd, when it started us with `Type=notify` (`NOTIFY_SOCKET` is set; otherwise

@@ -271,6 +271,9 @@ impl Filesystem for FuseAdapter {
             };
             return reply.opened(FileHandle(fh), direct);
         }
+        if self.fs.may_change(ino.0) {
+            return reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+        }
         // Images and snapshots never change (a snapshot's inode is never another's), so the
         // kernel may keep their pages across opens.
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)

@@ -213,7 +213,8 @@ pub struct Image {
     pub name: String,
     pub uuid: String,
     pub size: u64,
-    pub sha512: String,
+    /// `None` until computed (an export's is computed after its import).
+    pub sha512: Option<String>,
     pub real_size: u64,
     pub created: SystemTime,
     pub chunk_size: u64,
@@ -389,8 +390,9 @@ fn longhorn_config(image: &Image) -> Vec<u8> {
         "size": image.size,
         "virtualSize": image.size,
         "realSize": image.real_size,
-        "expectedChecksum": image.sha512,
-        "currentChecksum": image.sha512,
+        // Empty until the image's SHA-512 is computed, as Longhorn writes it before it has one.
+        "expectedChecksum": image.sha512.as_deref().unwrap_or_default(),
+        "currentChecksum": image.sha512.as_deref().unwrap_or_default(),
         "modificationTime": humantime::format_rfc3339_seconds(image.created).to_string(),
     }))
     .expect("JSON values serialise");
@@ -1297,6 +1299,12 @@ impl PoolFs {
         matches!(Node::from_ino(ino), Some(Node::Volume { .. }))
     }
 
+    /// Whether the content of a read-only file can change: an image's `backing.cfg` gains its
+    /// checksum when the image's SHA-512 is computed after its import (an export's).
+    pub fn may_change(&self, ino: u64) -> bool {
+        matches!(Node::from_ino(ino), Some(Node::Config { .. }))
+    }
+
     /// At unmount: open volumes are flushed and closed.
     pub fn shutdown(&self) {
         self.volumes.shutdown();
@@ -1372,11 +1380,15 @@ impl PoolFs {
         Ok(match node {
             Node::Backing { image, .. } | Node::ImageDir { image, .. } => {
                 let image = &catalog.by_id[&image];
-                vec![
-                    (XATTR_SHA512, image.sha512.clone().into_bytes()),
+                let mut xattrs = vec![
                     (XATTR_UUID, image.uuid.clone().into_bytes()),
                     (XATTR_NAME, image.name.clone().into_bytes()),
-                ]
+                ];
+                // Absent (ENODATA) until computed.
+                if let Some(sha512) = &image.sha512 {
+                    xattrs.insert(0, (XATTR_SHA512, sha512.clone().into_bytes()));
+                }
+                xattrs
             }
             _ => Vec::new(),
         })

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::images::{ImportSource, Imported};
+use super::images::{ImportSource, Imported, WholeSha512};
 use super::volumes::VolumeLock;
 use super::Pool;
 use crate::core::store::ImageRow;
@@ -283,7 +283,7 @@ impl Pool {
             _ => Err(Error::refused(
                 ErrorKind::DiskIo,
                 format!(
-                    "image '{}', the volume's base, has no good copy to read (`imgpool image show {}` says why)",
+                    "image '{}' has no good copy to read (`imgpool image show {}` says why)",
                     image.name, image.name
                 ),
             )),
@@ -349,6 +349,7 @@ impl Pool {
                 // Under the writer lock: nothing wrote it meanwhile.
                 unchanged: &|| Ok(()),
                 resume_key,
+                sha512: WholeSha512::Later,
             };
             self.import_image(name, &import, copies, progress)
         })();

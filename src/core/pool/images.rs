@@ -15,7 +15,7 @@ use crate::format::digests::CHUNK_SIZE;
 use crate::format::layout::{CopyRecord, DiskLayout};
 use crate::format::names;
 use crate::format::qcow2;
-use crate::format::sparse::{CopyOutcome, SparseSource};
+use crate::format::sparse::SparseSource;
 
 /// Where an import reads an image from.
 pub struct ImportSource<'a> {
@@ -31,6 +31,21 @@ pub struct ImportSource<'a> {
     /// it that dies leaves its first copy partial, and the next import of the same source
     /// resumes it.
     pub resume_key: Option<String>,
+    /// When the image's SHA-512 is learnt.
+    pub sha512: WholeSha512,
+}
+
+/// When an import learns the SHA-512 of the image's whole content.
+pub enum WholeSha512 {
+    /// In the copy's pass, before the image is committed: a file a user imports, whose sum
+    /// `image add` prints for comparison with the one its publisher gave.
+    InPass,
+    /// Known already: the caller checked the source against it.
+    Known(String),
+    /// After the image is committed (`Pool::complete_sha512`): an export. SHA-512 is one
+    /// serial chain over every byte, holes included, and costs more than the copy; the chunk
+    /// digests, computed in the pass, protect every read meanwhile (docs/decisions.md).
+    Later,
 }
 
 #[derive(Debug, Clone)]
@@ -147,7 +162,8 @@ pub struct Imported {
     pub name: String,
     pub uuid: String,
     pub size: u64,
-    pub sha512: String,
+    /// `None` when computed after the commit (`WholeSha512::Later`).
+    pub sha512: Option<String>,
     pub disks: Vec<String>,
     /// Where the first copy resumed an interrupted import of the same source (0: from the
     /// start).
@@ -179,6 +195,7 @@ impl Pool {
                 .map(|p| p.to_string_lossy().into_owned()),
             unchanged: &|| opened.check_unchanged(file),
             resume_key: None,
+            sha512: WholeSha512::InPass,
         };
         self.import_image(name, &source, copies, progress)
     }
@@ -239,7 +256,10 @@ impl Pool {
             name: name.to_string(),
             uuid: uuid.clone(),
             size,
-            sha512: String::new(),
+            sha512: match &from.sha512 {
+                WholeSha512::Known(sha512) => Some(sha512.clone()),
+                WholeSha512::InPass | WholeSha512::Later => None,
+            },
             real_size: 0,
             state: ImageState::Importing,
             copies_wanted: copies,
@@ -259,7 +279,8 @@ impl Pool {
             }
         };
 
-        let written = (|| -> Result<(CopyOutcome, u64)> {
+        let in_pass = matches!(from.sha512, WholeSha512::InPass);
+        let written = (|| -> Result<(ImageRow, u64)> {
             let first = &targets[0];
             let mut report = |done, _| {
                 progress(done, size);
@@ -272,6 +293,7 @@ impl Pool {
                     source,
                     file,
                     key,
+                    in_pass,
                     &mut report,
                 )
                 .map(|(outcome, at)| {
@@ -284,6 +306,7 @@ impl Pool {
                     source,
                     file,
                     None,
+                    in_pass,
                     &mut report,
                 ),
             }
@@ -296,7 +319,7 @@ impl Pool {
                 .blocks()
                 * 512;
             let verified = ImageRow {
-                sha512: outcome.sha512.clone().unwrap_or_default(),
+                sha512: outcome.sha512.clone().or(row.sha512.clone()),
                 digests_hash: outcome.chunks.list_hash(),
                 ..row.clone()
             };
@@ -309,28 +332,28 @@ impl Pool {
                     &first,
                     &first_copy,
                     Some(&verified),
+                    verified.sha512.is_some(),
                     &mut report,
                 )
                 .map_err(|e| self.write_error(name, disk, needed, copies, e))?;
                 drop_cached_pages(&first);
             }
-            Ok((outcome, real_size))
+            Ok((verified, real_size))
         })();
 
-        let result = written.and_then(|(outcome, real_size)| {
-            let digests_hash = outcome.chunks.list_hash();
+        let result = written.and_then(|(verified, real_size)| {
             if !self.store.commit_import(
                 id,
-                outcome.sha512.as_deref().unwrap_or_default(),
+                verified.sha512.as_deref(),
                 real_size,
                 CHUNK_SIZE,
-                &digests_hash,
+                &verified.digests_hash,
             )? {
                 return Err(Error::refused(ErrorKind::Interrupted, format!(
                     "the reservation of '{name}' was taken from this import before it committed (another process judged it abandoned): nothing was kept; run the import again"
                 )));
             }
-            Ok(outcome.sha512.unwrap_or_default())
+            Ok(verified.sha512)
         });
         match result {
             Ok(sha512) => {
@@ -363,7 +386,8 @@ impl Pool {
             name: image.name.clone(),
             uuid: image.uuid.clone(),
             size: image.size,
-            sha512: image.sha512.clone(),
+            // '': not computed yet.
+            sha512: image.sha512.clone().unwrap_or_default(),
             created: image.created,
             chunk_size: image.chunk_size,
             digests_hash: image.digests_hash.clone(),

@@ -5,7 +5,7 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use super::images::{ImportSource, Imported};
+use super::images::{ImportSource, Imported, WholeSha512};
 use super::*;
 use crate::core::ingest::Stamp;
 use crate::error::ErrorKind;
@@ -92,6 +92,7 @@ impl Pool {
             unchanged: &|| stamps.check(&files),
             // Files can change between two runs: an import starts over.
             resume_key: None,
+            sha512: WholeSha512::InPass,
         };
         self.import_image(name, &source, copies, progress)
     }
@@ -122,6 +123,7 @@ impl Pool {
                 stamps.check(&files)
             },
             resume_key: None,
+            sha512: WholeSha512::InPass,
         };
         self.import_image(name, &source, copies, progress)
     }

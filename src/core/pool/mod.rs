@@ -13,6 +13,7 @@ use crate::core::store::Store;
 use crate::error::{Error, ErrorKind, IoContext, Result};
 use crate::format::clock::now;
 
+mod checksum;
 mod disks;
 mod export;
 mod holders;
@@ -27,7 +28,7 @@ pub use disks::{check_label, DiskHealth, DiskStatus};
 pub use export::{export_token, TEMPORARY_SNAPSHOT};
 #[cfg(test)]
 pub(crate) use images::ImageHealth;
-pub use images::{copy_info, CopyInfo, ImageInfo, ImportSource, Imported};
+pub use images::{copy_info, CopyInfo, ImageInfo, ImportSource, Imported, WholeSha512};
 pub use recv::{check_user_volume_name, ReceiveOptions, ReceiveProgress, Received};
 pub use send::{send_token, SendSpec, COPY_TEMPORARY_SNAPSHOT};
 pub(crate) use volumes::volume_token;
@@ -299,7 +300,7 @@ mod tests {
         let record: CopyRecord =
             serde_json::from_slice(&fs::read(info.copies[0].path.with_extension("json")).unwrap())
                 .unwrap();
-        assert_eq!(record.sha512, imported.sha512);
+        assert_eq!(Some(record.sha512), imported.sha512);
         assert_eq!(record.pool_uuid, f.pool.uuid());
         assert!(matches!(
             f.pool.add_image("a", &src, Some(1), &mut |_, _| {}),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha512};
 
-use super::images::ImportSource;
+use super::images::{ImportSource, WholeSha512};
 use super::volumes::{
     check_size, has_partial_receive, partial_receive_refusal, NewVolume, VolumeLock,
 };
@@ -632,7 +632,7 @@ impl Pool {
         let Some(image) = &header.base_image else {
             return Ok(None);
         };
-        let found = self.store.ready_image_by_sha512(&image.sha512)?;
+        let found = self.ready_image_by_sha512(&image.sha512, image.size)?;
         if !header.with_image {
             return found.map(Some).ok_or_else(|| {
                 Error::refused(
@@ -719,6 +719,8 @@ impl Pool {
                 // A file of ours, written whole before the import.
                 unchanged: &|| Ok(()),
                 resume_key: None,
+                // Checked against the stream's just above.
+                sha512: WholeSha512::Known(image.sha512.clone()),
             };
             let done = self.import_image(&name, &source, None, &mut |_, _| {})?;
             Ok(Some(done.name))
@@ -739,7 +741,7 @@ impl Pool {
                     )
                 })
             }
-            None => Ok(self.store.ready_image_by_sha512(&image.sha512)?),
+            None => Ok(self.ready_image_by_sha512(&image.sha512, image.size)?),
         }
     }
 
@@ -779,7 +781,7 @@ impl Pool {
             volume: Arc::new(volume),
             new_volume: true,
             from: None,
-            base_sha512: base.map(|i| i.sha512.clone()),
+            base_sha512: base.and_then(|i| i.sha512.clone()),
             replacing: None,
             _owner: Some(_owner),
             _locks: writer,
@@ -917,12 +919,13 @@ impl Pool {
         }
         let resumed = partial.is_some();
         let ours = match row.image_id {
-            Some(id) => self
-                .store
-                .images()?
-                .into_iter()
-                .find(|i| i.id == id)
-                .map(|i| (i.name, i.sha512)),
+            Some(id) => match self.store.images()?.into_iter().find(|i| i.id == id) {
+                Some(image) => {
+                    let sha512 = self.complete_sha512(&image, &mut |_| Ok(()))?;
+                    Some((image.name, sha512))
+                }
+                None => None,
+            },
             None => None,
         };
         let theirs = header.base_image.as_ref();
@@ -1392,9 +1395,9 @@ impl Pool {
             .ok_or_else(|| no_partial(name))?;
         let header = &partial.header;
         let needs_image = match &header.base_image {
-            Some(image) if header.with_image => {
-                self.store.ready_image_by_sha512(&image.sha512)?.is_none()
-            }
+            Some(image) if header.with_image => self
+                .ready_image_by_sha512(&image.sha512, image.size)?
+                .is_none(),
             _ => false,
         };
         Ok(ResumeToken {
@@ -2253,7 +2256,7 @@ mod tests {
         let image = StreamImage {
             name: "base".into(),
             uuid: "sender-image-uuid".into(),
-            sha512: row.sha512.clone(),
+            sha512: row.sha512.clone().unwrap(),
             size: base.len() as u64,
         };
         (

@@ -186,9 +186,10 @@ impl Pool {
                         )
                     })?;
                 let image = StreamImage {
+                    // An exported image's is computed now if it is not yet.
+                    sha512: self.complete_sha512(&row, &mut |_| Ok(()))?,
                     name: row.name,
                     uuid: row.uuid,
-                    sha512: row.sha512,
                     size: row.size,
                 };
                 let copies: Arc<dyn Base> = Arc::new(self.verified_copies(id)?);

@@ -405,7 +405,7 @@ mod tests {
                 name: "img".into(),
                 uuid: "image-1".into(),
                 size: 4096,
-                sha512: String::new(),
+                sha512: None,
                 real_size: 4096,
                 state: ImageState::Ready,
                 copies_wanted: wanted,

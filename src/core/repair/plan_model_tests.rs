@@ -677,7 +677,7 @@ fn image_row(i: &Image) -> ImageRow {
         name: format!("i{}", i.id),
         uuid: format!("image-{}", i.id),
         size: i.size,
-        sha512: String::new(),
+        sha512: None,
         real_size: i.size,
         state: ImageState::Ready,
         copies_wanted: i.wanted,

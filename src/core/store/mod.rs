@@ -47,7 +47,9 @@ pub struct ImageRow {
     pub name: String,
     pub uuid: String,
     pub size: u64,
-    pub sha512: String,
+    /// Hex SHA-512 of the whole content; `None` while it is not computed yet (an export's is
+    /// computed after the image is committed: see `Pool::complete_sha512`). Stored as ''.
+    pub sha512: Option<String>,
     pub real_size: u64,
     pub state: ImageState,
     pub copies_wanted: u32,
@@ -149,7 +151,7 @@ fn image_from_row(row: &rusqlite::Row) -> rusqlite::Result<ImageRow> {
         name: row.get(1)?,
         uuid: row.get(2)?,
         size: row.get::<_, i64>(3)? as u64,
-        sha512: row.get(4)?,
+        sha512: Some(row.get::<_, String>(4)?).filter(|s| !s.is_empty()),
         real_size: row.get::<_, i64>(5)? as u64,
         state: row.get(6)?,
         copies_wanted: row.get(7)?,
@@ -615,7 +617,7 @@ impl Store {
     pub fn commit_import(
         &self,
         id: i64,
-        sha512: &str,
+        sha512: Option<&str>,
         real_size: u64,
         chunk_size: u64,
         digests_hash: &str,
@@ -626,7 +628,7 @@ impl Store {
                  digests_hash = ?5 WHERE id = ?1 AND state = 'importing'",
                 params![
                     id,
-                    sha512,
+                    sha512.unwrap_or_default(),
                     real_size as i64,
                     chunk_size as i64,
                     digests_hash
@@ -668,7 +670,7 @@ impl Store {
                     image.name,
                     image.uuid,
                     image.size as i64,
-                    image.sha512,
+                    image.sha512.as_deref().unwrap_or_default(),
                     image.real_size as i64,
                     image.copies_wanted,
                     image.source,
@@ -720,9 +722,40 @@ impl Store {
         })
     }
 
+    /// Records the SHA-512 computed after image `id` (`uuid`) was committed. `false`: the
+    /// image is gone, or its SHA-512 was recorded meanwhile (by another process: the same
+    /// value, computed from the same verified content).
+    pub fn record_sha512(&self, id: i64, uuid: &str, sha512: &str) -> Result<bool> {
+        self.run(|c| {
+            c.execute(
+                "UPDATE images SET sha512 = ?3 WHERE id = ?1 AND uuid = ?2 AND sha512 = ''
+                 AND state = 'ready'",
+                params![id, uuid, sha512],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    /// Ready images whose SHA-512 is not computed yet, oldest first.
+    pub fn images_without_sha512(&self) -> Result<Vec<ImageRow>> {
+        self.run(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {IMAGE_COLUMNS} FROM images WHERE sha512 = '' AND state = 'ready'
+                 ORDER BY id"
+            ))?;
+            let rows = stmt.query_map([], image_from_row)?;
+            rows.collect()
+        })
+    }
+
     /// A ready image whose content has this SHA-512 (hex), whatever its name: the base a
-    /// received volume uses.
+    /// received volume uses. Images whose SHA-512 is not computed yet are not found: callers
+    /// complete those first (`Pool::ready_image_by_sha512`). No sum names them: '' (a stream
+    /// header's, unchecked) finds nothing.
     pub fn ready_image_by_sha512(&self, sha512: &str) -> Result<Option<ImageRow>> {
+        if sha512.is_empty() {
+            return Ok(None);
+        }
         self.run(|c| {
             c.query_row(
                 &format!(

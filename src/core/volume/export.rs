@@ -5,7 +5,7 @@
 use std::io;
 use std::sync::Arc;
 
-use super::{index_error, Snapshot, SnapshotReader, Volume, GRANULE};
+use super::{index_error, Base, Snapshot, SnapshotReader, Volume, GRANULE};
 use crate::format::sparse::SparseSource;
 
 pub struct VolumeSource<'a> {
@@ -33,10 +33,15 @@ impl<'a> VolumeSource<'a> {
             None => self.volume.size(),
         }
     }
+}
 
-    /// The base image's data extents below `end`, as its `seek` finds them.
-    fn base_extents(&self, end: u64) -> io::Result<Vec<(u64, u64)>> {
-        let base = &self.volume.base;
+/// A volume's base image as a source of its own: its data extents as its `seek` finds them
+/// (what computing its SHA-512 after the import reads).
+pub struct BaseSource<'a>(pub &'a dyn Base);
+
+impl SparseSource for BaseSource<'_> {
+    fn data_extents(&self, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        let base = self.0;
         let end = end.min(base.size());
         let mut extents = Vec::new();
         let mut pos = 0;
@@ -52,6 +57,12 @@ impl<'a> VolumeSource<'a> {
             pos = hole;
         }
         Ok(extents)
+    }
+
+    fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let n = buf.len().min(self.0.size().saturating_sub(offset) as usize);
+        self.0.read_at(&mut buf[..n], offset)?;
+        Ok(n)
     }
 }
 
@@ -89,7 +100,8 @@ impl SparseSource for VolumeSource<'_> {
             .map(|g| (g * GRANULE, ((g + 1) * GRANULE).min(size)))
             .filter(|(start, end)| start < end)
             .collect();
-        Ok(union(written, self.base_extents(size)?))
+        let base = BaseSource(&*self.volume.base).data_extents(size)?;
+        Ok(union(written, base))
     }
 
     fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {

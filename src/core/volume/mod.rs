@@ -29,7 +29,7 @@ pub mod requests;
 pub mod send;
 pub mod sums;
 
-pub use export::VolumeSource;
+pub use export::{BaseSource, VolumeSource};
 
 use std::collections::BTreeMap;
 use std::io;
