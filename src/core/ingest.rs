@@ -407,6 +407,59 @@ pub fn remove_stale_partials(disk: &DiskRow) -> Vec<std::path::PathBuf> {
 mod tests {
     use super::*;
 
+    /// The thread behind a resumable copy records a checkpoint at most every `CHECKPOINT`
+    /// bytes, at points the copy reached, never at the end (the copy's own commit is that);
+    /// it returns when the copy ends, and at once with the error of a record that fails.
+    #[test]
+    fn checkpoints_follow_the_copy_and_a_failed_one_ends_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = File::create(dir.path().join("copy")).unwrap();
+        let size = 10 * CHECKPOINT;
+        let reached = Reached {
+            at: Mutex::new((CHECKPOINT / 2, false)),
+            changed: Condvar::new(),
+        };
+        let recorded = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            let behind = scope.spawn(|| {
+                make_durable_behind(&dst, &reached, CHECKPOINT / 2, size, &|at| {
+                    recorded.lock().push(at);
+                    Ok(())
+                })
+            });
+            let mut at = CHECKPOINT / 2;
+            while at < size {
+                at = (at + (7 << 20)).min(size);
+                reached.advance(at);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            reached.end();
+            behind.join().unwrap().unwrap();
+        });
+        let recorded = recorded.into_inner();
+        assert!(!recorded.is_empty(), "nothing recorded in {size} bytes");
+        let mut last = CHECKPOINT / 2;
+        for &at in &recorded {
+            assert!(at >= last + CHECKPOINT && at < size, "{recorded:?}");
+            assert_eq!(
+                (at - CHECKPOINT / 2) % (7 << 20),
+                0,
+                "not a point reached: {at}"
+            );
+            last = at;
+        }
+
+        let reached = Reached {
+            at: Mutex::new((0, false)),
+            changed: Condvar::new(),
+        };
+        reached.advance(2 * CHECKPOINT);
+        let failed = make_durable_behind(&dst, &reached, 0, size, &|_| {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        });
+        assert_eq!(failed.unwrap_err().raw_os_error(), Some(libc::EIO));
+    }
+
     #[test]
     fn a_fifo_is_refused_without_waiting_for_a_writer() {
         let dir = tempfile::tempdir().unwrap();

@@ -172,11 +172,19 @@ struct Finished {
     seq: u64,
     start: u64,
     end: u64,
+    copied: Copied,
+    /// The piece's content, for the SHA-512 stage (when there is one).
+    content: Option<Vec<u8>>,
+}
+
+/// What copying a piece found.
+struct Copied {
+    /// Bytes read.
     read: usize,
     /// (chunk index, digest) of the chunks that hold data; the others are zeros.
     digests: Vec<(u64, Digest)>,
-    /// The piece's content, for the SHA-512 stage (when there is one).
-    content: Option<Vec<u8>>,
+    /// The runs of zero blocks inside the data, not written.
+    zeros: Vec<(u64, u64)>,
 }
 
 /// The buffers pieces are read into. There are a few more than workers, so that the SHA-512
@@ -207,7 +215,8 @@ impl Buffers {
     }
 }
 
-/// Stops the workers when the copy ends, however it ends: none waits for a buffer forever.
+/// Stops the workers when the copy ends, however it ends, or when one of them ends (with no
+/// piece left to claim, or in a panic): none waits for a buffer forever.
 struct StopWorkers<'a>(&'a AtomicBool, &'a Buffers);
 
 impl Drop for StopWorkers<'_> {
@@ -218,27 +227,28 @@ impl Drop for StopWorkers<'_> {
     }
 }
 
-/// How many threads copy at once: reads and writes are copies in the kernel, each on the CPU
-/// of the thread that asked; more threads also keep more requests in flight on the disks.
+/// How many threads copy at once: more than CPUs, because each mostly waits for a disk (a
+/// direct write returns when the disk has the data); they keep that many requests in flight.
+/// Measured on 2 CPUs, export of 2.4 GiB of data: 4.5 s with 2, 3.6 s with 4, 3.3 s with 8.
 fn workers() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(2, 4))
+    std::thread::available_parallelism().map_or(4, |n| (n.get() * 4).clamp(4, 8))
 }
 
 /// Reads the parts of `piece` into `buf` (zeros elsewhere), writes the non-zero blocks of those
-/// read from the source to `dst`, if any, and hashes the chunks that hold data. Returns the
-/// bytes read and the digests.
+/// read from the source to `dst`, if any, and hashes the chunks that hold data.
 fn copy_piece(
     piece: &Piece,
     buf: &mut [u8],
     dst: Option<&Target>,
     size: u64,
     chunk_size: u64,
-) -> Result<(usize, Vec<(u64, Digest)>), CopyError> {
+) -> Result<Copied, CopyError> {
     let offset = |at: u64| (at - piece.start) as usize;
     let buf = &mut aligned(buf)[..offset(piece.end)];
     let mut filled = piece.start;
     let mut read = 0;
     let mut digests: Vec<(u64, Digest)> = Vec::new();
+    let mut zeros = Vec::new();
     for part in &piece.parts {
         buf[offset(filled)..offset(part.start)].fill(0);
         let data = &mut buf[offset(part.start)..offset(part.end)];
@@ -256,7 +266,7 @@ fn copy_piece(
             )));
         }
         if let (Some(dst), false) = (dst, part.from_target) {
-            write_nonzero_blocks(dst, data, part.start).map_err(CopyError::target)?;
+            zeros.extend(write_nonzero_blocks(dst, data, part.start).map_err(CopyError::target)?);
         }
         read += n;
         filled = part.end;
@@ -272,7 +282,11 @@ fn copy_piece(
             digests.push((index, digest(&buf[offset(start)..offset(end)])));
         }
     }
-    Ok((read, digests))
+    Ok(Copied {
+        read,
+        digests,
+        zeros,
+    })
 }
 
 /// `copy_sparse` into a `dst` that already holds the first `done` bytes of `src` (a copy
@@ -325,14 +339,15 @@ pub fn resume_sparse(
     let stop = AtomicBool::new(false);
     let target = dst.map(Target::new);
     let target = target.as_ref();
-    // At its size from the start: a direct write past the end holds the file's lock alone.
-    if let Some(Target {
-        file,
-        direct: Some(_),
-    }) = target
-    {
-        file.set_len(size).map_err(CopyError::target)?;
-    }
+    let sources = parts
+        .iter()
+        .filter(|p| !p.from_target)
+        .map(|p| (p.start, p.end));
+    let preallocated = match target {
+        Some(target) => target.preallocate(size, sources)?,
+        None => false,
+    };
+    let mut zeros: Vec<(u64, u64)> = Vec::new();
     let buffers = Buffers {
         free: Mutex::new(
             (0..workers + DEPTH)
@@ -344,18 +359,21 @@ pub fn resume_sparse(
     let mut chunks = ChunkDigests::of_zeros(chunk_size, size);
     let mut hasher = with_sha512.then(Sha512::new);
     let mut hashed = 0u64;
-    std::thread::scope(|scope| {
+    let copied = std::thread::scope(|scope| {
         let (finished, results) = mpsc::channel::<Result<Finished, CopyError>>();
         for _ in 0..workers {
             let finished = finished.clone();
             let (unclaimed, stop, buffers) = (&unclaimed, &stop, &buffers);
             scope.spawn(move || {
+                // A worker that panics stops the others too: none waits for a buffer held by
+                // a piece that will never come, and the scope passes the panic on.
+                let _stop = StopWorkers(stop, buffers);
                 while let Some(mut buf) = buffers.take(stop) {
                     let Some(piece) = unclaimed.lock().claim(piece_size, size) else {
                         return;
                     };
-                    let result = copy_piece(&piece, &mut buf, target, size, chunk_size).map(
-                        |(read, digests)| {
+                    let result =
+                        copy_piece(&piece, &mut buf, target, size, chunk_size).map(|copied| {
                             let content = if with_sha512 {
                                 Some(buf)
                             } else {
@@ -366,12 +384,10 @@ pub fn resume_sparse(
                                 seq: piece.seq,
                                 start: piece.start,
                                 end: piece.end,
-                                read,
-                                digests,
+                                copied,
                                 content,
                             }
-                        },
-                    );
+                        });
                     // Gone: the copy ended (an error, or it was stopped).
                     if finished.send(result).is_err() {
                         return;
@@ -387,8 +403,16 @@ pub fn resume_sparse(
             let piece = result?;
             waiting.insert(piece.seq, piece);
             while let Some(piece) = waiting.remove(&next) {
-                for (index, digest) in piece.digests {
+                for (index, digest) in piece.copied.digests {
                     chunks.set(index, digest);
+                }
+                if preallocated {
+                    for (start, end) in piece.copied.zeros {
+                        match zeros.last_mut() {
+                            Some(last) if last.1 == start => last.1 = end,
+                            _ => zeros.push((start, end)),
+                        }
+                    }
                 }
                 if let Some(hasher) = &mut hasher {
                     hash_zeros(hasher, piece.start - hashed);
@@ -398,11 +422,19 @@ pub fn resume_sparse(
                 }
                 hashed = piece.end;
                 next += 1;
-                progress(piece.end, piece.read)?;
+                progress(piece.end, piece.copied.read)?;
             }
         }
         Ok(())
-    })?;
+    });
+    // The zero blocks of the data go back to the filesystem, also those of a copy that
+    // stopped (what it wrote is kept, to be resumed).
+    let punched = match (target, preallocated) {
+        (Some(target), true) => target.punch(&zeros),
+        _ => Ok(()),
+    };
+    copied?;
+    punched.map_err(CopyError::target)?;
     if let Some(hasher) = &mut hasher {
         hash_zeros(hasher, size - hashed);
     }
@@ -475,20 +507,48 @@ impl<'a> Target<'a> {
         Target { file, direct }
     }
 
+    /// Readies the target for direct writes: at its size, and the `ranges` it will be written
+    /// in allocated. A direct write over allocated blocks inside the file shares the file's
+    /// lock with the others; one past the end or into a hole holds it alone until the disk
+    /// is done, and so does `fallocate` (which waits for every direct write in flight): the
+    /// workers would write one at a time. Returns whether any range was allocated (whose
+    /// zero blocks are then to be `punch`ed out); a failure to allocate leaves the rest to the
+    /// writes (which say ENOSPC if there is no room).
+    fn preallocate(
+        &self,
+        size: u64,
+        ranges: impl Iterator<Item = (u64, u64)>,
+    ) -> Result<bool, CopyError> {
+        let Some(direct) = &self.direct else {
+            return Ok(false);
+        };
+        self.file.set_len(size).map_err(CopyError::target)?;
+        let mut allocated = false;
+        for (start, end) in ranges {
+            let flags = nix::fcntl::FallocateFlags::empty();
+            if nix::fcntl::fallocate(direct, flags, start as i64, (end - start) as i64).is_err() {
+                break;
+            }
+            allocated = true;
+        }
+        Ok(allocated)
+    }
+
+    /// Gives the blocks of `ranges` back to the filesystem: they read as zeros either way.
+    fn punch(&self, ranges: &[(u64, u64)]) -> io::Result<()> {
+        use nix::fcntl::FallocateFlags;
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        for &(start, end) in ranges {
+            nix::fcntl::fallocate(self.file, flags, start as i64, (end - start) as i64)?;
+        }
+        Ok(())
+    }
+
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
         let whole_blocks = offset.is_multiple_of(BLOCK as u64)
             && data.len().is_multiple_of(BLOCK)
             && data.as_ptr().align_offset(BLOCK) == 0;
         if let (Some(direct), true) = (&self.direct, whole_blocks) {
-            // Blocks allocated first: a direct write over allocated blocks shares the file's
-            // lock with the other workers' (into a hole, it holds it alone until the disk is
-            // done). A failure here is the write's to tell (ENOSPC) or no matter (EOPNOTSUPP).
-            let _ = nix::fcntl::fallocate(
-                direct,
-                nix::fcntl::FallocateFlags::empty(),
-                offset as i64,
-                data.len() as i64,
-            );
             match direct.write_all_at(data, offset) {
                 // Not for this file after all: through the page cache.
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
@@ -499,29 +559,34 @@ impl<'a> Target<'a> {
     }
 }
 
-/// Writes the runs of non-zero blocks of `chunk` (which sits at `offset`); returns bytes written.
-fn write_nonzero_blocks(dst: &Target, chunk: &[u8], offset: u64) -> io::Result<u64> {
-    let mut written = 0;
-    let mut run_start: Option<usize> = None;
+/// Writes the runs of non-zero blocks of `chunk` (which sits at `offset`); returns the runs of
+/// zero blocks it left, as (start, end) offsets.
+fn write_nonzero_blocks(dst: &Target, chunk: &[u8], offset: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut zeros = Vec::new();
+    // The run being passed over: zeros (`true`) or data, from where.
+    let mut run: Option<(bool, usize)> = None;
     let mut at = 0;
     while at <= chunk.len() {
         let block = &chunk[at..(at + BLOCK).min(chunk.len())];
-        let zero = block.is_empty() || is_zero(block);
-        match (zero, run_start) {
-            (false, None) => run_start = Some(at),
-            (true, Some(start)) => {
-                dst.write_all_at(&chunk[start..at], offset + start as u64)?;
-                written += (at - start) as u64;
-                run_start = None;
+        let zero = is_zero(block);
+        match run {
+            Some((was_zero, start)) if block.is_empty() || was_zero != zero => {
+                let (from, to) = (offset + start as u64, offset + at as u64);
+                match was_zero {
+                    true => zeros.push((from, to)),
+                    false => dst.write_all_at(&chunk[start..at], from)?,
+                }
+                run = Some((zero, at));
             }
-            _ => {}
+            None => run = Some((zero, at)),
+            Some(_) => {}
         }
         if block.is_empty() {
             break;
         }
         at += block.len();
     }
-    Ok(written)
+    Ok(zeros)
 }
 
 /// `pread` until `buf` is full or the file ends; returns the bytes read.
@@ -997,8 +1062,8 @@ mod tests {
         chunk[0] = 1; // block 0
         chunk[2 * BLOCK + 5] = 2; // block 2
         chunk[3 * BLOCK + 9] = 3; // the 10-byte tail
-        let written = write_nonzero_blocks(&Target::new(&dst), &chunk, 0).unwrap();
-        assert_eq!(written, (BLOCK + BLOCK + 10) as u64);
+        let zeros = write_nonzero_blocks(&Target::new(&dst), &chunk, 0).unwrap();
+        assert_eq!(zeros, [(BLOCK as u64, 2 * BLOCK as u64)]);
         assert_eq!(std::fs::read(&dst_path).unwrap(), chunk);
     }
 }
