@@ -132,6 +132,73 @@ struct Unclaimed<'a> {
     next: usize,
     pos: u64,
     seq: u64,
+    allocation: Allocation,
+}
+
+/// The target's blocks for the source's data, allocated ahead of the direct writes. A direct
+/// write over allocated blocks inside the file shares the file's lock with the others; one
+/// into a hole or past the end holds it alone until the disk is done (the workers would write
+/// one at a time). An allocation waits for every direct write in flight, so it is done a
+/// window at a time, from 4 MiB doubling up to 256 MiB: a few waits per copy, and a disk that
+/// fills up while the copy runs still fails it.
+struct Allocation {
+    /// Every source range below is allocated (or not to be: `going` is false).
+    until: u64,
+    window: u64,
+    /// The first part that may end past `until`.
+    next: usize,
+    /// A direct target whose filesystem allocates.
+    going: bool,
+    /// Whether any block was allocated: the zero blocks found are then punched out.
+    any: bool,
+}
+
+const FIRST_WINDOW: u64 = 4 << 20;
+const LAST_WINDOW: u64 = 256 << 20;
+
+impl Unclaimed<'_> {
+    /// Allocates the target's blocks for the source's data below `end` and a window more.
+    /// A target without room fails (`NoSpace`); one whose filesystem does not allocate gets
+    /// its writes into holes.
+    fn allocate_to(&mut self, end: u64, size: u64, target: &Target) -> Result<(), CopyError> {
+        let (Some(direct), allocation) = (&target.direct, &mut self.allocation) else {
+            return Ok(());
+        };
+        if !allocation.going || end <= allocation.until {
+            return Ok(());
+        }
+        let until = end.max(allocation.until + allocation.window).min(size);
+        for part in &self.parts[allocation.next..] {
+            if part.start >= until {
+                break;
+            }
+            let (start, stop) = (part.start.max(allocation.until), part.end.min(until));
+            if part.from_target || start >= stop {
+                continue;
+            }
+            let flags = nix::fcntl::FallocateFlags::empty();
+            match nix::fcntl::fallocate(direct, flags, start as i64, (stop - start) as i64) {
+                Ok(()) => allocation.any = true,
+                Err(e @ (nix::errno::Errno::ENOSPC | nix::errno::Errno::EDQUOT)) => {
+                    return Err(CopyError::target(e.into()))
+                }
+                Err(_) => {
+                    allocation.going = false;
+                    return Ok(());
+                }
+            }
+        }
+        while self
+            .parts
+            .get(allocation.next)
+            .is_some_and(|p| p.end <= until)
+        {
+            allocation.next += 1;
+        }
+        allocation.until = until;
+        allocation.window = (allocation.window * 2).min(LAST_WINDOW);
+        Ok(())
+    }
 }
 
 impl<'a> Unclaimed<'a> {
@@ -330,23 +397,30 @@ pub fn resume_sparse(
 
     let piece_size = chunk_size * (BUF as u64 / chunk_size).max(1);
     let workers = workers();
+    let target = dst.map(Target::new);
+    let target = target.as_ref();
+    // At its size from the start: a direct write past the end holds the file's lock alone.
+    if let Some(Target {
+        file,
+        direct: Some(_),
+    }) = target
+    {
+        file.set_len(size).map_err(CopyError::target)?;
+    }
     let unclaimed = Mutex::new(Unclaimed {
         parts: &parts,
         next: 0,
         pos: 0,
         seq: 0,
+        allocation: Allocation {
+            until: 0,
+            window: FIRST_WINDOW,
+            next: 0,
+            going: true,
+            any: false,
+        },
     });
     let stop = AtomicBool::new(false);
-    let target = dst.map(Target::new);
-    let target = target.as_ref();
-    let sources = parts
-        .iter()
-        .filter(|p| !p.from_target)
-        .map(|p| (p.start, p.end));
-    let preallocated = match target {
-        Some(target) => target.preallocate(size, sources)?,
-        None => false,
-    };
     let mut zeros: Vec<(u64, u64)> = Vec::new();
     let buffers = Buffers {
         free: Mutex::new(
@@ -369,10 +443,18 @@ pub fn resume_sparse(
                 // a piece that will never come, and the scope passes the panic on.
                 let _stop = StopWorkers(stop, buffers);
                 while let Some(mut buf) = buffers.take(stop) {
-                    let Some(piece) = unclaimed.lock().claim(piece_size, size) else {
-                        return;
+                    let claimed = {
+                        let mut unclaimed = unclaimed.lock();
+                        let Some(piece) = unclaimed.claim(piece_size, size) else {
+                            return;
+                        };
+                        match target {
+                            Some(target) => unclaimed.allocate_to(piece.end, size, target),
+                            None => Ok(()),
+                        }
+                        .map(|()| piece)
                     };
-                    let result =
+                    let result = claimed.and_then(|piece| {
                         copy_piece(&piece, &mut buf, target, size, chunk_size).map(|copied| {
                             let content = if with_sha512 {
                                 Some(buf)
@@ -387,7 +469,8 @@ pub fn resume_sparse(
                                 copied,
                                 content,
                             }
-                        });
+                        })
+                    });
                     // Gone: the copy ended (an error, or it was stopped).
                     if finished.send(result).is_err() {
                         return;
@@ -406,7 +489,7 @@ pub fn resume_sparse(
                 for (index, digest) in piece.copied.digests {
                     chunks.set(index, digest);
                 }
-                if preallocated {
+                if target.is_some_and(|t| t.direct.is_some()) {
                     for (start, end) in piece.copied.zeros {
                         match zeros.last_mut() {
                             Some(last) if last.1 == start => last.1 = end,
@@ -429,7 +512,7 @@ pub fn resume_sparse(
     });
     // The zero blocks of the data go back to the filesystem, also those of a copy that
     // stopped (what it wrote is kept, to be resumed).
-    let punched = match (target, preallocated) {
+    let punched = match (target, unclaimed.into_inner().allocation.any) {
         (Some(target), true) => target.punch(&zeros),
         _ => Ok(()),
     };
@@ -505,33 +588,6 @@ impl<'a> Target<'a> {
             })
             .flatten();
         Target { file, direct }
-    }
-
-    /// Readies the target for direct writes: at its size, and the `ranges` it will be written
-    /// in allocated. A direct write over allocated blocks inside the file shares the file's
-    /// lock with the others; one past the end or into a hole holds it alone until the disk
-    /// is done, and so does `fallocate` (which waits for every direct write in flight): the
-    /// workers would write one at a time. Returns whether any range was allocated (whose
-    /// zero blocks are then to be `punch`ed out); a failure to allocate leaves the rest to the
-    /// writes (which say ENOSPC if there is no room).
-    fn preallocate(
-        &self,
-        size: u64,
-        ranges: impl Iterator<Item = (u64, u64)>,
-    ) -> Result<bool, CopyError> {
-        let Some(direct) = &self.direct else {
-            return Ok(false);
-        };
-        self.file.set_len(size).map_err(CopyError::target)?;
-        let mut allocated = false;
-        for (start, end) in ranges {
-            let flags = nix::fcntl::FallocateFlags::empty();
-            if nix::fcntl::fallocate(direct, flags, start as i64, (end - start) as i64).is_err() {
-                break;
-            }
-            allocated = true;
-        }
-        Ok(allocated)
     }
 
     /// Gives the blocks of `ranges` back to the filesystem: they read as zeros either way.
