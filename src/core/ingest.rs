@@ -10,8 +10,9 @@ use std::path::Path;
 use crate::core::store::{DiskRow, ImageRow};
 use crate::error::{CopyError, Error, IoContext, Result};
 use crate::format::digests::CHUNK_SIZE;
-use crate::format::layout::{write_durably, CopyRecord, DiskLayout};
+use crate::format::layout::{start_writeback, write_durably, CopyRecord, DiskLayout};
 use crate::format::sparse::{self, CopyOutcome, SparseSource};
+use parking_lot::{Condvar, Mutex};
 use serde::{Deserialize, Serialize};
 
 /// A file being imported: a regular file or a block device, not empty, with what its metadata
@@ -171,6 +172,9 @@ pub fn write_copy(
     Ok(outcome)
 }
 
+/// Bytes a resumable copy writes between two starts of its writeback: its syncs then find
+/// most of it on the disk already, instead of all of it at once.
+const WRITEBACK: u64 = 32 << 20;
 /// How often a resumable copy makes what it wrote durable and records how far it got.
 const CHECKPOINT: u64 = 64 << 20;
 /// A partial copy nobody resumed for this long is removed (`recover`).
@@ -252,36 +256,51 @@ pub fn write_resumable_copy(
     // Past the last checkpoint the file may hold anything: cut there.
     dst.set_len(done)
         .map_err(|e| failed(CopyError::target(e)))?;
-    let mut checkpoint = done;
-    let mut checkpointed = |at: u64, n: usize| -> std::result::Result<(), CopyError> {
-        progress(at, n)?;
-        if at >= checkpoint + CHECKPOINT && at < size {
-            dst.sync_data().map_err(CopyError::target)?;
-            let record = PartialProgress {
+    let reached = Reached {
+        at: Mutex::new((done, false)),
+        changed: Condvar::new(),
+    };
+    let (copied, checkpointed) = std::thread::scope(|scope| {
+        let checkpoints = scope.spawn(|| {
+            let record = |at| PartialProgress {
                 source: key.to_string(),
                 size,
                 done: at,
             };
-            write_durably(
-                &progress_path,
-                &serde_json::to_vec(&record).expect("serialises"),
-            )
-            .map_err(|e| CopyError::target(std::io::Error::other(e.to_string())))?;
-            checkpoint = at;
-        }
-        Ok(())
-    };
-    let outcome = sparse::resume_sparse(
-        from,
-        Some(&dst),
-        done,
-        size,
-        CHUNK_SIZE,
-        with_sha512,
-        &mut checkpointed,
-    )
-    .and_then(|o| dst.sync_all().map(|()| o).map_err(CopyError::target))
-    .map_err(failed)?;
+            make_durable_behind(&dst, &reached, done, size, &|at| {
+                write_durably(
+                    &progress_path,
+                    &serde_json::to_vec(&record(at)).expect("serialises"),
+                )
+                .map_err(|e| std::io::Error::other(e.to_string()))
+            })
+        });
+        let copied = sparse::resume_sparse(
+            from,
+            Some(&dst),
+            done,
+            size,
+            CHUNK_SIZE,
+            with_sha512,
+            &mut |at, n| {
+                progress(at, n)?;
+                // Ended before the copy: it failed, and its error is the copy's.
+                if checkpoints.is_finished() {
+                    return Err(CopyError::Stopped);
+                }
+                reached.advance(at);
+                Ok(())
+            },
+        );
+        reached.end();
+        let checkpointed = checkpoints.join().expect("the checkpoints do not panic");
+        (copied, checkpointed)
+    });
+    let outcome = checkpointed
+        .map_err(CopyError::target)
+        .and(copied)
+        .and_then(|o| dst.sync_all().map(|()| o).map_err(CopyError::target))
+        .map_err(failed)?;
     drop_cached_pages(&dst);
     layout.write_digests(&record.uuid, &outcome.chunks)?;
     layout.write_record(&CopyRecord {
@@ -298,6 +317,57 @@ pub fn write_resumable_copy(
     let _ = fs::remove_file(&progress_path);
     crate::format::layout::fsync_dir(&dir)?;
     Ok((outcome, done))
+}
+
+/// How far a resumable copy got (every byte below is written), and whether it ended: what
+/// the thread that makes it durable behind it waits on.
+struct Reached {
+    at: Mutex<(u64, bool)>,
+    changed: Condvar,
+}
+
+impl Reached {
+    fn advance(&self, at: u64) {
+        self.at.lock().0 = at;
+        self.changed.notify_one();
+    }
+
+    fn end(&self) {
+        self.at.lock().1 = true;
+        self.changed.notify_one();
+    }
+}
+
+/// Makes a resumable copy durable behind it, so that the copy never waits for the disk: starts
+/// the writeback every `WRITEBACK` bytes, and every `CHECKPOINT` bytes syncs the data and only
+/// then `record`s how far it is durable. Returns when the copy ends, or at a failure.
+fn make_durable_behind(
+    dst: &File,
+    reached: &Reached,
+    from: u64,
+    size: u64,
+    record: &dyn Fn(u64) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let (mut written_back, mut recorded) = (from, from);
+    loop {
+        let at = {
+            let mut state = reached.at.lock();
+            while !state.1 && state.0 < written_back + WRITEBACK {
+                reached.changed.wait(&mut state);
+            }
+            if state.1 {
+                return Ok(());
+            }
+            state.0
+        };
+        start_writeback(dst)?;
+        written_back = at;
+        if at >= recorded + CHECKPOINT && at < size {
+            dst.sync_data()?;
+            record(at)?;
+            recorded = at;
+        }
+    }
 }
 
 /// A partial copy nobody is writing and nobody resumed for `PARTIAL_MAX_AGE` is removed:
@@ -336,6 +406,59 @@ pub fn remove_stale_partials(disk: &DiskRow) -> Vec<std::path::PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The thread behind a resumable copy records a checkpoint at most every `CHECKPOINT`
+    /// bytes, at points the copy reached, never at the end (the copy's own commit is that);
+    /// it returns when the copy ends, and at once with the error of a record that fails.
+    #[test]
+    fn checkpoints_follow_the_copy_and_a_failed_one_ends_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let dst = File::create(dir.path().join("copy")).unwrap();
+        let size = 10 * CHECKPOINT;
+        let reached = Reached {
+            at: Mutex::new((CHECKPOINT / 2, false)),
+            changed: Condvar::new(),
+        };
+        let recorded = Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            let behind = scope.spawn(|| {
+                make_durable_behind(&dst, &reached, CHECKPOINT / 2, size, &|at| {
+                    recorded.lock().push(at);
+                    Ok(())
+                })
+            });
+            let mut at = CHECKPOINT / 2;
+            while at < size {
+                at = (at + (7 << 20)).min(size);
+                reached.advance(at);
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            reached.end();
+            behind.join().unwrap().unwrap();
+        });
+        let recorded = recorded.into_inner();
+        assert!(!recorded.is_empty(), "nothing recorded in {size} bytes");
+        let mut last = CHECKPOINT / 2;
+        for &at in &recorded {
+            assert!(at >= last + CHECKPOINT && at < size, "{recorded:?}");
+            assert_eq!(
+                (at - CHECKPOINT / 2) % (7 << 20),
+                0,
+                "not a point reached: {at}"
+            );
+            last = at;
+        }
+
+        let reached = Reached {
+            at: Mutex::new((0, false)),
+            changed: Condvar::new(),
+        };
+        reached.advance(2 * CHECKPOINT);
+        let failed = make_durable_behind(&dst, &reached, 0, size, &|_| {
+            Err(std::io::Error::from_raw_os_error(libc::EIO))
+        });
+        assert_eq!(failed.unwrap_err().raw_os_error(), Some(libc::EIO));
+    }
 
     #[test]
     fn a_fifo_is_refused_without_waiting_for_a_writer() {

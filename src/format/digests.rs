@@ -45,6 +45,26 @@ impl ChunkDigests {
         })
     }
 
+    /// The digests of `size` bytes of zeros: where a copy that hashes its chunks out of order
+    /// starts, before it `set`s those that hold data.
+    pub fn of_zeros(chunk_size: u64, size: u64) -> ChunkDigests {
+        let count = size.div_ceil(chunk_size) as usize;
+        let mut digests = vec![digest(&vec![0u8; chunk_size as usize]); count];
+        let tail = size % chunk_size;
+        if tail > 0 {
+            digests[count - 1] = digest(&vec![0u8; tail as usize]);
+        }
+        ChunkDigests {
+            chunk_size,
+            digests,
+        }
+    }
+
+    /// Sets the digest of chunk `index`, which must be one of the image's.
+    pub fn set(&mut self, index: u64, digest: Digest) {
+        self.digests[index as usize] = digest;
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         self.digests.concat()
     }
@@ -108,7 +128,9 @@ impl ChunkDigests {
     }
 }
 
-/// Computes chunk digests from a stream of the logical content, in order.
+/// Computes chunk digests from a stream of the logical content, in order: the reference the
+/// copies' digests (hashed piece by piece, out of order) are tested against.
+#[cfg(test)]
 pub struct ChunkHasher {
     chunk_size: u64,
     current: blake3::Hasher,
@@ -117,6 +139,7 @@ pub struct ChunkHasher {
     zero_chunk: Digest,
 }
 
+#[cfg(test)]
 impl ChunkHasher {
     pub fn new(chunk_size: u64) -> ChunkHasher {
         ChunkHasher {

@@ -61,22 +61,9 @@ impl DataFile {
         self.file.sync_data()
     }
 
-    /// Starts writing what was written so far to the disk, without waiting: a long run of
-    /// writes then finds most of it on the disk when it syncs, instead of all of it at once.
-    /// An error of that writeback is reported by the next `sync`.
+    /// Starts writing what was written so far to the disk, without waiting (`start_writeback`).
     pub fn start_writeback(&self) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: sync_file_range takes a file descriptor we own and plain integers; it
-        // touches no memory of ours. (nix has no wrapper for it.)
-        #[allow(unsafe_code)]
-        let done = unsafe {
-            libc::sync_file_range(self.file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE)
-        };
-        if done == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        crate::format::layout::start_writeback(&self.file)
     }
 
     /// Bytes of disk space the file uses.
