@@ -498,7 +498,7 @@ pub fn resume_sparse(
                     }
                 }
                 if let Some(hasher) = &mut hasher {
-                    hash_zeros(hasher, piece.start - hashed);
+                    hash_zeros(hasher, hashed, piece.start, progress)?;
                     let mut content = piece.content.expect("pieces carry their content");
                     hasher.update(&aligned(&mut content)[..(piece.end - piece.start) as usize]);
                     buffers.give_back(content);
@@ -519,7 +519,7 @@ pub fn resume_sparse(
     copied?;
     punched.map_err(CopyError::target)?;
     if let Some(hasher) = &mut hasher {
-        hash_zeros(hasher, size - hashed);
+        hash_zeros(hasher, hashed, size, progress)?;
     }
     if let Some(dst) = dst {
         dst.set_len(size).map_err(CopyError::target)?;
@@ -531,13 +531,24 @@ pub fn resume_sparse(
     })
 }
 
-/// Runs `len` zero bytes through the SHA-512.
-fn hash_zeros(hasher: &mut Sha512, mut len: u64) {
-    while len > 0 {
-        let n = len.min(BUF as u64) as usize;
-        hasher.update(&ZEROS[..n]);
-        len -= n as u64;
+/// Runs the zeros of a hole, from `from` to `to`, through the SHA-512, telling `progress` how
+/// far it got as it goes: a hole can take minutes to hash, and a stop must not wait for it.
+fn hash_zeros(
+    hasher: &mut Sha512,
+    from: u64,
+    to: u64,
+    progress: &mut dyn FnMut(u64, usize) -> Result<(), CopyError>,
+) -> Result<(), CopyError> {
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(BUF as u64);
+        hasher.update(&ZEROS[..n as usize]);
+        at += n;
+        if at < to {
+            progress(at, 0)?;
+        }
     }
+    Ok(())
 }
 
 /// Whether `bytes` are all zeros, tested a word at a time.

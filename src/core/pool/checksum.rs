@@ -365,6 +365,28 @@ mod tests {
     }
 
     #[test]
+    fn a_stop_is_seen_inside_a_long_hole() {
+        let f = fixture(1);
+        let mut bytes = vec![0u8; 64 << 20];
+        bytes[..1 << 20].fill(7);
+        bytes[(63 << 20)..].fill(9);
+        let row = exported(&f, "holey", &bytes, 1);
+        let mut stopped_at = 0;
+        let e = f
+            .pool
+            .complete_sha512(&row, &mut |done| {
+                if done > 8 << 20 {
+                    stopped_at = done;
+                    return Err(CopyError::Stopped);
+                }
+                Ok(())
+            })
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Interrupted, "{e}");
+        assert!(stopped_at <= 9 << 20, "stopped only at {stopped_at}");
+    }
+
+    #[test]
     fn processes_computing_at_once_record_one_sum_and_all_answer_it() {
         let f = fixture(2);
         let bytes = content(4);
