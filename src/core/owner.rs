@@ -24,6 +24,18 @@ pub struct OwnerLock {
     _file: File,
 }
 
+/// The directory of the locks, made if missing. Only root may open (and so flock) a lock:
+/// anyone else could fake a live owner.
+fn locks_dir(state_dir: &Path) -> Result<PathBuf> {
+    let dir = state_dir.join(LOCKS_DIR);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .ctx(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
 fn lock_path(state_dir: &Path, token: &str) -> PathBuf {
     state_dir.join(LOCKS_DIR).join(format!("{token}.lock"))
 }
@@ -42,13 +54,7 @@ impl OwnerLock {
     /// under a temporary name and renamed into place, so a lock file is never seen unlocked
     /// while its owner lives.
     pub fn acquire(state_dir: &Path, token: &str) -> Result<OwnerLock> {
-        let dir = state_dir.join(LOCKS_DIR);
-        // Only root may open (and so flock) a lock: anyone else could fake a live owner.
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .ctx(|| format!("cannot create {}", dir.display()))?;
+        let dir = locks_dir(state_dir)?;
         let path = lock_path(state_dir, token);
         let staging = dir.join(format!(".{token}.new"));
         let file = OpenOptions::new()
@@ -88,12 +94,7 @@ impl TurnLock {
     /// The lock, waiting for its holder (`wait`), or `None` when it is held and not `wait`.
     pub fn acquire(state_dir: &Path, token: &str, wait: bool) -> Result<Option<TurnLock>> {
         use std::os::unix::fs::MetadataExt;
-        let dir = state_dir.join(LOCKS_DIR);
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .ctx(|| format!("cannot create {}", dir.display()))?;
+        locks_dir(state_dir)?;
         let path = lock_path(state_dir, token);
         loop {
             let file = OpenOptions::new()
