@@ -524,3 +524,73 @@ fn exports_at_once_and_a_racing_deletion_leave_only_true_results() {
     assert_fsck_clean(&pool, "exports at once and a deletion");
     mount.unmount();
 }
+
+/// `image checksum` of an export (no mount, so no daemon computes it meanwhile) killed at
+/// instants spread over its run: the image stays usable with its sum pending, fsck is clean,
+/// and the next `image checksum` computes the right sum and leaves no lock behind. Two at once
+/// agree.
+#[test]
+fn a_checksum_killed_anywhere_leaves_the_sum_pending_and_the_next_one_computes_it() {
+    let pool = TestPool::new(1);
+    let size = 512u64 << 20;
+    pool.ok(&["volume", "create", "v", "--size", &size.to_string()]);
+    pool.ok(&["snapshot", "create", "v@s"]);
+    let zeros_sum = {
+        let mut hasher = Sha512::new();
+        let block = vec![0u8; MIB];
+        for _ in 0..size / MIB as u64 {
+            hasher.update(&block);
+        }
+        hex::encode(hasher.finalize())
+    };
+    let checksum_json = |name: &str| pool.json(&["image", "show", name])["sha512"].clone();
+
+    // How long one takes here, to spread the kills over it.
+    pool.ok(&["image", "add", "timed", "--from-volume", "v@s"]);
+    let started = std::time::Instant::now();
+    assert_eq!(checksum(&pool, "timed"), zeros_sum);
+    let took = started.elapsed();
+
+    pool.ok(&["image", "add", "e", "--from-volume", "v@s"]);
+    for i in 0..4u32 {
+        let at = took * (i + 1) / 5;
+        let mut child = ChildGuard::quiet(&pool, &["image", "checksum", "e"]);
+        std::thread::sleep(at);
+        let finished = child.kill_9().is_some_and(|s| s.success());
+        let what = format!("a kill at {at:?} of {took:?}");
+        match finished {
+            true => assert_eq!(checksum_json("e"), zeros_sum, "{what}"),
+            false => assert!(
+                checksum_json("e").is_null(),
+                "{what}: a sum not computed whole"
+            ),
+        }
+        assert_fsck_clean(&pool, &what);
+        if finished {
+            break;
+        }
+    }
+    let both: Vec<_> = (0..2)
+        .map(|_| {
+            pool.command(&["image", "checksum", "e", "--json"])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for child in both {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["sha512"], zeros_sum);
+    }
+    assert_eq!(checksum_json("e"), zeros_sum);
+    let locks: Vec<_> = std::fs::read_dir(pool.state.join("locks"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("sha512-"))
+        .collect();
+    assert!(locks.is_empty(), "left: {locks:?}");
+    assert_fsck_clean(&pool, "the checksums");
+}
