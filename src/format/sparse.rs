@@ -954,6 +954,53 @@ mod tests {
         }
     }
 
+    /// A copy that dies (kill -9: here a panic in `progress`, which skips all that follows it)
+    /// leaves the blocks allocated ahead for the zero blocks of its data; resumed, it ends as
+    /// sparse as a whole copy: the holes of the part it kept are given back too.
+    #[test]
+    fn a_copy_that_dies_and_is_resumed_stores_only_its_data_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 32u64 << 20;
+        let src = new_file(&dir, "src");
+        // One data extent of written zeros, with a block of data every 4 MiB.
+        src.write_all_at(&vec![0u8; size as usize], 0).unwrap();
+        for at in (0..size).step_by(4 << 20) {
+            src.write_all_at(&[7u8; BLOCK], at).unwrap();
+        }
+        let whole = copy_sparse(&src, None, size, 64 << 10, true, &mut |_, _| Ok(())).unwrap();
+        let dst = new_file(&dir, "dst");
+        let mut reached = 0;
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            copy_sparse(&src, Some(&dst), size, 64 << 10, true, &mut |done, _| {
+                reached = done;
+                assert!(done < 20 << 20, "killed");
+                Ok(())
+            })
+        }));
+        assert!(died.is_err(), "the copy should have died");
+        dst.set_len(reached).unwrap();
+        let resumed = resume_sparse(
+            &src,
+            Some(&dst),
+            reached,
+            size,
+            64 << 10,
+            true,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(resumed, whole);
+        assert!(
+            read_padded(&dst, size) == read_padded(&src, size),
+            "the copy differs"
+        );
+        let stored = dst.metadata().unwrap().blocks() * 512;
+        assert!(
+            stored <= 8 * BLOCK as u64 + (64 << 10),
+            "resumed at {reached}: {stored} bytes stored for 8 data blocks"
+        );
+    }
+
     /// A source that fails deep into the copy, while other workers are mid-piece, fails it as
     /// the source's; a target that fails as the target's; and nothing waits forever.
     #[test]
