@@ -407,6 +407,9 @@ pub fn resume_sparse(
     {
         file.set_len(size).map_err(CopyError::target)?;
     }
+    if let Some(target) = target.filter(|_| done > 0) {
+        target.punch_holes_below(done, &parts)?;
+    }
     let unclaimed = Mutex::new(Unclaimed {
         parts: &parts,
         next: 0,
@@ -609,6 +612,28 @@ impl<'a> Target<'a> {
             nix::fcntl::fallocate(self.file, flags, start as i64, (end - start) as i64)?;
         }
         Ok(())
+    }
+
+    /// Gives back the blocks of what reads as holes below `done` in a target that holds the
+    /// first `done` bytes (`parts` from it are its data there): a copy that died (killed, so
+    /// its zero blocks were never punched) left blocks allocated ahead for the zero blocks of
+    /// its data, which read as holes. A filesystem that cannot punch allocated none.
+    fn punch_holes_below(&self, done: u64, parts: &[Part]) -> Result<(), CopyError> {
+        let mut holes = Vec::new();
+        let mut at = 0;
+        for part in parts.iter().filter(|p| p.from_target) {
+            if part.start > at {
+                holes.push((at, part.start));
+            }
+            at = part.end;
+        }
+        if at < done {
+            holes.push((at, done));
+        }
+        match self.punch(&holes) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            punched => punched.map_err(CopyError::target),
+        }
     }
 
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
