@@ -275,6 +275,8 @@ pub fn write_resumable_copy(
                 .map_err(|e| std::io::Error::other(e.to_string()))
             })
         });
+        // Told however the copy ends, a panic too: the scope waits for the thread.
+        let ends = Ends(&reached);
         let copied = sparse::resume_sparse(
             from,
             Some(&dst),
@@ -292,7 +294,7 @@ pub fn write_resumable_copy(
                 Ok(())
             },
         );
-        reached.end();
+        drop(ends);
         let checkpointed = checkpoints.join().expect("the checkpoints do not panic");
         (copied, checkpointed)
     });
@@ -335,6 +337,15 @@ impl Reached {
     fn end(&self) {
         self.at.lock().1 = true;
         self.changed.notify_one();
+    }
+}
+
+/// Tells the thread behind a copy that it ended, when dropped.
+struct Ends<'a>(&'a Reached);
+
+impl Drop for Ends<'_> {
+    fn drop(&mut self) {
+        self.0.end();
     }
 }
 
