@@ -1026,6 +1026,65 @@ mod tests {
         );
     }
 
+    /// The workers run ahead of `progress` by a few pieces only (their buffers), with or
+    /// without the SHA-512: a caller that paces the copy in `progress` (repair's bandwidth
+    /// limit) or stops it there holds its reads and writes back, not only its reports.
+    #[test]
+    fn the_workers_run_only_a_few_pieces_ahead_of_progress() {
+        struct Watched(Memory, std::sync::atomic::AtomicU64);
+        impl SparseSource for Watched {
+            fn data_extents(&self, size: u64) -> io::Result<Vec<(u64, u64)>> {
+                self.0.data_extents(size)
+            }
+            fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+                let n = self.0.read_full_at(buf, offset)?;
+                self.1.fetch_max(offset + n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64u64 << 20;
+        let source = Watched(
+            Memory {
+                content: vec![9u8; size as usize],
+                extents: vec![(0, size)],
+                fail_at: None,
+            },
+            std::sync::atomic::AtomicU64::new(0),
+        );
+        let ahead = (workers() + DEPTH) as u64 * BUF as u64;
+        for with_sha512 in [true, false] {
+            let dst = new_file(&dir, &format!("dst-{with_sha512}"));
+            source.1.store(0, Ordering::Relaxed);
+            let mut first = true;
+            copy_sparse(
+                &source,
+                Some(&dst),
+                size,
+                64 << 10,
+                with_sha512,
+                &mut |done, _| {
+                    if std::mem::take(&mut first) {
+                        // A caller that takes its time: the workers stop at their buffers.
+                        let waited = std::time::Instant::now();
+                        while source.1.load(Ordering::Relaxed) <= done + ahead
+                            && waited.elapsed() < std::time::Duration::from_secs(2)
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                        let read = source.1.load(Ordering::Relaxed);
+                        assert!(
+                            read <= done + ahead,
+                            "with_sha512 {with_sha512}: read up to {read} while reported {done}"
+                        );
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+        }
+    }
+
     /// A source that fails deep into the copy, while other workers are mid-piece, fails it as
     /// the source's; a target that fails as the target's; and nothing waits forever.
     #[test]
