@@ -240,8 +240,11 @@ struct Finished {
     start: u64,
     end: u64,
     copied: Copied,
-    /// The piece's content, for the SHA-512 stage (when there is one).
-    content: Option<Vec<u8>>,
+    /// The buffer of the piece's content, held until this thread takes the piece (for the
+    /// SHA-512 stage, when there is one): the workers run only as far ahead of `progress` as
+    /// their buffers let them, so that a caller that paces the copy there (repair's bandwidth
+    /// limit) or stops it paces or stops its reads and writes.
+    content: Vec<u8>,
 }
 
 /// What copying a piece found.
@@ -459,18 +462,12 @@ pub fn resume_sparse(
                     };
                     let result = claimed.and_then(|piece| {
                         copy_piece(&piece, &mut buf, target, size, chunk_size).map(|copied| {
-                            let content = if with_sha512 {
-                                Some(buf)
-                            } else {
-                                buffers.give_back(buf);
-                                None
-                            };
                             Finished {
                                 seq: piece.seq,
                                 start: piece.start,
                                 end: piece.end,
                                 copied,
-                                content,
+                                content: buf,
                             }
                         })
                     });
@@ -500,12 +497,12 @@ pub fn resume_sparse(
                         }
                     }
                 }
+                let mut content = piece.content;
                 if let Some(hasher) = &mut hasher {
                     hash_zeros(hasher, hashed, piece.start, progress)?;
-                    let mut content = piece.content.expect("pieces carry their content");
                     hasher.update(&aligned(&mut content)[..(piece.end - piece.start) as usize]);
-                    buffers.give_back(content);
                 }
+                buffers.give_back(content);
                 hashed = piece.end;
                 next += 1;
                 progress(piece.end, piece.copied.read)?;
