@@ -275,6 +275,8 @@ pub fn write_resumable_copy(
                 .map_err(|e| std::io::Error::other(e.to_string()))
             })
         });
+        // Told however the copy ends, a panic too: the scope waits for the thread.
+        let ends = Ends(&reached);
         let copied = sparse::resume_sparse(
             from,
             Some(&dst),
@@ -292,7 +294,7 @@ pub fn write_resumable_copy(
                 Ok(())
             },
         );
-        reached.end();
+        drop(ends);
         let checkpointed = checkpoints.join().expect("the checkpoints do not panic");
         (copied, checkpointed)
     });
@@ -335,6 +337,15 @@ impl Reached {
     fn end(&self) {
         self.at.lock().1 = true;
         self.changed.notify_one();
+    }
+}
+
+/// Tells the thread behind a copy that it ended, when dropped.
+struct Ends<'a>(&'a Reached);
+
+impl Drop for Ends<'_> {
+    fn drop(&mut self) {
+        self.0.end();
     }
 }
 
@@ -458,6 +469,55 @@ mod tests {
             Err(std::io::Error::from_raw_os_error(libc::EIO))
         });
         assert_eq!(failed.unwrap_err().raw_os_error(), Some(libc::EIO));
+    }
+
+    /// A resumable copy that panics (in its source, or in `progress`) passes the panic on:
+    /// the thread that makes it durable behind it is told that it ended, and the copy does not
+    /// wait for that thread forever (holding the import's and the volume's locks).
+    #[test]
+    fn a_resumable_copy_that_panics_passes_the_panic_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let disk = DiskRow {
+            id: 1,
+            name: "d1".into(),
+            path: dir.path().join("d1"),
+            uuid: "disk-1".into(),
+            added: 0,
+            state: crate::core::store::DiskState::Healthy,
+            failed_by: None,
+            reason: None,
+            state_since: None,
+        };
+        fs::create_dir(&disk.path).unwrap();
+        let source = dir.path().join("src");
+        fs::write(&source, vec![3u8; 1 << 20]).unwrap();
+        let record = CopyRecord {
+            pool_uuid: "pool".into(),
+            name: "img".into(),
+            uuid: "image-1".into(),
+            size: 1 << 20,
+            sha512: String::new(),
+            created: 0,
+            chunk_size: CHUNK_SIZE,
+            digests_hash: String::new(),
+            copies_wanted: 1,
+            source: None,
+        };
+        let (ended, ends) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let from = File::open(&source).unwrap();
+            let copied = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                write_resumable_copy(&disk, &record, &from, &source, "key", true, &mut |_, _| {
+                    panic!("a progress that panics")
+                })
+            }));
+            let _ = ended.send(copied.is_err());
+            drop(dir);
+        });
+        let panicked = ends
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the copy never ended: it waits for its checkpoint thread forever");
+        assert!(panicked, "the panic was not passed on");
     }
 
     #[test]

@@ -240,8 +240,11 @@ struct Finished {
     start: u64,
     end: u64,
     copied: Copied,
-    /// The piece's content, for the SHA-512 stage (when there is one).
-    content: Option<Vec<u8>>,
+    /// The buffer of the piece's content, held until this thread takes the piece (for the
+    /// SHA-512 stage, when there is one): the workers run only as far ahead of `progress` as
+    /// their buffers let them, so that a caller that paces the copy there (repair's bandwidth
+    /// limit) or stops it paces or stops its reads and writes.
+    content: Vec<u8>,
 }
 
 /// What copying a piece found.
@@ -407,6 +410,9 @@ pub fn resume_sparse(
     {
         file.set_len(size).map_err(CopyError::target)?;
     }
+    if let Some(target) = target.filter(|_| done > 0) {
+        target.punch_holes_below(done, &parts)?;
+    }
     let unclaimed = Mutex::new(Unclaimed {
         parts: &parts,
         next: 0,
@@ -456,18 +462,12 @@ pub fn resume_sparse(
                     };
                     let result = claimed.and_then(|piece| {
                         copy_piece(&piece, &mut buf, target, size, chunk_size).map(|copied| {
-                            let content = if with_sha512 {
-                                Some(buf)
-                            } else {
-                                buffers.give_back(buf);
-                                None
-                            };
                             Finished {
                                 seq: piece.seq,
                                 start: piece.start,
                                 end: piece.end,
                                 copied,
-                                content,
+                                content: buf,
                             }
                         })
                     });
@@ -497,12 +497,12 @@ pub fn resume_sparse(
                         }
                     }
                 }
+                let mut content = piece.content;
                 if let Some(hasher) = &mut hasher {
                     hash_zeros(hasher, hashed, piece.start, progress)?;
-                    let mut content = piece.content.expect("pieces carry their content");
                     hasher.update(&aligned(&mut content)[..(piece.end - piece.start) as usize]);
-                    buffers.give_back(content);
                 }
+                buffers.give_back(content);
                 hashed = piece.end;
                 next += 1;
                 progress(piece.end, piece.copied.read)?;
@@ -609,6 +609,28 @@ impl<'a> Target<'a> {
             nix::fcntl::fallocate(self.file, flags, start as i64, (end - start) as i64)?;
         }
         Ok(())
+    }
+
+    /// Gives back the blocks of what reads as holes below `done` in a target that holds the
+    /// first `done` bytes (`parts` from it are its data there): a copy that died (killed, so
+    /// its zero blocks were never punched) left blocks allocated ahead for the zero blocks of
+    /// its data, which read as holes. A filesystem that cannot punch allocated none.
+    fn punch_holes_below(&self, done: u64, parts: &[Part]) -> Result<(), CopyError> {
+        let mut holes = Vec::new();
+        let mut at = 0;
+        for part in parts.iter().filter(|p| p.from_target) {
+            if part.start > at {
+                holes.push((at, part.start));
+            }
+            at = part.end;
+        }
+        if at < done {
+            holes.push((at, done));
+        }
+        match self.punch(&holes) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            punched => punched.map_err(CopyError::target),
+        }
     }
 
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
@@ -951,6 +973,112 @@ mod tests {
                 std::fs::read(dir.path().join(format!("dst-{seed}"))).unwrap() == memory.content,
                 "seed {seed}: resumed at {done}, the copy differs"
             );
+        }
+    }
+
+    /// A copy that dies (kill -9: here a panic in `progress`, which skips all that follows it)
+    /// leaves the blocks allocated ahead for the zero blocks of its data; resumed, it ends as
+    /// sparse as a whole copy: the holes of the part it kept are given back too.
+    #[test]
+    fn a_copy_that_dies_and_is_resumed_stores_only_its_data_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let size = 32u64 << 20;
+        let src = new_file(&dir, "src");
+        // One data extent of written zeros, with a block of data every 4 MiB.
+        src.write_all_at(&vec![0u8; size as usize], 0).unwrap();
+        for at in (0..size).step_by(4 << 20) {
+            src.write_all_at(&[7u8; BLOCK], at).unwrap();
+        }
+        let whole = copy_sparse(&src, None, size, 64 << 10, true, &mut |_, _| Ok(())).unwrap();
+        let dst = new_file(&dir, "dst");
+        let mut reached = 0;
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            copy_sparse(&src, Some(&dst), size, 64 << 10, true, &mut |done, _| {
+                reached = done;
+                assert!(done < 20 << 20, "killed");
+                Ok(())
+            })
+        }));
+        assert!(died.is_err(), "the copy should have died");
+        dst.set_len(reached).unwrap();
+        let resumed = resume_sparse(
+            &src,
+            Some(&dst),
+            reached,
+            size,
+            64 << 10,
+            true,
+            &mut |_, _| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(resumed, whole);
+        assert!(
+            read_padded(&dst, size) == read_padded(&src, size),
+            "the copy differs"
+        );
+        let stored = dst.metadata().unwrap().blocks() * 512;
+        assert!(
+            stored <= 8 * BLOCK as u64 + (64 << 10),
+            "resumed at {reached}: {stored} bytes stored for 8 data blocks"
+        );
+    }
+
+    /// The workers run ahead of `progress` by a few pieces only (their buffers), with or
+    /// without the SHA-512: a caller that paces the copy in `progress` (repair's bandwidth
+    /// limit) or stops it there holds its reads and writes back, not only its reports.
+    #[test]
+    fn the_workers_run_only_a_few_pieces_ahead_of_progress() {
+        struct Watched(Memory, std::sync::atomic::AtomicU64);
+        impl SparseSource for Watched {
+            fn data_extents(&self, size: u64) -> io::Result<Vec<(u64, u64)>> {
+                self.0.data_extents(size)
+            }
+            fn read_full_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+                let n = self.0.read_full_at(buf, offset)?;
+                self.1.fetch_max(offset + n as u64, Ordering::Relaxed);
+                Ok(n)
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let size = 64u64 << 20;
+        let source = Watched(
+            Memory {
+                content: vec![9u8; size as usize],
+                extents: vec![(0, size)],
+                fail_at: None,
+            },
+            std::sync::atomic::AtomicU64::new(0),
+        );
+        let ahead = (workers() + DEPTH) as u64 * BUF as u64;
+        for with_sha512 in [true, false] {
+            let dst = new_file(&dir, &format!("dst-{with_sha512}"));
+            source.1.store(0, Ordering::Relaxed);
+            let mut first = true;
+            copy_sparse(
+                &source,
+                Some(&dst),
+                size,
+                64 << 10,
+                with_sha512,
+                &mut |done, _| {
+                    if std::mem::take(&mut first) {
+                        // A caller that takes its time: the workers stop at their buffers.
+                        let waited = std::time::Instant::now();
+                        while source.1.load(Ordering::Relaxed) <= done + ahead
+                            && waited.elapsed() < std::time::Duration::from_secs(2)
+                        {
+                            std::thread::sleep(std::time::Duration::from_millis(10));
+                        }
+                        let read = source.1.load(Ordering::Relaxed);
+                        assert!(
+                            read <= done + ahead,
+                            "with_sha512 {with_sha512}: read up to {read} while reported {done}"
+                        );
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
         }
     }
 
