@@ -602,11 +602,17 @@ impl<'a> Target<'a> {
     }
 
     /// Gives the blocks of `ranges` back to the filesystem: they read as zeros either way.
+    /// A filesystem that can allocate ahead but not punch (vfat) keeps the blocks: they read
+    /// as zeros, so the copy is right, only larger.
     fn punch(&self, ranges: &[(u64, u64)]) -> io::Result<()> {
         use nix::fcntl::FallocateFlags;
         let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
         for &(start, end) in ranges {
-            nix::fcntl::fallocate(self.file, flags, start as i64, (end - start) as i64)?;
+            match nix::fcntl::fallocate(self.file, flags, start as i64, (end - start) as i64) {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EOPNOTSUPP) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     }
@@ -614,7 +620,7 @@ impl<'a> Target<'a> {
     /// Gives back the blocks of what reads as holes below `done` in a target that holds the
     /// first `done` bytes (`parts` from it are its data there): a copy that died (killed, so
     /// its zero blocks were never punched) left blocks allocated ahead for the zero blocks of
-    /// its data, which read as holes. A filesystem that cannot punch allocated none.
+    /// its data, which read as holes.
     fn punch_holes_below(&self, done: u64, parts: &[Part]) -> Result<(), CopyError> {
         let mut holes = Vec::new();
         let mut at = 0;
@@ -627,10 +633,7 @@ impl<'a> Target<'a> {
         if at < done {
             holes.push((at, done));
         }
-        match self.punch(&holes) {
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
-            punched => punched.map_err(CopyError::target),
-        }
+        self.punch(&holes).map_err(CopyError::target)
     }
 
     fn write_all_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
