@@ -43,13 +43,7 @@ impl Pool {
         wait: bool,
         progress: &mut dyn FnMut(u64) -> std::result::Result<(), CopyError>,
     ) -> Result<Option<String>> {
-        let gone = || Error::UnknownImage(image.name.clone());
-        let current = |store: &crate::core::store::Store| {
-            store
-                .image_by_name(&image.name)
-                .map(|row| row.filter(|r| r.uuid == image.uuid && r.state == ImageState::Ready))
-        };
-        if let Some(sha512) = current(&self.store)?.ok_or_else(gone)?.sha512 {
+        if let Some(sha512) = self.ready_row(image)?.sha512 {
             return Ok(Some(sha512));
         }
         let token = format!("sha512-{}", image.uuid);
@@ -57,7 +51,7 @@ impl Pool {
             return Ok(None);
         };
         // Read again under the lock: the process that held it may have computed this one.
-        let row = current(&self.store)?.ok_or_else(gone)?;
+        let row = self.ready_row(image)?;
         if let Some(sha512) = row.sha512 {
             return Ok(Some(sha512));
         }
@@ -124,15 +118,21 @@ impl Pool {
     pub(crate) fn record_computed_sha512(&self, image: &ImageRow, sha512: &str) -> Result<String> {
         if !self.store.record_sha512(image.id, &image.uuid, sha512)? {
             return self
-                .store
-                .image_by_name(&image.name)?
-                .filter(|r| r.uuid == image.uuid)
-                .and_then(|r| r.sha512)
+                .ready_row(image)?
+                .sha512
                 .ok_or_else(|| Error::UnknownImage(image.name.clone()));
         }
         self.record_sha512_on_copies(image, sha512);
         tracing::info!(image = %image.name, "computed the image's SHA-512");
         Ok(sha512.to_string())
+    }
+
+    /// `image`'s row as it is now, while it is still that image and ready.
+    fn ready_row(&self, image: &ImageRow) -> Result<ImageRow> {
+        self.store
+            .image_by_name(&image.name)?
+            .filter(|r| r.uuid == image.uuid && r.state == ImageState::Ready)
+            .ok_or_else(|| Error::UnknownImage(image.name.clone()))
     }
 
     /// Writes the SHA-512 into the records next to the image's copies (they were written with
