@@ -290,15 +290,6 @@ fn a_snapshot_of_random_data(
     content
 }
 
-fn image_names(pool: &TestPool) -> Vec<String> {
-    pool.json(&["image", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// `kill -9` of exports at instants spread over their run: no image appears half made, the
 /// next command that changes the pool cleans up, `fsck` is clean, and the export then works.
 #[test]
@@ -336,7 +327,7 @@ fn an_export_killed_anywhere_leaves_nothing_and_runs_again() {
         let _ = child.kill_9();
         let what = format!("a kill at {at:?} of {took:?}");
         // Either it finished before the kill, whole, or nothing of it is listed.
-        if image_names(&pool).contains(&"e".to_string()) {
+        if pool.image_names().contains(&"e".to_string()) {
             assert_eq!(checksum(&pool, "e"), sha512_hex(&content), "{what}");
             pool.ok(&["image", "rm", "e"]);
         }
@@ -354,15 +345,6 @@ fn an_export_killed_anywhere_leaves_nothing_and_runs_again() {
     assert_eq!(checksum(&pool, "e"), sha512_hex(&content));
     assert_eq!(sha512sum(&mount.image("e")), sha512_hex(&content));
     mount.unmount();
-}
-
-fn snapshot_names(pool: &TestPool, volume: &str) -> Vec<String> {
-    pool.json(&["snapshot", "list", volume])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
 }
 
 /// A volume that the mount has open (a writer holds it) is exported through the mount: a
@@ -391,7 +373,7 @@ fn an_open_volume_exports_through_its_mount() {
     assert_eq!(checksum(&pool, "open-s1"), sha512_hex(&at_s1));
     assert_eq!(checksum(&pool, "open-now"), sha512_hex(&now));
     assert_eq!(
-        snapshot_names(&pool, "v"),
+        pool.snapshot_names("v"),
         ["s1"],
         "the temporary snapshot stays"
     );
@@ -416,20 +398,20 @@ fn an_open_volume_exports_through_its_mount() {
     let mut child = ChildGuard::quiet(&pool, &["image", "add", "killed", "--from-volume", "big"]);
     assert!(
         poll(Duration::from_secs(10), Duration::from_millis(5), || {
-            snapshot_names(&pool, "big")
+            pool.snapshot_names("big")
                 .iter()
                 .any(|s| s.starts_with("export-tmp-"))
         }),
         "no temporary snapshot appeared"
     );
     let _ = child.kill_9();
-    if !image_names(&pool).contains(&"killed".to_string()) {
+    if !pool.image_names().contains(&"killed".to_string()) {
         // It died before it finished: its snapshot is left until the next export, since the
         // daemon has the volume open (which `recover` leaves alone).
         pool.ok(&["image", "add", "after", "--from-volume", "v@s1"]);
     }
     assert!(
-        snapshot_names(&pool, "big").is_empty(),
+        pool.snapshot_names("big").is_empty(),
         "left by the killed export"
     );
     drop(big);
@@ -468,7 +450,7 @@ fn a_killed_export_of_a_snapshot_resumes_where_it_was_durable() {
         reached && !finished,
         "the export ended before its first checkpoint"
     );
-    assert!(!image_names(&pool).contains(&"e".to_string()));
+    assert!(!pool.image_names().contains(&"e".to_string()));
 
     let out = pool.json(&["image", "add", "e", "--from-volume", "v@s"]);
     let resumed = out["resumed_at"].as_u64().unwrap();
@@ -510,7 +492,7 @@ fn exports_at_once_and_a_racing_deletion_leave_only_true_results() {
                 assert_eq!(checksum(&pool, name), sha512_hex(&content), "{name}");
             }
             // Too late: the snapshot was deleted first; nothing of it may be left.
-            _ => assert!(!image_names(&pool).contains(name), "{name} half made"),
+            _ => assert!(!pool.image_names().contains(name), "{name} half made"),
         }
     }
     assert!(
@@ -518,7 +500,7 @@ fn exports_at_once_and_a_racing_deletion_leave_only_true_results() {
         "{}",
         String::from_utf8_lossy(&deletion.stderr)
     );
-    assert!(snapshot_names(&pool, "v").is_empty());
+    assert!(pool.snapshot_names("v").is_empty());
     eprintln!("{made} of 3 exports finished before the deletion");
     pool.ok(&["gc"]);
     assert_fsck_clean(&pool, "exports at once and a deletion");

@@ -115,18 +115,6 @@ fn names_in(dir: &Path) -> Vec<String> {
     names
 }
 
-fn image_names(pool: &TestPool) -> Vec<String> {
-    let mut names: Vec<String> = pool
-        .json(&["image", "list"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| i["name"].as_str().unwrap().to_string())
-        .collect();
-    names.sort();
-    names
-}
-
 fn open_handles(pool: &TestPool, image: &str) -> u64 {
     pool.json(&["image", "show", image])["open_handles"]
         .as_u64()
@@ -637,18 +625,18 @@ fn gc_removes_only_unreferenced_images_past_grace() {
     let all = ["held", "never", "released"];
 
     assert_eq!(gc(&pool, &["--grace", "1h"]), Vec::<String>::new());
-    assert_eq!(image_names(&pool), all);
+    assert_eq!(pool.image_names(), all);
 
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(
         gc(&pool, &["--dry-run", "--grace", "0s"]),
         ["never", "released"]
     );
-    assert_eq!(image_names(&pool), all, "gc --dry-run removed images");
+    assert_eq!(pool.image_names(), all, "gc --dry-run removed images");
     assert!(copies.iter().all(|c| c.exists()));
 
     assert_eq!(gc(&pool, &["--grace", "1s"]), ["never", "released"]);
-    assert_eq!(image_names(&pool), ["held"]);
+    assert_eq!(pool.image_names(), ["held"]);
     assert!(copies[0].exists(), "the held image's copy is gone");
     expect_enoent(&copies[1]);
     expect_enoent(&copies[2]);
@@ -658,7 +646,7 @@ fn gc_removes_only_unreferenced_images_past_grace() {
     let mount = pool.mount();
     let file = File::open(mount.image("open")).unwrap();
     assert_eq!(gc(&pool, &["--grace", "0s"]), Vec::<String>::new());
-    assert_eq!(image_names(&pool), ["held", "open"]);
+    assert_eq!(pool.image_names(), ["held", "open"]);
     assert_eq!(pread(&file, 0, 10).unwrap().len(), 10);
     drop(file);
     assert!(
@@ -666,7 +654,7 @@ fn gc_removes_only_unreferenced_images_past_grace() {
         "the close of the file is not seen"
     );
     assert_eq!(gc(&pool, &["--grace", "0s"]), ["open"]);
-    assert_eq!(image_names(&pool), ["held"]);
+    assert_eq!(pool.image_names(), ["held"]);
     assert!(
         wait_until(Duration::from_secs(1), || is_enoent(&mount.image("open"))),
         "images/open is still there a second after gc"

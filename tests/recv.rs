@@ -122,15 +122,6 @@ fn received(pool: &TestPool, volume: &str, input: &[u8]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-fn snapshot_names(pool: &TestPool, volume: &str) -> Vec<String> {
-    pool.json(&["snapshot", "list", volume])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// A `recv` of `stream` that has read its first `fed` bytes, and waits for more.
 fn stalled_recv(pool: &TestPool, args: &[&str], stream: &[u8], fed: usize) -> ChildGuard {
     let mut all = vec!["recv"];
@@ -204,14 +195,14 @@ fn a_killed_recv_is_undone_by_the_next_command_and_a_resumable_one_resumes() {
     let inc = package("p2", Some(0), 1..3, None);
     let mut child = stalled_recv(&pool, &["v"], &inc, past_data_of(&inc, 1, 4));
     assert!(
-        wait_until(Duration::from_secs(20), || snapshot_names(&pool, "v").len()
+        wait_until(Duration::from_secs(20), || pool.snapshot_names("v").len()
             == 2),
         "the first snapshot of the package was not staged"
     );
-    assert!(snapshot_names(&pool, "v")[1].starts_with("recv-tmp-"));
+    assert!(pool.snapshot_names("v")[1].starts_with("recv-tmp-"));
     child.kill_9();
     pool.ok(&["repair"]);
-    assert_eq!(snapshot_names(&pool, "v"), vec!["s1"]);
+    assert_eq!(pool.snapshot_names("v"), vec!["s1"]);
     assert!(receive_states(&pool.disks[0]).is_empty());
     // The digests of the whole package prove the volume was back at s1, byte for byte.
     let got = received(&pool, "v", &inc);
@@ -226,7 +217,7 @@ fn a_killed_recv_is_undone_by_the_next_command_and_a_resumable_one_resumes() {
         past_data_of(&more, 1, 3),
     );
     assert!(wait_until(Duration::from_secs(20), || {
-        snapshot_names(&pool, "v").len() == 4
+        pool.snapshot_names("v").len() == 4
     }));
     child.kill_9();
     pool.ok(&["repair"]);
@@ -255,10 +246,7 @@ fn a_killed_recv_is_undone_by_the_next_command_and_a_resumable_one_resumes() {
     let got = received(&pool, "v", &resumed);
     assert_eq!(got["resumed"], json!(true));
     assert_eq!(got["snapshots"], json!(["s4", "s5"]));
-    assert_eq!(
-        snapshot_names(&pool, "v"),
-        vec!["s1", "s2", "s3", "s4", "s5"]
-    );
+    assert_eq!(pool.snapshot_names("v"), vec!["s1", "s2", "s3", "s4", "s5"]);
     assert!(receive_states(&pool.disks[0]).is_empty());
 
     // A new volume, killed: removed by the next command, and received again whole.
@@ -303,7 +291,7 @@ fn bad_streams_fail_with_one_line_and_change_nothing() {
         let out = recv(&pool, &args, &input);
         let line = failed_cleanly(what, &out);
         assert!(!line.is_empty(), "{what}");
-        assert_eq!(snapshot_names(&pool, "v"), vec!["s1"], "{what}");
+        assert_eq!(pool.snapshot_names("v"), vec!["s1"], "{what}");
     }
     assert_eq!(pool.json(&["volume", "list"]).as_array().unwrap().len(), 1);
     assert!(pool
@@ -533,7 +521,7 @@ fn a_replacing_receive_holds_the_old_volume_and_commands_wait_for_it_or_are_refu
         &recv(&pool, &["v", "--force", "--resumable"], &whole),
     );
     assert!(line.contains("cannot be resumable"), "{line}");
-    assert_eq!(snapshot_names(&pool, "v"), ["mine"]);
+    assert_eq!(pool.snapshot_names("v"), ["mine"]);
 
     // Stalled after a part of its second snapshot.
     wait_closed(&pool, "v");
@@ -577,7 +565,7 @@ fn a_replacing_receive_holds_the_old_volume_and_commands_wait_for_it_or_are_refu
     // Only the old volume is there meanwhile, as it was.
     let names: Vec<Value> = pool.json(&["volume", "list"]).as_array().unwrap().clone();
     assert_eq!(names.len(), 1, "{names:?}");
-    assert_eq!(snapshot_names(&pool, "v"), ["mine"]);
+    assert_eq!(pool.snapshot_names("v"), ["mine"]);
 
     input.write_all(&whole[fed..]).unwrap();
     drop(input);
@@ -596,7 +584,7 @@ fn a_replacing_receive_holds_the_old_volume_and_commands_wait_for_it_or_are_refu
         "the waiting snapshot failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s2", "s3", "later"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1", "s2", "s3", "later"]);
     assert!(read_mounted(&path) == contents()[2]);
     assert!(
         read_mounted(&mount.mountpoint.join("snapshots/v/later")) == contents()[2],

@@ -92,15 +92,6 @@ fn sent(pool: &TestPool, args: &[&str]) -> (serde_json::Value, Vec<u8>) {
     (serde_json::from_str(&stderr).unwrap(), stream)
 }
 
-fn snapshot_names(pool: &TestPool) -> Vec<String> {
-    pool.json(&["snapshot", "list", "v"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 fn wait_closed(pool: &TestPool) {
     assert!(
         poll(Duration::from_secs(5), Duration::from_millis(20), || pool
@@ -197,7 +188,7 @@ fn a_sent_volume_applies_on_its_base_as_each_snapshot_and_leaves_no_temporary_sn
     file.read_exact_at(&mut now, 0).unwrap();
     assert!(contents == [now], "the live volume as sent");
     assert_eq!(
-        snapshot_names(&pool),
+        pool.snapshot_names("v"),
         ["s1", "s2"],
         "the temporary snapshot is gone"
     );
@@ -215,7 +206,7 @@ fn a_sent_volume_applies_on_its_base_as_each_snapshot_and_leaves_no_temporary_sn
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("reader went away"));
-    assert_eq!(snapshot_names(&pool), ["s1", "s2"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1", "s2"]);
 
     // A send stopped by SIGTERM while its reader waits: it deletes its temporary snapshot.
     let mut stopped = ChildGuard(Some(
@@ -228,7 +219,7 @@ fn a_sent_volume_applies_on_its_base_as_each_snapshot_and_leaves_no_temporary_sn
     assert!(poll(
         Duration::from_secs(10),
         Duration::from_millis(20),
-        || { snapshot_names(&pool).len() == 3 }
+        || { pool.snapshot_names("v").len() == 3 }
     ));
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(stopped.pid()),
@@ -239,7 +230,7 @@ fn a_sent_volume_applies_on_its_base_as_each_snapshot_and_leaves_no_temporary_sn
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by a signal"));
-    assert_eq!(snapshot_names(&pool), ["s1", "s2"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1", "s2"]);
 
     // A send killed: its temporary snapshot is deleted by the next send of the volume.
     let mut killed = ChildGuard(Some(
@@ -252,12 +243,12 @@ fn a_sent_volume_applies_on_its_base_as_each_snapshot_and_leaves_no_temporary_sn
     assert!(poll(
         Duration::from_secs(10),
         Duration::from_millis(20),
-        || { snapshot_names(&pool).len() == 3 }
+        || { pool.snapshot_names("v").len() == 3 }
     ));
     killed.kill_9();
-    assert_eq!(snapshot_names(&pool).len(), 3, "a kill -9 leaves it");
+    assert_eq!(pool.snapshot_names("v").len(), 3, "a kill -9 leaves it");
     sent(&pool, &["v@s1"]);
-    assert_eq!(snapshot_names(&pool), ["s1", "s2"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1", "s2"]);
 
     // With no mount holding the volume, the next start (a command that changes the pool,
     // `recover`) deletes it too.
@@ -273,12 +264,12 @@ fn a_sent_volume_applies_on_its_base_as_each_snapshot_and_leaves_no_temporary_sn
     assert!(poll(
         Duration::from_secs(10),
         Duration::from_millis(20),
-        || { snapshot_names(&pool).len() == 3 }
+        || { pool.snapshot_names("v").len() == 3 }
     ));
     killed.kill_9();
-    assert_eq!(snapshot_names(&pool).len(), 3, "a kill -9 leaves it");
+    assert_eq!(pool.snapshot_names("v").len(), 3, "a kill -9 leaves it");
     pool.ok(&["gc"]);
-    assert_eq!(snapshot_names(&pool), ["s1", "s2"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1", "s2"]);
     mount.unmount();
 }
 
@@ -326,5 +317,9 @@ fn bad_sends_fail_with_one_line_and_write_nothing() {
     assert!(text.contains("standard output is a terminal"), "{text}");
     assert!(text.contains("exit=1"), "{text}");
     assert!(!text.contains("IMGPSTR1"), "{text}");
-    assert_eq!(snapshot_names(&pool), ["a", "b"], "nothing was left behind");
+    assert_eq!(
+        pool.snapshot_names("v"),
+        ["a", "b"],
+        "nothing was left behind"
+    );
 }

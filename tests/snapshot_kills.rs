@@ -106,15 +106,6 @@ fn copy_tree(from: &Path, to: &Path) {
     assert!(status.success(), "cp {from:?} {to:?}");
 }
 
-fn snapshot_names(pool: &TestPool) -> Vec<String> {
-    pool.json(&["snapshot", "list", "v"])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// The volume's data file, on the pool's one disk.
 fn data_file(pool: &TestPool) -> PathBuf {
     let volumes = pool.disks[0].join(".imgpool/volumes");
@@ -318,7 +309,7 @@ fn kill_at(
 
     // Restarted: the batch is listed whole or not at all.
     let mount = pool.mount_with(&["--no-bind"]);
-    let names = snapshot_names(pool);
+    let names = pool.snapshot_names("v");
     let batch_left = names.iter().filter(|n| n.starts_with('s')).count() as u64;
     assert!(
         batch_left == 0 || (batch_left == SNAPSHOTS && !batch_succeeded),

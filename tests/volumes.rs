@@ -708,15 +708,6 @@ fn fsck_checks_volumes_and_rebuilds_them_from_the_disks() {
     assert!(dir.join("data").exists() && dir.join("index.db").exists());
 }
 
-fn snapshot_names(pool: &TestPool, volume: &str) -> Vec<String> {
-    pool.json(&["snapshot", "list", volume])
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// Fills the volume with one byte through the mount; returns once the file is closed and the
 /// daemon has let go of the volume.
 fn fill(pool: &TestPool, path: &Path, byte: u8, size: usize) {
@@ -750,7 +741,7 @@ fn snapshots_are_taken_listed_deleted_and_rolled_back() {
     fill(&pool, &path, b'B', size);
     pool.ok(&["snapshot", "create", "v@s2"]);
     fill(&pool, &path, b'C', size);
-    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s2"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1", "s2"]);
     // Each whole fill replaced every block: each snapshot alone holds the volume's size.
     let listed = pool.json(&["snapshot", "list", "v"]);
     for s in listed.as_array().unwrap() {
@@ -777,7 +768,7 @@ fn snapshots_are_taken_listed_deleted_and_rolled_back() {
         &["s2", "--destroy-newer"],
     );
     pool.ok(&["volume", "rollback", "v@s1", "--destroy-newer"]);
-    assert_eq!(snapshot_names(&pool, "v"), ["s1"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1"]);
     assert!(
         read_whole(&path) == vec![b'A'; size],
         "the rollback restored s1"
@@ -788,18 +779,18 @@ fn snapshots_are_taken_listed_deleted_and_rolled_back() {
     }
     let dry = pool.json(&["snapshot", "rm", "v@s3%s4", "--dry-run"]);
     assert_eq!(dry["deleted"], serde_json::json!(["s3", "s4"]));
-    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s3", "s4", "s5"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1", "s3", "s4", "s5"]);
     refused(
         &pool,
         "an unknown name",
         &["snapshot", "rm", "v@s1", "v@nope"],
         &["'nope'"],
     );
-    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s3", "s4", "s5"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1", "s3", "s4", "s5"]);
     pool.ok(&["snapshot", "rm", "v@s3%s4"]);
-    assert_eq!(snapshot_names(&pool, "v"), ["s1", "s5"]);
+    assert_eq!(pool.snapshot_names("v"), ["s1", "s5"]);
     pool.ok(&["snapshot", "rm", "v", "--keep-last", "1"]);
-    assert_eq!(snapshot_names(&pool, "v"), ["s5"]);
+    assert_eq!(pool.snapshot_names("v"), ["s5"]);
     assert!(read_whole(&path) == vec![b'A'; size]);
     refused(
         &pool,
@@ -832,7 +823,7 @@ fn a_snapshot_of_an_open_volume_is_taken_by_its_daemon() {
     file.write_all_at(&vec![b'X'; size], 0).unwrap();
     pool.ok(&["snapshot", "create", "v@while-open"]);
     file.write_all_at(&vec![b'Y'; size / 2], 0).unwrap();
-    assert_eq!(snapshot_names(&pool, "v"), ["while-open"]);
+    assert_eq!(pool.snapshot_names("v"), ["while-open"]);
     // Grown while open, by its daemon: the file has the new size, the store knows it.
     pool.ok(&["volume", "resize", "v", "2MiB"]);
     assert_eq!(pool.json(&["volume", "show", "v"])["size"], 2 * MIB);
@@ -1004,7 +995,7 @@ fn volume_commands_at_once_and_killed_midway_leave_a_consistent_pool() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut names = snapshot_names(&pool, "v");
+    let mut names = pool.snapshot_names("v");
     names.sort();
     assert_eq!(names, ["c0", "c1", "c2", "c3", "c4", "c5"]);
 
@@ -1076,7 +1067,8 @@ fn volume_commands_at_once_and_killed_midway_leave_a_consistent_pool() {
         .wait_timeout(std::time::Duration::from_secs(10))
         .unwrap()
         .success();
-    let left: Vec<String> = snapshot_names(&pool, "v")
+    let left: Vec<String> = pool
+        .snapshot_names("v")
         .into_iter()
         .filter(|n| n.starts_with('b'))
         .collect();

@@ -126,7 +126,21 @@ impl TestPool {
 
     /// The names `volume list` shows, in its order.
     pub fn volume_names(&self) -> Vec<String> {
-        self.json(&["volume", "list"])
+        self.names_listed(&["volume", "list"])
+    }
+
+    /// The names `image list` shows, in its order (by name).
+    pub fn image_names(&self) -> Vec<String> {
+        self.names_listed(&["image", "list"])
+    }
+
+    /// The names `snapshot list VOLUME` shows, in its order (creation).
+    pub fn snapshot_names(&self, volume: &str) -> Vec<String> {
+        self.names_listed(&["snapshot", "list", volume])
+    }
+
+    fn names_listed(&self, list: &[&str]) -> Vec<String> {
+        self.json(list)
             .as_array()
             .unwrap()
             .iter()
